@@ -1,0 +1,1 @@
+"""memd_client: attach to a running memd primary."""

@@ -1,0 +1,25 @@
+/*
+ * lock.h - process-shared robust locks in shared memory.
+ *
+ * A holder that dies must not wedge everyone: the next locker gets the lock back
+ * (EOWNERDEAD), the lock is marked consistent, and the caller is told with a
+ * return of 1 so it can check the structure the dead owner was changing.
+ */
+#ifndef MEMD_LOCK_H
+#define MEMD_LOCK_H
+
+#include "memd_layout.h"
+
+/* Initialise an unlocked lock. Fails iff pthread attributes fail (-errno). */
+int memd_lock_init(struct memd_lock *l);
+
+/* Returns 0 when taken, 1 when taken from a dead owner (check what it guards),
+ * -ENOTRECOVERABLE if an earlier recovery was abandoned. Blocks. */
+int memd_lock_acquire(struct memd_lock *l);
+
+/* As memd_lock_acquire but returns -EBUSY at once instead of blocking. */
+int memd_lock_try(struct memd_lock *l);
+
+void memd_lock_release(struct memd_lock *l);
+
+#endif

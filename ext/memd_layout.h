@@ -1,0 +1,258 @@
+/*
+ * memd_layout.h - the one definition of everything memd keeps in shared memory.
+ *
+ * Every process maps one *window*: a reserved range of virtual addresses whose
+ * first MEMD_CONFIG_SIZE bytes are the config file (struct memd_config) and whose
+ * rest holds the memseg lists, each list's pages at window offset
+ * list.base_offset + slot * list.page_size.  Processes map the window at any
+ * address they like, so everything stored in shared memory is an *offset from the
+ * window base*, never a pointer.  Offset 0 is the config header, so 0 also means
+ * "none" wherever an offset names heap memory.
+ *
+ * Fixed sizes only; each field's byte offset is written beside it and checked by
+ * _Static_assert at the bottom.  Python reads sizes and offsets from the extension
+ * (memd._ext.LAYOUT), never from a copy.
+ *
+ * Lock order (take left before right, never the reverse):
+ *     config_lock -> heaps[i].lock -> proc_lock
+ * Rings and mempools take no locks (lock-free), except mempool create/free, which
+ * run under config_lock.
+ */
+#ifndef MEMD_LAYOUT_H
+#define MEMD_LAYOUT_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define MEMD_CONFIG_MAGIC 0x31474643444d454dULL /* "MEMDCFG1", little endian */
+#define MEMD_LAYOUT_VERSION 1u
+
+#define MEMD_CACHE_LINE 64u
+#define MEMD_NAMESIZE 32u            /* names are at most 31 bytes + NUL */
+#define MEMD_MAX_MEMSEG_LISTS 8u     /* socket x page size combinations */
+#define MEMD_MAX_PAGES_PER_LIST 8192u
+#define MEMD_MAX_HEAPS 8u            /* one per NUMA socket */
+#define MEMD_MAX_PROCS 128u          /* slot 0 is the primary */
+#define MEMD_MAX_OBJECTS 1024u       /* named rings and mempools */
+#define MEMD_MAX_MEMZONES 2560u
+#define MEMD_PATH_SIZE 192u
+#define MEMD_CONFIG_SIZE (2u * 1024u * 1024u) /* file size; the struct fits inside */
+#define MEMD_BAD_IOVA UINT64_MAX
+
+/* --- config header -------------------------------------------------------- */
+
+enum memd_state {
+    MEMD_STATE_INIT = 1,     /* primary is building the config */
+    MEMD_STATE_READY = 2,    /* secondaries may attach */
+    MEMD_STATE_SHUTDOWN = 3, /* primary is tearing down; refuse new attaches */
+};
+
+enum memd_iova_mode {
+    MEMD_IOVA_PA = 1, /* iova = physical address from /proc/self/pagemap */
+    MEMD_IOVA_VA = 2, /* iova = the primary's virtual address */
+};
+
+/* header.flags: how the primary was started */
+#define MEMD_CFG_F_NO_HUGE 0x1u       /* pages are POSIX shm objects, not hugetlbfs */
+#define MEMD_CFG_F_LEGACY 0x2u        /* all pages mapped at init, sorted by iova */
+#define MEMD_CFG_F_HUGE_UNLINK 0x4u   /* page files unlinked right after mapping */
+#define MEMD_CFG_F_SINGLE_FILE 0x8u   /* one file per memseg list */
+
+struct memd_config_header {
+    uint64_t magic;              /*   0: MEMD_CONFIG_MAGIC, stored last (release) */
+    uint32_t layout_version;     /*   8: MEMD_LAYOUT_VERSION */
+    uint32_t state;              /*  12: enum memd_state (atomic) */
+    int32_t primary_pid;         /*  16 */
+    uint32_t flags;              /*  20: MEMD_CFG_F_* */
+    uint64_t primary_start_time; /*  24: field 22 of /proc/<pid>/stat, clock ticks */
+    uint64_t config_size;        /*  32: MEMD_CONFIG_SIZE */
+    uint64_t window_size;        /*  40: bytes of address space every process reserves */
+    uint64_t window_align;       /*  48: window base alignment (largest page size) */
+    uint32_t iova_mode;          /*  56: enum memd_iova_mode */
+    uint32_t n_memseg_lists;     /*  60 */
+    uint64_t mem_generation;     /*  64: bumped (release) on every page map/unmap */
+    uint64_t primary_base;       /*  72: the primary's window address (VA-mode iova) */
+    uint32_t n_sockets;          /*  80 */
+    uint32_t reserved0;          /*  84 */
+    uint64_t reserved1[2];       /*  88 */
+    char prefix[64];             /* 104: --file-prefix */
+    uint8_t reserved2[88];       /* 168 */
+};                               /* 256 */
+
+/* --- locks ---------------------------------------------------------------- */
+
+/*
+ * A process-shared robust mutex.  If its holder dies, the next locker gets it
+ * with EOWNERDEAD, checks the structure it guards, and marks it consistent
+ * (ext/lock.c).  owner_pid is for diagnostics only.
+ */
+struct memd_lock {
+    union {
+        pthread_mutex_t mutex;
+        uint8_t raw[56];
+    } u;                 /*  0 */
+    int32_t owner_pid;   /* 56 */
+    uint32_t recoveries; /* 60: times a dead owner's lock was recovered */
+};                       /* 64 */
+
+/* --- memseg lists (DPDK: rte_memseg_list + fbarray) ----------------------- */
+
+#define MEMD_SEG_F_USED 0x1u     /* slot holds a mapped page */
+#define MEMD_SEG_F_PREALLOC 0x2u /* from -m / --socket-mem: never given back */
+
+struct memd_memseg { /* one page slot */
+    uint64_t iova;      /*  0: MEMD_BAD_IOVA when unknown */
+    int32_t socket_id;  /*  8 */
+    uint32_t flags;     /* 12: MEMD_SEG_F_* */
+};                      /* 16 */
+
+struct memd_memseg_list {
+    uint64_t base_offset; /*   0: window offset of slot 0, aligned to page_size */
+    uint64_t page_size;   /*   8 */
+    int32_t socket_id;    /*  16 */
+    uint32_t capacity;    /*  20: slots (<= MEMD_MAX_PAGES_PER_LIST) */
+    uint32_t n_used;      /*  24 */
+    uint32_t flags;       /*  28 */
+    uint64_t version;     /*  32: bumped on every map/unmap in this list */
+    uint8_t reserved[24]; /*  40 */
+    char dir[MEMD_PATH_SIZE]; /* 64: hugetlbfs directory ("" for --no-huge: shm) */
+    uint64_t used_bitmap[MEMD_MAX_PAGES_PER_LIST / 64]; /* 256: bit = slot in use */
+    struct memd_memseg segs[MEMD_MAX_PAGES_PER_LIST];   /* 1280 */
+};                                                      /* 132352 */
+
+/* --- malloc heaps (ext/heap.c) -------------------------------------------- */
+
+#define MEMD_HEAP_NUM_FREELISTS 16u
+
+struct memd_heap {
+    struct memd_lock lock;       /*   0 */
+    uint64_t first_elem;         /*  64: offset of the lowest element, 0 = empty */
+    uint64_t last_elem;          /*  72: offset of the highest element */
+    uint64_t free_head[MEMD_HEAP_NUM_FREELISTS]; /* 80: free lists by size class */
+    uint64_t total_size;         /* 208: bytes of memory added to the heap */
+    uint64_t alloc_count;        /* 216: busy elements */
+    uint64_t free_count;         /* 224: free elements */
+    uint64_t alloc_size;         /* 232: bytes in busy elements (their data) */
+    int32_t socket_id;           /* 240 */
+    uint32_t reserved0;          /* 244 */
+    uint64_t reserved[33];       /* 248 */
+};                               /* 512 */
+
+/* --- processes ------------------------------------------------------------ */
+
+enum memd_proc_state {
+    MEMD_PROC_FREE = 0,
+    MEMD_PROC_PRIMARY = 1,
+    MEMD_PROC_SECONDARY = 2,
+};
+
+struct memd_process {
+    int32_t pid;         /*  0: 0 = free slot */
+    uint32_t state;      /*  4: enum memd_proc_state */
+    uint64_t start_time; /*  8: field 22 of /proc/<pid>/stat */
+    uint64_t attach_ns;  /* 16: CLOCK_REALTIME at registration */
+    uint64_t mem_generation; /* 24: last header.mem_generation it mapped */
+    char comm[32];       /* 32: process name, for memctl */
+};                       /* 64 */
+
+/* --- named objects (rings, mempools) -------------------------------------- */
+
+enum memd_object_type {
+    MEMD_OBJ_FREE = 0,
+    MEMD_OBJ_RING = 1,
+    MEMD_OBJ_MEMPOOL = 2,
+};
+
+struct memd_object {
+    char name[MEMD_NAMESIZE]; /*  0 */
+    uint32_t type;            /* 32: enum memd_object_type */
+    uint32_t memzone_id;      /* 36: the memzone holding it */
+    uint64_t offset;          /* 40: window offset of its header */
+    int32_t creator_pid;      /* 48 */
+    uint32_t reserved0;       /* 52 */
+    uint64_t reserved1;       /* 56 */
+};                            /* 64 */
+
+/* --- memzones (DPDK: rte_memzone) ----------------------------------------- */
+
+struct memd_memzone {
+    char name[MEMD_NAMESIZE]; /*  0: "" = free slot */
+    uint64_t offset;          /* 32: window offset of the zone's first byte */
+    uint64_t iova;            /* 40 */
+    uint64_t length;          /* 48 */
+    uint64_t page_size;       /* 56 */
+    int32_t socket_id;        /* 64 */
+    uint32_t flags;           /* 68: MEMD_MEMZONE_F_* as given at reserve */
+    uint64_t elem_offset;     /* 72: heap block to free with the zone */
+    int32_t owner_pid;        /* 80 */
+    uint32_t reserved0;       /* 84 */
+    uint64_t reserved1;       /* 88 */
+};                            /* 96 */
+
+#define MEMD_MEMZONE_F_IOVA_CONTIG 0x100000u /* DPDK RTE_MEMZONE_IOVA_CONTIG */
+
+/* --- the config ----------------------------------------------------------- */
+
+struct memd_config {
+    struct memd_config_header hdr;                      /*       0 */
+    struct memd_lock config_lock;                       /*     256: memsegs, memzones, objects */
+    struct memd_lock proc_lock;                         /*     320: procs[] */
+    uint8_t reserved[4096 - 384];                       /*     384 */
+    struct memd_heap heaps[MEMD_MAX_HEAPS];             /*    4096 */
+    struct memd_process procs[MEMD_MAX_PROCS];          /*    8192 */
+    struct memd_object objects[MEMD_MAX_OBJECTS];       /*   16384 */
+    struct memd_memzone memzones[MEMD_MAX_MEMZONES];    /*   81920 */
+    struct memd_memseg_list msls[MEMD_MAX_MEMSEG_LISTS]; /* 327680 */
+};                                                      /* 1386496 */
+
+/* --- layout checks -------------------------------------------------------- */
+
+#define MEMD_CHECK(type, field, off) \
+    _Static_assert(offsetof(type, field) == (off), #type "." #field " moved")
+#define MEMD_CHECK_SIZE(type, size) \
+    _Static_assert(sizeof(type) == (size), #type " changed size")
+
+MEMD_CHECK(struct memd_config_header, magic, 0);
+MEMD_CHECK(struct memd_config_header, state, 12);
+MEMD_CHECK(struct memd_config_header, primary_start_time, 24);
+MEMD_CHECK(struct memd_config_header, mem_generation, 64);
+MEMD_CHECK(struct memd_config_header, prefix, 104);
+MEMD_CHECK_SIZE(struct memd_config_header, 256);
+MEMD_CHECK(struct memd_lock, owner_pid, 56);
+MEMD_CHECK_SIZE(struct memd_lock, 64);
+_Static_assert(sizeof(pthread_mutex_t) <= 56, "pthread_mutex_t does not fit memd_lock");
+MEMD_CHECK_SIZE(struct memd_memseg, 16);
+MEMD_CHECK(struct memd_memseg_list, version, 32);
+MEMD_CHECK(struct memd_memseg_list, dir, 64);
+MEMD_CHECK(struct memd_memseg_list, used_bitmap, 256);
+MEMD_CHECK(struct memd_memseg_list, segs, 1280);
+MEMD_CHECK_SIZE(struct memd_memseg_list, 132352);
+MEMD_CHECK(struct memd_heap, free_head, 80);
+MEMD_CHECK(struct memd_heap, total_size, 208);
+MEMD_CHECK(struct memd_heap, socket_id, 240);
+MEMD_CHECK_SIZE(struct memd_heap, 512);
+MEMD_CHECK(struct memd_process, comm, 32);
+MEMD_CHECK_SIZE(struct memd_process, 64);
+MEMD_CHECK(struct memd_object, offset, 40);
+MEMD_CHECK_SIZE(struct memd_object, 64);
+MEMD_CHECK(struct memd_memzone, offset, 32);
+MEMD_CHECK(struct memd_memzone, elem_offset, 72);
+MEMD_CHECK_SIZE(struct memd_memzone, 96);
+MEMD_CHECK(struct memd_config, config_lock, 256);
+MEMD_CHECK(struct memd_config, proc_lock, 320);
+MEMD_CHECK(struct memd_config, heaps, 4096);
+MEMD_CHECK(struct memd_config, procs, 8192);
+MEMD_CHECK(struct memd_config, objects, 16384);
+MEMD_CHECK(struct memd_config, memzones, 81920);
+MEMD_CHECK(struct memd_config, msls, 327680);
+MEMD_CHECK_SIZE(struct memd_config, 1386496);
+_Static_assert(sizeof(struct memd_config) <= MEMD_CONFIG_SIZE, "config outgrew its file");
+
+/*
+ * Heap elements, rings and mempools live in heap memory; their layouts follow in
+ * the sections of ext/heap.h, ext/ring.h and ext/mempool.h, which this header
+ * includes so that there is still one place to look.
+ */
+
+#endif /* MEMD_LAYOUT_H */

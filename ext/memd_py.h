@@ -1,0 +1,59 @@
+/*
+ * memd_py.h - what the extension's binding files share: the Window type (the
+ * reserved address range a process maps shared memory into) and error helpers.
+ * The primitives themselves (lock.c, config.c, heap.c, ring.c, mempool.c) never
+ * include Python.h; py_*.c files bind them.
+ */
+#ifndef MEMD_PY_H
+#define MEMD_PY_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#include "memd_layout.h"
+
+typedef struct {
+    PyObject_HEAD
+    char *base;        /* window address in this process; NULL once closed */
+    uint64_t size;     /* bytes reserved */
+    int anonymous;     /* Window.anonymous(): private test memory, fully mapped */
+} MemdWindow;
+
+extern PyTypeObject MemdWindow_Type;
+
+/* "O&" converter: a Window argument to its base address (fails if closed). */
+int memd_window_base(PyObject *obj, void *out_base);
+
+/* Base address of a Window taken from a fastcall argument, or NULL with an error set. */
+static inline char *memd_base_of(PyObject *obj)
+{
+    if (Py_TYPE(obj) != &MemdWindow_Type) {
+        PyErr_SetString(PyExc_TypeError, "expected a memd._ext.Window");
+        return NULL;
+    }
+    char *base = ((MemdWindow *)obj)->base;
+    if (base == NULL)
+        PyErr_SetString(PyExc_ValueError, "the window is closed (detached)");
+    return base;
+}
+
+/* Check that [off, off+len) lies inside the window; sets ValueError if not. */
+int memd_check_range(PyObject *window, uint64_t off, uint64_t len);
+
+/* Raise OSError(-neg_errno, "<strerror> (from <where>)"); returns NULL. */
+PyObject *memd_raise_errno(int neg_errno, const char *where);
+
+/* Zero-copy writable memoryview of [off, off+len) that keeps the window alive. */
+PyObject *memd_view(PyObject *window, uint64_t off, uint64_t len);
+
+/* Each binding file adds its functions and constants to the module. */
+int memd_py_init_config(PyObject *m);
+int memd_py_init_heap(PyObject *m);
+int memd_py_init_ring(PyObject *m);
+int memd_py_init_mempool(PyObject *m);
+
+/* Helper to register a PyMethodDef table (NULL-terminated) on the module. */
+int memd_add_functions(PyObject *m, PyMethodDef *defs);
+
+#endif /* MEMD_PY_H */

@@ -1,0 +1,329 @@
+/*
+ * module.c - memd._ext: the Window type and the module's assembly.
+ *
+ * A Window is a range of address space reserved with PROT_NONE.  Shared files
+ * (the config, hugepage files, shm objects) are mapped into it with MAP_FIXED at
+ * their window offsets; unmapping puts PROT_NONE back so the hole stays reserved.
+ * Views (memoryviews) hold a reference to the Window, so the range is released
+ * only when the last view is gone: a stale view never points at unmapped memory.
+ */
+#include "memd_py.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+PyObject *memd_raise_errno(int neg_errno, const char *where)
+{
+    int e = neg_errno < 0 ? -neg_errno : neg_errno;
+    PyObject *msg = PyUnicode_FromFormat("%s (from %s)", strerror(e), where);
+    if (msg == NULL)
+        return NULL;
+    PyObject *exc_args = Py_BuildValue("(iN)", e, msg);
+    if (exc_args == NULL)
+        return NULL;
+    PyErr_SetObject(PyExc_OSError, exc_args);
+    Py_DECREF(exc_args);
+    return NULL;
+}
+
+int memd_add_functions(PyObject *m, PyMethodDef *defs)
+{
+    for (PyMethodDef *d = defs; d->ml_name != NULL; d++) {
+        PyObject *f = PyCFunction_NewEx(d, NULL, PyModule_GetNameObject(m));
+        if (f == NULL)
+            return -1;
+        if (PyModule_AddObject(m, d->ml_name, f) < 0) {
+            Py_DECREF(f);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int memd_window_base(PyObject *obj, void *out_base)
+{
+    char *base = memd_base_of(obj);
+    if (base == NULL)
+        return 0;
+    *(char **)out_base = base;
+    return 1;
+}
+
+int memd_check_range(PyObject *window, uint64_t off, uint64_t len)
+{
+    MemdWindow *w = (MemdWindow *)window;
+    if (off > w->size || len > w->size - off) {
+        PyErr_Format(PyExc_ValueError,
+                     "range [%llu, +%llu) is outside the shared window of %llu bytes",
+                     (unsigned long long)off, (unsigned long long)len,
+                     (unsigned long long)w->size);
+        return -1;
+    }
+    return 0;
+}
+
+/* --- Span: a buffer exporter over part of a Window ------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *window; /* strong ref: keeps the mapping alive */
+    char *addr;
+    Py_ssize_t len;
+} MemdSpan;
+
+static int span_getbuffer(PyObject *self, Py_buffer *view, int flags)
+{
+    MemdSpan *s = (MemdSpan *)self;
+    return PyBuffer_FillInfo(view, self, s->addr, s->len, 0, flags);
+}
+
+static void span_dealloc(PyObject *self)
+{
+    MemdSpan *s = (MemdSpan *)self;
+    Py_XDECREF(s->window);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyBufferProcs span_as_buffer = {span_getbuffer, NULL};
+
+static PyTypeObject MemdSpan_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memd._ext.Span",
+    .tp_basicsize = sizeof(MemdSpan),
+    .tp_dealloc = span_dealloc,
+    .tp_as_buffer = &span_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Part of a shared window, exported through the buffer protocol.",
+};
+
+PyObject *memd_view(PyObject *window, uint64_t off, uint64_t len)
+{
+    char *base = memd_base_of(window);
+    if (base == NULL || memd_check_range(window, off, len) < 0)
+        return NULL;
+    MemdSpan *s = PyObject_New(MemdSpan, &MemdSpan_Type);
+    if (s == NULL)
+        return NULL;
+    Py_INCREF(window);
+    s->window = window;
+    s->addr = base + off;
+    s->len = (Py_ssize_t)len;
+    PyObject *mv = PyMemoryView_FromObject((PyObject *)s);
+    Py_DECREF(s);
+    return mv;
+}
+
+/* --- Window --------------------------------------------------------------- */
+
+static int reserve(uint64_t size, uint64_t align, char **out)
+{
+    /* Over-reserve and trim so the base is aligned to the largest page size:
+     * MAP_FIXED hugepage mappings need page-size-aligned addresses. */
+    uint64_t total = size + align;
+    char *p = mmap(NULL, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED)
+        return -errno;
+    uintptr_t start = ((uintptr_t)p + align - 1) & ~(uintptr_t)(align - 1);
+    if (start > (uintptr_t)p)
+        munmap(p, start - (uintptr_t)p);
+    uintptr_t end = start + size;
+    if ((uintptr_t)p + total > end)
+        munmap((char *)end, (uintptr_t)p + total - end);
+    *out = (char *)start;
+    return 0;
+}
+
+static PyObject *window_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"size", "align", "address", NULL};
+    unsigned long long size, align = 2u << 20, address = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "K|KK", kwlist, &size, &align, &address))
+        return NULL;
+    long pg = sysconf(_SC_PAGESIZE);
+    if (size == 0 || size % (unsigned long long)pg || align < (unsigned long long)pg ||
+        (align & (align - 1))) {
+        PyErr_SetString(PyExc_ValueError,
+                        "window size must be a non-zero multiple of the page size and "
+                        "align a power of two >= the page size");
+        return NULL;
+    }
+    char *base = NULL;
+    if (address) {
+        /* --base-virtaddr: ask for that address, accept only it. */
+        base = mmap((void *)(uintptr_t)address, size, PROT_NONE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+        if (base == MAP_FAILED)
+            return memd_raise_errno(-errno, "mmap at --base-virtaddr");
+        if (base != (char *)(uintptr_t)address) {
+            munmap(base, size);
+            return memd_raise_errno(-EADDRINUSE, "mmap at --base-virtaddr");
+        }
+    } else {
+        int rc = reserve(size, align, &base);
+        if (rc < 0)
+            return memd_raise_errno(rc, "mmap (reserving the shared window)");
+    }
+    MemdWindow *w = (MemdWindow *)type->tp_alloc(type, 0);
+    if (w == NULL) {
+        munmap(base, size);
+        return NULL;
+    }
+    w->base = base;
+    w->size = size;
+    return (PyObject *)w;
+}
+
+static void window_dealloc(PyObject *self)
+{
+    MemdWindow *w = (MemdWindow *)self;
+    if (w->base)
+        munmap(w->base, w->size);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyObject *window_anonymous(PyObject *cls, PyObject *arg)
+{
+    /* Test memory: a fully mapped, shared anonymous window (fork-shared). */
+    unsigned long long size = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *w = PyObject_CallFunction(cls, "K", size);
+    if (w == NULL)
+        return NULL;
+    MemdWindow *mw = (MemdWindow *)w;
+    if (mmap(mw->base, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED,
+             -1, 0) == MAP_FAILED) {
+        Py_DECREF(w);
+        return memd_raise_errno(-errno, "mmap (anonymous window)");
+    }
+    mw->anonymous = 1;
+    return w;
+}
+
+static PyObject *window_map_fd(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"offset", "length", "fd", "file_offset", "populate", "readonly", NULL};
+    unsigned long long off, len, foff = 0;
+    int fd, populate = 0, readonly = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKi|Kpp", kwlist, &off, &len, &fd, &foff,
+                                     &populate, &readonly))
+        return NULL;
+    char *base = memd_base_of(self);
+    if (base == NULL || memd_check_range(self, off, len) < 0)
+        return NULL;
+    int prot = PROT_READ | (readonly ? 0 : PROT_WRITE);
+    int flags = MAP_SHARED | MAP_FIXED | (populate ? MAP_POPULATE : 0);
+    void *p;
+    Py_BEGIN_ALLOW_THREADS
+    p = mmap(base + off, len, prot, flags, fd, (off_t)foff);
+    Py_END_ALLOW_THREADS
+    if (p == MAP_FAILED)
+        return memd_raise_errno(-errno, "mmap (mapping a page file into the window)");
+    return PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)p);
+}
+
+static PyObject *window_unmap(PyObject *self, PyObject *args)
+{
+    unsigned long long off, len;
+    if (!PyArg_ParseTuple(args, "KK", &off, &len))
+        return NULL;
+    char *base = memd_base_of(self);
+    if (base == NULL || memd_check_range(self, off, len) < 0)
+        return NULL;
+    /* Put the reservation back rather than munmap: nobody else may take the hole. */
+    if (mmap(base + off, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
+             -1, 0) == MAP_FAILED)
+        return memd_raise_errno(-errno, "mmap (unmapping part of the window)");
+    Py_RETURN_NONE;
+}
+
+static PyObject *window_view(PyObject *self, PyObject *args)
+{
+    unsigned long long off, len;
+    if (!PyArg_ParseTuple(args, "KK", &off, &len))
+        return NULL;
+    return memd_view(self, off, len);
+}
+
+static PyObject *window_touch(PyObject *self, PyObject *args)
+{
+    /* Fault every page of the range in (read + write back the same byte). */
+    unsigned long long off, len, step;
+    if (!PyArg_ParseTuple(args, "KKK", &off, &len, &step))
+        return NULL;
+    char *base = memd_base_of(self);
+    if (base == NULL || memd_check_range(self, off, len) < 0 || step == 0)
+        return step == 0 ? (PyErr_SetString(PyExc_ValueError, "step must be > 0"), NULL) : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (unsigned long long o = 0; o < len; o += step) {
+        volatile char *p = base + off + o;
+        *p = *p;
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *window_get_address(PyObject *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)((MemdWindow *)self)->base);
+}
+
+static PyObject *window_get_size(PyObject *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(((MemdWindow *)self)->size);
+}
+
+static PyMethodDef window_methods[] = {
+    {"anonymous", window_anonymous, METH_O | METH_CLASS,
+     "anonymous(size) -> Window fully backed by shared anonymous memory (tests)."},
+    {"map_fd", (PyCFunction)(void (*)(void))window_map_fd, METH_VARARGS | METH_KEYWORDS,
+     "map_fd(offset, length, fd, file_offset=0, populate=False, readonly=False) -> address"},
+    {"unmap", window_unmap, METH_VARARGS, "unmap(offset, length): back to reserved PROT_NONE."},
+    {"view", window_view, METH_VARARGS, "view(offset, length) -> writable memoryview."},
+    {"touch", window_touch, METH_VARARGS, "touch(offset, length, step): fault pages in."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef window_getset[] = {
+    {"address", window_get_address, NULL, "base address in this process", NULL},
+    {"size", window_get_size, NULL, "bytes reserved", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyTypeObject MemdWindow_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memd._ext.Window",
+    .tp_basicsize = sizeof(MemdWindow),
+    .tp_dealloc = window_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Window(size, align=2 MiB, address=0): reserved address space for shared memory.",
+    .tp_methods = window_methods,
+    .tp_getset = window_getset,
+    .tp_new = window_new,
+};
+
+/* --- module --------------------------------------------------------------- */
+
+static struct PyModuleDef memd_module = {
+    PyModuleDef_HEAD_INIT, "memd._ext",
+    "memd's C core: the shared layout, locks, config, heap, ring and mempool.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__ext(void)
+{
+    if (PyType_Ready(&MemdWindow_Type) < 0 || PyType_Ready(&MemdSpan_Type) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&memd_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&MemdWindow_Type);
+    if (PyModule_AddObject(m, "Window", (PyObject *)&MemdWindow_Type) < 0 ||
+        memd_py_init_config(m) < 0 || memd_py_init_heap(m) < 0 ||
+        memd_py_init_ring(m) < 0 || memd_py_init_mempool(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
