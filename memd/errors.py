@@ -1,0 +1,77 @@
+"""memd's exceptions: one base class, each also the built-in a caller would expect.
+
+C code returns ``-errno``; the extension raises ``OSError(errno, "... (from fn)")``;
+:func:`translate` turns that into the domain exception here, chained with ``from``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class MemdError(Exception):
+    """Base class of every memd error."""
+
+
+class PrimaryNotRunning(MemdError, ConnectionError):
+    """No live primary for this prefix: start memd, or check --file-prefix/--runtime-dir."""
+
+
+class VersionMismatch(MemdError, RuntimeError):
+    """The primary's shared layout differs from this library's: use matching versions."""
+
+
+class PermissionDenied(MemdError, PermissionError):
+    """The config or a socket belongs to another user or group."""
+
+
+class CorruptionError(MemdError, ValueError):
+    """A block's cookie or a structure's invariant is broken."""
+
+
+class PoolEmpty(MemdError, LookupError):
+    """A mempool has no free object (or not enough for an all-or-nothing bulk get)."""
+
+
+class ProtocolError(MemdError, ValueError):
+    """A malformed, oversized or unknown message on one of memd's sockets."""
+
+
+class MemdMemoryError(MemdError, MemoryError):
+    """Memory exhausted: free something, reserve more hugepages, or raise -m."""
+
+
+class MemdKeyError(MemdError, KeyError):
+    """No object of that name."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the sentence readable
+        return str(self.args[0]) if self.args else ""
+
+
+class MemdExistsError(MemdError, FileExistsError):
+    """The name is already taken."""
+
+
+class MemdValueError(MemdError, ValueError):
+    """A bad argument."""
+
+
+def translate(exc: OSError, what: str) -> MemdError:
+    """Map an OSError from the extension to memd's exception for `what` was being done."""
+    code = exc.errno
+    if code == _errno.ENOMEM:
+        return MemdMemoryError(f"{what}: out of memory. Free something, reserve more "
+                               "hugepages (memctl hugepages --reserve), or raise -m")
+    if code == _errno.EEXIST:
+        return MemdExistsError(f"{what}: the name is already in use; pick another or free it")
+    if code == _errno.ENOENT:
+        return MemdKeyError(f"{what}: no such object")
+    if code == _errno.ENOSPC:
+        return MemdMemoryError(f"{what}: the table is full; free unused objects first")
+    if code == _errno.EFAULT:
+        return CorruptionError(f"{what}: corrupted (a cookie or invariant is broken)")
+    if code in (_errno.EACCES, _errno.EPERM):
+        return PermissionDenied(f"{what}: permission denied; run as the daemon's user or group")
+    if code == _errno.EINVAL:
+        return MemdValueError(f"{what}: invalid argument")
+    return MemdError(f"{what}: {exc.strerror or exc}")
