@@ -133,11 +133,71 @@ struct memd_heap {
     uint64_t total_size;         /* 208: bytes of memory added to the heap */
     uint64_t alloc_count;        /* 216: busy elements */
     uint64_t free_count;         /* 224: free elements */
-    uint64_t alloc_size;         /* 232: bytes in busy elements (their data) */
+    uint64_t alloc_size;         /* 232: bytes of busy elements, headers included
+                                  *      (DPDK: total = alloc + free) */
     int32_t socket_id;           /* 240 */
-    uint32_t reserved0;          /* 244 */
+    uint32_t broken;             /* 244: 1 once a recovery found the heap corrupt:
+                                  *      every call then fails with -EFAULT */
     uint64_t reserved[33];       /* 248 */
 };                               /* 512 */
+
+/*
+ * Heap elements (DPDK: malloc_elem).  A heap's memory is a doubly linked list of
+ * elements ordered by window offset; regions added separately may leave holes,
+ * so only elements with prev_off + prev.size == off are neighbours (and joinable).
+ *
+ *   element:  [header 64][data: data_size][pad to 8][trailer cookie 8][slack]
+ *
+ * Every element starts at a multiple of 64 and its size is a multiple of 64, so
+ * the data (header + 64) is 64-byte aligned.  A bigger alignment is met by
+ * splitting the gap before the header off as a free element of its own (it is
+ * never smaller than MEMD_ELEM_MIN_SIZE), so there are no "pad" elements.  Free
+ * space smaller than MEMD_ELEM_MIN_SIZE after a block stays in it as slack.
+ * A free element sits on free list c = min(log2(size) - 7, 15), so list c holds
+ * sizes in [2^(c+7), 2^(c+8)) and list 15 everything from 4 MiB up.
+ *
+ * Cookies: the header's is MEMD_ELEM_COOKIE ^ (offset >> 6) (a stale or foreign
+ * offset does not match; a header whose element was joined into a neighbour is
+ * zeroed); the trailer's is MEMD_ELEM_TRAILER_COOKIE ^ data offset, right after
+ * the data rounded up to 8, so a one-byte overflow smashes it.
+ *
+ * Zeroing: a free element records the hull [dirty_lo, dirty_hi) (window offsets,
+ * empty when equal) of bytes in its data area that may be non-zero.  Memory added
+ * from fresh pages is clean; a freed block's data and a joined neighbour's header
+ * are dirty.  zmalloc clears only the part of the block inside the hull.
+ */
+#define MEMD_ELEM_HEADER_SIZE 64u
+#define MEMD_ELEM_TRAILER_SIZE 8u
+#define MEMD_ELEM_MIN_SIZE 128u     /* header + one cache line */
+#define MEMD_ELEM_COOKIE 0x4d454c45u /* "ELEM" */
+#define MEMD_ELEM_TRAILER_COOKIE 0x4c494152544d454dULL /* "MEMTRAIL" */
+
+enum memd_elem_state {
+    MEMD_ELEM_FREE = 1,
+    MEMD_ELEM_BUSY = 2,
+};
+
+struct memd_heap_elem {
+    uint32_t cookie;             /*  0: MEMD_ELEM_COOKIE ^ (uint32_t)(offset >> 6) */
+    uint8_t state;               /*  4: enum memd_elem_state */
+    uint8_t heap;                /*  5: owning heap's index in config.heaps */
+    uint16_t flags;              /*  6: 0 (reserved) */
+    uint64_t prev;               /*  8: offset of the element below, 0 = first */
+    uint64_t next;               /* 16: offset of the element above, 0 = last */
+    uint64_t size;               /* 24: bytes of the whole element, header included */
+    union {
+        struct {
+            uint64_t prev;       /* 32: previous element on its free list, 0 = head */
+            uint64_t next;       /* 40: next element on its free list, 0 = tail */
+            uint64_t dirty_lo;   /* 48: hull of possibly non-zero data bytes */
+            uint64_t dirty_hi;   /* 56 */
+        } free;
+        struct {
+            uint64_t data_size;  /* 32: bytes asked for (the trailer follows them) */
+            uint64_t reserved[3]; /* 40 */
+        } busy;
+    } u;
+};                               /* 64 */
 
 /* --- processes ------------------------------------------------------------ */
 
@@ -231,7 +291,20 @@ MEMD_CHECK_SIZE(struct memd_memseg_list, 132352);
 MEMD_CHECK(struct memd_heap, free_head, 80);
 MEMD_CHECK(struct memd_heap, total_size, 208);
 MEMD_CHECK(struct memd_heap, socket_id, 240);
+MEMD_CHECK(struct memd_heap, broken, 244);
 MEMD_CHECK_SIZE(struct memd_heap, 512);
+MEMD_CHECK(struct memd_heap_elem, state, 4);
+MEMD_CHECK(struct memd_heap_elem, heap, 5);
+MEMD_CHECK(struct memd_heap_elem, prev, 8);
+MEMD_CHECK(struct memd_heap_elem, next, 16);
+MEMD_CHECK(struct memd_heap_elem, size, 24);
+MEMD_CHECK(struct memd_heap_elem, u.free.prev, 32);
+MEMD_CHECK(struct memd_heap_elem, u.free.next, 40);
+MEMD_CHECK(struct memd_heap_elem, u.free.dirty_lo, 48);
+MEMD_CHECK(struct memd_heap_elem, u.free.dirty_hi, 56);
+MEMD_CHECK(struct memd_heap_elem, u.busy.data_size, 32);
+MEMD_CHECK_SIZE(struct memd_heap_elem, MEMD_ELEM_HEADER_SIZE);
+_Static_assert(MEMD_MAX_HEAPS <= 256, "memd_heap_elem.heap is one byte");
 MEMD_CHECK(struct memd_process, comm, 32);
 MEMD_CHECK_SIZE(struct memd_process, 64);
 MEMD_CHECK(struct memd_object, offset, 40);
@@ -250,9 +323,10 @@ MEMD_CHECK_SIZE(struct memd_config, 1386496);
 _Static_assert(sizeof(struct memd_config) <= MEMD_CONFIG_SIZE, "config outgrew its file");
 
 /*
- * Heap elements, rings and mempools live in heap memory; their layouts follow in
- * the sections of ext/heap.h, ext/ring.h and ext/mempool.h, which this header
- * includes so that there is still one place to look.
+ * Heap elements live in heap memory; their layout is the "heap elements" section
+ * above.  Rings and mempools also live in heap memory; their layouts follow in
+ * the sections of ext/ring.h and ext/mempool.h, which this header includes so
+ * that there is still one place to look.
  */
 
 #endif /* MEMD_LAYOUT_H */

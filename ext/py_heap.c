@@ -1,8 +1,716 @@
-/* py_heap.c - Python bindings for heap.c (placeholder until heap lands). */
-#include "memd_py.h"
+/*
+ * py_heap.c - Python bindings for heap.c, and the Block type.
+ *
+ * Every function takes a Window and a heap index (0..MEMD_MAX_HEAPS-1); the heap
+ * is config.heaps[index] of the config at the window's base.  Locking: the lock
+ * is tried first; only when it is contended is the GIL released while blocking.
+ * A lock taken from a dead owner runs memd_heap_check first; a broken heap fails
+ * with OSError(EFAULT).  Functions whose C twin is "(caller locks)" take a
+ * keyword locked=False: pass True when you already hold heap_lock() (the lock is
+ * not recursive).  Errors are OSError(errno, "... (from heap_xxx)") unless said.
+ */
+#include "memd_py.h" /* Python.h first */
+
+#include <errno.h>
+#include <stdio.h>
+#include <structmember.h>
+
+#include "heap.h"
+#include "lock.h"
+
+/* --- arguments and locking ------------------------------------------------------ */
+
+static int u64_arg(PyObject *o, uint64_t *out)
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* The heap at index idxo of the config in window win, or NULL with an error set. */
+static struct memd_heap *heap_of(PyObject *win, PyObject *idxo, char **base)
+{
+    char *b = memd_base_of(win);
+    if (b == NULL)
+        return NULL;
+    long i = PyLong_AsLong(idxo);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i < 0 || i >= (long)MEMD_MAX_HEAPS) {
+        PyErr_Format(PyExc_ValueError, "heap index %ld is not in 0..%u", i, MEMD_MAX_HEAPS - 1);
+        return NULL;
+    }
+    if (((MemdWindow *)win)->size < MEMD_CONFIG_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "the window is too small to hold a config");
+        return NULL;
+    }
+    *base = b;
+    return &((struct memd_config *)b)->heaps[i];
+}
+
+/* Take h's lock: 0, 1 (taken from a dead owner; the heap checked fine), or -errno
+ * with the lock not held.  Releases the GIL only while blocking. */
+static int py_lock(char *base, struct memd_heap *h)
+{
+    int rc = memd_lock_try(&h->lock);
+    if (rc == -EBUSY) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = memd_heap_lock(h);
+        Py_END_ALLOW_THREADS
+    }
+    int done = memd_heap_lock_done(base, h, rc);
+    return done < 0 ? done : rc;
+}
+
+/* --- Block ----------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *window;  /* strong ref: keeps the mapping alive */
+    PyObject *owner;   /* the Memory that allocated it (iova), or NULL */
+    char *addr;
+    unsigned long long offset;
+    unsigned long long size;
+    int heap;
+    char freed;        /* freed or resized through the bindings: no new buffers */
+} MemdBlock;
+
+static PyTypeObject MemdBlock_Type;
+
+static PyObject *block_new(PyObject *win, PyObject *owner, char *base, uint64_t off,
+                           uint64_t size, int heap)
+{
+    MemdBlock *b = PyObject_GC_New(MemdBlock, &MemdBlock_Type);
+    if (b == NULL)
+        return NULL;
+    Py_INCREF(win);
+    b->window = win;
+    b->owner = (owner == Py_None) ? NULL : owner;
+    Py_XINCREF(b->owner);
+    b->addr = base + off;
+    b->offset = off;
+    b->size = size;
+    b->heap = heap;
+    b->freed = 0;
+    PyObject_GC_Track(b);
+    return (PyObject *)b;
+}
+
+static int block_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    MemdBlock *b = (MemdBlock *)self;
+    Py_VISIT(b->window);
+    Py_VISIT(b->owner);
+    return 0;
+}
+
+static int block_clear(PyObject *self)
+{
+    MemdBlock *b = (MemdBlock *)self;
+    Py_CLEAR(b->owner);
+    return 0; /* the window stays until dealloc: addr must remain mapped */
+}
+
+static void block_dealloc(PyObject *self)
+{
+    MemdBlock *b = (MemdBlock *)self;
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(b->owner);
+    Py_CLEAR(b->window);
+    PyObject_GC_Del(self);
+}
+
+static int block_getbuffer(PyObject *self, Py_buffer *view, int flags)
+{
+    MemdBlock *b = (MemdBlock *)self;
+    if (b->freed) {
+        PyErr_SetString(PyExc_BufferError, "the block was freed (or resized: use the new one)");
+        view->obj = NULL;
+        return -1;
+    }
+    if (((MemdWindow *)b->window)->base == NULL) {
+        PyErr_SetString(PyExc_BufferError, "the window is closed (detached)");
+        view->obj = NULL;
+        return -1;
+    }
+    return PyBuffer_FillInfo(view, self, b->addr, (Py_ssize_t)b->size, 0, flags);
+}
+
+static PyBufferProcs block_as_buffer = {block_getbuffer, NULL};
+
+static PyObject *block_get_buf(PyObject *self, void *Py_UNUSED(c))
+{
+    return PyMemoryView_FromObject(self);
+}
+
+static PyObject *block_get_iova(PyObject *self, void *Py_UNUSED(c))
+{
+    MemdBlock *b = (MemdBlock *)self;
+    if (b->owner == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "iova: the block has no owning Memory");
+        return NULL;
+    }
+    return PyObject_CallMethod(b->owner, "_iova", "K", b->offset);
+}
+
+static PyObject *block_repr(PyObject *self)
+{
+    MemdBlock *b = (MemdBlock *)self;
+    char buf[128];
+    snprintf(buf, sizeof(buf), "<memd Block heap=%d offset=%#llx size=%llu%s>", b->heap,
+             b->offset, b->size, b->freed ? " freed" : "");
+    return PyUnicode_FromString(buf);
+}
+
+static Py_ssize_t block_len(PyObject *self) { return (Py_ssize_t)((MemdBlock *)self)->size; }
+
+static PySequenceMethods block_as_sequence = {.sq_length = block_len};
+
+static PyMemberDef block_members[] = {
+    {"offset", T_ULONGLONG, offsetof(MemdBlock, offset), READONLY,
+     "window offset of the data (any process can view it there)"},
+    {"size", T_ULONGLONG, offsetof(MemdBlock, size), READONLY, "bytes asked for"},
+    {"heap", T_INT, offsetof(MemdBlock, heap), READONLY, "index of the owning heap"},
+    {"freed", T_BOOL, offsetof(MemdBlock, freed), READONLY,
+     "True once freed or resized through this object"},
+    {"window", T_OBJECT, offsetof(MemdBlock, window), READONLY, "the Window"},
+    {"owner", T_OBJECT, offsetof(MemdBlock, owner), READONLY, "the Memory, or None"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef block_getset[] = {
+    {"buf", block_get_buf, NULL, "writable memoryview over the data, zero-copy", NULL},
+    {"iova", block_get_iova, NULL, "IO address of the data: owner._iova(offset)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject MemdBlock_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memd._ext.Block",
+    .tp_basicsize = sizeof(MemdBlock),
+    .tp_dealloc = block_dealloc,
+    .tp_repr = block_repr,
+    .tp_as_sequence = &block_as_sequence,
+    .tp_as_buffer = &block_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A heap block: its data exported through the buffer protocol.",
+    .tp_traverse = block_traverse,
+    .tp_clear = block_clear,
+    .tp_members = block_members,
+    .tp_getset = block_getset,
+};
+
+/* --- hot paths (METH_FASTCALL) ------------------------------------------------------ */
+
+/* heap_alloc(win, idx, size, align=0, bound=0, contig=False, zero=False) -> offset.
+ * Fails iff ValueError/TypeError (bad window, index or argument types) or OSError:
+ * EINVAL (size 0, align/bound not a power of two, bound < size), ENOMEM (nothing
+ * fits: expand the heap), EFAULT (heap broken). */
+static PyObject *py_heap_alloc(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)m;
+    uint64_t size, align = 0, bound = 0, off;
+    int contig = 0, zero = 0;
+    char *base;
+    if (nargs < 3 || nargs > 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "heap_alloc(win, idx, size, align=0, bound=0, contig=False, zero=False)");
+        return NULL;
+    }
+    struct memd_heap *h = heap_of(args[0], args[1], &base);
+    if (h == NULL || u64_arg(args[2], &size) < 0 || (nargs > 3 && u64_arg(args[3], &align) < 0) ||
+        (nargs > 4 && u64_arg(args[4], &bound) < 0) ||
+        (nargs > 5 && (contig = PyObject_IsTrue(args[5])) < 0) ||
+        (nargs > 6 && (zero = PyObject_IsTrue(args[6])) < 0))
+        return NULL;
+    int rc = py_lock(base, h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_alloc");
+    rc = memd_heap_alloc_nolock(base, h, size, align, bound, contig, zero, &off);
+    memd_heap_unlock(h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_alloc");
+    return PyLong_FromUnsignedLongLong(off);
+}
+
+/* heap_free(win, idx, off) -> size of the free element it ended up in.
+ * Fails iff OSError EINVAL (not a busy block of this heap: double free, foreign
+ * offset) or EFAULT (smashed trailer; the block stays allocated). */
+static PyObject *py_heap_free(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)m;
+    uint64_t off;
+    char *base;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "heap_free(win, idx, off)");
+        return NULL;
+    }
+    struct memd_heap *h = heap_of(args[0], args[1], &base);
+    if (h == NULL || u64_arg(args[2], &off) < 0)
+        return NULL;
+    int rc = py_lock(base, h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_free");
+    int64_t r = memd_heap_free_nolock(base, h, off);
+    memd_heap_unlock(h);
+    if (r < 0)
+        return memd_raise_errno((int)r, "heap_free");
+    return PyLong_FromLongLong(r);
+}
+
+/* heap_malloc(win, order, size, align, bound, contig, zero, owner) -> Block | None.
+ * Tries the heaps in order (a tuple of indices); None when none has room (expand
+ * and retry).  Fails iff as heap_alloc, except that ENOMEM returns None. */
+static PyObject *py_heap_malloc(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)m;
+    uint64_t size, align, bound, off;
+    int contig, zero;
+    char *base;
+    if (nargs != 8 || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "heap_malloc(win, order: tuple, size, align, bound, contig, zero, owner)");
+        return NULL;
+    }
+    if (u64_arg(args[2], &size) < 0 || u64_arg(args[3], &align) < 0 ||
+        u64_arg(args[4], &bound) < 0 || (contig = PyObject_IsTrue(args[5])) < 0 ||
+        (zero = PyObject_IsTrue(args[6])) < 0)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(args[1]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *idx = PyTuple_GET_ITEM(args[1], i);
+        struct memd_heap *h = heap_of(args[0], idx, &base);
+        if (h == NULL)
+            return NULL;
+        int rc = py_lock(base, h);
+        if (rc < 0)
+            return memd_raise_errno(rc, "heap_malloc");
+        rc = memd_heap_alloc_nolock(base, h, size, align, bound, contig, zero, &off);
+        memd_heap_unlock(h);
+        if (rc == 0)
+            return block_new(args[0], args[7], base, off, size, (int)PyLong_AsLong(idx));
+        if (rc != -ENOMEM)
+            return memd_raise_errno(rc, "heap_malloc");
+    }
+    Py_RETURN_NONE;
+}
+
+static MemdBlock *block_arg(PyObject *win, PyObject *o, const char *fn)
+{
+    if (Py_TYPE(o) != &MemdBlock_Type) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a memd._ext.Block", fn);
+        return NULL;
+    }
+    MemdBlock *b = (MemdBlock *)o;
+    if (b->window != win) {
+        PyErr_Format(PyExc_ValueError, "%s: the block belongs to another window", fn);
+        return NULL;
+    }
+    if (b->freed) {
+        PyErr_Format(PyExc_ValueError, "%s: the block was already freed (or resized)", fn);
+        return NULL;
+    }
+    return b;
+}
+
+/* heap_free_block(win, blk) -> size of the free element it ended up in; marks blk
+ * freed.  Fails iff ValueError (another window's block, or already freed) or as
+ * heap_free. */
+static PyObject *py_heap_free_block(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)m;
+    char *base;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "heap_free_block(win, blk)");
+        return NULL;
+    }
+    MemdBlock *b = block_arg(args[0], args[1], "heap_free_block");
+    if (b == NULL)
+        return NULL;
+    base = memd_base_of(args[0]);
+    if (base == NULL)
+        return NULL;
+    struct memd_heap *h = &((struct memd_config *)base)->heaps[b->heap];
+    int rc = py_lock(base, h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_free_block");
+    int64_t r = memd_heap_free_nolock(base, h, b->offset);
+    memd_heap_unlock(h);
+    if (r < 0)
+        return memd_raise_errno((int)r, "heap_free_block");
+    b->freed = 1;
+    return PyLong_FromLongLong(r);
+}
+
+/* heap_realloc_block(win, blk, size, align=0) -> Block | None.  Resizes within
+ * blk's heap (in place when it can, else alloc + copy + free); on success blk is
+ * marked freed and the new Block returned; None when the heap has no room (blk
+ * unchanged).  Fails iff ValueError as heap_free_block, or OSError EINVAL (bad
+ * size/align), EFAULT (smashed trailer). */
+static PyObject *py_heap_realloc_block(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)m;
+    uint64_t size, align = 0, off;
+    if (nargs < 3 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError, "heap_realloc_block(win, blk, size, align=0)");
+        return NULL;
+    }
+    MemdBlock *b = block_arg(args[0], args[1], "heap_realloc_block");
+    char *base = b ? memd_base_of(args[0]) : NULL;
+    if (base == NULL || u64_arg(args[2], &size) < 0 || (nargs > 3 && u64_arg(args[3], &align) < 0))
+        return NULL;
+    struct memd_heap *h = &((struct memd_config *)base)->heaps[b->heap];
+    int rc = py_lock(base, h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_realloc_block");
+    rc = memd_heap_realloc_nolock(base, h, b->offset, size, align, &off);
+    memd_heap_unlock(h);
+    if (rc == -ENOMEM)
+        Py_RETURN_NONE;
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_realloc_block");
+    b->freed = 1;
+    return block_new(args[0], b->owner ? b->owner : Py_None, base, off, size, b->heap);
+}
+
+/* --- the rest (METH_VARARGS | METH_KEYWORDS) ---------------------------------------- */
+
+#define HEAP_ARGS(fmt, ...)                                                             \
+    PyObject *win, *idxo;                                                                \
+    char *base;                                                                          \
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO" fmt, kwlist, &win, &idxo, ##__VA_ARGS__)) \
+        return NULL;                                                                     \
+    struct memd_heap *h = heap_of(win, idxo, &base);                                     \
+    if (h == NULL)                                                                       \
+        return NULL
+
+/* heap_init(win, idx, socket_id): an empty heap.  Only the primary, once, with no
+ * other user.  Fails iff OSError from pthread mutex init. */
+static PyObject *py_heap_init(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", "socket_id", NULL};
+    int socket_id;
+    HEAP_ARGS("i", &socket_id);
+    int rc = memd_heap_init(h, socket_id);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_init");
+    Py_RETURN_NONE;
+}
+
+/* heap_lock(win, idx) -> True if taken from a dead owner (and the heap checked
+ * fine).  Fails iff OSError EFAULT (heap broken; lock not held) or
+ * ENOTRECOVERABLE. */
+static PyObject *py_heap_lock(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", NULL};
+    HEAP_ARGS("");
+    int rc = py_lock(base, h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_lock");
+    return PyBool_FromLong(rc == 1);
+}
+
+/* heap_unlock(win, idx).  Never fails (unlocking a lock you do not hold is a bug
+ * that the robust mutex ignores). */
+static PyObject *py_heap_unlock(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", NULL};
+    HEAP_ARGS("");
+    memd_heap_unlock(h);
+    Py_RETURN_NONE;
+}
+
+/* Take the lock unless the caller says it holds it; -errno on failure. */
+static int maybe_lock(char *base, struct memd_heap *h, int locked)
+{
+    return locked ? 0 : py_lock(base, h);
+}
+
+static void maybe_unlock(struct memd_heap *h, int locked)
+{
+    if (!locked)
+        memd_heap_unlock(h);
+}
+
+/* heap_add_memory(win, idx, off, len, dirty=False, locked=False).  Fails iff
+ * ValueError (range outside the window) or OSError EINVAL (unaligned to 64,
+ * shorter than a minimum element, inside the config, or overlapping the heap). */
+static PyObject *py_heap_add_memory(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", "off", "len", "dirty", "locked", NULL};
+    unsigned long long off, len;
+    int dirty = 0, locked = 0;
+    HEAP_ARGS("KK|pp", &off, &len, &dirty, &locked);
+    if (memd_check_range(win, off, len) < 0)
+        return NULL;
+    int rc = maybe_lock(base, h, locked);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_add_memory");
+    rc = memd_heap_add_memory_ex(base, h, off, len, dirty);
+    maybe_unlock(h, locked);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_add_memory");
+    Py_RETURN_NONE;
+}
+
+/* heap_realloc(win, idx, off, size, align=0) -> new offset.  Fails iff OSError
+ * EINVAL (off not a busy block, size 0, bad align), EFAULT (smashed trailer),
+ * ENOMEM (no room in this heap; the block is unchanged). */
+static PyObject *py_heap_realloc(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", "off", "size", "align", NULL};
+    unsigned long long off, size, align = 0;
+    uint64_t out;
+    HEAP_ARGS("KK|K", &off, &size, &align);
+    int rc = py_lock(base, h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_realloc");
+    rc = memd_heap_realloc_nolock(base, h, off, size, align, &out);
+    memd_heap_unlock(h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_realloc");
+    return PyLong_FromUnsignedLongLong(out);
+}
+
+/* heap_block_size(win, idx, off) -> data size.  Fails iff OSError EINVAL (not a
+ * busy block) or EFAULT (smashed trailer). */
+static PyObject *py_heap_block_size(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", "off", NULL};
+    unsigned long long off;
+    HEAP_ARGS("K", &off);
+    int rc = py_lock(base, h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_block_size");
+    int64_t r = memd_heap_block_size_nolock(base, h, off);
+    memd_heap_unlock(h);
+    if (r < 0)
+        return memd_raise_errno((int)r, "heap_block_size");
+    return PyLong_FromLongLong(r);
+}
+
+/* heap_validate(win, idx, off) -> None.  Fails iff OSError EFAULT (trailer
+ * smashed) or EINVAL (not a busy block, header cookie included). */
+static PyObject *py_heap_validate(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", "off", NULL};
+    unsigned long long off;
+    HEAP_ARGS("K", &off);
+    int rc = py_lock(base, h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_validate");
+    rc = memd_heap_validate_nolock(base, h, off);
+    memd_heap_unlock(h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_validate");
+    Py_RETURN_NONE;
+}
+
+/* heap_block(win, idx, off, owner=None) -> Block for the busy block at off (e.g.
+ * a memzone's).  Fails iff as heap_block_size. */
+static PyObject *py_heap_block(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", "off", "owner", NULL};
+    unsigned long long off;
+    PyObject *owner = Py_None;
+    HEAP_ARGS("K|O", &off, &owner);
+    int rc = py_lock(base, h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_block");
+    int64_t r = memd_heap_block_size_nolock(base, h, off);
+    memd_heap_unlock(h);
+    if (r < 0)
+        return memd_raise_errno((int)r, "heap_block");
+    return block_new(win, owner, base, off, (uint64_t)r, (int)PyLong_AsLong(idxo));
+}
+
+/* heap_stats(win, idx) -> (total, free, alloc, greatest_free, free_count,
+ * alloc_count).  Fails iff OSError EFAULT (heap broken). */
+static PyObject *py_heap_stats(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", NULL};
+    struct memd_heap_stats s;
+    HEAP_ARGS("");
+    int rc = py_lock(base, h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_stats");
+    memd_heap_get_stats_nolock(base, h, &s);
+    memd_heap_unlock(h);
+    return Py_BuildValue("(KKKKKK)", (unsigned long long)s.total, (unsigned long long)s.free,
+                         (unsigned long long)s.alloc, (unsigned long long)s.greatest_free,
+                         (unsigned long long)s.free_count, (unsigned long long)s.alloc_count);
+}
+
+/* heap_check(win, idx, locked=False) -> None.  Fails iff OSError EFAULT whose
+ * message names the broken invariant, or ENOMEM (no scratch memory). */
+static PyObject *py_heap_check(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", "locked", NULL};
+    int locked = 0;
+    char why[256];
+    HEAP_ARGS("|p", &locked);
+    int rc = maybe_lock(base, h, locked);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_check");
+    rc = memd_heap_check_ex(base, h, why, sizeof(why));
+    maybe_unlock(h, locked);
+    if (rc == -EFAULT) {
+        PyObject *a = Py_BuildValue("(is)", EFAULT, why);
+        if (a != NULL) {
+            PyErr_SetObject(PyExc_OSError, a);
+            Py_DECREF(a);
+        }
+        return NULL;
+    }
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_check");
+    Py_RETURN_NONE;
+}
+
+/* heap_find_free_pages(win, idx, page_size, locked=False) -> (off, len) | None:
+ * the largest run of whole pages heap_remove_memory would take.  Fails iff OSError
+ * EINVAL (page_size not a power of two >= 64). */
+static PyObject *py_heap_find_free_pages(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", "page_size", "locked", NULL};
+    unsigned long long pg;
+    int locked = 0;
+    uint64_t off, len;
+    HEAP_ARGS("K|p", &pg, &locked);
+    int rc = maybe_lock(base, h, locked);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_find_free_pages");
+    rc = memd_heap_find_free_pages(base, h, pg, &off, &len);
+    maybe_unlock(h, locked);
+    if (rc == -ENOENT)
+        Py_RETURN_NONE;
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_find_free_pages");
+    return Py_BuildValue("(KK)", (unsigned long long)off, (unsigned long long)len);
+}
+
+/* heap_remove_memory(win, idx, off, len, locked=False).  Fails iff OSError EINVAL
+ * (not inside one free element leaving 0 or >= a minimum element each side). */
+static PyObject *py_heap_remove_memory(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", "off", "len", "locked", NULL};
+    unsigned long long off, len;
+    int locked = 0;
+    HEAP_ARGS("KK|p", &off, &len, &locked);
+    int rc = maybe_lock(base, h, locked);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_remove_memory");
+    rc = memd_heap_remove_memory(base, h, off, len);
+    maybe_unlock(h, locked);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_remove_memory");
+    Py_RETURN_NONE;
+}
+
+static int walk_one(void *arg, uint64_t off, uint64_t size, int state, uint64_t data_size)
+{
+    PyObject *t = Py_BuildValue("(KKiK)", (unsigned long long)off, (unsigned long long)size,
+                                state, (unsigned long long)data_size);
+    if (t == NULL)
+        return -1;
+    int rc = PyList_Append((PyObject *)arg, t);
+    Py_DECREF(t);
+    return rc;
+}
+
+/* heap_walk(win, idx, locked=False) -> [(offset, size, state, data_size)]: every
+ * element in offset order (state HEAP_ELEM_FREE / HEAP_ELEM_BUSY; offset is the
+ * header's, data at offset + HEAP_ELEM_HEADER_SIZE).  Fails iff MemoryError. */
+static PyObject *py_heap_walk(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", "locked", NULL};
+    int locked = 0;
+    HEAP_ARGS("|p", &locked);
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    int rc = maybe_lock(base, h, locked);
+    if (rc < 0) {
+        Py_DECREF(list);
+        return memd_raise_errno(rc, "heap_walk");
+    }
+    rc = memd_heap_walk(base, h, walk_one, list);
+    maybe_unlock(h, locked);
+    if (rc) {
+        Py_DECREF(list);
+        return NULL;
+    }
+    return list;
+}
+
+#define KW(name, fn, doc) {name, (PyCFunction)(void (*)(void))fn, METH_VARARGS | METH_KEYWORDS, doc}
+#define FAST(name, fn, doc) {name, (PyCFunction)(void (*)(void))fn, METH_FASTCALL, doc}
+
+static PyMethodDef heap_functions[] = {
+    FAST("heap_alloc", py_heap_alloc,
+         "heap_alloc(win, idx, size, align=0, bound=0, contig=False, zero=False) -> offset"),
+    FAST("heap_free", py_heap_free, "heap_free(win, idx, off) -> size of the free element"),
+    FAST("heap_malloc", py_heap_malloc,
+         "heap_malloc(win, order, size, align, bound, contig, zero, owner) -> Block | None"),
+    FAST("heap_free_block", py_heap_free_block,
+         "heap_free_block(win, blk) -> size of the free element"),
+    FAST("heap_realloc_block", py_heap_realloc_block,
+         "heap_realloc_block(win, blk, size, align=0) -> Block | None"),
+    KW("heap_init", py_heap_init, "heap_init(win, idx, socket_id)"),
+    KW("heap_lock", py_heap_lock, "heap_lock(win, idx) -> True if recovered from a dead owner"),
+    KW("heap_unlock", py_heap_unlock, "heap_unlock(win, idx)"),
+    KW("heap_add_memory", py_heap_add_memory,
+       "heap_add_memory(win, idx, off, len, dirty=False, locked=False)"),
+    KW("heap_realloc", py_heap_realloc, "heap_realloc(win, idx, off, size, align=0) -> offset"),
+    KW("heap_block_size", py_heap_block_size, "heap_block_size(win, idx, off) -> size"),
+    KW("heap_validate", py_heap_validate, "heap_validate(win, idx, off)"),
+    KW("heap_block", py_heap_block, "heap_block(win, idx, off, owner=None) -> Block"),
+    KW("heap_stats", py_heap_stats,
+       "heap_stats(win, idx) -> (total, free, alloc, greatest_free, free_count, alloc_count)"),
+    KW("heap_check", py_heap_check, "heap_check(win, idx, locked=False)"),
+    KW("heap_find_free_pages", py_heap_find_free_pages,
+       "heap_find_free_pages(win, idx, page_size, locked=False) -> (off, len) | None"),
+    KW("heap_remove_memory", py_heap_remove_memory,
+       "heap_remove_memory(win, idx, off, len, locked=False)"),
+    KW("heap_walk", py_heap_walk,
+       "heap_walk(win, idx, locked=False) -> [(offset, size, state, data_size)]"),
+    {NULL, NULL, 0, NULL},
+};
 
 int memd_py_init_heap(PyObject *m)
 {
-    (void)m;
-    return 0;
+    if (PyType_Ready(&MemdBlock_Type) < 0)
+        return -1;
+    Py_INCREF(&MemdBlock_Type);
+    if (PyModule_AddObject(m, "Block", (PyObject *)&MemdBlock_Type) < 0) {
+        Py_DECREF(&MemdBlock_Type);
+        return -1;
+    }
+    if (PyModule_AddIntConstant(m, "HEAP_ELEM_HEADER_SIZE", MEMD_ELEM_HEADER_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "HEAP_ELEM_TRAILER_SIZE", MEMD_ELEM_TRAILER_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "HEAP_ELEM_MIN_SIZE", MEMD_ELEM_MIN_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "HEAP_ELEM_FREE", MEMD_ELEM_FREE) < 0 ||
+        PyModule_AddIntConstant(m, "HEAP_ELEM_BUSY", MEMD_ELEM_BUSY) < 0 ||
+        PyModule_AddIntConstant(m, "HEAP_NUM_FREELISTS", MEMD_HEAP_NUM_FREELISTS) < 0 ||
+        PyModule_AddIntConstant(m, "HEAP_DEFAULT_ALIGN", MEMD_HEAP_DEFAULT_ALIGN) < 0 ||
+        PyModule_AddIntConstant(m, "HEAP_MAX_HEAPS", MEMD_MAX_HEAPS) < 0 ||
+        PyModule_AddIntConstant(m, "HEAP_STRUCT_SIZE", sizeof(struct memd_heap)) < 0 ||
+        PyModule_AddIntConstant(m, "CONFIG_HEAPS_OFFSET", offsetof(struct memd_config, heaps)) < 0)
+        return -1;
+    return memd_add_functions(m, heap_functions);
 }
