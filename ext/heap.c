@@ -115,16 +115,21 @@ static void fl_insert(char *base, struct memd_heap *h, uint64_t off)
     if (head)
         EL(base, head)->u.free.prev = off;
     h->free_head[c] = off;
+    h->list_mask |= 1u << c;
 }
 
 static void fl_remove(char *base, struct memd_heap *h, uint64_t off)
 {
     struct memd_heap_elem *e = EL(base, off);
     uint64_t p = e->u.free.prev, n = e->u.free.next;
-    if (p)
+    if (p) {
         EL(base, p)->u.free.next = n;
-    else
-        h->free_head[size_class(e->size)] = n;
+    } else {
+        unsigned c = size_class(e->size);
+        h->free_head[c] = n;
+        if (!n)
+            h->list_mask &= ~(1u << c);
+    }
     if (n)
         EL(base, n)->u.free.prev = p;
 }
@@ -254,8 +259,8 @@ static int find_suitable(char *base, struct memd_heap *h, uint64_t size, uint64_
     if (best)
         goto found;
     /* First fit in the bigger classes: for a plain request, any element does. */
-    for (unsigned k = c + 1; k < NLISTS; k++)
-        for (uint64_t o = h->free_head[k]; o; o = EL(base, o)->u.free.next)
+    for (uint32_t mask = h->list_mask & ~((2u << c) - 1); mask; mask &= mask - 1)
+        for (uint64_t o = h->free_head[__builtin_ctz(mask)]; o; o = EL(base, o)->u.free.next)
             if (can_hold(base, o, EL(base, o), size, align, bound, contig, &d)) {
                 *eoff = o;
                 *data = d;
@@ -726,6 +731,8 @@ int memd_heap_check_ex(char *base, struct memd_heap *h, char *why, size_t n)
     }
     for (unsigned c = 0; c < NLISTS; c++) {
         uint64_t fprev = 0;
+        if (!!(h->list_mask & (1u << c)) != !!h->free_head[c])
+            BAD("list_mask %#x disagrees with free list %u", h->list_mask, c);
         for (uint64_t o = h->free_head[c]; o; o = EL(base, o)->u.free.next) {
             uint64_t *hit = nfree ? bsearch(&o, frees, nfree, sizeof(*frees), cmp_u64) : NULL;
             if (!hit)

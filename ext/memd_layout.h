@@ -138,7 +138,9 @@ struct memd_heap {
     int32_t socket_id;           /* 240 */
     uint32_t broken;             /* 244: 1 once a recovery found the heap corrupt:
                                   *      every call then fails with -EFAULT */
-    uint64_t reserved[33];       /* 248 */
+    uint32_t list_mask;          /* 248: bit c set iff free_head[c] != 0 */
+    uint32_t reserved1;          /* 252 */
+    uint64_t reserved[32];       /* 256 */
 };                               /* 512 */
 
 /*
@@ -292,6 +294,8 @@ MEMD_CHECK(struct memd_heap, free_head, 80);
 MEMD_CHECK(struct memd_heap, total_size, 208);
 MEMD_CHECK(struct memd_heap, socket_id, 240);
 MEMD_CHECK(struct memd_heap, broken, 244);
+MEMD_CHECK(struct memd_heap, list_mask, 248);
+_Static_assert(MEMD_HEAP_NUM_FREELISTS <= 32, "memd_heap.list_mask is 32 bits");
 MEMD_CHECK_SIZE(struct memd_heap, 512);
 MEMD_CHECK(struct memd_heap_elem, state, 4);
 MEMD_CHECK(struct memd_heap_elem, heap, 5);
