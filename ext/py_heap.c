@@ -13,6 +13,7 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <string.h>
 #include <structmember.h>
 
 #include "heap.h"
@@ -260,15 +261,40 @@ static PyObject *py_heap_free(PyObject *m, PyObject *const *args, Py_ssize_t nar
     return PyLong_FromLongLong(r);
 }
 
+/* Allocate from the heaps in order (a tuple of indices).  Returns a Block, or NULL
+ * with an error set, or NULL with no error when every heap said ENOMEM. */
+static PyObject *malloc_in(PyObject *win, PyObject *order, uint64_t size, uint64_t align,
+                           uint64_t bound, int contig, int zero, PyObject *owner)
+{
+    char *base;
+    uint64_t off;
+    Py_ssize_t n = PyTuple_GET_SIZE(order);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *idx = PyTuple_GET_ITEM(order, i);
+        struct memd_heap *h = heap_of(win, idx, &base);
+        if (h == NULL)
+            return NULL;
+        int rc = py_lock(base, h);
+        if (rc < 0)
+            return memd_raise_errno(rc, "heap_malloc");
+        rc = memd_heap_alloc_nolock(base, h, size, align, bound, contig, zero, &off);
+        memd_heap_unlock(h);
+        if (rc == 0)
+            return block_new(win, owner, base, off, size, (int)(h - ((struct memd_config *)base)->heaps));
+        if (rc != -ENOMEM)
+            return memd_raise_errno(rc, "heap_malloc");
+    }
+    return NULL;
+}
+
 /* heap_malloc(win, order, size, align, bound, contig, zero, owner) -> Block | None.
  * Tries the heaps in order (a tuple of indices); None when none has room (expand
  * and retry).  Fails iff as heap_alloc, except that ENOMEM returns None. */
 static PyObject *py_heap_malloc(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)m;
-    uint64_t size, align, bound, off;
+    uint64_t size, align, bound;
     int contig, zero;
-    char *base;
     if (nargs != 8 || !PyTuple_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError,
                         "heap_malloc(win, order: tuple, size, align, bound, contig, zero, owner)");
@@ -278,23 +304,10 @@ static PyObject *py_heap_malloc(PyObject *m, PyObject *const *args, Py_ssize_t n
         u64_arg(args[4], &bound) < 0 || (contig = PyObject_IsTrue(args[5])) < 0 ||
         (zero = PyObject_IsTrue(args[6])) < 0)
         return NULL;
-    Py_ssize_t n = PyTuple_GET_SIZE(args[1]);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *idx = PyTuple_GET_ITEM(args[1], i);
-        struct memd_heap *h = heap_of(args[0], idx, &base);
-        if (h == NULL)
-            return NULL;
-        int rc = py_lock(base, h);
-        if (rc < 0)
-            return memd_raise_errno(rc, "heap_malloc");
-        rc = memd_heap_alloc_nolock(base, h, size, align, bound, contig, zero, &off);
-        memd_heap_unlock(h);
-        if (rc == 0)
-            return block_new(args[0], args[7], base, off, size, (int)PyLong_AsLong(idx));
-        if (rc != -ENOMEM)
-            return memd_raise_errno(rc, "heap_malloc");
-    }
-    Py_RETURN_NONE;
+    PyObject *r = malloc_in(args[0], args[1], size, align, bound, contig, zero, args[7]);
+    if (r == NULL && !PyErr_Occurred())
+        Py_RETURN_NONE;
+    return r;
 }
 
 static MemdBlock *block_arg(PyObject *win, PyObject *o, const char *fn)
@@ -315,6 +328,20 @@ static MemdBlock *block_arg(PyObject *win, PyObject *o, const char *fn)
     return b;
 }
 
+/* Free b (checked by block_arg) and mark it freed: the free element's size or -errno. */
+static int64_t free_block(char *base, MemdBlock *b)
+{
+    struct memd_heap *h = &((struct memd_config *)base)->heaps[b->heap];
+    int rc = py_lock(base, h);
+    if (rc < 0)
+        return rc;
+    int64_t r = memd_heap_free_nolock(base, h, b->offset);
+    memd_heap_unlock(h);
+    if (r >= 0)
+        b->freed = 1;
+    return r;
+}
+
 /* heap_free_block(win, blk) -> size of the free element it ended up in; marks blk
  * freed.  Fails iff ValueError (another window's block, or already freed) or as
  * heap_free. */
@@ -327,20 +354,11 @@ static PyObject *py_heap_free_block(PyObject *m, PyObject *const *args, Py_ssize
         return NULL;
     }
     MemdBlock *b = block_arg(args[0], args[1], "heap_free_block");
-    if (b == NULL)
+    if (b == NULL || (base = memd_base_of(args[0])) == NULL)
         return NULL;
-    base = memd_base_of(args[0]);
-    if (base == NULL)
-        return NULL;
-    struct memd_heap *h = &((struct memd_config *)base)->heaps[b->heap];
-    int rc = py_lock(base, h);
-    if (rc < 0)
-        return memd_raise_errno(rc, "heap_free_block");
-    int64_t r = memd_heap_free_nolock(base, h, b->offset);
-    memd_heap_unlock(h);
+    int64_t r = free_block(base, b);
     if (r < 0)
         return memd_raise_errno((int)r, "heap_free_block");
-    b->freed = 1;
     return PyLong_FromLongLong(r);
 }
 
@@ -374,6 +392,224 @@ static PyObject *py_heap_realloc_block(PyObject *m, PyObject *const *args, Py_ss
     b->freed = 1;
     return block_new(args[0], b->owner ? b->owner : Py_None, base, off, size, b->heap);
 }
+
+/* --- HeapBase: the C fast paths of memd.heap.HeapMixin -------------------------------
+ *
+ * malloc/zmalloc/free of the API, in C so that a Python-level malloc+free pair
+ * stays within a few hundred ns.  They only handle the common case (cached heap
+ * order, plain arguments, room in a heap, a live Block of this window) and hand
+ * everything else to the Python methods _heap_alloc_py / _heap_free_py, which
+ * redo the call and raise memd's exceptions.  Caches: the heap order per
+ * socket_id (-1..MAX_HEAPS-1) from self._heap_order_of(), and per heap the free
+ * element size from which a free calls self._heap_maybe_release() (which returns
+ * the next threshold).  _heap_cache_clear() forgets them.
+ */
+
+#define ORDER_SLOTS (1 + MEMD_MAX_HEAPS) /* socket_id -1 .. MEMD_MAX_HEAPS - 1 */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *window;                    /* the Window (attribute "window") */
+    PyObject *orders[ORDER_SLOTS];       /* tuples of heap indices, or NULL */
+    uint64_t release_at[MEMD_MAX_HEAPS]; /* 0 = ask _heap_maybe_release */
+} MemdHeapBase;
+
+/* FASTCALL positional + keyword arguments into out[0..n) (NULL = not given). */
+static int fast_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                     const char *const *names, Py_ssize_t n, Py_ssize_t required, PyObject **out)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    if (nargs > n) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments", fn, n);
+        return -1;
+    }
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, k);
+        Py_ssize_t j = 0;
+        while (j < n && PyUnicode_CompareWithASCIIString(name, names[j]) != 0)
+            j++;
+        if (j == n || out[j] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got %s argument '%U'", fn,
+                         j == n ? "an unexpected keyword" : "multiple values for", name);
+            return -1;
+        }
+        out[j] = args[nargs + k];
+    }
+    for (Py_ssize_t i = 0; i < required; i++)
+        if (out[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing argument '%s'", fn, names[i]);
+            return -1;
+        }
+    return 0;
+}
+
+static PyObject *hb_alloc(MemdHeapBase *self, PyObject *const *args, Py_ssize_t nargs,
+                          PyObject *kwnames, int zero)
+{
+    static const char *const names[] = {"size", "align", "socket_id"};
+    PyObject *a[3];
+    uint64_t size, align = 0;
+    long sock = -1;
+    if (fast_args(zero ? "zmalloc" : "malloc", args, nargs, kwnames, names, 3, 1, a) < 0)
+        return NULL;
+    if (self->window == NULL || u64_arg(a[0], &size) < 0 || (a[1] && u64_arg(a[1], &align) < 0) ||
+        (a[2] && (sock = PyLong_AsLong(a[2])) == -1 && PyErr_Occurred()))
+        goto slow;
+    if (sock < -1 || sock >= (long)MEMD_MAX_HEAPS)
+        goto slow;
+    PyObject *order = self->orders[sock + 1];
+    if (order == NULL) {
+        order = PyObject_CallMethod((PyObject *)self, "_heap_order_of", "l", sock);
+        if (order == NULL)
+            return NULL;
+        if (!PyTuple_Check(order)) {
+            Py_DECREF(order);
+            goto slow;
+        }
+        self->orders[sock + 1] = order;
+    }
+    PyObject *blk = malloc_in(self->window, order, size, align, 0, 0, zero, (PyObject *)self);
+    if (blk != NULL)
+        return blk;
+slow:
+    PyErr_Clear(); /* the Python path redoes the call and raises the right error */
+    PyObject *zero_i = PyLong_FromLong(0), *any = PyLong_FromLong(-1);
+    PyObject *r = NULL;
+    if (zero_i && any)
+        r = PyObject_CallMethod((PyObject *)self, "_heap_alloc_py", "OOOO", a[0],
+                                a[1] ? a[1] : zero_i, a[2] ? a[2] : any,
+                                zero ? Py_True : Py_False);
+    Py_XDECREF(zero_i);
+    Py_XDECREF(any);
+    return r;
+}
+
+static PyObject *hb_malloc(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames)
+{
+    return hb_alloc((MemdHeapBase *)self, args, nargs, kwnames, 0);
+}
+
+static PyObject *hb_zmalloc(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                            PyObject *kwnames)
+{
+    return hb_alloc((MemdHeapBase *)self, args, nargs, kwnames, 1);
+}
+
+static PyObject *hb_free(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"blk"};
+    MemdHeapBase *self = (MemdHeapBase *)op;
+    PyObject *a[1];
+    if (fast_args("free", args, nargs, kwnames, names, 1, 1, a) < 0)
+        return NULL;
+    if (self->window == NULL || Py_TYPE(a[0]) != &MemdBlock_Type)
+        goto slow;
+    MemdBlock *b = (MemdBlock *)a[0];
+    char *base = ((MemdWindow *)self->window)->base;
+    if (b->window != self->window || b->freed || base == NULL)
+        goto slow;
+    int64_t r = free_block(base, b);
+    if (r < 0)
+        goto slow;
+    if ((uint64_t)r >= self->release_at[b->heap]) {
+        PyObject *t = PyObject_CallMethod(op, "_heap_maybe_release", "iL", b->heap, (long long)r);
+        if (t == NULL)
+            return NULL;
+        uint64_t at = PyLong_AsUnsignedLongLong(t);
+        Py_DECREF(t);
+        if (at == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
+        self->release_at[b->heap] = at;
+    }
+    Py_RETURN_NONE;
+slow:
+    return PyObject_CallMethod(op, "_heap_free_py", "O", a[0]);
+}
+
+/* _heap_cache_clear(heap=None): forget the cached orders and release thresholds
+ * (of one heap's threshold only, when heap is given). */
+static PyObject *hb_cache_clear(PyObject *op, PyObject *args)
+{
+    MemdHeapBase *self = (MemdHeapBase *)op;
+    PyObject *heap = Py_None;
+    if (!PyArg_ParseTuple(args, "|O", &heap))
+        return NULL;
+    if (heap != Py_None) {
+        long i = PyLong_AsLong(heap);
+        if (i == -1 && PyErr_Occurred())
+            return NULL;
+        if (i >= 0 && i < (long)MEMD_MAX_HEAPS)
+            self->release_at[i] = 0;
+        Py_RETURN_NONE;
+    }
+    for (int i = 0; i < (int)ORDER_SLOTS; i++)
+        Py_CLEAR(self->orders[i]);
+    memset(self->release_at, 0, sizeof(self->release_at));
+    Py_RETURN_NONE;
+}
+
+static int hb_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    MemdHeapBase *self = (MemdHeapBase *)op;
+    /* Subclasses are heap types: subtype_traverse visits the type itself. */
+    Py_VISIT(self->window);
+    for (int i = 0; i < (int)ORDER_SLOTS; i++)
+        Py_VISIT(self->orders[i]);
+    return 0;
+}
+
+static int hb_clear(PyObject *op)
+{
+    MemdHeapBase *self = (MemdHeapBase *)op;
+    Py_CLEAR(self->window);
+    for (int i = 0; i < (int)ORDER_SLOTS; i++)
+        Py_CLEAR(self->orders[i]);
+    return 0;
+}
+
+static void hb_dealloc(PyObject *op)
+{
+    /* subtype_dealloc drops a subclass's type reference after this returns */
+    PyObject_GC_UnTrack(op);
+    hb_clear(op);
+    Py_TYPE(op)->tp_free(op);
+}
+
+#define FASTKW(name, fn, doc) \
+    {name, (PyCFunction)(void (*)(void))fn, METH_FASTCALL | METH_KEYWORDS, doc}
+
+static PyMethodDef hb_methods[] = {
+    FASTKW("malloc", hb_malloc,
+           "malloc(size, align=0, socket_id=SOCKET_ID_ANY) -> Block (see memd.heap.HeapMixin)"),
+    FASTKW("zmalloc", hb_zmalloc,
+           "zmalloc(size, align=0, socket_id=SOCKET_ID_ANY) -> Block whose data reads zero"),
+    FASTKW("free", hb_free, "free(blk): give the block back"),
+    {"_heap_cache_clear", hb_cache_clear, METH_VARARGS,
+     "_heap_cache_clear(heap=None): forget cached heap orders / release thresholds"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef hb_members[] = {
+    {"window", T_OBJECT_EX, offsetof(MemdHeapBase, window), 0, "the Window holding the heaps"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject MemdHeapBase_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memd._ext.HeapBase",
+    .tp_basicsize = sizeof(MemdHeapBase),
+    .tp_dealloc = hb_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "C fast paths of memd.heap.HeapMixin (malloc, zmalloc, free).",
+    .tp_traverse = hb_traverse,
+    .tp_clear = hb_clear,
+    .tp_methods = hb_methods,
+    .tp_members = hb_members,
+    .tp_new = PyType_GenericNew,
+};
 
 /* --- the rest (METH_VARARGS | METH_KEYWORDS) ---------------------------------------- */
 
@@ -694,11 +930,16 @@ static PyMethodDef heap_functions[] = {
 
 int memd_py_init_heap(PyObject *m)
 {
-    if (PyType_Ready(&MemdBlock_Type) < 0)
+    if (PyType_Ready(&MemdBlock_Type) < 0 || PyType_Ready(&MemdHeapBase_Type) < 0)
         return -1;
     Py_INCREF(&MemdBlock_Type);
     if (PyModule_AddObject(m, "Block", (PyObject *)&MemdBlock_Type) < 0) {
         Py_DECREF(&MemdBlock_Type);
+        return -1;
+    }
+    Py_INCREF(&MemdHeapBase_Type);
+    if (PyModule_AddObject(m, "HeapBase", (PyObject *)&MemdHeapBase_Type) < 0) {
+        Py_DECREF(&MemdHeapBase_Type);
         return -1;
     }
     if (PyModule_AddIntConstant(m, "HEAP_ELEM_HEADER_SIZE", MEMD_ELEM_HEADER_SIZE) < 0 ||
