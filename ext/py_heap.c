@@ -5,9 +5,10 @@
  * is config.heaps[index] of the config at the window's base.  Locking: the lock
  * is tried first; only when it is contended is the GIL released while blocking.
  * A lock taken from a dead owner runs memd_heap_check first; a broken heap fails
- * with OSError(EFAULT).  Functions whose C twin is "(caller locks)" take a
- * keyword locked=False: pass True when you already hold heap_lock() (the lock is
- * not recursive).  Errors are OSError(errno, "... (from heap_xxx)") unless said.
+ * with OSError(EFAULT).  heap_add_memory, heap_find_free_pages and
+ * heap_remove_memory are "(caller locks)" as in C: call them between heap_lock()
+ * and heap_unlock() (the lock is not recursive).  heap_check and heap_walk lock
+ * unless given locked=True.  Errors are OSError(errno, "... (from heap_xxx)").
  */
 #include "memd_py.h" /* Python.h first */
 
@@ -673,23 +674,20 @@ static void maybe_unlock(struct memd_heap *h, int locked)
         memd_heap_unlock(h);
 }
 
-/* heap_add_memory(win, idx, off, len, dirty=False, locked=False).  Fails iff
- * ValueError (range outside the window) or OSError EINVAL (unaligned to 64,
- * shorter than a minimum element, inside the config, or overlapping the heap). */
+/* heap_add_memory(win, idx, off, len, dirty=False): (caller locks) add mapped
+ * memory; dirty when it may hold old data.  Fails iff ValueError (range outside
+ * the window) or OSError EINVAL (unaligned to 64, shorter than a minimum element,
+ * inside the config, or overlapping the heap). */
 static PyObject *py_heap_add_memory(PyObject *m, PyObject *args, PyObject *kw)
 {
     (void)m;
-    static char *kwlist[] = {"win", "idx", "off", "len", "dirty", "locked", NULL};
+    static char *kwlist[] = {"win", "idx", "off", "len", "dirty", NULL};
     unsigned long long off, len;
-    int dirty = 0, locked = 0;
-    HEAP_ARGS("KK|pp", &off, &len, &dirty, &locked);
+    int dirty = 0;
+    HEAP_ARGS("KK|p", &off, &len, &dirty);
     if (memd_check_range(win, off, len) < 0)
         return NULL;
-    int rc = maybe_lock(base, h, locked);
-    if (rc < 0)
-        return memd_raise_errno(rc, "heap_add_memory");
-    rc = memd_heap_add_memory_ex(base, h, off, len, dirty);
-    maybe_unlock(h, locked);
+    int rc = memd_heap_add_memory_ex(base, h, off, len, dirty);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_add_memory");
     Py_RETURN_NONE;
@@ -815,43 +813,32 @@ static PyObject *py_heap_check(PyObject *m, PyObject *args, PyObject *kw)
     Py_RETURN_NONE;
 }
 
-/* heap_find_free_pages(win, idx, page_size, locked=False) -> (off, len) | None:
- * the largest run of whole pages heap_remove_memory would take.  Fails iff OSError
- * EINVAL (page_size not a power of two >= 64). */
+/* heap_find_free_pages(win, idx, page_size) -> (off, len): (caller locks) the
+ * largest run of whole pages heap_remove_memory would take.  Fails iff OSError
+ * ENOENT (no such run) or EINVAL (page_size not a power of two >= 64). */
 static PyObject *py_heap_find_free_pages(PyObject *m, PyObject *args, PyObject *kw)
 {
     (void)m;
-    static char *kwlist[] = {"win", "idx", "page_size", "locked", NULL};
+    static char *kwlist[] = {"win", "idx", "page_size", NULL};
     unsigned long long pg;
-    int locked = 0;
     uint64_t off, len;
-    HEAP_ARGS("K|p", &pg, &locked);
-    int rc = maybe_lock(base, h, locked);
-    if (rc < 0)
-        return memd_raise_errno(rc, "heap_find_free_pages");
-    rc = memd_heap_find_free_pages(base, h, pg, &off, &len);
-    maybe_unlock(h, locked);
-    if (rc == -ENOENT)
-        Py_RETURN_NONE;
+    HEAP_ARGS("K", &pg);
+    int rc = memd_heap_find_free_pages(base, h, pg, &off, &len);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_find_free_pages");
     return Py_BuildValue("(KK)", (unsigned long long)off, (unsigned long long)len);
 }
 
-/* heap_remove_memory(win, idx, off, len, locked=False).  Fails iff OSError EINVAL
- * (not inside one free element leaving 0 or >= a minimum element each side). */
+/* heap_remove_memory(win, idx, off, len): (caller locks) take the range out of
+ * the heap.  Fails iff OSError EINVAL (not inside one free element leaving 0 or
+ * >= a minimum element of it on each side). */
 static PyObject *py_heap_remove_memory(PyObject *m, PyObject *args, PyObject *kw)
 {
     (void)m;
-    static char *kwlist[] = {"win", "idx", "off", "len", "locked", NULL};
+    static char *kwlist[] = {"win", "idx", "off", "len", NULL};
     unsigned long long off, len;
-    int locked = 0;
-    HEAP_ARGS("KK|p", &off, &len, &locked);
-    int rc = maybe_lock(base, h, locked);
-    if (rc < 0)
-        return memd_raise_errno(rc, "heap_remove_memory");
-    rc = memd_heap_remove_memory(base, h, off, len);
-    maybe_unlock(h, locked);
+    HEAP_ARGS("KK", &off, &len);
+    int rc = memd_heap_remove_memory(base, h, off, len);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_remove_memory");
     Py_RETURN_NONE;
@@ -911,7 +898,7 @@ static PyMethodDef heap_functions[] = {
     KW("heap_lock", py_heap_lock, "heap_lock(win, idx) -> True if recovered from a dead owner"),
     KW("heap_unlock", py_heap_unlock, "heap_unlock(win, idx)"),
     KW("heap_add_memory", py_heap_add_memory,
-       "heap_add_memory(win, idx, off, len, dirty=False, locked=False)"),
+       "heap_add_memory(win, idx, off, len, dirty=False)  (hold heap_lock)"),
     KW("heap_realloc", py_heap_realloc, "heap_realloc(win, idx, off, size, align=0) -> offset"),
     KW("heap_block_size", py_heap_block_size, "heap_block_size(win, idx, off) -> size"),
     KW("heap_validate", py_heap_validate, "heap_validate(win, idx, off)"),
@@ -920,9 +907,9 @@ static PyMethodDef heap_functions[] = {
        "heap_stats(win, idx) -> (total, free, alloc, greatest_free, free_count, alloc_count)"),
     KW("heap_check", py_heap_check, "heap_check(win, idx, locked=False)"),
     KW("heap_find_free_pages", py_heap_find_free_pages,
-       "heap_find_free_pages(win, idx, page_size, locked=False) -> (off, len) | None"),
+       "heap_find_free_pages(win, idx, page_size) -> (off, len)  (hold heap_lock)"),
     KW("heap_remove_memory", py_heap_remove_memory,
-       "heap_remove_memory(win, idx, off, len, locked=False)"),
+       "heap_remove_memory(win, idx, off, len)  (hold heap_lock)"),
     KW("heap_walk", py_heap_walk,
        "heap_walk(win, idx, locked=False) -> [(offset, size, state, data_size)]"),
     {NULL, NULL, 0, NULL},

@@ -23,8 +23,11 @@ complete, daemon-free example):
     threshold (initially ``_page_size(heap_idx)``); may give whole free pages back
     (``_ext.heap_find_free_pages``/``heap_remove_memory``).  It may return the
     free-element size below which it need not be called again (say, a huge value
-    when all of the heap's pages are preallocated); the threshold goes back to the
-    page size when the heap is expanded or :meth:`HeapMixin._heap_reset` is called.
+    when all of the heap's pages are preallocated); when it returns None and gave
+    nothing back, the threshold doubles past the free element's size.  The
+    threshold goes back to the page size when this process expands the heap, on
+    ``_heap_cache_clear(heap_idx)`` (call it when pages are added by someone else)
+    or :meth:`HeapMixin._heap_reset`.
 ``_iova(offset) -> int`` and ``_page_size(heap_idx) -> int``.
 """
 
@@ -296,12 +299,17 @@ class HeapMixin(_ext.HeapBase):
     def _heap_maybe_release(self, idx: int, free_size: int) -> int:
         """A free left a free element of free_size bytes: offer the heap's pages
         back if that is at least a page.  Returns the free-element size from which
-        the next free should call again."""
+        the next free should call again: what _release_pages returned; else the page
+        size if it gave memory back, else twice free_size (back off: the pages it
+        kept are likely kept again; an expansion resets the threshold)."""
         at = self._page_size(idx)
         if free_size >= at:
+            total = _ext.heap_stats(self.window, idx)[0]
             new_at = self._release_pages(idx)
             if new_at is not None:
                 at = new_at
+            elif _ext.heap_stats(self.window, idx)[0] == total:
+                at = 2 * free_size
         return at
 
 
@@ -351,7 +359,11 @@ class AnonymousMemory(HeapMixin):
     def _map(self, idx: int, first: int, n: int) -> None:
         dirty = any(self.used_before[idx][first : first + n])
         off = self.area(idx) + first * self.page_size_
-        _ext.heap_add_memory(self.window, idx, off, n * self.page_size_, dirty)
+        _ext.heap_lock(self.window, idx)
+        try:
+            _ext.heap_add_memory(self.window, idx, off, n * self.page_size_, dirty)
+        finally:
+            _ext.heap_unlock(self.window, idx)
         for p in range(first, first + n):
             self.mapped[idx][p] = self.used_before[idx][p] = True
 
@@ -380,9 +392,12 @@ class AnonymousMemory(HeapMixin):
         w, pg, area = self.window, self.page_size_, self.area(heap_idx)
         _ext.heap_lock(w, heap_idx)
         try:
-            while (r := _ext.heap_find_free_pages(w, heap_idx, pg, locked=True)) is not None:
-                off, length = r
-                _ext.heap_remove_memory(w, heap_idx, off, length, locked=True)
+            while True:
+                try:
+                    off, length = _ext.heap_find_free_pages(w, heap_idx, pg)
+                except OSError:
+                    break
+                _ext.heap_remove_memory(w, heap_idx, off, length)
                 for p in range((off - area) // pg, (off - area + length) // pg):
                     self.mapped[heap_idx][p] = False
                 self.releases += 1

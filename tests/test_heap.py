@@ -280,7 +280,7 @@ def test_find_free_pages_and_remove_memory():
     _ext.heap_remove_memory(w, 0, CONFIG, 2 * pg)  # a whole element
     _ext.heap_remove_memory(w, 0, CONFIG + 4 * pg, MiB - 4 * pg)
     assert _ext.heap_walk(w, 0) == []
-    assert _ext.heap_find_free_pages(w, 0, pg) is None
+    raises_errno(errno.ENOENT, _ext.heap_find_free_pages, w, 0, pg)
     assert stats(w)["total"] == 0
     _ext.heap_check(w, 0)
     _ext.heap_add_memory(w, 0, CONFIG, MiB, dirty=True)  # the pages come back
@@ -295,7 +295,7 @@ def test_find_free_pages_keeps_slivers_out():
     assert _ext.heap_find_free_pages(w, 0, pg) == (CONFIG + pg, 2 * pg)
     w2 = new_heap(MiB, add=0)
     _ext.heap_add_memory(w2, 0, CONFIG + pg - 64, pg + 64)  # a 64-byte lead: too small
-    assert _ext.heap_find_free_pages(w2, 0, pg) is None
+    raises_errno(errno.ENOENT, _ext.heap_find_free_pages, w2, 0, pg)
 
 
 # --- zeroing --------------------------------------------------------------------------
@@ -518,10 +518,11 @@ class HeapMachine(RuleBasedStateMachine):
 
     @rule()
     def release_pages(self) -> None:
-        r = _ext.heap_find_free_pages(self.w, 0, PG)
-        if r is None:
+        try:
+            off, ln = _ext.heap_find_free_pages(self.w, 0, PG)
+        except OSError as e:
+            assert e.errno == errno.ENOENT
             return
-        off, ln = r
         assert off % PG == 0 and ln % PG == 0 and ln
         pages = set(range((off - CONFIG) // PG, (off - CONFIG + ln) // PG))
         assert pages <= self.present
