@@ -23,7 +23,7 @@ class FakeSys:
         return (self.sys / "devices/system/node" / f"node{node}" / "hugepages"
                 / f"hugepages-{size_kb}kB")
 
-    def add_size(self, size_kb: int, nr: int = 0, free: int | None = None, resv: int = 0,
+    def add_size(self, size_kb: int, nr: int = 0, *, free: int | None = None, resv: int = 0,
                  surplus: int = 0, overcommit: int = 0) -> Path:
         d = self.size_dir(size_kb)
         d.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def test_set_roots_function_and_context_manager(tmp_path: Path) -> None:
     assert hi.roots() == before
     restore = hi.set_roots(sys=tmp_path)  # plain call takes effect at once
     try:
-        assert hi.SYS_ROOT == str(tmp_path)
+        assert str(tmp_path) == hi.SYS_ROOT
     finally:
         restore.__exit__(None, None, None)
     assert hi.roots() == before
@@ -207,16 +207,16 @@ def test_resolve_errors(fake: FakeSys, tmp_path: Path) -> None:
         hi.resolve_huge_dir(str(tmp_path / "nope"))
     assert "mkdir -p" in str(ei.value)
     mnt = str(tmp_path / "mnt" / "huge2M")
-    with pytest.raises(HugepageConfigError, match="for 2048 kB pages.*not 1048576 kB"):
+    with pytest.raises(HugepageConfigError, match=r"for 2048 kB pages.*not 1048576 kB"):
         hi.resolve_huge_dir(mnt, "1G")
-    with pytest.raises(HugepageConfigError, match="no 65536 kB hugepages.*2M, 1G"):
+    with pytest.raises(HugepageConfigError, match=r"no 65536 kB hugepages.*2M, 1G"):
         hi.resolve_huge_dir(page_size="64M")
 
 
 def test_resolve_without_default_size(fake: FakeSys) -> None:
     fake.set_meminfo(default_kb=None)
     fake.set_mounts()
-    with pytest.raises(HugepageConfigError, match="no default hugepage size.*--no-huge"):
+    with pytest.raises(HugepageConfigError, match=r"no default hugepage size.*--no-huge"):
         hi.resolve_huge_dir()
 
 
@@ -352,13 +352,13 @@ def test_mounts_short_lines_skipped_bad_pagesize_rejected(fake: FakeSys, tmp_pat
 def test_mount_without_pagesize_needs_default(fake: FakeSys, tmp_path: Path) -> None:
     fake.set_meminfo(default_kb=None)
     fake.set_mounts(fake.hugetlbfs(tmp_path / "m", None))
-    with pytest.raises(HugepageConfigError, match="without pagesize=.*meminfo"):
+    with pytest.raises(HugepageConfigError, match=r"without pagesize=.*meminfo"):
         hi.discover()
 
 
 def test_malformed_meminfo_line(fake: FakeSys) -> None:
     (fake.proc / "meminfo").write_text("HugePages_Total: lots\nHugepagesize: 2048 kB\n")
-    with pytest.raises(MalformedFileError, match="meminfo.*HugePages_Total"):
+    with pytest.raises(MalformedFileError, match=r"meminfo.*HugePages_Total"):
         hi.discover()
 
 
@@ -391,14 +391,17 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
-def _stable(read: object, tries: int = 20) -> tuple[object, object]:
-    """discover() and /proc/meminfo read at a moment nobody else changed the pools."""
+def _hugepage_lines(mi: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in mi.items() if k.startswith("HugePages_") or k == "Hugepagesize"}
+
+
+def _stable(tries: int = 20) -> tuple[hi.HugepageInfo, dict[str, int]]:
+    """discover() and /proc/meminfo read while nobody else changed the pools."""
     for _ in range(tries):
         before = _meminfo()
         info = hi.discover()
         after = _meminfo()
-        if before == after or all(before[k] == after[k] for k in before
-                                  if k.startswith("HugePages") or k == "Hugepagesize"):
+        if _hugepage_lines(before) == _hugepage_lines(after):
             return info, after
         time.sleep(0.05)
     pytest.skip("hugepage counters kept changing (other users on this machine)")
@@ -407,7 +410,7 @@ def _stable(read: object, tries: int = 20) -> tuple[object, object]:
 def test_real_discovery_matches_meminfo() -> None:
     if not os.path.isdir("/sys/kernel/mm/hugepages"):
         pytest.skip("kernel without hugepages")
-    info, mi = _stable(None)
+    info, mi = _stable()
     assert info.default_page_size == mi["Hugepagesize"] * 1024
     s = info.sizes[info.default_page_size]
     assert s.nr_hugepages == mi["HugePages_Total"]
@@ -430,7 +433,7 @@ def test_real_mounts_match_proc_mounts() -> None:
         lines = f.read().splitlines()
     visible: dict[str, str] = {}
     for line in lines:
-        dev, mnt, fstype, opts, *_ = line.split()
+        _dev, mnt, fstype, opts, *_ = line.split()
         mnt = mnt.replace("\\040", " ")
         visible.pop(mnt, None)
         visible[mnt] = fstype + " " + opts
@@ -452,7 +455,7 @@ def test_real_nodes_match_sysfs() -> None:
 
 
 @pytest.mark.hugepages
-def test_real_resolve_and_require(require_hugepages) -> None:  # noqa: ANN001
+def test_real_resolve_and_require(require_hugepages) -> None:
     hd = hi.resolve_huge_dir()
     assert hd.page_size == require_hugepages.page_size
     assert os.path.isdir(hd.path)

@@ -195,7 +195,7 @@ def _huge_mapping(mount: str, size: int, pages: int) -> Iterator[mmap.mmap]:
 
 
 @pytest.mark.hugepages
-def test_real_hugepage_physical_addresses(require_hugepages) -> None:  # noqa: ANN001
+def test_real_hugepage_physical_addresses(require_hugepages) -> None:
     env = require_hugepages
     env.need(2)
     if not _has_cap_sys_admin():
