@@ -76,3 +76,39 @@ def _probe_hugepages() -> HugepageEnv:
 def require_hugepages() -> HugepageEnv:
     """Real hugepages of the default size, or skip/fail per the policy above."""
     return _probe_hugepages()
+
+
+# --- real daemons ---------------------------------------------------------------
+
+from memd_harness import Daemon  # noqa: E402
+
+
+@pytest.fixture(params=["nohuge", "huge"])
+def mode(request: pytest.FixtureRequest) -> str:
+    """Run the test once with --no-huge and once on real hugepages."""
+    if request.param == "huge":
+        env = _probe_hugepages()
+        env.need(16)
+    return request.param
+
+
+@pytest.fixture
+def daemon_factory(tmp_path, mode):  # noqa: ANN001, ANN201
+    """Start memd primaries (real processes); all are stopped at the end."""
+    started: list[Daemon] = []
+
+    def make(*args: str, start: bool = True, **kw) -> Daemon:  # noqa: ANN003
+        d = Daemon(tmp_path, mode, *args, **kw)
+        started.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory):  # noqa: ANN001, ANN201
+    """One running memd with 8 MB preallocated."""
+    return daemon_factory("-m", "8")
