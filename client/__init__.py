@@ -10,6 +10,8 @@ offsets found in rings, blocks and memzones are valid here through `mem.view`.
 
 from __future__ import annotations
 
+from memd_client.secondary import Secondary, attach
+
 from memd.errors import (
     CorruptionError,
     MemdError,
@@ -21,8 +23,6 @@ from memd.errors import (
 )
 from memd.memory import MEMZONE_IOVA_CONTIG, Memzone
 from memd.shared import SOCKET_ID_ANY
-
-from memd_client.secondary import Secondary, attach  # noqa: E402
 
 RING_F_SP_ENQ = 0x1
 RING_F_SC_DEQ = 0x2

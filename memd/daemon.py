@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -36,7 +35,8 @@ def _address(text: str) -> int:
     try:
         value = int(text, 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an address like 0x100000000, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected an address like 0x100000000, got {text!r}") from None
     return value
 
 

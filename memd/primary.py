@@ -16,7 +16,6 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-
 from typing import Any
 
 from memd import _ext, hugepage_info, pagemap
@@ -164,7 +163,7 @@ class Primary(Memory):
             self._init_legacy()
         else:
             self._prealloc()
-        for fd, d in zip(self._dir_fds, huge_dirs):
+        for fd, d in zip(self._dir_fds, huge_dirs, strict=True):
             hugepage_info.relock_huge_dir(fd, d, exclusive=False)
 
         _ext.proc_register(self.window, os.getpid(), start, _ext.PROC_PRIMARY, comm(), 0)

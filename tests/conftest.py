@@ -93,11 +93,11 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def daemon_factory(tmp_path, mode):  # noqa: ANN001, ANN201
+def daemon_factory(tmp_path, mode):
     """Start memd primaries (real processes); all are stopped at the end."""
     started: list[Daemon] = []
 
-    def make(*args: str, start: bool = True, **kw) -> Daemon:  # noqa: ANN003
+    def make(*args: str, start: bool = True, **kw) -> Daemon:
         d = Daemon(tmp_path, mode, *args, **kw)
         started.append(d)
         return d.start() if start else d
@@ -109,6 +109,6 @@ def daemon_factory(tmp_path, mode):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-def daemon(daemon_factory):  # noqa: ANN001, ANN201
+def daemon(daemon_factory):
     """One running memd with 8 MB preallocated."""
     return daemon_factory("-m", "8")

@@ -4,6 +4,7 @@ readiness is read from a real NOTIFY_SOCKET (READY=1), as systemd would."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -63,10 +64,8 @@ class Daemon:
             if self.proc is not None and self.proc.poll() is not None and key == "READY=1":
                 raise AssertionError(f"memd exited {self.proc.returncode}:\n{self.log_text()}")
             self._notify.settimeout(min(left, 0.2))
-            try:
+            with contextlib.suppress(TimeoutError):
                 self.notifications.append(self._notify.recv(4096).decode())
-            except TimeoutError:
-                pass
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -105,7 +104,7 @@ class Daemon:
     def config_path(self) -> Path:
         return self.runtime_dir / f".{self.prefix}_config"
 
-    def attach(self, timeout: float = 5.0):  # noqa: ANN201 - memd_client.Secondary
+    def attach(self, timeout: float = 5.0):
         import memd_client
 
         return memd_client.attach(self.prefix, runtime_dir=self.runtime_dir, timeout=timeout)

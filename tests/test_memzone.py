@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
+import memd_client as mc
 import pytest
 from memd_harness import Daemon, result, run_secondary
-
-import memd_client as mc
 
 
 def test_written_by_one_process_read_by_another(daemon: Daemon) -> None:
@@ -34,7 +34,8 @@ def test_alignment_and_bound_hold_for_random_requests(daemon: Daemon) -> None:
         for i in range(200):
             length = rng.choice([1, 63, 64, 100, 4096, 5000, 65536, 300000])
             align = 1 << rng.randint(6, 16)
-            bound = 0 if rng.random() < 0.5 else max(1 << rng.randint(6, 20), 1 << (length - 1).bit_length())
+            fits = 1 << (length - 1).bit_length()  # the smallest power of two >= length
+            bound = 0 if rng.random() < 0.5 else max(1 << rng.randint(6, 20), fits)
             if bound and align > bound:
                 align = bound
             mz = mem.memzone_reserve(f"z{i}", length, align=align, bound=bound)
@@ -43,7 +44,7 @@ def test_alignment_and_bound_hold_for_random_requests(daemon: Daemon) -> None:
                 assert mz.offset // bound == (mz.offset + length - 1) // bound, (mz, bound)
             zones.append((mz.offset, mz.offset + length))
         zones.sort()
-        for (a0, a1), (b0, _) in zip(zones, zones[1:]):
+        for (_, a1), (b0, _) in itertools.pairwise(zones):
             assert a1 <= b0, "memzones overlap"
         assert len(mem.memzones()) == 200
 
