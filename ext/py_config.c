@@ -1,8 +1,527 @@
-/* py_config.c - Python bindings for config.c (in progress). */
+/*
+ * py_config.c - bindings for config.c and lock.c.  C does the shared-memory
+ * work and returns ints or tuples; memd/shared.py gives them names and types.
+ */
 #include "memd_py.h"
+
+#include <errno.h>
+#include <string.h>
+
+#include "config.h"
+#include "lock.h"
+
+#define CFG(base) memd_cfg(base)
+
+static PyObject *check_rc(long long rc, const char *where)
+{
+    if (rc < 0)
+        return memd_raise_errno((int)rc, where);
+    return PyLong_FromLongLong(rc);
+}
+
+static PyObject *py_config_format(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    const char *prefix;
+    unsigned int flags, iova_mode;
+    unsigned long long window_size, window_align, start_time;
+    int pid;
+    if (!PyArg_ParseTuple(args, "O&sIIKKiK", memd_window_base, &base, &prefix, &flags,
+                          &iova_mode, &window_size, &window_align, &pid, &start_time))
+        return NULL;
+    return check_rc(memd_config_format(base, prefix, flags, iova_mode, window_size, window_align,
+                                       pid, start_time),
+                    "config_format");
+}
+
+static PyObject *py_config_publish(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    char *base = memd_base_of(arg);
+    if (base == NULL)
+        return NULL;
+    memd_config_publish(base);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_config_set_state(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned int state;
+    if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &state))
+        return NULL;
+    memd_config_set_state(base, state);
+    Py_RETURN_NONE;
+}
+
+/* header(win) -> (magic, layout_version, state, primary_pid, flags, primary_start_time,
+ *                 window_size, window_align, iova_mode, n_memseg_lists, mem_generation,
+ *                 primary_base, prefix) */
+static PyObject *py_header(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    char *base = memd_base_of(arg);
+    if (base == NULL)
+        return NULL;
+    const struct memd_config_header *h = &CFG(base)->hdr;
+    uint64_t magic = memd_config_magic(base);
+    return Py_BuildValue("(KIIiIKKKIIKKs)", (unsigned long long)magic, h->layout_version,
+                         h->state, h->primary_pid, h->flags,
+                         (unsigned long long)h->primary_start_time,
+                         (unsigned long long)h->window_size, (unsigned long long)h->window_align,
+                         h->iova_mode, h->n_memseg_lists, (unsigned long long)h->mem_generation,
+                         (unsigned long long)h->primary_base, h->prefix);
+}
+
+static PyObject *py_msl_init(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned int idx, capacity;
+    unsigned long long off, page_size;
+    int socket;
+    const char *dir;
+    if (!PyArg_ParseTuple(args, "O&IKKiIs", memd_window_base, &base, &idx, &off, &page_size,
+                          &socket, &capacity, &dir))
+        return NULL;
+    return check_rc(memd_msl_init(base, idx, off, page_size, socket, capacity, dir), "msl_init");
+}
+
+/* msl(win, idx) -> (base_offset, page_size, socket_id, capacity, n_used, version, dir,
+ *                   used_bitmap bytes) */
+static PyObject *py_msl(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned int idx;
+    if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &idx))
+        return NULL;
+    if (idx >= MEMD_MAX_MEMSEG_LISTS)
+        return memd_raise_errno(-EINVAL, "msl");
+    const struct memd_memseg_list *l = &CFG(base)->msls[idx];
+    return Py_BuildValue("(KKiIIKsy#)", (unsigned long long)l->base_offset,
+                         (unsigned long long)l->page_size, l->socket_id, l->capacity, l->n_used,
+                         (unsigned long long)l->version, l->dir, (const char *)l->used_bitmap,
+                         (Py_ssize_t)((l->capacity + 63) / 64 * 8));
+}
+
+/* segs(win, idx) -> list of (slot, iova, socket_id, flags) for used slots */
+static PyObject *py_segs(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned int idx;
+    if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &idx))
+        return NULL;
+    if (idx >= MEMD_MAX_MEMSEG_LISTS)
+        return memd_raise_errno(-EINVAL, "segs");
+    const struct memd_memseg_list *l = &CFG(base)->msls[idx];
+    PyObject *out = PyList_New(0);
+    for (uint32_t s = 0; out && s < l->capacity; s++) {
+        if (!(l->segs[s].flags & MEMD_SEG_F_USED))
+            continue;
+        PyObject *t = Py_BuildValue("(IKiI)", s, (unsigned long long)l->segs[s].iova,
+                                    l->segs[s].socket_id, l->segs[s].flags);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
+static PyObject *py_msl_find_free(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned int idx, n, from = 0;
+    if (!PyArg_ParseTuple(args, "O&II|I", memd_window_base, &base, &idx, &n, &from))
+        return NULL;
+    return check_rc(memd_msl_find_free(base, idx, n, from), "msl_find_free");
+}
+
+static PyObject *py_msl_set_page(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned int idx, slot, flags;
+    unsigned long long iova;
+    int socket;
+    if (!PyArg_ParseTuple(args, "O&IIKiI", memd_window_base, &base, &idx, &slot, &iova, &socket,
+                          &flags))
+        return NULL;
+    return check_rc(memd_msl_set_page(base, idx, slot, iova, socket, flags), "msl_set_page");
+}
+
+static PyObject *py_msl_clear_page(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned int idx, slot;
+    if (!PyArg_ParseTuple(args, "O&II", memd_window_base, &base, &idx, &slot))
+        return NULL;
+    return check_rc(memd_msl_clear_page(base, idx, slot), "msl_clear_page");
+}
+
+static PyObject *py_iova_of(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned long long off;
+    if (!PyArg_ParseTuple(args, "O&K", memd_window_base, &base, &off))
+        return NULL;
+    uint64_t iova = memd_iova_of(base, off);
+    if (iova == MEMD_BAD_IOVA)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(iova);
+}
+
+static PyObject *py_iova_contig(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned long long off, len;
+    if (!PyArg_ParseTuple(args, "O&KK", memd_window_base, &base, &off, &len))
+        return NULL;
+    return PyBool_FromLong(memd_iova_contig(base, off, len));
+}
+
+/* --- memzones --- */
+
+static PyObject *py_memzone_reserve(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    const char *name;
+    unsigned long long len, align, bound;
+    unsigned int heap_idx, flags;
+    int pid, rc;
+    if (!PyArg_ParseTuple(args, "O&sKIIKKi", memd_window_base, &base, &name, &len, &heap_idx,
+                          &flags, &align, &bound, &pid))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = memd_memzone_reserve(base, name, len, heap_idx, flags, align, bound, pid);
+    Py_END_ALLOW_THREADS
+    return check_rc(rc, "memzone_reserve");
+}
+
+static PyObject *py_memzone_lookup(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    const char *name;
+    int rc;
+    if (!PyArg_ParseTuple(args, "O&s", memd_window_base, &base, &name))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = memd_memzone_lookup(base, name);
+    Py_END_ALLOW_THREADS
+    return check_rc(rc, "memzone_lookup");
+}
+
+static PyObject *py_memzone_free(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned int id;
+    int rc;
+    if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &id))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = memd_memzone_free(base, id);
+    Py_END_ALLOW_THREADS
+    return check_rc(rc, "memzone_free");
+}
+
+/* memzone(win, id) -> None if free, else (id, name, offset, iova, length, page_size,
+ *                     socket_id, flags, owner_pid) */
+static PyObject *zone_tuple(uint32_t id, const struct memd_memzone *z)
+{
+    char name[MEMD_NAMESIZE];
+    memcpy(name, z->name, sizeof(name));
+    name[MEMD_NAMESIZE - 1] = '\0';
+    return Py_BuildValue("(IsKKKKiIi)", id, name, (unsigned long long)z->offset,
+                         (unsigned long long)z->iova, (unsigned long long)z->length,
+                         (unsigned long long)z->page_size, z->socket_id, z->flags, z->owner_pid);
+}
+
+static PyObject *py_memzone(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned int id;
+    if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &id))
+        return NULL;
+    if (id >= MEMD_MAX_MEMZONES)
+        return memd_raise_errno(-EINVAL, "memzone");
+    const struct memd_memzone *z = &CFG(base)->memzones[id];
+    if (z->name[0] == '\0')
+        Py_RETURN_NONE;
+    return zone_tuple(id, z);
+}
+
+/* memzones(win) -> list of (id, name, offset, iova, length, page_size, socket, flags, pid) */
+static PyObject *py_memzones(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    char *base = memd_base_of(arg);
+    if (base == NULL)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    for (uint32_t i = 0; out && i < MEMD_MAX_MEMZONES; i++) {
+        const struct memd_memzone *z = &CFG(base)->memzones[i];
+        if (z->name[0] == '\0')
+            continue;
+        PyObject *row = zone_tuple(i, z);
+        if (row == NULL || PyList_Append(out, row) < 0) {
+            Py_XDECREF(row);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(row);
+    }
+    return out;
+}
+
+/* --- processes --- */
+
+static PyObject *py_proc_register(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    int pid, want_slot = -1;
+    unsigned long long start_time;
+    unsigned int state;
+    const char *comm;
+    if (!PyArg_ParseTuple(args, "O&iKIs|i", memd_window_base, &base, &pid, &start_time, &state,
+                          &comm, &want_slot))
+        return NULL;
+    return check_rc(memd_proc_register(base, pid, start_time, state, comm, want_slot),
+                    "proc_register");
+}
+
+static PyObject *py_proc_unregister(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned int slot;
+    int pid;
+    if (!PyArg_ParseTuple(args, "O&Ii", memd_window_base, &base, &slot, &pid))
+        return NULL;
+    return check_rc(memd_proc_unregister(base, slot, pid), "proc_unregister");
+}
+
+/* procs(win) -> list of (slot, pid, state, start_time, attach_ns, mem_generation, comm) */
+static PyObject *py_procs(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    char *base = memd_base_of(arg);
+    if (base == NULL)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    for (uint32_t i = 0; out && i < MEMD_MAX_PROCS; i++) {
+        const struct memd_process *p = &CFG(base)->procs[i];
+        if (p->pid == 0)
+            continue;
+        char comm[32];
+        memcpy(comm, p->comm, sizeof(comm));
+        comm[31] = '\0';
+        PyObject *t = Py_BuildValue("(IiIKKKs)", i, p->pid, p->state,
+                                    (unsigned long long)p->start_time,
+                                    (unsigned long long)p->attach_ns,
+                                    (unsigned long long)p->mem_generation, comm);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
+static PyObject *py_proc_set_generation(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned int slot;
+    unsigned long long gen;
+    if (!PyArg_ParseTuple(args, "O&IK", memd_window_base, &base, &slot, &gen))
+        return NULL;
+    if (slot >= MEMD_MAX_PROCS)
+        return memd_raise_errno(-EINVAL, "proc_set_generation");
+    CFG(base)->procs[slot].mem_generation = gen;
+    Py_RETURN_NONE;
+}
+
+/* --- named objects --- */
+
+static PyObject *py_object_add(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    const char *name;
+    unsigned int type, mz;
+    unsigned long long off;
+    int pid;
+    if (!PyArg_ParseTuple(args, "O&sIIKi", memd_window_base, &base, &name, &type, &mz, &off,
+                          &pid))
+        return NULL;
+    return check_rc(memd_object_add(base, name, type, mz, off, pid), "object_add");
+}
+
+static PyObject *py_object_lookup(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    const char *name;
+    unsigned int type;
+    if (!PyArg_ParseTuple(args, "O&sI", memd_window_base, &base, &name, &type))
+        return NULL;
+    int idx = memd_object_lookup(base, name, type);
+    if (idx < 0)
+        return memd_raise_errno(idx, "object_lookup");
+    const struct memd_object *o = &CFG(base)->objects[idx];
+    return Py_BuildValue("(iKI)", idx, (unsigned long long)o->offset, o->memzone_id);
+}
+
+static PyObject *py_object_remove(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    char *base;
+    unsigned int idx;
+    if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &idx))
+        return NULL;
+    return check_rc(memd_object_remove(base, idx), "object_remove");
+}
+
+/* objects(win) -> list of (idx, name, type, offset, memzone_id, creator_pid) */
+static PyObject *py_objects(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    char *base = memd_base_of(arg);
+    if (base == NULL)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    for (uint32_t i = 0; out && i < MEMD_MAX_OBJECTS; i++) {
+        const struct memd_object *o = &CFG(base)->objects[i];
+        if (o->type == MEMD_OBJ_FREE)
+            continue;
+        char name[MEMD_NAMESIZE];
+        memcpy(name, o->name, sizeof(name));
+        name[MEMD_NAMESIZE - 1] = '\0';
+        PyObject *t = Py_BuildValue("(IsIKIi)", i, name, o->type, (unsigned long long)o->offset,
+                                    o->memzone_id, o->creator_pid);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
+/* lock_info(win) -> ((owner_pid, recoveries) of config_lock, proc_lock, heaps...) */
+static PyObject *py_lock_info(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    char *base = memd_base_of(arg);
+    if (base == NULL)
+        return NULL;
+    struct memd_config *c = CFG(base);
+    return Py_BuildValue("((iI)(iI))", c->config_lock.owner_pid, c->config_lock.recoveries,
+                         c->proc_lock.owner_pid, c->proc_lock.recoveries);
+}
+
+static PyMethodDef config_functions[] = {
+    {"config_format", py_config_format, METH_VARARGS,
+     "config_format(win, prefix, flags, iova_mode, window_size, window_align, pid, start_time)"},
+    {"config_publish", py_config_publish, METH_O, "state = READY, then magic (release)."},
+    {"config_set_state", py_config_set_state, METH_VARARGS, "config_set_state(win, state)"},
+    {"header", py_header, METH_O, "header(win) -> tuple (see memd/shared.py Header)"},
+    {"msl_init", py_msl_init, METH_VARARGS,
+     "msl_init(win, idx, base_offset, page_size, socket_id, capacity, dir)"},
+    {"msl", py_msl, METH_VARARGS, "msl(win, idx) -> tuple (see memd/shared.py)"},
+    {"segs", py_segs, METH_VARARGS, "segs(win, idx) -> [(slot, iova, socket, flags)]"},
+    {"msl_find_free", py_msl_find_free, METH_VARARGS, "msl_find_free(win, idx, n, from=0)"},
+    {"msl_set_page", py_msl_set_page, METH_VARARGS,
+     "msl_set_page(win, idx, slot, iova, socket_id, flags)"},
+    {"msl_clear_page", py_msl_clear_page, METH_VARARGS, "msl_clear_page(win, idx, slot)"},
+    {"iova_of", py_iova_of, METH_VARARGS, "iova_of(win, offset) -> int | None"},
+    {"iova_contig", py_iova_contig, METH_VARARGS, "iova_contig(win, offset, length) -> bool"},
+    {"memzone_reserve", py_memzone_reserve, METH_VARARGS,
+     "memzone_reserve(win, name, len, heap, flags, align, bound, pid) -> id"},
+    {"memzone_lookup", py_memzone_lookup, METH_VARARGS, "memzone_lookup(win, name) -> id"},
+    {"memzone_free", py_memzone_free, METH_VARARGS, "memzone_free(win, id) -> heap index"},
+    {"memzone", py_memzone, METH_VARARGS, "memzone(win, id) -> tuple | None"},
+    {"memzones", py_memzones, METH_O, "memzones(win) -> [tuple]"},
+    {"proc_register", py_proc_register, METH_VARARGS,
+     "proc_register(win, pid, start_time, state, comm, want_slot=-1) -> slot"},
+    {"proc_unregister", py_proc_unregister, METH_VARARGS, "proc_unregister(win, slot, pid)"},
+    {"procs", py_procs, METH_O, "procs(win) -> [tuple]"},
+    {"proc_set_generation", py_proc_set_generation, METH_VARARGS,
+     "proc_set_generation(win, slot, generation)"},
+    {"object_add", py_object_add, METH_VARARGS,
+     "object_add(win, name, type, memzone_id, offset, pid) -> idx"},
+    {"object_lookup", py_object_lookup, METH_VARARGS,
+     "object_lookup(win, name, type) -> (idx, offset, memzone_id)"},
+    {"object_remove", py_object_remove, METH_VARARGS, "object_remove(win, idx)"},
+    {"objects", py_objects, METH_O, "objects(win) -> [tuple]"},
+    {"lock_info", py_lock_info, METH_O, "lock_info(win) -> ((pid, recoveries), ...)"},
+    {NULL, NULL, 0, NULL},
+};
+
+#define ADD_INT(m, name, value)                                        \
+    do {                                                               \
+        if (PyModule_AddObject(m, name, PyLong_FromUnsignedLongLong(   \
+                                            (unsigned long long)(value))) < 0) \
+            return -1;                                                 \
+    } while (0)
+
+static int add_layout(PyObject *m)
+{
+    PyObject *d = PyDict_New();
+    if (d == NULL)
+        return -1;
+#define FIELD(type, field) \
+    PyDict_SetItemString(d, #type "." #field, \
+                         Py_BuildValue("(nn)", (Py_ssize_t)offsetof(struct type, field), \
+                                       (Py_ssize_t)sizeof(((struct type *)0)->field)))
+#define SIZE(type) \
+    PyDict_SetItemString(d, #type, PyLong_FromSize_t(sizeof(struct type)))
+    FIELD(memd_config_header, magic);
+    FIELD(memd_config_header, layout_version);
+    FIELD(memd_config_header, state);
+    FIELD(memd_config_header, primary_pid);
+    FIELD(memd_config_header, mem_generation);
+    FIELD(memd_config, heaps);
+    FIELD(memd_config, procs);
+    FIELD(memd_config, objects);
+    FIELD(memd_config, memzones);
+    FIELD(memd_config, msls);
+    SIZE(memd_config_header);
+    SIZE(memd_config);
+    SIZE(memd_memseg_list);
+    SIZE(memd_heap);
+    SIZE(memd_process);
+    SIZE(memd_object);
+    SIZE(memd_memzone);
+    SIZE(memd_lock);
+#undef FIELD
+#undef SIZE
+    return PyModule_AddObject(m, "LAYOUT", d);
+}
 
 int memd_py_init_config(PyObject *m)
 {
-    (void)m;
+    if (memd_add_functions(m, config_functions) < 0 || add_layout(m) < 0)
+        return -1;
+    ADD_INT(m, "CONFIG_MAGIC", MEMD_CONFIG_MAGIC);
+    ADD_INT(m, "LAYOUT_VERSION", MEMD_LAYOUT_VERSION);
+    ADD_INT(m, "CONFIG_SIZE", MEMD_CONFIG_SIZE);
+    ADD_INT(m, "NAMESIZE", MEMD_NAMESIZE);
+    ADD_INT(m, "MAX_MEMSEG_LISTS", MEMD_MAX_MEMSEG_LISTS);
+    ADD_INT(m, "MAX_PAGES_PER_LIST", MEMD_MAX_PAGES_PER_LIST);
+    ADD_INT(m, "MAX_HEAPS", MEMD_MAX_HEAPS);
+    ADD_INT(m, "MAX_PROCS", MEMD_MAX_PROCS);
+    ADD_INT(m, "MAX_OBJECTS", MEMD_MAX_OBJECTS);
+    ADD_INT(m, "MAX_MEMZONES", MEMD_MAX_MEMZONES);
+    ADD_INT(m, "PATH_SIZE", MEMD_PATH_SIZE);
+    ADD_INT(m, "BAD_IOVA", MEMD_BAD_IOVA);
+    ADD_INT(m, "STATE_INIT", MEMD_STATE_INIT);
+    ADD_INT(m, "STATE_READY", MEMD_STATE_READY);
+    ADD_INT(m, "STATE_SHUTDOWN", MEMD_STATE_SHUTDOWN);
+    ADD_INT(m, "IOVA_PA", MEMD_IOVA_PA);
+    ADD_INT(m, "IOVA_VA", MEMD_IOVA_VA);
+    ADD_INT(m, "CFG_F_NO_HUGE", MEMD_CFG_F_NO_HUGE);
+    ADD_INT(m, "CFG_F_LEGACY", MEMD_CFG_F_LEGACY);
+    ADD_INT(m, "CFG_F_HUGE_UNLINK", MEMD_CFG_F_HUGE_UNLINK);
+    ADD_INT(m, "CFG_F_SINGLE_FILE", MEMD_CFG_F_SINGLE_FILE);
+    ADD_INT(m, "SEG_F_USED", MEMD_SEG_F_USED);
+    ADD_INT(m, "SEG_F_PREALLOC", MEMD_SEG_F_PREALLOC);
+    ADD_INT(m, "PROC_PRIMARY", MEMD_PROC_PRIMARY);
+    ADD_INT(m, "PROC_SECONDARY", MEMD_PROC_SECONDARY);
+    ADD_INT(m, "OBJ_RING", MEMD_OBJ_RING);
+    ADD_INT(m, "OBJ_MEMPOOL", MEMD_OBJ_MEMPOOL);
+    ADD_INT(m, "MEMZONE_F_IOVA_CONTIG", MEMD_MEMZONE_F_IOVA_CONTIG);
     return 0;
 }

@@ -56,6 +56,32 @@ class MemdValueError(MemdError, ValueError):
     """A bad argument."""
 
 
+class HugepageConfigError(MemdError, RuntimeError):
+    """Hugepages are not set up as memd needs (no mount, no free pages, bad --huge-dir).
+
+    The message names what is wrong and the command that fixes it. ``path`` is the
+    file or directory concerned, when there is one.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class MalformedFileError(HugepageConfigError, ValueError):
+    """A /sys or /proc file memd reads holds something it cannot parse (``path`` names it)."""
+
+
+class HugepageReserveError(HugepageConfigError):
+    """The kernel reserved fewer hugepages than asked (``requested``, ``got``)."""
+
+    def __init__(self, message: str, path: str | None = None, *,
+                 requested: int = 0, got: int = 0) -> None:
+        super().__init__(message, path)
+        self.requested = requested
+        self.got = got
+
+
 def translate(exc: OSError, what: str) -> MemdError:
     """Map an OSError from the extension to memd's exception for `what` was being done."""
     code = exc.errno

@@ -1,0 +1,70 @@
+/*
+ * config.h - the mem_config in shared memory: header, memseg lists, memzones,
+ * the process table and the named-object directory (layouts in memd_layout.h).
+ *
+ * Conventions: `base` is this process's window address (the config is at window
+ * offset 0); results are >= 0 on success and -errno on failure.
+ */
+#ifndef MEMD_CONFIG_H
+#define MEMD_CONFIG_H
+
+#include <stdint.h>
+
+#include "memd_layout.h"
+
+static inline struct memd_config *memd_cfg(char *base)
+{
+    return (struct memd_config *)base;
+}
+
+/* Zero the config and write every header field but magic; state = INIT.
+ * Fails iff a lock cannot be initialised. */
+int memd_config_format(char *base, const char *prefix, uint32_t flags, uint32_t iova_mode,
+                       uint64_t window_size, uint64_t window_align, int32_t pid,
+                       uint64_t start_time);
+
+/* state = READY, then magic (release): secondaries may attach from here on. */
+void memd_config_publish(char *base);
+
+/* Read magic with acquire order (pairs with memd_config_publish). */
+uint64_t memd_config_magic(const char *base);
+
+void memd_config_set_state(char *base, uint32_t state);
+
+/* Memseg lists.  Fails iff -EINVAL (index, alignment or capacity out of range). */
+int memd_msl_init(char *base, uint32_t idx, uint64_t base_offset, uint64_t page_size,
+                  int32_t socket_id, uint32_t capacity, const char *dir);
+
+/* First slot of a run of n free slots at or after `from`; -ENOSPC if none. */
+int64_t memd_msl_find_free(char *base, uint32_t idx, uint32_t n, uint32_t from);
+
+/* Mark a slot mapped/unmapped; bumps the list version and mem_generation.
+ * Fails iff -EINVAL (bad slot) or -EBUSY/-ENOENT (already used/free). */
+int memd_msl_set_page(char *base, uint32_t idx, uint32_t slot, uint64_t iova, int32_t socket_id,
+                      uint32_t flags);
+int memd_msl_clear_page(char *base, uint32_t idx, uint32_t slot);
+
+/* iova of a window offset (MEMD_BAD_IOVA if not in a mapped page). */
+uint64_t memd_iova_of(const char *base, uint64_t off);
+
+/* 1 if [off, off+len) has contiguous iova (always in VA mode), else 0. */
+int memd_iova_contig(const char *base, uint64_t off, uint64_t len);
+
+/* Memzones (take config_lock; the heap takes its own lock after it). */
+int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t heap_idx,
+                         uint32_t flags, uint64_t align, uint64_t bound, int32_t pid);
+int memd_memzone_lookup(char *base, const char *name);
+int memd_memzone_free(char *base, uint32_t id);
+
+/* Processes (take proc_lock).  register returns the slot. */
+int memd_proc_register(char *base, int32_t pid, uint64_t start_time, uint32_t state,
+                       const char *comm, int want_slot);
+int memd_proc_unregister(char *base, uint32_t slot, int32_t pid);
+
+/* Named objects (take config_lock). */
+int memd_object_add(char *base, const char *name, uint32_t type, uint32_t memzone_id,
+                    uint64_t offset, int32_t pid);
+int memd_object_lookup(char *base, const char *name, uint32_t type);
+int memd_object_remove(char *base, uint32_t idx);
+
+#endif

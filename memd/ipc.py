@@ -1,0 +1,324 @@
+"""The primary/secondary protocol: msgpack maps over ZeroMQ (DESIGN.md §4).
+
+Every message is a msgpack map with ``type`` (str) and ``id`` (int) plus the
+parameters of its type.  Every reply uses one envelope::
+
+    {"type": "reply", "id": <request id>, "status": 0 | errno, "reason": str, ...}
+
+The primary binds a ROUTER socket.  Each secondary connects two DEALER sockets:
+``sync`` (owned by its background thread: registration and the primary's
+``sync`` requests) and ``req`` (its own requests: ``alloc``, ``shrink``, ...).
+Messages larger than MAX_MESSAGE or outside the schema get an error reply and
+change nothing.  Handlers document their message in their docstrings.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import zmq
+
+from memd.errors import PrimaryNotRunning, ProtocolError
+
+log = logging.getLogger("memd.ipc")
+
+MAX_MESSAGE = 4096  # bytes: the largest valid message is far smaller
+PROTOCOL_VERSION = 1
+_UNPACK_LIMITS = {
+    "max_str_len": 256, "max_bin_len": 0, "max_array_len": 16, "max_map_len": 16,
+    "max_ext_len": 0,
+}
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """Decode and check the envelope; raises ProtocolError on anything else."""
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    try:
+        msg = msgpack.unpackb(data, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise ProtocolError(f"not a msgpack message: {e}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("a message must be a msgpack map")
+    if not isinstance(msg.get("type"), str):
+        raise ProtocolError("a message needs a str 'type'")
+    mid = msg.get("id")
+    if not isinstance(mid, int) or isinstance(mid, bool) or not 0 <= mid < 2**63:
+        raise ProtocolError("a message needs an int 'id' in [0, 2**63)")
+    return msg
+
+
+def reply(mid: int, status: int = 0, reason: str = "", **data: Any) -> dict[str, Any]:
+    return {"type": "reply", "id": mid, "status": status, "reason": reason, **data}
+
+
+def param(msg: dict[str, Any], key: str, kind: type, lo: int | None = None,
+          hi: int | None = None) -> Any:
+    """Fetch a typed, bounded parameter or raise ProtocolError naming it."""
+    value = msg.get(key)
+    if kind is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ProtocolError(f"'{key}' must be an int")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ProtocolError(f"'{key}' = {value} is outside [{lo}, {hi}]")
+    elif not isinstance(value, kind):
+        raise ProtocolError(f"'{key}' must be a {kind.__name__}")
+    return value
+
+
+class Peer:
+    """A registered secondary as the primary sees it."""
+
+    def __init__(self, identity: bytes, slot: int, pid: int, start_time: int) -> None:
+        self.identity = identity
+        self.slot = slot
+        self.pid = pid
+        self.start_time = start_time
+        self.recent_ids: deque[int] = deque(maxlen=256)
+
+
+class Server:
+    """The primary's ROUTER socket.  Not thread-safe by itself: `lock` guards it.
+
+    handlers: type -> fn(identity, msg) -> reply dict.  `sync_all` broadcasts a
+    message to every peer and collects their replies, queueing other requests
+    that arrive meanwhile so nothing is lost.
+    """
+
+    def __init__(self, endpoint: str, handlers: dict[str, Callable[..., dict[str, Any]]],
+                 sync_timeout: float = 2.0) -> None:
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE * 4)  # drop absurd frames in libzmq
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown peer raises, not drops
+        self.sock.bind(endpoint)
+        self.endpoint = endpoint
+        self.handlers = handlers
+        self.sync_timeout = sync_timeout
+        self.peers: dict[bytes, Peer] = {}  # sync identity -> peer
+        self.lock = threading.RLock()
+        self._pending: deque[list[bytes]] = deque()
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        with self.lock:
+            self.sock.close(linger=0)
+
+    def send(self, identity: bytes, msg: dict[str, Any]) -> bool:
+        try:
+            self.sock.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:  # peer gone (EHOSTUNREACH) or its queue is full
+            log.debug("send to %r failed: %s", identity, e)
+            return False
+
+    def poll_once(self, timeout_ms: int) -> int:
+        """Handle queued and incoming requests for up to timeout_ms; returns count."""
+        handled = 0
+        with self.lock:
+            while self._pending:
+                self._handle(self._pending.popleft())
+                handled += 1
+            if self.sock.poll(timeout_ms, zmq.POLLIN):
+                while True:
+                    try:
+                        frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+                    handled += 1
+        return handled
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            if frames:
+                self.send(frames[0], reply(0, errno.EPROTO, "expected one message frame"))
+            return
+        identity, data = frames
+        try:
+            msg = decode(data)
+        except ProtocolError as e:
+            self.send(identity, reply(0, errno.EPROTO, str(e)))
+            return
+        handler = self.handlers.get(msg["type"])
+        if handler is None:
+            self.send(identity, reply(msg["id"], errno.EOPNOTSUPP,
+                                      f"unknown message type {msg['type']!r}"))
+            return
+        peer = self.peer_of(identity)
+        if peer is not None:
+            if msg["id"] in peer.recent_ids:
+                self.send(identity, reply(msg["id"], errno.EALREADY,
+                                          f"duplicate request id {msg['id']}"))
+                return
+            peer.recent_ids.append(msg["id"])
+        try:
+            answer = handler(identity, msg)
+        except ProtocolError as e:
+            answer = reply(msg["id"], errno.EINVAL, str(e))
+        except MemoryError as e:
+            answer = reply(msg["id"], errno.ENOMEM, str(e))
+        except Exception as e:
+            log.exception("handler for %r failed", msg["type"])
+            answer = reply(msg["id"], errno.EIO, f"{type(e).__name__}: {e}")
+        if answer is not None:
+            self.send(identity, answer)
+
+    def peer_of(self, identity: bytes) -> Peer | None:
+        """Requests come from a peer's req socket (b'req-<x>') or its sync socket."""
+        if identity.startswith(b"req-"):
+            return self.peers.get(b"sync-" + identity[4:])
+        return self.peers.get(identity)
+
+    def sync_all(self, msg: dict[str, Any], timeout: float | None = None) -> list[tuple[Peer, str]]:
+        """Send `msg` to every peer and wait for each reply (up to the timeout).
+        Returns the peers that failed, with the reason; requests arriving meanwhile
+        are queued for poll_once."""
+        timeout = self.sync_timeout if timeout is None else timeout
+        failures: list[tuple[Peer, str]] = []
+        with self.lock:
+            waiting: dict[bytes, tuple[Peer, int]] = {}
+            for peer in list(self.peers.values()):
+                sid = next(self._ids)
+                if self.send(peer.identity, {**msg, "id": sid}):
+                    waiting[peer.identity] = (peer, sid)
+                else:
+                    failures.append((peer, "unreachable"))
+            deadline = time.monotonic() + timeout
+            while waiting:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    if time.monotonic() >= deadline:
+                        break
+                    continue
+                frames = self.sock.recv_multipart()
+                if len(frames) == 2 and frames[0] in waiting:
+                    try:
+                        ans = decode(frames[1])
+                    except ProtocolError:
+                        ans = None
+                    peer, sid = waiting[frames[0]]
+                    if ans and ans.get("type") == "reply" and ans.get("id") == sid:
+                        del waiting[frames[0]]
+                        if ans.get("status"):
+                            failures.append((peer, str(ans.get("reason", "failed"))))
+                        continue
+                self._pending.append(frames)
+            failures.extend((peer, f"no reply in {timeout:g} s") for peer, _ in waiting.values())
+        return failures
+
+
+class Channel:
+    """A secondary's connection to the primary: `request` from any thread (a lock
+    serialises the req socket) and a background thread answering `sync`."""
+
+    def __init__(self, endpoint: str, name: str, on_sync: Callable[[dict[str, Any]], None],
+                 timeout: float = 5.0) -> None:
+        self.ctx = zmq.Context.instance()
+        self.endpoint = endpoint
+        self.name = name
+        self.timeout = timeout
+        self.on_sync = on_sync
+        self._ids = itertools.count(1)
+        self._req_lock = threading.Lock()
+        self.req = self._socket(b"req-" + name.encode())
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sync_sock: zmq.Socket | None = None
+        self.alive_check: Callable[[], bool] = lambda: True
+
+    def _socket(self, identity: bytes) -> zmq.Socket:
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.IDENTITY, identity)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(self.endpoint)
+        return s
+
+    def register(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Register through the sync socket (so the primary learns its identity),
+        then hand that socket to the background thread."""
+        sock = self._socket(b"sync-" + self.name.encode())
+        try:
+            ans = self._call(sock, {"type": "register", **params}, self.timeout)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        if ans["status"]:
+            sock.close(linger=0)
+            return ans
+        self._sync_sock = sock
+        self._thread = threading.Thread(target=self._serve_sync, name="memd-sync", daemon=True)
+        self._thread.start()
+        return ans
+
+    def _call(self, sock: zmq.Socket, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+        mid = next(self._ids)
+        sock.send(encode({**msg, "id": mid}))
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            # wake at least every 200 ms to notice a dead primary
+            if sock.poll(int(min(max(left, 0), 0.2) * 1000) + 1, zmq.POLLIN):
+                ans = decode(sock.recv())
+                if ans.get("type") == "reply" and ans.get("id") == mid:
+                    ans.setdefault("status", 0)
+                    return ans
+                continue  # a late reply to an earlier, timed-out request
+            if not self.alive_check():
+                raise PrimaryNotRunning("the primary died while serving this request; "
+                                        "restart memd and attach again")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no reply to {msg['type']!r} from the primary in "
+                                   f"{timeout:g} s")
+
+    def request(self, msg: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        with self._req_lock:
+            return self._call(self.req, msg, self.timeout if timeout is None else timeout)
+
+    def _serve_sync(self) -> None:
+        sock = self._sync_sock
+        assert sock is not None
+        while not self._stop.is_set():
+            try:
+                if not sock.poll(100, zmq.POLLIN):
+                    continue
+                data = sock.recv()
+            except zmq.ZMQError:
+                return
+            try:
+                msg = decode(data)
+            except ProtocolError as e:
+                log.warning("bad message from the primary: %s", e)
+                continue
+            if msg["type"] == "reply":
+                continue
+            try:
+                self.on_sync(msg)
+                ans = reply(msg["id"])
+            except Exception as e:
+                ans = reply(msg["id"], errno.EIO, f"{type(e).__name__}: {e}")
+            try:
+                sock.send(encode(ans))
+            except zmq.ZMQError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
+        if self._sync_sock is not None:
+            self._sync_sock.close(linger=0)
+        self.req.close(linger=0)

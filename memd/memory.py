@@ -1,0 +1,310 @@
+"""The shared-memory model both sides use: the window, the pages mapped into it,
+memzones, and the calls of API.md.  `memd.primary.Primary` and
+`memd_client.Secondary` differ only in how memory is added (the primary maps
+pages itself; a secondary asks the primary) and in who owns the files."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memd import _ext
+from memd.errors import (
+    MemdError,
+    MemdKeyError,
+    MemdMemoryError,
+    MemdValueError,
+    translate,
+)
+from memd.pages import PageStore
+from memd.shared import SOCKET_ID_ANY, Header, MemsegList, header, memseg_lists, processes
+
+# DPDK memzone flags memd accepts (rte_memzone.h values)
+MEMZONE_2MB = 0x00000002
+MEMZONE_1GB = 0x00000004
+MEMZONE_SIZE_HINT_ONLY = 0x00000004 << 1
+MEMZONE_IOVA_CONTIG = _ext.MEMZONE_F_IOVA_CONTIG
+_MEMZONE_FLAGS = MEMZONE_2MB | MEMZONE_1GB | MEMZONE_SIZE_HINT_ONLY | MEMZONE_IOVA_CONTIG
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def check_name(name: object, what: str = "name") -> str:
+    if not isinstance(name, str) or not name:
+        raise MemdValueError(f"{what} must be a non-empty str")
+    if len(name.encode()) >= _ext.NAMESIZE or "\0" in name:
+        raise MemdValueError(
+            f"{what} {name!r} is too long: at most {_ext.NAMESIZE - 1} bytes, no NUL")
+    return name
+
+
+@dataclass
+class Memzone:
+    """A named reservation (DPDK rte_memzone). `buf` is a zero-copy memoryview."""
+
+    id: int
+    name: str
+    offset: int
+    iova: int
+    length: int
+    page_size: int
+    socket_id: int
+    flags: int
+    owner_pid: int
+    _mem: Memory = field(repr=False, compare=False)
+
+    @property
+    def buf(self) -> memoryview:
+        return self._mem.window.view(self.offset, self.length)
+
+
+class Memory:
+    """Base of Primary and Secondary. Subclasses set `window`, `proc_slot` and
+    implement `_expand_heap` and `_release_pages`."""
+
+    is_primary = False
+    window: _ext.Window
+    proc_slot: int
+
+    def __init__(self, prefix: str, rundir: Path) -> None:
+        self.prefix = prefix
+        self.rundir = rundir
+        self.pages = PageStore(prefix)
+        self._mapped: dict[int, set[int]] = {}  # list index -> slots mapped here
+        self._map_lock = threading.RLock()
+        self._lists: list[MemsegList] = []
+
+    # --- pages ---------------------------------------------------------------
+
+    def _header(self) -> Header:
+        return header(self.window)
+
+    def _map_slot(self, msl: MemsegList, slot: int, fd: int | None = None,
+                  populate: bool = False) -> int:
+        """Map one page file at its window offset; returns its address here."""
+        own_fd = fd is None
+        fd = self.pages.open(msl, slot) if fd is None else fd
+        try:
+            addr = self.window.map_fd(msl.base_offset + slot * msl.page_size, msl.page_size,
+                                      fd, populate=populate)
+        finally:
+            if own_fd:
+                os.close(fd)
+        self._mapped.setdefault(msl.index, set()).add(slot)
+        return addr
+
+    def _unmap_slot(self, msl: MemsegList, slot: int) -> None:
+        self.window.unmap(msl.base_offset + slot * msl.page_size, msl.page_size)
+        self._mapped.get(msl.index, set()).discard(slot)
+
+    def sync_pages(self) -> tuple[int, int]:
+        """Make this process's mappings match the memseg lists: map pages that
+        appeared, unmap pages that went.  Returns (mapped, unmapped)."""
+        mapped = unmapped = 0
+        with self._map_lock:
+            self._lists = memseg_lists(self.window)
+            for msl in self._lists:
+                want = set(msl.used_slots())
+                have = self._mapped.setdefault(msl.index, set())
+                for slot in sorted(want - have):
+                    self._map_slot(msl, slot)
+                    mapped += 1
+                for slot in sorted(have - want):
+                    self._unmap_slot(msl, slot)
+                    unmapped += 1
+        return mapped, unmapped
+
+    def _is_mapped(self, offset: int, length: int) -> bool:
+        end = offset + max(length, 1)
+        if offset < _ext.CONFIG_SIZE and end <= _ext.CONFIG_SIZE:
+            return True
+        for msl in self._lists or memseg_lists(self.window):
+            lo = msl.base_offset
+            hi = lo + msl.capacity * msl.page_size
+            if lo <= offset < hi:
+                if end > hi:
+                    return False
+                have = self._mapped.get(msl.index, set())
+                first = (offset - lo) // msl.page_size
+                last = (end - 1 - lo) // msl.page_size
+                return all(s in have for s in range(first, last + 1))
+        return False
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """Writable zero-copy view of shared memory at a window offset (from a
+        block, a memzone or a ring entry of any process)."""
+        if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0:
+            raise MemdValueError("view(offset, length) takes non-negative ints")
+        if not self._is_mapped(offset, length):
+            self.sync_pages()  # another process may just have added the page
+            if not self._is_mapped(offset, length):
+                raise MemdValueError(
+                    f"[{offset:#x}, +{length}) is not mapped shared memory: pass an offset "
+                    "taken from a block, memzone or mempool object")
+        return self.window.view(offset, length)
+
+    # --- what's there -------------------------------------------------------
+
+    def heap_ids(self) -> list[int]:
+        """Socket ids that have memory (a heap), lowest first."""
+        return sorted({msl.socket_id for msl in memseg_lists(self.window)})
+
+    def _heap_order(self, socket_id: int) -> list[int]:
+        ids = self.heap_ids()
+        if socket_id == SOCKET_ID_ANY:
+            return ids
+        if not isinstance(socket_id, int) or socket_id not in ids:
+            raise MemdValueError(
+                f"socket_id {socket_id!r} has no memory here; use one of {ids} or SOCKET_ID_ANY")
+        return [socket_id]
+
+    def info(self) -> dict[str, Any]:
+        h = self._header()
+        lists = memseg_lists(self.window)
+        return {
+            "prefix": h.prefix,
+            "primary_pid": h.primary_pid,
+            "page_sizes": sorted({m.page_size for m in lists}),
+            "sockets": sorted({m.socket_id for m in lists}),
+            "iova_mode": "PA" if h.iova_mode == _ext.IOVA_PA else "VA",
+            "no_huge": bool(h.flags & _ext.CFG_F_NO_HUGE),
+            "legacy_mem": bool(h.flags & _ext.CFG_F_LEGACY),
+            "runtime_dir": str(self.rundir),
+            "huge_dirs": sorted({m.dir for m in lists if m.dir}),
+            "window_size": h.window_size,
+            "mapped_bytes": sum(m.n_used * m.page_size for m in lists),
+            "layout_version": h.layout_version,
+            "proc_slot": self.proc_slot,
+        }
+
+    def memsegs(self) -> list[dict[str, Any]]:
+        """Every mapped page, in window order."""
+        out = []
+        for msl in memseg_lists(self.window):
+            for slot, iova, socket_id, flags in _ext.segs(self.window, msl.index):
+                out.append({
+                    "list_index": msl.index,
+                    "slot": slot,
+                    "offset": msl.base_offset + slot * msl.page_size,
+                    "iova": None if iova == _ext.BAD_IOVA else iova,
+                    "length": msl.page_size,
+                    "socket_id": socket_id,
+                    "page_size": msl.page_size,
+                    "prealloc": bool(flags & _ext.SEG_F_PREALLOC),
+                })
+        return out
+
+    def memseg_runs(self) -> list[dict[str, Any]]:
+        """Memsegs as DPDK legacy mode shows them: runs of pages contiguous in
+        both window and iova."""
+        runs: list[dict[str, Any]] = []
+        for seg in self.memsegs():
+            last = runs[-1] if runs else None
+            if (last and last["list_index"] == seg["list_index"]
+                    and last["offset"] + last["length"] == seg["offset"]
+                    and seg["iova"] is not None and last["iova"] is not None
+                    and last["iova"] + last["length"] == seg["iova"]):
+                last["length"] += seg["length"]
+                last["n_pages"] += 1
+            else:
+                runs.append({**seg, "n_pages": 1})
+        return runs
+
+    def processes(self) -> list[dict[str, Any]]:
+        return [{
+            "slot": p.slot, "pid": p.pid,
+            "role": "primary" if p.state == _ext.PROC_PRIMARY else "secondary",
+            "start_time": p.start_time, "attach_time": p.attach_ns / 1e9, "comm": p.comm,
+        } for p in processes(self.window)]
+
+    # --- memzones (DPDK rte_memzone_*) ---------------------------------------
+
+    def memzone_reserve(self, name: str, length: int, socket_id: int = SOCKET_ID_ANY,
+                        flags: int = 0, align: int = 64, bound: int = 0) -> Memzone:
+        """Reserve `length` bytes named `name`, aligned to `align` (a power of two;
+        smaller than 64 is rounded up to 64, as DPDK does) and not crossing a
+        multiple of `bound` (0, or a power of two >= length)."""
+        check_name(name)
+        if not isinstance(length, int) or length <= 0:
+            raise MemdValueError(f"memzone length must be a positive int, not {length!r}")
+        if not isinstance(align, int) or not (align == 0 or _is_pow2(align)):
+            raise MemdValueError(f"align must be a power of two, not {align!r}")
+        if not isinstance(bound, int) or bound < 0 or (bound and not _is_pow2(bound)):
+            raise MemdValueError(f"bound must be 0 or a power of two, not {bound!r}")
+        if bound and bound < length:
+            raise MemdValueError(f"bound {bound} is smaller than length {length}")
+        if not isinstance(flags, int) or flags & ~_MEMZONE_FLAGS:
+            raise MemdValueError(f"unknown memzone flags {flags!r}")
+        align = max(align, 64)
+        if bound and align > bound:
+            raise MemdValueError(f"align {align} is larger than bound {bound}")
+        contig = bool(flags & MEMZONE_IOVA_CONTIG)
+        last_error: MemdError | None = None
+        for heap in self._heap_order(socket_id):
+            for attempt in range(3):
+                try:
+                    zid = _ext.memzone_reserve(self.window, name, length, heap, flags, align,
+                                               bound, os.getpid())
+                    self.sync_pages()
+                    return self._zone(zid)
+                except OSError as e:
+                    if e.errno != errno.ENOMEM:
+                        raise translate(e, f"memzone_reserve({name!r})") from e
+                    last_error = translate(e, f"memzone_reserve({name!r}, {length})")
+                    if attempt == 2:
+                        break
+                    try:
+                        self._expand_heap(heap, length, align, bound, contig)
+                    except MemoryError as me:
+                        last_error = me if isinstance(me, MemdError) else MemdMemoryError(str(me))
+                        break
+        raise last_error or MemdMemoryError(f"memzone_reserve({name!r}): no memory")
+
+    def _zone(self, zid: int) -> Memzone:
+        t = _ext.memzone(self.window, zid)
+        if t is None:
+            raise MemdKeyError(f"memzone {zid} was freed")
+        return Memzone(*t, _mem=self)
+
+    def memzone_lookup(self, name: str) -> Memzone:
+        check_name(name)
+        try:
+            zid = _ext.memzone_lookup(self.window, name)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise MemdKeyError(f"no memzone named {name!r}") from None
+            raise translate(e, "memzone_lookup") from e
+        return self._zone(zid)
+
+    def memzone_free(self, mz: Memzone) -> None:
+        t = _ext.memzone(self.window, mz.id)
+        if t is None or t[1] != mz.name or t[2] != mz.offset:
+            raise MemdKeyError(f"memzone {mz.name!r} is not reserved (already freed?)")
+        try:
+            heap = _ext.memzone_free(self.window, mz.id)
+        except OSError as e:
+            raise translate(e, f"memzone_free({mz.name!r})") from e
+        self._after_free(heap, mz.length)
+
+    def memzones(self) -> list[Memzone]:
+        return [Memzone(*t, _mem=self) for t in _ext.memzones(self.window)]
+
+    # --- heap growth hooks (subclasses) ----------------------------------------
+
+    def _after_free(self, heap: int, size: int) -> None:
+        """A free of `size` bytes in `heap`: give whole pages back when worth it."""
+        page = min((m.page_size for m in self._lists if m.socket_id == heap), default=0)
+        if page and size >= page:
+            self._release_pages(heap)
+
+    def _expand_heap(self, heap: int, size: int, align: int, bound: int, contig: bool) -> None:
+        raise NotImplementedError
+
+    def _release_pages(self, heap: int) -> None:
+        raise NotImplementedError

@@ -1,0 +1,107 @@
+"""Typed views of the mem_config.  The extension reads shared memory and returns
+tuples; this module names their fields.  Sizes and constants come from the
+extension (``memd._ext``), never from a copy."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+from memd import _ext
+
+SOCKET_ID_ANY = -1
+
+
+class Header(NamedTuple):
+    magic: int
+    layout_version: int
+    state: int
+    primary_pid: int
+    flags: int
+    primary_start_time: int
+    window_size: int
+    window_align: int
+    iova_mode: int
+    n_memseg_lists: int
+    mem_generation: int
+    primary_base: int
+    prefix: str
+
+
+class MemsegList(NamedTuple):
+    index: int
+    base_offset: int
+    page_size: int
+    socket_id: int
+    capacity: int
+    n_used: int
+    version: int
+    dir: str
+    used_bitmap: bytes
+
+    def used_slots(self) -> list[int]:
+        """Slots whose bit is set, lowest first."""
+        bits = int.from_bytes(self.used_bitmap, "little")
+        slots = []
+        while bits:
+            low = bits & -bits
+            slots.append(low.bit_length() - 1)
+            bits ^= low
+        return slots
+
+
+class ProcessSlot(NamedTuple):
+    slot: int
+    pid: int
+    state: int
+    start_time: int
+    attach_ns: int
+    mem_generation: int
+    comm: str
+
+
+def header(win: _ext.Window) -> Header:
+    return Header(*_ext.header(win))
+
+
+def memseg_lists(win: _ext.Window) -> list[MemsegList]:
+    n = _ext.header(win)[9]
+    lists = []
+    for i in range(n):
+        t = _ext.msl(win, i)
+        if t[1]:  # page_size 0 = unused entry
+            lists.append(MemsegList(i, *t))
+    return lists
+
+
+def processes(win: _ext.Window) -> list[ProcessSlot]:
+    return [ProcessSlot(*t) for t in _ext.procs(win)]
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks), None if gone.
+    A pid plus its start time names a process even after pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def process_alive(pid: int, start_time: int) -> bool:
+    """True if `pid` is the same live process that had `start_time`."""
+    if pid <= 0:
+        return False
+    st = proc_start_time(pid)
+    return st is not None and start_time in (0, st)
+
+
+def comm() -> str:
+    try:
+        with open("/proc/self/comm") as f:
+            return f.read().strip()[:31]
+    except OSError:
+        return str(os.getpid())
