@@ -469,9 +469,16 @@ static PyObject *hb_alloc(MemdHeapBase *self, PyObject *const *args, Py_ssize_t 
             Py_DECREF(order);
             goto slow;
         }
-        self->orders[sock + 1] = order;
+        Py_XSETREF(self->orders[sock + 1], order); /* another thread may have set it */
     }
-    PyObject *blk = malloc_in(self->window, order, size, align, 0, 0, zero, (PyObject *)self);
+    /* Hold the order (and window): the GIL is released while waiting for a heap
+     * lock, and another thread may clear the cache or swap the window meanwhile. */
+    PyObject *win = self->window;
+    Py_INCREF(order);
+    Py_INCREF(win);
+    PyObject *blk = malloc_in(win, order, size, align, 0, 0, zero, (PyObject *)self);
+    Py_DECREF(order);
+    Py_DECREF(win);
     if (blk != NULL)
         return blk;
 slow:
@@ -509,6 +516,8 @@ static PyObject *hb_free(PyObject *op, PyObject *const *args, Py_ssize_t nargs, 
     if (self->window == NULL || Py_TYPE(a[0]) != &MemdBlock_Type)
         goto slow;
     MemdBlock *b = (MemdBlock *)a[0];
+    if (Py_TYPE(self->window) != &MemdWindow_Type)
+        goto slow;
     char *base = ((MemdWindow *)self->window)->base;
     if (b->window != self->window || b->freed || base == NULL)
         goto slow;

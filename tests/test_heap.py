@@ -15,6 +15,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
 import traceback
 
 import pytest
@@ -573,8 +574,8 @@ class HeapMachine(RuleBasedStateMachine):
 
 TestHeapMachine = HeapMachine.TestCase
 TestHeapMachine.settings = settings(
-    max_examples=60,
-    stateful_step_count=40,
+    max_examples=200,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
@@ -842,3 +843,29 @@ def test_mixin_is_a_heapbase():
     del m  # the block keeps the Memory (its owner) and the window alive
     assert b.owner is not None
     b.owner.free(b)
+
+
+def test_threads_share_a_memory():
+    m = AnonymousMemory(heap_size=8 * MiB, n_heaps=2, prealloc=8 * MiB, release=False)
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for i in range(5000):
+                b = m.malloc(64 + i % 500, socket_id=-1 if k % 2 else 0)
+                b.buf[0] = k
+                m.free(b)
+                if i % 500 == 0:
+                    m._heap_reset()  # the C caches may vanish under a waiting thread
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for idx in (0, 1):
+        _ext.heap_check(m.window, idx)
+    assert m.heap_stats()["alloc_count"] == 0
