@@ -88,7 +88,7 @@ class AccessPolicy:
         ):
             return None
         who = f"uid {cred.uid} gid {cred.gid} (pid {cred.pid})"
-        allowed = f"uid {self.uid}, root"
+        allowed = "root" if self.uid == 0 else f"uid {self.uid}, root"
         if self.gid is not None:
             allowed += f" or members of gid {self.gid}"
         return f"permission denied: {who} may not use this memd; allowed: {allowed}"
