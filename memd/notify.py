@@ -126,7 +126,7 @@ class Watchdog:
         self.period = interval / 2 if interval else None
         self.env = env
         self.pings = 0
-        self._next = time.monotonic()
+        self._next: float | None = None  # the first tick pings at once
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Watchdog:
@@ -140,6 +140,8 @@ class Watchdog:
         """Milliseconds until the next ping is due (bounded by ``default``)."""
         if self.period is None:
             return default
+        if self._next is None:
+            return 0
         due = max(0, int((self._next - time.monotonic()) * 1000))
         return due if default is None else min(due, default)
 
@@ -148,7 +150,7 @@ class Watchdog:
         if self.period is None:
             return False
         now = time.monotonic() if now is None else now
-        if now < self._next:
+        if self._next is not None and now < self._next:
             return False
         self._next = now + self.period
         sent = notify(self.env, WATCHDOG=1)
