@@ -1,1 +1,47 @@
-"""memd_client: attach to a running memd primary."""
+"""memd_client: attach a secondary process to a running memd primary (API.md).
+
+    import memd_client as mc
+    with mc.attach(prefix="rte") as mem:
+        mz = mem.memzone_reserve("frames", 1 << 20)
+
+Everything the primary and other secondaries created is visible zero-copy;
+offsets found in rings, blocks and memzones are valid here through `mem.view`.
+"""
+
+from __future__ import annotations
+
+from memd_client.secondary import Secondary, attach
+
+from memd.errors import (
+    CorruptionError,
+    MemdError,
+    PermissionDenied,
+    PoolEmpty,
+    PrimaryNotRunning,
+    ProtocolError,
+    VersionMismatch,
+)
+from memd.memory import MEMZONE_IOVA_CONTIG, Memzone
+from memd.shared import SOCKET_ID_ANY
+
+RING_F_SP_ENQ = 0x1
+RING_F_SC_DEQ = 0x2
+RING_F_EXACT_SZ = 0x4
+
+__all__ = [
+    "MEMZONE_IOVA_CONTIG",
+    "RING_F_EXACT_SZ",
+    "RING_F_SC_DEQ",
+    "RING_F_SP_ENQ",
+    "SOCKET_ID_ANY",
+    "CorruptionError",
+    "MemdError",
+    "Memzone",
+    "PermissionDenied",
+    "PoolEmpty",
+    "PrimaryNotRunning",
+    "ProtocolError",
+    "Secondary",
+    "VersionMismatch",
+    "attach",
+]

@@ -80,7 +80,8 @@ class _RootsRestorer(contextlib.AbstractContextManager):
         SYS_ROOT, PROC_ROOT = self._old
 
 
-def set_roots(sys: str | None = None, proc: str | None = None) -> _RootsRestorer:
+def set_roots(sys: str | os.PathLike[str] | None = None,
+              proc: str | os.PathLike[str] | None = None) -> _RootsRestorer:
     """Point discovery at other /sys and /proc trees (None keeps the current one).
 
     Takes effect at once; used as a context manager it restores the previous roots

@@ -96,7 +96,7 @@ def process_alive(pid: int, start_time: int) -> bool:
     if pid <= 0:
         return False
     st = proc_start_time(pid)
-    return st is not None and (start_time == 0 or st == start_time)
+    return st is not None and start_time in (0, st)
 
 
 def comm() -> str:

@@ -1,0 +1,7 @@
+"""`python -m memd`: the primary daemon."""
+
+import sys
+
+from memd.daemon import main
+
+sys.exit(main())

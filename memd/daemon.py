@@ -1,0 +1,179 @@
+"""`memd`: run the primary in the foreground (API.md "Commands").
+
+Exit codes: 0 clean shutdown, 1 init failure (the message says how to fix it),
+2 bad usage.  SIGTERM/SIGINT: clean shutdown.  SIGHUP: log a state summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from memd import notify
+from memd.errors import MemdError
+from memd.paths import DEFAULT_PREFIX
+
+log = logging.getLogger("memd")
+
+
+def _mb_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MB[,MB...], got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("sizes must be >= 0")
+    return values
+
+
+def _address(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an address like 0x100000000, got {text!r}") from None
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MB, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memd", description="memd primary: hugepage memory for Python processes "
+        "(options follow DPDK's EAL)")
+    p.add_argument("--file-prefix", default=DEFAULT_PREFIX, help="instance name (default rte)")
+    p.add_argument("--runtime-dir", help="where the config and sockets live "
+                   "(default $RUNTIME_DIRECTORY, /var/run as root, else $XDG_RUNTIME_DIR)")
+    p.add_argument("--huge-dir", help="hugetlbfs mount (or a directory in one) for page files")
+    p.add_argument("-m", dest="memory_mb", type=_non_negative, default=0,
+                   help="MB to preallocate at start (kept for life)")
+    p.add_argument("--socket-mem", type=_mb_list, help="MB to preallocate per NUMA socket")
+    p.add_argument("--no-huge", action="store_true", help="use POSIX shared memory, no hugepages")
+    p.add_argument("--legacy-mem", action="store_true",
+                   help="map all memory at start, physically sorted (no growth)")
+    p.add_argument("--huge-unlink", action="store_true",
+                   help="unlink page files after mapping (secondaries cannot attach)")
+    p.add_argument("--single-file-segments", action="store_true",
+                   help="accepted for DPDK compatibility; memd keeps one file per page")
+    p.add_argument("--base-virtaddr", type=_address, default=0,
+                   help="map the shared window at this address")
+    p.add_argument("--config", help="TOML file with the same options (command line wins)")
+    p.add_argument("--group", help="group allowed to attach (files and sockets 0660)")
+    p.add_argument("--sync-timeout", type=float, default=2.0,
+                   help="seconds to wait for each secondary during a sync")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="log verbosity")
+    p.add_argument("--no-telemetry", action="store_true", help="do not open the admin socket")
+    return p
+
+
+def _apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill options not given on the command line from a TOML file."""
+    if not args.config:
+        return
+    import tomllib  # Python 3.11+
+
+    try:
+        with open(args.config, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        parser.error(f"--config {args.config}: {e}")
+    defaults = vars(parser.parse_args([]))
+    for key, value in data.items():
+        attr = key.replace("-", "_")
+        if attr == "m":
+            attr = "memory_mb"
+        if attr not in defaults or attr == "config":
+            parser.error(f"--config {args.config}: unknown option {key!r}")
+        if getattr(args, attr) == defaults[attr]:
+            setattr(args, attr, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _apply_config_file(args, parser)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        # journald adds its own timestamps; keep lines short and greppable
+        format="memd[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+    from memd.primary import Options, Primary  # after logging, so init logs show
+
+    opts = Options(
+        file_prefix=args.file_prefix, runtime_dir=args.runtime_dir, huge_dir=args.huge_dir,
+        memory_mb=args.memory_mb, socket_mem=args.socket_mem, no_huge=args.no_huge,
+        legacy_mem=args.legacy_mem, huge_unlink=args.huge_unlink,
+        single_file_segments=args.single_file_segments, base_virtaddr=args.base_virtaddr,
+        group=args.group, sync_timeout=args.sync_timeout, argv=["memd", *argv])
+    stop = threading.Event()
+    hup = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: hup.set())
+
+    t0 = time.monotonic()
+    try:
+        primary = Primary(opts)
+    except (MemdError, ValueError, OSError) as e:
+        print(f"memd: cannot start: {e}", file=sys.stderr)
+        return 1
+    telemetry = _start_telemetry(primary, args)
+    from memd.primary import memory_summary
+
+    notify.notify(READY=1, STATUS=f"serving prefix {primary.prefix}, "
+                  f"{primary.info()['mapped_bytes'] >> 20} MiB mapped")
+    log.info("init took %.1f ms", (time.monotonic() - t0) * 1000)
+    interval = notify.watchdog_interval()
+    next_ping = time.monotonic()
+
+    def tick() -> None:
+        nonlocal next_ping
+        if hup.is_set():
+            hup.clear()
+            log.info("state: %s", memory_summary(primary))
+        if interval and time.monotonic() >= next_ping:
+            notify.notify(WATCHDOG=1)
+            next_ping = time.monotonic() + interval / 2
+
+    try:
+        primary.serve(stop, on_tick=tick)
+    finally:
+        notify.notify(STOPPING=1, STATUS="shutting down")
+        if telemetry is not None:
+            telemetry.stop()
+        primary.close()
+        log.info("clean shutdown")
+    return 0
+
+
+def _start_telemetry(primary: Any, args: argparse.Namespace) -> Any:
+    """The admin socket (DPDK telemetry v2), if that module is present."""
+    if args.no_telemetry:
+        return None
+    try:
+        from memd.api import AdminAPI
+        from memd.telemetry import TelemetryServer
+    except ImportError:
+        return None
+    server = TelemetryServer(AdminAPI(primary), primary.rundir, primary.prefix)
+    server.start()
+    return server
+
+
+if __name__ == "__main__":
+    sys.exit(main())

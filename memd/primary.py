@@ -1,0 +1,705 @@
+"""The primary: all hugepage initialisation, the shared config, and heap growth
+(DESIGN.md §1, §2, §4).  `Primary` is usable in-process (embedding, tests);
+`memd.daemon` wraps it in a long-running process."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import grp
+import logging
+import math
+import mmap
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from memd import _ext, hugepage_info, pagemap
+from memd.errors import MemdError, MemdMemoryError
+from memd.ipc import PROTOCOL_VERSION, Peer, Server, param, reply
+from memd.memory import Memory
+from memd.paths import (
+    DEFAULT_PREFIX,
+    config_path,
+    mp_endpoint,
+    runtime_dir,
+    socket_dir,
+    validate_prefix,
+)
+from memd.shared import MemsegList, comm, memseg_lists, proc_start_time, process_alive
+
+log = logging.getLogger("memd")
+
+MiB = 1 << 20
+GiB = 1 << 30
+NO_HUGE_PAGE_SIZE = 2 * MiB      # --no-huge "pages": one shm object each
+MAX_LIST_BYTES = 32 * GiB        # DPDK RTE_MAX_MEM_MB_PER_LIST
+ELEM_OVERHEAD = 4096             # room for element headers when sizing an expansion
+
+
+class InitError(MemdError, RuntimeError):
+    """The primary cannot start; the message says how to fix it (exit code 1)."""
+
+
+class AlreadyRunning(InitError):
+    """Another primary owns this --file-prefix."""
+
+
+@dataclass
+class Options:
+    """The primary's settings; the daemon fills them from its command line."""
+
+    file_prefix: str = DEFAULT_PREFIX
+    runtime_dir: str | None = None
+    huge_dir: str | None = None
+    memory_mb: int = 0                      # -m: preallocated, never given back
+    socket_mem: list[int] | None = None     # --socket-mem: MB per socket
+    no_huge: bool = False
+    legacy_mem: bool = False
+    huge_unlink: bool = False
+    single_file_segments: bool = False
+    base_virtaddr: int = 0
+    group: str | None = None
+    sync_timeout: float = 2.0
+    argv: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _ListPlan:
+    page_size: int
+    socket_id: int
+    capacity: int
+    dir: str
+    base_offset: int = 0
+
+
+def _round_up(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+class Primary(Memory):
+    """Initialise everything, then serve secondaries (call `serve` or `poll`)."""
+
+    is_primary = True
+
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = opts = options or Options()
+        prefix = validate_prefix(opts.file_prefix)
+        super().__init__(prefix, runtime_dir(opts.runtime_dir))
+        self.proc_slot = 0
+        self._closed = False
+        self._cfg_fd = -1
+        self._dir_fds: list[int] = []
+        self.server: Server | None = None
+        self._gid = self._group_id(opts.group)
+        self._mode = 0o660 if self._gid is not None else 0o600
+        self.pages.mode = self._mode
+        self.pages.gid = self._gid
+        self._expand_lock = threading.RLock()
+        try:
+            self._init()
+        except BaseException:
+            self._teardown(remove_files=True)
+            raise
+
+    # --- init ------------------------------------------------------------------
+
+    @staticmethod
+    def _group_id(group: str | None) -> int | None:
+        if group is None:
+            return None
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise InitError(f"--group {group}: no such group; create it or drop --group") from None
+
+    def _init(self) -> None:
+        opts = self.options
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        self.config_file = config_path(self.prefix, self.rundir)
+        self._lock_config()
+        plans = self._plan_lists()
+        huge_dirs = sorted({p.dir for p in plans if p.dir})
+        removed = self.pages.remove_stale(huge_dirs)
+        if removed:
+            log.info("removed %d page files left by a dead primary", removed)
+        for d in huge_dirs:  # DPDK: exclusive while initialising, shared for life
+            self._dir_fds.append(hugepage_info.lock_huge_dir(d, exclusive=True))
+
+        window_align = max(p.page_size for p in plans)
+        cursor = _ext.CONFIG_SIZE
+        for p in plans:
+            cursor = _round_up(cursor, p.page_size)
+            p.base_offset = cursor
+            cursor += p.capacity * p.page_size
+        window_size = _round_up(cursor, window_align)
+        try:
+            self.window = _ext.Window(window_size, window_align, opts.base_virtaddr)
+        except OSError as e:
+            raise InitError(f"cannot reserve {window_size >> 20} MiB of address space"
+                            f"{' at --base-virtaddr' if opts.base_virtaddr else ''}: "
+                            f"{e.strerror}; try another --base-virtaddr or fewer pages") from e
+        self.window.map_fd(0, _ext.CONFIG_SIZE, self._cfg_fd)
+
+        self.iova_mode = (_ext.IOVA_PA if not opts.no_huge and pagemap.iova_mode_available()
+                          else _ext.IOVA_VA)
+        flags = ((_ext.CFG_F_NO_HUGE if opts.no_huge else 0)
+                 | (_ext.CFG_F_LEGACY if opts.legacy_mem else 0)
+                 | (_ext.CFG_F_HUGE_UNLINK if opts.huge_unlink else 0)
+                 | (_ext.CFG_F_SINGLE_FILE if opts.single_file_segments else 0))
+        start = proc_start_time(os.getpid()) or 0
+        _ext.config_format(self.window, self.prefix, flags, self.iova_mode, window_size,
+                           window_align, os.getpid(), start)
+        for i, p in enumerate(plans):
+            _ext.msl_init(self.window, i, p.base_offset, p.page_size, p.socket_id, p.capacity,
+                          p.dir)
+        self._lists = memseg_lists(self.window)
+
+        if opts.legacy_mem:
+            self._init_legacy()
+        else:
+            self._prealloc()
+        for fd, d in zip(self._dir_fds, huge_dirs, strict=True):
+            hugepage_info.relock_huge_dir(fd, d, exclusive=False)
+
+        _ext.proc_register(self.window, os.getpid(), start, _ext.PROC_PRIMARY, comm(), 0)
+        sockdir = socket_dir(self.prefix, self.rundir)
+        sockdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(sockdir, 0o770 if self._gid is not None else 0o700)
+        if self._gid is not None:
+            os.chown(sockdir, -1, self._gid)
+        with contextlib.suppress(FileNotFoundError):
+            (sockdir / "mp_socket").unlink()  # a dead primary's: we hold the config lock
+        self.server = Server(mp_endpoint(self.prefix, self.rundir), self._handlers(),
+                             opts.sync_timeout)
+        os.chmod(sockdir / "mp_socket", self._mode)
+        _ext.config_publish(self.window)  # magic last: secondaries may attach now
+        log.info("ready: prefix %s, %d memseg lists, %s MiB mapped, iova %s", self.prefix,
+                 len(self._lists), self.info()["mapped_bytes"] >> 20,
+                 "PA" if self.iova_mode == _ext.IOVA_PA else "VA")
+
+    def _lock_config(self) -> None:
+        """One primary per prefix: an exclusive flock on the config file, held for
+        life.  A stale file (its primary died) is replaced by a new inode, so the
+        dead primary's secondaries keep their old mapping and never see ours."""
+        path = self.config_file
+        for _ in range(10):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self._mode)
+            except PermissionError:
+                raise InitError(f"cannot create {path}: permission denied; run as root or "
+                                "pass --runtime-dir to a directory you own") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = self._pid_in(fd)
+                os.close(fd)
+                raise AlreadyRunning(
+                    f"another memd primary (pid {pid}) is running with --file-prefix "
+                    f"{self.prefix} in {self.rundir}; stop it (kill {pid}) or use another "
+                    "--file-prefix") from None
+            st = os.fstat(fd)
+            try:
+                same = os.stat(path).st_ino == st.st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # someone replaced it between open and flock: start over
+                os.close(fd)
+                continue
+            if st.st_size:
+                log.info("removing the config of a dead primary (pid %s)", self._pid_in(fd))
+                os.unlink(path)
+                os.close(fd)
+                continue
+            os.ftruncate(fd, _ext.CONFIG_SIZE)
+            if self._gid is not None:
+                os.fchown(fd, -1, self._gid)
+            os.fchmod(fd, self._mode)
+            self._cfg_fd = fd
+            return
+        raise InitError(f"{path} keeps changing under us; is another memd starting?")
+
+    @staticmethod
+    def _pid_in(fd: int) -> int:
+        off, size = _ext.LAYOUT["memd_config_header.primary_pid"]
+        raw = os.pread(fd, size, off)
+        return int.from_bytes(raw, "little", signed=True) if len(raw) == size else 0
+
+    def _requested_mb(self) -> dict[int, int]:
+        """MB to preallocate per socket from -m / --socket-mem."""
+        opts = self.options
+        if opts.socket_mem:
+            return {s: mb for s, mb in enumerate(opts.socket_mem) if mb}
+        return {0: opts.memory_mb} if opts.memory_mb else {}
+
+    def _plan_lists(self) -> list[_ListPlan]:
+        opts = self.options
+        if opts.no_huge:
+            cap = min(_ext.MAX_PAGES_PER_LIST, MAX_LIST_BYTES // NO_HUGE_PAGE_SIZE)
+            return [_ListPlan(NO_HUGE_PAGE_SIZE, 0, cap, "")]
+        info = hugepage_info.discover()
+        if opts.huge_dir:
+            dirs = [hugepage_info.resolve_huge_dir(opts.huge_dir, info=info)]
+        else:
+            dirs = []
+            for size in info.usable_sizes:
+                if info.sizes[size].nr_hugepages or info.sizes[size].nr_overcommit_hugepages:
+                    dirs.append(hugepage_info.resolve_huge_dir(None, size, info=info))
+            if not dirs:  # let resolve/require explain what is missing
+                hd = hugepage_info.resolve_huge_dir(None, None, info=info)
+                hugepage_info.require_free_pages(hd.page_size, 1, info=info)
+                dirs = [hd]
+        for hd in dirs:
+            hugepage_info.require_free_pages(hd.page_size, 1, info=info)
+        want = self._requested_mb()
+        if want:
+            size = dirs[0].page_size
+            for sock, mb in want.items():
+                if sock not in info.nodes:
+                    raise InitError(f"--socket-mem asks for memory on socket {sock}, but this "
+                                    f"machine has NUMA nodes {list(info.nodes)}")
+                n = math.ceil(mb * MiB / size)
+                hugepage_info.require_free_pages(
+                    size, n, node=sock if len(info.nodes) > 1 else None, info=info)
+        plans = []
+        for hd in sorted(dirs, key=lambda d: d.page_size):
+            cap = max(1, min(_ext.MAX_PAGES_PER_LIST, MAX_LIST_BYTES // hd.page_size))
+            for node in info.nodes:
+                plans.append(_ListPlan(hd.page_size, node, cap, hd.path))
+        if len(plans) > _ext.MAX_MEMSEG_LISTS:
+            plans = plans[: _ext.MAX_MEMSEG_LISTS]
+        return plans
+
+    def _lists_of(self, socket_id: int) -> list[MemsegList]:
+        return sorted((m for m in self._lists if m.socket_id == socket_id),
+                      key=lambda m: m.page_size)
+
+    # --- pages -----------------------------------------------------------------
+
+    def _page_iova(self, addr: int) -> int:
+        if self.iova_mode != _ext.IOVA_PA:
+            return _ext.BAD_IOVA
+        phys = pagemap.virt_to_phys(addr)
+        return _ext.BAD_IOVA if phys is None else phys
+
+    def _map_new_pages(self, msl: MemsegList, n: int, prealloc: bool) -> int:
+        """Create, map and record n pages in one free run of `msl`; returns the first
+        slot.  All or nothing: on failure the pages done so far are undone."""
+        first = _ext.msl_find_free(self.window, msl.index, n) if n <= msl.capacity else -1
+        if first < 0:
+            raise MemdMemoryError(f"no room for {n} more pages in memseg list {msl.index}")
+        done: list[int] = []
+        try:
+            for slot in range(first, first + n):
+                fd = self.pages.create(msl, slot)
+                done.append(slot)
+                try:
+                    addr = self._map_slot(msl, slot, fd=fd, populate=True)
+                finally:
+                    os.close(fd)
+                flags = _ext.SEG_F_PREALLOC if prealloc else 0
+                _ext.msl_set_page(self.window, msl.index, slot, self._page_iova(addr),
+                                  msl.socket_id, flags)
+                if self.options.huge_unlink:
+                    self.pages.remove(msl, slot)
+        except (OSError, MemoryError) as e:
+            for slot in done:
+                self._drop_page(msl, slot)
+            size = hugepage_info.kb(msl.page_size)
+            hint = ("the shm filesystem (/dev/shm) is full" if not msl.dir else
+                    f"out of {size} hugepages: reserve more (memctl hugepages --reserve) "
+                    "or free memory")
+            raise MemdMemoryError(f"cannot map {n} pages of {size}: {hint} ({e})") from e
+        self._lists = memseg_lists(self.window)
+        return first
+
+    def _drop_page(self, msl: MemsegList, slot: int) -> None:
+        if slot in self._mapped.get(msl.index, set()):
+            self._unmap_slot(msl, slot)
+        with contextlib.suppress(OSError):
+            _ext.msl_clear_page(self.window, msl.index, slot)
+        self.pages.remove(msl, slot)
+
+    def _prealloc(self) -> None:
+        """Dynamic mode: map -m / --socket-mem up front, mark it never to give back."""
+        for sock, mb in self._requested_mb().items():
+            lists = self._lists_of(sock)
+            if not lists:
+                raise InitError(f"no memory list for socket {sock}")
+            msl = lists[0]
+            n = math.ceil(mb * MiB / msl.page_size)
+            try:
+                first = self._map_new_pages(msl, n, prealloc=True)
+            except MemoryError as e:
+                raise InitError(str(e)) from e
+            self._add_to_heap(sock, msl.base_offset + first * msl.page_size, n * msl.page_size)
+
+    def _add_to_heap(self, heap: int, offset: int, length: int) -> None:
+        _ext.heap_lock(self.window, heap)
+        try:
+            _ext.heap_add_memory(self.window, heap, offset, length)
+        finally:
+            _ext.heap_unlock(self.window, heap)
+
+    def _init_legacy(self) -> None:
+        """--legacy-mem: map every requested page now, sort by physical address and
+        place runs of physically contiguous pages at contiguous window offsets,
+        leaving a hole between runs so that window-contiguous means iova-contiguous."""
+        opts = self.options
+        if opts.no_huge:
+            self._prealloc()
+            return
+        msl = self._lists[0]
+        want = self._requested_mb()
+        info = hugepage_info.discover()
+        total = (math.ceil(sum(want.values()) * MiB / msl.page_size) if want
+                 else info.sizes[msl.page_size].available)
+        total = min(total, msl.capacity // 2)
+        temp: list[tuple[str, int, mmap.mmap]] = []
+        try:
+            for i in range(total):
+                path = os.path.join(msl.dir, f"{self.prefix}tmp_{i}")
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self._mode)
+                try:
+                    os.ftruncate(fd, msl.page_size)
+                    mm = mmap.mmap(fd, msl.page_size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+                finally:
+                    os.close(fd)
+                mm[0:1] = b"\0"  # fault the page in so it has a frame
+                temp.append((path, pagemap.buffer_address(mm), mm))
+            addrs = [a for _, a, _ in temp]
+            phys = pagemap.virt_to_phys_many(addrs)
+            nodes = pagemap.numa_nodes_of(addrs)
+            order = sorted(range(total), key=lambda i: (nodes[i], phys[i] or 0, i))
+            slot_by_list: dict[int, int] = {}
+            prev: dict[int, int | None] = {}
+            for i in order:
+                lists = self._lists_of(nodes[i]) or [msl]
+                target = lists[0]
+                slot = slot_by_list.get(target.index, 0)
+                last = prev.get(target.index)
+                if last is not None and (phys[i] is None or phys[i] != last + target.page_size):
+                    slot += 1  # a hole: the next run is not physically contiguous
+                final = self.pages.describe(target, slot)
+                os.rename(temp[i][0], final)
+                fd = os.open(final, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    self._map_slot(target, slot, fd=fd)
+                finally:
+                    os.close(fd)
+                iova = _ext.BAD_IOVA if phys[i] is None or self.iova_mode != _ext.IOVA_PA \
+                    else phys[i]
+                _ext.msl_set_page(self.window, target.index, slot, iova, target.socket_id,
+                                  _ext.SEG_F_PREALLOC)
+                if opts.huge_unlink:
+                    self.pages.remove(target, slot)
+                prev[target.index] = phys[i]
+                slot_by_list[target.index] = slot + 1
+        finally:
+            for path, _, mm in temp:
+                mm.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # still a temp name only if something failed
+        self._lists = memseg_lists(self.window)
+        for run in self.memseg_runs():
+            self._add_to_heap(run["socket_id"], run["offset"], run["length"])
+
+    # --- heap growth (DESIGN.md §2: try_expand_heap_primary) ---------------------
+
+    def _expand_heap(self, heap: int, size: int, align: int, bound: int, contig: bool) -> None:
+        """Map enough new pages for `size` into `heap`, tell every secondary to map
+        them, and only then let anyone allocate from them (the heap lock is held
+        throughout).  Raises MemoryError when no pages can be had."""
+        if self.options.legacy_mem:
+            raise MemdMemoryError("memd runs with --legacy-mem: all memory was mapped at "
+                                  "start; restart it with a larger -m")
+        lists = self._lists_of(heap)
+        if not lists:
+            raise MemdMemoryError(f"socket {heap} has no memory lists")
+        need = size + max(align, 64) + ELEM_OVERHEAD
+        errors = []
+        with self._expand_lock:
+            for msl in lists:
+                n = math.ceil(need / msl.page_size)
+                if n > msl.capacity:
+                    errors.append(f"{n} pages of {hugepage_info.kb(msl.page_size)} exceed the "
+                                  f"list's {msl.capacity}")
+                    continue
+                _ext.heap_lock(self.window, heap)
+                try:
+                    try:
+                        first = self._map_new_pages(msl, n, prealloc=False)
+                    except MemoryError as e:
+                        errors.append(str(e))
+                        continue
+                    offset = msl.base_offset + first * msl.page_size
+                    failures = self._sync_secondaries()
+                    if failures:
+                        for slot in range(first, first + n):
+                            self._drop_page(msl, slot)
+                        self._sync_secondaries()  # rollback: they unmap what they mapped
+                        raise MemdMemoryError(
+                            "heap expansion rolled back: secondary "
+                            + ", ".join(f"pid {p.pid} ({why})" for p, why in failures))
+                    _ext.heap_add_memory(self.window, heap, offset, n * msl.page_size)
+                    log.debug("heap %d grew by %d x %d bytes", heap, n, msl.page_size)
+                    return
+                finally:
+                    _ext.heap_unlock(self.window, heap)
+        raise MemdMemoryError(f"cannot grow heap {heap} by {size} bytes: " + "; ".join(errors))
+
+    def _release_pages(self, heap: int) -> None:
+        """Give whole free pages that are not preallocated back to the system
+        (DESIGN.md §2, shrink).  Best effort: a failed sync puts them back."""
+        if not hasattr(_ext, "heap_find_free_pages") or self.options.legacy_mem:
+            return
+        with self._expand_lock:
+            for msl in self._lists_of(heap):
+                _ext.heap_lock(self.window, heap)
+                try:
+                    while True:
+                        try:
+                            off, length = _ext.heap_find_free_pages(self.window, heap,
+                                                                    msl.page_size)
+                        except OSError:
+                            break
+                        run = self._releasable_run(msl, off, length)
+                        if run is None:
+                            break
+                        first, n = run
+                        start = msl.base_offset + first * msl.page_size
+                        _ext.heap_remove_memory(self.window, heap, start, n * msl.page_size)
+                        for slot in range(first, first + n):
+                            with contextlib.suppress(OSError):
+                                _ext.msl_clear_page(self.window, msl.index, slot)
+                        failures = self._sync_secondaries()
+                        if failures:  # someone could not unmap: keep the pages
+                            for slot in range(first, first + n):
+                                _ext.msl_set_page(self.window, msl.index, slot,
+                                                  self._page_iova(self.window.address + start),
+                                                  msl.socket_id, 0)
+                            _ext.heap_add_memory(self.window, heap, start, n * msl.page_size)
+                            self._sync_secondaries()
+                            break
+                        for slot in range(first, first + n):
+                            self._unmap_slot(msl, slot)
+                            self.pages.remove(msl, slot)
+                        self._lists = memseg_lists(self.window)
+                finally:
+                    _ext.heap_unlock(self.window, heap)
+
+    def _releasable_run(self, msl: MemsegList, off: int, length: int) -> tuple[int, int] | None:
+        """The longest run of non-preallocated pages of `msl` inside [off, +length)."""
+        lo, hi = msl.base_offset, msl.base_offset + msl.capacity * msl.page_size
+        if not (lo <= off < hi):
+            return None
+        first = (off - lo) // msl.page_size
+        count = length // msl.page_size
+        segs = {s: f for s, _, _, f in _ext.segs(self.window, msl.index)}
+        best: tuple[int, int] | None = None
+        start = None
+        for s in [*range(first, first + count), None]:
+            ok = s is not None and s in segs and not segs[s] & _ext.SEG_F_PREALLOC
+            if ok and start is None:
+                start = s
+            elif not ok and start is not None:
+                assert s is None or s > start
+                end = s if s is not None else first + count
+                if best is None or end - start > best[1]:
+                    best = (start, end - start)
+                start = None
+        return best
+
+    def _sync_secondaries(self) -> list[tuple[Peer, str]]:
+        if self.server is None:
+            return []
+        self.prune_dead()
+        gen = self._header().mem_generation
+        return self.server.sync_all({"type": "sync", "generation": gen})
+
+    # --- secondaries ---------------------------------------------------------------
+
+    def prune_dead(self) -> list[int]:
+        """Forget secondaries whose process is gone; returns their pids."""
+        gone = []
+        if self.server is None:
+            return gone
+        for identity, peer in list(self.server.peers.items()):
+            if not process_alive(peer.pid, peer.start_time):
+                del self.server.peers[identity]
+                with contextlib.suppress(OSError):
+                    _ext.proc_unregister(self.window, peer.slot, peer.pid)
+                gone.append(peer.pid)
+                log.info("secondary pid %d (slot %d) died; slot reclaimed", peer.pid, peer.slot)
+        return gone
+
+    def _handlers(self) -> dict[str, Any]:
+        return {
+            "register": self._on_register,
+            "unregister": self._on_unregister,
+            "alloc": self._on_alloc,
+            "shrink": self._on_shrink,
+            "ping": self._on_ping,
+        }
+
+    def _on_register(self, identity: bytes, msg: dict[str, Any]) -> dict[str, Any]:
+        """register {pid, start_time, version, comm} -> {slot, generation}.
+        Sent on the secondary's sync socket, whose identity the primary keeps."""
+        pid = param(msg, "pid", int, 1, 2**31 - 1)
+        start = param(msg, "start_time", int, 0, 2**63)
+        version = param(msg, "version", int, 0, 2**31)
+        name = msg.get("comm", "")
+        if not isinstance(name, str):
+            name = ""
+        if version != PROTOCOL_VERSION:
+            return reply(msg["id"], errno.EPROTONOSUPPORT,
+                         f"protocol version {version} != primary's {PROTOCOL_VERSION}; "
+                         "use the same memd version on both sides")
+        if not identity.startswith(b"sync-"):
+            return reply(msg["id"], errno.EINVAL, "register from the sync socket")
+        if not process_alive(pid, start):
+            return reply(msg["id"], errno.ESRCH, f"pid {pid} is not a live process")
+        assert self.server is not None
+        old = self.server.peers.pop(identity, None)
+        if old is not None:
+            with contextlib.suppress(OSError):
+                _ext.proc_unregister(self.window, old.slot, old.pid)
+        try:
+            slot = _ext.proc_register(self.window, pid, start, _ext.PROC_SECONDARY, name[:31])
+        except OSError:
+            self.prune_dead()
+            try:
+                slot = _ext.proc_register(self.window, pid, start, _ext.PROC_SECONDARY,
+                                          name[:31])
+            except OSError:
+                return reply(msg["id"], errno.EUSERS,
+                             f"all {_ext.MAX_PROCS - 1} secondary slots are taken; detach "
+                             "unused processes")
+        self.server.peers[identity] = Peer(identity, slot, pid, start)
+        log.info("secondary pid %d attached in slot %d", pid, slot)
+        return reply(msg["id"], slot=slot, generation=self._header().mem_generation)
+
+    def _on_unregister(self, identity: bytes, msg: dict[str, Any]) -> dict[str, Any]:
+        """unregister {} -> {}: the secondary detaches; its slot is freed."""
+        assert self.server is not None
+        peer = self.server.peer_of(identity)
+        if peer is None:
+            return reply(msg["id"], errno.ENOENT, "not registered")
+        self.server.peers.pop(peer.identity, None)
+        with contextlib.suppress(OSError):
+            _ext.proc_unregister(self.window, peer.slot, peer.pid)
+        log.info("secondary pid %d detached from slot %d", peer.pid, peer.slot)
+        return reply(msg["id"])
+
+    def _on_alloc(self, identity: bytes, msg: dict[str, Any]) -> dict[str, Any]:
+        """alloc {heap, size, align, bound, contig} -> {}: grow `heap` so that a
+        block of `size` fits; every secondary has mapped the pages when this answers."""
+        assert self.server is not None
+        if self.server.peer_of(identity) is None:
+            return reply(msg["id"], errno.EPERM, "register first")
+        heap = param(msg, "heap", int, 0, _ext.MAX_HEAPS - 1)
+        size = param(msg, "size", int, 1, 2**48)
+        align = param(msg, "align", int, 0, 2**30)
+        bound = param(msg, "bound", int, 0, 2**48)
+        contig = bool(msg.get("contig", False))
+        if heap not in self.heap_ids():
+            return reply(msg["id"], errno.EINVAL, f"no heap {heap}")
+        self._expand_heap(heap, size, align, bound, contig)
+        return reply(msg["id"])
+
+    def _on_shrink(self, identity: bytes, msg: dict[str, Any]) -> dict[str, Any]:
+        """shrink {heap} -> {}: give whole free pages of `heap` back to the system."""
+        assert self.server is not None
+        if self.server.peer_of(identity) is None:
+            return reply(msg["id"], errno.EPERM, "register first")
+        heap = param(msg, "heap", int, 0, _ext.MAX_HEAPS - 1)
+        self._release_pages(heap)
+        return reply(msg["id"])
+
+    def _on_ping(self, identity: bytes, msg: dict[str, Any]) -> dict[str, Any]:
+        """ping {} -> {pid}: liveness."""
+        return reply(msg["id"], pid=os.getpid())
+
+    # --- running -------------------------------------------------------------------
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Serve requests for up to `timeout` seconds; returns how many."""
+        if self.server is None:
+            return 0
+        return self.server.poll_once(int(timeout * 1000))
+
+    def serve(self, stop: threading.Event, tick: float = 0.2,
+              on_tick: Any = None) -> None:
+        """Serve until `stop` is set; `on_tick()` runs between polls."""
+        last_prune = time.monotonic()
+        while not stop.is_set():
+            self.poll(tick)
+            now = time.monotonic()
+            if now - last_prune >= 1.0:
+                self.prune_dead()
+                last_prune = now
+            if on_tick is not None:
+                on_tick()
+
+    def params(self) -> list[str]:
+        return list(self.options.argv)
+
+    def close(self) -> None:
+        """Clean shutdown: refuse new attaches, tell secondaries, give every page
+        back and remove every file this primary made."""
+        if self._closed:
+            return
+        with contextlib.suppress(Exception):
+            _ext.config_set_state(self.window, _ext.STATE_SHUTDOWN)
+        if self.server is not None:
+            for peer in list(self.server.peers.values()):
+                self.server.send(peer.identity, {"type": "shutdown", "id": 0})
+        self._teardown(remove_files=True)
+
+    def _teardown(self, remove_files: bool) -> None:
+        self._closed = True
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        window = getattr(self, "window", None)
+        if window is not None:
+            for msl in self._lists:
+                for slot in sorted(self._mapped.get(msl.index, set())):
+                    with contextlib.suppress(OSError):
+                        self._unmap_slot(msl, slot)
+                    if remove_files:
+                        self.pages.remove(msl, slot)
+        if remove_files and self._cfg_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                self.config_file.unlink()
+            shutil.rmtree(socket_dir(self.prefix, self.rundir), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (self.rundir / "memd").rmdir()  # only if no other prefix uses it
+        for fd in self._dir_fds:
+            os.close(fd)
+        self._dir_fds = []
+        if self._cfg_fd >= 0:
+            os.close(self._cfg_fd)  # releases the primary lock
+            self._cfg_fd = -1
+
+    def __enter__(self) -> Primary:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def memory_summary(p: Primary) -> dict[str, Any]:
+    """One line of state for SIGHUP and STATUS=."""
+    info = p.info()
+    return {"prefix": info["prefix"], "mapped_mb": info["mapped_bytes"] >> 20,
+            "memzones": len(p.memzones()),
+            "secondaries": len(p.server.peers) if p.server else 0}
+
+
+__all__ = ["AlreadyRunning", "InitError", "Options", "Primary", "memory_summary"]

@@ -1,0 +1,150 @@
+"""Real processes for tests: a memd primary (`Daemon`) and secondaries
+(`run_secondary`).  Each daemon gets its own --file-prefix and runtime dir, and
+readiness is read from a real NOTIFY_SOCKET (READY=1), as systemd would."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+_counter = itertools.count()
+
+
+class Daemon:
+    def __init__(self, tmp_path: Path, mode: str, *args: str, prefix: str | None = None,
+                 runtime_dir: Path | None = None) -> None:
+        self.mode = mode
+        self.prefix = prefix or f"t{os.getpid()}x{next(_counter)}"
+        self.runtime_dir = runtime_dir or tmp_path / "run"
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = tmp_path / f"{self.prefix}.log"
+        self.args = list(args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.notifications: list[str] = []
+        self._notify: socket.socket | None = None
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "memd", "--file-prefix", self.prefix,
+               "--runtime-dir", str(self.runtime_dir), "--log-level", "debug", *self.args]
+        if self.mode == "nohuge":
+            cmd.append("--no-huge")
+        return cmd
+
+    def start(self, wait: bool = True, timeout: float = 20.0) -> Daemon:
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify_path = self.runtime_dir / f"notify-{self.prefix}"
+        notify_path.unlink(missing_ok=True)
+        self._notify.bind(str(notify_path))
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=self.log, env=env)
+        if wait:
+            self.wait_notify("READY=1", timeout)
+        return self
+
+    def wait_notify(self, key: str, timeout: float = 20.0) -> str:
+        assert self._notify is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            for n in self.notifications:
+                if key in n.split("\n"):
+                    return n
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {key} from memd in {timeout} s; log:\n{self.log_text()}")
+            if self.proc is not None and self.proc.poll() is not None and key == "READY=1":
+                raise AssertionError(f"memd exited {self.proc.returncode}:\n{self.log_text()}")
+            self._notify.settimeout(min(left, 0.2))
+            with contextlib.suppress(TimeoutError):
+                self.notifications.append(self._notify.recv(4096).decode())
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+            raise AssertionError(f"memd ignored signal {sig}; log:\n{self.log_text()}") from None
+        self.log.close()
+        if self._notify is not None:
+            self._notify.setblocking(False)
+            while True:  # keep what it said on the way out (STOPPING=1)
+                try:
+                    self.notifications.append(self._notify.recv(4096).decode())
+                except BlockingIOError:
+                    break
+            self._notify.close()
+            self._notify = None
+        return rc
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    @property
+    def config_path(self) -> Path:
+        return self.runtime_dir / f".{self.prefix}_config"
+
+    def attach(self, timeout: float = 5.0):
+        import memd_client
+
+        return memd_client.attach(self.prefix, runtime_dir=self.runtime_dir, timeout=timeout)
+
+
+SECONDARY_PRELUDE = """
+import json, os, sys
+import memd_client as mc
+mem = mc.attach(PREFIX, runtime_dir=RUNDIR, timeout=10)
+def out(obj):
+    print("RESULT " + json.dumps(obj), flush=True)
+"""
+
+
+def run_secondary(daemon: Daemon, code: str, timeout: float = 60.0, check: bool = True,
+                  user: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a new Python process attached to `daemon` as `mem`."""
+    prelude = SECONDARY_PRELUDE.replace("PREFIX", repr(daemon.prefix)).replace(
+        "RUNDIR", repr(str(daemon.runtime_dir)))
+    source = prelude + textwrap.dedent(code) + "\nmem.detach()\n"
+    cmd = [sys.executable, "-c", source]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"secondary failed ({proc.returncode}):\n{proc.stderr}\n"
+                             f"daemon log:\n{daemon.log_text()}")
+    return proc
+
+
+def result(proc: subprocess.CompletedProcess[str]) -> object:
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise AssertionError(f"no RESULT line in:\n{proc.stdout}\n{proc.stderr}")
+
+
+def hugepages_free() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+    return 0

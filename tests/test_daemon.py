@@ -1,0 +1,171 @@
+"""The primary as a real process: lifecycle, refusal, crash recovery, cleanup."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import memd_client as mc
+import pytest
+from memd_harness import Daemon, hugepages_free, result, run_secondary
+
+from memd import _ext
+
+
+def _page_files(d: Daemon) -> list[str]:
+    return glob.glob(f"/dev/hugepages/{d.prefix}map_*") + glob.glob(f"/dev/shm/{d.prefix}map_*")
+
+
+def test_ready_means_attachable_and_config_layout(daemon: Daemon) -> None:
+    # READY=1 came (the fixture waited): attach must work at once, without waiting
+    with daemon.attach(timeout=0) as mem:
+        info = mem.info()
+        assert info["primary_pid"] == daemon.pid
+        assert info["prefix"] == daemon.prefix
+        assert info["mapped_bytes"] >= 8 << 20
+        assert info["no_huge"] == (daemon.mode == "nohuge")
+    # the config file holds the pid at the offset the extension reports
+    off, size = _ext.LAYOUT["memd_config_header.primary_pid"]
+    with open(daemon.config_path, "rb") as f:
+        f.seek(off)
+        assert int.from_bytes(f.read(size), "little") == daemon.pid
+    assert oct(daemon.config_path.stat().st_mode & 0o777) == "0o600"
+    assert daemon.config_path.stat().st_size == _ext.CONFIG_SIZE
+
+
+def test_second_primary_is_refused(daemon_factory) -> None:
+    first = daemon_factory("-m", "4")
+    second = daemon_factory("-m", "4", prefix=first.prefix, runtime_dir=first.runtime_dir,
+                            start=False)
+    proc = subprocess.run(second.command(), check=False, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert first.prefix in proc.stderr and str(first.pid) in proc.stderr
+    # the first one is unharmed
+    with first.attach() as mem:
+        assert mem.info()["primary_pid"] == first.pid
+
+
+def test_clean_shutdown_leaves_nothing(daemon_factory, mode: str) -> None:
+    before = hugepages_free()
+    d = daemon_factory("-m", "16")
+    run_secondary(d, "mem.memzone_reserve('grow', 40 << 20)\n")  # forces expansion
+    assert _page_files(d)
+    if mode == "huge":
+        assert hugepages_free() <= before - 8
+    assert d.stop() == 0
+    assert "STOPPING=1" in "\n".join(d.notifications)
+    assert not d.config_path.exists()
+    assert not (d.runtime_dir / "memd" / d.prefix).exists()
+    assert _page_files(d) == []
+    if mode == "huge":
+        assert hugepages_free() == before
+
+
+def test_kill9_primary_then_new_primary_starts_clean(daemon_factory, tmp_path) -> None:
+    old = daemon_factory("-m", "8")
+    # a secondary of the old primary stays attached across the crash
+    code = (
+        "import sys, time\n"
+        "print('attached', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "try:\n"
+        "    mem.memzone_reserve('after', 64 << 20)\n"
+        "    out('no error')\n"
+        "except mc.PrimaryNotRunning as e:\n"
+        "    out('PrimaryNotRunning: ' + str(e))\n"
+    )
+    prelude_proc = subprocess.Popen(
+        [sys.executable, "-c",
+         "import json, memd_client as mc\n"
+         f"mem = mc.attach({old.prefix!r}, runtime_dir={str(old.runtime_dir)!r})\n"
+         "def out(o): print('RESULT ' + json.dumps(o), flush=True)\n" + code],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert prelude_proc.stdout.readline().strip() == "attached"
+    files_before = _page_files(old)
+    assert files_before
+    old.kill()
+    # stale files are still there after kill -9 ...
+    assert old.config_path.exists()
+    # ... and a new primary on the same prefix cleans them up and starts
+    new = daemon_factory("-m", "8", prefix=old.prefix, runtime_dir=old.runtime_dir)
+    assert "dead primary" in new.log_text()
+    with new.attach() as mem:
+        assert mem.info()["primary_pid"] == new.pid
+    out, err = prelude_proc.communicate("go\n", timeout=30)
+    assert "PrimaryNotRunning" in out, (out, err)
+
+
+def test_attach_without_primary_raises(tmp_path) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(mc.PrimaryNotRunning, match="no memd primary"):
+        mc.attach("nobody-here", runtime_dir=tmp_path, timeout=0.3)
+    assert time.monotonic() - t0 >= 0.3  # it did wait for a starting primary
+
+
+def test_attach_to_stale_config_raises(daemon_factory) -> None:
+    d = daemon_factory("-m", "4")
+    d.kill()
+    with pytest.raises(mc.PrimaryNotRunning, match="dead"):
+        d.attach(timeout=0.2)
+
+
+def test_attach_waits_for_a_starting_primary(daemon_factory) -> None:
+    d = daemon_factory("-m", "4", start=False)
+    d.start(wait=False)
+    with d.attach(timeout=20) as mem:  # no READY wait: attach itself waits
+        assert mem.info()["primary_pid"] == d.pid
+
+
+def test_version_mismatch(tmp_path) -> None:
+    cfg = tmp_path / ".old_config"
+    data = bytearray(_ext.CONFIG_SIZE)
+    data[0:8] = _ext.CONFIG_MAGIC.to_bytes(8, "little")
+    off, size = _ext.LAYOUT["memd_config_header.layout_version"]
+    data[off:off + size] = (999).to_bytes(size, "little")
+    cfg.write_bytes(bytes(data))
+    with pytest.raises(mc.VersionMismatch, match="layout version 999"):
+        mc.attach("old", runtime_dir=tmp_path, timeout=0.1)
+
+
+def test_permission_denied_for_other_user(daemon: Daemon) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a process as nobody")
+    os.chmod(daemon.runtime_dir.parent, 0o755)
+    os.chmod(daemon.runtime_dir, 0o755)
+    proc = run_secondary(daemon, "", check=False, user="nobody")
+    assert proc.returncode != 0
+    assert "PermissionDenied" in proc.stderr
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--bogus"], 2, "unrecognized"),
+    (["-m", "lots"], 2, "number of MB"),
+    (["--file-prefix", "a/b"], 1, "file-prefix"),
+    (["--huge-dir", "/nonexistent/dir"], 1, "huge-dir"),
+])
+def test_bad_usage_and_init_failures(tmp_path, args: list[str], code: int, words: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "memd", "--runtime-dir", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == code, proc.stderr
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sighup_logs_state(daemon: Daemon) -> None:
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "state:" not in daemon.log_text():
+        assert time.monotonic() < deadline, daemon.log_text()
+        time.sleep(0.05)
+    assert daemon.proc.poll() is None
+
+
+def test_processes_table_tracks_secondaries(daemon: Daemon) -> None:
+    res = result(run_secondary(daemon, "out([p['role'] for p in mem.processes()])"))
+    assert res == ["primary", "secondary"]
+    with daemon.attach() as mem:  # the first secondary's slot was freed at detach
+        assert [p["role"] for p in mem.processes()] == ["primary", "secondary"]
