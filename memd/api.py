@@ -105,7 +105,10 @@ def _name_param(params: str | None, limit: int = 64) -> str:
 
 
 def _hex(value: int | None) -> str:
-    return "Bad IOVA" if value is None or value < 0 else f"0x{value:x}"
+    """DPDK's address strings; RTE_BAD_IOVA (all ones) and None print "Bad IOVA"."""
+    if value is None or value < 0 or value >= (1 << 64) - 1:
+        return "Bad IOVA"
+    return f"0x{value:x}"
 
 
 def _plain(value: Any) -> Any:
@@ -123,6 +126,10 @@ def _plain(value: Any) -> Any:
 
 class AdminAPI:
     """The admin commands over the primary's memory object ``mem``.
+
+    A ``mem`` without some of the calls (a build whose rings or mempools are not
+    there yet) answers as if it had none of those objects: empty lists, and no
+    such keys in ``/memd/stats``.
 
     ``lock``, if given, is held around every command (the daemon's main thread
     mutates ``mem`` while the admin thread reads it). ``stats_sources`` are extra
@@ -144,6 +151,10 @@ class AdminAPI:
                 path = getattr(attr, "_memd_command", None)
                 if path:
                     self._handlers[path] = attr
+
+    def _list(self, name: str) -> list[Any]:
+        fn = getattr(self.mem, name, None)
+        return [] if fn is None else list(fn())
 
     # -- dispatch -----------------------------------------------------------------
 
@@ -208,7 +219,7 @@ class AdminAPI:
 
         Reply: the daemon's argv as an array of strings.
         """
-        return [str(a) for a in self.mem.params()]
+        return [str(a) for a in self._list("params")]
 
     @command("/eal/heap_list")
     def eal_heap_list(self, params: str | None) -> list[int]:
@@ -216,7 +227,7 @@ class AdminAPI:
 
         Reply: an array of heap ids (one per NUMA socket that has a heap).
         """
-        return sorted(int(h) for h in self.mem.heap_ids())
+        return sorted(int(h) for h in self._list("heap_ids"))
 
     @command("/eal/heap_info")
     def eal_heap_info(self, params: str | None) -> dict[str, Any]:
@@ -227,8 +238,10 @@ class AdminAPI:
         ``Alloc_count``, ``Free_count``. Null for an id without a heap.
         """
         heap_id = _int_param(params, "heap id")
-        if heap_id not in {int(h) for h in self.mem.heap_ids()}:
+        if heap_id not in {int(h) for h in self._list("heap_ids")}:
             raise BadParams(f"no heap {heap_id}")
+        if not hasattr(self.mem, "heap_stats"):
+            raise BadParams("this memd has no heap statistics")
         s = self.mem.heap_stats(heap_id)
         return {
             "Heap_id": heap_id,
@@ -247,7 +260,7 @@ class AdminAPI:
 
         Reply: an array of memzone ids.
         """
-        return [int(mz.id) for mz in self.mem.memzones()]
+        return [int(mz.id) for mz in self._list("memzones")]
 
     @command("/eal/memzone_info")
     def eal_memzone_info(self, params: str | None) -> dict[str, Any]:
@@ -260,7 +273,7 @@ class AdminAPI:
         Null for an unknown id.
         """
         mz_id = _int_param(params, "memzone id")
-        for mz in self.mem.memzones():
+        for mz in self._list("memzones"):
             if int(mz.id) == mz_id:
                 break
         else:
@@ -291,7 +304,7 @@ class AdminAPI:
 
         Reply: an array of mempool names.
         """
-        return [mp.name for mp in self.mem.mempools()]
+        return [mp.name for mp in self._list("mempools")]
 
     @command("/mempool/info")
     def mempool_info(self, params: str | None) -> dict[str, Any]:
@@ -306,7 +319,7 @@ class AdminAPI:
         null for a missing one.
         """
         name = _name_param(params)
-        for pool_id, mp in enumerate(self.mem.mempools()):
+        for pool_id, mp in enumerate(self._list("mempools")):
             if mp.name == name:
                 return self._mempool_dict(pool_id, mp)
         return {}
@@ -348,7 +361,7 @@ class AdminAPI:
 
         Reply: an array of ring names.
         """
-        return [r.name for r in self.mem.rings()]
+        return [r.name for r in self._list("rings")]
 
     @command("/ring/info")
     def ring_info(self, params: str | None) -> dict[str, Any]:
@@ -362,7 +375,7 @@ class AdminAPI:
         As DPDK: ``{}`` for an unknown name, null for a missing or too long one.
         """
         name = _name_param(params, limit=32)
-        for r in self.mem.rings():
+        for r in self._list("rings"):
             if r.name == name:
                 return self._ring_dict(r)
         return {}
@@ -415,7 +428,7 @@ class AdminAPI:
         page_size, prealloc}`` from index ``start`` (default 0). A reply longer than
         max_output_len is cut to whole entries: ask again from ``start + len``.
         """
-        return list(self.mem.memsegs())[_opt_start(params):]
+        return self._list("memsegs")[_opt_start(params):]
 
     @command("/memd/processes")
     def memd_processes(self, params: str | None) -> list[dict[str, Any]]:
@@ -424,7 +437,7 @@ class AdminAPI:
         Reply: an array of ``{slot, pid, role ("primary"/"secondary"), start_time,
         attach_time (unix seconds), comm}`` from index ``start`` (default 0).
         """
-        return list(self.mem.processes())[_opt_start(params):]
+        return self._list("processes")[_opt_start(params):]
 
     @command("/memd/stats")
     def memd_stats(self, params: str | None) -> dict[str, Any]:
@@ -435,25 +448,28 @@ class AdminAPI:
         ``memseg_bytes``, ``memzones``, ``memzone_bytes``, ``rings``, ``mempools``,
         ``processes``, ``secondaries``; then ``admin_*`` counters of the socket.
         """
-        heaps = [self.mem.heap_stats(h) for h in self.mem.heap_ids()]
-        segs = list(self.mem.memsegs())
-        zones = list(self.mem.memzones())
-        procs = list(self.mem.processes())
-        d: dict[str, Any] = {
-            "heaps": len(heaps),
-            "heap_totalsz_bytes": sum(int(h["heap_totalsz_bytes"]) for h in heaps),
-            "heap_freesz_bytes": sum(int(h["heap_freesz_bytes"]) for h in heaps),
-            "heap_allocsz_bytes": sum(int(h["heap_allocsz_bytes"]) for h in heaps),
-            "heap_alloc_count": sum(int(h["alloc_count"]) for h in heaps),
+        segs = self._list("memsegs")
+        zones = self._list("memzones")
+        procs = self._list("processes")
+        d: dict[str, Any] = {"heaps": len(self._list("heap_ids"))}
+        if hasattr(self.mem, "heap_stats"):
+            heaps = [self.mem.heap_stats(h) for h in self._list("heap_ids")]
+            d.update({
+                "heap_totalsz_bytes": sum(int(h["heap_totalsz_bytes"]) for h in heaps),
+                "heap_freesz_bytes": sum(int(h["heap_freesz_bytes"]) for h in heaps),
+                "heap_allocsz_bytes": sum(int(h["heap_allocsz_bytes"]) for h in heaps),
+                "heap_alloc_count": sum(int(h["alloc_count"]) for h in heaps),
+            })
+        d.update({
             "memsegs": len(segs),
             "memseg_bytes": sum(int(s["length"]) for s in segs),
             "memzones": len(zones),
             "memzone_bytes": sum(int(z.length) for z in zones),
-            "rings": len(list(self.mem.rings())),
-            "mempools": len(list(self.mem.mempools())),
+            "rings": len(self._list("rings")),
+            "mempools": len(self._list("mempools")),
             "processes": len(procs),
             "secondaries": sum(1 for p in procs if p.get("role") == "secondary"),
-        }
+        })
         for prefix, source in self.stats_sources.items():
             for key, value in source().items():
                 d[f"{prefix}_{key}"] = value

@@ -135,10 +135,11 @@ def _render_status(d: dict[str, Any]) -> str:
          ("hugepages, legacy" if info.get("legacy_mem") else "hugepages, dynamic")),
         ("page sizes", ", ".join(human_size(s) for s in info.get("page_sizes", [])) or "-"),
         ("sockets", ", ".join(str(s) for s in info.get("sockets", [])) or "-"),
-        ("heaps", f"{st.get('heaps', 0)}: {human_size(st.get('heap_totalsz_bytes', 0))} total, "
+        ("heaps", f"{st.get('heaps', 0)}: {human_size(st['heap_totalsz_bytes'])} total, "
                   f"{human_size(st.get('heap_freesz_bytes', 0))} free, "
                   f"{human_size(st.get('heap_allocsz_bytes', 0))} in "
-                  f"{st.get('heap_alloc_count', 0)} allocations"),
+                  f"{st.get('heap_alloc_count', 0)} allocations"
+         if "heap_totalsz_bytes" in st else f"{st.get('heaps', 0)} (no statistics)"),
         ("memsegs", f"{st.get('memsegs', 0)} ({human_size(st.get('memseg_bytes', 0))})"),
         ("memzones", f"{st.get('memzones', 0)} ({human_size(st.get('memzone_bytes', 0))})"),
         ("rings", str(st.get("rings", 0))),

@@ -280,6 +280,11 @@ class TelemetryServer:
                 st = os.stat(self.path)
                 if (st.st_dev, st.st_ino) == self._inode and stat.S_ISSOCK(st.st_mode):
                     os.unlink(self.path)
+            # <runtime>/dpdk/<prefix> and <runtime>/dpdk, if nothing else lives there
+            directory = os.path.dirname(self.path)
+            for d in (directory, os.path.dirname(directory)):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
         log.info("admin socket closed")
 
     def __enter__(self) -> TelemetryServer:

@@ -502,3 +502,35 @@ def test_api_commands_document_themselves(mem: FakeMem) -> None:
 def test_api_reference_is_generated_from_docstrings() -> None:
     text = reference()
     assert "## `/eal/heap_info`" in text and "Greatest_free_size" in text
+
+
+class PartialMem:
+    """A memory object from a build without heaps statistics, rings or mempools."""
+
+    def info(self) -> dict[str, object]:
+        return {"prefix": "p"}
+
+    def heap_ids(self) -> list[int]:
+        return [0]
+
+    def memsegs(self) -> list[dict[str, object]]:
+        return []
+
+    def memzones(self) -> list[object]:
+        return []
+
+    def processes(self) -> list[dict[str, object]]:
+        return []
+
+    def params(self) -> list[str]:
+        return ["memd"]
+
+
+def test_api_over_a_partial_memory_object() -> None:
+    api = AdminAPI(PartialMem())
+    assert api.call("/ring/list") == [] and api.call("/mempool/list") == []
+    assert api.call("/ring/info", "x") == {}
+    with pytest.raises(BadParams):
+        api.call("/eal/heap_info", "0")
+    stats = api.call("/memd/stats")
+    assert stats["heaps"] == 1 and "heap_totalsz_bytes" not in stats and stats["rings"] == 0
