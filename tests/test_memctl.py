@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import pytest
 from fakemem import FakeMem
+from memd_harness import Daemon
 
 from memd import memctl
 from memd.api import AdminAPI
@@ -303,3 +304,51 @@ def test_hugepages_show_on_this_machine(capsys: pytest.CaptureFixture[str]) -> N
     out, err = capsys.readouterr()
     assert code == 0, err
     assert isinstance(json.loads(out), list)
+
+
+# -- against the real daemon ------------------------------------------------------------------
+
+HOLD_ATTACHED = """
+import sys
+import memd_client as mc
+mem = mc.attach(sys.argv[1], runtime_dir=sys.argv[2], timeout=10)
+mem.memzone_reserve("held_zone", 3 << 20)
+print("ATTACHED", flush=True)
+sys.stdin.readline()
+mem.detach()
+"""
+
+
+def test_memctl_against_the_daemon(rundir: str, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    d = Daemon(tmp_path, "nohuge", "-m", "8", runtime_dir=Path(rundir)).start()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_ATTACHED, d.prefix, rundir],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ATTACHED\n"
+        code, out, _ = run(capsys, rundir, "status", prefix=d.prefix)
+        assert code == 0, out
+        assert re.search(rf"^daemon\s+memd \S+, pid {d.pid}$", out, re.M)
+        assert re.search(r"^processes\s+2 \(1 primary, 1 secondary\)$", out, re.M)
+        code, out, _ = run(capsys, rundir, "--json", "processes", prefix=d.prefix)
+        procs = json.loads(out)
+        assert {(p["pid"], p["role"]) for p in procs} == {(d.pid, "primary"),
+                                                          (holder.pid, "secondary")}
+        code, out, _ = run(capsys, rundir, "memzones", prefix=d.prefix)
+        assert code == 0 and "held_zone" in out and "3 MiB" in out
+        code, out, _ = run(capsys, rundir, "--json", "memsegs", prefix=d.prefix)
+        segs = json.loads(out)
+        assert code == 0 and sum(s["length"] for s in segs) >= 8 << 20
+        for command in ("heaps", "rings", "mempools"):
+            code, out, err = run(capsys, rundir, command, prefix=d.prefix)
+            assert code == 0 and err == "" and out
+        code, out, _ = run(capsys, rundir, "metrics", prefix=d.prefix)
+        assert code == 0 and "\nmemd_up 1\n" in out
+        assert 'memd_processes{role="secondary"} 1' in out
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(timeout=60)
+        d.stop()
+    code, _, err = run(capsys, rundir, "status", prefix=d.prefix)
+    assert code == 1 and len(err.splitlines()) == 1  # gone: one clear line

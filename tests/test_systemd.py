@@ -6,14 +6,19 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from memd_harness import Daemon
 
+from memd.daemon import build_parser
 from memd.notify import Watchdog, notify, notify_socket_address, watchdog_interval
+from memd.telemetry import TelemetryClient, socket_path
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "memd.service"
@@ -156,3 +161,40 @@ def test_watchdog_pings_at_half_the_interval(
     assert wd.pings == 2
     off = Watchdog.from_env({})
     assert not off.enabled and not off.tick() and off.timeout_ms(default=250) == 250
+
+
+# -- the daemon under a fake systemd ----------------------------------------------------------
+
+
+def test_daemon_notifies_ready_watchdog_stopping(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    rundir = Path(tempfile.mkdtemp(prefix="sd", dir="/tmp"))
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # ping every 0.1 s
+    d = Daemon(tmp_path, "nohuge", "-m", "4", runtime_dir=rundir)
+    try:
+        d.start()
+        ready = d.wait_notify("READY=1")
+        assert any(line.startswith("STATUS=") for line in ready.split("\n"))
+        # READY=1 means a secondary can attach and the admin socket answers, at once
+        with TelemetryClient(socket_path(str(rundir), d.prefix)) as c:
+            assert c.greeting["pid"] == d.pid
+        assert d.wait_notify("WATCHDOG=1") == "WATCHDOG=1"
+        assert d.stop(signal.SIGTERM) == 0
+        said = "\n".join(d.notifications).split("\n")
+        assert "STOPPING=1" in said
+        assert said.index("READY=1") < said.index("STOPPING=1")
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def test_env_file_options_are_accepted_by_memd() -> None:
+    env = {}
+    for line in ENV_FILE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value.strip('"')
+    args = build_parser().parse_args(["--runtime-dir", "/var/run", "--file-prefix",
+                                      env["MEMD_FILE_PREFIX"], *shlex.split(env["MEMD_OPTS"])])
+    assert args.runtime_dir == "/var/run" and args.memory_mb == 512

@@ -22,6 +22,7 @@ import pytest
 from fakemem import FakeMem, FakeZone
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from memd_harness import Daemon, run_secondary
 
 from memd.access import AccessPolicy, PeerCred, peer_credentials, resolve_group
 from memd.api import MAX_HELP_LEN, AdminAPI, BadParams, UnknownCommand, reference
@@ -534,3 +535,61 @@ def test_api_over_a_partial_memory_object() -> None:
         api.call("/eal/heap_info", "0")
     stats = api.call("/memd/stats")
     assert stats["heaps"] == 1 and "heap_totalsz_bytes" not in stats and stats["rings"] == 0
+
+
+# -- against the real daemon ------------------------------------------------------------------
+
+
+@pytest.fixture
+def live(rundir: str, tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, "nohuge", "-m", "8", runtime_dir=Path(rundir)).start()
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        d.stop()
+
+
+def test_daemon_speaks_to_dpdk_telemetry_py(live: Daemon, rundir: str) -> None:
+    run_secondary(live, "mem.memzone_reserve('e2e_zone', 1 << 20)\n")
+    path = socket_path(rundir, live.prefix)
+    # READY=1 came: the admin socket already answers, no retry
+    s, greeting = connect(path)
+    s.close()
+    assert json.loads(greeting)["pid"] == live.pid
+    out = _dpdk_telemetry(rundir, live.prefix, "/eal/heap_list\n/eal/memzone_list\n"
+                          "/eal/memzone_info,0\n/eal/params\n/memd/processes\n/info\n")
+    heaps, zones, zone, params, procs, info = (json.loads(x) for x in out.strip().splitlines())
+    assert heaps == {"/eal/heap_list": [0]}
+    assert zones == {"/eal/memzone_list": [0]}
+    assert zone["/eal/memzone_info"]["Name"] == "e2e_zone"
+    assert zone["/eal/memzone_info"]["Length"] == 1 << 20
+    assert "--file-prefix" in params["/eal/params"] and live.prefix in params["/eal/params"]
+    assert [p["role"] for p in procs["/memd/processes"]] == ["primary"]
+    assert info["/info"]["pid"] == live.pid
+    assert live.stop() == 0
+    assert not os.path.exists(path)
+    assert not os.path.exists(os.path.join(rundir, "dpdk"))  # nothing left behind
+
+
+def test_daemon_in_var_run_found_by_default_paths(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the default runtime dir /var/run needs root")
+    prefix = f"memdtest{os.getpid()}"
+    d = Daemon(tmp_path, "nohuge", "-m", "4", prefix=prefix, runtime_dir=Path("/var/run"))
+    try:
+        d.start()
+        env = {k: v for k, v in os.environ.items() if k != "RUNTIME_DIRECTORY"}
+        proc = subprocess.run([sys.executable, DPDK_TELEMETRY, "-f", prefix],
+                              input="/eal/heap_list\n", capture_output=True, text=True,
+                              env=env, timeout=60, check=False)
+        assert proc.stdout.strip() == '{"/eal/heap_list": [0]}', proc.stdout + proc.stderr
+        proc = subprocess.run([sys.executable, "-m", "memd.memctl", "--file-prefix", prefix,
+                               "--json", "status"], capture_output=True, text=True,
+                              env=dict(env, PYTHONPATH=str(Path(__file__).parent.parent)),
+                              timeout=60, check=False, cwd="/")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["info"]["primary_pid"] == d.pid
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        Path(f"/var/run/notify-{prefix}").unlink(missing_ok=True)  # the harness's
+    assert not os.path.exists(f"/var/run/dpdk/{prefix}")
