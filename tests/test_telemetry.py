@@ -593,3 +593,8 @@ def test_daemon_in_var_run_found_by_default_paths(tmp_path: Path) -> None:
             d.stop()
         Path(f"/var/run/notify-{prefix}").unlink(missing_ok=True)  # the harness's
     assert not os.path.exists(f"/var/run/dpdk/{prefix}")
+
+
+def test_generated_reference_is_up_to_date() -> None:
+    doc = Path(__file__).resolve().parent.parent / "docs" / "admin-socket.md"
+    assert doc.read_text() == reference() + "\n", "regenerate: python -m memd.api > " + str(doc)
