@@ -207,14 +207,21 @@ class TelemetryServer:
         if self._thread is not None:
             raise RuntimeError("telemetry server already started")
         directory = socket_dir(self.runtime_dir, self.prefix)
-        dir_mode = 0o700 | (self.socket_mode & 0o066 and 0o050) | (
-            self.socket_mode & 0o006 and 0o005)
-        os.makedirs(os.path.dirname(directory), mode=dir_mode, exist_ok=True)
-        os.makedirs(directory, mode=dir_mode, exist_ok=True)
-        if self.group is not None:
-            with contextlib.suppress(OSError):
-                os.chown(directory, -1, self.group)
-                os.chmod(directory, dir_mode)
+        # whoever may use the socket must be able to reach it: <runtime>/dpdk and
+        # <runtime>/dpdk/<prefix> get the socket's group/other search bits; an existing
+        # <runtime>/dpdk (DPDK's, shared with DPDK apps) is left as it is
+        dir_mode = (0o700 | (0o050 if self.socket_mode & 0o060 else 0)
+                    | (0o005 if self.socket_mode & 0o006 else 0))
+        for d in (os.path.dirname(directory), directory):
+            if os.path.isdir(d) and d != directory:
+                if os.stat(d).st_mode & dir_mode & 0o055 != dir_mode & 0o055:
+                    log.warning("%s (not ours) keeps group/other users from reaching the "
+                                "admin socket; widen it: chmod %o %s", d, dir_mode, d)
+                continue
+            os.makedirs(d, mode=dir_mode, exist_ok=True)
+            os.chmod(d, dir_mode)  # makedirs' mode is filtered by the umask
+            if self.group is not None:
+                os.chown(d, -1, self.group)
         self._listener, self.path, self.instance = self._bind(directory)
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)

@@ -450,6 +450,18 @@ def test_nobody_is_refused_with_a_clear_error(rundir: str, mem: FakeMem) -> None
             assert c.query("/eal/heap_list") == [0]
 
 
+def test_member_of_the_group_is_served(rundir: str, mem: FakeMem) -> None:
+    nogroup = 65534
+    with TelemetryServer(AdminAPI(mem), rundir, "grp", group=nogroup) as srv:
+        st_ = os.stat(srv.path)
+        assert (st_.st_mode & 0o777, st_.st_gid) == (0o660, nogroup)
+        proc = _as_nobody("/usr/bin/python3", "-c", NOBODY_CLIENT, srv.path)
+        assert proc.returncode == 0, proc.stderr
+        greeting, reply = proc.stdout.strip().splitlines()
+        assert json.loads(greeting)["pid"] == os.getpid()
+        assert "max_output_len" in reply
+
+
 def test_default_socket_mode_keeps_nobody_out(server: TelemetryServer) -> None:
     proc = _as_nobody("/usr/bin/python3", "-c", NOBODY_CLIENT, server.path)
     assert proc.stdout.strip() == "EACCES", proc.stdout + proc.stderr
