@@ -170,8 +170,16 @@ def _start_telemetry(primary: Any, args: argparse.Namespace) -> Any:
         from memd.telemetry import TelemetryServer
     except ImportError:
         return None
-    server = TelemetryServer(AdminAPI(primary), primary.rundir, primary.prefix)
-    server.start()
+    from memd.access import resolve_group
+
+    try:
+        server = TelemetryServer(AdminAPI(primary), primary.rundir, primary.prefix,
+                                 group=resolve_group(args.group))
+        server.start()
+    except (OSError, ValueError) as e:  # secondaries are still served; say what is missing
+        log.error("admin socket disabled (memctl and dpdk-telemetry.py will not connect): %s",
+                  e)
+        return None
     return server
 
 
