@@ -137,6 +137,7 @@ class Secondary(Memory):
         """Background thread: the primary changed the memory map."""
         if msg["type"] == "sync":
             self.sync_pages()
+            self._heap_cache_clear()  # pages came or went: reset release thresholds
         elif msg["type"] == "shutdown":
             log.warning("the memd primary is shutting down")
 
@@ -160,9 +161,10 @@ class Secondary(Memory):
                                   f"{ans['reason']}")
         self.sync_pages()
 
-    def _release_pages(self, heap: int) -> None:
+    def _release_pages(self, heap: int) -> int | None:
         with contextlib.suppress(MemdMemoryError, PrimaryNotRunning):
             self._request({"type": "shrink", "heap": heap})
+        return None
 
     # --- detach ----------------------------------------------------------------------
 

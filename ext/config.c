@@ -302,8 +302,9 @@ int memd_memzone_free(char *base, uint32_t id)
         uint32_t heap_idx = (uint32_t)z->socket_id;
         uint64_t elem = z->elem_offset;
         z->name[0] = '\0';
-        rc = heap_idx >= MEMD_MAX_HEAPS ? -EINVAL : memd_heap_free(base, &c->heaps[heap_idx], elem);
-        rc = rc < 0 ? rc : (int)heap_idx;
+        int64_t freed = heap_idx >= MEMD_MAX_HEAPS ? -EINVAL
+                                                   : memd_heap_free(base, &c->heaps[heap_idx], elem);
+        rc = freed < 0 ? (int)freed : (int)heap_idx;
         memset(z, 0, sizeof(*z));
     }
     memd_lock_release(&c->config_lock);

@@ -20,6 +20,7 @@ from memd.errors import (
     MemdValueError,
     translate,
 )
+from memd.heap import HeapMixin
 from memd.pages import PageStore
 from memd.shared import SOCKET_ID_ANY, Header, MemsegList, header, memseg_lists, processes
 
@@ -64,7 +65,7 @@ class Memzone:
         return self._mem.window.view(self.offset, self.length)
 
 
-class Memory:
+class Memory(HeapMixin):
     """Base of Primary and Secondary. Subclasses set `window`, `proc_slot` and
     implement `_expand_heap` and `_release_pages`."""
 
@@ -154,6 +155,15 @@ class Memory:
     def heap_ids(self) -> list[int]:
         """Socket ids that have memory (a heap), lowest first."""
         return sorted({msl.socket_id for msl in memseg_lists(self.window)})
+
+    def _page_size(self, heap: int) -> int:
+        """The smallest page size feeding `heap` (its release granularity)."""
+        lists = self._lists or memseg_lists(self.window)
+        return min((m.page_size for m in lists if m.socket_id == heap), default=1 << 21)
+
+    def _iova(self, offset: int) -> int:
+        iova = _ext.iova_of(self.window, offset)
+        return _ext.BAD_IOVA if iova is None else iova
 
     def _heap_order(self, socket_id: int) -> list[int]:
         ids = self.heap_ids()
@@ -290,21 +300,15 @@ class Memory:
             heap = _ext.memzone_free(self.window, mz.id)
         except OSError as e:
             raise translate(e, f"memzone_free({mz.name!r})") from e
-        self._after_free(heap, mz.length)
+        self._heap_maybe_release(heap, mz.length)
 
     def memzones(self) -> list[Memzone]:
         return [Memzone(*t, _mem=self) for t in _ext.memzones(self.window)]
 
     # --- heap growth hooks (subclasses) ----------------------------------------
 
-    def _after_free(self, heap: int, size: int) -> None:
-        """A free of `size` bytes in `heap`: give whole pages back when worth it."""
-        page = min((m.page_size for m in self._lists if m.socket_id == heap), default=0)
-        if page and size >= page:
-            self._release_pages(heap)
-
     def _expand_heap(self, heap: int, size: int, align: int, bound: int, contig: bool) -> None:
         raise NotImplementedError
 
-    def _release_pages(self, heap: int) -> None:
+    def _release_pages(self, heap: int) -> int | None:
         raise NotImplementedError

@@ -20,6 +20,7 @@ from typing import Any
 
 from memd import _ext, hugepage_info, pagemap
 from memd.errors import MemdError, MemdMemoryError
+from memd.heap import space_needed
 from memd.ipc import PROTOCOL_VERSION, Peer, Server, param, reply
 from memd.memory import Memory
 from memd.paths import (
@@ -38,7 +39,6 @@ MiB = 1 << 20
 GiB = 1 << 30
 NO_HUGE_PAGE_SIZE = 2 * MiB      # --no-huge "pages": one shm object each
 MAX_LIST_BYTES = 32 * GiB        # DPDK RTE_MAX_MEM_MB_PER_LIST
-ELEM_OVERHEAD = 4096             # room for element headers when sizing an expansion
 
 
 class InitError(MemdError, RuntimeError):
@@ -421,7 +421,7 @@ class Primary(Memory):
         lists = self._lists_of(heap)
         if not lists:
             raise MemdMemoryError(f"socket {heap} has no memory lists")
-        need = size + max(align, 64) + ELEM_OVERHEAD
+        need = space_needed(size, align, bound)
         errors = []
         with self._expand_lock:
             for msl in lists:
@@ -453,11 +453,13 @@ class Primary(Memory):
                     _ext.heap_unlock(self.window, heap)
         raise MemdMemoryError(f"cannot grow heap {heap} by {size} bytes: " + "; ".join(errors))
 
-    def _release_pages(self, heap: int) -> None:
+    def _release_pages(self, heap: int) -> int | None:
         """Give whole free pages that are not preallocated back to the system
-        (DESIGN.md §2, shrink).  Best effort: a failed sync puts them back."""
-        if not hasattr(_ext, "heap_find_free_pages") or self.options.legacy_mem:
-            return
+        (DESIGN.md §2, shrink).  Best effort: a failed sync puts them back.
+        Returns the free size below which it need not be called again (None:
+        let the heap double its threshold)."""
+        if self.options.legacy_mem:
+            return 2**64 - 1  # legacy memory is all preallocated
         with self._expand_lock:
             for msl in self._lists_of(heap):
                 _ext.heap_lock(self.window, heap)
@@ -483,7 +485,8 @@ class Primary(Memory):
                                 _ext.msl_set_page(self.window, msl.index, slot,
                                                   self._page_iova(self.window.address + start),
                                                   msl.socket_id, 0)
-                            _ext.heap_add_memory(self.window, heap, start, n * msl.page_size)
+                            _ext.heap_add_memory(self.window, heap, start, n * msl.page_size,
+                                                 True)
                             self._sync_secondaries()
                             break
                         for slot in range(first, first + n):
@@ -492,6 +495,7 @@ class Primary(Memory):
                         self._lists = memseg_lists(self.window)
                 finally:
                     _ext.heap_unlock(self.window, heap)
+        return None
 
     def _releasable_run(self, msl: MemsegList, off: int, length: int) -> tuple[int, int] | None:
         """The longest run of non-preallocated pages of `msl` inside [off, +length)."""
