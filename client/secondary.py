@@ -157,8 +157,7 @@ class Secondary(Memory):
         ans = self._request({"type": "alloc", "heap": heap, "size": size, "align": align,
                              "bound": bound, "contig": contig})
         if ans["status"]:
-            raise MemdMemoryError(f"the primary could not grow heap {heap} by {size} bytes: "
-                                  f"{ans['reason']}")
+            raise MemdMemoryError(f"primary: {ans['reason']}")
         self.sync_pages()
 
     def _release_pages(self, heap: int) -> int | None:

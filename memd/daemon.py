@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for DPDK compatibility; memd keeps one file per page")
     p.add_argument("--base-virtaddr", type=_address, default=0,
                    help="map the shared window at this address")
+    p.add_argument("--max-mem", dest="max_mem_mb", type=_non_negative, default=0,
+                   help="MB of memory the heaps may grow to (default: no limit)")
     p.add_argument("--config", help="TOML file with the same options (command line wins)")
     p.add_argument("--group", help="group allowed to attach (files and sockets 0660)")
     p.add_argument("--sync-timeout", type=float, default=2.0,
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         memory_mb=args.memory_mb, socket_mem=args.socket_mem, no_huge=args.no_huge,
         legacy_mem=args.legacy_mem, huge_unlink=args.huge_unlink,
         single_file_segments=args.single_file_segments, base_virtaddr=args.base_virtaddr,
-        group=args.group, sync_timeout=args.sync_timeout, argv=["memd", *argv])
+        group=args.group, sync_timeout=args.sync_timeout, max_mem_mb=args.max_mem_mb,
+        argv=["memd", *argv])
     stop = threading.Event()
     hup = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -45,6 +45,7 @@ SOCKET_ID_ANY = -1
 Block = _ext.Block
 
 _U64_MAX = 2**64 - 1
+GROW_ATTEMPTS = 8  # expansions per heap before a malloc gives up
 _HDR = _ext.HEAP_ELEM_HEADER_SIZE
 _TRL = _ext.HEAP_ELEM_TRAILER_SIZE
 
@@ -276,23 +277,28 @@ class HeapMixin(_ext.HeapBase):
     ) -> Block:
         """No heap had room: grow them in order, retrying after each growth."""
         window = self.window
+        why = ""
         for idx in order:
             if retry:  # another process may have freed meanwhile
                 blk = _heap_malloc(window, order, size, align, bound, contig, zero, self)
                 if blk is not None:
                     return blk
             retry = True
-            try:
-                self._expand_heap(idx, size, align, bound, contig)
-            except MemoryError:
-                continue
-            self._heap_cache_clear(idx)
-            blk = _heap_malloc(window, (idx,), size, align, bound, contig, zero, self)
-            if blk is not None:
-                return blk
+            # Other processes may take the new pages before we retry (or give free
+            # pages back): grow again, a bounded number of times, while growth works.
+            for _ in range(GROW_ATTEMPTS):
+                try:
+                    self._expand_heap(idx, size, align, bound, contig)
+                except MemoryError as e:
+                    why = f" ({e})"
+                    break
+                self._heap_cache_clear(idx)
+                blk = _heap_malloc(window, (idx,), size, align, bound, contig, zero, self)
+                if blk is not None:
+                    return blk
         raise MemdMemoryError(
             f"{what}({size} bytes, align {align}, bound {bound}, contig {contig}): "
-            f"heaps {list(order)} are full and could not grow. Free blocks you no longer "
+            f"heaps {list(order)} are full and could not grow{why}. Free blocks you no longer "
             "need, reserve more hugepages (memctl hugepages), or raise -m / --socket-mem"
         )
 

@@ -65,6 +65,7 @@ class Options:
     base_virtaddr: int = 0
     group: str | None = None
     sync_timeout: float = 2.0
+    max_mem_mb: int = 0                     # --max-mem: cap on mapped memory (0 = none)
     argv: list[str] = field(default_factory=list)
 
 
@@ -426,6 +427,11 @@ class Primary(Memory):
         with self._expand_lock:
             for msl in lists:
                 n = math.ceil(need / msl.page_size)
+                cap = self.options.max_mem_mb * MiB
+                if cap and self._mapped_bytes() + n * msl.page_size > cap:
+                    errors.append(f"memd's --max-mem {self.options.max_mem_mb} MB is reached "
+                                  "(free memory or restart memd with a larger --max-mem)")
+                    continue
                 if n > msl.capacity:
                     errors.append(f"{n} pages of {hugepage_info.kb(msl.page_size)} exceed the "
                                   f"list's {msl.capacity}")
@@ -452,6 +458,9 @@ class Primary(Memory):
                 finally:
                     _ext.heap_unlock(self.window, heap)
         raise MemdMemoryError(f"cannot grow heap {heap} by {size} bytes: " + "; ".join(errors))
+
+    def _mapped_bytes(self) -> int:
+        return sum(m.n_used * m.page_size for m in memseg_lists(self.window))
 
     def _release_pages(self, heap: int) -> int | None:
         """Give whole free pages that are not preallocated back to the system

@@ -1,0 +1,215 @@
+"""Heaps across processes: expansion through the primary (ZeroMQ), sync of every
+secondary, rollback, exhaustion, giving pages back (DESIGN.md §2 and §4)."""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import zmq
+from memd_harness import Daemon, hugepages_free, result, run_secondary
+
+from memd.paths import mp_endpoint
+
+
+def _attached_waiter(d: Daemon) -> subprocess.Popen[str]:
+    """A secondary that attaches, says so, and waits for a line on stdin."""
+    p = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, memd_client as mc\n"
+         f"m = mc.attach({d.prefix!r}, runtime_dir={str(d.runtime_dir)!r})\n"
+         "print('attached', flush=True)\nsys.stdin.readline()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "attached"
+    return p
+
+
+def test_secondary_expands_heap_and_another_process_reads_it(daemon: Daemon) -> None:
+    res = result(run_secondary(daemon, """
+        before = mem.heap_stats(0)["heap_totalsz_bytes"]
+        blk = mem.malloc(30 << 20)          # 8 MB preallocated: must expand
+        mv = memoryview(blk).cast("B")
+        mv[:8] = b"memd-exp"
+        mv[-1] = 0x77
+        after = mem.heap_stats(0)["heap_totalsz_bytes"]
+        out([blk.offset, blk.size, before, after])
+    """))
+    offset, size, before, after = res
+    assert size >= 30 << 20 and after >= before + (30 << 20)
+    with daemon.attach() as mem:
+        view = mem.view(offset, size)
+        assert bytes(view[:8]) == b"memd-exp" and view[-1] == 0x77
+        assert mem.heap_stats(0)["alloc_count"] >= 1
+
+
+def test_four_secondaries_expand_concurrently_and_get_disjoint_memory(daemon: Daemon) -> None:
+    start_at = time.time() + 1.5
+    code = f"""
+        import time
+        time.sleep(max(0, {start_at} - time.time()))
+        me = os.getpid() & 0xFF
+        blocks = []
+        for _ in range(3):
+            b = mem.malloc(6 << 20)          # each one needs new pages
+            memoryview(b).cast("B")[:] = bytes([me]) * b.size
+            blocks.append(b)
+        out([[b.offset, b.size, me] for b in blocks])
+        import sys; sys.stdin.readline()      # stay attached while the test checks
+    """
+    from memd_harness import SECONDARY_PRELUDE
+    prelude = SECONDARY_PRELUDE.replace("PREFIX", repr(daemon.prefix)).replace(
+        "RUNDIR", repr(str(daemon.runtime_dir)))
+    import textwrap
+    procs = [subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(code)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    results = []
+    for p in procs:
+        line = p.stdout.readline()
+        assert line.startswith("RESULT "), (line, daemon.log_text())
+        import json
+        results.extend(json.loads(line[7:]))
+    spans = sorted((off, off + size, me) for off, size, me in results)
+    for (_, end, _), (nxt, _, _) in itertools.pairwise(spans):
+        assert end <= nxt, "two secondaries got overlapping memory"
+    with daemon.attach() as mem:
+        for off, end, me in spans:  # nobody overwrote anybody
+            v = mem.view(off, end - off)
+            assert v[0] == me and v[-1] == me and v[(end - off) // 2] == me
+    for p in procs:
+        p.communicate("done\n", timeout=30)
+        assert p.returncode == 0
+
+
+def test_unresponsive_secondary_makes_primary_roll_back(daemon_factory) -> None:
+    d = daemon_factory("-m", "4", "--sync-timeout", "0.5")
+    victim = _attached_waiter(d)
+    os.kill(victim.pid, signal.SIGSTOP)  # alive but cannot answer sync
+    try:
+        res = result(run_secondary(d, """
+            total = mem.heap_stats(0)["heap_totalsz_bytes"]
+            try:
+                mem.malloc(20 << 20)
+                out(["no error"])
+            except MemoryError as e:
+                out([str(e), total, mem.heap_stats(0)["heap_totalsz_bytes"],
+                     len(mem.memsegs())])
+        """))
+        assert "rolled back" in res[0] and str(victim.pid) in res[0], res
+        assert res[1] == res[2], "heap grew although the expansion was rolled back"
+        assert res[3] == 2  # only the 4 MB preallocated pages remain mapped
+    finally:
+        victim.kill()
+        victim.wait()
+    # the dead secondary is pruned and expansion works again
+    res = result(run_secondary(d, "b = mem.malloc(20 << 20); out(b.size)"))
+    assert res >= 20 << 20
+    assert d.proc.poll() is None
+
+
+def test_exhaustion_raises_memoryerror_and_daemon_keeps_serving(daemon_factory) -> None:
+    d = daemon_factory("-m", "4", "--max-mem", "40")  # 4 + 3 x 10 MB fit, 18 more do not
+    res = result(run_secondary(d, """
+        blocks = [mem.malloc(8 << 20) for _ in range(3)]
+        try:
+            mem.malloc(16 << 20)
+            out(["no error"])
+        except MemoryError as e:
+            msg = str(e)
+        for b in blocks:
+            mem.free(b)
+        again = mem.malloc(16 << 20)   # works again after the frees
+        out([msg, again.size])
+    """))
+    assert "--max-mem" in res[0], res
+    assert res[1] >= 16 << 20
+    assert d.proc.poll() is None
+
+
+def test_freeing_a_large_block_gives_pages_back(daemon_factory, mode: str) -> None:
+    before = hugepages_free()
+    d = daemon_factory("-m", "4")
+    base_free = hugepages_free()
+    pattern = f"/dev/{'shm' if mode == 'nohuge' else 'hugepages'}/{d.prefix}map_*"
+    res = result(run_secondary(d, f"""
+        import glob
+        blk = mem.malloc(40 << 20)
+        grown = len(glob.glob({pattern!r}))
+        mem.free(blk)
+        out([grown, len(glob.glob({pattern!r})), len(mem.memsegs())])
+    """))
+    grown, after, segs = res
+    assert grown >= 22 and after == 2 and segs == 2, res
+    if mode == "huge":
+        assert hugepages_free() == base_free
+        assert d.stop() == 0
+        assert hugepages_free() == before
+
+
+def test_malformed_messages_get_errors_and_change_nothing(daemon: Daemon) -> None:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 5000)
+    s.connect(mp_endpoint(daemon.prefix, daemon.runtime_dir))
+    with daemon.attach() as mem:
+        stats = mem.heap_stats(0)
+        segs = mem.memsegs()
+    cases = [
+        b"\xc1garbage",                                         # not msgpack
+        msgpack.packb([1, 2, 3]),                               # not a map
+        msgpack.packb({"id": 1}),                               # no type
+        msgpack.packb({"type": "alloc"}),                       # no id
+        msgpack.packb({"type": "alloc", "id": -1}),             # bad id
+        msgpack.packb({"type": "nonsense", "id": 2}),           # unknown type
+        msgpack.packb({"type": "alloc", "id": 3, "heap": 0, "size": 1 << 20,
+                       "align": 0, "bound": 0}),                # not registered
+        msgpack.packb({"type": "register", "id": 4, "pid": "x"}),  # bad param type
+        msgpack.packb({"type": "register", "id": 5, "pid": 1, "start_time": 0,
+                       "version": 999}),                       # wrong version
+        msgpack.packb({"type": "ping", "id": 6, "pad": "x" * 5000}),  # over the limit
+    ]
+    for raw in cases:
+        s.send(raw)
+        ans = msgpack.unpackb(s.recv())
+        assert ans["type"] == "reply" and ans["status"] != 0 and ans["reason"], (raw[:20], ans)
+    s.send(msgpack.packb({"type": "ping", "id": 7}))
+    assert msgpack.unpackb(s.recv())["status"] == 0
+    s.send_multipart([b"two", b"frames"])
+    assert msgpack.unpackb(s.recv())["status"] != 0
+    s.send(b"x" * (1 << 20))  # far past the socket's size limit: dropped, not served
+    s.close()
+    with daemon.attach() as mem:  # still serving, nothing changed
+        assert mem.heap_stats(0) == stats
+        assert mem.memsegs() == segs
+    assert daemon.proc.poll() is None
+
+
+def test_page_files_are_private(daemon: Daemon) -> None:
+    files = glob.glob(f"/dev/hugepages/{daemon.prefix}map_*") + glob.glob(
+        f"/dev/shm/{daemon.prefix}map_*")
+    assert files
+    for f in files:
+        assert os.stat(f).st_mode & 0o777 == 0o600, f
+
+
+@pytest.mark.parametrize("n_other", [0, 4])
+def test_expansion_syncs_every_secondary(daemon: Daemon, n_other: int) -> None:
+    others = [_attached_waiter(daemon) for _ in range(n_other)]
+    try:
+        res = result(run_secondary(daemon, "b = mem.malloc(12 << 20); out([b.offset, b.size])"))
+        with daemon.attach() as mem:  # every mapping is there for a newcomer too
+            v = mem.view(res[0], res[1])
+            assert len(v) == res[1]
+        assert "rolled back" not in daemon.log_text()
+    finally:
+        for p in others:
+            p.communicate("x\n", timeout=30)
+            assert p.returncode == 0
