@@ -13,7 +13,11 @@ row's ratio to bytearray(n) and to libc malloc+free through ctypes.  Rows:
   bytearray     bytearray(n), dropped (Python's allocator; zero-filled)
   ctypes libc   libc.malloc + libc.free through ctypes
 
-The lead adds memzone and expansion-round-trip parts later.
+Then, side by side with DPDK's `malloc_perf_autotest` (dpdk-test, --no-huge -m 1600)
+when installed: rte_malloc+rte_free per size, memzone reserve+free (memd: a primary
+in-process), and the secondary expansion round trip: a secondary's malloc that
+must ask the primary (a real memd process) for pages, with 0, 1 and 4 other
+secondaries attached that the primary must sync.
 """
 
 from __future__ import annotations
@@ -21,8 +25,18 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import os
+import re
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
 import timeit
+from pathlib import Path
 
 from memd import _ext
 from memd.heap import AnonymousMemory
@@ -87,6 +101,120 @@ def main() -> None:
     s = mem.heap_stats()
     assert s["alloc_count"] == 0, s
     _ext.heap_check(mem.window, 0)
+
+    dpdk = dpdk_malloc_perf() if shutil.which("dpdk-test") else {}
+    if dpdk:
+        print("\nvs DPDK rte_malloc+rte_free (malloc_perf_autotest, C):")
+        for n in SIZES:
+            ref = dpdk.get(("rte_malloc", n))
+            if ref:
+                ours = results["HeapMixin"][n]
+                print(f"  {n:>6} B: memd {ours:6.0f} ns, DPDK {ref:6.0f} ns, "
+                      f"memd/DPDK {ours / ref:5.2f}")
+    print()
+    mz = memzone_pairs(2000)
+    ref = dpdk.get(("rte_memzone_reserve", 64))
+    print(f"memzone reserve+free (64 B): memd {mz:.2f} us"
+          + (f", DPDK {ref / 1000:.2f} us, memd/DPDK {mz * 1000 / ref:.2f}" if ref else ""))
+    for others in (0, 1, 4):
+        rt = expansion_round_trip(others, 30)
+        kind = "hugepages" if hugepages_free() >= 64 else "no-huge"
+        print(f"secondary expansion round trip ({kind}), {others} other secondaries: "
+              f"median {rt:.2f} ms")
+
+
+def dpdk_malloc_perf() -> dict[tuple[str, int], float]:
+    """ns per alloc+free from DPDK's own malloc_perf_autotest, by (section, size)."""
+    try:
+        out = subprocess.run(
+            ["dpdk-test", "--no-pci", "--no-huge", "-m", "1600", "-l", "0",
+             "--file-prefix", f"hb{os.getpid()}"], input="malloc_perf_autotest\nquit\n",
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # results are logged to stderr
+            text=True, timeout=600, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    found: dict[tuple[str, int], float] = {}
+    section = ""
+    for line in out.splitlines():
+        m = re.search(r"Performance: (\w+)", line)
+        if m:
+            section = m.group(1)
+            continue
+        cols = line.split()
+        if len(cols) >= 6 and cols[1].isdigit() and cols[2].isdigit():
+            found[(section, int(cols[1]))] = float(cols[5]) * 1000  # Total (us) -> ns
+    return found
+
+
+def hugepages_free() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+    return 0
+
+
+def memzone_pairs(n: int) -> float:
+    """Median us per memzone_reserve + memzone_free on an in-process primary."""
+    from memd.primary import Options, Primary
+
+    rundir = tempfile.mkdtemp(prefix="memd-hb-")
+    p = Primary(Options(file_prefix=f"hb{os.getpid()}", runtime_dir=rundir, no_huge=True,
+                        memory_mb=64))
+    try:
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            p.memzone_free(p.memzone_reserve(f"z{i % 7}", 64))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e6
+    finally:
+        p.close()
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def expansion_round_trip(others: int, runs: int) -> float:
+    """Median ms of a secondary malloc that needs the primary to map a page and
+    sync every secondary (a real memd process; the free gives the page back)."""
+    import memd_client as mc
+
+    rundir = Path(tempfile.mkdtemp(prefix="memd-hb-"))
+    prefix = f"hx{os.getpid()}"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(rundir / "n"))
+    mode = [] if hugepages_free() >= 64 else ["--no-huge"]
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "memd", *mode, "--file-prefix", prefix, "--runtime-dir",
+         str(rundir), "--no-telemetry", "--log-level", "warning"],
+        env={**os.environ, "NOTIFY_SOCKET": str(rundir / "n")})
+    waiters = []
+    try:
+        notify.settimeout(30)
+        while b"READY=1" not in notify.recv(4096):
+            pass
+        for _ in range(others):
+            w = subprocess.Popen([sys.executable, "-c",
+                                  "import sys, memd_client as mc\n"
+                                  f"m = mc.attach({prefix!r}, runtime_dir={str(rundir)!r})\n"
+                                  "print('ok', flush=True); sys.stdin.readline()"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert w.stdout is not None and w.stdout.readline().strip() == "ok"
+            waiters.append(w)
+        times = []
+        with mc.attach(prefix, runtime_dir=rundir) as mem:
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                blk = mem.malloc(1 << 20)  # heap is empty: always one new page
+                times.append(time.perf_counter() - t0)
+                mem.free(blk)               # ... which the free gives back
+        return statistics.median(times) * 1000
+    finally:
+        for w in waiters:
+            w.communicate("x\n", timeout=30)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        notify.close()
+        shutil.rmtree(rundir, ignore_errors=True)
 
 
 if __name__ == "__main__":

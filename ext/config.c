@@ -60,6 +60,13 @@ uint64_t memd_config_magic(const char *base)
                                 memory_order_acquire);
 }
 
+uint64_t memd_config_generation(const char *base)
+{
+    /* acquire: pairs with the release increment in bump_versions(). */
+    return atomic_load_explicit(ATOMIC_U64(&((struct memd_config *)base)->hdr.mem_generation),
+                                memory_order_acquire);
+}
+
 void memd_config_set_state(char *base, uint32_t state)
 {
     /* seq_cst: rare, and readers poll it without any other synchronisation. */

@@ -31,6 +31,10 @@ uint64_t memd_config_magic(const char *base);
 
 void memd_config_set_state(char *base, uint32_t state);
 
+/* header.mem_generation with acquire order: changes whenever a page is mapped or
+ * unmapped, so a process can skip re-reading the memseg lists when it has not. */
+uint64_t memd_config_generation(const char *base);
+
 /* Memseg lists.  Fails iff -EINVAL (index, alignment or capacity out of range). */
 int memd_msl_init(char *base, uint32_t idx, uint64_t base_offset, uint64_t page_size,
                   int32_t socket_id, uint32_t capacity, const char *dir);

@@ -71,6 +71,16 @@ static PyObject *py_header(PyObject *Py_UNUSED(m), PyObject *arg)
                          (unsigned long long)h->primary_base, h->prefix);
 }
 
+/* mem_generation(win) -> int: bumped on every page map/unmap (acquire load, pairs
+ * with the release increment in bump_versions). */
+static PyObject *py_mem_generation(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    char *base = memd_base_of(arg);
+    if (base == NULL)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(memd_config_generation(base));
+}
+
 static PyObject *py_msl_init(PyObject *Py_UNUSED(m), PyObject *args)
 {
     char *base;
@@ -418,6 +428,7 @@ static PyMethodDef config_functions[] = {
     {"config_publish", py_config_publish, METH_O, "state = READY, then magic (release)."},
     {"config_set_state", py_config_set_state, METH_VARARGS, "config_set_state(win, state)"},
     {"header", py_header, METH_O, "header(win) -> tuple (see memd/shared.py Header)"},
+    {"mem_generation", py_mem_generation, METH_O, "mem_generation(win) -> int"},
     {"msl_init", py_msl_init, METH_VARARGS,
      "msl_init(win, idx, base_offset, page_size, socket_id, capacity, dir)"},
     {"msl", py_msl, METH_VARARGS, "msl(win, idx) -> tuple (see memd/shared.py)"},

@@ -80,6 +80,8 @@ class Memory(HeapMixin):
         self._mapped: dict[int, set[int]] = {}  # list index -> slots mapped here
         self._map_lock = threading.RLock()
         self._lists: list[MemsegList] = []
+        self._synced_generation = -1  # header.mem_generation at the last sync_pages
+        self._heap_id_cache: list[int] | None = None
 
     # --- pages ---------------------------------------------------------------
 
@@ -109,6 +111,9 @@ class Memory(HeapMixin):
         appeared, unmap pages that went.  Returns (mapped, unmapped)."""
         mapped = unmapped = 0
         with self._map_lock:
+            generation = _ext.mem_generation(self.window)
+            if generation == self._synced_generation:
+                return 0, 0  # nothing was mapped or unmapped since the last sync
             self._lists = memseg_lists(self.window)
             for msl in self._lists:
                 want = set(msl.used_slots())
@@ -119,6 +124,7 @@ class Memory(HeapMixin):
                 for slot in sorted(have - want):
                     self._unmap_slot(msl, slot)
                     unmapped += 1
+            self._synced_generation = generation  # read before the walk: no change lost
         return mapped, unmapped
 
     def _is_mapped(self, offset: int, length: int) -> bool:
@@ -153,8 +159,11 @@ class Memory(HeapMixin):
     # --- what's there -------------------------------------------------------
 
     def heap_ids(self) -> list[int]:
-        """Socket ids that have memory (a heap), lowest first."""
-        return sorted({msl.socket_id for msl in memseg_lists(self.window)})
+        """Socket ids that have memory (a heap), lowest first.  The memseg lists
+        are fixed at init, so this is computed once."""
+        if self._heap_id_cache is None:
+            self._heap_id_cache = sorted({m.socket_id for m in memseg_lists(self.window)})
+        return list(self._heap_id_cache)
 
     def _page_size(self, heap: int) -> int:
         """The smallest page size feeding `heap` (its release granularity)."""

@@ -299,7 +299,9 @@ class Primary(Memory):
                 fd = self.pages.create(msl, slot)
                 done.append(slot)
                 try:
-                    addr = self._map_slot(msl, slot, fd=fd, populate=True)
+                    # Populate hugepages now (fail here, not with SIGBUS later); shm
+                    # pages fault in on first use like any other memory.
+                    addr = self._map_slot(msl, slot, fd=fd, populate=bool(msl.dir))
                 finally:
                     os.close(fd)
                 flags = _ext.SEG_F_PREALLOC if prealloc else 0
@@ -317,6 +319,15 @@ class Primary(Memory):
             raise MemdMemoryError(f"cannot map {n} pages of {size}: {hint} ({e})") from e
         self._lists = memseg_lists(self.window)
         return first
+
+    def sync_pages(self) -> tuple[int, int]:
+        """The primary maps and unmaps every page itself, so its mappings are
+        always current: only refresh the cached lists when the map changed."""
+        generation = _ext.mem_generation(self.window)
+        if generation != self._synced_generation:
+            self._lists = memseg_lists(self.window)
+            self._synced_generation = generation
+        return 0, 0
 
     def _drop_page(self, msl: MemsegList, slot: int) -> None:
         if slot in self._mapped.get(msl.index, set()):
