@@ -4,6 +4,7 @@ checked from another process's own /proc/self/pagemap."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import textwrap
 
@@ -49,10 +50,10 @@ def test_legacy_memsegs_are_sorted_contiguous_and_real(daemon_factory, root_only
         first = next(s for s in segs if s["offset"] == run["offset"])
         assert run["iova"] == first["iova"]
         assert run["length"] == run["n_pages"] * run["page_size"]
-    for a, b in zip(runs, runs[1:], strict=False):  # ... and runs are really separate
+    for a, b in itertools.pairwise(runs):  # ... and runs are really separate
         assert a["iova"] + a["length"] != b["iova"] or a["offset"] + a["length"] != b["offset"]
     # window-adjacent pages are physically adjacent too (the hole between runs)
-    for a, b in zip(segs, segs[1:], strict=False):
+    for a, b in itertools.pairwise(segs):
         if a["offset"] + a["page_size"] == b["offset"]:
             assert a["iova"] + a["page_size"] == b["iova"]
 
