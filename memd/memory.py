@@ -22,6 +22,7 @@ from memd.errors import (
 )
 from memd.heap import HeapMixin
 from memd.pages import PageStore
+from memd.paths import config_path
 from memd.shared import SOCKET_ID_ANY, Header, MemsegList, header, memseg_lists, processes
 
 # DPDK memzone flags memd accepts (rte_memzone.h values)
@@ -195,6 +196,7 @@ class Memory(HeapMixin):
             "no_huge": bool(h.flags & _ext.CFG_F_NO_HUGE),
             "legacy_mem": bool(h.flags & _ext.CFG_F_LEGACY),
             "runtime_dir": str(self.rundir),
+            "config_path": str(config_path(self.prefix, self.rundir)),
             "huge_dirs": sorted({m.dir for m in lists if m.dir}),
             "window_size": h.window_size,
             "mapped_bytes": sum(m.n_used * m.page_size for m in lists),
