@@ -26,6 +26,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from memd.access import AccessPolicy, PeerCred
 from memd.errors import PrimaryNotRunning, ProtocolError
 
 log = logging.getLogger("memd.ipc")
@@ -58,6 +59,16 @@ def decode(data: bytes) -> dict[str, Any]:
     if not isinstance(mid, int) or isinstance(mid, bool) or not 0 <= mid < 2**63:
         raise ProtocolError("a message needs an int 'id' in [0, 2**63)")
     return msg
+
+
+def frame_credentials(frame: zmq.Frame) -> PeerCred | None:
+    """The sender's uid/gid/pid: libzmq reports SO_PEERCRED of an ipc:// peer as
+    the Peer-Address property "<host>:<uid>:<gid>:<pid>"."""
+    try:
+        fields = frame.get("Peer-Address").rsplit(":", 3)
+        return PeerCred(pid=int(fields[3]), uid=int(fields[1]), gid=int(fields[2]))
+    except (zmq.ZMQError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def reply(mid: int, status: int = 0, reason: str = "", **data: Any) -> dict[str, Any]:
@@ -98,7 +109,7 @@ class Server:
     """
 
     def __init__(self, endpoint: str, handlers: dict[str, Callable[..., dict[str, Any]]],
-                 sync_timeout: float = 2.0) -> None:
+                 sync_timeout: float = 2.0, policy: AccessPolicy | None = None) -> None:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -109,8 +120,10 @@ class Server:
         self.handlers = handlers
         self.sync_timeout = sync_timeout
         self.peers: dict[bytes, Peer] = {}  # sync identity -> peer
+        self.policy = policy
+        self.current_cred: PeerCred | None = None  # the sender of the message in hand
         self.lock = threading.RLock()
-        self._pending: deque[list[bytes]] = deque()
+        self._pending: deque[list[zmq.Frame]] = deque()
         self._ids = itertools.count(1)
 
     def close(self) -> None:
@@ -135,19 +148,25 @@ class Server:
             if self.sock.poll(timeout_ms, zmq.POLLIN):
                 while True:
                     try:
-                        frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+                        frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     self._handle(frames)
                     handled += 1
         return handled
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[zmq.Frame]) -> None:
         if len(frames) != 2:
             if frames:
-                self.send(frames[0], reply(0, errno.EPROTO, "expected one message frame"))
+                self.send(frames[0].bytes, reply(0, errno.EPROTO, "expected one message frame"))
             return
-        identity, data = frames
+        identity, data = frames[0].bytes, frames[1].bytes
+        self.current_cred = cred = frame_credentials(frames[1])
+        if self.policy is not None:
+            why = ("cannot tell who sent it" if cred is None else self.policy.refusal(cred))
+            if why is not None:
+                self.send(identity, reply(0, errno.EACCES, f"memd: {why}"))
+                return
         try:
             msg = decode(data)
         except ProtocolError as e:
@@ -204,15 +223,16 @@ class Server:
                     if time.monotonic() >= deadline:
                         break
                     continue
-                frames = self.sock.recv_multipart()
-                if len(frames) == 2 and frames[0] in waiting:
+                frames = self.sock.recv_multipart(copy=False)
+                who = frames[0].bytes
+                if len(frames) == 2 and who in waiting:
                     try:
-                        ans = decode(frames[1])
+                        ans = decode(frames[1].bytes)
                     except ProtocolError:
                         ans = None
-                    peer, sid = waiting[frames[0]]
+                    peer, sid = waiting[who]
                     if ans and ans.get("type") == "reply" and ans.get("id") == sid:
-                        del waiting[frames[0]]
+                        del waiting[who]
                         if ans.get("status"):
                             failures.append((peer, str(ans.get("reason", "failed"))))
                         continue

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memd import _ext, hugepage_info, pagemap
+from memd.access import AccessPolicy
 from memd.errors import MemdError, MemdMemoryError
 from memd.heap import space_needed
 from memd.ipc import PROTOCOL_VERSION, Peer, Server, param, reply
@@ -176,7 +177,7 @@ class Primary(Memory):
         with contextlib.suppress(FileNotFoundError):
             (sockdir / "mp_socket").unlink()  # a dead primary's: we hold the config lock
         self.server = Server(mp_endpoint(self.prefix, self.rundir), self._handlers(),
-                             opts.sync_timeout)
+                             opts.sync_timeout, AccessPolicy(gid=self._gid))
         os.chmod(sockdir / "mp_socket", self._mode)
         _ext.config_publish(self.window)  # magic last: secondaries may attach now
         log.info("ready: prefix %s, %d memseg lists, %s MiB mapped, iova %s", self.prefix,
@@ -586,9 +587,13 @@ class Primary(Memory):
                          "use the same memd version on both sides")
         if not identity.startswith(b"sync-"):
             return reply(msg["id"], errno.EINVAL, "register from the sync socket")
+        assert self.server is not None
+        cred = self.server.current_cred
+        if cred is not None and cred.pid != pid:
+            return reply(msg["id"], errno.EPERM,
+                         f"register names pid {pid} but was sent by pid {cred.pid}")
         if not process_alive(pid, start):
             return reply(msg["id"], errno.ESRCH, f"pid {pid} is not a live process")
-        assert self.server is not None
         old = self.server.peers.pop(identity, None)
         if old is not None:
             with contextlib.suppress(OSError):

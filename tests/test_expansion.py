@@ -6,10 +6,13 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -213,3 +216,50 @@ def test_expansion_syncs_every_secondary(daemon: Daemon, n_other: int) -> None:
         for p in others:
             p.communicate("x\n", timeout=30)
             assert p.returncode == 0
+
+
+def test_zmq_socket_refuses_other_users(daemon_factory) -> None:
+    """Even with the socket opened up on disk, the primary checks each sender's
+    uid (SO_PEERCRED, which libzmq reports as Peer-Address) and refuses others."""
+    rundir = Path(tempfile.mkdtemp(prefix="memd-acl-"))  # outside pytest's 0700 tree
+    try:
+        os.chmod(rundir, 0o755)
+        daemon = daemon_factory("-m", "4", runtime_dir=rundir)
+        sockdir = rundir / "memd" / daemon.prefix
+        os.chmod(rundir / "memd", 0o755)
+        os.chmod(sockdir, 0o755)
+        os.chmod(sockdir / "mp_socket", 0o666)
+        _refused_as_nobody(daemon)
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _refused_as_nobody(daemon: Daemon) -> None:
+    code = (
+        "import msgpack, zmq\n"
+        "s = zmq.Context().socket(zmq.DEALER)\n"
+        "s.setsockopt(zmq.RCVTIMEO, 5000)\n"
+        f"s.connect({mp_endpoint(daemon.prefix, daemon.runtime_dir)!r})\n"
+        "s.send(msgpack.packb({'type': 'ping', 'id': 1}))\n"
+        "print(msgpack.unpackb(s.recv()))\n"
+    )
+    proc = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                           sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "'status': 13" in proc.stdout and "permission denied" in proc.stdout, proc.stdout
+    with daemon.attach() as mem:  # root is still served
+        assert mem.info()["primary_pid"] == daemon.pid
+
+
+def test_register_must_come_from_the_named_pid(daemon: Daemon) -> None:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.IDENTITY, b"sync-spoof")
+    s.setsockopt(zmq.RCVTIMEO, 5000)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(mp_endpoint(daemon.prefix, daemon.runtime_dir))
+    s.send(msgpack.packb({"type": "register", "id": 1, "pid": daemon.pid, "start_time": 0,
+                          "version": 1}))
+    ans = msgpack.unpackb(s.recv())
+    s.close()
+    assert ans["status"] != 0 and "sent by pid" in ans["reason"]
