@@ -14,6 +14,7 @@ from typing import Any
 
 from memd import _ext
 from memd.errors import (
+    MemdError,
     MemdMemoryError,
     PermissionDenied,
     PrimaryNotRunning,
@@ -103,6 +104,11 @@ class Secondary(Memory):
                 return f"its primary (pid {h.primary_pid}) is dead (stale config)"
             if h.state != _ext.STATE_READY:
                 return "the primary is shutting down"
+            if h.flags & _ext.CFG_F_HUGE_UNLINK:
+                raise MemdError(
+                    f"the primary (pid {h.primary_pid}) runs with --huge-unlink, so its page "
+                    "files are gone and no secondary can map them; restart it without "
+                    "--huge-unlink to attach")
             self.window = _ext.Window(h.window_size, h.window_align)
             self.window.map_fd(0, _ext.CONFIG_SIZE, fd)
             self._cfg_fd, fd = fd, -1

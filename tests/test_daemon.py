@@ -169,3 +169,11 @@ def test_processes_table_tracks_secondaries(daemon: Daemon) -> None:
     assert res == ["primary", "secondary"]
     with daemon.attach() as mem:  # the first secondary's slot was freed at detach
         assert [p["role"] for p in mem.processes()] == ["primary", "secondary"]
+
+
+def test_huge_unlink_refuses_secondaries_clearly(daemon_factory) -> None:
+    d = daemon_factory("-m", "4", "--huge-unlink")
+    assert _page_files(d) == []  # unlinked right after mapping
+    with pytest.raises(mc.MemdError, match="--huge-unlink"):
+        d.attach(timeout=1)
+    assert d.stop() == 0
