@@ -308,7 +308,7 @@ struct memd_mempool {
 };                              /* 256 */
 
 struct memd_mempool_cache {    /* one per process slot */
-    uint32_t len;              /*  0: handles in objs[] (only its owner writes) */
+    _Atomic uint32_t len;      /*  0: handles in objs[] (its owner writes; all read) */
     int32_t owner_pid;         /*  4: last process that used it (diagnostics) */
     uint64_t gets;             /*  8: objects served from this cache (stats) */
     uint64_t puts;             /* 16: objects put into this cache (stats) */

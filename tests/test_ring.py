@@ -612,3 +612,33 @@ def test_no_leaks(window: _ext.Window) -> None:
         tracemalloc.stop()
     assert grown < 64 * 1024, f"{grown} bytes kept after 20000 rounds"
     assert r.empty()
+
+
+# --- the mixin against the Memory interface ----------------------------------------------
+
+
+def test_mixin_create_lookup_free(window: _ext.Window, monkeypatch: pytest.MonkeyPatch) -> None:
+    from _fake_memory import FakeMemory  # noqa: PLC0415 - helper shared with test_mempool
+
+    mem = FakeMemory(window, monkeypatch)
+    r = mem.ring_create("jobs", 1024, flags=RING_F_SC_DEQ)
+    assert (r.name, r.capacity, r.flags) == ("jobs", 1023, RING_F_SC_DEQ)
+    assert mem.zones["RG_jobs"].offset == r.offset
+    assert mem.zones["RG_jobs"].length == ring_memsize(1024, RING_F_SC_DEQ)
+    with pytest.raises(FileExistsError):
+        mem.ring_create("jobs", 16)
+    r.enqueue(99)
+    assert mem.ring_lookup("jobs").dequeue() == 99
+    with pytest.raises(KeyError):
+        mem.ring_lookup("nope")
+    with pytest.raises(ValueError):
+        mem.ring_create("x" * 29, 16)
+    with pytest.raises(ValueError):
+        mem.ring_create("odd", 1000)
+    assert "RG_odd" not in mem.zones
+    mem.ring_free(r)
+    assert mem.freed == ["RG_jobs"]
+    with pytest.raises(KeyError):
+        mem.ring_lookup("jobs")
+    with pytest.raises(KeyError):
+        mem.ring_free(r)
