@@ -236,7 +236,9 @@ struct memd_ring_wait { /* a futex that one side sleeps on until the other side 
     _Atomic uint32_t waiters; /*  4: processes about to sleep or sleeping on seq */
     _Atomic uint64_t sleeps;  /*  8: times somebody went to sleep (stats) */
     _Atomic uint64_t wakes;   /* 16: FUTEX_WAKE calls made for this side (stats) */
-    uint64_t reserved;        /* 24 */
+    _Atomic uint32_t armed;   /* 24: 1 = a waiter wants a wake; the waker clears it, so
+                                     one wake serves everyone asleep at that moment */
+    uint32_t reserved;        /* 28 */
 };                            /* 32 */
 
 struct memd_ring {
@@ -371,6 +373,7 @@ MEMD_CHECK(struct memd_ring_headtail, single, 8);
 MEMD_CHECK_SIZE(struct memd_ring_headtail, 64);
 MEMD_CHECK(struct memd_ring_wait, waiters, 4);
 MEMD_CHECK(struct memd_ring_wait, wakes, 16);
+MEMD_CHECK(struct memd_ring_wait, armed, 24);
 MEMD_CHECK_SIZE(struct memd_ring_wait, 32);
 MEMD_CHECK(struct memd_ring, name, 8);
 MEMD_CHECK(struct memd_ring, flags, 40);

@@ -20,6 +20,12 @@
 #define unlikely(x) __builtin_expect(!!(x), 0)
 
 #define WAIT_SLICE_NS 100000000ull /* 100 ms: how late Ctrl-C may be noticed */
+
+/* Before sleeping, a waiter retries for up to this long (about what a futex
+ * sleep and wake cost together): a peer that is busy producing or consuming
+ * is then met without any system call on either side.  ring_wait_spin() sets
+ * it; 0 sleeps at once. */
+static uint64_t wait_spin_ns = 5000;
 #define STACK_VALUES 64            /* values converted on the stack, no malloc */
 
 /* --- argument helpers (shared with py_mempool.c through py_ring.h) -------- */
@@ -265,8 +271,21 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
     unsigned got = do_op(r, op, v, n);
     if (likely(got != 0 || timeout_ns == 0 || n == 0))
         return got;
-    uint64_t deadline = timeout_ns == UINT64_MAX ? UINT64_MAX : now_ns() + timeout_ns;
+    uint64_t start = now_ns();
+    uint64_t deadline = timeout_ns == UINT64_MAX ? UINT64_MAX : start + timeout_ns;
     int enq = op == OP_ENQ_BULK || op == OP_ENQ_BURST;
+    if (wait_spin_ns) {
+        uint64_t spin_end = start + wait_spin_ns;
+        if (spin_end > deadline)
+            spin_end = deadline;
+        for (unsigned i = 1;; i++) {
+            memd_cpu_relax();
+            if ((got = do_op(r, op, v, n)) != 0)
+                return got;
+            if ((i & 15) == 0 && now_ns() >= spin_end)
+                break;
+        }
+    }
     for (;;) {
         struct memd_ring_wait *w = enq ? &r->not_full : &r->not_empty;
         uint32_t seq = memd_ring_wait_prepare(w);
@@ -293,6 +312,10 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
             return -1;
         if ((r = ring_ptr(self)) == NULL)
             return -1;
+        /* Retry before announcing ourselves again: usually the wake means we
+         * can go on, and an armed futex would cost the other side a syscall. */
+        if ((got = do_op(r, op, v, n)) != 0)
+            return got;
     }
 }
 
@@ -745,7 +768,29 @@ static PyObject *py_ring_init(PyObject *Py_UNUSED(m), PyObject *args, PyObject *
     Py_RETURN_NONE;
 }
 
+static PyObject *py_ring_wait_spin(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *arg = Py_None;
+    if (!PyArg_ParseTuple(args, "|O:ring_wait_spin", &arg))
+        return NULL;
+    uint64_t old = wait_spin_ns;
+    if (arg != Py_None) {
+        double s = PyFloat_AsDouble(arg);
+        if (s == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (!(s >= 0.0 && s <= 0.1)) {
+            PyErr_SetString(PyExc_ValueError, "spin must be 0 to 0.1 seconds");
+            return NULL;
+        }
+        wait_spin_ns = (uint64_t)(s * 1e9);
+    }
+    return PyFloat_FromDouble((double)old / 1e9);
+}
+
 static PyMethodDef ring_functions[] = {
+    {"ring_wait_spin", py_ring_wait_spin, METH_VARARGS,
+     "ring_wait_spin(seconds=None) -> float: how long a waiting call retries before it "
+     "sleeps (default 5 µs; 0 sleeps at once); sets it if given, returns the old value."},
     {"ring_memsize", py_ring_memsize, METH_VARARGS,
      "ring_memsize(count, flags=0) -> bytes a ring needs (ValueError on a bad count)."},
     {"ring_init", (PyCFunction)(void (*)(void))py_ring_init, METH_VARARGS | METH_KEYWORDS,

@@ -10,14 +10,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define cpu_relax() _mm_pause()
-#elif defined(__aarch64__)
-#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
-#else
-#define cpu_relax() atomic_signal_fence(memory_order_seq_cst)
-#endif
 
 #define likely(x) __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
@@ -113,11 +105,17 @@ static long futex(_Atomic uint32_t *addr, int op, uint32_t val, const struct tim
 
 static __attribute__((noinline)) void wake_slow(struct memd_ring_wait *w)
 {
-    /* acquire fence: with the relaxed load of waiters that brought us here, pairs
-     * with the seq_cst (release) increment in memd_ring_wait_prepare, so the
-     * waiter's read of seq happens before our bump: it cannot have read the
-     * bumped value and then sleep through this wake. */
-    atomic_thread_fence(memory_order_acquire);
+    /* Only the first waker after a waiter armed the futex pays the system
+     * call; until the woken process runs and withdraws, later tail moves see
+     * armed == 0 and stay on the fast path.  relaxed: a pre-check only. */
+    if (atomic_load_explicit(&w->armed, memory_order_relaxed) == 0)
+        return;
+    /* acq_rel: the acquire half pairs with the release store of armed in
+     * memd_ring_wait_prepare, so that waiter's read of seq happens before our
+     * bump below: it cannot have read the bumped value and then sleep through
+     * this wake. */
+    if (atomic_exchange_explicit(&w->armed, 0, memory_order_acq_rel) == 0)
+        return;
     /* release: a waiter that sees the new seq (futex compare) sees our tail. */
     atomic_fetch_add_explicit(&w->seq, 1, memory_order_release);
     atomic_fetch_add_explicit(&w->wakes, 1, memory_order_relaxed); /* stats only */
@@ -141,10 +139,13 @@ uint32_t memd_ring_wait_prepare(struct memd_ring_wait *w)
     /* acquire: pairs with the release bump in wake_slow (read seq first, then
      * announce: a wake after our announcement changes what we read here). */
     uint32_t seq = atomic_load_explicit(&w->seq, memory_order_acquire);
-    /* seq_cst: its release half pairs with the acquire fence in wake_slow. */
-    atomic_fetch_add_explicit(&w->waiters, 1, memory_order_seq_cst);
-    /* seq_cst fence: pairs with the one in wake_waiters; orders the count above
-     * before the caller's retry reads the other side's tail. */
+    /* relaxed: ordered before the retry by the fence below. */
+    atomic_fetch_add_explicit(&w->waiters, 1, memory_order_relaxed);
+    /* release: pairs with the exchange in wake_slow (see there). */
+    atomic_store_explicit(&w->armed, 1, memory_order_release);
+    /* seq_cst fence: pairs with the one in wake_waiters; orders the count and
+     * the flag above before the caller's retry reads the other side's tail, so
+     * either the retry sees the new tail or the waker sees both. */
     atomic_thread_fence(memory_order_seq_cst);
     return seq;
 }
@@ -184,7 +185,7 @@ static ALWAYS_INLINE void wait_turn(struct memd_ring_headtail *ht, uint32_t old_
      * of us, so its slot accesses happen before our own release store. */
     while (atomic_load_explicit(&ht->tail, memory_order_acquire) != old_head) {
         if (++spins < TAIL_SPINS) {
-            cpu_relax();
+            memd_cpu_relax();
         } else {
             sched_yield();
             spins = 0;

@@ -66,6 +66,18 @@ unsigned memd_ring_free_count(const struct memd_ring *r);
 
 /* --- sleeping ------------------------------------------------------------- */
 
+/* A CPU hint for spin-wait loops. */
+static inline void memd_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    atomic_signal_fence(memory_order_seq_cst);
+#endif
+}
+
 /* Announce a waiter on w and return the futex value to sleep on.  The caller
  * must retry its operation after this (that retry closes the lost-wakeup
  * window) and call memd_ring_wait_done exactly once afterwards. */
