@@ -15,6 +15,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from _fake_memory import FakeMemory
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from memd import _ext
 from memd.errors import CorruptionError, MemdError, PoolEmpty
@@ -256,6 +259,94 @@ def test_big_bulk_bypasses_cache(window: _ext.Window) -> None:
     p.put_bulk(objs)  # larger than flushthresh: straight to the ring
     assert p.cache_count() == 0
     assert p.audit()["in_ring"] == 100
+
+
+# --- a model: two process slots, every outcome predicted ------------------------------
+
+
+class PoolModel(RuleBasedStateMachine):
+    """Two slots share a pool; predict each get's success from the ring and the
+    slot's own cache, and check counts and audit() after every step."""
+
+    window = _ext.Window.anonymous(8 << 20)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pools: list[Mempool] = []
+        self.held: list[int] = []  # handles handed out, any slot
+        self.n = 0
+
+    @initialize(n=st.integers(1, 60), cache=st.integers(0, 16), data=st.data())
+    def create(self, n: int, cache: int, data: st.DataObject) -> None:
+        cache = min(cache, n * 2 // 3)
+        self.n = n
+        p0 = Mempool.create(self.window, BASE, n, 24, cache_size=cache)
+        self.pools = [p0, Mempool(self.window, BASE, 1), Mempool(self.window, BASE, -1)]
+        self.free_ring = Ring(self.window, p0.ring_offset)
+
+    def reachable(self, slot: int) -> int:
+        return self.free_ring.count + self.pools[slot].cache_count() if slot < 2 else \
+            self.free_ring.count
+
+    @rule(slot=st.integers(0, 2), k=st.integers(0, 20), into=st.booleans())
+    def get_bulk(self, slot: int, k: int, into: bool) -> None:
+        p = self.pools[slot]
+        ok = k <= self.reachable(slot)
+        avail = p.avail_count()
+        try:
+            if into:
+                buf = np.zeros(k, dtype=np.uint64)
+                assert p.get_bulk_into(buf) == k
+                got = buf.tolist()
+            else:
+                got = [o.handle for o in p.get_bulk(k)]
+        except PoolEmpty:
+            assert not ok
+            assert p.avail_count() == avail  # nothing taken
+            return
+        assert ok
+        assert len(set(got)) == k and not set(got) & set(self.held)
+        self.held += got
+
+    @precondition(lambda self: self.held)
+    @rule(slot=st.integers(0, 2), data=st.data())
+    def put_some(self, slot: int, data: st.DataObject) -> None:
+        k = data.draw(st.integers(1, len(self.held)))
+        idx = data.draw(st.permutations(range(len(self.held))))[:k]
+        handles = [self.held[i] for i in idx]
+        if data.draw(st.booleans()):
+            dup = handles + handles[:1]
+            with pytest.raises(ValueError, match="already free"):
+                self.pools[slot].put_bulk(dup)  # a duplicate: nothing changes
+        if k == 1:
+            self.pools[slot].put(handles[0])
+        else:
+            self.pools[slot].put_bulk(np.array(handles, dtype=np.uint64))
+        for h in handles:
+            self.held.remove(h)
+
+    @rule(slot=st.integers(0, 1))
+    def flush(self, slot: int) -> None:
+        cached = self.pools[slot].cache_count()
+        assert self.pools[slot].flush_cache() == cached
+
+    @invariant()
+    def counts(self) -> None:
+        if not self.pools:
+            return
+        p = self.pools[0]
+        assert p.avail_count() == self.n - len(self.held)
+        assert p.in_use_count() == len(self.held)
+        for q in self.pools[:2]:
+            assert q.cache_count() <= max(q.flushthresh, q.cache_size)
+        stats = p.audit()
+        assert stats["in_use"] == len(self.held)
+        assert stats["in_ring"] + stats["in_caches"] == self.n - len(self.held)
+
+
+TestPoolModel = PoolModel.TestCase
+TestPoolModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
+                                  suppress_health_check=[HealthCheck.too_slow])
 
 
 # --- obj_init --------------------------------------------------------------------------
