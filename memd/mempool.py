@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from memd import _ext
@@ -87,6 +87,37 @@ class Mempool(_ext.Mempool):
     """
 
     __slots__ = ()
+
+    if TYPE_CHECKING:  # the C methods' signatures, for type checkers
+
+        def __init__(self, window: _ext.Window, offset: int, slot: int = 0) -> None: ...
+        def get(self) -> MempoolObject: ...
+        def get_handle(self) -> int: ...
+        def put(self, obj: MempoolObject | int) -> None: ...
+        def get_bulk(self, n: int) -> list[MempoolObject]: ...
+        def get_bulk_into(self, buffer: Any) -> int: ...
+        def put_bulk(self, objs: Sequence[MempoolObject | int] | Any) -> None: ...
+        def obj(self, handle: int) -> MempoolObject: ...
+        def obj_at(self, index: int) -> MempoolObject: ...
+        def avail_count(self) -> int: ...
+        def in_use_count(self) -> int: ...
+        def cache_count(self, slot: int = ...) -> int: ...
+        def flush_cache(self) -> int: ...
+        def audit(self) -> dict[str, int]: ...
+        name: str
+        size: int
+        elt_size: int
+        cache_size: int
+        flushthresh: int
+        private_data_size: int
+        private_data: memoryview
+        flags: int
+        memsize: int
+        obj_stride: int
+        ring_offset: int
+        offset: int
+        slot: int
+        window: _ext.Window
 
     @classmethod
     def create(

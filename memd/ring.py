@@ -6,15 +6,18 @@ adds construction, names and the :class:`RingMixin` that ``Memory`` inherits.
 Entries are integers in ``0 .. 2**64-1``: usually handles (window offsets of
 mempool objects or heap blocks), which mean the same thing in every process.
 Every enqueue/dequeue call takes ``timeout``: 0 (the default) does not wait, a
-number of seconds waits up to that long, ``None`` waits until it can; waiting
-sleeps on a futex in the ring (no spinning), releases the GIL, and still lets
-Ctrl-C through.
+number of seconds waits up to that long, ``None`` waits until it can.  A waiting
+call retries for a few microseconds (about what a sleep and a wake cost; see
+:func:`set_wait_spin`), then sleeps on a futex in the ring with the GIL released,
+waking at least every 100 ms so that Ctrl-C still works.  The other side makes
+the wake-up system call only when somebody sleeps.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from memd import _ext
@@ -27,6 +30,11 @@ MEMD_OBJ_RING = 1  # enum memd_object_type
 RING_MZ_PREFIX = "RG_"  # memzone holding ring <name> is "RG_<name>", as in DPDK
 RING_NAMESIZE = 32 - 1 - len(RING_MZ_PREFIX)  # longest ring name: the memzone name fits
 
+#: a writable or readable buffer of unsigned 64-bit ints: array('Q'), numpy uint64, ...
+Buffer = Any
+#: what enqueue_bulk/enqueue_burst take: ints, or a uint64 buffer
+Values = Sequence[int] | Buffer
+
 __all__ = [
     "RING_F_EXACT_SZ",
     "RING_F_SC_DEQ",
@@ -34,12 +42,19 @@ __all__ = [
     "Ring",
     "RingMixin",
     "ring_memsize",
+    "set_wait_spin",
 ]
 
 
 def ring_memsize(count: int, flags: int = 0) -> int:
     """Bytes of shared memory a ring of `count` entries needs (ValueError if bad)."""
     return _ext.ring_memsize(count, flags)
+
+
+def set_wait_spin(seconds: float) -> float:
+    """How long a waiting call retries before it sleeps, for this process (and
+    children forked later); 0 sleeps at once.  Returns the previous value."""
+    return _ext.ring_wait_spin(seconds)
 
 
 class Ring(_ext.Ring):
@@ -68,6 +83,30 @@ class Ring(_ext.Ring):
     """
 
     __slots__ = ()
+
+    if TYPE_CHECKING:  # the C methods' signatures, for type checkers
+
+        def __init__(self, window: _ext.Window, offset: int) -> None: ...
+        def enqueue(self, value: int, timeout: float | None = 0) -> bool: ...
+        def dequeue(self, timeout: float | None = 0) -> int | None: ...
+        def enqueue_bulk(self, values: Values, timeout: float | None = 0) -> int: ...
+        def enqueue_burst(self, values: Values, timeout: float | None = 0) -> int: ...
+        def dequeue_bulk(self, n: int, timeout: float | None = 0) -> list[int]: ...
+        def dequeue_burst(self, n: int, timeout: float | None = 0) -> list[int]: ...
+        def dequeue_bulk_into(self, buffer: Buffer, timeout: float | None = 0) -> int: ...
+        def dequeue_burst_into(self, buffer: Buffer, timeout: float | None = 0) -> int: ...
+        def full(self) -> bool: ...
+        def empty(self) -> bool: ...
+        count: int
+        free_count: int
+        capacity: int
+        size: int
+        flags: int
+        memsize: int
+        name: str
+        offset: int
+        window: _ext.Window
+        wait_stats: dict[str, int]
 
     @classmethod
     def create(

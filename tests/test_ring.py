@@ -642,3 +642,21 @@ def test_mixin_create_lookup_free(window: _ext.Window, monkeypatch: pytest.Monke
         mem.ring_lookup("jobs")
     with pytest.raises(KeyError):
         mem.ring_free(r)
+
+
+def test_wait_spin_setting(window: _ext.Window) -> None:
+    from memd.ring import set_wait_spin  # noqa: PLC0415
+
+    r = Ring.create(window, BASE, 8)
+    old = set_wait_spin(0)
+    try:
+        assert old == pytest.approx(5e-6)
+        before = r.wait_stats["consumer_sleeps"]
+        assert r.dequeue(timeout=0.01) is None
+        assert r.wait_stats["consumer_sleeps"] > before  # slept at once
+        with pytest.raises(ValueError):
+            set_wait_spin(-1)
+        with pytest.raises(ValueError):
+            set_wait_spin(1)
+    finally:
+        assert set_wait_spin(old) == 0
