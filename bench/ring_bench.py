@@ -665,9 +665,9 @@ def throughput_table(repeat: int, quick: bool) -> dict[str, Any]:
     for size in (8, 1024):
         for name, bulk in memd_rows.items():
             try:
-                rows.setdefault(name, {})[size] = calibrated(
+                rows.setdefault(name, {})[size] = calibrated(  # short runs: 5 or more
                     lambda n, s=size, b=bulk: memd_throughput(world, n, s, b),
-                    64_000 if bulk else 20_000, repeat)
+                    64_000 if bulk else 20_000, max(repeat, 5))
             except RuntimeError as e:
                 print(f"  {name}: failed: {e}", file=sys.stderr)
                 rows.setdefault(name, {})[size] = None
@@ -683,7 +683,8 @@ def throughput_table(repeat: int, quick: bool) -> dict[str, Any]:
             print(f"  {cls.name:<38} {size:>5} B  {fmt_rate(rows[cls.name][size])}", flush=True)
     single, bulk_name = list(memd_rows)
     print()
-    print(f"Cross-process throughput, 1 producer -> 1 consumer, median of {repeat}")
+    print(f"Cross-process throughput, 1 producer -> 1 consumer, median of {repeat} "
+          f"(memd rows: of {max(repeat, 5)})")
     print("(ratios: how many times the memd row is faster than this row)")
     hdr = (f"{'transport':<38} | {'8 B':>10} {'single':>7} {'bulk':>7} | {'1 KiB':>10} "
            f"{'single':>7} {'bulk':>7}")

@@ -228,7 +228,10 @@ struct memd_ring_headtail { /* one side of a ring: the producers' or the consume
     _Atomic uint32_t head;  /*  0: next counter this side claims (CAS when multi) */
     _Atomic uint32_t tail;  /*  4: every slot before it is handed to the other side */
     uint32_t single;        /*  8: 1 = single producer/consumer (no CAS, no tail wait) */
-    uint32_t reserved[13];  /* 12 */
+    uint32_t other_tail;    /* 12: single mode: the other side's tail as last read, so
+                                   its cache line is read only when this copy says
+                                   full (producer) or empty (consumer) */
+    uint32_t reserved[12];  /* 16 */
 };                          /* 64 */
 
 struct memd_ring_wait { /* a futex that one side sleeps on until the other side moves */
@@ -370,6 +373,7 @@ MEMD_CHECK_SIZE(struct memd_config, 1386496);
 _Static_assert(sizeof(struct memd_config) <= MEMD_CONFIG_SIZE, "config outgrew its file");
 MEMD_CHECK(struct memd_ring_headtail, tail, 4);
 MEMD_CHECK(struct memd_ring_headtail, single, 8);
+MEMD_CHECK(struct memd_ring_headtail, other_tail, 12);
 MEMD_CHECK_SIZE(struct memd_ring_headtail, 64);
 MEMD_CHECK(struct memd_ring_wait, waiters, 4);
 MEMD_CHECK(struct memd_ring_wait, wakes, 16);

@@ -830,7 +830,7 @@ int memd_py_init_ring(PyObject *m)
         PyModule_AddIntConstant(m, "RING_SZ_MAX", MEMD_RING_SZ_MAX) < 0)
         return -1;
     PyObject *layout = Py_BuildValue(
-        "{sksksksksksksksksksksksksk}",
+        "{sksksksksksksksksksksksksksk}",
         "sizeof(memd_ring)", (unsigned long)sizeof(struct memd_ring),
         "memd_ring.magic", (unsigned long)offsetof(struct memd_ring, magic),
         "memd_ring.name", (unsigned long)offsetof(struct memd_ring, name),
@@ -843,7 +843,9 @@ int memd_py_init_ring(PyObject *m)
         "memd_ring.cons", (unsigned long)offsetof(struct memd_ring, cons),
         "memd_ring.not_empty", (unsigned long)offsetof(struct memd_ring, not_empty),
         "memd_ring.not_full", (unsigned long)offsetof(struct memd_ring, not_full),
-        "memd_ring.slots", (unsigned long)offsetof(struct memd_ring, slots));
+        "memd_ring.slots", (unsigned long)offsetof(struct memd_ring, slots),
+        "memd_ring_headtail.other_tail",
+        (unsigned long)offsetof(struct memd_ring_headtail, other_tail));
     if (layout == NULL || PyModule_AddObject(m, "RING_LAYOUT", layout) < 0) {
         Py_XDECREF(layout);
         return -1;

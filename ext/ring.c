@@ -201,6 +201,27 @@ static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, const uint64_t *v,
     uint32_t old_head, new_head, free_entries;
     unsigned n;
 
+    if (single) {
+        /* relaxed: only this producer writes prod.head. */
+        old_head = atomic_load_explicit(&r->prod.head, memory_order_relaxed);
+        /* Our copy of cons.tail is a lower bound of the real one: if it shows
+         * room enough, the consumers' line need not be read at all. */
+        free_entries = capacity + r->prod.other_tail - old_head;
+        if (unlikely(want > free_entries)) {
+            /* acquire: as below; pairs with the release store in do_dequeue. */
+            r->prod.other_tail = atomic_load_explicit(&r->cons.tail, memory_order_acquire);
+            free_entries = capacity + r->prod.other_tail - old_head;
+        }
+        n = want <= free_entries ? want : (behaviour == BURST ? free_entries : 0);
+        if (unlikely(n == 0)) {
+            if (free_space)
+                *free_space = free_entries;
+            return 0;
+        }
+        new_head = old_head + n;
+        atomic_store_explicit(&r->prod.head, new_head, memory_order_relaxed);
+        goto claimed;
+    }
     /* acquire: keeps the cons.tail load below from moving above this one, and
      * pairs with the acq_rel CAS of the producer that wrote this head, so the
      * cons.tail we read is at least the one that producer based its claim on
@@ -220,11 +241,6 @@ static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, const uint64_t *v,
             return 0;
         }
         new_head = old_head + n;
-        if (single) {
-            /* relaxed: only this producer reads or writes prod.head. */
-            atomic_store_explicit(&r->prod.head, new_head, memory_order_relaxed);
-            break;
-        }
         /* acq_rel on success: pairs with the acquire load of prod.head in other
          * producers (see above).  acquire on failure: reloads old_head as the
          * load above does. */
@@ -233,6 +249,7 @@ static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, const uint64_t *v,
             break;
     }
 
+claimed:
     /* The slots [old_head, new_head) are ours alone now. */
     const uint32_t size = r->size;
     const uint32_t idx = old_head & r->mask;
@@ -265,6 +282,27 @@ static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, uint64_t *v, unsig
     uint32_t old_head, new_head, entries;
     unsigned n;
 
+    if (single) {
+        /* relaxed: only this consumer writes cons.head. */
+        old_head = atomic_load_explicit(&r->cons.head, memory_order_relaxed);
+        /* Our copy of prod.tail is a lower bound: if it shows entries enough,
+         * skip reading the producers' line. */
+        entries = r->cons.other_tail - old_head;
+        if (want > entries) {
+            /* acquire: as below; pairs with the release store in do_enqueue. */
+            r->cons.other_tail = atomic_load_explicit(&r->prod.tail, memory_order_acquire);
+            entries = r->cons.other_tail - old_head;
+        }
+        n = want <= entries ? want : (behaviour == BURST ? entries : 0);
+        if (unlikely(n == 0)) {
+            if (available)
+                *available = entries;
+            return 0;
+        }
+        new_head = old_head + n;
+        atomic_store_explicit(&r->cons.head, new_head, memory_order_relaxed);
+        goto claimed;
+    }
     /* acquire: as in do_enqueue, orders the prod.tail load after this one and
      * pairs with other consumers' acq_rel CAS of cons.head. */
     old_head = atomic_load_explicit(&r->cons.head, memory_order_acquire);
@@ -282,17 +320,13 @@ static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, uint64_t *v, unsig
             return 0;
         }
         new_head = old_head + n;
-        if (single) {
-            /* relaxed: only this consumer reads or writes cons.head. */
-            atomic_store_explicit(&r->cons.head, new_head, memory_order_relaxed);
-            break;
-        }
         /* acq_rel / acquire: as the producers' CAS in do_enqueue. */
         if (atomic_compare_exchange_weak_explicit(&r->cons.head, &old_head, new_head,
                                                   memory_order_acq_rel, memory_order_acquire))
             break;
     }
 
+claimed:
     const uint32_t size = r->size;
     const uint32_t idx = old_head & r->mask;
     const uint64_t *slots = r->slots;

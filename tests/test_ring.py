@@ -261,9 +261,13 @@ def test_counter_wraparound(window: _ext.Window) -> None:
 
 
 def poke_counters(window: _ext.Window, off: int, value: int) -> None:
+    """Start an empty ring's counters at `value` (head, tail, and the single-mode
+    copy of the other side's tail, which init sets equal to the counters)."""
     lay = _ext.RING_LAYOUT
     for side in ("memd_ring.prod", "memd_ring.cons"):
         window.view(off + lay[side], 8)[:] = struct.pack("=II", value, value)
+        copy = off + lay[side] + lay["memd_ring_headtail.other_tail"]
+        window.view(copy, 4)[:] = struct.pack("=I", value)
 
 
 # --- the deque model, every mode ---------------------------------------------
