@@ -432,9 +432,11 @@ static PyObject *mp_put_bulk(PyObject *o, PyObject *arg)
         if (memd_u64_buffer(arg, &view, 0) < 0)
             return NULL;
         n = view.len / 8;
-        rc = n > (Py_ssize_t)self->n ? -EINVAL
-                                     : memd_mempool_put_bulk(base, self->offset, self->slot,
-                                                             view.buf, (unsigned)n);
+        /* More handles than objects must hold a duplicate or a stranger: the
+         * check below names which (it stops at the first bad one). */
+        rc = n > (Py_ssize_t)UINT32_MAX ? -EINVAL
+                                        : memd_mempool_put_bulk(base, self->offset, self->slot,
+                                                                view.buf, (unsigned)n);
         PyBuffer_Release(&view);
     } else {
         PyObject *seq = PySequence_Fast(arg, "put_bulk() takes a sequence of MempoolObjects "
@@ -443,7 +445,7 @@ static PyObject *mp_put_bulk(PyObject *o, PyObject *arg)
             return NULL;
         n = PySequence_Fast_GET_SIZE(seq);
         PyObject **items = PySequence_Fast_ITEMS(seq);
-        if (n > (Py_ssize_t)self->n) {
+        if (n > (Py_ssize_t)UINT32_MAX) {
             Py_DECREF(seq);
             return raise_pool(self, base, -EINVAL, "put_bulk", 0);
         }

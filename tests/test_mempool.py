@@ -547,3 +547,15 @@ def test_sc_sp_flags_use_single_rings(window: _ext.Window) -> None:
     p = Mempool.create(window, BASE, 8, 8, flags=MEMPOOL_F_SP_PUT | MEMPOOL_F_SC_GET)
     assert Ring(window, p.ring_offset).flags & (RING_F_SP_ENQ | RING_F_SC_DEQ) == 3
     assert len(p.get_bulk(8)) == 8
+
+
+def test_put_bulk_longer_than_the_pool_names_the_duplicate(window: _ext.Window) -> None:
+    p = Mempool.create(window, BASE, 3, 8)
+    objs = p.get_bulk(3)
+    with pytest.raises(ValueError, match="already free"):
+        p.put_bulk([*objs, objs[0]])
+    with pytest.raises(ValueError, match="already free"):
+        p.put_bulk(np.array([o.handle for o in [*objs, objs[1]]], dtype=np.uint64))
+    assert p.in_use_count() == 3
+    p.put_bulk(objs)
+    p.audit()
