@@ -22,6 +22,7 @@
 #define MEMD_LAYOUT_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -268,6 +269,128 @@ struct memd_config {
     struct memd_memseg_list msls[MEMD_MAX_MEMSEG_LISTS]; /* 327680 */
 };                                                      /* 1386496 */
 
+/* --- rings (DPDK: rte_ring; code in ext/ring.c) ---------------------------- */
+
+/*
+ * A ring lives at some window offset (inside a memzone "RG_<name>"): this header,
+ * then `size` 8-byte slots.  Head and tail counters are 32-bit and run freely,
+ * wrapping modulo 2^32; slot = counter & mask.  Producers own `prod`, consumers
+ * own `cons`, each on its own cache line with an empty line between them, so the
+ * two sides never write to a line the other side writes.  The wait lines are
+ * written only when somebody goes to sleep.
+ */
+#define MEMD_RING_MAGIC 0x31474e49524d454dULL /* "MEMRING1", little endian */
+#define MEMD_RING_F_SP_ENQ 0x1u   /* one producer at a time: no CAS on prod.head */
+#define MEMD_RING_F_SC_DEQ 0x2u   /* one consumer at a time: no CAS on cons.head */
+#define MEMD_RING_F_EXACT_SZ 0x4u /* capacity = count exactly (slots: next 2^k > count) */
+#define MEMD_RING_F_ALL (MEMD_RING_F_SP_ENQ | MEMD_RING_F_SC_DEQ | MEMD_RING_F_EXACT_SZ)
+#define MEMD_RING_SZ_MAX 0x80000000u  /* slots; counters are 32-bit */
+
+struct memd_ring_headtail { /* one side of a ring: the producers' or the consumers' */
+    _Atomic uint32_t head;  /*  0: next counter this side claims (CAS when multi) */
+    _Atomic uint32_t tail;  /*  4: every slot before it is handed to the other side */
+    uint32_t single;        /*  8: 1 = single producer/consumer (no CAS, no tail wait) */
+    uint32_t other_tail;    /* 12: single mode: the other side's tail as last read, so
+                                   its cache line is read only when this copy says
+                                   full (producer) or empty (consumer) */
+    uint32_t reserved[12];  /* 16 */
+};                          /* 64 */
+
+struct memd_ring_wait { /* a futex that one side sleeps on until the other side moves */
+    _Atomic uint32_t seq;     /*  0: futex word; bumped before each wake */
+    _Atomic uint32_t waiters; /*  4: processes about to sleep or sleeping on seq */
+    _Atomic uint64_t sleeps;  /*  8: times somebody went to sleep (stats) */
+    _Atomic uint64_t wakes;   /* 16: FUTEX_WAKE calls made for this side (stats) */
+    _Atomic uint32_t armed;   /* 24: 1 = a waiter wants a wake; the waker clears it, so
+                                     one wake serves everyone asleep at that moment */
+    uint32_t reserved;        /* 28 */
+};                            /* 32 */
+
+struct memd_ring {
+    _Atomic uint64_t magic;         /*   0: MEMD_RING_MAGIC, stored last (release) */
+    char name[MEMD_NAMESIZE];       /*   8 */
+    uint32_t flags;                 /*  40: MEMD_RING_F_* as created */
+    uint32_t size;                  /*  44: slots, a power of two */
+    uint32_t mask;                  /*  48: size - 1 */
+    uint32_t capacity;              /*  52: usable slots: size - 1, or count if EXACT_SZ */
+    uint64_t memsize;               /*  56: bytes from the header to the last slot's end */
+    uint8_t pad0[64];               /*  64: keeps prod off the config line's neighbour */
+    struct memd_ring_headtail prod; /* 128 */
+    uint8_t pad1[64];               /* 192 */
+    struct memd_ring_headtail cons; /* 256 */
+    uint8_t pad2[64];               /* 320 */
+    struct memd_ring_wait not_empty; /* 384: consumers sleep here for entries */
+    struct memd_ring_wait not_full;  /* 416: producers sleep here for room */
+    uint8_t pad3[64];               /* 448 */
+    uint64_t slots[];               /* 512: `size` entries */
+};                                  /* 512 + 8 * size */
+
+/* --- mempools (DPDK: rte_mempool; code in ext/mempool.c) ------------------ */
+
+/*
+ * One mempool is one block of memory (memzone "MP_<name>") at window offset
+ * `pool`:
+ *     pool + 0                  struct memd_mempool (this header)
+ *     pool + caches_offset      MEMD_MAX_PROCS x cache (stride cache_stride;
+ *                               absent when cache_size is 0)
+ *     pool + private_offset     private_data_size bytes for the user
+ *     pool + ring_offset        struct memd_ring of the free objects (EXACT_SZ, n)
+ *     pool + objs_offset        n x [objhdr | data (elt_size) | trailer | pad],
+ *                               each obj_stride bytes, 64-byte aligned
+ * An object's *handle* is the window offset of its data (its objhdr sits just
+ * before): handles are what rings carry and what every process understands.
+ * Cache i belongs to process slot i (struct memd_config.procs[i]); it is a LIFO
+ * stack of handles used before the ring and flushed to it past flushthresh.
+ */
+#define MEMD_MEMPOOL_MAGIC 0x314c4f4f504d454dULL     /* "MEMPOOL1" */
+#define MEMD_MEMPOOL_HDR_COOKIE_FREE 0x45455246444d454dULL  /* "MEMDFREE": in the pool */
+#define MEMD_MEMPOOL_HDR_COOKIE_BUSY 0x59535542444d454dULL  /* "MEMDBUSY": handed out */
+#define MEMD_MEMPOOL_TRAILER_COOKIE 0x4c49415254444d45ULL   /* "EMDTRAIL" */
+#define MEMD_MEMPOOL_CACHE_MAX_SIZE 512u  /* DPDK: RTE_MEMPOOL_CACHE_MAX_SIZE */
+#define MEMD_MEMPOOL_F_NO_SPREAD 0x1u     /* accepted, no effect (DPDK value) */
+#define MEMD_MEMPOOL_F_NO_CACHE_ALIGN 0x2u /* accepted, no effect: objects stay aligned */
+#define MEMD_MEMPOOL_F_SP_PUT 0x4u        /* the free ring is single-producer */
+#define MEMD_MEMPOOL_F_SC_GET 0x8u        /* the free ring is single-consumer */
+#define MEMD_MEMPOOL_F_NO_IOVA_CONTIG 0x20u /* accepted, no effect */
+#define MEMD_MEMPOOL_F_ALL 0x2fu
+
+struct memd_mempool {
+    _Atomic uint64_t magic;     /*   0: MEMD_MEMPOOL_MAGIC, stored last (release) */
+    char name[MEMD_NAMESIZE];   /*   8 */
+    uint32_t n;                 /*  40: objects */
+    uint32_t elt_size;          /*  44: bytes of data per object, as asked */
+    uint32_t cache_size;        /*  48: per-process cache target (0 = no caches) */
+    uint32_t flushthresh;       /*  52: cache_size * 3 / 2 */
+    uint32_t private_data_size; /*  56 */
+    uint32_t flags;             /*  60: MEMD_MEMPOOL_F_* */
+    uint64_t caches_offset;     /*  64: from the pool header; 0 = no caches */
+    uint64_t cache_stride;      /*  72: bytes per cache */
+    uint64_t private_offset;    /*  80: from the pool header */
+    uint64_t ring_offset;       /*  88: from the pool header */
+    uint64_t objs_offset;       /*  96: from the pool header: first objhdr */
+    uint64_t obj_stride;        /* 104: bytes per object (header + data + trailer) */
+    uint64_t trailer_offset;    /* 112: from an object's data to its trailer cookie */
+    uint64_t memsize;           /* 120: bytes of the whole block */
+    uint64_t reserved[16];      /* 128 */
+};                              /* 256 */
+
+struct memd_mempool_cache {    /* one per process slot */
+    _Atomic uint32_t len;      /*  0: handles in objs[] (its owner writes; all read) */
+    int32_t owner_pid;         /*  4: last process that used it (diagnostics) */
+    uint64_t gets;             /*  8: objects served from this cache (stats) */
+    uint64_t puts;             /* 16: objects put into this cache (stats) */
+    uint64_t reserved[5];      /* 24 */
+    uint64_t objs[];           /* 64: 2 * cache_size handles (room for a refill) */
+};                             /* 64 + 16 * cache_size, rounded up to 64 */
+
+struct memd_mempool_objhdr {   /* the 64 bytes before each object's data */
+    uint64_t pool_offset;      /*  0: window offset of its struct memd_mempool */
+    uint64_t cookie;           /*  8: MEMD_MEMPOOL_HDR_COOKIE_FREE or _BUSY */
+    uint32_t index;            /* 16: 0..n-1, the obj_init index */
+    uint32_t reserved0;        /* 20 */
+    uint64_t reserved[5];      /* 24 */
+};                             /* 64 */
+
 /* --- layout checks -------------------------------------------------------- */
 
 #define MEMD_CHECK(type, field, off) \
@@ -325,6 +448,39 @@ MEMD_CHECK(struct memd_config, memzones, 81920);
 MEMD_CHECK(struct memd_config, msls, 327680);
 MEMD_CHECK_SIZE(struct memd_config, 1386496);
 _Static_assert(sizeof(struct memd_config) <= MEMD_CONFIG_SIZE, "config outgrew its file");
+MEMD_CHECK(struct memd_ring_headtail, tail, 4);
+MEMD_CHECK(struct memd_ring_headtail, single, 8);
+MEMD_CHECK(struct memd_ring_headtail, other_tail, 12);
+MEMD_CHECK_SIZE(struct memd_ring_headtail, 64);
+MEMD_CHECK(struct memd_ring_wait, waiters, 4);
+MEMD_CHECK(struct memd_ring_wait, wakes, 16);
+MEMD_CHECK(struct memd_ring_wait, armed, 24);
+MEMD_CHECK_SIZE(struct memd_ring_wait, 32);
+MEMD_CHECK(struct memd_ring, name, 8);
+MEMD_CHECK(struct memd_ring, flags, 40);
+MEMD_CHECK(struct memd_ring, capacity, 52);
+MEMD_CHECK(struct memd_ring, memsize, 56);
+MEMD_CHECK(struct memd_ring, prod, 128);
+MEMD_CHECK(struct memd_ring, cons, 256);
+MEMD_CHECK(struct memd_ring, not_empty, 384);
+MEMD_CHECK(struct memd_ring, not_full, 416);
+MEMD_CHECK(struct memd_ring, slots, 512);
+MEMD_CHECK_SIZE(struct memd_ring, 512);
+_Static_assert(sizeof(_Atomic uint32_t) == 4 && sizeof(_Atomic uint64_t) == 8,
+               "atomics must have their plain sizes in shared memory");
+MEMD_CHECK(struct memd_mempool, n, 40);
+MEMD_CHECK(struct memd_mempool, flags, 60);
+MEMD_CHECK(struct memd_mempool, caches_offset, 64);
+MEMD_CHECK(struct memd_mempool, ring_offset, 88);
+MEMD_CHECK(struct memd_mempool, objs_offset, 96);
+MEMD_CHECK(struct memd_mempool, memsize, 120);
+MEMD_CHECK_SIZE(struct memd_mempool, 256);
+MEMD_CHECK(struct memd_mempool_cache, gets, 8);
+MEMD_CHECK(struct memd_mempool_cache, objs, 64);
+MEMD_CHECK_SIZE(struct memd_mempool_cache, 64);
+MEMD_CHECK(struct memd_mempool_objhdr, cookie, 8);
+MEMD_CHECK(struct memd_mempool_objhdr, index, 16);
+MEMD_CHECK_SIZE(struct memd_mempool_objhdr, 64);
 
 /*
  * Heap elements live in heap memory; their layout is the "heap elements" section

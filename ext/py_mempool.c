@@ -1,8 +1,862 @@
-/* py_mempool.c - Python bindings for mempool.c (placeholder until mempool lands). */
+/*
+ * py_mempool.c - Python bindings for mempool.c: memd._ext.Mempool (memd.mempool
+ * subclasses it), memd._ext.MempoolObject, and module functions mempool_memsize,
+ * mempool_init and mempool_flush_cache.
+ *
+ * An object is a small Python object holding its pool and its handle; it
+ * exports its data through the buffer protocol (zero-copy, writable), and
+ * `.buf` is a memoryview of it.  The hot calls raise memd.errors.PoolEmpty /
+ * CorruptionError themselves (imported on first use) instead of returning an
+ * errno for Python to translate: a Python wrapper would double their cost.
+ */
 #include "memd_py.h"
+#include "mempool.h"
+#include "py_ring.h"
+
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#define likely(x) __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+#define STACK_HANDLES 64
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *window; /* strong reference: keeps the mapping alive */
+    uint64_t offset;  /* window offset of the struct memd_mempool */
+    uint32_t slot;    /* this process's cache, or MEMD_MEMPOOL_NO_CACHE */
+    uint32_t n;
+    uint32_t elt_size;
+    uint64_t first_handle;
+    uint64_t obj_stride;
+} MemdMempool;
+
+typedef struct {
+    PyObject_HEAD
+    MemdMempool *pool; /* strong reference */
+    uint64_t handle;   /* window offset of the object's data */
+} MemdMpObj;
+
+static PyTypeObject MemdMempool_Type;
+static PyTypeObject MemdMpObj_Type;
+
+/* --- errors --------------------------------------------------------------- */
+
+static PyObject *memd_exc(const char *name, PyObject *fallback)
+{
+    static PyObject *errors_mod;
+    if (errors_mod == NULL) {
+        errors_mod = PyImport_ImportModule("memd.errors");
+        if (errors_mod == NULL) {
+            PyErr_Clear();
+            return fallback;
+        }
+    }
+    PyObject *e = PyObject_GetAttrString(errors_mod, name);
+    if (e == NULL) {
+        PyErr_Clear();
+        return fallback;
+    }
+    Py_DECREF(e); /* the module keeps it alive */
+    return e;
+}
+
+static inline char *pool_base(MemdMempool *self)
+{
+    char *base = ((MemdWindow *)self->window)->base;
+    if (unlikely(base == NULL))
+        PyErr_SetString(PyExc_ValueError, "the window is closed (detached)");
+    return base;
+}
+
+static inline struct memd_mempool *pool_hdr(MemdMempool *self, char *base)
+{
+    return (struct memd_mempool *)(base + self->offset);
+}
+
+static PyObject *pool_name(MemdMempool *self, char *base)
+{
+    const char *name = pool_hdr(self, base)->name;
+    return PyUnicode_FromStringAndSize(name, (Py_ssize_t)strnlen(name, MEMD_NAMESIZE));
+}
+
+static PyObject *raise_pool(MemdMempool *self, char *base, int rc, const char *what, unsigned n)
+{
+    PyObject *name = pool_name(self, base);
+    if (name == NULL)
+        return NULL;
+    switch (rc) {
+    case -ENOBUFS:
+        PyErr_Format(memd_exc("PoolEmpty", PyExc_LookupError),
+                     "mempool %R: %s of %u object(s) failed: not enough free objects in this "
+                     "process's cache and the ring (%llu free in all, of %u); put some back "
+                     "or create a larger pool",
+                     name, what, n,
+                     (unsigned long long)memd_mempool_avail_count(base, self->offset),
+                     self->n);
+        break;
+    case -EINVAL:
+        PyErr_Format(PyExc_ValueError, "mempool %R: %s: not an object of this pool", name,
+                     what);
+        break;
+    case -EALREADY:
+        PyErr_Format(PyExc_ValueError, "mempool %R: %s: object already free (a double put)",
+                     name, what);
+        break;
+    default:
+        PyErr_Format(memd_exc("CorruptionError", PyExc_ValueError),
+                     "mempool %R: %s found the pool corrupted (a cookie or the free ring); "
+                     "run audit() for details",
+                     name, what);
+    }
+    Py_DECREF(name);
+    return NULL;
+}
+
+/* --- MempoolObject -------------------------------------------------------- */
+
+static inline PyObject *new_obj(MemdMempool *pool, uint64_t handle)
+{
+    MemdMpObj *o = PyObject_New(MemdMpObj, &MemdMpObj_Type);
+    if (o == NULL)
+        return NULL;
+    Py_INCREF(pool);
+    o->pool = pool;
+    o->handle = handle;
+    return (PyObject *)o;
+}
+
+static void mpobj_dealloc(PyObject *o)
+{
+    Py_DECREF(((MemdMpObj *)o)->pool);
+    PyObject_Free(o);
+}
+
+static int mpobj_getbuffer(PyObject *o, Py_buffer *view, int flags)
+{
+    MemdMpObj *obj = (MemdMpObj *)o;
+    char *base = ((MemdWindow *)obj->pool->window)->base;
+    if (base == NULL) {
+        PyErr_SetString(PyExc_BufferError, "the window is closed (detached)");
+        view->obj = NULL;
+        return -1;
+    }
+    return PyBuffer_FillInfo(view, o, base + obj->handle, (Py_ssize_t)obj->pool->elt_size, 0,
+                             flags);
+}
+
+static PyBufferProcs mpobj_as_buffer = {mpobj_getbuffer, NULL};
+
+static PyObject *mpobj_get_handle(PyObject *o, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(((MemdMpObj *)o)->handle);
+}
+
+static PyObject *mpobj_get_index(PyObject *o, void *Py_UNUSED(c))
+{
+    MemdMpObj *obj = (MemdMpObj *)o;
+    return PyLong_FromUnsignedLongLong((obj->handle - obj->pool->first_handle) /
+                                       obj->pool->obj_stride);
+}
+
+static PyObject *mpobj_get_pool(PyObject *o, void *Py_UNUSED(c))
+{
+    PyObject *p = (PyObject *)((MemdMpObj *)o)->pool;
+    Py_INCREF(p);
+    return p;
+}
+
+static PyObject *mpobj_get_buf(PyObject *o, void *Py_UNUSED(c))
+{
+    return PyMemoryView_FromObject(o);
+}
+
+static PyObject *mpobj_get_size(PyObject *o, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLong(((MemdMpObj *)o)->pool->elt_size);
+}
+
+static Py_ssize_t mpobj_len(PyObject *o)
+{
+    return (Py_ssize_t)((MemdMpObj *)o)->pool->elt_size;
+}
+
+static PyObject *mpobj_richcompare(PyObject *a, PyObject *b, int op)
+{
+    if ((op != Py_EQ && op != Py_NE) || Py_TYPE(b) != &MemdMpObj_Type)
+        Py_RETURN_NOTIMPLEMENTED;
+    MemdMpObj *x = (MemdMpObj *)a, *y = (MemdMpObj *)b;
+    int eq = x->handle == y->handle && x->pool->offset == y->pool->offset &&
+             x->pool->window == y->pool->window;
+    return PyBool_FromLong(op == Py_EQ ? eq : !eq);
+}
+
+static Py_hash_t mpobj_hash(PyObject *o)
+{
+    Py_hash_t h = (Py_hash_t)(((MemdMpObj *)o)->handle >> 6);
+    return h == -1 ? -2 : h;
+}
+
+static PyObject *mpobj_repr(PyObject *o)
+{
+    MemdMpObj *obj = (MemdMpObj *)o;
+    return PyUnicode_FromFormat("<MempoolObject handle=%llu index=%llu size=%u>",
+                                (unsigned long long)obj->handle,
+                                (unsigned long long)((obj->handle - obj->pool->first_handle) /
+                                                     obj->pool->obj_stride),
+                                obj->pool->elt_size);
+}
+
+static PyGetSetDef mpobj_getset[] = {
+    {"handle", mpobj_get_handle, NULL,
+     "window offset of the object's data: what travels through rings", NULL},
+    {"index", mpobj_get_index, NULL, "0..n-1, as given to obj_init", NULL},
+    {"pool", mpobj_get_pool, NULL, "the Mempool it belongs to", NULL},
+    {"buf", mpobj_get_buf, NULL, "writable zero-copy memoryview of the object's data", NULL},
+    {"size", mpobj_get_size, NULL, "bytes of data (the pool's elt_size)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods mpobj_as_sequence = {.sq_length = mpobj_len};
+
+static PyTypeObject MemdMpObj_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memd._ext.MempoolObject",
+    .tp_basicsize = sizeof(MemdMpObj),
+    .tp_dealloc = mpobj_dealloc,
+    .tp_repr = mpobj_repr,
+    .tp_hash = mpobj_hash,
+    .tp_richcompare = mpobj_richcompare,
+    .tp_as_buffer = &mpobj_as_buffer,
+    .tp_as_sequence = &mpobj_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An object of a mempool: .handle, .index, .buf (also a buffer itself).",
+    .tp_getset = mpobj_getset,
+};
+
+/* --- Mempool -------------------------------------------------------------- */
+
+static PyObject *mempool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"window", "offset", "slot", NULL};
+    PyObject *window;
+    unsigned long long off;
+    int slot = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!K|i:Mempool", kwlist, &MemdWindow_Type,
+                                     &window, &off, &slot))
+        return NULL;
+    char *base = memd_base_of(window);
+    if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0)
+        return NULL;
+    if (slot < -1 || slot >= (int)MEMD_MAX_PROCS) {
+        PyErr_Format(PyExc_ValueError, "slot must be a process slot 0..%u, or -1 for no cache",
+                     MEMD_MAX_PROCS - 1);
+        return NULL;
+    }
+    if (memd_mempool_check(base, off, ((MemdWindow *)window)->size - off) < 0) {
+        PyErr_Format(PyExc_ValueError, "no initialised mempool at window offset %llu", off);
+        return NULL;
+    }
+    struct memd_mempool *mp = (struct memd_mempool *)(base + off);
+    MemdMempool *self = (MemdMempool *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(window);
+    self->window = window;
+    self->offset = off;
+    self->slot = slot < 0 ? MEMD_MEMPOOL_NO_CACHE : (uint32_t)slot;
+    self->n = mp->n;
+    self->elt_size = mp->elt_size;
+    self->first_handle = off + mp->objs_offset + sizeof(struct memd_mempool_objhdr);
+    self->obj_stride = mp->obj_stride;
+    if (mp->cache_size && slot >= 0) {
+        struct memd_mempool_cache *c =
+            (struct memd_mempool_cache *)(base + off + mp->caches_offset +
+                                          (uint64_t)slot * mp->cache_stride);
+        c->owner_pid = getpid();
+    }
+    return (PyObject *)self;
+}
+
+static void mempool_dealloc(PyObject *o)
+{
+    PyObject_GC_UnTrack(o);
+    Py_CLEAR(((MemdMempool *)o)->window);
+    Py_TYPE(o)->tp_free(o);
+}
+
+static int mempool_traverse(PyObject *o, visitproc visit, void *arg)
+{
+    Py_VISIT(((MemdMempool *)o)->window);
+    Py_VISIT(Py_TYPE(o));
+    return 0;
+}
+
+static int mempool_clear(PyObject *o)
+{
+    Py_CLEAR(((MemdMempool *)o)->window);
+    return 0;
+}
+
+static PyObject *mp_get(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    uint64_t h;
+    if (base == NULL)
+        return NULL;
+    int rc = memd_mempool_get_bulk(base, self->offset, self->slot, &h, 1);
+    if (unlikely(rc < 0))
+        return raise_pool(self, base, rc, "get", 1);
+    return new_obj(self, h);
+}
+
+static PyObject *mp_get_handle(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    uint64_t h;
+    if (base == NULL)
+        return NULL;
+    int rc = memd_mempool_get_bulk(base, self->offset, self->slot, &h, 1);
+    if (unlikely(rc < 0))
+        return raise_pool(self, base, rc, "get_handle", 1);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+/* The handle of a MempoolObject or an int. */
+static inline int handle_of(PyObject *x, uint64_t *h)
+{
+    if (likely(Py_TYPE(x) == &MemdMpObj_Type)) {
+        *h = ((MemdMpObj *)x)->handle;
+        return 0;
+    }
+    if (PyLong_Check(x) || PyIndex_Check(x))
+        return memd_u64_from_object(x, h);
+    PyErr_Format(PyExc_TypeError, "expected a MempoolObject or a handle (int), not %.100s",
+                 Py_TYPE(x)->tp_name);
+    return -1;
+}
+
+static PyObject *mp_put(PyObject *o, PyObject *x)
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    uint64_t h;
+    if (base == NULL || handle_of(x, &h) < 0)
+        return NULL;
+    int rc = memd_mempool_put_bulk(base, self->offset, self->slot, &h, 1);
+    if (unlikely(rc < 0))
+        return raise_pool(self, base, rc, "put", 1);
+    Py_RETURN_NONE;
+}
+
+static int bulk_count(MemdMempool *self, PyObject *arg, Py_ssize_t *n)
+{
+    *n = PyLong_AsSsize_t(arg);
+    if (*n == -1 && PyErr_Occurred())
+        return -1;
+    if (*n < 0) {
+        PyErr_SetString(PyExc_ValueError, "n must be >= 0");
+        return -1;
+    }
+    if (*n > (Py_ssize_t)self->n)
+        *n = (Py_ssize_t)self->n + 1; /* can never be served; no huge allocation */
+    return 0;
+}
+
+static PyObject *mp_get_bulk(PyObject *o, PyObject *arg)
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    Py_ssize_t n;
+    uint64_t stack[STACK_HANDLES], *h = stack;
+    if (base == NULL || bulk_count(self, arg, &n) < 0)
+        return NULL;
+    if (n > (Py_ssize_t)self->n)
+        return raise_pool(self, base, -ENOBUFS, "get_bulk", (unsigned)n);
+    if (n > STACK_HANDLES && (h = PyMem_Malloc((size_t)n * sizeof(uint64_t))) == NULL)
+        return PyErr_NoMemory();
+    PyObject *list = NULL;
+    int rc = memd_mempool_get_bulk(base, self->offset, self->slot, h, (unsigned)n);
+    if (rc < 0) {
+        raise_pool(self, base, rc, "get_bulk", (unsigned)n);
+    } else if ((list = PyList_New(n)) != NULL) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *x = new_obj(self, h[i]);
+            if (x == NULL) {
+                /* Give back the objects no Python object names yet. */
+                Py_CLEAR(list);
+                memd_mempool_put_bulk(base, self->offset, self->slot, h + i,
+                                      (unsigned)(n - i));
+                break;
+            }
+            PyList_SET_ITEM(list, i, x);
+        }
+    } else {
+        memd_mempool_put_bulk(base, self->offset, self->slot, h, (unsigned)n);
+    }
+    if (h != stack)
+        PyMem_Free(h);
+    return list;
+}
+
+static PyObject *mp_get_bulk_into(PyObject *o, PyObject *arg)
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    Py_buffer view;
+    if (base == NULL || memd_u64_buffer(arg, &view, 1) < 0)
+        return NULL;
+    Py_ssize_t n = view.len / 8;
+    int rc = n > (Py_ssize_t)self->n
+                 ? -ENOBUFS
+                 : memd_mempool_get_bulk(base, self->offset, self->slot, view.buf, (unsigned)n);
+    PyBuffer_Release(&view);
+    if (rc < 0)
+        return raise_pool(self, base, rc, "get_bulk_into", (unsigned)(n > UINT32_MAX ? UINT32_MAX : n));
+    return PyLong_FromSsize_t(n);
+}
+
+static PyObject *mp_put_bulk(PyObject *o, PyObject *arg)
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    if (base == NULL)
+        return NULL;
+    int rc;
+    Py_ssize_t n;
+    if (!PyList_CheckExact(arg) && !PyTuple_CheckExact(arg) && PyObject_CheckBuffer(arg)) {
+        Py_buffer view;
+        if (memd_u64_buffer(arg, &view, 0) < 0)
+            return NULL;
+        n = view.len / 8;
+        /* More handles than objects must hold a duplicate or a stranger: the
+         * check below names which (it stops at the first bad one). */
+        rc = n > (Py_ssize_t)UINT32_MAX ? -EINVAL
+                                        : memd_mempool_put_bulk(base, self->offset, self->slot,
+                                                                view.buf, (unsigned)n);
+        PyBuffer_Release(&view);
+    } else {
+        PyObject *seq = PySequence_Fast(arg, "put_bulk() takes a sequence of MempoolObjects "
+                                             "or handles, or a uint64 buffer of handles");
+        if (seq == NULL)
+            return NULL;
+        n = PySequence_Fast_GET_SIZE(seq);
+        PyObject **items = PySequence_Fast_ITEMS(seq);
+        if (n > (Py_ssize_t)UINT32_MAX) {
+            Py_DECREF(seq);
+            return raise_pool(self, base, -EINVAL, "put_bulk", 0);
+        }
+        uint64_t stack[STACK_HANDLES], *h = stack;
+        if (n > STACK_HANDLES && (h = PyMem_Malloc((size_t)n * sizeof(uint64_t))) == NULL) {
+            Py_DECREF(seq);
+            return PyErr_NoMemory();
+        }
+        rc = 0;
+        for (Py_ssize_t i = 0; i < n && rc == 0; i++)
+            rc = handle_of(items[i], &h[i]) < 0 ? 1 : 0;
+        if (rc == 0)
+            rc = memd_mempool_put_bulk(base, self->offset, self->slot, h, (unsigned)n);
+        if (h != stack)
+            PyMem_Free(h);
+        Py_DECREF(seq);
+        if (rc == 1)
+            return NULL; /* a bad item: TypeError/OverflowError set */
+    }
+    if (rc < 0)
+        return raise_pool(self, base, rc, "put_bulk", (unsigned)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mp_obj(PyObject *o, PyObject *arg)
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    uint64_t h;
+    if (base == NULL || memd_u64_from_object(arg, &h) < 0)
+        return NULL;
+    if (memd_mempool_objhdr_of(base, self->offset, h) == NULL)
+        return raise_pool(self, base, -EINVAL, "obj(handle)", 0);
+    return new_obj(self, h);
+}
+
+static PyObject *mp_obj_at(PyObject *o, PyObject *arg)
+{
+    MemdMempool *self = (MemdMempool *)o;
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i < 0 || i >= (Py_ssize_t)self->n) {
+        PyErr_Format(PyExc_IndexError, "object index %zd outside 0..%u", i, self->n - 1);
+        return NULL;
+    }
+    return new_obj(self, self->first_handle + (uint64_t)i * self->obj_stride);
+}
+
+static PyObject *mp_avail_count(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    return base ? PyLong_FromUnsignedLongLong(memd_mempool_avail_count(base, self->offset))
+                : NULL;
+}
+
+static PyObject *mp_in_use_count(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    return base ? PyLong_FromUnsignedLongLong(self->n -
+                                              memd_mempool_avail_count(base, self->offset))
+                : NULL;
+}
+
+static PyObject *mp_cache_count(PyObject *o, PyObject *const *args, Py_ssize_t nargs)
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    if (base == NULL)
+        return NULL;
+    uint32_t slot = self->slot;
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "cache_count(slot=this process's)");
+        return NULL;
+    }
+    if (nargs == 1) {
+        long s = PyLong_AsLong(args[0]);
+        if (s == -1 && PyErr_Occurred())
+            return NULL;
+        if (s < 0 || s >= (long)MEMD_MAX_PROCS) {
+            PyErr_SetString(PyExc_ValueError, "no such process slot");
+            return NULL;
+        }
+        slot = (uint32_t)s;
+    }
+    return PyLong_FromUnsignedLong(memd_mempool_cache_count(base, self->offset, slot));
+}
+
+static PyObject *mp_flush_cache(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    if (base == NULL)
+        return NULL;
+    if (self->slot == MEMD_MEMPOOL_NO_CACHE)
+        return PyLong_FromLong(0);
+    int rc = memd_mempool_flush_cache(base, self->offset, self->slot);
+    if (rc < 0)
+        return raise_pool(self, base, rc, "flush_cache", 0);
+    return PyLong_FromLong(rc);
+}
+
+static const char *const fault_text[] = {
+    [MEMD_MP_OK] = "ok",
+    [MEMD_MP_BAD_POOL_HEADER] = "the pool header (magic or geometry) is damaged",
+    [MEMD_MP_BAD_OBJ_HEADER] = "an object header (pool offset or index) is smashed",
+    [MEMD_MP_BAD_OBJ_COOKIE] = "an object's header cookie is smashed",
+    [MEMD_MP_BAD_TRAILER] = "an object's trailer cookie is smashed: something wrote past the "
+                            "end of the object",
+    [MEMD_MP_BAD_RING] = "the free ring is damaged",
+    [MEMD_MP_BAD_ENTRY] = "the free ring or a cache holds a handle that is no object of "
+                          "this pool",
+    [MEMD_MP_BUSY_IN_FREE] = "an object in use is also in the free ring or a cache",
+    [MEMD_MP_DUPLICATE] = "an object is twice in the free ring/caches (a double put)",
+    [MEMD_MP_BAD_CACHE] = "a cache's length is out of range",
+    [MEMD_MP_LOST] = "free objects are missing from the ring and caches",
+};
+
+static PyObject *mp_audit(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    if (base == NULL)
+        return NULL;
+    struct memd_mempool_audit a;
+    int rc = memd_mempool_audit(base, self->offset, &a);
+    if (rc == -EFAULT) {
+        PyObject *name = pool_name(self, base);
+        if (name == NULL)
+            return NULL;
+        const char *what = a.fault < sizeof(fault_text) / sizeof(fault_text[0])
+                               ? fault_text[a.fault] : "unknown fault";
+        PyErr_Format(memd_exc("CorruptionError", PyExc_ValueError),
+                     "mempool %R is corrupted: %s (at %lld; %llu free, %llu busy, %llu in the "
+                     "ring, %llu in caches)",
+                     name, what, (long long)a.where, (unsigned long long)a.free_objs,
+                     (unsigned long long)a.busy_objs, (unsigned long long)a.in_ring,
+                     (unsigned long long)a.in_caches);
+        Py_DECREF(name);
+        return NULL;
+    }
+    if (rc < 0)
+        return memd_raise_errno(rc, "mempool_audit");
+    return Py_BuildValue("{sKsKsKsK}", "free", (unsigned long long)a.free_objs, "in_use",
+                         (unsigned long long)a.busy_objs, "in_ring",
+                         (unsigned long long)a.in_ring, "in_caches",
+                         (unsigned long long)a.in_caches);
+}
+
+/* Getters: fields of the shared header. */
+#define MP_FIELD_GETTER(fname, expr)                                          \
+    static PyObject *mp_get_##fname(PyObject *o, void *Py_UNUSED(c))           \
+    {                                                                         \
+        MemdMempool *self = (MemdMempool *)o;                                 \
+        char *base = pool_base(self);                                         \
+        if (base == NULL)                                                     \
+            return NULL;                                                      \
+        struct memd_mempool *mp = pool_hdr(self, base);                       \
+        (void)mp;                                                             \
+        return PyLong_FromUnsignedLongLong((unsigned long long)(expr));       \
+    }
+MP_FIELD_GETTER(size, mp->n)
+MP_FIELD_GETTER(elt_size, mp->elt_size)
+MP_FIELD_GETTER(cache_size, mp->cache_size)
+MP_FIELD_GETTER(flushthresh, mp->flushthresh)
+MP_FIELD_GETTER(private_data_size, mp->private_data_size)
+MP_FIELD_GETTER(flags, mp->flags)
+MP_FIELD_GETTER(memsize, mp->memsize)
+MP_FIELD_GETTER(obj_stride, mp->obj_stride)
+MP_FIELD_GETTER(ring_offset, self->offset + mp->ring_offset)
+MP_FIELD_GETTER(offset, self->offset)
+
+static PyObject *mp_get_slot(PyObject *o, void *Py_UNUSED(c))
+{
+    uint32_t slot = ((MemdMempool *)o)->slot;
+    return PyLong_FromLong(slot == MEMD_MEMPOOL_NO_CACHE ? -1 : (long)slot);
+}
+
+static PyObject *mp_get_name(PyObject *o, void *Py_UNUSED(c))
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    return base ? pool_name(self, base) : NULL;
+}
+
+static PyObject *mp_get_window(PyObject *o, void *Py_UNUSED(c))
+{
+    PyObject *w = ((MemdMempool *)o)->window;
+    Py_INCREF(w);
+    return w;
+}
+
+static PyObject *mp_get_private_data(PyObject *o, void *Py_UNUSED(c))
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    if (base == NULL)
+        return NULL;
+    struct memd_mempool *mp = pool_hdr(self, base);
+    return memd_view(self->window, self->offset + mp->private_offset, mp->private_data_size);
+}
+
+static PyMethodDef mempool_methods[] = {
+    {"get", mp_get, METH_NOARGS, "get() -> MempoolObject; raises PoolEmpty."},
+    {"get_handle", mp_get_handle, METH_NOARGS,
+     "get_handle() -> int: an object's handle without a Python object; raises PoolEmpty."},
+    {"put", mp_put, METH_O, "put(obj_or_handle): give an object back."},
+    {"get_bulk", mp_get_bulk, METH_O,
+     "get_bulk(n) -> list[MempoolObject]: all n or PoolEmpty (nothing taken)."},
+    {"get_bulk_into", mp_get_bulk_into, METH_O,
+     "get_bulk_into(buffer) -> int: fill a writable uint64 buffer with handles, all or "
+     "PoolEmpty; returns len(buffer)."},
+    {"put_bulk", mp_put_bulk, METH_O,
+     "put_bulk(objs): MempoolObjects, handles, or a uint64 buffer of handles; all or "
+     "nothing (ValueError for a foreign or already free object)."},
+    {"obj", mp_obj, METH_O,
+     "obj(handle) -> MempoolObject; ValueError if it is no object of this pool."},
+    {"obj_at", mp_obj_at, METH_O, "obj_at(index) -> MempoolObject number index (0..n-1)."},
+    {"avail_count", mp_avail_count, METH_NOARGS,
+     "avail_count() -> free objects: the ring and every process's cache."},
+    {"in_use_count", mp_in_use_count, METH_NOARGS, "in_use_count() -> n - avail_count()."},
+    {"cache_count", (PyCFunction)(void (*)(void))mp_cache_count, METH_FASTCALL,
+     "cache_count(slot=this process's) -> handles in that cache."},
+    {"flush_cache", mp_flush_cache, METH_NOARGS,
+     "flush_cache() -> int: move this process's cached objects to the ring."},
+    {"audit", mp_audit, METH_NOARGS,
+     "audit() -> dict of counts; raises CorruptionError on a smashed cookie or bad count. "
+     "Run it while nobody gets or puts."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef mempool_getset[] = {
+    {"name", mp_get_name, NULL, "name stored in the pool header", NULL},
+    {"size", mp_get_size, NULL, "objects in the pool (n)", NULL},
+    {"elt_size", mp_get_elt_size, NULL, "bytes of data per object", NULL},
+    {"cache_size", mp_get_cache_size, NULL, "per-process cache size", NULL},
+    {"flushthresh", mp_get_flushthresh, NULL, "cache length that triggers a flush", NULL},
+    {"private_data_size", mp_get_private_data_size, NULL, "bytes of private area", NULL},
+    {"private_data", mp_get_private_data, NULL, "memoryview of the private area", NULL},
+    {"flags", mp_get_flags, NULL, "MEMPOOL_F_* flags", NULL},
+    {"memsize", mp_get_memsize, NULL, "bytes of shared memory the pool uses", NULL},
+    {"obj_stride", mp_get_obj_stride, NULL, "bytes from one object to the next", NULL},
+    {"ring_offset", mp_get_ring_offset, NULL, "window offset of the free ring", NULL},
+    {"offset", mp_get_offset, NULL, "window offset of the pool header", NULL},
+    {"slot", mp_get_slot, NULL, "the cache this handle uses (-1: none)", NULL},
+    {"window", mp_get_window, NULL, "the Window the pool lives in", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject MemdMempool_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memd._ext.Mempool",
+    .tp_basicsize = sizeof(MemdMempool),
+    .tp_dealloc = mempool_dealloc,
+    .tp_traverse = mempool_traverse,
+    .tp_clear = mempool_clear,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Mempool(window, offset, slot=0): a pool in a shared window (see memd.mempool).",
+    .tp_methods = mempool_methods,
+    .tp_getset = mempool_getset,
+    .tp_new = mempool_new,
+};
+
+/* --- module functions ----------------------------------------------------- */
+
+static int geometry_or_raise(unsigned long long n, unsigned long long elt_size,
+                             unsigned long long cache_size, unsigned long long private_size,
+                             unsigned int flags, struct memd_mempool_geometry *g)
+{
+    if (n > UINT32_MAX || elt_size > UINT32_MAX || cache_size > UINT32_MAX ||
+        private_size > UINT32_MAX ||
+        memd_mempool_geometry((uint32_t)n, (uint32_t)elt_size, (uint32_t)cache_size,
+                              (uint32_t)private_size, flags, g) < 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "bad mempool geometry: n=%llu elt_size=%llu cache_size=%llu "
+                     "private_data_size=%llu flags=0x%x (need 1 <= n < 2**31, elt_size and "
+                     "private_data_size < 2**31, cache_size <= %u and cache_size * 3 // 2 <= "
+                     "n, flags only MEMPOOL_F_*)",
+                     n, elt_size, cache_size, private_size, flags,
+                     MEMD_MEMPOOL_CACHE_MAX_SIZE);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_mempool_memsize(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"n", "elt_size", "cache_size", "private_data_size", "flags", NULL};
+    unsigned long long n, elt, cache = 0, priv = 0;
+    unsigned int flags = 0;
+    struct memd_mempool_geometry g;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KK|KKI:mempool_memsize", kwlist, &n, &elt,
+                                     &cache, &priv, &flags) ||
+        geometry_or_raise(n, elt, cache, priv, flags, &g) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(g.memsize);
+}
+
+static PyObject *py_mempool_init(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"window", "offset", "n", "elt_size", "cache_size",
+                             "private_data_size", "flags", "name", NULL};
+    PyObject *window;
+    unsigned long long off, n, elt, cache = 0, priv = 0;
+    unsigned int flags = 0;
+    const char *name = "";
+    struct memd_mempool_geometry g;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!KKK|KKIs:mempool_init", kwlist,
+                                     &MemdWindow_Type, &window, &off, &n, &elt, &cache, &priv,
+                                     &flags, &name) ||
+        geometry_or_raise(n, elt, cache, priv, flags, &g) < 0)
+        return NULL;
+    char *base = memd_base_of(window);
+    if (base == NULL)
+        return NULL;
+    if (strlen(name) >= MEMD_NAMESIZE) {
+        PyErr_Format(PyExc_ValueError, "mempool name '%s' is longer than %u bytes", name,
+                     MEMD_NAMESIZE - 1);
+        return NULL;
+    }
+    if (off % MEMD_CACHE_LINE) {
+        PyErr_SetString(PyExc_ValueError, "a mempool's offset must be 64-byte aligned");
+        return NULL;
+    }
+    if (memd_check_range(window, off, g.memsize) < 0)
+        return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS /* touches every object: may take a while for big pools */
+    rc = memd_mempool_init(base, off, name, (uint32_t)n, (uint32_t)elt, (uint32_t)cache,
+                           (uint32_t)priv, flags);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return memd_raise_errno(rc, "mempool_init");
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_mempool_flush_cache(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *window;
+    unsigned long long off;
+    unsigned int slot;
+    if (!PyArg_ParseTuple(args, "O!KI:mempool_flush_cache", &MemdWindow_Type, &window, &off,
+                          &slot))
+        return NULL;
+    char *base = memd_base_of(window);
+    if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0)
+        return NULL;
+    if (memd_mempool_check(base, off, ((MemdWindow *)window)->size - off) < 0)
+        return memd_raise_errno(-EINVAL, "mempool_flush_cache: no mempool at that offset");
+    int rc = memd_mempool_flush_cache(base, off, slot);
+    if (rc < 0)
+        return memd_raise_errno(rc, "mempool_flush_cache");
+    return PyLong_FromLong(rc);
+}
+
+static PyMethodDef mempool_functions[] = {
+    {"mempool_memsize", (PyCFunction)(void (*)(void))py_mempool_memsize,
+     METH_VARARGS | METH_KEYWORDS,
+     "mempool_memsize(n, elt_size, cache_size=0, private_data_size=0, flags=0) -> bytes."},
+    {"mempool_init", (PyCFunction)(void (*)(void))py_mempool_init, METH_VARARGS | METH_KEYWORDS,
+     "mempool_init(window, offset, n, elt_size, cache_size=0, private_data_size=0, flags=0, "
+     "name='') -> None: a pool with every object free (obj_init is the caller's)."},
+    {"mempool_flush_cache", py_mempool_flush_cache, METH_VARARGS,
+     "mempool_flush_cache(window, pool_offset, slot) -> int: move a process slot's cached "
+     "objects back to the ring (detach, or reclaiming a dead process's slot)."},
+    {NULL, NULL, 0, NULL},
+};
 
 int memd_py_init_mempool(PyObject *m)
 {
-    (void)m;
+    if (PyType_Ready(&MemdMempool_Type) < 0 || PyType_Ready(&MemdMpObj_Type) < 0)
+        return -1;
+    Py_INCREF(&MemdMempool_Type);
+    if (PyModule_AddObject(m, "Mempool", (PyObject *)&MemdMempool_Type) < 0) {
+        Py_DECREF(&MemdMempool_Type);
+        return -1;
+    }
+    Py_INCREF(&MemdMpObj_Type);
+    if (PyModule_AddObject(m, "MempoolObject", (PyObject *)&MemdMpObj_Type) < 0) {
+        Py_DECREF(&MemdMpObj_Type);
+        return -1;
+    }
+    if (memd_add_functions(m, mempool_functions) < 0)
+        return -1;
+    if (PyModule_AddIntConstant(m, "MEMPOOL_F_NO_SPREAD", MEMD_MEMPOOL_F_NO_SPREAD) < 0 ||
+        PyModule_AddIntConstant(m, "MEMPOOL_F_NO_CACHE_ALIGN", MEMD_MEMPOOL_F_NO_CACHE_ALIGN) < 0 ||
+        PyModule_AddIntConstant(m, "MEMPOOL_F_SP_PUT", MEMD_MEMPOOL_F_SP_PUT) < 0 ||
+        PyModule_AddIntConstant(m, "MEMPOOL_F_SC_GET", MEMD_MEMPOOL_F_SC_GET) < 0 ||
+        PyModule_AddIntConstant(m, "MEMPOOL_F_NO_IOVA_CONTIG", MEMD_MEMPOOL_F_NO_IOVA_CONTIG) < 0 ||
+        PyModule_AddIntConstant(m, "MEMPOOL_CACHE_MAX_SIZE", MEMD_MEMPOOL_CACHE_MAX_SIZE) < 0)
+        return -1;
+    PyObject *layout = Py_BuildValue(
+        "{sksksksksksksksksksksksksk}",
+        "sizeof(memd_mempool)", (unsigned long)sizeof(struct memd_mempool),
+        "memd_mempool.magic", (unsigned long)offsetof(struct memd_mempool, magic),
+        "memd_mempool.name", (unsigned long)offsetof(struct memd_mempool, name),
+        "memd_mempool.n", (unsigned long)offsetof(struct memd_mempool, n),
+        "memd_mempool.caches_offset", (unsigned long)offsetof(struct memd_mempool, caches_offset),
+        "memd_mempool.ring_offset", (unsigned long)offsetof(struct memd_mempool, ring_offset),
+        "memd_mempool.objs_offset", (unsigned long)offsetof(struct memd_mempool, objs_offset),
+        "memd_mempool.memsize", (unsigned long)offsetof(struct memd_mempool, memsize),
+        "sizeof(memd_mempool_cache)", (unsigned long)sizeof(struct memd_mempool_cache),
+        "memd_mempool_cache.objs", (unsigned long)offsetof(struct memd_mempool_cache, objs),
+        "sizeof(memd_mempool_objhdr)", (unsigned long)sizeof(struct memd_mempool_objhdr),
+        "memd_mempool_objhdr.cookie", (unsigned long)offsetof(struct memd_mempool_objhdr, cookie),
+        "memd_mempool_objhdr.index", (unsigned long)offsetof(struct memd_mempool_objhdr, index));
+    if (layout == NULL || PyModule_AddObject(m, "MEMPOOL_LAYOUT", layout) < 0) {
+        Py_XDECREF(layout);
+        return -1;
+    }
     return 0;
 }

@@ -1,8 +1,854 @@
-/* py_ring.c - Python bindings for ring.c (placeholder until ring lands). */
+/*
+ * py_ring.c - Python bindings for ring.c: the memd._ext.Ring type (memd.ring.Ring
+ * subclasses it) and module functions ring_memsize / ring_init.
+ *
+ * Hot paths are METH_FASTCALL and allocate nothing per entry when given a
+ * buffer: values are read straight from a uint64 buffer (array('Q'), NumPy) or
+ * converted from a list/tuple into a stack array; *_into() dequeues into a
+ * caller's buffer.  Blocking calls release the GIL only while asleep on the
+ * ring's futex and wake at least every WAIT_SLICE_NS to run signal handlers.
+ */
 #include "memd_py.h"
+#include "py_ring.h"
+#include "ring.h"
+
+#include <errno.h>
+#include <string.h>
+#include <time.h>
+
+#define likely(x) __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+
+#define WAIT_SLICE_NS 100000000ull /* 100 ms: how late Ctrl-C may be noticed */
+
+/* Before sleeping, a waiter retries for up to this long (about what a futex
+ * sleep and wake cost together): a peer that is busy producing or consuming
+ * is then met without any system call on either side.  ring_wait_spin() sets
+ * it; 0 sleeps at once. */
+static uint64_t wait_spin_ns = 5000;
+#define STACK_VALUES 64            /* values converted on the stack, no malloc */
+
+/* --- argument helpers (shared with py_mempool.c through py_ring.h) -------- */
+
+int memd_fc_parse(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                  const char *const *names, int nnames, int nreq, PyObject **out)
+{
+    if (nargs > nnames) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)", fn, nnames,
+                     nargs);
+        return -1;
+    }
+    for (int i = 0; i < nnames; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, k));
+        if (key == NULL)
+            return -1;
+        int j = 0;
+        while (j < nnames && strcmp(names[j], key) != 0)
+            j++;
+        if (j == nnames) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%s'", fn, key);
+            return -1;
+        }
+        if (out[j] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fn, key);
+            return -1;
+        }
+        out[j] = args[nargs + k];
+    }
+    for (int i = 0; i < nreq; i++) {
+        if (out[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fn, names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int memd_parse_timeout(PyObject *o, uint64_t *ns)
+{
+    if (o == NULL) {
+        *ns = 0;
+        return 0;
+    }
+    if (o == Py_None) {
+        *ns = UINT64_MAX;
+        return 0;
+    }
+    double d = PyFloat_AsDouble(o);
+    if (d == -1.0 && PyErr_Occurred())
+        return -1;
+    if (!(d >= 0.0)) { /* also NaN */
+        PyErr_SetString(PyExc_ValueError, "timeout must be >= 0 seconds, or None to wait forever");
+        return -1;
+    }
+    if (d >= 1e9) { /* ~31 years: forever */
+        *ns = UINT64_MAX;
+        return 0;
+    }
+    uint64_t v = (uint64_t)(d * 1e9);
+    *ns = (v == 0 && d > 0.0) ? 1 : v;
+    return 0;
+}
+
+static int is_u64_format(const Py_buffer *b)
+{
+    if (b->itemsize != 8)
+        return 0;
+    const char *f = b->format;
+    if (f == NULL) /* "B" */
+        return 0;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (*f == '@' || *f == '=' || *f == '<')
+        f++;
+#else
+    if (*f == '@' || *f == '=' || *f == '>' || *f == '!')
+        f++;
+#endif
+    return (f[0] == 'Q' || f[0] == 'L') && f[1] == '\0';
+}
+
+int memd_u64_buffer(PyObject *o, Py_buffer *view, int writable)
+{
+    int flags = PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(o, view, flags) < 0)
+        return -1;
+    if (!is_u64_format(view)) {
+        PyErr_Format(PyExc_TypeError,
+                     "expected a buffer of unsigned 64-bit integers (array('Q'), numpy "
+                     "uint64), got format '%s' with %zd-byte items",
+                     view->format ? view->format : "B", view->itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static inline int to_u64(PyObject *item, uint64_t *out)
+{
+    if (likely(PyLong_CheckExact(item))) {
+        unsigned long long x = PyLong_AsUnsignedLongLong(item);
+        if (unlikely(x == (unsigned long long)-1 && PyErr_Occurred()))
+            return -1;
+        *out = x;
+        return 0;
+    }
+    PyObject *idx = PyNumber_Index(item); /* bool, numpy integers, ... */
+    if (idx == NULL)
+        return -1;
+    unsigned long long x = PyLong_AsUnsignedLongLong(idx);
+    Py_DECREF(idx);
+    if (x == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *out = x;
+    return 0;
+}
+
+int memd_u64_from_object(PyObject *o, uint64_t *out)
+{
+    if (to_u64(o, out) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_OverflowError, "ring entries are unsigned 64-bit: 0 <= v < 2**64");
+        }
+        return -1;
+    }
+    return 0;
+}
+
+void memd_values_release(struct memd_values *vs)
+{
+    if (vs->have_view)
+        PyBuffer_Release(&vs->view);
+    if (vs->heap)
+        PyMem_Free(vs->heap);
+    vs->have_view = 0;
+    vs->heap = NULL;
+}
+
+int memd_values_get(PyObject *o, struct memd_values *vs)
+{
+    vs->have_view = 0;
+    vs->heap = NULL;
+    vs->n = 0;
+    PyObject *seq = NULL;
+    if (!PyList_CheckExact(o) && !PyTuple_CheckExact(o)) {
+        if (PyObject_CheckBuffer(o)) {
+            if (memd_u64_buffer(o, &vs->view, 0) < 0)
+                return -1;
+            vs->have_view = 1;
+            vs->v = (uint64_t *)vs->view.buf;
+            vs->n = vs->view.len / 8;
+            return 0;
+        }
+        seq = PySequence_Fast(o, "values must be a sequence of ints or a uint64 buffer");
+        if (seq == NULL)
+            return -1;
+        o = seq;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+    PyObject **items = PySequence_Fast_ITEMS(o);
+    if (n <= STACK_VALUES) {
+        vs->v = vs->stack;
+    } else {
+        vs->heap = PyMem_Malloc((size_t)n * sizeof(uint64_t));
+        if (vs->heap == NULL) {
+            Py_XDECREF(seq);
+            PyErr_NoMemory();
+            return -1;
+        }
+        vs->v = vs->heap;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (unlikely(memd_u64_from_object(items[i], &vs->v[i]) < 0)) {
+            Py_XDECREF(seq);
+            memd_values_release(vs);
+            return -1;
+        }
+    }
+    Py_XDECREF(seq);
+    vs->n = n;
+    return 0;
+}
+
+/* --- the Ring type -------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *window; /* strong reference: keeps the mapping alive */
+    uint64_t offset;  /* window offset of the struct memd_ring */
+    uint32_t capacity;
+    uint32_t size;
+} MemdRing;
+
+enum ring_op { OP_ENQ_BULK, OP_ENQ_BURST, OP_DEQ_BULK, OP_DEQ_BURST };
+
+static inline struct memd_ring *ring_ptr(MemdRing *self)
+{
+    char *base = ((MemdWindow *)self->window)->base;
+    if (unlikely(base == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "the window is closed (detached)");
+        return NULL;
+    }
+    return (struct memd_ring *)(base + self->offset);
+}
+
+static inline unsigned do_op(struct memd_ring *r, enum ring_op op, uint64_t *v, unsigned n)
+{
+    switch (op) {
+    case OP_ENQ_BULK:
+        return memd_ring_enqueue_bulk(r, v, n, NULL);
+    case OP_ENQ_BURST:
+        return memd_ring_enqueue_burst(r, v, n, NULL);
+    case OP_DEQ_BULK:
+        return memd_ring_dequeue_bulk(r, v, n, NULL);
+    default:
+        return memd_ring_dequeue_burst(r, v, n, NULL);
+    }
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * Run op; if it moved nothing and timeout_ns > 0, sleep on the other side's
+ * futex and retry until it moves something or the time is up.  Returns the
+ * count moved (0 on timeout), or -1 with an exception set (a signal handler
+ * raised, or the window was closed meanwhile).
+ */
+static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned n,
+                         uint64_t timeout_ns)
+{
+    struct memd_ring *r = ring_ptr(self);
+    if (r == NULL)
+        return -1;
+    unsigned got = do_op(r, op, v, n);
+    if (likely(got != 0 || timeout_ns == 0 || n == 0))
+        return got;
+    uint64_t start = now_ns();
+    uint64_t deadline = timeout_ns == UINT64_MAX ? UINT64_MAX : start + timeout_ns;
+    int enq = op == OP_ENQ_BULK || op == OP_ENQ_BURST;
+    if (wait_spin_ns) {
+        uint64_t spin_end = start + wait_spin_ns;
+        if (spin_end > deadline)
+            spin_end = deadline;
+        for (unsigned i = 1;; i++) {
+            memd_cpu_relax();
+            if ((got = do_op(r, op, v, n)) != 0)
+                return got;
+            if ((i & 15) == 0 && now_ns() >= spin_end)
+                break;
+        }
+    }
+    for (;;) {
+        struct memd_ring_wait *w = enq ? &r->not_full : &r->not_empty;
+        uint32_t seq = memd_ring_wait_prepare(w);
+        got = do_op(r, op, v, n); /* the retry that closes the lost-wakeup window */
+        if (got != 0) {
+            memd_ring_wait_done(w);
+            return got;
+        }
+        uint64_t slice = WAIT_SLICE_NS;
+        if (deadline != UINT64_MAX) {
+            uint64_t now = now_ns();
+            if (now >= deadline) {
+                memd_ring_wait_done(w);
+                return 0;
+            }
+            if (deadline - now < slice)
+                slice = deadline - now;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        memd_ring_wait_sleep(w, seq, slice);
+        Py_END_ALLOW_THREADS
+        memd_ring_wait_done(w);
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+        if ((r = ring_ptr(self)) == NULL)
+            return -1;
+        /* Retry before announcing ourselves again: usually the wake means we
+         * can go on, and an armed futex would cost the other side a syscall. */
+        if ((got = do_op(r, op, v, n)) != 0)
+            return got;
+    }
+}
+
+/*
+ * Clamp a request of n entries to what the ring can ever move: burst to the
+ * capacity; bulk beyond it moves nothing (returns 0 in *n) at once, or raises
+ * ValueError if the caller asked to wait (it would wait forever).  -1 on error.
+ */
+static int clamp_request(MemdRing *self, enum ring_op op, Py_ssize_t *n, uint64_t timeout)
+{
+    if (likely(*n <= (Py_ssize_t)self->capacity))
+        return 0;
+    if (op == OP_ENQ_BURST || op == OP_DEQ_BURST) {
+        *n = self->capacity;
+        return 0;
+    }
+    if (timeout != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "a bulk of %zd entries can never fit a ring of capacity %u", *n,
+                     self->capacity);
+        return -1;
+    }
+    *n = 0;
+    return 0;
+}
+
+static PyObject *ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"window", "offset", NULL};
+    PyObject *window;
+    unsigned long long off;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!K:Ring", kwlist, &MemdWindow_Type, &window,
+                                     &off))
+        return NULL;
+    char *base = memd_base_of(window);
+    if (base == NULL || memd_check_range(window, off, sizeof(struct memd_ring)) < 0)
+        return NULL;
+    if (off % 8) {
+        PyErr_SetString(PyExc_ValueError, "a ring's offset must be 8-byte aligned");
+        return NULL;
+    }
+    struct memd_ring *r = (struct memd_ring *)(base + off);
+    if (memd_ring_check(r, ((MemdWindow *)window)->size - off) < 0) {
+        PyErr_Format(PyExc_ValueError, "no initialised ring at window offset %llu", off);
+        return NULL;
+    }
+    MemdRing *self = (MemdRing *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(window);
+    self->window = window;
+    self->offset = off;
+    self->capacity = r->capacity;
+    self->size = r->size;
+    return (PyObject *)self;
+}
+
+static void ring_dealloc(PyObject *o)
+{
+    MemdRing *self = (MemdRing *)o;
+    PyObject_GC_UnTrack(o);
+    Py_CLEAR(self->window);
+    Py_TYPE(o)->tp_free(o);
+}
+
+static int ring_traverse(PyObject *o, visitproc visit, void *arg)
+{
+    Py_VISIT(((MemdRing *)o)->window);
+    Py_VISIT(Py_TYPE(o));
+    return 0;
+}
+
+static int ring_clear(PyObject *o)
+{
+    Py_CLEAR(((MemdRing *)o)->window);
+    return 0;
+}
+
+static const char *const kw_value_timeout[] = {"value", "timeout"};
+static const char *const kw_timeout[] = {"timeout"};
+static const char *const kw_values_timeout[] = {"values", "timeout"};
+static const char *const kw_n_timeout[] = {"n", "timeout"};
+static const char *const kw_buffer_timeout[] = {"buffer", "timeout"};
+
+static PyObject *ring_enqueue(PyObject *o, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames)
+{
+    MemdRing *self = (MemdRing *)o;
+    uint64_t v, timeout = 0;
+    PyObject *a[2];
+    if (likely(nargs == 1 && kwnames == NULL)) {
+        a[0] = args[0];
+    } else {
+        if (memd_fc_parse("enqueue", args, nargs, kwnames, kw_value_timeout, 2, 1, a) < 0 ||
+            memd_parse_timeout(a[1], &timeout) < 0)
+            return NULL;
+    }
+    if (memd_u64_from_object(a[0], &v) < 0)
+        return NULL;
+    Py_ssize_t got = run_op(self, OP_ENQ_BURST, &v, 1, timeout);
+    if (got < 0)
+        return NULL;
+    return PyBool_FromLong(got);
+}
+
+static PyObject *ring_dequeue(PyObject *o, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames)
+{
+    MemdRing *self = (MemdRing *)o;
+    uint64_t v, timeout = 0;
+    if (unlikely(nargs != 0 || kwnames != NULL)) {
+        PyObject *a[1];
+        if (memd_fc_parse("dequeue", args, nargs, kwnames, kw_timeout, 1, 0, a) < 0 ||
+            memd_parse_timeout(a[0], &timeout) < 0)
+            return NULL;
+    }
+    Py_ssize_t got = run_op(self, OP_DEQ_BURST, &v, 1, timeout);
+    if (got < 0)
+        return NULL;
+    if (got == 0)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(v);
+}
+
+static PyObject *enqueue_many(PyObject *o, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames, enum ring_op op, const char *fn)
+{
+    MemdRing *self = (MemdRing *)o;
+    PyObject *a[2];
+    uint64_t timeout = 0;
+    struct memd_values vs;
+    if (likely(nargs == 1 && kwnames == NULL)) {
+        a[0] = args[0];
+    } else if (memd_fc_parse(fn, args, nargs, kwnames, kw_values_timeout, 2, 1, a) < 0 ||
+               memd_parse_timeout(a[1], &timeout) < 0) {
+        return NULL;
+    }
+    if (memd_values_get(a[0], &vs) < 0)
+        return NULL;
+    Py_ssize_t n = vs.n, got = -1;
+    if (clamp_request(self, op, &n, timeout) == 0)
+        got = run_op(self, op, vs.v, (unsigned)n, timeout);
+    memd_values_release(&vs);
+    if (got < 0)
+        return NULL;
+    return PyLong_FromSsize_t(got);
+}
+
+static PyObject *ring_enqueue_bulk(PyObject *o, PyObject *const *args, Py_ssize_t nargs,
+                                   PyObject *kwnames)
+{
+    return enqueue_many(o, args, nargs, kwnames, OP_ENQ_BULK, "enqueue_bulk");
+}
+
+static PyObject *ring_enqueue_burst(PyObject *o, PyObject *const *args, Py_ssize_t nargs,
+                                    PyObject *kwnames)
+{
+    return enqueue_many(o, args, nargs, kwnames, OP_ENQ_BURST, "enqueue_burst");
+}
+
+static PyObject *dequeue_list(PyObject *o, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames, enum ring_op op, const char *fn)
+{
+    MemdRing *self = (MemdRing *)o;
+    PyObject *a[2];
+    uint64_t timeout = 0, stack[STACK_VALUES], *v = stack;
+    if (likely(nargs == 1 && kwnames == NULL)) {
+        a[0] = args[0];
+    } else if (memd_fc_parse(fn, args, nargs, kwnames, kw_n_timeout, 2, 1, a) < 0 ||
+               memd_parse_timeout(a[1], &timeout) < 0) {
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(a[0]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "n must be >= 0");
+        return NULL;
+    }
+    if (clamp_request(self, op, &n, timeout) < 0)
+        return NULL;
+    if (n > STACK_VALUES) {
+        v = PyMem_Malloc((size_t)n * sizeof(uint64_t));
+        if (v == NULL)
+            return PyErr_NoMemory();
+    }
+    Py_ssize_t got = run_op(self, op, v, (unsigned)n, timeout);
+    PyObject *list = NULL;
+    if (got >= 0 && (list = PyList_New(got)) != NULL) {
+        for (Py_ssize_t i = 0; i < got; i++) {
+            PyObject *x = PyLong_FromUnsignedLongLong(v[i]);
+            if (x == NULL) {
+                /* The entries are gone from the ring already; nothing to undo. */
+                Py_CLEAR(list);
+                break;
+            }
+            PyList_SET_ITEM(list, i, x);
+        }
+    }
+    if (v != stack)
+        PyMem_Free(v);
+    return list;
+}
+
+static PyObject *ring_dequeue_bulk(PyObject *o, PyObject *const *args, Py_ssize_t nargs,
+                                   PyObject *kwnames)
+{
+    return dequeue_list(o, args, nargs, kwnames, OP_DEQ_BULK, "dequeue_bulk");
+}
+
+static PyObject *ring_dequeue_burst(PyObject *o, PyObject *const *args, Py_ssize_t nargs,
+                                    PyObject *kwnames)
+{
+    return dequeue_list(o, args, nargs, kwnames, OP_DEQ_BURST, "dequeue_burst");
+}
+
+static PyObject *dequeue_into(PyObject *o, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames, enum ring_op op, const char *fn)
+{
+    MemdRing *self = (MemdRing *)o;
+    PyObject *a[2];
+    uint64_t timeout = 0;
+    Py_buffer view;
+    if (likely(nargs == 1 && kwnames == NULL)) {
+        a[0] = args[0];
+    } else if (memd_fc_parse(fn, args, nargs, kwnames, kw_buffer_timeout, 2, 1, a) < 0 ||
+               memd_parse_timeout(a[1], &timeout) < 0) {
+        return NULL;
+    }
+    if (memd_u64_buffer(a[0], &view, 1) < 0)
+        return NULL;
+    Py_ssize_t n = view.len / 8, got = -1;
+    if (clamp_request(self, op, &n, timeout) == 0)
+        got = run_op(self, op, (uint64_t *)view.buf, (unsigned)n, timeout);
+    PyBuffer_Release(&view);
+    if (got < 0)
+        return NULL;
+    return PyLong_FromSsize_t(got);
+}
+
+static PyObject *ring_dequeue_bulk_into(PyObject *o, PyObject *const *args, Py_ssize_t nargs,
+                                        PyObject *kwnames)
+{
+    return dequeue_into(o, args, nargs, kwnames, OP_DEQ_BULK, "dequeue_bulk_into");
+}
+
+static PyObject *ring_dequeue_burst_into(PyObject *o, PyObject *const *args, Py_ssize_t nargs,
+                                         PyObject *kwnames)
+{
+    return dequeue_into(o, args, nargs, kwnames, OP_DEQ_BURST, "dequeue_burst_into");
+}
+
+static PyObject *ring_full(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    return r ? PyBool_FromLong(memd_ring_free_count(r) == 0) : NULL;
+}
+
+static PyObject *ring_empty(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    return r ? PyBool_FromLong(memd_ring_count(r) == 0) : NULL;
+}
+
+static PyObject *ring_get_count(PyObject *o, void *Py_UNUSED(c))
+{
+    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    return r ? PyLong_FromUnsignedLong(memd_ring_count(r)) : NULL;
+}
+
+static PyObject *ring_get_free_count(PyObject *o, void *Py_UNUSED(c))
+{
+    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    return r ? PyLong_FromUnsignedLong(memd_ring_free_count(r)) : NULL;
+}
+
+static PyObject *ring_get_capacity(PyObject *o, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLong(((MemdRing *)o)->capacity);
+}
+
+static PyObject *ring_get_size(PyObject *o, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLong(((MemdRing *)o)->size);
+}
+
+static PyObject *ring_get_flags(PyObject *o, void *Py_UNUSED(c))
+{
+    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    return r ? PyLong_FromUnsignedLong(r->flags) : NULL;
+}
+
+static PyObject *ring_get_memsize(PyObject *o, void *Py_UNUSED(c))
+{
+    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    return r ? PyLong_FromUnsignedLongLong(r->memsize) : NULL;
+}
+
+static PyObject *ring_get_name(PyObject *o, void *Py_UNUSED(c))
+{
+    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    return r ? PyUnicode_FromStringAndSize(r->name, (Py_ssize_t)strnlen(r->name, MEMD_NAMESIZE))
+             : NULL;
+}
+
+static PyObject *ring_get_offset(PyObject *o, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(((MemdRing *)o)->offset);
+}
+
+static PyObject *ring_get_window(PyObject *o, void *Py_UNUSED(c))
+{
+    PyObject *w = ((MemdRing *)o)->window;
+    Py_INCREF(w);
+    return w;
+}
+
+static PyObject *ring_get_wait_stats(PyObject *o, void *Py_UNUSED(c))
+{
+    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    if (r == NULL)
+        return NULL;
+    return Py_BuildValue(
+        "{sKsKsKsKsIsI}", "consumer_sleeps",
+        (unsigned long long)atomic_load_explicit(&r->not_empty.sleeps, memory_order_relaxed),
+        "consumer_wakes",
+        (unsigned long long)atomic_load_explicit(&r->not_empty.wakes, memory_order_relaxed),
+        "producer_sleeps",
+        (unsigned long long)atomic_load_explicit(&r->not_full.sleeps, memory_order_relaxed),
+        "producer_wakes",
+        (unsigned long long)atomic_load_explicit(&r->not_full.wakes, memory_order_relaxed),
+        "consumers_waiting",
+        (unsigned)atomic_load_explicit(&r->not_empty.waiters, memory_order_relaxed),
+        "producers_waiting",
+        (unsigned)atomic_load_explicit(&r->not_full.waiters, memory_order_relaxed));
+}
+
+#define FC (METH_FASTCALL | METH_KEYWORDS)
+#define FCFN(f) (PyCFunction)(void (*)(void))(f)
+
+static PyMethodDef ring_methods[] = {
+    {"enqueue", FCFN(ring_enqueue), FC,
+     "enqueue(value, timeout=0) -> bool: False if the ring stayed full."},
+    {"dequeue", FCFN(ring_dequeue), FC,
+     "dequeue(timeout=0) -> int | None: None if the ring stayed empty."},
+    {"enqueue_bulk", FCFN(ring_enqueue_bulk), FC,
+     "enqueue_bulk(values, timeout=0) -> int: len(values) or 0 (all or nothing)."},
+    {"enqueue_burst", FCFN(ring_enqueue_burst), FC,
+     "enqueue_burst(values, timeout=0) -> int: how many fitted."},
+    {"dequeue_bulk", FCFN(ring_dequeue_bulk), FC,
+     "dequeue_bulk(n, timeout=0) -> list[int]: n entries or []."},
+    {"dequeue_burst", FCFN(ring_dequeue_burst), FC,
+     "dequeue_burst(n, timeout=0) -> list[int]: up to n entries."},
+    {"dequeue_bulk_into", FCFN(ring_dequeue_bulk_into), FC,
+     "dequeue_bulk_into(buffer, timeout=0) -> int: fills the whole uint64 buffer or "
+     "nothing; returns len(buffer) or 0."},
+    {"dequeue_burst_into", FCFN(ring_dequeue_burst_into), FC,
+     "dequeue_burst_into(buffer, timeout=0) -> int: fills the uint64 buffer's head with "
+     "up to len(buffer) entries and returns how many."},
+    {"full", ring_full, METH_NOARGS, "full() -> bool"},
+    {"empty", ring_empty, METH_NOARGS, "empty() -> bool"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef ring_getset[] = {
+    {"count", ring_get_count, NULL, "entries in the ring now", NULL},
+    {"free_count", ring_get_free_count, NULL, "room for entries now", NULL},
+    {"capacity", ring_get_capacity, NULL, "most entries the ring holds", NULL},
+    {"size", ring_get_size, NULL, "slots (a power of two)", NULL},
+    {"flags", ring_get_flags, NULL, "RING_F_* flags it was created with", NULL},
+    {"memsize", ring_get_memsize, NULL, "bytes of shared memory it uses", NULL},
+    {"name", ring_get_name, NULL, "name stored in the ring header", NULL},
+    {"offset", ring_get_offset, NULL, "window offset of the ring header", NULL},
+    {"window", ring_get_window, NULL, "the Window the ring lives in", NULL},
+    {"wait_stats", ring_get_wait_stats, NULL, "futex sleep/wake counters (dict)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject MemdRing_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memd._ext.Ring",
+    .tp_basicsize = sizeof(MemdRing),
+    .tp_dealloc = ring_dealloc,
+    .tp_traverse = ring_traverse,
+    .tp_clear = ring_clear,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Ring(window, offset): an initialised ring in a shared window (see memd.ring).",
+    .tp_methods = ring_methods,
+    .tp_getset = ring_getset,
+    .tp_new = ring_new,
+};
+
+/* --- module functions ----------------------------------------------------- */
+
+/* memd_ring_memsize for Python numbers; -1 with ValueError set on bad input. */
+static int64_t checked_memsize(unsigned long long count, unsigned int flags)
+{
+    int64_t sz = count > UINT32_MAX ? -EINVAL : memd_ring_memsize((uint32_t)count, flags);
+    if (sz < 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "bad ring count %llu with flags 0x%x: count must be a power of two >= 2 "
+                     "(capacity count-1), or any count >= 1 with RING_F_EXACT_SZ (capacity "
+                     "count); at most 2**31 slots; flags only RING_F_*",
+                     count, flags);
+        return -1;
+    }
+    return sz;
+}
+
+static PyObject *py_ring_memsize(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    unsigned long long count;
+    unsigned int flags = 0;
+    if (!PyArg_ParseTuple(args, "K|I:ring_memsize", &count, &flags))
+        return NULL;
+    int64_t sz = checked_memsize(count, flags);
+    return sz < 0 ? NULL : PyLong_FromLongLong(sz);
+}
+
+static PyObject *py_ring_init(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"window", "offset", "count", "flags", "name", NULL};
+    PyObject *window;
+    unsigned long long off, count;
+    unsigned int flags = 0;
+    const char *name = "";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!KK|Is:ring_init", kwlist, &MemdWindow_Type,
+                                     &window, &off, &count, &flags, &name))
+        return NULL;
+    char *base = memd_base_of(window);
+    if (base == NULL)
+        return NULL;
+    if (strlen(name) >= MEMD_NAMESIZE) {
+        PyErr_Format(PyExc_ValueError, "ring name '%s' is longer than %u bytes", name,
+                     MEMD_NAMESIZE - 1);
+        return NULL;
+    }
+    int64_t sz = checked_memsize(count, flags);
+    if (sz < 0)
+        return NULL;
+    if (off % 64) {
+        PyErr_SetString(PyExc_ValueError, "a ring's offset must be 64-byte aligned");
+        return NULL;
+    }
+    if (memd_check_range(window, off, (uint64_t)sz) < 0)
+        return NULL;
+    int rc = memd_ring_init((struct memd_ring *)(base + off), name, (uint32_t)count, flags);
+    if (rc < 0)
+        return memd_raise_errno(rc, "ring_init");
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_ring_wait_spin(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *arg = Py_None;
+    if (!PyArg_ParseTuple(args, "|O:ring_wait_spin", &arg))
+        return NULL;
+    uint64_t old = wait_spin_ns;
+    if (arg != Py_None) {
+        double s = PyFloat_AsDouble(arg);
+        if (s == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (!(s >= 0.0 && s <= 0.1)) {
+            PyErr_SetString(PyExc_ValueError, "spin must be 0 to 0.1 seconds");
+            return NULL;
+        }
+        wait_spin_ns = (uint64_t)(s * 1e9);
+    }
+    return PyFloat_FromDouble((double)old / 1e9);
+}
+
+static PyMethodDef ring_functions[] = {
+    {"ring_wait_spin", py_ring_wait_spin, METH_VARARGS,
+     "ring_wait_spin(seconds=None) -> float: how long a waiting call retries before it "
+     "sleeps (default 5 µs; 0 sleeps at once); sets it if given, returns the old value."},
+    {"ring_memsize", py_ring_memsize, METH_VARARGS,
+     "ring_memsize(count, flags=0) -> bytes a ring needs (ValueError on a bad count)."},
+    {"ring_init", (PyCFunction)(void (*)(void))py_ring_init, METH_VARARGS | METH_KEYWORDS,
+     "ring_init(window, offset, count, flags=0, name='') -> None: an empty ring at offset."},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject *memd_ring_type(void)
+{
+    return &MemdRing_Type;
+}
+
+PyObject *memd_ring_ptr_of(PyObject *ring, struct memd_ring **out)
+{
+    if (!PyObject_TypeCheck(ring, &MemdRing_Type)) {
+        PyErr_SetString(PyExc_TypeError, "expected a memd ring");
+        return NULL;
+    }
+    *out = ring_ptr((MemdRing *)ring);
+    return *out ? ring : NULL;
+}
 
 int memd_py_init_ring(PyObject *m)
 {
-    (void)m;
+    if (PyType_Ready(&MemdRing_Type) < 0)
+        return -1;
+    Py_INCREF(&MemdRing_Type);
+    if (PyModule_AddObject(m, "Ring", (PyObject *)&MemdRing_Type) < 0) {
+        Py_DECREF(&MemdRing_Type);
+        return -1;
+    }
+    if (memd_add_functions(m, ring_functions) < 0)
+        return -1;
+    if (PyModule_AddIntConstant(m, "RING_F_SP_ENQ", MEMD_RING_F_SP_ENQ) < 0 ||
+        PyModule_AddIntConstant(m, "RING_F_SC_DEQ", MEMD_RING_F_SC_DEQ) < 0 ||
+        PyModule_AddIntConstant(m, "RING_F_EXACT_SZ", MEMD_RING_F_EXACT_SZ) < 0 ||
+        PyModule_AddIntConstant(m, "RING_SZ_MAX", MEMD_RING_SZ_MAX) < 0)
+        return -1;
+    PyObject *layout = Py_BuildValue(
+        "{sksksksksksksksksksksksksksk}",
+        "sizeof(memd_ring)", (unsigned long)sizeof(struct memd_ring),
+        "memd_ring.magic", (unsigned long)offsetof(struct memd_ring, magic),
+        "memd_ring.name", (unsigned long)offsetof(struct memd_ring, name),
+        "memd_ring.flags", (unsigned long)offsetof(struct memd_ring, flags),
+        "memd_ring.size", (unsigned long)offsetof(struct memd_ring, size),
+        "memd_ring.mask", (unsigned long)offsetof(struct memd_ring, mask),
+        "memd_ring.capacity", (unsigned long)offsetof(struct memd_ring, capacity),
+        "memd_ring.memsize", (unsigned long)offsetof(struct memd_ring, memsize),
+        "memd_ring.prod", (unsigned long)offsetof(struct memd_ring, prod),
+        "memd_ring.cons", (unsigned long)offsetof(struct memd_ring, cons),
+        "memd_ring.not_empty", (unsigned long)offsetof(struct memd_ring, not_empty),
+        "memd_ring.not_full", (unsigned long)offsetof(struct memd_ring, not_full),
+        "memd_ring.slots", (unsigned long)offsetof(struct memd_ring, slots),
+        "memd_ring_headtail.other_tail",
+        (unsigned long)offsetof(struct memd_ring_headtail, other_tail));
+    if (layout == NULL || PyModule_AddObject(m, "RING_LAYOUT", layout) < 0) {
+        Py_XDECREF(layout);
+        return -1;
+    }
     return 0;
 }

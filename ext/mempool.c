@@ -1,0 +1,423 @@
+/* mempool.c - fixed-size object pools in shared memory (see mempool.h). */
+#include "mempool.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ring.h"
+
+#define likely(x) __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+
+#define OBJHDR_SIZE ((uint64_t)sizeof(struct memd_mempool_objhdr))
+#define TRAILER_SIZE 8u
+#define LIMIT31 0x80000000u
+
+static inline uint64_t round_up(uint64_t x, uint64_t a)
+{
+    return (x + a - 1) & ~(a - 1);
+}
+
+static inline struct memd_mempool *pool_at(const char *base, uint64_t pool)
+{
+    return (struct memd_mempool *)(uintptr_t)(base + pool);
+}
+
+static inline struct memd_ring *ring_of(char *base, uint64_t pool, const struct memd_mempool *mp)
+{
+    return (struct memd_ring *)(base + pool + mp->ring_offset);
+}
+
+static inline struct memd_mempool_cache *cache_of(const char *base, uint64_t pool,
+                                                  const struct memd_mempool *mp, uint32_t slot)
+{
+    if (mp->cache_size == 0 || slot >= MEMD_MAX_PROCS)
+        return NULL;
+    return (struct memd_mempool_cache *)(uintptr_t)(base + pool + mp->caches_offset +
+                                                    (uint64_t)slot * mp->cache_stride);
+}
+
+static inline uint64_t *trailer_of(char *base, const struct memd_mempool *mp, uint64_t handle)
+{
+    return (uint64_t *)(base + handle + mp->trailer_offset);
+}
+
+/* --- geometry and init ---------------------------------------------------- */
+
+int memd_mempool_geometry(uint32_t n, uint32_t elt_size, uint32_t cache_size,
+                          uint32_t private_size, uint32_t flags,
+                          struct memd_mempool_geometry *g)
+{
+    if (n == 0 || n >= LIMIT31 || elt_size >= LIMIT31 || private_size >= LIMIT31 ||
+        cache_size > MEMD_MEMPOOL_CACHE_MAX_SIZE || (flags & ~MEMD_MEMPOOL_F_ALL))
+        return -EINVAL;
+    uint32_t flushthresh = cache_size * 3 / 2;
+    if (flushthresh > n)
+        return -EINVAL;
+    int64_t ring_size = memd_ring_memsize(n, MEMD_RING_F_EXACT_SZ);
+    if (ring_size < 0)
+        return -EINVAL;
+    uint64_t off = sizeof(struct memd_mempool);
+    memset(g, 0, sizeof(*g));
+    g->flushthresh = flushthresh;
+    if (cache_size) {
+        g->caches_offset = off;
+        /* 2 * cache_size: a refill may briefly hold cache_size + n <= 2 * size */
+        g->cache_stride = round_up(sizeof(struct memd_mempool_cache) +
+                                       2u * (uint64_t)cache_size * sizeof(uint64_t),
+                                   MEMD_CACHE_LINE);
+        off += MEMD_MAX_PROCS * g->cache_stride;
+    }
+    g->private_offset = off;
+    off += round_up(private_size, MEMD_CACHE_LINE);
+    g->ring_offset = off;
+    off += round_up((uint64_t)ring_size, MEMD_CACHE_LINE);
+    g->objs_offset = off;
+    g->trailer_offset = round_up(elt_size, 8);
+    g->obj_stride = round_up(OBJHDR_SIZE + g->trailer_offset + TRAILER_SIZE, MEMD_CACHE_LINE);
+    g->memsize = off + (uint64_t)n * g->obj_stride;
+    return 0;
+}
+
+int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n,
+                      uint32_t elt_size, uint32_t cache_size, uint32_t private_size,
+                      uint32_t flags)
+{
+    struct memd_mempool_geometry g;
+    int rc = memd_mempool_geometry(n, elt_size, cache_size, private_size, flags, &g);
+    if (rc < 0)
+        return rc;
+    if (pool % MEMD_CACHE_LINE || (name && strnlen(name, MEMD_NAMESIZE) >= MEMD_NAMESIZE))
+        return -EINVAL;
+    struct memd_mempool *mp = pool_at(base, pool);
+    /* relaxed: nobody may use the pool until the magic is stored below. */
+    atomic_store_explicit(&mp->magic, 0, memory_order_relaxed);
+    memset((char *)mp + sizeof(mp->magic), 0, g.ring_offset - sizeof(mp->magic));
+    if (name)
+        memcpy(mp->name, name, strlen(name));
+    mp->n = n;
+    mp->elt_size = elt_size;
+    mp->cache_size = cache_size;
+    mp->flushthresh = g.flushthresh;
+    mp->private_data_size = private_size;
+    mp->flags = flags;
+    mp->caches_offset = g.caches_offset;
+    mp->cache_stride = g.cache_stride;
+    mp->private_offset = g.private_offset;
+    mp->ring_offset = g.ring_offset;
+    mp->objs_offset = g.objs_offset;
+    mp->obj_stride = g.obj_stride;
+    mp->trailer_offset = g.trailer_offset;
+    mp->memsize = g.memsize;
+
+    uint32_t ring_flags = MEMD_RING_F_EXACT_SZ;
+    if (flags & MEMD_MEMPOOL_F_SP_PUT)
+        ring_flags |= MEMD_RING_F_SP_ENQ;
+    if (flags & MEMD_MEMPOOL_F_SC_GET)
+        ring_flags |= MEMD_RING_F_SC_DEQ;
+    struct memd_ring *r = ring_of(base, pool, mp);
+    rc = memd_ring_init(r, name, n, ring_flags);
+    if (rc < 0)
+        return rc;
+
+    uint64_t handle = pool + g.objs_offset + OBJHDR_SIZE;
+    for (uint32_t i = 0; i < n; i++, handle += g.obj_stride) {
+        struct memd_mempool_objhdr *h = (struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
+        memset(h, 0, sizeof(*h));
+        h->pool_offset = pool;
+        h->cookie = MEMD_MEMPOOL_HDR_COOKIE_FREE;
+        h->index = i;
+        *trailer_of(base, mp, handle) = MEMD_MEMPOOL_TRAILER_COOKIE;
+        if (memd_ring_enqueue_bulk(r, &handle, 1, NULL) != 1)
+            return -EFAULT; /* cannot happen: the ring holds exactly n */
+    }
+    /* release: pairs with the acquire load in memd_mempool_check; whoever sees
+     * the magic sees the whole pool as built above. */
+    atomic_store_explicit(&mp->magic, MEMD_MEMPOOL_MAGIC, memory_order_release);
+    return 0;
+}
+
+int memd_mempool_check(const char *base, uint64_t pool, uint64_t avail)
+{
+    if (avail < sizeof(struct memd_mempool) || pool % MEMD_CACHE_LINE)
+        return -EINVAL;
+    const struct memd_mempool *mp = pool_at(base, pool);
+    /* acquire: pairs with the release store of the magic in memd_mempool_init. */
+    if (atomic_load_explicit(&mp->magic, memory_order_acquire) != MEMD_MEMPOOL_MAGIC)
+        return -EINVAL;
+    struct memd_mempool_geometry g;
+    if (memd_mempool_geometry(mp->n, mp->elt_size, mp->cache_size, mp->private_data_size,
+                              mp->flags, &g) < 0 ||
+        g.caches_offset != mp->caches_offset || g.cache_stride != mp->cache_stride ||
+        g.private_offset != mp->private_offset || g.ring_offset != mp->ring_offset ||
+        g.objs_offset != mp->objs_offset || g.obj_stride != mp->obj_stride ||
+        g.trailer_offset != mp->trailer_offset || g.memsize != mp->memsize ||
+        g.flushthresh != mp->flushthresh || mp->memsize > avail)
+        return -EINVAL;
+    return memd_ring_check((const struct memd_ring *)(base + pool + mp->ring_offset),
+                           mp->memsize - mp->ring_offset);
+}
+
+/* --- handles -------------------------------------------------------------- */
+
+struct memd_mempool_objhdr *memd_mempool_objhdr_of(char *base, uint64_t pool, uint64_t handle)
+{
+    const struct memd_mempool *mp = pool_at(base, pool);
+    uint64_t first = pool + mp->objs_offset + OBJHDR_SIZE;
+    uint64_t rel = handle - first; /* wraps to huge if handle < first */
+    if (unlikely(handle < first || rel >= (uint64_t)mp->n * mp->obj_stride ||
+                 rel % MEMD_CACHE_LINE))
+        return NULL;
+    struct memd_mempool_objhdr *h = (struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
+    if (unlikely(h->pool_offset != pool || (uint64_t)h->index * mp->obj_stride != rel))
+        return NULL;
+    return h;
+}
+
+/* --- get / put ------------------------------------------------------------ */
+
+/* Mark handles[0..n), just taken from a cache or the ring, busy.  Each must
+ * be a FREE object of the pool; if not, the pool is corrupted: -EFAULT (the
+ * entry is dropped, and audit() says what is wrong). */
+static int mark_busy(char *base, uint64_t pool, const uint64_t *handles, unsigned n)
+{
+    int rc = 0;
+    for (unsigned i = 0; i < n; i++) {
+        struct memd_mempool_objhdr *h = memd_mempool_objhdr_of(base, pool, handles[i]);
+        if (unlikely(h == NULL || h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE)) {
+            rc = -EFAULT;
+            continue;
+        }
+        h->cookie = MEMD_MEMPOOL_HDR_COOKIE_BUSY;
+    }
+    return rc;
+}
+
+int memd_mempool_get_bulk(char *base, uint64_t pool, uint32_t slot, uint64_t *handles,
+                          unsigned n)
+{
+    struct memd_mempool *mp = pool_at(base, pool);
+    struct memd_ring *r = ring_of(base, pool, mp);
+    struct memd_mempool_cache *c = cache_of(base, pool, mp, slot);
+    if (unlikely(n == 0))
+        return 0;
+    /* relaxed: only this process writes its cache's len (see the header). */
+    uint32_t len = c ? atomic_load_explicit(&c->len, memory_order_relaxed) : 0;
+
+    if (likely(n <= len)) {
+        /* The hot objects are on top of the stack: hand those out. */
+        for (unsigned i = 0; i < n; i++)
+            handles[i] = c->objs[len - 1 - i];
+        atomic_store_explicit(&c->len, len - n, memory_order_relaxed);
+        c->gets += n;
+        return mark_busy(base, pool, handles, n);
+    }
+    if (c != NULL && n <= mp->cache_size) {
+        /* Refill so that cache_size objects stay cached after serving n. */
+        unsigned want = mp->cache_size + n - len;
+        len += memd_ring_dequeue_burst(r, &c->objs[len], want, NULL);
+        if (len < n) {
+            /* Not enough anywhere we may look; the refill stays cached. */
+            atomic_store_explicit(&c->len, len, memory_order_relaxed);
+            return -ENOBUFS;
+        }
+        for (unsigned i = 0; i < n; i++)
+            handles[i] = c->objs[len - 1 - i];
+        atomic_store_explicit(&c->len, len - n, memory_order_relaxed);
+        c->gets += n;
+        return mark_busy(base, pool, handles, n);
+    }
+    /* A request larger than the cache (or no cache): the ring gives the part
+     * the cache cannot, all or nothing; then the cache gives all it has. */
+    unsigned rest = n - len;
+    if (memd_ring_dequeue_bulk(r, handles, rest, NULL) != rest)
+        return -ENOBUFS;
+    for (unsigned i = 0; i < len; i++)
+        handles[rest + i] = c->objs[len - 1 - i];
+    if (c != NULL) {
+        atomic_store_explicit(&c->len, 0, memory_order_relaxed);
+        c->gets += len;
+    }
+    return mark_busy(base, pool, handles, n);
+}
+
+/* Put back the BUSY marks of handles[0..k) after a failed put. */
+static void unmark(char *base, const uint64_t *handles, unsigned k)
+{
+    for (unsigned i = 0; i < k; i++)
+        ((struct memd_mempool_objhdr *)(base + handles[i] - OBJHDR_SIZE))->cookie =
+            MEMD_MEMPOOL_HDR_COOKIE_BUSY;
+}
+
+int memd_mempool_put_bulk(char *base, uint64_t pool, uint32_t slot, const uint64_t *handles,
+                          unsigned n)
+{
+    struct memd_mempool *mp = pool_at(base, pool);
+    struct memd_ring *r = ring_of(base, pool, mp);
+    struct memd_mempool_cache *c = cache_of(base, pool, mp, slot);
+
+    /* Validate and mark free in one pass; a duplicate in this call then shows
+     * up as already FREE.  On any failure undo the marks made so far. */
+    for (unsigned i = 0; i < n; i++) {
+        struct memd_mempool_objhdr *h = memd_mempool_objhdr_of(base, pool, handles[i]);
+        int rc = 0;
+        if (unlikely(h == NULL))
+            rc = -EINVAL;
+        else if (unlikely(h->cookie != MEMD_MEMPOOL_HDR_COOKIE_BUSY))
+            rc = h->cookie == MEMD_MEMPOOL_HDR_COOKIE_FREE ? -EALREADY : -EFAULT;
+        if (unlikely(rc < 0)) {
+            unmark(base, handles, i);
+            return rc;
+        }
+        h->cookie = MEMD_MEMPOOL_HDR_COOKIE_FREE;
+    }
+
+    if (c == NULL || n > mp->flushthresh) {
+        if (memd_ring_enqueue_bulk(r, handles, n, NULL) != n) {
+            unmark(base, handles, n);
+            return -EFAULT; /* more objects than the pool has: corrupted */
+        }
+        return 0;
+    }
+    uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
+    if (len + n > mp->flushthresh) {
+        /* Past the threshold: the whole cache goes back to the ring. */
+        if (memd_ring_enqueue_bulk(r, c->objs, len, NULL) != len) {
+            unmark(base, handles, n);
+            return -EFAULT;
+        }
+        len = 0;
+    }
+    memcpy(&c->objs[len], handles, n * sizeof(uint64_t));
+    /* relaxed: readers of another process's len only count. */
+    atomic_store_explicit(&c->len, len + n, memory_order_relaxed);
+    c->puts += n;
+    return 0;
+}
+
+int memd_mempool_flush_cache(char *base, uint64_t pool, uint32_t slot)
+{
+    struct memd_mempool *mp = pool_at(base, pool);
+    if (slot >= MEMD_MAX_PROCS)
+        return -EINVAL;
+    struct memd_mempool_cache *c = cache_of(base, pool, mp, slot);
+    if (c == NULL)
+        return 0;
+    uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
+    if (len > 2u * mp->cache_size)
+        return -EFAULT;
+    if (memd_ring_enqueue_bulk(ring_of(base, pool, mp), c->objs, len, NULL) != len)
+        return -EFAULT;
+    atomic_store_explicit(&c->len, 0, memory_order_relaxed);
+    return (int)len;
+}
+
+uint32_t memd_mempool_cache_count(const char *base, uint64_t pool, uint32_t slot)
+{
+    const struct memd_mempool *mp = pool_at(base, pool);
+    struct memd_mempool_cache *c = cache_of(base, pool, mp, slot);
+    /* relaxed: a count, not a hand-over of objects. */
+    return c ? atomic_load_explicit(&c->len, memory_order_relaxed) : 0;
+}
+
+uint64_t memd_mempool_avail_count(const char *base, uint64_t pool)
+{
+    const struct memd_mempool *mp = pool_at(base, pool);
+    uint64_t count = memd_ring_count((const struct memd_ring *)(base + pool + mp->ring_offset));
+    if (mp->cache_size) {
+        for (uint32_t s = 0; s < MEMD_MAX_PROCS; s++)
+            count += memd_mempool_cache_count(base, pool, s);
+    }
+    /* Objects moving between a cache and the ring may be counted twice. */
+    return count > mp->n ? mp->n : count;
+}
+
+/* --- audit ---------------------------------------------------------------- */
+
+static int fault(struct memd_mempool_audit *a, uint32_t what, int64_t where)
+{
+    a->fault = what;
+    a->where = where;
+    return -EFAULT;
+}
+
+/* Account for one handle found in the ring (slot -1) or a cache. */
+static int audit_entry(char *base, uint64_t pool, uint64_t handle, uint8_t *seen,
+                       struct memd_mempool_audit *a, int64_t slot)
+{
+    struct memd_mempool_objhdr *h = memd_mempool_objhdr_of(base, pool, handle);
+    if (h == NULL)
+        return fault(a, MEMD_MP_BAD_ENTRY, slot);
+    if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE)
+        return fault(a, h->cookie == MEMD_MEMPOOL_HDR_COOKIE_BUSY ? MEMD_MP_BUSY_IN_FREE
+                                                                   : MEMD_MP_BAD_OBJ_COOKIE,
+                     h->index);
+    if (seen[h->index / 8] & (1u << (h->index % 8)))
+        return fault(a, MEMD_MP_DUPLICATE, h->index);
+    seen[h->index / 8] |= (uint8_t)(1u << (h->index % 8));
+    return 0;
+}
+
+static int audit_walk(char *base, uint64_t pool, struct memd_mempool_audit *a, uint8_t *seen)
+{
+    struct memd_mempool *mp = pool_at(base, pool);
+    uint64_t handle = pool + mp->objs_offset + OBJHDR_SIZE;
+    for (uint32_t i = 0; i < mp->n; i++, handle += mp->obj_stride) {
+        struct memd_mempool_objhdr *h =
+            (struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
+        if (h->pool_offset != pool || h->index != i)
+            return fault(a, MEMD_MP_BAD_OBJ_HEADER, i);
+        if (h->cookie == MEMD_MEMPOOL_HDR_COOKIE_FREE)
+            a->free_objs++;
+        else if (h->cookie == MEMD_MEMPOOL_HDR_COOKIE_BUSY)
+            a->busy_objs++;
+        else
+            return fault(a, MEMD_MP_BAD_OBJ_COOKIE, i);
+        if (*trailer_of(base, mp, handle) != MEMD_MEMPOOL_TRAILER_COOKIE)
+            return fault(a, MEMD_MP_BAD_TRAILER, i);
+    }
+
+    struct memd_ring *r = ring_of(base, pool, mp);
+    if (memd_ring_check(r, mp->memsize - mp->ring_offset) < 0 || r->capacity != mp->n)
+        return fault(a, MEMD_MP_BAD_RING, -1);
+    /* acquire: as memd_ring_count; quiescent, so head == tail on each side. */
+    uint32_t cons = atomic_load_explicit(&r->cons.tail, memory_order_acquire);
+    uint32_t prod = atomic_load_explicit(&r->prod.tail, memory_order_acquire);
+    if (prod - cons > r->capacity)
+        return fault(a, MEMD_MP_BAD_RING, -1);
+    for (uint32_t k = cons; k != prod; k++) {
+        a->in_ring++;
+        if (audit_entry(base, pool, r->slots[k & r->mask], seen, a, -1) < 0)
+            return -EFAULT;
+    }
+
+    for (uint32_t s = 0; mp->cache_size && s < MEMD_MAX_PROCS; s++) {
+        struct memd_mempool_cache *c = cache_of(base, pool, mp, s);
+        uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
+        if (len > 2u * mp->cache_size)
+            return fault(a, MEMD_MP_BAD_CACHE, s);
+        for (uint32_t k = 0; k < len; k++) {
+            a->in_caches++;
+            if (audit_entry(base, pool, c->objs[k], seen, a, s) < 0)
+                return -EFAULT;
+        }
+    }
+    if (a->in_ring + a->in_caches != a->free_objs)
+        return fault(a, MEMD_MP_LOST, -1);
+    return 0;
+}
+
+int memd_mempool_audit(char *base, uint64_t pool, struct memd_mempool_audit *a)
+{
+    memset(a, 0, sizeof(*a));
+    a->where = -1;
+    if (memd_mempool_check(base, pool, UINT64_MAX) < 0)
+        return fault(a, MEMD_MP_BAD_POOL_HEADER, -1);
+    uint8_t *seen = calloc((pool_at(base, pool)->n + 7u) / 8u, 1);
+    if (seen == NULL)
+        return -ENOMEM;
+    int rc = audit_walk(base, pool, a, seen);
+    free(seen);
+    return rc;
+}

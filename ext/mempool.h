@@ -1,0 +1,113 @@
+/*
+ * mempool.h - fixed-size object pools in shared memory (DPDK: rte_mempool).
+ * The layout (struct memd_mempool, its caches and object headers) is in
+ * memd_layout.h.
+ *
+ * A pool is one block at window offset `pool`: header, per-process caches,
+ * private area, the ring of free objects, then the objects.  Objects are named
+ * by *handles*, the window offsets of their data, which every process
+ * understands and which travel through rings.  A process gets and puts through
+ * its own cache (cache index = its process slot) first: a LIFO stack refilled
+ * from the ring when empty and flushed back to the ring past flushthresh.
+ *
+ * `base` is this process's window address; the pool never stores it.  Slot
+ * MEMD_MEMPOOL_NO_CACHE bypasses the caches.  No locks: the ring is lock-free
+ * and a cache is only touched by its owner (memd_mempool_flush_cache of another
+ * slot is for a slot whose process has gone).
+ *
+ * Errors: 0 on success, -errno on failure, as each function lists.
+ */
+#ifndef MEMD_MEMPOOL_H
+#define MEMD_MEMPOOL_H
+
+#include <stdint.h>
+
+#include "memd_layout.h"
+
+#define MEMD_MEMPOOL_NO_CACHE UINT32_MAX /* a slot value: use the ring only */
+
+/* Where each part of a pool goes; all offsets relative to the pool header. */
+struct memd_mempool_geometry {
+    uint64_t caches_offset, cache_stride, private_offset, ring_offset;
+    uint64_t objs_offset, obj_stride, trailer_offset, memsize;
+    uint32_t flushthresh;
+};
+
+/* Compute the geometry.  Fails iff -EINVAL: n is 0 or >= 2^31, elt_size >= 2^31,
+ * cache_size > MEMD_MEMPOOL_CACHE_MAX_SIZE or cache_size * 3 / 2 > n,
+ * private_size >= 2^31, or an unknown flag. */
+int memd_mempool_geometry(uint32_t n, uint32_t elt_size, uint32_t cache_size,
+                          uint32_t private_size, uint32_t flags,
+                          struct memd_mempool_geometry *g);
+
+/* Build an empty pool at window offset `pool` (64-byte aligned, geometry's
+ * memsize bytes): every object's header and trailer, every handle in the free
+ * ring in index order, zeroed caches and private area; magic stored last.
+ * Fails iff -EINVAL (as memd_mempool_geometry, or a name too long). */
+int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n,
+                      uint32_t elt_size, uint32_t cache_size, uint32_t private_size,
+                      uint32_t flags);
+
+/* 0 if a pool header at `pool` looks initialised and fits in `avail` bytes;
+ * -EINVAL otherwise. */
+int memd_mempool_check(const char *base, uint64_t pool, uint64_t avail);
+
+/* Take n objects, all or nothing, through cache `slot`; their handles go to
+ * handles[0..n).  Fails iff -ENOBUFS (fewer than n free in this slot's cache
+ * and the ring; nothing taken) or -EFAULT (a free object's cookie is wrong:
+ * corruption). */
+int memd_mempool_get_bulk(char *base, uint64_t pool, uint32_t slot, uint64_t *handles,
+                          unsigned n);
+
+/* Give n objects back through cache `slot`, all or nothing.  Fails iff
+ * -EINVAL (a handle that is not an object of this pool), -EALREADY (an object
+ * already free: a double put, also within this call), or -EFAULT (a cookie is
+ * smashed, or the ring overflowed: corruption).  On failure nothing changed. */
+int memd_mempool_put_bulk(char *base, uint64_t pool, uint32_t slot, const uint64_t *handles,
+                          unsigned n);
+
+/* Move every handle in cache `slot` to the ring (a detaching process, or the
+ * primary reclaiming a dead process's slot).  Returns how many moved, or
+ * -EINVAL (bad slot), -EFAULT (ring overflow: corruption). */
+int memd_mempool_flush_cache(char *base, uint64_t pool, uint32_t slot);
+
+/* Free objects: the ring plus every cache (a snapshot while others run). */
+uint64_t memd_mempool_avail_count(const char *base, uint64_t pool);
+
+/* Handles in cache `slot` now. */
+uint32_t memd_mempool_cache_count(const char *base, uint64_t pool, uint32_t slot);
+
+/* The header of the object whose data is at `handle`, or NULL if handle is not
+ * an object of this pool. */
+struct memd_mempool_objhdr *memd_mempool_objhdr_of(char *base, uint64_t pool, uint64_t handle);
+
+/* What memd_mempool_audit found wrong first. */
+enum memd_mempool_fault {
+    MEMD_MP_OK = 0,
+    MEMD_MP_BAD_POOL_HEADER,  /* magic or geometry of the pool header */
+    MEMD_MP_BAD_OBJ_HEADER,   /* an object's pool offset or index */
+    MEMD_MP_BAD_OBJ_COOKIE,   /* an object's header cookie is neither FREE nor BUSY */
+    MEMD_MP_BAD_TRAILER,      /* an object's trailer cookie: written past its end */
+    MEMD_MP_BAD_RING,         /* the free ring's header or counters */
+    MEMD_MP_BAD_ENTRY,        /* a ring or cache entry that is no object of the pool */
+    MEMD_MP_BUSY_IN_FREE,     /* a ring or cache entry whose object is marked BUSY */
+    MEMD_MP_DUPLICATE,        /* an object twice in the ring/caches */
+    MEMD_MP_BAD_CACHE,        /* a cache's length is out of range */
+    MEMD_MP_LOST,             /* FREE-marked objects missing from the ring and caches */
+};
+
+struct memd_mempool_audit {
+    uint32_t fault;        /* enum memd_mempool_fault */
+    int64_t where;         /* object index, cache slot or -1 */
+    uint64_t free_objs;    /* objects marked FREE */
+    uint64_t busy_objs;    /* objects marked BUSY */
+    uint64_t in_ring;      /* handles in the ring */
+    uint64_t in_caches;    /* handles in all caches */
+};
+
+/* Check every cookie, every ring and cache entry, and that the counts agree.
+ * Meant for a quiescent pool (nobody getting or putting).  Returns 0, -EFAULT
+ * with *a saying what, or -ENOMEM (no memory for the check's bitmap). */
+int memd_mempool_audit(char *base, uint64_t pool, struct memd_mempool_audit *a);
+
+#endif /* MEMD_MEMPOOL_H */

@@ -1,0 +1,93 @@
+/*
+ * ring.h - a fixed-size lock-free FIFO of 64-bit entries in shared memory
+ * (DPDK: rte_ring).  The layout, struct memd_ring, is in memd_layout.h.
+ *
+ * A ring has `size` slots (a power of two) and holds at most `capacity` entries:
+ * size - 1, or exactly the count asked for with MEMD_RING_F_EXACT_SZ.  Each side
+ * (producers, consumers) has a head, which it moves to claim slots, and a tail,
+ * which it moves to hand finished slots to the other side.  With several
+ * producers a producer claims slots by compare-and-swap on prod.head, fills them,
+ * waits for the producers before it to move prod.tail past their slots, and then
+ * moves prod.tail past its own; consumers do the same on cons.  A single-producer
+ * (single-consumer) ring skips the CAS and the wait.
+ *
+ * Bulk calls move all n entries or none; burst calls move as many as they can.
+ * Each enqueue/dequeue returns how many entries it moved and, through the
+ * optional last argument, the room (entries) left after the call.
+ *
+ * Blocking is built from the non-blocking calls and a futex per side (struct
+ * memd_ring_wait): a waiter announces itself (memd_ring_wait_prepare), retries,
+ * then sleeps on the futex (memd_ring_wait_sleep); every call that moves a tail
+ * wakes the other side's futex only if its waiter count is non-zero, so the fast
+ * path makes no system call.
+ *
+ * Errors: 0 or a count on success, -errno on failure.  The ring never stores a
+ * pointer and needs no lock.
+ */
+#ifndef MEMD_RING_H
+#define MEMD_RING_H
+
+#include <stdint.h>
+
+#include "memd_layout.h"
+
+/* Bytes needed for a ring of `count` entries with `flags`.  Fails iff -EINVAL:
+ * count is 0, or not a power of two >= 2 without EXACT_SZ, or too large, or an
+ * unknown flag is set. */
+int64_t memd_ring_memsize(uint32_t count, uint32_t flags);
+
+/* Initialise an empty ring at r (memd_ring_memsize(count, flags) bytes), then
+ * publish it by storing its magic last.  name may be NULL.  Fails iff -EINVAL
+ * (as memd_ring_memsize, or a name of MEMD_NAMESIZE bytes or more). */
+int memd_ring_init(struct memd_ring *r, const char *name, uint32_t count, uint32_t flags);
+
+/* 0 if r looks like an initialised ring whose slots end within `avail` bytes;
+ * -EINVAL if its magic or geometry is wrong. */
+int memd_ring_check(const struct memd_ring *r, uint64_t avail);
+
+/* Enqueue n entries from v: all or none (bulk) or as many as fit (burst).
+ * Returns the number enqueued; *free_space (if not NULL) gets the room left. */
+unsigned memd_ring_enqueue_bulk(struct memd_ring *r, const uint64_t *v, unsigned n,
+                                unsigned *free_space);
+unsigned memd_ring_enqueue_burst(struct memd_ring *r, const uint64_t *v, unsigned n,
+                                 unsigned *free_space);
+
+/* Dequeue into v: n entries or none (bulk), or up to n (burst).  Returns the
+ * number dequeued; *available (if not NULL) gets the entries still in the ring. */
+unsigned memd_ring_dequeue_bulk(struct memd_ring *r, uint64_t *v, unsigned n,
+                                unsigned *available);
+unsigned memd_ring_dequeue_burst(struct memd_ring *r, uint64_t *v, unsigned n,
+                                 unsigned *available);
+
+/* Entries in the ring now (a snapshot while others run). */
+unsigned memd_ring_count(const struct memd_ring *r);
+/* Room for entries now: capacity - count. */
+unsigned memd_ring_free_count(const struct memd_ring *r);
+
+/* --- sleeping ------------------------------------------------------------- */
+
+/* A CPU hint for spin-wait loops. */
+static inline void memd_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    atomic_signal_fence(memory_order_seq_cst);
+#endif
+}
+
+/* Announce a waiter on w and return the futex value to sleep on.  The caller
+ * must retry its operation after this (that retry closes the lost-wakeup
+ * window) and call memd_ring_wait_done exactly once afterwards. */
+uint32_t memd_ring_wait_prepare(struct memd_ring_wait *w);
+
+/* Sleep until w is woken or timeout_ns passes (UINT64_MAX: no limit).
+ * Returns 0 when woken or the value already moved on, -ETIMEDOUT, -EINTR. */
+int memd_ring_wait_sleep(struct memd_ring_wait *w, uint32_t seq, uint64_t timeout_ns);
+
+/* Withdraw the waiter announced by memd_ring_wait_prepare. */
+void memd_ring_wait_done(struct memd_ring_wait *w);
+
+#endif /* MEMD_RING_H */

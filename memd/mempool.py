@@ -1,0 +1,259 @@
+"""Mempools: pools of fixed-size objects in shared memory (DPDK's ``rte_mempool``).
+
+A pool of `n` objects of `elt_size` bytes is one block of shared memory: a header,
+one cache per process slot, a private area, a ring of free objects, and the
+objects (each with a header and a trailer cookie).  Objects are named by
+*handles*, the window offsets of their data, which mean the same in every process
+and travel through rings::
+
+    o = pool.get()                # MempoolObject; raises PoolEmpty
+    o.buf[:5] = b"hello"          # zero-copy, writable
+    ring.enqueue(o.handle)        # another process: pool.obj(ring.dequeue())
+    pool.put(o)
+
+Each process gets and puts through its own cache first (DPDK's per-lcore cache,
+indexed by the process slot); the cache is refilled from the ring when empty and
+flushed to it past ``1.5 * cache_size``.  Objects sitting in *another* process's
+cache count as available but cannot be taken by this one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from memd import _ext
+from memd.errors import MemdExistsError, MemdKeyError, MemdValueError, translate
+
+if TYPE_CHECKING:
+    from memd.ring import _Memzone
+
+MEMPOOL_F_NO_SPREAD: int = _ext.MEMPOOL_F_NO_SPREAD  # accepted, no effect
+MEMPOOL_F_NO_CACHE_ALIGN: int = _ext.MEMPOOL_F_NO_CACHE_ALIGN  # accepted, no effect
+MEMPOOL_F_SP_PUT: int = _ext.MEMPOOL_F_SP_PUT  # one process/thread puts to the free ring
+MEMPOOL_F_SC_GET: int = _ext.MEMPOOL_F_SC_GET  # one process/thread gets from the free ring
+MEMPOOL_F_NO_IOVA_CONTIG: int = _ext.MEMPOOL_F_NO_IOVA_CONTIG  # accepted, no effect
+MEMPOOL_CACHE_MAX_SIZE: int = _ext.MEMPOOL_CACHE_MAX_SIZE
+MEMD_OBJ_MEMPOOL = 2  # enum memd_object_type
+MEMPOOL_MZ_PREFIX = "MP_"  # memzone of pool <name> is "MP_<name>", as in DPDK
+MEMPOOL_NAMESIZE = 32 - 1 - len(MEMPOOL_MZ_PREFIX)
+
+#: obj_init(pool, obj, idx): runs once for every object when the pool is created
+ObjInit = Callable[["Mempool", "MempoolObject", int], object]
+
+MempoolObject = _ext.MempoolObject
+"""An object of a pool: ``.handle``, ``.index``, ``.buf`` (memoryview), ``.pool``,
+``.size``; it is itself a writable buffer (``memoryview(o)``, ``numpy.frombuffer(o)``)."""
+
+__all__ = [
+    "MEMPOOL_F_NO_CACHE_ALIGN",
+    "MEMPOOL_F_NO_IOVA_CONTIG",
+    "MEMPOOL_F_NO_SPREAD",
+    "MEMPOOL_F_SC_GET",
+    "MEMPOOL_F_SP_PUT",
+    "Mempool",
+    "MempoolMixin",
+    "MempoolObject",
+    "mempool_memsize",
+]
+
+
+def mempool_memsize(
+    n: int, elt_size: int, cache_size: int = 0, private_data_size: int = 0, flags: int = 0
+) -> int:
+    """Bytes of shared memory a pool needs (ValueError for a bad geometry)."""
+    return _ext.mempool_memsize(n, elt_size, cache_size, private_data_size, flags)
+
+
+class Mempool(_ext.Mempool):
+    """A pool in a shared window, at a window offset, used through cache `slot`.
+
+    ``Mempool(window, offset, slot)`` attaches to a pool that :meth:`create`
+    built; `slot` is this process's slot (``Memory.proc_slot``), -1 for no cache.
+    Two processes must not use the same slot at once.
+
+    C methods: ``get()``, ``get_handle()``, ``put(obj_or_handle)``,
+    ``get_bulk(n)``, ``get_bulk_into(uint64_buffer)``, ``put_bulk(objs)`` (objects,
+    handles or a uint64 buffer), ``obj(handle)``, ``obj_at(index)``,
+    ``avail_count()``, ``in_use_count()``, ``cache_count(slot=own)``,
+    ``flush_cache()``, ``audit()``; properties ``name``, ``size``, ``elt_size``,
+    ``cache_size``, ``flushthresh``, ``private_data_size``, ``private_data``,
+    ``flags``, ``memsize``, ``obj_stride``, ``ring_offset``, ``offset``, ``slot``,
+    ``window``.  Bulk gets are all or nothing (:class:`memd.errors.PoolEmpty`);
+    a put of a foreign or already free object raises ValueError and changes
+    nothing; :meth:`audit` raises :class:`memd.errors.CorruptionError`.
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:  # the C methods' signatures, for type checkers
+
+        def __init__(self, window: _ext.Window, offset: int, slot: int = 0) -> None: ...
+        def get(self) -> MempoolObject: ...
+        def get_handle(self) -> int: ...
+        def put(self, obj: MempoolObject | int) -> None: ...
+        def get_bulk(self, n: int) -> list[MempoolObject]: ...
+        def get_bulk_into(self, buffer: Any) -> int: ...
+        def put_bulk(self, objs: Sequence[MempoolObject | int] | Any) -> None: ...
+        def obj(self, handle: int) -> MempoolObject: ...
+        def obj_at(self, index: int) -> MempoolObject: ...
+        def avail_count(self) -> int: ...
+        def in_use_count(self) -> int: ...
+        def cache_count(self, slot: int = ...) -> int: ...
+        def flush_cache(self) -> int: ...
+        def audit(self) -> dict[str, int]: ...
+        name: str
+        size: int
+        elt_size: int
+        cache_size: int
+        flushthresh: int
+        private_data_size: int
+        private_data: memoryview
+        flags: int
+        memsize: int
+        obj_stride: int
+        ring_offset: int
+        offset: int
+        slot: int
+        window: _ext.Window
+
+    @classmethod
+    def create(
+        cls,
+        window: _ext.Window,
+        offset: int,
+        n: int,
+        elt_size: int,
+        *,
+        cache_size: int = 0,
+        private_data_size: int = 0,
+        obj_init: ObjInit | None = None,
+        flags: int = 0,
+        name: str = "",
+        slot: int = 0,
+    ) -> Mempool:
+        """Build a pool at `offset` (64-byte aligned), run obj_init on every object."""
+        _ext.mempool_init(window, offset, n, elt_size, cache_size, private_data_size, flags, name)
+        pool = cls(window, offset, slot)
+        if obj_init is not None:
+            for idx in range(n):
+                obj_init(pool, pool.obj_at(idx), idx)
+        return pool
+
+    def __repr__(self) -> str:
+        return (
+            f"<Mempool {self.name!r} offset={self.offset:#x} n={self.size} "
+            f"elt_size={self.elt_size} cache_size={self.cache_size} slot={self.slot}>"
+        )
+
+    def __len__(self) -> int:
+        return self.size
+
+    def info(self) -> dict[str, Any]:
+        """Fields for telemetry ``/mempool/info`` and ``memctl mempools``."""
+        avail = self.avail_count()
+        return {
+            "name": self.name,
+            "offset": self.offset,
+            "size": self.size,
+            "elt_size": self.elt_size,
+            "cache_size": self.cache_size,
+            "private_data_size": self.private_data_size,
+            "flags": self.flags,
+            "memsize": self.memsize,
+            "avail_count": avail,
+            "in_use_count": self.size - avail,
+        }
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name.encode()) > MEMPOOL_NAMESIZE or "\0" in name:
+        raise MemdValueError(f"mempool name {name!r}: 1 to {MEMPOOL_NAMESIZE} bytes, no NUL")
+
+
+class MempoolMixin:
+    """Named mempools (``mempool_create``/``mempool_lookup``/``mempool_free``) for
+    ``Memory``; pools live in memzone ``MP_<name>`` and the shared object directory."""
+
+    if TYPE_CHECKING:
+        window: _ext.Window
+        proc_slot: int
+
+        def memzone_reserve(  # noqa: PLR0917 - DPDK-shaped, defined by Memory
+            self, name: str, length: int, socket_id: int = -1, flags: int = 0,
+            align: int = 64, bound: int = 0,
+        ) -> _Memzone: ...
+
+        def memzone_lookup(self, name: str) -> _Memzone: ...
+
+        def memzone_free(self, mz: _Memzone) -> None: ...
+
+    def mempool_create(  # noqa: PLR0917 - the API.md (DPDK) signature
+        self,
+        name: str,
+        n: int,
+        elt_size: int,
+        cache_size: int = 0,
+        private_data_size: int = 0,
+        obj_init: ObjInit | None = None,
+        socket_id: int = -1,
+        flags: int = 0,
+    ) -> Mempool:
+        """Create pool `name`; obj_init(pool, obj, idx) runs once per object.
+
+        Raises FileExistsError (MemdExistsError) for a taken name, ValueError for
+        a bad geometry (cache_size > 512, or 1.5 * cache_size > n), MemoryError.
+        """
+        _check_name(name)
+        size = mempool_memsize(n, elt_size, cache_size, private_data_size, flags)
+        try:
+            _ext.object_lookup(self.window, name, MEMD_OBJ_MEMPOOL)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise translate(e, f"mempool_create({name!r})") from e
+        else:
+            raise MemdExistsError(f"mempool_create({name!r}): the name is already in use; "
+                                  "pick another or free it")
+        mz = self.memzone_reserve(MEMPOOL_MZ_PREFIX + name, size, socket_id, 0, align=64)
+        try:
+            pool = Mempool.create(
+                self.window, mz.offset, n, elt_size, cache_size=cache_size,
+                private_data_size=private_data_size, obj_init=obj_init, flags=flags, name=name,
+                slot=self.proc_slot)
+            _ext.object_add(self.window, name, MEMD_OBJ_MEMPOOL, mz.id, mz.offset, os.getpid())
+        except OSError as e:
+            self.memzone_free(mz)
+            raise translate(e, f"mempool_create({name!r})") from e
+        except BaseException:
+            self.memzone_free(mz)
+            raise
+        return pool
+
+    def mempool_lookup(self, name: str) -> Mempool:
+        """The pool called `name`, used through this process's cache; KeyError if none."""
+        try:
+            _idx, offset, _mz_id = _ext.object_lookup(self.window, name, MEMD_OBJ_MEMPOOL)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise MemdKeyError(f"mempool_lookup({name!r}): no such mempool") from e
+            raise translate(e, f"mempool_lookup({name!r})") from e
+        return Mempool(self.window, offset, self.proc_slot)
+
+    def mempool_free(self, pool: Mempool) -> None:
+        """Remove the pool from the directory and free its memzone.
+
+        Every process must have stopped using it; objects still held are lost.
+        """
+        name = pool.name
+        try:
+            idx, offset, _mz_id = _ext.object_lookup(self.window, name, MEMD_OBJ_MEMPOOL)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise MemdKeyError(f"mempool_free({name!r}): no such mempool") from e
+            raise translate(e, f"mempool_free({name!r})") from e
+        if offset != pool.offset:
+            raise MemdValueError(f"mempool_free({name!r}): this pool is not the one registered")
+        _ext.object_remove(self.window, idx)
+        self.memzone_free(self.memzone_lookup(MEMPOOL_MZ_PREFIX + name))

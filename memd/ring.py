@@ -1,0 +1,232 @@
+"""Rings: fixed-size lock-free FIFOs of unsigned 64-bit entries in shared memory.
+
+DPDK's ``rte_ring``.  The C type :class:`memd._ext.Ring` does the work; this module
+adds construction, names and the :class:`RingMixin` that ``Memory`` inherits.
+
+Entries are integers in ``0 .. 2**64-1``: usually handles (window offsets of
+mempool objects or heap blocks), which mean the same thing in every process.
+Every enqueue/dequeue call takes ``timeout``: 0 (the default) does not wait, a
+number of seconds waits up to that long, ``None`` waits until it can.  A waiting
+call retries for a few microseconds (about what a sleep and a wake cost; see
+:func:`set_wait_spin`), then sleeps on a futex in the ring with the GIL released,
+waking at least every 100 ms so that Ctrl-C still works.  The other side makes
+the wake-up system call only when somebody sleeps.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from memd import _ext
+from memd.errors import MemdExistsError, MemdKeyError, MemdValueError, translate
+
+RING_F_SP_ENQ: int = _ext.RING_F_SP_ENQ  # default enqueue is single-producer
+RING_F_SC_DEQ: int = _ext.RING_F_SC_DEQ  # default dequeue is single-consumer
+RING_F_EXACT_SZ: int = _ext.RING_F_EXACT_SZ  # capacity is exactly `count`
+MEMD_OBJ_RING = 1  # enum memd_object_type
+RING_MZ_PREFIX = "RG_"  # memzone holding ring <name> is "RG_<name>", as in DPDK
+RING_NAMESIZE = 32 - 1 - len(RING_MZ_PREFIX)  # longest ring name: the memzone name fits
+
+#: a writable or readable buffer of unsigned 64-bit ints: array('Q'), numpy uint64, ...
+Buffer = Any
+#: what enqueue_bulk/enqueue_burst take: ints, or a uint64 buffer
+Values = Sequence[int] | Buffer
+
+__all__ = [
+    "RING_F_EXACT_SZ",
+    "RING_F_SC_DEQ",
+    "RING_F_SP_ENQ",
+    "Ring",
+    "RingMixin",
+    "ring_memsize",
+    "set_wait_spin",
+]
+
+
+def ring_memsize(count: int, flags: int = 0) -> int:
+    """Bytes of shared memory a ring of `count` entries needs (ValueError if bad)."""
+    return _ext.ring_memsize(count, flags)
+
+
+def set_wait_spin(seconds: float) -> float:
+    """How long a waiting call retries before it sleeps, for this process (and
+    children forked later); 0 sleeps at once.  Returns the previous value."""
+    return _ext.ring_wait_spin(seconds)
+
+
+class Ring(_ext.Ring):
+    """A ring in a shared window, addressed by its window offset.
+
+    ``Ring(window, offset)`` attaches to a ring that :meth:`create` (or
+    ``_ext.ring_init``) initialised there; any process that maps the window can.
+
+    Methods (all in C, METH_FASTCALL; ``values`` is a list/tuple/sequence of ints
+    or a buffer of uint64 such as ``array('Q')`` or a NumPy ``uint64`` array):
+
+    - ``enqueue(value, timeout=0) -> bool``; ``dequeue(timeout=0) -> int | None``
+    - ``enqueue_bulk(values, timeout=0) -> int``: ``len(values)`` or 0
+    - ``enqueue_burst(values, timeout=0) -> int``: how many fitted
+    - ``dequeue_bulk(n, timeout=0) -> list[int]``: n entries or ``[]``
+    - ``dequeue_burst(n, timeout=0) -> list[int]``: up to n entries
+    - ``dequeue_bulk_into(buffer, timeout=0) -> int`` / ``dequeue_burst_into``:
+      fill a writable uint64 buffer without allocating; return the count
+    - ``full()``, ``empty()``; properties ``count``, ``free_count``, ``capacity``,
+      ``size``, ``flags``, ``name``, ``offset``, ``memsize``, ``window``,
+      ``wait_stats``
+
+    A bulk larger than the capacity never fits: it returns 0 / ``[]`` at once,
+    or raises ValueError if asked to wait.  A burst waits for at least one entry
+    (or one free slot).
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:  # the C methods' signatures, for type checkers
+
+        def __init__(self, window: _ext.Window, offset: int) -> None: ...
+        def enqueue(self, value: int, timeout: float | None = 0) -> bool: ...
+        def dequeue(self, timeout: float | None = 0) -> int | None: ...
+        def enqueue_bulk(self, values: Values, timeout: float | None = 0) -> int: ...
+        def enqueue_burst(self, values: Values, timeout: float | None = 0) -> int: ...
+        def dequeue_bulk(self, n: int, timeout: float | None = 0) -> list[int]: ...
+        def dequeue_burst(self, n: int, timeout: float | None = 0) -> list[int]: ...
+        def dequeue_bulk_into(self, buffer: Buffer, timeout: float | None = 0) -> int: ...
+        def dequeue_burst_into(self, buffer: Buffer, timeout: float | None = 0) -> int: ...
+        def full(self) -> bool: ...
+        def empty(self) -> bool: ...
+        count: int
+        free_count: int
+        capacity: int
+        size: int
+        flags: int
+        memsize: int
+        name: str
+        offset: int
+        window: _ext.Window
+        wait_stats: dict[str, int]
+
+    @classmethod
+    def create(
+        cls, window: _ext.Window, offset: int, count: int, flags: int = 0, name: str = ""
+    ) -> Ring:
+        """Initialise an empty ring at `offset` (64-byte aligned) and attach to it.
+
+        `count` is a power of two (capacity ``count - 1``) or, with
+        ``RING_F_EXACT_SZ``, any count >= 1 (capacity ``count``).
+        """
+        _ext.ring_init(window, offset, count, flags, name)
+        return cls(window, offset)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Ring {self.name!r} offset={self.offset:#x} count={self.count}"
+            f"/{self.capacity} flags={self.flags:#x}>"
+        )
+
+    def __len__(self) -> int:
+        return self.count
+
+    def info(self) -> dict[str, Any]:
+        """Fields for telemetry ``/ring/info`` and ``memctl rings``."""
+        return {
+            "name": self.name,
+            "offset": self.offset,
+            "size": self.size,
+            "capacity": self.capacity,
+            "count": self.count,
+            "free_count": self.free_count,
+            "flags": self.flags,
+            "memsize": self.memsize,
+            **self.wait_stats,
+        }
+
+
+class _Memzone(Protocol):
+    offset: int
+    length: int
+    id: int
+    name: str
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name.encode()) > RING_NAMESIZE or "\0" in name:
+        raise MemdValueError(f"ring name {name!r}: 1 to {RING_NAMESIZE} bytes, no NUL")
+
+
+class RingMixin:
+    """Named rings (``ring_create``/``ring_lookup``/``ring_free``) for ``Memory``.
+
+    The ring lives in memzone ``RG_<name>``; its name, offset and memzone are in
+    the shared object directory so that any process finds it by name.
+    """
+
+    if TYPE_CHECKING:
+        window: _ext.Window
+        proc_slot: int
+
+        def memzone_reserve(  # noqa: PLR0917 - DPDK-shaped, defined by Memory
+            self, name: str, length: int, socket_id: int = -1, flags: int = 0,
+            align: int = 64, bound: int = 0,
+        ) -> _Memzone: ...
+
+        def memzone_lookup(self, name: str) -> _Memzone: ...
+
+        def memzone_free(self, mz: _Memzone) -> None: ...
+
+    def ring_create(self, name: str, count: int, socket_id: int = -1, flags: int = 0) -> Ring:
+        """Create ring `name` of `count` entries (see :meth:`Ring.create`).
+
+        Raises FileExistsError (MemdExistsError) if the name is taken, ValueError
+        for a bad count/flags/name, MemoryError when no memory is left.
+        """
+        _check_name(name)
+        size = ring_memsize(count, flags)
+        try:
+            _ext.object_lookup(self.window, name, MEMD_OBJ_RING)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise translate(e, f"ring_create({name!r})") from e
+        else:
+            raise MemdExistsError(f"ring_create({name!r}): the name is already in use; "
+                                  "pick another or free it")
+        mz = self.memzone_reserve(RING_MZ_PREFIX + name, size, socket_id, 0, align=64)
+        try:
+            ring = Ring.create(self.window, mz.offset, count, flags, name)
+            _ext.object_add(self.window, name, MEMD_OBJ_RING, mz.id, mz.offset, os.getpid())
+        except OSError as e:
+            self.memzone_free(mz)
+            raise translate(e, f"ring_create({name!r})") from e
+        except BaseException:
+            self.memzone_free(mz)
+            raise
+        return ring
+
+    def ring_lookup(self, name: str) -> Ring:
+        """The ring called `name`; KeyError (MemdKeyError) if there is none."""
+        try:
+            _idx, offset, _mz_id = _ext.object_lookup(self.window, name, MEMD_OBJ_RING)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise MemdKeyError(f"ring_lookup({name!r}): no such ring") from e
+            raise translate(e, f"ring_lookup({name!r})") from e
+        return Ring(self.window, offset)
+
+    def ring_free(self, ring: Ring) -> None:
+        """Remove the ring from the directory and free its memzone.
+
+        Processes still holding the Ring object must not use it afterwards.
+        """
+        name = ring.name
+        try:
+            idx, offset, _mz_id = _ext.object_lookup(self.window, name, MEMD_OBJ_RING)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise MemdKeyError(f"ring_free({name!r}): no such ring") from e
+            raise translate(e, f"ring_free({name!r})") from e
+        if offset != ring.offset:
+            raise MemdValueError(f"ring_free({name!r}): this ring is not the one registered")
+        _ext.object_remove(self.window, idx)
+        self.memzone_free(self.memzone_lookup(RING_MZ_PREFIX + name))

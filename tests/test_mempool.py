@@ -1,0 +1,561 @@
+"""Mempools: exhaustion, all-or-nothing bulk, caches and counts, obj_init, handles
+across processes through a ring, audit, leaks.  Anonymous windows; no timing."""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import signal
+import time
+import traceback
+import tracemalloc
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from _fake_memory import FakeMemory
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from memd import _ext
+from memd.errors import CorruptionError, MemdError, PoolEmpty
+from memd.mempool import (
+    MEMPOOL_F_SC_GET,
+    MEMPOOL_F_SP_PUT,
+    Mempool,
+    MempoolObject,
+    mempool_memsize,
+)
+from memd.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
+
+BASE = 2 << 20
+
+
+@pytest.fixture
+def window() -> _ext.Window:
+    return _ext.Window.anonymous(32 << 20)
+
+
+def fork_run(fn: Callable[[], object]) -> int:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            fn()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_child(pid: int, limit: float = 120.0) -> int:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail(f"child {pid} hung")
+    return -1
+
+
+# --- geometry -------------------------------------------------------------------
+
+
+def test_layout() -> None:
+    lay = _ext.MEMPOOL_LAYOUT
+    assert lay["sizeof(memd_mempool)"] == 256
+    assert lay["memd_mempool.ring_offset"] == 88
+    assert lay["sizeof(memd_mempool_cache)"] == 64
+    assert lay["memd_mempool_cache.objs"] == 64
+    assert lay["sizeof(memd_mempool_objhdr)"] == 64
+    assert (MEMPOOL_F_SP_PUT, MEMPOOL_F_SC_GET) == (0x4, 0x8)  # DPDK's values
+
+
+@pytest.mark.parametrize(
+    ("n", "elt_size", "cache_size"),
+    [(0, 8, 0), (10, 8, 513), (767, 8, 512), (10, 8, 8), (2**31, 8, 0), (10, 2**31, 0)],
+)
+def test_bad_geometry(window: _ext.Window, n: int, elt_size: int, cache_size: int) -> None:
+    with pytest.raises(ValueError):
+        mempool_memsize(n, elt_size, cache_size)
+    with pytest.raises(ValueError):
+        Mempool.create(window, BASE, n, elt_size, cache_size=cache_size)
+
+
+def test_limits_accepted(window: _ext.Window) -> None:
+    assert mempool_memsize(768, 8, 512) > 0  # 1.5 * 512 == 768: just fits
+    assert mempool_memsize(10, 8, 7) > 0  # 7 * 3 // 2 == 10
+    with pytest.raises(ValueError):
+        mempool_memsize(10, 8, 0, 0, 0x10)  # unknown flag
+    with pytest.raises(ValueError):
+        Mempool.create(window, BASE + 8, 4, 8)  # unaligned
+    with pytest.raises(ValueError):
+        Mempool.create(window, BASE, 4, 8, name="n" * 32)
+    with pytest.raises(ValueError, match="no initialised mempool"):
+        Mempool(window, BASE + (8 << 20))
+    p = Mempool.create(window, BASE, 4, 8, flags=MEMPOOL_F_SP_PUT | MEMPOOL_F_SC_GET, name="f")
+    with pytest.raises(ValueError):
+        Mempool(window, BASE, 128)  # no such slot
+    assert (p.size, p.elt_size, p.flags, p.name, len(p)) == (4, 8, 0xC, "f", 4)
+
+
+def test_objects_are_zero_copy_buffers(window: _ext.Window) -> None:
+    p = Mempool.create(window, BASE, 8, 1000)
+    o = p.get()
+    assert isinstance(o, MempoolObject)
+    assert len(o) == o.size == len(o.buf) == 1000
+    assert o.pool is p
+    o.buf[:5] = b"hello"
+    arr = np.frombuffer(o, dtype=np.uint8)  # the object is a buffer itself
+    assert bytes(arr[:5]) == b"hello"
+    arr[5] = ord("!")
+    assert bytes(memoryview(o)[:6]) == b"hello!"
+    # the same bytes, seen through the window at the handle
+    assert bytes(window.view(o.handle, 6)) == b"hello!"
+    assert o.handle % 64 == 0
+    same = p.obj(o.handle)
+    assert same == o and hash(same) == hash(o) and same is not o
+    assert p.obj_at(o.index) == o
+    p.put(o)
+
+
+# --- exhaustion and all-or-nothing ----------------------------------------------------
+
+
+@pytest.mark.parametrize("cache_size", [0, 4, 16])
+def test_exhaustion(window: _ext.Window, cache_size: int) -> None:
+    n = 40
+    p = Mempool.create(window, BASE, n, 64, cache_size=cache_size)
+    objs = [p.get() for _ in range(n)]
+    assert len({o.handle for o in objs}) == n
+    assert (p.avail_count(), p.in_use_count()) == (0, n)
+    with pytest.raises(PoolEmpty) as ei:
+        p.get()
+    assert isinstance(ei.value, LookupError) and isinstance(ei.value, MemdError)
+    with pytest.raises(PoolEmpty):
+        p.get_handle()
+    p.put(objs.pop())
+    assert p.get().handle not in {o.handle for o in objs}
+    p.put_bulk(objs[:10])
+    assert p.avail_count() == 10
+    p.audit()
+
+
+@pytest.mark.parametrize("cache_size", [0, 8])
+def test_bulk_all_or_nothing(window: _ext.Window, cache_size: int) -> None:
+    n = 64
+    p = Mempool.create(window, BASE, n, 32, cache_size=cache_size)
+    held = p.get_bulk(50)
+    assert len(held) == 50
+    with pytest.raises(PoolEmpty):
+        p.get_bulk(15)
+    assert p.avail_count() == 14  # nothing taken
+    buf = np.zeros(15, dtype=np.uint64)
+    with pytest.raises(PoolEmpty):
+        p.get_bulk_into(buf)
+    assert p.avail_count() == 14 and not buf.any()
+    with pytest.raises(PoolEmpty):
+        p.get_bulk(n + 1)
+    assert p.get_bulk_into(buf[:14]) == 14
+    assert p.avail_count() == 0
+    p.put_bulk(buf[:14])  # handles in a uint64 buffer
+    p.put_bulk([o.handle for o in held[:25]])  # handles as ints
+    p.put_bulk(tuple(held[25:]))  # objects
+    assert p.avail_count() == n
+    assert p.get_bulk(0) == []
+    p.audit()
+
+
+def test_put_rejects_and_changes_nothing(window: _ext.Window) -> None:
+    p = Mempool.create(window, BASE, 16, 32, cache_size=4)
+    other = Mempool.create(window, BASE + (4 << 20), 4, 32)
+    a, b, c = p.get(), p.get(), p.get()
+    foreign = other.get()
+    for bad in ([a, foreign], [a, b, a], [a.handle + 64 * 0 + 8], [a.handle - 64]):
+        with pytest.raises(ValueError):
+            p.put_bulk(bad)
+        assert p.in_use_count() == 3
+    p.put(c)
+    with pytest.raises(ValueError, match="already free"):
+        p.put(c)
+    with pytest.raises(ValueError, match="already free"):
+        p.put_bulk([a, c])
+    with pytest.raises(ValueError, match="not an object"):
+        p.put(foreign)
+    with pytest.raises(TypeError):
+        p.put("x")
+    with pytest.raises(OverflowError):
+        p.put(-1)
+    with pytest.raises(ValueError):
+        p.obj(a.handle + 8)
+    with pytest.raises(IndexError):
+        p.obj_at(16)
+    p.put_bulk([a, b])  # still busy after all the failed attempts
+    assert p.in_use_count() == 0
+    p.audit()
+    other.put(foreign)
+
+
+# --- caches and counts ---------------------------------------------------------------
+
+
+def test_cache_counts_and_lifo(window: _ext.Window) -> None:
+    n, cs = 32, 8
+    p = Mempool.create(window, BASE, n, 16, cache_size=cs)
+    assert p.flushthresh == 12
+    o = p.get()
+    # the refill keeps cache_size objects cached after serving one
+    assert p.cache_count() == cs
+    assert (p.avail_count(), p.in_use_count()) == (n - 1, 1)
+    p.put(o)
+    assert p.get() == o  # LIFO: the hot object comes back first
+    p.put(o)
+    objs = p.get_bulk(13)  # more than the cache holds: it empties the cache
+    assert p.cache_count() == 0
+    p.put_bulk(objs[:12])  # up to flushthresh: all cached
+    assert p.cache_count() == 12
+    p.put(objs[12])  # past flushthresh: the cache goes to the ring first
+    assert p.cache_count() == 1
+    assert p.cache_count() <= p.flushthresh
+    assert p.avail_count() == n
+    assert p.flush_cache() == 1
+    assert p.cache_count() == 0
+    stats = p.audit()
+    assert stats == {"free": n, "in_use": 0, "in_ring": n, "in_caches": 0}
+
+
+def test_other_slots_cache_is_not_ours(window: _ext.Window) -> None:
+    n = 12
+    p0 = Mempool.create(window, BASE, n, 16, cache_size=8)
+    p1 = Mempool(window, BASE, 1)  # as another process would use it
+    x = p0.get()  # slot 0 pulls 9 from the ring: 8 stay in its cache
+    assert (p0.cache_count(), p1.cache_count(), p0.cache_count(1)) == (8, 0, 0)
+    assert p1.avail_count() == n - 1  # counted ...
+    with pytest.raises(PoolEmpty):
+        p1.get_bulk(4)  # ... but only slot 0 may take them
+    assert _ext.mempool_flush_cache(window, BASE, 0) == 8  # what detach does
+    assert len(p1.get_bulk(4)) == 4  # refills slot 1 with everything the ring had
+    assert (p1.cache_count(), p0.avail_count()) == (7, 7)
+    p0.put(x)
+    nc = Mempool(window, BASE, -1)  # no cache at all
+    assert nc.slot == -1 and nc.flush_cache() == 0
+    with pytest.raises(PoolEmpty):
+        nc.get()
+    assert _ext.mempool_flush_cache(window, BASE, 1) == 7
+    assert len(nc.get_bulk(7)) == 7
+
+
+def test_big_bulk_bypasses_cache(window: _ext.Window) -> None:
+    p = Mempool.create(window, BASE, 100, 8, cache_size=4)
+    objs = p.get_bulk(50)  # larger than the cache: straight from the ring
+    assert p.cache_count() == 0
+    p.put_bulk(objs)  # larger than flushthresh: straight to the ring
+    assert p.cache_count() == 0
+    assert p.audit()["in_ring"] == 100
+
+
+# --- a model: two process slots, every outcome predicted ------------------------------
+
+
+class PoolModel(RuleBasedStateMachine):
+    """Two slots share a pool; predict each get's success from the ring and the
+    slot's own cache, and check counts and audit() after every step."""
+
+    window = _ext.Window.anonymous(8 << 20)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pools: list[Mempool] = []
+        self.held: list[int] = []  # handles handed out, any slot
+        self.n = 0
+
+    @initialize(n=st.integers(1, 60), cache=st.integers(0, 16), data=st.data())
+    def create(self, n: int, cache: int, data: st.DataObject) -> None:
+        cache = min(cache, n * 2 // 3)
+        self.n = n
+        p0 = Mempool.create(self.window, BASE, n, 24, cache_size=cache)
+        self.pools = [p0, Mempool(self.window, BASE, 1), Mempool(self.window, BASE, -1)]
+        self.free_ring = Ring(self.window, p0.ring_offset)
+
+    def reachable(self, slot: int) -> int:
+        return self.free_ring.count + self.pools[slot].cache_count() if slot < 2 else \
+            self.free_ring.count
+
+    @rule(slot=st.integers(0, 2), k=st.integers(0, 20), into=st.booleans())
+    def get_bulk(self, slot: int, k: int, into: bool) -> None:
+        p = self.pools[slot]
+        ok = k <= self.reachable(slot)
+        avail = p.avail_count()
+        try:
+            if into:
+                buf = np.zeros(k, dtype=np.uint64)
+                assert p.get_bulk_into(buf) == k
+                got = buf.tolist()
+            else:
+                got = [o.handle for o in p.get_bulk(k)]
+        except PoolEmpty:
+            assert not ok
+            assert p.avail_count() == avail  # nothing taken
+            return
+        assert ok
+        assert len(set(got)) == k and not set(got) & set(self.held)
+        self.held += got
+
+    @precondition(lambda self: self.held)
+    @rule(slot=st.integers(0, 2), data=st.data())
+    def put_some(self, slot: int, data: st.DataObject) -> None:
+        k = data.draw(st.integers(1, len(self.held)))
+        idx = data.draw(st.permutations(range(len(self.held))))[:k]
+        handles = [self.held[i] for i in idx]
+        if data.draw(st.booleans()):
+            dup = handles + handles[:1]
+            with pytest.raises(ValueError, match="already free"):
+                self.pools[slot].put_bulk(dup)  # a duplicate: nothing changes
+        if k == 1:
+            self.pools[slot].put(handles[0])
+        else:
+            self.pools[slot].put_bulk(np.array(handles, dtype=np.uint64))
+        for h in handles:
+            self.held.remove(h)
+
+    @rule(slot=st.integers(0, 1))
+    def flush(self, slot: int) -> None:
+        cached = self.pools[slot].cache_count()
+        assert self.pools[slot].flush_cache() == cached
+
+    @invariant()
+    def counts(self) -> None:
+        if not self.pools:
+            return
+        p = self.pools[0]
+        assert p.avail_count() == self.n - len(self.held)
+        assert p.in_use_count() == len(self.held)
+        for q in self.pools[:2]:
+            assert q.cache_count() <= max(q.flushthresh, q.cache_size)
+        stats = p.audit()
+        assert stats["in_use"] == len(self.held)
+        assert stats["in_ring"] + stats["in_caches"] == self.n - len(self.held)
+
+
+TestPoolModel = PoolModel.TestCase
+TestPoolModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
+                                  suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- obj_init --------------------------------------------------------------------------
+
+
+def test_obj_init_runs_once_per_object(window: _ext.Window) -> None:
+    calls: list[tuple[int, int]] = []
+
+    def init(pool: Mempool, obj: MempoolObject, idx: int) -> None:
+        assert isinstance(pool, Mempool)
+        calls.append((idx, obj.index))
+        obj.buf[:8] = (idx * 1000).to_bytes(8, "little")
+
+    n = 50
+    p = Mempool.create(window, BASE, n, 24, cache_size=4, obj_init=init, private_data_size=40)
+    assert calls == [(i, i) for i in range(n)]
+    seen = {}
+    for o in p.get_bulk(n):
+        seen[o.index] = int.from_bytes(o.buf[:8], "little")
+    assert seen == {i: i * 1000 for i in range(n)}
+    assert len(p.private_data) == 40
+    assert bytes(p.private_data) == bytes(40)
+
+
+# --- across processes --------------------------------------------------------------------
+
+
+def test_handles_through_a_ring_to_another_process(window: _ext.Window) -> None:
+    """1 KiB objects: stamped here, checked and restamped there, checked back here."""
+    n, rounds = 64, 3000
+    p = Mempool.create(window, BASE, n, 1024, cache_size=16, name="msgs")
+    to_child = Ring.create(window, BASE + (8 << 20), 64, RING_F_SP_ENQ | RING_F_SC_DEQ)
+    to_parent = Ring.create(window, BASE + (9 << 20), 64, RING_F_SP_ENQ | RING_F_SC_DEQ)
+
+    def child() -> None:
+        pc = Mempool(window, BASE, 1)  # its own process slot
+        for i in range(rounds):
+            o = pc.obj(to_child.dequeue(timeout=30))
+            a = np.frombuffer(o, dtype=np.uint32)
+            assert a[0] == i and np.all(a[1:] == i ^ 0xA5A5A5A5), i
+            if i % 2:
+                a[:] = i + 7  # answer in the same object
+                assert to_parent.enqueue(o.handle, timeout=30)
+            else:
+                pc.put(o)  # into the child's cache
+                r = pc.get()
+                np.frombuffer(r, dtype=np.uint32)[:] = i + 7
+                assert to_parent.enqueue(r.handle, timeout=30)
+        pc.flush_cache()  # a detaching process gives its cache back
+
+    pid = fork_run(child)
+    for i in range(rounds):
+        o = p.get()
+        a = np.frombuffer(o, dtype=np.uint32)
+        a[0] = i
+        a[1:] = i ^ 0xA5A5A5A5
+        assert to_child.enqueue(o.handle, timeout=30)
+        back = p.obj(to_parent.dequeue(timeout=30))
+        assert np.all(np.frombuffer(back, dtype=np.uint32) == i + 7)
+        p.put(back)
+    assert wait_child(pid) == 0
+    p.flush_cache()
+    assert p.avail_count() == n
+    assert p.audit()["in_ring"] == n
+
+
+def test_two_processes_hammer_one_pool(window: _ext.Window) -> None:
+    n = 256
+    p = Mempool.create(window, BASE, n, 64, cache_size=32)
+
+    def worker(slot: int) -> None:
+        q = Mempool(window, BASE, slot)
+        rng = np.random.default_rng(slot)
+        held: list[MempoolObject] = []
+        for _ in range(4000):
+            k = int(rng.integers(1, 40))
+            if rng.random() < 0.5 and len(held) < 80:
+                with contextlib.suppress(PoolEmpty):
+                    got = q.get_bulk(k)
+                    for o in got:
+                        o.buf[:8] = (slot << 32 | o.index).to_bytes(8, "little")
+                    held.extend(got)
+            elif held:
+                for o in held[-k:]:
+                    assert int.from_bytes(o.buf[:8], "little") == slot << 32 | o.index
+                q.put_bulk(held[-k:])
+                del held[-k:]
+        q.put_bulk(held)
+        q.flush_cache()
+
+    pids = [fork_run(lambda s=s: worker(s)) for s in (1, 2)]
+    assert [wait_child(pid) for pid in pids] == [0, 0]
+    assert p.avail_count() == n
+    assert p.audit() == {"free": n, "in_use": 0, "in_ring": n, "in_caches": 0}
+
+
+# --- audit --------------------------------------------------------------------------------
+
+
+def test_audit_detects_a_smashed_trailer(window: _ext.Window) -> None:
+    p = Mempool.create(window, BASE, 8, 100, cache_size=2)
+    o = p.get()
+    p.audit()
+    trailer = o.handle + 104  # data rounded up to 8 bytes, then the cookie
+    window.view(trailer, 1)[0] ^= 0xFF  # one byte past what o.buf lets you write
+    with pytest.raises(CorruptionError, match="trailer") as ei:
+        p.audit()
+    assert isinstance(ei.value, ValueError)
+    window.view(trailer, 1)[0] ^= 0xFF
+    p.audit()
+
+
+def test_audit_detects_bad_headers_and_free_list(window: _ext.Window) -> None:
+    p = Mempool.create(window, BASE, 8, 16)
+    o = p.get()
+    cookie = window.view(o.handle - 64 + 8, 8)
+    saved = bytes(cookie)
+    cookie[:] = b"garbage!"
+    with pytest.raises(CorruptionError, match="header cookie"):
+        p.audit()
+    with pytest.raises(CorruptionError):
+        p.put(o)
+    cookie[:] = saved
+    free_ring = Ring(window, p.ring_offset)
+    free_ring.enqueue(o.handle)  # a busy object in the free ring
+    with pytest.raises(CorruptionError, match="in use"):
+        p.audit()
+    free_ring.dequeue_burst(100)
+    with pytest.raises(CorruptionError, match="missing"):
+        p.audit()  # FREE objects no longer anywhere
+
+
+# --- the mixin against the Memory interface ---------------------------------------------
+
+
+def test_mixin_create_lookup_free(window: _ext.Window, monkeypatch: pytest.MonkeyPatch) -> None:
+    mem = FakeMemory(window, monkeypatch, proc_slot=3)
+    inits: list[int] = []
+    mp = mem.mempool_create("pkts", 100, 512, 16, 8, lambda _p, _o, i: inits.append(i))
+    assert mp.name == "pkts" and mp.slot == 3 and inits == list(range(100))
+    assert "MP_pkts" in mem.zones and mem.zones["MP_pkts"].offset == mp.offset
+    with pytest.raises(FileExistsError):
+        mem.mempool_create("pkts", 10, 8)
+    again = mem.mempool_lookup("pkts")
+    o = mp.get()
+    again.put(o)  # same slot, same cache
+    assert again.avail_count() == 100
+    with pytest.raises(KeyError):
+        mem.mempool_lookup("nope")
+    with pytest.raises(ValueError):
+        mem.mempool_create("x" * 29, 10, 8)
+    with pytest.raises(ValueError):
+        mem.mempool_create("bad", 10, 8, cache_size=8)
+    assert "MP_bad" not in mem.zones
+    mem.mempool_free(mp)
+    assert "MP_pkts" in mem.freed
+    with pytest.raises(KeyError):
+        mem.mempool_lookup("pkts")
+
+
+# --- leaks --------------------------------------------------------------------------------
+
+
+def test_no_leaks(window: _ext.Window) -> None:
+    p = Mempool.create(window, BASE, 128, 64, cache_size=16)
+    handles = array.array("Q", bytes(8 * 32))
+
+    def once() -> None:
+        o = p.get()
+        _ = o.buf, o.index, o.handle, memoryview(o)
+        p.put(o)
+        p.put(p.get_handle())
+        objs = p.get_bulk(20)
+        p.put_bulk(objs)
+        p.get_bulk_into(handles)
+        p.put_bulk(handles)
+        with contextlib.suppress(PoolEmpty):
+            p.get_bulk(129)
+        with contextlib.suppress(ValueError):
+            p.put(objs[0])
+        _ = p.avail_count(), p.in_use_count(), p.obj(objs[0].handle), p.name, p.audit()
+
+    for _ in range(1000):
+        once()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(10000):
+            once()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, f"{grown} bytes kept after 10000 rounds"
+    assert p.in_use_count() == 0
+
+
+def test_sc_sp_flags_use_single_rings(window: _ext.Window) -> None:
+    p = Mempool.create(window, BASE, 8, 8, flags=MEMPOOL_F_SP_PUT | MEMPOOL_F_SC_GET)
+    assert Ring(window, p.ring_offset).flags & (RING_F_SP_ENQ | RING_F_SC_DEQ) == 3
+    assert len(p.get_bulk(8)) == 8
+
+
+def test_put_bulk_longer_than_the_pool_names_the_duplicate(window: _ext.Window) -> None:
+    p = Mempool.create(window, BASE, 3, 8)
+    objs = p.get_bulk(3)
+    with pytest.raises(ValueError, match="already free"):
+        p.put_bulk([*objs, objs[0]])
+    with pytest.raises(ValueError, match="already free"):
+        p.put_bulk(np.array([o.handle for o in [*objs, objs[1]]], dtype=np.uint64))
+    assert p.in_use_count() == 3
+    p.put_bulk(objs)
+    p.audit()
