@@ -187,6 +187,9 @@ class Secondary(Memory):
         if self._channel is None:
             return
         with contextlib.suppress(Exception):
+            if self.proc_slot > 0:
+                self.flush_mempool_caches(self.proc_slot)  # cached objects go back
+        with contextlib.suppress(Exception):
             if self.primary_alive():
                 self._channel.request({"type": "unregister"}, timeout=1.0)
         self._close_quietly()

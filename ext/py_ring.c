@@ -21,11 +21,12 @@
 
 #define WAIT_SLICE_NS 100000000ull /* 100 ms: how late Ctrl-C may be noticed */
 
-/* Before sleeping, a waiter retries for up to this long (about what a futex
- * sleep and wake cost together): a peer that is busy producing or consuming
- * is then met without any system call on either side.  ring_wait_spin() sets
- * it; 0 sleeps at once. */
-static uint64_t wait_spin_ns = 5000;
+/* Before sleeping, a waiter may retry for up to this long (about what a futex
+ * sleep and wake cost together, ~5 us, is a good value): a peer that is busy
+ * producing or consuming is then met without any system call on either side.
+ * API.md promises "waits sleep, no spinning", so it is 0 (sleep at once) unless
+ * a program opts in with ring_wait_spin(). */
+static uint64_t wait_spin_ns = 0;
 #define STACK_VALUES 64            /* values converted on the stack, no malloc */
 
 /* --- argument helpers (shared with py_mempool.c through py_ring.h) -------- */

@@ -21,8 +21,10 @@ from memd.errors import (
     translate,
 )
 from memd.heap import HeapMixin
+from memd.mempool import Mempool, MempoolMixin
 from memd.pages import PageStore
 from memd.paths import config_path
+from memd.ring import Ring, RingMixin
 from memd.shared import SOCKET_ID_ANY, Header, MemsegList, header, memseg_lists, processes
 
 # DPDK memzone flags memd accepts (rte_memzone.h values)
@@ -66,7 +68,7 @@ class Memzone:
         return self._mem.window.view(self.offset, self.length)
 
 
-class Memory(HeapMixin):
+class Memory(RingMixin, MempoolMixin, HeapMixin):
     """Base of Primary and Secondary. Subclasses set `window`, `proc_slot` and
     implement `_expand_heap` and `_release_pages`."""
 
@@ -315,6 +317,29 @@ class Memory(HeapMixin):
 
     def memzones(self) -> list[Memzone]:
         return [Memzone(*t, _mem=self) for t in _ext.memzones(self.window)]
+
+    # --- rings and mempools ----------------------------------------------------
+
+    def rings(self) -> list[Ring]:
+        """Every named ring, in directory order."""
+        return [Ring(self.window, off) for _, _, kind, off, _, _ in _ext.objects(self.window)
+                if kind == _ext.OBJ_RING]
+
+    def mempools(self) -> list[Mempool]:
+        """Every named mempool, used through this process's cache slot."""
+        return [Mempool(self.window, off, max(self.proc_slot, 0))
+                for _, _, kind, off, _, _ in _ext.objects(self.window)
+                if kind == _ext.OBJ_MEMPOOL]
+
+    def flush_mempool_caches(self, slot: int) -> int:
+        """Put every object cached in process slot `slot` back into its pool's
+        ring (on detach, or when the primary reclaims a dead process's slot).
+        Returns how many objects went back."""
+        moved = 0
+        for _, _, kind, off, _, _ in _ext.objects(self.window):
+            if kind == _ext.OBJ_MEMPOOL:
+                moved += _ext.mempool_flush_cache(self.window, off, slot) or 0
+        return moved
 
     # --- heap growth hooks (subclasses) ----------------------------------------
 

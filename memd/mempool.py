@@ -181,7 +181,7 @@ class MempoolMixin:
         window: _ext.Window
         proc_slot: int
 
-        def memzone_reserve(  # noqa: PLR0917 - DPDK-shaped, defined by Memory
+        def memzone_reserve(
             self, name: str, length: int, socket_id: int = -1, flags: int = 0,
             align: int = 64, bound: int = 0,
         ) -> _Memzone: ...
@@ -190,7 +190,7 @@ class MempoolMixin:
 
         def memzone_free(self, mz: _Memzone) -> None: ...
 
-    def mempool_create(  # noqa: PLR0917 - the API.md (DPDK) signature
+    def mempool_create(
         self,
         name: str,
         n: int,

@@ -557,6 +557,9 @@ class Primary(Memory):
         for identity, peer in list(self.server.peers.items()):
             if not process_alive(peer.pid, peer.start_time):
                 del self.server.peers[identity]
+                moved = self.flush_mempool_caches(peer.slot)  # its cached objects return
+                if moved:
+                    log.info("returned %d objects cached by dead pid %d", moved, peer.pid)
                 with contextlib.suppress(OSError):
                     _ext.proc_unregister(self.window, peer.slot, peer.pid)
                 gone.append(peer.pid)

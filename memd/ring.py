@@ -7,8 +7,9 @@ Entries are integers in ``0 .. 2**64-1``: usually handles (window offsets of
 mempool objects or heap blocks), which mean the same thing in every process.
 Every enqueue/dequeue call takes ``timeout``: 0 (the default) does not wait, a
 number of seconds waits up to that long, ``None`` waits until it can.  A waiting
-call retries for a few microseconds (about what a sleep and a wake cost; see
-:func:`set_wait_spin`), then sleeps on a futex in the ring with the GIL released,
+call sleeps on a futex in the ring with the GIL released (a program may opt in to
+a few microseconds of retrying first, about what a sleep and a wake cost: see
+:func:`set_wait_spin`),
 waking at least every 100 ms so that Ctrl-C still works.  The other side makes
 the wake-up system call only when somebody sleeps.
 """
@@ -167,7 +168,7 @@ class RingMixin:
         window: _ext.Window
         proc_slot: int
 
-        def memzone_reserve(  # noqa: PLR0917 - DPDK-shaped, defined by Memory
+        def memzone_reserve(
             self, name: str, length: int, socket_id: int = -1, flags: int = 0,
             align: int = 64, bound: int = 0,
         ) -> _Memzone: ...

@@ -40,7 +40,7 @@ class FakeMemory(RingMixin, MempoolMixin):
         monkeypatch.setattr(_ext, "object_remove", self._object_remove, raising=False)
 
     # memzones
-    def memzone_reserve(self, name: str, length: int, socket_id: int = -1, flags: int = 0,  # noqa: PLR0917
+    def memzone_reserve(self, name: str, length: int, socket_id: int = -1, flags: int = 0,
                         align: int = 64, bound: int = 0) -> FakeMemzone:
         if name in self.zones:
             raise FileExistsError(errno.EEXIST, f"memzone {name} exists")
@@ -60,7 +60,7 @@ class FakeMemory(RingMixin, MempoolMixin):
         self.freed.append(mz.name)
 
     # the shared object directory
-    def _object_add(self, win: _ext.Window, name: str, type_: int, mz_id: int, offset: int,  # noqa: PLR0917 - mirrors _ext.object_add
+    def _object_add(self, win: _ext.Window, name: str, type_: int, mz_id: int, offset: int,
                     pid: int) -> int:
         assert win is self.window
         if any(o[0] == name and o[1] == type_ for o in self.objects.values()):

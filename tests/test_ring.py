@@ -622,7 +622,7 @@ def test_no_leaks(window: _ext.Window) -> None:
 
 
 def test_mixin_create_lookup_free(window: _ext.Window, monkeypatch: pytest.MonkeyPatch) -> None:
-    from _fake_memory import FakeMemory  # noqa: PLC0415 - helper shared with test_mempool
+    from _fake_memory import FakeMemory
 
     mem = FakeMemory(window, monkeypatch)
     r = mem.ring_create("jobs", 1024, flags=RING_F_SC_DEQ)
@@ -649,7 +649,7 @@ def test_mixin_create_lookup_free(window: _ext.Window, monkeypatch: pytest.Monke
 
 
 def test_wait_spin_setting(window: _ext.Window) -> None:
-    from memd.ring import set_wait_spin  # noqa: PLC0415
+    from memd.ring import set_wait_spin
 
     r = Ring.create(window, BASE, 8)
     old = set_wait_spin(0)

@@ -1,0 +1,103 @@
+"""Rings and mempools through a real daemon: named objects any process finds,
+handles that travel between processes, and caches that come back."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from memd_harness import Daemon, result, run_secondary
+
+import memd_client as mc
+
+
+def test_ring_and_mempool_across_processes(daemon: Daemon) -> None:
+    run_secondary(daemon, """
+        r = mem.ring_create("jobs", 1024, flags=mc.RING_F_SP_ENQ | mc.RING_F_SC_DEQ)
+        mp = mem.mempool_create("frames", 256, 1024, cache_size=32)
+        objs = mp.get_bulk(100)
+        for i, o in enumerate(objs):
+            o.buf[:4] = i.to_bytes(4, "little")
+            o.buf[-1] = 0xAB
+        assert r.enqueue_bulk([o.handle for o in objs]) == 100
+    """)
+    res = result(run_secondary(daemon, """
+        r = mem.ring_lookup("jobs")
+        mp = mem.mempool_lookup("frames")
+        handles = r.dequeue_burst(1000)
+        seen = []
+        for h in handles:
+            o = mp.obj(h)
+            seen.append(int.from_bytes(bytes(o.buf[:4]), "little"))
+            assert o.buf[-1] == 0xAB
+        mp.put_bulk([mp.obj(h) for h in handles])
+        mp.audit()
+        out([seen, r.count, mp.avail_count(), mp.in_use_count(),
+             sorted(x.name for x in mem.rings()), sorted(x.name for x in mem.mempools())])
+    """))
+    seen, count, avail, in_use, rings, pools = res
+    assert seen == list(range(100)) and count == 0
+    assert avail == 256 and in_use == 0  # detach flushed the first process's cache too
+    assert rings == ["jobs"] and pools == ["frames"]
+
+
+def test_names_are_unique_and_freed(daemon: Daemon) -> None:
+    with daemon.attach() as mem:
+        r = mem.ring_create("r1", 64)
+        with pytest.raises(FileExistsError):
+            mem.ring_create("r1", 64)
+        mp = mem.mempool_create("p1", 64, 64)
+        with pytest.raises(FileExistsError):
+            mem.mempool_create("p1", 64, 64)
+        with pytest.raises(ValueError):
+            mem.mempool_create("p2", 64, 64, cache_size=513)
+        mem.ring_free(r)
+        mem.mempool_free(mp)
+        with pytest.raises(KeyError):
+            mem.ring_lookup("r1")
+        with pytest.raises(KeyError):
+            mem.mempool_lookup("p1")
+        assert mem.rings() == [] and mem.mempools() == []
+        assert [z.name for z in mem.memzones()] == []
+
+
+def test_blocking_dequeue_wakes_on_enqueue_from_another_process(daemon: Daemon) -> None:
+    with daemon.attach() as mem:
+        r = mem.ring_create("wake", 16)
+        p = subprocess.Popen([sys.executable, "-c",
+                              "import time, memd_client as mc\n"
+                              f"m = mc.attach({daemon.prefix!r}, "
+                              f"runtime_dir={str(daemon.runtime_dir)!r})\n"
+                              "time.sleep(0.3)\nm.ring_lookup('wake').enqueue(42)\nm.detach()\n"])
+        assert r.dequeue(timeout=10) == 42
+        assert r.dequeue(timeout=0.05) is None
+        assert p.wait(30) == 0
+
+
+def test_dead_secondary_cache_is_reclaimed(daemon: Daemon) -> None:
+    with daemon.attach() as mem:
+        mp = mem.mempool_create("cached", 512, 64, cache_size=64)
+        p = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys, memd_client as mc\n"
+             f"m = mc.attach({daemon.prefix!r}, runtime_dir={str(daemon.runtime_dir)!r})\n"
+             "mp = m.mempool_lookup('cached')\n"
+             "held = mp.get_bulk(10)\n"         # in hand: lost with the process
+             "mp.put_bulk(mp.get_bulk(40))\n"    # now sitting in its cache
+             "print(mp.cache_count(), flush=True)\nsys.stdin.readline()\n"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        cached = int(p.stdout.readline())
+        assert cached > 0
+        assert mp.avail_count() == 512 - 10  # caches count as available
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 5
+        while "returned" not in daemon.log_text():
+            assert time.monotonic() < deadline, daemon.log_text()
+            time.sleep(0.05)
+        assert mp.avail_count() == 512 - 10
+        assert len(mp.get_bulk(512 - 10)) == 502  # every cached object is gettable again
+        assert mc.SOCKET_ID_ANY == -1
