@@ -8,10 +8,9 @@ import subprocess
 import sys
 import time
 
+import memd_client as mc
 import pytest
 from memd_harness import Daemon, result, run_secondary
-
-import memd_client as mc
 
 
 def test_ring_and_mempool_across_processes(daemon: Daemon) -> None:

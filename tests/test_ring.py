@@ -652,9 +652,13 @@ def test_wait_spin_setting(window: _ext.Window) -> None:
     from memd.ring import set_wait_spin
 
     r = Ring.create(window, BASE, 8)
-    old = set_wait_spin(0)
+    old = set_wait_spin(5e-6)
     try:
-        assert old == pytest.approx(5e-6)
+        assert old == 0  # API.md: waits sleep, no spinning, unless a program opts in
+        before = r.wait_stats["consumer_sleeps"]
+        assert r.dequeue(timeout=0.01) is None  # retried 5 us, then slept
+        assert r.wait_stats["consumer_sleeps"] > before
+        assert set_wait_spin(0) == pytest.approx(5e-6)
         before = r.wait_stats["consumer_sleeps"]
         assert r.dequeue(timeout=0.01) is None
         assert r.wait_stats["consumer_sleeps"] > before  # slept at once
@@ -663,4 +667,5 @@ def test_wait_spin_setting(window: _ext.Window) -> None:
         with pytest.raises(ValueError):
             set_wait_spin(1)
     finally:
-        assert set_wait_spin(old) == 0
+        set_wait_spin(old)
+        assert set_wait_spin(old) == old
