@@ -151,6 +151,11 @@ class Mempool(_ext.Mempool):
     def __len__(self) -> int:
         return self.size
 
+    @property
+    def n(self) -> int:
+        """Number of objects, as mempool_create(name, n, ...) names it (DPDK: size)."""
+        return self.size
+
     def info(self) -> dict[str, Any]:
         """Fields for telemetry ``/mempool/info`` and ``memctl mempools``."""
         avail = self.avail_count()

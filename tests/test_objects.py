@@ -100,3 +100,26 @@ def test_dead_secondary_cache_is_reclaimed(daemon: Daemon) -> None:
         assert mp.avail_count() == 512 - 10
         assert len(mp.get_bulk(512 - 10)) == 502  # every cached object is gettable again
         assert mc.SOCKET_ID_ANY == -1
+
+
+def test_admin_socket_lists_real_rings_and_mempools(daemon: Daemon) -> None:
+    import json
+    import os
+
+    with daemon.attach() as mem:
+        mem.ring_create("tq", 256)
+        mp = mem.mempool_create("bufs", 128, 2048, cache_size=16)
+        held = mp.get_bulk(5)
+        cmds = "/ring/list\n/mempool/list\n/mempool/info,bufs\n/ring/info,tq\n"
+        proc = subprocess.run(["dpdk-telemetry.py", "-f", daemon.prefix], input=cmds,
+                              capture_output=True, text=True, timeout=30, check=False,
+                              env={**os.environ, "RUNTIME_DIRECTORY": str(daemon.runtime_dir)})
+        replies = [json.loads(line) for line in proc.stdout.splitlines()
+                   if line.startswith("{")]
+        assert replies[0] == {"/ring/list": ["tq"]}
+        assert replies[1] == {"/mempool/list": ["bufs"]}
+        info = replies[2]["/mempool/info"]
+        assert info["name"] == "bufs" and info["size"] == 128 and info["elt_size"] == 2048
+        assert info["avail_count"] == 123 and info["in_use_count"] == 5
+        assert replies[3]["/ring/info"]["name"] == "tq"
+        mp.put_bulk(held)
