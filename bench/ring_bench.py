@@ -32,9 +32,12 @@ import contextlib
 import multiprocessing
 import os
 import queue
+import re
+import shutil
 import signal
 import statistics
 import struct
+import subprocess
 import sys
 import time
 import timeit
@@ -799,8 +802,75 @@ def inproc_table(repeat: int, quick: bool) -> dict[str, Any]:
         print(f"{name:<44} | {t * 1e9:7.1f} | {fmt_rate(1 / t):>11} | {t / base:7.2f}x")
     pool.audit()
     return {"ring": res["memd ring enqueue+dequeue (MP/MC)"],
+            "ring_sp": res["memd ring enqueue+dequeue (SP/SC)"],
+            "bulk": res[f"memd ring bulk-{BULK} enq+deq, per entry"],
             "mp": res["memd mempool get+put (objects)"],
             "mpbulk": 1 / res[f"memd mempool bulk-{BULK} get+put, per obj"]}
+
+
+def cpu_hz() -> float | None:
+    """The CPU clock from /proc/cpuinfo: converts DPDK's TSC cycles to ns (roughly:
+    the TSC runs at the nominal clock)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":")[1]) * 1e6
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def dpdk_perf(test: str, timeout: float) -> str:
+    """Output (stdout+stderr) of one dpdk-test autotest, or '' if it cannot run."""
+    if not shutil.which("dpdk-test"):
+        return ""
+    try:
+        return subprocess.run(
+            ["dpdk-test", "--no-pci", "--no-huge", "-m", "256", "-l", "0-1",
+             "--file-prefix", f"rb{os.getpid()}"], input=f"{test}\nquit\n",
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+            check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def dpdk_table(ip: dict[str, Any], tp: dict[str, Any], mempool: bool) -> None:
+    """DPDK's own ring_perf_autotest (C, no Python) beside memd's matching rows."""
+    out = dpdk_perf("ring_perf_autotest", 300)
+    hz = cpu_hz()
+    cycles = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r"legacy APIs: (.+?): ([0-9.]+)\s*$", out, re.M)}
+    if not cycles or not hz:
+        print("\n(dpdk-test not installed or ring_perf_autotest failed: no DPDK figures)")
+        return
+    print(f"\nDPDK ring_perf_autotest (C), cycles per element -> ns at {hz / 1e9:.2f} GHz; "
+          "memd rows include the Python call")
+    rows = [
+        ("SP/SC single enq+deq (in-process)", "SP/SC: single", ip.get("ring_sp")),
+        ("MP/MC single enq+deq (in-process)", "MP/MC: single", ip.get("ring")),
+        (f"SP/SC bulk-{BULK} per entry (in-process)", "SP/SC: bulk (size: 32)",
+         ip.get("bulk")),
+    ]
+    if tp.get("bulk8"):
+        # DPDK's "two physical cores" case is the cross-process producer/consumer
+        rows.append((f"SP/SC bulk-{BULK} per entry, 2 cores", None, 1 / tp["bulk8"]))
+    print(f"{'case':<42} | {'DPDK ns':>8} | {'memd ns':>8} | memd/DPDK")
+    two_core = re.search(r"two physical cores.*?SP/SC: bulk \(size: 32\): ([0-9.]+)", out,
+                         re.S)
+    for label, key, ours in rows:
+        c = float(two_core.group(1)) if key is None and two_core else cycles.get(key or "")
+        if c is None or ours is None:
+            continue
+        ns = c / hz * 1e9
+        print(f"{label:<42} | {ns:8.1f} | {ours * 1e9:8.1f} | {ours * 1e9 / ns:8.1f}x")
+    if mempool:
+        mp = dpdk_perf("mempool_perf_autotest", 1800)
+        rates = [float(x) for x in re.findall(r"rate_persec=(\d+)", mp)]
+        if rates:
+            print(f"DPDK mempool_perf_autotest: best {max(rates) / 1e6:.0f} M obj/s, median "
+                  f"{statistics.median(rates) / 1e6:.0f} M obj/s over {len(rates)} cases "
+                  f"(memd bulk-32 get+put: {ip.get('mpbulk', 0) / 1e6:.0f} M obj/s)")
 
 
 def targets(tp: dict[str, Any], rtt: dict[str, Any], ip: dict[str, Any]) -> None:
@@ -834,6 +904,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell (median)")
     ap.add_argument("--quick", action="store_true", help="shorter runs, 1 repeat")
+    ap.add_argument("--dpdk-mempool", action="store_true",
+                    help="also run DPDK's mempool_perf_autotest (takes minutes)")
     ap.add_argument("--only", choices=["throughput", "rtt", "inproc"], action="append",
                     help="run only these parts (repeatable)")
     args = ap.parse_args()
@@ -848,6 +920,8 @@ def main() -> int:
     tp = throughput_table(repeat, args.quick) if "throughput" in parts else {}
     rtt = rtt_table(repeat, args.quick) if "rtt" in parts else {}
     ip = inproc_table(repeat, args.quick) if "inproc" in parts else {}
+    if ip:
+        dpdk_table(ip, tp, args.dpdk_mempool)
     targets(tp, rtt, ip)
     print(f"\n({time.monotonic() - t0:.0f} s)")
     return 0
