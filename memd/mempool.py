@@ -19,13 +19,11 @@ cache count as available but cannot be taken by this one.
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from memd import _ext
-from memd.errors import MemdExistsError, MemdKeyError, MemdValueError, translate
+from memd import _ext, objects
+from memd.errors import MemdValueError
 
 if TYPE_CHECKING:
     from memd.ring import _Memzone
@@ -213,37 +211,17 @@ class MempoolMixin:
         """
         _check_name(name)
         size = mempool_memsize(n, elt_size, cache_size, private_data_size, flags)
-        try:
-            _ext.object_lookup(self.window, name, MEMD_OBJ_MEMPOOL)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise translate(e, f"mempool_create({name!r})") from e
-        else:
-            raise MemdExistsError(f"mempool_create({name!r}): the name is already in use; "
-                                  "pick another or free it")
-        mz = self.memzone_reserve(MEMPOOL_MZ_PREFIX + name, size, socket_id, 0, align=64)
-        try:
-            pool = Mempool.create(
-                self.window, mz.offset, n, elt_size, cache_size=cache_size,
+        return objects.create(
+            self, name, MEMD_OBJ_MEMPOOL, MEMPOOL_MZ_PREFIX, size, socket_id,
+            lambda off: Mempool.create(
+                self.window, off, n, elt_size, cache_size=cache_size,
                 private_data_size=private_data_size, obj_init=obj_init, flags=flags, name=name,
-                slot=self.proc_slot)
-            _ext.object_add(self.window, name, MEMD_OBJ_MEMPOOL, mz.id, mz.offset, os.getpid())
-        except OSError as e:
-            self.memzone_free(mz)
-            raise translate(e, f"mempool_create({name!r})") from e
-        except BaseException:
-            self.memzone_free(mz)
-            raise
-        return pool
+                slot=self.proc_slot),
+            "mempool_create")
 
     def mempool_lookup(self, name: str) -> Mempool:
         """The pool called `name`, used through this process's cache; KeyError if none."""
-        try:
-            _idx, offset, _mz_id = _ext.object_lookup(self.window, name, MEMD_OBJ_MEMPOOL)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                raise MemdKeyError(f"mempool_lookup({name!r}): no such mempool") from e
-            raise translate(e, f"mempool_lookup({name!r})") from e
+        _idx, offset = objects.find(self.window, name, MEMD_OBJ_MEMPOOL, "mempool_lookup")
         return Mempool(self.window, offset, self.proc_slot)
 
     def mempool_free(self, pool: Mempool) -> None:
@@ -251,14 +229,5 @@ class MempoolMixin:
 
         Every process must have stopped using it; objects still held are lost.
         """
-        name = pool.name
-        try:
-            idx, offset, _mz_id = _ext.object_lookup(self.window, name, MEMD_OBJ_MEMPOOL)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                raise MemdKeyError(f"mempool_free({name!r}): no such mempool") from e
-            raise translate(e, f"mempool_free({name!r})") from e
-        if offset != pool.offset:
-            raise MemdValueError(f"mempool_free({name!r}): this pool is not the one registered")
-        _ext.object_remove(self.window, idx)
-        self.memzone_free(self.memzone_lookup(MEMPOOL_MZ_PREFIX + name))
+        objects.remove(self, pool.name, MEMD_OBJ_MEMPOOL, MEMPOOL_MZ_PREFIX, pool.offset,
+                       "mempool_free")

@@ -16,13 +16,11 @@ the wake-up system call only when somebody sleeps.
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from memd import _ext
-from memd.errors import MemdExistsError, MemdKeyError, MemdValueError, translate
+from memd import _ext, objects
+from memd.errors import MemdValueError
 
 RING_F_SP_ENQ: int = _ext.RING_F_SP_ENQ  # default enqueue is single-producer
 RING_F_SC_DEQ: int = _ext.RING_F_SC_DEQ  # default dequeue is single-consumer
@@ -185,34 +183,13 @@ class RingMixin:
         """
         _check_name(name)
         size = ring_memsize(count, flags)
-        try:
-            _ext.object_lookup(self.window, name, MEMD_OBJ_RING)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise translate(e, f"ring_create({name!r})") from e
-        else:
-            raise MemdExistsError(f"ring_create({name!r}): the name is already in use; "
-                                  "pick another or free it")
-        mz = self.memzone_reserve(RING_MZ_PREFIX + name, size, socket_id, 0, align=64)
-        try:
-            ring = Ring.create(self.window, mz.offset, count, flags, name)
-            _ext.object_add(self.window, name, MEMD_OBJ_RING, mz.id, mz.offset, os.getpid())
-        except OSError as e:
-            self.memzone_free(mz)
-            raise translate(e, f"ring_create({name!r})") from e
-        except BaseException:
-            self.memzone_free(mz)
-            raise
-        return ring
+        return objects.create(
+            self, name, MEMD_OBJ_RING, RING_MZ_PREFIX, size, socket_id,
+            lambda off: Ring.create(self.window, off, count, flags, name), "ring_create")
 
     def ring_lookup(self, name: str) -> Ring:
         """The ring called `name`; KeyError (MemdKeyError) if there is none."""
-        try:
-            _idx, offset, _mz_id = _ext.object_lookup(self.window, name, MEMD_OBJ_RING)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                raise MemdKeyError(f"ring_lookup({name!r}): no such ring") from e
-            raise translate(e, f"ring_lookup({name!r})") from e
+        _idx, offset = objects.find(self.window, name, MEMD_OBJ_RING, "ring_lookup")
         return Ring(self.window, offset)
 
     def ring_free(self, ring: Ring) -> None:
@@ -220,14 +197,5 @@ class RingMixin:
 
         Processes still holding the Ring object must not use it afterwards.
         """
-        name = ring.name
-        try:
-            idx, offset, _mz_id = _ext.object_lookup(self.window, name, MEMD_OBJ_RING)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                raise MemdKeyError(f"ring_free({name!r}): no such ring") from e
-            raise translate(e, f"ring_free({name!r})") from e
-        if offset != ring.offset:
-            raise MemdValueError(f"ring_free({name!r}): this ring is not the one registered")
-        _ext.object_remove(self.window, idx)
-        self.memzone_free(self.memzone_lookup(RING_MZ_PREFIX + name))
+        objects.remove(self, ring.name, MEMD_OBJ_RING, RING_MZ_PREFIX, ring.offset,
+                       "ring_free")

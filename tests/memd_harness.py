@@ -39,7 +39,7 @@ class Daemon:
             cmd.append("--no-huge")
         return cmd
 
-    def start(self, wait: bool = True, timeout: float = 20.0) -> Daemon:
+    def start(self, wait: bool = True, timeout: float = 60.0) -> Daemon:
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify_path = self.runtime_dir / f"notify-{self.prefix}"
         notify_path.unlink(missing_ok=True)

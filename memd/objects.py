@@ -1,0 +1,61 @@
+"""The shared directory of named objects (rings, mempools): each lives in a
+memzone `<prefix><name>` and is listed by name, kind and offset so that any
+process finds it.  RingMixin and MempoolMixin share these steps."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from memd import _ext
+from memd.errors import MemdExistsError, MemdKeyError, MemdValueError, translate
+
+T = TypeVar("T")
+KIND_NAMES = {_ext.OBJ_RING: "ring", _ext.OBJ_MEMPOOL: "mempool"}
+
+
+def find(window: _ext.Window, name: str, kind: int, what: str) -> tuple[int, int]:
+    """(directory index, offset) of object `name`; MemdKeyError if there is none."""
+    try:
+        idx, offset, _mz_id = _ext.object_lookup(window, name, kind)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise MemdKeyError(f"{what}({name!r}): no such {KIND_NAMES[kind]}") from e
+        raise translate(e, f"{what}({name!r})") from e
+    return idx, offset
+
+
+def create(mem: Any, name: str, kind: int, mz_prefix: str, size: int, socket_id: int,
+           build: Callable[[int], T], what: str) -> T:
+    """Reserve memzone `<mz_prefix><name>`, build the object at its offset, then list
+    it.  A taken name raises MemdExistsError; on any failure the memzone is freed."""
+    try:
+        find(mem.window, name, kind, what)
+    except MemdKeyError:
+        pass
+    else:
+        raise MemdExistsError(f"{what}({name!r}): the name is already in use; "
+                              "pick another or free it")
+    mz = mem.memzone_reserve(mz_prefix + name, size, socket_id, 0, align=64)
+    try:
+        obj = build(mz.offset)
+        _ext.object_add(mem.window, name, kind, mz.id, mz.offset, os.getpid())
+    except OSError as e:
+        mem.memzone_free(mz)
+        raise translate(e, f"{what}({name!r})") from e
+    except BaseException:
+        mem.memzone_free(mz)
+        raise
+    return obj
+
+
+def remove(mem: Any, name: str, kind: int, mz_prefix: str, offset: int, what: str) -> None:
+    """Unlist object `name` (which must be the one at `offset`) and free its memzone."""
+    idx, listed = find(mem.window, name, kind, what)
+    if listed != offset:
+        raise MemdValueError(f"{what}({name!r}): this {KIND_NAMES[kind]} is not the one "
+                             "registered")
+    _ext.object_remove(mem.window, idx)
+    mem.memzone_free(mem.memzone_lookup(mz_prefix + name))
