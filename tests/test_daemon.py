@@ -116,7 +116,11 @@ def test_attach_to_stale_config_raises(daemon_factory) -> None:
 def test_attach_waits_for_a_starting_primary(daemon_factory) -> None:
     d = daemon_factory("-m", "4", start=False)
     d.start(wait=False)
-    with d.attach(timeout=20) as mem:  # no READY wait: attach itself waits
+    try:
+        mem = d.attach(timeout=60)  # no READY wait: attach itself waits
+    except mc.PrimaryNotRunning as e:
+        raise AssertionError(f"{e}\ndaemon log:\n{d.log_text()}") from e
+    with mem:
         assert mem.info()["primary_pid"] == d.pid
 
 
