@@ -334,19 +334,6 @@ static PyObject *py_procs(PyObject *Py_UNUSED(m), PyObject *arg)
     return out;
 }
 
-static PyObject *py_proc_set_generation(PyObject *Py_UNUSED(m), PyObject *args)
-{
-    char *base;
-    unsigned int slot;
-    unsigned long long gen;
-    if (!PyArg_ParseTuple(args, "O&IK", memd_window_base, &base, &slot, &gen))
-        return NULL;
-    if (slot >= MEMD_MAX_PROCS)
-        return memd_raise_errno(-EINVAL, "proc_set_generation");
-    CFG(base)->procs[slot].mem_generation = gen;
-    Py_RETURN_NONE;
-}
-
 /* --- named objects --- */
 
 static PyObject *py_object_add(PyObject *Py_UNUSED(m), PyObject *args)
@@ -411,17 +398,6 @@ static PyObject *py_objects(PyObject *Py_UNUSED(m), PyObject *arg)
     return out;
 }
 
-/* lock_info(win) -> ((owner_pid, recoveries) of config_lock, proc_lock, heaps...) */
-static PyObject *py_lock_info(PyObject *Py_UNUSED(m), PyObject *arg)
-{
-    char *base = memd_base_of(arg);
-    if (base == NULL)
-        return NULL;
-    struct memd_config *c = CFG(base);
-    return Py_BuildValue("((iI)(iI))", c->config_lock.owner_pid, c->config_lock.recoveries,
-                         c->proc_lock.owner_pid, c->proc_lock.recoveries);
-}
-
 static PyMethodDef config_functions[] = {
     {"config_format", py_config_format, METH_VARARGS,
      "config_format(win, prefix, flags, iova_mode, window_size, window_align, pid, start_time)"},
@@ -449,15 +425,12 @@ static PyMethodDef config_functions[] = {
      "proc_register(win, pid, start_time, state, comm, want_slot=-1) -> slot"},
     {"proc_unregister", py_proc_unregister, METH_VARARGS, "proc_unregister(win, slot, pid)"},
     {"procs", py_procs, METH_O, "procs(win) -> [tuple]"},
-    {"proc_set_generation", py_proc_set_generation, METH_VARARGS,
-     "proc_set_generation(win, slot, generation)"},
     {"object_add", py_object_add, METH_VARARGS,
      "object_add(win, name, type, memzone_id, offset, pid) -> idx"},
     {"object_lookup", py_object_lookup, METH_VARARGS,
      "object_lookup(win, name, type) -> (idx, offset, memzone_id)"},
     {"object_remove", py_object_remove, METH_VARARGS, "object_remove(win, idx)"},
     {"objects", py_objects, METH_O, "objects(win) -> [tuple]"},
-    {"lock_info", py_lock_info, METH_O, "lock_info(win) -> ((pid, recoveries), ...)"},
     {NULL, NULL, 0, NULL},
 };
 
