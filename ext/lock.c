@@ -14,7 +14,7 @@ static void forget_pid(void) { cached_pid = 0; }
 
 static void register_atfork(void) { pthread_atfork(NULL, NULL, forget_pid); }
 
-static pid_t my_pid(void)
+pid_t memd_self_pid(void)
 {
     pid_t p = cached_pid;
     if (p == 0) {
@@ -47,12 +47,12 @@ static int after_lock(struct memd_lock *l, int rc)
          * mark it usable and let the caller verify the guarded structure. */
         pthread_mutex_consistent(&l->u.mutex);
         l->recoveries++;
-        l->owner_pid = my_pid();
+        l->owner_pid = memd_self_pid();
         return 1;
     }
     if (rc != 0)
         return -rc;
-    l->owner_pid = my_pid();
+    l->owner_pid = memd_self_pid();
     return 0;
 }
 

@@ -10,6 +10,10 @@
 
 #include "memd_layout.h"
 
+/* This process's pid, cached (getpid() is a system call) and refreshed in a
+ * forked child: what locks, heap blocks and mempool objects are tagged with. */
+pid_t memd_self_pid(void);
+
 /* Initialise an unlocked lock. Fails iff pthread attributes fail (-errno). */
 int memd_lock_init(struct memd_lock *l);
 
