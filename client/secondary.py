@@ -24,7 +24,7 @@ from memd.ipc import PROTOCOL_VERSION, Channel
 from memd.memory import Memory
 from memd.paths import DEFAULT_PREFIX, config_path, mp_endpoint
 from memd.paths import runtime_dir as resolve_runtime_dir
-from memd.shared import comm, header, proc_start_time, process_alive
+from memd.shared import comm, exited, header, proc_start_time, process_alive, watch_process
 
 log = logging.getLogger("memd_client")
 
@@ -36,6 +36,7 @@ class Secondary(Memory):
         super().__init__(prefix, rundir)
         self.proc_slot = -1
         self._cfg_fd = -1
+        self._primary_fd = -1  # pidfd of the primary (-1: none, poll /proc instead)
         self._channel: Channel | None = None
         self._attach(timeout)
 
@@ -59,6 +60,7 @@ class Secondary(Memory):
                                     f"{os.getpid()}-{id(self):x}", self._on_sync,
                                     timeout=max(timeout, 5.0))
             self._channel.alive_check = self.primary_alive
+            self._channel.watch_fd = self._primary_fd
             ans = self._channel.register({
                 "pid": os.getpid(), "start_time": proc_start_time(os.getpid()) or 0,
                 "version": PROTOCOL_VERSION, "comm": comm()})
@@ -109,10 +111,20 @@ class Secondary(Memory):
                     f"the primary (pid {h.primary_pid}) runs with --huge-unlink, so its page "
                     "files are gone and no secondary can map them; restart it without "
                     "--huge-unlink to attach")
+            # Watch the primary through a pidfd, opened before the liveness check
+            # so that a pid reused after the check cannot fool it.
+            pidfd = watch_process(h.primary_pid, h.primary_start_time)
+            if pidfd is None or not self._locked_by_primary(fd):
+                if pidfd is not None and pidfd >= 0:
+                    os.close(pidfd)
+                return f"its primary (pid {h.primary_pid}) is dead (stale config)"
             self.window = _ext.Window(h.window_size, h.window_align)
             self.window.map_fd(0, _ext.CONFIG_SIZE, fd)
             self._cfg_fd, fd = fd, -1
             self._primary = (h.primary_pid, h.primary_start_time)
+            self._primary_fd = pidfd
+            if pidfd >= 0 and hasattr(self.window, "watch"):  # TODO(merge ring-robust)
+                self.window.watch(pidfd)  # blocked ring calls raise PrimaryNotRunning
             return None
         finally:
             if fd >= 0:
@@ -129,9 +141,12 @@ class Secondary(Memory):
         return False
 
     def primary_alive(self) -> bool:
+        if self._cfg_fd < 0:
+            return False
+        if self._primary_fd >= 0:
+            return not exited(self._primary_fd)
         pid, start = self._primary
-        return (self._cfg_fd >= 0 and self._locked_by_primary(self._cfg_fd)
-                and process_alive(pid, start))
+        return self._locked_by_primary(self._cfg_fd) and process_alive(pid, start)
 
     def _check_alive(self) -> None:
         if not self.primary_alive():
@@ -180,6 +195,11 @@ class Secondary(Memory):
         if self._cfg_fd >= 0:
             os.close(self._cfg_fd)
             self._cfg_fd = -1
+        if self._primary_fd >= 0:
+            with contextlib.suppress(Exception):
+                self.window.watch(-1)
+            os.close(self._primary_fd)
+            self._primary_fd = -1
 
     def detach(self) -> None:
         """Unregister and stop the sync thread.  The mappings stay until every view
@@ -192,6 +212,10 @@ class Secondary(Memory):
         with contextlib.suppress(Exception):
             if self.primary_alive():
                 self._channel.request({"type": "unregister"}, timeout=1.0)
+            elif self.proc_slot > 0:
+                # Nobody reclaims for a dead primary: leave its table as we found
+                # it, so a new primary does not count us among the old secondaries.
+                _ext.proc_unregister(self.window, self.proc_slot, os.getpid())
         self._close_quietly()
 
     def __enter__(self) -> Secondary:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -92,12 +93,18 @@ def param(msg: dict[str, Any], key: str, kind: type, lo: int | None = None,
 class Peer:
     """A registered secondary as the primary sees it."""
 
-    def __init__(self, identity: bytes, slot: int, pid: int, start_time: int) -> None:
+    def __init__(self, identity: bytes, slot: int, pid: int, start_time: int,
+                 pidfd: int = -1) -> None:
         self.identity = identity
         self.slot = slot
         self.pid = pid
         self.start_time = start_time
+        self.pidfd = pidfd  # readable once the process exits (-1: none)
         self.recent_ids: deque[int] = deque(maxlen=256)
+
+    def owns(self, identity: bytes) -> bool:
+        """Its sync socket (b'sync-<x>') or its request socket (b'req-<x>')."""
+        return identity in (self.identity, b"req-" + self.identity[5:])
 
 
 class Server:
@@ -106,6 +113,10 @@ class Server:
     handlers: type -> fn(identity, msg) -> reply dict.  `sync_all` broadcasts a
     message to every peer and collects their replies, queueing other requests
     that arrive meanwhile so nothing is lost.
+
+    Peers are watched through their pidfds in the same poll as the socket: a
+    peer that dies is handed to `on_death` (the primary reclaims it) as soon as
+    the poll wakes, and requests it left queued are dropped.
     """
 
     def __init__(self, endpoint: str, handlers: dict[str, Callable[..., dict[str, Any]]],
@@ -125,9 +136,49 @@ class Server:
         self.lock = threading.RLock()
         self._pending: deque[list[zmq.Frame]] = deque()
         self._ids = itertools.count(1)
+        self.on_death: Callable[[Peer], None] = lambda peer: None
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._watched: dict[int, Peer] = {}  # pidfd -> peer
+        self._dead: list[Peer] = []  # died during a sync_all, reclaimed by poll_once
+
+    # --- peers -----------------------------------------------------------------
+
+    def add_peer(self, peer: Peer) -> None:
+        old = self.peers.pop(peer.identity, None)
+        if old is not None:
+            self._unwatch(old)
+        self.peers[peer.identity] = peer
+        if peer.pidfd >= 0:
+            self._watched[peer.pidfd] = peer
+            self._poller.register(peer.pidfd, zmq.POLLIN)
+
+    def remove_peer(self, peer: Peer) -> None:
+        """Forget `peer`, close its pidfd and drop requests it left queued."""
+        if self.peers.get(peer.identity) is peer:
+            del self.peers[peer.identity]
+        self._unwatch(peer)
+        self._pending = deque(f for f in self._pending if not peer.owns(f[0].bytes))
+
+    def _unwatch(self, peer: Peer) -> None:
+        if peer.pidfd >= 0 and self._watched.get(peer.pidfd) is peer:
+            del self._watched[peer.pidfd]
+            self._poller.unregister(peer.pidfd)
+            os.close(peer.pidfd)
+            peer.pidfd = -1
+
+    def _reap(self, events: dict[Any, int]) -> None:
+        """Hand peers whose pidfd turned readable (or that died in a sync) to on_death."""
+        dead = self._dead + [p for fd, p in list(self._watched.items()) if fd in events]
+        self._dead = []
+        for peer in dead:
+            if peer.identity in self.peers:
+                self.on_death(peer)
 
     def close(self) -> None:
         with self.lock:
+            for peer in list(self.peers.values()):
+                self._unwatch(peer)
             self.sock.close(linger=0)
 
     def send(self, identity: bytes, msg: dict[str, Any]) -> bool:
@@ -142,10 +193,14 @@ class Server:
         """Handle queued and incoming requests for up to timeout_ms; returns count."""
         handled = 0
         with self.lock:
+            self._reap({})
             while self._pending:
                 self._handle(self._pending.popleft())
                 handled += 1
-            if self.sock.poll(timeout_ms, zmq.POLLIN):
+            events = dict(self._poller.poll(timeout_ms))
+            if self._watched.keys() & events.keys():
+                self._reap(events)
+            if events.get(self.sock):
                 while True:
                     try:
                         frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -219,11 +274,20 @@ class Server:
             deadline = time.monotonic() + timeout
             while waiting:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                events = dict(self._poller.poll(int(max(left, 0) * 1000) + 1))
+                for fd, peer in list(self._watched.items()):
+                    if fd in events and peer.identity in waiting:
+                        del waiting[peer.identity]  # died: nothing to wait for
+                        self._unwatch(peer)  # (a readable pidfd would spin this poll)
+                        self._dead.append(peer)
+                if not events.get(self.sock):
                     if time.monotonic() >= deadline:
                         break
                     continue
-                frames = self.sock.recv_multipart(copy=False)
+                try:
+                    frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    continue
                 who = frames[0].bytes
                 if len(frames) == 2 and who in waiting:
                     try:
@@ -259,6 +323,8 @@ class Channel:
         self._thread: threading.Thread | None = None
         self._sync_sock: zmq.Socket | None = None
         self.alive_check: Callable[[], bool] = lambda: True
+        self.watch_fd = -1  # the primary's pidfd: polled with the sockets, so a wait
+        #                     ends the moment the primary dies
 
     def _socket(self, identity: bytes) -> zmq.Socket:
         s = self.ctx.socket(zmq.DEALER)
@@ -288,10 +354,12 @@ class Channel:
         mid = next(self._ids)
         sock.send(encode({**msg, "id": mid}))
         deadline = time.monotonic() + timeout
+        poller = self._poller(sock)
         while True:
             left = deadline - time.monotonic()
-            # wake at least every 200 ms to notice a dead primary
-            if sock.poll(int(min(max(left, 0), 0.2) * 1000) + 1, zmq.POLLIN):
+            # the pidfd wakes us when the primary dies; without one, look every 200 ms
+            events = dict(poller.poll(int(min(max(left, 0), 0.2) * 1000) + 1))
+            if events.get(sock):
                 ans = decode(sock.recv())
                 if ans.get("type") == "reply" and ans.get("id") == mid:
                     ans.setdefault("status", 0)
@@ -304,6 +372,13 @@ class Channel:
                 raise TimeoutError(f"no reply to {msg['type']!r} from the primary in "
                                    f"{timeout:g} s")
 
+    def _poller(self, sock: zmq.Socket) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if self.watch_fd >= 0:
+            poller.register(self.watch_fd, zmq.POLLIN)
+        return poller
+
     def request(self, msg: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         with self._req_lock:
             return self._call(self.req, msg, self.timeout if timeout is None else timeout)
@@ -311,9 +386,15 @@ class Channel:
     def _serve_sync(self) -> None:
         sock = self._sync_sock
         assert sock is not None
+        poller = self._poller(sock)
         while not self._stop.is_set():
             try:
-                if not sock.poll(100, zmq.POLLIN):
+                events = dict(poller.poll(100))
+                if self.watch_fd in events:
+                    log.warning("the memd primary died; calls that need it raise "
+                                "PrimaryNotRunning")
+                    return
+                if not events.get(sock):
                     continue
                 data = sock.recv()
             except zmq.ZMQError:

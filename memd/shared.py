@@ -5,6 +5,7 @@ extension (``memd._ext``), never from a copy."""
 from __future__ import annotations
 
 import os
+import select
 from typing import NamedTuple
 
 from memd import _ext
@@ -88,6 +89,8 @@ def proc_start_time(pid: int) -> int | None:
         return None
     # comm (field 2) may contain spaces and parentheses: split after the last ')'
     fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None  # exited; only its parent has not reaped it yet
     return int(fields[19])
 
 
@@ -97,6 +100,27 @@ def process_alive(pid: int, start_time: int) -> bool:
         return False
     st = proc_start_time(pid)
     return st is not None and start_time in (0, st)
+
+
+def watch_process(pid: int, start_time: int) -> int | None:
+    """A pidfd for the live process `pid` that had `start_time` (the caller
+    closes it), or None if that process is gone.  A pidfd turns readable the
+    moment the process exits, so a poll loop learns of a death at once."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (ProcessLookupError, ValueError):
+        return None
+    except OSError:  # no pidfd (kernel < 5.3): callers fall back to polling /proc
+        return None if not process_alive(pid, start_time) else -1
+    if not process_alive(pid, start_time):  # checked after opening: no pid reuse race
+        os.close(fd)
+        return None
+    return fd
+
+
+def exited(pidfd: int) -> bool:
+    """True once the process behind `pidfd` (from watch_process) has exited."""
+    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def comm() -> str:
