@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="map the shared window at this address")
     p.add_argument("--max-mem", dest="max_mem_mb", type=_non_negative, default=0,
                    help="MB of memory the heaps may grow to (default: no limit)")
+    p.add_argument("--take-over", action="store_true",
+                   help="start even if a dead primary's secondaries still run (they keep "
+                   "its old memory and get PrimaryNotRunning)")
+    p.add_argument("--reclaim-heap", action="store_true",
+                   help="free the heap blocks of a secondary that dies (only if no other "
+                   "process uses its blocks)")
     p.add_argument("--config", help="TOML file with the same options (command line wins)")
     p.add_argument("--group", help="group allowed to attach (files and sockets 0660)")
     p.add_argument("--sync-timeout", type=float, default=2.0,
@@ -122,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         legacy_mem=args.legacy_mem, huge_unlink=args.huge_unlink,
         single_file_segments=args.single_file_segments, base_virtaddr=args.base_virtaddr,
         group=args.group, sync_timeout=args.sync_timeout, max_mem_mb=args.max_mem_mb,
+        take_over=args.take_over, reclaim_heap=args.reclaim_heap,
         argv=["memd", *argv])
     stop = threading.Event()
     hup = threading.Event()

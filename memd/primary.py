@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,16 @@ from memd.paths import (
     socket_dir,
     validate_prefix,
 )
-from memd.shared import MemsegList, comm, memseg_lists, proc_start_time, process_alive
+from memd.shared import (
+    MemsegList,
+    comm,
+    header,
+    memseg_lists,
+    proc_start_time,
+    process_alive,
+    processes,
+    watch_process,
+)
 
 log = logging.getLogger("memd")
 
@@ -67,6 +77,8 @@ class Options:
     group: str | None = None
     sync_timeout: float = 2.0
     max_mem_mb: int = 0                     # --max-mem: cap on mapped memory (0 = none)
+    take_over: bool = False                 # start although a dead primary's secondaries run
+    reclaim_heap: bool = False              # free a dead secondary's heap blocks
     argv: list[str] = field(default_factory=list)
 
 
@@ -102,6 +114,7 @@ class Primary(Memory):
         self.pages.mode = self._mode
         self.pages.gid = self._gid
         self._expand_lock = threading.RLock()
+        self.reclaims: deque[dict[str, Any]] = deque(maxlen=64)  # dead secondaries, newest last
         try:
             self._init()
         except BaseException:
@@ -178,6 +191,7 @@ class Primary(Memory):
             (sockdir / "mp_socket").unlink()  # a dead primary's: we hold the config lock
         self.server = Server(mp_endpoint(self.prefix, self.rundir), self._handlers(),
                              opts.sync_timeout, AccessPolicy(gid=self._gid))
+        self.server.on_death = self._reclaim
         os.chmod(sockdir / "mp_socket", self._mode)
         _ext.config_publish(self.window)  # magic last: secondaries may attach now
         log.info("ready: prefix %s, %d memseg lists, %s MiB mapped, iova %s", self.prefix,
@@ -213,6 +227,11 @@ class Primary(Memory):
                 os.close(fd)
                 continue
             if st.st_size:
+                try:
+                    self._check_orphans(fd, st.st_size)
+                except BaseException:
+                    os.close(fd)
+                    raise
                 log.info("removing the config of a dead primary (pid %s)", self._pid_in(fd))
                 os.unlink(path)
                 os.close(fd)
@@ -224,6 +243,34 @@ class Primary(Memory):
             self._cfg_fd = fd
             return
         raise InitError(f"{path} keeps changing under us; is another memd starting?")
+
+    def _check_orphans(self, fd: int, size: int) -> None:
+        """A dead primary's secondaries may still run, its memory mapped.  Starting
+        over under them would leave two generations of memory in use: refuse,
+        unless --take-over says they may keep the old memory (their next request
+        to us raises PrimaryNotRunning, and they never see our memory)."""
+        if size < _ext.CONFIG_SIZE:
+            return
+        probe = _ext.Window(_ext.CONFIG_SIZE)
+        probe.map_fd(0, _ext.CONFIG_SIZE, fd, readonly=True)
+        h = header(probe)
+        if h.magic != _ext.CONFIG_MAGIC or h.layout_version != _ext.LAYOUT_VERSION:
+            return  # half-written, or another memd version's: no process table we can read
+        alive = [p for p in processes(probe)
+                 if p.state == _ext.PROC_SECONDARY and process_alive(p.pid, p.start_time)]
+        del probe
+        if not alive:
+            return
+        pids = ", ".join(str(p.pid) for p in alive)
+        if self.options.take_over:
+            log.warning("taking over from dead primary pid %d: its secondaries %s keep the "
+                        "old memory until they detach", h.primary_pid, pids)
+            return
+        raise InitError(
+            f"the previous primary (pid {h.primary_pid}) of --file-prefix {self.prefix} died, "
+            f"but {len(alive)} of its secondaries still run with its memory mapped (pid "
+            f"{pids}); stop them (or let them detach), or start memd with --take-over to "
+            "leave them on the old memory (their next request fails with PrimaryNotRunning)")
 
     @staticmethod
     def _pid_in(fd: int) -> int:
@@ -550,21 +597,49 @@ class Primary(Memory):
     # --- secondaries ---------------------------------------------------------------
 
     def prune_dead(self) -> list[int]:
-        """Forget secondaries whose process is gone; returns their pids."""
+        """Reclaim secondaries whose process is gone; returns their pids.  Their
+        pidfds report a death at once (Server.on_death); this periodic check of
+        pid + start time is the backstop."""
         gone = []
         if self.server is None:
             return gone
-        for identity, peer in list(self.server.peers.items()):
+        for peer in list(self.server.peers.values()):
             if not process_alive(peer.pid, peer.start_time):
-                del self.server.peers[identity]
-                moved = self.flush_mempool_caches(peer.slot)  # its cached objects return
-                if moved:
-                    log.info("returned %d objects cached by dead pid %d", moved, peer.pid)
-                with contextlib.suppress(OSError):
-                    _ext.proc_unregister(self.window, peer.slot, peer.pid)
+                self._reclaim(peer)
                 gone.append(peer.pid)
-                log.info("secondary pid %d (slot %d) died; slot reclaimed", peer.pid, peer.slot)
         return gone
+
+    def _reclaim(self, peer: Peer) -> None:
+        """A secondary died: drop its pending requests, return the objects in its
+        mempool caches, free its process slot, and record what it still held."""
+        assert self.server is not None
+        self.server.remove_peer(peer)
+        record: dict[str, Any] = {"pid": peer.pid, "slot": peer.slot, "time": time.time(),
+                                  "cached_objects_returned": 0}
+        with contextlib.suppress(Exception):  # a broken structure must not stop the rest
+            record["cached_objects_returned"] = self.flush_mempool_caches(peer.slot)
+        record.update(self._held_by(peer.pid))
+        with contextlib.suppress(OSError):
+            _ext.proc_unregister(self.window, peer.slot, peer.pid)
+        self.reclaims.append(record)
+        log.warning("secondary pid %d (slot %d) died; reclaimed: %s", peer.pid, peer.slot,
+                    {k: v for k, v in record.items() if k not in ("pid", "slot", "time")})
+
+    def _held_by(self, pid: int) -> dict[str, Any]:
+        """What a dead process still holds: objects out of mempools it took, heap
+        blocks it allocated (freed too under --reclaim-heap)."""
+        in_hand = {}
+        for pool in self.mempools():
+            n = pool.held_by(pid)
+            if n:
+                in_hand[pool.name] = n
+        own = self.heap_owners().get(pid, {})
+        out = {"mempool_objects_in_hand": in_hand, "heap_blocks": own.get("blocks", 0),
+               "heap_bytes": own.get("bytes", 0), "heap_freed": False}
+        if own.get("blocks") and self.options.reclaim_heap:
+            self.free_owned_by(pid, force=True)
+            out["heap_freed"] = True
+        return out
 
     def _handlers(self) -> dict[str, Any]:
         return {
@@ -595,10 +670,12 @@ class Primary(Memory):
         if cred is not None and cred.pid != pid:
             return reply(msg["id"], errno.EPERM,
                          f"register names pid {pid} but was sent by pid {cred.pid}")
-        if not process_alive(pid, start):
+        pidfd = watch_process(pid, start)
+        if pidfd is None:
             return reply(msg["id"], errno.ESRCH, f"pid {pid} is not a live process")
-        old = self.server.peers.pop(identity, None)
+        old = self.server.peers.get(identity)
         if old is not None:
+            self.server.remove_peer(old)
             with contextlib.suppress(OSError):
                 _ext.proc_unregister(self.window, old.slot, old.pid)
         try:
@@ -609,10 +686,12 @@ class Primary(Memory):
                 slot = _ext.proc_register(self.window, pid, start, _ext.PROC_SECONDARY,
                                           name[:31])
             except OSError:
+                if pidfd >= 0:
+                    os.close(pidfd)
                 return reply(msg["id"], errno.EUSERS,
                              f"all {_ext.MAX_PROCS - 1} secondary slots are taken; detach "
                              "unused processes")
-        self.server.peers[identity] = Peer(identity, slot, pid, start)
+        self.server.add_peer(Peer(identity, slot, pid, start, pidfd))
         log.info("secondary pid %d attached in slot %d", pid, slot)
         return reply(msg["id"], slot=slot, generation=self._header().mem_generation)
 
@@ -622,7 +701,7 @@ class Primary(Memory):
         peer = self.server.peer_of(identity)
         if peer is None:
             return reply(msg["id"], errno.ENOENT, "not registered")
-        self.server.peers.pop(peer.identity, None)
+        self.server.remove_peer(peer)
         with contextlib.suppress(OSError):
             _ext.proc_unregister(self.window, peer.slot, peer.pid)
         log.info("secondary pid %d detached from slot %d", peer.pid, peer.slot)

@@ -90,13 +90,36 @@ def test_kill9_primary_then_new_primary_starts_clean(daemon_factory, tmp_path) -
     old.kill()
     # stale files are still there after kill -9 ...
     assert old.config_path.exists()
-    # ... and a new primary on the same prefix cleans them up and starts
-    new = daemon_factory("-m", "8", prefix=old.prefix, runtime_dir=old.runtime_dir)
+    # ... a new primary refuses to start under the old one's live secondary ...
+    refused = daemon_factory("-m", "8", prefix=old.prefix, runtime_dir=old.runtime_dir,
+                             start=False)
+    refused.start(wait=False)
+    assert refused.proc.wait(30) == 1
+    assert f"pid {prelude_proc.pid}" in refused.log_text()
+    assert "--take-over" in refused.log_text()
+    assert old.config_path.exists()  # and touched nothing
+    # ... and with --take-over it cleans them up and starts
+    new = daemon_factory("-m", "8", "--take-over", prefix=old.prefix,
+                         runtime_dir=old.runtime_dir)
     assert "dead primary" in new.log_text()
     with new.attach() as mem:
         assert mem.info()["primary_pid"] == new.pid
     out, err = prelude_proc.communicate("go\n", timeout=30)
     assert "PrimaryNotRunning" in out, (out, err)
+
+
+def test_restart_after_old_secondaries_detach(daemon_factory) -> None:
+    """A secondary that detaches from a dead primary frees its slot itself, so
+    a new primary starts without --take-over."""
+    old = daemon_factory("-m", "4")
+    mem = old.attach()
+    old.kill()
+    with pytest.raises(mc.PrimaryNotRunning):
+        mem.memzone_reserve("too-late", 64 << 20)
+    mem.detach()
+    new = daemon_factory("-m", "4", prefix=old.prefix, runtime_dir=old.runtime_dir)
+    with new.attach() as mem2:
+        assert mem2.info()["primary_pid"] == new.pid
 
 
 def test_attach_without_primary_raises(tmp_path) -> None:
