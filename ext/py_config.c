@@ -462,6 +462,8 @@ static int add_layout(PyObject *m)
     FIELD(memd_config, objects);
     FIELD(memd_config, memzones);
     FIELD(memd_config, msls);
+    FIELD(memd_heap, lock);
+    FIELD(memd_lock, recoveries);
     SIZE(memd_config_header);
     SIZE(memd_config);
     SIZE(memd_memseg_list);

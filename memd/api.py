@@ -434,10 +434,26 @@ class AdminAPI:
     def memd_processes(self, params: str | None) -> list[dict[str, Any]]:
         """Returns attached processes. Parameters: [int start]
 
-        Reply: an array of ``{slot, pid, role ("primary"/"secondary"), start_time,
-        attach_time (unix seconds), comm}`` from index ``start`` (default 0).
+        Reply: an array of ``{slot, pid, role ("primary"/"secondary"/"exited"),
+        start_time, attach_time (unix seconds), comm, heap_blocks, heap_bytes,
+        memzones, mempool_objects}`` from index ``start`` (default 0): what each
+        process allocated and still holds.  A process that is gone but still owns
+        heap blocks or mempool objects is listed with role "exited" and slot null.
         """
-        return self._list("processes")[_opt_start(params):]
+        fn = getattr(self.mem, "processes", None)
+        procs = [] if fn is None else fn(usage=True)
+        return procs[_opt_start(params):]
+
+    @command("/memd/reclaims")
+    def memd_reclaims(self, params: str | None) -> list[dict[str, Any]]:
+        """Returns what the primary reclaimed from dead secondaries. Takes no parameters
+
+        Reply: an array (oldest first, the last 64) of ``{pid, slot, time,
+        cached_objects_returned, mempool_objects_in_hand: {pool: n},
+        heap_blocks, heap_bytes, heap_freed}``: objects in hand and heap blocks are
+        what the process still held when it died (freed only under --reclaim-heap).
+        """
+        return list(getattr(self.mem, "reclaims", []))
 
     @command("/memd/stats")
     def memd_stats(self, params: str | None) -> dict[str, Any]:

@@ -104,6 +104,8 @@ def collect(client: TelemetryClient, what: str) -> Any:
         return _paged(client, "/memd/memsegs")
     if what == "processes":
         return _paged(client, "/memd/processes")
+    if what == "reclaims":
+        return client.query("/memd/reclaims") or []
     if what == "heaps":
         return _each(client, "/eal/heap_list", "/eal/heap_info")
     if what == "memzones":
@@ -196,9 +198,22 @@ def _render_processes(procs: list[dict[str, Any]]) -> str:
             return "-"
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
-    return table(("Slot", "PID", "Role", "Command", "Attached"),
-                 [(p.get("slot"), p.get("pid"), p.get("role"), p.get("comm"),
-                   when(p.get("attach_time"))) for p in procs])
+    return table(("Slot", "PID", "Role", "Command", "Attached", "Blocks", "Heap bytes",
+                  "Memzones", "Objects"),
+                 [(p.get("slot", "-") if p.get("slot") is not None else "-", p.get("pid"),
+                   p.get("role"), p.get("comm") or "-", when(p.get("attach_time")),
+                   p.get("heap_blocks", "-"), human_size(p.get("heap_bytes")),
+                   p.get("memzones", "-"), p.get("mempool_objects", "-")) for p in procs])
+
+
+def _render_reclaims(records: list[dict[str, Any]]) -> str:
+    return table(("Died", "PID", "Slot", "Cache returned", "Objects in hand", "Blocks",
+                  "Heap bytes", "Freed"),
+                 [(time.strftime("%H:%M:%S", time.localtime(r.get("time", 0))), r.get("pid"),
+                   r.get("slot"), r.get("cached_objects_returned", 0),
+                   ", ".join(f"{k} {v}" for k, v in r.get("mempool_objects_in_hand", {}).items())
+                   or "0", r.get("heap_blocks", 0), human_size(r.get("heap_bytes", 0)),
+                   "yes" if r.get("heap_freed") else "no") for r in records])
 
 
 RENDERERS: dict[str, Callable[[Any], str]] = {
@@ -209,6 +224,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "mempools": _render_mempools,
     "rings": _render_rings,
     "processes": _render_processes,
+    "reclaims": _render_reclaims,
 }
 
 
@@ -361,7 +377,8 @@ def _hugepages(args: argparse.Namespace) -> int:
 
 # -- command line ----------------------------------------------------------------------------
 
-DAEMON_COMMANDS = ("status", "memsegs", "heaps", "memzones", "mempools", "rings", "processes")
+DAEMON_COMMANDS = ("status", "memsegs", "heaps", "memzones", "mempools", "rings", "processes",
+                   "reclaims")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -391,7 +408,8 @@ def _parser() -> argparse.ArgumentParser:
                        ("memzones", "memzones"),
                        ("mempools", "mempools"),
                        ("rings", "rings"),
-                       ("processes", "attached processes"),
+                       ("processes", "attached processes and what each holds"),
+                       ("reclaims", "what was reclaimed from dead secondaries"),
                        ("metrics", "Prometheus text exposition")):
         sub.add_parser(name, help=text, description=text, parents=[common])
     t = sub.add_parser("telemetry", help="send one raw telemetry command", parents=[common],

@@ -239,12 +239,36 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
                 runs.append({**seg, "n_pages": 1})
         return runs
 
-    def processes(self) -> list[dict[str, Any]]:
-        return [{
+    def processes(self, usage: bool = False) -> list[dict[str, Any]]:
+        """Attached processes.  With `usage`, also what each allocated and still
+        holds (heap blocks, memzones, mempool objects in hand), plus a row with
+        role "exited" for every process that is gone but still owns heap blocks
+        or objects (free them with free_owned_by / Mempool.reclaim_held_by).
+        `usage` walks every heap and pool: meant for admin tools, not loops."""
+        out = [{
             "slot": p.slot, "pid": p.pid,
             "role": "primary" if p.state == _ext.PROC_PRIMARY else "secondary",
             "start_time": p.start_time, "attach_time": p.attach_ns / 1e9, "comm": p.comm,
         } for p in processes(self.window)]
+        if not usage:
+            return out
+        owners = self.heap_owners()
+        held: dict[int, int] = {}
+        for pool in self.mempools():
+            for pid, n in pool.holders().items():
+                held[pid] = held.get(pid, 0) + n
+        zones: dict[int, int] = {}
+        for z in self.memzones():
+            zones[z.owner_pid] = zones.get(z.owner_pid, 0) + 1
+        attached = {p["pid"] for p in out}
+        for pid in sorted((owners.keys() | held.keys()) - attached):
+            out.append({"slot": None, "pid": pid, "role": "exited", "start_time": None,
+                        "attach_time": None, "comm": ""})
+        for p in out:
+            own = owners.get(p["pid"], {})
+            p.update(heap_blocks=own.get("blocks", 0), heap_bytes=own.get("bytes", 0),
+                     memzones=zones.get(p["pid"], 0), mempool_objects=held.get(p["pid"], 0))
+        return out
 
     # --- memzones (DPDK rte_memzone_*) ---------------------------------------
 
