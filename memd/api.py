@@ -446,7 +446,7 @@ class AdminAPI:
 
     @command("/memd/reclaims")
     def memd_reclaims(self, params: str | None) -> list[dict[str, Any]]:
-        """Returns what the primary reclaimed from dead secondaries. Takes no parameters
+        """Returns reclaims of dead secondaries. Takes no parameters
 
         Reply: an array (oldest first, the last 64) of ``{pid, slot, time,
         cached_objects_returned, mempool_objects_in_hand: {pool: n},
