@@ -36,6 +36,7 @@ class Secondary(Memory):
         super().__init__(prefix, rundir)
         self.proc_slot = -1
         self._cfg_fd = -1
+        self._watch_fd = -1  # pidfd of the primary, watched by the window
         self._channel: Channel | None = None
         self._attach(timeout)
 
@@ -75,6 +76,29 @@ class Secondary(Memory):
             raise PrimaryNotRunning(f"the primary refused to register us: {ans['reason']}")
         self.proc_slot = int(ans["slot"])
         self.sync_pages()
+        self._watch_primary()
+
+    def _watch_primary(self) -> None:
+        """Let ring calls that wait fail with PrimaryNotRunning once the primary
+        dies (Window.watch polls its pidfd at every wake-up slice)."""
+        pid, start = self._primary
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # Python < 3.9, kernel < 5.3, or gone already
+            fd = -1
+        if fd >= 0 and not process_alive(pid, start):  # its pid was reused meanwhile
+            os.close(fd)
+            fd = -1
+        if fd < 0:
+            if not self.primary_alive():
+                self._close_quietly()
+                raise PrimaryNotRunning(
+                    f"the memd primary (pid {pid}) died while we attached; attach again "
+                    "once it is restarted")
+            log.info("no pidfd for the primary: waiting ring calls cannot notice its death")
+            return
+        self._watch_fd = fd
+        self.window.watch(fd)
 
     def _try_open(self, path: Path) -> str | None:
         """Open and map the config if a live, ready primary owns it; else say why not."""
@@ -174,6 +198,10 @@ class Secondary(Memory):
     # --- detach ----------------------------------------------------------------------
 
     def _close_quietly(self) -> None:
+        if self._watch_fd >= 0:
+            self.window.watch(-1)
+            os.close(self._watch_fd)
+            self._watch_fd = -1
         if self._channel is not None:
             self._channel.close()
             self._channel = None

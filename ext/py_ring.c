@@ -262,7 +262,8 @@ static uint64_t now_ns(void)
  * Run op; if it moved nothing and timeout_ns > 0, sleep on the other side's
  * futex and retry until it moves something or the time is up.  Returns the
  * count moved (0 on timeout), or -1 with an exception set (a signal handler
- * raised, or the window was closed meanwhile).
+ * raised, the window was closed meanwhile, or the process the window watches,
+ * the primary, has exited: PrimaryNotRunning).
  */
 static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned n,
                          uint64_t timeout_ns)
@@ -305,6 +306,12 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
             }
             if (deadline - now < slice)
                 slice = deadline - now;
+        }
+        /* Before every sleep, so at least every slice: has the watched primary
+         * died?  Then nobody may ever move this ring again: fail, don't wait. */
+        if (memd_window_check_watch(self->window) < 0) {
+            memd_ring_wait_done(w);
+            return -1;
         }
         Py_BEGIN_ALLOW_THREADS
         memd_ring_wait_sleep(w, seq, slice);

@@ -19,6 +19,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 
 from memd import _ext
+from memd.errors import PrimaryNotRunning
 from memd.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
 
 BASE = 2 << 20  # offsets below this are the config struct
@@ -268,6 +270,90 @@ def test_new_single_producer_after_a_death(window: _ext.Window) -> None:
         assert r.empty()
     assert run_child(lambda: r.enqueue_bulk([1, 2, 3]), -1) == 0
     assert r.dequeue_burst(16) == [1, 2, 3]
+
+
+# --- watching the primary ----------------------------------------------------
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A stand-in for the primary: a process we can kill."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def unblock_later(r: Ring, done: threading.Event, after: float = 60.0) -> None:
+    """If the call under test is still waiting after `after` s, give it an entry so
+    that it returns (and the test fails) instead of hanging."""
+    def run() -> None:
+        if not done.wait(after):
+            r.enqueue(0xDEAD)
+    threading.Thread(target=run, daemon=True).start()
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_waiting_call_raises_when_the_watched_primary_dies(
+        sleeper: subprocess.Popen[bytes], timeout: float | None) -> None:
+    win = _ext.Window.anonymous(4 << 20)
+    r = Ring.create(win, BASE, 16, 0, "watched")
+    fd = os.pidfd_open(sleeper.pid)
+    try:
+        win.watch(fd)
+        assert win.watch_fd == fd
+        killer = threading.Timer(0.2, sleeper.kill)
+        killer.start()
+        done = threading.Event()
+        unblock_later(r, done)
+        try:
+            with pytest.raises(PrimaryNotRunning, match="memd primary died"):
+                r.dequeue(timeout=timeout)
+            assert r.enqueue_bulk(list(range(15))) == 15  # full now
+            with pytest.raises(PrimaryNotRunning):  # any later wait fails at once
+                r.enqueue(99, timeout=timeout)
+        finally:
+            done.set()
+            killer.join()
+        # calls that need not wait still work: other processes may still run
+        assert r.dequeue_burst(16) == list(range(15))
+        assert r.dequeue() is None
+        win.watch(-1)
+        assert win.watch_fd == -1
+        assert r.dequeue(timeout=0.01) is None  # no longer watching: a plain timeout
+    finally:
+        os.close(fd)
+
+
+def test_watching_a_live_process_changes_nothing(sleeper: subprocess.Popen[bytes]) -> None:
+    win = _ext.Window.anonymous(4 << 20)
+    r = Ring.create(win, BASE, 16, 0, "live")
+    fd = os.pidfd_open(sleeper.pid)
+    try:
+        win.watch(fd)
+        assert r.dequeue(timeout=0.25) is None  # slept through several slices
+        pid = fork_run(lambda: (time.sleep(0.1), r.enqueue(7)))
+        assert r.dequeue(timeout=30) == 7
+        assert wait_child(pid) == 0
+    finally:
+        win.watch(-1)
+        os.close(fd)
+
+
+def test_watch_arguments() -> None:
+    win = _ext.Window.anonymous(4 << 20)
+    assert win.watch_fd == -1
+    r, w = os.pipe()
+    os.close(w)
+    os.close(r)
+    with pytest.raises(OSError):
+        win.watch(r)  # closed
+    with pytest.raises(ValueError):
+        win.watch(-2)
+    with pytest.raises(TypeError):
+        _ext.set_error_class("primary_not_running", 42)
+    with pytest.raises(ValueError):
+        _ext.set_error_class("no_such_error", PrimaryNotRunning)
 
 
 # --- many processes, killed at random ------------------------------------------
