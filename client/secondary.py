@@ -123,7 +123,7 @@ class Secondary(Memory):
             self._cfg_fd, fd = fd, -1
             self._primary = (h.primary_pid, h.primary_start_time)
             self._primary_fd = pidfd
-            if pidfd >= 0 and hasattr(self.window, "watch"):  # TODO(merge ring-robust)
+            if pidfd >= 0:
                 self.window.watch(pidfd)  # blocked ring calls raise PrimaryNotRunning
             return None
         finally:

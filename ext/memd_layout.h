@@ -15,8 +15,9 @@
  *
  * Lock order (take left before right, never the reverse):
  *     config_lock -> heaps[i].lock -> proc_lock
- * Rings and mempools take no locks (lock-free), except mempool create/free, which
- * run under config_lock.
+ * A multi-producer (-consumer) ring side has its own small lock (memd_ring_headtail
+ * .lock), a leaf: nothing is taken while it is held.  Mempools take no other
+ * lock, except create/free, which run under config_lock.
  */
 #ifndef MEMD_LAYOUT_H
 #define MEMD_LAYOUT_H
@@ -27,7 +28,7 @@
 #include <stdint.h>
 
 #define MEMD_CONFIG_MAGIC 0x31474643444d454dULL /* "MEMDCFG1", little endian */
-#define MEMD_LAYOUT_VERSION 1u
+#define MEMD_LAYOUT_VERSION 2u /* 2: robust ring sides (locks), mempool owner tags */
 
 #define MEMD_CACHE_LINE 64u
 #define MEMD_NAMESIZE 32u            /* names are at most 31 bytes + NUL */
@@ -278,25 +279,29 @@ struct memd_config {
  * own `cons`, each on its own cache line with an empty line between them, so the
  * two sides never write to a line the other side writes.  The wait lines are
  * written only when somebody goes to sleep.
+ *
+ * Crash safety: every operation starts from its side's *tail*, the last counter
+ * handed to the other side, never from head.  A multi-producer (-consumer) side
+ * is serialised by `lock`, a small robust lock whose word names its owner
+ * process; a waiter that finds the owner dead takes the lock over.  So a process
+ * killed inside an operation loses only what it had in hand: a producer's
+ * unpublished entries are simply overwritten, a consumer's unreleased entries stay
+ * in the ring and are delivered again.
  */
-#define MEMD_RING_MAGIC 0x31474e49524d454dULL /* "MEMRING1", little endian */
-#define MEMD_RING_F_SP_ENQ 0x1u   /* one producer at a time: no CAS on prod.head */
-#define MEMD_RING_F_SC_DEQ 0x2u   /* one consumer at a time: no CAS on cons.head */
+#define MEMD_RING_MAGIC 0x32474e49524d454dULL /* "MEMRING2", little endian (2: locks) */
+#define MEMD_RING_F_SP_ENQ 0x1u   /* one producer at a time: no lock on prod */
+#define MEMD_RING_F_SC_DEQ 0x2u   /* one consumer at a time: no lock on cons */
 #define MEMD_RING_F_EXACT_SZ 0x4u /* capacity = count exactly (slots: next 2^k > count) */
 #define MEMD_RING_F_ALL (MEMD_RING_F_SP_ENQ | MEMD_RING_F_SC_DEQ | MEMD_RING_F_EXACT_SZ)
 #define MEMD_RING_SZ_MAX 0x80000000u  /* slots; counters are 32-bit */
 
-struct memd_ring_headtail { /* one side of a ring: the producers' or the consumers' */
-    _Atomic uint32_t head;  /*  0: next counter this side claims (CAS when multi) */
-    _Atomic uint32_t tail;  /*  4: every slot before it is handed to the other side */
-    uint32_t single;        /*  8: 1 = single producer/consumer (no CAS, no tail wait) */
-    uint32_t other_tail;    /* 12: single mode: the other side's tail as last read, so
-                                   its cache line is read only when this copy says
-                                   full (producer) or empty (consumer) */
-    uint32_t reserved[12];  /* 16 */
-};                          /* 64 */
+/* A side's lock word: 0 = free, else the owner's pid in the low 32 bits and the
+ * low 32 bits of its start time (field 22 of /proc/<pid>/stat, clock ticks; 0 if
+ * unknown) in the high ones, so that a reused pid is not taken for the owner. */
+#define MEMD_RING_LOCK_PID(w) ((int32_t)(uint32_t)(w))
+#define MEMD_RING_LOCK_START(w) ((uint32_t)((w) >> 32))
 
-struct memd_ring_wait { /* a futex that one side sleeps on until the other side moves */
+struct memd_ring_wait { /* a futex that waiters sleep on until somebody moves */
     _Atomic uint32_t seq;     /*  0: futex word; bumped before each wake */
     _Atomic uint32_t waiters; /*  4: processes about to sleep or sleeping on seq */
     _Atomic uint64_t sleeps;  /*  8: times somebody went to sleep (stats) */
@@ -305,6 +310,22 @@ struct memd_ring_wait { /* a futex that one side sleeps on until the other side 
                                      one wake serves everyone asleep at that moment */
     uint32_t reserved;        /* 28 */
 };                            /* 32 */
+
+struct memd_ring_headtail { /* one side of a ring: the producers' or the consumers' */
+    _Atomic uint32_t head;  /*  0: end of the slots the running (or a dead) operation
+                                   claimed; diagnostics only: nothing computes from it */
+    _Atomic uint32_t tail;  /*  4: every slot before it is handed to the other side */
+    uint32_t single;        /*  8: 1 = single producer/consumer (no lock) */
+    uint32_t other_tail;    /* 12: the other side's tail as last read (written only by
+                                   this side's lock holder / single user), so its cache
+                                   line is read only when this copy says full
+                                   (producer) or empty (consumer) */
+    _Atomic uint64_t lock;  /* 16: multi mode: 0 = free, else the owner (see
+                                   MEMD_RING_LOCK_PID / _START) */
+    _Atomic uint32_t recoveries; /* 24: locks taken over from a dead owner */
+    uint32_t reserved;      /* 28 */
+    struct memd_ring_wait lock_wait; /* 32: processes waiting for `lock` sleep here */
+};                          /* 64 */
 
 struct memd_ring {
     _Atomic uint64_t magic;         /*   0: MEMD_RING_MAGIC, stored last (release) */
@@ -387,7 +408,8 @@ struct memd_mempool_objhdr {   /* the 64 bytes before each object's data */
     uint64_t pool_offset;      /*  0: window offset of its struct memd_mempool */
     uint64_t cookie;           /*  8: MEMD_MEMPOOL_HDR_COOKIE_FREE or _BUSY */
     uint32_t index;            /* 16: 0..n-1, the obj_init index */
-    uint32_t reserved0;        /* 20 */
+    int32_t owner_pid;         /* 20: the process that last got it (set on get, kept
+                                      on put): Mempool.held_by / reclaim_held_by */
     uint64_t reserved[5];      /* 24 */
 };                             /* 64 */
 
@@ -451,6 +473,11 @@ _Static_assert(sizeof(struct memd_config) <= MEMD_CONFIG_SIZE, "config outgrew i
 MEMD_CHECK(struct memd_ring_headtail, tail, 4);
 MEMD_CHECK(struct memd_ring_headtail, single, 8);
 MEMD_CHECK(struct memd_ring_headtail, other_tail, 12);
+MEMD_CHECK(struct memd_ring_headtail, lock, 16);
+MEMD_CHECK(struct memd_ring_headtail, recoveries, 24);
+MEMD_CHECK(struct memd_ring_headtail, lock_wait, 32);
+_Static_assert(sizeof(_Atomic uint64_t) == 8 && _Alignof(_Atomic uint64_t) == 8,
+               "the ring lock word must be a naturally aligned 8-byte atomic");
 MEMD_CHECK_SIZE(struct memd_ring_headtail, 64);
 MEMD_CHECK(struct memd_ring_wait, waiters, 4);
 MEMD_CHECK(struct memd_ring_wait, wakes, 16);
@@ -480,6 +507,7 @@ MEMD_CHECK(struct memd_mempool_cache, objs, 64);
 MEMD_CHECK_SIZE(struct memd_mempool_cache, 64);
 MEMD_CHECK(struct memd_mempool_objhdr, cookie, 8);
 MEMD_CHECK(struct memd_mempool_objhdr, index, 16);
+MEMD_CHECK(struct memd_mempool_objhdr, owner_pid, 20);
 MEMD_CHECK_SIZE(struct memd_mempool_objhdr, 64);
 
 /*

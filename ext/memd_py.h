@@ -18,6 +18,7 @@ typedef struct {
     char *base;        /* window address in this process; NULL once closed */
     uint64_t size;     /* bytes reserved */
     int anonymous;     /* Window.anonymous(): private test memory, fully mapped */
+    int watch_fd;      /* Window.watch(): a pidfd of the primary (caller-owned), or -1 */
 } MemdWindow;
 
 extern PyTypeObject MemdWindow_Type;
@@ -40,6 +41,12 @@ static inline char *memd_base_of(PyObject *obj)
 
 /* Check that [off, off+len) lies inside the window; sets ValueError if not. */
 int memd_check_range(PyObject *window, uint64_t off, uint64_t len);
+
+/* 0 if the window watches no process (Window.watch) or it still runs; if it
+ * has exited, raise the class registered as "primary_not_running" (else
+ * ConnectionError) and return -1.  One poll() system call when watching:
+ * for wait loops, before each sleep. */
+int memd_window_check_watch(PyObject *window);
 
 /* Raise OSError(-neg_errno, "<strerror> (from <where>)"); returns NULL. */
 PyObject *memd_raise_errno(int neg_errno, const char *where);

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lock.h"
 #include "ring.h"
 
 #define likely(x) __builtin_expect(!!(x), 1)
@@ -177,12 +178,14 @@ struct memd_mempool_objhdr *memd_mempool_objhdr_of(char *base, uint64_t pool, ui
 
 /* --- get / put ------------------------------------------------------------ */
 
-/* Mark handles[0..n), just taken from a cache or the ring, busy.  Each must
- * be a FREE object of the pool; if not, the pool is corrupted: -EFAULT (the
- * entry is dropped, and audit() says what is wrong). */
+/* Mark handles[0..n), just taken from a cache or the ring, busy and owned by
+ * this process (the owner tag shares the cookie's cache line: no extra miss).
+ * Each must be a FREE object of the pool; if not, the pool is corrupted:
+ * -EFAULT (the entry is dropped, and audit() says what is wrong). */
 static int mark_busy(char *base, uint64_t pool, const uint64_t *handles, unsigned n)
 {
     int rc = 0;
+    const int32_t pid = (int32_t)memd_self_pid();
     for (unsigned i = 0; i < n; i++) {
         struct memd_mempool_objhdr *h = memd_mempool_objhdr_of(base, pool, handles[i]);
         if (unlikely(h == NULL || h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE)) {
@@ -190,6 +193,7 @@ static int mark_busy(char *base, uint64_t pool, const uint64_t *handles, unsigne
             continue;
         }
         h->cookie = MEMD_MEMPOOL_HDR_COOKIE_BUSY;
+        h->owner_pid = pid;
     }
     return rc;
 }
@@ -311,6 +315,80 @@ int memd_mempool_flush_cache(char *base, uint64_t pool, uint32_t slot)
         return -EFAULT;
     atomic_store_explicit(&c->len, 0, memory_order_relaxed);
     return (int)len;
+}
+
+/* --- owner tags ------------------------------------------------------------ */
+
+static inline struct memd_mempool_objhdr *objhdr_at(char *base, uint64_t pool,
+                                                    const struct memd_mempool *mp, uint32_t i)
+{
+    return (struct memd_mempool_objhdr *)(base + pool + mp->objs_offset +
+                                          (uint64_t)i * mp->obj_stride);
+}
+
+uint64_t memd_mempool_held_by(char *base, uint64_t pool, int32_t pid)
+{
+    const struct memd_mempool *mp = pool_at(base, pool);
+    uint64_t count = 0;
+    for (uint32_t i = 0; i < mp->n; i++) {
+        const struct memd_mempool_objhdr *h = objhdr_at(base, pool, mp, i);
+        count += h->cookie == MEMD_MEMPOOL_HDR_COOKIE_BUSY && h->owner_pid == pid;
+    }
+    return count;
+}
+
+/* Put back handles[0..k) straight to the ring; if the batch is refused (one of
+ * them was put meanwhile by someone else: the caller was wrong that the dead
+ * process's objects are not shared), put them one by one and count those that
+ * went back.  -EFAULT if the ring overflows (corruption). */
+static int64_t put_back(char *base, uint64_t pool, const uint64_t *handles, unsigned k)
+{
+    int rc = memd_mempool_put_bulk(base, pool, MEMD_MEMPOOL_NO_CACHE, handles, k);
+    if (rc == 0)
+        return k;
+    if (rc == -EFAULT)
+        return rc;
+    int64_t done = 0;
+    for (unsigned i = 0; i < k; i++) {
+        rc = memd_mempool_put_bulk(base, pool, MEMD_MEMPOOL_NO_CACHE, &handles[i], 1);
+        if (rc == -EFAULT)
+            return rc;
+        done += rc == 0;
+    }
+    return done;
+}
+
+int64_t memd_mempool_reclaim_held_by(char *base, uint64_t pool, int32_t pid)
+{
+    const struct memd_mempool *mp = pool_at(base, pool);
+    if (pid <= 0)
+        return -EINVAL;
+    /* Never take objects from under a live process (a zombie is dead). */
+    if (!memd_ring_owner_dead((uint32_t)pid))
+        return -EBUSY;
+    uint64_t batch[64];
+    unsigned k = 0;
+    int64_t total = 0;
+    for (uint32_t i = 0; i < mp->n; i++) {
+        struct memd_mempool_objhdr *h = objhdr_at(base, pool, mp, i);
+        if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_BUSY || h->owner_pid != pid)
+            continue;
+        batch[k++] = (uint64_t)((char *)(h + 1) - base);
+        if (k == sizeof(batch) / sizeof(batch[0])) {
+            int64_t rc = put_back(base, pool, batch, k);
+            if (rc < 0)
+                return rc;
+            total += rc;
+            k = 0;
+        }
+    }
+    if (k) {
+        int64_t rc = put_back(base, pool, batch, k);
+        if (rc < 0)
+            return rc;
+        total += rc;
+    }
+    return total;
 }
 
 uint32_t memd_mempool_cache_count(const char *base, uint64_t pool, uint32_t slot)

@@ -71,6 +71,18 @@ int memd_mempool_put_bulk(char *base, uint64_t pool, uint32_t slot, const uint64
  * -EINVAL (bad slot), -EFAULT (ring overflow: corruption). */
 int memd_mempool_flush_cache(char *base, uint64_t pool, uint32_t slot);
 
+/* Objects marked BUSY whose owner tag is pid: taken from the pool (get) by that
+ * process and not put back yet, wherever they went since.  A walk over all n
+ * object headers; a snapshot while others run. */
+uint64_t memd_mempool_held_by(char *base, uint64_t pool, int32_t pid);
+
+/* Put every object memd_mempool_held_by counts back into the free ring, for a
+ * program that knows process pid is dead and shared none of the objects it got
+ * (one still in use elsewhere would be handed out twice).  Returns how many went
+ * back, or -EINVAL (pid <= 0), -EBUSY (pid is a live process: refused), -EFAULT
+ * (the ring overflowed: corruption). */
+int64_t memd_mempool_reclaim_held_by(char *base, uint64_t pool, int32_t pid);
+
 /* Free objects: the ring plus every cache (a snapshot while others run). */
 uint64_t memd_mempool_avail_count(const char *base, uint64_t pool);
 

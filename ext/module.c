@@ -10,9 +10,57 @@
 #include "memd_py.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+/* Exception classes memd.errors registers at import (set_error_class): the
+ * extension must stay importable without memd.errors, and memd.errors without
+ * the extension.  Strong references, never released (module state is static). */
+static PyObject *error_primary_not_running;
+
+static PyObject *py_set_error_class(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    const char *name;
+    PyObject *cls;
+    if (!PyArg_ParseTuple(args, "sO:set_error_class", &name, &cls))
+        return NULL;
+    if (!PyType_Check(cls) ||
+        !PyType_IsSubtype((PyTypeObject *)cls, (PyTypeObject *)PyExc_Exception)) {
+        PyErr_SetString(PyExc_TypeError, "set_error_class: cls must be an Exception subclass");
+        return NULL;
+    }
+    if (strcmp(name, "primary_not_running") != 0) {
+        PyErr_Format(PyExc_ValueError, "set_error_class: unknown error name '%s' "
+                     "(known: 'primary_not_running')", name);
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(error_primary_not_running, cls);
+    Py_RETURN_NONE;
+}
+
+int memd_window_check_watch(PyObject *window)
+{
+    int fd = ((MemdWindow *)window)->watch_fd;
+    if (fd < 0)
+        return 0;
+    /* A pidfd polls readable once its process has exited.  POLLNVAL (the
+     * caller closed it) is not a death: ignore it. */
+    struct pollfd p = {.fd = fd, .events = POLLIN, .revents = 0};
+    if (poll(&p, 1, 0) <= 0 || !(p.revents & (POLLIN | POLLHUP)))
+        return 0;
+    PyErr_SetString(error_primary_not_running ? error_primary_not_running
+                                              : PyExc_ConnectionError,
+                    "the memd primary died while this call was waiting: shared memory is no "
+                    "longer served. Restart memd (e.g. systemctl restart memd), then attach "
+                    "again (memd_client.attach()); do not use rings, pools or blocks of the "
+                    "old attachment");
+    return -1;
+}
 
 PyObject *memd_raise_errno(int neg_errno, const char *where)
 {
@@ -172,6 +220,7 @@ static PyObject *window_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     w->base = base;
     w->size = size;
+    w->watch_fd = -1;
     return (PyObject *)w;
 }
 
@@ -265,6 +314,26 @@ static PyObject *window_touch(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *window_watch(PyObject *self, PyObject *arg)
+{
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < -1 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "watch(fd): a file descriptor, or -1 to stop");
+        return NULL;
+    }
+    if (fd >= 0 && fcntl((int)fd, F_GETFD) == -1)
+        return memd_raise_errno(-errno, "Window.watch");
+    ((MemdWindow *)self)->watch_fd = (int)fd;
+    Py_RETURN_NONE;
+}
+
+static PyObject *window_get_watch_fd(PyObject *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromLong(((MemdWindow *)self)->watch_fd);
+}
+
 static PyObject *window_get_address(PyObject *self, void *Py_UNUSED(c))
 {
     return PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)((MemdWindow *)self)->base);
@@ -283,12 +352,17 @@ static PyMethodDef window_methods[] = {
     {"unmap", window_unmap, METH_VARARGS, "unmap(offset, length): back to reserved PROT_NONE."},
     {"view", window_view, METH_VARARGS, "view(offset, length) -> writable memoryview."},
     {"touch", window_touch, METH_VARARGS, "touch(offset, length, step): fault pages in."},
+    {"watch", window_watch, METH_O,
+     "watch(fd) -> None: watch a pidfd of the primary (the caller owns and closes it; -1 "
+     "stops).  Ring calls waiting on this window then raise PrimaryNotRunning within "
+     "100 ms once that process has exited."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef window_getset[] = {
     {"address", window_get_address, NULL, "base address in this process", NULL},
     {"size", window_get_size, NULL, "bytes reserved", NULL},
+    {"watch_fd", window_get_watch_fd, NULL, "the watched pidfd (Window.watch), or -1", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -306,6 +380,13 @@ PyTypeObject MemdWindow_Type = {
 
 /* --- module --------------------------------------------------------------- */
 
+static PyMethodDef module_functions[] = {
+    {"set_error_class", py_set_error_class, METH_VARARGS,
+     "set_error_class(name, cls) -> None: the exception class the extension raises for "
+     "`name` ('primary_not_running'); memd.ring registers memd.errors' classes."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef memd_module = {
     PyModuleDef_HEAD_INIT, "memd._ext",
     "memd's C core: the shared layout, locks, config, heap, ring and mempool.", -1, NULL,
@@ -320,6 +401,7 @@ PyMODINIT_FUNC PyInit__ext(void)
         return NULL;
     Py_INCREF(&MemdWindow_Type);
     if (PyModule_AddObject(m, "Window", (PyObject *)&MemdWindow_Type) < 0 ||
+        memd_add_functions(m, module_functions) < 0 ||
         memd_py_init_config(m) < 0 || memd_py_init_heap(m) < 0 ||
         memd_py_init_ring(m) < 0 || memd_py_init_mempool(m) < 0) {
         Py_DECREF(m);

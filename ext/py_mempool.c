@@ -803,7 +803,80 @@ static PyObject *py_mempool_flush_cache(PyObject *Py_UNUSED(m), PyObject *args)
     return PyLong_FromLong(rc);
 }
 
+/* The pool at (window, off) for a module function, or NULL with an error set. */
+static char *checked_pool(PyObject *window, unsigned long long off, const char *fn)
+{
+    char *base = memd_base_of(window);
+    if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0)
+        return NULL;
+    if (memd_mempool_check(base, off, ((MemdWindow *)window)->size - off) < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: no initialised mempool at window offset %llu", fn,
+                     off);
+        return NULL;
+    }
+    return base;
+}
+
+static int checked_pid(long pid, const char *fn)
+{
+    if (pid <= 0 || pid > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: pid must be a process id > 0, not %ld", fn, pid);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_mempool_held_by(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *window;
+    unsigned long long off;
+    long pid;
+    if (!PyArg_ParseTuple(args, "O!Kl:mempool_held_by", &MemdWindow_Type, &window, &off, &pid))
+        return NULL;
+    char *base = checked_pool(window, off, "mempool_held_by");
+    if (base == NULL || checked_pid(pid, "mempool_held_by") < 0)
+        return NULL;
+    uint64_t n;
+    Py_BEGIN_ALLOW_THREADS /* walks every object header */
+    n = memd_mempool_held_by(base, off, (int32_t)pid);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLongLong(n);
+}
+
+static PyObject *py_mempool_reclaim_held_by(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *window;
+    unsigned long long off;
+    long pid;
+    if (!PyArg_ParseTuple(args, "O!Kl:mempool_reclaim_held_by", &MemdWindow_Type, &window, &off,
+                          &pid))
+        return NULL;
+    char *base = checked_pool(window, off, "mempool_reclaim_held_by");
+    if (base == NULL || checked_pid(pid, "mempool_reclaim_held_by") < 0)
+        return NULL;
+    int64_t n = memd_mempool_reclaim_held_by(base, off, (int32_t)pid);
+    if (n == -EBUSY) {
+        PyErr_Format(PyExc_ValueError,
+                     "mempool_reclaim_held_by: process %ld is alive; only a dead process's "
+                     "objects may be put back", pid);
+        return NULL;
+    }
+    if (n < 0) {
+        PyErr_Format(memd_exc("CorruptionError", PyExc_ValueError),
+                     "mempool_reclaim_held_by: the free ring overflowed (the pool is "
+                     "corrupted); run audit() for details");
+        return NULL;
+    }
+    return PyLong_FromLongLong(n);
+}
+
 static PyMethodDef mempool_functions[] = {
+    {"mempool_held_by", py_mempool_held_by, METH_VARARGS,
+     "mempool_held_by(window, pool_offset, pid) -> int: objects process pid got and has "
+     "not put back (BUSY with its owner tag)."},
+    {"mempool_reclaim_held_by", py_mempool_reclaim_held_by, METH_VARARGS,
+     "mempool_reclaim_held_by(window, pool_offset, pid) -> int: put those objects back "
+     "(pid must be dead; ValueError if it is alive)."},
     {"mempool_memsize", (PyCFunction)(void (*)(void))py_mempool_memsize,
      METH_VARARGS | METH_KEYWORDS,
      "mempool_memsize(n, elt_size, cache_size=0, private_data_size=0, flags=0) -> bytes."},
@@ -840,7 +913,7 @@ int memd_py_init_mempool(PyObject *m)
         PyModule_AddIntConstant(m, "MEMPOOL_CACHE_MAX_SIZE", MEMD_MEMPOOL_CACHE_MAX_SIZE) < 0)
         return -1;
     PyObject *layout = Py_BuildValue(
-        "{sksksksksksksksksksksksksk}",
+        "{sksksksksksksksksksksksksksk}",
         "sizeof(memd_mempool)", (unsigned long)sizeof(struct memd_mempool),
         "memd_mempool.magic", (unsigned long)offsetof(struct memd_mempool, magic),
         "memd_mempool.name", (unsigned long)offsetof(struct memd_mempool, name),
@@ -853,7 +926,9 @@ int memd_py_init_mempool(PyObject *m)
         "memd_mempool_cache.objs", (unsigned long)offsetof(struct memd_mempool_cache, objs),
         "sizeof(memd_mempool_objhdr)", (unsigned long)sizeof(struct memd_mempool_objhdr),
         "memd_mempool_objhdr.cookie", (unsigned long)offsetof(struct memd_mempool_objhdr, cookie),
-        "memd_mempool_objhdr.index", (unsigned long)offsetof(struct memd_mempool_objhdr, index));
+        "memd_mempool_objhdr.index", (unsigned long)offsetof(struct memd_mempool_objhdr, index),
+        "memd_mempool_objhdr.owner_pid",
+        (unsigned long)offsetof(struct memd_mempool_objhdr, owner_pid));
     if (layout == NULL || PyModule_AddObject(m, "MEMPOOL_LAYOUT", layout) < 0) {
         Py_XDECREF(layout);
         return -1;

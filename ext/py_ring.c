@@ -13,6 +13,7 @@
 #include "ring.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <string.h>
 #include <time.h>
 
@@ -261,7 +262,8 @@ static uint64_t now_ns(void)
  * Run op; if it moved nothing and timeout_ns > 0, sleep on the other side's
  * futex and retry until it moves something or the time is up.  Returns the
  * count moved (0 on timeout), or -1 with an exception set (a signal handler
- * raised, or the window was closed meanwhile).
+ * raised, the window was closed meanwhile, or the process the window watches,
+ * the primary, has exited: PrimaryNotRunning).
  */
 static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned n,
                          uint64_t timeout_ns)
@@ -304,6 +306,12 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
             }
             if (deadline - now < slice)
                 slice = deadline - now;
+        }
+        /* Before every sleep, so at least every slice: has the watched primary
+         * died?  Then nobody may ever move this ring again: fail, don't wait. */
+        if (memd_window_check_watch(self->window) < 0) {
+            memd_ring_wait_done(w);
+            return -1;
         }
         Py_BEGIN_ALLOW_THREADS
         memd_ring_wait_sleep(w, seq, slice);
@@ -639,19 +647,26 @@ static PyObject *ring_get_wait_stats(PyObject *o, void *Py_UNUSED(c))
     struct memd_ring *r = ring_ptr((MemdRing *)o);
     if (r == NULL)
         return NULL;
+    /* relaxed everywhere: statistics, each field read once. */
+#define LD(x) atomic_load_explicit(&(x), memory_order_relaxed)
     return Py_BuildValue(
-        "{sKsKsKsKsIsI}", "consumer_sleeps",
-        (unsigned long long)atomic_load_explicit(&r->not_empty.sleeps, memory_order_relaxed),
-        "consumer_wakes",
-        (unsigned long long)atomic_load_explicit(&r->not_empty.wakes, memory_order_relaxed),
-        "producer_sleeps",
-        (unsigned long long)atomic_load_explicit(&r->not_full.sleeps, memory_order_relaxed),
-        "producer_wakes",
-        (unsigned long long)atomic_load_explicit(&r->not_full.wakes, memory_order_relaxed),
-        "consumers_waiting",
-        (unsigned)atomic_load_explicit(&r->not_empty.waiters, memory_order_relaxed),
-        "producers_waiting",
-        (unsigned)atomic_load_explicit(&r->not_full.waiters, memory_order_relaxed));
+        "{sKsKsKsKsIsIsIsIsKsKsisi}",
+        "consumer_sleeps", (unsigned long long)LD(r->not_empty.sleeps),
+        "consumer_wakes", (unsigned long long)LD(r->not_empty.wakes),
+        "producer_sleeps", (unsigned long long)LD(r->not_full.sleeps),
+        "producer_wakes", (unsigned long long)LD(r->not_full.wakes),
+        "consumers_waiting", (unsigned)LD(r->not_empty.waiters),
+        "producers_waiting", (unsigned)LD(r->not_full.waiters),
+        /* locks taken over from a dead producer / consumer */
+        "producer_recoveries", (unsigned)LD(r->prod.recoveries),
+        "consumer_recoveries", (unsigned)LD(r->cons.recoveries),
+        /* times somebody slept waiting for a side's lock */
+        "producer_lock_sleeps", (unsigned long long)LD(r->prod.lock_wait.sleeps),
+        "consumer_lock_sleeps", (unsigned long long)LD(r->cons.lock_wait.sleeps),
+        /* pid holding a side's lock now, 0 if free */
+        "producer_lock_owner", (int)MEMD_RING_LOCK_PID(LD(r->prod.lock)),
+        "consumer_lock_owner", (int)MEMD_RING_LOCK_PID(LD(r->cons.lock)));
+#undef LD
 }
 
 #define FC (METH_FASTCALL | METH_KEYWORDS)
@@ -691,7 +706,8 @@ static PyGetSetDef ring_getset[] = {
     {"name", ring_get_name, NULL, "name stored in the ring header", NULL},
     {"offset", ring_get_offset, NULL, "window offset of the ring header", NULL},
     {"window", ring_get_window, NULL, "the Window the ring lives in", NULL},
-    {"wait_stats", ring_get_wait_stats, NULL, "futex sleep/wake counters (dict)", NULL},
+    {"wait_stats", ring_get_wait_stats, NULL,
+     "futex sleep/wake counters, lock recoveries and owners (dict)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -788,7 +804,22 @@ static PyObject *py_ring_wait_spin(PyObject *Py_UNUSED(m), PyObject *args)
     return PyFloat_FromDouble((double)old / 1e9);
 }
 
+static PyObject *py_ring_crash_after(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    long k = PyLong_AsLong(arg);
+    if (k == -1 && PyErr_Occurred())
+        return NULL;
+    if (k > INT_MAX)
+        k = INT_MAX;
+    return PyLong_FromLong(memd_ring_crash_after(k < 0 ? -1 : (int)k));
+}
+
 static PyMethodDef ring_functions[] = {
+    {"_ring_crash_after", py_ring_crash_after, METH_O,
+     "_ring_crash_after(k) -> old k (TESTS ONLY): the next ring operation in this process "
+     "calls _exit(77) at its step point k (0: after taking the lock and claiming; then one "
+     "per slot written/read; then before the tail store; then after it, before the "
+     "unlock).  k < 0 disarms; an operation with fewer steps disarms it too."},
     {"ring_wait_spin", py_ring_wait_spin, METH_VARARGS,
      "ring_wait_spin(seconds=None) -> float: how long a waiting call retries before it "
      "sleeps (default 5 µs; 0 sleeps at once); sets it if given, returns the old value."},
@@ -831,7 +862,7 @@ int memd_py_init_ring(PyObject *m)
         PyModule_AddIntConstant(m, "RING_SZ_MAX", MEMD_RING_SZ_MAX) < 0)
         return -1;
     PyObject *layout = Py_BuildValue(
-        "{sksksksksksksksksksksksksksk}",
+        "{sksksksksksksksksksksksksksksksksksksk}",
         "sizeof(memd_ring)", (unsigned long)sizeof(struct memd_ring),
         "memd_ring.magic", (unsigned long)offsetof(struct memd_ring, magic),
         "memd_ring.name", (unsigned long)offsetof(struct memd_ring, name),
@@ -845,8 +876,15 @@ int memd_py_init_ring(PyObject *m)
         "memd_ring.not_empty", (unsigned long)offsetof(struct memd_ring, not_empty),
         "memd_ring.not_full", (unsigned long)offsetof(struct memd_ring, not_full),
         "memd_ring.slots", (unsigned long)offsetof(struct memd_ring, slots),
+        "memd_ring_headtail.head", (unsigned long)offsetof(struct memd_ring_headtail, head),
+        "memd_ring_headtail.tail", (unsigned long)offsetof(struct memd_ring_headtail, tail),
         "memd_ring_headtail.other_tail",
-        (unsigned long)offsetof(struct memd_ring_headtail, other_tail));
+        (unsigned long)offsetof(struct memd_ring_headtail, other_tail),
+        "memd_ring_headtail.lock", (unsigned long)offsetof(struct memd_ring_headtail, lock),
+        "memd_ring_headtail.recoveries",
+        (unsigned long)offsetof(struct memd_ring_headtail, recoveries),
+        "memd_ring_headtail.lock_wait",
+        (unsigned long)offsetof(struct memd_ring_headtail, lock_wait));
     if (layout == NULL || PyModule_AddObject(m, "RING_LAYOUT", layout) < 0) {
         Py_XDECREF(layout);
         return -1;

@@ -1,23 +1,35 @@
-/* ring.c - lock-free FIFO of 64-bit entries in shared memory (see ring.h). */
+/* ring.c - FIFO of 64-bit entries in shared memory, crash-safe (see ring.h). */
 #include "ring.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <pthread.h>
 #include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "lock.h"
 
 
 #define likely(x) __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
-/* Spins on a tail before yielding the CPU: on a busy 2-core machine the producer
- * we wait for may have been preempted, and it cannot finish while we spin. */
-#define TAIL_SPINS 64u
+/* Waiting for a side's lock: spin this many times while the owner (probably)
+ * runs on another CPU, then yield a few times (on a busy 2-core machine it may
+ * have been preempted and cannot finish while we spin), then sleep on the
+ * side's lock futex in slices of LOCK_SLEEP_NS, checking after each slice that
+ * slept through whether the owner is still alive. */
+#define LOCK_SPINS 128u
+#define LOCK_YIELDS 4u
+#define LOCK_SLEEP_NS 2000000u /* 2 ms: a dead owner is noticed within ~2 slices */
 
 enum { BULK = 0, BURST = 1 };
 
@@ -122,13 +134,12 @@ static __attribute__((noinline)) void wake_slow(struct memd_ring_wait *w)
     futex(&w->seq, FUTEX_WAKE, INT_MAX, NULL);
 }
 
-/* Called after moving a tail: wake the other side only if somebody sleeps. */
-static ALWAYS_INLINE void wake_waiters(struct memd_ring_wait *w)
+/* Wake w's sleepers if it has any.  The caller has stored what they wait for
+ * (a tail, or the lock word 0) and then issued a seq_cst fence, which pairs with
+ * the one in memd_ring_wait_prepare (store-buffering: either the waiter's retry
+ * sees our store, or we see its count here and wake it). */
+static ALWAYS_INLINE void wake_if_waiting(struct memd_ring_wait *w)
 {
-    /* seq_cst fence: pairs with the seq_cst fence in memd_ring_wait_prepare.
-     * It orders our tail store before the waiters load (store-buffering): either
-     * the waiter's retry sees our tail, or we see its count and wake it. */
-    atomic_thread_fence(memory_order_seq_cst);
     if (likely(atomic_load_explicit(&w->waiters, memory_order_relaxed) == 0))
         return;
     wake_slow(w);
@@ -143,7 +154,7 @@ uint32_t memd_ring_wait_prepare(struct memd_ring_wait *w)
     atomic_fetch_add_explicit(&w->waiters, 1, memory_order_relaxed);
     /* release: pairs with the exchange in wake_slow (see there). */
     atomic_store_explicit(&w->armed, 1, memory_order_release);
-    /* seq_cst fence: pairs with the one in wake_waiters; orders the count and
+    /* seq_cst fence: pairs with the one before wake_if_waiting; orders the count and
      * the flag above before the caller's retry reads the other side's tail, so
      * either the retry sees the new tail or the waker sees both. */
     atomic_thread_fence(memory_order_seq_cst);
@@ -175,86 +186,238 @@ void memd_ring_wait_done(struct memd_ring_wait *w)
     atomic_fetch_sub_explicit(&w->waiters, 1, memory_order_relaxed);
 }
 
-/* --- enqueue / dequeue ---------------------------------------------------- */
+/* --- crash injection (tests) ---------------------------------------------- */
 
-/* Wait for the same side's earlier claimers to hand over their slots. */
-static ALWAYS_INLINE void wait_turn(struct memd_ring_headtail *ht, uint32_t old_head)
+/* < 0: off.  Read once per operation (a hot, never written global): only when
+ * armed does an operation take the slow copy with step points. */
+static int crash_after = -1;
+
+int memd_ring_crash_after(int k)
+{
+    int old = crash_after;
+    crash_after = k < 0 ? -1 : k;
+    return old;
+}
+
+static __attribute__((noinline, cold)) void crash_step(void)
+{
+    if (crash_after-- == 0)
+        _exit(77);
+}
+
+/* --- owners: who holds a side's lock, and is it still alive ---------------- */
+
+/* Fields of /proc/<pid>/stat we need: state (3), num_threads (20) and
+ * starttime (22).  0, or -errno (ENOENT: no such process). */
+static int proc_stat(pid_t pid, char *state, long *threads, uint64_t *start)
+{
+    char path[32], buf[512];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    int err = errno;
+    close(fd);
+    if (n <= 0)
+        return n < 0 ? -err : -ENOENT; /* ESRCH from read: it died meanwhile */
+    buf[n] = '\0';
+    /* comm (field 2) may hold spaces and parentheses: parse after the last ')'. */
+    char *p = strrchr(buf, ')');
+    if (p == NULL || p[1] != ' ')
+        return -EINVAL;
+    p += 2;
+    *state = *p;
+    for (int field = 3; field < 22; field++) {
+        p = strchr(p, ' ');
+        if (p == NULL)
+            return -EINVAL;
+        p++;
+        if (field + 1 == 20)
+            *threads = strtol(p, NULL, 10);
+    }
+    *start = strtoull(p, NULL, 10);
+    return 0;
+}
+
+/* This process's lock word, computed once per process: 0 means "not yet";
+ * a forked child forgets the parent's (pthread_atfork below).  relaxed: every
+ * thread computes the same value. */
+static _Atomic uint64_t self_word;
+static pthread_once_t self_word_once = PTHREAD_ONCE_INIT;
+
+static void forget_self_word(void)
+{
+    atomic_store_explicit(&self_word, 0, memory_order_relaxed);
+}
+
+static void register_forget(void)
+{
+    pthread_atfork(NULL, NULL, forget_self_word);
+}
+
+static __attribute__((noinline)) uint64_t compute_self_word(void)
+{
+    pthread_once(&self_word_once, register_forget);
+    pid_t pid = memd_self_pid();
+    char state;
+    long threads;
+    uint64_t start = 0;
+    if (proc_stat(pid, &state, &threads, &start) < 0)
+        start = 0; /* no /proc: owners are then told apart by pid alone */
+    uint64_t w = (uint64_t)(uint32_t)pid | ((start & 0xffffffffu) << 32);
+    atomic_store_explicit(&self_word, w, memory_order_relaxed);
+    return w;
+}
+
+static ALWAYS_INLINE uint64_t owner_word(void)
+{
+    uint64_t w = atomic_load_explicit(&self_word, memory_order_relaxed);
+    return likely(w != 0) ? w : compute_self_word();
+}
+
+int memd_ring_owner_dead(uint64_t owner)
+{
+    pid_t pid = MEMD_RING_LOCK_PID(owner);
+    uint32_t start = MEMD_RING_LOCK_START(owner);
+    if (pid <= 0)
+        return 1; /* no process ever has this word: garbage, take it */
+    /* EPERM: it exists but belongs to another user; still alive as far as
+     * kill can tell. */
+    if (kill(pid, 0) == -1 && errno == ESRCH)
+        return 1;
+    char state;
+    long threads = 0;
+    uint64_t now_start;
+    int rc = proc_stat(pid, &state, &threads, &now_start);
+    if (rc < 0) {
+        /* Gone between kill() and open(), or hidden from us (hidepid=): ask
+         * kill() again rather than take a live owner's lock. */
+        return kill(pid, 0) == -1 && errno == ESRCH;
+    }
+    /* A zombie (exited, not yet reaped by its parent) with one thread left is
+     * dead; a zombie thread-group leader whose other threads run is not. */
+    if ((state == 'Z' || state == 'X') && threads <= 1)
+        return 1;
+    /* The pid was reused by a process started after the owner. */
+    if (start != 0 && (uint32_t)now_start != start)
+        return 1;
+    return 0;
+}
+
+/* --- a side's lock --------------------------------------------------------- */
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* The lock is held: waiting slow path.  Returns once this process owns it. */
+static __attribute__((noinline)) void lock_slow(struct memd_ring_headtail *ht, uint64_t me)
 {
     unsigned spins = 0;
-    /* acquire: pairs with the release store of this tail by the claimer ahead
-     * of us, so its slot accesses happen before our own release store. */
-    while (atomic_load_explicit(&ht->tail, memory_order_acquire) != old_head) {
-        if (++spins < TAIL_SPINS) {
-            memd_cpu_relax();
-        } else {
-            sched_yield();
-            spins = 0;
+    uint64_t seen = 0, since = 0; /* the owner word we wait behind, and since when */
+    for (;;) {
+        /* relaxed: a hint; the CAS below is what synchronises. */
+        uint64_t cur = atomic_load_explicit(&ht->lock, memory_order_relaxed);
+        if (cur == 0) {
+            uint64_t expect = 0;
+            /* acquire: pairs with the release store of 0 in side_unlock, so the
+             * previous owner's tail, other_tail and slot writes are visible. */
+            if (atomic_compare_exchange_weak_explicit(&ht->lock, &expect, me,
+                                                      memory_order_acquire,
+                                                      memory_order_relaxed))
+                return;
+            continue;
         }
+        if (spins < LOCK_SPINS) {
+            spins++;
+            memd_cpu_relax();
+            continue;
+        }
+        if (spins < LOCK_SPINS + LOCK_YIELDS) {
+            spins++;
+            sched_yield();
+            continue;
+        }
+        /* Check the owner once it has held the lock (or kept taking it back)
+         * for a whole slice: the check costs a kill() and a /proc read.  A
+         * thread of this process is alive by definition. */
+        uint64_t t = mono_ns();
+        if (cur != seen) {
+            seen = cur;
+            since = t;
+        } else if (t - since >= LOCK_SLEEP_NS && cur != me) {
+            since = t;
+            if (memd_ring_owner_dead(cur)) {
+                uint64_t expect = cur;
+                /* acquire: as above.  Only one waiter's CAS from the dead
+                 * owner's word succeeds; the others see the new owner and wait
+                 * on.  The dead owner made its stores before it died, long
+                 * before kill() or /proc could tell us so. */
+                if (atomic_compare_exchange_strong_explicit(&ht->lock, &expect, me,
+                                                            memory_order_acquire,
+                                                            memory_order_relaxed)) {
+                    atomic_fetch_add_explicit(&ht->recoveries, 1, memory_order_relaxed);
+                    return;
+                }
+                continue;
+            }
+        }
+        uint32_t seq = memd_ring_wait_prepare(&ht->lock_wait);
+        /* relaxed: ordered after our waiter count by the fence in prepare; pairs
+         * with side_unlock's store and the fence after it (wake_if_waiting). */
+        if (atomic_load_explicit(&ht->lock, memory_order_relaxed) == cur)
+            memd_ring_wait_sleep(&ht->lock_wait, seq, LOCK_SLEEP_NS);
+        memd_ring_wait_done(&ht->lock_wait);
     }
 }
 
-static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, const uint64_t *v, unsigned want,
-                                         int behaviour, unsigned *free_space)
+static ALWAYS_INLINE void side_lock(struct memd_ring_headtail *ht)
 {
-    const uint32_t capacity = r->capacity;
-    const uint32_t single = r->prod.single;
-    uint32_t old_head, new_head, free_entries;
-    unsigned n;
+    uint64_t me = owner_word();
+    uint64_t expect = 0;
+    /* acquire: pairs with the release store in side_unlock (see lock_slow). */
+    if (likely(atomic_compare_exchange_weak_explicit(&ht->lock, &expect, me,
+                                                     memory_order_acquire,
+                                                     memory_order_relaxed)))
+        return;
+    lock_slow(ht, me);
+}
 
-    if (single) {
-        /* relaxed: only this producer writes prod.head. */
-        old_head = atomic_load_explicit(&r->prod.head, memory_order_relaxed);
-        /* Our copy of cons.tail is a lower bound of the real one: if it shows
-         * room enough, the consumers' line need not be read at all. */
-        free_entries = capacity + r->prod.other_tail - old_head;
-        if (unlikely(want > free_entries)) {
-            /* acquire: as below; pairs with the release store in do_dequeue. */
-            r->prod.other_tail = atomic_load_explicit(&r->cons.tail, memory_order_acquire);
-            free_entries = capacity + r->prod.other_tail - old_head;
-        }
-        n = want <= free_entries ? want : (behaviour == BURST ? free_entries : 0);
-        if (unlikely(n == 0)) {
-            if (free_space)
-                *free_space = free_entries;
-            return 0;
-        }
-        new_head = old_head + n;
-        atomic_store_explicit(&r->prod.head, new_head, memory_order_relaxed);
-        goto claimed;
-    }
-    /* acquire: keeps the cons.tail load below from moving above this one, and
-     * pairs with the acq_rel CAS of the producer that wrote this head, so the
-     * cons.tail we read is at least the one that producer based its claim on
-     * (else the room computed could wrap and look huge). */
-    old_head = atomic_load_explicit(&r->prod.head, memory_order_acquire);
-    for (;;) {
-        n = want;
-        /* acquire: pairs with the release store of cons.tail in do_dequeue;
-         * consumers are done reading every slot before it, so we may refill. */
-        uint32_t cons_tail = atomic_load_explicit(&r->cons.tail, memory_order_acquire);
-        free_entries = capacity + cons_tail - old_head; /* modulo 2^32 */
-        if (unlikely(n > free_entries))
-            n = behaviour == BURST ? free_entries : 0;
-        if (unlikely(n == 0)) {
-            if (free_space)
-                *free_space = free_entries;
-            return 0;
-        }
-        new_head = old_head + n;
-        /* acq_rel on success: pairs with the acquire load of prod.head in other
-         * producers (see above).  acquire on failure: reloads old_head as the
-         * load above does. */
-        if (atomic_compare_exchange_weak_explicit(&r->prod.head, &old_head, new_head,
-                                                  memory_order_acq_rel, memory_order_acquire))
-            break;
-    }
+/* Release a side's lock; the caller then issues a seq_cst fence and calls
+ * wake_if_waiting(&ht->lock_wait). */
+static ALWAYS_INLINE void side_unlock(struct memd_ring_headtail *ht)
+{
+    /* release: pairs with the acquire CAS of the next owner. */
+    atomic_store_explicit(&ht->lock, 0, memory_order_release);
+}
 
-claimed:
-    /* The slots [old_head, new_head) are ours alone now. */
-    const uint32_t size = r->size;
-    const uint32_t idx = old_head & r->mask;
+/* --- enqueue / dequeue ---------------------------------------------------- */
+
+/* A step point for crash injection; compiled out of the normal copies. */
+#define STEP()                  \
+    do {                        \
+        if (crashy)             \
+            crash_step();       \
+    } while (0)
+
+/* Copy n entries between the caller's array and the slots from counter `from`,
+ * wrapping at the end; crashy copies go one slot at a time with a step after
+ * each. */
+static ALWAYS_INLINE void copy_in(struct memd_ring *r, uint32_t from, const uint64_t *v,
+                                  unsigned n, int crashy)
+{
+    const uint32_t size = r->size, idx = from & r->mask;
     uint64_t *slots = r->slots;
-    if (likely(n == 1)) {
+    if (crashy) {
+        for (unsigned i = 0; i < n; i++) {
+            slots[(from + i) & r->mask] = v[i];
+            STEP();
+        }
+    } else if (likely(n == 1)) {
         slots[idx] = v[0];
     } else if (likely(idx + n <= size)) {
         memcpy(&slots[idx], v, n * sizeof(uint64_t));
@@ -263,74 +426,19 @@ claimed:
         memcpy(&slots[idx], v, first * sizeof(uint64_t));
         memcpy(slots, v + first, (n - first) * sizeof(uint64_t));
     }
-
-    if (!single)
-        wait_turn(&r->prod, old_head);
-    /* release: pairs with the acquire load of prod.tail in do_dequeue; the slots
-     * we filled are visible to any consumer that sees the new tail. */
-    atomic_store_explicit(&r->prod.tail, new_head, memory_order_release);
-    wake_waiters(&r->not_empty);
-    if (free_space)
-        *free_space = free_entries - n;
-    return n;
 }
 
-static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, uint64_t *v, unsigned want,
-                                         int behaviour, unsigned *available)
+static ALWAYS_INLINE void copy_out(const struct memd_ring *r, uint32_t from, uint64_t *v,
+                                   unsigned n, int crashy)
 {
-    const uint32_t single = r->cons.single;
-    uint32_t old_head, new_head, entries;
-    unsigned n;
-
-    if (single) {
-        /* relaxed: only this consumer writes cons.head. */
-        old_head = atomic_load_explicit(&r->cons.head, memory_order_relaxed);
-        /* Our copy of prod.tail is a lower bound: if it shows entries enough,
-         * skip reading the producers' line. */
-        entries = r->cons.other_tail - old_head;
-        if (want > entries) {
-            /* acquire: as below; pairs with the release store in do_enqueue. */
-            r->cons.other_tail = atomic_load_explicit(&r->prod.tail, memory_order_acquire);
-            entries = r->cons.other_tail - old_head;
-        }
-        n = want <= entries ? want : (behaviour == BURST ? entries : 0);
-        if (unlikely(n == 0)) {
-            if (available)
-                *available = entries;
-            return 0;
-        }
-        new_head = old_head + n;
-        atomic_store_explicit(&r->cons.head, new_head, memory_order_relaxed);
-        goto claimed;
-    }
-    /* acquire: as in do_enqueue, orders the prod.tail load after this one and
-     * pairs with other consumers' acq_rel CAS of cons.head. */
-    old_head = atomic_load_explicit(&r->cons.head, memory_order_acquire);
-    for (;;) {
-        n = want;
-        /* acquire: pairs with the release store of prod.tail in do_enqueue; the
-         * slots before it are filled and visible. */
-        uint32_t prod_tail = atomic_load_explicit(&r->prod.tail, memory_order_acquire);
-        entries = prod_tail - old_head; /* modulo 2^32 */
-        if (unlikely(n > entries))
-            n = behaviour == BURST ? entries : 0;
-        if (unlikely(n == 0)) {
-            if (available)
-                *available = entries;
-            return 0;
-        }
-        new_head = old_head + n;
-        /* acq_rel / acquire: as the producers' CAS in do_enqueue. */
-        if (atomic_compare_exchange_weak_explicit(&r->cons.head, &old_head, new_head,
-                                                  memory_order_acq_rel, memory_order_acquire))
-            break;
-    }
-
-claimed:
-    const uint32_t size = r->size;
-    const uint32_t idx = old_head & r->mask;
+    const uint32_t size = r->size, idx = from & r->mask;
     const uint64_t *slots = r->slots;
-    if (likely(n == 1)) {
+    if (crashy) {
+        for (unsigned i = 0; i < n; i++) {
+            v[i] = slots[(from + i) & r->mask];
+            STEP();
+        }
+    } else if (likely(n == 1)) {
         v[0] = slots[idx];
     } else if (likely(idx + n <= size)) {
         memcpy(v, &slots[idx], n * sizeof(uint64_t));
@@ -339,40 +447,180 @@ claimed:
         memcpy(v, &slots[idx], first * sizeof(uint64_t));
         memcpy(v + first, slots, (n - first) * sizeof(uint64_t));
     }
+}
+
+/*
+ * Both sides run the same steps, in single mode without the lock:
+ *   lock; start = own tail; room (entries) from the copy of the other side's
+ *   tail, re-read only if the copy says too little; head = start + n; copy the
+ *   slots; release-store the tail; unlock; one seq_cst fence; wake sleepers.
+ * Nothing reads head, so whatever a dead operation left there is harmless.
+ */
+static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, const uint64_t *v, unsigned want,
+                                         int behaviour, unsigned *free_space, int crashy)
+{
+    const uint32_t capacity = r->capacity;
+    const uint32_t single = r->prod.single;
+    uint32_t start, free_entries;
+    unsigned n;
 
     if (!single)
-        wait_turn(&r->cons, old_head);
+        side_lock(&r->prod);
+    /* acquire: the previous producer (lock holder, or single producer in another
+     * process) stored this tail with release after filling its slots; free on
+     * x86.  Only producers write prod.tail, and only one at a time. */
+    start = atomic_load_explicit(&r->prod.tail, memory_order_acquire);
+    /* Our copy of cons.tail is a lower bound of the real one (tails only move
+     * forward, and start - copy <= capacity always holds because nobody
+     * enqueues past the copy): if it shows room enough, the consumers' line
+     * need not be read at all. */
+    free_entries = capacity + r->prod.other_tail - start;
+    if (unlikely(want > free_entries)) {
+        /* acquire: pairs with the release store of cons.tail in do_dequeue;
+         * consumers are done reading every slot before it, so we may refill. */
+        r->prod.other_tail = atomic_load_explicit(&r->cons.tail, memory_order_acquire);
+        free_entries = capacity + r->prod.other_tail - start;
+    }
+    n = want <= free_entries ? want : (behaviour == BURST ? free_entries : 0);
+    if (unlikely(n == 0)) {
+        if (!single) {
+            side_unlock(&r->prod);
+            /* seq_cst fence: see wake_if_waiting. */
+            atomic_thread_fence(memory_order_seq_cst);
+            wake_if_waiting(&r->prod.lock_wait);
+        }
+        if (crashy)
+            crash_after = -1;
+        if (free_space)
+            *free_space = free_entries;
+        return 0;
+    }
+    /* relaxed: diagnostics only (head != tail: an operation runs or died). */
+    atomic_store_explicit(&r->prod.head, start + n, memory_order_relaxed);
+    STEP(); /* claimed (lock held) */
+    copy_in(r, start, v, n, crashy);
+    STEP(); /* filled, not yet published */
+    /* release: pairs with the acquire load of prod.tail in do_dequeue; the slots
+     * we filled are visible to any consumer that sees the new tail. */
+    atomic_store_explicit(&r->prod.tail, start + n, memory_order_release);
+    STEP(); /* published, lock still held */
+    if (!single)
+        side_unlock(&r->prod);
+    /* seq_cst fence: orders the tail store (and the unlock) before the waiter
+     * counts read below; pairs with the fence in memd_ring_wait_prepare. */
+    atomic_thread_fence(memory_order_seq_cst);
+    wake_if_waiting(&r->not_empty);
+    if (!single)
+        wake_if_waiting(&r->prod.lock_wait);
+    if (crashy)
+        crash_after = -1;
+    if (free_space)
+        *free_space = free_entries - n;
+    return n;
+}
+
+static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, uint64_t *v, unsigned want,
+                                         int behaviour, unsigned *available, int crashy)
+{
+    const uint32_t single = r->cons.single;
+    uint32_t start, entries;
+    unsigned n;
+
+    if (!single)
+        side_lock(&r->cons);
+    /* acquire: as in do_enqueue, for the previous consumer's tail. */
+    start = atomic_load_explicit(&r->cons.tail, memory_order_acquire);
+    /* Our copy of prod.tail is a lower bound: if it shows entries enough, skip
+     * reading the producers' line. */
+    entries = r->cons.other_tail - start;
+    if (want > entries) {
+        /* acquire: pairs with the release store of prod.tail in do_enqueue; the
+         * slots before it are filled and visible. */
+        r->cons.other_tail = atomic_load_explicit(&r->prod.tail, memory_order_acquire);
+        entries = r->cons.other_tail - start;
+    }
+    n = want <= entries ? want : (behaviour == BURST ? entries : 0);
+    if (unlikely(n == 0)) {
+        if (!single) {
+            side_unlock(&r->cons);
+            /* seq_cst fence: see wake_if_waiting. */
+            atomic_thread_fence(memory_order_seq_cst);
+            wake_if_waiting(&r->cons.lock_wait);
+        }
+        if (crashy)
+            crash_after = -1;
+        if (available)
+            *available = entries;
+        return 0;
+    }
+    /* relaxed: diagnostics only. */
+    atomic_store_explicit(&r->cons.head, start + n, memory_order_relaxed);
+    STEP(); /* claimed (lock held) */
+    copy_out(r, start, v, n, crashy);
+    STEP(); /* read, not yet released: a death here leaves them in the ring */
     /* release: pairs with the acquire load of cons.tail in do_enqueue; our reads
      * of the slots are done before any producer may overwrite them. */
-    atomic_store_explicit(&r->cons.tail, new_head, memory_order_release);
-    wake_waiters(&r->not_full);
+    atomic_store_explicit(&r->cons.tail, start + n, memory_order_release);
+    STEP(); /* released, lock still held */
+    if (!single)
+        side_unlock(&r->cons);
+    /* seq_cst fence: as in do_enqueue. */
+    atomic_thread_fence(memory_order_seq_cst);
+    wake_if_waiting(&r->not_full);
+    if (!single)
+        wake_if_waiting(&r->cons.lock_wait);
+    if (crashy)
+        crash_after = -1;
     if (available)
         *available = entries - n;
     return n;
 }
 
+static __attribute__((noinline, cold)) unsigned enqueue_crashy(struct memd_ring *r,
+                                                               const uint64_t *v, unsigned n,
+                                                               int behaviour,
+                                                               unsigned *free_space)
+{
+    return do_enqueue(r, v, n, behaviour, free_space, 1);
+}
+
+static __attribute__((noinline, cold)) unsigned dequeue_crashy(struct memd_ring *r, uint64_t *v,
+                                                               unsigned n, int behaviour,
+                                                               unsigned *available)
+{
+    return do_dequeue(r, v, n, behaviour, available, 1);
+}
+
 unsigned memd_ring_enqueue_bulk(struct memd_ring *r, const uint64_t *v, unsigned n,
                                 unsigned *free_space)
 {
-    return do_enqueue(r, v, n, BULK, free_space);
+    if (unlikely(crash_after >= 0))
+        return enqueue_crashy(r, v, n, BULK, free_space);
+    return do_enqueue(r, v, n, BULK, free_space, 0);
 }
 
 unsigned memd_ring_enqueue_burst(struct memd_ring *r, const uint64_t *v, unsigned n,
                                  unsigned *free_space)
 {
-    return do_enqueue(r, v, n, BURST, free_space);
+    if (unlikely(crash_after >= 0))
+        return enqueue_crashy(r, v, n, BURST, free_space);
+    return do_enqueue(r, v, n, BURST, free_space, 0);
 }
 
 unsigned memd_ring_dequeue_bulk(struct memd_ring *r, uint64_t *v, unsigned n,
                                 unsigned *available)
 {
-    return do_dequeue(r, v, n, BULK, available);
+    if (unlikely(crash_after >= 0))
+        return dequeue_crashy(r, v, n, BULK, available);
+    return do_dequeue(r, v, n, BULK, available, 0);
 }
 
 unsigned memd_ring_dequeue_burst(struct memd_ring *r, uint64_t *v, unsigned n,
                                  unsigned *available)
 {
-    return do_dequeue(r, v, n, BURST, available);
+    if (unlikely(crash_after >= 0))
+        return dequeue_crashy(r, v, n, BURST, available);
+    return do_dequeue(r, v, n, BURST, available, 0);
 }
 
 unsigned memd_ring_count(const struct memd_ring *r)

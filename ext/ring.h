@@ -4,25 +4,34 @@
  *
  * A ring has `size` slots (a power of two) and holds at most `capacity` entries:
  * size - 1, or exactly the count asked for with MEMD_RING_F_EXACT_SZ.  Each side
- * (producers, consumers) has a head, which it moves to claim slots, and a tail,
- * which it moves to hand finished slots to the other side.  With several
- * producers a producer claims slots by compare-and-swap on prod.head, fills them,
- * waits for the producers before it to move prod.tail past their slots, and then
- * moves prod.tail past its own; consumers do the same on cons.  A single-producer
- * (single-consumer) ring skips the CAS and the wait.
+ * (producers, consumers) has a tail, which it moves to hand finished slots to the
+ * other side.  An operation computes from its own side's tail (never from head,
+ * which only records what the running operation claimed), fills or reads its
+ * slots, and moves the tail past them with a release store.  With several
+ * producers (consumers) a side is serialised by a small robust lock in its
+ * headtail: the word names the owner process, a waiter spins briefly, then
+ * sleeps on a futex, and every few milliseconds checks whether the owner died;
+ * if so it takes the lock over (one CAS from the dead owner's word) and counts a
+ * recovery.  Because everything starts from the tail, a dead producer's
+ * unpublished slots are simply overwritten and a dead consumer's unreleased
+ * entries stay in the ring.  A single-producer (single-consumer) side takes no
+ * lock.  Threads of one process share a pid: they just wait for each other.
+ * Owners must be in this process's pid namespace.
  *
  * Bulk calls move all n entries or none; burst calls move as many as they can.
  * Each enqueue/dequeue returns how many entries it moved and, through the
  * optional last argument, the room (entries) left after the call.
  *
- * Blocking is built from the non-blocking calls and a futex per side (struct
- * memd_ring_wait): a waiter announces itself (memd_ring_wait_prepare), retries,
- * then sleeps on the futex (memd_ring_wait_sleep); every call that moves a tail
- * wakes the other side's futex only if its waiter count is non-zero, so the fast
- * path makes no system call.
+ * Blocking (waiting for room or entries) is built from the non-blocking calls
+ * and a futex per side (struct memd_ring_wait): a waiter announces itself
+ * (memd_ring_wait_prepare), retries, then sleeps on the futex
+ * (memd_ring_wait_sleep); every call that moves a tail wakes the other side's
+ * futex only if its waiter count is non-zero, so the fast path makes no system
+ * call.  The lock wait inside a call is short unless the owner is preempted, and
+ * at most a few milliseconds plus the check if it died.
  *
  * Errors: 0 or a count on success, -errno on failure.  The ring never stores a
- * pointer and needs no lock.
+ * pointer.
  */
 #ifndef MEMD_RING_H
 #define MEMD_RING_H
@@ -89,5 +98,18 @@ int memd_ring_wait_sleep(struct memd_ring_wait *w, uint32_t seq, uint64_t timeou
 
 /* Withdraw the waiter announced by memd_ring_wait_prepare. */
 void memd_ring_wait_done(struct memd_ring_wait *w);
+
+/* --- crash injection (tests only) ----------------------------------------- */
+
+/* k >= 0: the next ring operation in this process calls _exit(77) at its step
+ * point number k (0 = the first); k < 0 disarms.  Step points, in order: after
+ * taking the lock (multi mode) and claiming the slots, after each slot written
+ * or read, before the tail store, after the tail store (before the unlock).  An
+ * operation that ends before step k disarms the knob.  Returns the old value. */
+int memd_ring_crash_after(int k);
+
+/* 1 if the process whose lock word is `owner` (see MEMD_RING_LOCK_PID) is gone:
+ * no such pid, a zombie, or the pid now belongs to a process started later. */
+int memd_ring_owner_dead(uint64_t owner);
 
 #endif /* MEMD_RING_H */

@@ -15,6 +15,13 @@ Each process gets and puts through its own cache first (DPDK's per-lcore cache,
 indexed by the process slot); the cache is refilled from the ring when empty and
 flushed to it past ``1.5 * cache_size``.  Objects sitting in *another* process's
 cache count as available but cannot be taken by this one.
+
+Each object's header records the pid of the process that last got it (its *owner
+tag*).  When a process dies, ``pool.held_by(pid)`` says how many objects it had
+taken and not put back, and ``pool.reclaim_held_by(pid)`` puts them back -- only
+right for programs that know the dead process shared none of them (an object it
+passed to another process through a ring still carries *its* tag, and reclaiming
+it would hand it out twice).
 """
 
 from __future__ import annotations
@@ -76,7 +83,9 @@ class Mempool(_ext.Mempool):
     ``get_bulk(n)``, ``get_bulk_into(uint64_buffer)``, ``put_bulk(objs)`` (objects,
     handles or a uint64 buffer), ``obj(handle)``, ``obj_at(index)``,
     ``avail_count()``, ``in_use_count()``, ``cache_count(slot=own)``,
-    ``flush_cache()``, ``audit()``; properties ``name``, ``size``, ``elt_size``,
+    ``flush_cache()``, ``audit()``; in Python :meth:`held_by` and
+    :meth:`reclaim_held_by` (a dead process's objects); properties ``name``,
+    ``size``, ``elt_size``,
     ``cache_size``, ``flushthresh``, ``private_data_size``, ``private_data``,
     ``flags``, ``memsize``, ``obj_stride``, ``ring_offset``, ``offset``, ``slot``,
     ``window``.  Bulk gets are all or nothing (:class:`memd.errors.PoolEmpty`);
@@ -153,6 +162,25 @@ class Mempool(_ext.Mempool):
     def n(self) -> int:
         """Number of objects, as mempool_create(name, n, ...) names it (DPDK: size)."""
         return self.size
+
+    def held_by(self, pid: int) -> int:
+        """Objects process `pid` got from the pool and has not put back.
+
+        The owner tag is set on get and not moved when an object travels to
+        another process: it names the getter, not the current holder.  Walks
+        every object header (O(n)); a snapshot while others get and put."""
+        return _ext.mempool_held_by(self.window, self.offset, pid)
+
+    def reclaim_held_by(self, pid: int) -> int:
+        """Put back every object :meth:`held_by` counts for dead process `pid`;
+        returns how many.
+
+        Only for programs that know `pid` shared none of the objects it got:
+        one it passed on (say through a ring) and that another process still
+        uses would be handed out twice.  Raises ValueError if `pid` is alive (a
+        zombie counts as dead), CorruptionError if the pool is corrupted.  The
+        objects go straight to the free ring, not to this process's cache."""
+        return _ext.mempool_reclaim_held_by(self.window, self.offset, pid)
 
     def info(self) -> dict[str, Any]:
         """Fields for telemetry ``/mempool/info`` and ``memctl mempools``."""

@@ -12,6 +12,15 @@ a few microseconds of retrying first, about what a sleep and a wake cost: see
 :func:`set_wait_spin`),
 waking at least every 100 ms so that Ctrl-C still works.  The other side makes
 the wake-up system call only when somebody sleeps.
+
+Crash safety: a multi-producer (-consumer) side is serialised by a small lock that
+names its owner process; a process that waits behind an owner that was killed takes
+the lock over within milliseconds (``wait_stats["producer_recoveries"]`` /
+``["consumer_recoveries"]`` count it).  Every operation starts from its side's tail,
+so a producer killed mid-call loses only the entries it was enqueuing, and the
+entries a killed consumer was dequeuing stay in the ring.  If the window watches the
+primary (``Window.watch(pidfd)``, done by ``memd_client.attach``), a waiting call
+raises :class:`memd.errors.PrimaryNotRunning` within 100 ms of the primary's death.
 """
 
 from __future__ import annotations
@@ -20,7 +29,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from memd import _ext, objects
-from memd.errors import MemdValueError
+from memd.errors import MemdValueError, PrimaryNotRunning
+
+# What a waiting ring call raises when the watched primary dies (see Window.watch).
+_ext.set_error_class("primary_not_running", PrimaryNotRunning)
 
 RING_F_SP_ENQ: int = _ext.RING_F_SP_ENQ  # default enqueue is single-producer
 RING_F_SC_DEQ: int = _ext.RING_F_SC_DEQ  # default dequeue is single-consumer
@@ -74,7 +86,8 @@ class Ring(_ext.Ring):
       fill a writable uint64 buffer without allocating; return the count
     - ``full()``, ``empty()``; properties ``count``, ``free_count``, ``capacity``,
       ``size``, ``flags``, ``name``, ``offset``, ``memsize``, ``window``,
-      ``wait_stats``
+      ``wait_stats`` (futex sleeps/wakes, ``*_recoveries``: locks taken over from a
+      dead process, ``*_lock_sleeps``, ``*_lock_owner``: pid holding a side's lock)
 
     A bulk larger than the capacity never fits: it returns 0 / ``[]`` at once,
     or raises ValueError if asked to wait.  A burst waits for at least one entry

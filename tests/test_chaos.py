@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-import chaos  # noqa: E402
+import chaos
 
 ROUNDS = int(os.environ.get("MEMD_CHAOS_ROUNDS", "50"))
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import memd_client as mc
@@ -120,6 +121,31 @@ def test_restart_after_old_secondaries_detach(daemon_factory) -> None:
     new = daemon_factory("-m", "4", prefix=old.prefix, runtime_dir=old.runtime_dir)
     with new.attach() as mem2:
         assert mem2.info()["primary_pid"] == new.pid
+
+
+def test_kill9_primary_fails_a_blocked_ring_wait(daemon_factory) -> None:
+    """A secondary blocked in a ring call (timeout=None) gets PrimaryNotRunning
+    when the primary dies: attach() made its window watch the primary's pidfd."""
+    d = daemon_factory("-m", "8")
+    with d.attach() as mem:
+        assert mem.window.watch_fd >= 0
+        r = mem.ring_create("blocked", 64)
+        killer = threading.Timer(0.2, d.kill)
+        done = threading.Event()
+
+        def unblock() -> None:  # a broken watch fails the test instead of hanging it
+            if not done.wait(60):
+                r.enqueue(1)
+
+        threading.Thread(target=unblock, daemon=True).start()
+        killer.start()
+        try:
+            with pytest.raises(mc.PrimaryNotRunning):
+                r.dequeue(timeout=None)
+        finally:
+            done.set()
+            killer.join()
+    assert mem.window.watch_fd == -1  # detach stopped watching and closed the pidfd
 
 
 def test_attach_without_primary_raises(tmp_path) -> None:

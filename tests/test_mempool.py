@@ -443,6 +443,109 @@ def test_two_processes_hammer_one_pool(window: _ext.Window) -> None:
     assert p.audit() == {"free": n, "in_use": 0, "in_ring": n, "in_caches": 0}
 
 
+# --- owner tags: a dead process's objects ---------------------------------------------
+
+
+def test_owner_tags_count_what_a_process_got(window: _ext.Window) -> None:
+    p = Mempool.create(window, BASE, 64, 32, cache_size=8)
+    me = os.getpid()
+    assert _ext.MEMPOOL_LAYOUT["memd_mempool_objhdr.owner_pid"] == 20
+    assert p.held_by(me) == 0
+    one = p.get()
+    many = p.get_bulk(20)  # more than the cache: ring and cache
+    h = p.get_handle()
+    assert p.held_by(me) == 22
+    p.put_bulk(many[:15])
+    p.put(h)
+    assert p.held_by(me) == 6
+    p.put_bulk([one, *many[15:]])
+    assert p.held_by(me) == 0
+    assert p.held_by(me + 1) == 0
+    with pytest.raises(ValueError):
+        p.held_by(0)
+    with pytest.raises(ValueError, match="alive"):
+        p.reclaim_held_by(me)  # never from under a live process
+
+
+@pytest.mark.parametrize("reap_first", [True, False], ids=["reaped", "zombie"])
+def test_reclaim_a_dead_processes_objects(window: _ext.Window, reap_first: bool) -> None:
+    n = 64
+    p = Mempool.create(window, BASE, n, 32, cache_size=8)
+    keep = p.get_bulk(3)  # ours: must survive the reclaim
+
+    def child() -> None:
+        q = Mempool(window, BASE, 1)
+        got = [q.get(), *q.get_bulk(10)]
+        q.put_bulk(got[:4])  # into its cache
+        # and exits holding 7 objects, with 4 in its cache
+
+    pid = fork_run(child)
+    if reap_first:
+        assert wait_child(pid) == 0
+    else:  # a zombie (dead, not yet reaped) is dead
+        with open(f"/proc/{pid}/stat") as f:
+            while f.read().rpartition(")")[2].split()[0] != "Z":
+                time.sleep(0.002)
+                f.seek(0)
+    assert p.held_by(pid) == 7
+    assert p.in_use_count() == 3 + 7  # (its cache counts as available)
+    assert _ext.mempool_flush_cache(window, BASE, 1) == 4  # what the primary does
+    assert p.reclaim_held_by(pid) == 7
+    assert p.held_by(pid) == 0
+    assert p.reclaim_held_by(pid) == 0
+    if not reap_first:
+        assert wait_child(pid) == 0
+    assert p.in_use_count() == 3
+    assert p.audit() == {"free": n - 3, "in_use": 3, "in_ring": n - 3 - p.cache_count(),
+                         "in_caches": p.cache_count()}
+    p.put_bulk(keep)
+
+
+def test_owner_tag_names_the_getter_not_the_holder(window: _ext.Window) -> None:
+    """An object passed on through a ring keeps its getter's tag (why reclaim is
+    only for programs whose dead processes shared nothing)."""
+    p = Mempool.create(window, BASE, 32, 32)
+    ring = Ring.create(window, BASE + (8 << 20), 16, RING_F_SP_ENQ | RING_F_SC_DEQ)
+    pid = fork_run(lambda: ring.enqueue_bulk([p.get_handle() for _ in range(3)]))
+    assert wait_child(pid) == 0
+    handles = ring.dequeue_bulk(3)
+    assert p.held_by(pid) == 3 and p.held_by(os.getpid()) == 0
+    p.put(handles[0])
+    assert p.held_by(pid) == 2
+    p.put_bulk(handles[1:])
+    assert p.held_by(pid) == 0
+
+
+@pytest.mark.parametrize("cache_size", [0, 8])
+def test_get_killed_inside_the_free_ring_loses_nothing(window: _ext.Window,
+                                                        cache_size: int) -> None:
+    """A process killed while dequeuing from the free ring, at any step before it
+    releases the entries, leaves the handles in the ring: the pool stays whole.
+    One that finished its get holds the objects: reclaim_held_by gets them back.
+    (Killed after the ring released them but before they were marked busy, the
+    handles are in nobody's books: lost with the process, as audit() shows.)"""
+    n = 64
+    p = Mempool.create(window, BASE, n, 32, cache_size=cache_size)
+    ring = Ring(window, p.ring_offset)
+    for k in [*range(6), -1]:  # get_bulk(4): steps 0..5 come before the release
+        before = ring.wait_stats["consumer_recoveries"]
+
+        def child(k: int = k) -> None:
+            q = Mempool(window, BASE, 1)
+            _ext._ring_crash_after(k)
+            q.get_bulk(4)
+
+        pid = fork_run(child)
+        assert wait_child(pid) == (0 if k < 0 else 77)
+        _ext.mempool_flush_cache(window, BASE, 1)  # what the primary does for a dead slot
+        assert p.held_by(pid) == (4 if k < 0 else 0)
+        assert p.reclaim_held_by(pid) == (4 if k < 0 else 0)
+        p.put_bulk(p.get_bulk(n))  # every object, through the dead owner's ring lock
+        assert ring.wait_stats["consumer_recoveries"] == before + (k >= 0)
+        assert p.avail_count() == n
+        p.audit()
+
+
 # --- audit --------------------------------------------------------------------------------
 
 
