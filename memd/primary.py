@@ -616,9 +616,16 @@ class Primary(Memory):
         self.server.remove_peer(peer)
         record: dict[str, Any] = {"pid": peer.pid, "slot": peer.slot, "time": time.time(),
                                   "cached_objects_returned": 0}
-        with contextlib.suppress(Exception):  # a broken structure must not stop the rest
+        # Each step on its own: a structure that fails (say, a heap found broken)
+        # must not stop the rest, nor the daemon.
+        try:
             record["cached_objects_returned"] = self.flush_mempool_caches(peer.slot)
-        record.update(self._held_by(peer.pid))
+        except Exception:
+            log.exception("returning pid %d's cached mempool objects failed", peer.pid)
+        try:
+            record.update(self._held_by(peer.pid))
+        except Exception:
+            log.exception("counting what pid %d still held failed", peer.pid)
         with contextlib.suppress(OSError):
             _ext.proc_unregister(self.window, peer.slot, peer.pid)
         self.reclaims.append(record)
