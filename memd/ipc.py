@@ -173,7 +173,11 @@ class Server:
         self._dead = []
         for peer in dead:
             if peer.identity in self.peers:
-                self.on_death(peer)
+                try:
+                    self.on_death(peer)
+                except Exception:  # the daemon keeps serving the living
+                    log.exception("reclaiming dead pid %d failed", peer.pid)
+                self.remove_peer(peer)
 
     def close(self) -> None:
         with self.lock:
