@@ -205,7 +205,7 @@ class Chaos:
         self.baseline_blocks = self._heap_alloc_count()
         self.stats: dict[str, Any] = {
             "rounds": 0, "kills": 0, "deadlocks": 0, "objects_lost": 0, "blocks_lost": 0,
-            "heap_check_failures": 0, "dead_hand_objects": 0, "dead_blocks_freed": 0,
+            "heap_check_failures": 0, "dead_hand_objects": 0, "max_dead_hand_objects": 0, "dead_blocks_freed": 0,
             "reclaim_ms": [], "kinds": dict.fromkeys(KINDS, 0),
         }
         self.rec0 = (heap_lock_recoveries(mem), ring_recoveries(self.ring))
@@ -273,11 +273,14 @@ class Chaos:
                 break
             tokens += got
         dup = len(tokens) - len(set(tokens))
-        self.pool.put_bulk(tokens)
-        in_dead_hands = self.pool.in_use_count()
-        st["dead_hand_objects"] += in_dead_hands
-        self.pool.reclaim_held_by(dead)
-        self.pool.reclaim_held_by(os.getpid())  # initial tokens the victim had dequeued
+        self.pool.put_bulk(list(set(tokens)))
+        # Nobody else holds objects now: what is still handed out was in the
+        # victim's hands (got by it, or tokens it had dequeued).  Report, put back.
+        in_dead_hands = [h for h, _ in self.pool.busy()]
+        st["dead_hand_objects"] += len(in_dead_hands)
+        st["max_dead_hand_objects"] = max(st["max_dead_hand_objects"], len(in_dead_hands))
+        if in_dead_hands:
+            self.pool.put_bulk(in_dead_hands)
         lost = self.pool.in_use_count() + dup
         try:
             audit = self.pool.audit()
@@ -360,7 +363,8 @@ def table(st: dict[str, Any], mode: str) -> str:
         ("reclaim after kill", f"median {statistics.median(rec):.1f} ms, max {max(rec):.1f} ms"),
         ("locks taken over from the dead", f"heap {st['heap_lock_recoveries']}, "
                                            f"ring {st['ring_lock_recoveries']}"),
-        ("objects in dead hands (reported)", f"{st['dead_hand_objects']}"),
+        ("objects in dead hands (reported)", f"{st['dead_hand_objects']} "
+                                             f"(at most {st['max_dead_hand_objects']} a kill)"),
         ("heap blocks of the dead (freed)", f"{st['dead_blocks_freed']}"),
         ("survivor iterations / errors", f"{st['survivor_iterations']} / "
                                          f"{st['survivor_errors']}"),

@@ -337,6 +337,17 @@ uint64_t memd_mempool_held_by(char *base, uint64_t pool, int32_t pid)
     return count;
 }
 
+int memd_mempool_busy_at(char *base, uint64_t pool, uint32_t i, uint64_t *handle, int32_t *pid)
+{
+    const struct memd_mempool *mp = pool_at(base, pool);
+    if (i >= mp->n)
+        return -EINVAL;
+    const struct memd_mempool_objhdr *h = objhdr_at(base, pool, mp, i);
+    *handle = (uint64_t)((const char *)(h + 1) - base);
+    *pid = h->owner_pid;
+    return h->cookie == MEMD_MEMPOOL_HDR_COOKIE_BUSY;
+}
+
 /* Put back handles[0..k) straight to the ring; if the batch is refused (one of
  * them was put meanwhile by someone else: the caller was wrong that the dead
  * process's objects are not shared), put them one by one and count those that

@@ -76,6 +76,10 @@ int memd_mempool_flush_cache(char *base, uint64_t pool, uint32_t slot);
  * object headers; a snapshot while others run. */
 uint64_t memd_mempool_held_by(char *base, uint64_t pool, int32_t pid);
 
+/* Object i (0..n-1): its handle and its getter's pid; 1 if handed out, 0 if
+ * free, -EINVAL if i >= n. */
+int memd_mempool_busy_at(char *base, uint64_t pool, uint32_t i, uint64_t *handle, int32_t *pid);
+
 /* Put every object memd_mempool_held_by counts back into the free ring, for a
  * program that knows process pid is dead and shared none of the objects it got
  * (one still in use elsewhere would be handed out twice).  Returns how many went

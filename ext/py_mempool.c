@@ -843,6 +843,37 @@ static PyObject *py_mempool_held_by(PyObject *Py_UNUSED(m), PyObject *args)
     return PyLong_FromUnsignedLongLong(n);
 }
 
+/* mempool_busy(window, off) -> list of (handle, getter pid) of the objects
+ * handed out: a snapshot while others get and put. */
+static PyObject *py_mempool_busy(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *window;
+    unsigned long long off;
+    if (!PyArg_ParseTuple(args, "O!K:mempool_busy", &MemdWindow_Type, &window, &off))
+        return NULL;
+    char *base = checked_pool(window, off, "mempool_busy");
+    if (base == NULL)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    uint64_t handle;
+    int32_t pid;
+    int rc;
+    for (uint32_t i = 0; (rc = memd_mempool_busy_at(base, off, i, &handle, &pid)) >= 0; i++) {
+        if (rc != 1)
+            continue;
+        PyObject *t = Py_BuildValue("(Ki)", (unsigned long long)handle, (int)pid);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
 static PyObject *py_mempool_reclaim_held_by(PyObject *Py_UNUSED(m), PyObject *args)
 {
     PyObject *window;
@@ -871,6 +902,8 @@ static PyObject *py_mempool_reclaim_held_by(PyObject *Py_UNUSED(m), PyObject *ar
 }
 
 static PyMethodDef mempool_functions[] = {
+    {"mempool_busy", py_mempool_busy, METH_VARARGS,
+     "mempool_busy(window, pool_offset) -> [(handle, getter pid)] of the objects handed out"},
     {"mempool_held_by", py_mempool_held_by, METH_VARARGS,
      "mempool_held_by(window, pool_offset, pid) -> int: objects process pid got and has "
      "not put back (BUSY with its owner tag)."},

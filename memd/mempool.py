@@ -171,6 +171,18 @@ class Mempool(_ext.Mempool):
         every object header (O(n)); a snapshot while others get and put."""
         return _ext.mempool_held_by(self.window, self.offset, pid)
 
+    def busy(self) -> list[tuple[int, int]]:
+        """(handle, getter pid) of every object handed out and not put back: a
+        snapshot (O(n)) while others get and put."""
+        return _ext.mempool_busy(self.window, self.offset)
+
+    def holders(self) -> dict[int, int]:
+        """Getter pid -> objects it got and nobody put back (see :meth:`held_by`)."""
+        out: dict[int, int] = {}
+        for _, pid in self.busy():
+            out[pid] = out.get(pid, 0) + 1
+        return out
+
     def reclaim_held_by(self, pid: int) -> int:
         """Put back every object :meth:`held_by` counts for dead process `pid`;
         returns how many.
