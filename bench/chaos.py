@@ -205,7 +205,8 @@ class Chaos:
         self.baseline_blocks = self._heap_alloc_count()
         self.stats: dict[str, Any] = {
             "rounds": 0, "kills": 0, "deadlocks": 0, "objects_lost": 0, "blocks_lost": 0,
-            "heap_check_failures": 0, "dead_hand_objects": 0, "max_dead_hand_objects": 0, "dead_blocks_freed": 0,
+            "heap_check_failures": 0, "dead_hand_objects": 0, "max_dead_hand_objects": 0,
+            "dead_blocks_freed": 0,
             "reclaim_ms": [], "kinds": dict.fromkeys(KINDS, 0),
         }
         self.rec0 = (heap_lock_recoveries(mem), ring_recoveries(self.ring))
