@@ -278,10 +278,17 @@ class Chaos:
         # Nobody else holds objects now: what is still handed out was in the
         # victim's hands (got by it, or tokens it had dequeued).  Report, put back.
         in_dead_hands = [h for h, _ in self.pool.busy()]
-        st["dead_hand_objects"] += len(in_dead_hands)
-        st["max_dead_hand_objects"] = max(st["max_dead_hand_objects"], len(in_dead_hands))
         if in_dead_hands:
             self.pool.put_bulk(in_dead_hands)
+        try:  # and objects it was moving between the ring and its cache (FREE, nowhere)
+            moving = self.pool.recover()
+        except ValueError as e:
+            print(f"chaos: mempool after killing {dead}: {e}", file=sys.stderr)
+            moving = 0
+            st["objects_lost"] += 1
+        held = len(in_dead_hands) + moving
+        st["dead_hand_objects"] += held
+        st["max_dead_hand_objects"] = max(st["max_dead_hand_objects"], held)
         lost = self.pool.in_use_count() + dup
         try:
             audit = self.pool.audit()

@@ -286,8 +286,12 @@ int memd_mempool_put_bulk(char *base, uint64_t pool, uint32_t slot, const uint64
     }
     uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
     if (len + n > mp->flushthresh) {
-        /* Past the threshold: the whole cache goes back to the ring. */
+        /* Past the threshold: the whole cache goes back to the ring.  Empty it
+         * first: a process killed in between leaves objects in no ring or cache
+         * (memd_mempool_recover finds them), never in both (handed out twice). */
+        atomic_store_explicit(&c->len, 0, memory_order_relaxed);
         if (memd_ring_enqueue_bulk(r, c->objs, len, NULL) != len) {
+            atomic_store_explicit(&c->len, len, memory_order_relaxed);
             unmark(base, handles, n);
             return -EFAULT;
         }
@@ -311,9 +315,11 @@ int memd_mempool_flush_cache(char *base, uint64_t pool, uint32_t slot)
     uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
     if (len > 2u * mp->cache_size)
         return -EFAULT;
-    if (memd_ring_enqueue_bulk(ring_of(base, pool, mp), c->objs, len, NULL) != len)
+    atomic_store_explicit(&c->len, 0, memory_order_relaxed); /* first: see put_bulk */
+    if (memd_ring_enqueue_bulk(ring_of(base, pool, mp), c->objs, len, NULL) != len) {
+        atomic_store_explicit(&c->len, len, memory_order_relaxed);
         return -EFAULT;
-    atomic_store_explicit(&c->len, 0, memory_order_relaxed);
+    }
     return (int)len;
 }
 
@@ -495,6 +501,36 @@ static int audit_walk(char *base, uint64_t pool, struct memd_mempool_audit *a, u
     if (a->in_ring + a->in_caches != a->free_objs)
         return fault(a, MEMD_MP_LOST, -1);
     return 0;
+}
+
+int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audit *a)
+{
+    memset(a, 0, sizeof(*a));
+    a->where = -1;
+    if (memd_mempool_check(base, pool, UINT64_MAX) < 0)
+        return fault(a, MEMD_MP_BAD_POOL_HEADER, -1);
+    struct memd_mempool *mp = pool_at(base, pool);
+    uint8_t *seen = calloc((mp->n + 7u) / 8u, 1);
+    if (seen == NULL)
+        return -ENOMEM;
+    int64_t done = audit_walk(base, pool, a, seen);
+    if (done == -EFAULT && a->fault == MEMD_MP_LOST) {
+        done = 0; /* free objects in no ring or cache: a process died moving them */
+        uint64_t handle = pool + mp->objs_offset + OBJHDR_SIZE;
+        for (uint32_t i = 0; i < mp->n; i++, handle += mp->obj_stride) {
+            const struct memd_mempool_objhdr *h =
+                (const struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
+            if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE || (seen[i / 8] & (1u << (i % 8))))
+                continue;
+            if (memd_ring_enqueue_bulk(ring_of(base, pool, mp), &handle, 1, NULL) != 1) {
+                done = fault(a, MEMD_MP_BAD_RING, i);
+                break;
+            }
+            done++;
+        }
+    }
+    free(seen);
+    return done;
 }
 
 int memd_mempool_audit(char *base, uint64_t pool, struct memd_mempool_audit *a)

@@ -121,6 +121,12 @@ struct memd_mempool_audit {
     uint64_t in_caches;    /* handles in all caches */
 };
 
+/* Put free objects that sit in no ring and no cache (a process was killed
+ * between taking them out of one and putting them in the other) back into the
+ * ring.  Only while nobody gets or puts, like audit.  Returns how many, or
+ * -EFAULT with *a saying what else is wrong (nothing is changed then). */
+int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audit *a);
+
 /* Check every cookie, every ring and cache entry, and that the counts agree.
  * Meant for a quiescent pool (nobody getting or putting).  Returns 0, -EFAULT
  * with *a saying what, or -ENOMEM (no memory for the check's bitmap). */

@@ -566,6 +566,24 @@ static const char *const fault_text[] = {
     [MEMD_MP_LOST] = "free objects are missing from the ring and caches",
 };
 
+/* CorruptionError naming what audit/recover found wrong. */
+static PyObject *raise_audit_fault(MemdMempool *self, char *base, const struct memd_mempool_audit *a)
+{
+    PyObject *name = pool_name(self, base);
+    if (name == NULL)
+        return NULL;
+    const char *what = a->fault < sizeof(fault_text) / sizeof(fault_text[0])
+                           ? fault_text[a->fault] : "unknown fault";
+    PyErr_Format(memd_exc("CorruptionError", PyExc_ValueError),
+                 "mempool %R is corrupted: %s (at %lld; %llu free, %llu busy, %llu in the "
+                 "ring, %llu in caches)",
+                 name, what, (long long)a->where, (unsigned long long)a->free_objs,
+                 (unsigned long long)a->busy_objs, (unsigned long long)a->in_ring,
+                 (unsigned long long)a->in_caches);
+    Py_DECREF(name);
+    return NULL;
+}
+
 static PyObject *mp_audit(PyObject *o, PyObject *Py_UNUSED(a))
 {
     MemdMempool *self = (MemdMempool *)o;
@@ -574,27 +592,29 @@ static PyObject *mp_audit(PyObject *o, PyObject *Py_UNUSED(a))
         return NULL;
     struct memd_mempool_audit a;
     int rc = memd_mempool_audit(base, self->offset, &a);
-    if (rc == -EFAULT) {
-        PyObject *name = pool_name(self, base);
-        if (name == NULL)
-            return NULL;
-        const char *what = a.fault < sizeof(fault_text) / sizeof(fault_text[0])
-                               ? fault_text[a.fault] : "unknown fault";
-        PyErr_Format(memd_exc("CorruptionError", PyExc_ValueError),
-                     "mempool %R is corrupted: %s (at %lld; %llu free, %llu busy, %llu in the "
-                     "ring, %llu in caches)",
-                     name, what, (long long)a.where, (unsigned long long)a.free_objs,
-                     (unsigned long long)a.busy_objs, (unsigned long long)a.in_ring,
-                     (unsigned long long)a.in_caches);
-        Py_DECREF(name);
-        return NULL;
-    }
+    if (rc == -EFAULT)
+        return raise_audit_fault(self, base, &a);
     if (rc < 0)
         return memd_raise_errno(rc, "mempool_audit");
     return Py_BuildValue("{sKsKsKsK}", "free", (unsigned long long)a.free_objs, "in_use",
                          (unsigned long long)a.busy_objs, "in_ring",
                          (unsigned long long)a.in_ring, "in_caches",
                          (unsigned long long)a.in_caches);
+}
+
+static PyObject *mp_recover(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_base(self);
+    if (base == NULL)
+        return NULL;
+    struct memd_mempool_audit a;
+    int64_t n = memd_mempool_recover(base, self->offset, &a);
+    if (n == -EFAULT)
+        return raise_audit_fault(self, base, &a);
+    if (n < 0)
+        return memd_raise_errno((int)n, "mempool_recover");
+    return PyLong_FromLongLong(n);
 }
 
 /* Getters: fields of the shared header. */
@@ -673,6 +693,9 @@ static PyMethodDef mempool_methods[] = {
      "cache_count(slot=this process's) -> handles in that cache."},
     {"flush_cache", mp_flush_cache, METH_NOARGS,
      "flush_cache() -> int: move this process's cached objects to the ring."},
+    {"recover", mp_recover, METH_NOARGS,
+     "recover() -> int: put free objects found in no ring or cache (a process was killed "
+     "moving them) back into the ring; run it while nobody gets or puts."},
     {"audit", mp_audit, METH_NOARGS,
      "audit() -> dict of counts; raises CorruptionError on a smashed cookie or bad count. "
      "Run it while nobody gets or puts."},

@@ -582,6 +582,24 @@ def test_audit_detects_bad_headers_and_free_list(window: _ext.Window) -> None:
         p.audit()  # FREE objects no longer anywhere
 
 
+def test_recover_returns_objects_a_killed_process_was_moving(window: _ext.Window) -> None:
+    """A process killed between taking objects out of the ring and putting them
+    in its cache (or emptying its cache and filling the ring) leaves FREE objects
+    in no ring or cache: recover() puts them back; a cache is always emptied
+    before the ring gets its objects, so nothing is ever in two places."""
+    p = Mempool.create(window, BASE, 64, 16, cache_size=8, slot=1)
+    p.put_bulk(p.get_bulk(6))  # in slot 1's cache now
+    assert p.cache_count() == 6
+    assert p.recover() == 0  # nothing missing, nothing moved
+    Ring(window, p.ring_offset).dequeue_bulk(3)  # a refill killed after the ring gave 3
+    with pytest.raises(CorruptionError, match="missing"):
+        p.audit()
+    assert p.recover() == 3
+    assert p.audit()["free"] == 64 and p.avail_count() == 64
+    p.flush_cache()
+    assert p.audit()["in_ring"] == 64
+
+
 # --- the mixin against the Memory interface ---------------------------------------------
 
 
