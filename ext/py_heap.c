@@ -640,7 +640,7 @@ static PyObject *py_heap_init(PyObject *m, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"win", "idx", "socket_id", NULL};
     int socket_id;
     HEAP_ARGS("i", &socket_id);
-    int rc = memd_heap_init(h, socket_id);
+    int rc = memd_heap_init(base, h, socket_id);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_init");
     Py_RETURN_NONE;
