@@ -127,7 +127,7 @@ static inline void hull_clip(uint64_t *lo, uint64_t *hi, uint64_t a, uint64_t b)
  * jsave64: 5; stores that change nothing are not logged). */
 enum {
     J_FL_REMOVE = 3,                 /* prev's link or head (+ mask), next's link */
-    J_LINK = 2,                      /* link_neighbours */
+    J_LINK = 2,                      /* prev's next (or first_elem), next's prev (or last) */
     J_MAKE_FREE = 3 * J_FL_REMOVE + 2 + J_SAVE_SLOTS + 3 + J_LINK, /* removals, zeroed
                                         joined headers, header, list slot */
     J_CARVE = J_SAVE_SLOTS + 2 * J_MAKE_FREE + J_FL_REMOVE + J_SAVE_SLOTS + 1 + 1,
@@ -383,20 +383,6 @@ static void fl_remove(char *base, struct memd_heap *h, uint64_t off)
     }
     if (n)
         jset(base, h, &EL(base, n)->u.free.prev, p);
-}
-
-/* Point element off's neighbours (prev, next: 0 = none) at it. */
-static inline void link_neighbours(char *base, struct memd_heap *h, uint64_t off, uint64_t prev,
-                                   uint64_t next)
-{
-    if (prev)
-        jset(base, h, &EL(base, prev)->next, off);
-    else
-        jset(base, h, &h->first_elem, off);
-    if (next)
-        jset(base, h, &EL(base, next)->prev, off);
-    else
-        jset(base, h, &h->last_elem, off);
 }
 
 #define MF_NO_PREV 0x1u /* prev is the caller's (a busy block it links itself) */
@@ -803,7 +789,11 @@ static void grow_into_next(char *base, struct memd_heap *h, uint64_t boff, uint6
         fl_remove(base, h, noff);
         h->alloc_size += end - boff - b->size;
         jset(base, h, &b->size, end - boff);
-        link_neighbours(base, h, boff, b->prev, nnext);
+        jset(base, h, &b->next, nnext);
+        if (nnext)
+            jset(base, h, &EL(base, nnext)->prev, boff);
+        else
+            jset(base, h, &h->last_elem, boff);
         h->free_count--;
     }
     jset(base, h, n, 0); /* its header is data now */
