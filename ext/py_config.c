@@ -462,6 +462,9 @@ static int add_layout(PyObject *m)
     FIELD(memd_config, objects);
     FIELD(memd_config, memzones);
     FIELD(memd_config, msls);
+    FIELD(memd_config, heap_journals);
+    FIELD(memd_heap_elem, flags);
+    FIELD(memd_heap_elem, u.busy.owner_pid);
     SIZE(memd_config_header);
     SIZE(memd_config);
     SIZE(memd_memseg_list);
@@ -470,6 +473,7 @@ static int add_layout(PyObject *m)
     SIZE(memd_object);
     SIZE(memd_memzone);
     SIZE(memd_lock);
+    SIZE(memd_heap_journal);
 #undef FIELD
 #undef SIZE
     return PyModule_AddObject(m, "LAYOUT", d);
