@@ -148,7 +148,8 @@ _Static_assert(J_CARVE + J_SAVE_SLOTS <= MEMD_HEAP_JOURNAL_ENTRIES &&
 /*
  * Test knob (memd_heap_crash_after): _exit(77) at the k-th crash point of this
  * process.  Each journal entry has two (before it, i.e. right after the previous
- * store; and after it, before the store it covers), each commit one.  While it
+ * store; and after it, before the store it covers), each commit one, and a
+ * recovery one before undoing each entry.  While it
  * is armed, jlimit is 0 so every entry takes the slow path; otherwise jlimit is
  * the journal size, and the fast path's one compare also catches an overflow.
  */
@@ -304,6 +305,8 @@ static int journal_undo(char *base, struct memd_heap *h)
     }
     for (uint32_t i = k; i-- > 0;) {
         struct memd_heap_journal_entry *e = &j->e[at[i]];
+        if (__builtin_expect(jlimit == 0, 0))
+            crash_point(); /* tests: a recovery killed halfway */
         char *p = base + (e->off & ~(uint64_t)7);
         if (e->off & MEMD_JOURNAL_ZERO64)
             memset(p, 0, 64);

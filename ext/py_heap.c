@@ -986,7 +986,8 @@ static PyObject *py_heap_journal(PyObject *m, PyObject *args, PyObject *kw)
 
 /* _heap_crash_after(k): tests only.  In this process, the k-th crash point of a
  * heap operation (two per journal entry: before it and between it and the store
- * it covers; one per commit) calls _exit(77), holding the heap lock.  0 disarms. */
+ * it covers; one per commit; one per entry a recovery undoes) calls _exit(77),
+ * holding the heap lock.  0 disarms. */
 static PyObject *py_heap_crash_after(PyObject *m, PyObject *arg)
 {
     (void)m;

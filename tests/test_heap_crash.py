@@ -492,6 +492,37 @@ def test_a_crash_inside_free_owned_keeps_the_blocks_already_freed():
     assert _ext.heap_owners(w, 0) == []
 
 
+def test_a_recovery_killed_halfway_is_redone():
+    def setup() -> tuple[_ext.Window, int]:
+        w = new_heap()
+        a, b, c, _d = (_ext.heap_alloc(w, 0, 500) for _ in range(4))
+        _ext.heap_free(w, 0, a)
+        _ext.heap_free(w, 0, c)
+        return w, b
+
+    w, b = setup()
+    n = sweep(w, lambda: _ext.heap_free(w, 0, b))  # how many crash points it has
+    w, b = setup()
+    before = snapshot(w)
+    # die at the commit (every store made), then kill each recovery at each of
+    # the entries it undoes; a recovery that is not killed finishes the job
+    assert run_child(lambda: _ext.heap_free(w, 0, b), n) == CRASHED
+    killed = 0
+    for j in range(1, 100):
+        code = run_child(lambda: (_ext.heap_lock(w, 0), _ext.heap_unlock(w, 0)), j)
+        if code == 0:
+            break
+        assert code == CRASHED
+        killed += 1
+    assert killed >= 5
+    assert _ext.heap_lock(w, 0) is False  # the last child recovered and unlocked
+    _ext.heap_unlock(w, 0)
+    assert snapshot(w) == before
+    _ext.heap_check(w, 0)
+    _ext.heap_free(w, 0, b)
+    still_works(w)
+
+
 # --- when the journal cannot be trusted -------------------------------------------------
 
 
