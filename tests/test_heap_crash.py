@@ -16,6 +16,7 @@ import os
 import struct
 
 import pytest
+from memd_harness import Daemon, result, run_secondary
 
 from memd import _ext
 from memd.errors import MemdValueError
@@ -652,3 +653,33 @@ def test_memzone_blocks_are_never_freed_by_owner():
     _ext.memzone_free(w, zone)
     assert _ext.heap_owners(w, 0) == []
     _ext.heap_check(w, 0)
+
+
+# --- with a real daemon --------------------------------------------------------------------
+
+
+def test_a_secondary_killed_inside_malloc_and_what_it_left(daemon: Daemon) -> None:
+    proc = run_secondary(daemon, """
+        from memd import _ext
+        keep = [mem.malloc(1000) for _ in range(3)]
+        mem.memzone_reserve("hj-zone", 4096)
+        out(os.getpid())
+        _ext._heap_crash_after(5)  # dies inside the next malloc, holding the heap lock
+        mem.malloc(5000)
+    """, check=False)
+    assert proc.returncode == CRASHED, proc.stderr
+    pid = result(proc)
+    with daemon.attach() as mem:
+        blk = mem.malloc(5000)  # recovers the heap lock; the half-done malloc is undone
+        assert blk.owner_pid == os.getpid()
+        owners = mem.heap_owners()
+        assert owners[pid]["blocks"] == 4 and owners[pid]["memzones"] == 1
+        s = mem.heap_stats()
+        assert sum(o["bytes"] for o in owners.values()) == s["heap_allocsz_bytes"]
+        got = mem.free_owned_by(pid)
+        assert got["blocks"] == 3
+        assert mem.heap_stats()["alloc_count"] == s["alloc_count"] - 3
+        assert mem.heap_owners()[pid] == {"blocks": 1, "bytes": owners[pid]["bytes"] - got["bytes"],
+                                          "memzones": 1}
+        assert mem.memzone_lookup("hj-zone").length == 4096  # memzones are left alone
+        mem.free(blk)
