@@ -28,6 +28,10 @@ HDR = _ext.HEAP_ELEM_HEADER_SIZE
 FREE, BUSY = _ext.HEAP_ELEM_FREE, _ext.HEAP_ELEM_BUSY
 HEAP0 = _ext.CONFIG_HEAPS_OFFSET
 JOURNAL0 = _ext.LAYOUT["memd_config.heap_journals"][0]
+ENTRIES = _ext.LAYOUT["memd_heap_journal.e"][0]
+ENTRY = _ext.LAYOUT["memd_heap_journal_entry"]
+DIRTY_LO = _ext.LAYOUT["memd_heap_elem.u.free.dirty_lo"][0]  # dirty_hi follows
+TOTAL_SIZE = _ext.LAYOUT["memd_heap.total_size"][0]
 CRASHED = 77
 
 
@@ -83,7 +87,7 @@ def assert_clean_outside_hulls(w: _ext.Window) -> None:
     for off, size, state, _ in _ext.heap_walk(w, 0):
         if state != FREE:
             continue
-        lo, hi = struct.unpack_from("<QQ", w.view(off + 48, 16))
+        lo, hi = struct.unpack_from("<QQ", w.view(off + DIRTY_LO, 16))
         data = bytes(w.view(off + HDR, size - HDR))
         nz_lo = len(data) - len(data.lstrip(b"\0"))
         if nz_lo == len(data):
@@ -165,6 +169,9 @@ def test_layout():
     assert off + size == _ext.LAYOUT["memd_config"] <= CONFIG
     assert _ext.LAYOUT["memd_heap_elem.u.busy.owner_pid"] == (40, 4)
     assert _ext.LAYOUT["memd_heap_elem.flags"] == (6, 2)
+    assert _ext.LAYOUT["memd_heap_journal.count"] == (0, 4)
+    assert _ext.LAYOUT["memd_heap_journal.overflow"] == (4, 4)
+    assert ENTRY == 16
     assert _ext.HEAP_JOURNAL_ENTRIES == 252
 
 
@@ -532,8 +539,8 @@ def _die_holding_lock_with_journal(w: _ext.Window, entries: list[tuple[int, int]
     def op() -> None:
         _ext.heap_lock(w, 0)
         for i, (off, old) in enumerate(entries):
-            struct.pack_into("<QQ", w.view(JOURNAL0 + 64 + 16 * i, 16), 0, off, old)
-        struct.pack_into("<II", w.view(JOURNAL0, 8), 0, len(entries), overflow)
+            struct.pack_into("<QQ", w.view(JOURNAL0 + ENTRIES + ENTRY * i, 16), 0, off, old)
+        struct.pack_into("<II", w.view(JOURNAL0, 8), 0, len(entries), overflow)  # count, overflow
         os._exit(CRASHED)
 
     assert run_child(op, 0) == CRASHED
@@ -559,7 +566,7 @@ def test_a_journal_entry_outside_heap_state_breaks_the_heap():
 
 def test_a_valid_journal_is_undone_by_the_next_locker():
     w = new_heap()
-    total = HEAP0 + 208  # memd_heap.total_size: pretend a dead op had changed it
+    total = HEAP0 + TOTAL_SIZE  # pretend a dead operation had changed it
     struct.pack_into("<Q", w.view(total, 8), 0, 12345)
     _die_holding_lock_with_journal(w, [(total, MiB)])
     assert _ext.heap_lock(w, 0) is True
