@@ -39,7 +39,7 @@ int memd_config_format(char *base, const char *prefix, uint32_t flags, uint32_t 
     if ((rc = memd_lock_init(&c->config_lock)) < 0 || (rc = memd_lock_init(&c->proc_lock)) < 0)
         return rc;
     for (uint32_t i = 0; i < MEMD_MAX_HEAPS; i++)
-        if ((rc = memd_heap_init(&c->heaps[i], (int)i)) < 0)
+        if ((rc = memd_heap_init(base, &c->heaps[i], (int)i)) < 0)
             return rc;
     return 0;
 }
@@ -259,8 +259,9 @@ int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t he
         goto out;
     uint64_t off;
     /* A zero-length request is served as 1 byte so the zone has an address. */
-    rc = memd_heap_alloc(base, &c->heaps[heap_idx], len ? len : 1, align, bound,
-                         (flags & MEMD_MEMZONE_F_IOVA_CONTIG) != 0, &off);
+    rc = memd_heap_alloc_flags(base, &c->heaps[heap_idx], len ? len : 1, align, bound,
+                               (flags & MEMD_MEMZONE_F_IOVA_CONTIG) != 0, MEMD_ELEM_F_MEMZONE,
+                               &off);
     if (rc < 0) {
         id = rc;
         goto out;

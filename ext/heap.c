@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "lock.h"
 
@@ -103,100 +104,385 @@ static inline void hull_clip(uint64_t *lo, uint64_t *hi, uint64_t a, uint64_t b)
     *hi = r;
 }
 
-/* --- lists ------------------------------------------------------------------ */
+/* --- the undo journal (memd_layout.h "heap undo journals") -------------------------- */
 
-static void fl_insert(char *base, struct memd_heap *h, uint64_t off)
+/*
+ * Every store to heap state is logged first: jset()/jset32() for one word,
+ * jsave64() for a 64-byte header or the heap's counters line about to be
+ * rewritten, jfresh() for a new header in free memory.  The order entry -> count
+ * -> store is kept by compiler barriers (signal fences): a SIGKILL stops the
+ * process at an instruction boundary and everything before it reaches memory
+ * (the kernel's exit path, which marks the robust mutex owner-dead, orders it
+ * before any later locker), so only the compiler could reorder what the next
+ * locker sees.  The count store is also a release store (free on x86).
+ *
+ * Each operation starts with jbegin(), which saves the counters line, so the
+ * counters (total_size, alloc_count, free_count, alloc_size, list_mask) are then
+ * written with plain stores.
+ */
+#define BARRIER() __atomic_signal_fence(__ATOMIC_SEQ_CST)
+#define J_SAVE_SLOTS 5u /* a SAVE64 entry and its 64 bytes */
+
+/* Journal entries an operation may need, at most (jset/jset32/jfresh: 1 slot,
+ * jsave64: 5; stores that change nothing are not logged). */
+enum {
+    J_FL_REMOVE = 3,                 /* prev's link or head (+ mask), next's link */
+    J_LINK = 2,                      /* prev's next (or first_elem), next's prev (or last) */
+    J_MAKE_FREE = 3 * J_FL_REMOVE + 2 + J_SAVE_SLOTS + 3 + J_LINK, /* removals, zeroed
+                                        joined headers, header, list slot */
+    J_CARVE = J_SAVE_SLOTS + 2 * J_MAKE_FREE + J_FL_REMOVE + J_SAVE_SLOTS + 1 + 1,
+    J_FREE = J_MAKE_FREE,
+    J_REALLOC_IN_PLACE = J_SAVE_SLOTS + J_FL_REMOVE + 1 + 1 + J_MAKE_FREE + 3,
+    J_REALLOC_MOVE = J_SAVE_SLOTS + J_CARVE + J_FREE, /* after its own hull commit */
+    J_ADD_MEMORY = J_SAVE_SLOTS + J_MAKE_FREE,
+    J_REMOVE_MEMORY = J_SAVE_SLOTS + 2 * J_MAKE_FREE + J_FL_REMOVE + J_LINK,
+};
+_Static_assert(J_CARVE + J_SAVE_SLOTS <= MEMD_HEAP_JOURNAL_ENTRIES &&
+                   J_FREE + J_SAVE_SLOTS <= MEMD_HEAP_JOURNAL_ENTRIES &&
+                   J_REALLOC_IN_PLACE <= MEMD_HEAP_JOURNAL_ENTRIES &&
+                   J_REALLOC_MOVE <= MEMD_HEAP_JOURNAL_ENTRIES &&
+                   J_ADD_MEMORY <= MEMD_HEAP_JOURNAL_ENTRIES &&
+                   J_REMOVE_MEMORY <= MEMD_HEAP_JOURNAL_ENTRIES,
+               "an operation can outgrow the heap journal");
+
+/*
+ * Test knob (memd_heap_crash_after): _exit(77) at the k-th crash point of this
+ * process.  Each journal entry has two (before it, i.e. right after the previous
+ * store; and after it, before the store it covers), each commit one, and a
+ * recovery one before undoing each entry.  While it
+ * is armed, jlimit is 0 so every entry takes the slow path; otherwise jlimit is
+ * the journal size, and the fast path's one compare also catches an overflow.
+ */
+static int64_t crash_countdown;
+static uint32_t jlimit = MEMD_HEAP_JOURNAL_ENTRIES;
+
+void memd_heap_crash_after(int64_t k)
 {
-    struct memd_heap_elem *e = EL(base, off);
-    unsigned c = size_class(e->size);
-    uint64_t head = h->free_head[c];
-    e->u.free.prev = 0;
-    e->u.free.next = head;
-    if (head)
-        EL(base, head)->u.free.prev = off;
-    h->free_head[c] = off;
-    h->list_mask |= 1u << c;
+    crash_countdown = k > 0 ? k : 0;
+    jlimit = k > 0 ? 0 : MEMD_HEAP_JOURNAL_ENTRIES;
 }
+
+static void crash_point(void)
+{
+    if (crash_countdown > 0 && --crash_countdown == 0)
+        _exit(77);
+}
+
+static inline struct memd_heap_journal *journal_of(char *base, struct memd_heap *h)
+{
+    return &((struct memd_config *)base)->heap_journals[heap_index(base, h)];
+}
+
+/* Entry e[n] (1 slot, or J_SAVE_SLOTS with 64 bytes from src) and count = n+slots. */
+static inline void jput(struct memd_heap_journal *j, uint32_t n, uint64_t off, uint64_t old,
+                        const void *src, unsigned slots)
+{
+    j->e[n].off = off;
+    j->e[n].old = old;
+    if (src)
+        memcpy(&j->e[n + 1], src, 64);
+    BARRIER();
+    __atomic_store_n(&j->count, n + slots, __ATOMIC_RELEASE);
+    BARRIER();
+}
+
+__attribute__((noinline, cold)) static void jlog_slow(struct memd_heap_journal *j, uint64_t off,
+                                                      uint64_t old, const void *src,
+                                                      unsigned slots)
+{
+    uint32_t n = j->count;
+    crash_point();
+    if (n + slots > MEMD_HEAP_JOURNAL_ENTRIES) {
+        j->overflow = 1; /* recovery cannot undo this operation: heap broken */
+        BARRIER();
+    } else {
+        jput(j, n, off, old, src, slots);
+    }
+    crash_point();
+}
+
+/* Log entry (off | kind, old), with the 64 bytes at src for SAVE64. */
+static inline void jlog(char *base, struct memd_heap *h, uint64_t off, uint64_t old,
+                        const void *src, unsigned slots)
+{
+    struct memd_heap_journal *j = journal_of(base, h);
+    uint32_t n = j->count;
+    if (__builtin_expect(n + slots > jlimit, 0))
+        jlog_slow(j, off, old, src, slots);
+    else
+        jput(j, n, off, old, src, slots);
+}
+
+/* Store v into the aligned 8-byte word at p, journaled; a store that changes
+ * nothing is skipped (and not logged).  memcpy: the word may hold narrower
+ * fields (element word 0: cookie, state, heap, flags). */
+static inline void jset(char *base, struct memd_heap *h, void *p, uint64_t v)
+{
+    uint64_t old;
+    memcpy(&old, p, 8);
+    if (old == v)
+        return;
+    jlog(base, h, (uint64_t)((char *)p - base), old, NULL, 1);
+    memcpy(p, &v, 8);
+}
+
+/* jset for a 32-bit field: logs the aligned word holding it. */
+static inline void jset32(char *base, struct memd_heap *h, uint32_t *p, uint32_t v)
+{
+    if (*p == v)
+        return;
+    char *w = (char *)((uintptr_t)p & ~(uintptr_t)7);
+    uint64_t old;
+    memcpy(&old, w, 8);
+    jlog(base, h, (uint64_t)(w - base), old, NULL, 1);
+    *p = v;
+}
+
+/* The 64 bytes at window offset off are about to be rewritten. */
+static inline void jsave64(char *base, struct memd_heap *h, uint64_t off)
+{
+    jlog(base, h, off | MEMD_JOURNAL_SAVE64, 0, base + off, J_SAVE_SLOTS);
+}
+
+/* An element header is about to be written at off, inside free memory (or memory
+ * being added): undo clears those 64 bytes, so the stores need no entries. */
+static inline void jfresh(char *base, struct memd_heap *h, uint64_t off)
+{
+    jlog(base, h, off | MEMD_JOURNAL_ZERO64, 0, NULL, 1);
+}
+
+/* Start of an operation's stores: save the counters line (then the counters are
+ * written plainly). */
+static inline void jbegin(char *base, struct memd_heap *h)
+{
+    jsave64(base, h, (uint64_t)((char *)h - base) + MEMD_HEAP_COUNTERS_LINE);
+}
+
+/* The end of a mutating operation: nothing to undo any more. */
+static inline void jcommit(char *base, struct memd_heap *h)
+{
+    struct memd_heap_journal *j = journal_of(base, h);
+    static const uint64_t zero = 0;
+    if (__builtin_expect(jlimit == 0, 0))
+        crash_point();
+    BARRIER();
+    memcpy(j, &zero, 8); /* count = overflow = 0 in one store */
+    BARRIER();
+}
+
+/* Is journal entry off (kind included) a place an operation of heap h writes? */
+static int entry_ok(char *base, struct memd_heap *h, uint64_t off)
+{
+    uint64_t hs = (uint64_t)((char *)h - base), o = off & ~(uint64_t)7;
+    switch (off & 7) {
+    case 0:
+        return o >= MEMD_CONFIG_SIZE || (o >= hs + offsetof(struct memd_heap, first_elem) &&
+                                         o < hs + offsetof(struct memd_heap, socket_id));
+    case MEMD_JOURNAL_ZERO64:
+        return o % GRAIN == 0 && o >= MEMD_CONFIG_SIZE;
+    case MEMD_JOURNAL_SAVE64:
+        return o % GRAIN == 0 && (o >= MEMD_CONFIG_SIZE || o == hs + MEMD_HEAP_COUNTERS_LINE);
+    default:
+        return 0;
+    }
+}
+
+/* Roll back the operation a dead process left half done.  Returns the entries
+ * undone, or -EFAULT when the journal cannot be trusted (it overflowed, or an
+ * entry points outside heap state): nothing is written then. */
+static int journal_undo(char *base, struct memd_heap *h)
+{
+    struct memd_heap_journal *j = journal_of(base, h);
+    uint32_t n = j->count, k = 0;
+    uint16_t at[MEMD_HEAP_JOURNAL_ENTRIES];
+    if (j->overflow || n > MEMD_HEAP_JOURNAL_ENTRIES)
+        return -EFAULT;
+    for (uint32_t i = 0; i < n; i += (j->e[i].off & MEMD_JOURNAL_SAVE64) ? J_SAVE_SLOTS : 1) {
+        if (!entry_ok(base, h, j->e[i].off) ||
+            ((j->e[i].off & MEMD_JOURNAL_SAVE64) && i + J_SAVE_SLOTS > n))
+            return -EFAULT;
+        at[k++] = (uint16_t)i;
+    }
+    for (uint32_t i = k; i-- > 0;) {
+        struct memd_heap_journal_entry *e = &j->e[at[i]];
+        if (__builtin_expect(jlimit == 0, 0))
+            crash_point(); /* tests: a recovery killed halfway */
+        char *p = base + (e->off & ~(uint64_t)7);
+        if (e->off & MEMD_JOURNAL_ZERO64)
+            memset(p, 0, 64);
+        else if (e->off & MEMD_JOURNAL_SAVE64)
+            memcpy(p, e + 1, 64);
+        else
+            memcpy(p, &e->old, 8);
+    }
+    if (k) {
+        j->rollbacks++;
+        j->undone += k;
+    }
+    BARRIER();
+    j->count = 0; /* last: a recovery killed before this is simply redone */
+    return (int)k;
+}
+
+/* --- element headers -------------------------------------------------------------- */
+
+/* Header words built in registers (a narrow store then a wide load of the same
+ * bytes would stall on store forwarding); the layout is little endian. */
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "header words assume little endian");
+
+/* Word 0 of a header: cookie, state, heap, flags. */
+static inline uint64_t head_word(uint64_t off, uint8_t state, uint8_t heap, uint16_t flags)
+{
+    return (uint64_t)head_cookie(off) | (uint64_t)state << 32 | (uint64_t)heap << 40 |
+           (uint64_t)flags << 48;
+}
+
+/* Word 5 of a busy header: owner_pid, reserved0 = 0. */
+static inline uint64_t owner_word(int32_t pid) { return (uint64_t)(uint32_t)pid; }
+
+enum hdr_kind {
+    HDR_LIVE,  /* a header (or a busy block's data) is there: save its 64 bytes */
+    HDR_BUSY,  /* make_free only: the busy header of the block being freed (LIVE) */
+    HDR_FRESH, /* free memory, or memory being added: undo clears it */
+};
+
+static inline void st64(char *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* Write a 64-byte header at off, word by word (w0: head_word; w4..w7: the free
+ * or busy words).  Built in registers: a header assembled on the stack and copied
+ * would stall on store forwarding. */
+static inline void put_header(char *base, struct memd_heap *h, uint64_t off, int fresh,
+                              uint64_t w0, uint64_t prev, uint64_t next, uint64_t size,
+                              uint64_t w4, uint64_t w5, uint64_t w6, uint64_t w7)
+{
+    char *e = base + off;
+    if (fresh)
+        jfresh(base, h, off);
+    else
+        jsave64(base, h, off);
+    st64(e, w0);
+    st64(e + 8, prev);
+    st64(e + 16, next);
+    st64(e + 24, size);
+    st64(e + 32, w4);
+    st64(e + 40, w5);
+    st64(e + 48, w6);
+    st64(e + 56, w7);
+}
+
+/* --- lists ------------------------------------------------------------------ */
 
 static void fl_remove(char *base, struct memd_heap *h, uint64_t off)
 {
     struct memd_heap_elem *e = EL(base, off);
     uint64_t p = e->u.free.prev, n = e->u.free.next;
     if (p) {
-        EL(base, p)->u.free.next = n;
+        jset(base, h, &EL(base, p)->u.free.next, n);
     } else {
         unsigned c = size_class(e->size);
-        h->free_head[c] = n;
+        jset(base, h, &h->free_head[c], n);
         if (!n)
-            h->list_mask &= ~(1u << c);
+            h->list_mask &= ~(1u << c); /* counters line: saved by jbegin */
     }
     if (n)
-        EL(base, n)->u.free.prev = p;
+        jset(base, h, &EL(base, n)->u.free.prev, p);
 }
 
-/* Put element off between prev and next in the element list. */
-static void link_elem(char *base, struct memd_heap *h, uint64_t off, uint64_t prev, uint64_t next)
-{
-    struct memd_heap_elem *e = EL(base, off);
-    e->prev = prev;
-    e->next = next;
-    if (prev)
-        EL(base, prev)->next = off;
-    else
-        h->first_elem = off;
-    if (next)
-        EL(base, next)->prev = off;
-    else
-        h->last_elem = off;
-}
+#define MF_NO_PREV 0x1u /* prev is the caller's (a busy block it links itself) */
+#define MF_NO_NEXT 0x2u /* next is the caller's */
 
 /*
  * Make [off, off+size) a free element between elements prev and next (0 = none),
- * with dirty hull [dlo, dhi) (clipped to its data area), joining adjacent free neighbours.  has_header: a
- * header already sits at off (a freed block); it is zeroed if off is joined into
- * prev, and its bytes count as dirty then.  Returns the resulting element.
+ * with dirty hull [dlo, dhi) (clipped to its data area), joining adjacent free
+ * neighbours (unless MF_NO_PREV / MF_NO_NEXT: then that neighbour is not joined
+ * or linked).  kind: what is at off now (enum hdr_kind); a busy header joined
+ * into prev is zeroed and its bytes count as dirty then.  gone (0 = none): a free
+ * element the caller is taking off its list (carve); the new element takes over
+ * the list slot of gone or of a joined neighbour in its own size class, which
+ * costs fewer stores than leaving one list and joining another.  dcount is added
+ * to free_count along with this element's own +1.  Returns the resulting element.
+ * Call between jbegin() and jcommit().
  */
 static uint64_t make_free(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
                           uint64_t prev, uint64_t next, uint64_t dlo, uint64_t dhi,
-                          int has_header)
+                          enum hdr_kind kind, int64_t dcount, uint64_t gone, unsigned mf)
 {
-    if (next && off + size == next && EL(base, next)->state == MEMD_ELEM_FREE) {
+    int fresh = kind == HDR_FRESH;
+    uint64_t jn = 0, jp = 0, busy_hdr = 0;
+    dcount++;
+    if (!(mf & MF_NO_NEXT) && next && off + size == next &&
+        EL(base, next)->state == MEMD_ELEM_FREE) {
         struct memd_heap_elem *n = EL(base, next);
-        fl_remove(base, h, next);
-        h->free_count--;
+        jn = next;
+        dcount--;
         hull_add(&dlo, &dhi, next, next + HDR);
         hull_add(&dlo, &dhi, n->u.free.dirty_lo, n->u.free.dirty_hi);
         size += n->size;
         next = n->next;
-        n->cookie = 0;
-        n->state = 0;
     }
-    if (prev && prev + EL(base, prev)->size == off && EL(base, prev)->state == MEMD_ELEM_FREE) {
+    if (!(mf & MF_NO_PREV) && prev && prev + EL(base, prev)->size == off &&
+        EL(base, prev)->state == MEMD_ELEM_FREE) {
         struct memd_heap_elem *p = EL(base, prev);
-        fl_remove(base, h, prev);
-        h->free_count--;
-        if (has_header) {
-            EL(base, off)->cookie = 0;
-            EL(base, off)->state = 0;
+        jp = prev;
+        dcount--;
+        if (kind == HDR_BUSY) {
+            busy_hdr = off;
             hull_add(&dlo, &dhi, off, off + HDR);
         }
         hull_add(&dlo, &dhi, p->u.free.dirty_lo, p->u.free.dirty_hi);
         size += p->size;
         off = prev;
         prev = p->prev;
+        fresh = 0;
     }
-    struct memd_heap_elem *e = EL(base, off);
-    e->cookie = head_cookie(off);
-    e->state = MEMD_ELEM_FREE;
-    e->heap = heap_index(base, h);
-    e->flags = 0;
-    e->size = size;
     hull_clip(&dlo, &dhi, off + HDR, off + size);
-    e->u.free.dirty_lo = dlo;
-    e->u.free.dirty_hi = dhi;
-    link_elem(base, h, off, prev, next);
-    fl_insert(base, h, off);
-    h->free_count++;
+    unsigned c = size_class(size);
+    uint64_t keep = 0; /* whose list slot the element takes over */
+    if (jp && size_class(EL(base, jp)->size) == c)
+        keep = jp; /* == off: the slot is already ours */
+    else if (gone && size_class(EL(base, gone)->size) == c)
+        keep = gone;
+    else if (jn && size_class(EL(base, jn)->size) == c)
+        keep = jn;
+    if (jn && jn != keep)
+        fl_remove(base, h, jn);
+    if (jp && jp != keep)
+        fl_remove(base, h, jp);
+    if (gone && gone != keep)
+        fl_remove(base, h, gone);
+    if (jn)
+        jset(base, h, EL(base, jn), 0); /* cookie, state, heap, flags: data now */
+    if (busy_hdr)
+        jset(base, h, EL(base, busy_hdr), 0);
+    uint64_t fprev = 0, fnext = h->free_head[c];
+    if (keep) {
+        fprev = EL(base, keep)->u.free.prev; /* read after the removals above */
+        fnext = EL(base, keep)->u.free.next;
+    }
+    put_header(base, h, off, fresh, head_word(off, MEMD_ELEM_FREE, heap_index(base, h), 0), prev,
+               next, size, fprev, fnext, dlo, dhi);
+    if (keep != off) {
+        if (fprev)
+            jset(base, h, &EL(base, fprev)->u.free.next, off);
+        else
+            jset(base, h, &h->free_head[c], off);
+        if (fnext)
+            jset(base, h, &EL(base, fnext)->u.free.prev, off);
+        h->list_mask |= 1u << c;
+    }
+    if (!(mf & MF_NO_PREV)) {
+        if (prev)
+            jset(base, h, &EL(base, prev)->next, off);
+        else
+            jset(base, h, &h->first_elem, off);
+    }
+    if (!(mf & MF_NO_NEXT)) {
+        if (next)
+            jset(base, h, &EL(base, next)->prev, off);
+        else
+            jset(base, h, &h->last_elem, off);
+    }
+    h->free_count += (uint64_t)dcount;
     return off;
 }
 
@@ -284,48 +570,69 @@ found:
     return 1;
 }
 
-/* Carve a busy block with data at d (size bytes) out of free element foff. */
+/* Carve a busy block with data at d (size bytes) out of free element foff.  Call
+ * between jbegin() and jcommit(). */
 static void carve(char *base, struct memd_heap *h, uint64_t foff, uint64_t d, uint64_t size,
-                  int zero)
+                  int zero, uint16_t flags)
 {
     struct memd_heap_elem *f = EL(base, foff);
     uint64_t hi = foff + f->size, prev = f->prev, next = f->next;
     uint64_t dlo = f->u.free.dirty_lo, dhi = f->u.free.dirty_hi;
     uint64_t boff = d - HDR;
     uint64_t end = round_up(d + round_up(size, 8) + TRL, GRAIN);
-
-    fl_remove(base, h, foff);
-    h->free_count--;
     if (hi - end < MIN_ELEM)
         end = hi; /* too small to stand alone: slack in the block */
+    int gap = boff > foff, tail = end < hi;
 
-    struct memd_heap_elem *b = EL(base, boff);
-    b->cookie = head_cookie(boff);
-    b->state = MEMD_ELEM_BUSY;
-    b->heap = heap_index(base, h);
-    b->flags = 0;
-    b->size = end - boff;
-    b->u.busy.data_size = size;
-    b->u.busy.reserved[0] = b->u.busy.reserved[1] = b->u.busy.reserved[2] = 0;
-    link_elem(base, h, boff, prev, next);
-    if (end < hi) {
+    uint64_t w0 = head_word(boff, MEMD_ELEM_BUSY, heap_index(base, h), flags);
+    uint64_t w5 = owner_word(memd_self_pid());
+#define PUT_BLOCK_HEADER(fresh)                                                          \
+    put_header(base, h, boff, fresh, w0, gap ? foff : prev, tail ? end : next, end - boff, \
+               size, w5, 0, 0)
+    if (gap)
+        PUT_BLOCK_HEADER(1); /* fresh: inside foff's data */
+
+    /* The tail and the gap become free elements; foff leaves its list unless one of
+     * them takes its slot. */
+    uint64_t gone = foff;
+    int64_t dcount = -1;
+    if (tail) {
         uint64_t lo2 = dlo, hi2 = dhi;
         hull_clip(&lo2, &hi2, end + HDR, hi);
-        make_free(base, h, end, hi - end, boff, next, lo2, hi2, 0);
+        make_free(base, h, end, hi - end, boff, next, lo2, hi2, HDR_FRESH, dcount, gone,
+                  MF_NO_PREV);
+        gone = 0;
+        dcount = 0;
     }
-    if (boff > foff) {
+    if (gap) {
         uint64_t lo2 = dlo, hi2 = dhi;
         hull_clip(&lo2, &hi2, foff + HDR, boff);
-        make_free(base, h, foff, boff - foff, prev, boff, lo2, hi2, 0);
+        make_free(base, h, foff, boff - foff, prev, boff, lo2, hi2, HDR_LIVE, dcount, gone,
+                  MF_NO_NEXT);
+        gone = 0;
+        dcount = 0;
     }
-    *trailer_at(base, d, size) = trailer_cookie(d);
+    if (gone) {
+        fl_remove(base, h, foff);
+        h->free_count--;
+    }
+    if (!gap)
+        PUT_BLOCK_HEADER(0); /* over foff's, read until here */
+#undef PUT_BLOCK_HEADER
+    if (!tail) {
+        if (next)
+            jset(base, h, &EL(base, next)->prev, boff);
+        else
+            jset(base, h, &h->last_elem, boff);
+    }
+    jset(base, h, trailer_at(base, d, size), trailer_cookie(d));
     h->alloc_count++;
-    h->alloc_size += b->size;
+    h->alloc_size += end - boff;
 
     if (zero) {
         hull_clip(&dlo, &dhi, d, d + size);
         if (dlo < dhi)
-            memset(base + dlo, 0, dhi - dlo);
+            memset(base + dlo, 0, dhi - dlo); /* data, not heap state: no journal */
     }
 }
 
@@ -343,8 +650,8 @@ static int check_request(uint64_t size, uint64_t *align, uint64_t *bound)
     return 0;
 }
 
-int memd_heap_alloc_nolock(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
-                           uint64_t bound, int contig, int zero, uint64_t *out)
+static int alloc_op(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
+                    uint64_t bound, int contig, int zero, uint16_t flags, uint64_t *out)
 {
     uint64_t foff, d;
     int rc = check_request(size, &align, &bound);
@@ -352,21 +659,36 @@ int memd_heap_alloc_nolock(char *base, struct memd_heap *h, uint64_t size, uint6
         return rc;
     if (!find_suitable(base, h, size, align, bound, contig, &foff, &d))
         return -ENOMEM;
-    carve(base, h, foff, d, size, zero);
+    jbegin(base, h);
+    carve(base, h, foff, d, size, zero, flags);
     *out = d;
     return 0;
 }
 
+int memd_heap_alloc_nolock(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
+                           uint64_t bound, int contig, int zero, uint64_t *out)
+{
+    int rc = alloc_op(base, h, size, align, bound, contig, zero, 0, out);
+    jcommit(base, h);
+    return rc;
+}
+
+int memd_heap_alloc_flags_nolock(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
+                                 uint64_t bound, int contig, uint16_t flags, uint64_t *out)
+{
+    if (flags & ~MEMD_ELEM_F_ALL)
+        return -EINVAL;
+    int rc = alloc_op(base, h, size, align, bound, contig, 0, flags, out);
+    jcommit(base, h);
+    return rc;
+}
+
 /* --- looking blocks up -------------------------------------------------------- */
 
-/* The busy element whose data is at off, or -EINVAL / -EFAULT. */
-static int lookup_busy(char *base, struct memd_heap *h, uint64_t off, struct memd_heap_elem **out)
+/* Is the element at boff a sound busy element of h (trailer not looked at)?
+ * 0, -EINVAL (not a busy element of h) or -EFAULT (its header makes no sense). */
+static int busy_ok(char *base, struct memd_heap *h, uint64_t boff)
 {
-    if (off % GRAIN || off < HDR || h->first_elem == 0)
-        return -EINVAL;
-    uint64_t boff = off - HDR;
-    if (boff < h->first_elem || boff > h->last_elem)
-        return -EINVAL;
     struct memd_heap_elem *b = EL(base, boff);
     if (b->cookie != head_cookie(boff) || b->state != MEMD_ELEM_BUSY ||
         b->heap != heap_index(base, h))
@@ -376,10 +698,37 @@ static int lookup_busy(char *base, struct memd_heap *h, uint64_t off, struct mem
         b->u.busy.data_size == 0 || b->u.busy.data_size > b->size - HDR - TRL ||
         round_up(b->u.busy.data_size, 8) + TRL > b->size - HDR)
         return -EFAULT;
+    return 0;
+}
+
+/* The busy element whose data is at off, or -EINVAL / -EFAULT. */
+static int lookup_busy(char *base, struct memd_heap *h, uint64_t off, struct memd_heap_elem **out)
+{
+    if (off % GRAIN || off < HDR || h->first_elem == 0)
+        return -EINVAL;
+    uint64_t boff = off - HDR;
+    if (boff < h->first_elem || boff > h->last_elem)
+        return -EINVAL;
+    int rc = busy_ok(base, h, boff);
+    if (rc < 0)
+        return rc;
+    struct memd_heap_elem *b = EL(base, boff);
     if (*trailer_at(base, off, b->u.busy.data_size) != trailer_cookie(off))
         return -EFAULT;
     *out = b;
     return 0;
+}
+
+/* Free the busy element at boff (checked by the caller); returns the free element
+ * it ended up in.  Call between jbegin() and jcommit(). */
+static uint64_t free_elem(char *base, struct memd_heap *h, uint64_t boff)
+{
+    struct memd_heap_elem *b = EL(base, boff);
+    uint64_t size = b->size;
+    h->alloc_count--;
+    h->alloc_size -= size;
+    return make_free(base, h, boff, size, b->prev, b->next, boff + HDR, boff + size, HDR_BUSY, 0,
+                     0, 0);
 }
 
 int64_t memd_heap_free_nolock(char *base, struct memd_heap *h, uint64_t off)
@@ -388,11 +737,9 @@ int64_t memd_heap_free_nolock(char *base, struct memd_heap *h, uint64_t off)
     int rc = lookup_busy(base, h, off, &b);
     if (rc < 0)
         return rc;
-    uint64_t boff = off - HDR, size = b->size;
-    h->alloc_count--;
-    h->alloc_size -= size;
-    b->state = MEMD_ELEM_FREE;
-    uint64_t fo = make_free(base, h, boff, size, b->prev, b->next, off, boff + size, 1);
+    jbegin(base, h);
+    uint64_t fo = free_elem(base, h, off - HDR);
+    jcommit(base, h);
     return (int64_t)EL(base, fo)->size;
 }
 
@@ -419,12 +766,44 @@ static void shrink_to(char *base, struct memd_heap *h, uint64_t boff, uint64_t n
     if (end - new_end < MIN_ELEM)
         return;
     h->alloc_size -= end - new_end;
-    b->size = new_end - boff;
-    make_free(base, h, new_end, end - new_end, boff, b->next, new_end + HDR, end, 0);
+    jset(base, h, &b->size, new_end - boff);
+    /* the new header lands in the block's data: LIVE, its old bytes are saved */
+    make_free(base, h, new_end, end - new_end, boff, b->next, new_end + HDR, end, HDR_LIVE, 0, 0,
+              0);
 }
 
-int memd_heap_realloc_nolock(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
-                             uint64_t align, uint64_t *out)
+/* Grow busy element boff to need bytes into the free element just above it
+ * (the caller checked that it is there and big enough). */
+static void grow_into_next(char *base, struct memd_heap *h, uint64_t boff, uint64_t need)
+{
+    struct memd_heap_elem *b = EL(base, boff);
+    uint64_t noff = b->next;
+    struct memd_heap_elem *n = EL(base, noff);
+    uint64_t dlo = n->u.free.dirty_lo, dhi = n->u.free.dirty_hi;
+    uint64_t end = noff + n->size, nnext = n->next, t = boff + need;
+    if (end - t >= MIN_ELEM) {
+        /* t >= noff + 64 (need > b->size): the tail's header is in n's free data;
+         * the tail may take n's list slot */
+        h->alloc_size += need - b->size;
+        jset(base, h, &b->size, need);
+        hull_clip(&dlo, &dhi, t + HDR, end);
+        make_free(base, h, t, end - t, boff, nnext, dlo, dhi, HDR_FRESH, -1, noff, 0);
+    } else {
+        fl_remove(base, h, noff);
+        h->alloc_size += end - boff - b->size;
+        jset(base, h, &b->size, end - boff);
+        jset(base, h, &b->next, nnext);
+        if (nnext)
+            jset(base, h, &EL(base, nnext)->prev, boff);
+        else
+            jset(base, h, &h->last_elem, boff);
+        h->free_count--;
+    }
+    jset(base, h, n, 0); /* its header is data now */
+}
+
+static int realloc_op(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
+                      uint64_t align, uint64_t *out)
 {
     struct memd_heap_elem *b;
     uint64_t bound = 0;
@@ -433,47 +812,50 @@ int memd_heap_realloc_nolock(char *base, struct memd_heap *h, uint64_t off, uint
         return rc;
     uint64_t boff = off - HDR, need = elem_need(size);
     if (off % align == 0) {
+        jbegin(base, h);
         if (need > b->size && b->next == boff + b->size &&
             EL(base, b->next)->state == MEMD_ELEM_FREE &&
             b->size + EL(base, b->next)->size >= need) {
-            /* Grow into the free element above. */
-            uint64_t noff = b->next;
-            struct memd_heap_elem *n = EL(base, noff);
-            fl_remove(base, h, noff);
-            h->free_count--;
-            uint64_t dlo = n->u.free.dirty_lo, dhi = n->u.free.dirty_hi;
-            uint64_t nsize = n->size, nnext = n->next;
-            n->cookie = 0;
-            n->state = 0;
-            h->alloc_size += nsize;
-            b->size += nsize;
-            link_elem(base, h, boff, b->prev, nnext);
-            uint64_t end = boff + b->size;
-            if (end - (boff + need) >= MIN_ELEM) {
-                uint64_t t = boff + need;
-                h->alloc_size -= end - t;
-                b->size = need;
-                hull_clip(&dlo, &dhi, t + HDR, end);
-                make_free(base, h, t, end - t, boff, nnext, dlo, dhi, 0);
-            }
+            grow_into_next(base, h, boff, need);
         } else if (need <= b->size) {
             shrink_to(base, h, boff, boff + need);
         } else {
             goto move;
         }
-        b->u.busy.data_size = size;
-        *trailer_at(base, off, size) = trailer_cookie(off);
+        jset(base, h, &b->u.busy.data_size, size);
+        jset(base, h, &b->u.busy.owner_pid, owner_word(memd_self_pid()));
+        jset(base, h, trailer_at(base, off, size), trailer_cookie(off));
         *out = off;
         return 0;
     }
 move:;
-    uint64_t nd, old = b->u.busy.data_size;
-    if ((rc = memd_heap_alloc_nolock(base, h, size, align, 0, 0, 0, &nd)) < 0)
-        return rc;
-    memcpy(base + nd, base + off, old < size ? old : size);
-    memd_heap_free_nolock(base, h, off);
+    uint64_t foff, nd, old = b->u.busy.data_size, n = old < size ? old : size;
+    uint16_t flags = b->flags;
+    if (!find_suitable(base, h, size, align, 0, 0, &foff, &nd))
+        return -ENOMEM;
+    /* The copy writes bytes of foff that its dirty hull may call clean, and undoing
+     * the carve would not clear them: widen the hull first, as an operation of its
+     * own that an undo keeps (a wider hull only costs zmalloc some zeroing). */
+    struct memd_heap_elem *f = EL(base, foff);
+    uint64_t lo = f->u.free.dirty_lo, hi = f->u.free.dirty_hi;
+    hull_add(&lo, &hi, nd, nd + n);
+    jset(base, h, &f->u.free.dirty_lo, lo);
+    jset(base, h, &f->u.free.dirty_hi, hi);
+    jcommit(base, h);
+    jbegin(base, h);
+    carve(base, h, foff, nd, size, 0, flags);
+    memcpy(base + nd, base + off, n);
+    free_elem(base, h, boff);
     *out = nd;
     return 0;
+}
+
+int memd_heap_realloc_nolock(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
+                             uint64_t align, uint64_t *out)
+{
+    int rc = realloc_op(base, h, off, size, align, out);
+    jcommit(base, h);
+    return rc;
 }
 
 /* --- memory coming and going ---------------------------------------------------- */
@@ -492,8 +874,12 @@ int memd_heap_add_memory_ex(char *base, struct memd_heap *h, uint64_t off, uint6
     uint64_t next = p ? EL(base, p)->next : h->first_elem;
     if (next && next < off + len)
         return -EINVAL;
+    jbegin(base, h);
     h->total_size += len;
-    make_free(base, h, off, len, p, next, dirty ? off : 0, dirty ? off + len : 0, 0);
+    /* FRESH: an undo clears the new header's bytes, harmless outside the heap */
+    make_free(base, h, off, len, p, next, dirty ? off : 0, dirty ? off + len : 0, HDR_FRESH, 0, 0,
+              0);
+    jcommit(base, h);
     return 0;
 }
 
@@ -561,29 +947,109 @@ int memd_heap_remove_memory(char *base, struct memd_heap *h, uint64_t off, uint6
         return -EINVAL;
     uint64_t prev = e->prev, next = e->next;
     uint64_t dlo = e->u.free.dirty_lo, dhi = e->u.free.dirty_hi, l, r;
-    fl_remove(base, h, f);
-    h->free_count--;
+    uint64_t gone = f; /* f leaves its list unless a remaining piece takes its slot */
+    int64_t dcount = -1;
+    jbegin(base, h);
     h->total_size -= len;
     if (trail) {
+        /* its header is in f's free data (off + len >= f + 64): FRESH; with a lead,
+         * the lead's header (written next) links the two */
         l = dlo, r = dhi;
         hull_clip(&l, &r, off + len + HDR, hi);
-        next = make_free(base, h, off + len, trail, lead ? f : prev, next, l, r, 0);
+        next = make_free(base, h, off + len, trail, lead ? f : prev, next, l, r, HDR_FRESH,
+                         dcount, gone, lead ? MF_NO_PREV : 0);
+        gone = 0;
+        dcount = 0;
     }
     if (lead) {
         l = dlo, r = dhi;
         hull_clip(&l, &r, f + HDR, off);
-        make_free(base, h, f, lead, prev, next, l, r, 0);
+        make_free(base, h, f, lead, prev, next, l, r, HDR_LIVE, dcount, gone, 0);
+        gone = 0;
+        dcount = 0;
     }
-    if (!lead && !trail) {
+    if (gone) {
+        fl_remove(base, h, f);
+        h->free_count--;
         if (prev)
-            EL(base, prev)->next = next;
+            jset(base, h, &EL(base, prev)->next, next);
         else
-            h->first_elem = next;
+            jset(base, h, &h->first_elem, next);
         if (next)
-            EL(base, next)->prev = prev;
+            jset(base, h, &EL(base, next)->prev, prev);
         else
-            h->last_elem = prev;
+            jset(base, h, &h->last_elem, prev);
     }
+    jcommit(base, h);
+    return 0;
+}
+
+/* --- owners --------------------------------------------------------------------- */
+
+int memd_heap_free_owned_nolock(char *base, struct memd_heap *h, int32_t pid, uint64_t *blocks,
+                                uint64_t *bytes, uint64_t *largest)
+{
+    uint64_t nb = 0, nbytes = 0, big = 0;
+    if (pid <= 0)
+        return -EINVAL;
+    for (uint64_t o = h->first_elem; o;) {
+        struct memd_heap_elem *e = EL(base, o);
+        if (e->state == MEMD_ELEM_BUSY && !(e->flags & MEMD_ELEM_F_MEMZONE) &&
+            e->u.busy.owner_pid == pid && busy_ok(base, h, o) == 0) {
+            /* the owner is gone: a smashed trailer is its own business */
+            nb++;
+            nbytes += e->size;
+            jbegin(base, h);
+            uint64_t fo = free_elem(base, h, o);
+            jcommit(base, h); /* each block is an operation of its own */
+            if (EL(base, fo)->size > big)
+                big = EL(base, fo)->size;
+            o = EL(base, fo)->next;
+            continue;
+        }
+        o = e->next;
+    }
+    *blocks = nb;
+    *bytes = nbytes;
+    if (largest)
+        *largest = big;
+    return 0;
+}
+
+int memd_heap_owners(char *base, struct memd_heap *h, struct memd_heap_owner **out, size_t *n)
+{
+    size_t cap = 8, cnt = 0;
+    struct memd_heap_owner *a = malloc(cap * sizeof(*a));
+    if (!a)
+        return -ENOMEM;
+    for (uint64_t o = h->first_elem; o; o = EL(base, o)->next) {
+        struct memd_heap_elem *e = EL(base, o);
+        if (e->state != MEMD_ELEM_BUSY)
+            continue;
+        int32_t pid = e->u.busy.owner_pid;
+        size_t i = 0;
+        while (i < cnt && a[i].pid != pid)
+            i++;
+        if (i == cnt) {
+            if (cnt == cap) {
+                struct memd_heap_owner *t = realloc(a, 2 * cap * sizeof(*a));
+                if (!t) {
+                    free(a);
+                    return -ENOMEM;
+                }
+                a = t;
+                cap *= 2;
+            }
+            memset(&a[cnt], 0, sizeof(*a));
+            a[cnt++].pid = pid;
+        }
+        a[i].blocks++;
+        a[i].bytes += e->size;
+        if (e->flags & MEMD_ELEM_F_MEMZONE)
+            a[i].memzones++;
+    }
+    *out = a;
+    *n = cnt;
     return 0;
 }
 
@@ -678,6 +1144,8 @@ int memd_heap_check_ex(char *base, struct memd_heap *h, char *why, size_t n)
                 BAD("elements %#llx and %#llx: adjacent and both free",
                     (unsigned long long)prev, (unsigned long long)o);
             uint64_t lo = e->u.free.dirty_lo, hi = e->u.free.dirty_hi;
+            if (e->flags)
+                BAD("free element %#llx: flags %#x", (unsigned long long)o, e->flags);
             if ((lo || hi) && (lo >= hi || lo < o + HDR || hi > o + e->size))
                 BAD("free element %#llx: dirty range [%#llx, %#llx) outside its data",
                     (unsigned long long)o, (unsigned long long)lo, (unsigned long long)hi);
@@ -700,6 +1168,11 @@ int memd_heap_check_ex(char *base, struct memd_heap *h, char *why, size_t n)
             if (e->size - elem_need(ds) >= MIN_ELEM)
                 BAD("busy element %#llx: %llu bytes of slack could be a free element",
                     (unsigned long long)o, (unsigned long long)(e->size - elem_need(ds)));
+            if (e->flags & ~MEMD_ELEM_F_ALL)
+                BAD("busy element %#llx: unknown flags %#x", (unsigned long long)o, e->flags);
+            if (e->u.busy.owner_pid <= 0)
+                BAD("busy element %#llx: owner pid %d", (unsigned long long)o,
+                    e->u.busy.owner_pid);
             if (*trailer_at(base, o + HDR, ds) != trailer_cookie(o + HDR))
                 BAD("busy element %#llx: trailer cookie smashed", (unsigned long long)o);
             nbusy++;
@@ -767,9 +1240,10 @@ int memd_heap_check(char *base, struct memd_heap *h)
 
 /* --- init, locking and the (locks) wrappers --------------------------------------- */
 
-int memd_heap_init(struct memd_heap *h, int socket_id)
+int memd_heap_init(char *base, struct memd_heap *h, int socket_id)
 {
     memset(h, 0, sizeof(*h));
+    memset(journal_of(base, h), 0, sizeof(struct memd_heap_journal));
     h->socket_id = socket_id;
     return memd_lock_init(&h->lock);
 }
@@ -782,7 +1256,10 @@ int memd_heap_lock_done(char *base, struct memd_heap *h, int lock_rc)
 {
     if (lock_rc < 0)
         return lock_rc;
-    if (lock_rc == 1 && !h->broken && memd_heap_check(base, h) == -EFAULT)
+    /* The dead owner may have been inside an operation: roll it back, then check.
+     * Only a journal that cannot be undone or a failed check breaks the heap. */
+    if (__builtin_expect(lock_rc == 1, 0) && !h->broken &&
+        (journal_undo(base, h) < 0 || memd_heap_check(base, h) == -EFAULT))
         h->broken = 1;
     if (h->broken) {
         memd_heap_unlock(h);
@@ -803,6 +1280,17 @@ int memd_heap_alloc(char *base, struct memd_heap *h, uint64_t size, uint64_t ali
     if (rc < 0)
         return rc;
     rc = memd_heap_alloc_nolock(base, h, size, align, bound, contig, 0, out);
+    memd_heap_unlock(h);
+    return rc;
+}
+
+int memd_heap_alloc_flags(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
+                          uint64_t bound, int contig, uint16_t flags, uint64_t *out)
+{
+    int rc = lock_heap(base, h);
+    if (rc < 0)
+        return rc;
+    rc = memd_heap_alloc_flags_nolock(base, h, size, align, bound, contig, flags, out);
     memd_heap_unlock(h);
     return rc;
 }

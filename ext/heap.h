@@ -12,6 +12,10 @@
  * after memd_heap_lock_done() returned 0.  Every (locks) function has a _nolock
  * twin for callers that lock themselves (the Python bindings do, so that they can
  * release the GIL only when the lock is contended).
+ * Crash safety: every mutating (caller locks) / _nolock function is one
+ * operation of the heap's undo journal (memd_layout.h "heap undo journals"): a
+ * process killed inside it leaves a journal that the next locker rolls back, so
+ * the heap is as before the operation (memd_heap_lock_done).
  * Error convention: 0 or a non-negative result on success, -errno on failure.
  * Every (locks) function also fails with -EFAULT iff the heap is marked broken
  * (a dead owner left it inconsistent) and with -ENOTRECOVERABLE from the lock.
@@ -40,17 +44,19 @@ struct memd_heap_stats {
  * carries a weak default that says yes (anonymous windows, unit tests). */
 extern int memd_iova_contig(const char *base, uint64_t off, uint64_t len);
 
-/* Empty heap for socket_id (primary at init). Fails iff the lock cannot init. */
-int memd_heap_init(struct memd_heap *h, int socket_id);
+/* Empty heap for socket_id (primary at init), with an empty journal.  Fails iff
+ * the lock cannot init. */
+int memd_heap_init(char *base, struct memd_heap *h, int socket_id);
 
-/* 0, or 1 if the previous owner died holding it (run memd_heap_check), or
+/* 0, or 1 if the previous owner died holding it (call memd_heap_lock_done), or
  * -ENOTRECOVERABLE.  Blocks. */
 int memd_heap_lock(struct memd_heap *h);
 void memd_heap_unlock(struct memd_heap *h);
 
 /* Finish taking the lock: lock_rc is what memd_heap_lock() or memd_lock_try()
- * returned.  On 1 (dead owner) checks the heap and marks it broken if the check
- * fails.  Returns 0 when the caller holds a usable heap; otherwise the lock is
+ * returned.  On 1 (dead owner) undoes the operation the owner left half done
+ * (its journal), then checks the heap; it marks the heap broken iff the journal
+ * cannot be undone (it overflowed or is corrupt) or the check fails.  Returns 0 when the caller holds a usable heap; otherwise the lock is
  * not held (released if it was taken) and it fails iff -EFAULT (broken heap) or
  * lock_rc < 0 (returned as is, e.g. -EBUSY from a trylock). */
 int memd_heap_lock_done(char *base, struct memd_heap *h, int lock_rc);
@@ -78,6 +84,14 @@ int memd_heap_alloc(char *base, struct memd_heap *h, uint64_t size, uint64_t ali
  * only bytes that may be dirty are cleared. */
 int memd_heap_alloc_nolock(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
                            uint64_t bound, int contig, int zero, uint64_t *out);
+
+/* (locks) memd_heap_alloc with element flags (MEMD_ELEM_F_*; memzones pass
+ * MEMD_ELEM_F_MEMZONE), no zeroing.  Fails as memd_heap_alloc, and -EINVAL for an
+ * unknown flag. */
+int memd_heap_alloc_flags(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
+                          uint64_t bound, int contig, uint16_t flags, uint64_t *out);
+int memd_heap_alloc_flags_nolock(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
+                                 uint64_t bound, int contig, uint16_t flags, uint64_t *out);
 
 /* (locks) Free the block whose data starts at off.  Returns the size of the
  * free element the block ended up in after joining its free neighbours (callers
@@ -140,5 +154,32 @@ int memd_heap_walk(char *base, struct memd_heap *h,
                    int (*fn)(void *arg, uint64_t off, uint64_t size, int state,
                              uint64_t data_size),
                    void *arg);
+
+/* One process's busy elements in a heap (memd_heap_owners). */
+struct memd_heap_owner {
+    int32_t pid;       /* owner_pid of the elements */
+    uint64_t blocks;   /* busy elements, memzones included */
+    uint64_t bytes;    /* their element sizes, headers included (as alloc_size) */
+    uint64_t memzones; /* of which back memzones (MEMD_ELEM_F_MEMZONE) */
+};
+
+/* (caller locks) Busy elements summed by owner pid, in order of first appearance:
+ * *out is malloc'ed (the caller frees it), *n entries.  Fails iff -ENOMEM. */
+int memd_heap_owners(char *base, struct memd_heap *h, struct memd_heap_owner **out, size_t *n);
+
+/* (caller locks) Free every busy element owned by pid that does not back a
+ * memzone, each as an operation of its own (a crash keeps the ones before).
+ * Trailer cookies are not checked (the owner is gone; a smashed one is its
+ * doing); elements whose header is unsound are left alone.  *blocks and *bytes
+ * (element sizes) say what was freed, *largest (may be NULL) the biggest free
+ * element that resulted.  Fails iff -EINVAL (pid <= 0). */
+int memd_heap_free_owned_nolock(char *base, struct memd_heap *h, int32_t pid, uint64_t *blocks,
+                                uint64_t *bytes, uint64_t *largest);
+
+/* Tests only: in this process, _exit(77) at the k-th crash point of a heap
+ * operation (each journaled store has one before its journal entry and one
+ * between the entry and the store; each commit one before it; a recovery one
+ * before undoing each entry); 0 = never. */
+void memd_heap_crash_after(int64_t k);
 
 #endif

@@ -28,7 +28,8 @@
 #include <stdint.h>
 
 #define MEMD_CONFIG_MAGIC 0x31474643444d454dULL /* "MEMDCFG1", little endian */
-#define MEMD_LAYOUT_VERSION 2u /* 2: robust ring sides (locks), mempool owner tags */
+#define MEMD_LAYOUT_VERSION 3u /* 2: robust ring sides, mempool owner tags; 3: heap undo
+                                  * journals, element owner tags */
 
 #define MEMD_CACHE_LINE 64u
 #define MEMD_NAMESIZE 32u            /* names are at most 31 bytes + NUL */
@@ -169,6 +170,11 @@ struct memd_heap {
  * empty when equal) of bytes in its data area that may be non-zero.  Memory added
  * from fresh pages is clean; a freed block's data and a joined neighbour's header
  * are dirty.  zmalloc clears only the part of the block inside the hull.
+ *
+ * Owners: a busy element records the pid of the process that allocated it (or
+ * last resized it), so a dead process's blocks can be found and freed
+ * (memd_heap_free_owned); blocks backing memzones carry MEMD_ELEM_F_MEMZONE and
+ * are left to the memzone table.
  */
 #define MEMD_ELEM_HEADER_SIZE 64u
 #define MEMD_ELEM_TRAILER_SIZE 8u
@@ -181,11 +187,15 @@ enum memd_elem_state {
     MEMD_ELEM_BUSY = 2,
 };
 
+/* memd_heap_elem.flags (busy elements only; a free element's flags are 0) */
+#define MEMD_ELEM_F_MEMZONE 0x1u /* backs a memzone: freed with the zone, never by owner */
+#define MEMD_ELEM_F_ALL 0x1u
+
 struct memd_heap_elem {
     uint32_t cookie;             /*  0: MEMD_ELEM_COOKIE ^ (uint32_t)(offset >> 6) */
     uint8_t state;               /*  4: enum memd_elem_state */
     uint8_t heap;                /*  5: owning heap's index in config.heaps */
-    uint16_t flags;              /*  6: 0 (reserved) */
+    uint16_t flags;              /*  6: MEMD_ELEM_F_* */
     uint64_t prev;               /*  8: offset of the element below, 0 = first */
     uint64_t next;               /* 16: offset of the element above, 0 = last */
     uint64_t size;               /* 24: bytes of the whole element, header included */
@@ -198,10 +208,57 @@ struct memd_heap_elem {
         } free;
         struct {
             uint64_t data_size;  /* 32: bytes asked for (the trailer follows them) */
-            uint64_t reserved[3]; /* 40 */
+            int32_t owner_pid;   /* 40: process that allocated (or last resized) it */
+            uint32_t reserved0;  /* 44: 0 */
+            uint64_t reserved[2]; /* 48: 0 */
         } busy;
     } u;
 };                               /* 64 */
+
+/*
+ * Heap undo journals (ext/heap.c).  One per heap, in the config.  Every mutating
+ * heap operation (alloc, free, realloc, add/remove memory, free-by-owner: each
+ * public *_nolock call) runs under the heap lock and, before each store to heap
+ * state (the struct memd_heap, element headers, trailer cookies), appends the
+ * aligned 8-byte word's window offset and old value here; the operation's end
+ * resets count to 0 (commit).  Order per store: entry, then count (compiler
+ * barrier between, and before the store itself), then the store, so a process
+ * killed anywhere leaves count covering every store it made.
+ *
+ * Entry kinds, by the low bits of entry.off (offsets are multiples of 8):
+ *   0                    one word: undo writes `old` back;
+ *   MEMD_JOURNAL_ZERO64  a new element header written into free memory: undo
+ *                        clears those 64 bytes (free memory may read zero whatever
+ *                        it held; the element's dirty hull is unchanged);
+ *   MEMD_JOURNAL_SAVE64  the 64 bytes at off (an element header, or the heap's
+ *                        counters line, struct memd_heap bytes 192..255) before a
+ *                        rewrite: they fill the next 4 entries; undo copies them
+ *                        back.
+ *
+ * Whoever takes the lock from a dead owner undoes the entries in reverse order
+ * (idempotent: a recovery killed halfway is simply redone), resets count, and
+ * only then runs memd_heap_check.  overflow != 0 means an operation logged more
+ * than fits (a bug: the worst cases are bounded by _Static_assert in heap.c);
+ * such a heap cannot be rolled back and is marked broken.
+ */
+#define MEMD_HEAP_JOURNAL_ENTRIES 252u
+#define MEMD_JOURNAL_ZERO64 0x1u /* entry.off kind: clear 64 bytes at off on undo */
+#define MEMD_JOURNAL_SAVE64 0x2u /* entry.off kind: 64 old bytes follow (4 entries) */
+#define MEMD_HEAP_COUNTERS_LINE 192u /* struct memd_heap: the 64-byte line of counters */
+
+struct memd_heap_journal_entry {
+    uint64_t off;                /*  0: window offset | MEMD_JOURNAL_* kind */
+    uint64_t old;                /*  8: its value before the store */
+};                               /* 16 */
+
+struct memd_heap_journal {
+    uint32_t count;              /*  0: entries of the operation in progress */
+    uint32_t overflow;           /*  4: 1 = the operation outgrew the entries */
+    uint64_t rollbacks;          /*  8: operations undone after their process died */
+    uint64_t undone;             /* 16: entries undone, over all rollbacks */
+    uint64_t reserved[5];        /* 24 */
+    struct memd_heap_journal_entry e[MEMD_HEAP_JOURNAL_ENTRIES]; /* 64 */
+};                               /* 4096 */
 
 /* --- processes ------------------------------------------------------------ */
 
@@ -268,7 +325,8 @@ struct memd_config {
     struct memd_object objects[MEMD_MAX_OBJECTS];       /*   16384 */
     struct memd_memzone memzones[MEMD_MAX_MEMZONES];    /*   81920 */
     struct memd_memseg_list msls[MEMD_MAX_MEMSEG_LISTS]; /* 327680 */
-};                                                      /* 1386496 */
+    struct memd_heap_journal heap_journals[MEMD_MAX_HEAPS]; /* 1386496: one per heap */
+};                                                      /* 1419264 */
 
 /* --- rings (DPDK: rte_ring; code in ext/ring.c) ---------------------------- */
 
@@ -441,6 +499,10 @@ MEMD_CHECK(struct memd_heap, socket_id, 240);
 MEMD_CHECK(struct memd_heap, broken, 244);
 MEMD_CHECK(struct memd_heap, list_mask, 248);
 _Static_assert(MEMD_HEAP_NUM_FREELISTS <= 32, "memd_heap.list_mask is 32 bits");
+_Static_assert(offsetof(struct memd_heap, total_size) >= MEMD_HEAP_COUNTERS_LINE &&
+                   offsetof(struct memd_heap, list_mask) < MEMD_HEAP_COUNTERS_LINE + 64 &&
+                   MEMD_HEAP_COUNTERS_LINE % 64 == 0,
+               "the heap's counters and list_mask share one 64-byte line");
 MEMD_CHECK_SIZE(struct memd_heap, 512);
 MEMD_CHECK(struct memd_heap_elem, state, 4);
 MEMD_CHECK(struct memd_heap_elem, heap, 5);
@@ -451,9 +513,19 @@ MEMD_CHECK(struct memd_heap_elem, u.free.prev, 32);
 MEMD_CHECK(struct memd_heap_elem, u.free.next, 40);
 MEMD_CHECK(struct memd_heap_elem, u.free.dirty_lo, 48);
 MEMD_CHECK(struct memd_heap_elem, u.free.dirty_hi, 56);
+MEMD_CHECK(struct memd_heap_elem, flags, 6);
 MEMD_CHECK(struct memd_heap_elem, u.busy.data_size, 32);
+MEMD_CHECK(struct memd_heap_elem, u.busy.owner_pid, 40);
+MEMD_CHECK(struct memd_heap_elem, u.busy.reserved0, 44);
+MEMD_CHECK(struct memd_heap_elem, u.busy.reserved, 48);
 MEMD_CHECK_SIZE(struct memd_heap_elem, MEMD_ELEM_HEADER_SIZE);
 _Static_assert(MEMD_MAX_HEAPS <= 256, "memd_heap_elem.heap is one byte");
+MEMD_CHECK_SIZE(struct memd_heap_journal_entry, 16);
+MEMD_CHECK(struct memd_heap_journal, overflow, 4);
+MEMD_CHECK(struct memd_heap_journal, rollbacks, 8);
+MEMD_CHECK(struct memd_heap_journal, undone, 16);
+MEMD_CHECK(struct memd_heap_journal, e, 64);
+MEMD_CHECK_SIZE(struct memd_heap_journal, 4096);
 MEMD_CHECK(struct memd_process, comm, 32);
 MEMD_CHECK_SIZE(struct memd_process, 64);
 MEMD_CHECK(struct memd_object, offset, 40);
@@ -468,7 +540,8 @@ MEMD_CHECK(struct memd_config, procs, 8192);
 MEMD_CHECK(struct memd_config, objects, 16384);
 MEMD_CHECK(struct memd_config, memzones, 81920);
 MEMD_CHECK(struct memd_config, msls, 327680);
-MEMD_CHECK_SIZE(struct memd_config, 1386496);
+MEMD_CHECK(struct memd_config, heap_journals, 1386496);
+MEMD_CHECK_SIZE(struct memd_config, 1419264);
 _Static_assert(sizeof(struct memd_config) <= MEMD_CONFIG_SIZE, "config outgrew its file");
 MEMD_CHECK(struct memd_ring_headtail, tail, 4);
 MEMD_CHECK(struct memd_ring_headtail, single, 8);

@@ -464,6 +464,14 @@ static int add_layout(PyObject *m)
     FIELD(memd_config, msls);
     FIELD(memd_heap, lock);
     FIELD(memd_lock, recoveries);
+    FIELD(memd_config, heap_journals);
+    FIELD(memd_heap, total_size);
+    FIELD(memd_heap_elem, flags);
+    FIELD(memd_heap_elem, u.free.dirty_lo);
+    FIELD(memd_heap_elem, u.busy.owner_pid);
+    FIELD(memd_heap_journal, count);
+    FIELD(memd_heap_journal, overflow);
+    FIELD(memd_heap_journal, e);
     SIZE(memd_config_header);
     SIZE(memd_config);
     SIZE(memd_memseg_list);
@@ -472,6 +480,8 @@ static int add_layout(PyObject *m)
     SIZE(memd_object);
     SIZE(memd_memzone);
     SIZE(memd_lock);
+    SIZE(memd_heap_journal);
+    SIZE(memd_heap_journal_entry);
 #undef FIELD
 #undef SIZE
     return PyModule_AddObject(m, "LAYOUT", d);

@@ -14,6 +14,7 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <structmember.h>
 
@@ -157,6 +158,21 @@ static PyObject *block_get_iova(PyObject *self, void *Py_UNUSED(c))
     return PyObject_CallMethod(b->owner, "_iova", "K", b->offset);
 }
 
+/* owner_pid: read from the header without the heap lock (one aligned word). */
+static PyObject *block_get_owner_pid(PyObject *self, void *Py_UNUSED(c))
+{
+    MemdBlock *b = (MemdBlock *)self;
+    char *base = ((MemdWindow *)b->window)->base;
+    if (b->freed || base == NULL)
+        Py_RETURN_NONE;
+    const struct memd_heap_elem *e =
+        (const struct memd_heap_elem *)(b->addr - MEMD_ELEM_HEADER_SIZE);
+    uint64_t hoff = b->offset - MEMD_ELEM_HEADER_SIZE;
+    if (e->cookie != (MEMD_ELEM_COOKIE ^ (uint32_t)(hoff >> 6)) || e->state != MEMD_ELEM_BUSY)
+        Py_RETURN_NONE; /* freed by someone else (e.g. free_owned_by) */
+    return PyLong_FromLong(__atomic_load_n(&e->u.busy.owner_pid, __ATOMIC_RELAXED));
+}
+
 static PyObject *block_repr(PyObject *self)
 {
     MemdBlock *b = (MemdBlock *)self;
@@ -185,6 +201,9 @@ static PyMemberDef block_members[] = {
 static PyGetSetDef block_getset[] = {
     {"buf", block_get_buf, NULL, "writable memoryview over the data, zero-copy", NULL},
     {"iova", block_get_iova, NULL, "IO address of the data: owner._iova(offset)", NULL},
+    {"owner_pid", block_get_owner_pid, NULL,
+     "pid of the process that allocated (or last resized) the block, from its header; "
+     "None once it is freed", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -640,7 +659,7 @@ static PyObject *py_heap_init(PyObject *m, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"win", "idx", "socket_id", NULL};
     int socket_id;
     HEAP_ARGS("i", &socket_id);
-    int rc = memd_heap_init(h, socket_id);
+    int rc = memd_heap_init(base, h, socket_id);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_init");
     Py_RETURN_NONE;
@@ -890,6 +909,95 @@ static PyObject *py_heap_walk(PyObject *m, PyObject *args, PyObject *kw)
     return list;
 }
 
+static int cmp_owner(const void *a, const void *b)
+{
+    int32_t x = ((const struct memd_heap_owner *)a)->pid, y = ((const struct memd_heap_owner *)b)->pid;
+    return x < y ? -1 : x > y;
+}
+
+/* heap_owners(win, idx) -> [(pid, blocks, bytes, memzone_blocks)] by pid: the
+ * busy elements of each owner (bytes: element sizes with headers, as
+ * heap_allocsz_bytes; blocks and bytes include the memzone blocks), walked under
+ * the heap lock.  Fails iff OSError EFAULT (heap broken) or MemoryError. */
+static PyObject *py_heap_owners(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", NULL};
+    struct memd_heap_owner *a = NULL;
+    size_t n = 0;
+    HEAP_ARGS("");
+    int rc = py_lock(base, h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_owners");
+    rc = memd_heap_owners(base, h, &a, &n); /* libc memory only: no Python under the lock */
+    memd_heap_unlock(h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_owners");
+    qsort(a, n, sizeof(*a), cmp_owner);
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; list != NULL && i < n; i++) {
+        PyObject *t = Py_BuildValue("(iKKK)", (int)a[i].pid, (unsigned long long)a[i].blocks,
+                                    (unsigned long long)a[i].bytes,
+                                    (unsigned long long)a[i].memzones);
+        if (t == NULL) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    free(a);
+    return list;
+}
+
+/* heap_free_owned(win, idx, pid) -> (blocks, bytes): free pid's busy blocks that
+ * do not back memzones (each freed as any free: journaled, joined), under the
+ * heap lock.  bytes are element sizes.  Does not ask whether pid is alive: the
+ * caller does.  Fails iff OSError EINVAL (pid <= 0), EFAULT (heap broken). */
+static PyObject *py_heap_free_owned(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", "pid", NULL};
+    int pid;
+    uint64_t blocks, bytes;
+    HEAP_ARGS("i", &pid);
+    int rc = py_lock(base, h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_free_owned");
+    rc = memd_heap_free_owned_nolock(base, h, pid, &blocks, &bytes, NULL);
+    memd_heap_unlock(h);
+    if (rc < 0)
+        return memd_raise_errno(rc, "heap_free_owned");
+    return Py_BuildValue("(KK)", (unsigned long long)blocks, (unsigned long long)bytes);
+}
+
+/* heap_journal(win, idx) -> (count, overflow, rollbacks, undone): the heap's undo
+ * journal, read without the lock (diagnostics, tests): count is 0 between
+ * operations; rollbacks and undone count recoveries from dead owners. */
+static PyObject *py_heap_journal(PyObject *m, PyObject *args, PyObject *kw)
+{
+    (void)m;
+    static char *kwlist[] = {"win", "idx", NULL};
+    HEAP_ARGS("");
+    const struct memd_heap_journal *j =
+        &((struct memd_config *)base)->heap_journals[h - ((struct memd_config *)base)->heaps];
+    return Py_BuildValue("(IIKK)", __atomic_load_n(&j->count, __ATOMIC_ACQUIRE), j->overflow,
+                         (unsigned long long)j->rollbacks, (unsigned long long)j->undone);
+}
+
+/* _heap_crash_after(k): tests only.  In this process, the k-th crash point of a
+ * heap operation (two per journal entry: before it and between it and the store
+ * it covers; one per commit; one per entry a recovery undoes) calls _exit(77),
+ * holding the heap lock.  0 disarms. */
+static PyObject *py_heap_crash_after(PyObject *m, PyObject *arg)
+{
+    (void)m;
+    long long k = PyLong_AsLongLong(arg);
+    if (k == -1 && PyErr_Occurred())
+        return NULL;
+    memd_heap_crash_after(k);
+    Py_RETURN_NONE;
+}
+
 #define KW(name, fn, doc) {name, (PyCFunction)(void (*)(void))fn, METH_VARARGS | METH_KEYWORDS, doc}
 #define FAST(name, fn, doc) {name, (PyCFunction)(void (*)(void))fn, METH_FASTCALL, doc}
 
@@ -921,6 +1029,14 @@ static PyMethodDef heap_functions[] = {
        "heap_remove_memory(win, idx, off, len)  (hold heap_lock)"),
     KW("heap_walk", py_heap_walk,
        "heap_walk(win, idx, locked=False) -> [(offset, size, state, data_size)]"),
+    KW("heap_owners", py_heap_owners,
+       "heap_owners(win, idx) -> [(pid, blocks, bytes, memzone_blocks)]"),
+    KW("heap_free_owned", py_heap_free_owned,
+       "heap_free_owned(win, idx, pid) -> (blocks, bytes) freed (not memzones)"),
+    KW("heap_journal", py_heap_journal,
+       "heap_journal(win, idx) -> (count, overflow, rollbacks, undone)"),
+    {"_heap_crash_after", py_heap_crash_after, METH_O,
+     "_heap_crash_after(k): tests only: _exit(77) at the k-th heap crash point; 0 = off"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -943,6 +1059,8 @@ int memd_py_init_heap(PyObject *m)
         PyModule_AddIntConstant(m, "HEAP_ELEM_MIN_SIZE", MEMD_ELEM_MIN_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "HEAP_ELEM_FREE", MEMD_ELEM_FREE) < 0 ||
         PyModule_AddIntConstant(m, "HEAP_ELEM_BUSY", MEMD_ELEM_BUSY) < 0 ||
+        PyModule_AddIntConstant(m, "HEAP_ELEM_F_MEMZONE", MEMD_ELEM_F_MEMZONE) < 0 ||
+        PyModule_AddIntConstant(m, "HEAP_JOURNAL_ENTRIES", MEMD_HEAP_JOURNAL_ENTRIES) < 0 ||
         PyModule_AddIntConstant(m, "HEAP_NUM_FREELISTS", MEMD_HEAP_NUM_FREELISTS) < 0 ||
         PyModule_AddIntConstant(m, "HEAP_DEFAULT_ALIGN", MEMD_HEAP_DEFAULT_ALIGN) < 0 ||
         PyModule_AddIntConstant(m, "HEAP_MAX_HEAPS", MEMD_MAX_HEAPS) < 0 ||

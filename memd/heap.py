@@ -1,7 +1,8 @@
 """Malloc heaps for ``Memory``: DPDK's ``rte_malloc`` family on memd's shared heaps.
 
 :class:`HeapMixin` adds ``malloc``/``zmalloc``/``calloc``/``realloc``/``free``/
-``validate``/``heap_stats`` (API.md, "malloc heaps") to the primary's and the
+``validate``/``heap_stats`` (API.md, "malloc heaps"), plus ``heap_owners``/
+``free_owned_by`` (blocks by owning process), to the primary's and the
 secondaries' ``Memory`` class.  The heaps themselves are C (``ext/heap.c``): this
 layer picks heaps, asks for more memory when they are full, gives pages back after
 big frees, and turns C errors into memd's exceptions.
@@ -34,6 +35,7 @@ complete, daemon-free example):
 from __future__ import annotations
 
 import errno
+import os
 from typing import TYPE_CHECKING
 
 from memd import _ext
@@ -72,6 +74,17 @@ def space_needed(size: int, align: int = 0, bound: int = 0) -> int:
 
 def _is_pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    """Does process pid exist (a zombie counts: it may not have been reaped yet)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, someone else's
+    return True
 
 
 def _arg_error(exc: Exception, what: str, size: int, align: int, bound: int) -> MemdError:
@@ -228,6 +241,57 @@ class HeapMixin(_ext.HeapBase):
             out["alloc_count"] += nalloc
         return out
 
+    # --- owners ------------------------------------------------------------------------
+
+    def heap_owners(self) -> dict[int, dict[str, int]]:
+        """Busy blocks by the process that allocated them, summed over this memory's
+        heaps: ``{pid: {"blocks": n, "bytes": b, "memzones": z}}``.  ``bytes`` counts
+        whole elements (headers included, as ``heap_allocsz_bytes``, so the values
+        add up to it); ``blocks`` and ``bytes`` include the ``memzones`` blocks that
+        back memzones (those are freed with their zone, never by owner)."""
+        out: dict[int, dict[str, int]] = {}
+        for idx in self._heap_order_of(SOCKET_ID_ANY):
+            try:
+                rows = _ext.heap_owners(self.window, idx)
+            except OSError as e:
+                raise translate(e, f"heap_owners(heap {idx})") from e
+            for pid, blocks, nbytes, zones in rows:
+                d = out.setdefault(pid, {"blocks": 0, "bytes": 0, "memzones": 0})
+                d["blocks"] += blocks
+                d["bytes"] += nbytes
+                d["memzones"] += zones
+        return out
+
+    def free_owned_by(self, pid: int, *, force: bool = False) -> dict[str, int]:
+        """Free every block process ``pid`` allocated and left behind (not the blocks
+        of memzones: free those with their zone), in all of this memory's heaps, and
+        offer whole free pages back as ``free`` does.  Returns ``{"blocks": n,
+        "bytes": b}`` (element sizes, as :meth:`heap_owners`).  Refuses with
+        MemdValueError while ``pid`` is alive (its blocks may be in use) unless
+        ``force`` is True.  Blocks of ``pid`` that another process still refers to
+        are freed too: call it for processes that are gone."""
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31:
+            raise MemdValueError(f"free_owned_by: pid must be a positive process id, got {pid!r}")
+        if not force and _pid_alive(pid):
+            raise MemdValueError(
+                f"free_owned_by({pid}): process {pid} is alive, so its blocks may still be in "
+                "use; free them from that process, or pass force=True if you know they are "
+                "garbage"
+            )
+        total = {"blocks": 0, "bytes": 0}
+        for idx in self._heap_order_of(SOCKET_ID_ANY):
+            try:
+                blocks, nbytes = _ext.heap_free_owned(self.window, idx, pid)
+                if blocks:
+                    greatest = _ext.heap_stats(self.window, idx)[3]
+            except OSError as e:
+                raise translate(e, f"free_owned_by({pid}) (heap {idx})") from e
+            if blocks:
+                total["blocks"] += blocks
+                total["bytes"] += nbytes
+                self._heap_maybe_release(idx, greatest)
+        return total
+
     # --- for memzones and the Memory class -------------------------------------------
 
     def heap_alloc(
@@ -320,7 +384,9 @@ class HeapMixin(_ext.HeapBase):
 
 
 class AnonymousMemory(HeapMixin):
-    """Heaps on a private anonymous window, no daemon: for tests and benchmarks.
+    """Heaps on an anonymous window, no daemon: for tests and benchmarks.  The
+    window is MAP_SHARED, so a forked child works on the same heaps (but this
+    object's page bookkeeping stays per process).
 
     Heap ``i`` (socket ``i``) owns the area ``[CONFIG + i * heap_size, +heap_size)``,
     cut in pages of ``page_size``.  Either ``prealloc`` bytes of each are added at
