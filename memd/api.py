@@ -435,7 +435,8 @@ class AdminAPI:
         """Returns attached processes. Parameters: [int start]
 
         Reply: an array of ``{slot, pid, role ("primary"/"secondary"/"exited"),
-        start_time, attach_time (unix seconds), comm, heap_blocks, heap_bytes,
+        start_time, attach_time (unix seconds), comm, heap_blocks, heap_bytes (its heap
+        elements, memzones included),
         memzones, mempool_objects}`` from index ``start`` (default 0): what each
         process allocated and still holds.  A process that is gone but still owns
         heap blocks or mempool objects is listed with role "exited" and slot null.

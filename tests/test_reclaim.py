@@ -1,0 +1,107 @@
+"""What a dead secondary leaves behind (issue 6): the primary reclaims its slot
+and cached objects at once, reports what it still held (mempool objects in hand,
+heap blocks), shows it in /memd/processes, and frees its blocks on request
+(free_owned_by, or memd --reclaim-heap)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from memd_harness import Daemon
+
+from memd.telemetry import TelemetryClient, socket_path
+
+HOLDER = """
+import sys
+import memd_client as mc
+mem = mc.attach(sys.argv[1], runtime_dir=sys.argv[2], timeout=10)
+mp = mem.mempool_lookup("pool")
+held = mp.get_bulk(10)            # in hand: reported when we die
+mp.put_bulk(mp.get_bulk(40))      # in our cache: returned when we die
+blocks = [mem.malloc(1000) for _ in range(7)]
+mem.memzone_reserve("kept_zone", 4096)
+print(mp.cache_count(), flush=True)
+sys.stdin.readline()
+"""
+
+
+def _start_holder(daemon: Daemon) -> tuple[subprocess.Popen[str], int]:
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, daemon.prefix, str(daemon.runtime_dir)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    cached = int(p.stdout.readline())
+    assert cached > 0
+    return p, cached
+
+
+def _query(daemon: Daemon, command: str) -> object:
+    with TelemetryClient(socket_path(str(daemon.runtime_dir), daemon.prefix)) as c:
+        return c.query(command)
+
+
+def _wait_for(cond, what: str, daemon: Daemon, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}; daemon log:\n{daemon.log_text()}"
+        time.sleep(0.01)
+
+
+def test_dead_secondary_is_reclaimed_and_reported(daemon_factory) -> None:
+    daemon = daemon_factory("-m", "8")
+    with daemon.attach() as mem:
+        mp = mem.mempool_create("pool", 512, 64, cache_size=64)
+        p, _cached = _start_holder(daemon)
+        procs = {q["pid"]: q for q in _query(daemon, "/memd/processes")}
+        assert procs[p.pid]["role"] == "secondary"
+        # heap blocks count every element it allocated, its memzone's too
+        assert procs[p.pid]["heap_blocks"] == 8 and procs[p.pid]["memzones"] == 1
+        assert procs[p.pid]["mempool_objects"] == 10
+        assert mp.avail_count() == 512 - 10  # caches count as available
+
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        _wait_for(lambda: p.pid not in {q["pid"] for q in mem.processes()},
+                  "the dead secondary's slot was not reclaimed", daemon)
+        # its cache went back to the ring; the 10 in hand are reported, not lost
+        assert mp.avail_count() == 512 - 10
+        assert mp.held_by(p.pid) == 10
+        (record,) = _query(daemon, "/memd/reclaims")
+        assert record["pid"] == p.pid
+        assert record["cached_objects_returned"] > 0
+        assert record["mempool_objects_in_hand"] == {"pool": 10}
+        assert record["heap_blocks"] == 8 and not record["heap_freed"]
+
+        # /memd/processes still shows what the exited process owns
+        procs = {q["pid"]: q for q in _query(daemon, "/memd/processes")}
+        assert procs[p.pid]["role"] == "exited" and procs[p.pid]["slot"] is None
+        assert procs[p.pid]["heap_blocks"] == 8
+
+        before = mem.heap_stats()["alloc_count"]
+        assert mem.free_owned_by(p.pid)["blocks"] == 7  # its memzone stays
+        assert mem.heap_stats()["alloc_count"] == before - 7
+        assert mem.memzone_lookup("kept_zone").owner_pid == p.pid
+        assert mp.reclaim_held_by(p.pid) == 10
+        assert mp.avail_count() == 512
+        procs = {q["pid"]: q for q in _query(daemon, "/memd/processes")}
+        assert procs[p.pid]["heap_blocks"] == procs[p.pid]["memzones"] == 1  # only the zone
+        assert procs[p.pid]["mempool_objects"] == 0
+
+
+def test_reclaim_heap_policy_frees_a_dead_secondarys_blocks(daemon_factory) -> None:
+    daemon = daemon_factory("-m", "8", "--reclaim-heap")
+    with daemon.attach() as mem:
+        mem.mempool_create("pool", 512, 64, cache_size=64)
+        before = mem.heap_stats()["alloc_count"]
+        p, _ = _start_holder(daemon)
+        assert mem.heap_stats()["alloc_count"] == before + 8  # 7 blocks + 1 memzone
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        _wait_for(lambda: bool(_query(daemon, "/memd/reclaims")),
+                  "no reclaim record", daemon)
+        (record,) = _query(daemon, "/memd/reclaims")
+        assert record["heap_blocks"] == 8 and record["heap_freed"]
+        assert mem.heap_stats()["alloc_count"] == before + 1  # the memzone is kept
+        assert mem.heap_owners()[p.pid]["blocks"] == 1  # its memzone
