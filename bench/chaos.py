@@ -324,9 +324,15 @@ class Chaos:
         stopped = _spawn(d, "print('ready', flush=True)\ntime.sleep(3600)\n")
         assert stopped.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
         stopped.send_signal(signal.SIGSTOP)
-        blocked = {k: _spawn(d, PRIMARY_KILL, kind=k) for k in ("dequeue", "expansion")}
-        for p in blocked.values():
-            assert p.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+        blocked = {}
+        # one after the other: once the expansion waits on the stopped secondary,
+        # the primary answers nobody (a registration included) until it dies
+        for kind in ("dequeue", "expansion"):
+            blocked[kind] = p = _spawn(d, PRIMARY_KILL, kind=kind)
+            if p.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
+                p.kill()
+                raise RuntimeError(f"a blocked secondary did not start: {p.communicate()[1]}\n"
+                                   f"daemon log:\n{d.log_text()[-3000:]}")
         time.sleep(0.3)  # let both block: the dequeue sleeps, the alloc waits for the primary
         self.mem.detach()
         t_kill = time.monotonic()
