@@ -438,8 +438,9 @@ class AdminAPI:
         start_time, attach_time (unix seconds), comm, heap_blocks, heap_bytes (its heap
         elements, memzones included),
         memzones, mempool_objects}`` from index ``start`` (default 0): what each
-        process allocated and still holds.  A process that is gone but still owns
-        heap blocks or mempool objects is listed with role "exited" and slot null.
+        process allocated and still holds.  A process that is gone but still
+        owns malloc'd heap blocks or mempool objects is listed with role
+        "exited" and slot null.
         """
         fn = getattr(self.mem, "processes", None)
         procs = [] if fn is None else fn(usage=True)

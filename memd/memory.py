@@ -242,8 +242,9 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
     def processes(self, usage: bool = False) -> list[dict[str, Any]]:
         """Attached processes.  With `usage`, also what each allocated and still
         holds (heap blocks, memzones, mempool objects in hand), plus a row with
-        role "exited" for every process that is gone but still owns heap blocks
-        or objects (free them with free_owned_by / Mempool.reclaim_held_by).
+        role "exited" for every process that is gone but still owns malloc'd heap
+        blocks or mempool objects (free them with free_owned_by /
+        Mempool.reclaim_held_by).
         `usage` walks every heap and pool: meant for admin tools, not loops."""
         out = [{
             "slot": p.slot, "pid": p.pid,
@@ -261,7 +262,10 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         for z in self.memzones():
             zones[z.owner_pid] = zones.get(z.owner_pid, 0) + 1
         attached = {p["pid"] for p in out}
-        for pid in sorted((owners.keys() | held.keys()) - attached):
+        # Memzones are named and meant to outlive their creator: an exited process
+        # gets a row only for malloc'd blocks or mempool objects it left behind.
+        leftovers = {pid for pid, o in owners.items() if o["blocks"] > o["memzones"]}
+        for pid in sorted((leftovers | held.keys()) - attached):
             out.append({"slot": None, "pid": pid, "role": "exited", "start_time": None,
                         "attach_time": None, "comm": ""})
         for p in out:

@@ -104,7 +104,7 @@ class FakeMem:
     def memsegs(self) -> list[dict[str, Any]]:
         return [dict(s) for s in self.segs]
 
-    def processes(self) -> list[dict[str, Any]]:
+    def processes(self, usage: bool = False) -> list[dict[str, Any]]:
         return [dict(p) for p in self.procs]
 
     def rings(self) -> list[FakeRing]:

@@ -532,7 +532,7 @@ class PartialMem:
     def memzones(self) -> list[object]:
         return []
 
-    def processes(self) -> list[dict[str, object]]:
+    def processes(self, usage: bool = False) -> list[dict[str, object]]:
         return []
 
     def params(self) -> list[str]:
