@@ -638,6 +638,11 @@ class Primary(Memory):
         size = param(msg, "size", int, 1, 2**48)
         align = param(msg, "align", int, 0, 2**30)
         bound = param(msg, "bound", int, 0, 2**48)
+        if align & (align - 1):  # what malloc and memzone_reserve accept, nothing else
+            return reply(msg["id"], errno.EINVAL, f"'align' = {align} is not 0 or a power of two")
+        if bound and (bound & (bound - 1) or bound < size):
+            return reply(msg["id"], errno.EINVAL,
+                         f"'bound' = {bound} is not 0 or a power of two >= 'size' {size}")
         contig = bool(msg.get("contig", False))
         if heap not in self.heap_ids():
             return reply(msg["id"], errno.EINVAL, f"no heap {heap}")
@@ -650,6 +655,8 @@ class Primary(Memory):
         if self.server.peer_of(identity) is None:
             return reply(msg["id"], errno.EPERM, "register first")
         heap = param(msg, "heap", int, 0, _ext.MAX_HEAPS - 1)
+        if heap not in self.heap_ids():
+            return reply(msg["id"], errno.EINVAL, f"no heap {heap}")
         self._release_pages(heap)
         return reply(msg["id"])
 
