@@ -584,6 +584,9 @@ class Primary(Memory):
         name = msg.get("comm", "")
         if not isinstance(name, str):
             name = ""
+        # the slot keeps 31 bytes of C string: no NUL, and cut between characters, or
+        # every later processes() would fail to decode it
+        name = name.replace("\0", "").encode()[:31].decode(errors="ignore")
         if version != PROTOCOL_VERSION:
             return reply(msg["id"], errno.EPROTONOSUPPORT,
                          f"protocol version {version} != primary's {PROTOCOL_VERSION}; "
@@ -602,12 +605,12 @@ class Primary(Memory):
             with contextlib.suppress(OSError):
                 _ext.proc_unregister(self.window, old.slot, old.pid)
         try:
-            slot = _ext.proc_register(self.window, pid, start, _ext.PROC_SECONDARY, name[:31])
+            slot = _ext.proc_register(self.window, pid, start, _ext.PROC_SECONDARY, name)
         except OSError:
             self.prune_dead()
             try:
                 slot = _ext.proc_register(self.window, pid, start, _ext.PROC_SECONDARY,
-                                          name[:31])
+                                          name)
             except OSError:
                 return reply(msg["id"], errno.EUSERS,
                              f"all {_ext.MAX_PROCS - 1} secondary slots are taken; detach "

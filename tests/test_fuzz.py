@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, settings
 from memd_harness import Daemon
 
 from memd.paths import mp_endpoint
+from memd.shared import proc_start_time
 from memd.telemetry import TelemetryClient, socket_path
 
 CASES = int(os.environ.get("MEMD_FUZZ_CASES", "10000"))  # the brief: 10 000 each
@@ -90,6 +91,15 @@ def recv_reply(sock: zmq.Socket, daemon: Daemon, what: object) -> dict[str, Any]
     return msgpack.unpackb(sock.recv(), raw=False)
 
 
+def dealer(daemon: Daemon, identity: bytes | None) -> zmq.Socket:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    if identity:
+        s.setsockopt(zmq.IDENTITY, identity)
+    s.connect(mp_endpoint(daemon.prefix, daemon.runtime_dir))
+    return s
+
+
 class Peers:
     """DEALER sockets on the primary's endpoint: "registered" took over the request
     identity (b"req-<name>", see memd.ipc.Channel) of a secondary attached here, so
@@ -113,11 +123,7 @@ class Peers:
         # held (by the secondary's socket, until the primary has seen it close):
         # reconnect until a ping is answered.
         for _ in range(50):
-            s = self.socks[key] = zmq.Context.instance().socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            if identity:
-                s.setsockopt(zmq.IDENTITY, identity)
-            s.connect(mp_endpoint(self.daemon.prefix, self.daemon.runtime_dir))
+            s = self.socks[key] = dealer(self.daemon, identity)
             s.send(_pack({"type": "ping", "id": next(self.ids)}))
             if s.poll(200, zmq.POLLIN):
                 assert msgpack.unpackb(s.recv())["pid"] == self.daemon.pid
@@ -167,3 +173,26 @@ def test_requests_no_client_makes_are_refused(daemon: Daemon, peers: Peers,
     ans = peers.call("registered", msg)
     assert ans["status"] == errno.EINVAL and ans["reason"], ans
     assert snapshot(daemon) == before
+
+
+@pytest.mark.parametrize("comm, shown", [("\u00e9" * 31, "\u00e9" * 15), ("a\0b", "ab")],
+                         ids=["cut-utf8", "nul"])
+def test_register_stores_a_comm_that_reads_back(daemon: Daemon, comm: str, shown: str) -> None:
+    """The process table keeps 31 bytes of comm: "\u00e9" * 31 used to be cut inside a
+    character, after which processes() raised for everyone (/memd/processes and
+    /memd/stats answered null); a NUL in it made register fail with EIO."""
+    s = dealer(daemon, b"sync-comm")
+    s.send(_pack({"type": "register", "id": 1, "pid": os.getpid(), "version": 1,
+                  "start_time": proc_start_time(os.getpid()) or 0, "comm": comm}))
+    ans = recv_reply(s, daemon, comm)
+    try:
+        assert ans["status"] == 0, ans
+        with daemon.attach() as mem:
+            assert {p["slot"]: p["comm"] for p in mem.processes()}[ans["slot"]] == shown
+        with TelemetryClient(socket_path(str(daemon.runtime_dir), daemon.prefix)) as admin:
+            assert shown in [p["comm"] for p in admin.query("/memd/processes")]
+            assert admin.query("/memd/stats")["secondaries"] >= 1
+    finally:
+        s.send(_pack({"type": "unregister", "id": 2}))
+        assert recv_reply(s, daemon, "unregister")["status"] in (0, errno.ENOENT)
+        s.close()
