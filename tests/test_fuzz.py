@@ -181,7 +181,7 @@ def test_register_stores_a_comm_that_reads_back(daemon: Daemon, comm: str, shown
     """The process table keeps 31 bytes of comm: "\u00e9" * 31 used to be cut inside a
     character, after which processes() raised for everyone (/memd/processes and
     /memd/stats answered null); a NUL in it made register fail with EIO."""
-    s = dealer(daemon, b"sync-comm")
+    s = dealer(daemon, b"sync-comm-%d" % len(comm))  # one identity per case: see Peers
     s.send(_pack({"type": "register", "id": 1, "pid": os.getpid(), "version": 1,
                   "start_time": proc_start_time(os.getpid()) or 0, "comm": comm}))
     ans = recv_reply(s, daemon, comm)
