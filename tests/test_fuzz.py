@@ -19,17 +19,22 @@ are mostly mutated commands and parameters, against the real daemon.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from memd_harness import Daemon
 
+from memd.errors import ProtocolError
+from memd.ipc import MAX_MESSAGE, decode
 from memd.paths import mp_endpoint
 from memd.shared import proc_start_time
 from memd.telemetry import TelemetryClient, socket_path
@@ -79,9 +84,205 @@ def snapshot(daemon: Daemon) -> dict[str, Any]:
         }
 
 
+def every(n: int, check: Callable[[], None]) -> Callable[[], None]:
+    counter = itertools.count(1)
+
+    def tick() -> None:
+        if next(counter) % n == 0:
+            check()
+    return tick
+
+
+def daemon_still_serves(daemon: Daemon) -> None:
+    assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log_text()
+    with daemon.attach() as mem:
+        blk = mem.malloc(10 << 20)  # grows the heap: alloc through the primary works
+        mem.free(blk)
+    assert "Traceback" not in daemon.log_text(), daemon.log_text()
+
+
+# -- the ZeroMQ socket -------------------------------------------------------------------
+
+def _nested(depth: int) -> list[Any]:
+    v: list[Any] = []
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+# Small random trees that decode (hypothesis is slow on big ones); `msgpack_values` adds
+# bins and cheap shapes past each of the decoder's limits: 16 entries per array or
+# map, 256 characters, no bin, str or bin map keys only, nesting.
+plain_values = st.recursive(
+    st.none() | st.booleans() | st.integers(I64, U64) | st.floats() | st.text(max_size=20),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids,
+                                                             max_size=4),
+    max_leaves=6)
+msgpack_values = st.one_of(
+    plain_values, plain_values, plain_values,
+    st.binary(min_size=1, max_size=8),
+    st.integers(17, 300).map(lambda n: list(range(n))),
+    st.integers(17, 100).map(lambda n: {f"k{i}": i for i in range(n)}),
+    st.dictionaries(st.integers(I64, U64) | st.floats(allow_nan=False), plain_values,
+                    min_size=1, max_size=3),
+    st.integers(257, 2000).map(lambda n: "s" * n),
+    st.integers(2, 500).map(_nested))  # msgpack packs up to 511 levels
+not_int = plain_values.filter(lambda v: not isinstance(v, int) or isinstance(v, bool))
+VOCAB = ["type", "id", "pid", "start_time", "version", "comm", "heap", "size", "align",
+         "bound", "contig", "generation", "status", "reason", "slot"]
+
+
+class _Fresh:
+    def __repr__(self) -> str:
+        return "FRESH"
+
+
+FRESH = _Fresh()  # stands for a new request id, filled in when the case is sent
+
+
+@dataclass
+class Case:
+    sender: str                   # which DEALER sends it (key of the sockets dict)
+    body: Any = None              # a msgpack value for the first frame
+    more: tuple[bytes, ...] = ()  # raw frames (after the body, if there is one)
+    tail: bytes = b""             # bytes after the body's msgpack
+    dup: bool = False             # send twice: a registered peer's second copy is EALREADY
+
+    def frames(self, fresh: Callable[[], int]) -> list[bytes]:
+        if self.body is None:
+            return list(self.more)
+
+        def fill(v: Any) -> Any:  # FRESH is in the top map, or in the list wrapping it
+            if isinstance(v, dict) and v.get("id") is FRESH:
+                return {**v, "id": fresh()}
+            return [fill(v[0])] if isinstance(v, list) and len(v) == 1 else v
+        return [msgpack.packb(fill(self.body), use_bin_type=True) + self.tail, *self.more]
+
+
 def _pack(msg: Any) -> bytes:
     return msgpack.packb(msg, use_bin_type=True)
 
+
+def _not_a_request(v: Any) -> bool:
+    return not (isinstance(v, dict) and v.get("type") in KNOWN)
+
+
+def random_bytes(senders: list[str]) -> st.SearchStrategy[Case]:
+    def harmless(b: bytes) -> bool:
+        try:
+            return _not_a_request(msgpack.unpackb(b))
+        except Exception:
+            return True
+    frame = st.binary(max_size=600).filter(harmless) | st.integers(500, 4000).map(
+        lambda n: b"\x91" * n + b"\xc0")  # [[[...nil...]]], deeper than msgpack unpacks
+    frames = frame.map(lambda f: (f,)) | st.lists(frame, min_size=2, max_size=3).map(tuple)
+    return st.builds(Case, st.sampled_from(senders), more=frames)
+
+
+def random_values(senders: list[str]) -> st.SearchStrategy[Case]:
+    maps = st.dictionaries(st.sampled_from(VOCAB), msgpack_values, max_size=6)
+    return st.builds(Case, st.sampled_from(senders), (msgpack_values | maps).filter(
+        lambda v: v is not None and _not_a_request(v)))
+
+
+@functools.cache
+def param_breakers(kind: str, pid: int, start: int) -> st.SearchStrategy[tuple]:
+    """(key, value) or (key, None: drop it) that make `kind` invalid whatever else."""
+    def bad(key: str, *values: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple]:
+        return st.tuples(st.just(key), st.one_of(st.none(), not_int, *values))
+    if kind == "register":
+        return st.one_of(
+            bad("pid", st.integers(I64, 0), st.integers(2**31, U64),
+                st.integers(1, 2**31 - 1).filter(lambda p: p != pid),      # someone else
+                st.integers(1, 2**31 - 1).filter(lambda p: p != pid)),
+            bad("start_time", st.integers(I64, -1), st.integers(2**63 + 1, U64),
+                st.integers(1, 2**63).filter(lambda s: s != start)),       # a dead process
+            bad("version", st.integers(0, 2**31).filter(lambda v: v != 1),  # another version
+                st.integers(0, 2**31).filter(lambda v: v != 1), st.integers(I64, -1)))
+    if kind == "alloc":
+        non_pow2 = st.integers(3, 2**30).filter(lambda a: a & (a - 1))
+        return st.one_of(
+            bad("heap", st.integers(I64, -1), st.integers(8, U64),
+                st.integers(1, 7)),                                        # only heap 0 exists
+            bad("size", st.integers(I64, 0), st.integers(2**48 + 1, U64)),
+            bad("align", st.integers(I64, -1), st.integers(2**30 + 1, U64), non_pow2),
+            bad("bound", st.integers(I64, -1), st.integers(2**48 + 1, U64), non_pow2,
+                st.sampled_from([64, 1024, 2048])))                        # smaller than size
+    if kind == "shrink":
+        return bad("heap", st.integers(I64, -1), st.integers(8, U64), st.integers(1, 7))
+    return st.nothing()
+
+
+ENVELOPE_BREAKERS = st.one_of(
+    st.tuples(st.just("type"), st.one_of(
+        st.none(), not_int, st.sampled_from(["reply", "sync", "shutdown", "PING", "", "alloc "]),
+        st.text(max_size=12).filter(lambda t: t not in KNOWN))),
+    st.tuples(st.just("id"), st.one_of(st.none(), not_int, st.integers(I64, -1),
+                                       st.integers(2**63, U64))))
+STRUCTURAL = st.sampled_from(["list", "tail", "frames", "oversize"])
+EXTRA_KEYS = st.dictionaries(st.text(min_size=1, max_size=8).map(lambda k: "x_" + k),
+                             plain_values, max_size=3)
+# who sends each kind, the interesting senders first: register from a sync- socket
+# reaches its pid/start/version checks, alloc and shrink from a registered one theirs
+SENDERS = {"register": ["sync-ghost", "sync-ghost", "registered", "req-ghost", "anonymous"],
+           "alloc": ["registered", "registered", "registered", "req-ghost", "anonymous"],
+           "shrink": ["registered", "registered", "registered", "sync-ghost", "anonymous"]}
+
+
+@st.composite
+def mutated_requests(draw: st.DrawFn, senders: list[str], pid: int, start: int) -> Case:
+    """A request of every type made invalid by its sender or one to three mutations:
+    mostly of its parameters, one time in four of its envelope or framing too."""
+    kind = draw(st.sampled_from(KNOWN))
+    sender = draw(st.sampled_from(SENDERS.get(kind, senders)))
+    msg: dict[Any, Any] = {"type": kind, "id": FRESH}
+    msg.update({
+        "register": {"pid": pid, "start_time": start, "version": 1, "comm": "fuzz"},
+        "alloc": {"heap": 0, "size": 4096, "align": 0, "bound": 0, "contig": False},
+        "shrink": {"heap": 0},
+    }.get(kind, {}))
+    if kind == "alloc" and sender == "registered" and draw(st.integers(0, 3)) == 0:
+        msg["size"] = draw(st.integers(2**35, 2**48))  # valid, and too big for any list
+        msg["align"] = draw(st.sampled_from([0, 64, 4096, 2**30]))
+        return Case(sender, msg, dup=draw(st.booleans()))
+    # unregister/alloc/shrink from a stranger and register from a non-sync socket fail
+    # by themselves; anything else needs at least one breaking mutation
+    inherent = ((kind in ("unregister", "alloc", "shrink") and sender != "registered")
+                or (kind == "register" and sender != "sync-ghost"))
+    pool = param_breakers(kind, pid, start)
+    if kind in ("ping", "unregister") or draw(st.integers(0, 3)) == 0:
+        pool = pool | ENVELOPE_BREAKERS | STRUCTURAL
+    breakers = draw(st.lists(pool, min_size=0 if inherent else 1, max_size=3))
+    msg.update(draw(EXTRA_KEYS))
+    shape = set()
+    for b in breakers:
+        if isinstance(b, str):
+            shape.add(b)
+        elif b[1] is None:
+            msg.pop(b[0], None)
+        else:
+            msg[b[0]] = b[1]
+    if "oversize" in shape:
+        msg["x_pad"] = "x" * draw(st.integers(MAX_MESSAGE, 3 * MAX_MESSAGE))
+    tail = draw(st.binary(min_size=1, max_size=8)) if "tail" in shape else b""
+    more = draw(st.lists(st.binary(max_size=64), min_size=1, max_size=3)) \
+        if "frames" in shape else []
+    return Case(sender, [msg] if "list" in shape else msg, tuple(more), tail,
+                draw(st.booleans()))
+
+
+def expected(frames: list[bytes]) -> tuple[int, set[int]]:
+    """The reply id and the statuses the protocol allows for this invalid input."""
+    if len(frames) != 1:
+        return 0, {errno.EPROTO}
+    try:
+        msg = decode(frames[0])
+    except ProtocolError:
+        return 0, {errno.EPROTO}
+    if msg["type"] not in KNOWN:
+        return msg["id"], {errno.EOPNOTSUPP}
+    return msg["id"], {errno.EINVAL, errno.EPERM, errno.ENOENT, errno.ESRCH, errno.EALREADY,
+                       errno.EPROTONOSUPPORT, errno.ENOMEM}
 
 
 def recv_reply(sock: zmq.Socket, daemon: Daemon, what: object) -> dict[str, Any]:
@@ -175,6 +376,7 @@ def test_requests_no_client_makes_are_refused(daemon: Daemon, peers: Peers,
     assert snapshot(daemon) == before
 
 
+
 @pytest.mark.parametrize("comm, shown", [("\u00e9" * 31, "\u00e9" * 15), ("a\0b", "ab")],
                          ids=["cut-utf8", "nul"])
 def test_register_stores_a_comm_that_reads_back(daemon: Daemon, comm: str, shown: str) -> None:
@@ -196,3 +398,46 @@ def test_register_stores_a_comm_that_reads_back(daemon: Daemon, comm: str, shown
         s.send(_pack({"type": "unregister", "id": 2}))
         assert recv_reply(s, daemon, "unregister")["status"] in (0, errno.ENOENT)
         s.close()
+
+
+def test_zmq_socket_fuzz(daemon: Daemon, peers: Peers) -> None:
+    senders = list(peers.socks)
+    before = snapshot(daemon)
+
+    def state_unchanged() -> None:
+        assert snapshot(daemon) == before
+
+    check = every(CHECK_EVERY, state_unchanged)
+
+    me = os.getpid(), proc_start_time(os.getpid()) or 0
+
+    @FUZZ
+    @given(case=st.one_of(random_bytes(senders), random_values(senders),  # half and half
+                          mutated_requests(senders, *me), mutated_requests(senders, *me)))
+    @example(case=Case("registered", {**REFUSED[0], "id": FRESH}))  # what it found
+    @example(case=Case("registered", {**REFUSED[1], "id": FRESH}))
+    @example(case=Case("registered", {**REFUSED[2], "id": FRESH}))
+    @example(case=Case("registered", {**REFUSED[3], "id": FRESH}))
+    def one(case: Case) -> None:
+        frames = case.frames(lambda: next(peers.ids))
+        assert all(len(f) <= 4 * MAX_MESSAGE for f in frames)  # beyond: libzmq hangs up
+        sock = peers.socks[case.sender]
+        mid, statuses = expected(frames)
+        for attempt in range(2 if case.dup else 1):
+            sock.send_multipart(frames)
+            ans = recv_reply(sock, daemon, frames)
+            assert ans["type"] == "reply" and isinstance(ans["reason"], str) and ans["reason"]
+            assert ans["id"] == mid, (frames, ans)
+            if attempt and case.sender == "registered" and errno.EINVAL in statuses:
+                assert ans["status"] == errno.EALREADY, (frames, ans)
+            assert ans["status"] in statuses, (frames, ans)
+        check()
+
+    one()
+    state_unchanged()
+    for sender in senders:
+        assert peers.call(sender, {"type": "ping"})["status"] == 0
+    # the registered identity was the secondary's: unregistering through it works
+    assert peers.call("registered", {"type": "unregister"})["status"] == 0
+    assert len(snapshot(daemon)["processes"]) == len(before["processes"]) - 1
+    daemon_still_serves(daemon)
