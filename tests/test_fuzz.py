@@ -21,7 +21,10 @@ from __future__ import annotations
 import errno
 import functools
 import itertools
+import json
 import os
+import re
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -440,4 +443,135 @@ def test_zmq_socket_fuzz(daemon: Daemon, peers: Peers) -> None:
     # the registered identity was the secondary's: unregistering through it works
     assert peers.call("registered", {"type": "unregister"})["status"] == 0
     assert len(snapshot(daemon)["processes"]) == len(before["processes"]) - 1
+    daemon_still_serves(daemon)
+
+
+# -- the admin socket --------------------------------------------------------------------
+
+REPLY_LIMIT = 16384  # max_output_len
+
+
+class AdminConn:
+    """A telemetry v2 connection (as dpdk-telemetry.py makes one) that reconnects
+    after the server hangs up on it (an empty packet means end of session)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.connect()
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.settimeout(REPLY_WAIT_MS / 1000)
+        self.sock.connect(self.path)
+        assert "pid" in json.loads(self.sock.recv(2048))  # the greeting
+
+    def ask(self, packet: bytes) -> bytes:
+        self.sock.send(packet)
+        try:
+            return self.sock.recv(2 * REPLY_LIMIT)
+        except TimeoutError:
+            pytest.fail(f"no admin reply in {REPLY_WAIT_MS // 1000} s to {packet[:100]!r}")
+
+
+def reply_key(packet: bytes) -> tuple[str, bool]:
+    """What the reply is keyed by, and whether the request is well formed
+    (memd/telemetry.py: the first 1023 bytes, a final newline dropped, split at the
+    first comma, "/" + [A-Za-z0-9_/], at most 55 characters, no NUL, valid UTF-8)."""
+    p = packet[:1023]
+    if p.endswith(b"\n"):
+        p = p.rstrip(b"\r\n")
+    text = p.decode("utf-8", errors="replace")
+    cmd = text.partition(",")[0]
+    ok = ("\ufffd" not in text and "\0" not in text
+          and re.fullmatch(r"/[A-Za-z0-9_/]{0,54}", cmd) is not None)
+    return cmd[:56], ok
+
+
+EDITS = st.one_of(
+    st.tuples(st.just("insert"), st.integers(0, 60), st.characters()),
+    st.tuples(st.just("insert"), st.integers(0, 60), st.sampled_from("/,_.-: \t\\\0\u00e9")),
+    st.tuples(st.just("delete"), st.integers(0, 60)),
+    st.tuples(st.just("replace"), st.integers(0, 60), st.sampled_from("/,_aZ09 \0")),
+    st.tuples(st.just("cut"), st.integers(0, 60)),
+    st.sampled_from([("upper",), ("slash",), ("double",), ("strip",)]))
+
+
+def _edit(cmd: str, e: tuple) -> str:
+    i = e[1] % (len(cmd) + 1) if len(e) > 1 else 0
+    return {"insert": lambda: cmd[:i] + (e[2] if len(e) > 2 else "") + cmd[i:],
+            "delete": lambda: cmd[:i] + cmd[i + 1:], "cut": lambda: cmd[:i],
+            "replace": lambda: cmd[:i] + (e[2] if len(e) > 2 else "") + cmd[i + 1:],
+            "upper": cmd.upper, "slash": lambda: cmd + "/", "double": lambda: cmd + cmd,
+            "strip": lambda: cmd.lstrip("/")}[e[0]]()
+
+
+@st.composite
+def admin_packets(draw: st.DrawFn, commands: list[str], names: list[str]) -> bytes:
+    """A known command, its path edited or not, with a parameter of every shape."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=1200))  # including b"": the client hangs up
+    cmd = draw(st.sampled_from(commands))
+    for e in draw(st.lists(EDITS, max_size=3)) if draw(st.booleans()) else []:
+        cmd = _edit(cmd, e)
+    param = draw(st.one_of(
+        st.none(), st.just(""),
+        st.integers(-(10**30), 10**30).map(str),
+        st.sampled_from(["0", "00", "+0", "-0", " 0", "0 ", "0x0", "1e3", "0.5", "\u0663",
+                         "\u00b2", "7", "4294967296", "9" * 400]),
+        st.sampled_from(names + commands),
+        st.tuples(st.sampled_from(names), EDITS).map(lambda t: _edit(*t)),
+        st.integers(28, 70).map(lambda n: "r" * n),          # around the 32 and 64 limits
+        st.text(max_size=40),
+        st.lists(st.sampled_from(["0", "", "x", "/"]), min_size=2, max_size=4).map(",".join)))
+    text = cmd if param is None else f"{cmd},{param}"
+    text += draw(st.sampled_from(["", "", "", "\n", "\r\n", "\n\n", " "]))
+    data = text.encode("utf-8", errors="surrogatepass")
+    if draw(st.integers(0, 9)) == 0:  # a byte that is no UTF-8, or a NUL, somewhere
+        i = draw(st.integers(0, len(data)))
+        data = data[:i] + draw(st.sampled_from([b"\xff", b"\xc3", b"\x00", b"\xed\xa0\x80"])) \
+            + data[i:]
+    if draw(st.integers(0, 19)) == 0:  # longer than the 1023 bytes read
+        data += b"a" * draw(st.integers(1000, 3000))
+    return data
+
+
+def test_admin_socket_fuzz(daemon: Daemon) -> None:
+    path = socket_path(str(daemon.runtime_dir), daemon.prefix)
+    conns = [AdminConn(path), AdminConn(path)]
+    commands = json.loads(conns[0].ask(b"/"))["/"]
+    no_params = [c for c in commands if "Takes no parameters" in
+                 json.loads(conns[0].ask(f"/help,{c}".encode()))["/help"][c]]
+    names = ["fz_zone", "fz_ring", "fz_pool", "0", "1", "2"]
+    before = snapshot(daemon)
+
+    def state_unchanged() -> None:
+        assert snapshot(daemon) == before  # admin_errors too: no command raised
+
+    check = every(CHECK_EVERY, state_unchanged)
+
+    @FUZZ
+    @given(packet=admin_packets(commands, names), which=st.integers(0, 1))
+    def one(packet: bytes, which: int) -> None:
+        conn = conns[which]
+        reply = conn.ask(packet)
+        if packet == b"":
+            assert reply == b""  # the server took it as the end of the session
+            conn.connect()
+            return
+        assert 0 < len(reply) <= REPLY_LIMIT, packet
+        key, well_formed = reply_key(packet)
+        decoded = json.loads(reply)
+        assert list(decoded) == [key], (packet, reply[:200])
+        if not (well_formed and key in commands):
+            assert decoded[key] is None, (packet, reply[:200])
+        elif key in no_params:  # whatever follows the comma is ignored
+            assert decoded[key] is not None, (packet, reply[:200])
+        check()
+
+    one()
+    state_unchanged()
+    assert json.loads(conns[1].ask(b"/memd/info"))["/memd/info"]["primary_pid"] == daemon.pid
+    assert json.loads(conns[0].ask(b"/"))["/"] == commands
+    for c in conns:
+        c.sock.close()
     daemon_still_serves(daemon)
