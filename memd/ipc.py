@@ -32,6 +32,7 @@ from memd.errors import PrimaryNotRunning, ProtocolError
 log = logging.getLogger("memd.ipc")
 
 MAX_MESSAGE = 4096  # bytes: the largest valid message is far smaller
+MAX_REASON = 1024  # bytes of a reply's reason (the secondary accepts strs this long)
 PROTOCOL_VERSION = 1
 _UNPACK_LIMITS = {
     "max_str_len": 256, "max_bin_len": 0, "max_array_len": 16, "max_map_len": 16,
@@ -43,12 +44,15 @@ def encode(msg: dict[str, Any]) -> bytes:
     return msgpack.packb(msg, use_bin_type=True)
 
 
-def decode(data: bytes) -> dict[str, Any]:
-    """Decode and check the envelope; raises ProtocolError on anything else."""
+def decode(data: bytes, max_str_len: int = _UNPACK_LIMITS["max_str_len"]) -> dict[str, Any]:
+    """Decode and check the envelope; raises ProtocolError on anything else.
+    Secondaries pass max_str_len=MAX_REASON: the primary's error reasons are longer
+    than anything a request needs."""
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     try:
-        msg = msgpack.unpackb(data, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+        msg = msgpack.unpackb(data, raw=False, strict_map_key=True,
+                              **{**_UNPACK_LIMITS, "max_str_len": max_str_len})
     except Exception as e:  # msgpack raises several unrelated types
         raise ProtocolError(f"not a msgpack message: {e}") from None
     if not isinstance(msg, dict):
@@ -72,6 +76,8 @@ def frame_credentials(frame: zmq.Frame) -> PeerCred | None:
 
 
 def reply(mid: int, status: int = 0, reason: str = "", **data: Any) -> dict[str, Any]:
+    if len(reason) > MAX_REASON // 4:  # keep it whole unless it cannot be
+        reason = reason.encode()[:MAX_REASON].decode(errors="ignore")
     return {"type": "reply", "id": mid, "status": status, "reason": reason, **data}
 
 
@@ -227,7 +233,7 @@ class Server:
                 who = frames[0].bytes
                 if len(frames) == 2 and who in waiting:
                     try:
-                        ans = decode(frames[1].bytes)
+                        ans = decode(frames[1].bytes, max_str_len=MAX_REASON)
                     except ProtocolError:
                         ans = None
                     peer, sid = waiting[who]
@@ -292,7 +298,7 @@ class Channel:
             left = deadline - time.monotonic()
             # wake at least every 200 ms to notice a dead primary
             if sock.poll(int(min(max(left, 0), 0.2) * 1000) + 1, zmq.POLLIN):
-                ans = decode(sock.recv())
+                ans = decode(sock.recv(), max_str_len=MAX_REASON)
                 if ans.get("type") == "reply" and ans.get("id") == mid:
                     ans.setdefault("status", 0)
                     return ans
@@ -319,7 +325,7 @@ class Channel:
             except zmq.ZMQError:
                 return
             try:
-                msg = decode(data)
+                msg = decode(data, max_str_len=MAX_REASON)
             except ProtocolError as e:
                 log.warning("bad message from the primary: %s", e)
                 continue

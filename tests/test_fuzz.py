@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from memd_harness import Daemon
 
 from memd.errors import ProtocolError
-from memd.ipc import MAX_MESSAGE, decode
+from memd.ipc import MAX_MESSAGE, MAX_REASON, decode, reply
 from memd.paths import mp_endpoint
 from memd.shared import proc_start_time
 from memd.telemetry import TelemetryClient, socket_path
@@ -401,6 +401,17 @@ def test_register_stores_a_comm_that_reads_back(daemon: Daemon, comm: str, shown
         s.send(_pack({"type": "unregister", "id": 2}))
         assert recv_reply(s, daemon, "unregister")["status"] in (0, errno.ENOENT)
         s.close()
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(reason=st.text(max_size=3000))
+def test_any_reply_reason_reaches_a_secondary(reason: str) -> None:
+    """A reply's reason is kept whole up to MAX_REASON bytes, and a secondary decodes
+    any reply (its decode once had the primary's 256-byte limit for requests)."""
+    data = _pack(reply(7, errno.ENOMEM, reason, slot=1))
+    assert len(data) <= MAX_MESSAGE
+    back = decode(data, max_str_len=MAX_REASON)["reason"]
+    assert back == reason if len(reason.encode()) <= MAX_REASON else reason.startswith(back)
 
 
 def test_zmq_socket_fuzz(daemon: Daemon, peers: Peers) -> None:
