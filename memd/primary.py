@@ -314,12 +314,27 @@ class Primary(Memory):
             for slot in done:
                 self._drop_page(msl, slot)
             size = hugepage_info.kb(msl.page_size)
-            hint = ("the shm filesystem (/dev/shm) is full" if not msl.dir else
-                    f"out of {size} hugepages: reserve more (memctl hugepages --reserve) "
-                    "or free memory")
-            raise MemdMemoryError(f"cannot map {n} pages of {size}: {hint} ({e})") from e
+            raise MemdMemoryError(f"cannot map {n} pages of {size}: "
+                                  f"{self._out_of_pages_hint(msl, n)} ({e})") from e
         self._lists = memseg_lists(self.window)
         return first
+
+    @staticmethod
+    def _out_of_pages_hint(msl: MemsegList, n: int) -> str:
+        """What to do when `n` pages could not be had: a hugetlbfs mount's size=
+        limit (statfs reports blocks only for a mount that has one) or the pool."""
+        if not msl.dir:
+            return "the shm filesystem (/dev/shm) is full"
+        try:
+            st = os.statvfs(msl.dir)
+        except OSError:
+            st = None
+        if st is not None and st.f_blocks and st.f_bfree < n:
+            return (f"the hugetlbfs mount of {msl.dir} holds {st.f_blocks} pages (its size= "
+                    f"option) and {st.f_bfree} are free: remount it with a larger size= "
+                    "(mount -o remount,size=...) or free memory")
+        return (f"out of {hugepage_info.kb(msl.page_size)} hugepages: reserve more "
+                "(memctl hugepages --reserve) or free memory")
 
     def sync_pages(self) -> tuple[int, int]:
         """The primary maps and unmaps every page itself, so its mappings are

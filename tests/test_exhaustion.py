@@ -92,7 +92,7 @@ def capped(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Capped]:
     if request.param == "hugetlbfs":
         mount = request.getfixturevalue("hugetlbfs_16m")
         d = Daemon(tmp_path, "huge", "-m", "2", "--huge-dir", mount)
-        cap = Capped(d, f"{mount}/{d.prefix}map_*", mount, "free memory")
+        cap = Capped(d, f"{mount}/{d.prefix}map_*", mount, "larger size=")
     else:
         d = Daemon(tmp_path, "nohuge", "-m", "2", "--max-mem", str(2 * PAGES))
         cap = Capped(d, f"/dev/shm/{d.prefix}map_*", None, "--max-mem")
