@@ -9,6 +9,8 @@ setup cannot pass silently.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import re
 from typing import NamedTuple, NoReturn
@@ -106,6 +108,19 @@ def daemon_factory(tmp_path, mode):
     for d in started:
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
+        elif d.proc is not None and d.proc.returncode < 0:
+            _remove_page_files(d.prefix)
+
+
+def _remove_page_files(prefix: str) -> None:
+    """A primary killed by a signal leaves its page files, and no later primary of
+    its prefix comes to remove them: give their (huge)pages back to the system."""
+    with open("/proc/mounts", encoding="utf-8") as f:
+        dirs = ["/dev/shm"] + [line.split()[1] for line in f if " hugetlbfs " in line]
+    for d in dirs:
+        for path in glob.glob(os.path.join(d, f"{prefix}map_*")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 @pytest.fixture
