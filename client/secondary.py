@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import time
@@ -27,6 +28,11 @@ from memd.paths import runtime_dir as resolve_runtime_dir
 from memd.shared import comm, exited, header, proc_start_time, process_alive, watch_process
 
 log = logging.getLogger("memd_client")
+
+# Each attach gets its own socket identities: id(self) came back after a detach, and
+# the primary's ROUTER ignores a connection whose identity it still holds, so an
+# immediate re-attach could wait for registration until it timed out.
+_attach_numbers = itertools.count(1)
 
 
 class Secondary(Memory):
@@ -57,7 +63,7 @@ class Secondary(Memory):
             time.sleep(0.01)
         try:
             self._channel = Channel(mp_endpoint(self.prefix, self.rundir),
-                                    f"{os.getpid()}-{id(self):x}", self._on_sync,
+                                    f"{os.getpid()}-{next(_attach_numbers)}", self._on_sync,
                                     timeout=max(timeout, 5.0))
             self._channel.alive_check = self.primary_alive
             self._channel.watch_fd = self._primary_fd

@@ -33,6 +33,7 @@ from memd.errors import PrimaryNotRunning, ProtocolError
 log = logging.getLogger("memd.ipc")
 
 MAX_MESSAGE = 4096  # bytes: the largest valid message is far smaller
+MAX_REASON = 1024  # bytes of a reply's reason (the secondary accepts strs this long)
 PROTOCOL_VERSION = 1
 _UNPACK_LIMITS = {
     "max_str_len": 256, "max_bin_len": 0, "max_array_len": 16, "max_map_len": 16,
@@ -44,12 +45,15 @@ def encode(msg: dict[str, Any]) -> bytes:
     return msgpack.packb(msg, use_bin_type=True)
 
 
-def decode(data: bytes) -> dict[str, Any]:
-    """Decode and check the envelope; raises ProtocolError on anything else."""
+def decode(data: bytes, max_str_len: int = _UNPACK_LIMITS["max_str_len"]) -> dict[str, Any]:
+    """Decode and check the envelope; raises ProtocolError on anything else.
+    Secondaries pass max_str_len=MAX_REASON: the primary's error reasons are longer
+    than anything a request needs."""
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     try:
-        msg = msgpack.unpackb(data, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+        msg = msgpack.unpackb(data, raw=False, strict_map_key=True,
+                              **{**_UNPACK_LIMITS, "max_str_len": max_str_len})
     except Exception as e:  # msgpack raises several unrelated types
         raise ProtocolError(f"not a msgpack message: {e}") from None
     if not isinstance(msg, dict):
@@ -73,6 +77,8 @@ def frame_credentials(frame: zmq.Frame) -> PeerCred | None:
 
 
 def reply(mid: int, status: int = 0, reason: str = "", **data: Any) -> dict[str, Any]:
+    if len(reason) > MAX_REASON // 4:  # keep it whole unless it cannot be
+        reason = reason.encode()[:MAX_REASON].decode(errors="ignore")
     return {"type": "reply", "id": mid, "status": status, "reason": reason, **data}
 
 
@@ -295,7 +301,7 @@ class Server:
                 who = frames[0].bytes
                 if len(frames) == 2 and who in waiting:
                     try:
-                        ans = decode(frames[1].bytes)
+                        ans = decode(frames[1].bytes, max_str_len=MAX_REASON)
                     except ProtocolError:
                         ans = None
                     peer, sid = waiting[who]
@@ -364,7 +370,7 @@ class Channel:
             # the pidfd wakes us when the primary dies; without one, look every 200 ms
             events = dict(poller.poll(int(min(max(left, 0), 0.2) * 1000) + 1))
             if events.get(sock):
-                ans = decode(sock.recv())
+                ans = decode(sock.recv(), max_str_len=MAX_REASON)
                 if ans.get("type") == "reply" and ans.get("id") == mid:
                     ans.setdefault("status", 0)
                     return ans
@@ -404,7 +410,7 @@ class Channel:
             except zmq.ZMQError:
                 return
             try:
-                msg = decode(data)
+                msg = decode(data, max_str_len=MAX_REASON)
             except ProtocolError as e:
                 log.warning("bad message from the primary: %s", e)
                 continue

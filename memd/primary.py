@@ -361,12 +361,27 @@ class Primary(Memory):
             for slot in done:
                 self._drop_page(msl, slot)
             size = hugepage_info.kb(msl.page_size)
-            hint = ("the shm filesystem (/dev/shm) is full" if not msl.dir else
-                    f"out of {size} hugepages: reserve more (memctl hugepages --reserve) "
-                    "or free memory")
-            raise MemdMemoryError(f"cannot map {n} pages of {size}: {hint} ({e})") from e
+            raise MemdMemoryError(f"cannot map {n} pages of {size}: "
+                                  f"{self._out_of_pages_hint(msl, n)} ({e})") from e
         self._lists = memseg_lists(self.window)
         return first
+
+    @staticmethod
+    def _out_of_pages_hint(msl: MemsegList, n: int) -> str:
+        """What to do when `n` pages could not be had: a hugetlbfs mount's size=
+        limit (statfs reports blocks only for a mount that has one) or the pool."""
+        if not msl.dir:
+            return "the shm filesystem (/dev/shm) is full"
+        try:
+            st = os.statvfs(msl.dir)
+        except OSError:
+            st = None
+        if st is not None and st.f_blocks and st.f_bfree < n:
+            return (f"the hugetlbfs mount of {msl.dir} holds {st.f_blocks} pages (its size= "
+                    f"option) and {st.f_bfree} are free: remount it with a larger size= "
+                    "(mount -o remount,size=...) or free memory")
+        return (f"out of {hugepage_info.kb(msl.page_size)} hugepages: reserve more "
+                "(memctl hugepages --reserve) or free memory")
 
     def sync_pages(self) -> tuple[int, int]:
         """The primary maps and unmaps every page itself, so its mappings are
@@ -666,6 +681,9 @@ class Primary(Memory):
         name = msg.get("comm", "")
         if not isinstance(name, str):
             name = ""
+        # the slot keeps 31 bytes of C string: no NUL, and cut between characters, or
+        # every later processes() would fail to decode it
+        name = name.replace("\0", "").encode()[:31].decode(errors="ignore")
         if version != PROTOCOL_VERSION:
             return reply(msg["id"], errno.EPROTONOSUPPORT,
                          f"protocol version {version} != primary's {PROTOCOL_VERSION}; "
@@ -686,12 +704,12 @@ class Primary(Memory):
             with contextlib.suppress(OSError):
                 _ext.proc_unregister(self.window, old.slot, old.pid)
         try:
-            slot = _ext.proc_register(self.window, pid, start, _ext.PROC_SECONDARY, name[:31])
+            slot = _ext.proc_register(self.window, pid, start, _ext.PROC_SECONDARY, name)
         except OSError:
             self.prune_dead()
             try:
                 slot = _ext.proc_register(self.window, pid, start, _ext.PROC_SECONDARY,
-                                          name[:31])
+                                          name)
             except OSError:
                 if pidfd >= 0:
                     os.close(pidfd)
@@ -724,6 +742,11 @@ class Primary(Memory):
         size = param(msg, "size", int, 1, 2**48)
         align = param(msg, "align", int, 0, 2**30)
         bound = param(msg, "bound", int, 0, 2**48)
+        if align & (align - 1):  # what malloc and memzone_reserve accept, nothing else
+            return reply(msg["id"], errno.EINVAL, f"'align' = {align} is not 0 or a power of two")
+        if bound and (bound & (bound - 1) or bound < size):
+            return reply(msg["id"], errno.EINVAL,
+                         f"'bound' = {bound} is not 0 or a power of two >= 'size' {size}")
         contig = bool(msg.get("contig", False))
         if heap not in self.heap_ids():
             return reply(msg["id"], errno.EINVAL, f"no heap {heap}")
@@ -736,6 +759,8 @@ class Primary(Memory):
         if self.server.peer_of(identity) is None:
             return reply(msg["id"], errno.EPERM, "register first")
         heap = param(msg, "heap", int, 0, _ext.MAX_HEAPS - 1)
+        if heap not in self.heap_ids():
+            return reply(msg["id"], errno.EINVAL, f"no heap {heap}")
         self._release_pages(heap)
         return reply(msg["id"])
 

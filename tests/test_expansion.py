@@ -117,6 +117,30 @@ def test_unresponsive_secondary_makes_primary_roll_back(daemon_factory) -> None:
     assert d.proc.poll() is None
 
 
+def test_long_rollback_reason_reaches_the_requester(daemon_factory) -> None:
+    """Eight unresponsive secondaries make a reason of ~300 bytes: the requester
+    decoded replies with the primary's 256-byte limit for requests and got
+    ProtocolError ('not a msgpack message') instead of the MemoryError."""
+    d = daemon_factory("-m", "4", "--sync-timeout", "0.3")
+    victims = [_attached_waiter(d) for _ in range(8)]
+    for v in victims:
+        os.kill(v.pid, signal.SIGSTOP)
+    try:
+        res = result(run_secondary(d, """
+            try:
+                mem.malloc(20 << 20)
+                out(["no error"])
+            except Exception as e:
+                out([type(e).__name__, str(e)])
+        """))
+    finally:
+        for v in victims:
+            v.kill()
+            v.wait()
+    assert res[0] == "MemdMemoryError" and "rolled back" in res[1], res
+    assert all(str(v.pid) in res[1] for v in victims), res
+
+
 def test_exhaustion_raises_memoryerror_and_daemon_keeps_serving(daemon_factory) -> None:
     d = daemon_factory("-m", "4", "--max-mem", "40")  # 4 + 3 x 10 MB fit, 18 more do not
     res = result(run_secondary(d, """
