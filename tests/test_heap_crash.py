@@ -16,6 +16,7 @@ import os
 import struct
 
 import pytest
+from forking import fork_run, wait_child
 from memd_harness import Daemon, result, run_secondary
 
 from memd import _ext
@@ -103,21 +104,7 @@ def assert_clean_outside_hulls(w: _ext.Window) -> None:
 def run_child(op, k: int) -> int:
     """Fork; the child arms the crash knob at k and runs op.  Its exit code:
     CRASHED (it died at crash point k), 0 (op finished first), 1 (op raised)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            _ext._heap_crash_after(k)
-            op()
-            code = 0
-        except BaseException:  # report through the exit code
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return wait_child(fork_run(op, before=lambda: _ext._heap_crash_after(k)))
 
 
 def sweep(w: _ext.Window, op, *, hulls: bool = True, limit: int = 1000) -> int:

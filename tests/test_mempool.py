@@ -6,15 +6,13 @@ from __future__ import annotations
 import array
 import contextlib
 import os
-import signal
 import time
-import traceback
 import tracemalloc
-from collections.abc import Callable
 
 import numpy as np
 import pytest
 from _fake_memory import FakeMemory
+from forking import fork_run, wait_child
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -36,33 +34,6 @@ BASE = 2 << 20
 @pytest.fixture
 def window() -> _ext.Window:
     return _ext.Window.anonymous(32 << 20)
-
-
-def fork_run(fn: Callable[[], object]) -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            fn()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
-
-
-def wait_child(pid: int, limit: float = 120.0) -> int:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.005)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail(f"child {pid} hung")
-    return -1
 
 
 # --- geometry -------------------------------------------------------------------

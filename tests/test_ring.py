@@ -14,13 +14,13 @@ import signal
 import struct
 import threading
 import time
-import traceback
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from forking import fork_run, wait_child
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -39,35 +39,6 @@ def window() -> _ext.Window:
 
 
 # --- process helpers --------------------------------------------------------
-
-
-def fork_run(fn: Callable[[], object]) -> int:
-    """Run fn in a forked child; the child exits 0 iff fn returned."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            fn()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
-
-
-def wait_child(pid: int, limit: float = 120.0) -> int:
-    """Exit code of child pid; kill it and fail if it outlives `limit` seconds."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.005)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail(f"child {pid} hung")
-    return -1
 
 
 def wait_for(cond: Callable[[], bool], limit: float = 30.0) -> None:

@@ -21,11 +21,12 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from forking import fork_run as fork_child
+from forking import wait_child
 
 from memd import _ext
 from memd.errors import PrimaryNotRunning
@@ -58,32 +59,7 @@ def watchdog() -> Iterator[None]:
 
 def fork_run(fn: Callable[[], object], crash_after: int = -1) -> int:
     """Run fn in a forked child with the crash knob armed; return its pid."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            _ext._ring_crash_after(crash_after)
-            fn()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
-
-
-def wait_child(pid: int, limit: float = 120.0) -> int:
-    """Exit code of child pid; kill it and fail if it outlives `limit` seconds."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.002)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail(f"child {pid} hung")
-    return -1
+    return fork_child(fn, before=lambda: _ext._ring_crash_after(crash_after))
 
 
 def run_child(fn: Callable[[], object], crash_after: int) -> int:
