@@ -117,12 +117,10 @@ class Secondary(Memory):
                     f"the primary (pid {h.primary_pid}) runs with --huge-unlink, so its page "
                     "files are gone and no secondary can map them; restart it without "
                     "--huge-unlink to attach")
-            # Watch the primary through a pidfd, opened before the liveness check
-            # so that a pid reused after the check cannot fool it.
+            # Watch the primary through a pidfd (watch_process checks its start
+            # time after opening it, so a reused pid cannot fool us).
             pidfd = watch_process(h.primary_pid, h.primary_start_time)
-            if pidfd is None or not self._locked_by_primary(fd):
-                if pidfd is not None and pidfd >= 0:
-                    os.close(pidfd)
+            if pidfd is None:
                 return f"its primary (pid {h.primary_pid}) is dead (stale config)"
             self.window = _ext.Window(h.window_size, h.window_align)
             self.window.map_fd(0, _ext.CONFIG_SIZE, fd)
