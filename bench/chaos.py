@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from memd_harness import Daemon  # noqa: E402
+from memd_harness import Daemon, remove_leftover_pages  # noqa: E402
 
 from memd import _ext  # noqa: E402
 
@@ -412,9 +412,6 @@ def main() -> int:
     finally:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop()
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import remove_leftover_pages
-
         remove_leftover_pages(daemon.prefix)
     print(table(st, "--no-huge" if args.no_huge else "hugepages"))
     if args.json:

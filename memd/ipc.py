@@ -180,10 +180,10 @@ class Server:
         for peer in dead:
             if peer.identity in self.peers:
                 try:
-                    self.on_death(peer)
+                    self.on_death(peer)  # which forgets the peer
                 except Exception:  # the daemon keeps serving the living
                     log.exception("reclaiming dead pid %d failed", peer.pid)
-                self.remove_peer(peer)
+                    self.remove_peer(peer)
 
     def close(self) -> None:
         with self.lock:

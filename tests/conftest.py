@@ -9,8 +9,6 @@ setup cannot pass silently.
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import os
 import re
 from typing import NamedTuple, NoReturn
@@ -82,7 +80,7 @@ def require_hugepages() -> HugepageEnv:
 
 # --- real daemons ---------------------------------------------------------------
 
-from memd_harness import Daemon  # noqa: E402
+from memd_harness import Daemon, remove_leftover_pages  # noqa: E402
 
 
 @pytest.fixture(params=["nohuge", "huge"])
@@ -111,17 +109,6 @@ def daemon_factory(tmp_path, mode):
     for prefix in {d.prefix for d in started}:  # a primary killed on purpose leaves pages
         remove_leftover_pages(prefix)
 
-
-def remove_leftover_pages(prefix: str) -> None:
-    """Delete page files of `prefix` that a SIGKILLed primary left behind (a new
-    primary would clean them; tests that end with a kill must not leak hugepages)."""
-    dirs = ["/dev/shm"]
-    with open("/proc/mounts", encoding="utf-8") as f:
-        dirs += [line.split()[1] for line in f if line.split()[2:3] == ["hugetlbfs"]]
-    for d in dirs:
-        for path in glob.glob(os.path.join(d, glob.escape(prefix) + "map_*")):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
 
 
 @pytest.fixture

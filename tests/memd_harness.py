@@ -5,6 +5,7 @@ readiness is read from a real NOTIFY_SOCKET (READY=1), as systemd would."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import itertools
 import json
 import os
@@ -148,3 +149,15 @@ def hugepages_free() -> int:
             if line.startswith("HugePages_Free:"):
                 return int(line.split()[1])
     return 0
+
+
+def remove_leftover_pages(prefix: str) -> None:
+    """Delete page files of `prefix` that a SIGKILLed primary left behind (a new
+    primary would clean them; tests that end with a kill must not leak hugepages)."""
+    dirs = ["/dev/shm"]
+    with open("/proc/mounts", encoding="utf-8") as f:
+        dirs += [line.split()[1] for line in f if line.split()[2:3] == ["hugetlbfs"]]
+    for d in dirs:
+        for path in glob.glob(os.path.join(d, glob.escape(prefix) + "map_*")):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
