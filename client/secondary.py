@@ -9,6 +9,8 @@ import fcntl
 import itertools
 import logging
 import os
+import stat
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,11 @@ from memd.errors import (
     PrimaryNotRunning,
     VersionMismatch,
 )
+from memd.files import UnsafePath, describe_owner, is_shared_writable, open_checked
+from memd.hugepage_info import hugetlbfs_mounts
 from memd.ipc import PROTOCOL_VERSION, Channel
 from memd.memory import Memory
-from memd.paths import DEFAULT_PREFIX, config_path, mp_endpoint
+from memd.paths import DEFAULT_PREFIX, SHM_DIR, config_path, mp_endpoint
 from memd.paths import runtime_dir as resolve_runtime_dir
 from memd.shared import comm, exited, header, proc_start_time, process_alive, watch_process
 
@@ -43,6 +47,7 @@ class Secondary(Memory):
         self.proc_slot = -1
         self._cfg_fd = -1
         self._primary_fd = -1  # pidfd of the primary (-1: none, poll /proc instead)
+        self.daemon_uid = -1  # the owner of the config: every file we open must be its
         self._channel: Channel | None = None
         self._attach(timeout)
 
@@ -61,6 +66,7 @@ class Secondary(Memory):
                     f"Start it (memd --file-prefix {self.prefix}) or check --file-prefix "
                     "and --runtime-dir")
             time.sleep(0.01)
+        self._check_socket()
         try:
             self._channel = Channel(mp_endpoint(self.prefix, self.rundir),
                                     f"{os.getpid()}-{next(_attach_numbers)}", self._on_sync,
@@ -82,20 +88,57 @@ class Secondary(Memory):
                 raise VersionMismatch(ans["reason"])
             raise PrimaryNotRunning(f"the primary refused to register us: {ans['reason']}")
         self.proc_slot = int(ans["slot"])
+        try:
+            self._set_page_dirs(ans.get("page_dirs"))
+        except BaseException:
+            self.detach()
+            raise
         self.sync_pages()
+
+    def _check_rundir(self) -> None:
+        """Only a runtime dir that no one but its owner can write is trusted: in any
+        other, anyone could have put a config or socket of their own."""
+        try:
+            st = os.stat(self.rundir)
+        except FileNotFoundError:
+            return  # no primary yet: _try_open says so
+        except PermissionError:
+            raise PermissionDenied(
+                f"cannot reach {self.rundir}: permission denied; run as the daemon's user "
+                "or as a member of its --group") from None
+        private = self.rundir.name.removeprefix("memd-")
+        if self.rundir.name.startswith("memd-") and private.isdigit() and \
+                is_shared_writable(os.stat(self.rundir.parent)):
+            lst = os.lstat(self.rundir)
+            if not stat.S_ISDIR(lst.st_mode) or lst.st_uid != int(private):
+                raise UnsafePath(
+                    f"{self.rundir} belongs to {describe_owner(lst.st_uid)}, not to uid "
+                    f"{private} whose private runtime dir it should be: someone else made it; "
+                    "remove it and restart memd")
+        if is_shared_writable(st):
+            raise UnsafePath(
+                f"{self.rundir} can be written by other users, so memd files there cannot "
+                f"be trusted; attach with the runtime dir the daemon uses (in such a "
+                f"directory memd keeps its files in memd-<uid> inside it)")
 
     def _try_open(self, path: Path) -> str | None:
         """Open and map the config if a live, ready primary owns it; else say why not."""
+        self._check_rundir()
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            # the daemon's uid is whoever owns the config in a runtime dir only its
+            # owner can write (_check_rundir); every other file must be that uid's
+            fd = open_checked(path, None, what="config")
         except FileNotFoundError:
             return f"{path} does not exist"
+        except UnsafePath:
+            raise
         except PermissionError:
             raise PermissionDenied(
                 f"cannot open {path}: it belongs to another user; run as the daemon's user "
-                "or ask for memd --group") from None
+                "or as a member of its --group") from None
         try:
-            if os.fstat(fd).st_size < _ext.CONFIG_SIZE:
+            st = os.fstat(fd)
+            if st.st_size < _ext.CONFIG_SIZE:
                 return "the primary is still initialising"
             # Temporary window to read the header: we need the window size first.
             probe = _ext.Window(_ext.CONFIG_SIZE)
@@ -125,6 +168,8 @@ class Secondary(Memory):
             self.window = _ext.Window(h.window_size, h.window_align)
             self.window.map_fd(0, _ext.CONFIG_SIZE, fd)
             self._cfg_fd, fd = fd, -1
+            self.daemon_uid = st.st_uid
+            self.pages.owner = st.st_uid
             self._primary = (h.primary_pid, h.primary_start_time)
             self._primary_fd = pidfd
             if pidfd >= 0:
@@ -133,6 +178,50 @@ class Secondary(Memory):
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def _check_socket(self) -> None:
+        """The primary's socket and its directory must be the daemon's, as the config
+        is: a socket someone else bound would hand us a fake primary."""
+        sock = Path(mp_endpoint(self.prefix, self.rundir).removeprefix("ipc://"))
+        for path, kind, is_kind in ((sock.parent, "directory", stat.S_ISDIR),
+                                    (sock, "socket", stat.S_ISSOCK)):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return  # not bound yet: registration times out with the reason
+            why = None
+            if not is_kind(st.st_mode):
+                why = f"is not a {kind}"
+            elif st.st_uid != self.daemon_uid:
+                why = f"belongs to {describe_owner(st.st_uid)}"
+            elif kind == "directory" and is_shared_writable(st):
+                why = "can be written by other users"
+            if why:
+                self._close_quietly()
+                raise UnsafePath(
+                    f"{path} {why}, but the memd config belongs to "
+                    f"{describe_owner(self.daemon_uid)}: not attaching to it; remove it and "
+                    "restart memd")
+
+    def _set_page_dirs(self, page_dirs: object) -> None:
+        """Where each memseg list's page files are, as the primary answered: each
+        must be inside a hugetlbfs mount (or /dev/shm), which we check ourselves."""
+        if not isinstance(page_dirs, list):
+            raise VersionMismatch("the primary's registration answer has no page "
+                                  "directories: install the same memd version on both sides")
+        mounts = {}
+        for m in hugetlbfs_mounts():
+            with contextlib.suppress(OSError):
+                mounts[os.stat(m.mount_point).st_dev] = m.mount_point
+        for item in page_dirs:
+            index, directory = item
+            if directory != SHM_DIR:
+                st = os.stat(directory)
+                if os.path.realpath(directory) != directory or st.st_dev not in mounts:
+                    raise UnsafePath(
+                        f"the primary keeps pages in {directory}, which is not a hugetlbfs "
+                        "mount here (or not its real path): not mapping files from it")
+            self.pages.set_dir(int(index), directory)
 
     @staticmethod
     def _locked_by_primary(fd: int) -> bool:
@@ -221,6 +310,22 @@ class Secondary(Memory):
                 # it, so a new primary does not count us among the old secondaries.
                 _ext.proc_unregister(self.window, self.proc_slot, os.getpid())
         self._close_quietly()
+        self._unmap_if_unused()
+
+    def _unmap_if_unused(self) -> None:
+        """Unmap every page once nothing but us refers to the window, so that a
+        detached process holds no page file and a new primary may remove them.
+        A live view (or ring, mempool) keeps the pages mapped, and the process
+        is named as their holder until it lets go."""
+        window = getattr(self, "window", None)
+        if window is None or sys.getrefcount(window) > 3:  # ours, the local, the argument
+            return
+        with self._map_lock:
+            for msl in self._lists:
+                for slot in sorted(self._mapped.get(msl.index, set())):
+                    with contextlib.suppress(OSError):
+                        self._unmap_slot(msl, slot)
+            self._synced_generation = -1
 
     def __enter__(self) -> Secondary:
         return self

@@ -580,9 +580,9 @@ def require_free_pages(page_size: int | str, count: int = 1, *, node: int | None
 def lock_huge_dir(path: str, *, exclusive: bool = True, timeout: float = 0.0) -> int:
     """Open ``path`` and ``flock`` it, as DPDK locks its hugepage directories.
 
-    The primary takes the lock exclusive during init and then shared (call again with
-    ``exclusive=False`` on the returned fd via :func:`relock_huge_dir`) for its life,
-    so a second primary on the same directory fails instead of corrupting it.
+    DPDK holds it exclusive only while initialising; any number of primaries with
+    different prefixes then share the directory (memd's own safety rests on its
+    prefix lock and the page files' locks, see :mod:`memd.pages`).
     Waits up to ``timeout`` seconds. Returns the fd (close it to unlock).
     Raises :class:`HugepageConfigError` when the lock is held elsewhere.
     """

@@ -34,7 +34,7 @@ log = logging.getLogger("memd.ipc")
 
 MAX_MESSAGE = 4096  # bytes: the largest valid message is far smaller
 MAX_REASON = 1024  # bytes of a reply's reason (the secondary accepts strs this long)
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: register answers with each memseg list's page directory
 _UNPACK_LIMITS = {
     "max_str_len": 256, "max_bin_len": 0, "max_array_len": 16, "max_map_len": 16,
     "max_ext_len": 0,

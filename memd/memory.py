@@ -23,7 +23,7 @@ from memd.errors import (
 from memd.heap import HeapMixin
 from memd.mempool import Mempool, MempoolMixin
 from memd.pages import PageStore
-from memd.paths import config_path
+from memd.paths import SHM_DIR, config_path
 from memd.ring import Ring, RingMixin
 from memd.shared import SOCKET_ID_ANY, Header, MemsegList, header, memseg_lists, processes
 
@@ -199,7 +199,7 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             "legacy_mem": bool(h.flags & _ext.CFG_F_LEGACY),
             "runtime_dir": str(self.rundir),
             "config_path": str(config_path(self.prefix, self.rundir)),
-            "huge_dirs": sorted({m.dir for m in lists if m.dir}),
+            "huge_dirs": sorted({d for d in self.pages.dirs.values() if d != SHM_DIR}),
             "window_size": h.window_size,
             "mapped_bytes": sum(m.n_used * m.page_size for m in lists),
             "layout_version": h.layout_version,

@@ -1,84 +1,329 @@
 """The files behind pages: hugetlbfs files (`<huge-dir>/<prefix>map_<n>`) or, with
---no-huge, POSIX shared-memory objects (`/dev/shm/<prefix>map_<n>`).  Only the
-primary creates and removes them; secondaries open them to map the same pages."""
+--no-huge, POSIX shared-memory objects (`/dev/shm/<prefix>map_<n>`).
+
+Locking follows DPDK: whoever maps a page file holds a shared ``flock`` on it for
+as long as it is mapped (the lock lives in the open file, which the mapping keeps
+open), so a page file nobody holds is stale.  Each primary also holds
+`<dir>/<prefix>.memd-lock` exclusively for its life: one primary per prefix and
+directory, host-wide, whatever its runtime dir.  Stale files are removed only
+under that lock, and only if nobody holds them.  Only the primary creates and
+removes page files; secondaries open them to map the same pages."""
 
 from __future__ import annotations
 
 import contextlib
-import glob
+import errno
+import fcntl
+import logging
+import mmap
 import os
-
-import posix_ipc
+import stat
+from dataclasses import dataclass, field
 
 from memd import _ext
-from memd.paths import huge_page_path, page_file_number, shm_page_name
+from memd.errors import MemdError
+from memd.files import (
+    NOFOLLOW,
+    Holder,
+    UnsafePath,
+    create_file,
+    describe_owner,
+    holders,
+    open_checked,
+    try_lock,
+)
+from memd.paths import (
+    SHM_DIR,
+    page_file_name,
+    page_file_number,
+    parse_memd_name,
+    prefix_lock_name,
+)
 from memd.shared import MemsegList
+
+log = logging.getLogger("memd")
+
+HOLDER_WAIT = 1.0  # s: a cleaner holds a lock for milliseconds; a primary for its life
+
+
+class PrefixInUse(MemdError, RuntimeError):
+    """A live process holds this prefix's files in a page directory."""
 
 
 class PageStore:
-    def __init__(self, prefix: str, mode: int = 0o600, gid: int | None = None) -> None:
+    """The page files of one prefix.  `dirs` maps each memseg list to its directory;
+    it comes from the process's own knowledge (the primary's plan, the primary's
+    reply to a secondary), never from shared memory, which others may write."""
+
+    def __init__(self, prefix: str, mode: int = 0o600, gid: int | None = None,
+                 owner: int | None = None) -> None:
         self.prefix = prefix
         self.mode = mode
         self.gid = gid
+        self.owner = os.geteuid() if owner is None else owner
+        self.dirs: dict[int, str] = {}
+        self._devs: dict[int, int] = {}
+
+    def set_dir(self, index: int, directory: str) -> None:
+        """Page files of memseg list `index` live in `directory` (SHM_DIR for shm)."""
+        self.dirs[index] = directory
+        self._devs[index] = os.stat(directory).st_dev
 
     def _number(self, msl: MemsegList, slot: int) -> int:
         return page_file_number(msl.index, slot, _ext.MAX_PAGES_PER_LIST)
 
-    def describe(self, msl: MemsegList, slot: int) -> str:
-        n = self._number(msl, slot)
-        if msl.dir:
-            return huge_page_path(msl.dir, self.prefix, n)
-        return "/dev/shm" + shm_page_name(self.prefix, n)
+    def path(self, msl: MemsegList, slot: int) -> str:
+        try:
+            directory = self.dirs[msl.index]
+        except KeyError:
+            raise MemdError(f"memseg list {msl.index} has no page directory here; "
+                            "detach and attach again") from None
+        return os.path.join(directory, page_file_name(self.prefix, self._number(msl, slot)))
+
+    describe = path
 
     def create(self, msl: MemsegList, slot: int) -> int:
-        """Create the page's file (exclusively) sized to one page; returns an fd."""
-        n = self._number(msl, slot)
-        if msl.dir:
-            path = huge_page_path(msl.dir, self.prefix, n)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
-            try:
-                os.ftruncate(fd, msl.page_size)
-            except OSError:
-                os.close(fd)
-                os.unlink(path)
-                raise
-        else:
-            shm = posix_ipc.SharedMemory(shm_page_name(self.prefix, n), posix_ipc.O_CREX,
-                                         mode=self.mode, size=msl.page_size)
-            fd = os.dup(shm.fd)
-            shm.close_fd()
-        if self.gid is not None:
-            os.fchown(fd, -1, self.gid)
+        """Create the page's file (exclusively, never through a symlink) sized to
+        one page, locked shared; returns an fd."""
+        fd = create_file(self.path(msl, slot), self.mode, self.gid, size=msl.page_size)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # a new file: nobody else can hold it yet
         return fd
 
     def open(self, msl: MemsegList, slot: int) -> int:
-        n = self._number(msl, slot)
-        if msl.dir:
-            return os.open(huge_page_path(msl.dir, self.prefix, n), os.O_RDWR | os.O_CLOEXEC)
-        shm = posix_ipc.SharedMemory(shm_page_name(self.prefix, n))
-        fd = os.dup(shm.fd)
-        shm.close_fd()
+        """Open an existing page file to map it, locked shared.  It must be a
+        regular file of the daemon's uid, one page long, on the list's filesystem.
+        Raises UnsafePath (a PermissionError) or OSError otherwise."""
+        path = self.path(msl, slot)
+        fd = open_checked(path, self.owner, size=msl.page_size, dev=self._devs[msl.index],
+                          what="page file")
+        if not try_lock(fd, exclusive=False, timeout=HOLDER_WAIT):
+            os.close(fd)
+            raise OSError(errno.EAGAIN, f"{path} is locked by a cleaner; try again", path)
         return fd
 
     def remove(self, msl: MemsegList, slot: int) -> None:
-        n = self._number(msl, slot)
-        with contextlib.suppress(FileNotFoundError, posix_ipc.ExistentialError):
-            if msl.dir:
-                os.unlink(huge_page_path(msl.dir, self.prefix, n))
-            else:
-                posix_ipc.unlink_shared_memory(shm_page_name(self.prefix, n))
+        with contextlib.suppress(FileNotFoundError, KeyError):
+            os.unlink(self.path(msl, slot))
 
-    def remove_stale(self, huge_dirs: list[str]) -> int:
-        """Remove every page file of this prefix (a dead primary's leftovers).
-        Only called while holding the config lock, so no live primary owns them."""
-        patterns = [huge_page_path(d, self.prefix, 0)[:-1] + "*" for d in huge_dirs]
-        patterns.append("/dev/shm" + shm_page_name(self.prefix, 0)[:-1] + "*")
-        removed = 0
-        for pattern in patterns:
-            for path in glob.glob(pattern):
-                if not path.rsplit("map_", 1)[-1].isdigit():
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                    removed += 1
-        return removed
+
+# --- one primary per prefix and directory -----------------------------------------------
+
+
+def lock_prefix(directory: str, prefix: str, mode: int, gid: int | None) -> int:
+    """Take `<directory>/<prefix>.memd-lock` exclusively; returns its fd (hold it for
+    life; `unlock_prefix` at a clean exit).  Raises PrefixInUse naming the primary
+    that holds it, or UnsafePath if the file is not ours."""
+    path = os.path.join(directory, prefix_lock_name(prefix))
+    for _ in range(10):
+        try:
+            fd = create_file(path, mode, gid, os.O_RDONLY)
+        except FileExistsError:
+            try:
+                fd = open_checked(path, os.geteuid(), os.O_RDONLY, what="prefix lock")
+            except FileNotFoundError:
+                continue  # its holder just removed it
+        if not try_lock(fd, exclusive=True, timeout=HOLDER_WAIT):
+            who = holders(fd, prefix)
+            os.close(fd)
+            names = ", ".join(map(str, who)) or "another process"
+            raise PrefixInUse(
+                f"--file-prefix {prefix} is in use on {directory} by another memd primary "
+                f"({names}); stop it, or give this memd another --file-prefix")
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        os.close(fd)  # removed or replaced while we waited: start over
+    raise PrefixInUse(f"{path} keeps changing; is another memd starting with this prefix?")
+
+
+def unlock_prefix(directory: str, prefix: str, fd: int) -> None:
+    """Remove the prefix lock (still held) and close it: a clean exit."""
+    path = os.path.join(directory, prefix_lock_name(prefix))
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.unlink(path)
+    os.close(fd)
+
+
+# --- stale files ---------------------------------------------------------------------------
+
+
+@dataclass
+class CleanReport:
+    """What a scan for stale page files did."""
+
+    removed: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes)
+    held: list[tuple[str, list[Holder]]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(n for _, n in self.removed)
+
+    def merge(self, other: CleanReport) -> None:
+        self.removed += other.removed
+        self.held += other.held
+        self.skipped += other.skipped
+
+    def as_dict(self) -> dict[str, object]:
+        return {"removed": [{"path": p, "bytes": n} for p, n in self.removed],
+                "bytes_freed": self.bytes_freed,
+                "held": [{"path": p, "holders": [h.pid for h in hs]} for p, hs in self.held],
+                "skipped": [{"path": p, "reason": why} for p, why in self.skipped]}
+
+
+def _memd_files(directory: str) -> dict[str, dict[str, list[str]]]:
+    """prefix -> kind -> names of memd's own files in `directory`."""
+    found: dict[str, dict[str, list[str]]] = {}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return found
+    for name in names:
+        parsed = parse_memd_name(name)
+        if parsed is not None:
+            prefix, kind = parsed
+            found.setdefault(prefix, {}).setdefault(kind, []).append(name)
+    return found
+
+
+def _remove_if_unheld(path: str, report: CleanReport, prefix: str,
+                      force: bool = False) -> bool:
+    """Unlink `path` if nobody holds a lock on it (or, with `force`, if it is held:
+    its holders keep their mappings).  True if removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        report.skipped.append((path, e.strerror or str(e)))
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            report.skipped.append((path, "not a regular file"))
+            return False
+        if not try_lock(fd, exclusive=True):
+            who = holders(fd, prefix)
+            if not force:
+                report.held.append((path, who))
+                return False
+        try:
+            if os.stat(path).st_ino != st.st_ino:
+                return False  # replaced since we opened it: not the file we judged
+            os.unlink(path)
+        except FileNotFoundError:
+            return True
+        except OSError as e:
+            report.skipped.append((path, f"cannot remove: {e.strerror}"))
+            return False
+        report.removed.append((path, st.st_size))
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_own_stale(directory: str, prefix: str, *, take_over: bool) -> CleanReport:
+    """With this prefix's lock held: remove its page files that nobody holds.  Files
+    a live process still maps (a dead primary's secondaries) are left and reported,
+    or with `take_over` unlinked under them (they keep their mappings)."""
+    report = CleanReport()
+    kinds = _memd_files(directory).get(prefix, {})
+    for name in kinds.get("page", []) + kinds.get("temp", []):
+        _remove_if_unheld(os.path.join(directory, name), report, prefix, force=take_over)
+    return report
+
+
+def clean_stale(directory: str, skip: str | None = None) -> CleanReport:
+    """Remove the page files of every memd prefix in `directory` that no live
+    process holds; `skip` names a prefix not to touch (our own).  A prefix counts
+    as memd's only with its lock file there, and is passed over while a primary
+    holds that lock; the lock file goes last, once no page file of it is left."""
+    report = CleanReport()
+    for prefix, kinds in sorted(_memd_files(directory).items()):
+        if prefix == skip or "lock" not in kinds:
+            continue  # ours, or not memd's (DPDK uses the same page names)
+        lock_path = os.path.join(directory, prefix_lock_name(prefix))
+        try:
+            lock_fd = os.open(lock_path, os.O_RDONLY | NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            report.skipped.append((lock_path, e.strerror or str(e)))
+            continue
+        try:
+            if not try_lock(lock_fd, exclusive=True):
+                continue  # a live primary's
+            left = [name for name in kinds.get("page", []) + kinds.get("temp", [])
+                    if not _remove_if_unheld(os.path.join(directory, name), report, prefix)]
+            if not left:
+                with contextlib.suppress(OSError):
+                    if os.stat(lock_path).st_ino == os.fstat(lock_fd).st_ino:
+                        os.unlink(lock_path)
+                        report.removed.append((lock_path, 0))
+        finally:
+            os.close(lock_fd)
+    return report
+
+
+def clean_all() -> CleanReport:
+    """`clean_stale` in every hugetlbfs mount and /dev/shm: free the memory of memd
+    instances that died and never came back (`memctl hugepages --clean`)."""
+    from memd.hugepage_info import hugetlbfs_mounts
+
+    report = CleanReport()
+    for directory in [*sorted({m.mount_point for m in hugetlbfs_mounts()}), SHM_DIR]:
+        report.merge(clean_stale(directory))
+    return report
+
+
+# --- can this directory give us pages? ------------------------------------------------------
+
+
+def no_pages_reason(directory: str, page_size: int, wanted: int, error: OSError) -> str:
+    """Why `wanted` pages of `page_size` could not be had in `directory`, in words
+    that say what to do: permissions, a hugetlbfs mount's size= limit (statfs
+    reports blocks only for a mount that has one), a full /dev/shm, or the pool."""
+    from memd.hugepage_info import kb, size_sysfs_dir
+
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        owner = "?"
+        with contextlib.suppress(OSError):
+            owner = describe_owner(os.stat(directory).st_uid)
+        return (f"cannot write to {directory} ({error.strerror}; it belongs to {owner}): run "
+                f"memd as a user that can, or chown/chmod {directory}")
+    if directory == SHM_DIR:
+        return f"the shm filesystem ({SHM_DIR}) is full ({error.strerror}): free memory"
+    st = None
+    with contextlib.suppress(OSError):
+        st = os.statvfs(directory)
+    if st is not None and st.f_blocks and st.f_bfree < wanted:
+        return (f"the hugetlbfs mount {directory} holds {st.f_blocks} pages (its size= "
+                f"limit) and {st.f_bfree} are free: remount it with a larger size= "
+                "(mount -o remount,size=...) or free memory")
+    nr = os.path.join(size_sysfs_dir(page_size), "nr_hugepages")
+    return (f"no free {kb(page_size)} hugepages ({error.strerror}): reserve more, "
+            f"echo N > {nr} (or memctl hugepages --reserve), or free memory")
+
+
+def probe_dir(directory: str, page_size: int) -> str | None:
+    """Create, size and map one page in `directory`, then give it back.  None if
+    that works, else why not (`no_pages_reason`)."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return None  # no O_TMPFILE on this kernel's hugetlbfs: the first page will tell
+        return no_pages_reason(directory, page_size, 1, e)
+    try:
+        os.ftruncate(fd, page_size)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(fd, page_size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+        mm.close()
+        return None
+    except OSError as e:
+        return no_pages_reason(directory, page_size, 1, e)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["CleanReport", "PageStore", "PrefixInUse", "UnsafePath", "clean_all", "clean_stale",
+           "lock_prefix", "no_pages_reason", "probe_dir", "remove_own_stale", "unlock_prefix"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 DEFAULT_PREFIX = "rte"
 
 
-def runtime_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+def base_runtime_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     """`--runtime-dir`, else $RUNTIME_DIRECTORY (systemd), else /var/run as root,
     else $XDG_RUNTIME_DIR, else /tmp."""
     if explicit:
@@ -19,6 +20,30 @@ def runtime_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     if os.geteuid() == 0:
         return Path("/var/run")
     return Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
+
+
+def shared_writable(path: Path) -> bool:
+    """True if users other than its owner may create entries in `path` (the
+    sticky /tmp, a group-writable dir): anyone could squat memd's names there."""
+    try:
+        return bool(os.stat(path).st_mode & 0o022)
+    except OSError:  # missing or unreachable: whoever opens files there says so
+        return False
+
+
+def runtime_dir(explicit: str | os.PathLike[str] | None = None,
+                uid: int | None = None) -> Path:
+    """Where a memd's files live: the base runtime dir (`base_runtime_dir`) when only
+    its owner can write it, else the private `<base>/memd-<uid>` memd makes there.
+    The primary passes its own `uid`; a client looks for its own uid's, then root's."""
+    base = base_runtime_dir(explicit)
+    if not shared_writable(base):
+        return base
+    uids = [uid] if uid is not None else [os.geteuid(), 0]
+    for u in uids:
+        if (base / f"memd-{u}").is_dir():
+            return base / f"memd-{u}"
+    return base / f"memd-{uids[0]}"
 
 
 def config_path(prefix: str, rundir: Path) -> Path:
@@ -41,19 +66,43 @@ def telemetry_dir(prefix: str, rundir: Path) -> Path:
     return rundir / "dpdk" / prefix
 
 
+SHM_DIR = "/dev/shm"  # POSIX shm objects (--no-huge pages) are files here
+
+
 def page_file_number(list_idx: int, slot: int, pages_per_list: int) -> int:
     """DPDK numbers page files list * max-pages-per-list + slot."""
     return list_idx * pages_per_list + slot
 
 
-def huge_page_path(huge_dir: str, prefix: str, number: int) -> str:
-    """`<huge-dir>/<prefix>map_<n>`: rtemap_0, rtemap_1, ... for the default prefix."""
-    return os.path.join(huge_dir, f"{prefix}map_{number}")
+def page_file_name(prefix: str, number: int) -> str:
+    """`<prefix>map_<n>` (rtemap_0, rtemap_1, ... for the default prefix), as DPDK;
+    in the huge dir, or in /dev/shm with --no-huge."""
+    return f"{prefix}map_{number}"
 
 
-def shm_page_name(prefix: str, number: int) -> str:
-    """POSIX shm object for a --no-huge page: /dev/shm/<prefix>map_<n>."""
-    return f"/{prefix}map_{number}"
+def prefix_lock_name(prefix: str) -> str:
+    """The file a primary holds locked in each page directory for its life: one
+    primary per prefix and directory, host-wide, whatever its runtime dir."""
+    return f"{prefix}.memd-lock"
+
+
+def legacy_temp_name(prefix: str, number: int) -> str:
+    """--legacy-mem's page files before they are sorted into place."""
+    return f"{prefix}tmp_{number}"
+
+
+_MEMD_NAME = re.compile(r"^(?P<prefix>[A-Za-z0-9._-]+?)(?:map_(?P<page>\d+)|tmp_(?P<temp>\d+)"
+                        r"|\.memd-(?P<lock>lock))$")
+
+
+def parse_memd_name(name: str) -> tuple[str, str] | None:
+    """(prefix, kind) of a name memd creates in a page directory, kind being
+    "page", "temp" or "lock"; None for any other name."""
+    m = _MEMD_NAME.match(name)
+    if m is None:
+        return None
+    kind = next(k for k in ("page", "temp", "lock") if m.group(k) is not None)
+    return m.group("prefix"), kind
 
 
 def validate_prefix(prefix: str) -> str:

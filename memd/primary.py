@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import grp
 import logging
 import math
 import mmap
@@ -20,14 +19,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memd import _ext, hugepage_info, pagemap
-from memd.access import AccessPolicy
+from memd.access import AccessPolicy, resolve_group
 from memd.errors import MemdError, MemdMemoryError
+from memd.files import (
+    UnsafePath,
+    create_file,
+    describe_owner,
+    ensure_dir,
+    holders,
+    open_checked,
+    try_lock,
+)
 from memd.heap import space_needed
 from memd.ipc import PROTOCOL_VERSION, Peer, Server, param, reply
 from memd.memory import Memory
+from memd.pages import (
+    clean_stale,
+    lock_prefix,
+    no_pages_reason,
+    probe_dir,
+    remove_own_stale,
+    unlock_prefix,
+)
 from memd.paths import (
     DEFAULT_PREFIX,
+    SHM_DIR,
+    base_runtime_dir,
     config_path,
+    legacy_temp_name,
     mp_endpoint,
     runtime_dir,
     socket_dir,
@@ -103,14 +122,15 @@ class Primary(Memory):
     def __init__(self, options: Options | None = None) -> None:
         self.options = opts = options or Options()
         prefix = validate_prefix(opts.file_prefix)
-        super().__init__(prefix, runtime_dir(opts.runtime_dir))
+        super().__init__(prefix, runtime_dir(opts.runtime_dir, uid=os.geteuid()))
         self.proc_slot = 0
         self._closed = False
         self._cfg_fd = -1
-        self._dir_fds: list[int] = []
+        self._prefix_locks: dict[str, int] = {}  # page directory -> its prefix lock fd
         self.server: Server | None = None
         self._gid = self._group_id(opts.group)
         self._mode = 0o660 if self._gid is not None else 0o600
+        self._dir_mode = 0o750 if self._gid is not None else 0o700
         self.pages.mode = self._mode
         self.pages.gid = self._gid
         self._expand_lock = threading.RLock()
@@ -125,25 +145,30 @@ class Primary(Memory):
 
     @staticmethod
     def _group_id(group: str | None) -> int | None:
-        if group is None:
-            return None
         try:
-            return grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise InitError(f"--group {group}: no such group; create it or drop --group") from None
+            return resolve_group(group)
+        except ValueError as e:
+            raise InitError(f"--group {group}: {e}; create it or drop --group") from None
 
     def _init(self) -> None:
-        opts = self.options
-        self.rundir.mkdir(parents=True, exist_ok=True)
+        self._make_runtime_dir()
         self.config_file = config_path(self.prefix, self.rundir)
         self._lock_config()
         plans = self._plan_lists()
-        huge_dirs = sorted({p.dir for p in plans if p.dir})
-        removed = self.pages.remove_stale(huge_dirs)
-        if removed:
-            log.info("removed %d page files left by a dead primary", removed)
-        for d in huge_dirs:  # DPDK: exclusive while initialising, shared for life
-            self._dir_fds.append(hugepage_info.lock_huge_dir(d, exclusive=True))
+        page_sizes = {p.dir or SHM_DIR: p.page_size for p in plans}
+        for i, p in enumerate(plans):
+            self.pages.set_dir(i, p.dir or SHM_DIR)
+        dir_locks: list[int] = []
+        try:
+            self._claim_page_dirs(page_sizes, dir_locks)
+            self._init_memory(plans)
+        finally:
+            for fd in dir_locks:  # DPDK: the directory is locked only while initialising
+                os.close(fd)
+        self._start_server()
+
+    def _init_memory(self, plans: list[_ListPlan]) -> None:
+        opts = self.options
 
         window_align = max(p.page_size for p in plans)
         cursor = _ext.CONFIG_SIZE
@@ -178,25 +203,91 @@ class Primary(Memory):
             self._init_legacy()
         else:
             self._prealloc()
-        for fd, d in zip(self._dir_fds, huge_dirs, strict=True):
-            hugepage_info.relock_huge_dir(fd, d, exclusive=False)
 
+    def _start_server(self) -> None:
+        start = proc_start_time(os.getpid()) or 0
         _ext.proc_register(self.window, os.getpid(), start, _ext.PROC_PRIMARY, comm(), 0)
         sockdir = socket_dir(self.prefix, self.rundir)
-        sockdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(sockdir, 0o770 if self._gid is not None else 0o700)
-        if self._gid is not None:
-            os.chown(sockdir, -1, self._gid)
+        # group members may enter and connect, never create: the socket is ours alone
+        ensure_dir(sockdir.parent, 0o711 if self._gid is not None else 0o700, shared=True)
+        ensure_dir(sockdir, self._dir_mode, self._gid)
         with contextlib.suppress(FileNotFoundError):
             (sockdir / "mp_socket").unlink()  # a dead primary's: we hold the config lock
         self.server = Server(mp_endpoint(self.prefix, self.rundir), self._handlers(),
-                             opts.sync_timeout, AccessPolicy(gid=self._gid))
+                             self.options.sync_timeout, AccessPolicy(gid=self._gid))
         self.server.on_death = self._reclaim
+        if self._gid is not None:
+            os.chown(sockdir / "mp_socket", -1, self._gid)
         os.chmod(sockdir / "mp_socket", self._mode)
         _ext.config_publish(self.window)  # magic last: secondaries may attach now
         log.info("ready: prefix %s, %d memseg lists, %s MiB mapped, iova %s", self.prefix,
                  len(self._lists), self.info()["mapped_bytes"] >> 20,
                  "PA" if self.iova_mode == _ext.IOVA_PA else "VA")
+
+    def _make_runtime_dir(self) -> None:
+        """The runtime dir must be one only its owner can write: memd makes its own
+        `memd-<uid>` inside a shared one (the sticky /tmp), and refuses one that
+        belongs to another user."""
+        base = base_runtime_dir(self.options.runtime_dir)
+        if self.rundir != base:  # the private subdirectory of a shared-writable base
+            ensure_dir(self.rundir, 0o711 if self._gid is not None else 0o700, shared=True)
+            return
+        try:
+            self.rundir.mkdir(parents=True, exist_ok=True)
+        except PermissionError:
+            raise InitError(f"cannot create {self.rundir}: permission denied; run as root or "
+                            "pass --runtime-dir to a directory you own") from None
+        st = os.stat(self.rundir)
+        if st.st_uid not in (0, os.geteuid()):
+            raise InitError(
+                f"runtime dir {self.rundir} belongs to {describe_owner(st.st_uid)}: memd keeps "
+                "its config and sockets only in a directory of its own user or root; pass "
+                "another --runtime-dir")
+
+    def _claim_page_dirs(self, page_sizes: dict[str, int], dir_locks: list[int]) -> None:
+        """Make each page directory ours to use: take the prefix lock (refused if a
+        live primary of this prefix uses the directory, under any runtime dir), lock
+        the directory as DPDK does while initialising, remove this prefix's stale
+        files and every dead prefix's unheld ones, and check a page can be had.
+        Appends the directory locks to `dir_locks`, to release once initialised."""
+        opts = self.options
+        for d, page_size in sorted(page_sizes.items()):
+            try:
+                self._prefix_locks[d] = lock_prefix(d, self.prefix, self._mode, self._gid)
+            except PermissionError as e:
+                owner = describe_owner(os.stat(d).st_uid)
+                raise InitError(f"cannot write to {d} ({e.strerror or e}; it belongs to "
+                                f"{owner}): run memd as a user that can, or chown/chmod "
+                                f"{d}") from None
+            except MemdError as e:
+                raise InitError(str(e)) from None
+            if d != SHM_DIR:
+                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                dir_locks.append(fd)
+                if not try_lock(fd, exclusive=True, timeout=2.0):
+                    # Our safety rests on the prefix lock; the directory lock is DPDK's
+                    # courtesy, so a process that sits on it only delays us.
+                    log.warning("%s stays locked by %s; going on without its lock", d,
+                                ", ".join(map(str, holders(fd))) or "another process")
+            own = remove_own_stale(d, self.prefix, take_over=opts.take_over)
+            if own.held:
+                pids = sorted({h.pid for _, hs in own.held for h in hs})
+                where = sorted({str(h) for _, hs in own.held for h in hs})
+                raise InitError(
+                    f"{len(own.held)} page files of --file-prefix {self.prefix} in {d} are "
+                    f"still mapped by {', '.join(where)}: secondaries of a dead primary of "
+                    f"this prefix. Stop them (kill {' '.join(map(str, pids))}), or start "
+                    "memd with --take-over to leave them on the old memory")
+            if own.removed:
+                log.info("removed %d page files (%d MiB) of a dead primary of %s from %s",
+                         len(own.removed), own.bytes_freed >> 20, self.prefix, d)
+            others = clean_stale(d, skip=self.prefix)
+            if others.removed:
+                log.info("removed %d stale page files (%d MiB) of dead prefixes from %s",
+                         len(others.removed), others.bytes_freed >> 20, d)
+            why = probe_dir(d, page_size)
+            if why:
+                raise InitError(why)
 
     def _lock_config(self) -> None:
         """One primary per prefix: an exclusive flock on the config file, held for
@@ -205,8 +296,15 @@ class Primary(Memory):
         path = self.config_file
         for _ in range(10):
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self._mode)
-            except PermissionError:
+                try:
+                    fd = create_file(path, self._mode, self._gid)
+                except FileExistsError:
+                    fd = open_checked(path, os.geteuid(), what="config")
+            except FileNotFoundError:
+                continue  # a dead primary's, removed by whoever started just before us
+            except PermissionError as e:
+                if isinstance(e, UnsafePath):
+                    raise InitError(str(e)) from None
                 raise InitError(f"cannot create {path}: permission denied; run as root or "
                                 "pass --runtime-dir to a directory you own") from None
             try:
@@ -239,7 +337,7 @@ class Primary(Memory):
             os.ftruncate(fd, _ext.CONFIG_SIZE)
             if self._gid is not None:
                 os.fchown(fd, -1, self._gid)
-            os.fchmod(fd, self._mode)
+            os.fchmod(fd, self._mode)  # after fchown, which may clear mode bits
             self._cfg_fd = fd
             return
         raise InitError(f"{path} keeps changing under us; is another memd starting?")
@@ -349,7 +447,8 @@ class Primary(Memory):
                 try:
                     # Populate hugepages now (fail here, not with SIGBUS later); shm
                     # pages fault in on first use like any other memory.
-                    addr = self._map_slot(msl, slot, fd=fd, populate=bool(msl.dir))
+                    addr = self._map_slot(msl, slot, fd=fd,
+                                          populate=self.pages.dirs[msl.index] != SHM_DIR)
                 finally:
                     os.close(fd)
                 flags = _ext.SEG_F_PREALLOC if prealloc else 0
@@ -361,27 +460,11 @@ class Primary(Memory):
             for slot in done:
                 self._drop_page(msl, slot)
             size = hugepage_info.kb(msl.page_size)
-            raise MemdMemoryError(f"cannot map {n} pages of {size}: "
-                                  f"{self._out_of_pages_hint(msl, n)} ({e})") from e
+            err = e if isinstance(e, OSError) else OSError(errno.ENOMEM, str(e) or "no memory")
+            why = no_pages_reason(self.pages.dirs[msl.index], msl.page_size, n, err)
+            raise MemdMemoryError(f"cannot map {n} pages of {size}: {why}") from e
         self._lists = memseg_lists(self.window)
         return first
-
-    @staticmethod
-    def _out_of_pages_hint(msl: MemsegList, n: int) -> str:
-        """What to do when `n` pages could not be had: a hugetlbfs mount's size=
-        limit (statfs reports blocks only for a mount that has one) or the pool."""
-        if not msl.dir:
-            return "the shm filesystem (/dev/shm) is full"
-        try:
-            st = os.statvfs(msl.dir)
-        except OSError:
-            st = None
-        if st is not None and st.f_blocks and st.f_bfree < n:
-            return (f"the hugetlbfs mount of {msl.dir} holds {st.f_blocks} pages (its size= "
-                    f"option) and {st.f_bfree} are free: remount it with a larger size= "
-                    "(mount -o remount,size=...) or free memory")
-        return (f"out of {hugepage_info.kb(msl.page_size)} hugepages: reserve more "
-                "(memctl hugepages --reserve) or free memory")
 
     def sync_pages(self) -> tuple[int, int]:
         """The primary maps and unmaps every page itself, so its mappings are
@@ -437,8 +520,8 @@ class Primary(Memory):
         temp: list[tuple[str, int, mmap.mmap]] = []
         try:
             for i in range(total):
-                path = os.path.join(msl.dir, f"{self.prefix}tmp_{i}")
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self._mode)
+                path = os.path.join(self.pages.dirs[msl.index], legacy_temp_name(self.prefix, i))
+                fd = create_file(path, self._mode, self._gid)
                 try:
                     os.ftruncate(fd, msl.page_size)
                     mm = mmap.mmap(fd, msl.page_size, mmap.MAP_SHARED,
@@ -462,7 +545,7 @@ class Primary(Memory):
                     slot += 1  # a hole: the next run is not physically contiguous
                 final = self.pages.describe(target, slot)
                 os.rename(temp[i][0], final)
-                fd = os.open(final, os.O_RDWR | os.O_CLOEXEC)
+                fd = self.pages.open(target, slot)
                 try:
                     self._map_slot(target, slot, fd=fd)
                 finally:
@@ -718,7 +801,10 @@ class Primary(Memory):
                              "unused processes")
         self.server.add_peer(Peer(identity, slot, pid, start, pidfd))
         log.info("secondary pid %d attached in slot %d", pid, slot)
-        return reply(msg["id"], slot=slot, generation=self._header().mem_generation)
+        # Page directories travel here, from our own memory: a secondary never takes
+        # a path from shared memory, which any attached process can write.
+        return reply(msg["id"], slot=slot, generation=self._header().mem_generation,
+                     page_dirs=sorted(self.pages.dirs.items()))
 
     def _on_unregister(self, identity: bytes, msg: dict[str, Any]) -> dict[str, Any]:
         """unregister {} -> {}: the secondary detaches; its slot is freed."""
@@ -823,9 +909,12 @@ class Primary(Memory):
             shutil.rmtree(socket_dir(self.prefix, self.rundir), ignore_errors=True)
             with contextlib.suppress(OSError):
                 (self.rundir / "memd").rmdir()  # only if no other prefix uses it
-        for fd in self._dir_fds:
-            os.close(fd)
-        self._dir_fds = []
+        for d, fd in self._prefix_locks.items():
+            if remove_files:
+                unlock_prefix(d, self.prefix, fd)
+            else:
+                os.close(fd)
+        self._prefix_locks = {}
         if self._cfg_fd >= 0:
             os.close(self._cfg_fd)  # releases the primary lock
             self._cfg_fd = -1

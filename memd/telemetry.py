@@ -42,6 +42,7 @@ from typing import Any
 from memd.access import AccessPolicy, peer_credentials
 from memd.api import CMD_RE, MAX_CMD_LEN, MAX_OUTPUT_LEN, AdminAPI
 from memd.errors import MemdError, PermissionDenied, PrimaryNotRunning, ProtocolError
+from memd.files import ensure_dir
 
 __all__ = [
     "SOCKET_NAME",
@@ -208,20 +209,14 @@ class TelemetryServer:
             raise RuntimeError("telemetry server already started")
         directory = socket_dir(self.runtime_dir, self.prefix)
         # whoever may use the socket must be able to reach it: <runtime>/dpdk and
-        # <runtime>/dpdk/<prefix> get the socket's group/other search bits; an existing
-        # <runtime>/dpdk (DPDK's, shared with DPDK apps) is left as it is
+        # <runtime>/dpdk/<prefix> get the socket's group/other search bits (never
+        # write: only we create there); <runtime>/dpdk, shared with other instances
+        # and DPDK apps, is only ever widened
         dir_mode = (0o700 | (0o050 if self.socket_mode & 0o060 else 0)
                     | (0o005 if self.socket_mode & 0o006 else 0))
-        for d in (os.path.dirname(directory), directory):
-            if os.path.isdir(d) and d != directory:
-                if os.stat(d).st_mode & dir_mode & 0o055 != dir_mode & 0o055:
-                    log.warning("%s (not ours) keeps group/other users from reaching the "
-                                "admin socket; widen it: chmod %o %s", d, dir_mode, d)
-                continue
-            os.makedirs(d, mode=dir_mode, exist_ok=True)
-            os.chmod(d, dir_mode)  # makedirs' mode is filtered by the umask
-            if self.group is not None:
-                os.chown(d, -1, self.group)
+        ensure_dir(os.path.dirname(directory), 0o711 if dir_mode & 0o055 else 0o700,
+                   shared=True)
+        ensure_dir(directory, dir_mode, self.group)
         self._listener, self.path, self.instance = self._bind(directory)
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)

@@ -136,6 +136,39 @@ def run_secondary(daemon: Daemon, code: str, timeout: float = 60.0, check: bool 
     return proc
 
 
+def start_secondary(daemon: Daemon, code: str = "", user: str | None = None,
+                    groups: str | None = None) -> subprocess.Popen[str]:
+    """A secondary that runs `code`, prints READY and then waits for a line on
+    stdin (or EOF) before it runs what follows `# then:` in `code`, and detaches.
+    `user`/`groups` run it as another user (setpriv)."""
+    first, _, then = textwrap.dedent(code).partition("# then:")
+    prelude = SECONDARY_PRELUDE.replace("PREFIX", repr(daemon.prefix)).replace(
+        "RUNDIR", repr(str(daemon.runtime_dir)))
+    source = (prelude + first + "\nprint('READY', flush=True)\nsys.stdin.readline()\n"
+              + then + "\nmem.detach()\n")
+    cmd = [sys.executable, "-c", source]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={groups or 'nogroup'}",
+               *([f"--groups={groups}"] if groups else ["--clear-groups"]), *cmd]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "READY":
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        raise AssertionError(f"secondary did not get ready: {line!r}\n{err}\n"
+                             f"daemon log:\n{daemon.log_text()}")
+    return proc
+
+
+def finish_secondary(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """Let a start_secondary() go on; returns its stdout, asserting exit 0."""
+    out, err = proc.communicate("go\n", timeout=timeout)
+    assert proc.returncode == 0, f"secondary exited {proc.returncode}:\n{err}"
+    return out
+
+
 def result(proc: subprocess.CompletedProcess[str]) -> object:
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -158,6 +191,7 @@ def remove_leftover_pages(prefix: str) -> None:
     with open("/proc/mounts", encoding="utf-8") as f:
         dirs += [line.split()[1] for line in f if line.split()[2:3] == ["hugetlbfs"]]
     for d in dirs:
-        for path in glob.glob(os.path.join(d, glob.escape(prefix) + "map_*")):
+        for path in (glob.glob(os.path.join(d, glob.escape(prefix) + "map_*"))
+                     + glob.glob(os.path.join(d, glob.escape(prefix) + ".memd-lock"))):
             with contextlib.suppress(OSError):
                 os.unlink(path)

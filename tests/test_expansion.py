@@ -19,6 +19,7 @@ import pytest
 import zmq
 from memd_harness import Daemon, hugepages_free, result, run_secondary
 
+from memd.ipc import PROTOCOL_VERSION
 from memd.paths import mp_endpoint
 
 
@@ -283,7 +284,7 @@ def test_register_must_come_from_the_named_pid(daemon: Daemon) -> None:
     s.setsockopt(zmq.LINGER, 0)
     s.connect(mp_endpoint(daemon.prefix, daemon.runtime_dir))
     s.send(msgpack.packb({"type": "register", "id": 1, "pid": daemon.pid, "start_time": 0,
-                          "version": 1}))
+                          "version": PROTOCOL_VERSION}))
     ans = msgpack.unpackb(s.recv())
     s.close()
     assert ans["status"] != 0 and "sent by pid" in ans["reason"]

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from memd_harness import Daemon
 
 from memd.errors import ProtocolError
-from memd.ipc import MAX_MESSAGE, MAX_REASON, decode, reply
+from memd.ipc import MAX_MESSAGE, MAX_REASON, PROTOCOL_VERSION, decode, reply
 from memd.paths import mp_endpoint
 from memd.shared import proc_start_time
 from memd.telemetry import TelemetryClient, socket_path
@@ -200,8 +200,8 @@ def param_breakers(kind: str, pid: int, start: int) -> st.SearchStrategy[tuple]:
                 st.integers(1, 2**31 - 1).filter(lambda p: p != pid)),
             bad("start_time", st.integers(I64, -1), st.integers(2**63 + 1, U64),
                 st.integers(1, 2**63).filter(lambda s: s != start)),       # a dead process
-            bad("version", st.integers(0, 2**31).filter(lambda v: v != 1),  # another version
-                st.integers(0, 2**31).filter(lambda v: v != 1), st.integers(I64, -1)))
+            bad("version", st.integers(0, 2**31).filter(lambda v: v != PROTOCOL_VERSION),
+                st.integers(I64, -1)))                                     # another version
     if kind == "alloc":
         non_pow2 = st.integers(3, 2**30).filter(lambda a: a & (a - 1))
         return st.one_of(
@@ -240,7 +240,8 @@ def mutated_requests(draw: st.DrawFn, senders: list[str], pid: int, start: int) 
     sender = draw(st.sampled_from(SENDERS.get(kind, senders)))
     msg: dict[Any, Any] = {"type": kind, "id": FRESH}
     msg.update({
-        "register": {"pid": pid, "start_time": start, "version": 1, "comm": "fuzz"},
+        "register": {"pid": pid, "start_time": start, "version": PROTOCOL_VERSION,
+                     "comm": "fuzz"},
         "alloc": {"heap": 0, "size": 4096, "align": 0, "bound": 0, "contig": False},
         "shrink": {"heap": 0},
     }.get(kind, {}))
@@ -387,7 +388,8 @@ def test_register_stores_a_comm_that_reads_back(daemon: Daemon, comm: str, shown
     character, after which processes() raised for everyone (/memd/processes and
     /memd/stats answered null); a NUL in it made register fail with EIO."""
     s = dealer(daemon, b"sync-comm-%d" % len(comm))  # one identity per case: see Peers
-    s.send(_pack({"type": "register", "id": 1, "pid": os.getpid(), "version": 1,
+    s.send(_pack({"type": "register", "id": 1, "pid": os.getpid(),
+                  "version": PROTOCOL_VERSION,
                   "start_time": proc_start_time(os.getpid()) or 0, "comm": comm}))
     ans = recv_reply(s, daemon, comm)
     try:
