@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from memd.errors import MemdError
+from memd.pages import clean_all
 from memd.paths import DEFAULT_PREFIX
 from memd.paths import runtime_dir as _default_runtime_dir
 from memd.telemetry import TelemetryClient, socket_path
@@ -359,6 +360,18 @@ def _hugepages(args: argparse.Namespace) -> int:
         print(json.dumps({"mounted": did, "path": args.mount}) if args.json else
               f"{'mounted hugetlbfs at' if did else 'already mounted:'} {args.mount}")
         return 0
+    if args.clean:
+        report = clean_all()
+        if args.json:
+            print(json.dumps(report.as_dict(), indent=2))
+            return 0
+        print(f"freed {len(report.removed)} page files ({human_size(report.bytes_freed)}) of "
+              "dead memd instances")
+        for path, who in report.held:
+            print(f"kept {path}: mapped by {', '.join(map(str, who)) or 'a live process'}")
+        for path, why in report.skipped:
+            print(f"skipped {path}: {why}")
+        return 0
     if args.clear:
         results = ha.clear()
         if args.json:
@@ -423,6 +436,8 @@ def _parser() -> argparse.ArgumentParser:
     act.add_argument("--reserve", metavar="SIZE", help="set the pool to SIZE (e.g. 1G)")
     act.add_argument("--mount", metavar="DIR", help="mount hugetlbfs at DIR")
     act.add_argument("--clear", action="store_true", help="give every hugepage back")
+    act.add_argument("--clean", action="store_true",
+                     help="remove the page files of dead memd instances that nobody maps")
     h.add_argument("--node", type=int, default=None, help="--reserve on this NUMA node")
     h.add_argument("--page-size", default=None, help="page size for --reserve/--mount (2M)")
     return p
