@@ -54,6 +54,21 @@ def memd_spawn_to_ready(mb: int, extra: list[str], rundir: Path) -> float:
         s.close()
 
 
+def memd_start(mb: int, extra: list[str], rundir: Path, prefix: str) -> subprocess.Popen[bytes]:
+    """A memd left running (the caller stops it), once it is ready."""
+    sock_path = rundir / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(sock_path))
+        s.settimeout(60)
+        env = {**os.environ, "NOTIFY_SOCKET": str(sock_path)}
+        p = subprocess.Popen([sys.executable, "-m", "memd", "--file-prefix", prefix,
+                              "--runtime-dir", str(rundir), "-m", str(mb), "--no-telemetry",
+                              "--log-level", "warning", *extra], env=env)
+        while b"READY=1" not in s.recv(4096):
+            pass
+    return p
+
+
 def memd_inprocess(mb: int, extra: dict, rundir: Path) -> float:
     t0 = time.perf_counter()
     p = Primary(Options(file_prefix="ibench", runtime_dir=str(rundir), memory_mb=mb, **extra))
@@ -143,12 +158,26 @@ def main() -> None:
                        for _ in range(a.runs)])
         rows.append((f"init {a.mb} MiB {name}: spawn -> ready", med(spawn), ref))
         rows.append((f"init {a.mb} MiB {name}: Primary() in-process", med(inproc), None))
+    # A second instance on the same mount (another prefix) while this one starts:
+    # what sharing a host costs (prefix lock, stale scan, probe) beside a lone start.
+    flags = [] if huge else ["--no-huge"]
+    other = Path(tempfile.mkdtemp(prefix="memd-bench-other-"))
+    bystander = memd_start(64, flags, other, "ibench-other")
+    try:
+        beside = [memd_spawn_to_ready(a.mb, flags, rundir) for _ in range(a.runs)]
+    finally:
+        bystander.terminate()
+        bystander.wait()
+        shutil.rmtree(other, ignore_errors=True)
+    alone = rows[0][1]
+    rows.append((f"init {a.mb} MiB {modes[0][0]} beside another memd", med(beside), alone))
     att = memd_attach(64, not huge, rundir, a.runs * 10)
     ref = med(dpdk_secondary(64, a.runs)) if dpdk else None
     rows.append(("secondary attach()", med(att), ref))
     shutil.rmtree(rundir, ignore_errors=True)
 
     print(f"\n{'what':48} {'memd ms':>9} {'DPDK ms':>9} {'memd/DPDK':>10}")
+    print("(the 'beside another memd' row compares with memd's own lone start instead)")
     for what, ms, ref in rows:
         ratio = f"{ms / ref:10.2f}" if ref else f"{'-':>10}"
         refs = f"{ref:9.1f}" if ref else f"{'-':>9}"
