@@ -184,3 +184,22 @@ out({{"errors": errors, "unchanged": unchanged, "full": full,
         assert state(mem, capped.files, capped.mount)["files"] == PAGES
         mem.free(big)
         assert state(mem, capped.files, capped.mount) == base
+
+
+def test_no_page_left_fails_at_start_with_the_cause(hugetlbfs_16m: str, tmp_path: Path) -> None:
+    """A primary without -m on a mount with no page left fails at start (exit 1) with
+    the mount's size= limit, instead of saying ready and failing at the first growth;
+    the primary that holds the pages is untouched."""
+    full = Daemon(tmp_path, "huge", "-m", str(2 * PAGES), "--huge-dir", hugetlbfs_16m).start()
+    try:
+        late = Daemon(tmp_path, "huge", "--huge-dir", hugetlbfs_16m)
+        proc = subprocess.run(late.command(), capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert "size= limit" in proc.stderr and hugetlbfs_16m in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert len(glob.glob(f"{hugetlbfs_16m}/{full.prefix}map_*")) == PAGES
+        with full.attach() as mem:
+            assert mem.info()["mapped_bytes"] == PAGES * 2 * MiB
+    finally:
+        assert full.stop() == 0, full.log_text()
