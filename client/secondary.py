@@ -23,7 +23,13 @@ from memd.errors import (
     PrimaryNotRunning,
     VersionMismatch,
 )
-from memd.files import UnsafePath, describe_owner, is_shared_writable, open_checked
+from memd.files import (
+    UnsafePath,
+    check_trusted_path,
+    describe_owner,
+    is_shared_writable,
+    open_checked,
+)
 from memd.hugepage_info import hugetlbfs_mounts
 from memd.ipc import PROTOCOL_VERSION, Channel
 from memd.memory import Memory
@@ -45,6 +51,7 @@ class Secondary(Memory):
     def __init__(self, prefix: str, rundir: Path, timeout: float) -> None:
         super().__init__(prefix, rundir)
         self.proc_slot = -1
+        self._pid = os.getpid()  # who attached: a forked child must attach anew
         self._cfg_fd = -1
         self._primary_fd = -1  # pidfd of the primary (-1: none, poll /proc instead)
         self.daemon_uid = -1  # the owner of the config: every file we open must be its
@@ -99,6 +106,8 @@ class Secondary(Memory):
         """Only a runtime dir that no one but its owner can write is trusted: in any
         other, anyone could have put a config or socket of their own."""
         try:
+            # the path up to it is root's or ours; the dir itself may be the daemon's
+            check_trusted_path(self.rundir, {0, os.geteuid()}, any_owner_last=True)
             st = os.stat(self.rundir)
         except FileNotFoundError:
             return  # no primary yet: _try_open says so
@@ -210,7 +219,7 @@ class Secondary(Memory):
             raise VersionMismatch("the primary's registration answer has no page "
                                   "directories: install the same memd version on both sides")
         mounts = {}
-        for m in hugetlbfs_mounts():
+        for m in hugetlbfs_mounts() if any(d != SHM_DIR for _, d in page_dirs) else []:
             with contextlib.suppress(OSError):
                 mounts[os.stat(m.mount_point).st_dev] = m.mount_point
         for item in page_dirs:
@@ -260,6 +269,10 @@ class Secondary(Memory):
     def _request(self, msg: dict[str, Any]) -> dict[str, Any]:
         if self._channel is None:
             raise PrimaryNotRunning("detached")
+        if os.getpid() != self._pid:  # ZeroMQ sockets do not survive a fork
+            raise MemdError(
+                f"this process (pid {os.getpid()}) was forked from pid {self._pid} after it "
+                "attached; the child must attach on its own (memd_client.attach())")
         self._check_alive()
         try:
             return self._channel.request(msg)

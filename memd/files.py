@@ -158,6 +158,52 @@ def ensure_dir(path: str | Path, mode: int, gid: int | None = None, *,
     return made
 
 
+def check_trusted_path(path: str | Path, trusted: set[int], *,
+                       any_owner_last: bool = False) -> None:
+    """Refuse (UnsafePath) a directory path that a user outside `trusted` could
+    redirect: every directory and symlink on the way (symlinks followed) must
+    belong to a trusted user, and one that others may write must be sticky, so
+    they cannot rename or replace what is in it.  `any_owner_last`: the last
+    directory itself may be anyone's (a daemon's runtime dir), if it is a real
+    directory.  A missing tail is fine: whoever creates it owns it."""
+    todo = list(reversed(os.path.abspath(path).split("/")))
+    cur, cur_st, links = "/", os.lstat("/"), 0
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            cur = os.path.dirname(cur)
+            cur_st = os.lstat(cur)
+            continue
+        if cur_st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not cur_st.st_mode & stat.S_ISVTX:
+            raise UnsafePath(f"{cur} can be written by other users and is not sticky, so "
+                             f"{os.path.join(cur, name)} cannot be trusted: chmod go-w {cur}")
+        nxt = os.path.join(cur, name)
+        try:
+            st = os.lstat(nxt)
+        except FileNotFoundError:
+            return
+        last = not any(p not in ("", ".") for p in todo)
+        if st.st_uid not in trusted and not (last and any_owner_last
+                                             and stat.S_ISDIR(st.st_mode)):
+            raise UnsafePath(
+                f"{nxt} belongs to {describe_owner(st.st_uid)}, who could redirect memd's "
+                f"files through it: use a directory of your own user or root")
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > 40:
+                raise UnsafePath(f"{path}: too many symlinks")
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                cur, cur_st = "/", os.lstat("/")
+            todo.extend(reversed(target.split("/")))
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafePath(f"{nxt} is not a directory")
+        cur, cur_st = nxt, st
+
+
 def try_lock(fd: int, exclusive: bool, timeout: float = 0.0) -> bool:
     """flock `fd` without blocking for longer than `timeout` seconds; True if taken."""
     op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
@@ -200,10 +246,33 @@ def _config_dir_of(pid: int, prefix: str | None) -> str | None:
     return None
 
 
-def holders(fd: int, prefix: str | None = None) -> list[Holder]:
+def _mappers(st: os.stat_result) -> list[int]:
+    """The processes that map the file `st` describes, from /proc/*/maps."""
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    ino = str(st.st_ino)
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/maps", encoding="utf-8", errors="replace") as f:
+                if any(line.split(maxsplit=5)[3:5] == [dev, ino] for line in f):
+                    pids.append(int(entry))
+        except OSError:
+            continue  # gone, or not ours to read
+    return pids
+
+
+def holders(fd: int, prefix: str | None = None, *, mapped: bool = False) -> list[Holder]:
     """The processes that hold a flock on the file open at `fd` (ourselves
-    excluded), from /proc/locks; with `prefix`, each with its memd runtime dir."""
+    excluded), from /proc/locks; with `mapped`, those that map it (a lock is
+    named after the process that took it, which may have died leaving a fork
+    holding it).  With `prefix`, each with its memd runtime dir."""
     st = os.fstat(fd)
+    if mapped:
+        found = _mappers(st)
+        if found:
+            return [Holder(pid, _config_dir_of(pid, prefix)) for pid in found]
     key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     pids: list[int] = []
     try:

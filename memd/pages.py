@@ -137,11 +137,14 @@ def lock_prefix(directory: str, prefix: str, mode: int, gid: int | None) -> int:
 
 
 def unlock_prefix(directory: str, prefix: str, fd: int) -> None:
-    """Remove the prefix lock (still held) and close it: a clean exit."""
+    """Close the prefix lock, removing it (still held) unless page files of the
+    prefix are left: it marks them as memd's for a later clean."""
     path = os.path.join(directory, prefix_lock_name(prefix))
-    with contextlib.suppress(OSError):
-        if os.stat(path).st_ino == os.fstat(fd).st_ino:
-            os.unlink(path)
+    kinds = _memd_files(directory).get(prefix, {})
+    if not kinds.get("page") and not kinds.get("temp"):
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.unlink(path)
     os.close(fd)
 
 
@@ -155,6 +158,7 @@ class CleanReport:
     removed: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes)
     held: list[tuple[str, list[Holder]]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    foreign: list[tuple[str, int]] = field(default_factory=list)  # (path, owner uid)
 
     @property
     def bytes_freed(self) -> int:
@@ -164,12 +168,15 @@ class CleanReport:
         self.removed += other.removed
         self.held += other.held
         self.skipped += other.skipped
+        self.foreign += other.foreign
 
     def as_dict(self) -> dict[str, object]:
         return {"removed": [{"path": p, "bytes": n} for p, n in self.removed],
                 "bytes_freed": self.bytes_freed,
                 "held": [{"path": p, "holders": [h.pid for h in hs]} for p, hs in self.held],
-                "skipped": [{"path": p, "reason": why} for p, why in self.skipped]}
+                "skipped": [{"path": p, "reason": why} for p, why in self.skipped]
+                + [{"path": p, "reason": f"belongs to uid {uid}, not to its prefix lock's owner"}
+                   for p, uid in self.foreign]}
 
 
 def _memd_files(directory: str) -> dict[str, dict[str, list[str]]]:
@@ -187,10 +194,10 @@ def _memd_files(directory: str) -> dict[str, dict[str, list[str]]]:
     return found
 
 
-def _remove_if_unheld(path: str, report: CleanReport, prefix: str,
+def _remove_if_unheld(path: str, report: CleanReport, prefix: str, owner: int,
                       force: bool = False) -> bool:
-    """Unlink `path` if nobody holds a lock on it (or, with `force`, if it is held:
-    its holders keep their mappings).  True if removed."""
+    """Unlink `path` if it is `owner`'s and nobody holds a lock on it (or, with
+    `force`, if it is held: its holders keep their mappings).  True if removed."""
     try:
         fd = os.open(path, os.O_RDONLY | NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -203,8 +210,11 @@ def _remove_if_unheld(path: str, report: CleanReport, prefix: str,
         if not stat.S_ISREG(st.st_mode):
             report.skipped.append((path, "not a regular file"))
             return False
+        if st.st_uid != owner:  # not made by whoever made the prefix lock: not memd's
+            report.foreign.append((path, st.st_uid))
+            return False
         if not try_lock(fd, exclusive=True):
-            who = holders(fd, prefix)
+            who = holders(fd, prefix, mapped=True)
             if not force:
                 report.held.append((path, who))
                 return False
@@ -230,7 +240,8 @@ def remove_own_stale(directory: str, prefix: str, *, take_over: bool) -> CleanRe
     report = CleanReport()
     kinds = _memd_files(directory).get(prefix, {})
     for name in kinds.get("page", []) + kinds.get("temp", []):
-        _remove_if_unheld(os.path.join(directory, name), report, prefix, force=take_over)
+        _remove_if_unheld(os.path.join(directory, name), report, prefix, os.geteuid(),
+                          force=take_over)
     return report
 
 
@@ -250,10 +261,14 @@ def clean_stale(directory: str, skip: str | None = None) -> CleanReport:
             report.skipped.append((lock_path, e.strerror or str(e)))
             continue
         try:
-            if not try_lock(lock_fd, exclusive=True):
+            lock_st = os.fstat(lock_fd)
+            if not stat.S_ISREG(lock_st.st_mode) or not try_lock(lock_fd, exclusive=True):
                 continue  # a live primary's
+            # anyone may create a lock file in /dev/shm: it vouches only for its
+            # owner's files, which that owner could remove anyway
             left = [name for name in kinds.get("page", []) + kinds.get("temp", [])
-                    if not _remove_if_unheld(os.path.join(directory, name), report, prefix)]
+                    if not _remove_if_unheld(os.path.join(directory, name), report, prefix,
+                                             lock_st.st_uid)]
             if not left:
                 with contextlib.suppress(OSError):
                     if os.stat(lock_path).st_ino == os.fstat(lock_fd).st_ino:
@@ -290,6 +305,13 @@ def no_pages_reason(directory: str, page_size: int, wanted: int, error: OSError)
             owner = describe_owner(os.stat(directory).st_uid)
         return (f"cannot write to {directory} ({error.strerror}; it belongs to {owner}): run "
                 f"memd as a user that can, or chown/chmod {directory}")
+    if error.errno == errno.EEXIST:
+        path = error.filename or directory
+        owner = "?"
+        with contextlib.suppress(OSError):
+            owner = describe_owner(os.lstat(path).st_uid)
+        return (f"{path} already exists (made by {owner}), but only this memd may make that "
+                "name: remove it (and find out who made it), or use another --file-prefix")
     if directory == SHM_DIR:
         return f"the shm filesystem ({SHM_DIR}) is full ({error.strerror}): free memory"
     st = None

@@ -105,9 +105,14 @@ def parse_memd_name(name: str) -> tuple[str, str] | None:
     return m.group("prefix"), kind
 
 
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}")
+
+
 def validate_prefix(prefix: str) -> str:
-    """A prefix becomes part of file names: keep it to a safe alphabet."""
-    if not prefix or len(prefix) > 48 or not all(c.isalnum() or c in "-_." for c in prefix):
+    """A prefix becomes part of file and directory names: ASCII letters, digits and
+    ``._-``, starting with a letter or digit (so never ``.`` or ``..``)."""
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
         raise ValueError(
-            f"bad --file-prefix {prefix!r}: use 1-48 characters from [A-Za-z0-9._-]")
+            f"bad --file-prefix {prefix!r}: use 1-48 characters from [A-Za-z0-9._-], "
+            "the first a letter or digit")
     return prefix

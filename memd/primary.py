@@ -11,7 +11,6 @@ import logging
 import math
 import mmap
 import os
-import shutil
 import threading
 import time
 from collections import deque
@@ -23,6 +22,7 @@ from memd.access import AccessPolicy, resolve_group
 from memd.errors import MemdError, MemdMemoryError
 from memd.files import (
     UnsafePath,
+    check_trusted_path,
     create_file,
     describe_owner,
     ensure_dir,
@@ -229,6 +229,10 @@ class Primary(Memory):
         `memd-<uid>` inside a shared one (the sticky /tmp), and refuses one that
         belongs to another user."""
         base = base_runtime_dir(self.options.runtime_dir)
+        try:
+            check_trusted_path(base, {0, os.geteuid()})
+        except UnsafePath as e:
+            raise InitError(f"runtime dir {base}: {e}") from None
         if self.rundir != base:  # the private subdirectory of a shared-writable base
             ensure_dir(self.rundir, 0o711 if self._gid is not None else 0o700, shared=True)
             return
@@ -254,6 +258,8 @@ class Primary(Memory):
         for d, page_size in sorted(page_sizes.items()):
             try:
                 self._prefix_locks[d] = lock_prefix(d, self.prefix, self._mode, self._gid)
+            except UnsafePath as e:
+                raise InitError(str(e)) from None
             except PermissionError as e:
                 owner = describe_owner(os.stat(d).st_uid)
                 raise InitError(f"cannot write to {d} ({e.strerror or e}; it belongs to "
@@ -270,6 +276,12 @@ class Primary(Memory):
                     log.warning("%s stays locked by %s; going on without its lock", d,
                                 ", ".join(map(str, holders(fd))) or "another process")
             own = remove_own_stale(d, self.prefix, take_over=opts.take_over)
+            if own.foreign:
+                path, uid = own.foreign[0]
+                raise InitError(
+                    f"{path} has this memd's name but belongs to {describe_owner(uid)}: it "
+                    f"is not memd's, and memd would need that name; remove it (and find out "
+                    f"who made it), or use another --file-prefix")
             if own.held:
                 pids = sorted({h.pid for _, hs in own.held for h in hs})
                 where = sorted({str(h) for _, hs in own.held for h in hs})
@@ -906,9 +918,13 @@ class Primary(Memory):
         if remove_files and self._cfg_fd >= 0:
             with contextlib.suppress(FileNotFoundError):
                 self.config_file.unlink()
-            shutil.rmtree(socket_dir(self.prefix, self.rundir), ignore_errors=True)
+            # exactly what we made: the socket, then each directory if it is empty
+            sockdir = socket_dir(self.prefix, self.rundir)
             with contextlib.suppress(OSError):
-                (self.rundir / "memd").rmdir()  # only if no other prefix uses it
+                (sockdir / "mp_socket").unlink()
+            for d in (sockdir, sockdir.parent):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
         for d, fd in self._prefix_locks.items():
             if remove_files:
                 unlock_prefix(d, self.prefix, fd)

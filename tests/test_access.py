@@ -545,3 +545,81 @@ def test_rewritten_page_dir_is_not_followed(rundir: Path, daemon_factory: MakeDa
         shutil.rmtree(secret_dir, ignore_errors=True)
         if evil:
             shutil.rmtree(evil, ignore_errors=True)
+
+
+# --- what a hostile review found -------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", [".", "..", ".hidden", "-x", "a/b", "caf\u00e9"])
+def test_prefixes_that_name_other_paths_are_refused(rundir: Path, prefix: str) -> None:
+    """`..` made <runtime>/memd/.. the socket dir, and its removal emptied the
+    runtime dir: a prefix must be a plain name."""
+    canary = rundir / "memd" / "CANARY"
+    canary.parent.mkdir()
+    canary.write_text("keep")
+    proc = subprocess.run([sys.executable, "-m", "memd", "--file-prefix", prefix,
+                           "--runtime-dir", str(rundir), "--no-huge", "-m", "2"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode in (1, 2), proc.stderr
+    assert "file-prefix" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert canary.read_text() == "keep"
+    assert sorted(p.name for p in rundir.iterdir()) == ["memd"]
+
+
+def test_runtime_dir_through_another_users_symlink_is_refused(sticky_dir: Path) -> None:
+    """A symlink nobody owns could be pointed elsewhere while memd runs (and root
+    would then remove files there at shutdown): refused at start."""
+    target = shared_tmp_dir(0o755)
+    link = sticky_dir / "rt"
+    try:
+        proc = run_nobody(["-c", f"import os; os.symlink({str(target)!r}, {str(link)!r})"])
+        assert proc.returncode == 0, proc.stderr
+        proc = subprocess.run([sys.executable, "-m", "memd", "--file-prefix",
+                               f"sl{os.getpid()}", "--runtime-dir", str(link), "--no-huge",
+                               "-m", "2"], capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert str(link) in proc.stderr and "uid 65534" in proc.stderr, proc.stderr
+        assert list(target.iterdir()) == []
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def test_clean_trusts_a_lock_file_only_for_its_owners_files() -> None:
+    """Anyone can create `<p>.memd-lock` in /dev/shm: it must not make root remove
+    a root file of that name, held or not."""
+    prefix = f"cl{os.getpid()}"
+    page = Path(f"/dev/shm/{prefix}map_0")
+    lock = Path(f"/dev/shm/{prefix}.memd-lock")
+    page.write_bytes(b"root data")
+    os.chmod(page, 0o600)
+    try:
+        proc = run_nobody(["-c", f"open({str(lock)!r}, 'w').close()"])
+        assert proc.returncode == 0, proc.stderr
+        proc = subprocess.run([sys.executable, "-m", "memd.memctl", "hugepages", "--clean",
+                               "--json"], capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert str(page) not in {r["path"] for r in report["removed"]}
+        assert page.read_bytes() == b"root data"
+        assert str(page) in {r["path"] for r in report["skipped"]}
+    finally:
+        page.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
+
+
+def test_a_squatted_page_name_refuses_the_start_naming_its_owner(rundir: Path) -> None:
+    prefix = f"sq{os.getpid()}"
+    squat = Path(f"/dev/shm/{prefix}map_0")
+    proc = run_nobody(["-c", f"open({str(squat)!r}, 'w').close()"])
+    assert proc.returncode == 0, proc.stderr
+    try:
+        proc = subprocess.run([sys.executable, "-m", "memd", "--file-prefix", prefix,
+                               "--runtime-dir", str(rundir), "--no-huge", "-m", "2"],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert str(squat) in proc.stderr and "uid 65534" in proc.stderr, proc.stderr
+        assert squat.exists() and squat.stat().st_uid == NOBODY_UID
+    finally:
+        squat.unlink(missing_ok=True)

@@ -244,3 +244,28 @@ def test_huge_unlink_refuses_secondaries_clearly(daemon_factory) -> None:
     with pytest.raises(mc.MemdError, match="--huge-unlink"):
         d.attach(timeout=1)
     assert d.stop() == 0
+
+
+def test_a_forked_child_is_told_to_attach_again(daemon: Daemon) -> None:
+    """ZeroMQ sockets do not survive fork(): a child that grows the heap through
+    its parent's attachment gets a clear error at once (it used to spin)."""
+    res = result(run_secondary(daemon, """
+import time
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    t = time.monotonic()
+    try:
+        mem.malloc(64 << 20)          # beyond -m 8: needs the primary
+        msg = "no error"
+    except mc.MemdError as e:
+        msg = f"{type(e).__name__}: {e}"
+    os.write(w, f"{time.monotonic() - t:.3f} {msg}".encode())
+    os._exit(0)
+os.waitpid(child, 0)
+secs, msg = os.read(r, 4096).decode().split(" ", 1)
+out({"secs": float(secs), "msg": msg, "parent": mem.malloc(64 << 20).size})
+""", timeout=60))
+    assert "forked" in res["msg"] and "attach" in res["msg"], res
+    assert res["secs"] < 5
+    assert res["parent"] >= 64 << 20  # the parent's attachment is unharmed

@@ -180,3 +180,51 @@ def test_dead_primarys_secondaries_elsewhere_block_the_prefix(daemon_factory, tm
     holder.kill()
     holder.wait(10)
     assert taken.proc.poll() is None
+
+
+def test_refused_restart_keeps_the_dead_files_cleanable(daemon_factory) -> None:
+    """A restart refused because a dead primary's pages are still mapped leaves its
+    lock file, so the pages are freed once their holder is gone."""
+    old = daemon_factory("-m", "2")
+    holder = start_secondary(old, "x = mem.malloc(8 << 20)\n")
+    old.kill()
+    left = files_of(old)
+    refused = daemon_factory("-m", "2", prefix=old.prefix, runtime_dir=old.runtime_dir,
+                             start=False)
+    refused.start(wait=False)
+    assert refused.proc.wait(60) == 1
+    assert files_of(old) == left, "a refused start removes nothing"
+    holder.kill()
+    holder.wait(10)
+    proc = subprocess.run([sys.executable, "-m", "memd.memctl", "hugepages", "--clean",
+                           "--json"], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert left <= {r["path"] for r in json.loads(proc.stdout)["removed"]}
+    assert files_of(old) == set()
+
+
+def test_a_forked_holder_is_named_by_its_own_pid(daemon_factory) -> None:
+    """The pid a flock records is the process that took it; a fork that outlives it
+    still maps the pages and is the one to name."""
+    old = daemon_factory("-m", "2")
+    child = result(run_secondary(old, """
+x = mem.malloc(8 << 20)
+child = os.fork()
+if child == 0:            # keeps the pages mapped after its parent is gone
+    os.close(1)
+    os.close(2)
+    import time
+    time.sleep(120)
+    os._exit(0)
+out(child)
+os._exit(0)
+"""))
+    old.kill()
+    refused = daemon_factory("-m", "2", prefix=old.prefix, runtime_dir=old.runtime_dir,
+                             start=False)
+    refused.start(wait=False)
+    try:
+        assert refused.proc.wait(60) == 1
+        assert f"pid {child}" in refused.log_text(), refused.log_text()
+    finally:
+        os.kill(child, 9)
