@@ -22,11 +22,8 @@ from memd.errors import (
     VersionMismatch,
 )
 from memd.memory import MEMZONE_IOVA_CONTIG, Memzone
+from memd.ring import RING_F_EXACT_SZ, RING_F_SC_DEQ, RING_F_SP_ENQ
 from memd.shared import SOCKET_ID_ANY
-
-RING_F_SP_ENQ = 0x1
-RING_F_SC_DEQ = 0x2
-RING_F_EXACT_SZ = 0x4
 
 __all__ = [
     "MEMZONE_IOVA_CONTIG",

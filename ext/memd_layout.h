@@ -33,6 +33,7 @@
 
 #define MEMD_CACHE_LINE 64u
 #define MEMD_NAMESIZE 32u            /* names are at most 31 bytes + NUL */
+#define MEMD_SOCKET_ID_ANY (-1)      /* DPDK's SOCKET_ID_ANY: any heap, local first */
 #define MEMD_MAX_MEMSEG_LISTS 8u     /* socket x page size combinations */
 #define MEMD_MAX_PAGES_PER_LIST 8192u
 #define MEMD_MAX_HEAPS 8u            /* one per NUMA socket */

@@ -1,5 +1,6 @@
 /* mempool.c - fixed-size object pools in shared memory (see mempool.h). */
 #include "mempool.h"
+#include "proc.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -381,7 +382,7 @@ int64_t memd_mempool_reclaim_held_by(char *base, uint64_t pool, int32_t pid)
     if (pid <= 0)
         return -EINVAL;
     /* Never take objects from under a live process (a zombie is dead). */
-    if (!memd_ring_owner_dead((uint32_t)pid))
+    if (memd_process_alive((pid_t)pid, 0, 0))
         return -EBUSY;
     uint64_t batch[64];
     unsigned k = 0;

@@ -8,6 +8,7 @@
  * only when the last view is gone: a stale view never points at unmapped memory.
  */
 #include "memd_py.h"
+#include "proc.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -380,7 +381,38 @@ PyTypeObject MemdWindow_Type = {
 
 /* --- module --------------------------------------------------------------- */
 
+static PyObject *py_process_alive(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    long pid;
+    unsigned long long start = 0;
+    if (!PyArg_ParseTuple(args, "l|K:process_alive", &pid, &start))
+        return NULL;
+    if (pid <= 0 || pid > INT32_MAX)
+        Py_RETURN_FALSE;
+    return PyBool_FromLong(memd_process_alive((pid_t)pid, start, start ? UINT64_MAX : 0));
+}
+
+static PyObject *py_proc_start_time(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    long pid = PyLong_AsLong(arg);
+    if (pid == -1 && PyErr_Occurred())
+        return NULL;
+    char state;
+    long threads = 0;
+    uint64_t start;
+    if (pid <= 0 || pid > INT32_MAX || !memd_process_alive((pid_t)pid, 0, 0) ||
+        memd_proc_stat((pid_t)pid, &state, &threads, &start) < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(start);
+}
+
 static PyMethodDef module_functions[] = {
+    {"process_alive", py_process_alive, METH_VARARGS,
+     "process_alive(pid, start_time=0) -> bool: pid is a live process (not a zombie) "
+     "that started at start_time (/proc/<pid>/stat field 22; 0: any)."},
+    {"proc_start_time", py_proc_start_time, METH_O,
+     "proc_start_time(pid) -> int | None: the start time of live process pid, in clock "
+     "ticks since boot; None if it is gone or a zombie."},
     {"set_error_class", py_set_error_class, METH_VARARGS,
      "set_error_class(name, cls) -> None: the exception class the extension raises for "
      "`name` ('primary_not_running'); memd.ring registers memd.errors' classes."},

@@ -516,6 +516,8 @@ int memd_py_init_config(PyObject *m)
     ADD_INT(m, "SEG_F_PREALLOC", MEMD_SEG_F_PREALLOC);
     ADD_INT(m, "PROC_PRIMARY", MEMD_PROC_PRIMARY);
     ADD_INT(m, "PROC_SECONDARY", MEMD_PROC_SECONDARY);
+    if (PyModule_AddIntConstant(m, "SOCKET_ID_ANY", MEMD_SOCKET_ID_ANY) < 0) /* signed */
+        return -1;
     ADD_INT(m, "OBJ_RING", MEMD_OBJ_RING);
     ADD_INT(m, "OBJ_MEMPOOL", MEMD_OBJ_MEMPOOL);
     ADD_INT(m, "MEMZONE_F_IOVA_CONTIG", MEMD_MEMZONE_F_IOVA_CONTIG);

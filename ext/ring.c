@@ -2,13 +2,10 @@
 #include "ring.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
-#include <signal.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -16,6 +13,7 @@
 #include <unistd.h>
 
 #include "lock.h"
+#include "proc.h"
 
 
 #define likely(x) __builtin_expect(!!(x), 1)
@@ -207,39 +205,6 @@ static __attribute__((noinline, cold)) void crash_step(void)
 
 /* --- owners: who holds a side's lock, and is it still alive ---------------- */
 
-/* Fields of /proc/<pid>/stat we need: state (3), num_threads (20) and
- * starttime (22).  0, or -errno (ENOENT: no such process). */
-static int proc_stat(pid_t pid, char *state, long *threads, uint64_t *start)
-{
-    char path[32], buf[512];
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    ssize_t n = read(fd, buf, sizeof(buf) - 1);
-    int err = errno;
-    close(fd);
-    if (n <= 0)
-        return n < 0 ? -err : -ENOENT; /* ESRCH from read: it died meanwhile */
-    buf[n] = '\0';
-    /* comm (field 2) may hold spaces and parentheses: parse after the last ')'. */
-    char *p = strrchr(buf, ')');
-    if (p == NULL || p[1] != ' ')
-        return -EINVAL;
-    p += 2;
-    *state = *p;
-    for (int field = 3; field < 22; field++) {
-        p = strchr(p, ' ');
-        if (p == NULL)
-            return -EINVAL;
-        p++;
-        if (field + 1 == 20)
-            *threads = strtol(p, NULL, 10);
-    }
-    *start = strtoull(p, NULL, 10);
-    return 0;
-}
-
 /* This process's lock word, computed once per process: 0 means "not yet";
  * a forked child forgets the parent's (pthread_atfork below).  relaxed: every
  * thread computes the same value. */
@@ -263,7 +228,7 @@ static __attribute__((noinline)) uint64_t compute_self_word(void)
     char state;
     long threads;
     uint64_t start = 0;
-    if (proc_stat(pid, &state, &threads, &start) < 0)
+    if (memd_proc_stat(pid, &state, &threads, &start) < 0)
         start = 0; /* no /proc: owners are then told apart by pid alone */
     uint64_t w = (uint64_t)(uint32_t)pid | ((start & 0xffffffffu) << 32);
     atomic_store_explicit(&self_word, w, memory_order_relaxed);
@@ -278,31 +243,8 @@ static ALWAYS_INLINE uint64_t owner_word(void)
 
 int memd_ring_owner_dead(uint64_t owner)
 {
-    pid_t pid = MEMD_RING_LOCK_PID(owner);
     uint32_t start = MEMD_RING_LOCK_START(owner);
-    if (pid <= 0)
-        return 1; /* no process ever has this word: garbage, take it */
-    /* EPERM: it exists but belongs to another user; still alive as far as
-     * kill can tell. */
-    if (kill(pid, 0) == -1 && errno == ESRCH)
-        return 1;
-    char state;
-    long threads = 0;
-    uint64_t now_start;
-    int rc = proc_stat(pid, &state, &threads, &now_start);
-    if (rc < 0) {
-        /* Gone between kill() and open(), or hidden from us (hidepid=): ask
-         * kill() again rather than take a live owner's lock. */
-        return kill(pid, 0) == -1 && errno == ESRCH;
-    }
-    /* A zombie (exited, not yet reaped by its parent) with one thread left is
-     * dead; a zombie thread-group leader whose other threads run is not. */
-    if ((state == 'Z' || state == 'X') && threads <= 1)
-        return 1;
-    /* The pid was reused by a process started after the owner. */
-    if (start != 0 && (uint32_t)now_start != start)
-        return 1;
-    return 0;
+    return !memd_process_alive(MEMD_RING_LOCK_PID(owner), start, start ? 0xffffffffu : 0);
 }
 
 /* --- a side's lock --------------------------------------------------------- */

@@ -31,6 +31,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from memd.errors import ProtocolError
+from memd.ring import RING_F_SC_DEQ, RING_F_SP_ENQ
 
 __all__ = [
     "CMD_RE",
@@ -48,9 +49,6 @@ MAX_HELP_LEN = 64  # DPDK: help text is shorter than this
 MAX_OUTPUT_LEN = 16 * 1024  # DPDK: the largest reply packet
 CMD_RE = re.compile(r"/[A-Za-z0-9_/]{0,54}")
 
-# ring flags as memd_client/DPDK define them
-RING_F_SP_ENQ = 0x0001
-RING_F_SC_DEQ = 0x0002
 
 try:  # the package version for /info; a source tree without metadata still works
     from importlib.metadata import version as _pkg_version

@@ -35,15 +35,14 @@ complete, daemon-free example):
 from __future__ import annotations
 
 import errno
-import os
 from typing import TYPE_CHECKING
 
 from memd import _ext
 from memd.errors import CorruptionError, MemdError, MemdMemoryError, MemdValueError, translate
+from memd.shared import SOCKET_ID_ANY, process_alive
 
 __all__ = ["SOCKET_ID_ANY", "AnonymousMemory", "Block", "HeapMixin", "space_needed"]
 
-SOCKET_ID_ANY = -1
 Block = _ext.Block
 
 _U64_MAX = 2**64 - 1
@@ -74,17 +73,6 @@ def space_needed(size: int, align: int = 0, bound: int = 0) -> int:
 
 def _is_pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
-
-
-def _pid_alive(pid: int) -> bool:
-    """Does process pid exist (a zombie counts: it may not have been reaped yet)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, someone else's
-    return True
 
 
 def _arg_error(exc: Exception, what: str, size: int, align: int, bound: int) -> MemdError:
@@ -272,7 +260,7 @@ class HeapMixin(_ext.HeapBase):
         are freed too: call it for processes that are gone."""
         if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31:
             raise MemdValueError(f"free_owned_by: pid must be a positive process id, got {pid!r}")
-        if not force and _pid_alive(pid):
+        if not force and process_alive(pid):
             raise MemdValueError(
                 f"free_owned_by({pid}): process {pid} is alive, so its blocks may still be in "
                 "use; free them from that process, or pass force=True if you know they are "

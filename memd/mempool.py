@@ -41,9 +41,9 @@ MEMPOOL_F_SP_PUT: int = _ext.MEMPOOL_F_SP_PUT  # one process/thread puts to the 
 MEMPOOL_F_SC_GET: int = _ext.MEMPOOL_F_SC_GET  # one process/thread gets from the free ring
 MEMPOOL_F_NO_IOVA_CONTIG: int = _ext.MEMPOOL_F_NO_IOVA_CONTIG  # accepted, no effect
 MEMPOOL_CACHE_MAX_SIZE: int = _ext.MEMPOOL_CACHE_MAX_SIZE
-MEMD_OBJ_MEMPOOL = 2  # enum memd_object_type
+MEMD_OBJ_MEMPOOL: int = _ext.OBJ_MEMPOOL  # enum memd_object_type
 MEMPOOL_MZ_PREFIX = "MP_"  # memzone of pool <name> is "MP_<name>", as in DPDK
-MEMPOOL_NAMESIZE = 32 - 1 - len(MEMPOOL_MZ_PREFIX)
+MEMPOOL_NAMESIZE = _ext.NAMESIZE - 1 - len(MEMPOOL_MZ_PREFIX)  # the memzone name fits
 
 #: obj_init(pool, obj, idx): runs once for every object when the pool is created
 ObjInit = Callable[["Mempool", "MempoolObject", int], object]

@@ -37,9 +37,9 @@ _ext.set_error_class("primary_not_running", PrimaryNotRunning)
 RING_F_SP_ENQ: int = _ext.RING_F_SP_ENQ  # default enqueue is single-producer
 RING_F_SC_DEQ: int = _ext.RING_F_SC_DEQ  # default dequeue is single-consumer
 RING_F_EXACT_SZ: int = _ext.RING_F_EXACT_SZ  # capacity is exactly `count`
-MEMD_OBJ_RING = 1  # enum memd_object_type
+MEMD_OBJ_RING: int = _ext.OBJ_RING  # enum memd_object_type
 RING_MZ_PREFIX = "RG_"  # memzone holding ring <name> is "RG_<name>", as in DPDK
-RING_NAMESIZE = 32 - 1 - len(RING_MZ_PREFIX)  # longest ring name: the memzone name fits
+RING_NAMESIZE = _ext.NAMESIZE - 1 - len(RING_MZ_PREFIX)  # the memzone name fits
 
 #: a writable or readable buffer of unsigned 64-bit ints: array('Q'), numpy uint64, ...
 Buffer = Any

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from memd import _ext
 
-SOCKET_ID_ANY = -1
+SOCKET_ID_ANY: int = _ext.SOCKET_ID_ANY  # DPDK's: any heap, the local socket's first
 
 
 class Header(NamedTuple):
@@ -80,26 +80,16 @@ def processes(win: _ext.Window) -> list[ProcessSlot]:
 
 
 def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks), None if gone.
-    A pid plus its start time names a process even after pid reuse."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # comm (field 2) may contain spaces and parentheses: split after the last ')'
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None  # exited; only its parent has not reaped it yet
-    return int(fields[19])
+    """Start time of live process `pid` (/proc/<pid>/stat field 22, clock ticks),
+    None if it is gone or a zombie.  A pid plus its start time names a process
+    even after pid reuse."""
+    return _ext.proc_start_time(pid)
 
 
-def process_alive(pid: int, start_time: int) -> bool:
-    """True if `pid` is the same live process that had `start_time`."""
-    if pid <= 0:
-        return False
-    st = proc_start_time(pid)
-    return st is not None and start_time in (0, st)
+def process_alive(pid: int, start_time: int = 0) -> bool:
+    """True if `pid` is the same live process that had `start_time` (0: any).
+    The one liveness rule (ext/proc.h), shared with the C structures."""
+    return _ext.process_alive(pid, start_time)
 
 
 def watch_process(pid: int, start_time: int) -> int | None:

@@ -1,0 +1,62 @@
+/* proc.c - process liveness (see proc.h). */
+#include "proc.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int memd_proc_stat(pid_t pid, char *state, long *threads, uint64_t *start)
+{
+    char path[32], buf[512];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    int err = errno;
+    close(fd);
+    if (n <= 0)
+        return n < 0 ? -err : -ENOENT; /* ESRCH from read: it died meanwhile */
+    buf[n] = '\0';
+    /* comm (field 2) may hold spaces and parentheses: parse after the last ')'. */
+    char *p = strrchr(buf, ')');
+    if (p == NULL || p[1] != ' ')
+        return -EINVAL;
+    p += 2;
+    *state = *p;
+    for (int field = 3; field < 22; field++) {
+        p = strchr(p, ' ');
+        if (p == NULL)
+            return -EINVAL;
+        p++;
+        if (field + 1 == 20)
+            *threads = strtol(p, NULL, 10);
+    }
+    *start = strtoull(p, NULL, 10);
+    return 0;
+}
+
+int memd_process_alive(pid_t pid, uint64_t start, uint64_t start_mask)
+{
+    if (pid <= 0)
+        return 0; /* no process ever has this pid */
+    /* EPERM: it exists but belongs to another user; alive as far as kill tells. */
+    if (kill(pid, 0) == -1 && errno == ESRCH)
+        return 0;
+    char state;
+    long threads = 0;
+    uint64_t now_start;
+    if (memd_proc_stat(pid, &state, &threads, &now_start) < 0)
+        /* Gone between kill() and open(), or hidden from us (hidepid=): ask
+         * kill() again rather than call a live process dead. */
+        return !(kill(pid, 0) == -1 && errno == ESRCH);
+    /* A zombie with one thread left is dead; a zombie thread-group leader whose
+     * other threads still run is not. */
+    if ((state == 'Z' || state == 'X') && threads <= 1)
+        return 0;
+    return (now_start & start_mask) == (start & start_mask);
+}

@@ -1,0 +1,24 @@
+/*
+ * proc.h - is a process alive?  The one rule every structure uses (ring locks,
+ * mempool owners, heap owners, the primary's process table), from C and Python.
+ *
+ * A process is dead when its pid is gone, when it is a zombie with no thread
+ * left running (exited, not yet reaped), or when its pid now belongs to a
+ * process started later (its start time, /proc/<pid>/stat field 22, differs).
+ */
+#ifndef MEMD_PROC_H
+#define MEMD_PROC_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+/* State (field 3), thread count (20) and start time (22) of /proc/<pid>/stat.
+ * 0, or -errno (-ENOENT: no such process). */
+int memd_proc_stat(pid_t pid, char *state, long *threads, uint64_t *start);
+
+/* 1 if `pid` is alive and its start time agrees with `start` on the bits of
+ * `start_mask` (0: any start time), else 0.  Where /proc hides the process
+ * (hidepid=), kill(pid, 0) decides. */
+int memd_process_alive(pid_t pid, uint64_t start, uint64_t start_mask);
+
+#endif /* MEMD_PROC_H */
