@@ -739,7 +739,7 @@ def rtt_table(repeat: int, quick: bool) -> dict[str, Any]:
                         (size, busy))
     print()
     print(f"Ping-pong round trip, median µs (median of {repeat} runs); ratio = this / memd")
-    print("(memd 'blocking' waits sleep on the futex at once, as API.md says; the opt-in "
+    print("(memd 'blocking' waits sleep on the futex at once, as the README says; the opt-in "
           "row first retries up to 5 µs: ring_wait_spin(5e-6))")
     keys = [(8, True), (8, False), (1024, True), (1024, False)]
     labels = ["8 B busy", "8 B block", "1 KiB busy", "1 KiB block"]

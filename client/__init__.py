@@ -1,4 +1,4 @@
-"""memd_client: attach a secondary process to a running memd primary (API.md).
+"""memd_client: attach a secondary process to a running memd primary.
 
     import memd_client as mc
     with mc.attach(prefix="rte") as mem:

@@ -123,7 +123,7 @@ int64_t memd_heap_block_size_nolock(char *base, struct memd_heap *h, uint64_t of
 int memd_heap_validate(char *base, struct memd_heap *h, uint64_t off);
 int memd_heap_validate_nolock(char *base, struct memd_heap *h, uint64_t off);
 
-/* (locks) Stats as API.md heap_stats().  O(length of the top free list). */
+/* (locks) Stats as rte_malloc_get_socket_stats().  O(length of the top free list). */
 void memd_heap_get_stats(char *base, struct memd_heap *h, struct memd_heap_stats *s);
 void memd_heap_get_stats_nolock(char *base, struct memd_heap *h, struct memd_heap_stats *s);
 

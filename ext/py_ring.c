@@ -25,7 +25,7 @@
 /* Before sleeping, a waiter may retry for up to this long (about what a futex
  * sleep and wake cost together, ~5 us, is a good value): a peer that is busy
  * producing or consuming is then met without any system call on either side.
- * API.md promises "waits sleep, no spinning", so it is 0 (sleep at once) unless
+ * memd promises "waits sleep, no spinning", so it is 0 (sleep at once) unless
  * a program opts in with ring_wait_spin(). */
 static uint64_t wait_spin_ns = 0;
 #define STACK_VALUES 64            /* values converted on the stack, no malloc */

@@ -1,1 +1,56 @@
-"""memd: a hugepage memory manager for Python (DPDK memory subsystem as a daemon)."""
+"""memd: a hugepage memory manager for Python (DPDK memory subsystem as a daemon).
+
+``memd.Primary`` and ``memd.Options`` embed the primary; ``memd_client.attach``
+attaches a secondary.  Both raise the errors exported here."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from memd.errors import (
+    CorruptionError,
+    HugepageConfigError,
+    MemdError,
+    MemdExistsError,
+    MemdKeyError,
+    MemdMemoryError,
+    MemdValueError,
+    PermissionDenied,
+    PoolEmpty,
+    PrimaryNotRunning,
+    ProtocolError,
+    VersionMismatch,
+)
+
+if TYPE_CHECKING:
+    from memd.primary import InitError, Options, Primary
+
+__all__ = [
+    "CorruptionError",
+    "HugepageConfigError",
+    "InitError",
+    "MemdError",
+    "MemdExistsError",
+    "MemdKeyError",
+    "MemdMemoryError",
+    "MemdValueError",
+    "Options",
+    "PermissionDenied",
+    "PoolEmpty",
+    "Primary",
+    "PrimaryNotRunning",
+    "ProtocolError",
+    "VersionMismatch",
+]
+
+_PRIMARY = ("Primary", "Options", "InitError")
+
+
+def __getattr__(name: str) -> Any:
+    # The primary loads on first use: a secondary imports memd (for memd._ext) and
+    # must not pull in the daemon with it.
+    if name in _PRIMARY:
+        from memd import primary
+
+        return getattr(primary, name)
+    raise AttributeError(f"module 'memd' has no attribute {name!r}")

@@ -26,12 +26,14 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 from memd.errors import ProtocolError
-from memd.ring import RING_F_SC_DEQ, RING_F_SP_ENQ
+from memd.mempool import MEMPOOL_MZ_PREFIX
+from memd.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, RING_MZ_PREFIX
+from memd.shared import SOCKET_ID_ANY
 
 __all__ = [
     "CMD_RE",
@@ -122,19 +124,37 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-class AdminAPI:
-    """The admin commands over the primary's memory object ``mem``.
+class AdminSource(Protocol):
+    """What the admin commands read: `memd.primary.Primary` is one (and the
+    tests' stand-in).  Rings, mempools and memzones are read by attribute: a
+    ring's ``name``, ``flags``, ``size``, ``capacity``, ``count``,
+    ``free_count``; a mempool's ``name``, ``flags``, ``n``, ``cache_size``,
+    ``elt_size``, ``private_data_size``, ``avail_count()``, ``in_use_count()``;
+    a memzone's ``id``, ``name``, ``offset``, ``length``, ``iova``,
+    ``page_size``, ``socket_id``, ``flags``."""
 
-    A ``mem`` without some of the calls (a build whose rings or mempools are not
-    there yet) answers as if it had none of those objects: empty lists, and no
-    such keys in ``/memd/stats``.
+    def info(self) -> dict[str, Any]: ...
+    def params(self) -> list[str]: ...
+    def heap_ids(self) -> list[int]: ...
+    def heap_stats(self, socket_id: int) -> dict[str, int]: ...
+    def memzones(self) -> Sequence[Any]: ...
+    def memsegs(self) -> list[dict[str, Any]]: ...
+    def processes(self, usage: bool = False) -> list[dict[str, Any]]: ...
+    def rings(self) -> Sequence[Any]: ...
+    def mempools(self) -> Sequence[Any]: ...
+    @property
+    def reclaims(self) -> Sequence[dict[str, Any]]: ...  # dead secondaries, oldest first
+
+
+class AdminAPI:
+    """The admin commands over the primary's memory (an `AdminSource`).
 
     ``lock``, if given, is held around every command (the daemon's main thread
     mutates ``mem`` while the admin thread reads it). ``stats_sources`` are extra
     counters merged into ``/memd/stats`` (the telemetry server adds its own).
     """
 
-    def __init__(self, mem: Any, *, lock: threading.Lock | threading.RLock | None = None,
+    def __init__(self, mem: AdminSource, *, lock: threading.Lock | threading.RLock | None = None,
                  pid: int | None = None, version: str = VERSION,
                  max_output_len: int = MAX_OUTPUT_LEN) -> None:
         self.mem = mem
@@ -151,8 +171,11 @@ class AdminAPI:
                     self._handlers[path] = attr
 
     def _list(self, name: str) -> list[Any]:
-        fn = getattr(self.mem, name, None)
-        return [] if fn is None else list(fn())
+        return list(getattr(self.mem, name)())
+
+    def _memzone(self, name: str) -> Any:
+        """The memzone named `name` (a ring's or mempool's, by DPDK's prefix), or None."""
+        return next((z for z in self._list("memzones") if z.name == name), None)
 
     # -- dispatch -----------------------------------------------------------------
 
@@ -322,23 +345,22 @@ class AdminAPI:
                 return self._mempool_dict(pool_id, mp)
         return {}
 
-    @staticmethod
-    def _mempool_dict(pool_id: int, mp: Any) -> dict[str, Any]:
+    def _mempool_dict(self, pool_id: int, mp: Any) -> dict[str, Any]:
+        mz = self._memzone(MEMPOOL_MZ_PREFIX + mp.name)
         d: dict[str, Any] = {
             "name": mp.name,
-            "pool_id": int(getattr(mp, "pool_id", pool_id)),
+            "pool_id": pool_id,
             "flags": int(mp.flags),
-            "socket_id": int(getattr(mp, "socket_id", -1)),
+            "socket_id": int(mz.socket_id) if mz is not None else SOCKET_ID_ANY,
             "size": int(mp.n),
             "cache_size": int(mp.cache_size),
             "elt_size": int(mp.elt_size),
-            "header_size": int(getattr(mp, "header_size", 0)),
-            "trailer_size": int(getattr(mp, "trailer_size", 0)),
+            "header_size": 0,   # memd's objects have no per-object header or trailer
+            "trailer_size": 0,
             "private_data_size": int(mp.private_data_size),
-            "ops_index": int(getattr(mp, "ops_index", 0)),
-            "populated_size": int(getattr(mp, "populated_size", mp.n)),
+            "ops_index": 0,     # one ops: the ring
+            "populated_size": int(mp.n),  # populated whole at create
         }
-        mz = getattr(mp, "memzone", None) or getattr(mp, "mz", None)
         if mz is not None:
             d.update({
                 "mz_name": mz.name,
@@ -378,12 +400,12 @@ class AdminAPI:
                 return self._ring_dict(r)
         return {}
 
-    @staticmethod
-    def _ring_dict(r: Any) -> dict[str, Any]:
+    def _ring_dict(self, r: Any) -> dict[str, Any]:
         flags, size = int(r.flags), int(r.size)
+        mz = self._memzone(RING_MZ_PREFIX + r.name)
         d: dict[str, Any] = {
             "name": r.name,
-            "socket": int(getattr(r, "socket_id", -1)),
+            "socket": int(mz.socket_id) if mz is not None else SOCKET_ID_ANY,
             "flags": flags,
             "producer_type": "SP" if flags & RING_F_SP_ENQ else "MP",
             "consumer_type": "SC" if flags & RING_F_SC_DEQ else "MC",
@@ -392,7 +414,6 @@ class AdminAPI:
             "capacity": int(r.capacity),
             "used_count": int(r.count),
         }
-        mz = getattr(r, "memzone", None) or getattr(r, "mz", None)
         if mz is not None:
             d.update({
                 "mz_name": mz.name,
@@ -440,9 +461,7 @@ class AdminAPI:
         owns malloc'd heap blocks or mempool objects is listed with role
         "exited" and slot null.
         """
-        fn = getattr(self.mem, "processes", None)
-        procs = [] if fn is None else fn(usage=True)
-        return procs[_opt_start(params):]
+        return self.mem.processes(usage=True)[_opt_start(params):]
 
     @command("/memd/reclaims")
     def memd_reclaims(self, params: str | None) -> list[dict[str, Any]]:
@@ -453,7 +472,7 @@ class AdminAPI:
         heap_blocks, heap_bytes, heap_freed}``: objects in hand and heap blocks are
         what the process still held when it died (freed only under --reclaim-heap).
         """
-        return list(getattr(self.mem, "reclaims", []))
+        return list(self.mem.reclaims)
 
     @command("/memd/stats")
     def memd_stats(self, params: str | None) -> dict[str, Any]:
@@ -468,14 +487,13 @@ class AdminAPI:
         zones = self._list("memzones")
         procs = self._list("processes")
         d: dict[str, Any] = {"heaps": len(self._list("heap_ids"))}
-        if hasattr(self.mem, "heap_stats"):
-            heaps = [self.mem.heap_stats(h) for h in self._list("heap_ids")]
-            d.update({
-                "heap_totalsz_bytes": sum(int(h["heap_totalsz_bytes"]) for h in heaps),
-                "heap_freesz_bytes": sum(int(h["heap_freesz_bytes"]) for h in heaps),
-                "heap_allocsz_bytes": sum(int(h["heap_allocsz_bytes"]) for h in heaps),
-                "heap_alloc_count": sum(int(h["alloc_count"]) for h in heaps),
-            })
+        heaps = [self.mem.heap_stats(h) for h in self._list("heap_ids")]
+        d.update({
+            "heap_totalsz_bytes": sum(int(h["heap_totalsz_bytes"]) for h in heaps),
+            "heap_freesz_bytes": sum(int(h["heap_freesz_bytes"]) for h in heaps),
+            "heap_allocsz_bytes": sum(int(h["heap_allocsz_bytes"]) for h in heaps),
+            "heap_alloc_count": sum(int(h["alloc_count"]) for h in heaps),
+        })
         d.update({
             "memsegs": len(segs),
             "memseg_bytes": sum(int(s["length"]) for s in segs),

@@ -1,7 +1,7 @@
 """Malloc heaps for ``Memory``: DPDK's ``rte_malloc`` family on memd's shared heaps.
 
 :class:`HeapMixin` adds ``malloc``/``zmalloc``/``calloc``/``realloc``/``free``/
-``validate``/``heap_stats`` (API.md, "malloc heaps"), plus ``heap_owners``/
+``validate``/``heap_stats`` (README "Rings, mempools, heaps"), plus ``heap_owners``/
 ``free_owned_by`` (blocks by owning process), to the primary's and the
 secondaries' ``Memory`` class.  The heaps themselves are C (``ext/heap.c``): this
 layer picks heaps, asks for more memory when they are full, gives pages back after
@@ -93,7 +93,7 @@ def _arg_error(exc: Exception, what: str, size: int, align: int, bound: int) -> 
 
 
 class HeapMixin(_ext.HeapBase):
-    """malloc and friends over the shared heaps (API.md "malloc heaps").
+    """malloc and friends over the shared heaps (DPDK's rte_malloc).
 
     ``malloc(size, align=0, socket_id=SOCKET_ID_ANY) -> Block``,
     ``zmalloc(...)`` and ``free(blk)`` are C (``_ext.HeapBase``) for speed; they fall
@@ -200,7 +200,7 @@ class HeapMixin(_ext.HeapBase):
             raise CorruptionError(f"validate({blk!r}): {what}") from e
 
     def heap_stats(self, socket_id: int = SOCKET_ID_ANY) -> dict[str, int]:
-        """API.md heap_stats: of the socket's heap, or summed over all heaps for
+        """rte_malloc_get_socket_stats: of the socket's heap, or summed over all heaps for
         ``SOCKET_ID_ANY``.  Sizes count whole elements (headers included), so
         heap_totalsz_bytes == heap_freesz_bytes + heap_allocsz_bytes."""
         order = self._heap_order_of(socket_id)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -21,9 +20,9 @@ from typing import Any
 
 from memd.errors import MemdError
 from memd.pages import clean_all
-from memd.paths import DEFAULT_PREFIX
+from memd.paths import DEFAULT_PREFIX, telemetry_path
 from memd.paths import runtime_dir as _default_runtime_dir
-from memd.telemetry import TelemetryClient, socket_path
+from memd.telemetry import TelemetryClient
 
 __all__ = ["collect", "format_metrics", "main", "render"]
 
@@ -450,7 +449,7 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         return _hugepages(args)
     prefix = args.file_prefix or DEFAULT_PREFIX
-    path = socket_path(os.fspath(_default_runtime_dir(args.runtime_dir)), prefix, args.instance)
+    path = telemetry_path(prefix, _default_runtime_dir(args.runtime_dir), args.instance)
     with TelemetryClient(path) as client:
         if args.command == "telemetry":
             reply = client.raw(args.cmd)

@@ -1,5 +1,5 @@
 """The shared-memory model both sides use: the window, the pages mapped into it,
-memzones, and the calls of API.md.  `memd.primary.Primary` and
+memzones, and the calls a user makes.  `memd.primary.Primary` and
 `memd_client.Secondary` differ only in how memory is added (the primary maps
 pages itself; a secondary asks the primary) and in who owns the files."""
 

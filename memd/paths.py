@@ -1,4 +1,4 @@
-"""Where memd keeps its files (API.md "Files"), computed in one place for both sides."""
+"""Where memd keeps its files (docs/design.md), computed in one place for both sides."""
 
 from __future__ import annotations
 
@@ -61,9 +61,14 @@ def mp_endpoint(prefix: str, rundir: Path) -> str:
     return f"ipc://{socket_dir(prefix, rundir) / 'mp_socket'}"
 
 
-def telemetry_dir(prefix: str, rundir: Path) -> Path:
-    """Where dpdk-telemetry.py looks: `<runtime>/dpdk/<prefix>/`."""
-    return rundir / "dpdk" / prefix
+TELEMETRY_SOCKET = "dpdk_telemetry.v2"
+
+
+def telemetry_path(prefix: str, rundir: str | os.PathLike[str], instance: int = 0) -> str:
+    """The admin socket where dpdk-telemetry.py looks, as DPDK names it:
+    `<runtime>/dpdk/<prefix>/dpdk_telemetry.v2`, `...v2:<instance>` for later ones."""
+    path = os.path.join(rundir, "dpdk", prefix, TELEMETRY_SOCKET)
+    return f"{path}:{instance}" if instance else path
 
 
 SHM_DIR = "/dev/shm"  # POSIX shm objects (--no-huge pages) are files here

@@ -1,5 +1,5 @@
 """The primary: all hugepage initialisation, the shared config, and heap growth
-(DESIGN.md §1, §2, §4).  `Primary` is usable in-process (embedding, tests);
+(docs/design.md §1, §5).  `Primary` is usable in-process (embedding, tests);
 `memd.daemon` wraps it in a long-running process."""
 
 from __future__ import annotations
@@ -579,7 +579,7 @@ class Primary(Memory):
         for run in self.memseg_runs():
             self._add_to_heap(run["socket_id"], run["offset"], run["length"])
 
-    # --- heap growth (DESIGN.md §2: try_expand_heap_primary) ---------------------
+    # --- heap growth (docs/design.md §5; DPDK try_expand_heap_primary) ---------------------
 
     def _expand_heap(self, heap: int, size: int, align: int, bound: int, contig: bool) -> None:
         """Map enough new pages for `size` into `heap`, tell every secondary to map
@@ -633,7 +633,7 @@ class Primary(Memory):
 
     def _release_pages(self, heap: int) -> int | None:
         """Give whole free pages that are not preallocated back to the system
-        (DESIGN.md §2, shrink).  Best effort: a failed sync puts them back.
+        (docs/design.md §5).  Best effort: a failed sync puts them back.
         Returns the free size below which it need not be called again (None:
         let the heap double its threshold)."""
         if self.options.legacy_mem:
@@ -922,12 +922,12 @@ class Primary(Memory):
             sockdir = socket_dir(self.prefix, self.rundir)
             with contextlib.suppress(OSError):
                 (sockdir / "mp_socket").unlink()
-            for d in (sockdir, sockdir.parent):
+            for made in (sockdir, sockdir.parent):
                 with contextlib.suppress(OSError):
-                    d.rmdir()
-        for d, fd in self._prefix_locks.items():
+                    made.rmdir()
+        for page_dir, fd in self._prefix_locks.items():
             if remove_files:
-                unlock_prefix(d, self.prefix, fd)
+                unlock_prefix(page_dir, self.prefix, fd)
             else:
                 os.close(fd)
         self._prefix_locks = {}

@@ -43,20 +43,17 @@ from memd.access import AccessPolicy, peer_credentials
 from memd.api import CMD_RE, MAX_CMD_LEN, MAX_OUTPUT_LEN, AdminAPI
 from memd.errors import MemdError, PermissionDenied, PrimaryNotRunning, ProtocolError
 from memd.files import ensure_dir
+from memd.paths import telemetry_path
 
 __all__ = [
-    "SOCKET_NAME",
     "TelemetryClient",
     "TelemetryServer",
     "encode_reply",
     "parse_request",
-    "socket_dir",
-    "socket_path",
 ]
 
 log = logging.getLogger("memd.telemetry")
 
-SOCKET_NAME = "dpdk_telemetry.v2"
 MAX_REQUEST = 1023  # DPDK reads into a 1024-byte buffer, keeping one byte for the NUL
 MAX_GREETING = 1024
 MAX_CLIENTS = 10  # DPDK's MAX_CONNECTIONS
@@ -64,17 +61,6 @@ MAX_INSTANCES = 64  # how many ":N" sockets to try before giving up
 
 
 # -- paths ------------------------------------------------------------------------------
-
-
-def socket_dir(runtime_dir: str, prefix: str) -> str:
-    """``<runtime>/dpdk/<prefix>``: where DPDK (and dpdk-telemetry.py) put the socket."""
-    return os.path.join(runtime_dir, "dpdk", prefix)
-
-
-def socket_path(runtime_dir: str, prefix: str, instance: int = 0) -> str:
-    """The admin socket of ``instance`` (0 is the plain ``dpdk_telemetry.v2``)."""
-    path = os.path.join(socket_dir(runtime_dir, prefix), SOCKET_NAME)
-    return f"{path}:{instance}" if instance else path
 
 
 # -- encoding ---------------------------------------------------------------------------
@@ -207,7 +193,7 @@ class TelemetryServer:
         """Bind the socket and start serving. Raises OSError (with the path) on failure."""
         if self._thread is not None:
             raise RuntimeError("telemetry server already started")
-        directory = socket_dir(self.runtime_dir, self.prefix)
+        directory = os.path.dirname(telemetry_path(self.prefix, self.runtime_dir))
         # whoever may use the socket must be able to reach it: <runtime>/dpdk and
         # <runtime>/dpdk/<prefix> get the socket's group/other search bits (never
         # write: only we create there); <runtime>/dpdk, shared with other instances
@@ -228,9 +214,8 @@ class TelemetryServer:
         return self
 
     def _bind(self, directory: str) -> tuple[socket.socket, str, int]:
-        base = os.path.join(directory, SOCKET_NAME)
         for instance in range(MAX_INSTANCES):
-            path = f"{base}:{instance}" if instance else base
+            path = telemetry_path(self.prefix, self.runtime_dir, instance)
             if os.path.lexists(path):
                 if _is_live(path):
                     continue
@@ -258,7 +243,8 @@ class TelemetryServer:
             sock.setblocking(False)
             return sock, path, instance
         raise OSError(errno.EADDRINUSE,
-                      f"{MAX_INSTANCES} live admin sockets already in {directory}", base)
+                      f"{MAX_INSTANCES} live admin sockets already in {directory}",
+                      telemetry_path(self.prefix, self.runtime_dir))
 
     def stop(self) -> None:
         """Stop serving, close every client and remove the socket file (if still ours)."""

@@ -27,7 +27,6 @@ class FakeRing:
     size: int = 1024
     count: int = 0
     flags: int = 0
-    socket_id: int = 0
 
     @property
     def capacity(self) -> int:
@@ -47,7 +46,6 @@ class FakePool:
     private_data_size: int = 0
     flags: int = 0
     used: int = 0
-    socket_id: int = 0
 
     def avail_count(self) -> int:
         return self.n - self.used
@@ -65,6 +63,7 @@ class FakeMem:
     segs: list[dict[str, Any]] = field(default_factory=list)
     procs: list[dict[str, Any]] = field(default_factory=list)
     heaps: dict[int, dict[str, int]] = field(default_factory=dict)
+    reclaims: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def populated(cls, n_zones: int = 3, n_segs: int = 8) -> FakeMem:

@@ -1,5 +1,5 @@
 """Fuzzing both of memd's sockets with hypothesis, 10 000 inputs each, against a real
-daemon (DESIGN.md §4: "malformed or oversized messages get an error reply and change
+daemon (docs/design.md §4: "malformed or oversized messages get an error reply and change
 nothing"; §5: "every input from a socket is bounded and validated").
 
 Every generated input is invalid by construction (or, for ``alloc``, valid but
@@ -38,9 +38,9 @@ from memd_harness import Daemon
 
 from memd.errors import ProtocolError
 from memd.ipc import MAX_MESSAGE, MAX_REASON, PROTOCOL_VERSION, decode, reply
-from memd.paths import mp_endpoint
+from memd.paths import mp_endpoint, telemetry_path
 from memd.shared import proc_start_time
-from memd.telemetry import TelemetryClient, socket_path
+from memd.telemetry import TelemetryClient
 
 CASES = int(os.environ.get("MEMD_FUZZ_CASES", "10000"))  # per socket; fewer for a quick run
 CHECK_EVERY = 500
@@ -70,7 +70,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 def snapshot(daemon: Daemon) -> dict[str, Any]:
     """What a secondary and the admin socket can see of the daemon."""
     with daemon.attach() as mem, TelemetryClient(
-            socket_path(str(daemon.runtime_dir), daemon.prefix)) as admin:
+            telemetry_path(daemon.prefix, str(daemon.runtime_dir))) as admin:
         stats = admin.query("/memd/stats")
         return {
             "info": {k: v for k, v in mem.info().items() if k != "proc_slot"},
@@ -396,7 +396,7 @@ def test_register_stores_a_comm_that_reads_back(daemon: Daemon, comm: str, shown
         assert ans["status"] == 0, ans
         with daemon.attach() as mem:
             assert {p["slot"]: p["comm"] for p in mem.processes()}[ans["slot"]] == shown
-        with TelemetryClient(socket_path(str(daemon.runtime_dir), daemon.prefix)) as admin:
+        with TelemetryClient(telemetry_path(daemon.prefix, str(daemon.runtime_dir))) as admin:
             assert shown in [p["comm"] for p in admin.query("/memd/processes")]
             assert admin.query("/memd/stats")["secondaries"] >= 1
     finally:
@@ -549,7 +549,7 @@ def admin_packets(draw: st.DrawFn, commands: list[str], names: list[str]) -> byt
 
 
 def test_admin_socket_fuzz(daemon: Daemon) -> None:
-    path = socket_path(str(daemon.runtime_dir), daemon.prefix)
+    path = telemetry_path(daemon.prefix, str(daemon.runtime_dir))
     conns = [AdminConn(path), AdminConn(path)]
     commands = json.loads(conns[0].ask(b"/"))["/"]
     no_params = [c for c in commands if "Takes no parameters" in

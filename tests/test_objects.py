@@ -93,4 +93,14 @@ def test_admin_socket_lists_real_rings_and_mempools(daemon: Daemon) -> None:
         assert info["name"] == "bufs" and info["size"] == 128 and info["elt_size"] == 2048
         assert info["avail_count"] == 123 and info["in_use_count"] == 5
         assert replies[3]["/ring/info"]["name"] == "tq"
+        # socket and mz_* come from the object's memzone, as in DPDK
+        ring_mz = mem.memzone_lookup("RG_tq")
+        ring = replies[3]["/ring/info"]
+        assert ring["socket"] == ring_mz.socket_id == 0
+        assert (ring["mz_name"], ring["mz_len"], ring["mz_socket_id"]) == \
+            ("RG_tq", ring_mz.length, 0)
+        assert ring["mz_hugepage_sz"] == ring_mz.page_size
+        pool_mz = mem.memzone_lookup("MP_bufs")
+        assert info["socket_id"] == pool_mz.socket_id == 0
+        assert (info["mz_name"], info["mz_len"]) == ("MP_bufs", pool_mz.length)
         mp.put_bulk(held)

@@ -12,7 +12,8 @@ import time
 
 from memd_harness import Daemon
 
-from memd.telemetry import TelemetryClient, socket_path
+from memd.paths import telemetry_path
+from memd.telemetry import TelemetryClient
 
 HOLDER = """
 import sys
@@ -38,7 +39,7 @@ def _start_holder(daemon: Daemon) -> tuple[subprocess.Popen[str], int]:
 
 
 def _query(daemon: Daemon, command: str) -> object:
-    with TelemetryClient(socket_path(str(daemon.runtime_dir), daemon.prefix)) as c:
+    with TelemetryClient(telemetry_path(daemon.prefix, str(daemon.runtime_dir))) as c:
         return c.query(command)
 
 

@@ -625,7 +625,7 @@ def test_wait_spin_setting(window: _ext.Window) -> None:
     r = Ring.create(window, BASE, 8)
     old = set_wait_spin(5e-6)
     try:
-        assert old == 0  # API.md: waits sleep, no spinning, unless a program opts in
+        assert old == 0  # README: waits sleep, no spinning, unless a program opts in
         before = r.wait_stats["consumer_sleeps"]
         assert r.dequeue(timeout=0.01) is None  # retried 5 us, then slept
         assert r.wait_stats["consumer_sleeps"] > before

@@ -18,7 +18,8 @@ from memd_harness import Daemon
 
 from memd.daemon import build_parser
 from memd.notify import Watchdog, notify, notify_socket_address, watchdog_interval
-from memd.telemetry import TelemetryClient, socket_path
+from memd.paths import telemetry_path
+from memd.telemetry import TelemetryClient
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "memd.service"
@@ -176,7 +177,7 @@ def test_daemon_notifies_ready_watchdog_stopping(tmp_path: Path,
         ready = d.wait_notify("READY=1")
         assert any(line.startswith("STATUS=") for line in ready.split("\n"))
         # READY=1 means a secondary can attach and the admin socket answers, at once
-        with TelemetryClient(socket_path(str(rundir), d.prefix)) as c:
+        with TelemetryClient(telemetry_path(d.prefix, str(rundir))) as c:
             assert c.greeting["pid"] == d.pid
         assert d.wait_notify("WATCHDOG=1") == "WATCHDOG=1"
         assert d.stop(signal.SIGTERM) == 0

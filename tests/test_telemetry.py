@@ -26,14 +26,13 @@ from memd_harness import Daemon, run_secondary
 
 from memd.access import AccessPolicy, PeerCred, peer_credentials, resolve_group
 from memd.api import MAX_HELP_LEN, AdminAPI, BadParams, UnknownCommand, reference
+from memd.paths import TELEMETRY_SOCKET, telemetry_path
 from memd.telemetry import (
     MAX_CLIENTS,
-    SOCKET_NAME,
     TelemetryClient,
     TelemetryServer,
     encode_reply,
     parse_request,
-    socket_path,
 )
 
 DPDK_TELEMETRY = shutil.which("dpdk-telemetry.py") or "/usr/bin/dpdk-telemetry.py"
@@ -90,8 +89,8 @@ def test_greeting_is_one_compact_packet_under_1k(server: TelemetryServer) -> Non
 
 
 def test_socket_path_is_where_dpdk_looks(server: TelemetryServer, rundir: str) -> None:
-    assert server.path == os.path.join(rundir, "dpdk", "fake", SOCKET_NAME)
-    assert server.path == socket_path(rundir, "fake")
+    assert server.path == os.path.join(rundir, "dpdk", "fake", TELEMETRY_SOCKET)
+    assert server.path == telemetry_path("fake", rundir)
     st_ = os.stat(server.path)
     assert st_.st_mode & 0o777 == 0o600
 
@@ -351,12 +350,12 @@ def test_stale_socket_is_replaced_and_live_one_gets_next_instance(rundir: str,
     d = os.path.join(rundir, "dpdk", "p")
     os.makedirs(d)
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    stale.bind(os.path.join(d, SOCKET_NAME))
+    stale.bind(os.path.join(d, TELEMETRY_SOCKET))
     stale.close()  # the file stays, nobody listens
     with TelemetryServer(AdminAPI(mem), rundir, "p") as first:
-        assert first.path == os.path.join(d, SOCKET_NAME) and first.instance == 0
+        assert first.path == os.path.join(d, TELEMETRY_SOCKET) and first.instance == 0
         with TelemetryServer(AdminAPI(mem), rundir, "p") as second:
-            assert second.path == os.path.join(d, SOCKET_NAME + ":1")
+            assert second.path == os.path.join(d, TELEMETRY_SOCKET + ":1")
             with TelemetryClient(second.path) as c:
                 assert c.query("/eal/heap_list") == [0]
             out = _dpdk_telemetry(rundir, "p", "/eal/heap_list\n", "-i", "1")
@@ -517,38 +516,6 @@ def test_api_reference_is_generated_from_docstrings() -> None:
     assert "## `/eal/heap_info`" in text and "Greatest_free_size" in text
 
 
-class PartialMem:
-    """A memory object from a build without heaps statistics, rings or mempools."""
-
-    def info(self) -> dict[str, object]:
-        return {"prefix": "p"}
-
-    def heap_ids(self) -> list[int]:
-        return [0]
-
-    def memsegs(self) -> list[dict[str, object]]:
-        return []
-
-    def memzones(self) -> list[object]:
-        return []
-
-    def processes(self, usage: bool = False) -> list[dict[str, object]]:
-        return []
-
-    def params(self) -> list[str]:
-        return ["memd"]
-
-
-def test_api_over_a_partial_memory_object() -> None:
-    api = AdminAPI(PartialMem())
-    assert api.call("/ring/list") == [] and api.call("/mempool/list") == []
-    assert api.call("/ring/info", "x") == {}
-    with pytest.raises(BadParams):
-        api.call("/eal/heap_info", "0")
-    stats = api.call("/memd/stats")
-    assert stats["heaps"] == 1 and "heap_totalsz_bytes" not in stats and stats["rings"] == 0
-
-
 # -- against the real daemon ------------------------------------------------------------------
 
 
@@ -562,7 +529,7 @@ def live(rundir: str, tmp_path: Path) -> Iterator[Daemon]:
 
 def test_daemon_speaks_to_dpdk_telemetry_py(live: Daemon, rundir: str) -> None:
     run_secondary(live, "mem.memzone_reserve('e2e_zone', 1 << 20)\n")
-    path = socket_path(rundir, live.prefix)
+    path = telemetry_path(live.prefix, rundir)
     # READY=1 came: the admin socket already answers, no retry
     s, greeting = connect(path)
     s.close()
