@@ -31,14 +31,6 @@
 _Static_assert(HDR % GRAIN == 0 && MIN_ELEM % GRAIN == 0 && MIN_ELEM >= HDR + GRAIN,
                "element granularity");
 
-__attribute__((weak)) int memd_iova_contig(const char *base, uint64_t off, uint64_t len)
-{
-    (void)base;
-    (void)off;
-    (void)len;
-    return 1; /* TODO(lead): config.c provides the real one from the memsegs */
-}
-
 /* --- small helpers ---------------------------------------------------------- */
 
 static inline struct memd_heap_elem *EL(char *base, uint64_t off)
@@ -1273,17 +1265,6 @@ static int lock_heap(char *base, struct memd_heap *h)
     return memd_heap_lock_done(base, h, memd_heap_lock(h));
 }
 
-int memd_heap_alloc(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
-                    uint64_t bound, int contig, uint64_t *out)
-{
-    int rc = lock_heap(base, h);
-    if (rc < 0)
-        return rc;
-    rc = memd_heap_alloc_nolock(base, h, size, align, bound, contig, 0, out);
-    memd_heap_unlock(h);
-    return rc;
-}
-
 int memd_heap_alloc_flags(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
                           uint64_t bound, int contig, uint16_t flags, uint64_t *out)
 {
@@ -1303,45 +1284,4 @@ int64_t memd_heap_free(char *base, struct memd_heap *h, uint64_t off)
     int64_t r = memd_heap_free_nolock(base, h, off);
     memd_heap_unlock(h);
     return r;
-}
-
-int memd_heap_realloc(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
-                      uint64_t align, uint64_t *out)
-{
-    int rc = lock_heap(base, h);
-    if (rc < 0)
-        return rc;
-    rc = memd_heap_realloc_nolock(base, h, off, size, align, out);
-    memd_heap_unlock(h);
-    return rc;
-}
-
-int64_t memd_heap_block_size(char *base, struct memd_heap *h, uint64_t off)
-{
-    int rc = lock_heap(base, h);
-    if (rc < 0)
-        return rc;
-    int64_t r = memd_heap_block_size_nolock(base, h, off);
-    memd_heap_unlock(h);
-    return r;
-}
-
-int memd_heap_validate(char *base, struct memd_heap *h, uint64_t off)
-{
-    int rc = lock_heap(base, h);
-    if (rc < 0)
-        return rc;
-    rc = memd_heap_validate_nolock(base, h, off);
-    memd_heap_unlock(h);
-    return rc;
-}
-
-void memd_heap_get_stats(char *base, struct memd_heap *h, struct memd_heap_stats *s)
-{
-    if (lock_heap(base, h) < 0) {
-        memset(s, 0, sizeof(*s));
-        return;
-    }
-    memd_heap_get_stats_nolock(base, h, s);
-    memd_heap_unlock(h);
 }

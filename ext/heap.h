@@ -40,8 +40,7 @@ struct memd_heap_stats {
     uint64_t alloc_count;
 };
 
-/* Is the iova range of [off, off+len) contiguous?  Provided by config.c; heap.c
- * carries a weak default that says yes (anonymous windows, unit tests). */
+/* Is the iova range of [off, off+len) contiguous?  From the memsegs (config.c). */
 extern int memd_iova_contig(const char *base, uint64_t off, uint64_t len);
 
 /* Empty heap for socket_id (primary at init), with an empty journal.  Fails iff
@@ -72,21 +71,17 @@ int memd_heap_add_memory(char *base, struct memd_heap *h, uint64_t off, uint64_t
 int memd_heap_add_memory_ex(char *base, struct memd_heap *h, uint64_t off, uint64_t len,
                             int dirty);
 
-/* (locks) Allocate: returns the data offset in *out.  align 0 = 64, else a power
- * of two; bound 0 = none, else a power of two >= size that the block never
- * crosses; contig: the block's iova range is contiguous (memd_iova_contig).
- * Fails iff -EINVAL (size 0, align or bound not a power of two, bound < size) or
- * -ENOMEM (no free element fits: expand the heap and retry). */
-int memd_heap_alloc(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
-                    uint64_t bound, int contig, uint64_t *out);
-
-/* (caller locks) memd_heap_alloc; zero != 0 makes the data read zero (zmalloc):
- * only bytes that may be dirty are cleared. */
+/* (caller locks) Allocate: returns the data offset in *out.  align 0 = 64, else
+ * a power of two; bound 0 = none, else a power of two >= size that the block
+ * never crosses; contig: the block's iova range is contiguous (memd_iova_contig);
+ * zero != 0 makes the data read zero (zmalloc): only bytes that may be dirty are
+ * cleared.  Fails iff -EINVAL (size 0, align or bound not a power of two, bound <
+ * size) or -ENOMEM (no free element fits: expand the heap and retry). */
 int memd_heap_alloc_nolock(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
                            uint64_t bound, int contig, int zero, uint64_t *out);
 
-/* (locks) memd_heap_alloc with element flags (MEMD_ELEM_F_*; memzones pass
- * MEMD_ELEM_F_MEMZONE), no zeroing.  Fails as memd_heap_alloc, and -EINVAL for an
+/* (locks) memd_heap_alloc_nolock with element flags (MEMD_ELEM_F_*; memzones pass
+ * MEMD_ELEM_F_MEMZONE), no zeroing.  Fails as memd_heap_alloc_nolock, and -EINVAL for an
  * unknown flag. */
 int memd_heap_alloc_flags(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
                           uint64_t bound, int contig, uint16_t flags, uint64_t *out);
@@ -101,30 +96,26 @@ int memd_heap_alloc_flags_nolock(char *base, struct memd_heap *h, uint64_t size,
 int64_t memd_heap_free(char *base, struct memd_heap *h, uint64_t off);
 int64_t memd_heap_free_nolock(char *base, struct memd_heap *h, uint64_t off);
 
-/* (locks) Resize the block at off to size bytes with its data aligned to align
+/* (caller locks) Resize the block at off to size bytes with its data aligned to align
  * (0 = 64); *out is its new data offset.  Shrinks in place (the tail becomes
  * free), grows in place into a free adjacent element, else moves: allocates in
  * the same heap, copies min(old, new) bytes and frees the old block.  Bytes past
  * the old size are not zeroed.  Fails iff -EINVAL (off not a busy block, size 0,
  * align not a power of two), -EFAULT (smashed trailer) or -ENOMEM (no room in
  * this heap; the block is unchanged: allocate elsewhere, copy and free). */
-int memd_heap_realloc(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
-                      uint64_t align, uint64_t *out);
 int memd_heap_realloc_nolock(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
                              uint64_t align, uint64_t *out);
 
-/* (locks) Data size of the busy block at off, or -EINVAL. */
-int64_t memd_heap_block_size(char *base, struct memd_heap *h, uint64_t off);
+/* (caller locks) Data size of the busy block at off, or -EINVAL. */
 int64_t memd_heap_block_size_nolock(char *base, struct memd_heap *h, uint64_t off);
 
-/* (locks) 0 if the block's cookies are intact, -EFAULT if its trailer is
+/* (caller locks) 0 if the block's cookies are intact, -EFAULT if its trailer is
  * smashed, -EINVAL if off is not a busy block (which includes a smashed header
  * cookie: the header is what says "block"). */
-int memd_heap_validate(char *base, struct memd_heap *h, uint64_t off);
 int memd_heap_validate_nolock(char *base, struct memd_heap *h, uint64_t off);
 
-/* (locks) Stats as rte_malloc_get_socket_stats().  O(length of the top free list). */
-void memd_heap_get_stats(char *base, struct memd_heap *h, struct memd_heap_stats *s);
+/* (caller locks) Stats as rte_malloc_get_socket_stats().  O(length of the top
+ * free list). */
 void memd_heap_get_stats_nolock(char *base, struct memd_heap *h, struct memd_heap_stats *s);
 
 /* (caller locks) Walk every element and check every invariant; 0 or -EFAULT

@@ -48,6 +48,10 @@ int memd_check_range(PyObject *window, uint64_t off, uint64_t len);
  * for wait loops, before each sleep. */
 int memd_window_check_watch(PyObject *window);
 
+/* memd.errors' exception class `name` (e.g. "CorruptionError"), or `fallback`
+ * when memd.errors cannot be imported: a borrowed reference. */
+PyObject *memd_error(const char *name, PyObject *fallback);
+
 /* Raise OSError(-neg_errno, "<strerror> (from <where>)"); returns NULL. */
 PyObject *memd_raise_errno(int neg_errno, const char *where);
 

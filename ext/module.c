@@ -18,30 +18,26 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-/* Exception classes memd.errors registers at import (set_error_class): the
- * extension must stay importable without memd.errors, and memd.errors without
- * the extension.  Strong references, never released (module state is static). */
-static PyObject *error_primary_not_running;
-
-static PyObject *py_set_error_class(PyObject *Py_UNUSED(m), PyObject *args)
+/* The one way the extension raises memd's own exceptions: the class of that name
+ * in memd.errors, looked up when first needed (memd.errors does not import the
+ * extension, so there is no cycle), or `fallback` if it cannot be had. */
+PyObject *memd_error(const char *name, PyObject *fallback)
 {
-    const char *name;
-    PyObject *cls;
-    if (!PyArg_ParseTuple(args, "sO:set_error_class", &name, &cls))
-        return NULL;
-    if (!PyType_Check(cls) ||
-        !PyType_IsSubtype((PyTypeObject *)cls, (PyTypeObject *)PyExc_Exception)) {
-        PyErr_SetString(PyExc_TypeError, "set_error_class: cls must be an Exception subclass");
-        return NULL;
+    static PyObject *errors_mod;
+    if (errors_mod == NULL) {
+        errors_mod = PyImport_ImportModule("memd.errors");
+        if (errors_mod == NULL) {
+            PyErr_Clear();
+            return fallback;
+        }
     }
-    if (strcmp(name, "primary_not_running") != 0) {
-        PyErr_Format(PyExc_ValueError, "set_error_class: unknown error name '%s' "
-                     "(known: 'primary_not_running')", name);
-        return NULL;
+    PyObject *e = PyObject_GetAttrString(errors_mod, name);
+    if (e == NULL) {
+        PyErr_Clear();
+        return fallback;
     }
-    Py_INCREF(cls);
-    Py_XSETREF(error_primary_not_running, cls);
-    Py_RETURN_NONE;
+    Py_DECREF(e); /* the module keeps it alive */
+    return e;
 }
 
 int memd_window_check_watch(PyObject *window)
@@ -54,8 +50,7 @@ int memd_window_check_watch(PyObject *window)
     struct pollfd p = {.fd = fd, .events = POLLIN, .revents = 0};
     if (poll(&p, 1, 0) <= 0 || !(p.revents & (POLLIN | POLLHUP)))
         return 0;
-    PyErr_SetString(error_primary_not_running ? error_primary_not_running
-                                              : PyExc_ConnectionError,
+    PyErr_SetString(memd_error("PrimaryNotRunning", PyExc_ConnectionError),
                     "the memd primary died while this call was waiting: shared memory is no "
                     "longer served. Restart memd (e.g. systemctl restart memd), then attach "
                     "again (memd_client.attach()); do not use rings, pools or blocks of the "
@@ -413,9 +408,6 @@ static PyMethodDef module_functions[] = {
     {"proc_start_time", py_proc_start_time, METH_O,
      "proc_start_time(pid) -> int | None: the start time of live process pid, in clock "
      "ticks since boot; None if it is gone or a zombie."},
-    {"set_error_class", py_set_error_class, METH_VARARGS,
-     "set_error_class(name, cls) -> None: the exception class the extension raises for "
-     "`name` ('primary_not_running'); memd.ring registers memd.errors' classes."},
     {NULL, NULL, 0, NULL},
 };
 

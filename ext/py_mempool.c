@@ -41,27 +41,6 @@ typedef struct {
 static PyTypeObject MemdMempool_Type;
 static PyTypeObject MemdMpObj_Type;
 
-/* --- errors --------------------------------------------------------------- */
-
-static PyObject *memd_exc(const char *name, PyObject *fallback)
-{
-    static PyObject *errors_mod;
-    if (errors_mod == NULL) {
-        errors_mod = PyImport_ImportModule("memd.errors");
-        if (errors_mod == NULL) {
-            PyErr_Clear();
-            return fallback;
-        }
-    }
-    PyObject *e = PyObject_GetAttrString(errors_mod, name);
-    if (e == NULL) {
-        PyErr_Clear();
-        return fallback;
-    }
-    Py_DECREF(e); /* the module keeps it alive */
-    return e;
-}
-
 static inline char *pool_base(MemdMempool *self)
 {
     char *base = ((MemdWindow *)self->window)->base;
@@ -88,7 +67,7 @@ static PyObject *raise_pool(MemdMempool *self, char *base, int rc, const char *w
         return NULL;
     switch (rc) {
     case -ENOBUFS:
-        PyErr_Format(memd_exc("PoolEmpty", PyExc_LookupError),
+        PyErr_Format(memd_error("PoolEmpty", PyExc_LookupError),
                      "mempool %R: %s of %u object(s) failed: not enough free objects in this "
                      "process's cache and the ring (%llu free in all, of %u); put some back "
                      "or create a larger pool",
@@ -105,7 +84,7 @@ static PyObject *raise_pool(MemdMempool *self, char *base, int rc, const char *w
                      name, what);
         break;
     default:
-        PyErr_Format(memd_exc("CorruptionError", PyExc_ValueError),
+        PyErr_Format(memd_error("CorruptionError", PyExc_ValueError),
                      "mempool %R: %s found the pool corrupted (a cookie or the free ring); "
                      "run audit() for details",
                      name, what);
@@ -574,7 +553,7 @@ static PyObject *raise_audit_fault(MemdMempool *self, char *base, const struct m
         return NULL;
     const char *what = a->fault < sizeof(fault_text) / sizeof(fault_text[0])
                            ? fault_text[a->fault] : "unknown fault";
-    PyErr_Format(memd_exc("CorruptionError", PyExc_ValueError),
+    PyErr_Format(memd_error("CorruptionError", PyExc_ValueError),
                  "mempool %R is corrupted: %s (at %lld; %llu free, %llu busy, %llu in the "
                  "ring, %llu in caches)",
                  name, what, (long long)a->where, (unsigned long long)a->free_objs,
@@ -916,7 +895,7 @@ static PyObject *py_mempool_reclaim_held_by(PyObject *Py_UNUSED(m), PyObject *ar
         return NULL;
     }
     if (n < 0) {
-        PyErr_Format(memd_exc("CorruptionError", PyExc_ValueError),
+        PyErr_Format(memd_error("CorruptionError", PyExc_ValueError),
                      "mempool_reclaim_held_by: the free ring overflowed (the pool is "
                      "corrupted); run audit() for details");
         return NULL;

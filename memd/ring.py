@@ -29,10 +29,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from memd import _ext, objects
-from memd.errors import MemdValueError, PrimaryNotRunning
-
-# What a waiting ring call raises when the watched primary dies (see Window.watch).
-_ext.set_error_class("primary_not_running", PrimaryNotRunning)
+from memd.errors import MemdValueError
 
 RING_F_SP_ENQ: int = _ext.RING_F_SP_ENQ  # default enqueue is single-producer
 RING_F_SC_DEQ: int = _ext.RING_F_SC_DEQ  # default dequeue is single-consumer
@@ -109,6 +106,7 @@ class Ring(_ext.Ring):
         def dequeue_burst_into(self, buffer: Buffer, timeout: float | None = 0) -> int: ...
         def full(self) -> bool: ...
         def empty(self) -> bool: ...
+
         count: int
         free_count: int
         capacity: int
@@ -180,8 +178,13 @@ class RingMixin:
         proc_slot: int
 
         def memzone_reserve(
-            self, name: str, length: int, socket_id: int = -1, flags: int = 0,
-            align: int = 64, bound: int = 0,
+            self,
+            name: str,
+            length: int,
+            socket_id: int = -1,
+            flags: int = 0,
+            align: int = 64,
+            bound: int = 0,
         ) -> _Memzone: ...
 
         def memzone_lookup(self, name: str) -> _Memzone: ...
@@ -197,8 +200,15 @@ class RingMixin:
         _check_name(name)
         size = ring_memsize(count, flags)
         return objects.create(
-            self, name, MEMD_OBJ_RING, RING_MZ_PREFIX, size, socket_id,
-            lambda off: Ring.create(self.window, off, count, flags, name), "ring_create")
+            self,
+            name,
+            MEMD_OBJ_RING,
+            RING_MZ_PREFIX,
+            size,
+            socket_id,
+            lambda off: Ring.create(self.window, off, count, flags, name),
+            "ring_create",
+        )
 
     def ring_lookup(self, name: str) -> Ring:
         """The ring called `name`; KeyError (MemdKeyError) if there is none."""
@@ -210,5 +220,4 @@ class RingMixin:
 
         Processes still holding the Ring object must not use it afterwards.
         """
-        objects.remove(self, ring.name, MEMD_OBJ_RING, RING_MZ_PREFIX, ring.offset,
-                       "ring_free")
+        objects.remove(self, ring.name, MEMD_OBJ_RING, RING_MZ_PREFIX, ring.offset, "ring_free")
