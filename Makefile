@@ -8,7 +8,7 @@ EXT_SOURCES := $(wildcard ext/*.c ext/*.h)
 PREFIX ?= rte
 MEM_MB ?= 64
 
-.PHONY: run test lint bench venv ext asan clean
+.PHONY: run test test-quick lint bench venv ext asan clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,13 @@ run: ext
 test: ext
 	$(PY) -m pytest -q tests
 
+# everything but the minute-long fuzz runs (CI runs them all, through `make test`)
+test-quick: ext
+	$(PY) -m pytest -q -m "not slow" tests
+
 lint: venv
 	$(VENV)/bin/ruff check memd client tests bench
+	$(VENV)/bin/ruff format --check memd client tests bench
 
 bench: ext
 	$(PY) bench/init_bench.py

@@ -43,12 +43,12 @@ from memd_harness import Daemon, remove_leftover_pages  # noqa: E402
 
 from memd import _ext  # noqa: E402
 
-N_OBJECTS = 2048        # mempool objects
-N_TOKENS = 512          # of them circulating in the token ring
+N_OBJECTS = 2048  # mempool objects
+N_TOKENS = 512  # of them circulating in the token ring
 KINDS = ("heap", "ring", "mempool", "mixed")
 # control block (a memzone of int64s) shared with the survivor
 PAUSE, PAUSED, STOP, ITERS, MAX_STALL_NS, ERRORS, READY = range(7)
-CHECK_TIMEOUT = 30.0    # seconds a check may take before the bench calls it a deadlock
+CHECK_TIMEOUT = 30.0  # seconds a check may take before the bench calls it a deadlock
 
 _PRELUDE = """
 import os, random, sys, time
@@ -130,16 +130,29 @@ else:
         print("RESULT " + json.dumps(["PrimaryNotRunning", time.monotonic()]), flush=True)
 """
 
-CONSTS = "".join(f"{name} = {value}\n" for name, value in
-                 (("PAUSE", PAUSE), ("PAUSED", PAUSED), ("STOP", STOP), ("ITERS", ITERS),
-                  ("MAX_STALL_NS", MAX_STALL_NS), ("ERRORS", ERRORS), ("READY", READY)))
+CONSTS = "".join(
+    f"{name} = {value}\n"
+    for name, value in (
+        ("PAUSE", PAUSE),
+        ("PAUSED", PAUSED),
+        ("STOP", STOP),
+        ("ITERS", ITERS),
+        ("MAX_STALL_NS", MAX_STALL_NS),
+        ("ERRORS", ERRORS),
+        ("READY", READY),
+    )
+)
 
 
 def _spawn(daemon: Daemon, body: str, **fmt: Any) -> subprocess.Popen[str]:
-    code = (_PRELUDE.format(prefix=daemon.prefix, rundir=str(daemon.runtime_dir)) + CONSTS
-            + (body.format(**fmt) if fmt else body))
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    code = (
+        _PRELUDE.format(prefix=daemon.prefix, rundir=str(daemon.runtime_dir))
+        + CONSTS
+        + (body.format(**fmt) if fmt else body)
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 class Watchdog:
@@ -151,8 +164,11 @@ class Watchdog:
 
     def __enter__(self) -> Watchdog:
         def fire() -> None:
-            print(f"chaos: DEADLOCK: a check blocked for {CHECK_TIMEOUT:g} s", file=sys.stderr,
-                  flush=True)
+            print(
+                f"chaos: DEADLOCK: a check blocked for {CHECK_TIMEOUT:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(3)
 
         self._timer = threading.Timer(CHECK_TIMEOUT, fire)
@@ -204,15 +220,23 @@ class Chaos:
         self._refill()
         self.baseline_blocks = self._heap_alloc_count()
         self.stats: dict[str, Any] = {
-            "rounds": 0, "kills": 0, "deadlocks": 0, "objects_lost": 0, "blocks_lost": 0,
-            "heap_check_failures": 0, "dead_hand_objects": 0, "max_dead_hand_objects": 0,
+            "rounds": 0,
+            "kills": 0,
+            "deadlocks": 0,
+            "objects_lost": 0,
+            "blocks_lost": 0,
+            "heap_check_failures": 0,
+            "dead_hand_objects": 0,
+            "max_dead_hand_objects": 0,
             "dead_blocks_freed": 0,
-            "reclaim_ms": [], "kinds": dict.fromkeys(KINDS, 0),
+            "reclaim_ms": [],
+            "kinds": dict.fromkeys(KINDS, 0),
         }
         self.rec0 = (heap_lock_recoveries(mem), ring_recoveries(self.ring))
         self.survivor = _spawn(daemon, SURVIVOR)
-        _wait(lambda: self.ctl[READY] == 1 or self.survivor.poll() is not None, 30,
-              "survivor start")
+        _wait(
+            lambda: self.ctl[READY] == 1 or self.survivor.poll() is not None, 30, "survivor start"
+        )
         if self.survivor.poll() is not None:
             raise RuntimeError(f"survivor died: {self.survivor.stderr.read()}")
 
@@ -242,8 +266,11 @@ class Chaos:
             _wait(lambda: victim.pid not in pids(), CHECK_TIMEOUT, "reclaim of the victim")
             self.stats["reclaim_ms"].append((time.monotonic() - t_kill) * 1000)
             self.ctl[PAUSE] = 1
-            _wait(lambda: self.ctl[PAUSED] == 1 or self.survivor.poll() is not None,
-                  CHECK_TIMEOUT, "survivor pause")
+            _wait(
+                lambda: self.ctl[PAUSED] == 1 or self.survivor.poll() is not None,
+                CHECK_TIMEOUT,
+                "survivor pause",
+            )
             try:
                 self._check(victim.pid)
             finally:
@@ -259,8 +286,7 @@ class Chaos:
                 _ext.heap_check(mem.window, idx)
             except OSError as e:
                 st["heap_check_failures"] += 1
-                print(f"chaos: heap {idx} inconsistent after killing {dead}: {e}",
-                      file=sys.stderr)
+                print(f"chaos: heap {idx} inconsistent after killing {dead}: {e}", file=sys.stderr)
         owned = mem.heap_owners().get(dead, {})
         if owned.get("blocks"):
             st["dead_blocks_freed"] += mem.free_owned_by(dead, force=True)["blocks"]
@@ -331,8 +357,10 @@ class Chaos:
             blocked[kind] = p = _spawn(d, PRIMARY_KILL, kind=kind)
             if p.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
                 p.kill()
-                raise RuntimeError(f"a blocked secondary did not start: {p.communicate()[1]}\n"
-                                   f"daemon log:\n{d.log_text()[-3000:]}")
+                raise RuntimeError(
+                    f"a blocked secondary did not start: {p.communicate()[1]}\n"
+                    f"daemon log:\n{d.log_text()[-3000:]}"
+                )
         time.sleep(0.3)  # let both block: the dequeue sleeps, the alloc waits for the primary
         self.mem.detach()
         t_kill = time.monotonic()
@@ -375,26 +403,39 @@ def table(st: dict[str, Any], mode: str) -> str:
         ("heap_check failures", f"{st['heap_check_failures']}"),
         ("max stall (survivor)", f"{st['max_stall_ms']:.1f} ms"),
         ("reclaim after kill", f"median {statistics.median(rec):.1f} ms, max {max(rec):.1f} ms"),
-        ("locks taken over from the dead", f"heap {st['heap_lock_recoveries']}, "
-                                           f"ring {st['ring_lock_recoveries']}"),
-        ("objects in dead hands (reported)", f"{st['dead_hand_objects']} "
-                                             f"(at most {st['max_dead_hand_objects']} a kill)"),
+        (
+            "locks taken over from the dead",
+            f"heap {st['heap_lock_recoveries']}, ring {st['ring_lock_recoveries']}",
+        ),
+        (
+            "objects in dead hands (reported)",
+            f"{st['dead_hand_objects']} (at most {st['max_dead_hand_objects']} a kill)",
+        ),
         ("heap blocks of the dead (freed)", f"{st['dead_blocks_freed']}"),
-        ("survivor iterations / errors", f"{st['survivor_iterations']} / "
-                                         f"{st['survivor_errors']}"),
+        ("survivor iterations / errors", f"{st['survivor_iterations']} / {st['survivor_errors']}"),
     ]
     for kind, v in st.get("primary_kill_ms", {}).items():
-        rows.append((f"primary kill -> {kind}",
-                     f"PrimaryNotRunning after {v:.1f} ms" if isinstance(v, float) else str(v)))
+        rows.append(
+            (
+                f"primary kill -> {kind}",
+                f"PrimaryNotRunning after {v:.1f} ms" if isinstance(v, float) else str(v),
+            )
+        )
     width = max(len(r[0]) for r in rows)
     return f"memd chaos ({mode})\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 def ok(st: dict[str, Any]) -> bool:
     pk = st.get("primary_kill_ms", {})
-    return (st["deadlocks"] == 0 and st["objects_lost"] == 0 and st["blocks_lost"] == 0
-            and st["heap_check_failures"] == 0 and st["survivor_errors"] == 0
-            and st["kills"] == st["rounds"] and all(isinstance(v, float) for v in pk.values()))
+    return (
+        st["deadlocks"] == 0
+        and st["objects_lost"] == 0
+        and st["blocks_lost"] == 0
+        and st["heap_check_failures"] == 0
+        and st["survivor_errors"] == 0
+        and st["kills"] == st["rounds"]
+        and all(isinstance(v, float) for v in pk.values())
+    )
 
 
 def main() -> int:

@@ -109,28 +109,48 @@ def main() -> None:
             ref = dpdk.get(("rte_malloc", n))
             if ref:
                 ours = results["HeapMixin"][n]
-                print(f"  {n:>6} B: memd {ours:6.0f} ns, DPDK {ref:6.0f} ns, "
-                      f"memd/DPDK {ours / ref:5.2f}")
+                print(
+                    f"  {n:>6} B: memd {ours:6.0f} ns, DPDK {ref:6.0f} ns, "
+                    f"memd/DPDK {ours / ref:5.2f}"
+                )
     print()
     mz = memzone_pairs(2000)
     ref = dpdk.get(("rte_memzone_reserve", 64))
-    print(f"memzone reserve+free (64 B): memd {mz:.2f} us"
-          + (f", DPDK {ref / 1000:.2f} us, memd/DPDK {mz * 1000 / ref:.2f}" if ref else ""))
+    print(
+        f"memzone reserve+free (64 B): memd {mz:.2f} us"
+        + (f", DPDK {ref / 1000:.2f} us, memd/DPDK {mz * 1000 / ref:.2f}" if ref else "")
+    )
     for others in (0, 1, 4):
         rt = expansion_round_trip(others, 30)
         kind = "hugepages" if hugepages_free() >= 64 else "no-huge"
-        print(f"secondary expansion round trip ({kind}), {others} other secondaries: "
-              f"median {rt:.2f} ms")
+        print(
+            f"secondary expansion round trip ({kind}), {others} other secondaries: "
+            f"median {rt:.2f} ms"
+        )
 
 
 def dpdk_malloc_perf() -> dict[tuple[str, int], float]:
     """ns per alloc+free from DPDK's own malloc_perf_autotest, by (section, size)."""
     try:
         out = subprocess.run(
-            ["dpdk-test", "--no-pci", "--no-huge", "-m", "1600", "-l", "0",
-             "--file-prefix", f"hb{os.getpid()}"], input="malloc_perf_autotest\nquit\n",
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # results are logged to stderr
-            text=True, timeout=600, check=False).stdout
+            [
+                "dpdk-test",
+                "--no-pci",
+                "--no-huge",
+                "-m",
+                "1600",
+                "-l",
+                "0",
+                "--file-prefix",
+                f"hb{os.getpid()}",
+            ],
+            input="malloc_perf_autotest\nquit\n",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # results are logged to stderr
+            text=True,
+            timeout=600,
+            check=False,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {}
     found: dict[tuple[str, int], float] = {}
@@ -159,8 +179,9 @@ def memzone_pairs(n: int) -> float:
     from memd.primary import Options, Primary
 
     rundir = tempfile.mkdtemp(prefix="memd-hb-")
-    p = Primary(Options(file_prefix=f"hb{os.getpid()}", runtime_dir=rundir, no_huge=True,
-                        memory_mb=64))
+    p = Primary(
+        Options(file_prefix=f"hb{os.getpid()}", runtime_dir=rundir, no_huge=True, memory_mb=64)
+    )
     try:
         times = []
         for i in range(n):
@@ -184,20 +205,39 @@ def expansion_round_trip(others: int, runs: int) -> float:
     notify.bind(str(rundir / "n"))
     mode = [] if hugepages_free() >= 64 else ["--no-huge"]
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "memd", *mode, "--file-prefix", prefix, "--runtime-dir",
-         str(rundir), "--no-telemetry", "--log-level", "warning"],
-        env={**os.environ, "NOTIFY_SOCKET": str(rundir / "n")})
+        [
+            sys.executable,
+            "-m",
+            "memd",
+            *mode,
+            "--file-prefix",
+            prefix,
+            "--runtime-dir",
+            str(rundir),
+            "--no-telemetry",
+            "--log-level",
+            "warning",
+        ],
+        env={**os.environ, "NOTIFY_SOCKET": str(rundir / "n")},
+    )
     waiters = []
     try:
         notify.settimeout(30)
         while b"READY=1" not in notify.recv(4096):
             pass
         for _ in range(others):
-            w = subprocess.Popen([sys.executable, "-c",
-                                  "import sys, memd_client as mc\n"
-                                  f"m = mc.attach({prefix!r}, runtime_dir={str(rundir)!r})\n"
-                                  "print('ok', flush=True); sys.stdin.readline()"],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            w = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys, memd_client as mc\n"
+                    f"m = mc.attach({prefix!r}, runtime_dir={str(rundir)!r})\n"
+                    "print('ok', flush=True); sys.stdin.readline()",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             assert w.stdout is not None and w.stdout.readline().strip() == "ok"
             waiters.append(w)
         times = []
@@ -206,7 +246,7 @@ def expansion_round_trip(others: int, runs: int) -> float:
                 t0 = time.perf_counter()
                 blk = mem.malloc(1 << 20)  # heap is empty: always one new page
                 times.append(time.perf_counter() - t0)
-                mem.free(blk)               # ... which the free gives back
+                mem.free(blk)  # ... which the free gives back
         return statistics.median(times) * 1000
     finally:
         for w in waiters:

@@ -41,9 +41,24 @@ def memd_spawn_to_ready(mb: int, extra: list[str], rundir: Path) -> float:
     s.settimeout(60)
     env = {**os.environ, "NOTIFY_SOCKET": str(sock_path)}
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "memd", "--file-prefix", "ibench",
-                          "--runtime-dir", str(rundir), "-m", str(mb), "--no-telemetry",
-                          "--log-level", "warning", *extra], env=env)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memd",
+            "--file-prefix",
+            "ibench",
+            "--runtime-dir",
+            str(rundir),
+            "-m",
+            str(mb),
+            "--no-telemetry",
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        env=env,
+    )
     try:
         while b"READY=1" not in s.recv(4096):
             pass
@@ -61,9 +76,24 @@ def memd_start(mb: int, extra: list[str], rundir: Path, prefix: str) -> subproce
         s.bind(str(sock_path))
         s.settimeout(60)
         env = {**os.environ, "NOTIFY_SOCKET": str(sock_path)}
-        p = subprocess.Popen([sys.executable, "-m", "memd", "--file-prefix", prefix,
-                              "--runtime-dir", str(rundir), "-m", str(mb), "--no-telemetry",
-                              "--log-level", "warning", *extra], env=env)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "memd",
+                "--file-prefix",
+                prefix,
+                "--runtime-dir",
+                str(rundir),
+                "-m",
+                str(mb),
+                "--no-telemetry",
+                "--log-level",
+                "warning",
+                *extra,
+            ],
+            env=env,
+        )
         while b"READY=1" not in s.recv(4096):
             pass
     return p
@@ -78,8 +108,9 @@ def memd_inprocess(mb: int, extra: dict, rundir: Path) -> float:
 
 
 def memd_attach(mb: int, no_huge: bool, rundir: Path, runs: int) -> list[float]:
-    p = Primary(Options(file_prefix="ibench", runtime_dir=str(rundir), memory_mb=mb,
-                        no_huge=no_huge))
+    p = Primary(
+        Options(file_prefix="ibench", runtime_dir=str(rundir), memory_mb=mb, no_huge=no_huge)
+    )
     import threading
 
     stop = threading.Event()
@@ -101,8 +132,12 @@ def memd_attach(mb: int, no_huge: bool, rundir: Path, runs: int) -> list[float]:
 
 def dpdk_spawn_to_prompt(args: list[str]) -> float:
     t0 = time.perf_counter()
-    p = subprocess.Popen(["dpdk-test", "--no-pci", "-l", "0", *args], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    p = subprocess.Popen(
+        ["dpdk-test", "--no-pci", "-l", "0", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     assert p.stdout is not None
     buf = b""
     while b"RTE>>" not in buf:
@@ -116,9 +151,12 @@ def dpdk_spawn_to_prompt(args: list[str]) -> float:
 
 
 def dpdk_secondary(mb: int, runs: int) -> list[float]:
-    prim = subprocess.Popen(["dpdk-test", "--no-pci", "-l", "0", "-m", str(mb),
-                             "--file-prefix", "dbench"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    prim = subprocess.Popen(
+        ["dpdk-test", "--no-pci", "-l", "0", "-m", str(mb), "--file-prefix", "dbench"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     assert prim.stdout is not None
     buf = b""
     while b"RTE>>" not in buf:
@@ -126,8 +164,10 @@ def dpdk_secondary(mb: int, runs: int) -> list[float]:
         if prim.poll() is not None:
             raise RuntimeError("dpdk-test primary exited")
     try:
-        return [dpdk_spawn_to_prompt(["--proc-type=secondary", "--file-prefix", "dbench"])
-                for _ in range(runs)]
+        return [
+            dpdk_spawn_to_prompt(["--proc-type=secondary", "--file-prefix", "dbench"])
+            for _ in range(runs)
+        ]
     finally:
         prim.communicate(b"quit\n", timeout=60)
 
@@ -154,8 +194,12 @@ def main() -> None:
         inproc = [memd_inprocess(a.mb, opts, rundir) for _ in range(a.runs)]
         ref = None
         if dpdk:
-            ref = med([dpdk_spawn_to_prompt(["-m", str(a.mb), "--file-prefix", "dbench", *flags])
-                       for _ in range(a.runs)])
+            ref = med(
+                [
+                    dpdk_spawn_to_prompt(["-m", str(a.mb), "--file-prefix", "dbench", *flags])
+                    for _ in range(a.runs)
+                ]
+            )
         rows.append((f"init {a.mb} MiB {name}: spawn -> ready", med(spawn), ref))
         rows.append((f"init {a.mb} MiB {name}: Primary() in-process", med(inproc), None))
     # A second instance on the same mount (another prefix) while this one starts:
@@ -182,8 +226,10 @@ def main() -> None:
         ratio = f"{ms / ref:10.2f}" if ref else f"{'-':>10}"
         refs = f"{ref:9.1f}" if ref else f"{'-':>9}"
         print(f"{what:48} {ms:9.1f} {refs} {ratio}")
-    print(f"\nmedians of {a.runs} runs (attach: {a.runs * 10}); DPDK = dpdk-test spawn -> "
-          "RTE>> prompt (EAL init done), same -m and mode")
+    print(
+        f"\nmedians of {a.runs} runs (attach: {a.runs * 10}); DPDK = dpdk-test spawn -> "
+        "RTE>> prompt (EAL init done), same -m and mode"
+    )
 
 
 if __name__ == "__main__":

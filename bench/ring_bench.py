@@ -188,8 +188,7 @@ class MemdWorld:
         """Fresh rings and pool for each run (an aborted run leaves no debris)."""
         self.ab = Ring.create(self.window, BASE, RING_COUNT, SPSC, "ab")
         self.ba = Ring.create(self.window, BASE + (1 << 20), RING_COUNT, SPSC, "ba")
-        Mempool.create(self.window, self.pool_off, POOL_N, 1024, cache_size=POOL_CACHE,
-                       name="msgs")
+        Mempool.create(self.window, self.pool_off, POOL_N, 1024, cache_size=POOL_CACHE, name="msgs")
 
     def views(self, pool: Mempool) -> dict[int, memoryview]:
         return {o.handle: o.buf for o in (pool.obj_at(i) for i in range(pool.size))}
@@ -198,8 +197,12 @@ class MemdWorld:
         """All objects as one (n, 1024) uint8 array, zero-copy, plus first handle, stride."""
         first = pool.obj_at(0).handle
         stride = pool.obj_stride
-        arr = np.ndarray((pool.size, pool.elt_size), dtype=np.uint8,
-                         buffer=self.window.view(first, pool.size * stride), strides=(stride, 1))
+        arr = np.ndarray(
+            (pool.size, pool.elt_size),
+            dtype=np.uint8,
+            buffer=self.window.view(first, pool.size * stride),
+            strides=(stride, 1),
+        )
         return arr, first, stride
 
 
@@ -364,7 +367,7 @@ def memd_rtt(world: MemdWorld, n: int, size: int, busy: bool) -> float:
     finally:
         pool.put(obj)
         pool.flush_cache()
-    return statistics.median(lat[n // 10:]) / 1000
+    return statistics.median(lat[n // 10 :]) / 1000
 
 
 # --- the others ----------------------------------------------------------------------------
@@ -505,11 +508,11 @@ class PosixMQ(Peer):
         super().__init__(size, tag)
         name = f"/memd-bench-{os.getpid()}-{tag}"
         try:
-            self.mq = posix_ipc.MessageQueue(name, posix_ipc.O_CREX, max_messages=1024,
-                                             max_message_size=max(size, 64))
+            self.mq = posix_ipc.MessageQueue(
+                name, posix_ipc.O_CREX, max_messages=1024, max_message_size=max(size, 64)
+            )
         except (ValueError, OSError, posix_ipc.Error):  # no CAP_SYS_RESOURCE: the default 10
-            self.mq = posix_ipc.MessageQueue(name, posix_ipc.O_CREX,
-                                             max_message_size=max(size, 64))
+            self.mq = posix_ipc.MessageQueue(name, posix_ipc.O_CREX, max_message_size=max(size, 64))
 
     def open(self, role: str) -> None:
         mq = self.mq
@@ -630,7 +633,7 @@ def peer_rtt(cls: type[Peer], n: int, size: int, busy: bool) -> float:
     finally:
         ab.destroy()
         ba.destroy()
-    return statistics.median(lat[n // 10:]) / 1000
+    return statistics.median(lat[n // 10 :]) / 1000
 
 
 # --- measuring -------------------------------------------------------------------------
@@ -670,7 +673,9 @@ def throughput_table(repeat: int, quick: bool) -> dict[str, Any]:
             try:
                 rows.setdefault(name, {})[size] = calibrated(  # short runs: 5 or more
                     lambda n, s=size, b=bulk: memd_throughput(world, n, s, b),
-                    64_000 if bulk else 20_000, max(repeat, 5))
+                    64_000 if bulk else 20_000,
+                    max(repeat, 5),
+                )
             except RuntimeError as e:
                 print(f"  {name}: failed: {e}", file=sys.stderr)
                 rows.setdefault(name, {})[size] = None
@@ -679,29 +684,41 @@ def throughput_table(repeat: int, quick: bool) -> dict[str, Any]:
             try:
                 rows.setdefault(cls.name, {})[size] = calibrated(
                     lambda n, c=cls, s=size: peer_throughput(c, n, s),
-                    3_200 if quick else 6_400, repeat)
+                    3_200 if quick else 6_400,
+                    repeat,
+                )
             except Exception as e:  # a peer that fails is reported, not fatal
                 print(f"  {cls.name}: failed: {e}", file=sys.stderr)
                 rows.setdefault(cls.name, {})[size] = None
             print(f"  {cls.name:<38} {size:>5} B  {fmt_rate(rows[cls.name][size])}", flush=True)
     single, bulk_name = list(memd_rows)
     print()
-    print(f"Cross-process throughput, 1 producer -> 1 consumer, median of {repeat} "
-          f"(memd rows: of {max(repeat, 5)})")
+    print(
+        f"Cross-process throughput, 1 producer -> 1 consumer, median of {repeat} "
+        f"(memd rows: of {max(repeat, 5)})"
+    )
     print("(ratios: how many times the memd row is faster than this row)")
-    hdr = (f"{'transport':<38} | {'8 B':>10} {'single':>7} {'bulk':>7} | {'1 KiB':>10} "
-           f"{'single':>7} {'bulk':>7}")
+    hdr = (
+        f"{'transport':<38} | {'8 B':>10} {'single':>7} {'bulk':>7} | {'1 KiB':>10} "
+        f"{'single':>7} {'bulk':>7}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for name, by_size in rows.items():
         cells = []
         for size in (8, 1024):
             x = by_size.get(size)
-            cells.append(f"{fmt_rate(x):>10} {fmt_ratio(rows[single][size], x):>7} "
-                         f"{fmt_ratio(rows[bulk_name][size], x):>7}")
+            cells.append(
+                f"{fmt_rate(x):>10} {fmt_ratio(rows[single][size], x):>7} "
+                f"{fmt_ratio(rows[bulk_name][size], x):>7}"
+            )
         print(f"{name:<38} | {cells[0]} | {cells[1]}")
-    return {"single8": rows[single][8], "bulk8": rows[bulk_name][8],
-            "single1k": rows[single][1024], "bulk1k": rows[bulk_name][1024]}
+    return {
+        "single8": rows[single][8],
+        "bulk8": rows[bulk_name][8],
+        "single1k": rows[single][1024],
+        "bulk1k": rows[bulk_name][1024],
+    }
 
 
 def rtt_table(repeat: int, quick: bool) -> dict[str, Any]:
@@ -727,55 +744,77 @@ def rtt_table(repeat: int, quick: bool) -> dict[str, Any]:
 
     for size in (8, 1024):
         for busy in (True, False):
-            measure("memd ring", lambda s=size, b=busy: memd_rtt(world, n_memd, s, b),
-                    (size, busy))
+            measure("memd ring", lambda s=size, b=busy: memd_rtt(world, n_memd, s, b), (size, busy))
             if not busy:
-                measure(SPIN, lambda s=size: with_spin(
-                    lambda: memd_rtt(world, n_memd // 2, s, False)), (size, busy))
+                measure(
+                    SPIN,
+                    lambda s=size: with_spin(lambda: memd_rtt(world, n_memd // 2, s, False)),
+                    (size, busy),
+                )
             for cls in peer_classes():
                 if cls.many:
                     continue
-                measure(cls.name, lambda c=cls, s=size, b=busy: peer_rtt(c, n_peer, s, b),
-                        (size, busy))
+                measure(
+                    cls.name, lambda c=cls, s=size, b=busy: peer_rtt(c, n_peer, s, b), (size, busy)
+                )
     print()
     print(f"Ping-pong round trip, median µs (median of {repeat} runs); ratio = this / memd")
-    print("(memd 'blocking' waits sleep on the futex at once, as the README says; the opt-in "
-          "row first retries up to 5 µs: ring_wait_spin(5e-6))")
+    print(
+        "(memd 'blocking' waits sleep on the futex at once, as the README says; the opt-in "
+        "row first retries up to 5 µs: ring_wait_spin(5e-6))"
+    )
     keys = [(8, True), (8, False), (1024, True), (1024, False)]
     labels = ["8 B busy", "8 B block", "1 KiB busy", "1 KiB block"]
     hdr = f"{'transport':<26} | " + " | ".join(f"{lab:>17}" for lab in labels)
     print(hdr)
     print("-" * len(hdr))
     for name, by_key in rows.items():
-        cells = [f"{fmt_us(by_key.get(k)):>9} {fmt_ratio(by_key.get(k), rows['memd ring'][k]):>7}"
-                 for k in keys]
+        cells = [
+            f"{fmt_us(by_key.get(k)):>9} {fmt_ratio(by_key.get(k), rows['memd ring'][k]):>7}"
+            for k in keys
+        ]
         print(f"{name:<26} | " + " | ".join(cells))
-    return {"busy8": rows["memd ring"][(8, True)], "block8": rows["memd ring"][(8, False)],
-            "spin8": rows[SPIN][(8, False)]}
+    return {
+        "busy8": rows["memd ring"][(8, True)],
+        "block8": rows["memd ring"][(8, False)],
+        "spin8": rows[SPIN][(8, False)],
+    }
 
 
 def per_call(stmt: str, env: dict[str, Any], number: int, repeat: int) -> float:
     """Median seconds per execution of stmt."""
-    return statistics.median(t / number for t in timeit.repeat(
-        stmt, globals=env, number=number, repeat=max(repeat, 3)))
+    return statistics.median(
+        t / number for t in timeit.repeat(stmt, globals=env, number=number, repeat=max(repeat, 3))
+    )
 
 
 def inproc_table(repeat: int, quick: bool) -> dict[str, Any]:
     window = _ext.Window.anonymous(16 << 20)
     ring = Ring.create(window, BASE, RING_COUNT, 0, "inproc")
     spsc = Ring.create(window, BASE + (1 << 20), RING_COUNT, SPSC, "inproc-spsc")
-    pool = Mempool.create(window, BASE + (2 << 20), 4096, 64, cache_size=POOL_CACHE,
-                          name="inproc")
+    pool = Mempool.create(window, BASE + (2 << 20), 4096, 64, cache_size=POOL_CACHE, name="inproc")
     buf = np.arange(BULK, dtype=np.uint64)
     out = np.zeros(BULK, dtype=np.uint64)
     dq: collections.deque[int] = collections.deque()
     sq: queue.SimpleQueue[int] = queue.SimpleQueue()
     env = {
-        "enq": ring.enqueue, "deq": ring.dequeue, "senq": spsc.enqueue, "sdeq": spsc.dequeue,
-        "enqb": ring.enqueue_bulk, "deqb": ring.dequeue_bulk_into, "buf": buf, "out": out,
-        "get": pool.get, "put": pool.put, "geth": pool.get_handle,
-        "getb": pool.get_bulk_into, "putb": pool.put_bulk,
-        "app": dq.append, "pop": dq.popleft, "sput": sq.put, "sget": sq.get,
+        "enq": ring.enqueue,
+        "deq": ring.dequeue,
+        "senq": spsc.enqueue,
+        "sdeq": spsc.dequeue,
+        "enqb": ring.enqueue_bulk,
+        "deqb": ring.dequeue_bulk_into,
+        "buf": buf,
+        "out": out,
+        "get": pool.get,
+        "put": pool.put,
+        "geth": pool.get_handle,
+        "getb": pool.get_bulk_into,
+        "putb": pool.put_bulk,
+        "app": dq.append,
+        "pop": dq.popleft,
+        "sput": sq.put,
+        "sget": sq.get,
     }
     number = 100_000 if quick else 400_000
     rows = [
@@ -801,11 +840,13 @@ def inproc_table(repeat: int, quick: bool) -> dict[str, Any]:
     for name, t in res.items():
         print(f"{name:<44} | {t * 1e9:7.1f} | {fmt_rate(1 / t):>11} | {t / base:7.2f}x")
     pool.audit()
-    return {"ring": res["memd ring enqueue+dequeue (MP/MC)"],
-            "ring_sp": res["memd ring enqueue+dequeue (SP/SC)"],
-            "bulk": res[f"memd ring bulk-{BULK} enq+deq, per entry"],
-            "mp": res["memd mempool get+put (objects)"],
-            "mpbulk": 1 / res[f"memd mempool bulk-{BULK} get+put, per obj"]}
+    return {
+        "ring": res["memd ring enqueue+dequeue (MP/MC)"],
+        "ring_sp": res["memd ring enqueue+dequeue (SP/SC)"],
+        "bulk": res[f"memd ring bulk-{BULK} enq+deq, per entry"],
+        "mp": res["memd mempool get+put (objects)"],
+        "mpbulk": 1 / res[f"memd mempool bulk-{BULK} get+put, per obj"],
+    }
 
 
 def cpu_hz() -> float | None:
@@ -827,10 +868,24 @@ def dpdk_perf(test: str, timeout: float) -> str:
         return ""
     try:
         return subprocess.run(
-            ["dpdk-test", "--no-pci", "--no-huge", "-m", "256", "-l", "0-1",
-             "--file-prefix", f"rb{os.getpid()}"], input=f"{test}\nquit\n",
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-            check=False).stdout
+            [
+                "dpdk-test",
+                "--no-pci",
+                "--no-huge",
+                "-m",
+                "256",
+                "-l",
+                "0-1",
+                "--file-prefix",
+                f"rb{os.getpid()}",
+            ],
+            input=f"{test}\nquit\n",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            check=False,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ""
 
@@ -839,25 +894,27 @@ def dpdk_table(ip: dict[str, Any], tp: dict[str, Any], mempool: bool) -> None:
     """DPDK's own ring_perf_autotest (C, no Python) beside memd's matching rows."""
     out = dpdk_perf("ring_perf_autotest", 300)
     hz = cpu_hz()
-    cycles = {m.group(1): float(m.group(2)) for m in re.finditer(
-        r"legacy APIs: (.+?): ([0-9.]+)\s*$", out, re.M)}
+    cycles = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"legacy APIs: (.+?): ([0-9.]+)\s*$", out, re.M)
+    }
     if not cycles or not hz:
         print("\n(dpdk-test not installed or ring_perf_autotest failed: no DPDK figures)")
         return
-    print(f"\nDPDK ring_perf_autotest (C), cycles per element -> ns at {hz / 1e9:.2f} GHz; "
-          "memd rows include the Python call")
+    print(
+        f"\nDPDK ring_perf_autotest (C), cycles per element -> ns at {hz / 1e9:.2f} GHz; "
+        "memd rows include the Python call"
+    )
     rows = [
         ("SP/SC single enq+deq (in-process)", "SP/SC: single", ip.get("ring_sp")),
         ("MP/MC single enq+deq (in-process)", "MP/MC: single", ip.get("ring")),
-        (f"SP/SC bulk-{BULK} per entry (in-process)", "SP/SC: bulk (size: 32)",
-         ip.get("bulk")),
+        (f"SP/SC bulk-{BULK} per entry (in-process)", "SP/SC: bulk (size: 32)", ip.get("bulk")),
     ]
     if tp.get("bulk8"):
         # DPDK's "two physical cores" case is the cross-process producer/consumer
         rows.append((f"SP/SC bulk-{BULK} per entry, 2 cores", None, 1 / tp["bulk8"]))
     print(f"{'case':<42} | {'DPDK ns':>8} | {'memd ns':>8} | memd/DPDK")
-    two_core = re.search(r"two physical cores.*?SP/SC: bulk \(size: 32\): ([0-9.]+)", out,
-                         re.S)
+    two_core = re.search(r"two physical cores.*?SP/SC: bulk \(size: 32\): ([0-9.]+)", out, re.S)
     for label, key, ours in rows:
         c = float(two_core.group(1)) if key is None and two_core else cycles.get(key or "")
         if c is None or ours is None:
@@ -868,9 +925,11 @@ def dpdk_table(ip: dict[str, Any], tp: dict[str, Any], mempool: bool) -> None:
         mp = dpdk_perf("mempool_perf_autotest", 1800)
         rates = [float(x) for x in re.findall(r"rate_persec=(\d+)", mp)]
         if rates:
-            print(f"DPDK mempool_perf_autotest: best {max(rates) / 1e6:.0f} M obj/s, median "
-                  f"{statistics.median(rates) / 1e6:.0f} M obj/s over {len(rates)} cases "
-                  f"(memd bulk-32 get+put: {ip.get('mpbulk', 0) / 1e6:.0f} M obj/s)")
+            print(
+                f"DPDK mempool_perf_autotest: best {max(rates) / 1e6:.0f} M obj/s, median "
+                f"{statistics.median(rates) / 1e6:.0f} M obj/s over {len(rates)} cases "
+                f"(memd bulk-32 get+put: {ip.get('mpbulk', 0) / 1e6:.0f} M obj/s)"
+            )
 
 
 def targets(tp: dict[str, Any], rtt: dict[str, Any], ip: dict[str, Any]) -> None:
@@ -886,28 +945,52 @@ def targets(tp: dict[str, Any], rtt: dict[str, Any], ip: dict[str, Any]) -> None
         line("cross-process single-item, msgs/s", fmt_rate(s), ">= 5 M/s", s and s >= 5e6)
         line(f"cross-process bulk-{BULK}, msgs/s", fmt_rate(b), ">= 30 M/s", b and b >= 30e6)
     if rtt:
-        line("busy-poll round trip", fmt_us(rtt["busy8"]), "<= 2 µs",
-             rtt["busy8"] is not None and rtt["busy8"] <= 2)
-        line("blocking round trip (sleeps at once)", fmt_us(rtt["block8"]), "<= 20 µs",
-             rtt["block8"] is not None and rtt["block8"] <= 20)
-        line("blocking round trip (opt-in 5 µs spin)", fmt_us(rtt["spin8"]), "<= 20 µs",
-             rtt["spin8"] is not None and rtt["spin8"] <= 20)
+        line(
+            "busy-poll round trip",
+            fmt_us(rtt["busy8"]),
+            "<= 2 µs",
+            rtt["busy8"] is not None and rtt["busy8"] <= 2,
+        )
+        line(
+            "blocking round trip (sleeps at once)",
+            fmt_us(rtt["block8"]),
+            "<= 20 µs",
+            rtt["block8"] is not None and rtt["block8"] <= 20,
+        )
+        line(
+            "blocking round trip (opt-in 5 µs spin)",
+            fmt_us(rtt["spin8"]),
+            "<= 20 µs",
+            rtt["spin8"] is not None and rtt["spin8"] <= 20,
+        )
     if ip:
-        line("in-process ring enq+deq", f"{ip['ring'] * 1e9:.0f} ns", "<= 100 ns",
-             ip["ring"] <= 100e-9)
+        line(
+            "in-process ring enq+deq",
+            f"{ip['ring'] * 1e9:.0f} ns",
+            "<= 100 ns",
+            ip["ring"] <= 100e-9,
+        )
         line("mempool get+put", f"{ip['mp'] * 1e9:.0f} ns", "<= 120 ns", ip["mp"] <= 120e-9)
-        line("mempool bulk get+put, obj/s", fmt_rate(ip["mpbulk"]), ">= 50 M/s",
-             ip["mpbulk"] >= 50e6)
+        line(
+            "mempool bulk get+put, obj/s", fmt_rate(ip["mpbulk"]), ">= 50 M/s", ip["mpbulk"] >= 50e6
+        )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell (median)")
     ap.add_argument("--quick", action="store_true", help="shorter runs, 1 repeat")
-    ap.add_argument("--dpdk-mempool", action="store_true",
-                    help="also run DPDK's mempool_perf_autotest (takes minutes)")
-    ap.add_argument("--only", choices=["throughput", "rtt", "inproc"], action="append",
-                    help="run only these parts (repeatable)")
+    ap.add_argument(
+        "--dpdk-mempool",
+        action="store_true",
+        help="also run DPDK's mempool_perf_autotest (takes minutes)",
+    )
+    ap.add_argument(
+        "--only",
+        choices=["throughput", "rtt", "inproc"],
+        action="append",
+        help="run only these parts (repeatable)",
+    )
     args = ap.parse_args()
     repeat = 1 if args.quick else args.repeat
     global TARGET_SECONDS
@@ -915,8 +998,11 @@ def main() -> int:
         TARGET_SECONDS = 0.1
     parts = args.only or ["throughput", "rtt", "inproc"]
     t0 = time.monotonic()
-    print(f"memd ring bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-          f"numpy {np.__version__}", flush=True)
+    print(
+        f"memd ring bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+        f"numpy {np.__version__}",
+        flush=True,
+    )
     tp = throughput_table(repeat, args.quick) if "throughput" in parts else {}
     rtt = rtt_table(repeat, args.quick) if "rtt" in parts else {}
     ip = inproc_table(repeat, args.quick) if "inproc" in parts else {}

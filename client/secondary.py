@@ -71,18 +71,27 @@ class Secondary(Memory):
                 raise PrimaryNotRunning(
                     f"no memd primary for prefix {self.prefix!r} in {self.rundir}: {why}. "
                     f"Start it (memd --file-prefix {self.prefix}) or check --file-prefix "
-                    "and --runtime-dir")
+                    "and --runtime-dir"
+                )
             time.sleep(0.01)
         self._check_socket()
         try:
-            self._channel = Channel(mp_endpoint(self.prefix, self.rundir),
-                                    f"{os.getpid()}-{next(_attach_numbers)}", self._on_sync,
-                                    timeout=max(timeout, 5.0))
+            self._channel = Channel(
+                mp_endpoint(self.prefix, self.rundir),
+                f"{os.getpid()}-{next(_attach_numbers)}",
+                self._on_sync,
+                timeout=max(timeout, 5.0),
+            )
             self._channel.alive_check = self.primary_alive
             self._channel.watch_fd = self._primary_fd
-            ans = self._channel.register({
-                "pid": os.getpid(), "start_time": proc_start_time(os.getpid()) or 0,
-                "version": PROTOCOL_VERSION, "comm": comm()})
+            ans = self._channel.register(
+                {
+                    "pid": os.getpid(),
+                    "start_time": proc_start_time(os.getpid()) or 0,
+                    "version": PROTOCOL_VERSION,
+                    "comm": comm(),
+                }
+            )
         except TimeoutError as e:
             self._close_quietly()
             raise PrimaryNotRunning(f"the primary did not answer registration: {e}") from None
@@ -114,21 +123,27 @@ class Secondary(Memory):
         except PermissionError:
             raise PermissionDenied(
                 f"cannot reach {self.rundir}: permission denied; run as the daemon's user "
-                "or as a member of its --group") from None
+                "or as a member of its --group"
+            ) from None
         private = self.rundir.name.removeprefix("memd-")
-        if self.rundir.name.startswith("memd-") and private.isdigit() and \
-                is_shared_writable(os.stat(self.rundir.parent)):
+        if (
+            self.rundir.name.startswith("memd-")
+            and private.isdigit()
+            and is_shared_writable(os.stat(self.rundir.parent))
+        ):
             lst = os.lstat(self.rundir)
             if not stat.S_ISDIR(lst.st_mode) or lst.st_uid != int(private):
                 raise UnsafePath(
                     f"{self.rundir} belongs to {describe_owner(lst.st_uid)}, not to uid "
                     f"{private} whose private runtime dir it should be: someone else made it; "
-                    "remove it and restart memd")
+                    "remove it and restart memd"
+                )
         if is_shared_writable(st):
             raise UnsafePath(
                 f"{self.rundir} can be written by other users, so memd files there cannot "
                 f"be trusted; attach with the runtime dir the daemon uses (in such a "
-                f"directory memd keeps its files in memd-<uid> inside it)")
+                f"directory memd keeps its files in memd-<uid> inside it)"
+            )
 
     def _try_open(self, path: Path) -> str | None:
         """Open and map the config if a live, ready primary owns it; else say why not."""
@@ -144,7 +159,8 @@ class Secondary(Memory):
         except PermissionError:
             raise PermissionDenied(
                 f"cannot open {path}: it belongs to another user; run as the daemon's user "
-                "or as a member of its --group") from None
+                "or as a member of its --group"
+            ) from None
         try:
             st = os.fstat(fd)
             if st.st_size < _ext.CONFIG_SIZE:
@@ -159,7 +175,8 @@ class Secondary(Memory):
             if h.layout_version != _ext.LAYOUT_VERSION:
                 raise VersionMismatch(
                     f"the primary uses layout version {h.layout_version}, this library "
-                    f"{_ext.LAYOUT_VERSION}: install the same memd version on both sides")
+                    f"{_ext.LAYOUT_VERSION}: install the same memd version on both sides"
+                )
             if not self._locked_by_primary(fd):
                 return f"its primary (pid {h.primary_pid}) is dead (stale config)"
             if h.state != _ext.STATE_READY:
@@ -168,7 +185,8 @@ class Secondary(Memory):
                 raise MemdError(
                     f"the primary (pid {h.primary_pid}) runs with --huge-unlink, so its page "
                     "files are gone and no secondary can map them; restart it without "
-                    "--huge-unlink to attach")
+                    "--huge-unlink to attach"
+                )
             # Watch the primary through a pidfd (watch_process checks its start
             # time after opening it, so a reused pid cannot fool us).
             pidfd = watch_process(h.primary_pid, h.primary_start_time)
@@ -192,8 +210,10 @@ class Secondary(Memory):
         """The primary's socket and its directory must be the daemon's, as the config
         is: a socket someone else bound would hand us a fake primary."""
         sock = Path(mp_endpoint(self.prefix, self.rundir).removeprefix("ipc://"))
-        for path, kind, is_kind in ((sock.parent, "directory", stat.S_ISDIR),
-                                    (sock, "socket", stat.S_ISSOCK)):
+        for path, kind, is_kind in (
+            (sock.parent, "directory", stat.S_ISDIR),
+            (sock, "socket", stat.S_ISSOCK),
+        ):
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
@@ -210,14 +230,17 @@ class Secondary(Memory):
                 raise UnsafePath(
                     f"{path} {why}, but the memd config belongs to "
                     f"{describe_owner(self.daemon_uid)}: not attaching to it; remove it and "
-                    "restart memd")
+                    "restart memd"
+                )
 
     def _set_page_dirs(self, page_dirs: object) -> None:
         """Where each memseg list's page files are, as the primary answered: each
         must be inside a hugetlbfs mount (or /dev/shm), which we check ourselves."""
         if not isinstance(page_dirs, list):
-            raise VersionMismatch("the primary's registration answer has no page "
-                                  "directories: install the same memd version on both sides")
+            raise VersionMismatch(
+                "the primary's registration answer has no page "
+                "directories: install the same memd version on both sides"
+            )
         mounts = {}
         for m in hugetlbfs_mounts() if any(d != SHM_DIR for _, d in page_dirs) else []:
             with contextlib.suppress(OSError):
@@ -229,7 +252,8 @@ class Secondary(Memory):
                 if os.path.realpath(directory) != directory or st.st_dev not in mounts:
                     raise UnsafePath(
                         f"the primary keeps pages in {directory}, which is not a hugetlbfs "
-                        "mount here (or not its real path): not mapping files from it")
+                        "mount here (or not its real path): not mapping files from it"
+                    )
             self.pages.set_dir(int(index), directory)
 
     @staticmethod
@@ -254,7 +278,8 @@ class Secondary(Memory):
         if not self.primary_alive():
             raise PrimaryNotRunning(
                 f"the memd primary (pid {self._primary[0]}) has died; detach and attach "
-                "again once it is restarted")
+                "again once it is restarted"
+            )
 
     def _on_sync(self, msg: dict[str, Any]) -> None:
         """Background thread: the primary changed the memory map."""
@@ -272,7 +297,8 @@ class Secondary(Memory):
         if os.getpid() != self._pid:  # ZeroMQ sockets do not survive a fork
             raise MemdError(
                 f"this process (pid {os.getpid()}) was forked from pid {self._pid} after it "
-                "attached; the child must attach on its own (memd_client.attach())")
+                "attached; the child must attach on its own (memd_client.attach())"
+            )
         self._check_alive()
         try:
             return self._channel.request(msg)
@@ -281,8 +307,16 @@ class Secondary(Memory):
             raise MemdMemoryError(f"{e}; the primary may be overloaded") from None
 
     def _expand_heap(self, heap: int, size: int, align: int, bound: int, contig: bool) -> None:
-        ans = self._request({"type": "alloc", "heap": heap, "size": size, "align": align,
-                             "bound": bound, "contig": contig})
+        ans = self._request(
+            {
+                "type": "alloc",
+                "heap": heap,
+                "size": size,
+                "align": align,
+                "bound": bound,
+                "contig": contig,
+            }
+        )
         if ans["status"]:
             raise MemdMemoryError(f"primary: {ans['reason']}")
         self.sync_pages()
@@ -351,8 +385,11 @@ class Secondary(Memory):
             self.detach()
 
 
-def attach(prefix: str = DEFAULT_PREFIX, runtime_dir: str | os.PathLike[str] | None = None,
-           timeout: float = 5.0) -> Secondary:
+def attach(
+    prefix: str = DEFAULT_PREFIX,
+    runtime_dir: str | os.PathLike[str] | None = None,
+    timeout: float = 5.0,
+) -> Secondary:
     """Attach to the primary of `prefix`, waiting up to `timeout` seconds for a
     starting one to become ready.  Raises PrimaryNotRunning, VersionMismatch or
     PermissionDenied."""

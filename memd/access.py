@@ -73,8 +73,9 @@ class AccessPolicy:
     ``uid`` defaults to the daemon's own; ``gid`` is the configured group, if any.
     """
 
-    def __init__(self, uid: int | None = None, gid: int | None = None,
-                 proc_root: str = "/proc") -> None:
+    def __init__(
+        self, uid: int | None = None, gid: int | None = None, proc_root: str = "/proc"
+    ) -> None:
         self.uid = os.getuid() if uid is None else uid
         self.gid = gid
         self.proc_root = proc_root

@@ -80,8 +80,10 @@ def command(path: str) -> Callable[[Handler], Handler]:
         doc = inspect.getdoc(fn) or ""
         help_line = doc.splitlines()[0] if doc else ""
         if not help_line or len(help_line) >= MAX_HELP_LEN:
-            raise ValueError(f"{path}: the docstring's first line is the help text "
-                             f"(1..{MAX_HELP_LEN - 1} characters)")
+            raise ValueError(
+                f"{path}: the docstring's first line is the help text "
+                f"(1..{MAX_HELP_LEN - 1} characters)"
+            )
         fn._memd_command = path  # type: ignore[attr-defined]
         return fn
 
@@ -154,9 +156,15 @@ class AdminAPI:
     counters merged into ``/memd/stats`` (the telemetry server adds its own).
     """
 
-    def __init__(self, mem: AdminSource, *, lock: threading.Lock | threading.RLock | None = None,
-                 pid: int | None = None, version: str = VERSION,
-                 max_output_len: int = MAX_OUTPUT_LEN) -> None:
+    def __init__(
+        self,
+        mem: AdminSource,
+        *,
+        lock: threading.Lock | threading.RLock | None = None,
+        pid: int | None = None,
+        version: str = VERSION,
+        max_output_len: int = MAX_OUTPUT_LEN,
+    ) -> None:
         self.mem = mem
         self.lock = lock
         self.pid = os.getpid() if pid is None else pid
@@ -219,8 +227,7 @@ class AdminAPI:
         Reply: ``{"version": str, "pid": int, "max_output_len": int}``, the same
         object the greeting carries.
         """
-        return {"version": self.version, "pid": self.pid,
-                "max_output_len": self.max_output_len}
+        return {"version": self.version, "pid": self.pid, "max_output_len": self.max_output_len}
 
     @command("/help")
     def help(self, params: str | None) -> dict[str, str]:
@@ -355,20 +362,22 @@ class AdminAPI:
             "size": int(mp.n),
             "cache_size": int(mp.cache_size),
             "elt_size": int(mp.elt_size),
-            "header_size": 0,   # memd's objects have no per-object header or trailer
+            "header_size": 0,  # memd's objects have no per-object header or trailer
             "trailer_size": 0,
             "private_data_size": int(mp.private_data_size),
-            "ops_index": 0,     # one ops: the ring
+            "ops_index": 0,  # one ops: the ring
             "populated_size": int(mp.n),  # populated whole at create
         }
         if mz is not None:
-            d.update({
-                "mz_name": mz.name,
-                "mz_len": int(mz.length),
-                "mz_hugepage_sz": int(mz.page_size),
-                "mz_socket_id": int(mz.socket_id),
-                "mz_flags": int(mz.flags),
-            })
+            d.update(
+                {
+                    "mz_name": mz.name,
+                    "mz_len": int(mz.length),
+                    "mz_hugepage_sz": int(mz.page_size),
+                    "mz_socket_id": int(mz.socket_id),
+                    "mz_flags": int(mz.flags),
+                }
+            )
         d["avail_count"] = int(mp.avail_count())
         d["in_use_count"] = int(mp.in_use_count())
         return d
@@ -415,13 +424,15 @@ class AdminAPI:
             "used_count": int(r.count),
         }
         if mz is not None:
-            d.update({
-                "mz_name": mz.name,
-                "mz_len": int(mz.length),
-                "mz_hugepage_sz": int(mz.page_size),
-                "mz_socket_id": int(mz.socket_id),
-                "mz_flags": f"0x{int(mz.flags):x}",
-            })
+            d.update(
+                {
+                    "mz_name": mz.name,
+                    "mz_len": int(mz.length),
+                    "mz_hugepage_sz": int(mz.page_size),
+                    "mz_socket_id": int(mz.socket_id),
+                    "mz_flags": f"0x{int(mz.flags):x}",
+                }
+            )
         d["free_count"] = int(r.free_count)
         return d
 
@@ -447,7 +458,7 @@ class AdminAPI:
         page_size, prealloc}`` from index ``start`` (default 0). A reply longer than
         max_output_len is cut to whole entries: ask again from ``start + len``.
         """
-        return self._list("memsegs")[_opt_start(params):]
+        return self._list("memsegs")[_opt_start(params) :]
 
     @command("/memd/processes")
     def memd_processes(self, params: str | None) -> list[dict[str, Any]]:
@@ -461,7 +472,7 @@ class AdminAPI:
         owns malloc'd heap blocks or mempool objects is listed with role
         "exited" and slot null.
         """
-        return self.mem.processes(usage=True)[_opt_start(params):]
+        return self.mem.processes(usage=True)[_opt_start(params) :]
 
     @command("/memd/reclaims")
     def memd_reclaims(self, params: str | None) -> list[dict[str, Any]]:
@@ -488,22 +499,26 @@ class AdminAPI:
         procs = self._list("processes")
         d: dict[str, Any] = {"heaps": len(self._list("heap_ids"))}
         heaps = [self.mem.heap_stats(h) for h in self._list("heap_ids")]
-        d.update({
-            "heap_totalsz_bytes": sum(int(h["heap_totalsz_bytes"]) for h in heaps),
-            "heap_freesz_bytes": sum(int(h["heap_freesz_bytes"]) for h in heaps),
-            "heap_allocsz_bytes": sum(int(h["heap_allocsz_bytes"]) for h in heaps),
-            "heap_alloc_count": sum(int(h["alloc_count"]) for h in heaps),
-        })
-        d.update({
-            "memsegs": len(segs),
-            "memseg_bytes": sum(int(s["length"]) for s in segs),
-            "memzones": len(zones),
-            "memzone_bytes": sum(int(z.length) for z in zones),
-            "rings": len(self._list("rings")),
-            "mempools": len(self._list("mempools")),
-            "processes": len(procs),
-            "secondaries": sum(1 for p in procs if p.get("role") == "secondary"),
-        })
+        d.update(
+            {
+                "heap_totalsz_bytes": sum(int(h["heap_totalsz_bytes"]) for h in heaps),
+                "heap_freesz_bytes": sum(int(h["heap_freesz_bytes"]) for h in heaps),
+                "heap_allocsz_bytes": sum(int(h["heap_allocsz_bytes"]) for h in heaps),
+                "heap_alloc_count": sum(int(h["alloc_count"]) for h in heaps),
+            }
+        )
+        d.update(
+            {
+                "memsegs": len(segs),
+                "memseg_bytes": sum(int(s["length"]) for s in segs),
+                "memzones": len(zones),
+                "memzone_bytes": sum(int(z.length) for z in zones),
+                "rings": len(self._list("rings")),
+                "mempools": len(self._list("mempools")),
+                "processes": len(procs),
+                "secondaries": sum(1 for p in procs if p.get("role") == "secondary"),
+            }
+        )
         for prefix, source in self.stats_sources.items():
             for key, value in source().items():
                 d[f"{prefix}_{key}"] = value
@@ -512,16 +527,21 @@ class AdminAPI:
 
 def reference() -> str:
     """The admin socket's command reference, generated from the docstrings."""
-    out = ["# memd admin socket commands", "",
-           "Generated by `python -m memd.api > docs/admin-socket.md` from the docstrings "
-           "in memd/api.py.", "",
-           "The socket speaks DPDK's telemetry v2 protocol (memd/telemetry.py): a "
-           "`SOCK_SEQPACKET` socket at `<runtime>/dpdk/<prefix>/dpdk_telemetry.v2`; a "
-           "greeting `{\"version\":...,\"pid\":...,\"max_output_len\":16384}` on "
-           "connect; one request packet `/cmd` or `/cmd,params` (at most 1023 bytes); one "
-           "reply packet `{\"/cmd\":value}` of at most 16384 bytes, `null` for an unknown "
-           "command or bad parameters. `dpdk-telemetry.py -f <prefix>` and "
-           "`memctl telemetry CMD` send them by hand.", ""]
+    out = [
+        "# memd admin socket commands",
+        "",
+        "Generated by `python -m memd.api > docs/admin-socket.md` from the docstrings "
+        "in memd/api.py.",
+        "",
+        "The socket speaks DPDK's telemetry v2 protocol (memd/telemetry.py): a "
+        "`SOCK_SEQPACKET` socket at `<runtime>/dpdk/<prefix>/dpdk_telemetry.v2`; a "
+        'greeting `{"version":...,"pid":...,"max_output_len":16384}` on '
+        "connect; one request packet `/cmd` or `/cmd,params` (at most 1023 bytes); one "
+        'reply packet `{"/cmd":value}` of at most 16384 bytes, `null` for an unknown '
+        "command or bad parameters. `dpdk-telemetry.py -f <prefix>` and "
+        "`memctl telemetry CMD` send them by hand.",
+        "",
+    ]
     for path, fn in sorted((p, f) for p, f in _registry().items()):
         doc = inspect.getdoc(fn) or ""
         first, _, rest = doc.partition("\n")

@@ -36,7 +36,8 @@ def _address(text: str) -> int:
         value = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected an address like 0x100000000, got {text!r}") from None
+            f"expected an address like 0x100000000, got {text!r}"
+        ) from None
     return value
 
 
@@ -52,38 +53,77 @@ def _non_negative(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="memd", description="memd primary: hugepage memory for Python processes "
-        "(options follow DPDK's EAL)")
+        prog="memd",
+        description="memd primary: hugepage memory for Python processes "
+        "(options follow DPDK's EAL)",
+    )
     p.add_argument("--file-prefix", default=DEFAULT_PREFIX, help="instance name (default rte)")
-    p.add_argument("--runtime-dir", help="where the config and sockets live "
-                   "(default $RUNTIME_DIRECTORY, /var/run as root, else $XDG_RUNTIME_DIR)")
+    p.add_argument(
+        "--runtime-dir",
+        help="where the config and sockets live "
+        "(default $RUNTIME_DIRECTORY, /var/run as root, else $XDG_RUNTIME_DIR)",
+    )
     p.add_argument("--huge-dir", help="hugetlbfs mount (or a directory in one) for page files")
-    p.add_argument("-m", dest="memory_mb", type=_non_negative, default=0,
-                   help="MB to preallocate at start (kept for life)")
+    p.add_argument(
+        "-m",
+        dest="memory_mb",
+        type=_non_negative,
+        default=0,
+        help="MB to preallocate at start (kept for life)",
+    )
     p.add_argument("--socket-mem", type=_mb_list, help="MB to preallocate per NUMA socket")
     p.add_argument("--no-huge", action="store_true", help="use POSIX shared memory, no hugepages")
-    p.add_argument("--legacy-mem", action="store_true",
-                   help="map all memory at start, physically sorted (no growth)")
-    p.add_argument("--huge-unlink", action="store_true",
-                   help="unlink page files after mapping (secondaries cannot attach)")
-    p.add_argument("--single-file-segments", action="store_true",
-                   help="accepted for DPDK compatibility; memd keeps one file per page")
-    p.add_argument("--base-virtaddr", type=_address, default=0,
-                   help="map the shared window at this address")
-    p.add_argument("--max-mem", dest="max_mem_mb", type=_non_negative, default=0,
-                   help="MB of memory the heaps may grow to (default: no limit)")
-    p.add_argument("--take-over", action="store_true",
-                   help="start even if a dead primary's secondaries still run (they keep "
-                   "its old memory and get PrimaryNotRunning)")
-    p.add_argument("--reclaim-heap", action="store_true",
-                   help="free the heap blocks of a secondary that dies (only if no other "
-                   "process uses its blocks)")
+    p.add_argument(
+        "--legacy-mem",
+        action="store_true",
+        help="map all memory at start, physically sorted (no growth)",
+    )
+    p.add_argument(
+        "--huge-unlink",
+        action="store_true",
+        help="unlink page files after mapping (secondaries cannot attach)",
+    )
+    p.add_argument(
+        "--single-file-segments",
+        action="store_true",
+        help="accepted for DPDK compatibility; memd keeps one file per page",
+    )
+    p.add_argument(
+        "--base-virtaddr", type=_address, default=0, help="map the shared window at this address"
+    )
+    p.add_argument(
+        "--max-mem",
+        dest="max_mem_mb",
+        type=_non_negative,
+        default=0,
+        help="MB of memory the heaps may grow to (default: no limit)",
+    )
+    p.add_argument(
+        "--take-over",
+        action="store_true",
+        help="start even if a dead primary's secondaries still run (they keep "
+        "its old memory and get PrimaryNotRunning)",
+    )
+    p.add_argument(
+        "--reclaim-heap",
+        action="store_true",
+        help="free the heap blocks of a secondary that dies (only if no other "
+        "process uses its blocks)",
+    )
     p.add_argument("--config", help="TOML file with the same options (command line wins)")
     p.add_argument("--group", help="group allowed to attach (files and sockets 0660)")
-    p.add_argument("--sync-timeout", type=float, default=2.0,
-                   help="seconds to wait for each secondary during a sync")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"], help="log verbosity")
+    p.add_argument(
+        "--sync-timeout",
+        type=float,
+        default=2.0,
+        help="seconds to wait for each secondary during a sync",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity",
+    )
     p.add_argument("--no-telemetry", action="store_true", help="do not open the admin socket")
     return p
 
@@ -116,20 +156,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _apply_config_file(args, parser)
     logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
+        level=args.log_level.upper(),
+        stream=sys.stderr,
         # journald adds its own timestamps; keep lines short and greppable
-        format="memd[%(process)d] %(levelname)s %(name)s: %(message)s")
+        format="memd[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
 
     from memd.primary import Options, Primary  # after logging, so init logs show
 
     opts = Options(
-        file_prefix=args.file_prefix, runtime_dir=args.runtime_dir, huge_dir=args.huge_dir,
-        memory_mb=args.memory_mb, socket_mem=args.socket_mem, no_huge=args.no_huge,
-        legacy_mem=args.legacy_mem, huge_unlink=args.huge_unlink,
-        single_file_segments=args.single_file_segments, base_virtaddr=args.base_virtaddr,
-        group=args.group, sync_timeout=args.sync_timeout, max_mem_mb=args.max_mem_mb,
-        take_over=args.take_over, reclaim_heap=args.reclaim_heap,
-        argv=["memd", *argv])
+        file_prefix=args.file_prefix,
+        runtime_dir=args.runtime_dir,
+        huge_dir=args.huge_dir,
+        memory_mb=args.memory_mb,
+        socket_mem=args.socket_mem,
+        no_huge=args.no_huge,
+        legacy_mem=args.legacy_mem,
+        huge_unlink=args.huge_unlink,
+        single_file_segments=args.single_file_segments,
+        base_virtaddr=args.base_virtaddr,
+        group=args.group,
+        sync_timeout=args.sync_timeout,
+        max_mem_mb=args.max_mem_mb,
+        take_over=args.take_over,
+        reclaim_heap=args.reclaim_heap,
+        argv=["memd", *argv],
+    )
     stop = threading.Event()
     hup = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -145,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     telemetry = _start_telemetry(primary, args)
     from memd.primary import memory_summary
 
-    notify.notify(READY=1, STATUS=f"serving prefix {primary.prefix}, "
-                  f"{primary.info()['mapped_bytes'] >> 20} MiB mapped")
+    notify.notify(
+        READY=1,
+        STATUS=f"serving prefix {primary.prefix}, "
+        f"{primary.info()['mapped_bytes'] >> 20} MiB mapped",
+    )
     log.info("init took %.1f ms", (time.monotonic() - t0) * 1000)
     interval = notify.watchdog_interval()
     next_ping = time.monotonic()
@@ -183,12 +238,12 @@ def _start_telemetry(primary: Any, args: argparse.Namespace) -> Any:
     from memd.access import resolve_group
 
     try:
-        server = TelemetryServer(AdminAPI(primary), primary.rundir, primary.prefix,
-                                 group=resolve_group(args.group))
+        server = TelemetryServer(
+            AdminAPI(primary), primary.rundir, primary.prefix, group=resolve_group(args.group)
+        )
         server.start()
     except (OSError, ValueError) as e:  # secondaries are still served; say what is missing
-        log.error("admin socket disabled (memctl and dpdk-telemetry.py will not connect): %s",
-                  e)
+        log.error("admin socket disabled (memctl and dpdk-telemetry.py will not connect): %s", e)
         return None
     return server
 

@@ -75,8 +75,9 @@ class MalformedFileError(HugepageConfigError, ValueError):
 class HugepageReserveError(HugepageConfigError):
     """The kernel reserved fewer hugepages than asked (``requested``, ``got``)."""
 
-    def __init__(self, message: str, path: str | None = None, *,
-                 requested: int = 0, got: int = 0) -> None:
+    def __init__(
+        self, message: str, path: str | None = None, *, requested: int = 0, got: int = 0
+    ) -> None:
         super().__init__(message, path)
         self.requested = requested
         self.got = got
@@ -86,8 +87,10 @@ def translate(exc: OSError, what: str) -> MemdError:
     """Map an OSError from the extension to memd's exception for `what` was being done."""
     code = exc.errno
     if code == _errno.ENOMEM:
-        return MemdMemoryError(f"{what}: out of memory. Free something, reserve more "
-                               "hugepages (memctl hugepages --reserve), or raise -m")
+        return MemdMemoryError(
+            f"{what}: out of memory. Free something, reserve more "
+            "hugepages (memctl hugepages --reserve), or raise -m"
+        )
     if code == _errno.EEXIST:
         return MemdExistsError(f"{what}: the name is already in use; pick another or free it")
     if code == _errno.ENOENT:

@@ -58,8 +58,9 @@ def _apply(fd: int, mode: int, gid: int | None) -> None:
     os.fchmod(fd, mode)  # after fchown: chown clears setgid bits, and the umask is not ours
 
 
-def create_file(path: str | Path, mode: int, gid: int | None = None,
-                flags: int = os.O_RDWR, size: int = 0) -> int:
+def create_file(
+    path: str | Path, mode: int, gid: int | None = None, flags: int = os.O_RDWR, size: int = 0
+) -> int:
     """Create `path`, which must not exist (not even as a symlink), `size` bytes
     long; returns the fd.
 
@@ -78,8 +79,15 @@ def create_file(path: str | Path, mode: int, gid: int | None = None,
     return fd
 
 
-def open_checked(path: str | Path, owner: int | None, flags: int = os.O_RDWR, *,
-                 size: int | None = None, dev: int | None = None, what: str = "file") -> int:
+def open_checked(
+    path: str | Path,
+    owner: int | None,
+    flags: int = os.O_RDWR,
+    *,
+    size: int | None = None,
+    dev: int | None = None,
+    what: str = "file",
+) -> int:
     """Open an existing regular file that `owner` made (None: anyone); returns the fd.
 
     Refuses (UnsafePath) a symlink, anything but a regular file, a file of another
@@ -97,15 +105,15 @@ def open_checked(path: str | Path, owner: int | None, flags: int = os.O_RDWR, *,
         if not stat.S_ISREG(st.st_mode):
             why = "is not a regular file"
         elif owner is not None and st.st_uid != owner:
-            why = (f"belongs to {describe_owner(st.st_uid)}, not to memd's "
-                   f"{describe_owner(owner)}")
+            why = f"belongs to {describe_owner(st.st_uid)}, not to memd's {describe_owner(owner)}"
         elif size is not None and st.st_size != size:
             why = f"is {st.st_size} bytes, not {size}"
         elif dev is not None and st.st_dev != dev:
             why = "is not on memd's filesystem"
         if why:
-            raise UnsafePath(f"{path} {why}: it is not memd's {what}; remove it "
-                             "(and find out who made it)")
+            raise UnsafePath(
+                f"{path} {why}: it is not memd's {what}; remove it (and find out who made it)"
+            )
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         return fd
     except BaseException:
@@ -113,8 +121,14 @@ def open_checked(path: str | Path, owner: int | None, flags: int = os.O_RDWR, *,
         raise
 
 
-def ensure_dir(path: str | Path, mode: int, gid: int | None = None, *,
-               owner: int | None = None, shared: bool = False) -> bool:
+def ensure_dir(
+    path: str | Path,
+    mode: int,
+    gid: int | None = None,
+    *,
+    owner: int | None = None,
+    shared: bool = False,
+) -> bool:
     """Make directory `path` with `mode` (and `gid`), or accept one that `owner`
     (default: us) already made and nobody else can write; returns True if made.
     `shared`: other instances use it too, so an existing one's mode is only
@@ -135,31 +149,34 @@ def ensure_dir(path: str | Path, mode: int, gid: int | None = None, *,
         st = os.lstat(path)
         raise UnsafePath(
             f"{path} is a {'symlink' if stat.S_ISLNK(st.st_mode) else 'file'} of "
-            f"{describe_owner(st.st_uid)}, not a directory memd made: remove it") from None
+            f"{describe_owner(st.st_uid)}, not a directory memd made: remove it"
+        ) from None
     try:
         st = os.fstat(fd)
         if st.st_uid != uid:
             raise UnsafePath(
                 f"{path} belongs to {describe_owner(st.st_uid)}, not to "
                 f"{describe_owner(uid)}: memd will not use a directory someone else "
-                "made; remove it, or pick another --runtime-dir")
+                "made; remove it, or pick another --runtime-dir"
+            )
         if is_shared_writable(st) and not made:
             raise UnsafePath(
                 f"{path} can be written by other users (mode {stat.S_IMODE(st.st_mode):o}): "
-                f"chmod go-w {path}, or remove it")
+                f"chmod go-w {path}, or remove it"
+            )
         if shared and not made:
             mode |= stat.S_IMODE(st.st_mode)
             gid = None
-        if made or stat.S_IMODE(st.st_mode) != mode or (gid is not None
-                                                        and st.st_gid != gid):
+        if made or stat.S_IMODE(st.st_mode) != mode or (gid is not None and st.st_gid != gid):
             _apply(fd, mode, gid)
     finally:
         os.close(fd)
     return made
 
 
-def check_trusted_path(path: str | Path, trusted: set[int], *,
-                       any_owner_last: bool = False) -> None:
+def check_trusted_path(
+    path: str | Path, trusted: set[int], *, any_owner_last: bool = False
+) -> None:
     """Refuse (UnsafePath) a directory path that a user outside `trusted` could
     redirect: every directory and symlink on the way (symlinks followed) must
     belong to a trusted user, and one that others may write must be sticky, so
@@ -177,19 +194,21 @@ def check_trusted_path(path: str | Path, trusted: set[int], *,
             cur_st = os.lstat(cur)
             continue
         if cur_st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not cur_st.st_mode & stat.S_ISVTX:
-            raise UnsafePath(f"{cur} can be written by other users and is not sticky, so "
-                             f"{os.path.join(cur, name)} cannot be trusted: chmod go-w {cur}")
+            raise UnsafePath(
+                f"{cur} can be written by other users and is not sticky, so "
+                f"{os.path.join(cur, name)} cannot be trusted: chmod go-w {cur}"
+            )
         nxt = os.path.join(cur, name)
         try:
             st = os.lstat(nxt)
         except FileNotFoundError:
             return
         last = not any(p not in ("", ".") for p in todo)
-        if st.st_uid not in trusted and not (last and any_owner_last
-                                             and stat.S_ISDIR(st.st_mode)):
+        if st.st_uid not in trusted and not (last and any_owner_last and stat.S_ISDIR(st.st_mode)):
             raise UnsafePath(
                 f"{nxt} belongs to {describe_owner(st.st_uid)}, who could redirect memd's "
-                f"files through it: use a directory of your own user or root")
+                f"files through it: use a directory of your own user or root"
+            )
         if stat.S_ISLNK(st.st_mode):
             links += 1
             if links > 40:

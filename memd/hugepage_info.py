@@ -56,6 +56,7 @@ _OCTAL_RE = re.compile(r"\\([0-7]{3})")
 
 # --------------------------------------------------------------------------- roots
 
+
 def roots() -> tuple[str, str]:
     """The current ``(sys_root, proc_root)``: the one place the settings are read."""
     return SYS_ROOT, PROC_ROOT
@@ -80,8 +81,9 @@ class _RootsRestorer(contextlib.AbstractContextManager):
         SYS_ROOT, PROC_ROOT = self._old
 
 
-def set_roots(sys: str | os.PathLike[str] | None = None,
-              proc: str | os.PathLike[str] | None = None) -> _RootsRestorer:
+def set_roots(
+    sys: str | os.PathLike[str] | None = None, proc: str | os.PathLike[str] | None = None
+) -> _RootsRestorer:
     """Point discovery at other /sys and /proc trees (None keeps the current one).
 
     Takes effect at once; used as a context manager it restores the previous roots
@@ -101,6 +103,7 @@ def set_roots(sys: str | os.PathLike[str] | None = None,
 
 # --------------------------------------------------------------------------- sizes
 
+
 def parse_size(text: str | int) -> int:
     """Bytes from a human size: ``"2M"``, ``"1G"``, ``"512M"``, ``"2048kB"``, ``"4096"``.
 
@@ -117,7 +120,8 @@ def parse_size(text: str | int) -> int:
     m = _SIZE_RE.match(str(text))
     if m is None:
         raise MemdValueError(
-            f"not a size: {text!r} (use a number with an optional unit: 2M, 1G, 2048kB)")
+            f"not a size: {text!r} (use a number with an optional unit: 2M, 1G, 2048kB)"
+        )
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
@@ -136,23 +140,25 @@ def kb(nbytes: int) -> str:
 
 # --------------------------------------------------------------------------- results
 
+
 class PageSizeInfo(NamedTuple):
     """Counters of one page size, from ``/sys/kernel/mm/hugepages/hugepages-<N>kB/``."""
 
-    page_size: int             #: bytes
-    nr_hugepages: int          #: persistent pool size
-    free_hugepages: int        #: not allocated (includes reserved ones)
-    resv_hugepages: int        #: promised to mappings but not yet faulted in
-    surplus_hugepages: int     #: allocated above nr_hugepages through overcommit
+    page_size: int  #: bytes
+    nr_hugepages: int  #: persistent pool size
+    free_hugepages: int  #: not allocated (includes reserved ones)
+    resv_hugepages: int  #: promised to mappings but not yet faulted in
+    surplus_hugepages: int  #: allocated above nr_hugepages through overcommit
     nr_overcommit_hugepages: int
-    path: str                  #: the sysfs directory
+    path: str  #: the sysfs directory
 
     @property
     def available(self) -> int:
         """Pages a new mapping can get, as DPDK's ``get_num_hugepages`` counts them:
         ``free - resv`` plus unused overcommit ``nr_overcommit - surplus``."""
-        return (max(self.free_hugepages - self.resv_hugepages, 0)
-                + max(self.nr_overcommit_hugepages - self.surplus_hugepages, 0))
+        return max(self.free_hugepages - self.resv_hugepages, 0) + max(
+            self.nr_overcommit_hugepages - self.surplus_hugepages, 0
+        )
 
 
 class NodePages(NamedTuple):
@@ -169,17 +175,17 @@ class NodePages(NamedTuple):
 class HugetlbfsMount(NamedTuple):
     """A visible hugetlbfs mount from ``/proc/mounts``."""
 
-    mount_point: str           #: unescaped (``\\040`` → space)
-    page_size: int             #: from ``pagesize=``, else the default size
-    source: str                #: device field, usually ``nodev`` or ``hugetlbfs``
-    options: tuple[str, ...]   #: mount options, split on commas
-    explicit_size: bool        #: True when ``pagesize=`` was given
+    mount_point: str  #: unescaped (``\\040`` → space)
+    page_size: int  #: from ``pagesize=``, else the default size
+    source: str  #: device field, usually ``nodev`` or ``hugetlbfs``
+    options: tuple[str, ...]  #: mount options, split on commas
+    explicit_size: bool  #: True when ``pagesize=`` was given
 
 
 class HugeDir(NamedTuple):
     """Where to create hugepage files: the result of :func:`resolve_huge_dir`."""
 
-    path: str                  #: the directory (the mount point or a directory in it)
+    path: str  #: the directory (the mount point or a directory in it)
     mount_point: str
     page_size: int
 
@@ -188,11 +194,11 @@ class HugeDir(NamedTuple):
 class HugepageInfo:
     """Everything :func:`discover` found, in one object."""
 
-    default_page_size: int | None               #: ``Hugepagesize:`` of /proc/meminfo
-    sizes: dict[int, PageSizeInfo]               #: by page size, ascending
-    nodes: tuple[int, ...]                       #: online NUMA nodes (``(0,)`` if none)
-    per_node: dict[int, dict[int, NodePages]]    #: page size → node → counters
-    mounts: tuple[HugetlbfsMount, ...]           #: in /proc/mounts order
+    default_page_size: int | None  #: ``Hugepagesize:`` of /proc/meminfo
+    sizes: dict[int, PageSizeInfo]  #: by page size, ascending
+    nodes: tuple[int, ...]  #: online NUMA nodes (``(0,)`` if none)
+    per_node: dict[int, dict[int, NodePages]]  #: page size → node → counters
+    mounts: tuple[HugetlbfsMount, ...]  #: in /proc/mounts order
     meminfo: dict[str, int] = field(default_factory=dict)  #: HugePages_* and Hugepagesize
 
     def mounts_for(self, page_size: int) -> list[HugetlbfsMount]:
@@ -220,13 +226,15 @@ class HugepageInfo:
             "default_page_size": self.default_page_size,
             "nodes": list(self.nodes),
             "sizes": [dict(s._asdict(), available=s.available) for s in self.sizes.values()],
-            "per_node": [n._asdict() for by_node in self.per_node.values()
-                         for n in by_node.values()],
+            "per_node": [
+                n._asdict() for by_node in self.per_node.values() for n in by_node.values()
+            ],
             "mounts": [dict(m._asdict(), options=list(m.options)) for m in self.mounts],
         }
 
 
 # --------------------------------------------------------------------------- readers
+
 
 def _read_text(path: str) -> str:
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -246,14 +254,15 @@ def read_int(path: str, *, default: int | None = None) -> int:
             return default
         raise HugepageConfigError(
             f"{path} is missing: the kernel lists this hugepage size but not its counter; "
-            "check that sysfs is mounted (mount -t sysfs sysfs /sys)", path) from None
+            "check that sysfs is mounted (mount -t sysfs sysfs /sys)",
+            path,
+        ) from None
     except OSError as exc:
         raise HugepageConfigError(f"cannot read {path}: {exc.strerror or exc}", path) from exc
     value = text.strip()
     if not value.isdigit() or not value.isascii():
         shown = value[:40] if value else "an empty file"
-        raise MalformedFileError(
-            f"{path}: expected a non-negative integer, found {shown!r}", path)
+        raise MalformedFileError(f"{path}: expected a non-negative integer, found {shown!r}", path)
     return int(value)
 
 
@@ -308,8 +317,7 @@ def size_sysfs_dir(page_size: int, node: int | None = None) -> str:
     """The sysfs directory of a page size, global or of one NUMA node."""
     if node is None:
         return sys_path("kernel", "mm", "hugepages", _size_dir(page_size))
-    return sys_path("devices", "system", "node", f"node{node}", "hugepages",
-                    _size_dir(page_size))
+    return sys_path("devices", "system", "node", f"node{node}", "hugepages", _size_dir(page_size))
 
 
 def page_size_info(page_size: int) -> PageSizeInfo:
@@ -321,8 +329,7 @@ def page_size_info(page_size: int) -> PageSizeInfo:
         free_hugepages=read_int(os.path.join(d, "free_hugepages")),
         resv_hugepages=read_int(os.path.join(d, "resv_hugepages"), default=0),
         surplus_hugepages=read_int(os.path.join(d, "surplus_hugepages"), default=0),
-        nr_overcommit_hugepages=read_int(os.path.join(d, "nr_overcommit_hugepages"),
-                                         default=0),
+        nr_overcommit_hugepages=read_int(os.path.join(d, "nr_overcommit_hugepages"), default=0),
         path=d,
     )
 
@@ -335,8 +342,9 @@ def _parse_range_list(text: str, path: str) -> list[int]:
             continue
         lo, sep, hi = part.partition("-")
         if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise MalformedFileError(f"{path}: expected a node list like 0-1,3, found "
-                                     f"{text.strip()!r}", path)
+            raise MalformedFileError(
+                f"{path}: expected a node list like 0-1,3, found {text.strip()!r}", path
+            )
         out.extend(range(int(lo), int(hi if sep else lo) + 1))
     return sorted(set(out))
 
@@ -351,8 +359,7 @@ def numa_nodes() -> list[int]:
         nodes = []
     if not nodes:
         try:
-            nodes = sorted(int(m.group(1)) for m in map(_NODE_DIR_RE.match, os.listdir(base))
-                           if m)
+            nodes = sorted(int(m.group(1)) for m in map(_NODE_DIR_RE.match, os.listdir(base)) if m)
         except FileNotFoundError:
             nodes = []
     return nodes or [0]
@@ -365,11 +372,14 @@ def node_page_info(page_size: int, node: int) -> NodePages | None:
     free_path = os.path.join(d, "free_hugepages")
     if not (os.path.exists(nr_path) and os.path.exists(free_path)):
         return None
-    return NodePages(node=node, page_size=page_size,
-                     nr_hugepages=read_int(nr_path), free_hugepages=read_int(free_path),
-                     surplus_hugepages=read_int(os.path.join(d, "surplus_hugepages"),
-                                                default=0),
-                     path=d)
+    return NodePages(
+        node=node,
+        page_size=page_size,
+        nr_hugepages=read_int(nr_path),
+        free_hugepages=read_int(free_path),
+        surplus_hugepages=read_int(os.path.join(d, "surplus_hugepages"), default=0),
+        path=d,
+    )
 
 
 def unescape_mount_field(text: str) -> str:
@@ -408,8 +418,10 @@ def hugetlbfs_mounts(default_size: int | None = None) -> list[HugetlbfsMount]:
             try:
                 size = parse_size(size_opt)
             except MemdValueError:
-                raise MalformedFileError(f"{path}: hugetlbfs mount {mnt!r} has an unreadable "
-                                         f"option pagesize={size_opt}", path) from None
+                raise MalformedFileError(
+                    f"{path}: hugetlbfs mount {mnt!r} has an unreadable option pagesize={size_opt}",
+                    path,
+                ) from None
         else:
             if default_size is None:
                 default_size = default_page_size()
@@ -417,10 +429,19 @@ def hugetlbfs_mounts(default_size: int | None = None) -> list[HugetlbfsMount]:
                 mi = proc_path("meminfo")
                 raise HugepageConfigError(
                     f"hugetlbfs is mounted at {mnt!r} without pagesize= and {mi} has no "
-                    f"Hugepagesize: line; remount it with -o pagesize=2M", mi)
+                    f"Hugepagesize: line; remount it with -o pagesize=2M",
+                    mi,
+                )
             size = default_size
-        mounts.append(HugetlbfsMount(mount_point=mnt, page_size=size, source=source,
-                                     options=tuple(opts), explicit_size=size_opt is not None))
+        mounts.append(
+            HugetlbfsMount(
+                mount_point=mnt,
+                page_size=size,
+                source=source,
+                options=tuple(opts),
+                explicit_size=size_opt is not None,
+            )
+        )
     return mounts
 
 
@@ -438,12 +459,18 @@ def discover() -> HugepageInfo:
             if info is not None:
                 by_node[n] = info
         per_node[s] = by_node
-    return HugepageInfo(default_page_size=default, sizes=sizes, nodes=nodes,
-                        per_node=per_node, mounts=tuple(hugetlbfs_mounts(default)),
-                        meminfo=meminfo)
+    return HugepageInfo(
+        default_page_size=default,
+        sizes=sizes,
+        nodes=nodes,
+        per_node=per_node,
+        mounts=tuple(hugetlbfs_mounts(default)),
+        meminfo=meminfo,
+    )
 
 
 # --------------------------------------------------------------------------- policy
+
 
 def _nr_path(page_size: int) -> str:
     return os.path.join(size_sysfs_dir(page_size), "nr_hugepages")
@@ -467,12 +494,19 @@ def default_mount_dir(page_size: int, info: HugepageInfo) -> str:
 def _existing_mounts(info: HugepageInfo) -> str:
     if not info.mounts:
         return ""
-    return " or point --huge-dir at an existing mount (" + ", ".join(
-        f"{m.mount_point} [{format_size(m.page_size)}]" for m in info.mounts) + ")"
+    return (
+        " or point --huge-dir at an existing mount ("
+        + ", ".join(f"{m.mount_point} [{format_size(m.page_size)}]" for m in info.mounts)
+        + ")"
+    )
 
 
-def resolve_huge_dir(huge_dir: str | None = None, page_size: int | str | None = None, *,
-                     info: HugepageInfo | None = None) -> HugeDir:
+def resolve_huge_dir(
+    huge_dir: str | None = None,
+    page_size: int | str | None = None,
+    *,
+    info: HugepageInfo | None = None,
+) -> HugeDir:
     """Where hugepage files go, and their page size (DPDK's ``get_hugepage_dir``).
 
     ``huge_dir`` (``--huge-dir``) may be a hugetlbfs mount point or a directory inside
@@ -492,7 +526,9 @@ def resolve_huge_dir(huge_dir: str | None = None, page_size: int | str | None = 
         if not os.path.isdir(real):
             raise HugepageConfigError(
                 f"--huge-dir {huge_dir} does not exist or is not a directory: "
-                + mount_hint(huge_dir, want or info.default_page_size or 2 * MiB), huge_dir)
+                + mount_hint(huge_dir, want or info.default_page_size or 2 * MiB),
+                huge_dir,
+            )
         best: HugetlbfsMount | None = None
         for m in info.mounts:
             mp = os.path.realpath(m.mount_point)
@@ -502,14 +538,18 @@ def resolve_huge_dir(huge_dir: str | None = None, page_size: int | str | None = 
         if best is None:
             raise HugepageConfigError(
                 f"--huge-dir {huge_dir} is not on a hugetlbfs mount: mount one there ("
-                + mount_hint(huge_dir, want or info.default_page_size or 2 * MiB) + ")"
-                + _existing_mounts(info), huge_dir)
+                + mount_hint(huge_dir, want or info.default_page_size or 2 * MiB)
+                + ")"
+                + _existing_mounts(info),
+                huge_dir,
+            )
         if want is not None and best.page_size != want:
             raise HugepageConfigError(
                 f"--huge-dir {huge_dir} is on a hugetlbfs mount for {kb(best.page_size)} pages "
                 f"({best.mount_point}), not {kb(want)}: pick a pagesize={format_size(want)} "
                 f"mount or create one: {mount_hint(default_mount_dir(want, info), want)}",
-                huge_dir)
+                huge_dir,
+            )
         return HugeDir(path=real, mount_point=best.mount_point, page_size=best.page_size)
 
     size = want if want is not None else info.default_page_size
@@ -517,17 +557,21 @@ def resolve_huge_dir(huge_dir: str | None = None, page_size: int | str | None = 
         mi = proc_path("meminfo")
         raise HugepageConfigError(
             f"this kernel reports no default hugepage size ({mi} has no Hugepagesize: "
-            "line); it probably lacks hugepage support: run memd --no-huge", mi)
+            "line); it probably lacks hugepage support: run memd --no-huge",
+            mi,
+        )
     if info.sizes and size not in info.sizes:
         supported = ", ".join(format_size(s) for s in info.sizes)
         raise HugepageConfigError(
             f"the kernel has no {kb(size)} hugepages (it supports {supported}); "
-            "choose one of those page sizes")
+            "choose one of those page sizes"
+        )
     mount = info.mount_for(size)
     if mount is None:
         raise HugepageConfigError(
             f"no hugetlbfs mount for {kb(size)} pages: "
-            f"{mount_hint(default_mount_dir(size, info), size)} (or run memd --no-huge)")
+            f"{mount_hint(default_mount_dir(size, info), size)} (or run memd --no-huge)"
+        )
     return HugeDir(path=mount.mount_point, mount_point=mount.mount_point, page_size=size)
 
 
@@ -536,8 +580,13 @@ def suggested_pages(page_size: int) -> int:
     return max(GiB // page_size, 1)
 
 
-def require_free_pages(page_size: int | str, count: int = 1, *, node: int | None = None,
-                       info: HugepageInfo | None = None) -> int:
+def require_free_pages(
+    page_size: int | str,
+    count: int = 1,
+    *,
+    node: int | None = None,
+    info: HugepageInfo | None = None,
+) -> int:
     """Check that ``count`` pages of ``page_size`` are available (on ``node`` if given).
 
     Returns how many are available. Raises :class:`HugepageConfigError` naming the
@@ -551,7 +600,8 @@ def require_free_pages(page_size: int | str, count: int = 1, *, node: int | None
         raise HugepageConfigError(
             f"the kernel has no {kb(size)} hugepages (supported: "
             f"{', '.join(format_size(s) for s in info.sizes) or 'none'}); "
-            "run memd --no-huge or choose a supported size")
+            "run memd --no-huge or choose a supported size"
+        )
     avail = glob.available
     nr_file = _nr_path(size)
     nr_now = glob.nr_hugepages
@@ -561,7 +611,8 @@ def require_free_pages(page_size: int | str, count: int = 1, *, node: int | None
         if np_ is None:
             raise HugepageConfigError(
                 f"NUMA node {node} has no {kb(size)} hugepages listed in sysfs "
-                f"(nodes: {', '.join(map(str, info.nodes))}); choose another --socket-mem node")
+                f"(nodes: {', '.join(map(str, info.nodes))}); choose another --socket-mem node"
+            )
         avail = min(avail, np_.free_hugepages)
         nr_file = os.path.join(np_.path, "nr_hugepages")
         nr_now = np_.nr_hugepages
@@ -572,10 +623,13 @@ def require_free_pages(page_size: int | str, count: int = 1, *, node: int | None
     free_word = "no free" if avail == 0 else f"only {avail} free"
     raise HugepageConfigError(
         f"{free_word} {kb(size)} hugepages{where} (need {count}): "
-        f"echo {target} > {nr_file} (or run memd --no-huge)", nr_file)
+        f"echo {target} > {nr_file} (or run memd --no-huge)",
+        nr_file,
+    )
 
 
 # --------------------------------------------------------------------------- locking
+
 
 def lock_huge_dir(path: str, *, exclusive: bool = True, timeout: float = 0.0) -> int:
     """Open ``path`` and ``flock`` it, as DPDK locks its hugepage directories.
@@ -608,15 +662,16 @@ def relock_huge_dir(fd: int, path: str, *, exclusive: bool, timeout: float = 0.0
             if time.monotonic() >= deadline:
                 raise HugepageConfigError(
                     f"{path} is locked by another memd primary (or a DPDK application): stop "
-                    "it, or give this one another --huge-dir", path) from None
+                    "it, or give this one another --huge-dir",
+                    path,
+                ) from None
             time.sleep(0.01)
         else:
             return
 
 
 @contextlib.contextmanager
-def locked_huge_dir(path: str, *, exclusive: bool = True,
-                    timeout: float = 0.0) -> Iterator[int]:
+def locked_huge_dir(path: str, *, exclusive: bool = True, timeout: float = 0.0) -> Iterator[int]:
     """:func:`lock_huge_dir` as a context manager; yields the fd."""
     fd = lock_huge_dir(path, exclusive=exclusive, timeout=timeout)
     try:

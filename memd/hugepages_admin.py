@@ -90,6 +90,7 @@ class ReserveResult(NamedTuple):
 
 # --------------------------------------------------------------------------- show
 
+
 def show(info: HugepageInfo | None = None) -> list[HugepageRow]:
     """Rows per page size and NUMA node: total, free, and the size's mount points."""
     if info is None:
@@ -99,8 +100,10 @@ def show(info: HugepageInfo | None = None) -> list[HugepageRow]:
         mounts = tuple(m.mount_point for m in info.mounts_for(size))
         by_node = info.per_node.get(size, {})
         if by_node:
-            rows.extend(HugepageRow(size, n.node, n.nr_hugepages, n.free_hugepages, mounts)
-                        for n in by_node.values())
+            rows.extend(
+                HugepageRow(size, n.node, n.nr_hugepages, n.free_hugepages, mounts)
+                for n in by_node.values()
+            )
         else:
             rows.append(HugepageRow(size, None, glob.nr_hugepages, glob.free_hugepages, mounts))
     return rows
@@ -109,16 +112,27 @@ def show(info: HugepageInfo | None = None) -> list[HugepageRow]:
 def format_rows(rows: Sequence[HugepageRow]) -> str:
     """A human table of :func:`show` rows."""
     head = ("Size", "Node", "Total", "Free", "Reserved", "Mounts")
-    body = [(format_size(r.page_size), "-" if r.node is None else str(r.node), str(r.total),
-             str(r.free), format_size(r.total * r.page_size) if r.total else "0",
-             ", ".join(r.mounts) or "(not mounted)") for r in rows]
+    body = [
+        (
+            format_size(r.page_size),
+            "-" if r.node is None else str(r.node),
+            str(r.total),
+            str(r.free),
+            format_size(r.total * r.page_size) if r.total else "0",
+            ", ".join(r.mounts) or "(not mounted)",
+        )
+        for r in rows
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=False)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-             for line in (head, *body)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in (head, *body)
+    ]
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- reserve
+
 
 def _write_sysfs(path: str, value: int) -> None:
     """Write one integer to a sysfs file (a seam for tests that fake the kernel)."""
@@ -126,9 +140,15 @@ def _write_sysfs(path: str, value: int) -> None:
         f.write(f"{value}\n")
 
 
-def reserve(pages: int | None = None, page_size: int | str = "2M", node: int | None = None,
-            *, size: int | str | None = None, at_least: bool = False,
-            strict: bool = True) -> ReserveResult:
+def reserve(
+    pages: int | None = None,
+    page_size: int | str = "2M",
+    node: int | None = None,
+    *,
+    size: int | str | None = None,
+    at_least: bool = False,
+    strict: bool = True,
+) -> ReserveResult:
     """Set the hugepage pool of ``page_size`` to ``pages`` (or ``size`` bytes, rounded
     up to whole pages), globally or on NUMA ``node``, and verify what the kernel gave.
 
@@ -150,11 +170,16 @@ def reserve(pages: int | None = None, page_size: int | str = "2M", node: int | N
     d = size_sysfs_dir(psize, node)
     if not os.path.isdir(d):
         if node is not None and os.path.isdir(size_sysfs_dir(psize)):
-            raise HugepageConfigError(f"NUMA node {node} has no {kb(psize)} hugepages "
-                                      f"({d} is missing); check the node number", d)
+            raise HugepageConfigError(
+                f"NUMA node {node} has no {kb(psize)} hugepages "
+                f"({d} is missing); check the node number",
+                d,
+            )
         valid = ", ".join(format_size(s) for s in discover().sizes) or "none"
-        raise HugepageConfigError(f"the kernel has no {kb(psize)} hugepages ({d} is "
-                                  f"missing); valid page sizes: {valid}", d)
+        raise HugepageConfigError(
+            f"the kernel has no {kb(psize)} hugepages ({d} is missing); valid page sizes: {valid}",
+            d,
+        )
     path = os.path.join(d, "nr_hugepages")
     previous = read_int(path)
     if at_least and previous >= pages:
@@ -162,13 +187,17 @@ def reserve(pages: int | None = None, page_size: int | str = "2M", node: int | N
     try:
         _write_sysfs(path, pages)
     except PermissionError as exc:
-        raise HugepageConfigError(f"permission denied writing {path}: run as root "
-                                  f"(sudo python -m memd.hugepages_admin --reserve ...)",
-                                  path) from exc
+        raise HugepageConfigError(
+            f"permission denied writing {path}: run as root "
+            f"(sudo python -m memd.hugepages_admin --reserve ...)",
+            path,
+        ) from exc
     except OSError as exc:
-        raise HugepageConfigError(f"cannot write {pages} to {path}: {exc.strerror or exc} "
-                                  "(a read-only /sys in a container? reserve on the host)",
-                                  path) from exc
+        raise HugepageConfigError(
+            f"cannot write {pages} to {path}: {exc.strerror or exc} "
+            "(a read-only /sys in a container? reserve on the host)",
+            path,
+        ) from exc
     got = read_int(path)
     result = ReserveResult(psize, node, previous, pages, got, path)
     if strict and got < pages:
@@ -177,7 +206,11 @@ def reserve(pages: int | None = None, page_size: int | str = "2M", node: int | N
             f"{'' if node is None else f' on node {node}'} ({path}): memory is short or "
             "fragmented; free memory, compact it (echo 1 > /proc/sys/vm/compact_memory) "
             f"and retry, or reserve at boot (kernel option hugepagesz={format_size(psize)} "
-            f"hugepages={pages})", path, requested=pages, got=got)
+            f"hugepages={pages})",
+            path,
+            requested=pages,
+            got=got,
+        )
     return result
 
 
@@ -190,6 +223,7 @@ def clear(info: HugepageInfo | None = None) -> list[ReserveResult]:
 
 
 # --------------------------------------------------------------------------- mount
+
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     """Run a command, capturing its output (a seam for tests)."""
@@ -220,7 +254,9 @@ def mount(path: str, page_size: int | str = "2M", *, options: str | None = None)
             return False
         raise HugepageConfigError(
             f"{path} already has hugetlbfs for {kb(existing[1])} pages; unmount it "
-            f"(umount {path}) or mount {format_size(psize)} pages elsewhere", path)
+            f"(umount {path}) or mount {format_size(psize)} pages elsewhere",
+            path,
+        )
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
@@ -230,12 +266,15 @@ def mount(path: str, page_size: int | str = "2M", *, options: str | None = None)
     try:
         proc = _run(argv)
     except FileNotFoundError as exc:
-        raise HugepageConfigError("mount(8) not found: install util-linux or mount "
-                                  f"by hand: {' '.join(argv)}", path) from exc
+        raise HugepageConfigError(
+            f"mount(8) not found: install util-linux or mount by hand: {' '.join(argv)}", path
+        ) from exc
     if proc.returncode != 0:
         raise HugepageConfigError(
             f"{' '.join(argv)} failed ({(proc.stderr or proc.stdout).strip() or proc.returncode})"
-            "; run as root (in a container: --privileged or mount on the host)", path)
+            "; run as root (in a container: --privileged or mount on the host)",
+            path,
+        )
     return True
 
 
@@ -247,11 +286,14 @@ def unmount(path: str) -> bool:
     if proc.returncode != 0:
         raise HugepageConfigError(
             f"umount {path} failed ({(proc.stderr or proc.stdout).strip()}); is a process "
-            "still using its files? (fuser -vm " + path + ")", path)
+            "still using its files? (fuser -vm " + path + ")",
+            path,
+        )
     return True
 
 
 # --------------------------------------------------------------------------- setup
+
 
 def probe(path: str, page_size: int) -> str | None:
     """Try to create and map (without touching) one hugepage file in ``path``.
@@ -275,9 +317,12 @@ def probe(path: str, page_size: int) -> str | None:
     return None
 
 
-def setup(pages: int = DEFAULT_SETUP_PAGES, page_size: int | str = "2M",
-          mount_dir: str = "/dev/hugepages",
-          out: Callable[[str], object] = print) -> bool:
+def setup(
+    pages: int = DEFAULT_SETUP_PAGES,
+    page_size: int | str = "2M",
+    mount_dir: str = "/dev/hugepages",
+    out: Callable[[str], object] = print,
+) -> bool:
     """Make hugepages usable for memd, as far as permissions allow.
 
     As root: grow the ``page_size`` pool until ``pages`` pages are available (never
@@ -300,11 +345,15 @@ def setup(pages: int = DEFAULT_SETUP_PAGES, page_size: int | str = "2M",
         return False
 
     if glob.available >= pages:
-        out(f"hugepages: {glob.available} {kb(psize)} pages available "
-            f"({glob.nr_hugepages} reserved), nothing to reserve")
+        out(
+            f"hugepages: {glob.available} {kb(psize)} pages available "
+            f"({glob.nr_hugepages} reserved), nothing to reserve"
+        )
     elif not root:
-        out(f"hugepages: only {glob.available} {kb(psize)} pages available, need {pages}; "
-            "not root, so not reserving (sudo python -m memd.hugepages_admin --setup)")
+        out(
+            f"hugepages: only {glob.available} {kb(psize)} pages available, need {pages}; "
+            "not root, so not reserving (sudo python -m memd.hugepages_admin --setup)"
+        )
     else:
         target = glob.nr_hugepages + (pages - glob.available)
         try:
@@ -312,9 +361,15 @@ def setup(pages: int = DEFAULT_SETUP_PAGES, page_size: int | str = "2M",
         except MemdError as exc:
             out(f"hugepages: reserve failed: {exc}")
         else:
-            out(f"hugepages: nr_hugepages {r.previous} -> {r.got} ({kb(psize)}, "
-                f"asked {r.requested})" + (f"; SHORT by {r.shortfall} pages: memory is "
-                                           "short or fragmented" if r.shortfall else ""))
+            out(
+                f"hugepages: nr_hugepages {r.previous} -> {r.got} ({kb(psize)}, "
+                f"asked {r.requested})"
+                + (
+                    f"; SHORT by {r.shortfall} pages: memory is short or fragmented"
+                    if r.shortfall
+                    else ""
+                )
+            )
 
     mnt = info.mount_for(psize)
     if mnt is None:
@@ -323,8 +378,10 @@ def setup(pages: int = DEFAULT_SETUP_PAGES, page_size: int | str = "2M",
         if taken is not None and taken[1] != psize:
             where = f"/dev/hugepages-{format_size(psize)}"
         if not root:
-            out(f"hugepages: no hugetlbfs mount for {kb(psize)} pages and not root: "
-                f"sudo mount -t hugetlbfs -o pagesize={format_size(psize)} nodev {where}")
+            out(
+                f"hugepages: no hugetlbfs mount for {kb(psize)} pages and not root: "
+                f"sudo mount -t hugetlbfs -o pagesize={format_size(psize)} nodev {where}"
+            )
         else:
             try:
                 mount(where, psize)
@@ -342,39 +399,57 @@ def setup(pages: int = DEFAULT_SETUP_PAGES, page_size: int | str = "2M",
     glob = info.sizes[psize]
     mnt = info.mount_for(psize)
     if mnt is None or glob.available < 1:
-        out(f"hugepages: NOT usable ({glob.available} {kb(psize)} pages available, "
-            f"mount: {mnt.mount_point if mnt else 'none'}); fall back to --no-huge")
+        out(
+            f"hugepages: NOT usable ({glob.available} {kb(psize)} pages available, "
+            f"mount: {mnt.mount_point if mnt else 'none'}); fall back to --no-huge"
+        )
         return False
     why = probe(mnt.mount_point, psize)
     if why is not None:
         out(f"hugepages: NOT usable: {why}; fall back to --no-huge")
         return False
     short = f" (fewer than the {pages} asked)" if glob.available < pages else ""
-    out(f"hugepages: usable: {glob.available} {kb(psize)} pages available{short} "
-        f"at {mnt.mount_point}")
+    out(
+        f"hugepages: usable: {glob.available} {kb(psize)} pages available{short} "
+        f"at {mnt.mount_point}"
+    )
     return True
 
 
 # --------------------------------------------------------------------------- CLI
 
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m memd.hugepages_admin",
-                                description="Show, reserve and mount hugepages for memd.")
+    p = argparse.ArgumentParser(
+        prog="python -m memd.hugepages_admin",
+        description="Show, reserve and mount hugepages for memd.",
+    )
     act = p.add_mutually_exclusive_group(required=True)
-    act.add_argument("--setup", action="store_true",
-                     help="reserve and mount as needed; exit 3 if hugepages stay unusable")
+    act.add_argument(
+        "--setup",
+        action="store_true",
+        help="reserve and mount as needed; exit 3 if hugepages stay unusable",
+    )
     act.add_argument("--show", action="store_true", help="list sizes, nodes and mounts")
-    act.add_argument("--reserve", metavar="SIZE",
-                     help="set the pool to SIZE total (e.g. 1G, 512M) of --page-size pages")
+    act.add_argument(
+        "--reserve",
+        metavar="SIZE",
+        help="set the pool to SIZE total (e.g. 1G, 512M) of --page-size pages",
+    )
     act.add_argument("--mount", metavar="DIR", help="mount hugetlbfs of --page-size at DIR")
     act.add_argument("--unmount", metavar="DIR", help="unmount the hugetlbfs at DIR")
     act.add_argument("--clear", action="store_true", help="give all hugepages back")
-    p.add_argument("--pages", type=int, default=DEFAULT_SETUP_PAGES,
-                   help=f"--setup: pages wanted available (default {DEFAULT_SETUP_PAGES})")
+    p.add_argument(
+        "--pages",
+        type=int,
+        default=DEFAULT_SETUP_PAGES,
+        help=f"--setup: pages wanted available (default {DEFAULT_SETUP_PAGES})",
+    )
     p.add_argument("--page-size", default="2M", help="page size (default 2M)")
     p.add_argument("--node", type=int, default=None, help="--reserve on this NUMA node only")
-    p.add_argument("--dir", default="/dev/hugepages",
-                   help="--setup: where to mount hugetlbfs if needed")
+    p.add_argument(
+        "--dir", default="/dev/hugepages", help="--setup: where to mount hugetlbfs if needed"
+    )
     p.add_argument("--json", action="store_true", help="--show: print JSON")
     return p
 

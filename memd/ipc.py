@@ -36,7 +36,10 @@ MAX_MESSAGE = 4096  # bytes: the largest valid message is far smaller
 MAX_REASON = 1024  # bytes of a reply's reason (the secondary accepts strs this long)
 PROTOCOL_VERSION = 2  # 2: register answers with each memseg list's page directory
 _UNPACK_LIMITS = {
-    "max_str_len": 256, "max_bin_len": 0, "max_array_len": 16, "max_map_len": 16,
+    "max_str_len": 256,
+    "max_bin_len": 0,
+    "max_array_len": 16,
+    "max_map_len": 16,
     "max_ext_len": 0,
 }
 
@@ -52,8 +55,9 @@ def decode(data: bytes, max_str_len: int = _UNPACK_LIMITS["max_str_len"]) -> dic
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     try:
-        msg = msgpack.unpackb(data, raw=False, strict_map_key=True,
-                              **{**_UNPACK_LIMITS, "max_str_len": max_str_len})
+        msg = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, **{**_UNPACK_LIMITS, "max_str_len": max_str_len}
+        )
     except Exception as e:  # msgpack raises several unrelated types
         raise ProtocolError(f"not a msgpack message: {e}") from None
     if not isinstance(msg, dict):
@@ -82,8 +86,9 @@ def reply(mid: int, status: int = 0, reason: str = "", **data: Any) -> dict[str,
     return {"type": "reply", "id": mid, "status": status, "reason": reason, **data}
 
 
-def param(msg: dict[str, Any], key: str, kind: type, lo: int | None = None,
-          hi: int | None = None) -> Any:
+def param(
+    msg: dict[str, Any], key: str, kind: type, lo: int | None = None, hi: int | None = None
+) -> Any:
     """Fetch a typed, bounded parameter or raise ProtocolError naming it."""
     value = msg.get(key)
     if kind is int:
@@ -99,8 +104,9 @@ def param(msg: dict[str, Any], key: str, kind: type, lo: int | None = None,
 class Peer:
     """A registered secondary as the primary sees it."""
 
-    def __init__(self, identity: bytes, slot: int, pid: int, start_time: int,
-                 pidfd: int = -1) -> None:
+    def __init__(
+        self, identity: bytes, slot: int, pid: int, start_time: int, pidfd: int = -1
+    ) -> None:
         self.identity = identity
         self.slot = slot
         self.pid = pid
@@ -125,8 +131,13 @@ class Server:
     the poll wakes, and requests it left queued are dropped.
     """
 
-    def __init__(self, endpoint: str, handlers: dict[str, Callable[..., dict[str, Any]]],
-                 sync_timeout: float = 2.0, policy: AccessPolicy | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        handlers: dict[str, Callable[..., dict[str, Any]]],
+        sync_timeout: float = 2.0,
+        policy: AccessPolicy | None = None,
+    ) -> None:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -228,7 +239,7 @@ class Server:
         identity, data = frames[0].bytes, frames[1].bytes
         self.current_cred = cred = frame_credentials(frames[1])
         if self.policy is not None:
-            why = ("cannot tell who sent it" if cred is None else self.policy.refusal(cred))
+            why = "cannot tell who sent it" if cred is None else self.policy.refusal(cred)
             if why is not None:
                 self.send(identity, reply(0, errno.EACCES, f"memd: {why}"))
                 return
@@ -239,14 +250,17 @@ class Server:
             return
         handler = self.handlers.get(msg["type"])
         if handler is None:
-            self.send(identity, reply(msg["id"], errno.EOPNOTSUPP,
-                                      f"unknown message type {msg['type']!r}"))
+            self.send(
+                identity,
+                reply(msg["id"], errno.EOPNOTSUPP, f"unknown message type {msg['type']!r}"),
+            )
             return
         peer = self.peer_of(identity)
         if peer is not None:
             if msg["id"] in peer.recent_ids:
-                self.send(identity, reply(msg["id"], errno.EALREADY,
-                                          f"duplicate request id {msg['id']}"))
+                self.send(
+                    identity, reply(msg["id"], errno.EALREADY, f"duplicate request id {msg['id']}")
+                )
                 return
             peer.recent_ids.append(msg["id"])
         try:
@@ -319,8 +333,13 @@ class Channel:
     """A secondary's connection to the primary: `request` from any thread (a lock
     serialises the req socket) and a background thread answering `sync`."""
 
-    def __init__(self, endpoint: str, name: str, on_sync: Callable[[dict[str, Any]], None],
-                 timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        name: str,
+        on_sync: Callable[[dict[str, Any]], None],
+        timeout: float = 5.0,
+    ) -> None:
         self.ctx = zmq.Context.instance()
         self.endpoint = endpoint
         self.name = name
@@ -376,11 +395,11 @@ class Channel:
                     return ans
                 continue  # a late reply to an earlier, timed-out request
             if not self.alive_check():
-                raise PrimaryNotRunning("the primary died while serving this request; "
-                                        "restart memd and attach again")
+                raise PrimaryNotRunning(
+                    "the primary died while serving this request; restart memd and attach again"
+                )
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"no reply to {msg['type']!r} from the primary in "
-                                   f"{timeout:g} s")
+                raise TimeoutError(f"no reply to {msg['type']!r} from the primary in {timeout:g} s")
 
     def _poller(self, sock: zmq.Socket) -> zmq.Poller:
         poller = zmq.Poller()
@@ -401,8 +420,7 @@ class Channel:
             try:
                 events = dict(poller.poll(100))
                 if self.watch_fd in events:
-                    log.warning("the memd primary died; calls that need it raise "
-                                "PrimaryNotRunning")
+                    log.warning("the memd primary died; calls that need it raise PrimaryNotRunning")
                     return
                 if not events.get(sock):
                     continue

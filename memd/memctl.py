@@ -58,8 +58,9 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     numeric = [all(_numeric(r[i]) for r in body) and bool(body) for i in range(len(headers))]
     lines = []
     for r in raw:
-        cells = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric,
-                                                                          strict=True)]
+        cells = [
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True)
+        ]
         lines.append("  ".join(cells).rstrip())
     if not body:
         lines.append("(none)")
@@ -97,9 +98,12 @@ def _each(client: TelemetryClient, list_cmd: str, info_cmd: str) -> list[dict[st
 def collect(client: TelemetryClient, what: str) -> Any:
     """The data behind one memctl command, as plain JSON-ready values."""
     if what == "status":
-        return {"socket": client.path, "greeting": client.greeting,
-                "info": client.query("/memd/info") or {},
-                "stats": client.query("/memd/stats") or {}}
+        return {
+            "socket": client.path,
+            "greeting": client.greeting,
+            "info": client.query("/memd/info") or {},
+            "stats": client.query("/memd/stats") or {},
+        }
     if what == "memsegs":
         return _paged(client, "/memd/memsegs")
     if what == "processes":
@@ -115,8 +119,10 @@ def collect(client: TelemetryClient, what: str) -> Any:
     if what == "rings":
         return _each(client, "/ring/list", "/ring/info")
     if what == "metrics":
-        return {w: collect(client, w) for w in
-                ("status", "heaps", "memzones", "mempools", "rings", "processes", "memsegs")}
+        return {
+            w: collect(client, w)
+            for w in ("status", "heaps", "memzones", "mempools", "rings", "processes", "memsegs")
+        }
     raise ValueError(what)
 
 
@@ -133,15 +139,23 @@ def _render_status(d: dict[str, Any]) -> str:
         ("admin socket", d["socket"]),
         ("config", info.get("config_path") or "-"),
         ("iova mode", info.get("iova_mode", "?")),
-        ("memory", "no-huge (shared memory)" if info.get("no_huge") else
-         ("hugepages, legacy" if info.get("legacy_mem") else "hugepages, dynamic")),
+        (
+            "memory",
+            "no-huge (shared memory)"
+            if info.get("no_huge")
+            else ("hugepages, legacy" if info.get("legacy_mem") else "hugepages, dynamic"),
+        ),
         ("page sizes", ", ".join(human_size(s) for s in info.get("page_sizes", [])) or "-"),
         ("sockets", ", ".join(str(s) for s in info.get("sockets", [])) or "-"),
-        ("heaps", f"{st.get('heaps', 0)}: {human_size(st['heap_totalsz_bytes'])} total, "
-                  f"{human_size(st.get('heap_freesz_bytes', 0))} free, "
-                  f"{human_size(st.get('heap_allocsz_bytes', 0))} in "
-                  f"{st.get('heap_alloc_count', 0)} allocations"
-         if "heap_totalsz_bytes" in st else f"{st.get('heaps', 0)} (no statistics)"),
+        (
+            "heaps",
+            f"{st.get('heaps', 0)}: {human_size(st['heap_totalsz_bytes'])} total, "
+            f"{human_size(st.get('heap_freesz_bytes', 0))} free, "
+            f"{human_size(st.get('heap_allocsz_bytes', 0))} in "
+            f"{st.get('heap_alloc_count', 0)} allocations"
+            if "heap_totalsz_bytes" in st
+            else f"{st.get('heaps', 0)} (no statistics)",
+        ),
         ("memsegs", f"{st.get('memsegs', 0)} ({human_size(st.get('memseg_bytes', 0))})"),
         ("memzones", f"{st.get('memzones', 0)} ({human_size(st.get('memzone_bytes', 0))})"),
         ("rings", str(st.get("rings", 0))),
@@ -153,43 +167,101 @@ def _render_status(d: dict[str, Any]) -> str:
 
 
 def _render_memsegs(segs: list[dict[str, Any]]) -> str:
-    return table(("List", "Slot", "Offset", "IOVA", "Length", "Socket", "Page", "Prealloc"),
-                 [(s.get("list_index"), s.get("slot"), _hex(s.get("offset")),
-                   _hex(s.get("iova")), human_size(s.get("length")), s.get("socket_id"),
-                   human_size(s.get("page_size")), "yes" if s.get("prealloc") else "no")
-                  for s in segs])
+    return table(
+        ("List", "Slot", "Offset", "IOVA", "Length", "Socket", "Page", "Prealloc"),
+        [
+            (
+                s.get("list_index"),
+                s.get("slot"),
+                _hex(s.get("offset")),
+                _hex(s.get("iova")),
+                human_size(s.get("length")),
+                s.get("socket_id"),
+                human_size(s.get("page_size")),
+                "yes" if s.get("prealloc") else "no",
+            )
+            for s in segs
+        ],
+    )
 
 
 def _render_heaps(heaps: list[dict[str, Any]]) -> str:
-    return table(("Heap", "Name", "Size", "Free", "Allocated", "Greatest free", "Allocs",
-                  "Free elems"),
-                 [(h["Heap_id"], h["Name"], human_size(h["Heap_size"]),
-                   human_size(h["Free_size"]), human_size(h["Alloc_size"]),
-                   human_size(h["Greatest_free_size"]), h["Alloc_count"], h["Free_count"])
-                  for h in heaps])
+    return table(
+        ("Heap", "Name", "Size", "Free", "Allocated", "Greatest free", "Allocs", "Free elems"),
+        [
+            (
+                h["Heap_id"],
+                h["Name"],
+                human_size(h["Heap_size"]),
+                human_size(h["Free_size"]),
+                human_size(h["Alloc_size"]),
+                human_size(h["Greatest_free_size"]),
+                h["Alloc_count"],
+                h["Free_count"],
+            )
+            for h in heaps
+        ],
+    )
 
 
 def _render_memzones(zones: list[dict[str, Any]]) -> str:
-    return table(("Id", "Name", "Length", "Offset", "IOVA", "Socket", "Page", "Pages", "Flags"),
-                 [(z["Zone"], z["Name"], human_size(z["Length"]), z["Address"],
-                   z.get("IOVA", "-"), z["Socket"], human_size(z["Hugepage_size"]),
-                   z["Hugepage_used"], _hex(z["Flags"])) for z in zones])
+    return table(
+        ("Id", "Name", "Length", "Offset", "IOVA", "Socket", "Page", "Pages", "Flags"),
+        [
+            (
+                z["Zone"],
+                z["Name"],
+                human_size(z["Length"]),
+                z["Address"],
+                z.get("IOVA", "-"),
+                z["Socket"],
+                human_size(z["Hugepage_size"]),
+                z["Hugepage_used"],
+                _hex(z["Flags"]),
+            )
+            for z in zones
+        ],
+    )
 
 
 def _render_mempools(pools: list[dict[str, Any]]) -> str:
-    return table(("Name", "Size", "Elt size", "Cache", "Avail", "In use", "Private", "Socket",
-                  "Flags"),
-                 [(p["name"], p["size"], human_size(p["elt_size"]), p["cache_size"],
-                   p.get("avail_count"), p.get("in_use_count"),
-                   human_size(p["private_data_size"]), p["socket_id"], _hex(p["flags"]))
-                  for p in pools])
+    return table(
+        ("Name", "Size", "Elt size", "Cache", "Avail", "In use", "Private", "Socket", "Flags"),
+        [
+            (
+                p["name"],
+                p["size"],
+                human_size(p["elt_size"]),
+                p["cache_size"],
+                p.get("avail_count"),
+                p.get("in_use_count"),
+                human_size(p["private_data_size"]),
+                p["socket_id"],
+                _hex(p["flags"]),
+            )
+            for p in pools
+        ],
+    )
 
 
 def _render_rings(rings: list[dict[str, Any]]) -> str:
-    return table(("Name", "Capacity", "Used", "Free", "Size", "Prod", "Cons", "Socket", "Flags"),
-                 [(r["name"], r["capacity"], r["used_count"], r.get("free_count"), r["size"],
-                   r["producer_type"], r["consumer_type"], r["socket"], _hex(r["flags"]))
-                  for r in rings])
+    return table(
+        ("Name", "Capacity", "Used", "Free", "Size", "Prod", "Cons", "Socket", "Flags"),
+        [
+            (
+                r["name"],
+                r["capacity"],
+                r["used_count"],
+                r.get("free_count"),
+                r["size"],
+                r["producer_type"],
+                r["consumer_type"],
+                r["socket"],
+                _hex(r["flags"]),
+            )
+            for r in rings
+        ],
+    )
 
 
 def _render_processes(procs: list[dict[str, Any]]) -> str:
@@ -198,22 +270,62 @@ def _render_processes(procs: list[dict[str, Any]]) -> str:
             return "-"
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
-    return table(("Slot", "PID", "Role", "Command", "Attached", "Blocks", "Heap bytes",
-                  "Memzones", "Objects"),
-                 [(p.get("slot", "-") if p.get("slot") is not None else "-", p.get("pid"),
-                   p.get("role"), p.get("comm") or "-", when(p.get("attach_time")),
-                   p.get("heap_blocks", "-"), human_size(p.get("heap_bytes")),
-                   p.get("memzones", "-"), p.get("mempool_objects", "-")) for p in procs])
+    return table(
+        (
+            "Slot",
+            "PID",
+            "Role",
+            "Command",
+            "Attached",
+            "Blocks",
+            "Heap bytes",
+            "Memzones",
+            "Objects",
+        ),
+        [
+            (
+                p.get("slot", "-") if p.get("slot") is not None else "-",
+                p.get("pid"),
+                p.get("role"),
+                p.get("comm") or "-",
+                when(p.get("attach_time")),
+                p.get("heap_blocks", "-"),
+                human_size(p.get("heap_bytes")),
+                p.get("memzones", "-"),
+                p.get("mempool_objects", "-"),
+            )
+            for p in procs
+        ],
+    )
 
 
 def _render_reclaims(records: list[dict[str, Any]]) -> str:
-    return table(("Died", "PID", "Slot", "Cache returned", "Objects in hand", "Blocks",
-                  "Heap bytes", "Freed"),
-                 [(time.strftime("%H:%M:%S", time.localtime(r.get("time", 0))), r.get("pid"),
-                   r.get("slot"), r.get("cached_objects_returned", 0),
-                   ", ".join(f"{k} {v}" for k, v in r.get("mempool_objects_in_hand", {}).items())
-                   or "0", r.get("heap_blocks", 0), human_size(r.get("heap_bytes", 0)),
-                   "yes" if r.get("heap_freed") else "no") for r in records])
+    return table(
+        (
+            "Died",
+            "PID",
+            "Slot",
+            "Cache returned",
+            "Objects in hand",
+            "Blocks",
+            "Heap bytes",
+            "Freed",
+        ),
+        [
+            (
+                time.strftime("%H:%M:%S", time.localtime(r.get("time", 0))),
+                r.get("pid"),
+                r.get("slot"),
+                r.get("cached_objects_returned", 0),
+                ", ".join(f"{k} {v}" for k, v in r.get("mempool_objects_in_hand", {}).items())
+                or "0",
+                r.get("heap_blocks", 0),
+                human_size(r.get("heap_bytes", 0)),
+                "yes" if r.get("heap_freed") else "no",
+            )
+            for r in records
+        ],
+    )
 
 
 RENDERERS: dict[str, Callable[[Any], str]] = {
@@ -242,8 +354,14 @@ class _Metrics:
         self._meta: dict[str, tuple[str, str]] = {}
         self._samples: dict[str, list[str]] = {}
 
-    def add(self, name: str, help_text: str, value: float | int | None,
-            labels: dict[str, object] | None = None, kind: str = "gauge") -> None:
+    def add(
+        self,
+        name: str,
+        help_text: str,
+        value: float | int | None,
+        labels: dict[str, object] | None = None,
+        kind: str = "gauge",
+    ) -> None:
         if value is None:
             return
         name = f"memd_{name}"
@@ -277,10 +395,18 @@ def format_metrics(data: dict[str, Any]) -> str:
     status = data["status"]
     info, st, g = status["info"], status["stats"], status["greeting"]
     m.add("up", "1 if memd answered on its admin socket", 1)
-    m.add("info", "memd's configuration as labels", 1, {
-        "version": g.get("version", ""), "prefix": info.get("prefix", ""),
-        "iova_mode": info.get("iova_mode", ""), "no_huge": str(bool(info.get("no_huge"))).lower(),
-        "legacy_mem": str(bool(info.get("legacy_mem"))).lower()})
+    m.add(
+        "info",
+        "memd's configuration as labels",
+        1,
+        {
+            "version": g.get("version", ""),
+            "prefix": info.get("prefix", ""),
+            "iova_mode": info.get("iova_mode", ""),
+            "no_huge": str(bool(info.get("no_huge"))).lower(),
+            "legacy_mem": str(bool(info.get("legacy_mem"))).lower(),
+        },
+    )
     m.add("primary_pid", "process id of the primary", info.get("primary_pid", g.get("pid")))
     for h in data["heaps"]:
         lab = {"heap": h["Heap_id"], "name": h["Name"]}
@@ -302,8 +428,12 @@ def format_metrics(data: dict[str, Any]) -> str:
         m.add("memseg_bytes", "mapped bytes by socket and page size", nbytes, lab)
     m.add("memzones", "reserved memzones", len(data["memzones"]))
     for z in data["memzones"]:
-        m.add("memzone_length_bytes", "length of a memzone", z["Length"],
-              {"name": z["Name"], "socket": z["Socket"]})
+        m.add(
+            "memzone_length_bytes",
+            "length of a memzone",
+            z["Length"],
+            {"name": z["Name"], "socket": z["Socket"]},
+        )
     m.add("rings", "rings", len(data["rings"]))
     for r in data["rings"]:
         lab = {"ring": r["name"]}
@@ -322,12 +452,24 @@ def format_metrics(data: dict[str, Any]) -> str:
         roles[str(p.get("role"))] = roles.get(str(p.get("role")), 0) + 1
     for role, count in roles.items():
         m.add("processes", "attached processes by role", count, {"role": role})
-    m.add("admin_requests_total", "admin socket requests served", st.get("admin_requests"),
-          kind="counter")
-    m.add("admin_connections_total", "admin socket connections accepted",
-          st.get("admin_connections"), kind="counter")
-    m.add("admin_refused_total", "admin socket connections refused", st.get("admin_refused"),
-          kind="counter")
+    m.add(
+        "admin_requests_total",
+        "admin socket requests served",
+        st.get("admin_requests"),
+        kind="counter",
+    )
+    m.add(
+        "admin_connections_total",
+        "admin socket connections accepted",
+        st.get("admin_connections"),
+        kind="counter",
+    )
+    m.add(
+        "admin_refused_total",
+        "admin socket connections refused",
+        st.get("admin_refused"),
+        kind="counter",
+    )
     m.add("admin_clients", "admin socket clients connected", st.get("admin_clients"))
     return m.text()
 
@@ -339,8 +481,10 @@ def _hugepages(args: argparse.Namespace) -> int:
     try:
         ha = importlib.import_module("memd.hugepages_admin")
     except ImportError:
-        print("memctl: hugepages: memd.hugepages_admin is not part of this installation",
-              file=sys.stderr)
+        print(
+            "memctl: hugepages: memd.hugepages_admin is not part of this installation",
+            file=sys.stderr,
+        )
         return 1
     if args.reserve is not None:
         kw: dict[str, Any] = {"size": args.reserve, "node": args.node}
@@ -356,16 +500,21 @@ def _hugepages(args: argparse.Namespace) -> int:
     if args.mount is not None:
         kw = {"page_size": args.page_size} if args.page_size else {}
         did = ha.mount(args.mount, **kw)
-        print(json.dumps({"mounted": did, "path": args.mount}) if args.json else
-              f"{'mounted hugetlbfs at' if did else 'already mounted:'} {args.mount}")
+        print(
+            json.dumps({"mounted": did, "path": args.mount})
+            if args.json
+            else f"{'mounted hugetlbfs at' if did else 'already mounted:'} {args.mount}"
+        )
         return 0
     if args.clean:
         report = clean_all()
         if args.json:
             print(json.dumps(report.as_dict(), indent=2))
             return 0
-        print(f"freed {len(report.removed)} page files ({human_size(report.bytes_freed)}) of "
-              "dead memd instances")
+        print(
+            f"freed {len(report.removed)} page files ({human_size(report.bytes_freed)}) of "
+            "dead memd instances"
+        )
         for path, who in report.held:
             print(f"kept {path}: mapped by {', '.join(map(str, who)) or 'a live process'}")
         for path, why in report.skipped:
@@ -389,54 +538,86 @@ def _hugepages(args: argparse.Namespace) -> int:
 
 # -- command line ----------------------------------------------------------------------------
 
-DAEMON_COMMANDS = ("status", "memsegs", "heaps", "memzones", "mempools", "rings", "processes",
-                   "reclaims")
+DAEMON_COMMANDS = (
+    "status",
+    "memsegs",
+    "heaps",
+    "memzones",
+    "mempools",
+    "rings",
+    "processes",
+    "reclaims",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="memctl", description="Inspect a running memd through its admin socket.")
-    p.add_argument("--file-prefix", default=None,
-                   help=f"memd instance to talk to (default {DEFAULT_PREFIX!r})")
-    p.add_argument("--runtime-dir", default=None,
-                   help="memd's runtime directory (default: $RUNTIME_DIRECTORY, /var/run "
-                        "as root, else $XDG_RUNTIME_DIR or /tmp)")
-    p.add_argument("-i", "--instance", type=int, default=0,
-                   help="admin socket instance (the N of dpdk_telemetry.v2:N)")
+        prog="memctl", description="Inspect a running memd through its admin socket."
+    )
+    p.add_argument(
+        "--file-prefix", default=None, help=f"memd instance to talk to (default {DEFAULT_PREFIX!r})"
+    )
+    p.add_argument(
+        "--runtime-dir",
+        default=None,
+        help="memd's runtime directory (default: $RUNTIME_DIRECTORY, /var/run "
+        "as root, else $XDG_RUNTIME_DIR or /tmp)",
+    )
+    p.add_argument(
+        "-i",
+        "--instance",
+        type=int,
+        default=0,
+        help="admin socket instance (the N of dpdk_telemetry.v2:N)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     # the same options after the command too (memctl status --json); SUPPRESS keeps a
     # value given before the command from being reset by the subparser's default
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--file-prefix", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--runtime-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    common.add_argument("-i", "--instance", type=int, default=argparse.SUPPRESS,
-                        help=argparse.SUPPRESS)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print JSON for scripts")
+    common.add_argument(
+        "-i", "--instance", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, text in (("status", "summary of the daemon"),
-                       ("memsegs", "mapped pages"),
-                       ("heaps", "malloc heaps"),
-                       ("memzones", "memzones"),
-                       ("mempools", "mempools"),
-                       ("rings", "rings"),
-                       ("processes", "attached processes and what each holds"),
-                       ("reclaims", "what was reclaimed from dead secondaries"),
-                       ("metrics", "Prometheus text exposition")):
+    for name, text in (
+        ("status", "summary of the daemon"),
+        ("memsegs", "mapped pages"),
+        ("heaps", "malloc heaps"),
+        ("memzones", "memzones"),
+        ("mempools", "mempools"),
+        ("rings", "rings"),
+        ("processes", "attached processes and what each holds"),
+        ("reclaims", "what was reclaimed from dead secondaries"),
+        ("metrics", "Prometheus text exposition"),
+    ):
         sub.add_parser(name, help=text, description=text, parents=[common])
-    t = sub.add_parser("telemetry", help="send one raw telemetry command", parents=[common],
-                       description="Send one telemetry command (e.g. /eal/heap_info,0) and "
-                                   "print the reply.")
+    t = sub.add_parser(
+        "telemetry",
+        help="send one raw telemetry command",
+        parents=[common],
+        description="Send one telemetry command (e.g. /eal/heap_info,0) and print the reply.",
+    )
     t.add_argument("cmd", metavar="CMD", help="a command such as /eal/heap_list or /help,/")
-    h = sub.add_parser("hugepages", help="show, reserve or mount hugepages", parents=[common],
-                       description="Show hugepages per size and NUMA node (default), or "
-                                   "reserve/mount/clear them (root).")
+    h = sub.add_parser(
+        "hugepages",
+        help="show, reserve or mount hugepages",
+        parents=[common],
+        description="Show hugepages per size and NUMA node (default), or "
+        "reserve/mount/clear them (root).",
+    )
     act = h.add_mutually_exclusive_group()
     act.add_argument("--reserve", metavar="SIZE", help="set the pool to SIZE (e.g. 1G)")
     act.add_argument("--mount", metavar="DIR", help="mount hugetlbfs at DIR")
     act.add_argument("--clear", action="store_true", help="give every hugepage back")
-    act.add_argument("--clean", action="store_true",
-                     help="remove the page files of dead memd instances that nobody maps")
+    act.add_argument(
+        "--clean",
+        action="store_true",
+        help="remove the page files of dead memd instances that nobody maps",
+    )
     h.add_argument("--node", type=int, default=None, help="--reserve on this NUMA node")
     h.add_argument("--page-size", default=None, help="page size for --reserve/--mount (2M)")
     return p

@@ -44,7 +44,8 @@ def check_name(name: object, what: str = "name") -> str:
         raise MemdValueError(f"{what} must be a non-empty str")
     if len(name.encode()) >= _ext.NAMESIZE or "\0" in name:
         raise MemdValueError(
-            f"{what} {name!r} is too long: at most {_ext.NAMESIZE - 1} bytes, no NUL")
+            f"{what} {name!r} is too long: at most {_ext.NAMESIZE - 1} bytes, no NUL"
+        )
     return name
 
 
@@ -91,14 +92,16 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
     def _header(self) -> Header:
         return header(self.window)
 
-    def _map_slot(self, msl: MemsegList, slot: int, fd: int | None = None,
-                  populate: bool = False) -> int:
+    def _map_slot(
+        self, msl: MemsegList, slot: int, fd: int | None = None, populate: bool = False
+    ) -> int:
         """Map one page file at its window offset; returns its address here."""
         own_fd = fd is None
         fd = self.pages.open(msl, slot) if fd is None else fd
         try:
-            addr = self.window.map_fd(msl.base_offset + slot * msl.page_size, msl.page_size,
-                                      fd, populate=populate)
+            addr = self.window.map_fd(
+                msl.base_offset + slot * msl.page_size, msl.page_size, fd, populate=populate
+            )
         finally:
             if own_fd:
                 os.close(fd)
@@ -156,7 +159,8 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             if not self._is_mapped(offset, length):
                 raise MemdValueError(
                     f"[{offset:#x}, +{length}) is not mapped shared memory: pass an offset "
-                    "taken from a block, memzone or mempool object")
+                    "taken from a block, memzone or mempool object"
+                )
         return self.window.view(offset, length)
 
     # --- what's there -------------------------------------------------------
@@ -183,7 +187,8 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             return ids
         if not isinstance(socket_id, int) or socket_id not in ids:
             raise MemdValueError(
-                f"socket_id {socket_id!r} has no memory here; use one of {ids} or SOCKET_ID_ANY")
+                f"socket_id {socket_id!r} has no memory here; use one of {ids} or SOCKET_ID_ANY"
+            )
         return [socket_id]
 
     def info(self) -> dict[str, Any]:
@@ -211,16 +216,18 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         out = []
         for msl in memseg_lists(self.window):
             for slot, iova, socket_id, flags in _ext.segs(self.window, msl.index):
-                out.append({
-                    "list_index": msl.index,
-                    "slot": slot,
-                    "offset": msl.base_offset + slot * msl.page_size,
-                    "iova": None if iova == _ext.BAD_IOVA else iova,
-                    "length": msl.page_size,
-                    "socket_id": socket_id,
-                    "page_size": msl.page_size,
-                    "prealloc": bool(flags & _ext.SEG_F_PREALLOC),
-                })
+                out.append(
+                    {
+                        "list_index": msl.index,
+                        "slot": slot,
+                        "offset": msl.base_offset + slot * msl.page_size,
+                        "iova": None if iova == _ext.BAD_IOVA else iova,
+                        "length": msl.page_size,
+                        "socket_id": socket_id,
+                        "page_size": msl.page_size,
+                        "prealloc": bool(flags & _ext.SEG_F_PREALLOC),
+                    }
+                )
         return out
 
     def memseg_runs(self) -> list[dict[str, Any]]:
@@ -229,10 +236,14 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         runs: list[dict[str, Any]] = []
         for seg in self.memsegs():
             last = runs[-1] if runs else None
-            if (last and last["list_index"] == seg["list_index"]
-                    and last["offset"] + last["length"] == seg["offset"]
-                    and seg["iova"] is not None and last["iova"] is not None
-                    and last["iova"] + last["length"] == seg["iova"]):
+            if (
+                last
+                and last["list_index"] == seg["list_index"]
+                and last["offset"] + last["length"] == seg["offset"]
+                and seg["iova"] is not None
+                and last["iova"] is not None
+                and last["iova"] + last["length"] == seg["iova"]
+            ):
                 last["length"] += seg["length"]
                 last["n_pages"] += 1
             else:
@@ -246,11 +257,17 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         blocks or mempool objects (free them with free_owned_by /
         Mempool.reclaim_held_by).
         `usage` walks every heap and pool: meant for admin tools, not loops."""
-        out = [{
-            "slot": p.slot, "pid": p.pid,
-            "role": "primary" if p.state == _ext.PROC_PRIMARY else "secondary",
-            "start_time": p.start_time, "attach_time": p.attach_ns / 1e9, "comm": p.comm,
-        } for p in processes(self.window)]
+        out = [
+            {
+                "slot": p.slot,
+                "pid": p.pid,
+                "role": "primary" if p.state == _ext.PROC_PRIMARY else "secondary",
+                "start_time": p.start_time,
+                "attach_time": p.attach_ns / 1e9,
+                "comm": p.comm,
+            }
+            for p in processes(self.window)
+        ]
         if not usage:
             return out
         owners = self.heap_owners()
@@ -266,18 +283,37 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         # gets a row only for malloc'd blocks or mempool objects it left behind.
         leftovers = {pid for pid, o in owners.items() if o["blocks"] > o["memzones"]}
         for pid in sorted((leftovers | held.keys()) - attached):
-            out.append({"slot": None, "pid": pid, "role": "exited", "start_time": None,
-                        "attach_time": None, "comm": ""})
+            out.append(
+                {
+                    "slot": None,
+                    "pid": pid,
+                    "role": "exited",
+                    "start_time": None,
+                    "attach_time": None,
+                    "comm": "",
+                }
+            )
         for p in out:
             own = owners.get(p["pid"], {})
-            p.update(heap_blocks=own.get("blocks", 0), heap_bytes=own.get("bytes", 0),
-                     memzones=zones.get(p["pid"], 0), mempool_objects=held.get(p["pid"], 0))
+            p.update(
+                heap_blocks=own.get("blocks", 0),
+                heap_bytes=own.get("bytes", 0),
+                memzones=zones.get(p["pid"], 0),
+                mempool_objects=held.get(p["pid"], 0),
+            )
         return out
 
     # --- memzones (DPDK rte_memzone_*) ---------------------------------------
 
-    def memzone_reserve(self, name: str, length: int, socket_id: int = SOCKET_ID_ANY,
-                        flags: int = 0, align: int = 64, bound: int = 0) -> Memzone:
+    def memzone_reserve(
+        self,
+        name: str,
+        length: int,
+        socket_id: int = SOCKET_ID_ANY,
+        flags: int = 0,
+        align: int = 64,
+        bound: int = 0,
+    ) -> Memzone:
         """Reserve `length` bytes named `name`, aligned to `align` (a power of two;
         smaller than 64 is rounded up to 64, as DPDK does) and not crossing a
         multiple of `bound` (0, or a power of two >= length)."""
@@ -300,8 +336,9 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         for heap in self._heap_order(socket_id):
             for attempt in range(3):
                 try:
-                    zid = _ext.memzone_reserve(self.window, name, length, heap, flags, align,
-                                               bound, os.getpid())
+                    zid = _ext.memzone_reserve(
+                        self.window, name, length, heap, flags, align, bound, os.getpid()
+                    )
                     self.sync_pages()
                     return self._zone(zid)
                 except OSError as e:
@@ -350,14 +387,19 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
 
     def rings(self) -> list[Ring]:
         """Every named ring, in directory order."""
-        return [Ring(self.window, off) for _, _, kind, off, _, _ in _ext.objects(self.window)
-                if kind == _ext.OBJ_RING]
+        return [
+            Ring(self.window, off)
+            for _, _, kind, off, _, _ in _ext.objects(self.window)
+            if kind == _ext.OBJ_RING
+        ]
 
     def mempools(self) -> list[Mempool]:
         """Every named mempool, used through this process's cache slot."""
-        return [Mempool(self.window, off, max(self.proc_slot, 0))
-                for _, _, kind, off, _, _ in _ext.objects(self.window)
-                if kind == _ext.OBJ_MEMPOOL]
+        return [
+            Mempool(self.window, off, max(self.proc_slot, 0))
+            for _, _, kind, off, _, _ in _ext.objects(self.window)
+            if kind == _ext.OBJ_MEMPOOL
+        ]
 
     def flush_mempool_caches(self, slot: int) -> int:
         """Put every object cached in process slot `slot` back into its pool's

@@ -112,6 +112,7 @@ class Mempool(_ext.Mempool):
         def flush_cache(self) -> int: ...
         def audit(self) -> dict[str, int]: ...
         def recover(self) -> int: ...
+
         name: str
         size: int
         elt_size: int
@@ -226,8 +227,13 @@ class MempoolMixin:
         proc_slot: int
 
         def memzone_reserve(
-            self, name: str, length: int, socket_id: int = -1, flags: int = 0,
-            align: int = 64, bound: int = 0,
+            self,
+            name: str,
+            length: int,
+            socket_id: int = -1,
+            flags: int = 0,
+            align: int = 64,
+            bound: int = 0,
         ) -> _Memzone: ...
 
         def memzone_lookup(self, name: str) -> _Memzone: ...
@@ -253,12 +259,26 @@ class MempoolMixin:
         _check_name(name)
         size = mempool_memsize(n, elt_size, cache_size, private_data_size, flags)
         return objects.create(
-            self, name, MEMD_OBJ_MEMPOOL, MEMPOOL_MZ_PREFIX, size, socket_id,
+            self,
+            name,
+            MEMD_OBJ_MEMPOOL,
+            MEMPOOL_MZ_PREFIX,
+            size,
+            socket_id,
             lambda off: Mempool.create(
-                self.window, off, n, elt_size, cache_size=cache_size,
-                private_data_size=private_data_size, obj_init=obj_init, flags=flags, name=name,
-                slot=self.proc_slot),
-            "mempool_create")
+                self.window,
+                off,
+                n,
+                elt_size,
+                cache_size=cache_size,
+                private_data_size=private_data_size,
+                obj_init=obj_init,
+                flags=flags,
+                name=name,
+                slot=self.proc_slot,
+            ),
+            "mempool_create",
+        )
 
     def mempool_lookup(self, name: str) -> Mempool:
         """The pool called `name`, used through this process's cache; KeyError if none."""
@@ -270,5 +290,6 @@ class MempoolMixin:
 
         Every process must have stopped using it; objects still held are lost.
         """
-        objects.remove(self, pool.name, MEMD_OBJ_MEMPOOL, MEMPOOL_MZ_PREFIX, pool.offset,
-                       "mempool_free")
+        objects.remove(
+            self, pool.name, MEMD_OBJ_MEMPOOL, MEMPOOL_MZ_PREFIX, pool.offset, "mempool_free"
+        )

@@ -27,8 +27,16 @@ def find(window: _ext.Window, name: str, kind: int, what: str) -> tuple[int, int
     return idx, offset
 
 
-def create(mem: Any, name: str, kind: int, mz_prefix: str, size: int, socket_id: int,
-           build: Callable[[int], T], what: str) -> T:
+def create(
+    mem: Any,
+    name: str,
+    kind: int,
+    mz_prefix: str,
+    size: int,
+    socket_id: int,
+    build: Callable[[int], T],
+    what: str,
+) -> T:
     """Reserve memzone `<mz_prefix><name>`, build the object at its offset, then list
     it.  A taken name raises MemdExistsError; on any failure the memzone is freed."""
     try:
@@ -36,8 +44,9 @@ def create(mem: Any, name: str, kind: int, mz_prefix: str, size: int, socket_id:
     except MemdKeyError:
         pass
     else:
-        raise MemdExistsError(f"{what}({name!r}): the name is already in use; "
-                              "pick another or free it")
+        raise MemdExistsError(
+            f"{what}({name!r}): the name is already in use; pick another or free it"
+        )
     mz = mem.memzone_reserve(mz_prefix + name, size, socket_id, 0, align=64)
     try:
         obj = build(mz.offset)
@@ -55,7 +64,6 @@ def remove(mem: Any, name: str, kind: int, mz_prefix: str, offset: int, what: st
     """Unlist object `name` (which must be the one at `offset`) and free its memzone."""
     idx, listed = find(mem.window, name, kind, what)
     if listed != offset:
-        raise MemdValueError(f"{what}({name!r}): this {KIND_NAMES[kind]} is not the one "
-                             "registered")
+        raise MemdValueError(f"{what}({name!r}): this {KIND_NAMES[kind]} is not the one registered")
     _ext.object_remove(mem.window, idx)
     mem.memzone_free(mem.memzone_lookup(mz_prefix + name))

@@ -43,8 +43,14 @@ MPOL_F_ADDR = 1 << 1
 
 # get_mempolicy(2) has no glibc wrapper (it lives in libnuma): call it by number.
 _GET_MEMPOLICY_NR = {
-    "x86_64": 239, "aarch64": 236, "riscv64": 236, "ppc64le": 260, "ppc64": 260,
-    "s390x": 269, "i386": 275, "i686": 275,
+    "x86_64": 239,
+    "aarch64": 236,
+    "riscv64": 236,
+    "ppc64le": 260,
+    "ppc64": 260,
+    "s390x": 269,
+    "i386": 275,
+    "i686": 275,
 }
 
 NumaMethod = Literal["auto", "syscall", "numa_maps"]
@@ -59,17 +65,21 @@ class PagemapEntry(NamedTuple):
     file_or_shared: bool
     exclusive: bool
     soft_dirty: bool
-    pfn: int          #: 0 when not present or when the reader lacks CAP_SYS_ADMIN
+    pfn: int  #: 0 when not present or when the reader lacks CAP_SYS_ADMIN
 
 
 def decode_entry(raw: int) -> PagemapEntry:
     """Split a raw 64-bit pagemap entry into its flags and PFN."""
     present = bool(raw & PM_PRESENT)
-    return PagemapEntry(raw=raw, present=present, swapped=bool(raw & PM_SWAPPED),
-                        file_or_shared=bool(raw & PM_FILE_OR_SHARED),
-                        exclusive=bool(raw & PM_EXCLUSIVE),
-                        soft_dirty=bool(raw & PM_SOFT_DIRTY),
-                        pfn=(raw & PM_PFN_MASK) if present else 0)
+    return PagemapEntry(
+        raw=raw,
+        present=present,
+        swapped=bool(raw & PM_SWAPPED),
+        file_or_shared=bool(raw & PM_FILE_OR_SHARED),
+        exclusive=bool(raw & PM_EXCLUSIVE),
+        soft_dirty=bool(raw & PM_SOFT_DIRTY),
+        pfn=(raw & PM_PFN_MASK) if present else 0,
+    )
 
 
 def pagemap_path() -> str:
@@ -104,7 +114,7 @@ def read_entries(addrs: Iterable[int]) -> list[PagemapEntry]:
                 count = j - i + 1
                 data = os.pread(fd, count * ENTRY_SIZE, pages[i] * ENTRY_SIZE)
                 got = len(data) // ENTRY_SIZE
-                values = struct.unpack(f"<{got}Q", data[:got * ENTRY_SIZE])
+                values = struct.unpack(f"<{got}Q", data[: got * ENTRY_SIZE])
                 for k in range(count):
                     raw[pages[i] + k] = values[k] if k < got else 0
                 i = j + 1
@@ -173,9 +183,12 @@ def iova_mode_available() -> bool:
 
 # --------------------------------------------------------------------------- NUMA
 
+
 def _syscall_usable() -> bool:
-    return (os.path.realpath(hugepage_info.roots()[1]) == "/proc"
-            and platform.machine() in _GET_MEMPOLICY_NR)
+    return (
+        os.path.realpath(hugepage_info.roots()[1]) == "/proc"
+        and platform.machine() in _GET_MEMPOLICY_NR
+    )
 
 
 _libc: ctypes.CDLL | None = None
@@ -191,9 +204,14 @@ def _get_mempolicy_node(addr: int) -> int | None:
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
     mode = ctypes.c_int(-1)
-    rc = _libc.syscall(ctypes.c_long(_GET_MEMPOLICY_NR[platform.machine()]),
-                       ctypes.byref(mode), None, ctypes.c_ulong(0),
-                       ctypes.c_void_p(addr), ctypes.c_ulong(MPOL_F_NODE | MPOL_F_ADDR))
+    rc = _libc.syscall(
+        ctypes.c_long(_GET_MEMPOLICY_NR[platform.machine()]),
+        ctypes.byref(mode),
+        None,
+        ctypes.c_ulong(0),
+        ctypes.c_void_p(addr),
+        ctypes.c_ulong(MPOL_F_NODE | MPOL_F_ADDR),
+    )
     if rc != 0:
         err = ctypes.get_errno()
         if err == 14:  # EFAULT: nothing mapped there

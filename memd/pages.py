@@ -55,8 +55,9 @@ class PageStore:
     it comes from the process's own knowledge (the primary's plan, the primary's
     reply to a secondary), never from shared memory, which others may write."""
 
-    def __init__(self, prefix: str, mode: int = 0o600, gid: int | None = None,
-                 owner: int | None = None) -> None:
+    def __init__(
+        self, prefix: str, mode: int = 0o600, gid: int | None = None, owner: int | None = None
+    ) -> None:
         self.prefix = prefix
         self.mode = mode
         self.gid = gid
@@ -76,8 +77,9 @@ class PageStore:
         try:
             directory = self.dirs[msl.index]
         except KeyError:
-            raise MemdError(f"memseg list {msl.index} has no page directory here; "
-                            "detach and attach again") from None
+            raise MemdError(
+                f"memseg list {msl.index} has no page directory here; detach and attach again"
+            ) from None
         return os.path.join(directory, page_file_name(self.prefix, self._number(msl, slot)))
 
     describe = path
@@ -94,8 +96,9 @@ class PageStore:
         regular file of the daemon's uid, one page long, on the list's filesystem.
         Raises UnsafePath (a PermissionError) or OSError otherwise."""
         path = self.path(msl, slot)
-        fd = open_checked(path, self.owner, size=msl.page_size, dev=self._devs[msl.index],
-                          what="page file")
+        fd = open_checked(
+            path, self.owner, size=msl.page_size, dev=self._devs[msl.index], what="page file"
+        )
         if not try_lock(fd, exclusive=False, timeout=HOLDER_WAIT):
             os.close(fd)
             raise OSError(errno.EAGAIN, f"{path} is locked by a cleaner; try again", path)
@@ -128,7 +131,8 @@ def lock_prefix(directory: str, prefix: str, mode: int, gid: int | None) -> int:
             names = ", ".join(map(str, who)) or "another process"
             raise PrefixInUse(
                 f"--file-prefix {prefix} is in use on {directory} by another memd primary "
-                f"({names}); stop it, or give this memd another --file-prefix")
+                f"({names}); stop it, or give this memd another --file-prefix"
+            )
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
@@ -171,12 +175,16 @@ class CleanReport:
         self.foreign += other.foreign
 
     def as_dict(self) -> dict[str, object]:
-        return {"removed": [{"path": p, "bytes": n} for p, n in self.removed],
-                "bytes_freed": self.bytes_freed,
-                "held": [{"path": p, "holders": [h.pid for h in hs]} for p, hs in self.held],
-                "skipped": [{"path": p, "reason": why} for p, why in self.skipped]
-                + [{"path": p, "reason": f"belongs to uid {uid}, not to its prefix lock's owner"}
-                   for p, uid in self.foreign]}
+        return {
+            "removed": [{"path": p, "bytes": n} for p, n in self.removed],
+            "bytes_freed": self.bytes_freed,
+            "held": [{"path": p, "holders": [h.pid for h in hs]} for p, hs in self.held],
+            "skipped": [{"path": p, "reason": why} for p, why in self.skipped]
+            + [
+                {"path": p, "reason": f"belongs to uid {uid}, not to its prefix lock's owner"}
+                for p, uid in self.foreign
+            ],
+        }
 
 
 def _memd_files(directory: str) -> dict[str, dict[str, list[str]]]:
@@ -194,8 +202,9 @@ def _memd_files(directory: str) -> dict[str, dict[str, list[str]]]:
     return found
 
 
-def _remove_if_unheld(path: str, report: CleanReport, prefix: str, owner: int,
-                      force: bool = False) -> bool:
+def _remove_if_unheld(
+    path: str, report: CleanReport, prefix: str, owner: int, force: bool = False
+) -> bool:
     """Unlink `path` if it is `owner`'s and nobody holds a lock on it (or, with
     `force`, if it is held: its holders keep their mappings).  True if removed."""
     try:
@@ -240,8 +249,9 @@ def remove_own_stale(directory: str, prefix: str, *, take_over: bool) -> CleanRe
     report = CleanReport()
     kinds = _memd_files(directory).get(prefix, {})
     for name in kinds.get("page", []) + kinds.get("temp", []):
-        _remove_if_unheld(os.path.join(directory, name), report, prefix, os.geteuid(),
-                          force=take_over)
+        _remove_if_unheld(
+            os.path.join(directory, name), report, prefix, os.geteuid(), force=take_over
+        )
     return report
 
 
@@ -266,9 +276,13 @@ def clean_stale(directory: str, skip: str | None = None) -> CleanReport:
                 continue  # a live primary's
             # anyone may create a lock file in /dev/shm: it vouches only for its
             # owner's files, which that owner could remove anyway
-            left = [name for name in kinds.get("page", []) + kinds.get("temp", [])
-                    if not _remove_if_unheld(os.path.join(directory, name), report, prefix,
-                                             lock_st.st_uid)]
+            left = [
+                name
+                for name in kinds.get("page", []) + kinds.get("temp", [])
+                if not _remove_if_unheld(
+                    os.path.join(directory, name), report, prefix, lock_st.st_uid
+                )
+            ]
             if not left:
                 with contextlib.suppress(OSError):
                     if os.stat(lock_path).st_ino == os.fstat(lock_fd).st_ino:
@@ -303,27 +317,35 @@ def no_pages_reason(directory: str, page_size: int, wanted: int, error: OSError)
         owner = "?"
         with contextlib.suppress(OSError):
             owner = describe_owner(os.stat(directory).st_uid)
-        return (f"cannot write to {directory} ({error.strerror}; it belongs to {owner}): run "
-                f"memd as a user that can, or chown/chmod {directory}")
+        return (
+            f"cannot write to {directory} ({error.strerror}; it belongs to {owner}): run "
+            f"memd as a user that can, or chown/chmod {directory}"
+        )
     if error.errno == errno.EEXIST:
         path = error.filename or directory
         owner = "?"
         with contextlib.suppress(OSError):
             owner = describe_owner(os.lstat(path).st_uid)
-        return (f"{path} already exists (made by {owner}), but only this memd may make that "
-                "name: remove it (and find out who made it), or use another --file-prefix")
+        return (
+            f"{path} already exists (made by {owner}), but only this memd may make that "
+            "name: remove it (and find out who made it), or use another --file-prefix"
+        )
     if directory == SHM_DIR:
         return f"the shm filesystem ({SHM_DIR}) is full ({error.strerror}): free memory"
     st = None
     with contextlib.suppress(OSError):
         st = os.statvfs(directory)
     if st is not None and st.f_blocks and st.f_bfree < wanted:
-        return (f"the hugetlbfs mount {directory} holds {st.f_blocks} pages (its size= "
-                f"limit) and {st.f_bfree} are free: remount it with a larger size= "
-                "(mount -o remount,size=...) or free memory")
+        return (
+            f"the hugetlbfs mount {directory} holds {st.f_blocks} pages (its size= "
+            f"limit) and {st.f_bfree} are free: remount it with a larger size= "
+            "(mount -o remount,size=...) or free memory"
+        )
     nr = os.path.join(size_sysfs_dir(page_size), "nr_hugepages")
-    return (f"no free {kb(page_size)} hugepages ({error.strerror}): reserve more, "
-            f"echo N > {nr} (or memctl hugepages --reserve), or free memory")
+    return (
+        f"no free {kb(page_size)} hugepages ({error.strerror}): reserve more, "
+        f"echo N > {nr} (or memctl hugepages --reserve), or free memory"
+    )
 
 
 def probe_dir(directory: str, page_size: int) -> str | None:
@@ -347,5 +369,16 @@ def probe_dir(directory: str, page_size: int) -> str | None:
         os.close(fd)
 
 
-__all__ = ["CleanReport", "PageStore", "PrefixInUse", "UnsafePath", "clean_all", "clean_stale",
-           "lock_prefix", "no_pages_reason", "probe_dir", "remove_own_stale", "unlock_prefix"]
+__all__ = [
+    "CleanReport",
+    "PageStore",
+    "PrefixInUse",
+    "UnsafePath",
+    "clean_all",
+    "clean_stale",
+    "lock_prefix",
+    "no_pages_reason",
+    "probe_dir",
+    "remove_own_stale",
+    "unlock_prefix",
+]

@@ -31,8 +31,7 @@ def shared_writable(path: Path) -> bool:
         return False
 
 
-def runtime_dir(explicit: str | os.PathLike[str] | None = None,
-                uid: int | None = None) -> Path:
+def runtime_dir(explicit: str | os.PathLike[str] | None = None, uid: int | None = None) -> Path:
     """Where a memd's files live: the base runtime dir (`base_runtime_dir`) when only
     its owner can write it, else the private `<base>/memd-<uid>` memd makes there.
     The primary passes its own `uid`; a client looks for its own uid's, then root's."""
@@ -96,8 +95,10 @@ def legacy_temp_name(prefix: str, number: int) -> str:
     return f"{prefix}tmp_{number}"
 
 
-_MEMD_NAME = re.compile(r"^(?P<prefix>[A-Za-z0-9._-]+?)(?:map_(?P<page>\d+)|tmp_(?P<temp>\d+)"
-                        r"|\.memd-(?P<lock>lock))$")
+_MEMD_NAME = re.compile(
+    r"^(?P<prefix>[A-Za-z0-9._-]+?)(?:map_(?P<page>\d+)|tmp_(?P<temp>\d+)"
+    r"|\.memd-(?P<lock>lock))$"
+)
 
 
 def parse_memd_name(name: str) -> tuple[str, str] | None:
@@ -119,5 +120,6 @@ def validate_prefix(prefix: str) -> str:
     if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
         raise ValueError(
             f"bad --file-prefix {prefix!r}: use 1-48 characters from [A-Za-z0-9._-], "
-            "the first a letter or digit")
+            "the first a letter or digit"
+        )
     return prefix

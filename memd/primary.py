@@ -67,8 +67,8 @@ log = logging.getLogger("memd")
 
 MiB = 1 << 20
 GiB = 1 << 30
-NO_HUGE_PAGE_SIZE = 2 * MiB      # --no-huge "pages": one shm object each
-MAX_LIST_BYTES = 32 * GiB        # DPDK RTE_MAX_MEM_MB_PER_LIST
+NO_HUGE_PAGE_SIZE = 2 * MiB  # --no-huge "pages": one shm object each
+MAX_LIST_BYTES = 32 * GiB  # DPDK RTE_MAX_MEM_MB_PER_LIST
 
 
 class InitError(MemdError, RuntimeError):
@@ -86,8 +86,8 @@ class Options:
     file_prefix: str = DEFAULT_PREFIX
     runtime_dir: str | None = None
     huge_dir: str | None = None
-    memory_mb: int = 0                      # -m: preallocated, never given back
-    socket_mem: list[int] | None = None     # --socket-mem: MB per socket
+    memory_mb: int = 0  # -m: preallocated, never given back
+    socket_mem: list[int] | None = None  # --socket-mem: MB per socket
     no_huge: bool = False
     legacy_mem: bool = False
     huge_unlink: bool = False
@@ -95,9 +95,9 @@ class Options:
     base_virtaddr: int = 0
     group: str | None = None
     sync_timeout: float = 2.0
-    max_mem_mb: int = 0                     # --max-mem: cap on mapped memory (0 = none)
-    take_over: bool = False                 # start although a dead primary's secondaries run
-    reclaim_heap: bool = False              # free a dead secondary's heap blocks
+    max_mem_mb: int = 0  # --max-mem: cap on mapped memory (0 = none)
+    take_over: bool = False  # start although a dead primary's secondaries run
+    reclaim_heap: bool = False  # free a dead secondary's heap blocks
     argv: list[str] = field(default_factory=list)
 
 
@@ -180,23 +180,37 @@ class Primary(Memory):
         try:
             self.window = _ext.Window(window_size, window_align, opts.base_virtaddr)
         except OSError as e:
-            raise InitError(f"cannot reserve {window_size >> 20} MiB of address space"
-                            f"{' at --base-virtaddr' if opts.base_virtaddr else ''}: "
-                            f"{e.strerror}; try another --base-virtaddr or fewer pages") from e
+            raise InitError(
+                f"cannot reserve {window_size >> 20} MiB of address space"
+                f"{' at --base-virtaddr' if opts.base_virtaddr else ''}: "
+                f"{e.strerror}; try another --base-virtaddr or fewer pages"
+            ) from e
         self.window.map_fd(0, _ext.CONFIG_SIZE, self._cfg_fd)
 
-        self.iova_mode = (_ext.IOVA_PA if not opts.no_huge and pagemap.iova_mode_available()
-                          else _ext.IOVA_VA)
-        flags = ((_ext.CFG_F_NO_HUGE if opts.no_huge else 0)
-                 | (_ext.CFG_F_LEGACY if opts.legacy_mem else 0)
-                 | (_ext.CFG_F_HUGE_UNLINK if opts.huge_unlink else 0)
-                 | (_ext.CFG_F_SINGLE_FILE if opts.single_file_segments else 0))
+        self.iova_mode = (
+            _ext.IOVA_PA if not opts.no_huge and pagemap.iova_mode_available() else _ext.IOVA_VA
+        )
+        flags = (
+            (_ext.CFG_F_NO_HUGE if opts.no_huge else 0)
+            | (_ext.CFG_F_LEGACY if opts.legacy_mem else 0)
+            | (_ext.CFG_F_HUGE_UNLINK if opts.huge_unlink else 0)
+            | (_ext.CFG_F_SINGLE_FILE if opts.single_file_segments else 0)
+        )
         start = proc_start_time(os.getpid()) or 0
-        _ext.config_format(self.window, self.prefix, flags, self.iova_mode, window_size,
-                           window_align, os.getpid(), start)
+        _ext.config_format(
+            self.window,
+            self.prefix,
+            flags,
+            self.iova_mode,
+            window_size,
+            window_align,
+            os.getpid(),
+            start,
+        )
         for i, p in enumerate(plans):
-            _ext.msl_init(self.window, i, p.base_offset, p.page_size, p.socket_id, p.capacity,
-                          p.dir)
+            _ext.msl_init(
+                self.window, i, p.base_offset, p.page_size, p.socket_id, p.capacity, p.dir
+            )
         self._lists = memseg_lists(self.window)
 
         if opts.legacy_mem:
@@ -213,16 +227,24 @@ class Primary(Memory):
         ensure_dir(sockdir, self._dir_mode, self._gid)
         with contextlib.suppress(FileNotFoundError):
             (sockdir / "mp_socket").unlink()  # a dead primary's: we hold the config lock
-        self.server = Server(mp_endpoint(self.prefix, self.rundir), self._handlers(),
-                             self.options.sync_timeout, AccessPolicy(gid=self._gid))
+        self.server = Server(
+            mp_endpoint(self.prefix, self.rundir),
+            self._handlers(),
+            self.options.sync_timeout,
+            AccessPolicy(gid=self._gid),
+        )
         self.server.on_death = self._reclaim
         if self._gid is not None:
             os.chown(sockdir / "mp_socket", -1, self._gid)
         os.chmod(sockdir / "mp_socket", self._mode)
         _ext.config_publish(self.window)  # magic last: secondaries may attach now
-        log.info("ready: prefix %s, %d memseg lists, %s MiB mapped, iova %s", self.prefix,
-                 len(self._lists), self.info()["mapped_bytes"] >> 20,
-                 "PA" if self.iova_mode == _ext.IOVA_PA else "VA")
+        log.info(
+            "ready: prefix %s, %d memseg lists, %s MiB mapped, iova %s",
+            self.prefix,
+            len(self._lists),
+            self.info()["mapped_bytes"] >> 20,
+            "PA" if self.iova_mode == _ext.IOVA_PA else "VA",
+        )
 
     def _make_runtime_dir(self) -> None:
         """The runtime dir must be one only its owner can write: memd makes its own
@@ -239,14 +261,17 @@ class Primary(Memory):
         try:
             self.rundir.mkdir(parents=True, exist_ok=True)
         except PermissionError:
-            raise InitError(f"cannot create {self.rundir}: permission denied; run as root or "
-                            "pass --runtime-dir to a directory you own") from None
+            raise InitError(
+                f"cannot create {self.rundir}: permission denied; run as root or "
+                "pass --runtime-dir to a directory you own"
+            ) from None
         st = os.stat(self.rundir)
         if st.st_uid not in (0, os.geteuid()):
             raise InitError(
                 f"runtime dir {self.rundir} belongs to {describe_owner(st.st_uid)}: memd keeps "
                 "its config and sockets only in a directory of its own user or root; pass "
-                "another --runtime-dir")
+                "another --runtime-dir"
+            )
 
     def _claim_page_dirs(self, page_sizes: dict[str, int], dir_locks: list[int]) -> None:
         """Make each page directory ours to use: take the prefix lock (refused if a
@@ -262,9 +287,11 @@ class Primary(Memory):
                 raise InitError(str(e)) from None
             except PermissionError as e:
                 owner = describe_owner(os.stat(d).st_uid)
-                raise InitError(f"cannot write to {d} ({e.strerror or e}; it belongs to "
-                                f"{owner}): run memd as a user that can, or chown/chmod "
-                                f"{d}") from None
+                raise InitError(
+                    f"cannot write to {d} ({e.strerror or e}; it belongs to "
+                    f"{owner}): run memd as a user that can, or chown/chmod "
+                    f"{d}"
+                ) from None
             except MemdError as e:
                 raise InitError(str(e)) from None
             if d != SHM_DIR:
@@ -273,15 +300,19 @@ class Primary(Memory):
                 if not try_lock(fd, exclusive=True, timeout=2.0):
                     # Our safety rests on the prefix lock; the directory lock is DPDK's
                     # courtesy, so a process that sits on it only delays us.
-                    log.warning("%s stays locked by %s; going on without its lock", d,
-                                ", ".join(map(str, holders(fd))) or "another process")
+                    log.warning(
+                        "%s stays locked by %s; going on without its lock",
+                        d,
+                        ", ".join(map(str, holders(fd))) or "another process",
+                    )
             own = remove_own_stale(d, self.prefix, take_over=opts.take_over)
             if own.foreign:
                 path, uid = own.foreign[0]
                 raise InitError(
                     f"{path} has this memd's name but belongs to {describe_owner(uid)}: it "
                     f"is not memd's, and memd would need that name; remove it (and find out "
-                    f"who made it), or use another --file-prefix")
+                    f"who made it), or use another --file-prefix"
+                )
             if own.held:
                 pids = sorted({h.pid for _, hs in own.held for h in hs})
                 where = sorted({str(h) for _, hs in own.held for h in hs})
@@ -289,14 +320,24 @@ class Primary(Memory):
                     f"{len(own.held)} page files of --file-prefix {self.prefix} in {d} are "
                     f"still mapped by {', '.join(where)}: secondaries of a dead primary of "
                     f"this prefix. Stop them (kill {' '.join(map(str, pids))}), or start "
-                    "memd with --take-over to leave them on the old memory")
+                    "memd with --take-over to leave them on the old memory"
+                )
             if own.removed:
-                log.info("removed %d page files (%d MiB) of a dead primary of %s from %s",
-                         len(own.removed), own.bytes_freed >> 20, self.prefix, d)
+                log.info(
+                    "removed %d page files (%d MiB) of a dead primary of %s from %s",
+                    len(own.removed),
+                    own.bytes_freed >> 20,
+                    self.prefix,
+                    d,
+                )
             others = clean_stale(d, skip=self.prefix)
             if others.removed:
-                log.info("removed %d stale page files (%d MiB) of dead prefixes from %s",
-                         len(others.removed), others.bytes_freed >> 20, d)
+                log.info(
+                    "removed %d stale page files (%d MiB) of dead prefixes from %s",
+                    len(others.removed),
+                    others.bytes_freed >> 20,
+                    d,
+                )
             why = probe_dir(d, page_size)
             if why:
                 raise InitError(why)
@@ -317,8 +358,10 @@ class Primary(Memory):
             except PermissionError as e:
                 if isinstance(e, UnsafePath):
                     raise InitError(str(e)) from None
-                raise InitError(f"cannot create {path}: permission denied; run as root or "
-                                "pass --runtime-dir to a directory you own") from None
+                raise InitError(
+                    f"cannot create {path}: permission denied; run as root or "
+                    "pass --runtime-dir to a directory you own"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -327,7 +370,8 @@ class Primary(Memory):
                 raise AlreadyRunning(
                     f"another memd primary (pid {pid}) is running with --file-prefix "
                     f"{self.prefix} in {self.rundir}; stop it (kill {pid}) or use another "
-                    "--file-prefix") from None
+                    "--file-prefix"
+                ) from None
             st = os.fstat(fd)
             try:
                 same = os.stat(path).st_ino == st.st_ino
@@ -366,21 +410,29 @@ class Primary(Memory):
         h = header(probe)
         if h.magic != _ext.CONFIG_MAGIC or h.layout_version != _ext.LAYOUT_VERSION:
             return  # half-written, or another memd version's: no process table we can read
-        alive = [p for p in processes(probe)
-                 if p.state == _ext.PROC_SECONDARY and process_alive(p.pid, p.start_time)]
+        alive = [
+            p
+            for p in processes(probe)
+            if p.state == _ext.PROC_SECONDARY and process_alive(p.pid, p.start_time)
+        ]
         del probe
         if not alive:
             return
         pids = ", ".join(str(p.pid) for p in alive)
         if self.options.take_over:
-            log.warning("taking over from dead primary pid %d: its secondaries %s keep the "
-                        "old memory until they detach", h.primary_pid, pids)
+            log.warning(
+                "taking over from dead primary pid %d: its secondaries %s keep the "
+                "old memory until they detach",
+                h.primary_pid,
+                pids,
+            )
             return
         raise InitError(
             f"the previous primary (pid {h.primary_pid}) of --file-prefix {self.prefix} died, "
             f"but {len(alive)} of its secondaries still run with its memory mapped (pid "
             f"{pids}); stop them (or let them detach), or start memd with --take-over to "
-            "leave them on the old memory (their next request fails with PrimaryNotRunning)")
+            "leave them on the old memory (their next request fails with PrimaryNotRunning)"
+        )
 
     @staticmethod
     def _pid_in(fd: int) -> int:
@@ -419,11 +471,14 @@ class Primary(Memory):
             size = dirs[0].page_size
             for sock, mb in want.items():
                 if sock not in info.nodes:
-                    raise InitError(f"--socket-mem asks for memory on socket {sock}, but this "
-                                    f"machine has NUMA nodes {list(info.nodes)}")
+                    raise InitError(
+                        f"--socket-mem asks for memory on socket {sock}, but this "
+                        f"machine has NUMA nodes {list(info.nodes)}"
+                    )
                 n = math.ceil(mb * MiB / size)
                 hugepage_info.require_free_pages(
-                    size, n, node=sock if len(info.nodes) > 1 else None, info=info)
+                    size, n, node=sock if len(info.nodes) > 1 else None, info=info
+                )
         plans = []
         for hd in sorted(dirs, key=lambda d: d.page_size):
             cap = max(1, min(_ext.MAX_PAGES_PER_LIST, MAX_LIST_BYTES // hd.page_size))
@@ -434,8 +489,9 @@ class Primary(Memory):
         return plans
 
     def _lists_of(self, socket_id: int) -> list[MemsegList]:
-        return sorted((m for m in self._lists if m.socket_id == socket_id),
-                      key=lambda m: m.page_size)
+        return sorted(
+            (m for m in self._lists if m.socket_id == socket_id), key=lambda m: m.page_size
+        )
 
     # --- pages -----------------------------------------------------------------
 
@@ -459,13 +515,15 @@ class Primary(Memory):
                 try:
                     # Populate hugepages now (fail here, not with SIGBUS later); shm
                     # pages fault in on first use like any other memory.
-                    addr = self._map_slot(msl, slot, fd=fd,
-                                          populate=self.pages.dirs[msl.index] != SHM_DIR)
+                    addr = self._map_slot(
+                        msl, slot, fd=fd, populate=self.pages.dirs[msl.index] != SHM_DIR
+                    )
                 finally:
                     os.close(fd)
                 flags = _ext.SEG_F_PREALLOC if prealloc else 0
-                _ext.msl_set_page(self.window, msl.index, slot, self._page_iova(addr),
-                                  msl.socket_id, flags)
+                _ext.msl_set_page(
+                    self.window, msl.index, slot, self._page_iova(addr), msl.socket_id, flags
+                )
                 if self.options.huge_unlink:
                     self.pages.remove(msl, slot)
         except (OSError, MemoryError) as e:
@@ -526,8 +584,11 @@ class Primary(Memory):
         msl = self._lists[0]
         want = self._requested_mb()
         info = hugepage_info.discover()
-        total = (math.ceil(sum(want.values()) * MiB / msl.page_size) if want
-                 else info.sizes[msl.page_size].available)
+        total = (
+            math.ceil(sum(want.values()) * MiB / msl.page_size)
+            if want
+            else info.sizes[msl.page_size].available
+        )
         total = min(total, msl.capacity // 2)
         temp: list[tuple[str, int, mmap.mmap]] = []
         try:
@@ -536,8 +597,9 @@ class Primary(Memory):
                 fd = create_file(path, self._mode, self._gid)
                 try:
                     os.ftruncate(fd, msl.page_size)
-                    mm = mmap.mmap(fd, msl.page_size, mmap.MAP_SHARED,
-                                   mmap.PROT_READ | mmap.PROT_WRITE)
+                    mm = mmap.mmap(
+                        fd, msl.page_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+                    )
                 finally:
                     os.close(fd)
                 mm[0:1] = b"\0"  # fault the page in so it has a frame
@@ -562,10 +624,12 @@ class Primary(Memory):
                     self._map_slot(target, slot, fd=fd)
                 finally:
                     os.close(fd)
-                iova = _ext.BAD_IOVA if phys[i] is None or self.iova_mode != _ext.IOVA_PA \
-                    else phys[i]
-                _ext.msl_set_page(self.window, target.index, slot, iova, target.socket_id,
-                                  _ext.SEG_F_PREALLOC)
+                iova = (
+                    _ext.BAD_IOVA if phys[i] is None or self.iova_mode != _ext.IOVA_PA else phys[i]
+                )
+                _ext.msl_set_page(
+                    self.window, target.index, slot, iova, target.socket_id, _ext.SEG_F_PREALLOC
+                )
                 if opts.huge_unlink:
                     self.pages.remove(target, slot)
                 prev[target.index] = phys[i]
@@ -586,8 +650,10 @@ class Primary(Memory):
         them, and only then let anyone allocate from them (the heap lock is held
         throughout).  Raises MemoryError when no pages can be had."""
         if self.options.legacy_mem:
-            raise MemdMemoryError("memd runs with --legacy-mem: all memory was mapped at "
-                                  "start; restart it with a larger -m")
+            raise MemdMemoryError(
+                "memd runs with --legacy-mem: all memory was mapped at "
+                "start; restart it with a larger -m"
+            )
         lists = self._lists_of(heap)
         if not lists:
             raise MemdMemoryError(f"socket {heap} has no memory lists")
@@ -598,12 +664,16 @@ class Primary(Memory):
                 n = math.ceil(need / msl.page_size)
                 cap = self.options.max_mem_mb * MiB
                 if cap and self._mapped_bytes() + n * msl.page_size > cap:
-                    errors.append(f"memd's --max-mem {self.options.max_mem_mb} MB is reached "
-                                  "(free memory or restart memd with a larger --max-mem)")
+                    errors.append(
+                        f"memd's --max-mem {self.options.max_mem_mb} MB is reached "
+                        "(free memory or restart memd with a larger --max-mem)"
+                    )
                     continue
                 if n > msl.capacity:
-                    errors.append(f"{n} pages of {hugepage_info.kb(msl.page_size)} exceed the "
-                                  f"list's {msl.capacity}")
+                    errors.append(
+                        f"{n} pages of {hugepage_info.kb(msl.page_size)} exceed the "
+                        f"list's {msl.capacity}"
+                    )
                     continue
                 _ext.heap_lock(self.window, heap)
                 try:
@@ -620,7 +690,8 @@ class Primary(Memory):
                         self._sync_secondaries()  # rollback: they unmap what they mapped
                         raise MemdMemoryError(
                             "heap expansion rolled back: secondary "
-                            + ", ".join(f"pid {p.pid} ({why})" for p, why in failures))
+                            + ", ".join(f"pid {p.pid} ({why})" for p, why in failures)
+                        )
                     _ext.heap_add_memory(self.window, heap, offset, n * msl.page_size)
                     log.debug("heap %d grew by %d x %d bytes", heap, n, msl.page_size)
                     return
@@ -644,8 +715,9 @@ class Primary(Memory):
                 try:
                     while True:
                         try:
-                            off, length = _ext.heap_find_free_pages(self.window, heap,
-                                                                    msl.page_size)
+                            off, length = _ext.heap_find_free_pages(
+                                self.window, heap, msl.page_size
+                            )
                         except OSError:
                             break
                         run = self._releasable_run(msl, off, length)
@@ -660,11 +732,15 @@ class Primary(Memory):
                         failures = self._sync_secondaries()
                         if failures:  # someone could not unmap: keep the pages
                             for slot in range(first, first + n):
-                                _ext.msl_set_page(self.window, msl.index, slot,
-                                                  self._page_iova(self.window.address + start),
-                                                  msl.socket_id, 0)
-                            _ext.heap_add_memory(self.window, heap, start, n * msl.page_size,
-                                                 True)
+                                _ext.msl_set_page(
+                                    self.window,
+                                    msl.index,
+                                    slot,
+                                    self._page_iova(self.window.address + start),
+                                    msl.socket_id,
+                                    0,
+                                )
+                            _ext.heap_add_memory(self.window, heap, start, n * msl.page_size, True)
                             self._sync_secondaries()
                             break
                         for slot in range(first, first + n):
@@ -724,8 +800,12 @@ class Primary(Memory):
         mempool caches, free its process slot, and record what it still held."""
         assert self.server is not None
         self.server.remove_peer(peer)
-        record: dict[str, Any] = {"pid": peer.pid, "slot": peer.slot, "time": time.time(),
-                                  "cached_objects_returned": 0}
+        record: dict[str, Any] = {
+            "pid": peer.pid,
+            "slot": peer.slot,
+            "time": time.time(),
+            "cached_objects_returned": 0,
+        }
         # Each step on its own: a structure that fails (say, a heap found broken)
         # must not stop the rest, nor the daemon.
         try:
@@ -739,8 +819,12 @@ class Primary(Memory):
         with contextlib.suppress(OSError):
             _ext.proc_unregister(self.window, peer.slot, peer.pid)
         self.reclaims.append(record)
-        log.warning("secondary pid %d (slot %d) died; reclaimed: %s", peer.pid, peer.slot,
-                    {k: v for k, v in record.items() if k not in ("pid", "slot", "time")})
+        log.warning(
+            "secondary pid %d (slot %d) died; reclaimed: %s",
+            peer.pid,
+            peer.slot,
+            {k: v for k, v in record.items() if k not in ("pid", "slot", "time")},
+        )
 
     def _held_by(self, pid: int) -> dict[str, Any]:
         """What a dead process still holds: objects out of mempools it took, heap
@@ -751,8 +835,12 @@ class Primary(Memory):
             if n:
                 in_hand[pool.name] = n
         own = self.heap_owners().get(pid, {})
-        out = {"mempool_objects_in_hand": in_hand, "heap_blocks": own.get("blocks", 0),
-               "heap_bytes": own.get("bytes", 0), "heap_freed": False}
+        out = {
+            "mempool_objects_in_hand": in_hand,
+            "heap_blocks": own.get("blocks", 0),
+            "heap_bytes": own.get("bytes", 0),
+            "heap_freed": False,
+        }
         if own.get("blocks") and self.options.reclaim_heap:
             self.free_owned_by(pid, force=True)
             out["heap_freed"] = True
@@ -780,16 +868,20 @@ class Primary(Memory):
         # every later processes() would fail to decode it
         name = name.replace("\0", "").encode()[:31].decode(errors="ignore")
         if version != PROTOCOL_VERSION:
-            return reply(msg["id"], errno.EPROTONOSUPPORT,
-                         f"protocol version {version} != primary's {PROTOCOL_VERSION}; "
-                         "use the same memd version on both sides")
+            return reply(
+                msg["id"],
+                errno.EPROTONOSUPPORT,
+                f"protocol version {version} != primary's {PROTOCOL_VERSION}; "
+                "use the same memd version on both sides",
+            )
         if not identity.startswith(b"sync-"):
             return reply(msg["id"], errno.EINVAL, "register from the sync socket")
         assert self.server is not None
         cred = self.server.current_cred
         if cred is not None and cred.pid != pid:
-            return reply(msg["id"], errno.EPERM,
-                         f"register names pid {pid} but was sent by pid {cred.pid}")
+            return reply(
+                msg["id"], errno.EPERM, f"register names pid {pid} but was sent by pid {cred.pid}"
+            )
         pidfd = watch_process(pid, start)
         if pidfd is None:
             return reply(msg["id"], errno.ESRCH, f"pid {pid} is not a live process")
@@ -803,20 +895,25 @@ class Primary(Memory):
         except OSError:
             self.prune_dead()
             try:
-                slot = _ext.proc_register(self.window, pid, start, _ext.PROC_SECONDARY,
-                                          name)
+                slot = _ext.proc_register(self.window, pid, start, _ext.PROC_SECONDARY, name)
             except OSError:
                 if pidfd >= 0:
                     os.close(pidfd)
-                return reply(msg["id"], errno.EUSERS,
-                             f"all {_ext.MAX_PROCS - 1} secondary slots are taken; detach "
-                             "unused processes")
+                return reply(
+                    msg["id"],
+                    errno.EUSERS,
+                    f"all {_ext.MAX_PROCS - 1} secondary slots are taken; detach unused processes",
+                )
         self.server.add_peer(Peer(identity, slot, pid, start, pidfd))
         log.info("secondary pid %d attached in slot %d", pid, slot)
         # Page directories travel here, from our own memory: a secondary never takes
         # a path from shared memory, which any attached process can write.
-        return reply(msg["id"], slot=slot, generation=self._header().mem_generation,
-                     page_dirs=sorted(self.pages.dirs.items()))
+        return reply(
+            msg["id"],
+            slot=slot,
+            generation=self._header().mem_generation,
+            page_dirs=sorted(self.pages.dirs.items()),
+        )
 
     def _on_unregister(self, identity: bytes, msg: dict[str, Any]) -> dict[str, Any]:
         """unregister {} -> {}: the secondary detaches; its slot is freed."""
@@ -843,8 +940,11 @@ class Primary(Memory):
         if align & (align - 1):  # what malloc and memzone_reserve accept, nothing else
             return reply(msg["id"], errno.EINVAL, f"'align' = {align} is not 0 or a power of two")
         if bound and (bound & (bound - 1) or bound < size):
-            return reply(msg["id"], errno.EINVAL,
-                         f"'bound' = {bound} is not 0 or a power of two >= 'size' {size}")
+            return reply(
+                msg["id"],
+                errno.EINVAL,
+                f"'bound' = {bound} is not 0 or a power of two >= 'size' {size}",
+            )
         contig = bool(msg.get("contig", False))
         if heap not in self.heap_ids():
             return reply(msg["id"], errno.EINVAL, f"no heap {heap}")
@@ -874,8 +974,7 @@ class Primary(Memory):
             return 0
         return self.server.poll_once(int(timeout * 1000))
 
-    def serve(self, stop: threading.Event, tick: float = 0.2,
-              on_tick: Any = None) -> None:
+    def serve(self, stop: threading.Event, tick: float = 0.2, on_tick: Any = None) -> None:
         """Serve until `stop` is set; `on_tick()` runs between polls."""
         last_prune = time.monotonic()
         while not stop.is_set():
@@ -945,9 +1044,12 @@ class Primary(Memory):
 def memory_summary(p: Primary) -> dict[str, Any]:
     """One line of state for SIGHUP and STATUS=."""
     info = p.info()
-    return {"prefix": info["prefix"], "mapped_mb": info["mapped_bytes"] >> 20,
-            "memzones": len(p.memzones()),
-            "secondaries": len(p.server.peers) if p.server else 0}
+    return {
+        "prefix": info["prefix"],
+        "mapped_mb": info["mapped_bytes"] >> 20,
+        "memzones": len(p.memzones()),
+        "secondaries": len(p.server.peers) if p.server else 0,
+    }
 
 
 __all__ = ["AlreadyRunning", "InitError", "Options", "Primary", "memory_summary"]

@@ -67,8 +67,7 @@ MAX_INSTANCES = 64  # how many ":N" sockets to try before giving up
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
-                      default=str)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=str)
 
 
 def _fit(value: Any, budget: int) -> str:
@@ -158,25 +157,33 @@ class TelemetryServer:
     socket's mode to ``0660``; ``socket_mode`` overrides the mode outright.
     """
 
-    def __init__(self, api: AdminAPI, runtime_dir: str, prefix: str = "rte", *,
-                 max_clients: int = MAX_CLIENTS, group: int | None = None,
-                 socket_mode: int | None = None, idle_timeout: float | None = 600.0,
-                 max_output_len: int = MAX_OUTPUT_LEN,
-                 policy: AccessPolicy | None = None) -> None:
+    def __init__(
+        self,
+        api: AdminAPI,
+        runtime_dir: str,
+        prefix: str = "rte",
+        *,
+        max_clients: int = MAX_CLIENTS,
+        group: int | None = None,
+        socket_mode: int | None = None,
+        idle_timeout: float | None = 600.0,
+        max_output_len: int = MAX_OUTPUT_LEN,
+        policy: AccessPolicy | None = None,
+    ) -> None:
         self.api = api
         self.runtime_dir = runtime_dir
         self.prefix = prefix
         self.max_clients = max_clients
         self.group = group
-        self.socket_mode = socket_mode if socket_mode is not None else (
-            0o660 if group is not None else 0o600)
+        self.socket_mode = (
+            socket_mode if socket_mode is not None else (0o660 if group is not None else 0o600)
+        )
         self.idle_timeout = idle_timeout
         self.max_output_len = max_output_len
         self.policy = policy or AccessPolicy(gid=group)
         self.path: str | None = None
         self.instance = -1
-        self.counters = {"clients": 0, "connections": 0, "requests": 0, "refused": 0,
-                         "errors": 0}
+        self.counters = {"clients": 0, "connections": 0, "requests": 0, "refused": 0, "errors": 0}
         self._listener: socket.socket | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -198,10 +205,12 @@ class TelemetryServer:
         # <runtime>/dpdk/<prefix> get the socket's group/other search bits (never
         # write: only we create there); <runtime>/dpdk, shared with other instances
         # and DPDK apps, is only ever widened
-        dir_mode = (0o700 | (0o050 if self.socket_mode & 0o060 else 0)
-                    | (0o005 if self.socket_mode & 0o006 else 0))
-        ensure_dir(os.path.dirname(directory), 0o711 if dir_mode & 0o055 else 0o700,
-                   shared=True)
+        dir_mode = (
+            0o700
+            | (0o050 if self.socket_mode & 0o060 else 0)
+            | (0o005 if self.socket_mode & 0o006 else 0)
+        )
+        ensure_dir(os.path.dirname(directory), 0o711 if dir_mode & 0o055 else 0o700, shared=True)
         ensure_dir(directory, dir_mode, self.group)
         self._listener, self.path, self.instance = self._bind(directory)
         st = os.stat(self.path)
@@ -228,8 +237,7 @@ class TelemetryServer:
                 sock.close()
                 if exc.errno == errno.EADDRINUSE:  # lost a race with another server
                     continue
-                raise OSError(exc.errno, f"cannot bind admin socket: {exc.strerror}",
-                              path) from exc
+                raise OSError(exc.errno, f"cannot bind admin socket: {exc.strerror}", path) from exc
             try:
                 os.chmod(path, self.socket_mode)
                 if self.group is not None:
@@ -242,9 +250,11 @@ class TelemetryServer:
                 raise
             sock.setblocking(False)
             return sock, path, instance
-        raise OSError(errno.EADDRINUSE,
-                      f"{MAX_INSTANCES} live admin sockets already in {directory}",
-                      telemetry_path(self.prefix, self.runtime_dir))
+        raise OSError(
+            errno.EADDRINUSE,
+            f"{MAX_INSTANCES} live admin sockets already in {directory}",
+            telemetry_path(self.prefix, self.runtime_dir),
+        )
 
     def stop(self) -> None:
         """Stop serving, close every client and remove the socket file (if still ours)."""
@@ -351,8 +361,13 @@ class TelemetryServer:
                 conn.send(_dumps({"error": f"memd: {reason}"}).encode())
             conn.close()
             return
-        greeting = _dumps({"version": self.api.version, "pid": self.api.pid,
-                           "max_output_len": self.max_output_len}).encode()
+        greeting = _dumps(
+            {
+                "version": self.api.version,
+                "pid": self.api.pid,
+                "max_output_len": self.max_output_len,
+            }
+        ).encode()
         try:
             conn.send(greeting[:MAX_GREETING])
         except OSError:
@@ -443,12 +458,15 @@ class TelemetryClient:
             self.sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             self.sock.close()
-            raise PrimaryNotRunning(f"no memd admin socket at {path}: start memd, or check "
-                                    "--file-prefix/--runtime-dir") from exc
+            raise PrimaryNotRunning(
+                f"no memd admin socket at {path}: start memd, or check --file-prefix/--runtime-dir"
+            ) from exc
         except PermissionError as exc:
             self.sock.close()
-            raise PermissionDenied(f"cannot connect to {path}: permission denied; run as "
-                                   "the daemon's user, root, or its group") from exc
+            raise PermissionDenied(
+                f"cannot connect to {path}: permission denied; run as "
+                "the daemon's user, root, or its group"
+            ) from exc
         except OSError as exc:
             self.sock.close()
             raise PrimaryNotRunning(f"cannot connect to {path}: {exc.strerror}") from exc

@@ -27,8 +27,9 @@ class FakeMemzone:
 
 
 class FakeMemory(RingMixin, MempoolMixin):
-    def __init__(self, window: _ext.Window, monkeypatch: pytest.MonkeyPatch,
-                 proc_slot: int = 0) -> None:
+    def __init__(
+        self, window: _ext.Window, monkeypatch: pytest.MonkeyPatch, proc_slot: int = 0
+    ) -> None:
         self.window = window
         self.proc_slot = proc_slot
         self.next_offset = 2 << 20
@@ -40,8 +41,15 @@ class FakeMemory(RingMixin, MempoolMixin):
         monkeypatch.setattr(_ext, "object_remove", self._object_remove, raising=False)
 
     # memzones
-    def memzone_reserve(self, name: str, length: int, socket_id: int = -1, flags: int = 0,
-                        align: int = 64, bound: int = 0) -> FakeMemzone:
+    def memzone_reserve(
+        self,
+        name: str,
+        length: int,
+        socket_id: int = -1,
+        flags: int = 0,
+        align: int = 64,
+        bound: int = 0,
+    ) -> FakeMemzone:
         if name in self.zones:
             raise FileExistsError(errno.EEXIST, f"memzone {name} exists")
         off = (self.next_offset + align - 1) // align * align
@@ -60,8 +68,9 @@ class FakeMemory(RingMixin, MempoolMixin):
         self.freed.append(mz.name)
 
     # the shared object directory
-    def _object_add(self, win: _ext.Window, name: str, type_: int, mz_id: int, offset: int,
-                    pid: int) -> int:
+    def _object_add(
+        self, win: _ext.Window, name: str, type_: int, mz_id: int, offset: int, pid: int
+    ) -> int:
         assert win is self.window
         if any(o[0] == name and o[1] == type_ for o in self.objects.values()):
             raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))

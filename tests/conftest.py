@@ -19,9 +19,9 @@ import pytest
 class HugepageEnv(NamedTuple):
     """What ``require_hugepages`` found: the default size's mount and free pages."""
 
-    mount: str          #: a writable hugetlbfs mount point of the default page size
-    page_size: int      #: bytes (the kernel's default hugepage size)
-    free: int           #: HugePages_Free - HugePages_Rsvd when the fixture ran
+    mount: str  #: a writable hugetlbfs mount point of the default page size
+    page_size: int  #: bytes (the kernel's default hugepage size)
+    free: int  #: HugePages_Free - HugePages_Rsvd when the fixture ran
 
     def need(self, pages: int) -> None:
         """Skip (or fail, under MEMD_REQUIRE_HUGEPAGES=1) unless `pages` are free."""
@@ -108,7 +108,6 @@ def daemon_factory(tmp_path, mode):
             d.stop()
     for prefix in {d.prefix for d in started}:  # a primary killed on purpose leaves pages
         remove_leftover_pages(prefix)
-
 
 
 @pytest.fixture

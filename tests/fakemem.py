@@ -69,27 +69,77 @@ class FakeMem:
     def populated(cls, n_zones: int = 3, n_segs: int = 8) -> FakeMem:
         m = cls()
         page = 2 * MiB
-        m.segs = [{"list_index": 0, "slot": i, "offset": i * page, "iova": 0x100000000 + i * page,
-                   "length": page, "socket_id": 0, "page_size": page, "prealloc": i < 2}
-                  for i in range(n_segs)]
-        m.heaps = {0: {"heap_totalsz_bytes": n_segs * page, "heap_freesz_bytes": 5 * MiB,
-                       "heap_allocsz_bytes": n_segs * page - 5 * MiB,
-                       "greatest_free_size": 4 * MiB, "free_count": 2, "alloc_count": 7}}
-        m.zones = [FakeZone(i, f"zone_{i}", offset=i * 3 * MiB + 128, length=3 * MiB,
-                            iova=0x100000000 + i * 3 * MiB) for i in range(n_zones)]
-        m.ring_list = [FakeRing("rx", size=1024, count=10, flags=0),
-                       FakeRing("tx", size=512, count=0, flags=3)]
+        m.segs = [
+            {
+                "list_index": 0,
+                "slot": i,
+                "offset": i * page,
+                "iova": 0x100000000 + i * page,
+                "length": page,
+                "socket_id": 0,
+                "page_size": page,
+                "prealloc": i < 2,
+            }
+            for i in range(n_segs)
+        ]
+        m.heaps = {
+            0: {
+                "heap_totalsz_bytes": n_segs * page,
+                "heap_freesz_bytes": 5 * MiB,
+                "heap_allocsz_bytes": n_segs * page - 5 * MiB,
+                "greatest_free_size": 4 * MiB,
+                "free_count": 2,
+                "alloc_count": 7,
+            }
+        }
+        m.zones = [
+            FakeZone(
+                i,
+                f"zone_{i}",
+                offset=i * 3 * MiB + 128,
+                length=3 * MiB,
+                iova=0x100000000 + i * 3 * MiB,
+            )
+            for i in range(n_zones)
+        ]
+        m.ring_list = [
+            FakeRing("rx", size=1024, count=10, flags=0),
+            FakeRing("tx", size=512, count=0, flags=3),
+        ]
         m.pool_list = [FakePool("mbuf_pool", used=100)]
-        m.procs = [{"slot": 0, "pid": os.getpid(), "role": "primary", "start_time": 1,
-                    "attach_time": 1_700_000_000.5, "comm": "memd"},
-                   {"slot": 1, "pid": 4242, "role": "secondary", "start_time": 2,
-                    "attach_time": 1_700_000_100.0, "comm": "worker"}]
+        m.procs = [
+            {
+                "slot": 0,
+                "pid": os.getpid(),
+                "role": "primary",
+                "start_time": 1,
+                "attach_time": 1_700_000_000.5,
+                "comm": "memd",
+            },
+            {
+                "slot": 1,
+                "pid": 4242,
+                "role": "secondary",
+                "start_time": 2,
+                "attach_time": 1_700_000_100.0,
+                "comm": "worker",
+            },
+        ]
         return m
 
     def info(self) -> dict[str, Any]:
-        return {"prefix": self.prefix, "primary_pid": os.getpid(), "page_sizes": [2 * MiB],
-                "sockets": [0], "iova_mode": "VA", "no_huge": True, "legacy_mem": False,
-                "runtime_dir": "/tmp/x", "huge_dirs": [], "config_path": "/tmp/x/.fake_config"}
+        return {
+            "prefix": self.prefix,
+            "primary_pid": os.getpid(),
+            "page_sizes": [2 * MiB],
+            "sockets": [0],
+            "iova_mode": "VA",
+            "no_huge": True,
+            "legacy_mem": False,
+            "runtime_dir": "/tmp/x",
+            "huge_dirs": [],
+            "config_path": "/tmp/x/.fake_config",
+        }
 
     def heap_ids(self) -> list[int]:
         return sorted(self.heaps)

@@ -20,16 +20,33 @@ class FakeSys:
     def size_dir(self, size_kb: int, node: int | None = None) -> Path:
         if node is None:
             return self.sys / "kernel/mm/hugepages" / f"hugepages-{size_kb}kB"
-        return (self.sys / "devices/system/node" / f"node{node}" / "hugepages"
-                / f"hugepages-{size_kb}kB")
+        return (
+            self.sys
+            / "devices/system/node"
+            / f"node{node}"
+            / "hugepages"
+            / f"hugepages-{size_kb}kB"
+        )
 
-    def add_size(self, size_kb: int, nr: int = 0, *, free: int | None = None, resv: int = 0,
-                 surplus: int = 0, overcommit: int = 0) -> Path:
+    def add_size(
+        self,
+        size_kb: int,
+        nr: int = 0,
+        *,
+        free: int | None = None,
+        resv: int = 0,
+        surplus: int = 0,
+        overcommit: int = 0,
+    ) -> Path:
         d = self.size_dir(size_kb)
         d.mkdir(parents=True, exist_ok=True)
-        for name, val in (("nr_hugepages", nr), ("free_hugepages", nr if free is None else free),
-                          ("resv_hugepages", resv), ("surplus_hugepages", surplus),
-                          ("nr_overcommit_hugepages", overcommit)):
+        for name, val in (
+            ("nr_hugepages", nr),
+            ("free_hugepages", nr if free is None else free),
+            ("resv_hugepages", resv),
+            ("surplus_hugepages", surplus),
+            ("nr_overcommit_hugepages", overcommit),
+        ):
             (d / name).write_text(f"{val}\n")
         return d
 
@@ -52,16 +69,23 @@ class FakeSys:
 
     # -- /proc -----------------------------------------------------------------
     def set_meminfo(self, default_kb: int | None = 2048, total: int = 0, free: int = 0) -> None:
-        lines = ["MemTotal:       16000000 kB", "MemFree:         8000000 kB",
-                 f"HugePages_Total: {total:7d}", f"HugePages_Free:  {free:7d}",
-                 "HugePages_Rsvd:        0", "HugePages_Surp:        0"]
+        lines = [
+            "MemTotal:       16000000 kB",
+            "MemFree:         8000000 kB",
+            f"HugePages_Total: {total:7d}",
+            f"HugePages_Free:  {free:7d}",
+            "HugePages_Rsvd:        0",
+            "HugePages_Surp:        0",
+        ]
         if default_kb is not None:
             lines.append(f"Hugepagesize:    {default_kb:7d} kB")
         (self.proc / "meminfo").write_text("\n".join(lines) + "\n")
 
     def set_mounts(self, *lines: str) -> None:
-        base = ["sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0",
-                "proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0"]
+        base = [
+            "sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0",
+            "proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0",
+        ]
         (self.proc / "mounts").write_text("\n".join([*base, *lines]) + "\n")
 
     def add_mount(self, line: str) -> None:

@@ -21,8 +21,14 @@ _counter = itertools.count()
 
 
 class Daemon:
-    def __init__(self, tmp_path: Path, mode: str, *args: str, prefix: str | None = None,
-                 runtime_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        mode: str,
+        *args: str,
+        prefix: str | None = None,
+        runtime_dir: Path | None = None,
+    ) -> None:
         self.mode = mode
         self.prefix = prefix or f"t{os.getpid()}x{next(_counter)}"
         self.runtime_dir = runtime_dir or tmp_path / "run"
@@ -34,8 +40,18 @@ class Daemon:
         self._notify: socket.socket | None = None
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "memd", "--file-prefix", self.prefix,
-               "--runtime-dir", str(self.runtime_dir), "--log-level", "debug", *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "memd",
+            "--file-prefix",
+            self.prefix,
+            "--runtime-dir",
+            str(self.runtime_dir),
+            "--log-level",
+            "debug",
+            *self.args,
+        ]
         if self.mode == "nohuge":
             cmd.append("--no-huge")
         return cmd
@@ -120,45 +136,63 @@ def out(obj):
 """
 
 
-def run_secondary(daemon: Daemon, code: str, timeout: float = 60.0, check: bool = True,
-                  user: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_secondary(
+    daemon: Daemon, code: str, timeout: float = 60.0, check: bool = True, user: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `code` in a new Python process attached to `daemon` as `mem`."""
     prelude = SECONDARY_PRELUDE.replace("PREFIX", repr(daemon.prefix)).replace(
-        "RUNDIR", repr(str(daemon.runtime_dir)))
+        "RUNDIR", repr(str(daemon.runtime_dir))
+    )
     source = prelude + textwrap.dedent(code) + "\nmem.detach()\n"
     cmd = [sys.executable, "-c", source]
     if user:
         cmd = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
-        raise AssertionError(f"secondary failed ({proc.returncode}):\n{proc.stderr}\n"
-                             f"daemon log:\n{daemon.log_text()}")
+        raise AssertionError(
+            f"secondary failed ({proc.returncode}):\n{proc.stderr}\n"
+            f"daemon log:\n{daemon.log_text()}"
+        )
     return proc
 
 
-def start_secondary(daemon: Daemon, code: str = "", user: str | None = None,
-                    groups: str | None = None) -> subprocess.Popen[str]:
+def start_secondary(
+    daemon: Daemon, code: str = "", user: str | None = None, groups: str | None = None
+) -> subprocess.Popen[str]:
     """A secondary that runs `code`, prints READY and then waits for a line on
     stdin (or EOF) before it runs what follows `# then:` in `code`, and detaches.
     `user`/`groups` run it as another user (setpriv)."""
     first, _, then = textwrap.dedent(code).partition("# then:")
     prelude = SECONDARY_PRELUDE.replace("PREFIX", repr(daemon.prefix)).replace(
-        "RUNDIR", repr(str(daemon.runtime_dir)))
-    source = (prelude + first + "\nprint('READY', flush=True)\nsys.stdin.readline()\n"
-              + then + "\nmem.detach()\n")
+        "RUNDIR", repr(str(daemon.runtime_dir))
+    )
+    source = (
+        prelude
+        + first
+        + "\nprint('READY', flush=True)\nsys.stdin.readline()\n"
+        + then
+        + "\nmem.detach()\n"
+    )
     cmd = [sys.executable, "-c", source]
     if user:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={groups or 'nogroup'}",
-               *([f"--groups={groups}"] if groups else ["--clear-groups"]), *cmd]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+        cmd = [
+            "setpriv",
+            f"--reuid={user}",
+            f"--regid={groups or 'nogroup'}",
+            *([f"--groups={groups}"] if groups else ["--clear-groups"]),
+            *cmd,
+        ]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if line.strip() != "READY":
         proc.kill()
         _, err = proc.communicate(timeout=10)
-        raise AssertionError(f"secondary did not get ready: {line!r}\n{err}\n"
-                             f"daemon log:\n{daemon.log_text()}")
+        raise AssertionError(
+            f"secondary did not get ready: {line!r}\n{err}\ndaemon log:\n{daemon.log_text()}"
+        )
     return proc
 
 
@@ -191,7 +225,8 @@ def remove_leftover_pages(prefix: str) -> None:
     with open("/proc/mounts", encoding="utf-8") as f:
         dirs += [line.split()[1] for line in f if line.split()[2:3] == ["hugetlbfs"]]
     for d in dirs:
-        for path in (glob.glob(os.path.join(d, glob.escape(prefix) + "map_*"))
-                     + glob.glob(os.path.join(d, glob.escape(prefix) + ".memd-lock"))):
+        for path in glob.glob(os.path.join(d, glob.escape(prefix) + "map_*")) + glob.glob(
+            os.path.join(d, glob.escape(prefix) + ".memd-lock")
+        ):
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -29,13 +29,17 @@ from typing import Any
 import pytest
 from memd_harness import Daemon, remove_leftover_pages, result, run_secondary
 
-GROUP = 4242          # a gid with no /etc/group entry: --group takes numbers
+GROUP = 4242  # a gid with no /etc/group entry: --group takes numbers
 NOBODY = "nobody"
 NOBODY_UID = 65534
 REPO = Path(__file__).resolve().parents[1]
 # nobody's processes must find memd and memd_client whatever the install looks like
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    p for p in (str(REPO), str(REPO / "client"), os.environ.get("PYTHONPATH", "")) if p)}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), str(REPO / "client"), os.environ.get("PYTHONPATH", "")) if p
+    ),
+}
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
 
@@ -51,15 +55,23 @@ def as_nobody(cmd: list[str], groups: int | None) -> list[str]:
     return ["setpriv", f"--reuid={NOBODY}", "--regid=nogroup", *extra, *cmd]
 
 
-def run_nobody(args: list[str], groups: int | None = None,
-               timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_nobody(
+    args: list[str], groups: int | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     """Run `python args...` as nobody (setpriv execs the interpreter directly)."""
-    return subprocess.run(as_nobody([sys.executable, *args], groups), env=ENV,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        as_nobody([sys.executable, *args], groups),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
-def py_nobody(code: str, groups: int | None = None,
-              timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def py_nobody(
+    code: str, groups: int | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     return run_nobody(["-c", textwrap.dedent(code)], groups, timeout)
 
 
@@ -67,8 +79,10 @@ def last_json(proc: subprocess.CompletedProcess[str]) -> object:
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise AssertionError(f"no RESULT from {proc.args[-1][:60]!r} (rc {proc.returncode}):\n"
-                         f"{proc.stdout}\n{proc.stderr}")
+    raise AssertionError(
+        f"no RESULT from {proc.args[-1][:60]!r} (rc {proc.returncode}):\n"
+        f"{proc.stdout}\n{proc.stderr}"
+    )
 
 
 def shared_tmp_dir(mode: int) -> Path:
@@ -151,10 +165,14 @@ def check_paths(d: Daemon, grouped: bool, min_pages: int) -> None:
     bad = []
     for rel, (kind, mode, gid) in want.items():
         st = got[rel]
-        if (stat.S_IFMT(st.st_mode) != kind or stat.S_IMODE(st.st_mode) != mode
-                or st.st_uid != 0 or (gid is not None and st.st_gid != gid)
-                or st.st_mode & stat.S_IWOTH
-                or (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWGRP)):
+        if (
+            stat.S_IFMT(st.st_mode) != kind
+            or stat.S_IMODE(st.st_mode) != mode
+            or st.st_uid != 0
+            or (gid is not None and st.st_gid != gid)
+            or st.st_mode & stat.S_IWOTH
+            or (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWGRP)
+        ):
             bad.append(f"{rel}: {describe(st)}, want {mode:o} gid {gid}")
     pages = page_files(d.prefix)
     where = "/dev/shm" if d.mode == "nohuge" else None
@@ -165,9 +183,12 @@ def check_paths(d: Daemon, grouped: bool, min_pages: int) -> None:
         in_shm = os.path.dirname(p) == "/dev/shm"
         if (where == "/dev/shm") != in_shm:
             bad.append(f"{p}: in the wrong directory for {d.mode}")
-        if (not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != want[
-                f".{d.prefix}_config"][1] or st.st_uid != 0
-                or st.st_gid != (GROUP if grouped else 0)):
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or stat.S_IMODE(st.st_mode) != want[f".{d.prefix}_config"][1]
+            or st.st_uid != 0
+            or st.st_gid != (GROUP if grouped else 0)
+        ):
             bad.append(f"{p}: {describe(st)}")
     assert not bad, "\n".join(bad)
 
@@ -200,23 +221,30 @@ class Member:
 
     def __init__(self, d: Daemon, groups: int | None, timeout: float = 30.0) -> None:
         code = textwrap.dedent(self.CODE).format(prefix=d.prefix, rundir=str(d.runtime_dir))
-        self.proc = subprocess.Popen(as_nobody([sys.executable, "-c", code], groups),
-                                     env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            as_nobody([sys.executable, "-c", code], groups),
+            env=ENV,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline() if ready else ""
         if not line.startswith("RESULT "):
             self.proc.kill()
             _, err = self.proc.communicate(timeout=10)
-            raise AssertionError(f"member secondary failed: {line!r}\n{err}\n"
-                                 f"daemon log:\n{d.log_text()}")
+            raise AssertionError(
+                f"member secondary failed: {line!r}\n{err}\ndaemon log:\n{d.log_text()}"
+            )
         self.result = json.loads(line[7:])
 
     def finish(self, timeout: float = 30.0) -> None:
         out, err = self.proc.communicate("go\n", timeout=timeout)
         assert self.proc.returncode == 0 and "DONE" in out, (
-            f"member exited {self.proc.returncode}:\n{err}")
+            f"member exited {self.proc.returncode}:\n{err}"
+        )
 
 
 @contextlib.contextmanager
@@ -240,8 +268,7 @@ print("ATTACHED")
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask022", "umask077"])
-def test_group_member_uses_everything(rundir: Path, daemon_factory: MakeDaemon,
-                                      mask: int) -> None:
+def test_group_member_uses_everything(rundir: Path, daemon_factory: MakeDaemon, mask: int) -> None:
     with umask(mask):
         d = daemon_factory("-m", "4", "--group", str(GROUP), runtime_dir=rundir)
     member = Member(d, groups=GROUP)
@@ -249,8 +276,18 @@ def test_group_member_uses_everything(rundir: Path, daemon_factory: MakeDaemon,
         assert member.result == {"ring": True, "pool": 64, "buf": "group"}
         # while the member holds its 24 MiB, the pages it made the primary map exist
         check_paths(d, grouped=True, min_pages=(24 << 20) // (2 << 20))
-        status = run_nobody(["-m", "memd.memctl", "--file-prefix", d.prefix,
-                             "--runtime-dir", str(rundir), "status"], groups=GROUP)
+        status = run_nobody(
+            [
+                "-m",
+                "memd.memctl",
+                "--file-prefix",
+                d.prefix,
+                "--runtime-dir",
+                str(rundir),
+                "status",
+            ],
+            groups=GROUP,
+        )
         assert status.returncode == 0, status.stderr
         assert d.prefix in status.stdout and "Traceback" not in status.stderr
     finally:
@@ -273,8 +310,9 @@ def test_outsider_is_refused_at_once(rundir: Path, daemon_factory: MakeDaemon) -
     assert str(d.config_path) in proc.stderr, proc.stderr
     assert elapsed < 3.0, f"refusal took {elapsed:.1f} s (attach timeout is 5 s)"
     # the admin socket refuses too (its directory is 0750 to the group)
-    status = run_nobody(["-m", "memd.memctl", "--file-prefix", d.prefix,
-                         "--runtime-dir", str(rundir), "status"])
+    status = run_nobody(
+        ["-m", "memd.memctl", "--file-prefix", d.prefix, "--runtime-dir", str(rundir), "status"]
+    )
     assert status.returncode != 0, status.stdout
     assert d.proc is not None and d.proc.poll() is None
 
@@ -282,8 +320,7 @@ def test_outsider_is_refused_at_once(rundir: Path, daemon_factory: MakeDaemon) -
 # --- 3. no --group: owner only --------------------------------------------------------
 
 
-def test_without_group_everything_is_private(rundir: Path,
-                                             daemon_factory: MakeDaemon) -> None:
+def test_without_group_everything_is_private(rundir: Path, daemon_factory: MakeDaemon) -> None:
     with umask(0o022):  # a permissive umask must not leak into memd's modes
         d = daemon_factory("-m", "4", runtime_dir=rundir)
     grow = run_secondary(d, "b = mem.malloc(12 << 20)\nout({'n': len(mem.heap_ids())})\n")
@@ -308,8 +345,10 @@ def test_non_root_daemon_cannot_use_root_dirs(require_hugepages: Any, rundir: Pa
     own = shared_tmp_dir(0o755)
     try:
         os.chown(own, NOBODY_UID, -1)
-        proc = run_nobody(["-m", "memd", "--file-prefix", prefix, "--runtime-dir", str(own),
-                           "--huge-dir", mount], timeout=60)
+        proc = run_nobody(
+            ["-m", "memd", "--file-prefix", prefix, "--runtime-dir", str(own), "--huge-dir", mount],
+            timeout=60,
+        )
         assert proc.returncode == 1, proc.stderr
         assert f"cannot write to {mount}" in proc.stderr, proc.stderr
         assert "Permission denied" in proc.stderr and "Traceback" not in proc.stderr
@@ -321,8 +360,10 @@ def test_non_root_daemon_cannot_use_root_dirs(require_hugepages: Any, rundir: Pa
     # a root-owned runtime dir (0755): nobody can neither create files in it nor in
     # a new subdirectory of it
     for target in (rundir, rundir / "sub"):
-        proc = run_nobody(["-m", "memd", "--file-prefix", prefix, "--runtime-dir",
-                           str(target), "--no-huge"], timeout=60)
+        proc = run_nobody(
+            ["-m", "memd", "--file-prefix", prefix, "--runtime-dir", str(target), "--no-huge"],
+            timeout=60,
+        )
         assert proc.returncode == 1, proc.stderr
         assert "cannot create" in proc.stderr and str(target) in proc.stderr, proc.stderr
         assert "permission denied" in proc.stderr.lower() and "Traceback" not in proc.stderr
@@ -346,18 +387,19 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int, int, bytes]]:
 
 SQUATS = {
     "config": "open(os.path.join(D, '.' + P + '_config'), 'w').write('evil');"
-              "os.chmod(os.path.join(D, '.' + P + '_config'), 0o666)",
+    "os.chmod(os.path.join(D, '.' + P + '_config'), 0o666)",
     "memd_dir": "os.mkdir(os.path.join(D, 'memd'), 0o777); os.chmod(os.path.join(D, 'memd'),"
-                " 0o777)",
+    " 0o777)",
     "memd_prefix_dir": "os.makedirs(os.path.join(D, 'memd', P)); "
-                       "[os.chmod(p, 0o777) for p in (os.path.join(D, 'memd'), "
-                       "os.path.join(D, 'memd', P))]",
+    "[os.chmod(p, 0o777) for p in (os.path.join(D, 'memd'), "
+    "os.path.join(D, 'memd', P))]",
 }
 
 
 @pytest.mark.parametrize("squat", sorted(SQUATS))
-def test_sticky_dir_squatter_is_ignored(sticky_dir: Path, daemon_factory: MakeDaemon,
-                                        squat: str) -> None:
+def test_sticky_dir_squatter_is_ignored(
+    sticky_dir: Path, daemon_factory: MakeDaemon, squat: str
+) -> None:
     d = daemon_factory("-m", "2", runtime_dir=sticky_dir, start=False)
     made = py_nobody(f"import os\nD, P = {str(sticky_dir)!r}, {d.prefix!r}\n{SQUATS[squat]}\n")
     assert made.returncode == 0, made.stderr
@@ -366,16 +408,22 @@ def test_sticky_dir_squatter_is_ignored(sticky_dir: Path, daemon_factory: MakeDa
     d.start()
     private = sticky_dir / "memd-0"
     st = os.lstat(private)
-    assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o700, \
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o700, (
         describe(st)
+    )
     cfg = private / f".{d.prefix}_config"
     assert os.stat(cfg).st_uid == 0
     # a root secondary given the sticky dir finds the daemon in memd-0
-    ans = result(run_secondary(d, """
+    ans = result(
+        run_secondary(
+            d,
+            """
         b = mem.malloc(6 << 20)
         b.buf[:2] = b"ok"
         out({"rundir": str(mem.rundir), "buf": bytes(b.buf[:2]).decode()})
-        """))
+        """,
+        )
+    )
     assert ans == {"rundir": str(private), "buf": "ok"}
     # nobody's files are as nobody left them, and memd put nothing beside them
     after = snapshot(sticky_dir)
@@ -395,25 +443,27 @@ def test_sticky_dir_squatter_is_ignored(sticky_dir: Path, daemon_factory: MakeDa
         except PermissionError as e:
             print("RESULT " + '"refused"')
         """)
-    assert [json.loads(x[7:]) for x in probe.stdout.splitlines()] == ["denied", "refused"], \
+    assert [json.loads(x[7:]) for x in probe.stdout.splitlines()] == ["denied", "refused"], (
         probe.stdout + probe.stderr
+    )
 
 
 @pytest.mark.parametrize("kind", ["dir", "open_dir", "symlink"])
-def test_sticky_dir_squatted_private_dir_is_refused(sticky_dir: Path,
-                                                    daemon_factory: MakeDaemon,
-                                                    kind: str) -> None:
+def test_sticky_dir_squatted_private_dir_is_refused(
+    sticky_dir: Path, daemon_factory: MakeDaemon, kind: str
+) -> None:
     d = daemon_factory("-m", "2", runtime_dir=sticky_dir, start=False)
     private = sticky_dir / "memd-0"
     decoy = shared_tmp_dir(0o755)  # root's, where a symlink would lead memd
     try:
-        make = {"dir": f"os.mkdir({str(private)!r}, 0o755)",
-                "open_dir": f"os.mkdir({str(private)!r}); os.chmod({str(private)!r}, 0o777)",
-                "symlink": f"os.symlink({str(decoy)!r}, {str(private)!r})"}[kind]
+        make = {
+            "dir": f"os.mkdir({str(private)!r}, 0o755)",
+            "open_dir": f"os.mkdir({str(private)!r}); os.chmod({str(private)!r}, 0o777)",
+            "symlink": f"os.symlink({str(decoy)!r}, {str(private)!r})",
+        }[kind]
         made = py_nobody(f"import os\n{make}\n")
         assert made.returncode == 0, made.stderr
-        proc = subprocess.run(d.command(), capture_output=True, text=True, timeout=60,
-                              check=False)
+        proc = subprocess.run(d.command(), capture_output=True, text=True, timeout=60, check=False)
         assert proc.returncode == 1, proc.stderr
         assert str(private) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         if kind != "symlink":
@@ -426,8 +476,9 @@ def test_sticky_dir_squatted_private_dir_is_refused(sticky_dir: Path,
         shutil.rmtree(decoy, ignore_errors=True)
 
 
-def test_sticky_dir_root_client_refuses_foreign_private_dir(sticky_dir: Path,
-                                                            tmp_path: Path) -> None:
+def test_sticky_dir_root_client_refuses_foreign_private_dir(
+    sticky_dir: Path, tmp_path: Path
+) -> None:
     """nobody runs a memd of its own in `<sticky>/memd-0` (a dir it made): a root
     client looking in the sticky dir for root's daemon must not attach to it."""
     private = sticky_dir / "memd-0"
@@ -436,25 +487,50 @@ def test_sticky_dir_root_client_refuses_foreign_private_dir(sticky_dir: Path,
     assert made.returncode == 0, made.stderr
     log_path = tmp_path / "nobody-memd.log"
     with open(log_path, "wb") as log:
-        fake = subprocess.Popen(as_nobody([sys.executable, "-m", "memd", "--file-prefix",
-                                           prefix, "--runtime-dir", str(private), "--no-huge",
-                                           "-m", "2", "--log-level", "info"], None),
-                                env=ENV, stdout=log, stderr=log)
+        fake = subprocess.Popen(
+            as_nobody(
+                [
+                    sys.executable,
+                    "-m",
+                    "memd",
+                    "--file-prefix",
+                    prefix,
+                    "--runtime-dir",
+                    str(private),
+                    "--no-huge",
+                    "-m",
+                    "2",
+                    "--log-level",
+                    "info",
+                ],
+                None,
+            ),
+            env=ENV,
+            stdout=log,
+            stderr=log,
+        )
     try:
         deadline = time.monotonic() + 30
         while "init took" not in log_path.read_text(errors="replace"):
             assert fake.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.05)
-        proc = subprocess.run([sys.executable, "-c", ATTACH.format(
-            prefix=prefix, rundir=str(sticky_dir))], capture_output=True, text=True,
-            timeout=60, check=False, env=ENV)
+        proc = subprocess.run(
+            [sys.executable, "-c", ATTACH.format(prefix=prefix, rundir=str(sticky_dir))],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=ENV,
+        )
         assert "ATTACHED" not in proc.stdout, (
-            f"a root client attached to nobody's daemon in {private}")
+            f"a root client attached to nobody's daemon in {private}"
+        )
         # UnsafePath (memd.files) is a memd.errors.PermissionDenied
         assert proc.returncode != 0, proc.stderr
-        assert re.search(r"memd\.(errors|files)\.(PermissionDenied|UnsafePath): ",
-                         proc.stderr), proc.stderr
+        assert re.search(r"memd\.(errors|files)\.(PermissionDenied|UnsafePath): ", proc.stderr), (
+            proc.stderr
+        )
         assert str(private) in proc.stderr and "uid 65534 (nobody)" in proc.stderr, proc.stderr
     finally:
         fake.send_signal(signal.SIGTERM)
@@ -503,11 +579,11 @@ out({"ok": all(bytes(b.buf[:4]) == b"mine" for b in blocks)})
 
 
 @pytest.mark.parametrize("mode", ["huge"], indirect=True)
-def test_rewritten_page_dir_is_not_followed(rundir: Path, daemon_factory: MakeDaemon,
-                                            require_hugepages: Any) -> None:
+def test_rewritten_page_dir_is_not_followed(
+    rundir: Path, daemon_factory: MakeDaemon, require_hugepages: Any
+) -> None:
     mount = require_hugepages.mount
-    d = daemon_factory("-m", "4", "--group", str(GROUP), "--huge-dir", mount,
-                       runtime_dir=rundir)
+    d = daemon_factory("-m", "4", "--group", str(GROUP), "--huge-dir", mount, runtime_dir=rundir)
     secret_dir = Path(tempfile.mkdtemp(prefix="memd-acc-root-", dir="/tmp"))  # 0700 root
     secret = secret_dir / "rootonly"
     content = b"ROOT ONLY, never written by memd\n" * 4096
@@ -516,8 +592,10 @@ def test_rewritten_page_dir_is_not_followed(rundir: Path, daemon_factory: MakeDa
     before = os.stat(secret)
     evil: str | None = None
     try:
-        rw = py_nobody(REWRITE.format(cfg=str(d.config_path), prefix=d.prefix, old=mount,
-                                      target=str(secret)), groups=GROUP)
+        rw = py_nobody(
+            REWRITE.format(cfg=str(d.config_path), prefix=d.prefix, old=mount, target=str(secret)),
+            groups=GROUP,
+        )
         assert rw.returncode == 0, rw.stderr
         ans = last_json(rw)
         evil = ans["dir"]
@@ -531,10 +609,14 @@ def test_rewritten_page_dir_is_not_followed(rundir: Path, daemon_factory: MakeDa
         after = os.stat(secret)
         assert secret.read_bytes() == content, "memd wrote a root-only file through a symlink"
         assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
-            before.st_size, before.st_mtime_ns, before.st_ino)
+            before.st_size,
+            before.st_mtime_ns,
+            before.st_ino,
+        )
         names = os.listdir(evil)
-        assert len(names) == 256 and all(os.path.islink(os.path.join(evil, n))
-                                         for n in names), "memd made files in the member's dir"
+        assert len(names) == 256 and all(os.path.islink(os.path.join(evil, n)) for n in names), (
+            "memd made files in the member's dir"
+        )
         assert d.proc is not None and d.proc.poll() is None, d.log_text()
         # memd's own pages are where they belong, and there are more of them now
         real = [p for p in page_files(d.prefix) if "map_" in p]
@@ -557,9 +639,24 @@ def test_prefixes_that_name_other_paths_are_refused(rundir: Path, prefix: str) -
     canary = rundir / "memd" / "CANARY"
     canary.parent.mkdir()
     canary.write_text("keep")
-    proc = subprocess.run([sys.executable, "-m", "memd", "--file-prefix", prefix,
-                           "--runtime-dir", str(rundir), "--no-huge", "-m", "2"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memd",
+            "--file-prefix",
+            prefix,
+            "--runtime-dir",
+            str(rundir),
+            "--no-huge",
+            "-m",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode in (1, 2), proc.stderr
     assert "file-prefix" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert canary.read_text() == "keep"
@@ -574,10 +671,24 @@ def test_runtime_dir_through_another_users_symlink_is_refused(sticky_dir: Path) 
     try:
         proc = run_nobody(["-c", f"import os; os.symlink({str(target)!r}, {str(link)!r})"])
         assert proc.returncode == 0, proc.stderr
-        proc = subprocess.run([sys.executable, "-m", "memd", "--file-prefix",
-                               f"sl{os.getpid()}", "--runtime-dir", str(link), "--no-huge",
-                               "-m", "2"], capture_output=True, text=True, timeout=60,
-                              check=False)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "memd",
+                "--file-prefix",
+                f"sl{os.getpid()}",
+                "--runtime-dir",
+                str(link),
+                "--no-huge",
+                "-m",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert proc.returncode == 1, proc.stderr
         assert str(link) in proc.stderr and "uid 65534" in proc.stderr, proc.stderr
         assert list(target.iterdir()) == []
@@ -596,9 +707,13 @@ def test_clean_trusts_a_lock_file_only_for_its_owners_files() -> None:
     try:
         proc = run_nobody(["-c", f"open({str(lock)!r}, 'w').close()"])
         assert proc.returncode == 0, proc.stderr
-        proc = subprocess.run([sys.executable, "-m", "memd.memctl", "hugepages", "--clean",
-                               "--json"], capture_output=True, text=True, timeout=60,
-                              check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "memd.memctl", "hugepages", "--clean", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stderr
         report = json.loads(proc.stdout)
         assert str(page) not in {r["path"] for r in report["removed"]}
@@ -615,9 +730,24 @@ def test_a_squatted_page_name_refuses_the_start_naming_its_owner(rundir: Path) -
     proc = run_nobody(["-c", f"open({str(squat)!r}, 'w').close()"])
     assert proc.returncode == 0, proc.stderr
     try:
-        proc = subprocess.run([sys.executable, "-m", "memd", "--file-prefix", prefix,
-                               "--runtime-dir", str(rundir), "--no-huge", "-m", "2"],
-                              capture_output=True, text=True, timeout=60, check=False)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "memd",
+                "--file-prefix",
+                prefix,
+                "--runtime-dir",
+                str(rundir),
+                "--no-huge",
+                "-m",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert proc.returncode == 1, proc.stderr
         assert str(squat) in proc.stderr and "uid 65534" in proc.stderr, proc.stderr
         assert squat.exists() and squat.stat().st_uid == NOBODY_UID

@@ -38,5 +38,4 @@ def test_kill9_rounds_lose_nothing_and_wedge_nothing(daemon_factory, mode) -> No
     # bulk (4) and a cache refill (2 x cache size 32); more would be a real loss
     assert st["max_dead_hand_objects"] <= 8 + 4 + 2 * 32
     # both blocked secondaries learned that the primary died (the table shows how fast)
-    assert all(isinstance(v, float) for v in st["primary_kill_ms"].values()), \
-        st["primary_kill_ms"]
+    assert all(isinstance(v, float) for v in st["primary_kill_ms"].values()), st["primary_kill_ms"]

@@ -40,8 +40,9 @@ def test_ready_means_attachable_and_config_layout(daemon: Daemon) -> None:
 
 def test_second_primary_is_refused(daemon_factory) -> None:
     first = daemon_factory("-m", "4")
-    second = daemon_factory("-m", "4", prefix=first.prefix, runtime_dir=first.runtime_dir,
-                            start=False)
+    second = daemon_factory(
+        "-m", "4", prefix=first.prefix, runtime_dir=first.runtime_dir, start=False
+    )
     proc = subprocess.run(second.command(), check=False, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert first.prefix in proc.stderr and str(first.pid) in proc.stderr
@@ -80,11 +81,18 @@ def test_kill9_primary_then_new_primary_starts_clean(daemon_factory, tmp_path) -
         "    out('PrimaryNotRunning: ' + str(e))\n"
     )
     prelude_proc = subprocess.Popen(
-        [sys.executable, "-c",
-         "import json, memd_client as mc\n"
-         f"mem = mc.attach({old.prefix!r}, runtime_dir={str(old.runtime_dir)!r})\n"
-         "def out(o): print('RESULT ' + json.dumps(o), flush=True)\n" + code],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import json, memd_client as mc\n"
+            f"mem = mc.attach({old.prefix!r}, runtime_dir={str(old.runtime_dir)!r})\n"
+            "def out(o): print('RESULT ' + json.dumps(o), flush=True)\n" + code,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert prelude_proc.stdout.readline().strip() == "attached"
     files_before = _page_files(old)
     assert files_before
@@ -92,16 +100,14 @@ def test_kill9_primary_then_new_primary_starts_clean(daemon_factory, tmp_path) -
     # stale files are still there after kill -9 ...
     assert old.config_path.exists()
     # ... a new primary refuses to start under the old one's live secondary ...
-    refused = daemon_factory("-m", "8", prefix=old.prefix, runtime_dir=old.runtime_dir,
-                             start=False)
+    refused = daemon_factory("-m", "8", prefix=old.prefix, runtime_dir=old.runtime_dir, start=False)
     refused.start(wait=False)
     assert refused.proc.wait(30) == 1
     assert f"pid {prelude_proc.pid}" in refused.log_text()
     assert "--take-over" in refused.log_text()
     assert old.config_path.exists()  # and touched nothing
     # ... and with --take-over it cleans them up and starts
-    new = daemon_factory("-m", "8", "--take-over", prefix=old.prefix,
-                         runtime_dir=old.runtime_dir)
+    new = daemon_factory("-m", "8", "--take-over", prefix=old.prefix, runtime_dir=old.runtime_dir)
     assert "dead primary" in new.log_text()
     with new.attach() as mem:
         assert mem.info()["primary_pid"] == new.pid
@@ -192,7 +198,7 @@ def test_version_mismatch(tmp_path) -> None:
     data = bytearray(_ext.CONFIG_SIZE)
     data[0:8] = _ext.CONFIG_MAGIC.to_bytes(8, "little")
     off, size = _ext.LAYOUT["memd_config_header.layout_version"]
-    data[off:off + size] = (999).to_bytes(size, "little")
+    data[off : off + size] = (999).to_bytes(size, "little")
     cfg.write_bytes(bytes(data))
     with pytest.raises(mc.VersionMismatch, match="layout version 999"):
         mc.attach("old", runtime_dir=tmp_path, timeout=0.1)
@@ -208,15 +214,23 @@ def test_permission_denied_for_other_user(daemon: Daemon) -> None:
     assert "PermissionDenied" in proc.stderr
 
 
-@pytest.mark.parametrize("args, code, words", [
-    (["--bogus"], 2, "unrecognized"),
-    (["-m", "lots"], 2, "number of MB"),
-    (["--file-prefix", "a/b"], 1, "file-prefix"),
-    (["--huge-dir", "/nonexistent/dir"], 1, "huge-dir"),
-])
+@pytest.mark.parametrize(
+    "args, code, words",
+    [
+        (["--bogus"], 2, "unrecognized"),
+        (["-m", "lots"], 2, "number of MB"),
+        (["--file-prefix", "a/b"], 1, "file-prefix"),
+        (["--huge-dir", "/nonexistent/dir"], 1, "huge-dir"),
+    ],
+)
 def test_bad_usage_and_init_failures(tmp_path, args: list[str], code: int, words: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "memd", "--runtime-dir", str(tmp_path), *args],
-                          capture_output=True, text=True, timeout=30, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "memd", "--runtime-dir", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert proc.returncode == code, proc.stderr
     assert words in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -249,7 +263,10 @@ def test_huge_unlink_refuses_secondaries_clearly(daemon_factory) -> None:
 def test_a_forked_child_is_told_to_attach_again(daemon: Daemon) -> None:
     """ZeroMQ sockets do not survive fork(): a child that grows the heap through
     its parent's attachment gets a clear error at once (it used to spin)."""
-    res = result(run_secondary(daemon, """
+    res = result(
+        run_secondary(
+            daemon,
+            """
 import time
 r, w = os.pipe()
 child = os.fork()
@@ -265,7 +282,10 @@ if child == 0:
 os.waitpid(child, 0)
 secs, msg = os.read(r, 4096).decode().split(" ", 1)
 out({"secs": float(secs), "msg": msg, "parent": mem.malloc(64 << 20).size})
-""", timeout=60))
+""",
+            timeout=60,
+        )
+    )
     assert "forked" in res["msg"] and "attach" in res["msg"], res
     assert res["secs"] < 5
     assert res["parent"] >= 64 << 20  # the parent's attachment is unharmed

@@ -37,19 +37,24 @@ PAGES = 8  # the cap, in 2 MB pages
 @dataclass
 class Capped:
     daemon: Daemon
-    files: str          # glob of the daemon's page files
-    mount: str | None   # the hugetlbfs mount whose size= is the cap (None: --max-mem)
-    hint: str           # what the MemoryError must tell the user to do
+    files: str  # glob of the daemon's page files
+    mount: str | None  # the hugetlbfs mount whose size= is the cap (None: --max-mem)
+    hint: str  # what the MemoryError must tell the user to do
 
 
 def state(mem: Any, files: str, mount: str | None) -> dict[str, Any]:
     """Everything a failed expansion could leave behind (also run in secondaries)."""
     import glob
     import os
-    return {"files": len(glob.glob(files)),
-            "free_pages": os.statvfs(mount).f_bfree if mount else None,
-            "memsegs": mem.memsegs(), "mapped": mem.info()["mapped_bytes"],
-            "heap": mem.heap_stats(0), "zones": [z.name for z in mem.memzones()]}
+
+    return {
+        "files": len(glob.glob(files)),
+        "free_pages": os.statvfs(mount).f_bfree if mount else None,
+        "memsegs": mem.memsegs(),
+        "mapped": mem.info()["mapped_bytes"],
+        "heap": mem.heap_stats(0),
+        "zones": [z.name for z in mem.memzones()],
+    }
 
 
 def fills(pages: int) -> int:
@@ -73,8 +78,12 @@ def hugetlbfs_16m(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[st
         hugepages_unavailable("mounting a hugetlbfs needs root")
     mnt = tmp_path / "hp16m"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "hugetlbfs", "-o", f"pagesize=2M,size={2 * PAGES}M",
-                           "nodev", str(mnt)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["mount", "-t", "hugetlbfs", "-o", f"pagesize=2M,size={2 * PAGES}M", "nodev", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode:
         hugepages_unavailable(f"cannot mount a hugetlbfs: {proc.stderr.strip()}")
     try:
@@ -106,7 +115,11 @@ def capped(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Capped]:
 
 
 def test_secondary_mallocs_until_the_pages_run_out(capped: Capped) -> None:
-    res = result(run_secondary(capped.daemon, STATE + f"""
+    res = result(
+        run_secondary(
+            capped.daemon,
+            STATE
+            + f"""
 files, mount = {capped.files!r}, {capped.mount!r}
 start = state(mem, files, mount)
 blocks = []
@@ -124,7 +137,9 @@ freed = state(mem, files, mount)
 again = [mem.malloc(3 << 19) for _ in blocks]   # the pages are made again
 out({{"n": len(blocks), "type": type(error).__name__, "msg": str(error),
      "unchanged": before == after, "full": full, "start": start, "freed": freed}})
-"""))
+""",
+        )
+    )
     assert res["type"] == "MemdMemoryError" and capped.hint in res["msg"], res["msg"]
     assert res["unchanged"], "the failed malloc left something behind"
     # at least one block per page, at most what 16 MB can hold
@@ -154,7 +169,11 @@ def test_expansion_larger_than_what_remains_changes_nothing(capped: Capped) -> N
         assert state(mem, capped.files, capped.mount) == before
 
         # another process: the same failures, then a block that takes the last 3 pages
-        res = result(run_secondary(capped.daemon, STATE + f"""
+        res = result(
+            run_secondary(
+                capped.daemon,
+                STATE
+                + f"""
 files, mount = {capped.files!r}, {capped.mount!r}
 before = state(mem, files, mount)
 errors = []
@@ -169,7 +188,9 @@ full = state(mem, files, mount)
 mem.free(three)
 out({{"errors": errors, "unchanged": unchanged, "full": full,
      "after": state(mem, files, mount) == before}})
-"""))
+""",
+            )
+        )
         assert len(res["errors"]) == 2 and all(capped.hint in e for e in res["errors"]), res
         assert res["unchanged"] and res["after"], res
         assert res["full"]["files"] == PAGES and res["full"]["mapped"] == PAGES * 2 * MiB
@@ -193,8 +214,9 @@ def test_no_page_left_fails_at_start_with_the_cause(hugetlbfs_16m: str, tmp_path
     full = Daemon(tmp_path, "huge", "-m", str(2 * PAGES), "--huge-dir", hugetlbfs_16m).start()
     try:
         late = Daemon(tmp_path, "huge", "--huge-dir", hugetlbfs_16m)
-        proc = subprocess.run(late.command(), capture_output=True, text=True, timeout=60,
-                              check=False)
+        proc = subprocess.run(
+            late.command(), capture_output=True, text=True, timeout=60, check=False
+        )
         assert proc.returncode == 1, proc.stderr
         assert "size= limit" in proc.stderr and hugetlbfs_16m in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr

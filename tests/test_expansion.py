@@ -26,17 +26,26 @@ from memd.paths import mp_endpoint
 def _attached_waiter(d: Daemon) -> subprocess.Popen[str]:
     """A secondary that attaches, says so, and waits for a line on stdin."""
     p = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, memd_client as mc\n"
-         f"m = mc.attach({d.prefix!r}, runtime_dir={str(d.runtime_dir)!r})\n"
-         "print('attached', flush=True)\nsys.stdin.readline()\n"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, memd_client as mc\n"
+            f"m = mc.attach({d.prefix!r}, runtime_dir={str(d.runtime_dir)!r})\n"
+            "print('attached', flush=True)\nsys.stdin.readline()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert p.stdout is not None and p.stdout.readline().strip() == "attached"
     return p
 
 
 def test_secondary_expands_heap_and_another_process_reads_it(daemon: Daemon) -> None:
-    res = result(run_secondary(daemon, """
+    res = result(
+        run_secondary(
+            daemon,
+            """
         before = mem.heap_stats(0)["heap_totalsz_bytes"]
         blk = mem.malloc(30 << 20)          # 8 MB preallocated: must expand
         mv = memoryview(blk).cast("B")
@@ -44,7 +53,9 @@ def test_secondary_expands_heap_and_another_process_reads_it(daemon: Daemon) -> 
         mv[-1] = 0x77
         after = mem.heap_stats(0)["heap_totalsz_bytes"]
         out([blk.offset, blk.size, before, after])
-    """))
+    """,
+        )
+    )
     offset, size, before, after = res
     assert size >= 30 << 20 and after >= before + (30 << 20)
     with daemon.attach() as mem:
@@ -68,17 +79,27 @@ def test_four_secondaries_expand_concurrently_and_get_disjoint_memory(daemon: Da
         import sys; sys.stdin.readline()      # stay attached while the test checks
     """
     from memd_harness import SECONDARY_PRELUDE
+
     prelude = SECONDARY_PRELUDE.replace("PREFIX", repr(daemon.prefix)).replace(
-        "RUNDIR", repr(str(daemon.runtime_dir)))
+        "RUNDIR", repr(str(daemon.runtime_dir))
+    )
     import textwrap
-    procs = [subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(code)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for _ in range(4)]
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", prelude + textwrap.dedent(code)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     results = []
     for p in procs:
         line = p.stdout.readline()
         assert line.startswith("RESULT "), (line, daemon.log_text())
         import json
+
         results.extend(json.loads(line[7:]))
     spans = sorted((off, off + size, me) for off, size, me in results)
     for (_, end, _), (nxt, _, _) in itertools.pairwise(spans):
@@ -97,7 +118,10 @@ def test_unresponsive_secondary_makes_primary_roll_back(daemon_factory) -> None:
     victim = _attached_waiter(d)
     os.kill(victim.pid, signal.SIGSTOP)  # alive but cannot answer sync
     try:
-        res = result(run_secondary(d, """
+        res = result(
+            run_secondary(
+                d,
+                """
             total = mem.heap_stats(0)["heap_totalsz_bytes"]
             try:
                 mem.malloc(20 << 20)
@@ -105,7 +129,9 @@ def test_unresponsive_secondary_makes_primary_roll_back(daemon_factory) -> None:
             except MemoryError as e:
                 out([str(e), total, mem.heap_stats(0)["heap_totalsz_bytes"],
                      len(mem.memsegs())])
-        """))
+        """,
+            )
+        )
         assert "rolled back" in res[0] and str(victim.pid) in res[0], res
         assert res[1] == res[2], "heap grew although the expansion was rolled back"
         assert res[3] == 2  # only the 4 MB preallocated pages remain mapped
@@ -127,13 +153,18 @@ def test_long_rollback_reason_reaches_the_requester(daemon_factory) -> None:
     for v in victims:
         os.kill(v.pid, signal.SIGSTOP)
     try:
-        res = result(run_secondary(d, """
+        res = result(
+            run_secondary(
+                d,
+                """
             try:
                 mem.malloc(20 << 20)
                 out(["no error"])
             except Exception as e:
                 out([type(e).__name__, str(e)])
-        """))
+        """,
+            )
+        )
     finally:
         for v in victims:
             v.kill()
@@ -144,7 +175,10 @@ def test_long_rollback_reason_reaches_the_requester(daemon_factory) -> None:
 
 def test_exhaustion_raises_memoryerror_and_daemon_keeps_serving(daemon_factory) -> None:
     d = daemon_factory("-m", "4", "--max-mem", "40")  # 4 + 3 x 10 MB fit, 18 more do not
-    res = result(run_secondary(d, """
+    res = result(
+        run_secondary(
+            d,
+            """
         blocks = [mem.malloc(8 << 20) for _ in range(3)]
         try:
             mem.malloc(16 << 20)
@@ -155,7 +189,9 @@ def test_exhaustion_raises_memoryerror_and_daemon_keeps_serving(daemon_factory) 
             mem.free(b)
         again = mem.malloc(16 << 20)   # works again after the frees
         out([msg, again.size])
-    """))
+    """,
+        )
+    )
     assert "--max-mem" in res[0], res
     assert res[1] >= 16 << 20
     assert d.proc.poll() is None
@@ -166,13 +202,18 @@ def test_freeing_a_large_block_gives_pages_back(daemon_factory, mode: str) -> No
     d = daemon_factory("-m", "4")
     base_free = hugepages_free()
     pattern = f"/dev/{'shm' if mode == 'nohuge' else 'hugepages'}/{d.prefix}map_*"
-    res = result(run_secondary(d, f"""
+    res = result(
+        run_secondary(
+            d,
+            f"""
         import glob
         blk = mem.malloc(40 << 20)
         grown = len(glob.glob({pattern!r}))
         mem.free(blk)
         out([grown, len(glob.glob({pattern!r})), len(mem.memsegs())])
-    """))
+    """,
+        )
+    )
     grown, after, segs = res
     assert grown >= 22 and after == 2 and segs == 2, res
     if mode == "huge":
@@ -191,17 +232,19 @@ def test_malformed_messages_get_errors_and_change_nothing(daemon: Daemon) -> Non
         stats = mem.heap_stats(0)
         segs = mem.memsegs()
     cases = [
-        b"\xc1garbage",                                         # not msgpack
-        msgpack.packb([1, 2, 3]),                               # not a map
-        msgpack.packb({"id": 1}),                               # no type
-        msgpack.packb({"type": "alloc"}),                       # no id
-        msgpack.packb({"type": "alloc", "id": -1}),             # bad id
-        msgpack.packb({"type": "nonsense", "id": 2}),           # unknown type
-        msgpack.packb({"type": "alloc", "id": 3, "heap": 0, "size": 1 << 20,
-                       "align": 0, "bound": 0}),                # not registered
+        b"\xc1garbage",  # not msgpack
+        msgpack.packb([1, 2, 3]),  # not a map
+        msgpack.packb({"id": 1}),  # no type
+        msgpack.packb({"type": "alloc"}),  # no id
+        msgpack.packb({"type": "alloc", "id": -1}),  # bad id
+        msgpack.packb({"type": "nonsense", "id": 2}),  # unknown type
+        msgpack.packb(
+            {"type": "alloc", "id": 3, "heap": 0, "size": 1 << 20, "align": 0, "bound": 0}
+        ),  # not registered
         msgpack.packb({"type": "register", "id": 4, "pid": "x"}),  # bad param type
-        msgpack.packb({"type": "register", "id": 5, "pid": 1, "start_time": 0,
-                       "version": 999}),                       # wrong version
+        msgpack.packb(
+            {"type": "register", "id": 5, "pid": 1, "start_time": 0, "version": 999}
+        ),  # wrong version
         msgpack.packb({"type": "ping", "id": 6, "pad": "x" * 5000}),  # over the limit
     ]
     for raw in cases:
@@ -222,7 +265,8 @@ def test_malformed_messages_get_errors_and_change_nothing(daemon: Daemon) -> Non
 
 def test_page_files_are_private(daemon: Daemon) -> None:
     files = glob.glob(f"/dev/hugepages/{daemon.prefix}map_*") + glob.glob(
-        f"/dev/shm/{daemon.prefix}map_*")
+        f"/dev/shm/{daemon.prefix}map_*"
+    )
     assert files
     for f in files:
         assert os.stat(f).st_mode & 0o777 == 0o600, f
@@ -268,9 +312,21 @@ def _refused_as_nobody(daemon: Daemon) -> None:
         "s.send(msgpack.packb({'type': 'ping', 'id': 1}))\n"
         "print(msgpack.unpackb(s.recv()))\n"
     )
-    proc = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                           sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=30, check=False)
+    proc = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "'status': 13" in proc.stdout and "permission denied" in proc.stdout, proc.stdout
     with daemon.attach() as mem:  # root is still served
@@ -283,8 +339,17 @@ def test_register_must_come_from_the_named_pid(daemon: Daemon) -> None:
     s.setsockopt(zmq.RCVTIMEO, 5000)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(mp_endpoint(daemon.prefix, daemon.runtime_dir))
-    s.send(msgpack.packb({"type": "register", "id": 1, "pid": daemon.pid, "start_time": 0,
-                          "version": PROTOCOL_VERSION}))
+    s.send(
+        msgpack.packb(
+            {
+                "type": "register",
+                "id": 1,
+                "pid": daemon.pid,
+                "start_time": 0,
+                "version": PROTOCOL_VERSION,
+            }
+        )
+    )
     ans = msgpack.unpackb(s.recv())
     s.close()
     assert ans["status"] != 0 and "sent by pid" in ans["reason"]

@@ -45,8 +45,13 @@ from memd.telemetry import TelemetryClient
 CASES = int(os.environ.get("MEMD_FUZZ_CASES", "10000"))  # per socket; fewer for a quick run
 CHECK_EVERY = 500
 REPLY_WAIT_MS = 10_000
-FUZZ = settings(max_examples=CASES, deadline=None, database=None, derandomize=True,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=CASES,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
 KNOWN = ("register", "unregister", "alloc", "shrink", "ping")
 U64 = 2**64 - 1
 I64 = -(2**63)  # msgpack holds ints in [I64, U64]
@@ -69,8 +74,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 def snapshot(daemon: Daemon) -> dict[str, Any]:
     """What a secondary and the admin socket can see of the daemon."""
-    with daemon.attach() as mem, TelemetryClient(
-            telemetry_path(daemon.prefix, str(daemon.runtime_dir))) as admin:
+    with (
+        daemon.attach() as mem,
+        TelemetryClient(telemetry_path(daemon.prefix, str(daemon.runtime_dir))) as admin,
+    ):
         stats = admin.query("/memd/stats")
         return {
             "info": {k: v for k, v in mem.info().items() if k != "proc_slot"},
@@ -82,8 +89,11 @@ def snapshot(daemon: Daemon) -> dict[str, Any]:
             "rings": [(r.name, r.count) for r in mem.rings()],
             "mempools": [(p.name, p.avail_count()) for p in mem.mempools()],
             "admin_errors": stats["admin_errors"],
-            "stats": {k: v for k, v in stats.items()
-                      if not k.startswith("admin_") and k not in ("processes", "secondaries")},
+            "stats": {
+                k: v
+                for k, v in stats.items()
+                if not k.startswith("admin_") and k not in ("processes", "secondaries")
+            },
         }
 
 
@@ -93,6 +103,7 @@ def every(n: int, check: Callable[[], None]) -> Callable[[], None]:
     def tick() -> None:
         if next(counter) % n == 0:
             check()
+
     return tick
 
 
@@ -106,6 +117,7 @@ def daemon_still_serves(daemon: Daemon) -> None:
 
 # -- the ZeroMQ socket -------------------------------------------------------------------
 
+
 def _nested(depth: int) -> list[Any]:
     v: list[Any] = []
     for _ in range(depth):
@@ -118,21 +130,42 @@ def _nested(depth: int) -> list[Any]:
 # map, 256 characters, no bin, str or bin map keys only, nesting.
 plain_values = st.recursive(
     st.none() | st.booleans() | st.integers(I64, U64) | st.floats() | st.text(max_size=20),
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids,
-                                                             max_size=4),
-    max_leaves=6)
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4)
+    ),
+    max_leaves=6,
+)
 msgpack_values = st.one_of(
-    plain_values, plain_values, plain_values,
+    plain_values,
+    plain_values,
+    plain_values,
     st.binary(min_size=1, max_size=8),
     st.integers(17, 300).map(lambda n: list(range(n))),
     st.integers(17, 100).map(lambda n: {f"k{i}": i for i in range(n)}),
-    st.dictionaries(st.integers(I64, U64) | st.floats(allow_nan=False), plain_values,
-                    min_size=1, max_size=3),
+    st.dictionaries(
+        st.integers(I64, U64) | st.floats(allow_nan=False), plain_values, min_size=1, max_size=3
+    ),
     st.integers(257, 2000).map(lambda n: "s" * n),
-    st.integers(2, 500).map(_nested))  # msgpack packs up to 511 levels
+    st.integers(2, 500).map(_nested),
+)  # msgpack packs up to 511 levels
 not_int = plain_values.filter(lambda v: not isinstance(v, int) or isinstance(v, bool))
-VOCAB = ["type", "id", "pid", "start_time", "version", "comm", "heap", "size", "align",
-         "bound", "contig", "generation", "status", "reason", "slot"]
+VOCAB = [
+    "type",
+    "id",
+    "pid",
+    "start_time",
+    "version",
+    "comm",
+    "heap",
+    "size",
+    "align",
+    "bound",
+    "contig",
+    "generation",
+    "status",
+    "reason",
+    "slot",
+]
 
 
 class _Fresh:
@@ -145,11 +178,11 @@ FRESH = _Fresh()  # stands for a new request id, filled in when the case is sent
 
 @dataclass
 class Case:
-    sender: str                   # which DEALER sends it (key of the sockets dict)
-    body: Any = None              # a msgpack value for the first frame
+    sender: str  # which DEALER sends it (key of the sockets dict)
+    body: Any = None  # a msgpack value for the first frame
     more: tuple[bytes, ...] = ()  # raw frames (after the body, if there is one)
-    tail: bytes = b""             # bytes after the body's msgpack
-    dup: bool = False             # send twice: a registered peer's second copy is EALREADY
+    tail: bytes = b""  # bytes after the body's msgpack
+    dup: bool = False  # send twice: a registered peer's second copy is EALREADY
 
     def frames(self, fresh: Callable[[], int]) -> list[bytes]:
         if self.body is None:
@@ -159,6 +192,7 @@ class Case:
             if isinstance(v, dict) and v.get("id") is FRESH:
                 return {**v, "id": fresh()}
             return [fill(v[0])] if isinstance(v, list) and len(v) == 1 else v
+
         return [msgpack.packb(fill(self.body), use_bin_type=True) + self.tail, *self.more]
 
 
@@ -176,60 +210,97 @@ def random_bytes(senders: list[str]) -> st.SearchStrategy[Case]:
             return _not_a_request(msgpack.unpackb(b))
         except Exception:
             return True
+
     frame = st.binary(max_size=600).filter(harmless) | st.integers(500, 4000).map(
-        lambda n: b"\x91" * n + b"\xc0")  # [[[...nil...]]], deeper than msgpack unpacks
+        lambda n: b"\x91" * n + b"\xc0"
+    )  # [[[...nil...]]], deeper than msgpack unpacks
     frames = frame.map(lambda f: (f,)) | st.lists(frame, min_size=2, max_size=3).map(tuple)
     return st.builds(Case, st.sampled_from(senders), more=frames)
 
 
 def random_values(senders: list[str]) -> st.SearchStrategy[Case]:
     maps = st.dictionaries(st.sampled_from(VOCAB), msgpack_values, max_size=6)
-    return st.builds(Case, st.sampled_from(senders), (msgpack_values | maps).filter(
-        lambda v: v is not None and _not_a_request(v)))
+    return st.builds(
+        Case,
+        st.sampled_from(senders),
+        (msgpack_values | maps).filter(lambda v: v is not None and _not_a_request(v)),
+    )
 
 
 @functools.cache
 def param_breakers(kind: str, pid: int, start: int) -> st.SearchStrategy[tuple]:
     """(key, value) or (key, None: drop it) that make `kind` invalid whatever else."""
+
     def bad(key: str, *values: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple]:
         return st.tuples(st.just(key), st.one_of(st.none(), not_int, *values))
+
     if kind == "register":
         return st.one_of(
-            bad("pid", st.integers(I64, 0), st.integers(2**31, U64),
-                st.integers(1, 2**31 - 1).filter(lambda p: p != pid),      # someone else
-                st.integers(1, 2**31 - 1).filter(lambda p: p != pid)),
-            bad("start_time", st.integers(I64, -1), st.integers(2**63 + 1, U64),
-                st.integers(1, 2**63).filter(lambda s: s != start)),       # a dead process
-            bad("version", st.integers(0, 2**31).filter(lambda v: v != PROTOCOL_VERSION),
-                st.integers(I64, -1)))                                     # another version
+            bad(
+                "pid",
+                st.integers(I64, 0),
+                st.integers(2**31, U64),
+                st.integers(1, 2**31 - 1).filter(lambda p: p != pid),  # someone else
+                st.integers(1, 2**31 - 1).filter(lambda p: p != pid),
+            ),
+            bad(
+                "start_time",
+                st.integers(I64, -1),
+                st.integers(2**63 + 1, U64),
+                st.integers(1, 2**63).filter(lambda s: s != start),
+            ),  # a dead process
+            bad(
+                "version",
+                st.integers(0, 2**31).filter(lambda v: v != PROTOCOL_VERSION),
+                st.integers(I64, -1),
+            ),
+        )  # another version
     if kind == "alloc":
         non_pow2 = st.integers(3, 2**30).filter(lambda a: a & (a - 1))
         return st.one_of(
-            bad("heap", st.integers(I64, -1), st.integers(8, U64),
-                st.integers(1, 7)),                                        # only heap 0 exists
+            bad(
+                "heap", st.integers(I64, -1), st.integers(8, U64), st.integers(1, 7)
+            ),  # only heap 0 exists
             bad("size", st.integers(I64, 0), st.integers(2**48 + 1, U64)),
             bad("align", st.integers(I64, -1), st.integers(2**30 + 1, U64), non_pow2),
-            bad("bound", st.integers(I64, -1), st.integers(2**48 + 1, U64), non_pow2,
-                st.sampled_from([64, 1024, 2048])))                        # smaller than size
+            bad(
+                "bound",
+                st.integers(I64, -1),
+                st.integers(2**48 + 1, U64),
+                non_pow2,
+                st.sampled_from([64, 1024, 2048]),
+            ),
+        )  # smaller than size
     if kind == "shrink":
         return bad("heap", st.integers(I64, -1), st.integers(8, U64), st.integers(1, 7))
     return st.nothing()
 
 
 ENVELOPE_BREAKERS = st.one_of(
-    st.tuples(st.just("type"), st.one_of(
-        st.none(), not_int, st.sampled_from(["reply", "sync", "shutdown", "PING", "", "alloc "]),
-        st.text(max_size=12).filter(lambda t: t not in KNOWN))),
-    st.tuples(st.just("id"), st.one_of(st.none(), not_int, st.integers(I64, -1),
-                                       st.integers(2**63, U64))))
+    st.tuples(
+        st.just("type"),
+        st.one_of(
+            st.none(),
+            not_int,
+            st.sampled_from(["reply", "sync", "shutdown", "PING", "", "alloc "]),
+            st.text(max_size=12).filter(lambda t: t not in KNOWN),
+        ),
+    ),
+    st.tuples(
+        st.just("id"), st.one_of(st.none(), not_int, st.integers(I64, -1), st.integers(2**63, U64))
+    ),
+)
 STRUCTURAL = st.sampled_from(["list", "tail", "frames", "oversize"])
-EXTRA_KEYS = st.dictionaries(st.text(min_size=1, max_size=8).map(lambda k: "x_" + k),
-                             plain_values, max_size=3)
+EXTRA_KEYS = st.dictionaries(
+    st.text(min_size=1, max_size=8).map(lambda k: "x_" + k), plain_values, max_size=3
+)
 # who sends each kind, the interesting senders first: register from a sync- socket
 # reaches its pid/start/version checks, alloc and shrink from a registered one theirs
-SENDERS = {"register": ["sync-ghost", "sync-ghost", "registered", "req-ghost", "anonymous"],
-           "alloc": ["registered", "registered", "registered", "req-ghost", "anonymous"],
-           "shrink": ["registered", "registered", "registered", "sync-ghost", "anonymous"]}
+SENDERS = {
+    "register": ["sync-ghost", "sync-ghost", "registered", "req-ghost", "anonymous"],
+    "alloc": ["registered", "registered", "registered", "req-ghost", "anonymous"],
+    "shrink": ["registered", "registered", "registered", "sync-ghost", "anonymous"],
+}
 
 
 @st.composite
@@ -239,20 +310,27 @@ def mutated_requests(draw: st.DrawFn, senders: list[str], pid: int, start: int) 
     kind = draw(st.sampled_from(KNOWN))
     sender = draw(st.sampled_from(SENDERS.get(kind, senders)))
     msg: dict[Any, Any] = {"type": kind, "id": FRESH}
-    msg.update({
-        "register": {"pid": pid, "start_time": start, "version": PROTOCOL_VERSION,
-                     "comm": "fuzz"},
-        "alloc": {"heap": 0, "size": 4096, "align": 0, "bound": 0, "contig": False},
-        "shrink": {"heap": 0},
-    }.get(kind, {}))
+    msg.update(
+        {
+            "register": {
+                "pid": pid,
+                "start_time": start,
+                "version": PROTOCOL_VERSION,
+                "comm": "fuzz",
+            },
+            "alloc": {"heap": 0, "size": 4096, "align": 0, "bound": 0, "contig": False},
+            "shrink": {"heap": 0},
+        }.get(kind, {})
+    )
     if kind == "alloc" and sender == "registered" and draw(st.integers(0, 3)) == 0:
         msg["size"] = draw(st.integers(2**35, 2**48))  # valid, and too big for any list
         msg["align"] = draw(st.sampled_from([0, 64, 4096, 2**30]))
         return Case(sender, msg, dup=draw(st.booleans()))
     # unregister/alloc/shrink from a stranger and register from a non-sync socket fail
     # by themselves; anything else needs at least one breaking mutation
-    inherent = ((kind in ("unregister", "alloc", "shrink") and sender != "registered")
-                or (kind == "register" and sender != "sync-ghost"))
+    inherent = (kind in ("unregister", "alloc", "shrink") and sender != "registered") or (
+        kind == "register" and sender != "sync-ghost"
+    )
     pool = param_breakers(kind, pid, start)
     if kind in ("ping", "unregister") or draw(st.integers(0, 3)) == 0:
         pool = pool | ENVELOPE_BREAKERS | STRUCTURAL
@@ -269,10 +347,10 @@ def mutated_requests(draw: st.DrawFn, senders: list[str], pid: int, start: int) 
     if "oversize" in shape:
         msg["x_pad"] = "x" * draw(st.integers(MAX_MESSAGE, 3 * MAX_MESSAGE))
     tail = draw(st.binary(min_size=1, max_size=8)) if "tail" in shape else b""
-    more = draw(st.lists(st.binary(max_size=64), min_size=1, max_size=3)) \
-        if "frames" in shape else []
-    return Case(sender, [msg] if "list" in shape else msg, tuple(more), tail,
-                draw(st.booleans()))
+    more = (
+        draw(st.lists(st.binary(max_size=64), min_size=1, max_size=3)) if "frames" in shape else []
+    )
+    return Case(sender, [msg] if "list" in shape else msg, tuple(more), tail, draw(st.booleans()))
 
 
 def expected(frames: list[bytes]) -> tuple[int, set[int]]:
@@ -285,14 +363,23 @@ def expected(frames: list[bytes]) -> tuple[int, set[int]]:
         return 0, {errno.EPROTO}
     if msg["type"] not in KNOWN:
         return msg["id"], {errno.EOPNOTSUPP}
-    return msg["id"], {errno.EINVAL, errno.EPERM, errno.ENOENT, errno.ESRCH, errno.EALREADY,
-                       errno.EPROTONOSUPPORT, errno.ENOMEM}
+    return msg["id"], {
+        errno.EINVAL,
+        errno.EPERM,
+        errno.ENOENT,
+        errno.ESRCH,
+        errno.EALREADY,
+        errno.EPROTONOSUPPORT,
+        errno.ENOMEM,
+    }
 
 
 def recv_reply(sock: zmq.Socket, daemon: Daemon, what: object) -> dict[str, Any]:
     if not sock.poll(REPLY_WAIT_MS, zmq.POLLIN):
-        pytest.fail(f"no reply in {REPLY_WAIT_MS // 1000} s to {what!r}; daemon log:\n"
-                    + daemon.log_text()[-3000:])
+        pytest.fail(
+            f"no reply in {REPLY_WAIT_MS // 1000} s to {what!r}; daemon log:\n"
+            + daemon.log_text()[-3000:]
+        )
     return msgpack.unpackb(sock.recv(), raw=False)
 
 
@@ -318,9 +405,12 @@ class Peers:
         channel.req.close(linger=0)
         self.daemon = daemon
         self.socks: dict[str, zmq.Socket] = {}
-        for key, identity in [("registered", b"req-" + channel.name.encode()),
-                              ("req-ghost", b"req-ghost"), ("sync-ghost", b"sync-ghost"),
-                              ("anonymous", None)]:
+        for key, identity in [
+            ("registered", b"req-" + channel.name.encode()),
+            ("req-ghost", b"req-ghost"),
+            ("sync-ghost", b"sync-ghost"),
+            ("anonymous", None),
+        ]:
             self._connect(key, identity)
 
     def _connect(self, key: str, identity: bytes | None) -> None:
@@ -372,25 +462,35 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("msg", REFUSED, ids=lambda m: f"{m['type']}-{len(m)}")
-def test_requests_no_client_makes_are_refused(daemon: Daemon, peers: Peers,
-                                              msg: dict[str, Any]) -> None:
+def test_requests_no_client_makes_are_refused(
+    daemon: Daemon, peers: Peers, msg: dict[str, Any]
+) -> None:
     before = snapshot(daemon)
     ans = peers.call("registered", msg)
     assert ans["status"] == errno.EINVAL and ans["reason"], ans
     assert snapshot(daemon) == before
 
 
-
-@pytest.mark.parametrize("comm, shown", [("\u00e9" * 31, "\u00e9" * 15), ("a\0b", "ab")],
-                         ids=["cut-utf8", "nul"])
+@pytest.mark.parametrize(
+    "comm, shown", [("\u00e9" * 31, "\u00e9" * 15), ("a\0b", "ab")], ids=["cut-utf8", "nul"]
+)
 def test_register_stores_a_comm_that_reads_back(daemon: Daemon, comm: str, shown: str) -> None:
     """The process table keeps 31 bytes of comm: "\u00e9" * 31 used to be cut inside a
     character, after which processes() raised for everyone (/memd/processes and
     /memd/stats answered null); a NUL in it made register fail with EIO."""
     s = dealer(daemon, b"sync-comm-%d" % len(comm))  # one identity per case: see Peers
-    s.send(_pack({"type": "register", "id": 1, "pid": os.getpid(),
-                  "version": PROTOCOL_VERSION,
-                  "start_time": proc_start_time(os.getpid()) or 0, "comm": comm}))
+    s.send(
+        _pack(
+            {
+                "type": "register",
+                "id": 1,
+                "pid": os.getpid(),
+                "version": PROTOCOL_VERSION,
+                "start_time": proc_start_time(os.getpid()) or 0,
+                "comm": comm,
+            }
+        )
+    )
     ans = recv_reply(s, daemon, comm)
     try:
         assert ans["status"] == 0, ans
@@ -416,6 +516,7 @@ def test_any_reply_reason_reaches_a_secondary(reason: str) -> None:
     assert back == reason if len(reason.encode()) <= MAX_REASON else reason.startswith(back)
 
 
+@pytest.mark.slow  # 10 000 messages: about a minute
 def test_zmq_socket_fuzz(daemon: Daemon, peers: Peers) -> None:
     senders = list(peers.socks)
     before = snapshot(daemon)
@@ -428,8 +529,14 @@ def test_zmq_socket_fuzz(daemon: Daemon, peers: Peers) -> None:
     me = os.getpid(), proc_start_time(os.getpid()) or 0
 
     @FUZZ
-    @given(case=st.one_of(random_bytes(senders), random_values(senders),  # half and half
-                          mutated_requests(senders, *me), mutated_requests(senders, *me)))
+    @given(
+        case=st.one_of(
+            random_bytes(senders),
+            random_values(senders),  # half and half
+            mutated_requests(senders, *me),
+            mutated_requests(senders, *me),
+        )
+    )
     @example(case=Case("registered", {**REFUSED[0], "id": FRESH}))  # what it found
     @example(case=Case("registered", {**REFUSED[1], "id": FRESH}))
     @example(case=Case("registered", {**REFUSED[2], "id": FRESH}))
@@ -495,8 +602,11 @@ def reply_key(packet: bytes) -> tuple[str, bool]:
         p = p.rstrip(b"\r\n")
     text = p.decode("utf-8", errors="replace")
     cmd = text.partition(",")[0]
-    ok = ("\ufffd" not in text and "\0" not in text
-          and re.fullmatch(r"/[A-Za-z0-9_/]{0,54}", cmd) is not None)
+    ok = (
+        "\ufffd" not in text
+        and "\0" not in text
+        and re.fullmatch(r"/[A-Za-z0-9_/]{0,54}", cmd) is not None
+    )
     return cmd[:56], ok
 
 
@@ -506,16 +616,22 @@ EDITS = st.one_of(
     st.tuples(st.just("delete"), st.integers(0, 60)),
     st.tuples(st.just("replace"), st.integers(0, 60), st.sampled_from("/,_aZ09 \0")),
     st.tuples(st.just("cut"), st.integers(0, 60)),
-    st.sampled_from([("upper",), ("slash",), ("double",), ("strip",)]))
+    st.sampled_from([("upper",), ("slash",), ("double",), ("strip",)]),
+)
 
 
 def _edit(cmd: str, e: tuple) -> str:
     i = e[1] % (len(cmd) + 1) if len(e) > 1 else 0
-    return {"insert": lambda: cmd[:i] + (e[2] if len(e) > 2 else "") + cmd[i:],
-            "delete": lambda: cmd[:i] + cmd[i + 1:], "cut": lambda: cmd[:i],
-            "replace": lambda: cmd[:i] + (e[2] if len(e) > 2 else "") + cmd[i + 1:],
-            "upper": cmd.upper, "slash": lambda: cmd + "/", "double": lambda: cmd + cmd,
-            "strip": lambda: cmd.lstrip("/")}[e[0]]()
+    return {
+        "insert": lambda: cmd[:i] + (e[2] if len(e) > 2 else "") + cmd[i:],
+        "delete": lambda: cmd[:i] + cmd[i + 1 :],
+        "cut": lambda: cmd[:i],
+        "replace": lambda: cmd[:i] + (e[2] if len(e) > 2 else "") + cmd[i + 1 :],
+        "upper": cmd.upper,
+        "slash": lambda: cmd + "/",
+        "double": lambda: cmd + cmd,
+        "strip": lambda: cmd.lstrip("/"),
+    }[e[0]]()
 
 
 @st.composite
@@ -526,34 +642,61 @@ def admin_packets(draw: st.DrawFn, commands: list[str], names: list[str]) -> byt
     cmd = draw(st.sampled_from(commands))
     for e in draw(st.lists(EDITS, max_size=3)) if draw(st.booleans()) else []:
         cmd = _edit(cmd, e)
-    param = draw(st.one_of(
-        st.none(), st.just(""),
-        st.integers(-(10**30), 10**30).map(str),
-        st.sampled_from(["0", "00", "+0", "-0", " 0", "0 ", "0x0", "1e3", "0.5", "\u0663",
-                         "\u00b2", "7", "4294967296", "9" * 400]),
-        st.sampled_from(names + commands),
-        st.tuples(st.sampled_from(names), EDITS).map(lambda t: _edit(*t)),
-        st.integers(28, 70).map(lambda n: "r" * n),          # around the 32 and 64 limits
-        st.text(max_size=40),
-        st.lists(st.sampled_from(["0", "", "x", "/"]), min_size=2, max_size=4).map(",".join)))
+    param = draw(
+        st.one_of(
+            st.none(),
+            st.just(""),
+            st.integers(-(10**30), 10**30).map(str),
+            st.sampled_from(
+                [
+                    "0",
+                    "00",
+                    "+0",
+                    "-0",
+                    " 0",
+                    "0 ",
+                    "0x0",
+                    "1e3",
+                    "0.5",
+                    "\u0663",
+                    "\u00b2",
+                    "7",
+                    "4294967296",
+                    "9" * 400,
+                ]
+            ),
+            st.sampled_from(names + commands),
+            st.tuples(st.sampled_from(names), EDITS).map(lambda t: _edit(*t)),
+            st.integers(28, 70).map(lambda n: "r" * n),  # around the 32 and 64 limits
+            st.text(max_size=40),
+            st.lists(st.sampled_from(["0", "", "x", "/"]), min_size=2, max_size=4).map(",".join),
+        )
+    )
     text = cmd if param is None else f"{cmd},{param}"
     text += draw(st.sampled_from(["", "", "", "\n", "\r\n", "\n\n", " "]))
     data = text.encode("utf-8", errors="surrogatepass")
     if draw(st.integers(0, 9)) == 0:  # a byte that is no UTF-8, or a NUL, somewhere
         i = draw(st.integers(0, len(data)))
-        data = data[:i] + draw(st.sampled_from([b"\xff", b"\xc3", b"\x00", b"\xed\xa0\x80"])) \
+        data = (
+            data[:i]
+            + draw(st.sampled_from([b"\xff", b"\xc3", b"\x00", b"\xed\xa0\x80"]))
             + data[i:]
+        )
     if draw(st.integers(0, 19)) == 0:  # longer than the 1023 bytes read
         data += b"a" * draw(st.integers(1000, 3000))
     return data
 
 
+@pytest.mark.slow  # 10 000 packets: about a minute
 def test_admin_socket_fuzz(daemon: Daemon) -> None:
     path = telemetry_path(daemon.prefix, str(daemon.runtime_dir))
     conns = [AdminConn(path), AdminConn(path)]
     commands = json.loads(conns[0].ask(b"/"))["/"]
-    no_params = [c for c in commands if "Takes no parameters" in
-                 json.loads(conns[0].ask(f"/help,{c}".encode()))["/help"][c]]
+    no_params = [
+        c
+        for c in commands
+        if "Takes no parameters" in json.loads(conns[0].ask(f"/help,{c}".encode()))["/help"][c]
+    ]
     names = ["fz_zone", "fz_ring", "fz_pool", "0", "1", "2"]
     before = snapshot(daemon)
 

@@ -295,7 +295,7 @@ def test_bounded_malloc():
     # 1000 bytes never crossing a 2 KiB boundary: moves to the next boundary
     sweep(w, lambda: _ext.heap_alloc(w, 0, 1000, 0, 2048))
     busy = [(o + HDR, ds) for o, _, st, ds in _ext.heap_walk(w, 0) if st == BUSY and ds == 1000]
-    (d, ds), = busy
+    ((d, ds),) = busy
     assert d // 2048 == (d + ds - 1) // 2048
     still_works(w)
 
@@ -520,8 +520,9 @@ def test_a_recovery_killed_halfway_is_redone():
 # --- when the journal cannot be trusted -------------------------------------------------
 
 
-def _die_holding_lock_with_journal(w: _ext.Window, entries: list[tuple[int, int]],
-                                   overflow: int = 0) -> None:
+def _die_holding_lock_with_journal(
+    w: _ext.Window, entries: list[tuple[int, int]], overflow: int = 0
+) -> None:
     def op() -> None:
         _ext.heap_lock(w, 0)
         for i, (off, old) in enumerate(entries):
@@ -569,8 +570,9 @@ def test_blocks_record_their_owner():
     b = m.malloc(100)
     assert b.owner_pid == os.getpid()
     owners = m.heap_owners()
-    assert owners == {os.getpid(): {"blocks": 1, "bytes": m.heap_stats()["heap_allocsz_bytes"],
-                                    "memzones": 0}}
+    assert owners == {
+        os.getpid(): {"blocks": 1, "bytes": m.heap_stats()["heap_allocsz_bytes"], "memzones": 0}
+    }
     m.free(b)
     assert b.owner_pid is None
     assert m.heap_owners() == {}
@@ -580,7 +582,7 @@ def test_realloc_tags_the_resizer():
     w = new_heap()
     a = _ext.heap_alloc(w, 0, 100)
     assert run_child(lambda: _ext.heap_realloc(w, 0, a, 200), 0) == 0  # in place
-    (pid, blocks, _, _), = _ext.heap_owners(w, 0)
+    ((pid, blocks, _, _),) = _ext.heap_owners(w, 0)
     assert pid != os.getpid() and blocks == 1
 
 
@@ -606,8 +608,15 @@ def test_free_owned_by_dead_children_and_pages_go_back():
     assert pages >= 8 * MiB
     mine = m.malloc(1000, socket_id=0)
     for n in (2, 3):
-        assert run_child(lambda n=n: [_ext.heap_alloc(w, 1, MiB) for _ in range(n)] +
-                         [_ext.heap_alloc(w, 0, 100)], 0) == 0
+        assert (
+            run_child(
+                lambda n=n: (
+                    [_ext.heap_alloc(w, 1, MiB) for _ in range(n)] + [_ext.heap_alloc(w, 0, 100)]
+                ),
+                0,
+            )
+            == 0
+        )
     owners = m.heap_owners()
     kids = sorted(p for p in owners if p != os.getpid())
     assert len(kids) == 2
@@ -638,7 +647,7 @@ def test_memzone_blocks_are_never_freed_by_owner():
         _ext.heap_alloc(w, 0, 100)
 
     assert run_child(child, 0) == 0
-    (pid, blocks, nbytes, zones), = _ext.heap_owners(w, 0)
+    ((pid, blocks, nbytes, zones),) = _ext.heap_owners(w, 0)
     assert (blocks, zones) == (2, 1)
     assert _ext.heap_free_owned(w, 0, pid) == (1, 192)
     assert _ext.heap_owners(w, 0) == [(pid, 1, nbytes - 192, 1)]
@@ -652,14 +661,18 @@ def test_memzone_blocks_are_never_freed_by_owner():
 
 
 def test_a_secondary_killed_inside_malloc_and_what_it_left(daemon: Daemon) -> None:
-    proc = run_secondary(daemon, """
+    proc = run_secondary(
+        daemon,
+        """
         from memd import _ext
         keep = [mem.malloc(1000) for _ in range(3)]
         mem.memzone_reserve("hj-zone", 4096)
         out(os.getpid())
         _ext._heap_crash_after(5)  # dies inside the next malloc, holding the heap lock
         mem.malloc(5000)
-    """, check=False)
+    """,
+        check=False,
+    )
     assert proc.returncode == CRASHED, proc.stderr
     pid = result(proc)
     with daemon.attach() as mem:
@@ -672,7 +685,10 @@ def test_a_secondary_killed_inside_malloc_and_what_it_left(daemon: Daemon) -> No
         got = mem.free_owned_by(pid)
         assert got["blocks"] == 3
         assert mem.heap_stats()["alloc_count"] == s["alloc_count"] - 3
-        assert mem.heap_owners()[pid] == {"blocks": 1, "bytes": owners[pid]["bytes"] - got["bytes"],
-                                          "memzones": 1}
+        assert mem.heap_owners()[pid] == {
+            "blocks": 1,
+            "bytes": owners[pid]["bytes"] - got["bytes"],
+            "memzones": 1,
+        }
         assert mem.memzone_lookup("hj-zone").length == 4096  # memzones are left alone
         mem.free(blk)

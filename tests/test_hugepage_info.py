@@ -34,6 +34,7 @@ def fake(tmp_path: Path) -> Iterator[FakeSys]:
 
 # --------------------------------------------------------------------------- roots
 
+
 def test_set_roots_function_and_context_manager(tmp_path: Path) -> None:
     before = hi.roots()
     with hi.set_roots(sys="/x/sys"):
@@ -53,11 +54,26 @@ def test_set_roots_function_and_context_manager(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- sizes
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("2M", M2), ("2m", M2), ("2MB", M2), ("2MiB", M2), ("1G", G1), ("1g", G1),
-    ("512M", 512 * 1024 * 1024), ("2048kB", M2), ("2048k", M2), ("2048 kB", M2),
-    ("4096", 4096), ("0", 0), (M2, M2), (" 1G ", G1),
-])
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2M", M2),
+        ("2m", M2),
+        ("2MB", M2),
+        ("2MiB", M2),
+        ("1G", G1),
+        ("1g", G1),
+        ("512M", 512 * 1024 * 1024),
+        ("2048kB", M2),
+        ("2048k", M2),
+        ("2048 kB", M2),
+        ("4096", 4096),
+        ("0", 0),
+        (M2, M2),
+        (" 1G ", G1),
+    ],
+)
 def test_parse_size(text: str | int, expected: int) -> None:
     assert hi.parse_size(text) == expected
 
@@ -83,18 +99,22 @@ def test_format_size_spellings() -> None:
 
 # --------------------------------------------------------------------------- discovery
 
+
 def test_discover_two_sizes_two_nodes(fake: FakeSys) -> None:
     info = hi.discover()
     assert list(info.sizes) == [M2, G1]
     s2 = info.sizes[M2]
     assert (s2.nr_hugepages, s2.free_hugepages, s2.resv_hugepages, s2.surplus_hugepages) == (
-        512, 500, 10, 0)
+        512,
+        500,
+        10,
+        0,
+    )
     assert s2.available == 490  # free - resv, as DPDK's get_num_hugepages
     assert s2.path == str(fake.size_dir(2048))
     assert info.sizes[G1].nr_hugepages == 2
     assert info.nodes == (0, 1)
-    assert info.node_pages(M2, 1) == hi.NodePages(1, M2, 256, 250, 0,
-                                                  str(fake.size_dir(2048, 1)))
+    assert info.node_pages(M2, 1) == hi.NodePages(1, M2, 256, 250, 0, str(fake.size_dir(2048, 1)))
     assert info.node_pages(G1, 0).free_hugepages == 1
     assert info.default_page_size == M2
     assert [m.page_size for m in info.mounts] == [M2]
@@ -102,7 +122,11 @@ def test_discover_two_sizes_two_nodes(fake: FakeSys) -> None:
     d = info.as_dict()
     assert d["sizes"][0]["available"] == 490
     assert {(n["node"], n["page_size"]) for n in d["per_node"]} == {
-        (0, M2), (1, M2), (0, G1), (1, G1)}
+        (0, M2),
+        (1, M2),
+        (0, G1),
+        (1, G1),
+    }
 
 
 def test_available_counts_unused_overcommit(tmp_path: Path) -> None:
@@ -155,6 +179,7 @@ def test_later_mount_hides_earlier(fake: FakeSys, tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- resolve_huge_dir
 
+
 def test_resolve_default(fake: FakeSys, tmp_path: Path) -> None:
     mnt = str(tmp_path / "mnt" / "huge2M")
     assert hi.resolve_huge_dir() == hi.HugeDir(mnt, mnt, M2)
@@ -167,8 +192,7 @@ def test_resolve_directory_inside_mount_innermost_wins(fake: FakeSys, tmp_path: 
     inner = outer / "sub" / "g"
     deep = inner / "x"
     deep.mkdir(parents=True)
-    assert hi.resolve_huge_dir(str(outer / "sub")) == hi.HugeDir(
-        str(outer / "sub"), str(outer), M2)
+    assert hi.resolve_huge_dir(str(outer / "sub")) == hi.HugeDir(str(outer / "sub"), str(outer), M2)
     fake.add_mount(fake.hugetlbfs(inner, "1G"))
     assert hi.resolve_huge_dir(str(deep)) == hi.HugeDir(str(deep), str(inner), G1)
     # a sibling whose name merely starts like the mount is not inside it
@@ -222,6 +246,7 @@ def test_resolve_without_default_size(fake: FakeSys) -> None:
 
 # --------------------------------------------------------------------------- require_free_pages
 
+
 def test_require_free_pages(fake: FakeSys) -> None:
     assert hi.require_free_pages("2M", 10) == 490
     assert hi.require_free_pages(M2, 1, node=1) == 250
@@ -244,12 +269,14 @@ def test_require_free_pages_none_free(tmp_path: Path) -> None:
             hi.require_free_pages("2M")
         assert str(ei.value) == (
             "no free 2048 kB hugepages (need 1): echo 512 > "
-            f"{fs.size_dir(2048)}/nr_hugepages (or run memd --no-huge)")
+            f"{fs.size_dir(2048)}/nr_hugepages (or run memd --no-huge)"
+        )
         with pytest.raises(HugepageConfigError, match="no 1048576 kB hugepages"):
             hi.require_free_pages("1G")
 
 
 # --------------------------------------------------------------------------- malformed input
+
 
 @pytest.mark.parametrize("content", ["abc\n", "", "\n", "-1\n", "12 34\n", "0x10\n", "\u0663\n"])
 def test_malformed_counter_names_the_file(fake: FakeSys, content: str) -> None:
@@ -364,6 +391,7 @@ def test_malformed_meminfo_line(fake: FakeSys) -> None:
 
 # --------------------------------------------------------------------------- locking
 
+
 def test_lock_huge_dir_exclusive_and_shared(tmp_path: Path) -> None:
     fd = hi.lock_huge_dir(str(tmp_path))
     try:
@@ -381,6 +409,7 @@ def test_lock_huge_dir_exclusive_and_shared(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- real machine
+
 
 def _meminfo() -> dict[str, int]:
     out = {}
@@ -448,9 +477,15 @@ def test_real_mounts_match_proc_mounts() -> None:
 
 
 def test_real_nodes_match_sysfs() -> None:
-    node_dirs = sorted(int(n[4:]) for n in os.listdir("/sys/devices/system/node")
-                       if re.fullmatch(r"node\d+", n)) if os.path.isdir(
-                           "/sys/devices/system/node") else [0]
+    node_dirs = (
+        sorted(
+            int(n[4:])
+            for n in os.listdir("/sys/devices/system/node")
+            if re.fullmatch(r"node\d+", n)
+        )
+        if os.path.isdir("/sys/devices/system/node")
+        else [0]
+    )
     assert set(hi.numa_nodes()) >= set(node_dirs or [0])
 
 

@@ -52,12 +52,16 @@ def _nr(fake: FakeSys, size_kb: int = 2048, node: int | None = None) -> int:
 
 # --------------------------------------------------------------------------- show
 
+
 def test_show_rows_per_size_and_node(fake: FakeSys, tmp_path: Path) -> None:
     rows = ha.show()
     mnt = str(tmp_path / "mnt" / "huge2M")
     assert rows == [
-        ha.HugepageRow(M2, 0, 256, 250, (mnt,)), ha.HugepageRow(M2, 1, 256, 250, (mnt,)),
-        ha.HugepageRow(G1, 0, 1, 1, ()), ha.HugepageRow(G1, 1, 1, 1, ())]
+        ha.HugepageRow(M2, 0, 256, 250, (mnt,)),
+        ha.HugepageRow(M2, 1, 256, 250, (mnt,)),
+        ha.HugepageRow(G1, 0, 1, 1, ()),
+        ha.HugepageRow(G1, 1, 1, 1, ()),
+    ]
     table = ha.format_rows(rows)
     lines = table.splitlines()
     assert lines[0].split() == ["Size", "Node", "Total", "Free", "Reserved", "Mounts"]
@@ -81,10 +85,10 @@ def test_parse_size_is_the_shared_helper() -> None:
 
 # --------------------------------------------------------------------------- reserve
 
+
 def test_reserve_pages_and_size(fake: FakeSys) -> None:
     r = ha.reserve(100)
-    assert r == ha.ReserveResult(M2, None, 512, 100, 100,
-                                 str(fake.size_dir(2048) / "nr_hugepages"))
+    assert r == ha.ReserveResult(M2, None, 512, 100, 100, str(fake.size_dir(2048) / "nr_hugepages"))
     assert _nr(fake) == 100
     assert r.changed
     assert r.shortfall == 0
@@ -129,8 +133,9 @@ def test_reserve_shortfall(fake: FakeSys, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_reserve_errors(fake: FakeSys, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(HugepageConfigError,
-                       match=r"no 65536 kB hugepages.*valid page sizes: 2M, 1G"):
+    with pytest.raises(
+        HugepageConfigError, match=r"no 65536 kB hugepages.*valid page sizes: 2M, 1G"
+    ):
         ha.reserve(1, "64M")
     with pytest.raises(HugepageConfigError, match="NUMA node 5"):
         ha.reserve(1, "2M", node=5)
@@ -158,8 +163,10 @@ def test_clear(fake: FakeSys) -> None:
 
 # --------------------------------------------------------------------------- mount
 
-def test_mount_runs_mount_and_is_idempotent(fake: FakeSys, runs: list[list[str]],
-                                            tmp_path: Path) -> None:
+
+def test_mount_runs_mount_and_is_idempotent(
+    fake: FakeSys, runs: list[list[str]], tmp_path: Path
+) -> None:
     where = tmp_path / "new dir" / "huge1G"
     assert ha.mount(str(where), "1G") is True
     assert where.is_dir()
@@ -173,10 +180,14 @@ def test_mount_runs_mount_and_is_idempotent(fake: FakeSys, runs: list[list[str]]
     assert runs[-1][4] == "pagesize=2M,gid=1001,mode=0770"
 
 
-def test_mount_failure_reports_stderr(fake: FakeSys, monkeypatch: pytest.MonkeyPatch,
-                                      tmp_path: Path) -> None:
-    monkeypatch.setattr(ha, "_run", lambda argv: subprocess.CompletedProcess(
-        argv, 32, "", "mount: only root can do that"))
+def test_mount_failure_reports_stderr(
+    fake: FakeSys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(
+        ha,
+        "_run",
+        lambda argv: subprocess.CompletedProcess(argv, 32, "", "mount: only root can do that"),
+    )
     with pytest.raises(HugepageConfigError, match=r"only root can do that.*run as root"):
         ha.mount(str(tmp_path / "m"), "2M")
 
@@ -190,6 +201,7 @@ def test_unmount(fake: FakeSys, runs: list[list[str]], tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- setup
+
 
 @pytest.fixture
 def kernel(fake: FakeSys, monkeypatch: pytest.MonkeyPatch) -> FakeSys:
@@ -208,9 +220,9 @@ def kernel(fake: FakeSys, monkeypatch: pytest.MonkeyPatch) -> FakeSys:
     return fake
 
 
-def test_setup_as_root_reserves_and_mounts(kernel: FakeSys, runs: list[list[str]],
-                                           tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_setup_as_root_reserves_and_mounts(
+    kernel: FakeSys, runs: list[list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ha, "probe", lambda path, size: None)
     kernel.set_mounts()
     out: list[str] = []
@@ -224,8 +236,9 @@ def test_setup_as_root_reserves_and_mounts(kernel: FakeSys, runs: list[list[str]
     assert "usable: 600" in text
 
 
-def test_setup_enough_already_changes_nothing(kernel: FakeSys, runs: list[list[str]],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_setup_enough_already_changes_nothing(
+    kernel: FakeSys, runs: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ha, "probe", lambda path, size: None)
     out: list[str] = []
     assert ha.setup(100, out=out.append) is True
@@ -234,8 +247,9 @@ def test_setup_enough_already_changes_nothing(kernel: FakeSys, runs: list[list[s
     assert "nothing to reserve" in out[0]
 
 
-def test_setup_shortfall_still_usable(kernel: FakeSys, runs: list[list[str]],
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_setup_shortfall_still_usable(
+    kernel: FakeSys, runs: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ha, "probe", lambda path, size: None)
     out: list[str] = []
     assert ha.setup(5000, out=out.append) is True
@@ -243,8 +257,9 @@ def test_setup_shortfall_still_usable(kernel: FakeSys, runs: list[list[str]],
     assert "fewer than the 5000 asked" in out[-1]
 
 
-def test_setup_not_root_changes_nothing_and_fails_soft(kernel: FakeSys, runs: list[list[str]],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_setup_not_root_changes_nothing_and_fails_soft(
+    kernel: FakeSys, runs: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ha.os, "geteuid", lambda: 1000)
     kernel.set_mounts()
     out: list[str] = []
@@ -269,8 +284,9 @@ def test_setup_kernel_without_size(kernel: FakeSys) -> None:
     assert "no 64 kB hugepages" in out[0]
 
 
-def test_main_exit_codes(kernel: FakeSys, monkeypatch: pytest.MonkeyPatch,
-                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_exit_codes(
+    kernel: FakeSys, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(ha.os, "geteuid", lambda: 1000)
     kernel.set_mounts()
     assert ha.main(["--setup", "--pages", "10"]) == ha.EXIT_UNUSABLE
@@ -291,6 +307,7 @@ def test_probe_on_plain_directory(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- real machine
+
 
 def _meminfo() -> dict[str, int]:
     with open("/proc/meminfo", encoding="ascii") as f:
@@ -313,8 +330,9 @@ def test_real_show_matches_meminfo() -> None:
     mine = [r for r in rows if r.page_size == size]
     assert sum(r.total for r in mine) == after["HugePages_Total"]
     assert sum(r.free for r in mine) == after["HugePages_Free"]
-    assert {r.mounts for r in mine} == {tuple(m.mount_point
-                                              for m in hi.discover().mounts_for(size))}
+    assert {r.mounts for r in mine} == {
+        tuple(m.mount_point for m in hi.discover().mounts_for(size))
+    }
 
 
 def test_real_reserve_rewrites_current_value() -> None:
@@ -337,16 +355,36 @@ def test_real_reserve_rewrites_current_value() -> None:
 
 def test_real_cli_show_and_unprivileged_setup() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.run([sys.executable, "-m", "memd.hugepages_admin", "--show"],
-                       capture_output=True, text=True, env=env, check=False, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "memd.hugepages_admin", "--show"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("Size")
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or setpriv is None:
         pytest.skip("needs root and setpriv to run as nobody")
-    p = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
-                        sys.executable, "-m", "memd.hugepages_admin", "--setup"],
-                       capture_output=True, text=True, env=env, check=False, timeout=60)
+    p = subprocess.run(
+        [
+            setpriv,
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "memd.hugepages_admin",
+            "--setup",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
     if "Permission denied" in p.stderr and "python" in p.stderr:
         pytest.skip("nobody cannot read the interpreter or the checkout")
     # as nobody nothing may change and nothing may crash: usable (0) or not (3)

@@ -72,10 +72,10 @@ def test_same_prefix_other_runtime_dir_is_refused(daemon_factory, tmp_path) -> N
     first = daemon_factory("-m", "2")
     holder = start_secondary(first, "x = mem.malloc(8 << 20)\n")  # keeps grown pages mapped
     before = files_of(first)
-    second = daemon_factory("-m", "2", prefix=first.prefix, runtime_dir=tmp_path / "run2",
-                            start=False)
-    proc = subprocess.run(second.command(), capture_output=True, text=True, timeout=60,
-                          check=False)
+    second = daemon_factory(
+        "-m", "2", prefix=first.prefix, runtime_dir=tmp_path / "run2", start=False
+    )
+    proc = subprocess.run(second.command(), capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1, proc.stderr
     assert f"pid {first.pid}" in proc.stderr, proc.stderr
     assert str(first.runtime_dir) in proc.stderr, proc.stderr
@@ -117,8 +117,7 @@ def test_restart_of_a_killed_prefix_cleans_only_its_own(daemon_factory) -> None:
     grows(other)
 
 
-def test_any_start_removes_dead_prefixes_but_not_live_or_foreign(daemon_factory,
-                                                                 tmp_path) -> None:
+def test_any_start_removes_dead_prefixes_but_not_live_or_foreign(daemon_factory, tmp_path) -> None:
     dead = daemon_factory("-m", "4")
     dead.kill()
     assert files_of(dead)
@@ -148,8 +147,13 @@ def test_memctl_hugepages_clean(daemon_factory) -> None:
     dead = daemon_factory("-m", "4")
     dead.kill()
     stale = files_of(dead)
-    proc = subprocess.run([sys.executable, "-m", "memd.memctl", "hugepages", "--clean",
-                           "--json"], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "memd.memctl", "hugepages", "--clean", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     removed = {r["path"] for r in report["removed"]}
@@ -159,8 +163,13 @@ def test_memctl_hugepages_clean(daemon_factory) -> None:
     assert files_of(live) == live_files
     grows(live)
     # the human form says what it freed
-    proc = subprocess.run([sys.executable, "-m", "memd.memctl", "hugepages", "--clean"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "memd.memctl", "hugepages", "--clean"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0 and "freed" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -168,14 +177,16 @@ def test_dead_primarys_secondaries_elsewhere_block_the_prefix(daemon_factory, tm
     old = daemon_factory("-m", "2")
     holder = start_secondary(old, "x = mem.malloc(8 << 20)\n")
     old.kill()
-    new = daemon_factory("-m", "2", prefix=old.prefix, runtime_dir=tmp_path / "elsewhere",
-                         start=False)
+    new = daemon_factory(
+        "-m", "2", prefix=old.prefix, runtime_dir=tmp_path / "elsewhere", start=False
+    )
     new.start(wait=False)
     assert new.proc.wait(60) == 1
     log = new.log_text()
     assert f"pid {holder.pid}" in log and "--take-over" in log, log
-    taken = daemon_factory("-m", "2", "--take-over", prefix=old.prefix,
-                           runtime_dir=tmp_path / "elsewhere2")
+    taken = daemon_factory(
+        "-m", "2", "--take-over", prefix=old.prefix, runtime_dir=tmp_path / "elsewhere2"
+    )
     grows(taken)
     holder.kill()
     holder.wait(10)
@@ -189,15 +200,19 @@ def test_refused_restart_keeps_the_dead_files_cleanable(daemon_factory) -> None:
     holder = start_secondary(old, "x = mem.malloc(8 << 20)\n")
     old.kill()
     left = files_of(old)
-    refused = daemon_factory("-m", "2", prefix=old.prefix, runtime_dir=old.runtime_dir,
-                             start=False)
+    refused = daemon_factory("-m", "2", prefix=old.prefix, runtime_dir=old.runtime_dir, start=False)
     refused.start(wait=False)
     assert refused.proc.wait(60) == 1
     assert files_of(old) == left, "a refused start removes nothing"
     holder.kill()
     holder.wait(10)
-    proc = subprocess.run([sys.executable, "-m", "memd.memctl", "hugepages", "--clean",
-                           "--json"], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "memd.memctl", "hugepages", "--clean", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert left <= {r["path"] for r in json.loads(proc.stdout)["removed"]}
     assert files_of(old) == set()
@@ -207,7 +222,10 @@ def test_a_forked_holder_is_named_by_its_own_pid(daemon_factory) -> None:
     """The pid a flock records is the process that took it; a fork that outlives it
     still maps the pages and is the one to name."""
     old = daemon_factory("-m", "2")
-    child = result(run_secondary(old, """
+    child = result(
+        run_secondary(
+            old,
+            """
 x = mem.malloc(8 << 20)
 child = os.fork()
 if child == 0:            # keeps the pages mapped after its parent is gone
@@ -218,10 +236,11 @@ if child == 0:            # keeps the pages mapped after its parent is gone
     os._exit(0)
 out(child)
 os._exit(0)
-"""))
+""",
+        )
+    )
     old.kill()
-    refused = daemon_factory("-m", "2", prefix=old.prefix, runtime_dir=old.runtime_dir,
-                             start=False)
+    refused = daemon_factory("-m", "2", prefix=old.prefix, runtime_dir=old.runtime_dir, start=False)
     refused.start(wait=False)
     try:
         assert refused.proc.wait(60) == 1

@@ -47,8 +47,9 @@ def server(rundir: str, mem: FakeMem) -> Iterator[TelemetryServer]:
         yield srv
 
 
-def run(capsys: pytest.CaptureFixture[str], rundir: str, *argv: str,
-        prefix: str = "mc") -> tuple[int, str, str]:
+def run(
+    capsys: pytest.CaptureFixture[str], rundir: str, *argv: str, prefix: str = "mc"
+) -> tuple[int, str, str]:
     code = memctl.main(["--runtime-dir", rundir, "--file-prefix", prefix, *argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -58,15 +59,17 @@ def run(capsys: pytest.CaptureFixture[str], rundir: str, *argv: str,
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_human_tables(server: TelemetryServer, rundir: str, command: str,
-                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_human_tables(
+    server: TelemetryServer, rundir: str, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run(capsys, rundir, command)
     assert code == 0 and err == ""
     assert out.strip() and not out.lstrip().startswith(("{", "["))
 
 
-def test_human_output_content(server: TelemetryServer, rundir: str,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_human_output_content(
+    server: TelemetryServer, rundir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run(capsys, rundir, "status")
     assert code == 0
     assert re.search(r"^prefix\s+fake$", out, re.M)
@@ -80,20 +83,30 @@ def test_human_output_content(server: TelemetryServer, rundir: str,
     _, out, _ = run(capsys, rundir, "memzones")
     assert len(out.splitlines()) == 4 and "zone_2" in out and "3 MiB" in out
     _, out, _ = run(capsys, rundir, "mempools")
-    assert out.splitlines()[1].split()[:7] == ["mbuf_pool", "1023", "2", "KiB", "32", "923",
-                                               "100"]
+    assert out.splitlines()[1].split()[:7] == ["mbuf_pool", "1023", "2", "KiB", "32", "923", "100"]
     _, out, _ = run(capsys, rundir, "processes")
     assert "worker" in out and "secondary" in out
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_json_output(server: TelemetryServer, rundir: str, command: str, mem: FakeMem,
-                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_output(
+    server: TelemetryServer,
+    rundir: str,
+    command: str,
+    mem: FakeMem,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     code, out, err = run(capsys, rundir, "--json", command)
     assert code == 0 and err == ""
     data = json.loads(out)
-    expected = {"memsegs": len(mem.segs), "heaps": 1, "memzones": len(mem.zones),
-                "mempools": 1, "rings": 2, "processes": 2}
+    expected = {
+        "memsegs": len(mem.segs),
+        "heaps": 1,
+        "memzones": len(mem.zones),
+        "mempools": 1,
+        "rings": 2,
+        "processes": 2,
+    }
     if command == "status":
         assert data["info"]["prefix"] == "fake" and data["stats"]["rings"] == 2
         assert data["greeting"]["max_output_len"] == 16384
@@ -101,28 +114,32 @@ def test_json_output(server: TelemetryServer, rundir: str, command: str, mem: Fa
         assert len(data) == expected[command]
 
 
-def test_json_flag_after_the_command(server: TelemetryServer, rundir: str,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_flag_after_the_command(
+    server: TelemetryServer, rundir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = memctl.main(["heaps", "--json", "--runtime-dir", rundir, "--file-prefix", "mc"])
     out, _ = capsys.readouterr()
     assert code == 0 and json.loads(out)[0]["Name"] == "socket_0"
 
 
-def test_memsegs_pages_past_the_reply_limit(rundir: str, capsys: pytest.CaptureFixture[str]
-                                            ) -> None:
+def test_memsegs_pages_past_the_reply_limit(
+    rundir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     mem = FakeMem.populated(n_segs=1500)
     with TelemetryServer(AdminAPI(mem), rundir, "many"):
         code, out, _ = run(capsys, rundir, "--json", "memsegs", prefix="many")
     assert code == 0 and [s["slot"] for s in json.loads(out)] == list(range(1500))
 
 
-def test_raw_telemetry(server: TelemetryServer, rundir: str,
-                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_raw_telemetry(
+    server: TelemetryServer, rundir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run(capsys, rundir, "--json", "telemetry", "/eal/heap_list")
     assert code == 0 and out == '{"/eal/heap_list": [0]}\n'
     code, out, _ = run(capsys, rundir, "telemetry", "/help,/eal/heap_info")
     assert code == 0 and json.loads(out) == {
-        "/help": {"/eal/heap_info": "Returns malloc heap stats. Parameters: int heap_id"}}
+        "/help": {"/eal/heap_info": "Returns malloc heap stats. Parameters: int heap_id"}
+    }
     code, out, _ = run(capsys, rundir, "telemetry", "/nope")
     assert code == 0 and json.loads(out) == {"/nope": None}
 
@@ -130,8 +147,9 @@ def test_raw_telemetry(server: TelemetryServer, rundir: str,
 METRIC_LINE = re.compile(r'^memd_[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)+\})? -?[0-9.e+]+$')
 
 
-def test_metrics_prometheus_text(server: TelemetryServer, rundir: str,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_metrics_prometheus_text(
+    server: TelemetryServer, rundir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run(capsys, rundir, "metrics")
     assert code == 0 and out.endswith("\n")
     seen_type: set[str] = set()
@@ -161,8 +179,13 @@ def test_metrics_prometheus_text(server: TelemetryServer, rundir: str,
 def test_metrics_escape_label_values() -> None:
     data: dict[str, Any] = {
         "status": {"info": {"prefix": 'a"b\\c\nd'}, "stats": {}, "greeting": {}},
-        "heaps": [], "memzones": [], "rings": [], "mempools": [], "processes": [],
-        "memsegs": []}
+        "heaps": [],
+        "memzones": [],
+        "rings": [],
+        "mempools": [],
+        "processes": [],
+        "memsegs": [],
+    }
     text = memctl.format_metrics(data)
     assert 'prefix="a\\"b\\\\c\\nd"' in text
 
@@ -170,17 +193,25 @@ def test_metrics_escape_label_values() -> None:
 # -- no daemon, or not ours ------------------------------------------------------------------
 
 
-def _memctl(*argv: str, user: list[str] | None = None,
-            python: str = sys.executable) -> subprocess.CompletedProcess[str]:
+def _memctl(
+    *argv: str, user: list[str] | None = None, python: str = sys.executable
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([*(user or []), python, "-m", "memd.memctl", *argv],
-                          capture_output=True, text=True, env=env, timeout=60, check=False,
-                          cwd="/")
+    return subprocess.run(
+        [*(user or []), python, "-m", "memd.memctl", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )
 
 
 @pytest.mark.parametrize("command", [*COMMANDS, "metrics"])
-def test_no_daemon_is_one_line_and_exit_1(rundir: str, command: str,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_daemon_is_one_line_and_exit_1(
+    rundir: str, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run(capsys, rundir, command, prefix="absent")
     assert code == 1 and out == ""
     assert len(err.splitlines()) == 1
@@ -193,8 +224,7 @@ def test_no_daemon_as_a_real_process(rundir: str) -> None:
     assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
-def test_stale_socket_file_is_no_daemon(rundir: str, capsys: pytest.CaptureFixture[str]
-                                        ) -> None:
+def test_stale_socket_file_is_no_daemon(rundir: str, capsys: pytest.CaptureFixture[str]) -> None:
     d = Path(rundir, "dpdk", "stale")
     d.mkdir(parents=True)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -216,8 +246,15 @@ def test_refused_user_gets_one_line(rundir: str, mem: FakeMem) -> None:
     nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     with TelemetryServer(AdminAPI(mem), rundir, "mc", socket_mode=0o666):
         # the system python: the test venv may live where nobody cannot read
-        proc = _memctl("--runtime-dir", rundir, "--file-prefix", "mc", "status", user=nobody,
-                       python="/usr/bin/python3")
+        proc = _memctl(
+            "--runtime-dir",
+            rundir,
+            "--file-prefix",
+            "mc",
+            "status",
+            user=nobody,
+            python="/usr/bin/python3",
+        )
     assert proc.returncode == 1 and proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("memctl: memd: permission denied: uid 65534")
@@ -273,14 +310,20 @@ def fake_admin(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
     return calls
 
 
-def test_hugepages_show_reserve_mount_clear(fake_admin: list[tuple[str, Any]],
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_hugepages_show_reserve_mount_clear(
+    fake_admin: list[tuple[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert memctl.main(["hugepages"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "2097152 0 512"
     assert memctl.main(["--json", "hugepages"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows[0] == {"page_size": 2 << 20, "node": 0, "total": 512, "free": 500,
-                       "mounts": ["/dev/hugepages"]}
+    assert rows[0] == {
+        "page_size": 2 << 20,
+        "node": 0,
+        "total": 512,
+        "free": 500,
+        "mounts": ["/dev/hugepages"],
+    }
     assert memctl.main(["hugepages", "--reserve", "1G", "--node", "0"]) == 0
     assert fake_admin[-1] == ("reserve", {"size": "1G", "node": 0})
     assert "nr_hugepages 0 -> 512 (2 MiB pages on node 0)" in capsys.readouterr().out
@@ -319,11 +362,16 @@ mem.detach()
 """
 
 
-def test_memctl_against_the_daemon(rundir: str, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_memctl_against_the_daemon(
+    rundir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     d = Daemon(tmp_path, "nohuge", "-m", "8", runtime_dir=Path(rundir)).start()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_ATTACHED, d.prefix, rundir],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_ATTACHED, d.prefix, rundir],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "ATTACHED\n"
         code, out, _ = run(capsys, rundir, "status", prefix=d.prefix)
@@ -332,8 +380,10 @@ def test_memctl_against_the_daemon(rundir: str, tmp_path: Path,
         assert re.search(r"^processes\s+2 \(1 primary, 1 secondary\)$", out, re.M)
         code, out, _ = run(capsys, rundir, "--json", "processes", prefix=d.prefix)
         procs = json.loads(out)
-        assert {(p["pid"], p["role"]) for p in procs} == {(d.pid, "primary"),
-                                                          (holder.pid, "secondary")}
+        assert {(p["pid"], p["role"]) for p in procs} == {
+            (d.pid, "primary"),
+            (holder.pid, "secondary"),
+        }
         code, out, _ = run(capsys, rundir, "memzones", prefix=d.prefix)
         assert code == 0 and "held_zone" in out and "3 MiB" in out
         code, out, _ = run(capsys, rundir, "--json", "memsegs", prefix=d.prefix)

@@ -256,8 +256,11 @@ class PoolModel(RuleBasedStateMachine):
         self.free_ring = Ring(self.window, p0.ring_offset)
 
     def reachable(self, slot: int) -> int:
-        return self.free_ring.count + self.pools[slot].cache_count() if slot < 2 else \
-            self.free_ring.count
+        return (
+            self.free_ring.count + self.pools[slot].cache_count()
+            if slot < 2
+            else self.free_ring.count
+        )
 
     @rule(slot=st.integers(0, 2), k=st.integers(0, 20), into=st.booleans())
     def get_bulk(self, slot: int, k: int, into: bool) -> None:
@@ -316,8 +319,12 @@ class PoolModel(RuleBasedStateMachine):
 
 
 TestPoolModel = PoolModel.TestCase
-TestPoolModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
-                                  suppress_health_check=[HealthCheck.too_slow])
+TestPoolModel.settings = settings(
+    max_examples=60,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 # --- obj_init --------------------------------------------------------------------------
@@ -467,8 +474,12 @@ def test_reclaim_a_dead_processes_objects(window: _ext.Window, reap_first: bool)
     if not reap_first:
         assert wait_child(pid) == 0
     assert p.in_use_count() == 3
-    assert p.audit() == {"free": n - 3, "in_use": 3, "in_ring": n - 3 - p.cache_count(),
-                         "in_caches": p.cache_count()}
+    assert p.audit() == {
+        "free": n - 3,
+        "in_use": 3,
+        "in_ring": n - 3 - p.cache_count(),
+        "in_caches": p.cache_count(),
+    }
     p.put_bulk(keep)
 
 
@@ -488,8 +499,9 @@ def test_owner_tag_names_the_getter_not_the_holder(window: _ext.Window) -> None:
 
 
 @pytest.mark.parametrize("cache_size", [0, 8])
-def test_get_killed_inside_the_free_ring_loses_nothing(window: _ext.Window,
-                                                        cache_size: int) -> None:
+def test_get_killed_inside_the_free_ring_loses_nothing(
+    window: _ext.Window, cache_size: int
+) -> None:
     """A process killed while dequeuing from the free ring, at any step before it
     releases the entries, leaves the handles in the ring: the pool stays whole.
     One that finished its get holds the objects: reclaim_held_by gets them back.

@@ -11,16 +11,24 @@ from memd_harness import Daemon, result, run_secondary
 
 
 def test_written_by_one_process_read_by_another(daemon: Daemon) -> None:
-    run_secondary(daemon, """
+    run_secondary(
+        daemon,
+        """
         mz = mem.memzone_reserve("shared-zone", 1 << 20)
         mz.buf[:] = bytes(range(256)) * 4096
         out(mz.offset)
-    """)
-    res = result(run_secondary(daemon, """
+    """,
+    )
+    res = result(
+        run_secondary(
+            daemon,
+            """
         mz = mem.memzone_lookup("shared-zone")
         out([mz.length, bytes(mz.buf[:4]).hex(), bytes(mz.buf[-2:]).hex(),
              sum(mz.buf[:256]), mz.offset])
-    """))
+    """,
+        )
+    )
     assert res[:4] == [1 << 20, "00010203", "feff", sum(range(256))]
     # every process may map the window at a different address; the offset is the same
     with daemon.attach() as mem:
@@ -85,10 +93,13 @@ def test_bad_requests_raise_and_daemon_keeps_serving(daemon: Daemon) -> None:
 def test_memzone_from_expanded_heap_is_seen_by_others(daemon: Daemon) -> None:
     # 8 MB are preallocated: 20 MB forces the primary to map pages and sync everyone
     with daemon.attach() as watcher:
-        run_secondary(daemon, """
+        run_secondary(
+            daemon,
+            """
             mz = mem.memzone_reserve("big", 20 << 20)
             mz.buf[-1] = 0x5A
-        """)
+        """,
+        )
         mz = watcher.memzone_lookup("big")
         assert mz.buf[-1] == 0x5A
         assert mc.SOCKET_ID_ANY == -1

@@ -11,7 +11,9 @@ from memd_harness import Daemon, result, run_secondary
 
 
 def test_ring_and_mempool_across_processes(daemon: Daemon) -> None:
-    run_secondary(daemon, """
+    run_secondary(
+        daemon,
+        """
         r = mem.ring_create("jobs", 1024, flags=mc.RING_F_SP_ENQ | mc.RING_F_SC_DEQ)
         mp = mem.mempool_create("frames", 256, 1024, cache_size=32)
         objs = mp.get_bulk(100)
@@ -19,8 +21,12 @@ def test_ring_and_mempool_across_processes(daemon: Daemon) -> None:
             o.buf[:4] = i.to_bytes(4, "little")
             o.buf[-1] = 0xAB
         assert r.enqueue_bulk([o.handle for o in objs]) == 100
-    """)
-    res = result(run_secondary(daemon, """
+    """,
+    )
+    res = result(
+        run_secondary(
+            daemon,
+            """
         r = mem.ring_lookup("jobs")
         mp = mem.mempool_lookup("frames")
         handles = r.dequeue_burst(1000)
@@ -33,7 +39,9 @@ def test_ring_and_mempool_across_processes(daemon: Daemon) -> None:
         mp.audit()
         out([seen, r.count, mp.avail_count(), mp.in_use_count(),
              sorted(x.name for x in mem.rings()), sorted(x.name for x in mem.mempools())])
-    """))
+    """,
+        )
+    )
     seen, count, avail, in_use, rings, pools = res
     assert seen == list(range(100)) and count == 0
     assert avail == 256 and in_use == 0  # detach flushed the first process's cache too
@@ -63,11 +71,16 @@ def test_names_are_unique_and_freed(daemon: Daemon) -> None:
 def test_blocking_dequeue_wakes_on_enqueue_from_another_process(daemon: Daemon) -> None:
     with daemon.attach() as mem:
         r = mem.ring_create("wake", 16)
-        p = subprocess.Popen([sys.executable, "-c",
-                              "import time, memd_client as mc\n"
-                              f"m = mc.attach({daemon.prefix!r}, "
-                              f"runtime_dir={str(daemon.runtime_dir)!r})\n"
-                              "time.sleep(0.3)\nm.ring_lookup('wake').enqueue(42)\nm.detach()\n"])
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import time, memd_client as mc\n"
+                f"m = mc.attach({daemon.prefix!r}, "
+                f"runtime_dir={str(daemon.runtime_dir)!r})\n"
+                "time.sleep(0.3)\nm.ring_lookup('wake').enqueue(42)\nm.detach()\n",
+            ]
+        )
         assert r.dequeue(timeout=10) == 42
         assert r.dequeue(timeout=0.05) is None
         assert p.wait(30) == 0
@@ -82,11 +95,16 @@ def test_admin_socket_lists_real_rings_and_mempools(daemon: Daemon) -> None:
         mp = mem.mempool_create("bufs", 128, 2048, cache_size=16)
         held = mp.get_bulk(5)
         cmds = "/ring/list\n/mempool/list\n/mempool/info,bufs\n/ring/info,tq\n"
-        proc = subprocess.run(["dpdk-telemetry.py", "-f", daemon.prefix], input=cmds,
-                              capture_output=True, text=True, timeout=30, check=False,
-                              env={**os.environ, "RUNTIME_DIRECTORY": str(daemon.runtime_dir)})
-        replies = [json.loads(line) for line in proc.stdout.splitlines()
-                   if line.startswith("{")]
+        proc = subprocess.run(
+            ["dpdk-telemetry.py", "-f", daemon.prefix],
+            input=cmds,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={**os.environ, "RUNTIME_DIRECTORY": str(daemon.runtime_dir)},
+        )
+        replies = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         assert replies[0] == {"/ring/list": ["tq"]}
         assert replies[1] == {"/mempool/list": ["bufs"]}
         info = replies[2]["/mempool/info"]
@@ -97,8 +115,11 @@ def test_admin_socket_lists_real_rings_and_mempools(daemon: Daemon) -> None:
         ring_mz = mem.memzone_lookup("RG_tq")
         ring = replies[3]["/ring/info"]
         assert ring["socket"] == ring_mz.socket_id == 0
-        assert (ring["mz_name"], ring["mz_len"], ring["mz_socket_id"]) == \
-            ("RG_tq", ring_mz.length, 0)
+        assert (ring["mz_name"], ring["mz_len"], ring["mz_socket_id"]) == (
+            "RG_tq",
+            ring_mz.length,
+            0,
+        )
         assert ring["mz_hugepage_sz"] == ring_mz.page_size
         pool_mz = mem.memzone_lookup("MP_bufs")
         assert info["socket_id"] == pool_mz.socket_id == 0

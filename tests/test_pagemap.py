@@ -21,8 +21,12 @@ def _entry(pfn: int, present: bool = True, **flags: bool) -> int:
     raw = pfn & pm.PM_PFN_MASK
     if present:
         raw |= pm.PM_PRESENT
-    for name, bit in (("swapped", pm.PM_SWAPPED), ("shared", pm.PM_FILE_OR_SHARED),
-                      ("exclusive", pm.PM_EXCLUSIVE), ("soft_dirty", pm.PM_SOFT_DIRTY)):
+    for name, bit in (
+        ("swapped", pm.PM_SWAPPED),
+        ("shared", pm.PM_FILE_OR_SHARED),
+        ("exclusive", pm.PM_EXCLUSIVE),
+        ("soft_dirty", pm.PM_SOFT_DIRTY),
+    ):
         if flags.get(name):
             raw |= bit
     return raw
@@ -53,10 +57,17 @@ def _has_cap_sys_admin() -> bool:
 
 # --------------------------------------------------------------------------- fake pagemap
 
+
 def test_decode_entry() -> None:
     e = pm.decode_entry(_entry(0x1234, soft_dirty=True, exclusive=True))
     assert (e.present, e.swapped, e.exclusive, e.soft_dirty, e.file_or_shared, e.pfn) == (
-        True, False, True, True, False, 0x1234)
+        True,
+        False,
+        True,
+        True,
+        False,
+        0x1234,
+    )
     assert pm.decode_entry(0).present is False
     swapped = pm.decode_entry(_entry(0x55, present=False, swapped=True))
     assert swapped.swapped
@@ -64,18 +75,20 @@ def test_decode_entry() -> None:
 
 
 def test_virt_to_phys_fake(fake_proc: Path) -> None:
-    _write_pagemap(fake_proc, {1: _entry(0x1000), 2: _entry(0, present=True),
-                               3: _entry(0x77, present=False)})
+    _write_pagemap(
+        fake_proc, {1: _entry(0x1000), 2: _entry(0, present=True), 3: _entry(0x77, present=False)}
+    )
     assert pm.virt_to_phys(1 * P) == 0x1000 * P
     assert pm.virt_to_phys(1 * P + 123) == 0x1000 * P + 123
-    assert pm.virt_to_phys(2 * P) is None     # PFN hidden (no CAP_SYS_ADMIN)
-    assert pm.virt_to_phys(3 * P) is None     # not present
-    assert pm.virt_to_phys(0) is None         # zero entry
+    assert pm.virt_to_phys(2 * P) is None  # PFN hidden (no CAP_SYS_ADMIN)
+    assert pm.virt_to_phys(3 * P) is None  # not present
+    assert pm.virt_to_phys(0) is None  # zero entry
     assert pm.virt_to_phys(1000 * P) is None  # past the end of the file
 
 
-def test_virt_to_phys_many_one_open_sorted_coalesced(fake_proc: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_virt_to_phys_many_one_open_sorted_coalesced(
+    fake_proc: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _write_pagemap(fake_proc, {p: _entry(100 + p) for p in range(64)})
     reads: list[tuple[int, int]] = []
     opens: list[str] = []
@@ -108,18 +121,21 @@ def test_bad_addresses_rejected(fake_proc: Path) -> None:
 
 # --------------------------------------------------------------------------- fake numa_maps
 
+
 def test_numa_nodes_from_fake_numa_maps(fake_proc: Path) -> None:
     (fake_proc / "self" / "maps").write_text(
         "00400000-00600000 rw-s 00000000 00:2f 1 /dev/hugepages/rtemap_0\n"
         "7f0000000000-7f0000400000 rw-s 00000000 00:2f 2 /dev/hugepages/rtemap_1\n"
-        "7f0000800000-7f0000801000 rw-p 00000000 00:00 0\n")
+        "7f0000800000-7f0000801000 rw-p 00000000 00:00 0\n"
+    )
     (fake_proc / "self" / "numa_maps").write_text(
         "00400000 default file=/dev/hugepages/rtemap_0 huge dirty=1 N1=1 "
         "kernelpagesize_kB=2048\n"
         "7f0000000000 bind:0-1 file=/dev/hugepages/rtemap_1 huge N0=1 N1=3 "
         "kernelpagesize_kB=2048\n"
         "7f0000800000 default anon=1 dirty=1 active=0 N0=1 kernelpagesize_kB=4\n"
-        "not-a-line\n")
+        "not-a-line\n"
+    )
     addrs = [0x400000, 0x5FFFFF, 0x600000, 0x7F0000100000, 0x7F0000800010, 0x10]
     # the /proc root is fake, so "auto" must not ask the kernel about our own pages
     for method in ("auto", "numa_maps"):
@@ -136,6 +152,7 @@ def test_numa_nodes_without_numa_maps_default_to_0(fake_proc: Path) -> None:
 
 
 # --------------------------------------------------------------------------- real pages
+
 
 def test_buffer_address() -> None:
     with pytest.raises(TypeError):

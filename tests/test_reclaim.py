@@ -30,8 +30,12 @@ sys.stdin.readline()
 
 
 def _start_holder(daemon: Daemon) -> tuple[subprocess.Popen[str], int]:
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, daemon.prefix, str(daemon.runtime_dir)],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, daemon.prefix, str(daemon.runtime_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert p.stdout is not None
     cached = int(p.stdout.readline())
     assert cached > 0
@@ -64,8 +68,11 @@ def test_dead_secondary_is_reclaimed_and_reported(daemon_factory) -> None:
 
         p.send_signal(signal.SIGKILL)
         p.wait()
-        _wait_for(lambda: p.pid not in {q["pid"] for q in mem.processes()},
-                  "the dead secondary's slot was not reclaimed", daemon)
+        _wait_for(
+            lambda: p.pid not in {q["pid"] for q in mem.processes()},
+            "the dead secondary's slot was not reclaimed",
+            daemon,
+        )
         # its cache went back to the ring; the 10 in hand are reported, not lost
         assert mp.avail_count() == 512 - 10
         assert mp.held_by(p.pid) == 10
@@ -101,8 +108,7 @@ def test_reclaim_heap_policy_frees_a_dead_secondarys_blocks(daemon_factory) -> N
         assert mem.heap_stats()["alloc_count"] == before + 8  # 7 blocks + 1 memzone
         p.send_signal(signal.SIGKILL)
         p.wait()
-        _wait_for(lambda: bool(_query(daemon, "/memd/reclaims")),
-                  "no reclaim record", daemon)
+        _wait_for(lambda: bool(_query(daemon, "/memd/reclaims")), "no reclaim record", daemon)
         (record,) = _query(daemon, "/memd/reclaims")
         assert record["heap_blocks"] == 8 and record["heap_freed"]
         assert mem.heap_stats()["alloc_count"] == before + 1  # the memzone is kept

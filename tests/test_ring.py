@@ -92,8 +92,17 @@ def test_geometry(window: _ext.Window, count: int, flags: int, size: int, capaci
 
 @pytest.mark.parametrize(
     ("count", "flags"),
-    [(0, 0), (1, 0), (3, 0), (1000, 0), (0, RING_F_EXACT_SZ), (2**31, RING_F_EXACT_SZ),
-     (2**32, 0), (8, 0x8), (8, 0x100)],
+    [
+        (0, 0),
+        (1, 0),
+        (3, 0),
+        (1000, 0),
+        (0, RING_F_EXACT_SZ),
+        (2**31, RING_F_EXACT_SZ),
+        (2**32, 0),
+        (8, 0x8),
+        (8, 0x100),
+    ],
 )
 def test_bad_geometry(window: _ext.Window, count: int, flags: int) -> None:
     with pytest.raises(ValueError):
@@ -153,8 +162,12 @@ def test_value_kinds(window: _ext.Window) -> None:
     assert r.enqueue_bulk(memoryview(struct.pack("=2Q", 9, 10)).cast("Q")) == 2
     assert r.enqueue_burst(np.array([[11, 12], [13, 14]], dtype=np.uint64)) == 4
     assert r.dequeue_burst(100) == list(range(1, 15))
-    for bad in (array.array("I", [1]), np.array([1], dtype=np.int64), b"12345678",
-                np.array([1, 2, 3], dtype=np.uint64)[::2]):
+    for bad in (
+        array.array("I", [1]),
+        np.array([1], dtype=np.int64),
+        b"12345678",
+        np.array([1, 2, 3], dtype=np.uint64)[::2],
+    ):
         with pytest.raises((TypeError, ValueError, BufferError)):
             r.enqueue_bulk(bad)
     with pytest.raises(TypeError):
@@ -290,8 +303,12 @@ class RingModel(RuleBasedStateMachine):
     @rule(k=st.integers(0, 80), kind=st.sampled_from(["list", "tuple", "array", "numpy"]))
     def enqueue_bulk(self, k: int, kind: str) -> None:
         vals = self.values(k)
-        arg = {"list": vals, "tuple": tuple(vals), "array": array.array("Q", vals),
-               "numpy": np.array(vals, dtype=np.uint64)}[kind]
+        arg = {
+            "list": vals,
+            "tuple": tuple(vals),
+            "array": array.array("Q", vals),
+            "numpy": np.array(vals, dtype=np.uint64),
+        }[kind]
         n = self.ring.enqueue_bulk(arg)
         expect = k if len(self.model) + k <= self.capacity else 0
         assert n == expect
@@ -339,7 +356,9 @@ class RingModel(RuleBasedStateMachine):
 
 
 _MODEL_SETTINGS = settings(
-    max_examples=40, stateful_step_count=30, deadline=None,
+    max_examples=40,
+    stateful_step_count=30,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 _MODES = {
@@ -429,8 +448,11 @@ def test_mpmc_two_by_two(window: _ext.Window, tmp_path: Path) -> None:
         buf = np.zeros(33, dtype=np.uint64)
         chunks = []
         while True:
-            n = r.dequeue_burst_into(buf, timeout=0.01) if c else r.dequeue_bulk_into(
-                buf[: 1 + len(chunks) % 8], timeout=0.01)
+            n = (
+                r.dequeue_burst_into(buf, timeout=0.01)
+                if c
+                else r.dequeue_bulk_into(buf[: 1 + len(chunks) % 8], timeout=0.01)
+            )
             if n:
                 chunks.append(buf[:n].copy())
             elif done[0] and r.empty():
@@ -448,9 +470,14 @@ def test_mpmc_two_by_two(window: _ext.Window, tmp_path: Path) -> None:
             mine = part[(part >> np.uint64(32)) == p] & np.uint64(0xFFFFFFFF)
             assert np.all(np.diff(mine.astype(np.int64)) > 0), "a producer's values reordered"
     everything = np.sort(np.concatenate(parts))
-    expect = np.sort(np.concatenate([
-        (np.uint64(p) << np.uint64(32)) | np.arange(per_producer, dtype=np.uint64)
-        for p in range(2)]))
+    expect = np.sort(
+        np.concatenate(
+            [
+                (np.uint64(p) << np.uint64(32)) | np.arange(per_producer, dtype=np.uint64)
+                for p in range(2)
+            ]
+        )
+    )
     assert len(everything) == 2 * per_producer
     assert np.array_equal(everything, expect)  # each value exactly once
     assert r.empty()

@@ -51,10 +51,15 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
         stub.write_text("#!/bin/sh\nexit 0\n")
         stub.chmod(0o755)
         unit = tmp_path / "memd.service"
-        unit.write_text(UNIT.read_text().replace(f"ExecStart={exec_start} ",
-                                                 f"ExecStart={stub} "))
-    proc = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
-                          timeout=120, check=False, cwd=tmp_path)
+        unit.write_text(UNIT.read_text().replace(f"ExecStart={exec_start} ", f"ExecStart={stub} "))
+    proc = subprocess.run(
+        [analyze, "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "memd.service" not in proc.stderr, proc.stderr  # no warnings about our unit
 
@@ -101,8 +106,9 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, dict[str, str
         yield sock, {"NOTIFY_SOCKET": path}
 
 
-def test_ready_watchdog_stopping_arrive(notify_socket: tuple[socket.socket, dict[str, str]]
-                                        ) -> None:
+def test_ready_watchdog_stopping_arrive(
+    notify_socket: tuple[socket.socket, dict[str, str]],
+) -> None:
     sock, env = notify_socket
     assert notify(env, READY=1, STATUS="serving prefix rte")
     assert sock.recv(4096) == b"READY=1\nSTATUS=serving prefix rte"
@@ -150,7 +156,8 @@ def test_watchdog_interval() -> None:
 
 
 def test_watchdog_pings_at_half_the_interval(
-        notify_socket: tuple[socket.socket, dict[str, str]]) -> None:
+    notify_socket: tuple[socket.socket, dict[str, str]],
+) -> None:
     sock, env = notify_socket
     wd = Watchdog.from_env({**env, "WATCHDOG_USEC": "10000000"})
     assert wd.enabled and wd.period == 5.0
@@ -167,8 +174,9 @@ def test_watchdog_pings_at_half_the_interval(
 # -- the daemon under a fake systemd ----------------------------------------------------------
 
 
-def test_daemon_notifies_ready_watchdog_stopping(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_daemon_notifies_ready_watchdog_stopping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rundir = Path(tempfile.mkdtemp(prefix="sd", dir="/tmp"))
     monkeypatch.setenv("WATCHDOG_USEC", "200000")  # ping every 0.1 s
     d = Daemon(tmp_path, "nohuge", "-m", "4", runtime_dir=rundir)
@@ -196,6 +204,13 @@ def test_env_file_options_are_accepted_by_memd() -> None:
         if line.strip() and not line.lstrip().startswith("#"):
             key, _, value = line.partition("=")
             env[key] = value.strip('"')
-    args = build_parser().parse_args(["--runtime-dir", "/var/run", "--file-prefix",
-                                      env["MEMD_FILE_PREFIX"], *shlex.split(env["MEMD_OPTS"])])
+    args = build_parser().parse_args(
+        [
+            "--runtime-dir",
+            "/var/run",
+            "--file-prefix",
+            env["MEMD_FILE_PREFIX"],
+            *shlex.split(env["MEMD_OPTS"]),
+        ]
+    )
     assert args.runtime_dir == "/var/run" and args.memory_mb == 512

@@ -83,8 +83,12 @@ def test_greeting_is_one_compact_packet_under_1k(server: TelemetryServer) -> Non
     s, greeting = connect(server.path)
     with s:
         assert len(greeting) < 1024
-        assert greeting == (f'{{"version":"{server.api.version}","pid":{os.getpid()},'
-                            f'"max_output_len":16384}}').encode()
+        assert (
+            greeting
+            == (
+                f'{{"version":"{server.api.version}","pid":{os.getpid()},"max_output_len":16384}}'
+            ).encode()
+        )
         assert json.loads(greeting)["max_output_len"] == 16384
 
 
@@ -95,42 +99,56 @@ def test_socket_path_is_where_dpdk_looks(server: TelemetryServer, rundir: str) -
     assert st_.st_mode & 0o777 == 0o600
 
 
-def test_multi_command_session_replies_keyed_by_command(server: TelemetryServer,
-                                                        mem: FakeMem) -> None:
+def test_multi_command_session_replies_keyed_by_command(
+    server: TelemetryServer, mem: FakeMem
+) -> None:
     s, _ = connect(server.path)
     with s:
         assert ask(s, b"/eal/heap_list") == b'{"/eal/heap_list":[0]}'
         info = json.loads(ask(s, b"/eal/heap_info,0"))["/eal/heap_info"]
-        assert list(info) == ["Heap_id", "Name", "Heap_size", "Free_size", "Alloc_size",
-                              "Greatest_free_size", "Alloc_count", "Free_count"]
+        assert list(info) == [
+            "Heap_id",
+            "Name",
+            "Heap_size",
+            "Free_size",
+            "Alloc_size",
+            "Greatest_free_size",
+            "Alloc_count",
+            "Free_count",
+        ]
         assert info["Heap_size"] == mem.heaps[0]["heap_totalsz_bytes"]
         assert ask(s, b"/eal/memzone_list") == b'{"/eal/memzone_list":[0,1,2]}'
         assert ask(s, b"/mempool/list") == b'{"/mempool/list":["mbuf_pool"]}'
         assert ask(s, b"/ring/list") == b'{"/ring/list":["rx","tx"]}'
         assert json.loads(ask(s, b"/"))["/"] == sorted(server.api.commands())
         assert ask(s, b"/help,/eal/heap_info") == (
-            b'{"/help":{"/eal/heap_info":"Returns malloc heap stats. Parameters: int heap_id"}}')
+            b'{"/help":{"/eal/heap_info":"Returns malloc heap stats. Parameters: int heap_id"}}'
+        )
         assert json.loads(ask(s, b"/info"))["/info"]["pid"] == os.getpid()
         assert json.loads(ask(s, b"/eal/params"))["/eal/params"] == mem.params()
 
 
-@pytest.mark.parametrize("request_, key", [
-    (b"/bogus", "/bogus"),
-    (b"/eal/heap_info", "/eal/heap_info"),          # missing parameter
-    (b"/eal/heap_info,", "/eal/heap_info"),         # empty parameter
-    (b"/eal/heap_info,abc", "/eal/heap_info"),      # not a number
-    (b"/eal/heap_info,7", "/eal/heap_info"),        # no such heap
-    (b"/eal/memzone_info,99", "/eal/memzone_info"),
-    (b"/help", "/help"),
-    (b"/help,/nope", "/help"),
-    (b"/mempool/info", "/mempool/info"),
-    (b"/ring/info," + b"r" * 40, "/ring/info"),     # longer than a ring name can be
-    (b"info", "info"),                              # no leading slash
-    (b"/a b", "/a b"),                              # bad character
-    (b"/" + b"x" * 55, "/" + "x" * 55),             # 56 characters: too long
-])
-def test_unknown_command_or_bad_params_is_null(server: TelemetryServer, request_: bytes,
-                                               key: str) -> None:
+@pytest.mark.parametrize(
+    "request_, key",
+    [
+        (b"/bogus", "/bogus"),
+        (b"/eal/heap_info", "/eal/heap_info"),  # missing parameter
+        (b"/eal/heap_info,", "/eal/heap_info"),  # empty parameter
+        (b"/eal/heap_info,abc", "/eal/heap_info"),  # not a number
+        (b"/eal/heap_info,7", "/eal/heap_info"),  # no such heap
+        (b"/eal/memzone_info,99", "/eal/memzone_info"),
+        (b"/help", "/help"),
+        (b"/help,/nope", "/help"),
+        (b"/mempool/info", "/mempool/info"),
+        (b"/ring/info," + b"r" * 40, "/ring/info"),  # longer than a ring name can be
+        (b"info", "info"),  # no leading slash
+        (b"/a b", "/a b"),  # bad character
+        (b"/" + b"x" * 55, "/" + "x" * 55),  # 56 characters: too long
+    ],
+)
+def test_unknown_command_or_bad_params_is_null(
+    server: TelemetryServer, request_: bytes, key: str
+) -> None:
     s, _ = connect(server.path)
     with s:
         reply = ask(s, request_)
@@ -164,16 +182,45 @@ def test_ring_and_mempool_shapes(server: TelemetryServer) -> None:
         ring = json.loads(ask(s, b"/ring/info,rx"))["/ring/info"]
         pool = json.loads(ask(s, b"/mempool/info,mbuf_pool"))["/mempool/info"]
         zone = json.loads(ask(s, b"/eal/memzone_info,1"))["/eal/memzone_info"]
-    assert list(ring)[:9] == ["name", "socket", "flags", "producer_type", "consumer_type",
-                              "size", "mask", "capacity", "used_count"]
+    assert list(ring)[:9] == [
+        "name",
+        "socket",
+        "flags",
+        "producer_type",
+        "consumer_type",
+        "size",
+        "mask",
+        "capacity",
+        "used_count",
+    ]
     assert ring["mask"] == "0x3ff" and ring["capacity"] == 1023 and ring["used_count"] == 10
     assert (ring["producer_type"], ring["consumer_type"]) == ("MP", "MC")
-    assert list(pool)[:12] == ["name", "pool_id", "flags", "socket_id", "size", "cache_size",
-                               "elt_size", "header_size", "trailer_size", "private_data_size",
-                               "ops_index", "populated_size"]
+    assert list(pool)[:12] == [
+        "name",
+        "pool_id",
+        "flags",
+        "socket_id",
+        "size",
+        "cache_size",
+        "elt_size",
+        "header_size",
+        "trailer_size",
+        "private_data_size",
+        "ops_index",
+        "populated_size",
+    ]
     assert pool["in_use_count"] == 100
-    assert list(zone)[:9] == ["Zone", "Name", "Length", "Address", "Socket", "Flags",
-                              "Hugepage_size", "Hugepage_base", "Hugepage_used"]
+    assert list(zone)[:9] == [
+        "Zone",
+        "Name",
+        "Length",
+        "Address",
+        "Socket",
+        "Flags",
+        "Hugepage_size",
+        "Hugepage_base",
+        "Hugepage_used",
+    ]
     # zone 1 starts at 3 MiB + 128 and is 3 MiB long: it touches pages 1, 2 and 3
     assert zone["Hugepage_base"] == "0x200000" and zone["Hugepage_used"] == 3
 
@@ -205,8 +252,10 @@ def test_long_reply_is_trimmed_to_valid_json(rundir: str) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64) | st.text(max_size=300),
-    lambda children: st.lists(children, max_size=40)
-    | st.dictionaries(st.text(max_size=20), children, max_size=40),
+    lambda children: (
+        st.lists(children, max_size=40)
+        | st.dictionaries(st.text(max_size=20), children, max_size=40)
+    ),
     max_leaves=120,
 )
 
@@ -249,8 +298,20 @@ def _random_packet(rng: random.Random, commands: list[str]) -> bytes:
         return (rng.choice(commands) + "," + junk).encode()
     if kind == 4:
         return ("/" + "".join(rng.choice("abc_/09") for _ in range(rng.randrange(80)))).encode()
-    return rng.choice([b"\x00", b",", b",,,", b"/,", b"/help,", b"/\xc3", b"\xff" * 1023,
-                       b'"}', b"/eal/heap_info,-1", b"/eal/heap_info,99999999999999999999"])
+    return rng.choice(
+        [
+            b"\x00",
+            b",",
+            b",,,",
+            b"/,",
+            b"/help,",
+            b"/\xc3",
+            b"\xff" * 1023,
+            b'"}',
+            b"/eal/heap_info,-1",
+            b"/eal/heap_info,99999999999999999999",
+        ]
+    )
 
 
 def test_10000_random_and_malformed_packets(server: TelemetryServer) -> None:
@@ -345,8 +406,9 @@ def test_handler_exception_is_null_and_server_survives(rundir: str) -> None:
 # -- socket files -------------------------------------------------------------------------
 
 
-def test_stale_socket_is_replaced_and_live_one_gets_next_instance(rundir: str,
-                                                                  mem: FakeMem) -> None:
+def test_stale_socket_is_replaced_and_live_one_gets_next_instance(
+    rundir: str, mem: FakeMem
+) -> None:
     d = os.path.join(rundir, "dpdk", "p")
     os.makedirs(d)
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -386,25 +448,35 @@ def _dpdk_telemetry(rundir: str, prefix: str, stdin: str, *extra: str) -> str:
     if not os.path.exists(DPDK_TELEMETRY):
         pytest.skip("dpdk-telemetry.py is not installed (apt-get install dpdk-dev)")
     env = dict(os.environ, RUNTIME_DIRECTORY=rundir)
-    proc = subprocess.run([sys.executable, DPDK_TELEMETRY, "-f", prefix, *extra], input=stdin,
-                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, DPDK_TELEMETRY, "-f", prefix, *extra],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Error" not in proc.stdout, proc.stdout
     return proc.stdout
 
 
-def test_unmodified_dpdk_telemetry_py(server: TelemetryServer, mem: FakeMem,
-                                      rundir: str) -> None:
-    out = _dpdk_telemetry(rundir, "fake", "/eal/heap_list\n/eal/heap_info,0\n/ring/info,tx\n"
-                                          "/mempool/list\n/nope\n/help,/ring/list\n")
+def test_unmodified_dpdk_telemetry_py(server: TelemetryServer, mem: FakeMem, rundir: str) -> None:
+    out = _dpdk_telemetry(
+        rundir,
+        "fake",
+        "/eal/heap_list\n/eal/heap_info,0\n/ring/info,tx\n/mempool/list\n/nope\n/help,/ring/list\n",
+    )
     lines = [json.loads(x) for x in out.strip().splitlines()]
     assert lines[0] == {"/eal/heap_list": [0]}
     assert lines[1]["/eal/heap_info"]["Free_size"] == mem.heaps[0]["heap_freesz_bytes"]
     assert lines[2]["/ring/info"]["producer_type"] == "SP"
     assert lines[3] == {"/mempool/list": ["mbuf_pool"]}
     assert lines[4] == {"/nope": None}
-    assert lines[5] == {"/help": {"/ring/list": "Returns list of available rings. "
-                                                "Takes no parameters"}}
+    assert lines[5] == {
+        "/help": {"/ring/list": "Returns list of available rings. Takes no parameters"}
+    }
 
 
 # -- access control ---------------------------------------------------------------------------
@@ -431,7 +503,12 @@ def _as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
         pytest.skip("needs root and setpriv to run a client as nobody")
     return subprocess.run(
         ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv],
-        capture_output=True, text=True, timeout=60, check=False, cwd="/")
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )
 
 
 def test_nobody_is_refused_with_a_clear_error(rundir: str, mem: FakeMem) -> None:
@@ -495,9 +572,23 @@ def test_peer_credentials_of_a_socketpair() -> None:
 def test_api_commands_document_themselves(mem: FakeMem) -> None:
     api = AdminAPI(mem)
     cmds = api.commands()
-    assert {"/", "/info", "/help", "/eal/heap_list", "/eal/heap_info", "/eal/memzone_list",
-            "/eal/memzone_info", "/mempool/list", "/mempool/info", "/ring/list", "/ring/info",
-            "/eal/params", "/memd/processes", "/memd/memsegs", "/memd/stats"} <= set(cmds)
+    assert {
+        "/",
+        "/info",
+        "/help",
+        "/eal/heap_list",
+        "/eal/heap_info",
+        "/eal/memzone_list",
+        "/eal/memzone_info",
+        "/mempool/list",
+        "/mempool/info",
+        "/ring/list",
+        "/ring/info",
+        "/eal/params",
+        "/memd/processes",
+        "/memd/memsegs",
+        "/memd/stats",
+    } <= set(cmds)
     for path, text in cmds.items():
         assert 0 < len(text) < MAX_HELP_LEN, path
         assert len(path) <= 55
@@ -534,8 +625,12 @@ def test_daemon_speaks_to_dpdk_telemetry_py(live: Daemon, rundir: str) -> None:
     s, greeting = connect(path)
     s.close()
     assert json.loads(greeting)["pid"] == live.pid
-    out = _dpdk_telemetry(rundir, live.prefix, "/eal/heap_list\n/eal/memzone_list\n"
-                          "/eal/memzone_info,0\n/eal/params\n/memd/processes\n/info\n")
+    out = _dpdk_telemetry(
+        rundir,
+        live.prefix,
+        "/eal/heap_list\n/eal/memzone_list\n"
+        "/eal/memzone_info,0\n/eal/params\n/memd/processes\n/info\n",
+    )
     heaps, zones, zone, params, procs, info = (json.loads(x) for x in out.strip().splitlines())
     assert heaps == {"/eal/heap_list": [0]}
     assert zones == {"/eal/memzone_list": [0]}
@@ -557,14 +652,25 @@ def test_daemon_in_var_run_found_by_default_paths(tmp_path: Path) -> None:
     try:
         d.start()
         env = {k: v for k, v in os.environ.items() if k != "RUNTIME_DIRECTORY"}
-        proc = subprocess.run([sys.executable, DPDK_TELEMETRY, "-f", prefix],
-                              input="/eal/heap_list\n", capture_output=True, text=True,
-                              env=env, timeout=60, check=False)
+        proc = subprocess.run(
+            [sys.executable, DPDK_TELEMETRY, "-f", prefix],
+            input="/eal/heap_list\n",
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
         assert proc.stdout.strip() == '{"/eal/heap_list": [0]}', proc.stdout + proc.stderr
-        proc = subprocess.run([sys.executable, "-m", "memd.memctl", "--file-prefix", prefix,
-                               "--json", "status"], capture_output=True, text=True,
-                              env=dict(env, PYTHONPATH=str(Path(__file__).parent.parent)),
-                              timeout=60, check=False, cwd="/")
+        proc = subprocess.run(
+            [sys.executable, "-m", "memd.memctl", "--file-prefix", prefix, "--json", "status"],
+            capture_output=True,
+            text=True,
+            env=dict(env, PYTHONPATH=str(Path(__file__).parent.parent)),
+            timeout=60,
+            check=False,
+            cwd="/",
+        )
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["info"]["primary_pid"] == d.pid
     finally:
