@@ -36,12 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from memd_harness import Daemon, remove_leftover_pages  # noqa: E402
-
-from memd import _ext  # noqa: E402
+from memd import _ext
+from memd.testing import Daemon, remove_leftover_pages
 
 N_OBJECTS = 2048  # mempool objects
 N_TOKENS = 512  # of them circulating in the token ring

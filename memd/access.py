@@ -17,6 +17,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from memd.hugepage_info import proc_path
+
 __all__ = ["AccessPolicy", "PeerCred", "peer_credentials", "resolve_group"]
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
@@ -56,9 +58,9 @@ def resolve_group(group: str | int | None) -> int | None:
         raise ValueError(f"no such group {group!r}: create it or fix --group") from None
 
 
-def _supplementary_groups(pid: int, proc_root: str = "/proc") -> set[int]:
+def _supplementary_groups(pid: int) -> set[int]:
     try:
-        with open(f"{proc_root}/{pid}/status", encoding="ascii", errors="replace") as f:
+        with open(proc_path(str(pid), "status"), encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("Groups:"):
                     return {int(g) for g in line.split()[1:] if g.isdigit()}
@@ -73,19 +75,16 @@ class AccessPolicy:
     ``uid`` defaults to the daemon's own; ``gid`` is the configured group, if any.
     """
 
-    def __init__(
-        self, uid: int | None = None, gid: int | None = None, proc_root: str = "/proc"
-    ) -> None:
+    def __init__(self, uid: int | None = None, gid: int | None = None) -> None:
         self.uid = os.getuid() if uid is None else uid
         self.gid = gid
-        self.proc_root = proc_root
 
     def refusal(self, cred: PeerCred) -> str | None:
         """None if ``cred`` is allowed, else the reason in one sentence."""
         if cred.uid in (0, self.uid):
             return None
         if self.gid is not None and (
-            cred.gid == self.gid or self.gid in _supplementary_groups(cred.pid, self.proc_root)
+            cred.gid == self.gid or self.gid in _supplementary_groups(cred.pid)
         ):
             return None
         who = f"uid {cred.uid} gid {cred.gid} (pid {cred.pid})"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memd.errors import PermissionDenied
+from memd.hugepage_info import proc_path
 
 __all__ = [
     "Holder",
@@ -255,7 +256,7 @@ def _config_dir_of(pid: int, prefix: str | None) -> str | None:
         return None
     suffix = f"/.{prefix}_config"
     try:
-        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+        with open(proc_path(str(pid), "maps"), encoding="utf-8", errors="replace") as f:
             for line in f:
                 path = line.rstrip("\n").split(maxsplit=5)[5:]
                 if path and path[0].endswith(suffix):
@@ -270,11 +271,11 @@ def _mappers(st: os.stat_result) -> list[int]:
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
     ino = str(st.st_ino)
     pids = []
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir(proc_path()):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            with open(f"/proc/{entry}/maps", encoding="utf-8", errors="replace") as f:
+            with open(proc_path(entry, "maps"), encoding="utf-8", errors="replace") as f:
                 if any(line.split(maxsplit=5)[3:5] == [dev, ino] for line in f):
                     pids.append(int(entry))
         except OSError:
@@ -295,7 +296,7 @@ def holders(fd: int, prefix: str | None = None, *, mapped: bool = False) -> list
     key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     pids: list[int] = []
     try:
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+        with open(proc_path("locks"), encoding="ascii", errors="replace") as f:
             for line in f:
                 fields = line.split()
                 if "->" in fields:  # a waiter, not a holder

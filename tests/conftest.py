@@ -80,7 +80,7 @@ def require_hugepages() -> HugepageEnv:
 
 # --- real daemons ---------------------------------------------------------------
 
-from memd_harness import Daemon, remove_leftover_pages  # noqa: E402
+from memd.testing import Daemon, remove_leftover_pages  # noqa: E402
 
 
 @pytest.fixture(params=["nohuge", "huge"])

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from memd_harness import Daemon, remove_leftover_pages, result, run_secondary
+
+from memd.testing import Daemon, remove_leftover_pages, result, run_secondary
 
 GROUP = 4242  # a gid with no /etc/group entry: --group takes numbers
 NOBODY = "nobody"

@@ -12,9 +12,9 @@ import time
 
 import memd_client as mc
 import pytest
-from memd_harness import Daemon, hugepages_free, result, run_secondary
 
 from memd import _ext
+from memd.testing import Daemon, hugepages_free, result, run_secondary
 
 
 def _page_files(d: Daemon) -> list[str]:

@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 from conftest import hugepages_unavailable
 from memd._ext import HEAP_ELEM_HEADER_SIZE, HEAP_ELEM_TRAILER_SIZE
-from memd_harness import Daemon, result, run_secondary
 
 from memd.errors import MemdMemoryError
 from memd.heap import space_needed
+from memd.testing import Daemon, result, run_secondary
 
 MiB = 1 << 20
 PAGES = 8  # the cap, in 2 MB pages

@@ -17,10 +17,10 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from memd_harness import Daemon, hugepages_free, result, run_secondary
 
 from memd.ipc import PROTOCOL_VERSION
 from memd.paths import mp_endpoint
+from memd.testing import Daemon, hugepages_free, result, run_secondary
 
 
 def _attached_waiter(d: Daemon) -> subprocess.Popen[str]:
@@ -78,7 +78,7 @@ def test_four_secondaries_expand_concurrently_and_get_disjoint_memory(daemon: Da
         out([[b.offset, b.size, me] for b in blocks])
         import sys; sys.stdin.readline()      # stay attached while the test checks
     """
-    from memd_harness import SECONDARY_PRELUDE
+    from memd.testing import SECONDARY_PRELUDE
 
     prelude = SECONDARY_PRELUDE.replace("PREFIX", repr(daemon.prefix)).replace(
         "RUNDIR", repr(str(daemon.runtime_dir))

@@ -34,13 +34,13 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from memd_harness import Daemon
 
 from memd.errors import ProtocolError
 from memd.ipc import MAX_MESSAGE, MAX_REASON, PROTOCOL_VERSION, decode, reply
 from memd.paths import mp_endpoint, telemetry_path
 from memd.shared import proc_start_time
 from memd.telemetry import TelemetryClient
+from memd.testing import Daemon
 
 CASES = int(os.environ.get("MEMD_FUZZ_CASES", "10000"))  # per socket; fewer for a quick run
 CHECK_EVERY = 500

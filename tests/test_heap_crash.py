@@ -16,12 +16,12 @@ import os
 import struct
 
 import pytest
-from forking import fork_run, wait_child
-from memd_harness import Daemon, result, run_secondary
+from support.forking import fork_run, wait_child
 
 from memd import _ext
 from memd.errors import MemdValueError
 from memd.heap import AnonymousMemory
+from memd.testing import Daemon, result, run_secondary
 
 MiB = 1 << 20
 CONFIG = _ext.CONFIG_SIZE

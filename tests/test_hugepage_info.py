@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakesys import FakeSys, standard
 from hypothesis import given
 from hypothesis import strategies as st
+from support.fake_sys import FakeSys, standard
 
 from memd import hugepage_info as hi
 from memd.errors import (

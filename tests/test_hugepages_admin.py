@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakesys import FakeSys, standard
+from support.fake_sys import FakeSys, standard
 
 from memd import hugepage_info as hi
 from memd import hugepages_admin as ha

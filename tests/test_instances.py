@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from memd_harness import (
+
+from memd.testing import (
     Daemon,
     finish_secondary,
     result,

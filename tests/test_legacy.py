@@ -9,7 +9,8 @@ import os
 import textwrap
 
 import pytest
-from memd_harness import Daemon, result, run_secondary
+
+from memd.testing import Daemon, result, run_secondary
 
 CHECK_IOVAS = textwrap.dedent("""
     import struct

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from fakemem import FakeMem
-from memd_harness import Daemon
+from support.fake_admin import FakeMem
 
 from memd import memctl
 from memd.api import AdminAPI
 from memd.telemetry import TelemetryServer
+from memd.testing import Daemon
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 COMMANDS = ["status", "memsegs", "heaps", "memzones", "mempools", "rings", "processes"]

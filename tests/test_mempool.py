@@ -11,11 +11,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from _fake_memory import FakeMemory
-from forking import fork_run, wait_child
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from support.fake_memory import FakeMemory
+from support.forking import fork_run, wait_child
 
 from memd import _ext
 from memd.errors import CorruptionError, MemdError, PoolEmpty

@@ -7,7 +7,8 @@ import random
 
 import memd_client as mc
 import pytest
-from memd_harness import Daemon, result, run_secondary
+
+from memd.testing import Daemon, result, run_secondary
 
 
 def test_written_by_one_process_read_by_another(daemon: Daemon) -> None:

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from memd_harness import Daemon, result, run_secondary
+
+from memd.testing import Daemon, result, run_secondary
 
 
 def test_ring_and_mempool_across_processes(daemon: Daemon) -> None:

@@ -10,10 +10,9 @@ import subprocess
 import sys
 import time
 
-from memd_harness import Daemon
-
 from memd.paths import telemetry_path
 from memd.telemetry import TelemetryClient
+from memd.testing import Daemon
 
 HOLDER = """
 import sys

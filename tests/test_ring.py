@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from forking import fork_run, wait_child
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from support.forking import fork_run, wait_child
 
 from memd import _ext
 from memd.ring import RING_F_EXACT_SZ, RING_F_SC_DEQ, RING_F_SP_ENQ, Ring, ring_memsize
@@ -620,7 +620,7 @@ def test_no_leaks(window: _ext.Window) -> None:
 
 
 def test_mixin_create_lookup_free(window: _ext.Window, monkeypatch: pytest.MonkeyPatch) -> None:
-    from _fake_memory import FakeMemory
+    from support.fake_memory import FakeMemory
 
     mem = FakeMemory(window, monkeypatch)
     r = mem.ring_create("jobs", 1024, flags=RING_F_SC_DEQ)

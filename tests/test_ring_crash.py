@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from forking import fork_run as fork_child
-from forking import wait_child
+from support.forking import fork_run as fork_child
+from support.forking import wait_child
 
 from memd import _ext
 from memd.errors import PrimaryNotRunning

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from memd_harness import Daemon
 
 from memd.daemon import build_parser
 from memd.notify import Watchdog, notify, notify_socket_address, watchdog_interval
 from memd.paths import telemetry_path
 from memd.telemetry import TelemetryClient
+from memd.testing import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "memd.service"

@@ -19,13 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakemem import FakeMem, FakeZone
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from memd_harness import Daemon, run_secondary
+from support.fake_admin import FakeMem, FakeZone
 
 from memd.access import AccessPolicy, PeerCred, peer_credentials, resolve_group
 from memd.api import MAX_HELP_LEN, AdminAPI, BadParams, UnknownCommand, reference
+from memd.hugepage_info import set_roots
 from memd.paths import TELEMETRY_SOCKET, telemetry_path
 from memd.telemetry import (
     MAX_CLIENTS,
@@ -34,6 +34,7 @@ from memd.telemetry import (
     encode_reply,
     parse_request,
 )
+from memd.testing import Daemon, run_secondary
 
 DPDK_TELEMETRY = shutil.which("dpdk-telemetry.py") or "/usr/bin/dpdk-telemetry.py"
 LIMIT = 16384
@@ -544,14 +545,15 @@ def test_default_socket_mode_keeps_nobody_out(server: TelemetryServer) -> None:
 
 
 def test_access_policy_rules(tmp_path: Path) -> None:
-    pol = AccessPolicy(uid=1000, gid=2000, proc_root=str(tmp_path))
+    pol = AccessPolicy(uid=1000, gid=2000)
     assert pol.allows(PeerCred(1, 1000, 1000))
     assert pol.allows(PeerCred(1, 0, 0))
     assert pol.allows(PeerCred(1, 1001, 2000))
     (tmp_path / "77").mkdir()
     (tmp_path / "77" / "status").write_text("Name:\tx\nGroups:\t10 2000 30\n")
-    assert pol.allows(PeerCred(77, 1002, 1002))  # supplementary group
-    reason = pol.refusal(PeerCred(78, 1003, 1003))
+    with set_roots(proc=tmp_path):  # the one /proc root, pointed at a fake tree
+        assert pol.allows(PeerCred(77, 1002, 1002))  # supplementary group
+        reason = pol.refusal(PeerCred(78, 1003, 1003))
     assert reason is not None and "uid 1003" in reason and "gid 2000" in reason
     assert not AccessPolicy(uid=1000).allows(PeerCred(1, 1001, 2000))
     assert resolve_group(None) is None and resolve_group("0") == 0

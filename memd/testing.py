@@ -1,6 +1,8 @@
-"""Real processes for tests: a memd primary (`Daemon`) and secondaries
-(`run_secondary`).  Each daemon gets its own --file-prefix and runtime dir, and
-readiness is read from a real NOTIFY_SOCKET (READY=1), as systemd would."""
+"""Real memd processes for tests and benchmarks (memd's own, and yours): a primary
+(`Daemon`) and secondaries (`run_secondary`, `start_secondary`).  Each daemon gets
+its own --file-prefix (so it shares the host with any other memd) and runtime
+dir, and readiness is read from a real NOTIFY_SOCKET (READY=1), as systemd would.
+Nothing here is imported by memd itself."""
 
 from __future__ import annotations
 
