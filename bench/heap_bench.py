@@ -40,6 +40,7 @@ from pathlib import Path
 
 from memd import _ext
 from memd.heap import AnonymousMemory
+from memd.testing import hugepages_free
 
 SIZES = (64, 1024, 64 * 1024)
 
@@ -164,14 +165,6 @@ def dpdk_malloc_perf() -> dict[tuple[str, int], float]:
         if len(cols) >= 6 and cols[1].isdigit() and cols[2].isdigit():
             found[(section, int(cols[1]))] = float(cols[5]) * 1000  # Total (us) -> ns
     return found
-
-
-def hugepages_free() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("HugePages_Free:"):
-                return int(line.split()[1])
-    return 0
 
 
 def memzone_pairs(n: int) -> float:
