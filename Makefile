@@ -40,8 +40,9 @@ test-quick: ext
 	$(PY) -m pytest -q -m "not slow" tests
 
 lint: venv
-	$(VENV)/bin/ruff check memd client tests bench
-	$(VENV)/bin/ruff format --check memd client tests bench
+	$(VENV)/bin/ruff check memd memd_client tests bench
+	$(VENV)/bin/ruff format --check memd memd_client tests bench
+	$(VENV)/bin/mypy
 
 bench: ext
 	$(PY) bench/init_bench.py

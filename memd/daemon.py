@@ -132,7 +132,9 @@ def _apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser
     """Fill options not given on the command line from a TOML file."""
     if not args.config:
         return
-    import tomllib  # Python 3.11+
+    if sys.version_info < (3, 11):
+        parser.error("--config needs Python 3.11 or later (tomllib); pass the options instead")
+    import tomllib
 
     try:
         with open(args.config, "rb") as f:

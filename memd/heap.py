@@ -120,13 +120,6 @@ class HeapMixin(_ext.HeapBase):
 
         def _page_size(self, heap_idx: int) -> int: ...
 
-        # the C fast paths
-        def malloc(self, size: int, align: int = 0, socket_id: int = SOCKET_ID_ANY) -> Block: ...
-
-        def zmalloc(self, size: int, align: int = 0, socket_id: int = SOCKET_ID_ANY) -> Block: ...
-
-        def free(self, blk: Block) -> None: ...
-
     # --- API (malloc, zmalloc and free: C fast paths over these) -------------------
 
     def _heap_alloc_py(self, size: int, align: int, socket_id: int, zero: bool) -> Block:

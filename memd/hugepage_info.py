@@ -405,10 +405,10 @@ def hugetlbfs_mounts(default_size: int | None = None) -> list[HugetlbfsMount]:
         fields = line.split()
         if len(fields) < 4:
             continue  # DPDK stops at such a line; the rest of the file is still good
-        source, mnt, fstype, opts = fields[:4]
+        source, mnt, fstype, opts_field = fields[:4]
         mnt = unescape_mount_field(mnt)
         last.pop(mnt, None)  # re-insert so dict order = order of the visible entries
-        last[mnt] = (unescape_mount_field(source), fstype, opts.split(","))
+        last[mnt] = (unescape_mount_field(source), fstype, opts_field.split(","))
     mounts = []
     for mnt, (source, fstype, opts) in last.items():
         if fstype != "hugetlbfs":

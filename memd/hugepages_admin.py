@@ -95,7 +95,7 @@ def show(info: HugepageInfo | None = None) -> list[HugepageRow]:
     """Rows per page size and NUMA node: total, free, and the size's mount points."""
     if info is None:
         info = discover()
-    rows = []
+    rows: list[HugepageRow] = []
     for size, glob in info.sizes.items():
         mounts = tuple(m.mount_point for m in info.mounts_for(size))
         by_node = info.per_node.get(size, {})

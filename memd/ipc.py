@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import zmq
@@ -74,7 +74,7 @@ def frame_credentials(frame: zmq.Frame) -> PeerCred | None:
     """The sender's uid/gid/pid: libzmq reports SO_PEERCRED of an ipc:// peer as
     the Peer-Address property "<host>:<uid>:<gid>:<pid>"."""
     try:
-        fields = frame.get("Peer-Address").rsplit(":", 3)
+        fields = cast(str, frame.get("Peer-Address")).rsplit(":", 3)
         return PeerCred(pid=int(fields[3]), uid=int(fields[1]), gid=int(fields[2]))
     except (zmq.ZMQError, ValueError, IndexError, AttributeError):
         return None
@@ -138,7 +138,7 @@ class Server:
         sync_timeout: float = 2.0,
         policy: AccessPolicy | None = None,
     ) -> None:
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE * 4)  # drop absurd frames in libzmq
@@ -340,7 +340,7 @@ class Channel:
         on_sync: Callable[[dict[str, Any]], None],
         timeout: float = 5.0,
     ) -> None:
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.endpoint = endpoint
         self.name = name
         self.timeout = timeout

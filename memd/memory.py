@@ -257,7 +257,7 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         blocks or mempool objects (free them with free_owned_by /
         Mempool.reclaim_held_by).
         `usage` walks every heap and pool: meant for admin tools, not loops."""
-        out = [
+        out: list[dict[str, Any]] = [
             {
                 "slot": p.slot,
                 "pid": p.pid,

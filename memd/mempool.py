@@ -26,14 +26,11 @@ it would hand it out twice).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from memd import _ext, objects
 from memd.errors import MemdValueError
-
-if TYPE_CHECKING:
-    from memd.ring import _Memzone
 
 MEMPOOL_F_NO_SPREAD: int = _ext.MEMPOOL_F_NO_SPREAD  # accepted, no effect
 MEMPOOL_F_NO_CACHE_ALIGN: int = _ext.MEMPOOL_F_NO_CACHE_ALIGN  # accepted, no effect
@@ -95,38 +92,7 @@ class Mempool(_ext.Mempool):
 
     __slots__ = ()
 
-    if TYPE_CHECKING:  # the C methods' signatures, for type checkers
-
-        def __init__(self, window: _ext.Window, offset: int, slot: int = 0) -> None: ...
-        def get(self) -> MempoolObject: ...
-        def get_handle(self) -> int: ...
-        def put(self, obj: MempoolObject | int) -> None: ...
-        def get_bulk(self, n: int) -> list[MempoolObject]: ...
-        def get_bulk_into(self, buffer: Any) -> int: ...
-        def put_bulk(self, objs: Sequence[MempoolObject | int] | Any) -> None: ...
-        def obj(self, handle: int) -> MempoolObject: ...
-        def obj_at(self, index: int) -> MempoolObject: ...
-        def avail_count(self) -> int: ...
-        def in_use_count(self) -> int: ...
-        def cache_count(self, slot: int = ...) -> int: ...
-        def flush_cache(self) -> int: ...
-        def audit(self) -> dict[str, int]: ...
-        def recover(self) -> int: ...
-
-        name: str
-        size: int
-        elt_size: int
-        cache_size: int
-        flushthresh: int
-        private_data_size: int
-        private_data: memoryview
-        flags: int
-        memsize: int
-        obj_stride: int
-        ring_offset: int
-        offset: int
-        slot: int
-        window: _ext.Window
+    # the C methods' signatures are in memd/_ext.pyi
 
     @classmethod
     def create(
@@ -222,23 +188,9 @@ class MempoolMixin:
     """Named mempools (``mempool_create``/``mempool_lookup``/``mempool_free``) for
     ``Memory``; pools live in memzone ``MP_<name>`` and the shared object directory."""
 
-    if TYPE_CHECKING:
+    if TYPE_CHECKING:  # provided by Memory, as are the memzone_* that memd.objects calls
         window: _ext.Window
         proc_slot: int
-
-        def memzone_reserve(
-            self,
-            name: str,
-            length: int,
-            socket_id: int = -1,
-            flags: int = 0,
-            align: int = 64,
-            bound: int = 0,
-        ) -> _Memzone: ...
-
-        def memzone_lookup(self, name: str) -> _Memzone: ...
-
-        def memzone_free(self, mz: _Memzone) -> None: ...
 
     def mempool_create(
         self,

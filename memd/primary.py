@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from memd import _ext, hugepage_info, pagemap
 from memd.access import AccessPolicy, resolve_group
@@ -436,7 +436,7 @@ class Primary(Memory):
 
     @staticmethod
     def _pid_in(fd: int) -> int:
-        off, size = _ext.LAYOUT["memd_config_header.primary_pid"]
+        off, size = cast("tuple[int, int]", _ext.LAYOUT["memd_config_header.primary_pid"])
         raw = os.pread(fd, size, off)
         return int.from_bytes(raw, "little", signed=True) if len(raw) == size else 0
 
@@ -624,9 +624,8 @@ class Primary(Memory):
                     self._map_slot(target, slot, fd=fd)
                 finally:
                     os.close(fd)
-                iova = (
-                    _ext.BAD_IOVA if phys[i] is None or self.iova_mode != _ext.IOVA_PA else phys[i]
-                )
+                pa = phys[i]
+                iova = _ext.BAD_IOVA if pa is None or self.iova_mode != _ext.IOVA_PA else pa
                 _ext.msl_set_page(
                     self.window, target.index, slot, iova, target.socket_id, _ext.SEG_F_PREALLOC
                 )
@@ -786,7 +785,7 @@ class Primary(Memory):
         """Reclaim secondaries whose process is gone; returns their pids.  Their
         pidfds report a death at once (Server.on_death); this periodic check of
         pid + start time is the backstop."""
-        gone = []
+        gone: list[int] = []
         if self.server is None:
             return gone
         for peer in list(self.server.peers.values()):

@@ -26,7 +26,7 @@ raises :class:`memd.errors.PrimaryNotRunning` within 100 ms of the primary's dea
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from memd import _ext, objects
 from memd.errors import MemdValueError
@@ -93,30 +93,7 @@ class Ring(_ext.Ring):
 
     __slots__ = ()
 
-    if TYPE_CHECKING:  # the C methods' signatures, for type checkers
-
-        def __init__(self, window: _ext.Window, offset: int) -> None: ...
-        def enqueue(self, value: int, timeout: float | None = 0) -> bool: ...
-        def dequeue(self, timeout: float | None = 0) -> int | None: ...
-        def enqueue_bulk(self, values: Values, timeout: float | None = 0) -> int: ...
-        def enqueue_burst(self, values: Values, timeout: float | None = 0) -> int: ...
-        def dequeue_bulk(self, n: int, timeout: float | None = 0) -> list[int]: ...
-        def dequeue_burst(self, n: int, timeout: float | None = 0) -> list[int]: ...
-        def dequeue_bulk_into(self, buffer: Buffer, timeout: float | None = 0) -> int: ...
-        def dequeue_burst_into(self, buffer: Buffer, timeout: float | None = 0) -> int: ...
-        def full(self) -> bool: ...
-        def empty(self) -> bool: ...
-
-        count: int
-        free_count: int
-        capacity: int
-        size: int
-        flags: int
-        memsize: int
-        name: str
-        offset: int
-        window: _ext.Window
-        wait_stats: dict[str, int]
+    # the C methods' signatures are in memd/_ext.pyi
 
     @classmethod
     def create(
@@ -154,13 +131,6 @@ class Ring(_ext.Ring):
         }
 
 
-class _Memzone(Protocol):
-    offset: int
-    length: int
-    id: int
-    name: str
-
-
 def _check_name(name: str) -> None:
     if not name or len(name.encode()) > RING_NAMESIZE or "\0" in name:
         raise MemdValueError(f"ring name {name!r}: 1 to {RING_NAMESIZE} bytes, no NUL")
@@ -173,23 +143,9 @@ class RingMixin:
     the shared object directory so that any process finds it by name.
     """
 
-    if TYPE_CHECKING:
+    if TYPE_CHECKING:  # provided by Memory, as are the memzone_* that memd.objects calls
         window: _ext.Window
         proc_slot: int
-
-        def memzone_reserve(
-            self,
-            name: str,
-            length: int,
-            socket_id: int = -1,
-            flags: int = 0,
-            align: int = 64,
-            bound: int = 0,
-        ) -> _Memzone: ...
-
-        def memzone_lookup(self, name: str) -> _Memzone: ...
-
-        def memzone_free(self, mz: _Memzone) -> None: ...
 
     def ring_create(self, name: str, count: int, socket_id: int = -1, flags: int = 0) -> Ring:
         """Create ring `name` of `count` entries (see :meth:`Ring.create`).

@@ -30,7 +30,7 @@ class Header(NamedTuple):
 
 
 class MemsegList(NamedTuple):
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like tuple.index, on purpose
     base_offset: int
     page_size: int
     socket_id: int

@@ -37,9 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 # nobody's processes must find memd and memd_client whatever the install looks like
 ENV = {
     **os.environ,
-    "PYTHONPATH": os.pathsep.join(
-        p for p in (str(REPO), str(REPO / "client"), os.environ.get("PYTHONPATH", "")) if p
-    ),
+    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
 }
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")

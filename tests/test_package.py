@@ -28,3 +28,33 @@ def test_a_secondary_never_imports_the_daemon() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_the_extension_stub_names_exactly_what_the_extension_has() -> None:
+    """memd/_ext.pyi is the one written signature of each C call: it must name every
+    public function, class and constant of memd._ext, and nothing else."""
+    import ast
+    from pathlib import Path
+
+    from memd import _ext
+
+    tree = ast.parse((Path(_ext.__file__).parent / "_ext.pyi").read_text())
+    stub: dict[str, set[str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            members = {
+                n.name if isinstance(n, ast.FunctionDef) else n.target.id
+                for n in getattr(node, "body", [])
+                if isinstance(n, ast.FunctionDef)
+                or (isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
+            }
+            stub[node.name] = members
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            stub[node.target.id] = set()
+    public = {n for n in dir(_ext) if not n.startswith("_")}
+    assert set(stub) - {n for n in stub if n.startswith("_")} == public
+    for name, members in stub.items():
+        obj = getattr(_ext, name, None)
+        if isinstance(obj, type):
+            missing = {m for m in members if not m.startswith("__") and not hasattr(obj, m)}
+            assert not missing, f"{name}: the stub names {missing}, which the type lacks"

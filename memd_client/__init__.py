@@ -10,8 +10,6 @@ offsets found in rings, blocks and memzones are valid here through `mem.view`.
 
 from __future__ import annotations
 
-from memd_client.secondary import Secondary, attach
-
 from memd.errors import (
     CorruptionError,
     MemdError,
@@ -24,6 +22,7 @@ from memd.errors import (
 from memd.memory import MEMZONE_IOVA_CONTIG, Memzone
 from memd.ring import RING_F_EXACT_SZ, RING_F_SC_DEQ, RING_F_SP_ENQ
 from memd.shared import SOCKET_ID_ANY
+from memd_client.secondary import Secondary, attach
 
 __all__ = [
     "MEMZONE_IOVA_CONTIG",
