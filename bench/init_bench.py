@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import memd_client as mc
-
 from memd.primary import Options, Primary
 
 

@@ -10,9 +10,9 @@ import sys
 import threading
 import time
 
-import memd_client as mc
 import pytest
 
+import memd_client as mc
 from memd import _ext
 from memd.testing import Daemon, hugepages_free, result, run_secondary
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 from conftest import hugepages_unavailable
-from memd._ext import HEAP_ELEM_HEADER_SIZE, HEAP_ELEM_TRAILER_SIZE
 
+from memd._ext import HEAP_ELEM_HEADER_SIZE, HEAP_ELEM_TRAILER_SIZE
 from memd.errors import MemdMemoryError
 from memd.heap import space_needed
 from memd.testing import Daemon, result, run_secondary

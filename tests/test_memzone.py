@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 import random
 
-import memd_client as mc
 import pytest
 
+import memd_client as mc
 from memd.testing import Daemon, result, run_secondary
 
 
