@@ -32,45 +32,10 @@ def _hugepages_ok(mb: int) -> bool:
     return int(info.get("HugePages_Free", 0)) * int(info.get("Hugepagesize", 0)) >= mb * 1024
 
 
-def memd_spawn_to_ready(mb: int, extra: list[str], rundir: Path) -> float:
-    sock_path = rundir / "notify"
-    sock_path.unlink(missing_ok=True)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(str(sock_path))
-    s.settimeout(60)
-    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path)}
-    t0 = time.perf_counter()
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "memd",
-            "--file-prefix",
-            "ibench",
-            "--runtime-dir",
-            str(rundir),
-            "-m",
-            str(mb),
-            "--no-telemetry",
-            "--log-level",
-            "warning",
-            *extra,
-        ],
-        env=env,
-    )
-    try:
-        while b"READY=1" not in s.recv(4096):
-            pass
-        return time.perf_counter() - t0
-    finally:
-        p.terminate()
-        p.wait()
-        s.close()
-
-
 def memd_start(mb: int, extra: list[str], rundir: Path, prefix: str) -> subprocess.Popen[bytes]:
     """A memd left running (the caller stops it), once it is ready."""
     sock_path = rundir / "notify"
+    sock_path.unlink(missing_ok=True)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(str(sock_path))
         s.settimeout(60)
@@ -96,6 +61,16 @@ def memd_start(mb: int, extra: list[str], rundir: Path, prefix: str) -> subproce
         while b"READY=1" not in s.recv(4096):
             pass
     return p
+
+
+def memd_spawn_to_ready(mb: int, extra: list[str], rundir: Path) -> float:
+    """Seconds from spawning `memd -m MB` to its READY=1."""
+    t0 = time.perf_counter()
+    p = memd_start(mb, extra, rundir, "ibench")
+    dt = time.perf_counter() - t0
+    p.terminate()
+    p.wait()
+    return dt
 
 
 def memd_inprocess(mb: int, extra: dict, rundir: Path) -> float:

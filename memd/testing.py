@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 _counter = itertools.count()
 
@@ -203,6 +204,29 @@ def finish_secondary(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
     out, err = proc.communicate("go\n", timeout=timeout)
     assert proc.returncode == 0, f"secondary exited {proc.returncode}:\n{err}"
     return out
+
+
+def run_memd(*args: str, timeout: float = 60.0, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """`python -m memd ARGS` to its end (a refused start, say), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "memd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **kw,
+    )
+
+
+def run_memctl(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """`python -m memd.memctl ARGS`, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "memd.memctl", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def result(proc: subprocess.CompletedProcess[str]) -> object:

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from memd.testing import Daemon, remove_leftover_pages, result, run_secondary
+from memd.testing import Daemon, remove_leftover_pages, result, run_memctl, run_memd, run_secondary
 
 GROUP = 4242  # a gid with no /etc/group entry: --group takes numbers
 NOBODY = "nobody"
@@ -256,9 +256,11 @@ def umask(mask: int) -> Iterator[None]:
         os.umask(old)
 
 
+# A refusal must come at once, not from waiting out the attach timeout: with 600 s
+# here, a waiting attach would run into py_nobody's 60 s bound and fail the test.
 ATTACH = """
 import memd_client as mc
-mc.attach({prefix!r}, runtime_dir={rundir!r}, timeout=5)
+mc.attach({prefix!r}, runtime_dir={rundir!r}, timeout=600)
 print("ATTACHED")
 """
 
@@ -301,13 +303,10 @@ def test_group_member_uses_everything(rundir: Path, daemon_factory: MakeDaemon, 
 
 def test_outsider_is_refused_at_once(rundir: Path, daemon_factory: MakeDaemon) -> None:
     d = daemon_factory("-m", "2", "--group", str(GROUP), runtime_dir=rundir)
-    t0 = time.monotonic()
     proc = py_nobody(ATTACH.format(prefix=d.prefix, rundir=str(rundir)), groups=None)
-    elapsed = time.monotonic() - t0
     assert proc.returncode != 0 and "ATTACHED" not in proc.stdout, proc.stdout
     assert "memd.errors.PermissionDenied" in proc.stderr, proc.stderr
     assert str(d.config_path) in proc.stderr, proc.stderr
-    assert elapsed < 3.0, f"refusal took {elapsed:.1f} s (attach timeout is 5 s)"
     # the admin socket refuses too (its directory is 0750 to the group)
     status = run_nobody(
         ["-m", "memd.memctl", "--file-prefix", d.prefix, "--runtime-dir", str(rundir), "status"]
@@ -326,11 +325,9 @@ def test_without_group_everything_is_private(rundir: Path, daemon_factory: MakeD
     assert result(grow)["n"] >= 1
     check_paths(d, grouped=False, min_pages=2)
     for groups in (None, GROUP):  # being in some group changes nothing
-        t0 = time.monotonic()
         proc = py_nobody(ATTACH.format(prefix=d.prefix, rundir=str(rundir)), groups=groups)
         assert proc.returncode != 0 and "ATTACHED" not in proc.stdout
         assert "memd.errors.PermissionDenied" in proc.stderr, proc.stderr
-        assert time.monotonic() - t0 < 3.0
 
 
 # --- 4. a non-root daemon against root's directories -----------------------------------
@@ -638,24 +635,7 @@ def test_prefixes_that_name_other_paths_are_refused(rundir: Path, prefix: str) -
     canary = rundir / "memd" / "CANARY"
     canary.parent.mkdir()
     canary.write_text("keep")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "memd",
-            "--file-prefix",
-            prefix,
-            "--runtime-dir",
-            str(rundir),
-            "--no-huge",
-            "-m",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_memd("--file-prefix", prefix, "--runtime-dir", str(rundir), "--no-huge", "-m", "2")
     assert proc.returncode in (1, 2), proc.stderr
     assert "file-prefix" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert canary.read_text() == "keep"
@@ -670,23 +650,8 @@ def test_runtime_dir_through_another_users_symlink_is_refused(sticky_dir: Path) 
     try:
         proc = run_nobody(["-c", f"import os; os.symlink({str(target)!r}, {str(link)!r})"])
         assert proc.returncode == 0, proc.stderr
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "memd",
-                "--file-prefix",
-                f"sl{os.getpid()}",
-                "--runtime-dir",
-                str(link),
-                "--no-huge",
-                "-m",
-                "2",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        proc = run_memd(
+            "--file-prefix", f"sl{os.getpid()}", "--runtime-dir", str(link), "--no-huge", "-m", "2"
         )
         assert proc.returncode == 1, proc.stderr
         assert str(link) in proc.stderr and "uid 65534" in proc.stderr, proc.stderr
@@ -706,13 +671,7 @@ def test_clean_trusts_a_lock_file_only_for_its_owners_files() -> None:
     try:
         proc = run_nobody(["-c", f"open({str(lock)!r}, 'w').close()"])
         assert proc.returncode == 0, proc.stderr
-        proc = subprocess.run(
-            [sys.executable, "-m", "memd.memctl", "hugepages", "--clean", "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        proc = run_memctl("hugepages", "--clean", "--json")
         assert proc.returncode == 0, proc.stderr
         report = json.loads(proc.stdout)
         assert str(page) not in {r["path"] for r in report["removed"]}
@@ -729,23 +688,8 @@ def test_a_squatted_page_name_refuses_the_start_naming_its_owner(rundir: Path) -
     proc = run_nobody(["-c", f"open({str(squat)!r}, 'w').close()"])
     assert proc.returncode == 0, proc.stderr
     try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "memd",
-                "--file-prefix",
-                prefix,
-                "--runtime-dir",
-                str(rundir),
-                "--no-huge",
-                "-m",
-                "2",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        proc = run_memd(
+            "--file-prefix", prefix, "--runtime-dir", str(rundir), "--no-huge", "-m", "2"
         )
         assert proc.returncode == 1, proc.stderr
         assert str(squat) in proc.stderr and "uid 65534" in proc.stderr, proc.stderr

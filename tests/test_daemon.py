@@ -14,7 +14,7 @@ import pytest
 
 import memd_client as mc
 from memd import _ext
-from memd.testing import Daemon, hugepages_free, result, run_secondary
+from memd.testing import Daemon, hugepages_free, result, run_memd, run_secondary
 
 
 def _page_files(d: Daemon) -> list[str]:
@@ -224,13 +224,7 @@ def test_permission_denied_for_other_user(daemon: Daemon) -> None:
     ],
 )
 def test_bad_usage_and_init_failures(tmp_path, args: list[str], code: int, words: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "memd", "--runtime-dir", str(tmp_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    proc = run_memd("--runtime-dir", str(tmp_path), *args, timeout=30)
     assert proc.returncode == code, proc.stderr
     assert words in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -262,30 +256,28 @@ def test_huge_unlink_refuses_secondaries_clearly(daemon_factory) -> None:
 
 def test_a_forked_child_is_told_to_attach_again(daemon: Daemon) -> None:
     """ZeroMQ sockets do not survive fork(): a child that grows the heap through
-    its parent's attachment gets a clear error at once (it used to spin)."""
+    its parent's attachment gets a clear error (it used to spin until killed; the
+    secondary's 60 s bound fails the test if that comes back)."""
     res = result(
         run_secondary(
             daemon,
             """
-import time
 r, w = os.pipe()
 child = os.fork()
 if child == 0:
-    t = time.monotonic()
     try:
         mem.malloc(64 << 20)          # beyond -m 8: needs the primary
         msg = "no error"
     except mc.MemdError as e:
         msg = f"{type(e).__name__}: {e}"
-    os.write(w, f"{time.monotonic() - t:.3f} {msg}".encode())
+    os.write(w, msg.encode())
     os._exit(0)
 os.waitpid(child, 0)
-secs, msg = os.read(r, 4096).decode().split(" ", 1)
-out({"secs": float(secs), "msg": msg, "parent": mem.malloc(64 << 20).size})
+msg = os.read(r, 4096).decode()
+out({"msg": msg, "parent": mem.malloc(64 << 20).size})
 """,
             timeout=60,
         )
     )
     assert "forked" in res["msg"] and "attach" in res["msg"], res
-    assert res["secs"] < 5
     assert res["parent"] >= 64 << 20  # the parent's attachment is unharmed

@@ -7,7 +7,6 @@ import glob
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -15,6 +14,7 @@ from memd.testing import (
     Daemon,
     finish_secondary,
     result,
+    run_memctl,
     run_secondary,
     start_secondary,
 )
@@ -148,13 +148,7 @@ def test_memctl_hugepages_clean(daemon_factory) -> None:
     dead = daemon_factory("-m", "4")
     dead.kill()
     stale = files_of(dead)
-    proc = subprocess.run(
-        [sys.executable, "-m", "memd.memctl", "hugepages", "--clean", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_memctl("hugepages", "--clean", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     removed = {r["path"] for r in report["removed"]}
@@ -164,13 +158,7 @@ def test_memctl_hugepages_clean(daemon_factory) -> None:
     assert files_of(live) == live_files
     grows(live)
     # the human form says what it freed
-    proc = subprocess.run(
-        [sys.executable, "-m", "memd.memctl", "hugepages", "--clean"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_memctl("hugepages", "--clean")
     assert proc.returncode == 0 and "freed" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -207,13 +195,7 @@ def test_refused_restart_keeps_the_dead_files_cleanable(daemon_factory) -> None:
     assert files_of(old) == left, "a refused start removes nothing"
     holder.kill()
     holder.wait(10)
-    proc = subprocess.run(
-        [sys.executable, "-m", "memd.memctl", "hugepages", "--clean", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_memctl("hugepages", "--clean", "--json")
     assert proc.returncode == 0, proc.stderr
     assert left <= {r["path"] for r in json.loads(proc.stdout)["removed"]}
     assert files_of(old) == set()
