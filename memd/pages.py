@@ -142,10 +142,19 @@ def lock_prefix(directory: str, prefix: str, mode: int, gid: int | None) -> int:
 
 def unlock_prefix(directory: str, prefix: str, fd: int) -> None:
     """Close the prefix lock, removing it (still held) unless page files of the
-    prefix are left: it marks them as memd's for a later clean."""
+    prefix that are ours are left: it marks them as memd's for a later clean.
+    Somebody else's file of that name (a squat) does not keep it."""
     path = os.path.join(directory, prefix_lock_name(prefix))
     kinds = _memd_files(directory).get(prefix, {})
-    if not kinds.get("page") and not kinds.get("temp"):
+    ours = os.fstat(fd).st_uid
+
+    def owned(name: str) -> bool:
+        try:
+            return os.lstat(os.path.join(directory, name)).st_uid == ours
+        except OSError:
+            return False
+
+    if not any(owned(n) for n in kinds.get("page", []) + kinds.get("temp", [])):
         with contextlib.suppress(OSError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 os.unlink(path)

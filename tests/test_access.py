@@ -694,5 +694,7 @@ def test_a_squatted_page_name_refuses_the_start_naming_its_owner(rundir: Path) -
         assert proc.returncode == 1, proc.stderr
         assert str(squat) in proc.stderr and "uid 65534" in proc.stderr, proc.stderr
         assert squat.exists() and squat.stat().st_uid == NOBODY_UID
+        # the refused start leaves nothing of its own behind (no prefix lock)
+        assert not Path(f"/dev/shm/{prefix}.memd-lock").exists()
     finally:
         squat.unlink(missing_ok=True)
