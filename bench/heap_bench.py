@@ -7,7 +7,7 @@ row's ratio to bytearray(n) and to libc malloc+free through ctypes.  Rows:
 
   ext offsets   _ext.heap_alloc + _ext.heap_free (plain ints, no Block)
   ext Block     _ext.heap_malloc + _ext.heap_free_block (a Block object)
-  HeapMixin     mem.malloc + mem.free (the API; memd.heap.AnonymousMemory,
+  HeapMixin     mem.malloc + mem.free (the API; memd.shm.heap.AnonymousMemory,
                 preallocated, so no expansion / release)
   zmalloc       mem.zmalloc + mem.free (freed memory is dirty: zeroes n bytes)
   bytearray     bytearray(n), dropped (Python's allocator; zero-filled)
@@ -39,7 +39,7 @@ import timeit
 from pathlib import Path
 
 from memd import _ext
-from memd.heap import AnonymousMemory
+from memd.shm.heap import AnonymousMemory
 from memd.testing import hugepages_free
 
 SIZES = (64, 1024, 64 * 1024)

@@ -48,8 +48,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from memd import _ext
-from memd.mempool import Mempool
-from memd.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
+from memd.shm.mempool import Mempool
+from memd.shm.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
 
 try:
     import faster_fifo

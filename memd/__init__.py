@@ -50,7 +50,7 @@ def __getattr__(name: str) -> Any:
     # The primary loads on first use: a secondary imports memd (for memd._ext) and
     # must not pull in the daemon with it.
     if name in _PRIMARY:
-        from memd import primary
+        import memd.primary
 
-        return getattr(primary, name)
+        return getattr(memd.primary, name)
     raise AttributeError(f"module 'memd' has no attribute {name!r}")

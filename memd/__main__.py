@@ -2,6 +2,6 @@
 
 import sys
 
-from memd.daemon import main
+from memd.primary.daemon import main
 
 sys.exit(main())

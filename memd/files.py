@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memd.errors import PermissionDenied
-from memd.hugepage_info import proc_path
+from memd.hw.hugepage_info import proc_path
 
 __all__ = [
     "Holder",

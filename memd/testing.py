@@ -219,9 +219,9 @@ def run_memd(*args: str, timeout: float = 60.0, **kw: Any) -> subprocess.Complet
 
 
 def run_memctl(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """`python -m memd.memctl ARGS`, output captured."""
+    """`python -m memd.cli.memctl ARGS`, output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "memd.memctl", *args],
+        [sys.executable, "-m", "memd.cli.memctl", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -19,9 +19,9 @@ from memd.errors import (
     ProtocolError,
     VersionMismatch,
 )
-from memd.memory import MEMZONE_IOVA_CONTIG, Memzone
-from memd.ring import RING_F_EXACT_SZ, RING_F_SC_DEQ, RING_F_SP_ENQ
-from memd.shared import SOCKET_ID_ANY
+from memd.shm.config import SOCKET_ID_ANY
+from memd.shm.memory import MEMZONE_IOVA_CONTIG, Memzone
+from memd.shm.ring import RING_F_EXACT_SZ, RING_F_SC_DEQ, RING_F_SP_ENQ
 from memd_client.secondary import Secondary, attach
 
 __all__ = [

@@ -30,12 +30,12 @@ from memd.files import (
     is_shared_writable,
     open_checked,
 )
-from memd.hugepage_info import hugetlbfs_mounts
-from memd.ipc import PROTOCOL_VERSION, Channel
-from memd.memory import Memory
+from memd.hw.hugepage_info import hugetlbfs_mounts
+from memd.mp.channel import PROTOCOL_VERSION, Channel
+from memd.mp.malloc_mp import SecondaryGrowth
 from memd.paths import DEFAULT_PREFIX, SHM_DIR, config_path, mp_endpoint
 from memd.paths import runtime_dir as resolve_runtime_dir
-from memd.shared import comm, exited, header, proc_start_time, process_alive, watch_process
+from memd.shm.config import comm, exited, header, proc_start_time, process_alive, watch_process
 
 log = logging.getLogger("memd_client")
 
@@ -45,7 +45,7 @@ log = logging.getLogger("memd_client")
 _attach_numbers = itertools.count(1)
 
 
-class Secondary(Memory):
+class Secondary(SecondaryGrowth):
     """Attached process. Use `attach()`; `detach()` (or `with`) when done."""
 
     def __init__(self, prefix: str, rundir: Path, timeout: float) -> None:
@@ -281,15 +281,7 @@ class Secondary(Memory):
                 "again once it is restarted"
             )
 
-    def _on_sync(self, msg: dict[str, Any]) -> None:
-        """Background thread: the primary changed the memory map."""
-        if msg["type"] == "sync":
-            self.sync_pages()
-            self._heap_cache_clear()  # pages came or went: reset release thresholds
-        elif msg["type"] == "shutdown":
-            log.warning("the memd primary is shutting down")
-
-    # --- growth through the primary --------------------------------------------------
+    # --- requests to the primary -----------------------------------------------------
 
     def _request(self, msg: dict[str, Any]) -> dict[str, Any]:
         if self._channel is None:
@@ -305,26 +297,6 @@ class Secondary(Memory):
         except TimeoutError as e:
             self._check_alive()
             raise MemdMemoryError(f"{e}; the primary may be overloaded") from None
-
-    def _expand_heap(self, heap: int, size: int, align: int, bound: int, contig: bool) -> None:
-        ans = self._request(
-            {
-                "type": "alloc",
-                "heap": heap,
-                "size": size,
-                "align": align,
-                "bound": bound,
-                "contig": contig,
-            }
-        )
-        if ans["status"]:
-            raise MemdMemoryError(f"primary: {ans['reason']}")
-        self.sync_pages()
-
-    def _release_pages(self, heap: int) -> int | None:
-        with contextlib.suppress(MemdMemoryError, PrimaryNotRunning):
-            self._request({"type": "shrink", "heap": heap})
-        return None
 
     # --- detach ----------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ def hugepages_unavailable(why: str) -> NoReturn:
 
 
 def _probe_hugepages() -> HugepageEnv:
-    # Read /proc directly, not through memd.hugepage_info: the policy must not depend
+    # Read /proc directly, not through memd.hw.hugepage_info: the policy must not depend
     # on the code under test.
     meminfo: dict[str, int] = {}
     try:

@@ -280,7 +280,7 @@ def test_group_member_uses_everything(rundir: Path, daemon_factory: MakeDaemon, 
         status = run_nobody(
             [
                 "-m",
-                "memd.memctl",
+                "memd.cli.memctl",
                 "--file-prefix",
                 d.prefix,
                 "--runtime-dir",
@@ -309,7 +309,7 @@ def test_outsider_is_refused_at_once(rundir: Path, daemon_factory: MakeDaemon) -
     assert str(d.config_path) in proc.stderr, proc.stderr
     # the admin socket refuses too (its directory is 0750 to the group)
     status = run_nobody(
-        ["-m", "memd.memctl", "--file-prefix", d.prefix, "--runtime-dir", str(rundir), "status"]
+        ["-m", "memd.cli.memctl", "--file-prefix", d.prefix, "--runtime-dir", str(rundir), "status"]
     )
     assert status.returncode != 0, status.stdout
     assert d.proc is not None and d.proc.poll() is None

@@ -27,7 +27,7 @@ from conftest import hugepages_unavailable
 
 from memd._ext import HEAP_ELEM_HEADER_SIZE, HEAP_ELEM_TRAILER_SIZE
 from memd.errors import MemdMemoryError
-from memd.heap import space_needed
+from memd.shm.heap import space_needed
 from memd.testing import Daemon, result, run_secondary
 
 MiB = 1 << 20

@@ -18,7 +18,7 @@ import msgpack
 import pytest
 import zmq
 
-from memd.ipc import PROTOCOL_VERSION
+from memd.mp.channel import PROTOCOL_VERSION
 from memd.paths import mp_endpoint
 from memd.testing import Daemon, hugepages_free, result, run_secondary
 

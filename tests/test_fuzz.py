@@ -35,11 +35,11 @@ import zmq
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from memd.admin.telemetry import TelemetryClient
 from memd.errors import ProtocolError
-from memd.ipc import MAX_MESSAGE, MAX_REASON, PROTOCOL_VERSION, decode, reply
+from memd.mp.channel import MAX_MESSAGE, MAX_REASON, PROTOCOL_VERSION, decode, reply
 from memd.paths import mp_endpoint, telemetry_path
-from memd.shared import proc_start_time
-from memd.telemetry import TelemetryClient
+from memd.shm.config import proc_start_time
 from memd.testing import Daemon
 
 CASES = int(os.environ.get("MEMD_FUZZ_CASES", "10000"))  # per socket; fewer for a quick run
@@ -394,7 +394,7 @@ def dealer(daemon: Daemon, identity: bytes | None) -> zmq.Socket:
 
 class Peers:
     """DEALER sockets on the primary's endpoint: "registered" took over the request
-    identity (b"req-<name>", see memd.ipc.Channel) of a secondary attached here, so
+    identity (b"req-<name>", see memd.mp.channel.Channel) of a secondary attached here, so
     its messages reach the handlers' parameter checks; the others are strangers."""
 
     def __init__(self, daemon: Daemon) -> None:
@@ -595,7 +595,7 @@ class AdminConn:
 
 def reply_key(packet: bytes) -> tuple[str, bool]:
     """What the reply is keyed by, and whether the request is well formed
-    (memd/telemetry.py: the first 1023 bytes, a final newline dropped, split at the
+    (memd/admin/telemetry.py: the first 1023 bytes, a final newline dropped, split at the
     first comma, "/" + [A-Za-z0-9_/], at most 55 characters, no NUL, valid UTF-8)."""
     p = packet[:1023]
     if p.endswith(b"\n"):

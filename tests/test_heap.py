@@ -1,4 +1,4 @@
-"""The shared-memory malloc heap (ext/heap.c, ext/py_heap.c, memd/heap.py).
+"""The shared-memory malloc heap (ext/heap.c, ext/py_heap.c, memd/shm/heap.py).
 
 No daemon: every test runs on an anonymous window whose first MEMD_CONFIG_SIZE bytes
 are the config (the heaps live at config.heaps[i]) and whose heap memory is added
@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from memd import _ext
 from memd.errors import CorruptionError, MemdMemoryError, MemdValueError
-from memd.heap import AnonymousMemory, HeapMixin, space_needed
+from memd.shm.heap import AnonymousMemory, HeapMixin, space_needed
 
 MiB = 1 << 20
 CONFIG = 2 * MiB

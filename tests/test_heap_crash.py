@@ -20,7 +20,7 @@ from support.forking import fork_run, wait_child
 
 from memd import _ext
 from memd.errors import MemdValueError
-from memd.heap import AnonymousMemory
+from memd.shm.heap import AnonymousMemory
 from memd.testing import Daemon, result, run_secondary
 
 MiB = 1 << 20

@@ -1,4 +1,4 @@
-"""memd.hugepage_info: discovery on fake /sys and /proc trees, then on this machine."""
+"""memd.hw.hugepage_info: discovery on fake /sys and /proc trees, then on this machine."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support.fake_sys import FakeSys, standard
 
-from memd import hugepage_info as hi
 from memd.errors import (
     HugepageConfigError,
     MalformedFileError,
     MemdError,
     MemdValueError,
 )
+from memd.hw import hugepage_info as hi
 
 M2 = 2 * 1024 * 1024
 G1 = 1024 * 1024 * 1024

@@ -1,4 +1,4 @@
-"""memd.hugepages_admin: reserve/mount/setup against a fake /sys, show() on this machine."""
+"""memd.cli.hugepages_admin: reserve/mount/setup against a fake /sys, show() on this machine."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from support.fake_sys import FakeSys, standard
 
-from memd import hugepage_info as hi
-from memd import hugepages_admin as ha
+from memd.cli import hugepages_admin as ha
 from memd.errors import HugepageConfigError, HugepageReserveError, MemdValueError
+from memd.hw import hugepage_info as hi
 
 M2 = 2 * 1024 * 1024
 G1 = 1024 * 1024 * 1024

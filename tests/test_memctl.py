@@ -19,9 +19,9 @@ from typing import Any, NamedTuple
 import pytest
 from support.fake_admin import FakeMem
 
-from memd import memctl
-from memd.api import AdminAPI
-from memd.telemetry import TelemetryServer
+from memd.admin.api import AdminAPI
+from memd.admin.telemetry import TelemetryServer
+from memd.cli import memctl
 from memd.testing import Daemon
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -198,7 +198,7 @@ def _memctl(
 ) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run(
-        [*(user or []), python, "-m", "memd.memctl", *argv],
+        [*(user or []), python, "-m", "memd.cli.memctl", *argv],
         capture_output=True,
         text=True,
         env=env,
@@ -260,7 +260,7 @@ def test_refused_user_gets_one_line(rundir: str, mem: FakeMem) -> None:
     assert proc.stderr.startswith("memctl: memd: permission denied: uid 65534")
 
 
-# -- hugepages (delegates to memd.hugepages_admin) ------------------------------------------
+# -- hugepages (delegates to memd.cli.hugepages_admin) ------------------------------------------
 
 
 class Row(NamedTuple):
@@ -283,7 +283,7 @@ class Res(NamedTuple):
 @pytest.fixture
 def fake_admin(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
     calls: list[tuple[str, Any]] = []
-    mod = types.ModuleType("memd.hugepages_admin")
+    mod = types.ModuleType("memd.cli.hugepages_admin")
 
     def show() -> list[Row]:
         calls.append(("show", None))
@@ -306,7 +306,7 @@ def fake_admin(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
     mod.mount = mount  # type: ignore[attr-defined]
     mod.clear = clear  # type: ignore[attr-defined]
     mod.format_rows = lambda rows: "\n".join(f"{r.page_size} {r.node} {r.total}" for r in rows)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "memd.hugepages_admin", mod)
+    monkeypatch.setitem(sys.modules, "memd.cli.hugepages_admin", mod)
     return calls
 
 
@@ -338,7 +338,7 @@ def test_hugepages_show_reserve_mount_clear(
 
 
 def test_hugepages_show_on_this_machine(capsys: pytest.CaptureFixture[str]) -> None:
-    if importlib.util.find_spec("memd.hugepages_admin") is None:
+    if importlib.util.find_spec("memd.cli.hugepages_admin") is None:
         code = memctl.main(["hugepages"])
         _, err = capsys.readouterr()
         assert code == 1 and len(err.splitlines()) == 1

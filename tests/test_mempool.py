@@ -19,14 +19,14 @@ from support.forking import fork_run, wait_child
 
 from memd import _ext
 from memd.errors import CorruptionError, MemdError, PoolEmpty
-from memd.mempool import (
+from memd.shm.mempool import (
     MEMPOOL_F_SC_GET,
     MEMPOOL_F_SP_PUT,
     Mempool,
     MempoolObject,
     mempool_memsize,
 )
-from memd.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
+from memd.shm.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
 
 BASE = 2 << 20
 

@@ -1,4 +1,4 @@
-"""memd.pagemap: fake pagemap/numa_maps files, then real anonymous and hugetlbfs pages."""
+"""memd.hw.pagemap: fake pagemap/numa_maps files, then real anonymous and hugetlbfs pages."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from memd import hugepage_info as hi
-from memd import pagemap as pm
+from memd.hw import hugepage_info as hi
+from memd.hw import pagemap as pm
 
 P = pm.PAGE_SIZE
 

@@ -10,8 +10,8 @@ import subprocess
 import sys
 import time
 
+from memd.admin.telemetry import TelemetryClient
 from memd.paths import telemetry_path
-from memd.telemetry import TelemetryClient
 from memd.testing import Daemon
 
 HOLDER = """

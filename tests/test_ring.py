@@ -26,7 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from support.forking import fork_run, wait_child
 
 from memd import _ext
-from memd.ring import RING_F_EXACT_SZ, RING_F_SC_DEQ, RING_F_SP_ENQ, Ring, ring_memsize
+from memd.shm.ring import RING_F_EXACT_SZ, RING_F_SC_DEQ, RING_F_SP_ENQ, Ring, ring_memsize
 
 BASE = 2 << 20  # offsets below this are the config struct
 U64_MAX = 2**64 - 1
@@ -647,7 +647,7 @@ def test_mixin_create_lookup_free(window: _ext.Window, monkeypatch: pytest.Monke
 
 
 def test_wait_spin_setting(window: _ext.Window) -> None:
-    from memd.ring import set_wait_spin
+    from memd.shm.ring import set_wait_spin
 
     r = Ring.create(window, BASE, 8)
     old = set_wait_spin(5e-6)

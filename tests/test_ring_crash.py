@@ -30,7 +30,7 @@ from support.forking import wait_child
 
 from memd import _ext
 from memd.errors import PrimaryNotRunning
-from memd.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
+from memd.shm.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
 
 BASE = 2 << 20  # offsets below this are the config struct
 SPSC = RING_F_SP_ENQ | RING_F_SC_DEQ

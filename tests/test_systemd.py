@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from memd.daemon import build_parser
-from memd.notify import Watchdog, notify, notify_socket_address, watchdog_interval
+from memd.admin.telemetry import TelemetryClient
 from memd.paths import telemetry_path
-from memd.telemetry import TelemetryClient
+from memd.primary.daemon import build_parser
+from memd.primary.notify import Watchdog, notify, notify_socket_address, watchdog_interval
 from memd.testing import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent

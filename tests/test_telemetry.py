@@ -23,17 +23,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.fake_admin import FakeMem, FakeZone
 
-from memd.access import AccessPolicy, PeerCred, peer_credentials, resolve_group
-from memd.api import MAX_HELP_LEN, AdminAPI, BadParams, UnknownCommand, reference
-from memd.hugepage_info import set_roots
-from memd.paths import TELEMETRY_SOCKET, telemetry_path
-from memd.telemetry import (
+from memd.admin.api import MAX_HELP_LEN, AdminAPI, BadParams, UnknownCommand, reference
+from memd.admin.telemetry import (
     MAX_CLIENTS,
     TelemetryClient,
     TelemetryServer,
     encode_reply,
     parse_request,
 )
+from memd.hw.hugepage_info import set_roots
+from memd.mp.access import AccessPolicy, PeerCred, peer_credentials, resolve_group
+from memd.paths import TELEMETRY_SOCKET, telemetry_path
 from memd.testing import Daemon, run_secondary
 
 DPDK_TELEMETRY = shutil.which("dpdk-telemetry.py") or "/usr/bin/dpdk-telemetry.py"
@@ -665,7 +665,7 @@ def test_daemon_in_var_run_found_by_default_paths(tmp_path: Path) -> None:
         )
         assert proc.stdout.strip() == '{"/eal/heap_list": [0]}', proc.stdout + proc.stderr
         proc = subprocess.run(
-            [sys.executable, "-m", "memd.memctl", "--file-prefix", prefix, "--json", "status"],
+            [sys.executable, "-m", "memd.cli.memctl", "--file-prefix", prefix, "--json", "status"],
             capture_output=True,
             text=True,
             env=dict(env, PYTHONPATH=str(Path(__file__).parent.parent)),
@@ -684,4 +684,5 @@ def test_daemon_in_var_run_found_by_default_paths(tmp_path: Path) -> None:
 
 def test_generated_reference_is_up_to_date() -> None:
     doc = Path(__file__).resolve().parent.parent / "docs" / "admin-socket.md"
-    assert doc.read_text() == reference() + "\n", "regenerate: python -m memd.api > " + str(doc)
+    regenerate = f"regenerate: python -m memd.admin.api > {doc}"
+    assert doc.read_text() == reference() + "\n", regenerate

@@ -1,4 +1,4 @@
-"""A stand-in for the primary's memory object, with the names memd/api.py reads."""
+"""A stand-in for the primary's memory object, with the names memd/admin/api.py reads."""
 
 from __future__ import annotations
 

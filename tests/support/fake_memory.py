@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pytest
 
 from memd import _ext
-from memd.mempool import MempoolMixin
-from memd.ring import RingMixin
+from memd.shm.mempool import MempoolMixin
+from memd.shm.ring import RingMixin
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """memctl: look at a running memd (and at the machine's hugepages).
 
-memctl is a client of the daemon's admin socket (DPDK telemetry v2, memd/telemetry.py):
+memctl is a client of the daemon's admin socket (DPDK telemetry v2, memd/admin/telemetry.py):
 everything it shows comes from the same commands ``dpdk-telemetry.py`` can send.
 Human tables by default, ``--json`` for scripts, ``metrics`` for Prometheus.
 
@@ -18,11 +18,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from memd.admin.telemetry import TelemetryClient
 from memd.errors import MemdError
-from memd.pages import clean_all
 from memd.paths import DEFAULT_PREFIX, telemetry_path
 from memd.paths import runtime_dir as _default_runtime_dir
-from memd.telemetry import TelemetryClient
+from memd.shm.pages import clean_all
 
 __all__ = ["collect", "format_metrics", "main", "render"]
 
@@ -479,10 +479,10 @@ def format_metrics(data: dict[str, Any]) -> str:
 
 def _hugepages(args: argparse.Namespace) -> int:
     try:
-        ha = importlib.import_module("memd.hugepages_admin")
+        ha = importlib.import_module("memd.cli.hugepages_admin")
     except ImportError:
         print(
-            "memctl: hugepages: memd.hugepages_admin is not part of this installation",
+            "memctl: hugepages: memd.cli.hugepages_admin is not part of this installation",
             file=sys.stderr,
         )
         return 1

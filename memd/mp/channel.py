@@ -27,10 +27,10 @@ from typing import Any, cast
 import msgpack
 import zmq
 
-from memd.access import AccessPolicy, PeerCred
 from memd.errors import PrimaryNotRunning, ProtocolError
+from memd.mp.access import AccessPolicy, PeerCred
 
-log = logging.getLogger("memd.ipc")
+log = logging.getLogger("memd.mp.channel")
 
 MAX_MESSAGE = 4096  # bytes: the largest valid message is far smaller
 MAX_REASON = 1024  # bytes of a reply's reason (the secondary accepts strs this long)

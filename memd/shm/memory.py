@@ -1,5 +1,5 @@
 """The shared-memory model both sides use: the window, the pages mapped into it,
-memzones, and the calls a user makes.  `memd.primary.Primary` and
+memzones, and the calls a user makes.  `memd.Primary` and
 `memd_client.Secondary` differ only in how memory is added (the primary maps
 pages itself; a secondary asks the primary) and in who owns the files."""
 
@@ -20,12 +20,12 @@ from memd.errors import (
     MemdValueError,
     translate,
 )
-from memd.heap import HeapMixin
-from memd.mempool import Mempool, MempoolMixin
-from memd.pages import PageStore
 from memd.paths import SHM_DIR, config_path
-from memd.ring import Ring, RingMixin
-from memd.shared import SOCKET_ID_ANY, Header, MemsegList, header, memseg_lists, processes
+from memd.shm.config import SOCKET_ID_ANY, Header, MemsegList, header, memseg_lists, processes
+from memd.shm.heap import HeapMixin
+from memd.shm.mempool import Mempool, MempoolMixin
+from memd.shm.pages import PageStore
+from memd.shm.ring import Ring, RingMixin
 
 # DPDK memzone flags memd accepts (rte_memzone.h values)
 MEMZONE_2MB = 0x00000002

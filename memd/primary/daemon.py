@@ -14,9 +14,9 @@ import threading
 import time
 from typing import Any
 
-from memd import notify
 from memd.errors import MemdError
 from memd.paths import DEFAULT_PREFIX
+from memd.primary import notify
 
 log = logging.getLogger("memd")
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memd: cannot start: {e}", file=sys.stderr)
         return 1
     telemetry = _start_telemetry(primary, args)
-    from memd.primary import memory_summary
+    from memd.primary.primary import memory_summary
 
     notify.notify(
         READY=1,
@@ -233,11 +233,11 @@ def _start_telemetry(primary: Any, args: argparse.Namespace) -> Any:
     if args.no_telemetry:
         return None
     try:
-        from memd.api import AdminAPI
-        from memd.telemetry import TelemetryServer
+        from memd.admin.api import AdminAPI
+        from memd.admin.telemetry import TelemetryServer
     except ImportError:
         return None
-    from memd.access import resolve_group
+    from memd.mp.access import resolve_group
 
     try:
         server = TelemetryServer(

@@ -636,7 +636,7 @@ def lock_huge_dir(path: str, *, exclusive: bool = True, timeout: float = 0.0) ->
 
     DPDK holds it exclusive only while initialising; any number of primaries with
     different prefixes then share the directory (memd's own safety rests on its
-    prefix lock and the page files' locks, see :mod:`memd.pages`).
+    prefix lock and the page files' locks, see :mod:`memd.shm.pages`).
     Waits up to ``timeout`` seconds. Returns the fd (close it to unlock).
     Raises :class:`HugepageConfigError` when the lock is held elsewhere.
     """

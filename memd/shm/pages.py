@@ -39,7 +39,7 @@ from memd.paths import (
     parse_memd_name,
     prefix_lock_name,
 )
-from memd.shared import MemsegList
+from memd.shm.config import MemsegList
 
 log = logging.getLogger("memd")
 
@@ -305,7 +305,7 @@ def clean_stale(directory: str, skip: str | None = None) -> CleanReport:
 def clean_all() -> CleanReport:
     """`clean_stale` in every hugetlbfs mount and /dev/shm: free the memory of memd
     instances that died and never came back (`memctl hugepages --clean`)."""
-    from memd.hugepage_info import hugetlbfs_mounts
+    from memd.hw.hugepage_info import hugetlbfs_mounts
 
     report = CleanReport()
     for directory in [*sorted({m.mount_point for m in hugetlbfs_mounts()}), SHM_DIR]:
@@ -320,7 +320,7 @@ def no_pages_reason(directory: str, page_size: int, wanted: int, error: OSError)
     """Why `wanted` pages of `page_size` could not be had in `directory`, in words
     that say what to do: permissions, a hugetlbfs mount's size= limit (statfs
     reports blocks only for a mount that has one), a full /dev/shm, or the pool."""
-    from memd.hugepage_info import kb, size_sysfs_dir
+    from memd.hw.hugepage_info import kb, size_sysfs_dir
 
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         owner = "?"

@@ -28,8 +28,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from memd import _ext, objects
+from memd import _ext
 from memd.errors import MemdValueError
+from memd.shm import objects
 
 RING_F_SP_ENQ: int = _ext.RING_F_SP_ENQ  # default enqueue is single-producer
 RING_F_SC_DEQ: int = _ext.RING_F_SC_DEQ  # default dequeue is single-consumer
@@ -143,7 +144,7 @@ class RingMixin:
     the shared object directory so that any process finds it by name.
     """
 
-    if TYPE_CHECKING:  # provided by Memory, as are the memzone_* that memd.objects calls
+    if TYPE_CHECKING:  # provided by Memory, as are the memzone_* that memd.shm.objects calls
         window: _ext.Window
         proc_slot: int
 

@@ -16,7 +16,7 @@ Protocol (DPDK lib/telemetry/telemetry.c, followed byte for byte):
   bad parameters give ``{"/cmd":null}``.
 
 memd's additions, all invisible to a well-behaved DPDK client: the peer's uid/gid is
-checked with ``SO_PEERCRED`` (:mod:`memd.access`) and a refused peer gets one packet
+checked with ``SO_PEERCRED`` (:mod:`memd.mp.access`) and a refused peer gets one packet
 ``{"error":"..."}`` instead of the greeting, then the socket is closed; so does a
 client beyond ``max_clients`` (DPDK closes without a word). A client idle for
 ``idle_timeout`` seconds, or one that stops reading its replies, is disconnected.
@@ -39,10 +39,10 @@ import threading
 import time
 from typing import Any
 
-from memd.access import AccessPolicy, peer_credentials
-from memd.api import CMD_RE, MAX_CMD_LEN, MAX_OUTPUT_LEN, AdminAPI
+from memd.admin.api import CMD_RE, MAX_CMD_LEN, MAX_OUTPUT_LEN, AdminAPI
 from memd.errors import MemdError, PermissionDenied, PrimaryNotRunning, ProtocolError
 from memd.files import ensure_dir
+from memd.mp.access import AccessPolicy, peer_credentials
 from memd.paths import telemetry_path
 
 __all__ = [
@@ -52,7 +52,7 @@ __all__ = [
     "parse_request",
 ]
 
-log = logging.getLogger("memd.telemetry")
+log = logging.getLogger("memd.admin.telemetry")
 
 MAX_REQUEST = 1023  # DPDK reads into a 1024-byte buffer, keeping one byte for the NUL
 MAX_GREETING = 1024
@@ -149,7 +149,7 @@ class _Client:
 
 
 class TelemetryServer:
-    """Serves an :class:`~memd.api.AdminAPI` on the telemetry v2 socket, in a thread.
+    """Serves an :class:`~memd.admin.api.AdminAPI` on the telemetry v2 socket, in a thread.
 
     ``TelemetryServer(api, runtime_dir, prefix).start()`` binds and returns once the
     socket accepts connections; ``.stop()`` closes every client, removes the socket

@@ -11,7 +11,7 @@ NUMA nodes come from the ``get_mempolicy(MPOL_F_NODE | MPOL_F_ADDR)`` system cal
 (exact, per page) when the /proc root is the real one, else from
 ``/proc/self/numa_maps`` (per mapping: the node holding most of its pages).
 
-Paths go through :func:`memd.hugepage_info.proc_path`, so ``set_roots(proc=...)``
+Paths go through :func:`memd.hw.hugepage_info.proc_path`, so ``set_roots(proc=...)``
 points this module at a fake ``self/pagemap``, ``self/numa_maps`` and ``self/maps``.
 """
 
@@ -25,8 +25,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
 
-from memd import hugepage_info
-from memd.hugepage_info import proc_path
+from memd.hw import hugepage_info
+from memd.hw.hugepage_info import proc_path
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 ENTRY_SIZE = 8

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 from memd import _ext
 from memd.errors import CorruptionError, MemdError, MemdMemoryError, MemdValueError, translate
-from memd.shared import SOCKET_ID_ANY, process_alive
+from memd.shm.config import SOCKET_ID_ANY, process_alive
 
 __all__ = ["SOCKET_ID_ANY", "AnonymousMemory", "Block", "HeapMixin", "space_needed"]
 

@@ -17,7 +17,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from memd.hugepage_info import proc_path
+from memd.hw.hugepage_info import proc_path
 
 __all__ = ["AccessPolicy", "PeerCred", "peer_credentials", "resolve_group"]
 

@@ -29,8 +29,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from memd import _ext, objects
+from memd import _ext
 from memd.errors import MemdValueError
+from memd.shm import objects
 
 MEMPOOL_F_NO_SPREAD: int = _ext.MEMPOOL_F_NO_SPREAD  # accepted, no effect
 MEMPOOL_F_NO_CACHE_ALIGN: int = _ext.MEMPOOL_F_NO_CACHE_ALIGN  # accepted, no effect
@@ -188,7 +189,7 @@ class MempoolMixin:
     """Named mempools (``mempool_create``/``mempool_lookup``/``mempool_free``) for
     ``Memory``; pools live in memzone ``MP_<name>`` and the shared object directory."""
 
-    if TYPE_CHECKING:  # provided by Memory, as are the memzone_* that memd.objects calls
+    if TYPE_CHECKING:  # provided by Memory, as are the memzone_* that memd.shm.objects calls
         window: _ext.Window
         proc_slot: int
 

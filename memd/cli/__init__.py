@@ -1,0 +1,2 @@
+"""Command-line tools besides the daemon: `memctl` and the hugepage administration
+(`python -m memd.hugepages_admin`)."""

@@ -1,0 +1,268 @@
+"""Heap growth and release, both halves (DPDK `malloc_mp.c`), top to bottom.
+
+1. A `malloc` finds no free element big enough (`ext/heap.c`) and calls
+   `_expand_heap(heap, size, align, bound, contig)`.
+2. In a secondary (`SecondaryGrowth`) that sends `alloc {heap, size, align, bound}`
+   to the primary and waits for the answer.  In the primary the same call runs in
+   process, and `alloc` requests land in `PrimaryGrowth._on_alloc`.
+3. The primary (`PrimaryGrowth._expand_heap`) creates and maps the pages
+   (`memd.primary.memalloc`), records them in the memseg list, tells every secondary
+   to map them (a `sync` broadcast, answered by `SecondaryGrowth._on_sync`) and only
+   then adds them to the heap, all under the heap lock.  A secondary that cannot map
+   them rolls the growth back.
+4. The secondary maps what the memseg lists say (`Memory.sync_pages`) and retries.
+5. Whole free pages go back the same way (`_release_pages`, `shrink` requests),
+   unless they were preallocated (-m, --socket-mem, --legacy-mem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import threading
+from typing import TYPE_CHECKING, Any, Protocol
+
+from memd import _ext
+from memd.errors import MemdMemoryError, PrimaryNotRunning
+from memd.hw import hugepage_info
+from memd.mp.channel import Peer, Server, param, reply
+from memd.shm.config import MemsegList, memseg_lists
+from memd.shm.heap import space_needed
+from memd.shm.memory import Memory
+
+log = logging.getLogger("memd")
+secondary_log = logging.getLogger("memd_client")
+
+MiB = 1 << 20
+
+
+class GrowthOptions(Protocol):
+    """The primary's options that growth reads (`memd.primary.Options` has them)."""
+
+    legacy_mem: bool
+    max_mem_mb: int
+
+
+class SecondaryGrowth(Memory):
+    """A secondary's half: ask the primary, map what it says."""
+
+    if TYPE_CHECKING:
+
+        def _request(self, msg: dict[str, Any]) -> dict[str, Any]: ...
+
+    def _expand_heap(self, heap: int, size: int, align: int, bound: int, contig: bool) -> None:
+        ans = self._request(
+            {
+                "type": "alloc",
+                "heap": heap,
+                "size": size,
+                "align": align,
+                "bound": bound,
+                "contig": contig,
+            }
+        )
+        if ans["status"]:
+            raise MemdMemoryError(f"primary: {ans['reason']}")
+        self.sync_pages()
+
+    def _release_pages(self, heap: int) -> int | None:
+        with contextlib.suppress(MemdMemoryError, PrimaryNotRunning):
+            self._request({"type": "shrink", "heap": heap})
+        return None
+
+    def _on_sync(self, msg: dict[str, Any]) -> None:
+        """Background thread: the primary changed the memory map."""
+        if msg["type"] == "sync":
+            self.sync_pages()
+            self._heap_cache_clear()  # pages came or went: reset release thresholds
+        elif msg["type"] == "shutdown":
+            secondary_log.warning("the memd primary is shutting down")
+
+
+class PrimaryGrowth(Memory):
+    """The primary's half: map pages, have every secondary map them, add them to the
+    heap; and the reverse."""
+
+    if TYPE_CHECKING:
+
+        @property
+        def options(self) -> GrowthOptions: ...
+
+        server: Server | None
+        _expand_lock: threading.RLock
+
+        def _lists_of(self, socket_id: int) -> list[MemsegList]: ...
+        def _map_new_pages(self, msl: MemsegList, n: int, prealloc: bool) -> int: ...
+        def _drop_page(self, msl: MemsegList, slot: int) -> None: ...
+        def _page_iova(self, addr: int) -> int: ...
+        def _mapped_bytes(self) -> int: ...
+        def prune_dead(self) -> list[int]: ...
+
+    def _expand_heap(self, heap: int, size: int, align: int, bound: int, contig: bool) -> None:
+        """Map enough new pages for `size` into `heap`, tell every secondary to map
+        them, and only then let anyone allocate from them (the heap lock is held
+        throughout).  Raises MemoryError when no pages can be had."""
+        if self.options.legacy_mem:
+            raise MemdMemoryError(
+                "memd runs with --legacy-mem: all memory was mapped at "
+                "start; restart it with a larger -m"
+            )
+        lists = self._lists_of(heap)
+        if not lists:
+            raise MemdMemoryError(f"socket {heap} has no memory lists")
+        need = space_needed(size, align, bound)
+        errors = []
+        with self._expand_lock:
+            for msl in lists:
+                n = math.ceil(need / msl.page_size)
+                cap = self.options.max_mem_mb * MiB
+                if cap and self._mapped_bytes() + n * msl.page_size > cap:
+                    errors.append(
+                        f"memd's --max-mem {self.options.max_mem_mb} MB is reached "
+                        "(free memory or restart memd with a larger --max-mem)"
+                    )
+                    continue
+                if n > msl.capacity:
+                    errors.append(
+                        f"{n} pages of {hugepage_info.kb(msl.page_size)} exceed the "
+                        f"list's {msl.capacity}"
+                    )
+                    continue
+                _ext.heap_lock(self.window, heap)
+                try:
+                    try:
+                        first = self._map_new_pages(msl, n, prealloc=False)
+                    except MemoryError as e:
+                        errors.append(str(e))
+                        continue
+                    offset = msl.base_offset + first * msl.page_size
+                    failures = self._sync_secondaries()
+                    if failures:
+                        for slot in range(first, first + n):
+                            self._drop_page(msl, slot)
+                        self._sync_secondaries()  # rollback: they unmap what they mapped
+                        raise MemdMemoryError(
+                            "heap expansion rolled back: secondary "
+                            + ", ".join(f"pid {p.pid} ({why})" for p, why in failures)
+                        )
+                    _ext.heap_add_memory(self.window, heap, offset, n * msl.page_size)
+                    log.debug("heap %d grew by %d x %d bytes", heap, n, msl.page_size)
+                    return
+                finally:
+                    _ext.heap_unlock(self.window, heap)
+        raise MemdMemoryError(f"cannot grow heap {heap} by {size} bytes: " + "; ".join(errors))
+
+    def _release_pages(self, heap: int) -> int | None:
+        """Give whole free pages that are not preallocated back to the system
+        (docs/design.md §5).  Best effort: a failed sync puts them back.
+        Returns the free size below which it need not be called again (None:
+        let the heap double its threshold)."""
+        if self.options.legacy_mem:
+            return 2**64 - 1  # legacy memory is all preallocated
+        with self._expand_lock:
+            for msl in self._lists_of(heap):
+                _ext.heap_lock(self.window, heap)
+                try:
+                    while True:
+                        try:
+                            off, length = _ext.heap_find_free_pages(
+                                self.window, heap, msl.page_size
+                            )
+                        except OSError:
+                            break
+                        run = self._releasable_run(msl, off, length)
+                        if run is None:
+                            break
+                        first, n = run
+                        start = msl.base_offset + first * msl.page_size
+                        _ext.heap_remove_memory(self.window, heap, start, n * msl.page_size)
+                        for slot in range(first, first + n):
+                            with contextlib.suppress(OSError):
+                                _ext.msl_clear_page(self.window, msl.index, slot)
+                        failures = self._sync_secondaries()
+                        if failures:  # someone could not unmap: keep the pages
+                            for slot in range(first, first + n):
+                                _ext.msl_set_page(
+                                    self.window,
+                                    msl.index,
+                                    slot,
+                                    self._page_iova(self.window.address + start),
+                                    msl.socket_id,
+                                    0,
+                                )
+                            _ext.heap_add_memory(self.window, heap, start, n * msl.page_size, True)
+                            self._sync_secondaries()
+                            break
+                        for slot in range(first, first + n):
+                            self._unmap_slot(msl, slot)
+                            self.pages.remove(msl, slot)
+                        self._lists = memseg_lists(self.window)
+                finally:
+                    _ext.heap_unlock(self.window, heap)
+        return None
+
+    def _releasable_run(self, msl: MemsegList, off: int, length: int) -> tuple[int, int] | None:
+        """The longest run of non-preallocated pages of `msl` inside [off, +length)."""
+        lo, hi = msl.base_offset, msl.base_offset + msl.capacity * msl.page_size
+        if not (lo <= off < hi):
+            return None
+        first = (off - lo) // msl.page_size
+        count = length // msl.page_size
+        segs = {s: f for s, _, _, f in _ext.segs(self.window, msl.index)}
+        best: tuple[int, int] | None = None
+        start = None
+        for s in [*range(first, first + count), None]:
+            ok = s is not None and s in segs and not segs[s] & _ext.SEG_F_PREALLOC
+            if ok and start is None:
+                start = s
+            elif not ok and start is not None:
+                assert s is None or s > start
+                end = s if s is not None else first + count
+                if best is None or end - start > best[1]:
+                    best = (start, end - start)
+                start = None
+        return best
+
+    def _sync_secondaries(self) -> list[tuple[Peer, str]]:
+        if self.server is None:
+            return []
+        self.prune_dead()
+        gen = self._header().mem_generation
+        return self.server.sync_all({"type": "sync", "generation": gen})
+
+    def _on_alloc(self, identity: bytes, msg: dict[str, Any]) -> dict[str, Any]:
+        """alloc {heap, size, align, bound, contig} -> {}: grow `heap` so that a
+        block of `size` fits; every secondary has mapped the pages when this answers."""
+        assert self.server is not None
+        if self.server.peer_of(identity) is None:
+            return reply(msg["id"], errno.EPERM, "register first")
+        heap = param(msg, "heap", int, 0, _ext.MAX_HEAPS - 1)
+        size = param(msg, "size", int, 1, 2**48)
+        align = param(msg, "align", int, 0, 2**30)
+        bound = param(msg, "bound", int, 0, 2**48)
+        if align & (align - 1):  # what malloc and memzone_reserve accept, nothing else
+            return reply(msg["id"], errno.EINVAL, f"'align' = {align} is not 0 or a power of two")
+        if bound and (bound & (bound - 1) or bound < size):
+            return reply(
+                msg["id"],
+                errno.EINVAL,
+                f"'bound' = {bound} is not 0 or a power of two >= 'size' {size}",
+            )
+        contig = bool(msg.get("contig", False))
+        if heap not in self.heap_ids():
+            return reply(msg["id"], errno.EINVAL, f"no heap {heap}")
+        self._expand_heap(heap, size, align, bound, contig)
+        return reply(msg["id"])
+
+    def _on_shrink(self, identity: bytes, msg: dict[str, Any]) -> dict[str, Any]:
+        """shrink {heap} -> {}: give whole free pages of `heap` back to the system."""
+        assert self.server is not None
+        if self.server.peer_of(identity) is None:
+            return reply(msg["id"], errno.EPERM, "register first")
+        heap = param(msg, "heap", int, 0, _ext.MAX_HEAPS - 1)
+        if heap not in self.heap_ids():
+            return reply(msg["id"], errno.EINVAL, f"no heap {heap}")
+        self._release_pages(heap)
+        return reply(msg["id"])

@@ -1,0 +1,213 @@
+"""The primary: all hugepage initialisation, the shared config, and heap growth
+(docs/design.md §1, §5).  `Primary` is usable in-process (embedding, tests);
+`memd.primary.daemon` wraps it in a long-running process."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from memd import _ext
+from memd.files import ensure_dir
+from memd.hw import hugepage_info
+from memd.mp.access import AccessPolicy, resolve_group
+from memd.mp.channel import Server
+from memd.mp.malloc_mp import PrimaryGrowth
+from memd.paths import (
+    SHM_DIR,
+    config_path,
+    mp_endpoint,
+    runtime_dir,
+    socket_dir,
+    validate_prefix,
+)
+from memd.primary.handlers import HandlersMixin
+from memd.primary.mcfg import ConfigMixin
+from memd.primary.memalloc import MemallocMixin, plan_lists
+from memd.primary.state import AlreadyRunning, InitError, Options
+from memd.shm.config import comm, proc_start_time
+from memd.shm.pages import unlock_prefix
+
+log = logging.getLogger("memd")
+
+
+class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
+    """Initialise everything, then serve secondaries (call `serve` or `poll`)."""
+
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = opts = options or Options()
+        prefix = validate_prefix(opts.file_prefix)
+        super().__init__(prefix, runtime_dir(opts.runtime_dir, uid=os.geteuid()))
+        self.proc_slot = 0
+        self._closed = False
+        self._cfg_fd = -1
+        self._prefix_locks = {}
+        self.server = None
+        self._gid = self._group_id(opts.group)
+        self._mode = 0o660 if self._gid is not None else 0o600
+        self._dir_mode = 0o750 if self._gid is not None else 0o700
+        self.pages.mode = self._mode
+        self.pages.gid = self._gid
+        self._expand_lock = threading.RLock()
+        self.reclaims = deque(maxlen=64)
+        try:
+            self._init()
+        except BaseException:
+            self._teardown(remove_files=True)
+            raise
+
+    # --- init ------------------------------------------------------------------
+
+    @staticmethod
+    def _group_id(group: str | None) -> int | None:
+        try:
+            return resolve_group(group)
+        except ValueError as e:
+            raise InitError(f"--group {group}: {e}; create it or drop --group") from None
+
+    def _init(self) -> None:
+        self._make_runtime_dir()
+        self.config_file = config_path(self.prefix, self.rundir)
+        self._lock_config()
+        plans = plan_lists(self.options, None if self.options.no_huge else hugepage_info.discover())
+        page_sizes = {p.dir or SHM_DIR: p.page_size for p in plans}
+        for i, p in enumerate(plans):
+            self.pages.set_dir(i, p.dir or SHM_DIR)
+        dir_locks: list[int] = []
+        try:
+            self._claim_page_dirs(page_sizes, dir_locks)
+            self._init_memory(plans)
+        finally:
+            for fd in dir_locks:  # DPDK: the directory is locked only while initialising
+                os.close(fd)
+        self._start_server()
+
+    def _handlers(self) -> dict[str, Any]:
+        return {
+            "register": self._on_register,
+            "unregister": self._on_unregister,
+            "alloc": self._on_alloc,
+            "shrink": self._on_shrink,
+            "ping": self._on_ping,
+        }
+
+    def _start_server(self) -> None:
+        start = proc_start_time(os.getpid()) or 0
+        _ext.proc_register(self.window, os.getpid(), start, _ext.PROC_PRIMARY, comm(), 0)
+        sockdir = socket_dir(self.prefix, self.rundir)
+        # group members may enter and connect, never create: the socket is ours alone
+        ensure_dir(sockdir.parent, 0o711 if self._gid is not None else 0o700, shared=True)
+        ensure_dir(sockdir, self._dir_mode, self._gid)
+        with contextlib.suppress(FileNotFoundError):
+            (sockdir / "mp_socket").unlink()  # a dead primary's: we hold the config lock
+        self.server = Server(
+            mp_endpoint(self.prefix, self.rundir),
+            self._handlers(),
+            self.options.sync_timeout,
+            AccessPolicy(gid=self._gid),
+        )
+        self.server.on_death = self._reclaim
+        if self._gid is not None:
+            os.chown(sockdir / "mp_socket", -1, self._gid)
+        os.chmod(sockdir / "mp_socket", self._mode)
+        _ext.config_publish(self.window)  # magic last: secondaries may attach now
+        log.info(
+            "ready: prefix %s, %d memseg lists, %s MiB mapped, iova %s",
+            self.prefix,
+            len(self._lists),
+            self.info()["mapped_bytes"] >> 20,
+            "PA" if self.iova_mode == _ext.IOVA_PA else "VA",
+        )
+
+    # --- running -------------------------------------------------------------------
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Serve requests for up to `timeout` seconds; returns how many."""
+        if self.server is None:
+            return 0
+        return self.server.poll_once(int(timeout * 1000))
+
+    def serve(self, stop: threading.Event, tick: float = 0.2, on_tick: Any = None) -> None:
+        """Serve until `stop` is set; `on_tick()` runs between polls."""
+        last_prune = time.monotonic()
+        while not stop.is_set():
+            self.poll(tick)
+            now = time.monotonic()
+            if now - last_prune >= 1.0:
+                self.prune_dead()
+                last_prune = now
+            if on_tick is not None:
+                on_tick()
+
+    def params(self) -> list[str]:
+        return list(self.options.argv)
+
+    def close(self) -> None:
+        """Clean shutdown: refuse new attaches, tell secondaries, give every page
+        back and remove every file this primary made."""
+        if self._closed:
+            return
+        with contextlib.suppress(Exception):
+            _ext.config_set_state(self.window, _ext.STATE_SHUTDOWN)
+        if self.server is not None:
+            for peer in list(self.server.peers.values()):
+                self.server.send(peer.identity, {"type": "shutdown", "id": 0})
+        self._teardown(remove_files=True)
+
+    def _teardown(self, remove_files: bool) -> None:
+        self._closed = True
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        window = getattr(self, "window", None)
+        if window is not None:
+            for msl in self._lists:
+                for slot in sorted(self._mapped.get(msl.index, set())):
+                    with contextlib.suppress(OSError):
+                        self._unmap_slot(msl, slot)
+                    if remove_files:
+                        self.pages.remove(msl, slot)
+        if remove_files and self._cfg_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                self.config_file.unlink()
+            # exactly what we made: the socket, then each directory if it is empty
+            sockdir = socket_dir(self.prefix, self.rundir)
+            with contextlib.suppress(OSError):
+                (sockdir / "mp_socket").unlink()
+            for made in (sockdir, sockdir.parent):
+                with contextlib.suppress(OSError):
+                    made.rmdir()
+        for page_dir, fd in self._prefix_locks.items():
+            if remove_files:
+                unlock_prefix(page_dir, self.prefix, fd)
+            else:
+                os.close(fd)
+        self._prefix_locks = {}
+        if self._cfg_fd >= 0:
+            os.close(self._cfg_fd)  # releases the primary lock
+            self._cfg_fd = -1
+
+    def __enter__(self) -> Primary:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def memory_summary(p: Primary) -> dict[str, Any]:
+    """One line of state for SIGHUP and STATUS=."""
+    info = p.info()
+    return {
+        "prefix": info["prefix"],
+        "mapped_mb": info["mapped_bytes"] >> 20,
+        "memzones": len(p.memzones()),
+        "secondaries": len(p.server.peers) if p.server else 0,
+    }
+
+
+__all__ = ["AlreadyRunning", "InitError", "Options", "Primary", "memory_summary"]

@@ -1,0 +1,84 @@
+"""A dead secondary (DPDK has no equivalent: its secondaries' leftovers stay): drop
+its requests, return its mempool caches, free its process slot, record what it held."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+from memd import _ext
+from memd.mp.channel import Peer
+from memd.primary.state import PrimaryState
+from memd.shm.config import process_alive
+
+log = logging.getLogger("memd")
+
+
+class ReclaimMixin(PrimaryState):
+    """Reclaim of dead secondaries."""
+
+    def prune_dead(self) -> list[int]:
+        """Reclaim secondaries whose process is gone; returns their pids.  Their
+        pidfds report a death at once (Server.on_death); this periodic check of
+        pid + start time is the backstop."""
+        gone: list[int] = []
+        if self.server is None:
+            return gone
+        for peer in list(self.server.peers.values()):
+            if not process_alive(peer.pid, peer.start_time):
+                self._reclaim(peer)
+                gone.append(peer.pid)
+        return gone
+
+    def _reclaim(self, peer: Peer) -> None:
+        """A secondary died: drop its pending requests, return the objects in its
+        mempool caches, free its process slot, and record what it still held."""
+        assert self.server is not None
+        self.server.remove_peer(peer)
+        record: dict[str, Any] = {
+            "pid": peer.pid,
+            "slot": peer.slot,
+            "time": time.time(),
+            "cached_objects_returned": 0,
+        }
+        # Each step on its own: a structure that fails (say, a heap found broken)
+        # must not stop the rest, nor the daemon.
+        try:
+            record["cached_objects_returned"] = self.flush_mempool_caches(peer.slot)
+        except Exception:
+            log.exception("returning pid %d's cached mempool objects failed", peer.pid)
+        try:
+            record.update(self._held_by(peer.pid))
+        except Exception:
+            log.exception("counting what pid %d still held failed", peer.pid)
+        with contextlib.suppress(OSError):
+            _ext.proc_unregister(self.window, peer.slot, peer.pid)
+        self.reclaims.append(record)
+        log.warning(
+            "secondary pid %d (slot %d) died; reclaimed: %s",
+            peer.pid,
+            peer.slot,
+            {k: v for k, v in record.items() if k not in ("pid", "slot", "time")},
+        )
+
+    def _held_by(self, pid: int) -> dict[str, Any]:
+        """What a dead process still holds: objects out of mempools it took, heap
+        blocks it allocated (freed too under --reclaim-heap)."""
+        in_hand = {}
+        for pool in self.mempools():
+            n = pool.held_by(pid)
+            if n:
+                in_hand[pool.name] = n
+        own = self.heap_owners().get(pid, {})
+        out = {
+            "mempool_objects_in_hand": in_hand,
+            "heap_blocks": own.get("blocks", 0),
+            "heap_bytes": own.get("bytes", 0),
+            "heap_freed": False,
+        }
+        if own.get("blocks") and self.options.reclaim_heap:
+            self.free_owned_by(pid, force=True)
+            out["heap_freed"] = True
+        return out
