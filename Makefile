@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 memd/.ext-built: $(VENV)/.installed $(EXT_SOURCES)
-	$(PY) setup.py -q build_ext --inplace
+	MEMD_TEST_HOOKS=1 $(PY) setup.py -q build_ext --inplace
 	touch $@
 
 venv: $(VENV)/.installed
@@ -49,7 +49,7 @@ bench: ext
 
 # AddressSanitizer build of the extension (run tests with LD_PRELOAD=$(shell gcc -print-file-name=libasan.so))
 asan: venv
-	MEMD_ASAN=1 $(PY) setup.py -q build_ext --inplace --force
+	MEMD_TEST_HOOKS=1 MEMD_ASAN=1 $(PY) setup.py -q build_ext --inplace --force
 
 clean:
 	rm -rf build memd/_ext*.so memd/.ext-built *.egg-info

@@ -167,10 +167,12 @@ int memd_heap_owners(char *base, struct memd_heap *h, struct memd_heap_owner **o
 int memd_heap_free_owned_nolock(char *base, struct memd_heap *h, int32_t pid, uint64_t *blocks,
                                 uint64_t *bytes, uint64_t *largest);
 
-/* Tests only: in this process, _exit(77) at the k-th crash point of a heap
+#ifdef MEMD_TEST_HOOKS
+/* Test builds only: in this process, _exit(77) at the k-th crash point of a heap
  * operation (each journaled store has one before its journal entry and one
  * between the entry and the store; each commit one before it; a recovery one
  * before undoing each entry); 0 = never. */
 void memd_heap_crash_after(int64_t k);
+#endif
 
 #endif

@@ -53,8 +53,8 @@ static inline unsigned size_class(uint64_t size)
 
 static inline uint8_t heap_index(char *base, struct memd_heap *h)
 {
-    return (uint8_t)(((char *)h - base - offsetof(struct memd_config, heaps)) /
-                     sizeof(struct memd_heap));
+    size_t at = (size_t)((char *)h - base) - offsetof(struct memd_config, heaps);
+    return (uint8_t)(at / sizeof(struct memd_heap));
 }
 
 /* Dirty hulls: [lo, hi) with lo >= hi meaning empty (stored as 0, 0). */

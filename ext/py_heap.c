@@ -721,6 +721,7 @@ static PyObject *py_heap_add_memory(PyObject *m, PyObject *args, PyObject *kw)
     Py_RETURN_NONE;
 }
 
+#ifdef MEMD_TEST_HOOKS
 /* heap_realloc(win, idx, off, size, align=0) -> new offset.  Fails iff OSError
  * EINVAL (off not a busy block, size 0, bad align), EFAULT (smashed trailer),
  * ENOMEM (no room in this heap; the block is unchanged). */
@@ -740,7 +741,9 @@ static PyObject *py_heap_realloc(PyObject *m, PyObject *args, PyObject *kw)
         return memd_raise_errno(rc, "heap_realloc");
     return PyLong_FromUnsignedLongLong(out);
 }
+#endif
 
+#ifdef MEMD_TEST_HOOKS
 /* heap_block_size(win, idx, off) -> data size.  Fails iff OSError EINVAL (not a
  * busy block) or EFAULT (smashed trailer). */
 static PyObject *py_heap_block_size(PyObject *m, PyObject *args, PyObject *kw)
@@ -758,6 +761,7 @@ static PyObject *py_heap_block_size(PyObject *m, PyObject *args, PyObject *kw)
         return memd_raise_errno((int)r, "heap_block_size");
     return PyLong_FromLongLong(r);
 }
+#endif
 
 /* heap_validate(win, idx, off) -> None.  Fails iff OSError EFAULT (trailer
  * smashed) or EINVAL (not a busy block, header cookie included). */
@@ -777,6 +781,7 @@ static PyObject *py_heap_validate(PyObject *m, PyObject *args, PyObject *kw)
     Py_RETURN_NONE;
 }
 
+#ifdef MEMD_TEST_HOOKS
 /* heap_block(win, idx, off, owner=None) -> Block for the busy block at off (e.g.
  * a memzone's).  Fails iff as heap_block_size. */
 static PyObject *py_heap_block(PyObject *m, PyObject *args, PyObject *kw)
@@ -795,6 +800,7 @@ static PyObject *py_heap_block(PyObject *m, PyObject *args, PyObject *kw)
         return memd_raise_errno((int)r, "heap_block");
     return block_new(win, owner, base, off, (uint64_t)r, (int)PyLong_AsLong(idxo));
 }
+#endif
 
 /* heap_stats(win, idx) -> (total, free, alloc, greatest_free, free_count,
  * alloc_count).  Fails iff OSError EFAULT (heap broken). */
@@ -984,6 +990,7 @@ static PyObject *py_heap_journal(PyObject *m, PyObject *args, PyObject *kw)
                          (unsigned long long)j->rollbacks, (unsigned long long)j->undone);
 }
 
+#ifdef MEMD_TEST_HOOKS
 /* _heap_crash_after(k): tests only.  In this process, the k-th crash point of a
  * heap operation (two per journal entry: before it and between it and the store
  * it covers; one per commit; one per entry a recovery undoes) calls _exit(77),
@@ -997,6 +1004,7 @@ static PyObject *py_heap_crash_after(PyObject *m, PyObject *arg)
     memd_heap_crash_after(k);
     Py_RETURN_NONE;
 }
+#endif
 
 #define KW(name, fn, doc) {name, (PyCFunction)(void (*)(void))fn, METH_VARARGS | METH_KEYWORDS, doc}
 #define FAST(name, fn, doc) {name, (PyCFunction)(void (*)(void))fn, METH_FASTCALL, doc}
@@ -1016,10 +1024,7 @@ static PyMethodDef heap_functions[] = {
     KW("heap_unlock", py_heap_unlock, "heap_unlock(win, idx)"),
     KW("heap_add_memory", py_heap_add_memory,
        "heap_add_memory(win, idx, off, len, dirty=False)  (hold heap_lock)"),
-    KW("heap_realloc", py_heap_realloc, "heap_realloc(win, idx, off, size, align=0) -> offset"),
-    KW("heap_block_size", py_heap_block_size, "heap_block_size(win, idx, off) -> size"),
     KW("heap_validate", py_heap_validate, "heap_validate(win, idx, off)"),
-    KW("heap_block", py_heap_block, "heap_block(win, idx, off, owner=None) -> Block"),
     KW("heap_stats", py_heap_stats,
        "heap_stats(win, idx) -> (total, free, alloc, greatest_free, free_count, alloc_count)"),
     KW("heap_check", py_heap_check, "heap_check(win, idx, locked=False)"),
@@ -1035,8 +1040,13 @@ static PyMethodDef heap_functions[] = {
        "heap_free_owned(win, idx, pid) -> (blocks, bytes) freed (not memzones)"),
     KW("heap_journal", py_heap_journal,
        "heap_journal(win, idx) -> (count, overflow, rollbacks, undone)"),
+#ifdef MEMD_TEST_HOOKS /* test builds only (setup.py): offset-level calls, crash points */
+    KW("heap_realloc", py_heap_realloc, "heap_realloc(win, idx, off, size, align=0) -> offset"),
+    KW("heap_block_size", py_heap_block_size, "heap_block_size(win, idx, off) -> size"),
+    KW("heap_block", py_heap_block, "heap_block(win, idx, off, owner=None) -> Block"),
     {"_heap_crash_after", py_heap_crash_after, METH_O,
      "_heap_crash_after(k): tests only: _exit(77) at the k-th heap crash point; 0 = off"},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

@@ -804,6 +804,7 @@ static PyObject *py_ring_wait_spin(PyObject *Py_UNUSED(m), PyObject *args)
     return PyFloat_FromDouble((double)old / 1e9);
 }
 
+#ifdef MEMD_TEST_HOOKS
 static PyObject *py_ring_crash_after(PyObject *Py_UNUSED(m), PyObject *arg)
 {
     long k = PyLong_AsLong(arg);
@@ -813,13 +814,9 @@ static PyObject *py_ring_crash_after(PyObject *Py_UNUSED(m), PyObject *arg)
         k = INT_MAX;
     return PyLong_FromLong(memd_ring_crash_after(k < 0 ? -1 : (int)k));
 }
+#endif
 
 static PyMethodDef ring_functions[] = {
-    {"_ring_crash_after", py_ring_crash_after, METH_O,
-     "_ring_crash_after(k) -> old k (TESTS ONLY): the next ring operation in this process "
-     "calls _exit(77) at its step point k (0: after taking the lock and claiming; then one "
-     "per slot written/read; then before the tail store; then after it, before the "
-     "unlock).  k < 0 disarms; an operation with fewer steps disarms it too."},
     {"ring_wait_spin", py_ring_wait_spin, METH_VARARGS,
      "ring_wait_spin(seconds=None) -> float: how long a waiting call retries before it "
      "sleeps (default 5 µs; 0 sleeps at once); sets it if given, returns the old value."},
@@ -827,6 +824,13 @@ static PyMethodDef ring_functions[] = {
      "ring_memsize(count, flags=0) -> bytes a ring needs (ValueError on a bad count)."},
     {"ring_init", (PyCFunction)(void (*)(void))py_ring_init, METH_VARARGS | METH_KEYWORDS,
      "ring_init(window, offset, count, flags=0, name='') -> None: an empty ring at offset."},
+#ifdef MEMD_TEST_HOOKS /* test builds only (setup.py) */
+    {"_ring_crash_after", py_ring_crash_after, METH_O,
+     "_ring_crash_after(k) -> old k (TESTS ONLY): the next ring operation in this process "
+     "calls _exit(77) at its step point k (0: after taking the lock and claiming; then one "
+     "per slot written/read; then before the tail store; then after it, before the "
+     "unlock).  k < 0 disarms; an operation with fewer steps disarms it too."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

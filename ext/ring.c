@@ -187,15 +187,18 @@ void memd_ring_wait_done(struct memd_ring_wait *w)
 /* --- crash injection (tests) ---------------------------------------------- */
 
 /* < 0: off.  Read once per operation (a hot, never written global): only when
- * armed does an operation take the slow copy with step points. */
+ * armed does an operation take the slow copy with step points.  Only test builds
+ * can arm it (memd_ring_crash_after). */
 static int crash_after = -1;
 
+#ifdef MEMD_TEST_HOOKS
 int memd_ring_crash_after(int k)
 {
     int old = crash_after;
     crash_after = k < 0 ? -1 : k;
     return old;
 }
+#endif
 
 static __attribute__((noinline, cold)) void crash_step(void)
 {

@@ -99,14 +99,16 @@ int memd_ring_wait_sleep(struct memd_ring_wait *w, uint32_t seq, uint64_t timeou
 /* Withdraw the waiter announced by memd_ring_wait_prepare. */
 void memd_ring_wait_done(struct memd_ring_wait *w);
 
-/* --- crash injection (tests only) ----------------------------------------- */
+/* --- crash injection (test builds only, MEMD_TEST_HOOKS) ------------------- */
 
+#ifdef MEMD_TEST_HOOKS
 /* k >= 0: the next ring operation in this process calls _exit(77) at its step
  * point number k (0 = the first); k < 0 disarms.  Step points, in order: after
  * taking the lock (multi mode) and claiming the slots, after each slot written
  * or read, before the tail store, after the tail store (before the unlock).  An
  * operation that ends before step k disarms the knob.  Returns the old value. */
 int memd_ring_crash_after(int k);
+#endif
 
 /* 1 if the process whose lock word is `owner` (see MEMD_RING_LOCK_PID) is gone:
  * no such pid, a zombie, or the pid now belongs to a process started later. */

@@ -60,3 +60,47 @@ def test_the_extension_stub_names_exactly_what_the_extension_has() -> None:
             missing = {m for m in members if not m.startswith("__") and not hasattr(obj, m)}
             assert not missing, f"{name}: the stub names {missing}, which the type lacks"
 
+
+TEST_HOOKS = (
+    "heap_realloc",
+    "heap_block_size",
+    "heap_block",
+    "_heap_crash_after",
+    "_ring_crash_after",
+)
+
+
+def test_test_hooks_are_in_the_test_build_only(tmp_path) -> None:
+    """Crash points and offset-level heap calls exist for the tests (`make ext` sets
+    MEMD_TEST_HOOKS); a build without it, as `pip install .` makes, has none."""
+    import os
+    from pathlib import Path
+
+    from memd import _ext
+
+    assert all(hasattr(_ext, n) for n in TEST_HOOKS), "run the tests on `make ext`'s build"
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "MEMD_TEST_HOOKS"}
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "-b", tmp_path / "b", "-t", tmp_path / "t"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        timeout=600,
+        check=True,
+    )
+    (so,) = (tmp_path / "b" / "memd").glob("_ext*.so")
+    code = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('memd._ext', sys.argv[1])\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print(sorted(n for n in sys.argv[2:] if hasattr(m, n)), hasattr(m, 'heap_malloc'))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, so, *TEST_HOOKS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert proc.stdout.split() == ["[]", "True"], proc.stdout
