@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 memd/.ext-built: $(VENV)/.installed $(EXT_SOURCES)
-	MEMD_TEST_HOOKS=1 $(PY) setup.py -q build_ext --inplace
+	MEMD_TEST_HOOKS=1 $(PY) setup.py -q build_ext --inplace --force  # after pip install -e, which builds without them
 	touch $@
 
 venv: $(VENV)/.installed
@@ -40,9 +40,10 @@ test-quick: ext
 	$(PY) -m pytest -q -m "not slow" tests
 
 lint: venv
-	$(VENV)/bin/ruff check memd memd_client tests bench
-	$(VENV)/bin/ruff format --check memd memd_client tests bench
+	$(VENV)/bin/ruff check memd memd_client tests bench setup.py
+	$(VENV)/bin/ruff format --check memd memd_client tests bench setup.py
 	$(VENV)/bin/mypy
+	$(VENV)/bin/clang-format --dry-run --Werror ext/*.c ext/*.h
 
 bench: ext
 	$(PY) bench/init_bench.py

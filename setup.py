@@ -17,8 +17,10 @@ extra = [
 # Test builds (`make ext`, so `make test` and CI) add the crash points and offset-level
 # calls the tests drive; a wheel (`pip install .`) has none of them.
 macros = [("MEMD_TEST_HOOKS", "1")] if os.environ.get("MEMD_TEST_HOOKS") else []
+link = ["-lpthread"]
 if os.environ.get("MEMD_ASAN"):
     extra += ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1", "-g"]
+    link += ["-fsanitize=address"]
 
 setup(
     ext_modules=[
@@ -29,7 +31,7 @@ setup(
             include_dirs=["ext"],
             define_macros=macros,
             extra_compile_args=extra,
-            extra_link_args=["-lpthread"] + (["-fsanitize=address"] if os.environ.get("MEMD_ASAN") else []),
+            extra_link_args=link,
         )
     ],
 )

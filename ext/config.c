@@ -86,9 +86,8 @@ int memd_msl_init(char *base, uint32_t idx, uint64_t base_offset, uint64_t page_
 {
     struct memd_config *c = memd_cfg(base);
     struct memd_memseg_list *l = msl_at(base, idx);
-    if (l == NULL || page_size == 0 || (page_size & (page_size - 1)) ||
-        base_offset % page_size || base_offset < MEMD_CONFIG_SIZE || capacity == 0 ||
-        capacity > MEMD_MAX_PAGES_PER_LIST ||
+    if (l == NULL || page_size == 0 || (page_size & (page_size - 1)) || base_offset % page_size ||
+        base_offset < MEMD_CONFIG_SIZE || capacity == 0 || capacity > MEMD_MAX_PAGES_PER_LIST ||
         base_offset + (uint64_t)capacity * page_size > c->hdr.window_size)
         return -EINVAL;
     memset(l, 0, sizeof(*l));
@@ -259,9 +258,9 @@ int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t he
         goto out;
     uint64_t off;
     /* A zero-length request is served as 1 byte so the zone has an address. */
-    rc = memd_heap_alloc_flags(base, &c->heaps[heap_idx], len ? len : 1, align, bound,
-                               (flags & MEMD_MEMZONE_F_IOVA_CONTIG) != 0, MEMD_ELEM_F_MEMZONE,
-                               &off);
+    rc =
+        memd_heap_alloc_flags(base, &c->heaps[heap_idx], len ? len : 1, align, bound,
+                              (flags & MEMD_MEMZONE_F_IOVA_CONTIG) != 0, MEMD_ELEM_F_MEMZONE, &off);
     if (rc < 0) {
         id = rc;
         goto out;
@@ -310,8 +309,8 @@ int memd_memzone_free(char *base, uint32_t id)
         uint32_t heap_idx = (uint32_t)z->socket_id;
         uint64_t elem = z->elem_offset;
         z->name[0] = '\0';
-        int64_t freed = heap_idx >= MEMD_MAX_HEAPS ? -EINVAL
-                                                   : memd_heap_free(base, &c->heaps[heap_idx], elem);
+        int64_t freed =
+            heap_idx >= MEMD_MAX_HEAPS ? -EINVAL : memd_heap_free(base, &c->heaps[heap_idx], elem);
         rc = freed < 0 ? (int)freed : (int)heap_idx;
         memset(z, 0, sizeof(*z));
     }
@@ -331,7 +330,7 @@ int memd_proc_register(char *base, int32_t pid, uint64_t start_time, uint32_t st
     int slot = -ENOSPC;
     if (want_slot >= 0) {
         slot = (uint32_t)want_slot < MEMD_MAX_PROCS && c->procs[want_slot].pid == 0 ? want_slot
-                                                                                  : -EBUSY;
+                                                                                    : -EBUSY;
     } else {
         for (uint32_t i = 1; i < MEMD_MAX_PROCS; i++) /* slot 0 is the primary's */
             if (c->procs[i].pid == 0) {

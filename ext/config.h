@@ -12,10 +12,7 @@
 
 #include "memd_layout.h"
 
-static inline struct memd_config *memd_cfg(char *base)
-{
-    return (struct memd_config *)base;
-}
+static inline struct memd_config *memd_cfg(char *base) { return (struct memd_config *)base; }
 
 /* Zero the config and write every header field but magic; state = INIT.
  * Fails iff a lock cannot be initialised. */

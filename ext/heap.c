@@ -22,8 +22,8 @@
 #include "heap_journal.h"
 #include "lock.h"
 
-#define MAX_REQUEST (1ull << 56) /* no window is this big: such a request is ENOMEM */
-#define BEST_FIT_SCAN 16         /* candidates looked at in the request's own class */
+#define MAX_REQUEST   (1ull << 56) /* no window is this big: such a request is ENOMEM */
+#define BEST_FIT_SCAN 16           /* candidates looked at in the request's own class */
 
 /* --- element headers -------------------------------------------------------------- */
 
@@ -52,9 +52,9 @@ static inline void st64(char *p, uint64_t v) { memcpy(p, &v, 8); }
 /* Write a 64-byte header at off, word by word (w0: head_word; w4..w7: the free
  * or busy words).  Built in registers: a header assembled on the stack and copied
  * would stall on store forwarding. */
-static inline void put_header(char *base, struct memd_heap *h, uint64_t off, int fresh,
-                              uint64_t w0, uint64_t prev, uint64_t next, uint64_t size,
-                              uint64_t w4, uint64_t w5, uint64_t w6, uint64_t w7)
+static inline void put_header(char *base, struct memd_heap *h, uint64_t off, int fresh, uint64_t w0,
+                              uint64_t prev, uint64_t next, uint64_t size, uint64_t w4, uint64_t w5,
+                              uint64_t w6, uint64_t w7)
 {
     char *e = base + off;
     if (fresh)
@@ -287,9 +287,9 @@ static void carve(char *base, struct memd_heap *h, uint64_t foff, uint64_t d, ui
 
     uint64_t w0 = head_word(boff, MEMD_ELEM_BUSY, heap_index(base, h), flags);
     uint64_t w5 = owner_word(memd_self_pid());
-#define PUT_BLOCK_HEADER(fresh)                                                          \
-    put_header(base, h, boff, fresh, w0, gap ? foff : prev, tail ? end : next, end - boff, \
-               size, w5, 0, 0)
+#define PUT_BLOCK_HEADER(fresh)                                                                  \
+    put_header(base, h, boff, fresh, w0, gap ? foff : prev, tail ? end : next, end - boff, size, \
+               w5, 0, 0)
     if (gap)
         PUT_BLOCK_HEADER(1); /* fresh: inside foff's data */
 
@@ -351,8 +351,8 @@ static int check_request(uint64_t size, uint64_t *align, uint64_t *bound)
     return 0;
 }
 
-static int alloc_op(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
-                    uint64_t bound, int contig, int zero, uint16_t flags, uint64_t *out)
+static int alloc_op(char *base, struct memd_heap *h, uint64_t size, uint64_t align, uint64_t bound,
+                    int contig, int zero, uint16_t flags, uint64_t *out)
 {
     uint64_t foff, d;
     int rc = check_request(size, &align, &bound);
@@ -395,8 +395,8 @@ static int busy_ok(char *base, struct memd_heap *h, uint64_t boff)
         b->heap != heap_index(base, h))
         return -EINVAL;
     uint64_t top = h->last_elem + EL(base, h->last_elem)->size;
-    if (b->size < MIN_ELEM || b->size % GRAIN || b->size > top - boff ||
-        b->u.busy.data_size == 0 || b->u.busy.data_size > b->size - HDR - TRL ||
+    if (b->size < MIN_ELEM || b->size % GRAIN || b->size > top - boff || b->u.busy.data_size == 0 ||
+        b->u.busy.data_size > b->size - HDR - TRL ||
         round_up(b->u.busy.data_size, 8) + TRL > b->size - HDR)
         return -EFAULT;
     return 0;
@@ -428,8 +428,8 @@ static uint64_t free_elem(char *base, struct memd_heap *h, uint64_t boff)
     uint64_t size = b->size;
     h->alloc_count--;
     h->alloc_size -= size;
-    return make_free(base, h, boff, size, b->prev, b->next, boff + HDR, boff + size, HDR_BUSY, 0,
-                     0, 0);
+    return make_free(base, h, boff, size, b->prev, b->next, boff + HDR, boff + size, HDR_BUSY, 0, 0,
+                     0);
 }
 
 int64_t memd_heap_free_nolock(char *base, struct memd_heap *h, uint64_t off)
@@ -503,8 +503,8 @@ static void grow_into_next(char *base, struct memd_heap *h, uint64_t boff, uint6
     jset(base, h, n, 0); /* its header is data now */
 }
 
-static int realloc_op(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
-                      uint64_t align, uint64_t *out)
+static int realloc_op(char *base, struct memd_heap *h, uint64_t off, uint64_t size, uint64_t align,
+                      uint64_t *out)
 {
     struct memd_heap_elem *b;
     uint64_t bound = 0;
@@ -561,11 +561,9 @@ int memd_heap_realloc_nolock(char *base, struct memd_heap *h, uint64_t off, uint
 
 /* --- memory coming and going ---------------------------------------------------- */
 
-int memd_heap_add_memory_ex(char *base, struct memd_heap *h, uint64_t off, uint64_t len,
-                            int dirty)
+int memd_heap_add_memory_ex(char *base, struct memd_heap *h, uint64_t off, uint64_t len, int dirty)
 {
-    if (off % GRAIN || len % GRAIN || len < MIN_ELEM || off < MEMD_CONFIG_SIZE ||
-        off + len < off)
+    if (off % GRAIN || len % GRAIN || len < MIN_ELEM || off < MEMD_CONFIG_SIZE || off + len < off)
         return -EINVAL;
     uint64_t p = h->last_elem;
     while (p && p >= off)
@@ -606,8 +604,8 @@ static uint64_t pages_in(uint64_t lo, uint64_t hi, uint64_t pg, uint64_t *P)
     return b - a;
 }
 
-int memd_heap_find_free_pages(char *base, struct memd_heap *h, uint64_t page_size,
-                              uint64_t *off, uint64_t *len)
+int memd_heap_find_free_pages(char *base, struct memd_heap *h, uint64_t page_size, uint64_t *off,
+                              uint64_t *len)
 {
     if (page_size < GRAIN || (page_size & (page_size - 1)))
         return -EINVAL;
@@ -657,8 +655,8 @@ int memd_heap_remove_memory(char *base, struct memd_heap *h, uint64_t off, uint6
          * the lead's header (written next) links the two */
         l = dlo, r = dhi;
         hull_clip(&l, &r, off + len + HDR, hi);
-        next = make_free(base, h, off + len, trail, lead ? f : prev, next, l, r, HDR_FRESH,
-                         dcount, gone, lead ? MF_NO_PREV : 0);
+        next = make_free(base, h, off + len, trail, lead ? f : prev, next, l, r, HDR_FRESH, dcount,
+                         gone, lead ? MF_NO_PREV : 0);
         gone = 0;
         dcount = 0;
     }

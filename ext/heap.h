@@ -31,11 +31,11 @@
 #define MEMD_HEAP_DEFAULT_ALIGN 64u
 
 struct memd_heap_stats {
-    uint64_t total;          /* heap_totalsz_bytes: memory added, minus removed */
-    uint64_t free;           /* heap_freesz_bytes: bytes of free elements */
-    uint64_t alloc;          /* heap_allocsz_bytes: bytes of busy elements (with
-                              * headers, as DPDK: total = free + alloc) */
-    uint64_t greatest_free;  /* greatest_free_size: the biggest free element */
+    uint64_t total;         /* heap_totalsz_bytes: memory added, minus removed */
+    uint64_t free;          /* heap_freesz_bytes: bytes of free elements */
+    uint64_t alloc;         /* heap_allocsz_bytes: bytes of busy elements (with
+                             * headers, as DPDK: total = free + alloc) */
+    uint64_t greatest_free; /* greatest_free_size: the biggest free element */
     uint64_t free_count;
     uint64_t alloc_count;
 };
@@ -55,9 +55,9 @@ void memd_heap_unlock(struct memd_heap *h);
 /* Finish taking the lock: lock_rc is what memd_heap_lock() or memd_lock_try()
  * returned.  On 1 (dead owner) undoes the operation the owner left half done
  * (its journal), then checks the heap; it marks the heap broken iff the journal
- * cannot be undone (it overflowed or is corrupt) or the check fails.  Returns 0 when the caller holds a usable heap; otherwise the lock is
- * not held (released if it was taken) and it fails iff -EFAULT (broken heap) or
- * lock_rc < 0 (returned as is, e.g. -EBUSY from a trylock). */
+ * cannot be undone (it overflowed or is corrupt) or the check fails.  Returns 0 when the caller
+ * holds a usable heap; otherwise the lock is not held (released if it was taken) and it fails iff
+ * -EFAULT (broken heap) or lock_rc < 0 (returned as is, e.g. -EBUSY from a trylock). */
 int memd_heap_lock_done(char *base, struct memd_heap *h, int lock_rc);
 
 /* (caller locks) Add mapped memory [off, off+len) as free space, joining free
@@ -68,8 +68,7 @@ int memd_heap_add_memory(char *base, struct memd_heap *h, uint64_t off, uint64_t
 
 /* (caller locks) As memd_heap_add_memory; dirty != 0 when the memory may hold
  * old data (zmalloc will clear it). */
-int memd_heap_add_memory_ex(char *base, struct memd_heap *h, uint64_t off, uint64_t len,
-                            int dirty);
+int memd_heap_add_memory_ex(char *base, struct memd_heap *h, uint64_t off, uint64_t len, int dirty);
 
 /* (caller locks) Allocate: returns the data offset in *out.  align 0 = 64, else
  * a power of two; bound 0 = none, else a power of two >= size that the block
@@ -130,8 +129,8 @@ int memd_heap_check_ex(char *base, struct memd_heap *h, char *why, size_t n);
  * of two >= 64) inside one free element that memd_heap_remove_memory would accept
  * (what remains of the element on each side is 0 or >= MEMD_ELEM_MIN_SIZE).
  * Fails iff -EINVAL (bad page_size) or -ENOENT (no such range). */
-int memd_heap_find_free_pages(char *base, struct memd_heap *h, uint64_t page_size,
-                              uint64_t *off, uint64_t *len);
+int memd_heap_find_free_pages(char *base, struct memd_heap *h, uint64_t page_size, uint64_t *off,
+                              uint64_t *len);
 
 /* (caller locks) Take [off, off+len) out of the heap (to unmap its pages): it
  * must lie inside one free element and leave 0 or >= MEMD_ELEM_MIN_SIZE bytes of
@@ -142,8 +141,7 @@ int memd_heap_remove_memory(char *base, struct memd_heap *h, uint64_t off, uint6
 /* (caller locks) Call fn for every element in offset order: offset, element size,
  * state, data size (busy) or 0.  Stops and returns fn's value when it is != 0. */
 int memd_heap_walk(char *base, struct memd_heap *h,
-                   int (*fn)(void *arg, uint64_t off, uint64_t size, int state,
-                             uint64_t data_size),
+                   int (*fn)(void *arg, uint64_t off, uint64_t size, int state, uint64_t data_size),
                    void *arg);
 
 /* One process's busy elements in a heap (memd_heap_owners). */

@@ -27,14 +27,13 @@ void memd_heap_get_stats_nolock(char *base, struct memd_heap *h, struct memd_hea
 }
 
 int memd_heap_walk(char *base, struct memd_heap *h,
-                   int (*fn)(void *arg, uint64_t off, uint64_t size, int state,
-                             uint64_t data_size),
+                   int (*fn)(void *arg, uint64_t off, uint64_t size, int state, uint64_t data_size),
                    void *arg)
 {
     for (uint64_t o = h->first_elem; o; o = EL(base, o)->next) {
         struct memd_heap_elem *e = EL(base, o);
-        int rc = fn(arg, o, e->size, e->state,
-                    e->state == MEMD_ELEM_BUSY ? e->u.busy.data_size : 0);
+        int rc =
+            fn(arg, o, e->size, e->state, e->state == MEMD_ELEM_BUSY ? e->u.busy.data_size : 0);
         if (rc)
             return rc;
     }
@@ -47,12 +46,12 @@ static int cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-#define BAD(...)                                       \
-    do {                                               \
-        if (why)                                       \
-            snprintf(why, n, __VA_ARGS__);             \
-        rc = -EFAULT;                                  \
-        goto out;                                      \
+#define BAD(...)                           \
+    do {                                   \
+        if (why)                           \
+            snprintf(why, n, __VA_ARGS__); \
+        rc = -EFAULT;                      \
+        goto out;                          \
     } while (0)
 
 int memd_heap_check_ex(char *base, struct memd_heap *h, char *why, size_t n)
@@ -68,14 +67,14 @@ int memd_heap_check_ex(char *base, struct memd_heap *h, char *why, size_t n)
     if (why && n)
         why[0] = 0;
     if ((h->first_elem == 0) != (h->last_elem == 0))
-        BAD("first_elem %#llx / last_elem %#llx: only one is 0",
-            (unsigned long long)h->first_elem, (unsigned long long)h->last_elem);
+        BAD("first_elem %#llx / last_elem %#llx: only one is 0", (unsigned long long)h->first_elem,
+            (unsigned long long)h->last_elem);
 
     for (uint64_t o = h->first_elem; o; o = EL(base, o)->next) {
         struct memd_heap_elem *e = EL(base, o);
         if (o % GRAIN || o < MEMD_CONFIG_SIZE || o > h->last_elem || (prev && o < prev_end))
-            BAD("element %#llx: misplaced (after %#llx ending at %#llx)",
-                (unsigned long long)o, (unsigned long long)prev, (unsigned long long)prev_end);
+            BAD("element %#llx: misplaced (after %#llx ending at %#llx)", (unsigned long long)o,
+                (unsigned long long)prev, (unsigned long long)prev_end);
         if (e->cookie != head_cookie(o))
             BAD("element %#llx: header cookie smashed", (unsigned long long)o);
         if (e->heap != idx)
@@ -84,8 +83,7 @@ int memd_heap_check_ex(char *base, struct memd_heap *h, char *why, size_t n)
             BAD("element %#llx: prev %#llx, expected %#llx", (unsigned long long)o,
                 (unsigned long long)e->prev, (unsigned long long)prev);
         if (e->size < MIN_ELEM || e->size % GRAIN || o + e->size < o)
-            BAD("element %#llx: bad size %llu", (unsigned long long)o,
-                (unsigned long long)e->size);
+            BAD("element %#llx: bad size %llu", (unsigned long long)o, (unsigned long long)e->size);
         if (e->next && e->next < o + e->size)
             BAD("element %#llx: next %#llx overlaps it", (unsigned long long)o,
                 (unsigned long long)e->next);
@@ -95,8 +93,8 @@ int memd_heap_check_ex(char *base, struct memd_heap *h, char *why, size_t n)
         int adjacent = prev && prev_end == o;
         if (e->state == MEMD_ELEM_FREE) {
             if (prev_free && adjacent)
-                BAD("elements %#llx and %#llx: adjacent and both free",
-                    (unsigned long long)prev, (unsigned long long)o);
+                BAD("elements %#llx and %#llx: adjacent and both free", (unsigned long long)prev,
+                    (unsigned long long)o);
             uint64_t lo = e->u.free.dirty_lo, hi = e->u.free.dirty_hi;
             if (e->flags)
                 BAD("free element %#llx: flags %#x", (unsigned long long)o, e->flags);
@@ -125,8 +123,7 @@ int memd_heap_check_ex(char *base, struct memd_heap *h, char *why, size_t n)
             if (e->flags & ~MEMD_ELEM_F_ALL)
                 BAD("busy element %#llx: unknown flags %#x", (unsigned long long)o, e->flags);
             if (e->u.busy.owner_pid <= 0)
-                BAD("busy element %#llx: owner pid %d", (unsigned long long)o,
-                    e->u.busy.owner_pid);
+                BAD("busy element %#llx: owner pid %d", (unsigned long long)o, e->u.busy.owner_pid);
             if (*trailer_at(base, o + HDR, ds) != trailer_cookie(o + HDR))
                 BAD("busy element %#llx: trailer cookie smashed", (unsigned long long)o);
             nbusy++;
@@ -142,9 +139,9 @@ int memd_heap_check_ex(char *base, struct memd_heap *h, char *why, size_t n)
         BAD("last element %#llx, last_elem says %#llx", (unsigned long long)prev,
             (unsigned long long)h->last_elem);
     if (nfree != h->free_count || nbusy != h->alloc_count)
-        BAD("%llu free / %llu busy elements, counters say %llu / %llu",
-            (unsigned long long)nfree, (unsigned long long)nbusy,
-            (unsigned long long)h->free_count, (unsigned long long)h->alloc_count);
+        BAD("%llu free / %llu busy elements, counters say %llu / %llu", (unsigned long long)nfree,
+            (unsigned long long)nbusy, (unsigned long long)h->free_count,
+            (unsigned long long)h->alloc_count);
     if (busy_bytes != h->alloc_size || busy_bytes + free_bytes != h->total_size)
         BAD("%llu busy + %llu free bytes, counters say alloc %llu total %llu",
             (unsigned long long)busy_bytes, (unsigned long long)free_bytes,
@@ -168,12 +165,11 @@ int memd_heap_check_ex(char *base, struct memd_heap *h, char *why, size_t n)
                 BAD("free list %u: %#llx listed twice", c, (unsigned long long)o);
             struct memd_heap_elem *e = EL(base, o);
             if (size_class(e->size) != c)
-                BAD("free list %u: %#llx of size %llu belongs on list %u", c,
-                    (unsigned long long)o, (unsigned long long)e->size, size_class(e->size));
+                BAD("free list %u: %#llx of size %llu belongs on list %u", c, (unsigned long long)o,
+                    (unsigned long long)e->size, size_class(e->size));
             if (e->u.free.prev != fprev)
-                BAD("free list %u: %#llx has prev %#llx, expected %#llx", c,
-                    (unsigned long long)o, (unsigned long long)e->u.free.prev,
-                    (unsigned long long)fprev);
+                BAD("free list %u: %#llx has prev %#llx, expected %#llx", c, (unsigned long long)o,
+                    (unsigned long long)e->u.free.prev, (unsigned long long)fprev);
             fprev = o;
             listed++;
         }

@@ -8,11 +8,11 @@
 
 #include "heap.h"
 
-#define HDR ((uint64_t)MEMD_ELEM_HEADER_SIZE)
-#define TRL ((uint64_t)MEMD_ELEM_TRAILER_SIZE)
+#define HDR      ((uint64_t)MEMD_ELEM_HEADER_SIZE)
+#define TRL      ((uint64_t)MEMD_ELEM_TRAILER_SIZE)
 #define MIN_ELEM ((uint64_t)MEMD_ELEM_MIN_SIZE)
-#define GRAIN 64u
-#define NLISTS MEMD_HEAP_NUM_FREELISTS
+#define GRAIN    64u
+#define NLISTS   MEMD_HEAP_NUM_FREELISTS
 
 _Static_assert(HDR % GRAIN == 0 && MIN_ELEM % GRAIN == 0 && MIN_ELEM >= HDR + GRAIN,
                "element granularity");
@@ -26,10 +26,7 @@ static inline struct memd_heap_elem *EL(char *base, uint64_t off)
 
 static inline uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) & ~(a - 1); }
 
-static inline uint32_t head_cookie(uint64_t off)
-{
-    return MEMD_ELEM_COOKIE ^ (uint32_t)(off >> 6);
-}
+static inline uint32_t head_cookie(uint64_t off) { return MEMD_ELEM_COOKIE ^ (uint32_t)(off >> 6); }
 
 static inline uint64_t trailer_cookie(uint64_t data) { return MEMD_ELEM_TRAILER_COOKIE ^ data; }
 
@@ -81,6 +78,5 @@ static inline void hull_clip(uint64_t *lo, uint64_t *hi, uint64_t a, uint64_t b)
     *lo = l;
     *hi = r;
 }
-
 
 #endif /* MEMD_HEAP_INTERNAL_H */

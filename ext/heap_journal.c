@@ -33,7 +33,7 @@ void memd_heap_crash_point(void)
 #endif
 
 __attribute__((cold)) void memd_heap_jlog_slow(struct memd_heap_journal *j, uint64_t off,
-                                              uint64_t old, const void *src, unsigned slots)
+                                               uint64_t old, const void *src, unsigned slots)
 {
     uint32_t n = j->count;
     CRASH_POINT();
@@ -96,4 +96,3 @@ int memd_heap_journal_undo(char *base, struct memd_heap *h)
     j->count = 0; /* last: a recovery killed before this is simply redone */
     return (int)k;
 }
-

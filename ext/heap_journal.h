@@ -24,14 +24,14 @@
  * counters (total_size, alloc_count, free_count, alloc_size, list_mask) are then
  * written with plain stores.
  */
-#define BARRIER() __atomic_signal_fence(__ATOMIC_SEQ_CST)
+#define BARRIER()    __atomic_signal_fence(__ATOMIC_SEQ_CST)
 #define J_SAVE_SLOTS 5u /* a SAVE64 entry and its 64 bytes */
 
 /* Journal entries an operation may need, at most (jset/jset32/jfresh: 1 slot,
  * jsave64: 5; stores that change nothing are not logged). */
 enum {
-    J_FL_REMOVE = 3,                 /* prev's link or head (+ mask), next's link */
-    J_LINK = 2,                      /* prev's next (or first_elem), next's prev (or last) */
+    J_FL_REMOVE = 3, /* prev's link or head (+ mask), next's link */
+    J_LINK = 2,      /* prev's next (or first_elem), next's prev (or last) */
     J_MAKE_FREE = 3 * J_FL_REMOVE + 2 + J_SAVE_SLOTS + 3 + J_LINK, /* removals, zeroed
                                         joined headers, header, list slot */
     J_CARVE = J_SAVE_SLOTS + 2 * J_MAKE_FREE + J_FL_REMOVE + J_SAVE_SLOTS + 1 + 1,
@@ -49,16 +49,15 @@ _Static_assert(J_CARVE + J_SAVE_SLOTS <= MEMD_HEAP_JOURNAL_ENTRIES &&
                    J_REMOVE_MEMORY <= MEMD_HEAP_JOURNAL_ENTRIES,
                "an operation can outgrow the heap journal");
 
-
 #ifdef MEMD_TEST_HOOKS
 /* Test builds: memd_heap_crash_after() arms crash points (heap_journal.c); while
  * armed the limit is 0, so every entry takes the slow path that has them. */
 extern uint32_t memd_heap_jlimit;
 void memd_heap_crash_point(void);
-#define JLIMIT memd_heap_jlimit
+#define JLIMIT        memd_heap_jlimit
 #define CRASH_POINT() memd_heap_crash_point()
 #else
-#define JLIMIT ((uint32_t)MEMD_HEAP_JOURNAL_ENTRIES)
+#define JLIMIT        ((uint32_t)MEMD_HEAP_JOURNAL_ENTRIES)
 #define CRASH_POINT() ((void)0)
 #endif
 

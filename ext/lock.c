@@ -61,10 +61,7 @@ int memd_lock_acquire(struct memd_lock *l)
     return after_lock(l, pthread_mutex_lock(&l->u.mutex));
 }
 
-int memd_lock_try(struct memd_lock *l)
-{
-    return after_lock(l, pthread_mutex_trylock(&l->u.mutex));
-}
+int memd_lock_try(struct memd_lock *l) { return after_lock(l, pthread_mutex_trylock(&l->u.mutex)); }
 
 void memd_lock_release(struct memd_lock *l)
 {

@@ -28,21 +28,21 @@
 #include <stdint.h>
 
 #define MEMD_CONFIG_MAGIC 0x31474643444d454dULL /* "MEMDCFG1", little endian */
-#define MEMD_LAYOUT_VERSION 3u /* 2: robust ring sides, mempool owner tags; 3: heap undo
-                                  * journals, element owner tags */
+/* 2: robust ring sides, mempool owner tags; 3: heap undo journals, element owner tags */
+#define MEMD_LAYOUT_VERSION 3u
 
-#define MEMD_CACHE_LINE 64u
-#define MEMD_NAMESIZE 32u            /* names are at most 31 bytes + NUL */
-#define MEMD_SOCKET_ID_ANY (-1)      /* DPDK's SOCKET_ID_ANY: any heap, local first */
-#define MEMD_MAX_MEMSEG_LISTS 8u     /* socket x page size combinations */
+#define MEMD_CACHE_LINE         64u
+#define MEMD_NAMESIZE           32u  /* names are at most 31 bytes + NUL */
+#define MEMD_SOCKET_ID_ANY      (-1) /* DPDK's SOCKET_ID_ANY: any heap, local first */
+#define MEMD_MAX_MEMSEG_LISTS   8u   /* socket x page size combinations */
 #define MEMD_MAX_PAGES_PER_LIST 8192u
-#define MEMD_MAX_HEAPS 8u            /* one per NUMA socket */
-#define MEMD_MAX_PROCS 128u          /* slot 0 is the primary */
-#define MEMD_MAX_OBJECTS 1024u       /* named rings and mempools */
-#define MEMD_MAX_MEMZONES 2560u
-#define MEMD_PATH_SIZE 192u
-#define MEMD_CONFIG_SIZE (2u * 1024u * 1024u) /* file size; the struct fits inside */
-#define MEMD_BAD_IOVA UINT64_MAX
+#define MEMD_MAX_HEAPS          8u    /* one per NUMA socket */
+#define MEMD_MAX_PROCS          128u  /* slot 0 is the primary */
+#define MEMD_MAX_OBJECTS        1024u /* named rings and mempools */
+#define MEMD_MAX_MEMZONES       2560u
+#define MEMD_PATH_SIZE          192u
+#define MEMD_CONFIG_SIZE        (2u * 1024u * 1024u) /* file size; the struct fits inside */
+#define MEMD_BAD_IOVA           UINT64_MAX
 
 /* --- config header -------------------------------------------------------- */
 
@@ -58,10 +58,10 @@ enum memd_iova_mode {
 };
 
 /* header.flags: how the primary was started */
-#define MEMD_CFG_F_NO_HUGE 0x1u       /* pages are POSIX shm objects, not hugetlbfs */
-#define MEMD_CFG_F_LEGACY 0x2u        /* all pages mapped at init, sorted by iova */
-#define MEMD_CFG_F_HUGE_UNLINK 0x4u   /* page files unlinked right after mapping */
-#define MEMD_CFG_F_SINGLE_FILE 0x8u   /* one file per memseg list */
+#define MEMD_CFG_F_NO_HUGE     0x1u /* pages are POSIX shm objects, not hugetlbfs */
+#define MEMD_CFG_F_LEGACY      0x2u /* all pages mapped at init, sorted by iova */
+#define MEMD_CFG_F_HUGE_UNLINK 0x4u /* page files unlinked right after mapping */
+#define MEMD_CFG_F_SINGLE_FILE 0x8u /* one file per memseg list */
 
 struct memd_config_header {
     uint64_t magic;              /*   0: MEMD_CONFIG_MAGIC, stored last (release) */
@@ -82,7 +82,7 @@ struct memd_config_header {
     uint64_t reserved1[2];       /*  88 */
     char prefix[64];             /* 104: --file-prefix */
     uint8_t reserved2[88];       /* 168 */
-};                               /* 256 */
+}; /* 256 */
 
 /* --- locks ---------------------------------------------------------------- */
 
@@ -98,54 +98,54 @@ struct memd_lock {
     } u;                 /*  0 */
     int32_t owner_pid;   /* 56 */
     uint32_t recoveries; /* 60: times a dead owner's lock was recovered */
-};                       /* 64 */
+}; /* 64 */
 
 /* --- memseg lists (DPDK: rte_memseg_list + fbarray) ----------------------- */
 
-#define MEMD_SEG_F_USED 0x1u     /* slot holds a mapped page */
+#define MEMD_SEG_F_USED     0x1u /* slot holds a mapped page */
 #define MEMD_SEG_F_PREALLOC 0x2u /* from -m / --socket-mem: never given back */
 
-struct memd_memseg { /* one page slot */
-    uint64_t iova;      /*  0: MEMD_BAD_IOVA when unknown */
-    int32_t socket_id;  /*  8 */
-    uint32_t flags;     /* 12: MEMD_SEG_F_* */
-};                      /* 16 */
+struct memd_memseg {   /* one page slot */
+    uint64_t iova;     /*  0: MEMD_BAD_IOVA when unknown */
+    int32_t socket_id; /*  8 */
+    uint32_t flags;    /* 12: MEMD_SEG_F_* */
+}; /* 16 */
 
 struct memd_memseg_list {
-    uint64_t base_offset; /*   0: window offset of slot 0, aligned to page_size */
-    uint64_t page_size;   /*   8 */
-    int32_t socket_id;    /*  16 */
-    uint32_t capacity;    /*  20: slots (<= MEMD_MAX_PAGES_PER_LIST) */
-    uint32_t n_used;      /*  24 */
-    uint32_t flags;       /*  28 */
-    uint64_t version;     /*  32: bumped on every map/unmap in this list */
-    uint8_t reserved[24]; /*  40 */
+    uint64_t base_offset;     /*   0: window offset of slot 0, aligned to page_size */
+    uint64_t page_size;       /*   8 */
+    int32_t socket_id;        /*  16 */
+    uint32_t capacity;        /*  20: slots (<= MEMD_MAX_PAGES_PER_LIST) */
+    uint32_t n_used;          /*  24 */
+    uint32_t flags;           /*  28 */
+    uint64_t version;         /*  32: bumped on every map/unmap in this list */
+    uint8_t reserved[24];     /*  40 */
     char dir[MEMD_PATH_SIZE]; /* 64: hugetlbfs directory ("" for --no-huge: shm) */
     uint64_t used_bitmap[MEMD_MAX_PAGES_PER_LIST / 64]; /* 256: bit = slot in use */
     struct memd_memseg segs[MEMD_MAX_PAGES_PER_LIST];   /* 1280 */
-};                                                      /* 132352 */
+}; /* 132352 */
 
 /* --- malloc heaps (ext/heap.c) -------------------------------------------- */
 
 #define MEMD_HEAP_NUM_FREELISTS 16u
 
 struct memd_heap {
-    struct memd_lock lock;       /*   0 */
-    uint64_t first_elem;         /*  64: offset of the lowest element, 0 = empty */
-    uint64_t last_elem;          /*  72: offset of the highest element */
+    struct memd_lock lock;                       /*   0 */
+    uint64_t first_elem;                         /*  64: offset of the lowest element, 0 = empty */
+    uint64_t last_elem;                          /*  72: offset of the highest element */
     uint64_t free_head[MEMD_HEAP_NUM_FREELISTS]; /* 80: free lists by size class */
-    uint64_t total_size;         /* 208: bytes of memory added to the heap */
-    uint64_t alloc_count;        /* 216: busy elements */
-    uint64_t free_count;         /* 224: free elements */
-    uint64_t alloc_size;         /* 232: bytes of busy elements, headers included
-                                  *      (DPDK: total = alloc + free) */
-    int32_t socket_id;           /* 240 */
-    uint32_t broken;             /* 244: 1 once a recovery found the heap corrupt:
-                                  *      every call then fails with -EFAULT */
-    uint32_t list_mask;          /* 248: bit c set iff free_head[c] != 0 */
-    uint32_t reserved1;          /* 252 */
-    uint64_t reserved[32];       /* 256 */
-};                               /* 512 */
+    uint64_t total_size;                         /* 208: bytes of memory added to the heap */
+    uint64_t alloc_count;                        /* 216: busy elements */
+    uint64_t free_count;                         /* 224: free elements */
+    uint64_t alloc_size;                         /* 232: bytes of busy elements, headers included
+                                                  *      (DPDK: total = alloc + free) */
+    int32_t socket_id;                           /* 240 */
+    uint32_t broken;                             /* 244: 1 once a recovery found the heap corrupt:
+                                                  *      every call then fails with -EFAULT */
+    uint32_t list_mask;                          /* 248: bit c set iff free_head[c] != 0 */
+    uint32_t reserved1;                          /* 252 */
+    uint64_t reserved[32];                       /* 256 */
+}; /* 512 */
 
 /*
  * Heap elements (DPDK: malloc_elem).  A heap's memory is a doubly linked list of
@@ -177,10 +177,10 @@ struct memd_heap {
  * (memd_heap_free_owned); blocks backing memzones carry MEMD_ELEM_F_MEMZONE and
  * are left to the memzone table.
  */
-#define MEMD_ELEM_HEADER_SIZE 64u
-#define MEMD_ELEM_TRAILER_SIZE 8u
-#define MEMD_ELEM_MIN_SIZE 128u     /* header + one cache line */
-#define MEMD_ELEM_COOKIE 0x4d454c45u /* "ELEM" */
+#define MEMD_ELEM_HEADER_SIZE    64u
+#define MEMD_ELEM_TRAILER_SIZE   8u
+#define MEMD_ELEM_MIN_SIZE       128u                  /* header + one cache line */
+#define MEMD_ELEM_COOKIE         0x4d454c45u           /* "ELEM" */
 #define MEMD_ELEM_TRAILER_COOKIE 0x4c494152544d454dULL /* "MEMTRAIL" */
 
 enum memd_elem_state {
@@ -190,31 +190,31 @@ enum memd_elem_state {
 
 /* memd_heap_elem.flags (busy elements only; a free element's flags are 0) */
 #define MEMD_ELEM_F_MEMZONE 0x1u /* backs a memzone: freed with the zone, never by owner */
-#define MEMD_ELEM_F_ALL 0x1u
+#define MEMD_ELEM_F_ALL     0x1u
 
 struct memd_heap_elem {
-    uint32_t cookie;             /*  0: MEMD_ELEM_COOKIE ^ (uint32_t)(offset >> 6) */
-    uint8_t state;               /*  4: enum memd_elem_state */
-    uint8_t heap;                /*  5: owning heap's index in config.heaps */
-    uint16_t flags;              /*  6: MEMD_ELEM_F_* */
-    uint64_t prev;               /*  8: offset of the element below, 0 = first */
-    uint64_t next;               /* 16: offset of the element above, 0 = last */
-    uint64_t size;               /* 24: bytes of the whole element, header included */
+    uint32_t cookie; /*  0: MEMD_ELEM_COOKIE ^ (uint32_t)(offset >> 6) */
+    uint8_t state;   /*  4: enum memd_elem_state */
+    uint8_t heap;    /*  5: owning heap's index in config.heaps */
+    uint16_t flags;  /*  6: MEMD_ELEM_F_* */
+    uint64_t prev;   /*  8: offset of the element below, 0 = first */
+    uint64_t next;   /* 16: offset of the element above, 0 = last */
+    uint64_t size;   /* 24: bytes of the whole element, header included */
     union {
         struct {
-            uint64_t prev;       /* 32: previous element on its free list, 0 = head */
-            uint64_t next;       /* 40: next element on its free list, 0 = tail */
-            uint64_t dirty_lo;   /* 48: hull of possibly non-zero data bytes */
-            uint64_t dirty_hi;   /* 56 */
+            uint64_t prev;     /* 32: previous element on its free list, 0 = head */
+            uint64_t next;     /* 40: next element on its free list, 0 = tail */
+            uint64_t dirty_lo; /* 48: hull of possibly non-zero data bytes */
+            uint64_t dirty_hi; /* 56 */
         } free;
         struct {
-            uint64_t data_size;  /* 32: bytes asked for (the trailer follows them) */
-            int32_t owner_pid;   /* 40: process that allocated (or last resized) it */
-            uint32_t reserved0;  /* 44: 0 */
+            uint64_t data_size;   /* 32: bytes asked for (the trailer follows them) */
+            int32_t owner_pid;    /* 40: process that allocated (or last resized) it */
+            uint32_t reserved0;   /* 44: 0 */
             uint64_t reserved[2]; /* 48: 0 */
         } busy;
     } u;
-};                               /* 64 */
+}; /* 64 */
 
 /*
  * Heap undo journals (ext/heap.c).  One per heap, in the config.  Every mutating
@@ -243,23 +243,23 @@ struct memd_heap_elem {
  * such a heap cannot be rolled back and is marked broken.
  */
 #define MEMD_HEAP_JOURNAL_ENTRIES 252u
-#define MEMD_JOURNAL_ZERO64 0x1u /* entry.off kind: clear 64 bytes at off on undo */
-#define MEMD_JOURNAL_SAVE64 0x2u /* entry.off kind: 64 old bytes follow (4 entries) */
-#define MEMD_HEAP_COUNTERS_LINE 192u /* struct memd_heap: the 64-byte line of counters */
+#define MEMD_JOURNAL_ZERO64       0x1u /* entry.off kind: clear 64 bytes at off on undo */
+#define MEMD_JOURNAL_SAVE64       0x2u /* entry.off kind: 64 old bytes follow (4 entries) */
+#define MEMD_HEAP_COUNTERS_LINE   192u /* struct memd_heap: the 64-byte line of counters */
 
 struct memd_heap_journal_entry {
-    uint64_t off;                /*  0: window offset | MEMD_JOURNAL_* kind */
-    uint64_t old;                /*  8: its value before the store */
-};                               /* 16 */
+    uint64_t off; /*  0: window offset | MEMD_JOURNAL_* kind */
+    uint64_t old; /*  8: its value before the store */
+}; /* 16 */
 
 struct memd_heap_journal {
-    uint32_t count;              /*  0: entries of the operation in progress */
-    uint32_t overflow;           /*  4: 1 = the operation outgrew the entries */
-    uint64_t rollbacks;          /*  8: operations undone after their process died */
-    uint64_t undone;             /* 16: entries undone, over all rollbacks */
-    uint64_t reserved[5];        /* 24 */
+    uint32_t count;       /*  0: entries of the operation in progress */
+    uint32_t overflow;    /*  4: 1 = the operation outgrew the entries */
+    uint64_t rollbacks;   /*  8: operations undone after their process died */
+    uint64_t undone;      /* 16: entries undone, over all rollbacks */
+    uint64_t reserved[5]; /* 24 */
     struct memd_heap_journal_entry e[MEMD_HEAP_JOURNAL_ENTRIES]; /* 64 */
-};                               /* 4096 */
+}; /* 4096 */
 
 /* --- processes ------------------------------------------------------------ */
 
@@ -270,13 +270,13 @@ enum memd_proc_state {
 };
 
 struct memd_process {
-    int32_t pid;         /*  0: 0 = free slot */
-    uint32_t state;      /*  4: enum memd_proc_state */
-    uint64_t start_time; /*  8: field 22 of /proc/<pid>/stat */
-    uint64_t attach_ns;  /* 16: CLOCK_REALTIME at registration */
+    int32_t pid;             /*  0: 0 = free slot */
+    uint32_t state;          /*  4: enum memd_proc_state */
+    uint64_t start_time;     /*  8: field 22 of /proc/<pid>/stat */
+    uint64_t attach_ns;      /* 16: CLOCK_REALTIME at registration */
     uint64_t mem_generation; /* 24: last header.mem_generation it mapped */
-    char comm[32];       /* 32: process name, for memctl */
-};                       /* 64 */
+    char comm[32];           /* 32: process name, for memctl */
+}; /* 64 */
 
 /* --- named objects (rings, mempools) -------------------------------------- */
 
@@ -294,7 +294,7 @@ struct memd_object {
     int32_t creator_pid;      /* 48 */
     uint32_t reserved0;       /* 52 */
     uint64_t reserved1;       /* 56 */
-};                            /* 64 */
+}; /* 64 */
 
 /* --- memzones (DPDK: rte_memzone) ----------------------------------------- */
 
@@ -310,24 +310,24 @@ struct memd_memzone {
     int32_t owner_pid;        /* 80 */
     uint32_t reserved0;       /* 84 */
     uint64_t reserved1;       /* 88 */
-};                            /* 96 */
+}; /* 96 */
 
 #define MEMD_MEMZONE_F_IOVA_CONTIG 0x100000u /* DPDK RTE_MEMZONE_IOVA_CONTIG */
 
 /* --- the config ----------------------------------------------------------- */
 
 struct memd_config {
-    struct memd_config_header hdr;                      /*       0 */
-    struct memd_lock config_lock;                       /*     256: memsegs, memzones, objects */
-    struct memd_lock proc_lock;                         /*     320: procs[] */
-    uint8_t reserved[4096 - 384];                       /*     384 */
-    struct memd_heap heaps[MEMD_MAX_HEAPS];             /*    4096 */
-    struct memd_process procs[MEMD_MAX_PROCS];          /*    8192 */
-    struct memd_object objects[MEMD_MAX_OBJECTS];       /*   16384 */
-    struct memd_memzone memzones[MEMD_MAX_MEMZONES];    /*   81920 */
+    struct memd_config_header hdr;                       /*       0 */
+    struct memd_lock config_lock;                        /*     256: memsegs, memzones, objects */
+    struct memd_lock proc_lock;                          /*     320: procs[] */
+    uint8_t reserved[4096 - 384];                        /*     384 */
+    struct memd_heap heaps[MEMD_MAX_HEAPS];              /*    4096 */
+    struct memd_process procs[MEMD_MAX_PROCS];           /*    8192 */
+    struct memd_object objects[MEMD_MAX_OBJECTS];        /*   16384 */
+    struct memd_memzone memzones[MEMD_MAX_MEMZONES];     /*   81920 */
     struct memd_memseg_list msls[MEMD_MAX_MEMSEG_LISTS]; /* 327680 */
     struct memd_heap_journal heap_journals[MEMD_MAX_HEAPS]; /* 1386496: one per heap */
-};                                                      /* 1419264 */
+}; /* 1419264 */
 
 /* --- rings (DPDK: rte_ring; code in ext/ring.c) ---------------------------- */
 
@@ -347,20 +347,20 @@ struct memd_config {
  * unpublished entries are simply overwritten, a consumer's unreleased entries stay
  * in the ring and are delivered again.
  */
-#define MEMD_RING_MAGIC 0x32474e49524d454dULL /* "MEMRING2", little endian (2: locks) */
-#define MEMD_RING_F_SP_ENQ 0x1u   /* one producer at a time: no lock on prod */
-#define MEMD_RING_F_SC_DEQ 0x2u   /* one consumer at a time: no lock on cons */
+#define MEMD_RING_MAGIC      0x32474e49524d454dULL /* "MEMRING2", little endian (2: locks) */
+#define MEMD_RING_F_SP_ENQ   0x1u                  /* one producer at a time: no lock on prod */
+#define MEMD_RING_F_SC_DEQ   0x2u                  /* one consumer at a time: no lock on cons */
 #define MEMD_RING_F_EXACT_SZ 0x4u /* capacity = count exactly (slots: next 2^k > count) */
-#define MEMD_RING_F_ALL (MEMD_RING_F_SP_ENQ | MEMD_RING_F_SC_DEQ | MEMD_RING_F_EXACT_SZ)
-#define MEMD_RING_SZ_MAX 0x80000000u  /* slots; counters are 32-bit */
+#define MEMD_RING_F_ALL      (MEMD_RING_F_SP_ENQ | MEMD_RING_F_SC_DEQ | MEMD_RING_F_EXACT_SZ)
+#define MEMD_RING_SZ_MAX     0x80000000u /* slots; counters are 32-bit */
 
 /* A side's lock word: 0 = free, else the owner's pid in the low 32 bits and the
  * low 32 bits of its start time (field 22 of /proc/<pid>/stat, clock ticks; 0 if
  * unknown) in the high ones, so that a reused pid is not taken for the owner. */
-#define MEMD_RING_LOCK_PID(w) ((int32_t)(uint32_t)(w))
+#define MEMD_RING_LOCK_PID(w)   ((int32_t)(uint32_t)(w))
 #define MEMD_RING_LOCK_START(w) ((uint32_t)((w) >> 32))
 
-struct memd_ring_wait { /* a futex that waiters sleep on until somebody moves */
+struct memd_ring_wait {       /* a futex that waiters sleep on until somebody moves */
     _Atomic uint32_t seq;     /*  0: futex word; bumped before each wake */
     _Atomic uint32_t waiters; /*  4: processes about to sleep or sleeping on seq */
     _Atomic uint64_t sleeps;  /*  8: times somebody went to sleep (stats) */
@@ -368,42 +368,42 @@ struct memd_ring_wait { /* a futex that waiters sleep on until somebody moves */
     _Atomic uint32_t armed;   /* 24: 1 = a waiter wants a wake; the waker clears it, so
                                      one wake serves everyone asleep at that moment */
     uint32_t reserved;        /* 28 */
-};                            /* 32 */
+}; /* 32 */
 
-struct memd_ring_headtail { /* one side of a ring: the producers' or the consumers' */
-    _Atomic uint32_t head;  /*  0: end of the slots the running (or a dead) operation
-                                   claimed; diagnostics only: nothing computes from it */
-    _Atomic uint32_t tail;  /*  4: every slot before it is handed to the other side */
-    uint32_t single;        /*  8: 1 = single producer/consumer (no lock) */
-    uint32_t other_tail;    /* 12: the other side's tail as last read (written only by
-                                   this side's lock holder / single user), so its cache
-                                   line is read only when this copy says full
-                                   (producer) or empty (consumer) */
-    _Atomic uint64_t lock;  /* 16: multi mode: 0 = free, else the owner (see
-                                   MEMD_RING_LOCK_PID / _START) */
-    _Atomic uint32_t recoveries; /* 24: locks taken over from a dead owner */
-    uint32_t reserved;      /* 28 */
+struct memd_ring_headtail {          /* one side of a ring: the producers' or the consumers' */
+    _Atomic uint32_t head;           /*  0: end of the slots the running (or a dead) operation
+                                            claimed; diagnostics only: nothing computes from it */
+    _Atomic uint32_t tail;           /*  4: every slot before it is handed to the other side */
+    uint32_t single;                 /*  8: 1 = single producer/consumer (no lock) */
+    uint32_t other_tail;             /* 12: the other side's tail as last read (written only by
+                                            this side's lock holder / single user), so its cache
+                                            line is read only when this copy says full
+                                            (producer) or empty (consumer) */
+    _Atomic uint64_t lock;           /* 16: multi mode: 0 = free, else the owner (see
+                                            MEMD_RING_LOCK_PID / _START) */
+    _Atomic uint32_t recoveries;     /* 24: locks taken over from a dead owner */
+    uint32_t reserved;               /* 28 */
     struct memd_ring_wait lock_wait; /* 32: processes waiting for `lock` sleep here */
-};                          /* 64 */
+}; /* 64 */
 
 struct memd_ring {
-    _Atomic uint64_t magic;         /*   0: MEMD_RING_MAGIC, stored last (release) */
-    char name[MEMD_NAMESIZE];       /*   8 */
-    uint32_t flags;                 /*  40: MEMD_RING_F_* as created */
-    uint32_t size;                  /*  44: slots, a power of two */
-    uint32_t mask;                  /*  48: size - 1 */
-    uint32_t capacity;              /*  52: usable slots: size - 1, or count if EXACT_SZ */
-    uint64_t memsize;               /*  56: bytes from the header to the last slot's end */
-    uint8_t pad0[64];               /*  64: keeps prod off the config line's neighbour */
-    struct memd_ring_headtail prod; /* 128 */
-    uint8_t pad1[64];               /* 192 */
-    struct memd_ring_headtail cons; /* 256 */
-    uint8_t pad2[64];               /* 320 */
+    _Atomic uint64_t magic;          /*   0: MEMD_RING_MAGIC, stored last (release) */
+    char name[MEMD_NAMESIZE];        /*   8 */
+    uint32_t flags;                  /*  40: MEMD_RING_F_* as created */
+    uint32_t size;                   /*  44: slots, a power of two */
+    uint32_t mask;                   /*  48: size - 1 */
+    uint32_t capacity;               /*  52: usable slots: size - 1, or count if EXACT_SZ */
+    uint64_t memsize;                /*  56: bytes from the header to the last slot's end */
+    uint8_t pad0[64];                /*  64: keeps prod off the config line's neighbour */
+    struct memd_ring_headtail prod;  /* 128 */
+    uint8_t pad1[64];                /* 192 */
+    struct memd_ring_headtail cons;  /* 256 */
+    uint8_t pad2[64];                /* 320 */
     struct memd_ring_wait not_empty; /* 384: consumers sleep here for entries */
     struct memd_ring_wait not_full;  /* 416: producers sleep here for room */
-    uint8_t pad3[64];               /* 448 */
-    uint64_t slots[];               /* 512: `size` entries */
-};                                  /* 512 + 8 * size */
+    uint8_t pad3[64];                /* 448 */
+    uint64_t slots[];                /* 512: `size` entries */
+}; /* 512 + 8 * size */
 
 /* --- mempools (DPDK: rte_mempool; code in ext/mempool.c) ------------------ */
 
@@ -422,17 +422,17 @@ struct memd_ring {
  * Cache i belongs to process slot i (struct memd_config.procs[i]); it is a LIFO
  * stack of handles used before the ring and flushed to it past flushthresh.
  */
-#define MEMD_MEMPOOL_MAGIC 0x314c4f4f504d454dULL     /* "MEMPOOL1" */
-#define MEMD_MEMPOOL_HDR_COOKIE_FREE 0x45455246444d454dULL  /* "MEMDFREE": in the pool */
-#define MEMD_MEMPOOL_HDR_COOKIE_BUSY 0x59535542444d454dULL  /* "MEMDBUSY": handed out */
-#define MEMD_MEMPOOL_TRAILER_COOKIE 0x4c49415254444d45ULL   /* "EMDTRAIL" */
-#define MEMD_MEMPOOL_CACHE_MAX_SIZE 512u  /* DPDK: RTE_MEMPOOL_CACHE_MAX_SIZE */
-#define MEMD_MEMPOOL_F_NO_SPREAD 0x1u     /* accepted, no effect (DPDK value) */
-#define MEMD_MEMPOOL_F_NO_CACHE_ALIGN 0x2u /* accepted, no effect: objects stay aligned */
-#define MEMD_MEMPOOL_F_SP_PUT 0x4u        /* the free ring is single-producer */
-#define MEMD_MEMPOOL_F_SC_GET 0x8u        /* the free ring is single-consumer */
+#define MEMD_MEMPOOL_MAGIC            0x314c4f4f504d454dULL /* "MEMPOOL1" */
+#define MEMD_MEMPOOL_HDR_COOKIE_FREE  0x45455246444d454dULL /* "MEMDFREE": in the pool */
+#define MEMD_MEMPOOL_HDR_COOKIE_BUSY  0x59535542444d454dULL /* "MEMDBUSY": handed out */
+#define MEMD_MEMPOOL_TRAILER_COOKIE   0x4c49415254444d45ULL /* "EMDTRAIL" */
+#define MEMD_MEMPOOL_CACHE_MAX_SIZE   512u                  /* DPDK: RTE_MEMPOOL_CACHE_MAX_SIZE */
+#define MEMD_MEMPOOL_F_NO_SPREAD      0x1u                  /* accepted, no effect (DPDK value) */
+#define MEMD_MEMPOOL_F_NO_CACHE_ALIGN 0x2u  /* accepted, no effect: objects stay aligned */
+#define MEMD_MEMPOOL_F_SP_PUT         0x4u  /* the free ring is single-producer */
+#define MEMD_MEMPOOL_F_SC_GET         0x8u  /* the free ring is single-consumer */
 #define MEMD_MEMPOOL_F_NO_IOVA_CONTIG 0x20u /* accepted, no effect */
-#define MEMD_MEMPOOL_F_ALL 0x2fu
+#define MEMD_MEMPOOL_F_ALL            0x2fu
 
 struct memd_mempool {
     _Atomic uint64_t magic;     /*   0: MEMD_MEMPOOL_MAGIC, stored last (release) */
@@ -452,32 +452,31 @@ struct memd_mempool {
     uint64_t trailer_offset;    /* 112: from an object's data to its trailer cookie */
     uint64_t memsize;           /* 120: bytes of the whole block */
     uint64_t reserved[16];      /* 128 */
-};                              /* 256 */
+}; /* 256 */
 
-struct memd_mempool_cache {    /* one per process slot */
-    _Atomic uint32_t len;      /*  0: handles in objs[] (its owner writes; all read) */
-    int32_t owner_pid;         /*  4: last process that used it (diagnostics) */
-    uint64_t gets;             /*  8: objects served from this cache (stats) */
-    uint64_t puts;             /* 16: objects put into this cache (stats) */
-    uint64_t reserved[5];      /* 24 */
-    uint64_t objs[];           /* 64: 2 * cache_size handles (room for a refill) */
-};                             /* 64 + 16 * cache_size, rounded up to 64 */
+struct memd_mempool_cache { /* one per process slot */
+    _Atomic uint32_t len;   /*  0: handles in objs[] (its owner writes; all read) */
+    int32_t owner_pid;      /*  4: last process that used it (diagnostics) */
+    uint64_t gets;          /*  8: objects served from this cache (stats) */
+    uint64_t puts;          /* 16: objects put into this cache (stats) */
+    uint64_t reserved[5];   /* 24 */
+    uint64_t objs[];        /* 64: 2 * cache_size handles (room for a refill) */
+}; /* 64 + 16 * cache_size, rounded up to 64 */
 
-struct memd_mempool_objhdr {   /* the 64 bytes before each object's data */
-    uint64_t pool_offset;      /*  0: window offset of its struct memd_mempool */
-    uint64_t cookie;           /*  8: MEMD_MEMPOOL_HDR_COOKIE_FREE or _BUSY */
-    uint32_t index;            /* 16: 0..n-1, the obj_init index */
-    int32_t owner_pid;         /* 20: the process that last got it (set on get, kept
-                                      on put): Mempool.held_by / reclaim_held_by */
-    uint64_t reserved[5];      /* 24 */
-};                             /* 64 */
+struct memd_mempool_objhdr { /* the 64 bytes before each object's data */
+    uint64_t pool_offset;    /*  0: window offset of its struct memd_mempool */
+    uint64_t cookie;         /*  8: MEMD_MEMPOOL_HDR_COOKIE_FREE or _BUSY */
+    uint32_t index;          /* 16: 0..n-1, the obj_init index */
+    int32_t owner_pid;       /* 20: the process that last got it (set on get, kept
+                                    on put): Mempool.held_by / reclaim_held_by */
+    uint64_t reserved[5];    /* 24 */
+}; /* 64 */
 
 /* --- layout checks -------------------------------------------------------- */
 
 #define MEMD_CHECK(type, field, off) \
     _Static_assert(offsetof(type, field) == (off), #type "." #field " moved")
-#define MEMD_CHECK_SIZE(type, size) \
-    _Static_assert(sizeof(type) == (size), #type " changed size")
+#define MEMD_CHECK_SIZE(type, size) _Static_assert(sizeof(type) == (size), #type " changed size")
 
 MEMD_CHECK(struct memd_config_header, magic, 0);
 MEMD_CHECK(struct memd_config_header, state, 12);

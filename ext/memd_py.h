@@ -15,10 +15,10 @@
 
 typedef struct {
     PyObject_HEAD
-    char *base;        /* window address in this process; NULL once closed */
-    uint64_t size;     /* bytes reserved */
-    int anonymous;     /* Window.anonymous(): private test memory, fully mapped */
-    int watch_fd;      /* Window.watch(): a pidfd of the primary (caller-owned), or -1 */
+    char *base;    /* window address in this process; NULL once closed */
+    uint64_t size; /* bytes reserved */
+    int anonymous; /* Window.anonymous(): private test memory, fully mapped */
+    int watch_fd;  /* Window.watch(): a pidfd of the primary (caller-owned), or -1 */
 } MemdWindow;
 
 extern PyTypeObject MemdWindow_Type;

@@ -9,17 +9,14 @@
 #include "lock.h"
 #include "ring.h"
 
-#define likely(x) __builtin_expect(!!(x), 1)
+#define likely(x)   __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
 
-#define OBJHDR_SIZE ((uint64_t)sizeof(struct memd_mempool_objhdr))
+#define OBJHDR_SIZE  ((uint64_t)sizeof(struct memd_mempool_objhdr))
 #define TRAILER_SIZE 8u
-#define LIMIT31 0x80000000u
+#define LIMIT31      0x80000000u
 
-static inline uint64_t round_up(uint64_t x, uint64_t a)
-{
-    return (x + a - 1) & ~(a - 1);
-}
+static inline uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) & ~(a - 1); }
 
 static inline struct memd_mempool *pool_at(const char *base, uint64_t pool)
 {
@@ -47,9 +44,8 @@ static inline uint64_t *trailer_of(char *base, const struct memd_mempool *mp, ui
 
 /* --- geometry and init ---------------------------------------------------- */
 
-int memd_mempool_geometry(uint32_t n, uint32_t elt_size, uint32_t cache_size,
-                          uint32_t private_size, uint32_t flags,
-                          struct memd_mempool_geometry *g)
+int memd_mempool_geometry(uint32_t n, uint32_t elt_size, uint32_t cache_size, uint32_t private_size,
+                          uint32_t flags, struct memd_mempool_geometry *g)
 {
     if (n == 0 || n >= LIMIT31 || elt_size >= LIMIT31 || private_size >= LIMIT31 ||
         cache_size > MEMD_MEMPOOL_CACHE_MAX_SIZE || (flags & ~MEMD_MEMPOOL_F_ALL))
@@ -82,9 +78,8 @@ int memd_mempool_geometry(uint32_t n, uint32_t elt_size, uint32_t cache_size,
     return 0;
 }
 
-int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n,
-                      uint32_t elt_size, uint32_t cache_size, uint32_t private_size,
-                      uint32_t flags)
+int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n, uint32_t elt_size,
+                      uint32_t cache_size, uint32_t private_size, uint32_t flags)
 {
     struct memd_mempool_geometry g;
     int rc = memd_mempool_geometry(n, elt_size, cache_size, private_size, flags, &g);
@@ -149,8 +144,8 @@ int memd_mempool_check(const char *base, uint64_t pool, uint64_t avail)
     if (atomic_load_explicit(&mp->magic, memory_order_acquire) != MEMD_MEMPOOL_MAGIC)
         return -EINVAL;
     struct memd_mempool_geometry g;
-    if (memd_mempool_geometry(mp->n, mp->elt_size, mp->cache_size, mp->private_data_size,
-                              mp->flags, &g) < 0 ||
+    if (memd_mempool_geometry(mp->n, mp->elt_size, mp->cache_size, mp->private_data_size, mp->flags,
+                              &g) < 0 ||
         g.caches_offset != mp->caches_offset || g.cache_stride != mp->cache_stride ||
         g.private_offset != mp->private_offset || g.ring_offset != mp->ring_offset ||
         g.objs_offset != mp->objs_offset || g.obj_stride != mp->obj_stride ||
@@ -199,8 +194,7 @@ static int mark_busy(char *base, uint64_t pool, const uint64_t *handles, unsigne
     return rc;
 }
 
-int memd_mempool_get_bulk(char *base, uint64_t pool, uint32_t slot, uint64_t *handles,
-                          unsigned n)
+int memd_mempool_get_bulk(char *base, uint64_t pool, uint32_t slot, uint64_t *handles, unsigned n)
 {
     struct memd_mempool *mp = pool_at(base, pool);
     struct memd_ring *r = ring_of(base, pool, mp);
@@ -446,8 +440,9 @@ static int audit_entry(char *base, uint64_t pool, uint64_t handle, uint8_t *seen
     if (h == NULL)
         return fault(a, MEMD_MP_BAD_ENTRY, slot);
     if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE)
-        return fault(a, h->cookie == MEMD_MEMPOOL_HDR_COOKIE_BUSY ? MEMD_MP_BUSY_IN_FREE
-                                                                   : MEMD_MP_BAD_OBJ_COOKIE,
+        return fault(a,
+                     h->cookie == MEMD_MEMPOOL_HDR_COOKIE_BUSY ? MEMD_MP_BUSY_IN_FREE
+                                                               : MEMD_MP_BAD_OBJ_COOKIE,
                      h->index);
     if (seen[h->index / 8] & (1u << (h->index % 8)))
         return fault(a, MEMD_MP_DUPLICATE, h->index);
@@ -460,8 +455,7 @@ static int audit_walk(char *base, uint64_t pool, struct memd_mempool_audit *a, u
     struct memd_mempool *mp = pool_at(base, pool);
     uint64_t handle = pool + mp->objs_offset + OBJHDR_SIZE;
     for (uint32_t i = 0; i < mp->n; i++, handle += mp->obj_stride) {
-        struct memd_mempool_objhdr *h =
-            (struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
+        struct memd_mempool_objhdr *h = (struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
         if (h->pool_offset != pool || h->index != i)
             return fault(a, MEMD_MP_BAD_OBJ_HEADER, i);
         if (h->cookie == MEMD_MEMPOOL_HDR_COOKIE_FREE)

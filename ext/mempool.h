@@ -36,17 +36,15 @@ struct memd_mempool_geometry {
 /* Compute the geometry.  Fails iff -EINVAL: n is 0 or >= 2^31, elt_size >= 2^31,
  * cache_size > MEMD_MEMPOOL_CACHE_MAX_SIZE or cache_size * 3 / 2 > n,
  * private_size >= 2^31, or an unknown flag. */
-int memd_mempool_geometry(uint32_t n, uint32_t elt_size, uint32_t cache_size,
-                          uint32_t private_size, uint32_t flags,
-                          struct memd_mempool_geometry *g);
+int memd_mempool_geometry(uint32_t n, uint32_t elt_size, uint32_t cache_size, uint32_t private_size,
+                          uint32_t flags, struct memd_mempool_geometry *g);
 
 /* Build an empty pool at window offset `pool` (64-byte aligned, geometry's
  * memsize bytes): every object's header and trailer, every handle in the free
  * ring in index order, zeroed caches and private area; magic stored last.
  * Fails iff -EINVAL (as memd_mempool_geometry, or a name too long). */
-int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n,
-                      uint32_t elt_size, uint32_t cache_size, uint32_t private_size,
-                      uint32_t flags);
+int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n, uint32_t elt_size,
+                      uint32_t cache_size, uint32_t private_size, uint32_t flags);
 
 /* 0 if a pool header at `pool` looks initialised and fits in `avail` bytes;
  * -EINVAL otherwise. */
@@ -56,8 +54,7 @@ int memd_mempool_check(const char *base, uint64_t pool, uint64_t avail);
  * handles[0..n).  Fails iff -ENOBUFS (fewer than n free in this slot's cache
  * and the ring; nothing taken) or -EFAULT (a free object's cookie is wrong:
  * corruption). */
-int memd_mempool_get_bulk(char *base, uint64_t pool, uint32_t slot, uint64_t *handles,
-                          unsigned n);
+int memd_mempool_get_bulk(char *base, uint64_t pool, uint32_t slot, uint64_t *handles, unsigned n);
 
 /* Give n objects back through cache `slot`, all or nothing.  Fails iff
  * -EINVAL (a handle that is not an object of this pool), -EALREADY (an object
@@ -100,25 +97,25 @@ struct memd_mempool_objhdr *memd_mempool_objhdr_of(char *base, uint64_t pool, ui
 /* What memd_mempool_audit found wrong first. */
 enum memd_mempool_fault {
     MEMD_MP_OK = 0,
-    MEMD_MP_BAD_POOL_HEADER,  /* magic or geometry of the pool header */
-    MEMD_MP_BAD_OBJ_HEADER,   /* an object's pool offset or index */
-    MEMD_MP_BAD_OBJ_COOKIE,   /* an object's header cookie is neither FREE nor BUSY */
-    MEMD_MP_BAD_TRAILER,      /* an object's trailer cookie: written past its end */
-    MEMD_MP_BAD_RING,         /* the free ring's header or counters */
-    MEMD_MP_BAD_ENTRY,        /* a ring or cache entry that is no object of the pool */
-    MEMD_MP_BUSY_IN_FREE,     /* a ring or cache entry whose object is marked BUSY */
-    MEMD_MP_DUPLICATE,        /* an object twice in the ring/caches */
-    MEMD_MP_BAD_CACHE,        /* a cache's length is out of range */
-    MEMD_MP_LOST,             /* FREE-marked objects missing from the ring and caches */
+    MEMD_MP_BAD_POOL_HEADER, /* magic or geometry of the pool header */
+    MEMD_MP_BAD_OBJ_HEADER,  /* an object's pool offset or index */
+    MEMD_MP_BAD_OBJ_COOKIE,  /* an object's header cookie is neither FREE nor BUSY */
+    MEMD_MP_BAD_TRAILER,     /* an object's trailer cookie: written past its end */
+    MEMD_MP_BAD_RING,        /* the free ring's header or counters */
+    MEMD_MP_BAD_ENTRY,       /* a ring or cache entry that is no object of the pool */
+    MEMD_MP_BUSY_IN_FREE,    /* a ring or cache entry whose object is marked BUSY */
+    MEMD_MP_DUPLICATE,       /* an object twice in the ring/caches */
+    MEMD_MP_BAD_CACHE,       /* a cache's length is out of range */
+    MEMD_MP_LOST,            /* FREE-marked objects missing from the ring and caches */
 };
 
 struct memd_mempool_audit {
-    uint32_t fault;        /* enum memd_mempool_fault */
-    int64_t where;         /* object index, cache slot or -1 */
-    uint64_t free_objs;    /* objects marked FREE */
-    uint64_t busy_objs;    /* objects marked BUSY */
-    uint64_t in_ring;      /* handles in the ring */
-    uint64_t in_caches;    /* handles in all caches */
+    uint32_t fault;     /* enum memd_mempool_fault */
+    int64_t where;      /* object index, cache slot or -1 */
+    uint64_t free_objs; /* objects marked FREE */
+    uint64_t busy_objs; /* objects marked BUSY */
+    uint64_t in_ring;   /* handles in the ring */
+    uint64_t in_caches; /* handles in all caches */
 };
 
 /* Put free objects that sit in no ring and no cache (a process was killed

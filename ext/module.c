@@ -101,8 +101,7 @@ int memd_check_range(PyObject *window, uint64_t off, uint64_t len)
     if (off > w->size || len > w->size - off) {
         PyErr_Format(PyExc_ValueError,
                      "range [%llu, +%llu) is outside the shared window of %llu bytes",
-                     (unsigned long long)off, (unsigned long long)len,
-                     (unsigned long long)w->size);
+                     (unsigned long long)off, (unsigned long long)len, (unsigned long long)w->size);
         return -1;
     }
     return 0;
@@ -133,8 +132,7 @@ static void span_dealloc(PyObject *self)
 static PyBufferProcs span_as_buffer = {span_getbuffer, NULL};
 
 static PyTypeObject MemdSpan_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "memd._ext.Span",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memd._ext.Span",
     .tp_basicsize = sizeof(MemdSpan),
     .tp_dealloc = span_dealloc,
     .tp_as_buffer = &span_as_buffer,
@@ -238,8 +236,8 @@ static PyObject *window_anonymous(PyObject *cls, PyObject *arg)
     if (w == NULL)
         return NULL;
     MemdWindow *mw = (MemdWindow *)w;
-    if (mmap(mw->base, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED,
-             -1, 0) == MAP_FAILED) {
+    if (mmap(mw->base, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED, -1,
+             0) == MAP_FAILED) {
         Py_DECREF(w);
         return memd_raise_errno(-errno, "mmap (anonymous window)");
     }
@@ -261,11 +259,9 @@ static PyObject *window_map_fd(PyObject *self, PyObject *args, PyObject *kwds)
     int prot = PROT_READ | (readonly ? 0 : PROT_WRITE);
     int flags = MAP_SHARED | MAP_FIXED | (populate ? MAP_POPULATE : 0);
     void *p;
-    Py_BEGIN_ALLOW_THREADS
-    p = mmap(base + off, len, prot, flags, fd, (off_t)foff);
-    Py_END_ALLOW_THREADS
-    if (p == MAP_FAILED)
-        return memd_raise_errno(-errno, "mmap (mapping a page file into the window)");
+    Py_BEGIN_ALLOW_THREADS p = mmap(base + off, len, prot, flags, fd, (off_t)foff);
+    Py_END_ALLOW_THREADS if (p == MAP_FAILED) return memd_raise_errno(
+        -errno, "mmap (mapping a page file into the window)");
     return PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)p);
 }
 
@@ -301,13 +297,12 @@ static PyObject *window_touch(PyObject *self, PyObject *args)
     char *base = memd_base_of(self);
     if (base == NULL || memd_check_range(self, off, len) < 0 || step == 0)
         return step == 0 ? (PyErr_SetString(PyExc_ValueError, "step must be > 0"), NULL) : NULL;
-    Py_BEGIN_ALLOW_THREADS
-    for (unsigned long long o = 0; o < len; o += step) {
+    Py_BEGIN_ALLOW_THREADS for (unsigned long long o = 0; o < len; o += step)
+    {
         volatile char *p = base + off + o;
         *p = *p;
     }
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 static PyObject *window_watch(PyObject *self, PyObject *arg)
@@ -363,8 +358,7 @@ static PyGetSetDef window_getset[] = {
 };
 
 PyTypeObject MemdWindow_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "memd._ext.Window",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memd._ext.Window",
     .tp_basicsize = sizeof(MemdWindow),
     .tp_dealloc = window_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
@@ -412,8 +406,11 @@ static PyMethodDef module_functions[] = {
 };
 
 static struct PyModuleDef memd_module = {
-    PyModuleDef_HEAD_INIT, "memd._ext",
-    "memd's C core: the shared layout, locks, config, heap, ring and mempool.", -1, NULL,
+    PyModuleDef_HEAD_INIT,
+    "memd._ext",
+    "memd's C core: the shared layout, locks, config, heap, ring and mempool.",
+    -1,
+    NULL,
 };
 
 PyMODINIT_FUNC PyInit__ext(void)
@@ -425,9 +422,8 @@ PyMODINIT_FUNC PyInit__ext(void)
         return NULL;
     Py_INCREF(&MemdWindow_Type);
     if (PyModule_AddObject(m, "Window", (PyObject *)&MemdWindow_Type) < 0 ||
-        memd_add_functions(m, module_functions) < 0 ||
-        memd_py_init_config(m) < 0 || memd_py_init_heap(m) < 0 ||
-        memd_py_init_ring(m) < 0 || memd_py_init_mempool(m) < 0) {
+        memd_add_functions(m, module_functions) < 0 || memd_py_init_config(m) < 0 ||
+        memd_py_init_heap(m) < 0 || memd_py_init_ring(m) < 0 || memd_py_init_mempool(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

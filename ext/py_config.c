@@ -26,8 +26,8 @@ static PyObject *py_config_format(PyObject *Py_UNUSED(m), PyObject *args)
     unsigned int flags, iova_mode;
     unsigned long long window_size, window_align, start_time;
     int pid;
-    if (!PyArg_ParseTuple(args, "O&sIIKKiK", memd_window_base, &base, &prefix, &flags,
-                          &iova_mode, &window_size, &window_align, &pid, &start_time))
+    if (!PyArg_ParseTuple(args, "O&sIIKKiK", memd_window_base, &base, &prefix, &flags, &iova_mode,
+                          &window_size, &window_align, &pid, &start_time))
         return NULL;
     return check_rc(memd_config_format(base, prefix, flags, iova_mode, window_size, window_align,
                                        pid, start_time),
@@ -63,9 +63,8 @@ static PyObject *py_header(PyObject *Py_UNUSED(m), PyObject *arg)
         return NULL;
     const struct memd_config_header *h = &CFG(base)->hdr;
     uint64_t magic = memd_config_magic(base);
-    return Py_BuildValue("(KIIiIKKKIIKKs)", (unsigned long long)magic, h->layout_version,
-                         h->state, h->primary_pid, h->flags,
-                         (unsigned long long)h->primary_start_time,
+    return Py_BuildValue("(KIIiIKKKIIKKs)", (unsigned long long)magic, h->layout_version, h->state,
+                         h->primary_pid, h->flags, (unsigned long long)h->primary_start_time,
                          (unsigned long long)h->window_size, (unsigned long long)h->window_align,
                          h->iova_mode, h->n_memseg_lists, (unsigned long long)h->mem_generation,
                          (unsigned long long)h->primary_base, h->prefix);
@@ -200,10 +199,9 @@ static PyObject *py_memzone_reserve(PyObject *Py_UNUSED(m), PyObject *args)
     if (!PyArg_ParseTuple(args, "O&sKIIKKi", memd_window_base, &base, &name, &len, &heap_idx,
                           &flags, &align, &bound, &pid))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    rc = memd_memzone_reserve(base, name, len, heap_idx, flags, align, bound, pid);
-    Py_END_ALLOW_THREADS
-    return check_rc(rc, "memzone_reserve");
+    Py_BEGIN_ALLOW_THREADS rc =
+        memd_memzone_reserve(base, name, len, heap_idx, flags, align, bound, pid);
+    Py_END_ALLOW_THREADS return check_rc(rc, "memzone_reserve");
 }
 
 static PyObject *py_memzone_lookup(PyObject *Py_UNUSED(m), PyObject *args)
@@ -213,10 +211,8 @@ static PyObject *py_memzone_lookup(PyObject *Py_UNUSED(m), PyObject *args)
     int rc;
     if (!PyArg_ParseTuple(args, "O&s", memd_window_base, &base, &name))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    rc = memd_memzone_lookup(base, name);
-    Py_END_ALLOW_THREADS
-    return check_rc(rc, "memzone_lookup");
+    Py_BEGIN_ALLOW_THREADS rc = memd_memzone_lookup(base, name);
+    Py_END_ALLOW_THREADS return check_rc(rc, "memzone_lookup");
 }
 
 static PyObject *py_memzone_free(PyObject *Py_UNUSED(m), PyObject *args)
@@ -226,10 +222,8 @@ static PyObject *py_memzone_free(PyObject *Py_UNUSED(m), PyObject *args)
     int rc;
     if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &id))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    rc = memd_memzone_free(base, id);
-    Py_END_ALLOW_THREADS
-    return check_rc(rc, "memzone_free");
+    Py_BEGIN_ALLOW_THREADS rc = memd_memzone_free(base, id);
+    Py_END_ALLOW_THREADS return check_rc(rc, "memzone_free");
 }
 
 /* memzone(win, id) -> None if free, else (id, name, offset, iova, length, page_size,
@@ -320,10 +314,9 @@ static PyObject *py_procs(PyObject *Py_UNUSED(m), PyObject *arg)
         char comm[32];
         memcpy(comm, p->comm, sizeof(comm));
         comm[31] = '\0';
-        PyObject *t = Py_BuildValue("(IiIKKKs)", i, p->pid, p->state,
-                                    (unsigned long long)p->start_time,
-                                    (unsigned long long)p->attach_ns,
-                                    (unsigned long long)p->mem_generation, comm);
+        PyObject *t = Py_BuildValue(
+            "(IiIKKKs)", i, p->pid, p->state, (unsigned long long)p->start_time,
+            (unsigned long long)p->attach_ns, (unsigned long long)p->mem_generation, comm);
         if (t == NULL || PyList_Append(out, t) < 0) {
             Py_XDECREF(t);
             Py_CLEAR(out);
@@ -343,8 +336,7 @@ static PyObject *py_object_add(PyObject *Py_UNUSED(m), PyObject *args)
     unsigned int type, mz;
     unsigned long long off;
     int pid;
-    if (!PyArg_ParseTuple(args, "O&sIIKi", memd_window_base, &base, &name, &type, &mz, &off,
-                          &pid))
+    if (!PyArg_ParseTuple(args, "O&sIIKi", memd_window_base, &base, &name, &type, &mz, &off, &pid))
         return NULL;
     return check_rc(memd_object_add(base, name, type, mz, off, pid), "object_add");
 }
@@ -434,11 +426,11 @@ static PyMethodDef config_functions[] = {
     {NULL, NULL, 0, NULL},
 };
 
-#define ADD_INT(m, name, value)                                        \
-    do {                                                               \
-        if (PyModule_AddObject(m, name, PyLong_FromUnsignedLongLong(   \
-                                            (unsigned long long)(value))) < 0) \
-            return -1;                                                 \
+#define ADD_INT(m, name, value)                                                               \
+    do {                                                                                      \
+        if (PyModule_AddObject(m, name,                                                       \
+                               PyLong_FromUnsignedLongLong((unsigned long long)(value))) < 0) \
+            return -1;                                                                        \
     } while (0)
 
 static int add_layout(PyObject *m)
@@ -446,12 +438,11 @@ static int add_layout(PyObject *m)
     PyObject *d = PyDict_New();
     if (d == NULL)
         return -1;
-#define FIELD(type, field) \
-    PyDict_SetItemString(d, #type "." #field, \
+#define FIELD(type, field)                                                               \
+    PyDict_SetItemString(d, #type "." #field,                                            \
                          Py_BuildValue("(nn)", (Py_ssize_t)offsetof(struct type, field), \
                                        (Py_ssize_t)sizeof(((struct type *)0)->field)))
-#define SIZE(type) \
-    PyDict_SetItemString(d, #type, PyLong_FromSize_t(sizeof(struct type)))
+#define SIZE(type) PyDict_SetItemString(d, #type, PyLong_FromSize_t(sizeof(struct type)))
     FIELD(memd_config_header, magic);
     FIELD(memd_config_header, layout_version);
     FIELD(memd_config_header, state);

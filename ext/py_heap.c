@@ -59,8 +59,7 @@ static int py_lock(char *base, struct memd_heap *h)
 {
     int rc = memd_lock_try(&h->lock);
     if (rc == -EBUSY) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = memd_heap_lock(h);
+        Py_BEGIN_ALLOW_THREADS rc = memd_heap_lock(h);
         Py_END_ALLOW_THREADS
     }
     int done = memd_heap_lock_done(base, h, rc);
@@ -71,19 +70,19 @@ static int py_lock(char *base, struct memd_heap *h)
 
 typedef struct {
     PyObject_HEAD
-    PyObject *window;  /* strong ref: keeps the mapping alive */
-    PyObject *owner;   /* the Memory that allocated it (iova), or NULL */
+    PyObject *window; /* strong ref: keeps the mapping alive */
+    PyObject *owner;  /* the Memory that allocated it (iova), or NULL */
     char *addr;
     unsigned long long offset;
     unsigned long long size;
     int heap;
-    char freed;        /* freed or resized through the bindings: no new buffers */
+    char freed; /* freed or resized through the bindings: no new buffers */
 } MemdBlock;
 
 static PyTypeObject MemdBlock_Type;
 
-static PyObject *block_new(PyObject *win, PyObject *owner, char *base, uint64_t off,
-                           uint64_t size, int heap)
+static PyObject *block_new(PyObject *win, PyObject *owner, char *base, uint64_t off, uint64_t size,
+                           int heap)
 {
     MemdBlock *b = PyObject_GC_New(MemdBlock, &MemdBlock_Type);
     if (b == NULL)
@@ -177,8 +176,8 @@ static PyObject *block_repr(PyObject *self)
 {
     MemdBlock *b = (MemdBlock *)self;
     char buf[128];
-    snprintf(buf, sizeof(buf), "<memd Block heap=%d offset=%#llx size=%llu%s>", b->heap,
-             b->offset, b->size, b->freed ? " freed" : "");
+    snprintf(buf, sizeof(buf), "<memd Block heap=%d offset=%#llx size=%llu%s>", b->heap, b->offset,
+             b->size, b->freed ? " freed" : "");
     return PyUnicode_FromString(buf);
 }
 
@@ -203,13 +202,13 @@ static PyGetSetDef block_getset[] = {
     {"iova", block_get_iova, NULL, "IO address of the data: owner._iova(offset)", NULL},
     {"owner_pid", block_get_owner_pid, NULL,
      "pid of the process that allocated (or last resized) the block, from its header; "
-     "None once it is freed", NULL},
+     "None once it is freed",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyTypeObject MemdBlock_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "memd._ext.Block",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memd._ext.Block",
     .tp_basicsize = sizeof(MemdBlock),
     .tp_dealloc = block_dealloc,
     .tp_repr = block_repr,
@@ -300,7 +299,8 @@ static PyObject *malloc_in(PyObject *win, PyObject *order, uint64_t size, uint64
         rc = memd_heap_alloc_nolock(base, h, size, align, bound, contig, zero, &off);
         memd_heap_unlock(h);
         if (rc == 0)
-            return block_new(win, owner, base, off, size, (int)(h - ((struct memd_config *)base)->heaps));
+            return block_new(win, owner, base, off, size,
+                             (int)(h - ((struct memd_config *)base)->heaps));
         if (rc != -ENOMEM)
             return memd_raise_errno(rc, "heap_malloc");
     }
@@ -506,8 +506,7 @@ slow:
     PyObject *r = NULL;
     if (zero_i && any)
         r = PyObject_CallMethod((PyObject *)self, "_heap_alloc_py", "OOOO", a[0],
-                                a[1] ? a[1] : zero_i, a[2] ? a[2] : any,
-                                zero ? Py_True : Py_False);
+                                a[1] ? a[1] : zero_i, a[2] ? a[2] : any, zero ? Py_True : Py_False);
     Py_XDECREF(zero_i);
     Py_XDECREF(any);
     return r;
@@ -627,8 +626,7 @@ static PyMemberDef hb_members[] = {
 };
 
 static PyTypeObject MemdHeapBase_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "memd._ext.HeapBase",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memd._ext.HeapBase",
     .tp_basicsize = sizeof(MemdHeapBase),
     .tp_dealloc = hb_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
@@ -642,14 +640,14 @@ static PyTypeObject MemdHeapBase_Type = {
 
 /* --- the rest (METH_VARARGS | METH_KEYWORDS) ---------------------------------------- */
 
-#define HEAP_ARGS(fmt, ...)                                                             \
-    PyObject *win, *idxo;                                                                \
-    char *base;                                                                          \
+#define HEAP_ARGS(fmt, ...)                                                                   \
+    PyObject *win, *idxo;                                                                     \
+    char *base;                                                                               \
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO" fmt, kwlist, &win, &idxo, ##__VA_ARGS__)) \
-        return NULL;                                                                     \
-    struct memd_heap *h = heap_of(win, idxo, &base);                                     \
-    if (h == NULL)                                                                       \
-        return NULL
+        return NULL;                                                                          \
+    struct memd_heap *h = heap_of(win, idxo, &base);                                          \
+    if (h == NULL)                                                                            \
+    return NULL
 
 /* heap_init(win, idx, socket_id): an empty heap.  Only the primary, once, with no
  * other user.  Fails iff OSError from pthread mutex init. */
@@ -880,8 +878,8 @@ static PyObject *py_heap_remove_memory(PyObject *m, PyObject *args, PyObject *kw
 
 static int walk_one(void *arg, uint64_t off, uint64_t size, int state, uint64_t data_size)
 {
-    PyObject *t = Py_BuildValue("(KKiK)", (unsigned long long)off, (unsigned long long)size,
-                                state, (unsigned long long)data_size);
+    PyObject *t = Py_BuildValue("(KKiK)", (unsigned long long)off, (unsigned long long)size, state,
+                                (unsigned long long)data_size);
     if (t == NULL)
         return -1;
     int rc = PyList_Append((PyObject *)arg, t);
@@ -917,7 +915,8 @@ static PyObject *py_heap_walk(PyObject *m, PyObject *args, PyObject *kw)
 
 static int cmp_owner(const void *a, const void *b)
 {
-    int32_t x = ((const struct memd_heap_owner *)a)->pid, y = ((const struct memd_heap_owner *)b)->pid;
+    int32_t x = ((const struct memd_heap_owner *)a)->pid,
+            y = ((const struct memd_heap_owner *)b)->pid;
     return x < y ? -1 : x > y;
 }
 
@@ -942,9 +941,9 @@ static PyObject *py_heap_owners(PyObject *m, PyObject *args, PyObject *kw)
     qsort(a, n, sizeof(*a), cmp_owner);
     PyObject *list = PyList_New((Py_ssize_t)n);
     for (size_t i = 0; list != NULL && i < n; i++) {
-        PyObject *t = Py_BuildValue("(iKKK)", (int)a[i].pid, (unsigned long long)a[i].blocks,
-                                    (unsigned long long)a[i].bytes,
-                                    (unsigned long long)a[i].memzones);
+        PyObject *t =
+            Py_BuildValue("(iKKK)", (int)a[i].pid, (unsigned long long)a[i].blocks,
+                          (unsigned long long)a[i].bytes, (unsigned long long)a[i].memzones);
         if (t == NULL) {
             Py_CLEAR(list);
             break;
@@ -1006,7 +1005,7 @@ static PyObject *py_heap_crash_after(PyObject *m, PyObject *arg)
 }
 #endif
 
-#define KW(name, fn, doc) {name, (PyCFunction)(void (*)(void))fn, METH_VARARGS | METH_KEYWORDS, doc}
+#define KW(name, fn, doc)   {name, (PyCFunction)(void (*)(void))fn, METH_VARARGS | METH_KEYWORDS, doc}
 #define FAST(name, fn, doc) {name, (PyCFunction)(void (*)(void))fn, METH_FASTCALL, doc}
 
 static PyMethodDef heap_functions[] = {

@@ -17,8 +17,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#define likely(x) __builtin_expect(!!(x), 1)
-#define unlikely(x) __builtin_expect(!!(x), 0)
+#define likely(x)     __builtin_expect(!!(x), 1)
+#define unlikely(x)   __builtin_expect(!!(x), 0)
 #define STACK_HANDLES 64
 
 typedef struct {
@@ -72,16 +72,14 @@ static PyObject *raise_pool(MemdMempool *self, char *base, int rc, const char *w
                      "process's cache and the ring (%llu free in all, of %u); put some back "
                      "or create a larger pool",
                      name, what, n,
-                     (unsigned long long)memd_mempool_avail_count(base, self->offset),
-                     self->n);
+                     (unsigned long long)memd_mempool_avail_count(base, self->offset), self->n);
         break;
     case -EINVAL:
-        PyErr_Format(PyExc_ValueError, "mempool %R: %s: not an object of this pool", name,
-                     what);
+        PyErr_Format(PyExc_ValueError, "mempool %R: %s: not an object of this pool", name, what);
         break;
     case -EALREADY:
-        PyErr_Format(PyExc_ValueError, "mempool %R: %s: object already free (a double put)",
-                     name, what);
+        PyErr_Format(PyExc_ValueError, "mempool %R: %s: object already free (a double put)", name,
+                     what);
         break;
     default:
         PyErr_Format(memd_error("CorruptionError", PyExc_ValueError),
@@ -156,10 +154,7 @@ static PyObject *mpobj_get_size(PyObject *o, void *Py_UNUSED(c))
     return PyLong_FromUnsignedLong(((MemdMpObj *)o)->pool->elt_size);
 }
 
-static Py_ssize_t mpobj_len(PyObject *o)
-{
-    return (Py_ssize_t)((MemdMpObj *)o)->pool->elt_size;
-}
+static Py_ssize_t mpobj_len(PyObject *o) { return (Py_ssize_t)((MemdMpObj *)o)->pool->elt_size; }
 
 static PyObject *mpobj_richcompare(PyObject *a, PyObject *b, int op)
 {
@@ -180,11 +175,10 @@ static Py_hash_t mpobj_hash(PyObject *o)
 static PyObject *mpobj_repr(PyObject *o)
 {
     MemdMpObj *obj = (MemdMpObj *)o;
-    return PyUnicode_FromFormat("<MempoolObject handle=%llu index=%llu size=%u>",
-                                (unsigned long long)obj->handle,
-                                (unsigned long long)((obj->handle - obj->pool->first_handle) /
-                                                     obj->pool->obj_stride),
-                                obj->pool->elt_size);
+    return PyUnicode_FromFormat(
+        "<MempoolObject handle=%llu index=%llu size=%u>", (unsigned long long)obj->handle,
+        (unsigned long long)((obj->handle - obj->pool->first_handle) / obj->pool->obj_stride),
+        obj->pool->elt_size);
 }
 
 static PyGetSetDef mpobj_getset[] = {
@@ -200,8 +194,7 @@ static PyGetSetDef mpobj_getset[] = {
 static PySequenceMethods mpobj_as_sequence = {.sq_length = mpobj_len};
 
 static PyTypeObject MemdMpObj_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "memd._ext.MempoolObject",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memd._ext.MempoolObject",
     .tp_basicsize = sizeof(MemdMpObj),
     .tp_dealloc = mpobj_dealloc,
     .tp_repr = mpobj_repr,
@@ -222,8 +215,8 @@ static PyObject *mempool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     PyObject *window;
     unsigned long long off;
     int slot = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!K|i:Mempool", kwlist, &MemdWindow_Type,
-                                     &window, &off, &slot))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!K|i:Mempool", kwlist, &MemdWindow_Type, &window,
+                                     &off, &slot))
         return NULL;
     char *base = memd_base_of(window);
     if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0)
@@ -367,8 +360,7 @@ static PyObject *mp_get_bulk(PyObject *o, PyObject *arg)
             if (x == NULL) {
                 /* Give back the objects no Python object names yet. */
                 Py_CLEAR(list);
-                memd_mempool_put_bulk(base, self->offset, self->slot, h + i,
-                                      (unsigned)(n - i));
+                memd_mempool_put_bulk(base, self->offset, self->slot, h + i, (unsigned)(n - i));
                 break;
             }
             PyList_SET_ITEM(list, i, x);
@@ -394,7 +386,8 @@ static PyObject *mp_get_bulk_into(PyObject *o, PyObject *arg)
                  : memd_mempool_get_bulk(base, self->offset, self->slot, view.buf, (unsigned)n);
     PyBuffer_Release(&view);
     if (rc < 0)
-        return raise_pool(self, base, rc, "get_bulk_into", (unsigned)(n > UINT32_MAX ? UINT32_MAX : n));
+        return raise_pool(self, base, rc, "get_bulk_into",
+                          (unsigned)(n > UINT32_MAX ? UINT32_MAX : n));
     return PyLong_FromSsize_t(n);
 }
 
@@ -413,9 +406,9 @@ static PyObject *mp_put_bulk(PyObject *o, PyObject *arg)
         n = view.len / 8;
         /* More handles than objects must hold a duplicate or a stranger: the
          * check below names which (it stops at the first bad one). */
-        rc = n > (Py_ssize_t)UINT32_MAX ? -EINVAL
-                                        : memd_mempool_put_bulk(base, self->offset, self->slot,
-                                                                view.buf, (unsigned)n);
+        rc = n > (Py_ssize_t)UINT32_MAX
+                 ? -EINVAL
+                 : memd_mempool_put_bulk(base, self->offset, self->slot, view.buf, (unsigned)n);
         PyBuffer_Release(&view);
     } else {
         PyObject *seq = PySequence_Fast(arg, "put_bulk() takes a sequence of MempoolObjects "
@@ -478,17 +471,16 @@ static PyObject *mp_avail_count(PyObject *o, PyObject *Py_UNUSED(a))
 {
     MemdMempool *self = (MemdMempool *)o;
     char *base = pool_base(self);
-    return base ? PyLong_FromUnsignedLongLong(memd_mempool_avail_count(base, self->offset))
-                : NULL;
+    return base ? PyLong_FromUnsignedLongLong(memd_mempool_avail_count(base, self->offset)) : NULL;
 }
 
 static PyObject *mp_in_use_count(PyObject *o, PyObject *Py_UNUSED(a))
 {
     MemdMempool *self = (MemdMempool *)o;
     char *base = pool_base(self);
-    return base ? PyLong_FromUnsignedLongLong(self->n -
-                                              memd_mempool_avail_count(base, self->offset))
-                : NULL;
+    return base
+               ? PyLong_FromUnsignedLongLong(self->n - memd_mempool_avail_count(base, self->offset))
+               : NULL;
 }
 
 static PyObject *mp_cache_count(PyObject *o, PyObject *const *args, Py_ssize_t nargs)
@@ -546,13 +538,14 @@ static const char *const fault_text[] = {
 };
 
 /* CorruptionError naming what audit/recover found wrong. */
-static PyObject *raise_audit_fault(MemdMempool *self, char *base, const struct memd_mempool_audit *a)
+static PyObject *raise_audit_fault(MemdMempool *self, char *base,
+                                   const struct memd_mempool_audit *a)
 {
     PyObject *name = pool_name(self, base);
     if (name == NULL)
         return NULL;
-    const char *what = a->fault < sizeof(fault_text) / sizeof(fault_text[0])
-                           ? fault_text[a->fault] : "unknown fault";
+    const char *what = a->fault < sizeof(fault_text) / sizeof(fault_text[0]) ? fault_text[a->fault]
+                                                                             : "unknown fault";
     PyErr_Format(memd_error("CorruptionError", PyExc_ValueError),
                  "mempool %R is corrupted: %s (at %lld; %llu free, %llu busy, %llu in the "
                  "ring, %llu in caches)",
@@ -576,9 +569,8 @@ static PyObject *mp_audit(PyObject *o, PyObject *Py_UNUSED(a))
     if (rc < 0)
         return memd_raise_errno(rc, "mempool_audit");
     return Py_BuildValue("{sKsKsKsK}", "free", (unsigned long long)a.free_objs, "in_use",
-                         (unsigned long long)a.busy_objs, "in_ring",
-                         (unsigned long long)a.in_ring, "in_caches",
-                         (unsigned long long)a.in_caches);
+                         (unsigned long long)a.busy_objs, "in_ring", (unsigned long long)a.in_ring,
+                         "in_caches", (unsigned long long)a.in_caches);
 }
 
 static PyObject *mp_recover(PyObject *o, PyObject *Py_UNUSED(a))
@@ -597,16 +589,16 @@ static PyObject *mp_recover(PyObject *o, PyObject *Py_UNUSED(a))
 }
 
 /* Getters: fields of the shared header. */
-#define MP_FIELD_GETTER(fname, expr)                                          \
-    static PyObject *mp_get_##fname(PyObject *o, void *Py_UNUSED(c))           \
-    {                                                                         \
-        MemdMempool *self = (MemdMempool *)o;                                 \
-        char *base = pool_base(self);                                         \
-        if (base == NULL)                                                     \
-            return NULL;                                                      \
-        struct memd_mempool *mp = pool_hdr(self, base);                       \
-        (void)mp;                                                             \
-        return PyLong_FromUnsignedLongLong((unsigned long long)(expr));       \
+#define MP_FIELD_GETTER(fname, expr)                                    \
+    static PyObject *mp_get_##fname(PyObject *o, void *Py_UNUSED(c))    \
+    {                                                                   \
+        MemdMempool *self = (MemdMempool *)o;                           \
+        char *base = pool_base(self);                                   \
+        if (base == NULL)                                               \
+            return NULL;                                                \
+        struct memd_mempool *mp = pool_hdr(self, base);                 \
+        (void)mp;                                                       \
+        return PyLong_FromUnsignedLongLong((unsigned long long)(expr)); \
     }
 MP_FIELD_GETTER(size, mp->n)
 MP_FIELD_GETTER(elt_size, mp->elt_size)
@@ -700,8 +692,7 @@ static PyGetSetDef mempool_getset[] = {
 };
 
 static PyTypeObject MemdMempool_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "memd._ext.Mempool",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memd._ext.Mempool",
     .tp_basicsize = sizeof(MemdMempool),
     .tp_dealloc = mempool_dealloc,
     .tp_traverse = mempool_traverse,
@@ -728,8 +719,7 @@ static int geometry_or_raise(unsigned long long n, unsigned long long elt_size,
                      "private_data_size=%llu flags=0x%x (need 1 <= n < 2**31, elt_size and "
                      "private_data_size < 2**31, cache_size <= %u and cache_size * 3 // 2 <= "
                      "n, flags only MEMPOOL_F_*)",
-                     n, elt_size, cache_size, private_size, flags,
-                     MEMD_MEMPOOL_CACHE_MAX_SIZE);
+                     n, elt_size, cache_size, private_size, flags, MEMD_MEMPOOL_CACHE_MAX_SIZE);
         return -1;
     }
     return 0;
@@ -741,8 +731,8 @@ static PyObject *py_mempool_memsize(PyObject *Py_UNUSED(m), PyObject *args, PyOb
     unsigned long long n, elt, cache = 0, priv = 0;
     unsigned int flags = 0;
     struct memd_mempool_geometry g;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KK|KKI:mempool_memsize", kwlist, &n, &elt,
-                                     &cache, &priv, &flags) ||
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KK|KKI:mempool_memsize", kwlist, &n, &elt, &cache,
+                                     &priv, &flags) ||
         geometry_or_raise(n, elt, cache, priv, flags, &g) < 0)
         return NULL;
     return PyLong_FromUnsignedLongLong(g.memsize);
@@ -750,8 +740,8 @@ static PyObject *py_mempool_memsize(PyObject *Py_UNUSED(m), PyObject *args, PyOb
 
 static PyObject *py_mempool_init(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"window", "offset", "n", "elt_size", "cache_size",
-                             "private_data_size", "flags", "name", NULL};
+    static char *kwlist[] = {"window", "offset", "n", "elt_size", "cache_size", "private_data_size",
+                             "flags",  "name",   NULL};
     PyObject *window;
     unsigned long long off, n, elt, cache = 0, priv = 0;
     unsigned int flags = 0;
@@ -778,11 +768,9 @@ static PyObject *py_mempool_init(PyObject *Py_UNUSED(m), PyObject *args, PyObjec
         return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS /* touches every object: may take a while for big pools */
-    rc = memd_mempool_init(base, off, name, (uint32_t)n, (uint32_t)elt, (uint32_t)cache,
-                           (uint32_t)priv, flags);
-    Py_END_ALLOW_THREADS
-    if (rc < 0)
-        return memd_raise_errno(rc, "mempool_init");
+        rc = memd_mempool_init(base, off, name, (uint32_t)n, (uint32_t)elt, (uint32_t)cache,
+                               (uint32_t)priv, flags);
+    Py_END_ALLOW_THREADS if (rc < 0) return memd_raise_errno(rc, "mempool_init");
     Py_RETURN_NONE;
 }
 
@@ -791,8 +779,7 @@ static PyObject *py_mempool_flush_cache(PyObject *Py_UNUSED(m), PyObject *args)
     PyObject *window;
     unsigned long long off;
     unsigned int slot;
-    if (!PyArg_ParseTuple(args, "O!KI:mempool_flush_cache", &MemdWindow_Type, &window, &off,
-                          &slot))
+    if (!PyArg_ParseTuple(args, "O!KI:mempool_flush_cache", &MemdWindow_Type, &window, &off, &slot))
         return NULL;
     char *base = memd_base_of(window);
     if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0)
@@ -812,8 +799,7 @@ static char *checked_pool(PyObject *window, unsigned long long off, const char *
     if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0)
         return NULL;
     if (memd_mempool_check(base, off, ((MemdWindow *)window)->size - off) < 0) {
-        PyErr_Format(PyExc_ValueError, "%s: no initialised mempool at window offset %llu", fn,
-                     off);
+        PyErr_Format(PyExc_ValueError, "%s: no initialised mempool at window offset %llu", fn, off);
         return NULL;
     }
     return base;
@@ -840,9 +826,8 @@ static PyObject *py_mempool_held_by(PyObject *Py_UNUSED(m), PyObject *args)
         return NULL;
     uint64_t n;
     Py_BEGIN_ALLOW_THREADS /* walks every object header */
-    n = memd_mempool_held_by(base, off, (int32_t)pid);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromUnsignedLongLong(n);
+        n = memd_mempool_held_by(base, off, (int32_t)pid);
+    Py_END_ALLOW_THREADS return PyLong_FromUnsignedLongLong(n);
 }
 
 /* mempool_busy(window, off) -> list of (handle, getter pid) of the objects
@@ -891,7 +876,8 @@ static PyObject *py_mempool_reclaim_held_by(PyObject *Py_UNUSED(m), PyObject *ar
     if (n == -EBUSY) {
         PyErr_Format(PyExc_ValueError,
                      "mempool_reclaim_held_by: process %ld is alive; only a dead process's "
-                     "objects may be put back", pid);
+                     "objects may be put back",
+                     pid);
         return NULL;
     }
     if (n < 0) {
@@ -948,21 +934,20 @@ int memd_py_init_mempool(PyObject *m)
         PyModule_AddIntConstant(m, "MEMPOOL_CACHE_MAX_SIZE", MEMD_MEMPOOL_CACHE_MAX_SIZE) < 0)
         return -1;
     PyObject *layout = Py_BuildValue(
-        "{sksksksksksksksksksksksksksk}",
-        "sizeof(memd_mempool)", (unsigned long)sizeof(struct memd_mempool),
-        "memd_mempool.magic", (unsigned long)offsetof(struct memd_mempool, magic),
-        "memd_mempool.name", (unsigned long)offsetof(struct memd_mempool, name),
-        "memd_mempool.n", (unsigned long)offsetof(struct memd_mempool, n),
-        "memd_mempool.caches_offset", (unsigned long)offsetof(struct memd_mempool, caches_offset),
-        "memd_mempool.ring_offset", (unsigned long)offsetof(struct memd_mempool, ring_offset),
-        "memd_mempool.objs_offset", (unsigned long)offsetof(struct memd_mempool, objs_offset),
-        "memd_mempool.memsize", (unsigned long)offsetof(struct memd_mempool, memsize),
-        "sizeof(memd_mempool_cache)", (unsigned long)sizeof(struct memd_mempool_cache),
-        "memd_mempool_cache.objs", (unsigned long)offsetof(struct memd_mempool_cache, objs),
-        "sizeof(memd_mempool_objhdr)", (unsigned long)sizeof(struct memd_mempool_objhdr),
-        "memd_mempool_objhdr.cookie", (unsigned long)offsetof(struct memd_mempool_objhdr, cookie),
-        "memd_mempool_objhdr.index", (unsigned long)offsetof(struct memd_mempool_objhdr, index),
-        "memd_mempool_objhdr.owner_pid",
+        "{sksksksksksksksksksksksksksk}", "sizeof(memd_mempool)",
+        (unsigned long)sizeof(struct memd_mempool), "memd_mempool.magic",
+        (unsigned long)offsetof(struct memd_mempool, magic), "memd_mempool.name",
+        (unsigned long)offsetof(struct memd_mempool, name), "memd_mempool.n",
+        (unsigned long)offsetof(struct memd_mempool, n), "memd_mempool.caches_offset",
+        (unsigned long)offsetof(struct memd_mempool, caches_offset), "memd_mempool.ring_offset",
+        (unsigned long)offsetof(struct memd_mempool, ring_offset), "memd_mempool.objs_offset",
+        (unsigned long)offsetof(struct memd_mempool, objs_offset), "memd_mempool.memsize",
+        (unsigned long)offsetof(struct memd_mempool, memsize), "sizeof(memd_mempool_cache)",
+        (unsigned long)sizeof(struct memd_mempool_cache), "memd_mempool_cache.objs",
+        (unsigned long)offsetof(struct memd_mempool_cache, objs), "sizeof(memd_mempool_objhdr)",
+        (unsigned long)sizeof(struct memd_mempool_objhdr), "memd_mempool_objhdr.cookie",
+        (unsigned long)offsetof(struct memd_mempool_objhdr, cookie), "memd_mempool_objhdr.index",
+        (unsigned long)offsetof(struct memd_mempool_objhdr, index), "memd_mempool_objhdr.owner_pid",
         (unsigned long)offsetof(struct memd_mempool_objhdr, owner_pid));
     if (layout == NULL || PyModule_AddObject(m, "MEMPOOL_LAYOUT", layout) < 0) {
         Py_XDECREF(layout);

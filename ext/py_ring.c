@@ -17,7 +17,7 @@
 #include <string.h>
 #include <time.h>
 
-#define likely(x) __builtin_expect(!!(x), 1)
+#define likely(x)   __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
 
 #define WAIT_SLICE_NS 100000000ull /* 100 ms: how late Ctrl-C may be noticed */
@@ -28,7 +28,7 @@
  * memd promises "waits sleep, no spinning", so it is 0 (sleep at once) unless
  * a program opts in with ring_wait_spin(). */
 static uint64_t wait_spin_ns = 0;
-#define STACK_VALUES 64            /* values converted on the stack, no malloc */
+#define STACK_VALUES 64 /* values converted on the stack, no malloc */
 
 /* --- argument helpers (shared with py_mempool.c through py_ring.h) -------- */
 
@@ -153,7 +153,8 @@ int memd_u64_from_object(PyObject *o, uint64_t *out)
     if (to_u64(o, out) < 0) {
         if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
             PyErr_Clear();
-            PyErr_SetString(PyExc_OverflowError, "ring entries are unsigned 64-bit: 0 <= v < 2**64");
+            PyErr_SetString(PyExc_OverflowError,
+                            "ring entries are unsigned 64-bit: 0 <= v < 2**64");
         }
         return -1;
     }
@@ -225,7 +226,12 @@ typedef struct {
     uint32_t size;
 } MemdRing;
 
-enum ring_op { OP_ENQ_BULK, OP_ENQ_BURST, OP_DEQ_BULK, OP_DEQ_BURST };
+enum ring_op {
+    OP_ENQ_BULK,
+    OP_ENQ_BURST,
+    OP_DEQ_BULK,
+    OP_DEQ_BURST
+};
 
 static inline struct memd_ring *ring_ptr(MemdRing *self)
 {
@@ -313,10 +319,8 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
             memd_ring_wait_done(w);
             return -1;
         }
-        Py_BEGIN_ALLOW_THREADS
-        memd_ring_wait_sleep(w, seq, slice);
-        Py_END_ALLOW_THREADS
-        memd_ring_wait_done(w);
+        Py_BEGIN_ALLOW_THREADS memd_ring_wait_sleep(w, seq, slice);
+        Py_END_ALLOW_THREADS memd_ring_wait_done(w);
         if (PyErr_CheckSignals() < 0)
             return -1;
         if ((r = ring_ptr(self)) == NULL)
@@ -342,9 +346,8 @@ static int clamp_request(MemdRing *self, enum ring_op op, Py_ssize_t *n, uint64_
         return 0;
     }
     if (timeout != 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "a bulk of %zd entries can never fit a ring of capacity %u", *n,
-                     self->capacity);
+        PyErr_Format(PyExc_ValueError, "a bulk of %zd entries can never fit a ring of capacity %u",
+                     *n, self->capacity);
         return -1;
     }
     *n = 0;
@@ -649,27 +652,26 @@ static PyObject *ring_get_wait_stats(PyObject *o, void *Py_UNUSED(c))
         return NULL;
     /* relaxed everywhere: statistics, each field read once. */
 #define LD(x) atomic_load_explicit(&(x), memory_order_relaxed)
-    return Py_BuildValue(
-        "{sKsKsKsKsIsIsIsIsKsKsisi}",
-        "consumer_sleeps", (unsigned long long)LD(r->not_empty.sleeps),
-        "consumer_wakes", (unsigned long long)LD(r->not_empty.wakes),
-        "producer_sleeps", (unsigned long long)LD(r->not_full.sleeps),
-        "producer_wakes", (unsigned long long)LD(r->not_full.wakes),
-        "consumers_waiting", (unsigned)LD(r->not_empty.waiters),
-        "producers_waiting", (unsigned)LD(r->not_full.waiters),
-        /* locks taken over from a dead producer / consumer */
-        "producer_recoveries", (unsigned)LD(r->prod.recoveries),
-        "consumer_recoveries", (unsigned)LD(r->cons.recoveries),
-        /* times somebody slept waiting for a side's lock */
-        "producer_lock_sleeps", (unsigned long long)LD(r->prod.lock_wait.sleeps),
-        "consumer_lock_sleeps", (unsigned long long)LD(r->cons.lock_wait.sleeps),
-        /* pid holding a side's lock now, 0 if free */
-        "producer_lock_owner", (int)MEMD_RING_LOCK_PID(LD(r->prod.lock)),
-        "consumer_lock_owner", (int)MEMD_RING_LOCK_PID(LD(r->cons.lock)));
+    return Py_BuildValue("{sKsKsKsKsIsIsIsIsKsKsisi}", "consumer_sleeps",
+                         (unsigned long long)LD(r->not_empty.sleeps), "consumer_wakes",
+                         (unsigned long long)LD(r->not_empty.wakes), "producer_sleeps",
+                         (unsigned long long)LD(r->not_full.sleeps), "producer_wakes",
+                         (unsigned long long)LD(r->not_full.wakes), "consumers_waiting",
+                         (unsigned)LD(r->not_empty.waiters), "producers_waiting",
+                         (unsigned)LD(r->not_full.waiters),
+                         /* locks taken over from a dead producer / consumer */
+                         "producer_recoveries", (unsigned)LD(r->prod.recoveries),
+                         "consumer_recoveries", (unsigned)LD(r->cons.recoveries),
+                         /* times somebody slept waiting for a side's lock */
+                         "producer_lock_sleeps", (unsigned long long)LD(r->prod.lock_wait.sleeps),
+                         "consumer_lock_sleeps", (unsigned long long)LD(r->cons.lock_wait.sleeps),
+                         /* pid holding a side's lock now, 0 if free */
+                         "producer_lock_owner", (int)MEMD_RING_LOCK_PID(LD(r->prod.lock)),
+                         "consumer_lock_owner", (int)MEMD_RING_LOCK_PID(LD(r->cons.lock)));
 #undef LD
 }
 
-#define FC (METH_FASTCALL | METH_KEYWORDS)
+#define FC      (METH_FASTCALL | METH_KEYWORDS)
 #define FCFN(f) (PyCFunction)(void (*)(void))(f)
 
 static PyMethodDef ring_methods[] = {
@@ -712,8 +714,7 @@ static PyGetSetDef ring_getset[] = {
 };
 
 static PyTypeObject MemdRing_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "memd._ext.Ring",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memd._ext.Ring",
     .tp_basicsize = sizeof(MemdRing),
     .tp_dealloc = ring_dealloc,
     .tp_traverse = ring_traverse,
@@ -834,10 +835,7 @@ static PyMethodDef ring_functions[] = {
     {NULL, NULL, 0, NULL},
 };
 
-PyTypeObject *memd_ring_type(void)
-{
-    return &MemdRing_Type;
-}
+PyTypeObject *memd_ring_type(void) { return &MemdRing_Type; }
 
 PyObject *memd_ring_ptr_of(PyObject *ring, struct memd_ring **out)
 {
@@ -866,26 +864,24 @@ int memd_py_init_ring(PyObject *m)
         PyModule_AddIntConstant(m, "RING_SZ_MAX", MEMD_RING_SZ_MAX) < 0)
         return -1;
     PyObject *layout = Py_BuildValue(
-        "{sksksksksksksksksksksksksksksksksksksk}",
-        "sizeof(memd_ring)", (unsigned long)sizeof(struct memd_ring),
-        "memd_ring.magic", (unsigned long)offsetof(struct memd_ring, magic),
-        "memd_ring.name", (unsigned long)offsetof(struct memd_ring, name),
-        "memd_ring.flags", (unsigned long)offsetof(struct memd_ring, flags),
-        "memd_ring.size", (unsigned long)offsetof(struct memd_ring, size),
-        "memd_ring.mask", (unsigned long)offsetof(struct memd_ring, mask),
-        "memd_ring.capacity", (unsigned long)offsetof(struct memd_ring, capacity),
-        "memd_ring.memsize", (unsigned long)offsetof(struct memd_ring, memsize),
-        "memd_ring.prod", (unsigned long)offsetof(struct memd_ring, prod),
-        "memd_ring.cons", (unsigned long)offsetof(struct memd_ring, cons),
-        "memd_ring.not_empty", (unsigned long)offsetof(struct memd_ring, not_empty),
-        "memd_ring.not_full", (unsigned long)offsetof(struct memd_ring, not_full),
-        "memd_ring.slots", (unsigned long)offsetof(struct memd_ring, slots),
-        "memd_ring_headtail.head", (unsigned long)offsetof(struct memd_ring_headtail, head),
-        "memd_ring_headtail.tail", (unsigned long)offsetof(struct memd_ring_headtail, tail),
-        "memd_ring_headtail.other_tail",
-        (unsigned long)offsetof(struct memd_ring_headtail, other_tail),
-        "memd_ring_headtail.lock", (unsigned long)offsetof(struct memd_ring_headtail, lock),
-        "memd_ring_headtail.recoveries",
+        "{sksksksksksksksksksksksksksksksksksksk}", "sizeof(memd_ring)",
+        (unsigned long)sizeof(struct memd_ring), "memd_ring.magic",
+        (unsigned long)offsetof(struct memd_ring, magic), "memd_ring.name",
+        (unsigned long)offsetof(struct memd_ring, name), "memd_ring.flags",
+        (unsigned long)offsetof(struct memd_ring, flags), "memd_ring.size",
+        (unsigned long)offsetof(struct memd_ring, size), "memd_ring.mask",
+        (unsigned long)offsetof(struct memd_ring, mask), "memd_ring.capacity",
+        (unsigned long)offsetof(struct memd_ring, capacity), "memd_ring.memsize",
+        (unsigned long)offsetof(struct memd_ring, memsize), "memd_ring.prod",
+        (unsigned long)offsetof(struct memd_ring, prod), "memd_ring.cons",
+        (unsigned long)offsetof(struct memd_ring, cons), "memd_ring.not_empty",
+        (unsigned long)offsetof(struct memd_ring, not_empty), "memd_ring.not_full",
+        (unsigned long)offsetof(struct memd_ring, not_full), "memd_ring.slots",
+        (unsigned long)offsetof(struct memd_ring, slots), "memd_ring_headtail.head",
+        (unsigned long)offsetof(struct memd_ring_headtail, head), "memd_ring_headtail.tail",
+        (unsigned long)offsetof(struct memd_ring_headtail, tail), "memd_ring_headtail.other_tail",
+        (unsigned long)offsetof(struct memd_ring_headtail, other_tail), "memd_ring_headtail.lock",
+        (unsigned long)offsetof(struct memd_ring_headtail, lock), "memd_ring_headtail.recoveries",
         (unsigned long)offsetof(struct memd_ring_headtail, recoveries),
         "memd_ring_headtail.lock_wait",
         (unsigned long)offsetof(struct memd_ring_headtail, lock_wait));

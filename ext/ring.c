@@ -15,9 +15,8 @@
 #include "lock.h"
 #include "proc.h"
 
-
-#define likely(x) __builtin_expect(!!(x), 1)
-#define unlikely(x) __builtin_expect(!!(x), 0)
+#define likely(x)     __builtin_expect(!!(x), 1)
+#define unlikely(x)   __builtin_expect(!!(x), 0)
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 /* Waiting for a side's lock: spin this many times while the owner (probably)
@@ -25,11 +24,14 @@
  * have been preempted and cannot finish while we spin), then sleep on the
  * side's lock futex in slices of LOCK_SLEEP_NS, checking after each slice that
  * slept through whether the owner is still alive. */
-#define LOCK_SPINS 128u
-#define LOCK_YIELDS 4u
+#define LOCK_SPINS    128u
+#define LOCK_YIELDS   4u
 #define LOCK_SLEEP_NS 2000000u /* 2 ms: a dead owner is noticed within ~2 slices */
 
-enum { BULK = 0, BURST = 1 };
+enum {
+    BULK = 0,
+    BURST = 1
+};
 
 /* --- geometry ------------------------------------------------------------- */
 
@@ -214,15 +216,9 @@ static __attribute__((noinline, cold)) void crash_step(void)
 static _Atomic uint64_t self_word;
 static pthread_once_t self_word_once = PTHREAD_ONCE_INIT;
 
-static void forget_self_word(void)
-{
-    atomic_store_explicit(&self_word, 0, memory_order_relaxed);
-}
+static void forget_self_word(void) { atomic_store_explicit(&self_word, 0, memory_order_relaxed); }
 
-static void register_forget(void)
-{
-    pthread_atfork(NULL, NULL, forget_self_word);
-}
+static void register_forget(void) { pthread_atfork(NULL, NULL, forget_self_word); }
 
 static __attribute__((noinline)) uint64_t compute_self_word(void)
 {
@@ -271,8 +267,7 @@ static __attribute__((noinline)) void lock_slow(struct memd_ring_headtail *ht, u
             uint64_t expect = 0;
             /* acquire: pairs with the release store of 0 in side_unlock, so the
              * previous owner's tail, other_tail and slot writes are visible. */
-            if (atomic_compare_exchange_weak_explicit(&ht->lock, &expect, me,
-                                                      memory_order_acquire,
+            if (atomic_compare_exchange_weak_explicit(&ht->lock, &expect, me, memory_order_acquire,
                                                       memory_order_relaxed))
                 return;
             continue;
@@ -302,9 +297,8 @@ static __attribute__((noinline)) void lock_slow(struct memd_ring_headtail *ht, u
                  * owner's word succeeds; the others see the new owner and wait
                  * on.  The dead owner made its stores before it died, long
                  * before kill() or /proc could tell us so. */
-                if (atomic_compare_exchange_strong_explicit(&ht->lock, &expect, me,
-                                                            memory_order_acquire,
-                                                            memory_order_relaxed)) {
+                if (atomic_compare_exchange_strong_explicit(
+                        &ht->lock, &expect, me, memory_order_acquire, memory_order_relaxed)) {
                     atomic_fetch_add_explicit(&ht->recoveries, 1, memory_order_relaxed);
                     return;
                 }
@@ -325,8 +319,7 @@ static ALWAYS_INLINE void side_lock(struct memd_ring_headtail *ht)
     uint64_t me = owner_word();
     uint64_t expect = 0;
     /* acquire: pairs with the release store in side_unlock (see lock_slow). */
-    if (likely(atomic_compare_exchange_weak_explicit(&ht->lock, &expect, me,
-                                                     memory_order_acquire,
+    if (likely(atomic_compare_exchange_weak_explicit(&ht->lock, &expect, me, memory_order_acquire,
                                                      memory_order_relaxed)))
         return;
     lock_slow(ht, me);
@@ -343,17 +336,17 @@ static ALWAYS_INLINE void side_unlock(struct memd_ring_headtail *ht)
 /* --- enqueue / dequeue ---------------------------------------------------- */
 
 /* A step point for crash injection; compiled out of the normal copies. */
-#define STEP()                  \
-    do {                        \
-        if (crashy)             \
-            crash_step();       \
+#define STEP()            \
+    do {                  \
+        if (crashy)       \
+            crash_step(); \
     } while (0)
 
 /* Copy n entries between the caller's array and the slots from counter `from`,
  * wrapping at the end; crashy copies go one slot at a time with a step after
  * each. */
-static ALWAYS_INLINE void copy_in(struct memd_ring *r, uint32_t from, const uint64_t *v,
-                                  unsigned n, int crashy)
+static ALWAYS_INLINE void copy_in(struct memd_ring *r, uint32_t from, const uint64_t *v, unsigned n,
+                                  int crashy)
 {
     const uint32_t size = r->size, idx = from & r->mask;
     uint64_t *slots = r->slots;
@@ -523,15 +516,13 @@ static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, uint64_t *v, unsig
 
 static __attribute__((noinline, cold)) unsigned enqueue_crashy(struct memd_ring *r,
                                                                const uint64_t *v, unsigned n,
-                                                               int behaviour,
-                                                               unsigned *free_space)
+                                                               int behaviour, unsigned *free_space)
 {
     return do_enqueue(r, v, n, behaviour, free_space, 1);
 }
 
-static __attribute__((noinline, cold)) unsigned dequeue_crashy(struct memd_ring *r, uint64_t *v,
-                                                               unsigned n, int behaviour,
-                                                               unsigned *available)
+static __attribute__((noinline, cold)) unsigned
+dequeue_crashy(struct memd_ring *r, uint64_t *v, unsigned n, int behaviour, unsigned *available)
 {
     return do_dequeue(r, v, n, behaviour, available, 1);
 }
@@ -552,16 +543,14 @@ unsigned memd_ring_enqueue_burst(struct memd_ring *r, const uint64_t *v, unsigne
     return do_enqueue(r, v, n, BURST, free_space, 0);
 }
 
-unsigned memd_ring_dequeue_bulk(struct memd_ring *r, uint64_t *v, unsigned n,
-                                unsigned *available)
+unsigned memd_ring_dequeue_bulk(struct memd_ring *r, uint64_t *v, unsigned n, unsigned *available)
 {
     if (unlikely(crash_after >= 0))
         return dequeue_crashy(r, v, n, BULK, available);
     return do_dequeue(r, v, n, BULK, available, 0);
 }
 
-unsigned memd_ring_dequeue_burst(struct memd_ring *r, uint64_t *v, unsigned n,
-                                 unsigned *available)
+unsigned memd_ring_dequeue_burst(struct memd_ring *r, uint64_t *v, unsigned n, unsigned *available)
 {
     if (unlikely(crash_after >= 0))
         return dequeue_crashy(r, v, n, BURST, available);

@@ -63,10 +63,8 @@ unsigned memd_ring_enqueue_burst(struct memd_ring *r, const uint64_t *v, unsigne
 
 /* Dequeue into v: n entries or none (bulk), or up to n (burst).  Returns the
  * number dequeued; *available (if not NULL) gets the entries still in the ring. */
-unsigned memd_ring_dequeue_bulk(struct memd_ring *r, uint64_t *v, unsigned n,
-                                unsigned *available);
-unsigned memd_ring_dequeue_burst(struct memd_ring *r, uint64_t *v, unsigned n,
-                                 unsigned *available);
+unsigned memd_ring_dequeue_bulk(struct memd_ring *r, uint64_t *v, unsigned n, unsigned *available);
+unsigned memd_ring_dequeue_burst(struct memd_ring *r, uint64_t *v, unsigned n, unsigned *available);
 
 /* Entries in the ring now (a snapshot while others run). */
 unsigned memd_ring_count(const struct memd_ring *r);
