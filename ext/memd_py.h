@@ -64,7 +64,45 @@ int memd_py_init_heap(PyObject *m);
 int memd_py_init_ring(PyObject *m);
 int memd_py_init_mempool(PyObject *m);
 
-/* Helper to register a PyMethodDef table (NULL-terminated) on the module. */
+/* --- registering: the one way each binding file adds what it binds ---------- */
+
+/* A PyMethodDef table (NULL-terminated) as module functions. */
 int memd_add_functions(PyObject *m, PyMethodDef *defs);
+
+/* A type (readied here) under its short name (the tp_name after the last dot). */
+int memd_add_type(PyObject *m, PyTypeObject *type);
+
+/* Integer constants: MEMD_CONST for unsigned values, MEMD_SIGNED for negative
+ * ones; a {NULL} entry ends the table. */
+struct memd_const {
+    const char *name;
+    unsigned long long value;
+    int is_signed;
+};
+#define MEMD_CONST(name, v)  {name, (unsigned long long)(v), 0}
+#define MEMD_SIGNED(name, v) {name, (unsigned long long)(long long)(v), 1}
+int memd_add_constants(PyObject *m, const struct memd_const *table);
+
+/* Shared-layout facts for the module's LAYOUT dict: "type.field" -> (offset,
+ * size) and "type" -> sizeof; a {NULL} entry ends the table. */
+struct memd_field {
+    const char *name;
+    size_t offset;
+    size_t size;
+    int is_type;
+};
+#define MEMD_FIELD(type, field) \
+    {#type "." #field, offsetof(struct type, field), sizeof(((struct type *)0)->field), 0}
+#define MEMD_FLEX(type, field) \
+    {#type "." #field, offsetof(struct type, field), 0, 0} /* []: size 0 */
+#define MEMD_SIZEOF(type) {#type, 0, sizeof(struct type), 1}
+int memd_add_layout(PyObject *m, const struct memd_field *table);
+
+/* --- arguments ------------------------------------------------------------------ */
+
+/* METH_FASTCALL | METH_KEYWORDS arguments into out[0..n) by position or by names[i]
+ * (NULL: not given); the first `required` must be given.  -1 with TypeError set. */
+int memd_fast_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                   const char *const *names, Py_ssize_t n, Py_ssize_t required, PyObject **out);
 
 #endif /* MEMD_PY_H */

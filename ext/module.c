@@ -86,6 +86,89 @@ int memd_add_functions(PyObject *m, PyMethodDef *defs)
     return 0;
 }
 
+int memd_add_type(PyObject *m, PyTypeObject *type)
+{
+    if (PyType_Ready(type) < 0)
+        return -1;
+    const char *dot = strrchr(type->tp_name, '.');
+    Py_INCREF(type);
+    if (PyModule_AddObject(m, dot ? dot + 1 : type->tp_name, (PyObject *)type) < 0) {
+        Py_DECREF(type);
+        return -1;
+    }
+    return 0;
+}
+
+int memd_add_constants(PyObject *m, const struct memd_const *table)
+{
+    for (const struct memd_const *c = table; c->name != NULL; c++) {
+        PyObject *v = c->is_signed ? PyLong_FromLongLong((long long)c->value)
+                                   : PyLong_FromUnsignedLongLong(c->value);
+        if (v == NULL || PyModule_AddObject(m, c->name, v) < 0) {
+            Py_XDECREF(v);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int memd_add_layout(PyObject *m, const struct memd_field *table)
+{
+    PyObject *d = PyObject_GetAttrString(m, "LAYOUT");
+    if (d == NULL) {
+        PyErr_Clear();
+        d = PyDict_New();
+        if (d == NULL)
+            return -1;
+        Py_INCREF(d);
+        if (PyModule_AddObject(m, "LAYOUT", d) < 0) {
+            Py_DECREF(d);
+            Py_DECREF(d);
+            return -1;
+        }
+    }
+    int rc = 0;
+    for (const struct memd_field *f = table; f->name != NULL && rc == 0; f++) {
+        PyObject *v = f->is_type
+                          ? PyLong_FromSize_t(f->size)
+                          : Py_BuildValue("(nn)", (Py_ssize_t)f->offset, (Py_ssize_t)f->size);
+        rc = v == NULL ? -1 : PyDict_SetItemString(d, f->name, v);
+        Py_XDECREF(v);
+    }
+    Py_DECREF(d);
+    return rc;
+}
+
+int memd_fast_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                   const char *const *names, Py_ssize_t n, Py_ssize_t required, PyObject **out)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    if (nargs > n) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments", fn, n);
+        return -1;
+    }
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, k);
+        Py_ssize_t j = 0;
+        while (j < n && PyUnicode_CompareWithASCIIString(name, names[j]) != 0)
+            j++;
+        if (j == n || out[j] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got %s argument '%U'", fn,
+                         j == n ? "an unexpected keyword" : "multiple values for", name);
+            return -1;
+        }
+        out[j] = args[nargs + k];
+    }
+    for (Py_ssize_t i = 0; i < required; i++)
+        if (out[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing argument '%s'", fn, names[i]);
+            return -1;
+        }
+    return 0;
+}
+
 int memd_window_base(PyObject *obj, void *out_base)
 {
     char *base = memd_base_of(obj);
@@ -415,15 +498,14 @@ static struct PyModuleDef memd_module = {
 
 PyMODINIT_FUNC PyInit__ext(void)
 {
-    if (PyType_Ready(&MemdWindow_Type) < 0 || PyType_Ready(&MemdSpan_Type) < 0)
+    if (PyType_Ready(&MemdSpan_Type) < 0) /* internal: not in the module */
         return NULL;
     PyObject *m = PyModule_Create(&memd_module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&MemdWindow_Type);
-    if (PyModule_AddObject(m, "Window", (PyObject *)&MemdWindow_Type) < 0 ||
-        memd_add_functions(m, module_functions) < 0 || memd_py_init_config(m) < 0 ||
-        memd_py_init_heap(m) < 0 || memd_py_init_ring(m) < 0 || memd_py_init_mempool(m) < 0) {
+    if (memd_add_type(m, &MemdWindow_Type) < 0 || memd_add_functions(m, module_functions) < 0 ||
+        memd_py_init_config(m) < 0 || memd_py_init_heap(m) < 0 || memd_py_init_ring(m) < 0 ||
+        memd_py_init_mempool(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

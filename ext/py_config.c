@@ -426,91 +426,77 @@ static PyMethodDef config_functions[] = {
     {NULL, NULL, 0, NULL},
 };
 
-#define ADD_INT(m, name, value)                                                               \
-    do {                                                                                      \
-        if (PyModule_AddObject(m, name,                                                       \
-                               PyLong_FromUnsignedLongLong((unsigned long long)(value))) < 0) \
-            return -1;                                                                        \
-    } while (0)
+static const struct memd_field config_layout[] = {
+    MEMD_FIELD(memd_config_header, magic),
+    MEMD_FIELD(memd_config_header, layout_version),
+    MEMD_FIELD(memd_config_header, state),
+    MEMD_FIELD(memd_config_header, primary_pid),
+    MEMD_FIELD(memd_config_header, mem_generation),
+    MEMD_FIELD(memd_config, heaps),
+    MEMD_FIELD(memd_config, procs),
+    MEMD_FIELD(memd_config, objects),
+    MEMD_FIELD(memd_config, memzones),
+    MEMD_FIELD(memd_config, msls),
+    MEMD_FIELD(memd_heap, lock),
+    MEMD_FIELD(memd_lock, recoveries),
+    MEMD_FIELD(memd_config, heap_journals),
+    MEMD_FIELD(memd_heap, total_size),
+    MEMD_FIELD(memd_heap_elem, flags),
+    MEMD_FIELD(memd_heap_elem, u.free.dirty_lo),
+    MEMD_FIELD(memd_heap_elem, u.busy.owner_pid),
+    MEMD_FIELD(memd_heap_journal, count),
+    MEMD_FIELD(memd_heap_journal, overflow),
+    MEMD_FIELD(memd_heap_journal, e),
+    MEMD_SIZEOF(memd_config_header),
+    MEMD_SIZEOF(memd_config),
+    MEMD_SIZEOF(memd_memseg_list),
+    MEMD_SIZEOF(memd_heap),
+    MEMD_SIZEOF(memd_process),
+    MEMD_SIZEOF(memd_object),
+    MEMD_SIZEOF(memd_memzone),
+    MEMD_SIZEOF(memd_lock),
+    MEMD_SIZEOF(memd_heap_journal),
+    MEMD_SIZEOF(memd_heap_journal_entry),
+    {NULL},
+};
 
-static int add_layout(PyObject *m)
-{
-    PyObject *d = PyDict_New();
-    if (d == NULL)
-        return -1;
-#define FIELD(type, field)                                                               \
-    PyDict_SetItemString(d, #type "." #field,                                            \
-                         Py_BuildValue("(nn)", (Py_ssize_t)offsetof(struct type, field), \
-                                       (Py_ssize_t)sizeof(((struct type *)0)->field)))
-#define SIZE(type) PyDict_SetItemString(d, #type, PyLong_FromSize_t(sizeof(struct type)))
-    FIELD(memd_config_header, magic);
-    FIELD(memd_config_header, layout_version);
-    FIELD(memd_config_header, state);
-    FIELD(memd_config_header, primary_pid);
-    FIELD(memd_config_header, mem_generation);
-    FIELD(memd_config, heaps);
-    FIELD(memd_config, procs);
-    FIELD(memd_config, objects);
-    FIELD(memd_config, memzones);
-    FIELD(memd_config, msls);
-    FIELD(memd_heap, lock);
-    FIELD(memd_lock, recoveries);
-    FIELD(memd_config, heap_journals);
-    FIELD(memd_heap, total_size);
-    FIELD(memd_heap_elem, flags);
-    FIELD(memd_heap_elem, u.free.dirty_lo);
-    FIELD(memd_heap_elem, u.busy.owner_pid);
-    FIELD(memd_heap_journal, count);
-    FIELD(memd_heap_journal, overflow);
-    FIELD(memd_heap_journal, e);
-    SIZE(memd_config_header);
-    SIZE(memd_config);
-    SIZE(memd_memseg_list);
-    SIZE(memd_heap);
-    SIZE(memd_process);
-    SIZE(memd_object);
-    SIZE(memd_memzone);
-    SIZE(memd_lock);
-    SIZE(memd_heap_journal);
-    SIZE(memd_heap_journal_entry);
-#undef FIELD
-#undef SIZE
-    return PyModule_AddObject(m, "LAYOUT", d);
-}
+static const struct memd_const config_constants[] = {
+    MEMD_CONST("CONFIG_MAGIC", MEMD_CONFIG_MAGIC),
+    MEMD_CONST("LAYOUT_VERSION", MEMD_LAYOUT_VERSION),
+    MEMD_CONST("CONFIG_SIZE", MEMD_CONFIG_SIZE),
+    MEMD_CONST("NAMESIZE", MEMD_NAMESIZE),
+    MEMD_CONST("MAX_MEMSEG_LISTS", MEMD_MAX_MEMSEG_LISTS),
+    MEMD_CONST("MAX_PAGES_PER_LIST", MEMD_MAX_PAGES_PER_LIST),
+    MEMD_CONST("MAX_HEAPS", MEMD_MAX_HEAPS),
+    MEMD_CONST("MAX_PROCS", MEMD_MAX_PROCS),
+    MEMD_CONST("MAX_OBJECTS", MEMD_MAX_OBJECTS),
+    MEMD_CONST("MAX_MEMZONES", MEMD_MAX_MEMZONES),
+    MEMD_CONST("PATH_SIZE", MEMD_PATH_SIZE),
+    MEMD_CONST("BAD_IOVA", MEMD_BAD_IOVA),
+    MEMD_CONST("STATE_INIT", MEMD_STATE_INIT),
+    MEMD_CONST("STATE_READY", MEMD_STATE_READY),
+    MEMD_CONST("STATE_SHUTDOWN", MEMD_STATE_SHUTDOWN),
+    MEMD_CONST("IOVA_PA", MEMD_IOVA_PA),
+    MEMD_CONST("IOVA_VA", MEMD_IOVA_VA),
+    MEMD_CONST("CFG_F_NO_HUGE", MEMD_CFG_F_NO_HUGE),
+    MEMD_CONST("CFG_F_LEGACY", MEMD_CFG_F_LEGACY),
+    MEMD_CONST("CFG_F_HUGE_UNLINK", MEMD_CFG_F_HUGE_UNLINK),
+    MEMD_CONST("CFG_F_SINGLE_FILE", MEMD_CFG_F_SINGLE_FILE),
+    MEMD_CONST("SEG_F_USED", MEMD_SEG_F_USED),
+    MEMD_CONST("SEG_F_PREALLOC", MEMD_SEG_F_PREALLOC),
+    MEMD_CONST("PROC_PRIMARY", MEMD_PROC_PRIMARY),
+    MEMD_CONST("PROC_SECONDARY", MEMD_PROC_SECONDARY),
+    MEMD_SIGNED("SOCKET_ID_ANY", MEMD_SOCKET_ID_ANY),
+    MEMD_CONST("OBJ_RING", MEMD_OBJ_RING),
+    MEMD_CONST("OBJ_MEMPOOL", MEMD_OBJ_MEMPOOL),
+    MEMD_CONST("MEMZONE_F_IOVA_CONTIG", MEMD_MEMZONE_F_IOVA_CONTIG),
+    {NULL},
+};
 
 int memd_py_init_config(PyObject *m)
 {
-    if (memd_add_functions(m, config_functions) < 0 || add_layout(m) < 0)
-        return -1;
-    ADD_INT(m, "CONFIG_MAGIC", MEMD_CONFIG_MAGIC);
-    ADD_INT(m, "LAYOUT_VERSION", MEMD_LAYOUT_VERSION);
-    ADD_INT(m, "CONFIG_SIZE", MEMD_CONFIG_SIZE);
-    ADD_INT(m, "NAMESIZE", MEMD_NAMESIZE);
-    ADD_INT(m, "MAX_MEMSEG_LISTS", MEMD_MAX_MEMSEG_LISTS);
-    ADD_INT(m, "MAX_PAGES_PER_LIST", MEMD_MAX_PAGES_PER_LIST);
-    ADD_INT(m, "MAX_HEAPS", MEMD_MAX_HEAPS);
-    ADD_INT(m, "MAX_PROCS", MEMD_MAX_PROCS);
-    ADD_INT(m, "MAX_OBJECTS", MEMD_MAX_OBJECTS);
-    ADD_INT(m, "MAX_MEMZONES", MEMD_MAX_MEMZONES);
-    ADD_INT(m, "PATH_SIZE", MEMD_PATH_SIZE);
-    ADD_INT(m, "BAD_IOVA", MEMD_BAD_IOVA);
-    ADD_INT(m, "STATE_INIT", MEMD_STATE_INIT);
-    ADD_INT(m, "STATE_READY", MEMD_STATE_READY);
-    ADD_INT(m, "STATE_SHUTDOWN", MEMD_STATE_SHUTDOWN);
-    ADD_INT(m, "IOVA_PA", MEMD_IOVA_PA);
-    ADD_INT(m, "IOVA_VA", MEMD_IOVA_VA);
-    ADD_INT(m, "CFG_F_NO_HUGE", MEMD_CFG_F_NO_HUGE);
-    ADD_INT(m, "CFG_F_LEGACY", MEMD_CFG_F_LEGACY);
-    ADD_INT(m, "CFG_F_HUGE_UNLINK", MEMD_CFG_F_HUGE_UNLINK);
-    ADD_INT(m, "CFG_F_SINGLE_FILE", MEMD_CFG_F_SINGLE_FILE);
-    ADD_INT(m, "SEG_F_USED", MEMD_SEG_F_USED);
-    ADD_INT(m, "SEG_F_PREALLOC", MEMD_SEG_F_PREALLOC);
-    ADD_INT(m, "PROC_PRIMARY", MEMD_PROC_PRIMARY);
-    ADD_INT(m, "PROC_SECONDARY", MEMD_PROC_SECONDARY);
-    if (PyModule_AddIntConstant(m, "SOCKET_ID_ANY", MEMD_SOCKET_ID_ANY) < 0) /* signed */
-        return -1;
-    ADD_INT(m, "OBJ_RING", MEMD_OBJ_RING);
-    ADD_INT(m, "OBJ_MEMPOOL", MEMD_OBJ_MEMPOOL);
-    ADD_INT(m, "MEMZONE_F_IOVA_CONTIG", MEMD_MEMZONE_F_IOVA_CONTIG);
-    return 0;
+    return memd_add_functions(m, config_functions) < 0 || memd_add_layout(m, config_layout) < 0 ||
+                   memd_add_constants(m, config_constants) < 0
+               ? -1
+               : 0;
 }

@@ -434,37 +434,6 @@ typedef struct {
     uint64_t release_at[MEMD_MAX_HEAPS]; /* 0 = ask _heap_maybe_release */
 } MemdHeapBase;
 
-/* FASTCALL positional + keyword arguments into out[0..n) (NULL = not given). */
-static int fast_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                     const char *const *names, Py_ssize_t n, Py_ssize_t required, PyObject **out)
-{
-    for (Py_ssize_t i = 0; i < n; i++)
-        out[i] = i < nargs ? args[i] : NULL;
-    if (nargs > n) {
-        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments", fn, n);
-        return -1;
-    }
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    for (Py_ssize_t k = 0; k < nkw; k++) {
-        PyObject *name = PyTuple_GET_ITEM(kwnames, k);
-        Py_ssize_t j = 0;
-        while (j < n && PyUnicode_CompareWithASCIIString(name, names[j]) != 0)
-            j++;
-        if (j == n || out[j] != NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() got %s argument '%U'", fn,
-                         j == n ? "an unexpected keyword" : "multiple values for", name);
-            return -1;
-        }
-        out[j] = args[nargs + k];
-    }
-    for (Py_ssize_t i = 0; i < required; i++)
-        if (out[i] == NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() missing argument '%s'", fn, names[i]);
-            return -1;
-        }
-    return 0;
-}
-
 static PyObject *hb_alloc(MemdHeapBase *self, PyObject *const *args, Py_ssize_t nargs,
                           PyObject *kwnames, int zero)
 {
@@ -472,7 +441,7 @@ static PyObject *hb_alloc(MemdHeapBase *self, PyObject *const *args, Py_ssize_t 
     PyObject *a[3];
     uint64_t size, align = 0;
     long sock = -1;
-    if (fast_args(zero ? "zmalloc" : "malloc", args, nargs, kwnames, names, 3, 1, a) < 0)
+    if (memd_fast_args(zero ? "zmalloc" : "malloc", args, nargs, kwnames, names, 3, 1, a) < 0)
         return NULL;
     if (self->window == NULL || u64_arg(a[0], &size) < 0 || (a[1] && u64_arg(a[1], &align) < 0) ||
         (a[2] && (sock = PyLong_AsLong(a[2])) == -1 && PyErr_Occurred()))
@@ -529,7 +498,7 @@ static PyObject *hb_free(PyObject *op, PyObject *const *args, Py_ssize_t nargs, 
     static const char *const names[] = {"blk"};
     MemdHeapBase *self = (MemdHeapBase *)op;
     PyObject *a[1];
-    if (fast_args("free", args, nargs, kwnames, names, 1, 1, a) < 0)
+    if (memd_fast_args("free", args, nargs, kwnames, names, 1, 1, a) < 0)
         return NULL;
     if (self->window == NULL || Py_TYPE(a[0]) != &MemdBlock_Type)
         goto slow;
@@ -1049,32 +1018,24 @@ static PyMethodDef heap_functions[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static const struct memd_const heap_constants[] = {
+    MEMD_CONST("HEAP_ELEM_HEADER_SIZE", MEMD_ELEM_HEADER_SIZE),
+    MEMD_CONST("HEAP_ELEM_TRAILER_SIZE", MEMD_ELEM_TRAILER_SIZE),
+    MEMD_CONST("HEAP_ELEM_MIN_SIZE", MEMD_ELEM_MIN_SIZE),
+    MEMD_CONST("HEAP_ELEM_FREE", MEMD_ELEM_FREE),
+    MEMD_CONST("HEAP_ELEM_BUSY", MEMD_ELEM_BUSY),
+    MEMD_CONST("HEAP_ELEM_F_MEMZONE", MEMD_ELEM_F_MEMZONE),
+    MEMD_CONST("HEAP_JOURNAL_ENTRIES", MEMD_HEAP_JOURNAL_ENTRIES),
+    MEMD_CONST("HEAP_NUM_FREELISTS", MEMD_HEAP_NUM_FREELISTS),
+    MEMD_CONST("HEAP_DEFAULT_ALIGN", MEMD_HEAP_DEFAULT_ALIGN),
+    {NULL},
+};
+
 int memd_py_init_heap(PyObject *m)
 {
-    if (PyType_Ready(&MemdBlock_Type) < 0 || PyType_Ready(&MemdHeapBase_Type) < 0)
-        return -1;
-    Py_INCREF(&MemdBlock_Type);
-    if (PyModule_AddObject(m, "Block", (PyObject *)&MemdBlock_Type) < 0) {
-        Py_DECREF(&MemdBlock_Type);
-        return -1;
-    }
-    Py_INCREF(&MemdHeapBase_Type);
-    if (PyModule_AddObject(m, "HeapBase", (PyObject *)&MemdHeapBase_Type) < 0) {
-        Py_DECREF(&MemdHeapBase_Type);
-        return -1;
-    }
-    if (PyModule_AddIntConstant(m, "HEAP_ELEM_HEADER_SIZE", MEMD_ELEM_HEADER_SIZE) < 0 ||
-        PyModule_AddIntConstant(m, "HEAP_ELEM_TRAILER_SIZE", MEMD_ELEM_TRAILER_SIZE) < 0 ||
-        PyModule_AddIntConstant(m, "HEAP_ELEM_MIN_SIZE", MEMD_ELEM_MIN_SIZE) < 0 ||
-        PyModule_AddIntConstant(m, "HEAP_ELEM_FREE", MEMD_ELEM_FREE) < 0 ||
-        PyModule_AddIntConstant(m, "HEAP_ELEM_BUSY", MEMD_ELEM_BUSY) < 0 ||
-        PyModule_AddIntConstant(m, "HEAP_ELEM_F_MEMZONE", MEMD_ELEM_F_MEMZONE) < 0 ||
-        PyModule_AddIntConstant(m, "HEAP_JOURNAL_ENTRIES", MEMD_HEAP_JOURNAL_ENTRIES) < 0 ||
-        PyModule_AddIntConstant(m, "HEAP_NUM_FREELISTS", MEMD_HEAP_NUM_FREELISTS) < 0 ||
-        PyModule_AddIntConstant(m, "HEAP_DEFAULT_ALIGN", MEMD_HEAP_DEFAULT_ALIGN) < 0 ||
-        PyModule_AddIntConstant(m, "HEAP_MAX_HEAPS", MEMD_MAX_HEAPS) < 0 ||
-        PyModule_AddIntConstant(m, "HEAP_STRUCT_SIZE", sizeof(struct memd_heap)) < 0 ||
-        PyModule_AddIntConstant(m, "CONFIG_HEAPS_OFFSET", offsetof(struct memd_config, heaps)) < 0)
-        return -1;
-    return memd_add_functions(m, heap_functions);
+    return memd_add_type(m, &MemdBlock_Type) < 0 || memd_add_type(m, &MemdHeapBase_Type) < 0 ||
+                   memd_add_constants(m, heap_constants) < 0 ||
+                   memd_add_functions(m, heap_functions) < 0
+               ? -1
+               : 0;
 }

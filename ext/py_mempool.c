@@ -910,48 +910,40 @@ static PyMethodDef mempool_functions[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static const struct memd_const mempool_constants[] = {
+    MEMD_CONST("MEMPOOL_F_NO_SPREAD", MEMD_MEMPOOL_F_NO_SPREAD),
+    MEMD_CONST("MEMPOOL_F_NO_CACHE_ALIGN", MEMD_MEMPOOL_F_NO_CACHE_ALIGN),
+    MEMD_CONST("MEMPOOL_F_SP_PUT", MEMD_MEMPOOL_F_SP_PUT),
+    MEMD_CONST("MEMPOOL_F_SC_GET", MEMD_MEMPOOL_F_SC_GET),
+    MEMD_CONST("MEMPOOL_F_NO_IOVA_CONTIG", MEMD_MEMPOOL_F_NO_IOVA_CONTIG),
+    MEMD_CONST("MEMPOOL_CACHE_MAX_SIZE", MEMD_MEMPOOL_CACHE_MAX_SIZE),
+    {NULL},
+};
+
+static const struct memd_field mempool_layout[] = {
+    MEMD_SIZEOF(memd_mempool),
+    MEMD_FIELD(memd_mempool, magic),
+    MEMD_FIELD(memd_mempool, name),
+    MEMD_FIELD(memd_mempool, n),
+    MEMD_FIELD(memd_mempool, caches_offset),
+    MEMD_FIELD(memd_mempool, ring_offset),
+    MEMD_FIELD(memd_mempool, objs_offset),
+    MEMD_FIELD(memd_mempool, memsize),
+    MEMD_SIZEOF(memd_mempool_cache),
+    MEMD_FLEX(memd_mempool_cache, objs),
+    MEMD_SIZEOF(memd_mempool_objhdr),
+    MEMD_FIELD(memd_mempool_objhdr, cookie),
+    MEMD_FIELD(memd_mempool_objhdr, index),
+    MEMD_FIELD(memd_mempool_objhdr, owner_pid),
+    {NULL},
+};
+
 int memd_py_init_mempool(PyObject *m)
 {
-    if (PyType_Ready(&MemdMempool_Type) < 0 || PyType_Ready(&MemdMpObj_Type) < 0)
-        return -1;
-    Py_INCREF(&MemdMempool_Type);
-    if (PyModule_AddObject(m, "Mempool", (PyObject *)&MemdMempool_Type) < 0) {
-        Py_DECREF(&MemdMempool_Type);
-        return -1;
-    }
-    Py_INCREF(&MemdMpObj_Type);
-    if (PyModule_AddObject(m, "MempoolObject", (PyObject *)&MemdMpObj_Type) < 0) {
-        Py_DECREF(&MemdMpObj_Type);
-        return -1;
-    }
-    if (memd_add_functions(m, mempool_functions) < 0)
-        return -1;
-    if (PyModule_AddIntConstant(m, "MEMPOOL_F_NO_SPREAD", MEMD_MEMPOOL_F_NO_SPREAD) < 0 ||
-        PyModule_AddIntConstant(m, "MEMPOOL_F_NO_CACHE_ALIGN", MEMD_MEMPOOL_F_NO_CACHE_ALIGN) < 0 ||
-        PyModule_AddIntConstant(m, "MEMPOOL_F_SP_PUT", MEMD_MEMPOOL_F_SP_PUT) < 0 ||
-        PyModule_AddIntConstant(m, "MEMPOOL_F_SC_GET", MEMD_MEMPOOL_F_SC_GET) < 0 ||
-        PyModule_AddIntConstant(m, "MEMPOOL_F_NO_IOVA_CONTIG", MEMD_MEMPOOL_F_NO_IOVA_CONTIG) < 0 ||
-        PyModule_AddIntConstant(m, "MEMPOOL_CACHE_MAX_SIZE", MEMD_MEMPOOL_CACHE_MAX_SIZE) < 0)
-        return -1;
-    PyObject *layout = Py_BuildValue(
-        "{sksksksksksksksksksksksksksk}", "sizeof(memd_mempool)",
-        (unsigned long)sizeof(struct memd_mempool), "memd_mempool.magic",
-        (unsigned long)offsetof(struct memd_mempool, magic), "memd_mempool.name",
-        (unsigned long)offsetof(struct memd_mempool, name), "memd_mempool.n",
-        (unsigned long)offsetof(struct memd_mempool, n), "memd_mempool.caches_offset",
-        (unsigned long)offsetof(struct memd_mempool, caches_offset), "memd_mempool.ring_offset",
-        (unsigned long)offsetof(struct memd_mempool, ring_offset), "memd_mempool.objs_offset",
-        (unsigned long)offsetof(struct memd_mempool, objs_offset), "memd_mempool.memsize",
-        (unsigned long)offsetof(struct memd_mempool, memsize), "sizeof(memd_mempool_cache)",
-        (unsigned long)sizeof(struct memd_mempool_cache), "memd_mempool_cache.objs",
-        (unsigned long)offsetof(struct memd_mempool_cache, objs), "sizeof(memd_mempool_objhdr)",
-        (unsigned long)sizeof(struct memd_mempool_objhdr), "memd_mempool_objhdr.cookie",
-        (unsigned long)offsetof(struct memd_mempool_objhdr, cookie), "memd_mempool_objhdr.index",
-        (unsigned long)offsetof(struct memd_mempool_objhdr, index), "memd_mempool_objhdr.owner_pid",
-        (unsigned long)offsetof(struct memd_mempool_objhdr, owner_pid));
-    if (layout == NULL || PyModule_AddObject(m, "MEMPOOL_LAYOUT", layout) < 0) {
-        Py_XDECREF(layout);
-        return -1;
-    }
-    return 0;
+    return memd_add_type(m, &MemdMempool_Type) < 0 || memd_add_type(m, &MemdMpObj_Type) < 0 ||
+                   memd_add_functions(m, mempool_functions) < 0 ||
+                   memd_add_constants(m, mempool_constants) < 0 ||
+                   memd_add_layout(m, mempool_layout) < 0
+               ? -1
+               : 0;
 }

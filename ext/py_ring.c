@@ -30,44 +30,7 @@
 static uint64_t wait_spin_ns = 0;
 #define STACK_VALUES 64 /* values converted on the stack, no malloc */
 
-/* --- argument helpers (shared with py_mempool.c through py_ring.h) -------- */
-
-int memd_fc_parse(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                  const char *const *names, int nnames, int nreq, PyObject **out)
-{
-    if (nargs > nnames) {
-        PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)", fn, nnames,
-                     nargs);
-        return -1;
-    }
-    for (int i = 0; i < nnames; i++)
-        out[i] = i < nargs ? args[i] : NULL;
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    for (Py_ssize_t k = 0; k < nkw; k++) {
-        const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, k));
-        if (key == NULL)
-            return -1;
-        int j = 0;
-        while (j < nnames && strcmp(names[j], key) != 0)
-            j++;
-        if (j == nnames) {
-            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%s'", fn, key);
-            return -1;
-        }
-        if (out[j] != NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fn, key);
-            return -1;
-        }
-        out[j] = args[nargs + k];
-    }
-    for (int i = 0; i < nreq; i++) {
-        if (out[i] == NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fn, names[i]);
-            return -1;
-        }
-    }
-    return 0;
-}
+/* --- argument helpers (memd_parse_timeout: shared with py_mempool.c through py_ring.h) */
 
 int memd_parse_timeout(PyObject *o, uint64_t *ns)
 {
@@ -421,7 +384,7 @@ static PyObject *ring_enqueue(PyObject *o, PyObject *const *args, Py_ssize_t nar
     if (likely(nargs == 1 && kwnames == NULL)) {
         a[0] = args[0];
     } else {
-        if (memd_fc_parse("enqueue", args, nargs, kwnames, kw_value_timeout, 2, 1, a) < 0 ||
+        if (memd_fast_args("enqueue", args, nargs, kwnames, kw_value_timeout, 2, 1, a) < 0 ||
             memd_parse_timeout(a[1], &timeout) < 0)
             return NULL;
     }
@@ -440,7 +403,7 @@ static PyObject *ring_dequeue(PyObject *o, PyObject *const *args, Py_ssize_t nar
     uint64_t v, timeout = 0;
     if (unlikely(nargs != 0 || kwnames != NULL)) {
         PyObject *a[1];
-        if (memd_fc_parse("dequeue", args, nargs, kwnames, kw_timeout, 1, 0, a) < 0 ||
+        if (memd_fast_args("dequeue", args, nargs, kwnames, kw_timeout, 1, 0, a) < 0 ||
             memd_parse_timeout(a[0], &timeout) < 0)
             return NULL;
     }
@@ -461,7 +424,7 @@ static PyObject *enqueue_many(PyObject *o, PyObject *const *args, Py_ssize_t nar
     struct memd_values vs;
     if (likely(nargs == 1 && kwnames == NULL)) {
         a[0] = args[0];
-    } else if (memd_fc_parse(fn, args, nargs, kwnames, kw_values_timeout, 2, 1, a) < 0 ||
+    } else if (memd_fast_args(fn, args, nargs, kwnames, kw_values_timeout, 2, 1, a) < 0 ||
                memd_parse_timeout(a[1], &timeout) < 0) {
         return NULL;
     }
@@ -496,7 +459,7 @@ static PyObject *dequeue_list(PyObject *o, PyObject *const *args, Py_ssize_t nar
     uint64_t timeout = 0, stack[STACK_VALUES], *v = stack;
     if (likely(nargs == 1 && kwnames == NULL)) {
         a[0] = args[0];
-    } else if (memd_fc_parse(fn, args, nargs, kwnames, kw_n_timeout, 2, 1, a) < 0 ||
+    } else if (memd_fast_args(fn, args, nargs, kwnames, kw_n_timeout, 2, 1, a) < 0 ||
                memd_parse_timeout(a[1], &timeout) < 0) {
         return NULL;
     }
@@ -553,7 +516,7 @@ static PyObject *dequeue_into(PyObject *o, PyObject *const *args, Py_ssize_t nar
     Py_buffer view;
     if (likely(nargs == 1 && kwnames == NULL)) {
         a[0] = args[0];
-    } else if (memd_fc_parse(fn, args, nargs, kwnames, kw_buffer_timeout, 2, 1, a) < 0 ||
+    } else if (memd_fast_args(fn, args, nargs, kwnames, kw_buffer_timeout, 2, 1, a) < 0 ||
                memd_parse_timeout(a[1], &timeout) < 0) {
         return NULL;
     }
@@ -847,47 +810,41 @@ PyObject *memd_ring_ptr_of(PyObject *ring, struct memd_ring **out)
     return *out ? ring : NULL;
 }
 
+static const struct memd_const ring_constants[] = {
+    MEMD_CONST("RING_F_SP_ENQ", MEMD_RING_F_SP_ENQ),
+    MEMD_CONST("RING_F_SC_DEQ", MEMD_RING_F_SC_DEQ),
+    MEMD_CONST("RING_F_EXACT_SZ", MEMD_RING_F_EXACT_SZ),
+    MEMD_CONST("RING_SZ_MAX", MEMD_RING_SZ_MAX),
+    {NULL},
+};
+
+static const struct memd_field ring_layout[] = {
+    MEMD_SIZEOF(memd_ring),
+    MEMD_FIELD(memd_ring, magic),
+    MEMD_FIELD(memd_ring, name),
+    MEMD_FIELD(memd_ring, flags),
+    MEMD_FIELD(memd_ring, size),
+    MEMD_FIELD(memd_ring, mask),
+    MEMD_FIELD(memd_ring, capacity),
+    MEMD_FIELD(memd_ring, memsize),
+    MEMD_FIELD(memd_ring, prod),
+    MEMD_FIELD(memd_ring, cons),
+    MEMD_FIELD(memd_ring, not_empty),
+    MEMD_FIELD(memd_ring, not_full),
+    MEMD_FLEX(memd_ring, slots),
+    MEMD_FIELD(memd_ring_headtail, head),
+    MEMD_FIELD(memd_ring_headtail, tail),
+    MEMD_FIELD(memd_ring_headtail, other_tail),
+    MEMD_FIELD(memd_ring_headtail, lock),
+    MEMD_FIELD(memd_ring_headtail, recoveries),
+    MEMD_FIELD(memd_ring_headtail, lock_wait),
+    {NULL},
+};
+
 int memd_py_init_ring(PyObject *m)
 {
-    if (PyType_Ready(&MemdRing_Type) < 0)
-        return -1;
-    Py_INCREF(&MemdRing_Type);
-    if (PyModule_AddObject(m, "Ring", (PyObject *)&MemdRing_Type) < 0) {
-        Py_DECREF(&MemdRing_Type);
-        return -1;
-    }
-    if (memd_add_functions(m, ring_functions) < 0)
-        return -1;
-    if (PyModule_AddIntConstant(m, "RING_F_SP_ENQ", MEMD_RING_F_SP_ENQ) < 0 ||
-        PyModule_AddIntConstant(m, "RING_F_SC_DEQ", MEMD_RING_F_SC_DEQ) < 0 ||
-        PyModule_AddIntConstant(m, "RING_F_EXACT_SZ", MEMD_RING_F_EXACT_SZ) < 0 ||
-        PyModule_AddIntConstant(m, "RING_SZ_MAX", MEMD_RING_SZ_MAX) < 0)
-        return -1;
-    PyObject *layout = Py_BuildValue(
-        "{sksksksksksksksksksksksksksksksksksksk}", "sizeof(memd_ring)",
-        (unsigned long)sizeof(struct memd_ring), "memd_ring.magic",
-        (unsigned long)offsetof(struct memd_ring, magic), "memd_ring.name",
-        (unsigned long)offsetof(struct memd_ring, name), "memd_ring.flags",
-        (unsigned long)offsetof(struct memd_ring, flags), "memd_ring.size",
-        (unsigned long)offsetof(struct memd_ring, size), "memd_ring.mask",
-        (unsigned long)offsetof(struct memd_ring, mask), "memd_ring.capacity",
-        (unsigned long)offsetof(struct memd_ring, capacity), "memd_ring.memsize",
-        (unsigned long)offsetof(struct memd_ring, memsize), "memd_ring.prod",
-        (unsigned long)offsetof(struct memd_ring, prod), "memd_ring.cons",
-        (unsigned long)offsetof(struct memd_ring, cons), "memd_ring.not_empty",
-        (unsigned long)offsetof(struct memd_ring, not_empty), "memd_ring.not_full",
-        (unsigned long)offsetof(struct memd_ring, not_full), "memd_ring.slots",
-        (unsigned long)offsetof(struct memd_ring, slots), "memd_ring_headtail.head",
-        (unsigned long)offsetof(struct memd_ring_headtail, head), "memd_ring_headtail.tail",
-        (unsigned long)offsetof(struct memd_ring_headtail, tail), "memd_ring_headtail.other_tail",
-        (unsigned long)offsetof(struct memd_ring_headtail, other_tail), "memd_ring_headtail.lock",
-        (unsigned long)offsetof(struct memd_ring_headtail, lock), "memd_ring_headtail.recoveries",
-        (unsigned long)offsetof(struct memd_ring_headtail, recoveries),
-        "memd_ring_headtail.lock_wait",
-        (unsigned long)offsetof(struct memd_ring_headtail, lock_wait));
-    if (layout == NULL || PyModule_AddObject(m, "RING_LAYOUT", layout) < 0) {
-        Py_XDECREF(layout);
-        return -1;
-    }
-    return 0;
+    return memd_add_type(m, &MemdRing_Type) < 0 || memd_add_functions(m, ring_functions) < 0 ||
+                   memd_add_constants(m, ring_constants) < 0 || memd_add_layout(m, ring_layout) < 0
+               ? -1
+               : 0;
 }

@@ -31,11 +31,6 @@ int memd_u64_from_object(PyObject *o, uint64_t *out);
  * the format is anything else. */
 int memd_u64_buffer(PyObject *o, Py_buffer *view, int writable);
 
-/* Parse fastcall arguments by position then keyword into out[0..nnames);
- * absent optional arguments are NULL. */
-int memd_fc_parse(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                  const char *const *names, int nnames, int nreq, PyObject **out);
-
 /* timeout argument: absent -> 0 (don't wait), None -> UINT64_MAX (forever),
  * seconds (>= 0) -> nanoseconds.  ValueError if negative. */
 int memd_parse_timeout(PyObject *o, uint64_t *ns);

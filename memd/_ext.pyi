@@ -17,7 +17,6 @@ CFG_F_NO_HUGE: int
 CFG_F_LEGACY: int
 CFG_F_HUGE_UNLINK: int
 CFG_F_SINGLE_FILE: int
-CONFIG_HEAPS_OFFSET: int
 CONFIG_MAGIC: int
 CONFIG_SIZE: int
 HEAP_DEFAULT_ALIGN: int
@@ -28,9 +27,7 @@ HEAP_ELEM_HEADER_SIZE: int
 HEAP_ELEM_MIN_SIZE: int
 HEAP_ELEM_TRAILER_SIZE: int
 HEAP_JOURNAL_ENTRIES: int
-HEAP_MAX_HEAPS: int
 HEAP_NUM_FREELISTS: int
-HEAP_STRUCT_SIZE: int
 IOVA_PA: int
 IOVA_VA: int
 LAYOUT_VERSION: int
@@ -64,11 +61,8 @@ STATE_INIT: int
 STATE_READY: int
 STATE_SHUTDOWN: int
 
-#: "struct.field" -> (offset, size); "struct" -> sizeof(struct)
+#: "struct.field" -> (offset, size) (size 0: a flexible array); "struct" -> sizeof(struct)
 LAYOUT: dict[str, tuple[int, int] | int]
-#: "struct.field" / "sizeof(struct)" -> offset / size
-RING_LAYOUT: dict[str, int]
-MEMPOOL_LAYOUT: dict[str, int]
 
 # --- types ---------------------------------------------------------------------------
 

@@ -26,13 +26,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from memd import _ext
 from memd.errors import CorruptionError, MemdMemoryError, MemdValueError
 from memd.shm.heap import AnonymousMemory, HeapMixin, space_needed
+from tests.support.layout import offsets
 
 MiB = 1 << 20
 CONFIG = 2 * MiB
 HDR = _ext.HEAP_ELEM_HEADER_SIZE
 MIN_ELEM = _ext.HEAP_ELEM_MIN_SIZE
 FREE, BUSY = _ext.HEAP_ELEM_FREE, _ext.HEAP_ELEM_BUSY
-HEAP0 = _ext.CONFIG_HEAPS_OFFSET  # struct memd_heap of heap 0
+HEAP0 = offsets()["memd_config.heaps"]  # struct memd_heap of heap 0
 ALLOC_COUNT = 216  # memd_heap.alloc_count (memd_layout.h)
 
 
@@ -70,10 +71,10 @@ def test_layout_constants():
     assert HDR == 64
     assert _ext.HEAP_ELEM_TRAILER_SIZE == 8
     assert MIN_ELEM == 128
-    assert _ext.HEAP_STRUCT_SIZE == 512
+    assert _ext.LAYOUT["memd_heap"] == 512
     assert HEAP0 == 4096
     assert _ext.HEAP_NUM_FREELISTS == 16
-    assert _ext.HEAP_MAX_HEAPS == 8
+    assert _ext.MAX_HEAPS == 8
 
 
 # --- basics and exact limits ---------------------------------------------------------

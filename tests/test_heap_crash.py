@@ -22,12 +22,13 @@ from memd import _ext
 from memd.errors import MemdValueError
 from memd.shm.heap import AnonymousMemory
 from memd.testing import Daemon, result, run_secondary
+from tests.support.layout import offsets
 
 MiB = 1 << 20
 CONFIG = _ext.CONFIG_SIZE
 HDR = _ext.HEAP_ELEM_HEADER_SIZE
 FREE, BUSY = _ext.HEAP_ELEM_FREE, _ext.HEAP_ELEM_BUSY
-HEAP0 = _ext.CONFIG_HEAPS_OFFSET
+HEAP0 = offsets()["memd_config.heaps"]
 JOURNAL0 = _ext.LAYOUT["memd_config.heap_journals"][0]
 ENTRIES = _ext.LAYOUT["memd_heap_journal.e"][0]
 ENTRY = _ext.LAYOUT["memd_heap_journal_entry"]
@@ -151,7 +152,7 @@ def still_works(w: _ext.Window) -> None:
 def test_layout():
     assert _ext.LAYOUT["memd_heap_journal"] == 4096
     off, size = _ext.LAYOUT["memd_config.heap_journals"]
-    assert size == 4096 * _ext.HEAP_MAX_HEAPS
+    assert size == 4096 * _ext.MAX_HEAPS
     assert off + size == _ext.LAYOUT["memd_config"] <= CONFIG
     assert _ext.LAYOUT["memd_heap_elem.u.busy.owner_pid"] == (40, 4)
     assert _ext.LAYOUT["memd_heap_elem.flags"] == (6, 2)

@@ -27,6 +27,7 @@ from memd.shm.mempool import (
     mempool_memsize,
 )
 from memd.shm.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
+from tests.support.layout import offsets
 
 BASE = 2 << 20
 
@@ -40,12 +41,12 @@ def window() -> _ext.Window:
 
 
 def test_layout() -> None:
-    lay = _ext.MEMPOOL_LAYOUT
-    assert lay["sizeof(memd_mempool)"] == 256
+    lay = offsets()
+    assert lay["memd_mempool"] == 256
     assert lay["memd_mempool.ring_offset"] == 88
-    assert lay["sizeof(memd_mempool_cache)"] == 64
+    assert lay["memd_mempool_cache"] == 64
     assert lay["memd_mempool_cache.objs"] == 64
-    assert lay["sizeof(memd_mempool_objhdr)"] == 64
+    assert lay["memd_mempool_objhdr"] == 64
     assert (MEMPOOL_F_SP_PUT, MEMPOOL_F_SC_GET) == (0x4, 0x8)  # DPDK's values
 
 
@@ -427,7 +428,7 @@ def test_two_processes_hammer_one_pool(window: _ext.Window) -> None:
 def test_owner_tags_count_what_a_process_got(window: _ext.Window) -> None:
     p = Mempool.create(window, BASE, 64, 32, cache_size=8)
     me = os.getpid()
-    assert _ext.MEMPOOL_LAYOUT["memd_mempool_objhdr.owner_pid"] == 20
+    assert offsets()["memd_mempool_objhdr.owner_pid"] == 20
     assert p.held_by(me) == 0
     one = p.get()
     many = p.get_bulk(20)  # more than the cache: ring and cache

@@ -27,6 +27,7 @@ from support.forking import fork_run, wait_child
 
 from memd import _ext
 from memd.shm.ring import RING_F_EXACT_SZ, RING_F_SC_DEQ, RING_F_SP_ENQ, Ring, ring_memsize
+from tests.support.layout import offsets
 
 BASE = 2 << 20  # offsets below this are the config struct
 U64_MAX = 2**64 - 1
@@ -53,8 +54,8 @@ def wait_for(cond: Callable[[], bool], limit: float = 30.0) -> None:
 
 
 def test_layout_offsets() -> None:
-    lay = _ext.RING_LAYOUT
-    assert lay["sizeof(memd_ring)"] == 512
+    lay = offsets()
+    assert lay["memd_ring"] == 512
     assert lay["memd_ring.prod"] == 128
     assert lay["memd_ring.cons"] == 256
     assert lay["memd_ring.not_empty"] == 384
@@ -247,7 +248,7 @@ def test_counter_wraparound(window: _ext.Window) -> None:
 def poke_counters(window: _ext.Window, off: int, value: int) -> None:
     """Start an empty ring's counters at `value` (head, tail, and the single-mode
     copy of the other side's tail, which init sets equal to the counters)."""
-    lay = _ext.RING_LAYOUT
+    lay = offsets()
     for side in ("memd_ring.prod", "memd_ring.cons"):
         window.view(off + lay[side], 8)[:] = struct.pack("=II", value, value)
         copy = off + lay[side] + lay["memd_ring_headtail.other_tail"]

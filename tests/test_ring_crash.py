@@ -31,11 +31,12 @@ from support.forking import wait_child
 from memd import _ext
 from memd.errors import PrimaryNotRunning
 from memd.shm.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
+from tests.support.layout import offsets
 
 BASE = 2 << 20  # offsets below this are the config struct
 SPSC = RING_F_SP_ENQ | RING_F_SC_DEQ
 CRASH = 77  # the exit code of a child killed by the crash knob
-LAY = _ext.RING_LAYOUT
+LAY = offsets()
 N = 5  # entries per crashing operation: steps 0 .. N + 2
 STEPS = N + 3
 
