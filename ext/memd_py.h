@@ -101,8 +101,37 @@ int memd_add_layout(PyObject *m, const struct memd_field *table);
 /* --- arguments ------------------------------------------------------------------ */
 
 /* METH_FASTCALL | METH_KEYWORDS arguments into out[0..n) by position or by names[i]
- * (NULL: not given); the first `required` must be given.  -1 with TypeError set. */
-int memd_fast_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                   const char *const *names, Py_ssize_t n, Py_ssize_t required, PyObject **out);
+ * (NULL: not given); the first `required` must be given.  -1 with TypeError set.
+ * Inline: it is on the hot paths (malloc, free, enqueue with a timeout). */
+static inline int memd_fast_args(const char *fn, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames, const char *const *names, Py_ssize_t n,
+                                 Py_ssize_t required, PyObject **out)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    if (nargs > n) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments", fn, n);
+        return -1;
+    }
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, k);
+        Py_ssize_t j = 0;
+        while (j < n && PyUnicode_CompareWithASCIIString(name, names[j]) != 0)
+            j++;
+        if (j == n || out[j] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got %s argument '%U'", fn,
+                         j == n ? "an unexpected keyword" : "multiple values for", name);
+            return -1;
+        }
+        out[j] = args[nargs + k];
+    }
+    for (Py_ssize_t i = 0; i < required; i++)
+        if (out[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing argument '%s'", fn, names[i]);
+            return -1;
+        }
+    return 0;
+}
 
 #endif /* MEMD_PY_H */
