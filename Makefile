@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
+# The test build (setup.py always compiles afresh: pip install -e builds the same .so
+# without the hooks).
 memd/.ext-built: $(VENV)/.installed $(EXT_SOURCES)
-	MEMD_TEST_HOOKS=1 $(PY) setup.py -q build_ext --inplace --force  # after pip install -e, which builds without them
+	MEMD_TEST_HOOKS=1 $(PY) setup.py -q build_ext --inplace
 	touch $@
 
 venv: $(VENV)/.installed
@@ -50,7 +52,7 @@ bench: ext
 
 # AddressSanitizer build of the extension (run tests with LD_PRELOAD=$(shell gcc -print-file-name=libasan.so))
 asan: venv
-	MEMD_TEST_HOOKS=1 MEMD_ASAN=1 $(PY) setup.py -q build_ext --inplace --force
+	MEMD_TEST_HOOKS=1 MEMD_ASAN=1 $(PY) setup.py -q build_ext --inplace
 
 clean:
 	rm -rf build memd/_ext*.so memd/.ext-built *.egg-info

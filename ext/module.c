@@ -312,9 +312,11 @@ static PyObject *window_map_fd(PyObject *self, PyObject *args, PyObject *kwds)
     int prot = PROT_READ | (readonly ? 0 : PROT_WRITE);
     int flags = MAP_SHARED | MAP_FIXED | (populate ? MAP_POPULATE : 0);
     void *p;
-    Py_BEGIN_ALLOW_THREADS p = mmap(base + off, len, prot, flags, fd, (off_t)foff);
-    Py_END_ALLOW_THREADS if (p == MAP_FAILED) return memd_raise_errno(
-        -errno, "mmap (mapping a page file into the window)");
+    Py_BEGIN_ALLOW_THREADS
+        p = mmap(base + off, len, prot, flags, fd, (off_t)foff);
+    Py_END_ALLOW_THREADS
+    if (p == MAP_FAILED)
+        return memd_raise_errno(-errno, "mmap (mapping a page file into the window)");
     return PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)p);
 }
 
@@ -350,12 +352,13 @@ static PyObject *window_touch(PyObject *self, PyObject *args)
     char *base = memd_base_of(self);
     if (base == NULL || memd_check_range(self, off, len) < 0 || step == 0)
         return step == 0 ? (PyErr_SetString(PyExc_ValueError, "step must be > 0"), NULL) : NULL;
-    Py_BEGIN_ALLOW_THREADS for (unsigned long long o = 0; o < len; o += step)
-    {
-        volatile char *p = base + off + o;
-        *p = *p;
-    }
-    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+        for (unsigned long long o = 0; o < len; o += step) {
+            volatile char *p = base + off + o;
+            *p = *p;
+        }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
 }
 
 static PyObject *window_watch(PyObject *self, PyObject *arg)

@@ -1,6 +1,6 @@
 /*
  * py_config.c - bindings for config.c and lock.c.  C does the shared-memory
- * work and returns ints or tuples; memd/shared.py gives them names and types.
+ * work and returns ints or tuples; memd/shm/config.py gives them names and types.
  */
 #include "memd_py.h"
 
@@ -199,9 +199,10 @@ static PyObject *py_memzone_reserve(PyObject *Py_UNUSED(m), PyObject *args)
     if (!PyArg_ParseTuple(args, "O&sKIIKKi", memd_window_base, &base, &name, &len, &heap_idx,
                           &flags, &align, &bound, &pid))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS rc =
-        memd_memzone_reserve(base, name, len, heap_idx, flags, align, bound, pid);
-    Py_END_ALLOW_THREADS return check_rc(rc, "memzone_reserve");
+    Py_BEGIN_ALLOW_THREADS
+        rc = memd_memzone_reserve(base, name, len, heap_idx, flags, align, bound, pid);
+    Py_END_ALLOW_THREADS
+    return check_rc(rc, "memzone_reserve");
 }
 
 static PyObject *py_memzone_lookup(PyObject *Py_UNUSED(m), PyObject *args)
@@ -211,8 +212,10 @@ static PyObject *py_memzone_lookup(PyObject *Py_UNUSED(m), PyObject *args)
     int rc;
     if (!PyArg_ParseTuple(args, "O&s", memd_window_base, &base, &name))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS rc = memd_memzone_lookup(base, name);
-    Py_END_ALLOW_THREADS return check_rc(rc, "memzone_lookup");
+    Py_BEGIN_ALLOW_THREADS
+        rc = memd_memzone_lookup(base, name);
+    Py_END_ALLOW_THREADS
+    return check_rc(rc, "memzone_lookup");
 }
 
 static PyObject *py_memzone_free(PyObject *Py_UNUSED(m), PyObject *args)
@@ -222,8 +225,10 @@ static PyObject *py_memzone_free(PyObject *Py_UNUSED(m), PyObject *args)
     int rc;
     if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &id))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS rc = memd_memzone_free(base, id);
-    Py_END_ALLOW_THREADS return check_rc(rc, "memzone_free");
+    Py_BEGIN_ALLOW_THREADS
+        rc = memd_memzone_free(base, id);
+    Py_END_ALLOW_THREADS
+    return check_rc(rc, "memzone_free");
 }
 
 /* memzone(win, id) -> None if free, else (id, name, offset, iova, length, page_size,
@@ -395,11 +400,11 @@ static PyMethodDef config_functions[] = {
      "config_format(win, prefix, flags, iova_mode, window_size, window_align, pid, start_time)"},
     {"config_publish", py_config_publish, METH_O, "state = READY, then magic (release)."},
     {"config_set_state", py_config_set_state, METH_VARARGS, "config_set_state(win, state)"},
-    {"header", py_header, METH_O, "header(win) -> tuple (see memd/shared.py Header)"},
+    {"header", py_header, METH_O, "header(win) -> tuple (see memd/shm/config.py Header)"},
     {"mem_generation", py_mem_generation, METH_O, "mem_generation(win) -> int"},
     {"msl_init", py_msl_init, METH_VARARGS,
      "msl_init(win, idx, base_offset, page_size, socket_id, capacity, dir)"},
-    {"msl", py_msl, METH_VARARGS, "msl(win, idx) -> tuple (see memd/shared.py)"},
+    {"msl", py_msl, METH_VARARGS, "msl(win, idx) -> tuple (see memd/shm/config.py)"},
     {"segs", py_segs, METH_VARARGS, "segs(win, idx) -> [(slot, iova, socket, flags)]"},
     {"msl_find_free", py_msl_find_free, METH_VARARGS, "msl_find_free(win, idx, n, from=0)"},
     {"msl_set_page", py_msl_set_page, METH_VARARGS,
@@ -441,6 +446,7 @@ static const struct memd_field config_layout[] = {
     MEMD_FIELD(memd_lock, recoveries),
     MEMD_FIELD(memd_config, heap_journals),
     MEMD_FIELD(memd_heap, total_size),
+    MEMD_FIELD(memd_heap, alloc_count),
     MEMD_FIELD(memd_heap_elem, flags),
     MEMD_FIELD(memd_heap_elem, u.free.dirty_lo),
     MEMD_FIELD(memd_heap_elem, u.busy.owner_pid),

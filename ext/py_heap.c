@@ -59,7 +59,8 @@ static int py_lock(char *base, struct memd_heap *h)
 {
     int rc = memd_lock_try(&h->lock);
     if (rc == -EBUSY) {
-        Py_BEGIN_ALLOW_THREADS rc = memd_heap_lock(h);
+        Py_BEGIN_ALLOW_THREADS
+            rc = memd_heap_lock(h);
         Py_END_ALLOW_THREADS
     }
     int done = memd_heap_lock_done(base, h, rc);
@@ -413,7 +414,7 @@ static PyObject *py_heap_realloc_block(PyObject *m, PyObject *const *args, Py_ss
     return block_new(args[0], b->owner ? b->owner : Py_None, base, off, size, b->heap);
 }
 
-/* --- HeapBase: the C fast paths of memd.heap.HeapMixin -------------------------------
+/* --- HeapBase: the C fast paths of memd.shm.heap.HeapMixin -------------------------------
  *
  * malloc/zmalloc/free of the API, in C so that a Python-level malloc+free pair
  * stays within a few hundred ns.  They only handle the common case (cached heap
@@ -580,7 +581,7 @@ static void hb_dealloc(PyObject *op)
 
 static PyMethodDef hb_methods[] = {
     FASTKW("malloc", hb_malloc,
-           "malloc(size, align=0, socket_id=SOCKET_ID_ANY) -> Block (see memd.heap.HeapMixin)"),
+           "malloc(size, align=0, socket_id=SOCKET_ID_ANY) -> Block (see memd.shm.heap.HeapMixin)"),
     FASTKW("zmalloc", hb_zmalloc,
            "zmalloc(size, align=0, socket_id=SOCKET_ID_ANY) -> Block whose data reads zero"),
     FASTKW("free", hb_free, "free(blk): give the block back"),
@@ -599,7 +600,7 @@ static PyTypeObject MemdHeapBase_Type = {
     .tp_basicsize = sizeof(MemdHeapBase),
     .tp_dealloc = hb_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "C fast paths of memd.heap.HeapMixin (malloc, zmalloc, free).",
+    .tp_doc = "C fast paths of memd.shm.heap.HeapMixin (malloc, zmalloc, free).",
     .tp_traverse = hb_traverse,
     .tp_clear = hb_clear,
     .tp_methods = hb_methods,

@@ -1,5 +1,5 @@
 /*
- * py_mempool.c - Python bindings for mempool.c: memd._ext.Mempool (memd.mempool
+ * py_mempool.c - Python bindings for mempool.c: memd._ext.Mempool (memd.shm.mempool
  * subclasses it), memd._ext.MempoolObject, and module functions mempool_memsize,
  * mempool_init and mempool_flush_cache.
  *
@@ -698,7 +698,7 @@ static PyTypeObject MemdMempool_Type = {
     .tp_traverse = mempool_traverse,
     .tp_clear = mempool_clear,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Mempool(window, offset, slot=0): a pool in a shared window (see memd.mempool).",
+    .tp_doc = "Mempool(window, offset, slot=0): a pool in a shared window (see memd.shm.mempool).",
     .tp_methods = mempool_methods,
     .tp_getset = mempool_getset,
     .tp_new = mempool_new,
@@ -770,7 +770,9 @@ static PyObject *py_mempool_init(PyObject *Py_UNUSED(m), PyObject *args, PyObjec
     Py_BEGIN_ALLOW_THREADS /* touches every object: may take a while for big pools */
         rc = memd_mempool_init(base, off, name, (uint32_t)n, (uint32_t)elt, (uint32_t)cache,
                                (uint32_t)priv, flags);
-    Py_END_ALLOW_THREADS if (rc < 0) return memd_raise_errno(rc, "mempool_init");
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return memd_raise_errno(rc, "mempool_init");
     Py_RETURN_NONE;
 }
 
@@ -827,7 +829,8 @@ static PyObject *py_mempool_held_by(PyObject *Py_UNUSED(m), PyObject *args)
     uint64_t n;
     Py_BEGIN_ALLOW_THREADS /* walks every object header */
         n = memd_mempool_held_by(base, off, (int32_t)pid);
-    Py_END_ALLOW_THREADS return PyLong_FromUnsignedLongLong(n);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLongLong(n);
 }
 
 /* mempool_busy(window, off) -> list of (handle, getter pid) of the objects

@@ -1,5 +1,5 @@
 /*
- * py_ring.c - Python bindings for ring.c: the memd._ext.Ring type (memd.ring.Ring
+ * py_ring.c - Python bindings for ring.c: the memd._ext.Ring type (memd.shm.ring.Ring
  * subclasses it) and module functions ring_memsize / ring_init.
  *
  * Hot paths are METH_FASTCALL and allocate nothing per entry when given a
@@ -282,8 +282,10 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
             memd_ring_wait_done(w);
             return -1;
         }
-        Py_BEGIN_ALLOW_THREADS memd_ring_wait_sleep(w, seq, slice);
-        Py_END_ALLOW_THREADS memd_ring_wait_done(w);
+        Py_BEGIN_ALLOW_THREADS
+            memd_ring_wait_sleep(w, seq, slice);
+        Py_END_ALLOW_THREADS
+        memd_ring_wait_done(w);
         if (PyErr_CheckSignals() < 0)
             return -1;
         if ((r = ring_ptr(self)) == NULL)
@@ -683,7 +685,7 @@ static PyTypeObject MemdRing_Type = {
     .tp_traverse = ring_traverse,
     .tp_clear = ring_clear,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Ring(window, offset): an initialised ring in a shared window (see memd.ring).",
+    .tp_doc = "Ring(window, offset): an initialised ring in a shared window (see memd.shm.ring).",
     .tp_methods = ring_methods,
     .tp_getset = ring_getset,
     .tp_new = ring_new,

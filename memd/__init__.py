@@ -23,7 +23,7 @@ from memd.errors import (
 )
 
 if TYPE_CHECKING:
-    from memd.primary import InitError, Options, Primary
+    from memd.primary import InitError, Options, Primary  # noqa: TID251 (names only)
 
 __all__ = [
     "CorruptionError",
@@ -50,7 +50,7 @@ def __getattr__(name: str) -> Any:
     # The primary loads on first use: a secondary imports memd (for memd._ext) and
     # must not pull in the daemon with it.
     if name in _PRIMARY:
-        import memd.primary
+        from memd import primary  # noqa: TID251 (on first use, by the daemon's users)
 
-        return getattr(memd.primary, name)
+        return getattr(primary, name)
     raise AttributeError(f"module 'memd' has no attribute {name!r}")

@@ -119,7 +119,7 @@ class Block:
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
 class HeapBase:
-    """C fast paths of memd.heap.HeapMixin (malloc, zmalloc, free)."""
+    """C fast paths of memd.shm.heap.HeapMixin (malloc, zmalloc, free)."""
 
     window: Window
     def malloc(self, size: int, align: int = 0, socket_id: int = -1) -> Block: ...

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from memd.errors import PermissionDenied
 from memd.hw.hugepage_info import proc_path
+from memd.paths import config_path
 
 __all__ = [
     "Holder",
@@ -254,7 +255,7 @@ def _config_dir_of(pid: int, prefix: str | None) -> str | None:
     """The runtime dir of the memd config that `pid` maps, read from its maps."""
     if prefix is None:
         return None
-    suffix = f"/.{prefix}_config"
+    suffix = "/" + config_path(prefix, Path()).name
     try:
         with open(proc_path(str(pid), "maps"), encoding="utf-8", errors="replace") as f:
             for line in f:

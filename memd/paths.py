@@ -55,9 +55,14 @@ def socket_dir(prefix: str, rundir: Path) -> Path:
     return rundir / "memd" / prefix
 
 
+def mp_socket_path(prefix: str, rundir: Path) -> Path:
+    """The primary's ZeroMQ socket file, in socket_dir."""
+    return socket_dir(prefix, rundir) / "mp_socket"
+
+
 def mp_endpoint(prefix: str, rundir: Path) -> str:
     """The primary's ZeroMQ ROUTER endpoint."""
-    return f"ipc://{socket_dir(prefix, rundir) / 'mp_socket'}"
+    return f"ipc://{mp_socket_path(prefix, rundir)}"
 
 
 TELEMETRY_SOCKET = "dpdk_telemetry.v2"

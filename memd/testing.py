@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memd import paths
+from memd.hw.hugepage_info import hugetlbfs_mounts, read_meminfo
+
 _counter = itertools.count()
 
 
@@ -122,7 +125,7 @@ class Daemon:
 
     @property
     def config_path(self) -> Path:
-        return self.runtime_dir / f".{self.prefix}_config"
+        return paths.config_path(self.prefix, self.runtime_dir)
 
     def attach(self, timeout: float = 5.0):
         import memd_client
@@ -237,22 +240,16 @@ def result(proc: subprocess.CompletedProcess[str]) -> object:
 
 
 def hugepages_free() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("HugePages_Free:"):
-                return int(line.split()[1])
-    return 0
+    return read_meminfo().get("HugePages_Free", 0)
 
 
 def remove_leftover_pages(prefix: str) -> None:
     """Delete page files of `prefix` that a SIGKILLed primary left behind (a new
     primary would clean them; tests that end with a kill must not leak hugepages)."""
-    dirs = ["/dev/shm"]
-    with open("/proc/mounts", encoding="utf-8") as f:
-        dirs += [line.split()[1] for line in f if line.split()[2:3] == ["hugetlbfs"]]
+    dirs = [paths.SHM_DIR] + [m.mount_point for m in hugetlbfs_mounts()]
     for d in dirs:
-        for path in glob.glob(os.path.join(d, glob.escape(prefix) + "map_*")) + glob.glob(
-            os.path.join(d, glob.escape(prefix) + ".memd-lock")
-        ):
+        pages = glob.escape(paths.page_file_name(prefix, 0)).removesuffix("0") + "*"
+        lock = glob.escape(paths.prefix_lock_name(prefix))
+        for path in glob.glob(os.path.join(d, pages)) + glob.glob(os.path.join(d, lock)):
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -1,4 +1,4 @@
-"""Memory runs out in the middle of heap growth (docs/design.md §4, §5): a cap of 8 pages
+"""Memory runs out in the middle of heap growth (memd/mp/malloc_mp.py): a cap of 8 pages
 of 2 MB, -m 2 preallocating one.  The expansion that does not fit must fail with a
 MemoryError that says what to do, leave no page, file or heap change behind, and
 leave the daemon serving; what fits still fits, and freed pages come back.

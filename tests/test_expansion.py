@@ -1,5 +1,5 @@
 """Heaps across processes: expansion through the primary (ZeroMQ), sync of every
-secondary, rollback, exhaustion, giving pages back (docs/design.md §4, §5)."""
+secondary, rollback, exhaustion, giving pages back (memd/mp/malloc_mp.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fuzzing both of memd's sockets with hypothesis, 10 000 inputs each, against a real
-daemon (docs/design.md §4: "malformed or oversized messages get an error reply and change
-nothing"; §5: "every input from a socket is bounded and validated").
+daemon (docs/design.md, "The protocol": malformed or oversized input gets an error reply
+and changes nothing).
 
 Every generated input is invalid by construction (or, for ``alloc``, valid but
 impossible to satisfy), so each must get an error reply and leave the daemon as it

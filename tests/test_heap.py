@@ -29,12 +29,12 @@ from memd.shm.heap import AnonymousMemory, HeapMixin, space_needed
 from tests.support.layout import offsets
 
 MiB = 1 << 20
-CONFIG = 2 * MiB
+CONFIG = _ext.CONFIG_SIZE
 HDR = _ext.HEAP_ELEM_HEADER_SIZE
 MIN_ELEM = _ext.HEAP_ELEM_MIN_SIZE
 FREE, BUSY = _ext.HEAP_ELEM_FREE, _ext.HEAP_ELEM_BUSY
 HEAP0 = offsets()["memd_config.heaps"]  # struct memd_heap of heap 0
-ALLOC_COUNT = 216  # memd_heap.alloc_count (memd_layout.h)
+ALLOC_COUNT = offsets()["memd_heap.alloc_count"]
 
 
 def new_heap(size: int = 8 * MiB, add: int | None = None) -> _ext.Window:

@@ -29,7 +29,7 @@ from memd.shm.mempool import (
 from memd.shm.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
 from tests.support.layout import offsets
 
-BASE = 2 << 20
+BASE = _ext.CONFIG_SIZE
 
 
 @pytest.fixture

@@ -72,7 +72,8 @@ TEST_HOOKS = (
 
 def test_test_hooks_are_in_the_test_build_only(tmp_path) -> None:
     """Crash points and offset-level heap calls exist for the tests (`make ext` sets
-    MEMD_TEST_HOOKS); a build without it, as `pip install .` makes, has none."""
+    MEMD_TEST_HOOKS); a build without it, as `pip install .` makes, has none, even
+    right after a test build in the same build dirs."""
     import os
     from pathlib import Path
 
@@ -81,14 +82,25 @@ def test_test_hooks_are_in_the_test_build_only(tmp_path) -> None:
     assert all(hasattr(_ext, n) for n in TEST_HOOKS), "run the tests on `make ext`'s build"
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "MEMD_TEST_HOOKS"}
-    subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "-b", tmp_path / "b", "-t", tmp_path / "t"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        timeout=600,
-        check=True,
-    )
+    # a test build first, in the same dirs: its objects must not be reused
+    for hooks in ({"MEMD_TEST_HOOKS": "1"}, {}):
+        subprocess.run(
+            [
+                sys.executable,
+                "setup.py",
+                "-q",
+                "build_ext",
+                "-b",
+                tmp_path / "b",
+                "-t",
+                tmp_path / "t",
+            ],
+            cwd=root,
+            env=env | hooks,
+            capture_output=True,
+            timeout=600,
+            check=True,
+        )
     (so,) = (tmp_path / "b" / "memd").glob("_ext*.so")
     code = (
         "import importlib.util, sys\n"

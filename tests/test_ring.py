@@ -29,7 +29,7 @@ from memd import _ext
 from memd.shm.ring import RING_F_EXACT_SZ, RING_F_SC_DEQ, RING_F_SP_ENQ, Ring, ring_memsize
 from tests.support.layout import offsets
 
-BASE = 2 << 20  # offsets below this are the config struct
+BASE = _ext.CONFIG_SIZE  # offsets below this are the config struct
 U64_MAX = 2**64 - 1
 SENTINEL = U64_MAX
 

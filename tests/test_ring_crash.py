@@ -33,7 +33,7 @@ from memd.errors import PrimaryNotRunning
 from memd.shm.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
 from tests.support.layout import offsets
 
-BASE = 2 << 20  # offsets below this are the config struct
+BASE = _ext.CONFIG_SIZE  # offsets below this are the config struct
 SPSC = RING_F_SP_ENQ | RING_F_SC_DEQ
 CRASH = 77  # the exit code of a child killed by the crash knob
 LAY = offsets()

@@ -1,6 +1,6 @@
 """The admin socket: DPDK telemetry v2 byte for byte, robustness, access control.
 
-A fake memory object (tests/fakemem.py) stands in for the primary; the end-to-end
+A fake memory object (tests/support/fake_admin.py) stands in for the primary; the end-to-end
 tests against a real daemon are in test_memd_ops_e2e.py.
 """
 

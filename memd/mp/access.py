@@ -1,6 +1,6 @@
 """Who may talk to memd's local sockets: peer credentials and the allow rule.
 
-The rule (docs/design.md §3): a peer is allowed iff its uid is the daemon's uid,
+The rule: a peer is allowed iff its uid is the daemon's uid,
 or it is root, or it belongs to the configured group (``--group``) as its primary
 group or a supplementary one. The kernel vouches for the peer's pid/uid/gid through
 ``SO_PEERCRED``; supplementary groups are read from ``/proc/<pid>/status``.

@@ -1,4 +1,4 @@
-"""The primary/secondary protocol: msgpack maps over ZeroMQ (docs/design.md §4).
+"""The primary/secondary protocol: msgpack maps over ZeroMQ (docs/design.md, "The protocol").
 
 Every message is a msgpack map with ``type`` (str) and ``id`` (int) plus the
 parameters of its type.  Every reply uses one envelope::

@@ -29,7 +29,7 @@ from memd.errors import MemdMemoryError, PrimaryNotRunning
 from memd.hw import hugepage_info
 from memd.mp.channel import Peer, Server, param, reply
 from memd.shm.config import MemsegList, memseg_lists
-from memd.shm.heap import space_needed
+from memd.shm.heap import NEVER_RELEASE, space_needed
 from memd.shm.memory import Memory
 
 log = logging.getLogger("memd")
@@ -97,8 +97,8 @@ class PrimaryGrowth(Memory):
         def _map_new_pages(self, msl: MemsegList, n: int, prealloc: bool) -> int: ...
         def _drop_page(self, msl: MemsegList, slot: int) -> None: ...
         def _page_iova(self, addr: int) -> int: ...
-        def _mapped_bytes(self) -> int: ...
         def prune_dead(self) -> list[int]: ...
+        def _mapped_bytes(self) -> int: ...
 
     def _expand_heap(self, heap: int, size: int, align: int, bound: int, contig: bool) -> None:
         """Map enough new pages for `size` into `heap`, tell every secondary to map
@@ -156,11 +156,11 @@ class PrimaryGrowth(Memory):
 
     def _release_pages(self, heap: int) -> int | None:
         """Give whole free pages that are not preallocated back to the system
-        (docs/design.md §5).  Best effort: a failed sync puts them back.
+        (step 5 above).  Best effort: a failed sync puts them back.
         Returns the free size below which it need not be called again (None:
         let the heap double its threshold)."""
         if self.options.legacy_mem:
-            return 2**64 - 1  # legacy memory is all preallocated
+            return NEVER_RELEASE  # legacy memory is all preallocated
         with self._expand_lock:
             for msl in self._lists_of(heap):
                 _ext.heap_lock(self.window, heap)

@@ -1,5 +1,5 @@
 """The primary: all hugepage initialisation, the shared config, and heap growth
-(docs/design.md §1, §5).  `Primary` is usable in-process (embedding, tests);
+(docs/design.md).  `Primary` is usable in-process (embedding, tests);
 `memd.primary.daemon` wraps it in a long-running process."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from memd.paths import (
     SHM_DIR,
     config_path,
     mp_endpoint,
+    mp_socket_path,
     runtime_dir,
     socket_dir,
     validate_prefix,
@@ -104,7 +105,9 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         ensure_dir(sockdir.parent, 0o711 if self._gid is not None else 0o700, shared=True)
         ensure_dir(sockdir, self._dir_mode, self._gid)
         with contextlib.suppress(FileNotFoundError):
-            (sockdir / "mp_socket").unlink()  # a dead primary's: we hold the config lock
+            mp_socket_path(
+                self.prefix, self.rundir
+            ).unlink()  # a dead primary's: we hold the config lock
         self.server = Server(
             mp_endpoint(self.prefix, self.rundir),
             self._handlers(),
@@ -113,8 +116,8 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         )
         self.server.on_death = self._reclaim
         if self._gid is not None:
-            os.chown(sockdir / "mp_socket", -1, self._gid)
-        os.chmod(sockdir / "mp_socket", self._mode)
+            os.chown(mp_socket_path(self.prefix, self.rundir), -1, self._gid)
+        os.chmod(mp_socket_path(self.prefix, self.rundir), self._mode)
         _ext.config_publish(self.window)  # magic last: secondaries may attach now
         log.info(
             "ready: prefix %s, %d memseg lists, %s MiB mapped, iova %s",
@@ -178,7 +181,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
             # exactly what we made: the socket, then each directory if it is empty
             sockdir = socket_dir(self.prefix, self.rundir)
             with contextlib.suppress(OSError):
-                (sockdir / "mp_socket").unlink()
+                mp_socket_path(self.prefix, self.rundir).unlink()
             for made in (sockdir, sockdir.parent):
                 with contextlib.suppress(OSError):
                     made.rmdir()

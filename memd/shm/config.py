@@ -9,6 +9,7 @@ import select
 from typing import NamedTuple
 
 from memd import _ext
+from memd.hw.hugepage_info import proc_path
 
 SOCKET_ID_ANY: int = _ext.SOCKET_ID_ANY  # DPDK's: any heap, the local socket's first
 
@@ -115,7 +116,7 @@ def exited(pidfd: int) -> bool:
 
 def comm() -> str:
     try:
-        with open("/proc/self/comm") as f:
+        with open(proc_path("self", "comm")) as f:
             return f.read().strip()[:31]
     except OSError:
         return str(os.getpid())

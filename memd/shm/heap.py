@@ -41,11 +41,19 @@ from memd import _ext
 from memd.errors import CorruptionError, MemdError, MemdMemoryError, MemdValueError, translate
 from memd.shm.config import SOCKET_ID_ANY, process_alive
 
-__all__ = ["SOCKET_ID_ANY", "AnonymousMemory", "Block", "HeapMixin", "space_needed"]
+__all__ = [
+    "NEVER_RELEASE",
+    "SOCKET_ID_ANY",
+    "AnonymousMemory",
+    "Block",
+    "HeapMixin",
+    "space_needed",
+]
 
 Block = _ext.Block
 
 _U64_MAX = 2**64 - 1
+NEVER_RELEASE = _U64_MAX  # _release_pages' answer when nothing can ever be given back
 GROW_ATTEMPTS = 8  # expansions per heap before a malloc gives up
 _HDR = _ext.HEAP_ELEM_HEADER_SIZE
 _TRL = _ext.HEAP_ELEM_TRAILER_SIZE
@@ -441,7 +449,7 @@ class AnonymousMemory(HeapMixin):
 
     def _release_pages(self, heap_idx: int) -> int | None:
         if not self.release:
-            return _U64_MAX  # everything is preallocated: never call again
+            return NEVER_RELEASE  # everything is preallocated
         w, pg, area = self.window, self.page_size_, self.area(heap_idx)
         _ext.heap_lock(w, heap_idx)
         try:

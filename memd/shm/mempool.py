@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from memd import _ext
 from memd.errors import MemdValueError
 from memd.shm import objects
+from memd.shm.config import SOCKET_ID_ANY
 
 MEMPOOL_F_NO_SPREAD: int = _ext.MEMPOOL_F_NO_SPREAD  # accepted, no effect
 MEMPOOL_F_NO_CACHE_ALIGN: int = _ext.MEMPOOL_F_NO_CACHE_ALIGN  # accepted, no effect
@@ -201,7 +202,7 @@ class MempoolMixin:
         cache_size: int = 0,
         private_data_size: int = 0,
         obj_init: ObjInit | None = None,
-        socket_id: int = -1,
+        socket_id: int = SOCKET_ID_ANY,
         flags: int = 0,
     ) -> Mempool:
         """Create pool `name`; obj_init(pool, obj, idx) runs once per object.

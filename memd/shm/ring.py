@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from memd import _ext
 from memd.errors import MemdValueError
 from memd.shm import objects
+from memd.shm.config import SOCKET_ID_ANY
 
 RING_F_SP_ENQ: int = _ext.RING_F_SP_ENQ  # default enqueue is single-producer
 RING_F_SC_DEQ: int = _ext.RING_F_SC_DEQ  # default dequeue is single-consumer
@@ -148,7 +149,9 @@ class RingMixin:
         window: _ext.Window
         proc_slot: int
 
-    def ring_create(self, name: str, count: int, socket_id: int = -1, flags: int = 0) -> Ring:
+    def ring_create(
+        self, name: str, count: int, socket_id: int = SOCKET_ID_ANY, flags: int = 0
+    ) -> Ring:
         """Create ring `name` of `count` entries (see :meth:`Ring.create`).
 
         Raises FileExistsError (MemdExistsError) if the name is taken, ValueError
