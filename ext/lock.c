@@ -34,6 +34,8 @@ int memd_lock_init(struct memd_lock *l)
     rc = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
     if (rc == 0)
         rc = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    if (rc == 0) /* a thread that locks what it holds gets EDEADLK, never a hang */
+        rc = pthread_mutexattr_settype(&a, PTHREAD_MUTEX_ERRORCHECK);
     if (rc == 0)
         rc = pthread_mutex_init(&l->u.mutex, &a);
     pthread_mutexattr_destroy(&a);

@@ -18,7 +18,8 @@ pid_t memd_self_pid(void);
 int memd_lock_init(struct memd_lock *l);
 
 /* Returns 0 when taken, 1 when taken from a dead owner (check what it guards),
- * -ENOTRECOVERABLE if an earlier recovery was abandoned. Blocks. */
+ * -ENOTRECOVERABLE if an earlier recovery was abandoned, -EDEADLK if this thread
+ * holds it already (a bug, reported instead of a hang). Blocks. */
 int memd_lock_acquire(struct memd_lock *l);
 
 /* As memd_lock_acquire but returns -EBUSY at once instead of blocking. */

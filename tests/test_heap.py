@@ -870,3 +870,28 @@ def test_threads_share_a_memory():
     for idx in (0, 1):
         _ext.heap_check(m.window, idx)
     assert m.heap_stats()["alloc_count"] == 0
+
+
+def test_a_thread_relocking_its_own_heap_lock_gets_edeadlk_not_a_hang() -> None:
+    """No path may wait on a lock it holds: such a bug raises at once."""
+    mem = AnonymousMemory(heap_size=8 << 20, prealloc=8 << 20, release=False)
+    _ext.heap_lock(mem.window, 0)
+    try:
+        with pytest.raises(OSError) as e:
+            _ext.heap_lock(mem.window, 0)
+        assert e.value.errno == errno.EDEADLK
+        other: list[bool] = []
+
+        def lock_and_unlock() -> None:
+            other.append(_ext.heap_lock(mem.window, 0))
+            _ext.heap_unlock(mem.window, 0)
+
+        t = threading.Thread(target=lock_and_unlock)
+        t.start()
+        t.join(0.2)
+        assert t.is_alive(), "another thread must wait for the lock, not fail"
+    finally:
+        _ext.heap_unlock(mem.window, 0)
+    t.join(10)
+    assert not t.is_alive() and other == [False]
+    mem.free(mem.malloc(64))

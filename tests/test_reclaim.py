@@ -5,6 +5,7 @@ heap blocks), shows it in /memd/processes, and frees its blocks on request
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import time
 
 from memd.admin.telemetry import TelemetryClient
 from memd.paths import telemetry_path
-from memd.testing import Daemon
+from memd.testing import Daemon, remove_leftover_pages
+
+_numbers = itertools.count()
 
 HOLDER = """
 import sys
@@ -112,3 +115,60 @@ def test_reclaim_heap_policy_frees_a_dead_secondarys_blocks(daemon_factory) -> N
         assert record["heap_blocks"] == 8 and record["heap_freed"]
         assert mem.heap_stats()["alloc_count"] == before + 1  # the memzone is kept
         assert mem.heap_owners()[p.pid]["blocks"] == 1  # its memzone
+
+
+# A primary (embedded, so the test decides when it polls) whose secondary dies
+# unnoticed, then releases pages: the release holds the heap lock while it syncs,
+# and the sync finds the dead secondary.  Reclaiming it there (reclaim walks the
+# heap under its lock) deadlocked the daemon on its own lock.
+RELEASE_AFTER_DEATH = """
+import subprocess, sys, threading
+from memd import Options, Primary
+from memd import _ext
+prefix, rundir, no_huge = sys.argv[1], sys.argv[2], sys.argv[3] == "nohuge"
+p = Primary(Options(file_prefix=prefix, runtime_dir=rundir, no_huge=no_huge))
+stop = threading.Event()
+server = threading.Thread(target=p.serve, args=(stop, 0.02))
+server.start()
+child = subprocess.Popen(
+    [sys.executable, "-c",
+     "import sys, memd_client as mc\\n"
+     "mem = mc.attach(sys.argv[1], runtime_dir=sys.argv[2], timeout=20)\\n"
+     "print('READY', flush=True)\\n"
+     "sys.stdin.readline()\\n",
+     prefix, rundir],
+    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "READY"
+stop.set()
+server.join()
+blk = p.malloc(8 << 20)  # new pages, mapped by the child too
+child.kill()
+child.wait()  # dead, and its pidfd not yet polled
+p.free(blk)
+p._release_pages(0)  # heap lock -> sync -> the dead child
+p.poll(0.2)  # reclaims it now, outside any heap lock
+assert [r["pid"] for r in p.reclaims] == [child.pid], list(p.reclaims)
+_ext.heap_check(p.window, 0)
+print("released", p.info()["mapped_bytes"], flush=True)
+p.close()
+"""
+
+
+def test_a_release_that_meets_a_dead_secondary_does_not_deadlock(tmp_path, mode) -> None:
+    """Issue: a kill -9 during a page release hung the daemon for good.  Now the
+    release finishes, and the dead secondary is reclaimed by the next poll."""
+    prefix = f"rd{next(_numbers)}x{int(time.time() * 1000) % 100000}"
+    rundir = tmp_path / "run"
+    rundir.mkdir()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", RELEASE_AFTER_DEATH, prefix, str(rundir), mode],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        remove_leftover_pages(prefix)
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr}"
+    assert proc.stdout.startswith("released "), proc.stdout

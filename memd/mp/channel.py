@@ -138,7 +138,7 @@ class Server:
         sync_timeout: float = 2.0,
         policy: AccessPolicy | None = None,
     ) -> None:
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()  # ours alone, as Channel's
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE * 4)  # drop absurd frames in libzmq
@@ -184,6 +184,13 @@ class Server:
             os.close(peer.pidfd)
             peer.pidfd = -1
 
+    def set_aside(self, peer: Peer) -> None:
+        """`peer` died: send it nothing more; the next poll_once hands it to on_death.
+        For callers that hold a lock the reclaim takes (a heap lock in a sync)."""
+        self._unwatch(peer)
+        if peer not in self._dead:
+            self._dead.append(peer)
+
     def _reap(self, events: dict[Any, int]) -> None:
         """Hand peers whose pidfd turned readable (or that died in a sync) to on_death."""
         dead = self._dead + [p for fd, p in list(self._watched.items()) if fd in events]
@@ -201,6 +208,7 @@ class Server:
             for peer in list(self.peers.values()):
                 self._unwatch(peer)
             self.sock.close(linger=0)
+            self.ctx.term()
 
     def send(self, identity: bytes, msg: dict[str, Any]) -> bool:
         try:
@@ -290,6 +298,8 @@ class Server:
         with self.lock:
             waiting: dict[bytes, tuple[Peer, int]] = {}
             for peer in list(self.peers.values()):
+                if peer in self._dead:
+                    continue  # died: poll_once reclaims it
                 sid = next(self._ids)
                 if self.send(peer.identity, {**msg, "id": sid}):
                     waiting[peer.identity] = (peer, sid)
@@ -302,8 +312,7 @@ class Server:
                 for fd, peer in list(self._watched.items()):
                     if fd in events and peer.identity in waiting:
                         del waiting[peer.identity]  # died: nothing to wait for
-                        self._unwatch(peer)  # (a readable pidfd would spin this poll)
-                        self._dead.append(peer)
+                        self.set_aside(peer)  # (a readable pidfd would spin this poll)
                 if not events.get(self.sock):
                     if time.monotonic() >= deadline:
                         break
@@ -340,7 +349,9 @@ class Channel:
         on_sync: Callable[[dict[str, Any]], None],
         timeout: float = 5.0,
     ) -> None:
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        # Our own context: the application may destroy the shared one
+        # (zmq.Context.instance().destroy()) without cutting us off.
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.endpoint = endpoint
         self.name = name
         self.timeout = timeout
@@ -451,3 +462,5 @@ class Channel:
         if self._sync_sock is not None:
             self._sync_sock.close(linger=0)
         self.req.close(linger=0)
+        if self._thread is None or not self._thread.is_alive():
+            self.ctx.term()  # (a sync thread stuck in on_sync still has a socket)

@@ -28,7 +28,7 @@ from memd import _ext
 from memd.errors import MemdMemoryError, PrimaryNotRunning
 from memd.hw import hugepage_info
 from memd.mp.channel import Peer, Server, param, reply
-from memd.shm.config import MemsegList, memseg_lists
+from memd.shm.config import MemsegList, memseg_lists, process_alive
 from memd.shm.heap import NEVER_RELEASE, space_needed
 from memd.shm.memory import Memory
 
@@ -97,7 +97,6 @@ class PrimaryGrowth(Memory):
         def _map_new_pages(self, msl: MemsegList, n: int, prealloc: bool) -> int: ...
         def _drop_page(self, msl: MemsegList, slot: int) -> None: ...
         def _page_iova(self, addr: int) -> int: ...
-        def prune_dead(self) -> list[int]: ...
         def _mapped_bytes(self) -> int: ...
 
     def _expand_heap(self, heap: int, size: int, align: int, bound: int, contig: bool) -> None:
@@ -226,9 +225,14 @@ class PrimaryGrowth(Memory):
         return best
 
     def _sync_secondaries(self) -> list[tuple[Peer, str]]:
+        """Every live secondary maps what the memseg lists say.  Called under a heap
+        lock: a dead secondary is only set aside here, and reclaimed (which takes
+        heap locks) by the next poll, never inside this lock."""
         if self.server is None:
             return []
-        self.prune_dead()
+        for peer in list(self.server.peers.values()):
+            if not process_alive(peer.pid, peer.start_time):
+                self.server.set_aside(peer)
         gen = self._header().mem_generation
         return self.server.sync_all({"type": "sync", "generation": gen})
 

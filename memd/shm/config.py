@@ -111,7 +111,9 @@ def watch_process(pid: int, start_time: int) -> int | None:
 
 def exited(pidfd: int) -> bool:
     """True once the process behind `pidfd` (from watch_process) has exited."""
-    return bool(select.select([pidfd], [], [], 0)[0])
+    poller = select.poll()  # not select(): an fd above 1023 is fine
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def comm() -> str:
