@@ -689,9 +689,14 @@ int memd_heap_free_owned_nolock(char *base, struct memd_heap *h, int32_t pid, ui
                                 uint64_t *bytes, uint64_t *largest)
 {
     uint64_t nb = 0, nbytes = 0, big = 0;
+    struct walk_guard g = {0};
     if (pid <= 0)
         return -EINVAL;
     for (uint64_t o = h->first_elem; o;) {
+        if (!walk_ok(base, h, &g, o)) {
+            h->broken = 1;
+            return -EFAULT;
+        }
         struct memd_heap_elem *e = EL(base, o);
         if (e->state == MEMD_ELEM_BUSY && !(e->flags & MEMD_ELEM_F_MEMZONE) &&
             e->u.busy.owner_pid == pid && busy_ok(base, h, o) == 0) {
@@ -703,6 +708,7 @@ int memd_heap_free_owned_nolock(char *base, struct memd_heap *h, int32_t pid, ui
             jcommit(base, h); /* each block is an operation of its own */
             if (EL(base, fo)->size > big)
                 big = EL(base, fo)->size;
+            g.prev = fo; /* merged with its free neighbours: go on after them */
             o = EL(base, fo)->next;
             continue;
         }
@@ -718,10 +724,16 @@ int memd_heap_free_owned_nolock(char *base, struct memd_heap *h, int32_t pid, ui
 int memd_heap_owners(char *base, struct memd_heap *h, struct memd_heap_owner **out, size_t *n)
 {
     size_t cap = 8, cnt = 0;
+    struct walk_guard g = {0};
     struct memd_heap_owner *a = malloc(cap * sizeof(*a));
     if (!a)
         return -ENOMEM;
     for (uint64_t o = h->first_elem; o; o = EL(base, o)->next) {
+        if (!walk_ok(base, h, &g, o)) {
+            free(a);
+            h->broken = 1;
+            return -EFAULT;
+        }
         struct memd_heap_elem *e = EL(base, o);
         if (e->state != MEMD_ELEM_BUSY)
             continue;

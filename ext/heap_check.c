@@ -18,9 +18,19 @@ void memd_heap_get_stats_nolock(char *base, struct memd_heap *h, struct memd_hea
     s->alloc_count = h->alloc_count;
     s->greatest_free = 0;
     for (unsigned c = NLISTS; c-- > 0;) {
-        for (uint64_t o = h->free_head[c]; o; o = EL(base, o)->u.free.next)
+        /* free lists are not in address order: each step is checked, and the walk
+         * bounded by the most elements the heap can hold */
+        struct walk_guard g = {0};
+        uint64_t steps = h->total_size / MIN_ELEM + 1;
+        for (uint64_t o = h->free_head[c]; o && steps--; o = EL(base, o)->u.free.next) {
+            g.prev = 0;
+            if (!walk_ok(base, h, &g, o)) {
+                h->broken = 1;
+                break;
+            }
             if (EL(base, o)->size > s->greatest_free)
                 s->greatest_free = EL(base, o)->size;
+        }
         if (s->greatest_free)
             break;
     }
@@ -30,7 +40,12 @@ int memd_heap_walk(char *base, struct memd_heap *h,
                    int (*fn)(void *arg, uint64_t off, uint64_t size, int state, uint64_t data_size),
                    void *arg)
 {
+    struct walk_guard g = {0};
     for (uint64_t o = h->first_elem; o; o = EL(base, o)->next) {
+        if (!walk_ok(base, h, &g, o)) {
+            h->broken = 1;
+            return -EFAULT;
+        }
         struct memd_heap_elem *e = EL(base, o);
         int rc =
             fn(arg, o, e->size, e->state, e->state == MEMD_ELEM_BUSY ? e->u.busy.data_size : 0);
@@ -58,6 +73,7 @@ int memd_heap_check_ex(char *base, struct memd_heap *h, char *why, size_t n)
 {
     uint64_t cap = 64, nfree = 0, nbusy = 0, free_bytes = 0, busy_bytes = 0;
     uint64_t prev = 0, prev_end = 0, listed = 0;
+    struct walk_guard guard = {0};
     int prev_free = 0, rc = 0;
     uint8_t idx = heap_index(base, h);
     uint64_t *frees = malloc(cap * sizeof(*frees));
@@ -75,6 +91,8 @@ int memd_heap_check_ex(char *base, struct memd_heap *h, char *why, size_t n)
         if (o % GRAIN || o < MEMD_CONFIG_SIZE || o > h->last_elem || (prev && o < prev_end))
             BAD("element %#llx: misplaced (after %#llx ending at %#llx)", (unsigned long long)o,
                 (unsigned long long)prev, (unsigned long long)prev_end);
+        if (!walk_readable(base, &guard, o))
+            BAD("element %#llx: not in mapped memory", (unsigned long long)o);
         if (e->cookie != head_cookie(o))
             BAD("element %#llx: header cookie smashed", (unsigned long long)o);
         if (e->heap != idx)

@@ -7,6 +7,7 @@
 #define MEMD_HEAP_INTERNAL_H
 
 #include "heap.h"
+#include "proc.h"
 
 #define HDR      ((uint64_t)MEMD_ELEM_HEADER_SIZE)
 #define TRL      ((uint64_t)MEMD_ELEM_TRAILER_SIZE)
@@ -77,6 +78,37 @@ static inline void hull_clip(uint64_t *lo, uint64_t *hi, uint64_t a, uint64_t b)
         l = r = 0;
     *lo = l;
     *hi = r;
+}
+/* --- walks that must survive damage ------------------------------------------------ */
+
+/* Any attached process can write heap state, so a walk that must not die (the
+ * daemon's: reclaim, admin queries, the checker) follows a link only to an element
+ * that is 64-aligned, above the config, after the previous one (so walks end), no
+ * further than last_elem, in memory readable here, with its cookie.  The guard
+ * remembers the last 2 MiB unit found readable: one probe per unit, not per element. */
+struct walk_guard {
+    uint64_t prev, ok_lo, ok_hi;
+};
+
+static inline int walk_readable(char *base, struct walk_guard *g, uint64_t o)
+{
+    if (o < g->ok_lo || o + HDR > g->ok_hi) {
+        uint64_t lo = o & ~((uint64_t)MEMD_CONFIG_SIZE - 1);
+        if (!memd_readable(base + lo, MEMD_CONFIG_SIZE, MEMD_CONFIG_SIZE))
+            return 0;
+        g->ok_lo = lo;
+        g->ok_hi = lo + MEMD_CONFIG_SIZE;
+    }
+    return 1;
+}
+
+static inline int walk_ok(char *base, const struct memd_heap *h, struct walk_guard *g, uint64_t o)
+{
+    if (o % GRAIN || o < MEMD_CONFIG_SIZE || o <= g->prev || o > h->last_elem ||
+        !walk_readable(base, g, o) || EL(base, o)->cookie != head_cookie(o))
+        return 0;
+    g->prev = o;
+    return 1;
 }
 
 #endif /* MEMD_HEAP_INTERNAL_H */

@@ -1,8 +1,10 @@
 /* lock.c - robust process-shared mutexes (see lock.h). */
+#define _GNU_SOURCE /* pthread_mutex_clocklock */
 #include "lock.h"
 
 #include <errno.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 /* owner_pid is diagnostics, but getpid() is a system call (~160 ns here, more
@@ -61,6 +63,16 @@ static int after_lock(struct memd_lock *l, int rc)
 int memd_lock_acquire(struct memd_lock *l)
 {
     return after_lock(l, pthread_mutex_lock(&l->u.mutex));
+}
+
+int memd_lock_timed(struct memd_lock *l, uint64_t timeout_ns)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t ns = (uint64_t)ts.tv_nsec + timeout_ns % 1000000000u;
+    ts.tv_sec += (time_t)(timeout_ns / 1000000000u + ns / 1000000000u);
+    ts.tv_nsec = (long)(ns % 1000000000u);
+    return after_lock(l, pthread_mutex_clocklock(&l->u.mutex, CLOCK_MONOTONIC, &ts));
 }
 
 int memd_lock_try(struct memd_lock *l) { return after_lock(l, pthread_mutex_trylock(&l->u.mutex)); }

@@ -22,6 +22,9 @@ int memd_lock_init(struct memd_lock *l);
  * holds it already (a bug, reported instead of a hang). Blocks. */
 int memd_lock_acquire(struct memd_lock *l);
 
+/* As memd_lock_acquire but gives up with -ETIMEDOUT after timeout_ns. */
+int memd_lock_timed(struct memd_lock *l, uint64_t timeout_ns);
+
 /* As memd_lock_acquire but returns -EBUSY at once instead of blocking. */
 int memd_lock_try(struct memd_lock *l);
 

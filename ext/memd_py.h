@@ -42,6 +42,11 @@ static inline char *memd_base_of(PyObject *obj)
 /* Check that [off, off+len) lies inside the window; sets ValueError if not. */
 int memd_check_range(PyObject *window, uint64_t off, uint64_t len);
 
+/* Check that [off, off+len) (inside the window) is mapped in this process, so that
+ * touching it cannot kill the process; sets MemdValueError if not.  A system call:
+ * for constructors and views, not per operation. */
+int memd_check_mapped(PyObject *window, uint64_t off, uint64_t len);
+
 /* 0 if the window watches no process (Window.watch) or it still runs; if it
  * has exited, raise the class registered as "primary_not_running" (else
  * ConnectionError) and return -1.  One poll() system call when watching:

@@ -60,6 +60,8 @@ int memd_window_check_watch(PyObject *window)
 
 PyObject *memd_raise_errno(int neg_errno, const char *where)
 {
+    if (PyErr_Occurred())
+        return NULL; /* e.g. a signal handler's exception during a wait: it wins */
     int e = neg_errno < 0 ? -neg_errno : neg_errno;
     PyObject *msg = PyUnicode_FromFormat("%s (from %s)", strerror(e), where);
     if (msg == NULL)
@@ -160,6 +162,19 @@ int memd_check_range(PyObject *window, uint64_t off, uint64_t len)
     return 0;
 }
 
+int memd_check_mapped(PyObject *window, uint64_t off, uint64_t len)
+{
+    MemdWindow *w = (MemdWindow *)window;
+    /* every mapping in a window covers whole MEMD_CONFIG_SIZE (2 MiB) units */
+    if (w->anonymous || memd_readable(w->base + off, len, MEMD_CONFIG_SIZE))
+        return 0;
+    PyErr_Format(memd_error("MemdValueError", PyExc_ValueError),
+                 "window range [%llu, +%llu) is not mapped in this process: pass an offset "
+                 "taken from a block, memzone, ring or mempool",
+                 (unsigned long long)off, (unsigned long long)len);
+    return -1;
+}
+
 /* --- Span: a buffer exporter over part of a Window ------------------------ */
 
 typedef struct {
@@ -196,7 +211,8 @@ static PyTypeObject MemdSpan_Type = {
 PyObject *memd_view(PyObject *window, uint64_t off, uint64_t len)
 {
     char *base = memd_base_of(window);
-    if (base == NULL || memd_check_range(window, off, len) < 0)
+    if (base == NULL || memd_check_range(window, off, len) < 0 ||
+        memd_check_mapped(window, off, len) < 0)
         return NULL;
     MemdSpan *s = PyObject_New(MemdSpan, &MemdSpan_Type);
     if (s == NULL)

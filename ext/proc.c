@@ -1,4 +1,5 @@
-/* proc.c - process liveness (see proc.h). */
+/* proc.c - process liveness and readable memory (see proc.h). */
+#define _GNU_SOURCE /* process_vm_readv */
 #include "proc.h"
 
 #include <errno.h>
@@ -7,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 int memd_proc_stat(pid_t pid, char *state, long *threads, uint64_t *start)
@@ -59,4 +61,25 @@ int memd_process_alive(pid_t pid, uint64_t start, uint64_t start_mask)
     if ((state == 'Z' || state == 'X') && threads <= 1)
         return 0;
     return (now_start & start_mask) == (start & start_mask);
+}
+
+int memd_readable(const char *addr, uint64_t len, uint64_t unit)
+{
+    char sink[64];
+    struct iovec remote[64];
+    uintptr_t at = (uintptr_t)addr, end = at + (len ? len : 1);
+    while (at < end) {
+        unsigned long n = 0;
+        for (; n < 64 && at < end; n++, at = (at & ~(uintptr_t)(unit - 1)) + unit) {
+            remote[n].iov_base = (void *)at;
+            remote[n].iov_len = 1;
+        }
+        struct iovec local = {sink, (size_t)n};
+        ssize_t got = process_vm_readv(getpid(), &local, 1, remote, n, 0);
+        if (got < 0 && (errno == ENOSYS || errno == EPERM))
+            return 1;
+        if (got != (ssize_t)n)
+            return 0;
+    }
+    return 1;
 }

@@ -21,4 +21,10 @@ int memd_proc_stat(pid_t pid, char *state, long *threads, uint64_t *start);
  * (hidepid=), kill(pid, 0) decides. */
 int memd_process_alive(pid_t pid, uint64_t start, uint64_t start_mask);
 
+/* 1 if [addr, addr+len) is readable in this process, 0 if a byte of it is not
+ * (a hole: a load there would be SIGSEGV or SIGBUS).  Probes one byte per `unit`
+ * (a power of two: mappings cover whole units) with process_vm_readv, which
+ * reports a hole as EFAULT; 1 where the call is not allowed (seccomp). */
+int memd_readable(const char *addr, uint64_t len, uint64_t unit);
+
 #endif /* MEMD_PROC_H */

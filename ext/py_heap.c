@@ -55,13 +55,29 @@ static struct memd_heap *heap_of(PyObject *win, PyObject *idxo, char **base)
 
 /* Take h's lock: 0, 1 (taken from a dead owner; the heap checked fine), or -errno
  * with the lock not held.  Releases the GIL only while blocking. */
+/* How long a heap lock is waited for: forever in a program (but a wait lets
+ * signals through: Ctrl-C works), a bound in the daemon (heap_lock_wait), which a
+ * stopped holder must not stall.  Waits sleep with the GIL released. */
+static uint64_t lock_wait_limit_ns = UINT64_MAX;
+#define LOCK_WAIT_SLICE_NS 100000000ull /* how often a waiter looks for signals */
+
+/* Take heap h's lock: 0, 1 (recovered from a dead owner), or -errno: -ETIMEDOUT
+ * past the wait limit, -EINTR with the signal handler's exception set. */
 static int py_lock(char *base, struct memd_heap *h)
 {
     int rc = memd_lock_try(&h->lock);
-    if (rc == -EBUSY) {
+    for (uint64_t waited = 0; rc == -EBUSY || rc == -ETIMEDOUT;) {
+        if (waited >= lock_wait_limit_ns)
+            return -ETIMEDOUT;
+        uint64_t slice = lock_wait_limit_ns - waited;
+        if (slice > LOCK_WAIT_SLICE_NS)
+            slice = LOCK_WAIT_SLICE_NS;
         Py_BEGIN_ALLOW_THREADS
-            rc = memd_heap_lock(h);
+            rc = memd_lock_timed(&h->lock, slice);
         Py_END_ALLOW_THREADS
+        waited += slice;
+        if (rc == -ETIMEDOUT && PyErr_CheckSignals() < 0)
+            return -EINTR;
     }
     int done = memd_heap_lock_done(base, h, rc);
     return done < 0 ? done : rc;
@@ -471,7 +487,9 @@ static PyObject *hb_alloc(MemdHeapBase *self, PyObject *const *args, Py_ssize_t 
     if (blk != NULL)
         return blk;
 slow:
-    PyErr_Clear(); /* the Python path redoes the call and raises the right error */
+    if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception))
+        return NULL; /* KeyboardInterrupt during a lock wait: not an error to redo */
+    PyErr_Clear();   /* the Python path redoes the call and raises the right error */
     PyObject *zero_i = PyLong_FromLong(0), *any = PyLong_FromLong(-1);
     PyObject *r = NULL;
     if (zero_i && any)
@@ -636,6 +654,29 @@ static PyObject *py_heap_init(PyObject *m, PyObject *args, PyObject *kw)
 /* heap_lock(win, idx) -> True if taken from a dead owner (and the heap checked
  * fine).  Fails iff OSError EFAULT (heap broken; lock not held) or
  * ENOTRECOVERABLE. */
+/* heap_lock_wait(seconds=None) -> float: the most a heap lock is waited for in
+ * this process (None: forever, the default); sets it if given, returns the old
+ * value (inf for forever).  The daemon bounds it: a stopped holder gets it a
+ * "busy" error (ETIMEDOUT), not a hang. */
+static PyObject *py_heap_lock_wait(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *arg = Py_None;
+    if (!PyArg_ParseTuple(args, "|O:heap_lock_wait", &arg))
+        return NULL;
+    double old = lock_wait_limit_ns == UINT64_MAX ? Py_HUGE_VAL : (double)lock_wait_limit_ns / 1e9;
+    if (arg != Py_None) {
+        double s = PyFloat_AsDouble(arg);
+        if (s == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (!(s >= 0.0)) {
+            PyErr_SetString(PyExc_ValueError, "the wait must be >= 0 seconds (or inf)");
+            return NULL;
+        }
+        lock_wait_limit_ns = s >= 1e9 ? UINT64_MAX : (uint64_t)(s * 1e9);
+    }
+    return PyFloat_FromDouble(old);
+}
+
 static PyObject *py_heap_lock(PyObject *m, PyObject *args, PyObject *kw)
 {
     (void)m;
@@ -990,6 +1031,8 @@ static PyMethodDef heap_functions[] = {
          "heap_realloc_block(win, blk, size, align=0) -> Block | None"),
     KW("heap_init", py_heap_init, "heap_init(win, idx, socket_id)"),
     KW("heap_lock", py_heap_lock, "heap_lock(win, idx) -> True if recovered from a dead owner"),
+    {"heap_lock_wait", py_heap_lock_wait, METH_VARARGS,
+     "heap_lock_wait(seconds=None) -> float: how long heap locks are waited for (inf: forever)"},
     KW("heap_unlock", py_heap_unlock, "heap_unlock(win, idx)"),
     KW("heap_add_memory", py_heap_add_memory,
        "heap_add_memory(win, idx, off, len, dirty=False)  (hold heap_lock)"),

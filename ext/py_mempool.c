@@ -219,7 +219,8 @@ static PyObject *mempool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                                      &off, &slot))
         return NULL;
     char *base = memd_base_of(window);
-    if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0)
+    if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0 ||
+        memd_check_mapped(window, off, sizeof(struct memd_mempool)) < 0)
         return NULL;
     if (slot < -1 || slot >= (int)MEMD_MAX_PROCS) {
         PyErr_Format(PyExc_ValueError, "slot must be a process slot 0..%u, or -1 for no cache",
@@ -231,6 +232,8 @@ static PyObject *mempool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     struct memd_mempool *mp = (struct memd_mempool *)(base + off);
+    if (memd_check_mapped(window, off, mp->memsize) < 0)
+        return NULL;
     MemdMempool *self = (MemdMempool *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
@@ -427,8 +430,21 @@ static PyObject *mp_put_bulk(PyObject *o, PyObject *arg)
             return PyErr_NoMemory();
         }
         rc = 0;
-        for (Py_ssize_t i = 0; i < n && rc == 0; i++)
+        for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
+            if (Py_TYPE(items[i]) != &MemdMpObj_Type && !PyLong_CheckExact(items[i]) &&
+                PyList_CheckExact(seq)) {
+                /* a handle's __index__ may change the list under `items`: go on
+                 * over a tuple copy (no Python code has run yet: same n items) */
+                PyObject *copy = PyList_AsTuple(seq);
+                if (copy == NULL) {
+                    rc = 1;
+                    break;
+                }
+                Py_SETREF(seq, copy);
+                items = PySequence_Fast_ITEMS(seq);
+            }
             rc = handle_of(items[i], &h[i]) < 0 ? 1 : 0;
+        }
         if (rc == 0)
             rc = memd_mempool_put_bulk(base, self->offset, self->slot, h, (unsigned)n);
         if (h != stack)
@@ -776,24 +792,6 @@ static PyObject *py_mempool_init(PyObject *Py_UNUSED(m), PyObject *args, PyObjec
     Py_RETURN_NONE;
 }
 
-static PyObject *py_mempool_flush_cache(PyObject *Py_UNUSED(m), PyObject *args)
-{
-    PyObject *window;
-    unsigned long long off;
-    unsigned int slot;
-    if (!PyArg_ParseTuple(args, "O!KI:mempool_flush_cache", &MemdWindow_Type, &window, &off, &slot))
-        return NULL;
-    char *base = memd_base_of(window);
-    if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0)
-        return NULL;
-    if (memd_mempool_check(base, off, ((MemdWindow *)window)->size - off) < 0)
-        return memd_raise_errno(-EINVAL, "mempool_flush_cache: no mempool at that offset");
-    int rc = memd_mempool_flush_cache(base, off, slot);
-    if (rc < 0)
-        return memd_raise_errno(rc, "mempool_flush_cache");
-    return PyLong_FromLong(rc);
-}
-
 /* The pool at (window, off) for a module function, or NULL with an error set. */
 static char *checked_pool(PyObject *window, unsigned long long off, const char *fn)
 {
@@ -804,7 +802,26 @@ static char *checked_pool(PyObject *window, unsigned long long off, const char *
         PyErr_Format(PyExc_ValueError, "%s: no initialised mempool at window offset %llu", fn, off);
         return NULL;
     }
+    /* a consistent header copied from a bigger pool would walk past this one */
+    if (memd_check_mapped(window, off, ((struct memd_mempool *)(base + off))->memsize) < 0)
+        return NULL;
     return base;
+}
+
+static PyObject *py_mempool_flush_cache(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *window;
+    unsigned long long off;
+    unsigned int slot;
+    if (!PyArg_ParseTuple(args, "O!KI:mempool_flush_cache", &MemdWindow_Type, &window, &off, &slot))
+        return NULL;
+    char *base = checked_pool(window, off, "mempool_flush_cache");
+    if (base == NULL)
+        return NULL;
+    int rc = memd_mempool_flush_cache(base, off, slot);
+    if (rc < 0)
+        return memd_raise_errno(rc, "mempool_flush_cache");
+    return PyLong_FromLong(rc);
 }
 
 static int checked_pid(long pid, const char *fn)

@@ -168,6 +168,20 @@ int memd_values_get(PyObject *o, struct memd_values *vs)
         vs->v = vs->heap;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
+        if (unlikely(!PyLong_CheckExact(items[i])) && PyList_CheckExact(o)) {
+            /* Converting this item runs Python code (__index__), which may change
+             * the list under `items`: go on over a tuple copy.  No Python code has
+             * run yet, so the copy holds the same n items. */
+            PyObject *copy = PyList_AsTuple(o);
+            if (copy == NULL) {
+                Py_XDECREF(seq);
+                memd_values_release(vs);
+                return -1;
+            }
+            Py_XDECREF(seq);
+            seq = o = copy;
+            items = PySequence_Fast_ITEMS(copy);
+        }
         if (unlikely(memd_u64_from_object(items[i], &vs->v[i]) < 0)) {
             Py_XDECREF(seq);
             memd_values_release(vs);
@@ -206,17 +220,23 @@ static inline struct memd_ring *ring_ptr(MemdRing *self)
     return (struct memd_ring *)(base + self->offset);
 }
 
-static inline unsigned do_op(struct memd_ring *r, enum ring_op op, uint64_t *v, unsigned n)
+static inline struct memd_ring_geom geom(const MemdRing *self)
+{
+    return (struct memd_ring_geom){self->size, self->capacity};
+}
+
+static inline unsigned do_op(MemdRing *self, struct memd_ring *r, enum ring_op op, uint64_t *v,
+                             unsigned n)
 {
     switch (op) {
     case OP_ENQ_BULK:
-        return memd_ring_enqueue_bulk(r, v, n, NULL);
+        return memd_ring_enqueue_bulk(r, geom(self), v, n, NULL);
     case OP_ENQ_BURST:
-        return memd_ring_enqueue_burst(r, v, n, NULL);
+        return memd_ring_enqueue_burst(r, geom(self), v, n, NULL);
     case OP_DEQ_BULK:
-        return memd_ring_dequeue_bulk(r, v, n, NULL);
+        return memd_ring_dequeue_bulk(r, geom(self), v, n, NULL);
     default:
-        return memd_ring_dequeue_burst(r, v, n, NULL);
+        return memd_ring_dequeue_burst(r, geom(self), v, n, NULL);
     }
 }
 
@@ -240,7 +260,7 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
     struct memd_ring *r = ring_ptr(self);
     if (r == NULL)
         return -1;
-    unsigned got = do_op(r, op, v, n);
+    unsigned got = do_op(self, r, op, v, n);
     if (likely(got != 0 || timeout_ns == 0 || n == 0))
         return got;
     uint64_t start = now_ns();
@@ -252,7 +272,7 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
             spin_end = deadline;
         for (unsigned i = 1;; i++) {
             memd_cpu_relax();
-            if ((got = do_op(r, op, v, n)) != 0)
+            if ((got = do_op(self, r, op, v, n)) != 0)
                 return got;
             if ((i & 15) == 0 && now_ns() >= spin_end)
                 break;
@@ -261,7 +281,7 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
     for (;;) {
         struct memd_ring_wait *w = enq ? &r->not_full : &r->not_empty;
         uint32_t seq = memd_ring_wait_prepare(w);
-        got = do_op(r, op, v, n); /* the retry that closes the lost-wakeup window */
+        got = do_op(self, r, op, v, n); /* the retry that closes the lost-wakeup window */
         if (got != 0) {
             memd_ring_wait_done(w);
             return got;
@@ -292,7 +312,7 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
             return -1;
         /* Retry before announcing ourselves again: usually the wake means we
          * can go on, and an armed futex would cost the other side a syscall. */
-        if ((got = do_op(r, op, v, n)) != 0)
+        if ((got = do_op(self, r, op, v, n)) != 0)
             return got;
     }
 }
@@ -328,7 +348,8 @@ static PyObject *ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                                      &off))
         return NULL;
     char *base = memd_base_of(window);
-    if (base == NULL || memd_check_range(window, off, sizeof(struct memd_ring)) < 0)
+    if (base == NULL || memd_check_range(window, off, sizeof(struct memd_ring)) < 0 ||
+        memd_check_mapped(window, off, sizeof(struct memd_ring)) < 0)
         return NULL;
     if (off % 8) {
         PyErr_SetString(PyExc_ValueError, "a ring's offset must be 8-byte aligned");
@@ -339,6 +360,8 @@ static PyObject *ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_Format(PyExc_ValueError, "no initialised ring at window offset %llu", off);
         return NULL;
     }
+    if (memd_check_mapped(window, off, r->memsize) < 0)
+        return NULL;
     MemdRing *self = (MemdRing *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
@@ -548,25 +571,25 @@ static PyObject *ring_dequeue_burst_into(PyObject *o, PyObject *const *args, Py_
 static PyObject *ring_full(PyObject *o, PyObject *Py_UNUSED(a))
 {
     struct memd_ring *r = ring_ptr((MemdRing *)o);
-    return r ? PyBool_FromLong(memd_ring_free_count(r) == 0) : NULL;
+    return r ? PyBool_FromLong(memd_ring_free_count(r, geom((MemdRing *)o)) == 0) : NULL;
 }
 
 static PyObject *ring_empty(PyObject *o, PyObject *Py_UNUSED(a))
 {
     struct memd_ring *r = ring_ptr((MemdRing *)o);
-    return r ? PyBool_FromLong(memd_ring_count(r) == 0) : NULL;
+    return r ? PyBool_FromLong(memd_ring_count(r, geom((MemdRing *)o)) == 0) : NULL;
 }
 
 static PyObject *ring_get_count(PyObject *o, void *Py_UNUSED(c))
 {
     struct memd_ring *r = ring_ptr((MemdRing *)o);
-    return r ? PyLong_FromUnsignedLong(memd_ring_count(r)) : NULL;
+    return r ? PyLong_FromUnsignedLong(memd_ring_count(r, geom((MemdRing *)o))) : NULL;
 }
 
 static PyObject *ring_get_free_count(PyObject *o, void *Py_UNUSED(c))
 {
     struct memd_ring *r = ring_ptr((MemdRing *)o);
-    return r ? PyLong_FromUnsignedLong(memd_ring_free_count(r)) : NULL;
+    return r ? PyLong_FromUnsignedLong(memd_ring_free_count(r, geom((MemdRing *)o))) : NULL;
 }
 
 static PyObject *ring_get_capacity(PyObject *o, void *Py_UNUSED(c))

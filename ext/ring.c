@@ -345,14 +345,14 @@ static ALWAYS_INLINE void side_unlock(struct memd_ring_headtail *ht)
 /* Copy n entries between the caller's array and the slots from counter `from`,
  * wrapping at the end; crashy copies go one slot at a time with a step after
  * each. */
-static ALWAYS_INLINE void copy_in(struct memd_ring *r, uint32_t from, const uint64_t *v, unsigned n,
-                                  int crashy)
+static ALWAYS_INLINE void copy_in(struct memd_ring *r, struct memd_ring_geom g, uint32_t from,
+                                  const uint64_t *v, unsigned n, int crashy)
 {
-    const uint32_t size = r->size, idx = from & r->mask;
+    const uint32_t size = g.size, mask = size - 1, idx = from & mask;
     uint64_t *slots = r->slots;
     if (crashy) {
         for (unsigned i = 0; i < n; i++) {
-            slots[(from + i) & r->mask] = v[i];
+            slots[(from + i) & mask] = v[i];
             STEP();
         }
     } else if (likely(n == 1)) {
@@ -366,14 +366,14 @@ static ALWAYS_INLINE void copy_in(struct memd_ring *r, uint32_t from, const uint
     }
 }
 
-static ALWAYS_INLINE void copy_out(const struct memd_ring *r, uint32_t from, uint64_t *v,
-                                   unsigned n, int crashy)
+static ALWAYS_INLINE void copy_out(const struct memd_ring *r, struct memd_ring_geom g,
+                                   uint32_t from, uint64_t *v, unsigned n, int crashy)
 {
-    const uint32_t size = r->size, idx = from & r->mask;
+    const uint32_t size = g.size, mask = size - 1, idx = from & mask;
     const uint64_t *slots = r->slots;
     if (crashy) {
         for (unsigned i = 0; i < n; i++) {
-            v[i] = slots[(from + i) & r->mask];
+            v[i] = slots[(from + i) & mask];
             STEP();
         }
     } else if (likely(n == 1)) {
@@ -394,10 +394,11 @@ static ALWAYS_INLINE void copy_out(const struct memd_ring *r, uint32_t from, uin
  *   slots; release-store the tail; unlock; one seq_cst fence; wake sleepers.
  * Nothing reads head, so whatever a dead operation left there is harmless.
  */
-static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, const uint64_t *v, unsigned want,
-                                         int behaviour, unsigned *free_space, int crashy)
+static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, struct memd_ring_geom g,
+                                         const uint64_t *v, unsigned want, int behaviour,
+                                         unsigned *free_space, int crashy)
 {
-    const uint32_t capacity = r->capacity;
+    const uint32_t capacity = g.capacity;
     const uint32_t single = r->prod.single;
     uint32_t start, free_entries;
     unsigned n;
@@ -419,6 +420,8 @@ static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, const uint64_t *v,
         r->prod.other_tail = atomic_load_explicit(&r->cons.tail, memory_order_acquire);
         free_entries = capacity + r->prod.other_tail - start;
     }
+    if (unlikely(free_entries > capacity)) /* damaged counters: stay inside the slots */
+        free_entries = capacity;
     n = want <= free_entries ? want : (behaviour == BURST ? free_entries : 0);
     if (unlikely(n == 0)) {
         if (!single) {
@@ -436,7 +439,7 @@ static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, const uint64_t *v,
     /* relaxed: diagnostics only (head != tail: an operation runs or died). */
     atomic_store_explicit(&r->prod.head, start + n, memory_order_relaxed);
     STEP(); /* claimed (lock held) */
-    copy_in(r, start, v, n, crashy);
+    copy_in(r, g, start, v, n, crashy);
     STEP(); /* filled, not yet published */
     /* release: pairs with the acquire load of prod.tail in do_dequeue; the slots
      * we filled are visible to any consumer that sees the new tail. */
@@ -457,8 +460,9 @@ static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, const uint64_t *v,
     return n;
 }
 
-static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, uint64_t *v, unsigned want,
-                                         int behaviour, unsigned *available, int crashy)
+static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
+                                         unsigned want, int behaviour, unsigned *available,
+                                         int crashy)
 {
     const uint32_t single = r->cons.single;
     uint32_t start, entries;
@@ -477,6 +481,8 @@ static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, uint64_t *v, unsig
         r->cons.other_tail = atomic_load_explicit(&r->prod.tail, memory_order_acquire);
         entries = r->cons.other_tail - start;
     }
+    if (unlikely(entries > g.capacity)) /* damaged counters: stay inside the slots */
+        entries = g.capacity;
     n = want <= entries ? want : (behaviour == BURST ? entries : 0);
     if (unlikely(n == 0)) {
         if (!single) {
@@ -494,7 +500,7 @@ static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, uint64_t *v, unsig
     /* relaxed: diagnostics only. */
     atomic_store_explicit(&r->cons.head, start + n, memory_order_relaxed);
     STEP(); /* claimed (lock held) */
-    copy_out(r, start, v, n, crashy);
+    copy_out(r, g, start, v, n, crashy);
     STEP(); /* read, not yet released: a death here leaves them in the ring */
     /* release: pairs with the acquire load of cons.tail in do_enqueue; our reads
      * of the slots are done before any producer may overwrite them. */
@@ -515,49 +521,54 @@ static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, uint64_t *v, unsig
 }
 
 static __attribute__((noinline, cold)) unsigned enqueue_crashy(struct memd_ring *r,
+                                                               struct memd_ring_geom g,
                                                                const uint64_t *v, unsigned n,
                                                                int behaviour, unsigned *free_space)
 {
-    return do_enqueue(r, v, n, behaviour, free_space, 1);
+    return do_enqueue(r, g, v, n, behaviour, free_space, 1);
 }
 
-static __attribute__((noinline, cold)) unsigned
-dequeue_crashy(struct memd_ring *r, uint64_t *v, unsigned n, int behaviour, unsigned *available)
+static __attribute__((noinline, cold)) unsigned dequeue_crashy(struct memd_ring *r,
+                                                               struct memd_ring_geom g, uint64_t *v,
+                                                               unsigned n, int behaviour,
+                                                               unsigned *available)
 {
-    return do_dequeue(r, v, n, behaviour, available, 1);
+    return do_dequeue(r, g, v, n, behaviour, available, 1);
 }
 
-unsigned memd_ring_enqueue_bulk(struct memd_ring *r, const uint64_t *v, unsigned n,
-                                unsigned *free_space)
-{
-    if (unlikely(crash_after >= 0))
-        return enqueue_crashy(r, v, n, BULK, free_space);
-    return do_enqueue(r, v, n, BULK, free_space, 0);
-}
-
-unsigned memd_ring_enqueue_burst(struct memd_ring *r, const uint64_t *v, unsigned n,
-                                 unsigned *free_space)
+unsigned memd_ring_enqueue_bulk(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v,
+                                unsigned n, unsigned *free_space)
 {
     if (unlikely(crash_after >= 0))
-        return enqueue_crashy(r, v, n, BURST, free_space);
-    return do_enqueue(r, v, n, BURST, free_space, 0);
+        return enqueue_crashy(r, g, v, n, BULK, free_space);
+    return do_enqueue(r, g, v, n, BULK, free_space, 0);
 }
 
-unsigned memd_ring_dequeue_bulk(struct memd_ring *r, uint64_t *v, unsigned n, unsigned *available)
+unsigned memd_ring_enqueue_burst(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v,
+                                 unsigned n, unsigned *free_space)
 {
     if (unlikely(crash_after >= 0))
-        return dequeue_crashy(r, v, n, BULK, available);
-    return do_dequeue(r, v, n, BULK, available, 0);
+        return enqueue_crashy(r, g, v, n, BURST, free_space);
+    return do_enqueue(r, g, v, n, BURST, free_space, 0);
 }
 
-unsigned memd_ring_dequeue_burst(struct memd_ring *r, uint64_t *v, unsigned n, unsigned *available)
+unsigned memd_ring_dequeue_bulk(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
+                                unsigned n, unsigned *available)
 {
     if (unlikely(crash_after >= 0))
-        return dequeue_crashy(r, v, n, BURST, available);
-    return do_dequeue(r, v, n, BURST, available, 0);
+        return dequeue_crashy(r, g, v, n, BULK, available);
+    return do_dequeue(r, g, v, n, BULK, available, 0);
 }
 
-unsigned memd_ring_count(const struct memd_ring *r)
+unsigned memd_ring_dequeue_burst(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
+                                 unsigned n, unsigned *available)
+{
+    if (unlikely(crash_after >= 0))
+        return dequeue_crashy(r, g, v, n, BURST, available);
+    return do_dequeue(r, g, v, n, BURST, available, 0);
+}
+
+unsigned memd_ring_count(const struct memd_ring *r, struct memd_ring_geom g)
 {
     /* acquire: cons.tail first, and the prod.tail load may not move above it;
      * the consumer that stored this cons.tail had seen prod.tail at least that
@@ -566,10 +577,10 @@ unsigned memd_ring_count(const struct memd_ring *r)
     uint32_t prod_tail = atomic_load_explicit(&r->prod.tail, memory_order_relaxed);
     uint32_t count = prod_tail - cons_tail;
     /* Producers may have moved on between the two loads. */
-    return count > r->capacity ? r->capacity : count;
+    return count > g.capacity ? g.capacity : count;
 }
 
-unsigned memd_ring_free_count(const struct memd_ring *r)
+unsigned memd_ring_free_count(const struct memd_ring *r, struct memd_ring_geom g)
 {
-    return r->capacity - memd_ring_count(r);
+    return g.capacity - memd_ring_count(r, g);
 }

@@ -54,22 +54,38 @@ int memd_ring_init(struct memd_ring *r, const char *name, uint32_t count, uint32
  * -EINVAL if its magic or geometry is wrong. */
 int memd_ring_check(const struct memd_ring *r, uint64_t avail);
 
+/* A ring's size and capacity as its user validated them (memd_ring_check) and keeps
+ * in its own memory.  Operations index and bound with these, never with the shared
+ * copy, which any attached process can overwrite: damaged counters then move wrong
+ * entries, inside this ring's slots, and nothing outside it. */
+struct memd_ring_geom {
+    uint32_t size, capacity;
+};
+
+/* The geometry in r's header, for a ring just checked with memd_ring_check. */
+static inline struct memd_ring_geom memd_ring_geom_of(const struct memd_ring *r)
+{
+    return (struct memd_ring_geom){r->size, r->capacity};
+}
+
 /* Enqueue n entries from v: all or none (bulk) or as many as fit (burst).
  * Returns the number enqueued; *free_space (if not NULL) gets the room left. */
-unsigned memd_ring_enqueue_bulk(struct memd_ring *r, const uint64_t *v, unsigned n,
-                                unsigned *free_space);
-unsigned memd_ring_enqueue_burst(struct memd_ring *r, const uint64_t *v, unsigned n,
-                                 unsigned *free_space);
+unsigned memd_ring_enqueue_bulk(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v,
+                                unsigned n, unsigned *free_space);
+unsigned memd_ring_enqueue_burst(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v,
+                                 unsigned n, unsigned *free_space);
 
 /* Dequeue into v: n entries or none (bulk), or up to n (burst).  Returns the
  * number dequeued; *available (if not NULL) gets the entries still in the ring. */
-unsigned memd_ring_dequeue_bulk(struct memd_ring *r, uint64_t *v, unsigned n, unsigned *available);
-unsigned memd_ring_dequeue_burst(struct memd_ring *r, uint64_t *v, unsigned n, unsigned *available);
+unsigned memd_ring_dequeue_bulk(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
+                                unsigned n, unsigned *available);
+unsigned memd_ring_dequeue_burst(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
+                                 unsigned n, unsigned *available);
 
-/* Entries in the ring now (a snapshot while others run). */
-unsigned memd_ring_count(const struct memd_ring *r);
+/* Entries in the ring now (a snapshot while others run), at most g.capacity. */
+unsigned memd_ring_count(const struct memd_ring *r, struct memd_ring_geom g);
 /* Room for entries now: capacity - count. */
-unsigned memd_ring_free_count(const struct memd_ring *r);
+unsigned memd_ring_free_count(const struct memd_ring *r, struct memd_ring_geom g);
 
 /* --- sleeping ------------------------------------------------------------- */
 

@@ -103,4 +103,9 @@ def translate(exc: OSError, what: str) -> MemdError:
         return PermissionDenied(f"{what}: permission denied; run as the daemon's user or group")
     if code == _errno.EINVAL:
         return MemdValueError(f"{what}: invalid argument")
+    if code == _errno.ETIMEDOUT:
+        return MemdError(
+            f"{what}: busy: another process holds the lock and does not let go (stopped in "
+            "a debugger, or paused?); try again later"
+        )
     return MemdError(f"{what}: {exc.strerror or exc}")

@@ -102,6 +102,8 @@ class Secondary(SecondaryGrowth):
             self._close_quietly()
             if ans["status"] == errno.EPROTONOSUPPORT:
                 raise VersionMismatch(ans["reason"])
+            if ans["status"] == errno.EUSERS:  # slots taken: the primary runs
+                raise MemdError(f"memd refused to attach: {ans['reason']}")
             raise PrimaryNotRunning(f"the primary refused to register us: {ans['reason']}")
         self.proc_slot = int(ans["slot"])
         try:

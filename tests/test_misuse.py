@@ -4,10 +4,21 @@ daemon, and ends in a clean exit, never a signal or a hang."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
-from memd.testing import Daemon
+import pytest
+
+from memd.admin.telemetry import MAX_CLIENTS
+from memd.errors import MemdKeyError, MemdValueError
+from memd.paths import telemetry_path
+from memd.shm.mempool import MEMPOOL_MZ_PREFIX
+from memd.shm.ring import RING_MZ_PREFIX
+from memd.testing import Daemon, run_memctl
 
 ATTACH = """
 import os, sys
@@ -77,3 +88,318 @@ print("OK", os.getpid())
     ).stdout.split()
     assert out[0] == "OK"
     assert int(out[1]) not in _pids_attached(daemon)
+
+
+# The C loops over a list keep its item array; an item's __index__ that empties
+# the list freed that array under them (a crash, or values read from freed memory).
+REENTRANT = """
+from memd import _ext
+from memd.shm.mempool import Mempool
+from memd.shm.ring import Ring
+
+class Shrinker:
+    def __init__(self, victim, value):
+        self.victim, self.value = victim, value
+    def __index__(self):
+        self.victim.clear()
+        self.victim.extend(range(3))  # a new, smaller item array
+        return self.value
+
+window = _ext.Window.anonymous(16 << 20)
+ring = Ring.create(window, _ext.CONFIG_SIZE, 1 << 14, 0, "r")
+values = list(range(100, 5100))
+values[1] = Shrinker(values, 101)
+ring.enqueue_bulk(values)
+assert ring.dequeue_burst(1 << 14) == list(range(100, 5100)), "values changed"
+
+pool = Mempool.create(window, _ext.CONFIG_SIZE + (4 << 20), 4096, 64, name="p")
+handles = [pool.get_handle() for _ in range(4000)]
+handles[1] = Shrinker(handles, handles[1])
+pool.put_bulk(handles)
+audit = pool.audit()
+assert audit["in_use"] == 0 and audit["free"] == 4096, audit
+print("OK")
+"""
+
+
+def test_a_list_changed_by_an_items_index_is_read_as_it_was() -> None:
+    """enqueue_bulk / put_bulk read a list as it was when called, whatever its
+    items' __index__ do to it: no crash, no value taken from freed memory."""
+    proc = subprocess.run(
+        [sys.executable, "-c", REENTRANT], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr}"
+    assert proc.stdout.strip() == "OK"
+
+
+def test_the_memzone_of_a_ring_or_pool_cannot_be_freed_under_it(daemon_factory) -> None:
+    """memzone_free() of the zone behind a ring or mempool is refused: freeing it
+    would hand the ring's memory to the next malloc while the ring is in use."""
+    daemon = daemon_factory("-m", "8")
+    with daemon.attach() as mem:
+        ring = mem.ring_create("mzring", 64)
+        pool = mem.mempool_create("mzpool", 64, 64)
+        for zone, kind in (
+            (f"{RING_MZ_PREFIX}mzring", "ring"),
+            (f"{MEMPOOL_MZ_PREFIX}mzpool", "mempool"),
+        ):
+            with pytest.raises(MemdValueError, match=f"{kind}_free"):
+                mem.memzone_free(mem.memzone_lookup(zone))
+        ring.enqueue(7)
+        assert ring.dequeue() == 7
+        assert pool.audit()["free"] == 64
+        mem.ring_free(ring)
+        mem.mempool_free(pool)
+        for zone in (f"{RING_MZ_PREFIX}mzring", f"{MEMPOOL_MZ_PREFIX}mzpool"):
+            with pytest.raises(MemdKeyError):
+                mem.memzone_lookup(zone)
+
+
+def test_silent_admin_connections_do_not_lock_memctl_out(daemon_factory) -> None:
+    """Every admin place taken by a connection that never asks anything: memctl
+    gets in within seconds (the longest-silent client gives way), not after the
+    idle timeout (600 s)."""
+    daemon = daemon_factory("-m", "2")
+    path = telemetry_path(daemon.prefix, str(daemon.runtime_dir))
+    silent = []
+    for _ in range(MAX_CLIENTS):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(10)
+        s.connect(path)
+        assert b"version" in s.recv(1024)
+        silent.append(s)
+    args = ("--file-prefix", daemon.prefix, "--runtime-dir", str(daemon.runtime_dir), "status")
+    deadline = time.monotonic() + 60  # a bound, not a timing claim
+    while (proc := run_memctl(*args)).returncode != 0:
+        assert time.monotonic() < deadline, f"memctl locked out:\n{proc.stdout}{proc.stderr}"
+        time.sleep(0.5)
+    for s in silent:
+        s.close()
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_one_process_cannot_take_every_slot(daemon_factory) -> None:
+    """A process that attaches again and again gets MemdError at its limit (the
+    primary runs: not PrimaryNotRunning), and every other process still attaches."""
+    daemon = daemon_factory("-m", "2")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            ATTACH
+            + """
+from memd.errors import MemdError, PrimaryNotRunning
+mems = []
+try:
+    for _ in range(200):
+        mems.append(mc.attach(prefix, runtime_dir=rundir, timeout=20))
+except PrimaryNotRunning as e:
+    print("WRONG", e, flush=True)
+except MemdError as e:
+    print("REFUSED", len(mems), e, flush=True)
+sys.stdin.readline()
+for m in mems:
+    m.detach()
+""",
+            daemon.prefix,
+            str(daemon.runtime_dir),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    try:
+        assert line.startswith("REFUSED "), line
+        assert "the most one process may" in line
+        with daemon.attach() as mem:  # someone else still gets a slot
+            mem.free(mem.malloc(64))
+    finally:
+        _, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0, err
+
+
+UNMAPPED = """
+from memd import _ext
+from memd.errors import MemdValueError
+from memd.shm.mempool import Mempool
+from memd.shm.ring import Ring
+
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+msl = mem._lists[-1]
+hole = msl.base_offset + (msl.capacity - 1) * msl.page_size  # the last slot: never used here
+bare = _ext.Window(64 << 20)
+cases = {
+    "Window.view": lambda: bare.view(8 << 20, 64),
+    "Ring": lambda: Ring(mem.window, hole),
+    "Mempool": lambda: Mempool(mem.window, hole, 0),
+    "mem.window.view": lambda: mem.window.view(hole, 4096),
+}
+for name, call in cases.items():
+    try:
+        call()
+    except MemdValueError as e:
+        assert "not mapped" in str(e), (name, e)
+    else:
+        raise AssertionError(name + " did not raise")
+mem.detach()
+print("OK")
+"""
+
+
+def test_an_unmapped_offset_raises_instead_of_killing_the_process(daemon_factory) -> None:
+    """Ring(), Mempool() and Window.view() at an offset with no page behind it in
+    this process raise MemdValueError; before, the first touch was a SIGSEGV."""
+    daemon = daemon_factory("-m", "2")
+    assert _run(daemon, UNMAPPED).stdout.strip() == "OK"
+
+
+DAMAGE = """
+import struct
+from memd import _ext
+
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+lay = {k: v[0] if isinstance(v, tuple) else v for k, v in _ext.LAYOUT.items()}
+pools = {name: off for _i, name, kind, off, _z, _p in _ext.objects(mem.window)}
+# a stray copy of a big pool's header over a small one's
+size = lay["memd_mempool"]
+mem.window.view(pools["small"], size)[:] = bytes(mem.window.view(pools["big"], size))
+# an 8-byte underflow into a block's header: its next link now points into a hole,
+# and the heap's last element moved past it
+blk = mem.malloc(4096)
+msl = mem._lists[0]
+hole = msl.base_offset + (msl.capacity - 1) * msl.page_size
+elem = blk.offset - _ext.HEAP_ELEM_HEADER_SIZE
+mem.window.view(elem + lay["memd_heap_elem.next"], 8)[:] = struct.pack("=Q", hole)
+heap0 = lay["memd_config.heaps"]
+mem.window.view(heap0 + lay["memd_heap.last_elem"], 8)[:] = struct.pack("=Q", hole + 4096)
+print("DAMAGED", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_the_daemon_survives_damaged_shared_structures(daemon_factory) -> None:
+    """A secondary scribbles over a pool header and a heap link, then dies: the
+    daemon's reclaim and its admin queries meet the damage and go on serving."""
+    daemon = daemon_factory("-m", "4")
+    with daemon.attach() as mem:
+        mem.mempool_create("big", 8192, 64)
+        mem.mempool_create("small", 8, 64)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ATTACH + DAMAGE, daemon.prefix, str(daemon.runtime_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "DAMAGED", proc.stderr.read() if proc.stderr else ""
+    proc.kill()  # the daemon reclaims it: walks the pools and the heap
+    proc.wait(timeout=30)
+    base = ("--file-prefix", daemon.prefix, "--runtime-dir", str(daemon.runtime_dir))
+    for command in ("processes", "mempools", "heaps", "status"):
+        run_memctl(*base, command)  # an error reply is fine; the daemon must live
+    assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log_text()
+    status = run_memctl(*base, "status")
+    assert status.returncode == 0, status.stderr
+
+
+RING_DAMAGE = """
+import struct
+from memd import _ext
+from memd.shm.ring import Ring
+
+lay = {k: v[0] if isinstance(v, tuple) else v for k, v in _ext.LAYOUT.items()}
+window = _ext.Window.anonymous(64 << 20)
+base = _ext.CONFIG_SIZE
+ring = Ring.create(window, base, 64, 0, "victim")  # validated here, before the damage
+end = base + _ext.ring_memsize(64)
+window.view(end, 4096)[:] = b"\\xa5" * 4096  # whatever lies after the ring
+for field, value in (("size", 1 << 31), ("mask", (1 << 31) - 1), ("capacity", (1 << 31) - 1)):
+    window.view(base + lay["memd_ring." + field], 4)[:] = struct.pack("=I", value)
+for side in ("prod", "cons"):
+    for field, value in (("tail", 0x7FFFFFF0), ("other_tail", 0x10)):
+        at = base + lay["memd_ring." + side] + lay["memd_ring_headtail." + field]
+        window.view(at, 4)[:] = struct.pack("=I", value)
+moved = ring.enqueue_burst(list(range(1000)))
+got = ring.dequeue_burst(1000)
+assert moved <= 63 and len(got) <= 63, (moved, len(got))
+assert bytes(window.view(end, 4096)) == b"\\xa5" * 4096, "wrote past the ring"
+try:
+    Ring(window, base)
+except ValueError:
+    pass
+else:
+    raise AssertionError("a damaged ring must not validate")
+print("OK", moved, len(got))
+"""
+
+
+def test_a_damaged_ring_header_never_moves_entries_outside_the_ring() -> None:
+    """Another process overwrote the ring's size, mask, capacity and counters: a
+    Ring object keeps the geometry it validated and stays inside its slots."""
+    proc = subprocess.run(
+        [sys.executable, "-c", RING_DAMAGE], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr}"
+    assert proc.stdout.startswith("OK"), proc.stdout
+
+
+HOLD_HEAP_LOCK = """
+from memd import _ext
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+_ext.heap_lock(mem.window, 0)
+print("HOLDING", flush=True)
+sys.stdin.readline()
+_ext.heap_unlock(mem.window, 0)
+mem.detach()
+"""
+
+WAIT_FOR_HEAP = """
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+print("WAITING", flush=True)
+try:
+    mem.malloc(64)
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+"""
+
+
+def test_a_stopped_lock_holder_stalls_nobody_for_good(daemon_factory) -> None:
+    """A secondary stopped while it holds heap 0's lock: another's malloc waits
+    but Ctrl-C still ends it, and the daemon answers admin queries (a busy error
+    for what needs that heap) and keeps serving."""
+    daemon = daemon_factory("-m", "2")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", ATTACH + HOLD_HEAP_LOCK, daemon.prefix, str(daemon.runtime_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    waiter = None
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "HOLDING"
+        os.kill(holder.pid, signal.SIGSTOP)
+        waiter = subprocess.Popen(
+            [sys.executable, "-c", ATTACH + WAIT_FOR_HEAP, daemon.prefix, str(daemon.runtime_dir)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert waiter.stdout is not None and waiter.stdout.readline().strip() == "WAITING"
+        time.sleep(0.3)  # let it block on the lock (an earlier SIGINT is fine too)
+        waiter.send_signal(signal.SIGINT)
+        out, _ = waiter.communicate(timeout=30)
+        assert "INTERRUPTED" in out and waiter.returncode == 0, (out, waiter.returncode)
+        base = ("--file-prefix", daemon.prefix, "--runtime-dir", str(daemon.runtime_dir))
+        procs = run_memctl(*base, "processes", timeout=60)
+        assert procs.returncode == 0 or "busy" in procs.stdout + procs.stderr, procs
+        assert run_memctl(*base, "status", timeout=60).returncode == 0
+        assert daemon.proc is not None and daemon.proc.poll() is None
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.communicate("go\n", timeout=30)
+        if waiter is not None and waiter.poll() is None:
+            waiter.kill()
+    assert holder.returncode == 0

@@ -57,6 +57,10 @@ log = logging.getLogger("memd.admin.telemetry")
 MAX_REQUEST = 1023  # DPDK reads into a 1024-byte buffer, keeping one byte for the NUL
 MAX_GREETING = 1024
 MAX_CLIENTS = 10  # DPDK's MAX_CONNECTIONS
+# A client that sends nothing for this long gives its place to a newcomer when all are
+# taken, and one that never sent a request at all is dropped: silent connections
+# cannot lock memctl out.
+SILENT_TIMEOUT = 5.0
 MAX_INSTANCES = 64  # how many ":N" sockets to try before giving up
 
 
@@ -140,12 +144,13 @@ def parse_request(packet: bytes) -> tuple[str, str | None, bool]:
 
 
 class _Client:
-    __slots__ = ("cred", "last", "sock")
+    __slots__ = ("cred", "last", "requests", "sock")
 
     def __init__(self, sock: socket.socket, cred: Any) -> None:
         self.sock = sock
         self.cred = cred
         self.last = time.monotonic()
+        self.requests = 0
 
 
 class TelemetryServer:
@@ -321,19 +326,40 @@ class TelemetryServer:
         finally:
             sel.close()
 
+    def _deadline(self, c: _Client) -> float:
+        """When `c` is dropped: SILENT_TIMEOUT after connecting if it never asks
+        anything, else idle_timeout after its last request."""
+        if c.requests == 0:
+            return c.last + min(SILENT_TIMEOUT, self.idle_timeout or SILENT_TIMEOUT)
+        return c.last + self.idle_timeout if self.idle_timeout is not None else float("inf")
+
     def _select_timeout(self) -> float | None:
-        if self.idle_timeout is None or not self._clients:
+        if not self._clients:
             return None
-        oldest = min(c.last for c in self._clients.values())
-        return max(0.0, oldest + self.idle_timeout - time.monotonic())
+        first = min(self._deadline(c) for c in self._clients.values())
+        return None if first == float("inf") else max(0.0, first - time.monotonic())
 
     def _reap_idle(self, sel: selectors.BaseSelector) -> None:
-        if self.idle_timeout is None:
-            return
-        limit = time.monotonic() - self.idle_timeout
+        now = time.monotonic()
         for fd, c in list(self._clients.items()):
-            if c.last < limit:
+            if self._deadline(c) <= now:
                 self._drop(sel, fd)
+
+    def _make_room(self, sel: selectors.BaseSelector) -> bool:
+        """All places are taken: the client silent longest gives its place, if it
+        has been silent for SILENT_TIMEOUT.  True if there is room now."""
+        if len(self._clients) < self.max_clients:
+            return True
+        fd, c = min(self._clients.items(), key=lambda item: item[1].last)
+        if c.last > time.monotonic() - SILENT_TIMEOUT:
+            return False
+        log.info(
+            "admin socket: dropping pid %d, silent for %.0f s, for a new client",
+            c.cred.pid,
+            time.monotonic() - c.last,
+        )
+        self._drop(sel, fd)
+        return True
 
     def _accept(self, sel: selectors.BaseSelector) -> None:
         assert self._listener is not None
@@ -352,7 +378,7 @@ class TelemetryServer:
             conn.close()
             return
         reason = self.policy.refusal(cred)
-        if reason is None and len(self._clients) >= self.max_clients:
+        if reason is None and not self._make_room(sel):
             reason = f"too many admin clients (limit {self.max_clients}); try again later"
         if reason is not None:
             self.counters["refused"] += 1
@@ -401,6 +427,7 @@ class TelemetryServer:
             self._drop(sel, fd)
             return
         c.last = time.monotonic()
+        c.requests += 1
         self.counters["requests"] += 1
         reply = self.handle(packet)
         try:

@@ -16,6 +16,10 @@ from memd.shm.config import watch_process
 
 log = logging.getLogger("memd")
 
+# Attachments one process may hold at once: a process that attaches in a loop and
+# never detaches must not take every slot from the others.
+MAX_SLOTS_PER_PROCESS = 8
+
 
 class HandlersMixin(ReclaimMixin):
     """The request handlers but heap growth's (`Server` calls them by message type)."""
@@ -50,6 +54,16 @@ class HandlersMixin(ReclaimMixin):
         pidfd = watch_process(pid, start)
         if pidfd is None:
             return reply(msg["id"], errno.ESRCH, f"pid {pid} is not a live process")
+        held = sum(1 for i, p in self.server.peers.items() if p.pid == pid and i != identity)
+        if held >= MAX_SLOTS_PER_PROCESS:
+            if pidfd >= 0:
+                os.close(pidfd)
+            return reply(
+                msg["id"],
+                errno.EUSERS,
+                f"pid {pid} holds {held} process slots already, the most one process may; "
+                "detach() the attachments it no longer uses",
+            )
         old = self.server.peers.get(identity)
         if old is not None:
             self.server.remove_peer(old)

@@ -36,6 +36,10 @@ from memd.shm.pages import unlock_prefix
 
 log = logging.getLogger("memd")
 
+# The most the daemon waits for a heap lock: a secondary stopped while holding one
+# (a debugger, a paused container) gets callers a "busy" error, never a hung daemon.
+HEAP_LOCK_WAIT = 2.0  # seconds
+
 
 class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
     """Initialise everything, then serve secondaries (call `serve` or `poll`)."""
@@ -72,6 +76,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
             raise InitError(f"--group {group}: {e}; create it or drop --group") from None
 
     def _init(self) -> None:
+        _ext.heap_lock_wait(HEAP_LOCK_WAIT)
         self._make_runtime_dir()
         self.config_file = config_path(self.prefix, self.rundir)
         self._lock_config()

@@ -21,6 +21,7 @@ from memd.errors import (
     translate,
 )
 from memd.paths import SHM_DIR, config_path
+from memd.shm import objects
 from memd.shm.config import SOCKET_ID_ANY, Header, MemsegList, header, memseg_lists, processes
 from memd.shm.heap import HeapMixin
 from memd.shm.mempool import Mempool, MempoolMixin
@@ -371,9 +372,19 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         return self._zone(zid)
 
     def memzone_free(self, mz: Memzone) -> None:
+        """Free memzone `mz` (DPDK `rte_memzone_free`).  Raises MemdKeyError if it is
+        no longer reserved (freed already, perhaps by another process), and
+        MemdValueError if a listed ring or mempool lives in it (free that instead)."""
         t = _ext.memzone(self.window, mz.id)
         if t is None or t[1] != mz.name or t[2] != mz.offset:
             raise MemdKeyError(f"memzone {mz.name!r} is not reserved (already freed?)")
+        held = objects.held_in(self.window, mz.id)
+        if held is not None:
+            name, kind = held
+            raise MemdValueError(
+                f"memzone {mz.name!r} holds {kind} {name!r}: free it with {kind}_free(), "
+                "which frees its memzone too"
+            )
         try:
             heap = _ext.memzone_free(self.window, mz.id)
         except OSError as e:

@@ -27,6 +27,14 @@ def find(window: _ext.Window, name: str, kind: int, what: str) -> tuple[int, int
     return idx, offset
 
 
+def held_in(window: _ext.Window, memzone_id: int) -> tuple[str, str] | None:
+    """(name, kind) of the listed object that lives in memzone `memzone_id`, if any."""
+    for _idx, name, kind, _offset, mz_id, _pid in _ext.objects(window):
+        if mz_id == memzone_id:
+            return name, KIND_NAMES.get(kind, "object")
+    return None
+
+
 def create(
     mem: Any,
     name: str,
