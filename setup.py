@@ -17,8 +17,8 @@ extra = [
 ]
 # Test builds (`make ext`, so `make test` and CI) add the crash points and offset-level
 # calls the tests drive; a wheel (`pip install .`) has none of them.
-hooks = bool(os.environ.get("MEMD_TEST_HOOKS"))
-asan = bool(os.environ.get("MEMD_ASAN"))
+hooks = os.environ.get("MEMD_TEST_HOOKS", "0") not in ("", "0")
+asan = os.environ.get("MEMD_ASAN", "0") not in ("", "0")
 macros = [("MEMD_TEST_HOOKS", "1")] if hooks else []
 link = ["-lpthread"]
 if asan:

@@ -16,12 +16,17 @@
 typedef struct {
     PyObject_HEAD
     char *base;    /* window address in this process; NULL once closed */
+    char *mapping; /* the reservation: unmapped when the Window is freed */
     uint64_t size; /* bytes reserved */
     int anonymous; /* Window.anonymous(): private test memory, fully mapped */
     int watch_fd;  /* Window.watch(): a pidfd of the primary (caller-owned), or -1 */
 } MemdWindow;
 
 extern PyTypeObject MemdWindow_Type;
+
+/* Raise "detached" (MemdValueError, or `fallback` if memd.errors is missing) for
+ * a call through a closed window; returns NULL. */
+PyObject *memd_raise_closed(PyObject *fallback);
 
 /* "O&" converter: a Window argument to its base address (fails if closed). */
 int memd_window_base(PyObject *obj, void *out_base);
@@ -35,7 +40,7 @@ static inline char *memd_base_of(PyObject *obj)
     }
     char *base = ((MemdWindow *)obj)->base;
     if (base == NULL)
-        PyErr_SetString(PyExc_ValueError, "the window is closed (detached)");
+        memd_raise_closed(PyExc_ValueError);
     return base;
 }
 

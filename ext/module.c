@@ -141,6 +141,14 @@ int memd_add_layout(PyObject *m, const struct memd_field *table)
     return rc;
 }
 
+PyObject *memd_raise_closed(PyObject *fallback)
+{
+    PyErr_SetString(memd_error("MemdValueError", fallback),
+                    "memd: this object belongs to an attachment that was detached (or a "
+                    "closed window); attach() again and look it up anew");
+    return NULL;
+}
+
 int memd_window_base(PyObject *obj, void *out_base)
 {
     char *base = memd_base_of(obj);
@@ -281,7 +289,7 @@ static PyObject *window_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         munmap(base, size);
         return NULL;
     }
-    w->base = base;
+    w->base = w->mapping = base;
     w->size = size;
     w->watch_fd = -1;
     return (PyObject *)w;
@@ -290,8 +298,8 @@ static PyObject *window_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static void window_dealloc(PyObject *self)
 {
     MemdWindow *w = (MemdWindow *)self;
-    if (w->base)
-        munmap(w->base, w->size);
+    if (w->mapping)
+        munmap(w->mapping, w->size);
     Py_TYPE(self)->tp_free(self);
 }
 
@@ -407,7 +415,24 @@ static PyObject *window_get_size(PyObject *self, void *Py_UNUSED(c))
     return PyLong_FromUnsignedLongLong(((MemdWindow *)self)->size);
 }
 
+/* close(): every call through this window (blocks, rings, pools, views) raises from
+ * now on.  The memory stays mapped until the Window is freed, so a memoryview that
+ * is still held never points at unmapped memory. */
+static PyObject *window_close(PyObject *self, PyObject *Py_UNUSED(a))
+{
+    ((MemdWindow *)self)->base = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *window_get_closed(PyObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(((MemdWindow *)self)->base == NULL);
+}
+
 static PyMethodDef window_methods[] = {
+    {"close", window_close, METH_NOARGS,
+     "close(): calls through this window raise from now on (its memory stays mapped "
+     "while views of it live)."},
     {"anonymous", window_anonymous, METH_O | METH_CLASS,
      "anonymous(size) -> Window fully backed by shared anonymous memory (tests)."},
     {"map_fd", (PyCFunction)(void (*)(void))window_map_fd, METH_VARARGS | METH_KEYWORDS,
@@ -426,6 +451,7 @@ static PyGetSetDef window_getset[] = {
     {"address", window_get_address, NULL, "base address in this process", NULL},
     {"size", window_get_size, NULL, "bytes reserved", NULL},
     {"watch_fd", window_get_watch_fd, NULL, "the watched pidfd (Window.watch), or -1", NULL},
+    {"closed", window_get_closed, NULL, "True once close() was called", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

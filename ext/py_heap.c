@@ -150,7 +150,7 @@ static int block_getbuffer(PyObject *self, Py_buffer *view, int flags)
         return -1;
     }
     if (((MemdWindow *)b->window)->base == NULL) {
-        PyErr_SetString(PyExc_BufferError, "the window is closed (detached)");
+        memd_raise_closed(PyExc_BufferError);
         view->obj = NULL;
         return -1;
     }
@@ -457,15 +457,15 @@ static PyObject *hb_alloc(MemdHeapBase *self, PyObject *const *args, Py_ssize_t 
     static const char *const names[] = {"size", "align", "socket_id"};
     PyObject *a[3];
     uint64_t size, align = 0;
-    long sock = -1;
+    long sock = MEMD_SOCKET_ID_ANY;
     if (memd_fast_args(zero ? "zmalloc" : "malloc", args, nargs, kwnames, names, 3, 1, a) < 0)
         return NULL;
     if (self->window == NULL || u64_arg(a[0], &size) < 0 || (a[1] && u64_arg(a[1], &align) < 0) ||
         (a[2] && (sock = PyLong_AsLong(a[2])) == -1 && PyErr_Occurred()))
         goto slow;
-    if (sock < -1 || sock >= (long)MEMD_MAX_HEAPS)
+    if (sock < MEMD_SOCKET_ID_ANY || sock >= (long)MEMD_MAX_HEAPS)
         goto slow;
-    PyObject *order = self->orders[sock + 1];
+    PyObject *order = self->orders[sock - MEMD_SOCKET_ID_ANY];
     if (order == NULL) {
         order = PyObject_CallMethod((PyObject *)self, "_heap_order_of", "l", sock);
         if (order == NULL)
@@ -490,7 +490,7 @@ slow:
     if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception))
         return NULL; /* KeyboardInterrupt during a lock wait: not an error to redo */
     PyErr_Clear();   /* the Python path redoes the call and raises the right error */
-    PyObject *zero_i = PyLong_FromLong(0), *any = PyLong_FromLong(-1);
+    PyObject *zero_i = PyLong_FromLong(0), *any = PyLong_FromLong(MEMD_SOCKET_ID_ANY);
     PyObject *r = NULL;
     if (zero_i && any)
         r = PyObject_CallMethod((PyObject *)self, "_heap_alloc_py", "OOOO", a[0],

@@ -45,7 +45,7 @@ static inline char *pool_base(MemdMempool *self)
 {
     char *base = ((MemdWindow *)self->window)->base;
     if (unlikely(base == NULL))
-        PyErr_SetString(PyExc_ValueError, "the window is closed (detached)");
+        memd_raise_closed(PyExc_ValueError);
     return base;
 }
 
@@ -115,7 +115,7 @@ static int mpobj_getbuffer(PyObject *o, Py_buffer *view, int flags)
     MemdMpObj *obj = (MemdMpObj *)o;
     char *base = ((MemdWindow *)obj->pool->window)->base;
     if (base == NULL) {
-        PyErr_SetString(PyExc_BufferError, "the window is closed (detached)");
+        memd_raise_closed(PyExc_BufferError);
         view->obj = NULL;
         return -1;
     }

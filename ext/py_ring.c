@@ -214,7 +214,7 @@ static inline struct memd_ring *ring_ptr(MemdRing *self)
 {
     char *base = ((MemdWindow *)self->window)->base;
     if (unlikely(base == NULL)) {
-        PyErr_SetString(PyExc_ValueError, "the window is closed (detached)");
+        memd_raise_closed(PyExc_ValueError);
         return NULL;
     }
     return (struct memd_ring *)(base + self->offset);

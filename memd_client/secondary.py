@@ -316,8 +316,10 @@ class Secondary(SecondaryGrowth):
             self._primary_fd = -1
 
     def detach(self) -> None:
-        """Unregister and stop the sync thread.  The mappings stay until every view
-        of them is gone, so a stale memoryview never points at unmapped memory."""
+        """Unregister and stop the sync thread.  Every later call through this
+        attachment or an object from it raises MemdValueError; the mappings stay
+        until every view of them is gone, so a stale memoryview never points at
+        unmapped memory."""
         if self._channel is None:
             return
         with contextlib.suppress(Exception):
@@ -332,6 +334,9 @@ class Secondary(SecondaryGrowth):
                 _ext.proc_unregister(self.window, self.proc_slot, os.getpid())
         self._close_quietly()
         self._unmap_if_unused()
+        # Objects kept past detach() (blocks, rings, pools, this Memory) raise from
+        # now on: our slot and its mempool caches may go to the next process.
+        self.window.close()
 
     def _unmap_if_unused(self) -> None:
         """Unmap every page once nothing but us refers to the window, so that a

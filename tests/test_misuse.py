@@ -24,10 +24,20 @@ ATTACH = """
 import os, sys
 import memd_client as mc
 prefix, rundir = sys.argv[1], sys.argv[2]
+
+def expect_raise(calls, exc, words):
+    for name, call in calls.items():
+        try:
+            call()
+        except exc as e:
+            assert words in str(e), (name, e)
+        else:
+            raise AssertionError(name + " did not raise")
 """
 
 
-def _run(daemon: Daemon, code: str) -> subprocess.CompletedProcess[str]:
+def _run(daemon: Daemon, code: str, exit_status: int = 0) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a new process (ATTACH first), expecting `exit_status`."""
     proc = subprocess.run(
         [sys.executable, "-c", ATTACH + code, daemon.prefix, str(daemon.runtime_dir)],
         capture_output=True,
@@ -35,7 +45,7 @@ def _run(daemon: Daemon, code: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
-    assert proc.returncode == 0, (
+    assert proc.returncode == exit_status, (
         f"secondary exited {proc.returncode}:\n{proc.stderr}\ndaemon log:\n{daemon.log_text()}"
     )
     return proc
@@ -237,13 +247,7 @@ cases = {
     "Mempool": lambda: Mempool(mem.window, hole, 0),
     "mem.window.view": lambda: mem.window.view(hole, 4096),
 }
-for name, call in cases.items():
-    try:
-        call()
-    except MemdValueError as e:
-        assert "not mapped" in str(e), (name, e)
-    else:
-        raise AssertionError(name + " did not raise")
+expect_raise(cases, MemdValueError, "not mapped")
 mem.detach()
 print("OK")
 """
@@ -403,3 +407,67 @@ def test_a_stopped_lock_holder_stalls_nobody_for_good(daemon_factory) -> None:
         if waiter is not None and waiter.poll() is None:
             waiter.kill()
     assert holder.returncode == 0
+
+
+AFTER_DETACH = """
+from memd.errors import MemdValueError
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+ring = mem.ring_create("kept_ring", 64)
+pool = mem.mempool_create("kept_pool", 64, 64, cache_size=8)
+blk = mem.malloc(256)
+view = blk.buf
+obj = pool.get()
+mem.detach()
+calls = {
+    "malloc": lambda: mem.malloc(64),
+    "memzone_reserve": lambda: mem.memzone_reserve("after_detach", 64),
+    "free": lambda: mem.free(blk),
+    "ring.enqueue": lambda: ring.enqueue(1),
+    "pool.get": lambda: pool.get(),
+    "pool.put": lambda: pool.put(obj),
+    "blk.buf": lambda: blk.buf,
+    "view": lambda: mem.view(blk.offset, 16),
+}
+expect_raise(calls, MemdValueError, "detached")
+view[0] = 1  # a view taken before detach() stays valid memory
+print("OK")
+"""
+
+
+def test_objects_kept_past_detach_raise(daemon_factory) -> None:
+    """After detach() (whose slot and caches may go to the next process) every
+    call through the attachment or its objects raises; old views stay valid."""
+    daemon = daemon_factory("-m", "2")
+    assert _run(daemon, AFTER_DETACH).stdout.strip() == "OK"
+    with daemon.attach() as mem:  # nothing of it leaked into the shared state
+        pool = mem.mempool_lookup("kept_pool")
+        audit = pool.audit()
+        assert audit["in_use"] == 1 and audit["free"] == 63, audit
+        with pytest.raises(MemdKeyError):
+            mem.memzone_lookup("after_detach")
+
+
+DIE_IN_OBJ_INIT = """
+import signal
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+
+def init(pool, obj, idx):
+    if idx == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+mem.mempool_create("half_made", 64, 64, obj_init=init)
+"""
+
+
+def test_a_pool_whose_creator_died_in_obj_init_can_be_created_again(daemon_factory) -> None:
+    """The creator is killed inside obj_init: its pool's memzone is left reserved
+    but unlisted.  The next mempool_create of that name frees it and succeeds."""
+    daemon = daemon_factory("-m", "4")
+    _run(daemon, DIE_IN_OBJ_INIT, exit_status=-signal.SIGKILL)
+    with daemon.attach() as mem:
+        zones = len(mem.memzones())
+        pool = mem.mempool_create("half_made", 64, 64)
+        assert pool.audit()["free"] == 64
+        assert len(mem.memzones()) == zones  # the left-over zone was reused, not leaked
+        mem.mempool_free(pool)
+        assert len(mem.memzones()) == zones - 1

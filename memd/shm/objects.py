@@ -5,12 +5,16 @@ process finds it.  RingMixin and MempoolMixin share these steps."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from memd import _ext
 from memd.errors import MemdExistsError, MemdKeyError, MemdValueError, translate
+from memd.shm.config import process_alive
+
+log = logging.getLogger("memd")
 
 T = TypeVar("T")
 KIND_NAMES = {_ext.OBJ_RING: "ring", _ext.OBJ_MEMPOOL: "mempool"}
@@ -35,6 +39,28 @@ def held_in(window: _ext.Window, memzone_id: int) -> tuple[str, str] | None:
     return None
 
 
+def _free_half_made(mem: Any, zone_name: str, what: str) -> None:
+    """A creator killed between reserving an object's memzone and listing the object
+    (inside a mempool's obj_init, say) left the zone behind, unlisted: free it.  If
+    its creator still runs, it is creating the object right now."""
+    try:
+        zone = mem.memzone_lookup(zone_name)
+    except MemdKeyError:
+        return
+    if process_alive(zone.owner_pid, 0):
+        raise MemdExistsError(
+            f"{what}: pid {zone.owner_pid} is creating it right now (memzone {zone_name!r} "
+            "is reserved); look it up once it is done, or pick another name"
+        )
+    log.warning(
+        "%s: freeing memzone %r, left half made by pid %d, which died while creating it",
+        what,
+        zone_name,
+        zone.owner_pid,
+    )
+    mem.memzone_free(zone)
+
+
 def create(
     mem: Any,
     name: str,
@@ -55,6 +81,7 @@ def create(
         raise MemdExistsError(
             f"{what}({name!r}): the name is already in use; pick another or free it"
         )
+    _free_half_made(mem, mz_prefix + name, what)
     mz = mem.memzone_reserve(mz_prefix + name, size, socket_id, 0, align=64)
     try:
         obj = build(mz.offset)

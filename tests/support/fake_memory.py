@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
 from memd import _ext
+from memd.errors import MemdKeyError
+from memd.shm.config import SOCKET_ID_ANY
 from memd.shm.mempool import MempoolMixin
 from memd.shm.ring import RingMixin
 
@@ -24,6 +26,7 @@ class FakeMemzone:
     offset: int
     length: int
     id: int
+    owner_pid: int = field(default_factory=os.getpid)
 
 
 class FakeMemory(RingMixin, MempoolMixin):
@@ -45,7 +48,7 @@ class FakeMemory(RingMixin, MempoolMixin):
         self,
         name: str,
         length: int,
-        socket_id: int = -1,
+        socket_id: int = SOCKET_ID_ANY,
         flags: int = 0,
         align: int = 64,
         bound: int = 0,
@@ -61,7 +64,10 @@ class FakeMemory(RingMixin, MempoolMixin):
         return mz
 
     def memzone_lookup(self, name: str) -> FakeMemzone:
-        return self.zones[name]
+        try:
+            return self.zones[name]
+        except KeyError:
+            raise MemdKeyError(f"no memzone named {name!r}") from None
 
     def memzone_free(self, mz: FakeMemzone) -> None:
         del self.zones[mz.name]
