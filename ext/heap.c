@@ -561,10 +561,24 @@ int memd_heap_realloc_nolock(char *base, struct memd_heap *h, uint64_t off, uint
 
 /* --- memory coming and going ---------------------------------------------------- */
 
+/* The daemon's heap changes (growth, release, reclaim) follow links that any
+ * attached process can damage: check the whole heap first (a walk that probes what
+ * it follows, heap_check.c), and refuse a broken one instead of faulting. */
+static int check_before_change(char *base, struct memd_heap *h)
+{
+    if (h->broken || memd_heap_check(base, h) == -EFAULT) {
+        h->broken = 1;
+        return -EFAULT;
+    }
+    return 0;
+}
+
 int memd_heap_add_memory_ex(char *base, struct memd_heap *h, uint64_t off, uint64_t len, int dirty)
 {
     if (off % GRAIN || len % GRAIN || len < MIN_ELEM || off < MEMD_CONFIG_SIZE || off + len < off)
         return -EINVAL;
+    if (check_before_change(base, h) < 0)
+        return -EFAULT;
     uint64_t p = h->last_elem;
     while (p && p >= off)
         p = EL(base, p)->prev;
@@ -609,6 +623,8 @@ int memd_heap_find_free_pages(char *base, struct memd_heap *h, uint64_t page_siz
 {
     if (page_size < GRAIN || (page_size & (page_size - 1)))
         return -EINVAL;
+    if (check_before_change(base, h) < 0)
+        return -EFAULT;
     uint64_t best = 0, best_off = 0, p;
     for (unsigned c = 0; c < NLISTS; c++) {
         if (c + 1 < NLISTS && (1ull << (c + 8)) <= page_size)
@@ -632,6 +648,8 @@ int memd_heap_remove_memory(char *base, struct memd_heap *h, uint64_t off, uint6
 {
     if (off % GRAIN || len % GRAIN || len == 0 || off + len < off || h->first_elem == 0)
         return -EINVAL;
+    if (check_before_change(base, h) < 0)
+        return -EFAULT;
     uint64_t f = h->last_elem;
     while (f && f > off)
         f = EL(base, f)->prev;
@@ -692,6 +710,8 @@ int memd_heap_free_owned_nolock(char *base, struct memd_heap *h, int32_t pid, ui
     struct walk_guard g = {0};
     if (pid <= 0)
         return -EINVAL;
+    if (check_before_change(base, h) < 0)
+        return -EFAULT;
     for (uint64_t o = h->first_elem; o;) {
         if (!walk_ok(base, h, &g, o)) {
             h->broken = 1;

@@ -18,16 +18,19 @@ void memd_heap_get_stats_nolock(char *base, struct memd_heap *h, struct memd_hea
     s->alloc_count = h->alloc_count;
     s->greatest_free = 0;
     for (unsigned c = NLISTS; c-- > 0;) {
-        /* free lists are not in address order: each step is checked, and the walk
-         * bounded by the most elements the heap can hold */
+        /* free lists are not in address order: each step is checked, and a cycle
+         * (a damaged link) is found by a second cursor at half speed (Floyd) */
         struct walk_guard g = {0};
-        uint64_t steps = h->total_size / MIN_ELEM + 1;
-        for (uint64_t o = h->free_head[c]; o && steps--; o = EL(base, o)->u.free.next) {
+        uint64_t slow = h->free_head[c];
+        unsigned step = 0;
+        for (uint64_t o = h->free_head[c]; o; o = EL(base, o)->u.free.next) {
             g.prev = 0;
-            if (!walk_ok(base, h, &g, o)) {
+            if (!walk_ok(base, h, &g, o) || (step && o == slow)) {
                 h->broken = 1;
                 break;
             }
+            if (step++ & 1)
+                slow = EL(base, slow)->u.free.next; /* already checked by the cursor */
             if (EL(base, o)->size > s->greatest_free)
                 s->greatest_free = EL(base, o)->size;
         }

@@ -50,6 +50,8 @@ __attribute__((cold)) void memd_heap_jlog_slow(struct memd_heap_journal *j, uint
 static int entry_ok(char *base, struct memd_heap *h, uint64_t off)
 {
     uint64_t hs = (uint64_t)((char *)h - base), o = off & ~(uint64_t)7;
+    if (o >= MEMD_CONFIG_SIZE && !memd_readable(base + o, 64, MEMD_CONFIG_SIZE))
+        return 0; /* a damaged entry pointing into a hole: undoing it would fault */
     switch (off & 7) {
     case 0:
         return o >= MEMD_CONFIG_SIZE || (o >= hs + offsetof(struct memd_heap, first_elem) &&

@@ -62,6 +62,13 @@ int memd_window_check_watch(PyObject *window);
  * when memd.errors cannot be imported: a borrowed reference. */
 PyObject *memd_error(const char *name, PyObject *fallback);
 
+/* A C string of at most `max` bytes from shared memory as str: bytes that are not
+ * UTF-8 (any process can write them) become U+FFFD instead of an error. */
+static inline PyObject *memd_text(const char *s, size_t max)
+{
+    return PyUnicode_DecodeUTF8(s, (Py_ssize_t)strnlen(s, max), "replace");
+}
+
 /* Raise OSError(-neg_errno, "<strerror> (from <where>)"); returns NULL. */
 PyObject *memd_raise_errno(int neg_errno, const char *where);
 

@@ -63,11 +63,12 @@ static PyObject *py_header(PyObject *Py_UNUSED(m), PyObject *arg)
         return NULL;
     const struct memd_config_header *h = &CFG(base)->hdr;
     uint64_t magic = memd_config_magic(base);
-    return Py_BuildValue("(KIIiIKKKIIKKs)", (unsigned long long)magic, h->layout_version, h->state,
+    return Py_BuildValue("(KIIiIKKKIIKKN)", (unsigned long long)magic, h->layout_version, h->state,
                          h->primary_pid, h->flags, (unsigned long long)h->primary_start_time,
                          (unsigned long long)h->window_size, (unsigned long long)h->window_align,
                          h->iova_mode, h->n_memseg_lists, (unsigned long long)h->mem_generation,
-                         (unsigned long long)h->primary_base, h->prefix);
+                         (unsigned long long)h->primary_base,
+                         memd_text(h->prefix, sizeof(h->prefix)));
 }
 
 /* mem_generation(win) -> int: bumped on every page map/unmap (acquire load, pairs
@@ -104,10 +105,10 @@ static PyObject *py_msl(PyObject *Py_UNUSED(m), PyObject *args)
     if (idx >= MEMD_MAX_MEMSEG_LISTS)
         return memd_raise_errno(-EINVAL, "msl");
     const struct memd_memseg_list *l = &CFG(base)->msls[idx];
-    return Py_BuildValue("(KKiIIKsy#)", (unsigned long long)l->base_offset,
+    return Py_BuildValue("(KKiIIKNy#)", (unsigned long long)l->base_offset,
                          (unsigned long long)l->page_size, l->socket_id, l->capacity, l->n_used,
-                         (unsigned long long)l->version, l->dir, (const char *)l->used_bitmap,
-                         (Py_ssize_t)((l->capacity + 63) / 64 * 8));
+                         (unsigned long long)l->version, memd_text(l->dir, sizeof(l->dir)),
+                         (const char *)l->used_bitmap, (Py_ssize_t)((l->capacity + 63) / 64 * 8));
 }
 
 /* segs(win, idx) -> list of (slot, iova, socket_id, flags) for used slots */
@@ -235,12 +236,10 @@ static PyObject *py_memzone_free(PyObject *Py_UNUSED(m), PyObject *args)
  *                     socket_id, flags, owner_pid) */
 static PyObject *zone_tuple(uint32_t id, const struct memd_memzone *z)
 {
-    char name[MEMD_NAMESIZE];
-    memcpy(name, z->name, sizeof(name));
-    name[MEMD_NAMESIZE - 1] = '\0';
-    return Py_BuildValue("(IsKKKKiIi)", id, name, (unsigned long long)z->offset,
-                         (unsigned long long)z->iova, (unsigned long long)z->length,
-                         (unsigned long long)z->page_size, z->socket_id, z->flags, z->owner_pid);
+    return Py_BuildValue("(INKKKKiIi)", id, memd_text(z->name, sizeof(z->name)),
+                         (unsigned long long)z->offset, (unsigned long long)z->iova,
+                         (unsigned long long)z->length, (unsigned long long)z->page_size,
+                         z->socket_id, z->flags, z->owner_pid);
 }
 
 static PyObject *py_memzone(PyObject *Py_UNUSED(m), PyObject *args)
@@ -316,12 +315,10 @@ static PyObject *py_procs(PyObject *Py_UNUSED(m), PyObject *arg)
         const struct memd_process *p = &CFG(base)->procs[i];
         if (p->pid == 0)
             continue;
-        char comm[32];
-        memcpy(comm, p->comm, sizeof(comm));
-        comm[31] = '\0';
-        PyObject *t = Py_BuildValue(
-            "(IiIKKKs)", i, p->pid, p->state, (unsigned long long)p->start_time,
-            (unsigned long long)p->attach_ns, (unsigned long long)p->mem_generation, comm);
+        PyObject *t =
+            Py_BuildValue("(IiIKKKN)", i, p->pid, p->state, (unsigned long long)p->start_time,
+                          (unsigned long long)p->attach_ns, (unsigned long long)p->mem_generation,
+                          memd_text(p->comm, sizeof(p->comm)));
         if (t == NULL || PyList_Append(out, t) < 0) {
             Py_XDECREF(t);
             Py_CLEAR(out);
@@ -380,11 +377,8 @@ static PyObject *py_objects(PyObject *Py_UNUSED(m), PyObject *arg)
         const struct memd_object *o = &CFG(base)->objects[i];
         if (o->type == MEMD_OBJ_FREE)
             continue;
-        char name[MEMD_NAMESIZE];
-        memcpy(name, o->name, sizeof(name));
-        name[MEMD_NAMESIZE - 1] = '\0';
-        PyObject *t = Py_BuildValue("(IsIKIi)", i, name, o->type, (unsigned long long)o->offset,
-                                    o->memzone_id, o->creator_pid);
+        PyObject *t = Py_BuildValue("(INIKIi)", i, memd_text(o->name, sizeof(o->name)), o->type,
+                                    (unsigned long long)o->offset, o->memzone_id, o->creator_pid);
         if (t == NULL || PyList_Append(out, t) < 0) {
             Py_XDECREF(t);
             Py_CLEAR(out);
@@ -440,6 +434,7 @@ static const struct memd_field config_layout[] = {
     MEMD_FIELD(memd_config, heaps),
     MEMD_FIELD(memd_config, procs),
     MEMD_FIELD(memd_config, objects),
+    MEMD_FIELD(memd_object, offset),
     MEMD_FIELD(memd_config, memzones),
     MEMD_FIELD(memd_config, msls),
     MEMD_FIELD(memd_heap, lock),
@@ -447,9 +442,12 @@ static const struct memd_field config_layout[] = {
     MEMD_FIELD(memd_config, heap_journals),
     MEMD_FIELD(memd_heap, last_elem),
     MEMD_FIELD(memd_heap, total_size),
+    MEMD_FIELD(memd_heap, free_head),
     MEMD_FIELD(memd_heap, alloc_count),
     MEMD_FIELD(memd_heap_elem, flags),
     MEMD_FIELD(memd_heap_elem, next),
+    MEMD_FIELD(memd_heap_elem, prev),
+    MEMD_FIELD(memd_heap_elem, u.free.next),
     MEMD_FIELD(memd_heap_elem, u.free.dirty_lo),
     MEMD_FIELD(memd_heap_elem, u.busy.owner_pid),
     MEMD_FIELD(memd_heap_journal, count),

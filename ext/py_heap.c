@@ -542,6 +542,9 @@ static PyObject *hb_free(PyObject *op, PyObject *const *args, Py_ssize_t nargs, 
     }
     Py_RETURN_NONE;
 slow:
+    if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception))
+        return NULL; /* KeyboardInterrupt during a lock wait: not an error to redo */
+    PyErr_Clear();
     return PyObject_CallMethod(op, "_heap_free_py", "O", a[0]);
 }
 

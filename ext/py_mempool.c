@@ -209,6 +209,18 @@ static PyTypeObject MemdMpObj_Type = {
 
 /* --- Mempool -------------------------------------------------------------- */
 
+/* The memory of a pool header at off, and then of the whole pool its header claims,
+ * is mapped here: memd_mempool_check reads the pool's ring, which a damaged (or
+ * copied) header can place in a hole.  0, or -1 with MemdValueError set. */
+static int pool_mapped(PyObject *window, char *base, unsigned long long off)
+{
+    if (memd_check_mapped(window, off, sizeof(struct memd_mempool)) < 0)
+        return -1;
+    uint64_t memsize = ((struct memd_mempool *)(base + off))->memsize;
+    uint64_t room = ((MemdWindow *)window)->size - off;
+    return memd_check_mapped(window, off, memsize < room ? memsize : room);
+}
+
 static PyObject *mempool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"window", "offset", "slot", NULL};
@@ -220,7 +232,7 @@ static PyObject *mempool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     char *base = memd_base_of(window);
     if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0 ||
-        memd_check_mapped(window, off, sizeof(struct memd_mempool)) < 0)
+        pool_mapped(window, base, off) < 0)
         return NULL;
     if (slot < -1 || slot >= (int)MEMD_MAX_PROCS) {
         PyErr_Format(PyExc_ValueError, "slot must be a process slot 0..%u, or -1 for no cache",
@@ -232,8 +244,6 @@ static PyObject *mempool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     struct memd_mempool *mp = (struct memd_mempool *)(base + off);
-    if (memd_check_mapped(window, off, mp->memsize) < 0)
-        return NULL;
     MemdMempool *self = (MemdMempool *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
@@ -796,15 +806,13 @@ static PyObject *py_mempool_init(PyObject *Py_UNUSED(m), PyObject *args, PyObjec
 static char *checked_pool(PyObject *window, unsigned long long off, const char *fn)
 {
     char *base = memd_base_of(window);
-    if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0)
+    if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0 ||
+        pool_mapped(window, base, off) < 0)
         return NULL;
     if (memd_mempool_check(base, off, ((MemdWindow *)window)->size - off) < 0) {
         PyErr_Format(PyExc_ValueError, "%s: no initialised mempool at window offset %llu", fn, off);
         return NULL;
     }
-    /* a consistent header copied from a bigger pool would walk past this one */
-    if (memd_check_mapped(window, off, ((struct memd_mempool *)(base + off))->memsize) < 0)
-        return NULL;
     return base;
 }
 

@@ -243,6 +243,24 @@ def hugepages_free() -> int:
     return read_meminfo().get("HugePages_Free", 0)
 
 
+def pages_held(prefix: str) -> int:
+    """Page files of `prefix` that still hold memory: those that exist, and those
+    some process still maps (a removed file's pages stay allocated while mapped).
+    0 once every page went back.  Unlike HugePages_Free, no other memd on the host
+    changes it."""
+    stem = paths.page_file_name(prefix, 0).removesuffix("0")
+    held = set()
+    for d in [paths.SHM_DIR] + [m.mount_point for m in hugetlbfs_mounts()]:
+        held.update(glob.glob(os.path.join(d, glob.escape(stem) + "*")))
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        with contextlib.suppress(OSError), open(maps, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                path = line.rstrip("\n").split(maxsplit=5)[5:]
+                if path and os.path.basename(path[0]).startswith(stem):
+                    held.add(path[0].removesuffix(" (deleted)"))
+    return len(held)
+
+
 def remove_leftover_pages(prefix: str) -> None:
     """Delete page files of `prefix` that a SIGKILLed primary left behind (a new
     primary would clean them; tests that end with a kill must not leak hugepages)."""

@@ -73,6 +73,7 @@ class HandlersMixin(ReclaimMixin):
             slot = _ext.proc_register(self.window, pid, start, _ext.PROC_SECONDARY, name)
         except OSError:
             self.prune_dead()
+            self._drop_unknown_rows()
             try:
                 slot = _ext.proc_register(self.window, pid, start, _ext.PROC_SECONDARY, name)
             except OSError:

@@ -11,7 +11,7 @@ from typing import Any
 from memd import _ext
 from memd.mp.channel import Peer
 from memd.primary.state import PrimaryState
-from memd.shm.config import process_alive
+from memd.shm.config import process_alive, processes
 
 log = logging.getLogger("memd")
 
@@ -31,6 +31,22 @@ class ReclaimMixin(PrimaryState):
                 self._reclaim(peer)
                 gone.append(peer.pid)
         return gone
+
+    def _drop_unknown_rows(self) -> int:
+        """Free process-table rows of no registered secondary: only the primary
+        writes rows, so such a row is damage (any attached process can write the
+        table), and must not keep the slot from the living.  Returns how many."""
+        assert self.server is not None
+        known = {peer.slot for peer in self.server.peers.values()} | {self.proc_slot}
+        dropped = 0
+        for row in processes(self.window):
+            if row.slot not in known:
+                with contextlib.suppress(OSError):
+                    _ext.proc_unregister(self.window, row.slot, row.pid)
+                    dropped += 1
+        if dropped:
+            log.warning("freed %d process-table rows that no secondary owns (damaged)", dropped)
+        return dropped
 
     def _reclaim(self, peer: Peer) -> None:
         """A secondary died: drop its pending requests, return the objects in its

@@ -122,16 +122,23 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             if generation == self._synced_generation:
                 return 0, 0  # nothing was mapped or unmapped since the last sync
             self._lists = memseg_lists(self.window)
+            vanished = False
             for msl in self._lists:
                 want = set(msl.used_slots())
                 have = self._mapped.setdefault(msl.index, set())
                 for slot in sorted(want - have):
-                    self._map_slot(msl, slot)
+                    try:
+                        self._map_slot(msl, slot)
+                    except FileNotFoundError:  # released since we read the list
+                        vanished = True
+                        continue
                     mapped += 1
                 for slot in sorted(have - want):
                     self._unmap_slot(msl, slot)
                     unmapped += 1
-            self._synced_generation = generation  # read before the walk: no change lost
+            # the generation was read before the walk: no change is lost; after a
+            # page vanished under us, the next sync looks again
+            self._synced_generation = -1 if vanished else generation
         return mapped, unmapped
 
     def _is_mapped(self, offset: int, length: int) -> bool:
