@@ -126,7 +126,7 @@ int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n, u
         h->cookie = MEMD_MEMPOOL_HDR_COOKIE_FREE;
         h->index = i;
         *trailer_of(base, mp, handle) = MEMD_MEMPOOL_TRAILER_COOKIE;
-        if (memd_ring_enqueue_bulk(r, memd_ring_geom_of(r), &handle, 1, NULL) != 1)
+        if (memd_ring_enqueue_bulk(r, memd_ring_geom_of(r), &handle, 1, NULL, NULL) != 1)
             return -EFAULT; /* cannot happen: the ring holds exactly n */
     }
     /* release: pairs with the acquire load in memd_mempool_check; whoever sees
@@ -215,7 +215,7 @@ int memd_mempool_get_bulk(char *base, uint64_t pool, uint32_t slot, uint64_t *ha
     if (c != NULL && n <= mp->cache_size) {
         /* Refill so that cache_size objects stay cached after serving n. */
         unsigned want = mp->cache_size + n - len;
-        len += memd_ring_dequeue_burst(r, memd_ring_geom_of(r), &c->objs[len], want, NULL);
+        len += memd_ring_dequeue_burst(r, memd_ring_geom_of(r), &c->objs[len], want, NULL, NULL);
         if (len < n) {
             /* Not enough anywhere we may look; the refill stays cached. */
             atomic_store_explicit(&c->len, len, memory_order_relaxed);
@@ -230,7 +230,7 @@ int memd_mempool_get_bulk(char *base, uint64_t pool, uint32_t slot, uint64_t *ha
     /* A request larger than the cache (or no cache): the ring gives the part
      * the cache cannot, all or nothing; then the cache gives all it has. */
     unsigned rest = n - len;
-    if (memd_ring_dequeue_bulk(r, memd_ring_geom_of(r), handles, rest, NULL) != rest)
+    if (memd_ring_dequeue_bulk(r, memd_ring_geom_of(r), handles, rest, NULL, NULL) != rest)
         return -ENOBUFS;
     for (unsigned i = 0; i < len; i++)
         handles[rest + i] = c->objs[len - 1 - i];
@@ -273,7 +273,7 @@ int memd_mempool_put_bulk(char *base, uint64_t pool, uint32_t slot, const uint64
     }
 
     if (c == NULL || n > mp->flushthresh) {
-        if (memd_ring_enqueue_bulk(r, memd_ring_geom_of(r), handles, n, NULL) != n) {
+        if (memd_ring_enqueue_bulk(r, memd_ring_geom_of(r), handles, n, NULL, NULL) != n) {
             unmark(base, handles, n);
             return -EFAULT; /* more objects than the pool has: corrupted */
         }
@@ -285,7 +285,7 @@ int memd_mempool_put_bulk(char *base, uint64_t pool, uint32_t slot, const uint64
          * first: a process killed in between leaves objects in no ring or cache
          * (memd_mempool_recover finds them), never in both (handed out twice). */
         atomic_store_explicit(&c->len, 0, memory_order_relaxed);
-        if (memd_ring_enqueue_bulk(r, memd_ring_geom_of(r), c->objs, len, NULL) != len) {
+        if (memd_ring_enqueue_bulk(r, memd_ring_geom_of(r), c->objs, len, NULL, NULL) != len) {
             atomic_store_explicit(&c->len, len, memory_order_relaxed);
             unmark(base, handles, n);
             return -EFAULT;
@@ -312,7 +312,7 @@ int memd_mempool_flush_cache(char *base, uint64_t pool, uint32_t slot)
         return -EFAULT;
     atomic_store_explicit(&c->len, 0, memory_order_relaxed); /* first: see put_bulk */
     if (memd_ring_enqueue_bulk(ring_of(base, pool, mp), memd_ring_geom_of(ring_of(base, pool, mp)),
-                               c->objs, len, NULL) != len) {
+                               c->objs, len, NULL, NULL) != len) {
         atomic_store_explicit(&c->len, len, memory_order_relaxed);
         return -EFAULT;
     }
@@ -520,7 +520,7 @@ int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audi
             if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE || (seen[i / 8] & (1u << (i % 8))))
                 continue;
             if (memd_ring_enqueue_bulk(ring_of(base, pool, mp),
-                                       memd_ring_geom_of(ring_of(base, pool, mp)), &handle, 1,
+                                       memd_ring_geom_of(ring_of(base, pool, mp)), &handle, 1, NULL,
                                        NULL) != 1) {
                 done = fault(a, MEMD_MP_BAD_RING, i);
                 break;

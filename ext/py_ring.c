@@ -225,18 +225,22 @@ static inline struct memd_ring_geom geom(const MemdRing *self)
     return (struct memd_ring_geom){self->size, self->capacity};
 }
 
+/* One try of op.  A side lock that another live process keeps (stopped in a
+ * debugger, say) is not slept on here, with the GIL held: *busy says so, and
+ * run_op waits for the lock its own way. */
 static inline unsigned do_op(MemdRing *self, struct memd_ring *r, enum ring_op op, uint64_t *v,
-                             unsigned n)
+                             unsigned n, int *busy)
 {
+    *busy = 0;
     switch (op) {
     case OP_ENQ_BULK:
-        return memd_ring_enqueue_bulk(r, geom(self), v, n, NULL);
+        return memd_ring_enqueue_bulk(r, geom(self), v, n, NULL, busy);
     case OP_ENQ_BURST:
-        return memd_ring_enqueue_burst(r, geom(self), v, n, NULL);
+        return memd_ring_enqueue_burst(r, geom(self), v, n, NULL, busy);
     case OP_DEQ_BULK:
-        return memd_ring_dequeue_bulk(r, geom(self), v, n, NULL);
+        return memd_ring_dequeue_bulk(r, geom(self), v, n, NULL, busy);
     default:
-        return memd_ring_dequeue_burst(r, geom(self), v, n, NULL);
+        return memd_ring_dequeue_burst(r, geom(self), v, n, NULL, busy);
     }
 }
 
@@ -260,7 +264,8 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
     struct memd_ring *r = ring_ptr(self);
     if (r == NULL)
         return -1;
-    unsigned got = do_op(self, r, op, v, n);
+    int busy;
+    unsigned got = do_op(self, r, op, v, n, &busy);
     if (likely(got != 0 || timeout_ns == 0 || n == 0))
         return got;
     uint64_t start = now_ns();
@@ -272,19 +277,26 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
             spin_end = deadline;
         for (unsigned i = 1;; i++) {
             memd_cpu_relax();
-            if ((got = do_op(self, r, op, v, n)) != 0)
+            if ((got = do_op(self, r, op, v, n, &busy)) != 0)
                 return got;
             if ((i & 15) == 0 && now_ns() >= spin_end)
                 break;
         }
     }
     for (;;) {
-        struct memd_ring_wait *w = enq ? &r->not_full : &r->not_empty;
+        /* nothing moved: the ring was full (empty), or a side lock stays held */
+        struct memd_ring_headtail *side = enq ? &r->prod : &r->cons;
+        struct memd_ring_wait *w = busy ? &side->lock_wait : enq ? &r->not_full : &r->not_empty;
+        int was_busy = busy;
         uint32_t seq = memd_ring_wait_prepare(w);
-        got = do_op(self, r, op, v, n); /* the retry that closes the lost-wakeup window */
+        got = do_op(self, r, op, v, n, &busy); /* the retry that closes the lost-wakeup window */
         if (got != 0) {
             memd_ring_wait_done(w);
             return got;
+        }
+        if (busy != was_busy) { /* now waiting for the other thing: wait on its futex */
+            memd_ring_wait_done(w);
+            continue;
         }
         uint64_t slice = WAIT_SLICE_NS;
         if (deadline != UINT64_MAX) {
@@ -312,7 +324,7 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
             return -1;
         /* Retry before announcing ourselves again: usually the wake means we
          * can go on, and an armed futex would cost the other side a syscall. */
-        if ((got = do_op(self, r, op, v, n)) != 0)
+        if ((got = do_op(self, r, op, v, n, &busy)) != 0)
             return got;
     }
 }

@@ -255,8 +255,12 @@ static uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* The lock is held: waiting slow path.  Returns once this process owns it. */
-static __attribute__((noinline)) void lock_slow(struct memd_ring_headtail *ht, uint64_t me)
+/* The lock is held: waiting slow path.  0 once this process owns it.  With
+ * may_sleep 0 it returns -EBUSY instead of sleeping once the spins and yields are
+ * spent and the owner still lives: the caller sleeps (without the GIL, say) and
+ * retries. */
+static __attribute__((noinline)) int lock_slow(struct memd_ring_headtail *ht, uint64_t me,
+                                               int may_sleep)
 {
     unsigned spins = 0;
     uint64_t seen = 0, since = 0; /* the owner word we wait behind, and since when */
@@ -269,7 +273,7 @@ static __attribute__((noinline)) void lock_slow(struct memd_ring_headtail *ht, u
              * previous owner's tail, other_tail and slot writes are visible. */
             if (atomic_compare_exchange_weak_explicit(&ht->lock, &expect, me, memory_order_acquire,
                                                       memory_order_relaxed))
-                return;
+                return 0;
             continue;
         }
         if (spins < LOCK_SPINS) {
@@ -283,13 +287,14 @@ static __attribute__((noinline)) void lock_slow(struct memd_ring_headtail *ht, u
             continue;
         }
         /* Check the owner once it has held the lock (or kept taking it back)
-         * for a whole slice: the check costs a kill() and a /proc read.  A
-         * thread of this process is alive by definition. */
+         * for a whole slice, or before giving up without sleeping: the check
+         * costs a kill() and a /proc read.  A thread of this process is alive by
+         * definition. */
         uint64_t t = mono_ns();
-        if (cur != seen) {
+        if (cur != seen && may_sleep) {
             seen = cur;
             since = t;
-        } else if (t - since >= LOCK_SLEEP_NS && cur != me) {
+        } else if ((t - since >= LOCK_SLEEP_NS || !may_sleep) && cur != me) {
             since = t;
             if (memd_ring_owner_dead(cur)) {
                 uint64_t expect = cur;
@@ -300,11 +305,13 @@ static __attribute__((noinline)) void lock_slow(struct memd_ring_headtail *ht, u
                 if (atomic_compare_exchange_strong_explicit(
                         &ht->lock, &expect, me, memory_order_acquire, memory_order_relaxed)) {
                     atomic_fetch_add_explicit(&ht->recoveries, 1, memory_order_relaxed);
-                    return;
+                    return 0;
                 }
                 continue;
             }
         }
+        if (!may_sleep)
+            return -EBUSY;
         uint32_t seq = memd_ring_wait_prepare(&ht->lock_wait);
         /* relaxed: ordered after our waiter count by the fence in prepare; pairs
          * with side_unlock's store and the fence after it (wake_if_waiting). */
@@ -314,15 +321,15 @@ static __attribute__((noinline)) void lock_slow(struct memd_ring_headtail *ht, u
     }
 }
 
-static ALWAYS_INLINE void side_lock(struct memd_ring_headtail *ht)
+static ALWAYS_INLINE int side_lock(struct memd_ring_headtail *ht, int may_sleep)
 {
     uint64_t me = owner_word();
     uint64_t expect = 0;
     /* acquire: pairs with the release store in side_unlock (see lock_slow). */
     if (likely(atomic_compare_exchange_weak_explicit(&ht->lock, &expect, me, memory_order_acquire,
                                                      memory_order_relaxed)))
-        return;
-    lock_slow(ht, me);
+        return 0;
+    return lock_slow(ht, me, may_sleep);
 }
 
 /* Release a side's lock; the caller then issues a seq_cst fence and calls
@@ -396,15 +403,17 @@ static ALWAYS_INLINE void copy_out(const struct memd_ring *r, struct memd_ring_g
  */
 static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, struct memd_ring_geom g,
                                          const uint64_t *v, unsigned want, int behaviour,
-                                         unsigned *free_space, int crashy)
+                                         unsigned *free_space, int *busy, int crashy)
 {
     const uint32_t capacity = g.capacity;
     const uint32_t single = r->prod.single;
     uint32_t start, free_entries;
     unsigned n;
 
-    if (!single)
-        side_lock(&r->prod);
+    if (!single && unlikely(side_lock(&r->prod, busy == NULL) < 0)) {
+        *busy = 1; /* the lock stays held by a live owner: the caller waits */
+        return 0;
+    }
     /* acquire: the previous producer (lock holder, or single producer in another
      * process) stored this tail with release after filling its slots; free on
      * x86.  Only producers write prod.tail, and only one at a time. */
@@ -462,14 +471,16 @@ static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, struct memd_ring_g
 
 static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
                                          unsigned want, int behaviour, unsigned *available,
-                                         int crashy)
+                                         int *busy, int crashy)
 {
     const uint32_t single = r->cons.single;
     uint32_t start, entries;
     unsigned n;
 
-    if (!single)
-        side_lock(&r->cons);
+    if (!single && unlikely(side_lock(&r->cons, busy == NULL) < 0)) {
+        *busy = 1;
+        return 0;
+    }
     /* acquire: as in do_enqueue, for the previous consumer's tail. */
     start = atomic_load_explicit(&r->cons.tail, memory_order_acquire);
     /* Our copy of prod.tail is a lower bound: if it shows entries enough, skip
@@ -520,52 +531,51 @@ static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, struct memd_ring_g
     return n;
 }
 
-static __attribute__((noinline, cold)) unsigned enqueue_crashy(struct memd_ring *r,
-                                                               struct memd_ring_geom g,
-                                                               const uint64_t *v, unsigned n,
-                                                               int behaviour, unsigned *free_space)
+static __attribute__((noinline, cold)) unsigned
+enqueue_crashy(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v, unsigned n,
+               int behaviour, unsigned *free_space, int *busy)
 {
-    return do_enqueue(r, g, v, n, behaviour, free_space, 1);
+    return do_enqueue(r, g, v, n, behaviour, free_space, busy, 1);
 }
 
 static __attribute__((noinline, cold)) unsigned dequeue_crashy(struct memd_ring *r,
                                                                struct memd_ring_geom g, uint64_t *v,
                                                                unsigned n, int behaviour,
-                                                               unsigned *available)
+                                                               unsigned *available, int *busy)
 {
-    return do_dequeue(r, g, v, n, behaviour, available, 1);
+    return do_dequeue(r, g, v, n, behaviour, available, busy, 1);
 }
 
 unsigned memd_ring_enqueue_bulk(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v,
-                                unsigned n, unsigned *free_space)
+                                unsigned n, unsigned *free_space, int *busy)
 {
     if (unlikely(crash_after >= 0))
-        return enqueue_crashy(r, g, v, n, BULK, free_space);
-    return do_enqueue(r, g, v, n, BULK, free_space, 0);
+        return enqueue_crashy(r, g, v, n, BULK, free_space, busy);
+    return do_enqueue(r, g, v, n, BULK, free_space, busy, 0);
 }
 
 unsigned memd_ring_enqueue_burst(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v,
-                                 unsigned n, unsigned *free_space)
+                                 unsigned n, unsigned *free_space, int *busy)
 {
     if (unlikely(crash_after >= 0))
-        return enqueue_crashy(r, g, v, n, BURST, free_space);
-    return do_enqueue(r, g, v, n, BURST, free_space, 0);
+        return enqueue_crashy(r, g, v, n, BURST, free_space, busy);
+    return do_enqueue(r, g, v, n, BURST, free_space, busy, 0);
 }
 
 unsigned memd_ring_dequeue_bulk(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
-                                unsigned n, unsigned *available)
+                                unsigned n, unsigned *available, int *busy)
 {
     if (unlikely(crash_after >= 0))
-        return dequeue_crashy(r, g, v, n, BULK, available);
-    return do_dequeue(r, g, v, n, BULK, available, 0);
+        return dequeue_crashy(r, g, v, n, BULK, available, busy);
+    return do_dequeue(r, g, v, n, BULK, available, busy, 0);
 }
 
 unsigned memd_ring_dequeue_burst(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
-                                 unsigned n, unsigned *available)
+                                 unsigned n, unsigned *available, int *busy)
 {
     if (unlikely(crash_after >= 0))
-        return dequeue_crashy(r, g, v, n, BURST, available);
-    return do_dequeue(r, g, v, n, BURST, available, 0);
+        return dequeue_crashy(r, g, v, n, BURST, available, busy);
+    return do_dequeue(r, g, v, n, BURST, available, busy, 0);
 }
 
 unsigned memd_ring_count(const struct memd_ring *r, struct memd_ring_geom g)

@@ -69,18 +69,21 @@ static inline struct memd_ring_geom memd_ring_geom_of(const struct memd_ring *r)
 }
 
 /* Enqueue n entries from v: all or none (bulk) or as many as fit (burst).
- * Returns the number enqueued; *free_space (if not NULL) gets the room left. */
+ * Returns the number enqueued; *free_space (if not NULL) gets the room left.
+ * busy NULL: a side lock held by another process is waited for (sleeping); else
+ * 0 is returned with *busy = 1 when a live owner keeps it past a short spin, so
+ * that the caller can wait its own way (Python: without the GIL) and retry. */
 unsigned memd_ring_enqueue_bulk(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v,
-                                unsigned n, unsigned *free_space);
+                                unsigned n, unsigned *free_space, int *busy);
 unsigned memd_ring_enqueue_burst(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v,
-                                 unsigned n, unsigned *free_space);
+                                 unsigned n, unsigned *free_space, int *busy);
 
 /* Dequeue into v: n entries or none (bulk), or up to n (burst).  Returns the
  * number dequeued; *available (if not NULL) gets the entries still in the ring. */
 unsigned memd_ring_dequeue_bulk(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
-                                unsigned n, unsigned *available);
+                                unsigned n, unsigned *available, int *busy);
 unsigned memd_ring_dequeue_burst(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
-                                 unsigned n, unsigned *available);
+                                 unsigned n, unsigned *available, int *busy);
 
 /* Entries in the ring now (a snapshot while others run), at most g.capacity. */
 unsigned memd_ring_count(const struct memd_ring *r, struct memd_ring_geom g);

@@ -51,6 +51,15 @@ def _run(daemon: Daemon, code: str, exit_status: int = 0) -> subprocess.Complete
     return proc
 
 
+def _run_alone(code: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a new process of its own (no daemon), expecting exit 0."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr}"
+    return proc
+
+
 def _start(daemon: Daemon, code: str) -> subprocess.Popen[str]:
     """Start `code` in a new process (ATTACH first), with pipes for its stdio."""
     return subprocess.Popen(
@@ -146,10 +155,7 @@ print("OK")
 def test_a_list_changed_by_an_items_index_is_read_as_it_was() -> None:
     """enqueue_bulk / put_bulk read a list as it was when called, whatever its
     items' __index__ do to it: no crash, no value taken from freed memory."""
-    proc = subprocess.run(
-        [sys.executable, "-c", REENTRANT], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr}"
+    proc = _run_alone(REENTRANT)
     assert proc.stdout.strip() == "OK"
 
 
@@ -339,10 +345,7 @@ print("OK", moved, len(got))
 def test_a_damaged_ring_header_never_moves_entries_outside_the_ring() -> None:
     """Another process overwrote the ring's size, mask, capacity and counters: a
     Ring object keeps the geometry it validated and stays inside its slots."""
-    proc = subprocess.run(
-        [sys.executable, "-c", RING_DAMAGE], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr}"
+    proc = _run_alone(RING_DAMAGE)
     assert proc.stdout.startswith("OK"), proc.stdout
 
 
@@ -563,3 +566,51 @@ def test_the_daemon_survives_damage_on_every_path(daemon_factory, case: str) -> 
         run_memctl(*base, command, timeout=60)  # an error reply is fine
     assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log_text()
     _run(daemon, "mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)\nmem.detach()\n")
+
+
+RING_LOCK_HELD = """
+import os, signal, struct, subprocess, sys, threading, time
+from memd import _ext
+from memd.shm.ring import Ring
+
+lay = {k: v[0] if isinstance(v, tuple) else v for k, v in _ext.LAYOUT.items()}
+window = _ext.Window.anonymous(16 << 20)
+base = _ext.CONFIG_SIZE
+ring = Ring.create(window, base, 64, 0, "held")
+# a live process, stopped (as in a debugger), owns the producers' lock
+owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+os.kill(owner.pid, signal.SIGSTOP)
+with open(f"/proc/{owner.pid}/stat") as f:
+    start = int(f.read().rpartition(")")[2].split()[19])
+word = (owner.pid & 0xFFFFFFFF) | ((start & 0xFFFFFFFF) << 32)
+lock = base + lay["memd_ring.prod"] + lay["memd_ring_headtail.lock"]
+window.view(lock, 8)[:] = struct.pack("=Q", word)
+
+ticks = []
+threading.Thread(target=lambda: [ticks.append(time.sleep(0.01)) for _ in range(100)],
+                 daemon=True).start()
+assert ring.enqueue(1, timeout=0) is False  # timeout=0 never waits
+before = len(ticks)
+assert ring.enqueue(1, timeout=0.5) is False  # waits its timeout, no longer
+assert len(ticks) > before + 10, "the GIL was held during the wait"
+signal.setitimer(signal.ITIMER_REAL, 0.3)
+signal.signal(signal.SIGALRM, signal.default_int_handler)
+try:
+    ring.enqueue(1, timeout=None)  # waits for ever: a signal still ends it
+except KeyboardInterrupt:
+    pass
+else:
+    raise AssertionError("enqueue got a lock a live process holds")
+owner.kill()
+owner.wait()
+assert ring.enqueue(1, timeout=10)  # the owner died: its lock is taken back
+print("OK")
+"""
+
+
+def test_a_ring_lock_held_by_a_stopped_process_stalls_nobody() -> None:
+    """Another process stopped while holding a ring side's lock: enqueue honours
+    its timeout (0 never waits), waits without the GIL, lets signals through, and
+    takes the lock back once the owner dies."""
+    proc = _run_alone(RING_LOCK_HELD)
+    assert proc.stdout.strip() == "OK"

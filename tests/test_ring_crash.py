@@ -198,21 +198,29 @@ def test_several_waiters_one_takes_over(window: _ext.Window) -> None:
 
 
 def test_live_owner_is_waited_for_not_robbed(window: _ext.Window) -> None:
-    """A lock held by a live process is never taken over: the caller waits until
-    the owner lets go (here another process clears the word, as an unlock does)."""
+    """A lock held by a live process is never taken over: the caller waits, within
+    its timeout and without the GIL, until the owner lets go (here another process
+    clears the word, as an unlock does); timeout=0 never waits."""
     r = new_ring(window, 0, 0)
     r.enqueue(42)
     lock = lock_view(window, BASE, "cons")
 
+    release_r, release_w = os.pipe()
+
     def owner() -> None:
         lock[:] = lock_word(os.getpid(), start_ticks(os.getpid()))
+        os.read(release_r, 1)  # until the parent says so
         time.sleep(0.3)  # far longer than a lock-wait slice: checked alive many times
         lock[:] = bytes(8)
 
     pid = fork_run(owner)
     while lock.tobytes() == bytes(8) and not os.waitpid(pid, os.WNOHANG)[0]:
         time.sleep(0.001)
-    assert r.dequeue() == 42  # waits in the lock until the owner lets go
+    assert r.dequeue() is None  # timeout=0: a held lock is "not now", never a wait
+    os.write(release_w, b"x")
+    assert r.dequeue(timeout=30) == 42  # waits for the lock until the owner lets go
+    os.close(release_r)
+    os.close(release_w)
     assert wait_child(pid) == 0
     s = r.wait_stats
     assert s["consumer_recoveries"] == 0
