@@ -374,7 +374,8 @@ static PyObject *window_touch(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "KKK", &off, &len, &step))
         return NULL;
     char *base = memd_base_of(self);
-    if (base == NULL || memd_check_range(self, off, len) < 0 || step == 0)
+    if (base == NULL || memd_check_range(self, off, len) < 0 || step == 0 ||
+        memd_check_mapped(self, off, len) < 0)
         return step == 0 ? (PyErr_SetString(PyExc_ValueError, "step must be > 0"), NULL) : NULL;
     Py_BEGIN_ALLOW_THREADS
         for (unsigned long long o = 0; o < len; o += step) {

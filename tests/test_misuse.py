@@ -349,6 +349,12 @@ def test_a_damaged_ring_header_never_moves_entries_outside_the_ring() -> None:
     assert proc.stdout.startswith("OK"), proc.stdout
 
 
+VICTIM = """
+mem = mc.attach(prefix, runtime_dir=rundir)
+print("UP", flush=True)
+sys.stdin.readline()
+"""
+
 HOLD_HEAP_LOCK = """
 from memd import _ext
 mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
@@ -389,6 +395,14 @@ def test_a_stopped_lock_holder_stalls_nobody_for_good(daemon_factory) -> None:
         procs = run_memctl(*base, "processes", timeout=60)
         assert procs.returncode == 0 or "busy" in procs.stdout + procs.stderr, procs
         assert run_memctl(*base, "status", timeout=60).returncode == 0
+        # deaths come in bursts: reclaiming them must not add up behind the lock
+        victims = [_start(daemon, VICTIM) for _ in range(8)]
+        for v in victims:
+            assert v.stdout is not None and v.stdout.readline().strip() == "UP"
+        for v in victims:
+            v.kill()
+            v.wait(timeout=30)
+        _run(daemon, "mem = mc.attach(prefix, runtime_dir=rundir, timeout=10)\nmem.detach()\n")
         assert daemon.proc is not None and daemon.proc.poll() is None
     finally:
         os.kill(holder.pid, signal.SIGCONT)

@@ -9,11 +9,14 @@ import time
 from typing import Any
 
 from memd import _ext
+from memd.errors import MemdError
 from memd.mp.channel import Peer
 from memd.primary.state import PrimaryState
 from memd.shm.config import process_alive, processes
 
 log = logging.getLogger("memd")
+
+RECLAIM_LOCK_WAIT = 0.1  # seconds a reclaim waits for a heap lock
 
 
 class ReclaimMixin(PrimaryState):
@@ -87,7 +90,16 @@ class ReclaimMixin(PrimaryState):
             n = pool.held_by(pid)
             if n:
                 in_hand[pool.name] = n
-        own = self.heap_owners().get(pid, {})
+        # A lock held by a stopped process must not stall the daemon once per death
+        # (deaths come in bursts): wait briefly, and report the heap as busy.
+        bound = _ext.heap_lock_wait(RECLAIM_LOCK_WAIT)
+        try:
+            own = self.heap_owners().get(pid, {})
+        except MemdError as e:
+            log.warning("pid %d's heap blocks not counted: %s", pid, e)
+            own = {}
+        finally:
+            _ext.heap_lock_wait(bound)
         out = {
             "mempool_objects_in_hand": in_hand,
             "heap_blocks": own.get("blocks", 0),
