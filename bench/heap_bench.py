@@ -40,7 +40,7 @@ from pathlib import Path
 
 from memd import _ext
 from memd.shm.heap import AnonymousMemory
-from memd.testing import hugepages_free
+from memd.testing import hugepages_free, memd_argv
 
 SIZES = (64, 1024, 64 * 1024)
 
@@ -198,19 +198,7 @@ def expansion_round_trip(others: int, runs: int) -> float:
     notify.bind(str(rundir / "n"))
     mode = [] if hugepages_free() >= 64 else ["--no-huge"]
     daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "memd",
-            *mode,
-            "--file-prefix",
-            prefix,
-            "--runtime-dir",
-            str(rundir),
-            "--no-telemetry",
-            "--log-level",
-            "warning",
-        ],
+        memd_argv(prefix, rundir, *mode, "--no-telemetry", "--log-level", "warning"),
         env={**os.environ, "NOTIFY_SOCKET": str(rundir / "n")},
     )
     waiters = []

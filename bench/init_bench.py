@@ -17,19 +17,19 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import memd_client as mc
+from memd.hw.hugepage_info import read_meminfo
 from memd.primary import Options, Primary
+from memd.testing import memd_argv
 
 
 def _hugepages_ok(mb: int) -> bool:
-    with open("/proc/meminfo") as f:
-        info = {ln.split(":")[0]: ln.split()[1] for ln in f}
-    return int(info.get("HugePages_Free", 0)) * int(info.get("Hugepagesize", 0)) >= mb * 1024
+    info = read_meminfo()  # pages, and the page size in bytes
+    return info.get("HugePages_Free", 0) * info.get("Hugepagesize", 0) >= mb << 20
 
 
 def memd_start(mb: int, extra: list[str], rundir: Path, prefix: str) -> subprocess.Popen[bytes]:
@@ -41,21 +41,9 @@ def memd_start(mb: int, extra: list[str], rundir: Path, prefix: str) -> subproce
         s.settimeout(60)
         env = {**os.environ, "NOTIFY_SOCKET": str(sock_path)}
         p = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "memd",
-                "--file-prefix",
-                prefix,
-                "--runtime-dir",
-                str(rundir),
-                "-m",
-                str(mb),
-                "--no-telemetry",
-                "--log-level",
-                "warning",
-                *extra,
-            ],
+            memd_argv(
+                prefix, rundir, "-m", str(mb), "--no-telemetry", "--log-level", "warning", *extra
+            ),
             env=env,
         )
         while b"READY=1" not in s.recv(4096):

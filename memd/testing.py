@@ -26,6 +26,20 @@ from memd.hw.hugepage_info import hugetlbfs_mounts, read_meminfo
 _counter = itertools.count()
 
 
+def memd_argv(prefix: str, runtime_dir: str | os.PathLike[str], *args: str) -> list[str]:
+    """The command line of a memd with its own prefix and runtime dir, and `args`."""
+    return [
+        sys.executable,
+        "-m",
+        "memd",
+        "--file-prefix",
+        prefix,
+        "--runtime-dir",
+        str(runtime_dir),
+        *args,
+    ]
+
+
 class Daemon:
     def __init__(
         self,
@@ -46,18 +60,7 @@ class Daemon:
         self._notify: socket.socket | None = None
 
     def command(self) -> list[str]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "memd",
-            "--file-prefix",
-            self.prefix,
-            "--runtime-dir",
-            str(self.runtime_dir),
-            "--log-level",
-            "debug",
-            *self.args,
-        ]
+        cmd = memd_argv(self.prefix, self.runtime_dir, "--log-level", "debug", *self.args)
         if self.mode == "nohuge":
             cmd.append("--no-huge")
         return cmd
@@ -209,10 +212,11 @@ def finish_secondary(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
     return out
 
 
-def run_memd(*args: str, timeout: float = 60.0, **kw: Any) -> subprocess.CompletedProcess[str]:
-    """`python -m memd ARGS` to its end (a refused start, say), output captured."""
+def _run_module(
+    module: str, args: tuple[str, ...], timeout: float, **kw: Any
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "memd", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -221,15 +225,14 @@ def run_memd(*args: str, timeout: float = 60.0, **kw: Any) -> subprocess.Complet
     )
 
 
+def run_memd(*args: str, timeout: float = 60.0, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """`python -m memd ARGS` to its end (a refused start, say), output captured."""
+    return _run_module("memd", args, timeout, **kw)
+
+
 def run_memctl(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """`python -m memd.cli.memctl ARGS`, output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "memd.cli.memctl", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return _run_module("memd.cli.memctl", args, timeout)
 
 
 def result(proc: subprocess.CompletedProcess[str]) -> object:

@@ -28,7 +28,15 @@ from typing import Any
 
 import pytest
 
-from memd.testing import Daemon, remove_leftover_pages, result, run_memctl, run_memd, run_secondary
+from memd.testing import (
+    Daemon,
+    memd_argv,
+    remove_leftover_pages,
+    result,
+    run_memctl,
+    run_memd,
+    run_secondary,
+)
 
 GROUP = 4242  # a gid with no /etc/group entry: --group takes numbers
 NOBODY = "nobody"
@@ -485,21 +493,7 @@ def test_sticky_dir_root_client_refuses_foreign_private_dir(
     with open(log_path, "wb") as log:
         fake = subprocess.Popen(
             as_nobody(
-                [
-                    sys.executable,
-                    "-m",
-                    "memd",
-                    "--file-prefix",
-                    prefix,
-                    "--runtime-dir",
-                    str(private),
-                    "--no-huge",
-                    "-m",
-                    "2",
-                    "--log-level",
-                    "info",
-                ],
-                None,
+                memd_argv(prefix, private, "--no-huge", "-m", "2", "--log-level", "info"), None
             ),
             env=ENV,
             stdout=log,
