@@ -455,6 +455,9 @@ static PyObject *mp_put_bulk(PyObject *o, PyObject *arg)
             }
             rc = handle_of(items[i], &h[i]) < 0 ? 1 : 0;
         }
+        /* an item's __index__ may have detached us: our slot may be someone else's */
+        if (rc == 0 && pool_base(self) == NULL)
+            rc = 1;
         if (rc == 0)
             rc = memd_mempool_put_bulk(base, self->offset, self->slot, h, (unsigned)n);
         if (h != stack)

@@ -393,7 +393,8 @@ def test_a_stopped_lock_holder_stalls_nobody_for_good(daemon_factory) -> None:
         assert "INTERRUPTED" in out and waiter.returncode == 0, (out, waiter.returncode)
         base = ("--file-prefix", daemon.prefix, "--runtime-dir", str(daemon.runtime_dir))
         procs = run_memctl(*base, "processes", timeout=60)
-        assert procs.returncode == 0 or "busy" in procs.stdout + procs.stderr, procs
+        # not an empty, healthy-looking table: the reason, and a failing exit
+        assert procs.returncode == 1 and "busy" in procs.stderr, procs
         assert run_memctl(*base, "status", timeout=60).returncode == 0
         # deaths come in bursts: reclaiming them must not add up behind the lock
         victims = [_start(daemon, VICTIM) for _ in range(8)]
@@ -628,3 +629,54 @@ def test_a_ring_lock_held_by_a_stopped_process_stalls_nobody() -> None:
     takes the lock back once the owner dies."""
     proc = _run_alone(RING_LOCK_HELD)
     assert proc.stdout.strip() == "OK"
+
+
+GROWN_RING = """
+import struct
+from memd import _ext
+from memd.errors import CorruptionError
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+lay = {k: v[0] if isinstance(v, tuple) else v for k, v in _ext.LAYOUT.items()}
+ring = mem.ring_create("grown", 1024)
+size = 1 << 14  # a consistent header for a ring 16 times its memzone
+for field, value, fmt in (("size", size, "=I"), ("mask", size - 1, "=I"),
+                          ("capacity", size - 1, "=I"),
+                          ("memsize", lay["memd_ring"] + 8 * size, "=Q")):
+    at = ring.offset + lay["memd_ring." + field]
+    mem.window.view(at, struct.calcsize(fmt))[:] = struct.pack(fmt, value)
+other = mc.attach(prefix, runtime_dir=rundir, timeout=20)  # another process's view
+expect_raise({"ring_lookup": lambda: other.ring_lookup("grown")}, CorruptionError, "memzone")
+print("OK")
+"""
+
+DETACH_IN_INDEX = """
+from memd.errors import MemdValueError
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+pool = mem.mempool_create("detaching", 64, 64, cache_size=8)
+h0, h1 = pool.get_handle(), pool.get_handle()
+
+class Detach:
+    def __index__(self):
+        mem.detach()
+        return h1
+
+expect_raise({"put_bulk": lambda: pool.put_bulk([h0, Detach()])}, MemdValueError, "detached")
+print("OK")
+"""
+
+
+def test_a_ring_whose_header_claims_more_than_its_memzone_is_refused(daemon_factory) -> None:
+    """A header rewritten consistently (size, mask, capacity, memsize) to claim more
+    than the ring's memzone: ring_lookup refuses it, rather than write past it."""
+    daemon = daemon_factory("-m", "4")
+    assert _run(daemon, GROWN_RING).stdout.strip() == "OK"
+
+
+def test_put_bulk_after_an_items_index_detached_is_refused(daemon_factory) -> None:
+    """An item's __index__ detaches mid-call: the objects must not go into the cache
+    of a slot that was just given up."""
+    daemon = daemon_factory("-m", "4")
+    assert _run(daemon, DETACH_IN_INDEX).stdout.strip() == "OK"
+    with daemon.attach() as mem:
+        audit = mem.mempool_lookup("detaching").audit()
+        assert audit["in_use"] == 2 and audit["in_caches"] == 0, audit

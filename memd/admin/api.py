@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any, Protocol
 
-from memd.errors import ProtocolError
+from memd.errors import MemdError, ProtocolError
 from memd.shm.config import SOCKET_ID_ANY
 from memd.shm.mempool import MEMPOOL_MZ_PREFIX
 from memd.shm.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, RING_MZ_PREFIX
@@ -493,12 +493,22 @@ class AdminAPI:
         ``heap_allocsz_bytes``, ``heap_alloc_count``, ``memsegs``,
         ``memseg_bytes``, ``memzones``, ``memzone_bytes``, ``rings``, ``mempools``,
         ``processes``, ``secondaries``; then ``admin_*`` counters of the socket.
+        A heap that cannot be read now (busy behind a stopped process, or
+        corrupt) is left out of the sums and named in ``heaps_unavailable``
+        (``{heap id: reason}``).
         """
         segs = self._list("memsegs")
         zones = self._list("memzones")
         procs = self._list("processes")
         d: dict[str, Any] = {"heaps": len(self._list("heap_ids"))}
-        heaps = [self.mem.heap_stats(h) for h in self._list("heap_ids")]
+        heaps, unavailable = [], {}
+        for heap_id in self._list("heap_ids"):
+            try:
+                heaps.append(self.mem.heap_stats(heap_id))
+            except MemdError as e:
+                unavailable[str(heap_id)] = str(e)
+        if unavailable:
+            d["heaps_unavailable"] = unavailable
         d.update(
             {
                 "heap_totalsz_bytes": sum(int(h["heap_totalsz_bytes"]) for h in heaps),

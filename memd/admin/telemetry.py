@@ -14,12 +14,16 @@ Protocol (DPDK lib/telemetry/telemetry.c, followed byte for byte):
   (strings are cut), so the reply stays valid JSON.
 * An unknown command, a malformed one (not ``/`` + ``[A-Za-z0-9_/]``, ≤ 55 chars) or
   bad parameters give ``{"/cmd":null}``.
+* A command the daemon cannot answer now, because what it reads is busy behind a
+  stopped process or damaged, gives ``{"/cmd":{"error":"<reason>"}}`` (memd's
+  addition: DPDK has no such case); ``TelemetryClient.query`` raises it as MemdError.
 
 memd's additions, all invisible to a well-behaved DPDK client: the peer's uid/gid is
 checked with ``SO_PEERCRED`` (:mod:`memd.mp.access`) and a refused peer gets one packet
 ``{"error":"..."}`` instead of the greeting, then the socket is closed; so does a
 client beyond ``max_clients`` (DPDK closes without a word). A client idle for
-``idle_timeout`` seconds, or one that stops reading its replies, is disconnected.
+``idle_timeout`` seconds (one that never sends a request: 5 s), or one that stops
+reading its replies, is disconnected.
 
 The server is one thread with one selector: a slow, silent or garbage-sending client
 costs a file descriptor and never blocks the others or the daemon's ZeroMQ loop.
@@ -442,8 +446,12 @@ class TelemetryServer:
         if ok and self.api.has(cmd):
             try:
                 value = self.api.call(cmd, params)
-            except ProtocolError as exc:
+            except ProtocolError as exc:  # bad parameters: null, as DPDK answers
                 log.debug("admin %s,%s: %s", cmd, params, exc)
+            except MemdError as exc:  # the daemon cannot answer now (busy, corrupt): say so
+                self.counters["errors"] += 1
+                log.warning("admin command %s: %s", cmd, exc)
+                value = {"error": str(exc)}
             except Exception:
                 self.counters["errors"] += 1
                 log.exception("admin command %s failed", cmd)
@@ -531,12 +539,17 @@ class TelemetryClient:
         return reply
 
     def query(self, cmd: str, params: object = None) -> Any:
-        """The value of ``cmd`` (with optional ``params``); None means a null reply."""
+        """The value of ``cmd`` (with optional ``params``); None means a null reply.
+        Raises MemdError with the daemon's reason when it could not answer (a
+        structure busy behind a stopped process, or found corrupt)."""
         request = cmd if params is None else f"{cmd},{params}"
         reply = self.raw(request)
         if len(reply) != 1:
             raise ProtocolError(f"bad reply to {request!r}: {reply!r}")
-        return next(iter(reply.values()))
+        value = next(iter(reply.values()))
+        if isinstance(value, dict) and value.keys() == {"error"}:
+            raise MemdError(f"{request}: {value['error']}")
+        return value
 
     def close(self) -> None:
         self.sock.close()

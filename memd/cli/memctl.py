@@ -156,6 +156,10 @@ def _render_status(d: dict[str, Any]) -> str:
             if "heap_totalsz_bytes" in st
             else f"{st.get('heaps', 0)} (no statistics)",
         ),
+        *(
+            (f"heap {h}", f"unavailable: {why}")
+            for h, why in st.get("heaps_unavailable", {}).items()
+        ),
         ("memsegs", f"{st.get('memsegs', 0)} ({human_size(st.get('memseg_bytes', 0))})"),
         ("memzones", f"{st.get('memzones', 0)} ({human_size(st.get('memzone_bytes', 0))})"),
         ("rings", str(st.get("rings", 0))),

@@ -236,8 +236,13 @@ class MempoolMixin:
 
     def mempool_lookup(self, name: str) -> Mempool:
         """The pool called `name`, used through this process's cache; KeyError if none."""
-        _idx, offset = objects.find(self.window, name, MEMD_OBJ_MEMPOOL, "mempool_lookup")
-        return Mempool(self.window, offset, self.proc_slot)
+        return objects.open_listed(
+            self.window,
+            name,
+            MEMD_OBJ_MEMPOOL,
+            lambda off: Mempool(self.window, off, self.proc_slot),
+            "mempool_lookup",
+        )
 
     def mempool_free(self, pool: Mempool) -> None:
         """Remove the pool from the directory and free its memzone.

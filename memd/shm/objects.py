@@ -8,10 +8,10 @@ import errno
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from memd import _ext
-from memd.errors import MemdExistsError, MemdKeyError, MemdValueError, translate
+from memd.errors import CorruptionError, MemdExistsError, MemdKeyError, MemdValueError, translate
 from memd.shm.config import process_alive
 
 log = logging.getLogger("memd")
@@ -20,15 +20,44 @@ T = TypeVar("T")
 KIND_NAMES = {_ext.OBJ_RING: "ring", _ext.OBJ_MEMPOOL: "mempool"}
 
 
-def find(window: _ext.Window, name: str, kind: int, what: str) -> tuple[int, int]:
-    """(directory index, offset) of object `name`; MemdKeyError if there is none."""
+def _lookup(window: _ext.Window, name: str, kind: int, what: str) -> tuple[int, int, int]:
     try:
-        idx, offset, _mz_id = _ext.object_lookup(window, name, kind)
+        return _ext.object_lookup(window, name, kind)
     except OSError as e:
         if e.errno == errno.ENOENT:
             raise MemdKeyError(f"{what}({name!r}): no such {KIND_NAMES[kind]}") from e
         raise translate(e, f"{what}({name!r})") from e
+
+
+def find(window: _ext.Window, name: str, kind: int, what: str) -> tuple[int, int]:
+    """(directory index, offset) of object `name`; MemdKeyError if there is none."""
+    idx, offset, _mz_id = _lookup(window, name, kind, what)
     return idx, offset
+
+
+class _Sized(Protocol):
+    @property
+    def memsize(self) -> int: ...
+
+
+S = TypeVar("S", bound=_Sized)
+
+
+def open_listed(
+    window: _ext.Window, name: str, kind: int, build: Callable[[int], S], what: str
+) -> S:
+    """Open listed object `name` with `build(offset)`, bounded by the memzone it lives
+    in: any process can rewrite its header to claim more memory (consistently), and
+    this process must not then write past its zone.  CorruptionError if it does."""
+    _idx, offset, mz_id = _lookup(window, name, kind, what)
+    obj = build(offset)
+    zone = _ext.memzone(window, mz_id)
+    if zone is None or not zone[2] <= offset <= offset + obj.memsize <= zone[2] + zone[4]:
+        raise CorruptionError(
+            f"{what}({name!r}): its header claims {obj.memsize} bytes, past the memzone it "
+            "lives in (damaged shared memory); free it and create it again"
+        )
+    return obj
 
 
 def held_in(window: _ext.Window, memzone_id: int) -> tuple[str, str] | None:

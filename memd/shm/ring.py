@@ -172,8 +172,9 @@ class RingMixin:
 
     def ring_lookup(self, name: str) -> Ring:
         """The ring called `name`; KeyError (MemdKeyError) if there is none."""
-        _idx, offset = objects.find(self.window, name, MEMD_OBJ_RING, "ring_lookup")
-        return Ring(self.window, offset)
+        return objects.open_listed(
+            self.window, name, MEMD_OBJ_RING, lambda off: Ring(self.window, off), "ring_lookup"
+        )
 
     def ring_free(self, ring: Ring) -> None:
         """Remove the ring from the directory and free its memzone.

@@ -42,6 +42,7 @@ class FakeMemory(RingMixin, MempoolMixin):
         monkeypatch.setattr(_ext, "object_add", self._object_add, raising=False)
         monkeypatch.setattr(_ext, "object_lookup", self._object_lookup, raising=False)
         monkeypatch.setattr(_ext, "object_remove", self._object_remove, raising=False)
+        monkeypatch.setattr(_ext, "memzone", self._memzone, raising=False)
 
     # memzones
     def memzone_reserve(
@@ -68,6 +69,15 @@ class FakeMemory(RingMixin, MempoolMixin):
             return self.zones[name]
         except KeyError:
             raise MemdKeyError(f"no memzone named {name!r}") from None
+
+    def _memzone(
+        self, win: _ext.Window, zid: int
+    ) -> tuple[int, str, int, int, int, int, int, int, int] | None:
+        """_ext.memzone's tuple for one of our zones (None once freed)."""
+        for z in self.zones.values():
+            if z.id == zid:
+                return (z.id, z.name, z.offset, 0, z.length, 0, 0, 0, z.owner_pid)
+        return None
 
     def memzone_free(self, mz: FakeMemzone) -> None:
         del self.zones[mz.name]
