@@ -218,6 +218,12 @@ def test_permission_denied_for_other_user(daemon: Daemon) -> None:
         (["-m", "lots"], 2, "number of MB"),
         (["--file-prefix", "a/b"], 1, "file-prefix"),
         (["--huge-dir", "/nonexistent/dir"], 1, "huge-dir"),
+        # DPDK's eal_check_common_options refuses these combinations
+        (["-m", "8", "--socket-mem", "8"], 2, "-m and --socket-mem cannot be used together"),
+        (["--no-huge", "--socket-mem", "8"], 2, "--socket-mem cannot be used with --no-huge"),
+        (["--no-huge", "--huge-unlink"], 2, "--huge-unlink cannot be used with --no-huge"),
+        (["--socket-mem", "1,1,1,1,1,1,1,1,1"], 2, "has 9 values"),
+        (["--huge-unlink=sometimes"], 2, "invalid choice"),
     ],
 )
 def test_bad_usage_and_init_failures(tmp_path, args: list[str], code: int, words: str) -> None:
@@ -243,12 +249,16 @@ def test_processes_table_tracks_secondaries(daemon: Daemon) -> None:
         assert [p["role"] for p in mem.processes()] == ["primary", "secondary"]
 
 
-def test_huge_unlink_refuses_secondaries_clearly(daemon_factory) -> None:
-    d = daemon_factory("-m", "4", "--huge-unlink")
-    assert _page_files(d) == []  # unlinked right after mapping
-    with pytest.raises(mc.MemdError, match="--huge-unlink"):
-        d.attach(timeout=1)
-    assert d.stop() == 0
+@pytest.mark.parametrize("spelling", ["--huge-unlink", "--huge-unlink=always"])
+def test_huge_unlink_refuses_secondaries_clearly(tmp_path, require_hugepages, spelling) -> None:
+    # hugepages only: with --no-huge it is a usage error (test_bad_usage_and_init_failures)
+    d = Daemon(tmp_path, "huge", "-m", "4", spelling).start()
+    try:
+        assert _page_files(d) == []  # unlinked right after mapping
+        with pytest.raises(mc.MemdError, match="--huge-unlink"):
+            d.attach(timeout=1)
+    finally:
+        assert d.stop() == 0
 
 
 def test_a_forked_child_is_told_to_attach_again(daemon: Daemon) -> None:

@@ -895,3 +895,30 @@ def test_a_thread_relocking_its_own_heap_lock_gets_edeadlk_not_a_hang() -> None:
     t.join(10)
     assert not t.is_alive() and other == [False]
     mem.free(mem.malloc(64))
+
+
+def test_none_block_edges_follow_dpdk():
+    """rte_realloc(NULL, n) is rte_malloc(n); rte_free(NULL) does nothing; a None
+    or foreign object given where a Block belongs is a MemdValueError, not an
+    AttributeError or TypeError."""
+    m = AnonymousMemory(heap_size=2 * MiB, n_heaps=2, prealloc=2 * MiB, release=False)
+    b = m.realloc(None, 1024)
+    assert b.size == 1024 and not b.freed
+    b.buf[:4] = b"dpdk"
+    m.validate(b)
+    aligned = m.realloc(None, 100, 4096, socket_id=1)
+    assert aligned.offset % 4096 == 0 and aligned.heap == 1
+    with pytest.raises(MemdValueError, match="size must be > 0"):
+        m.realloc(None, 0)
+    for bad in (None, 3, "block"):
+        with pytest.raises(MemdValueError, match="expected a Block"):
+            m.validate(bad)  # type: ignore[arg-type]
+    with pytest.raises(MemdValueError, match="expected a Block or None"):
+        m.realloc(3, 10)  # type: ignore[arg-type]
+    before = m.heap_stats()
+    m.free(None)  # no-op, as rte_free(NULL)
+    assert m.heap_stats() == before
+    m.free(b)
+    m.free(aligned)
+    assert m.heap_stats()["alloc_count"] == 0
+    _ext.heap_check(m.window, 0)

@@ -14,9 +14,11 @@ import threading
 import time
 from typing import Any
 
+from memd import _ext
 from memd.errors import MemdError
 from memd.paths import DEFAULT_PREFIX
 from memd.primary import notify
+from memd.primary.state import HUGE_UNLINK_MODES
 
 log = logging.getLogger("memd")
 
@@ -68,10 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         "-m",
         dest="memory_mb",
         type=_non_negative,
-        default=0,
-        help="MB to preallocate at start (kept for life)",
+        default=None,
+        help="MB to preallocate at start (kept for life; not with --socket-mem)",
     )
-    p.add_argument("--socket-mem", type=_mb_list, help="MB to preallocate per NUMA socket")
+    p.add_argument(
+        "--socket-mem",
+        type=_mb_list,
+        help=f"MB to preallocate per NUMA socket, MB[,MB...] (at most {_ext.MAX_HEAPS} values; "
+        "not with -m or --no-huge)",
+    )
     p.add_argument("--no-huge", action="store_true", help="use POSIX shared memory, no hugepages")
     p.add_argument(
         "--legacy-mem",
@@ -80,8 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--huge-unlink",
-        action="store_true",
-        help="unlink page files after mapping (secondaries cannot attach)",
+        nargs="?",
+        const="always",
+        default="existing",
+        choices=HUGE_UNLINK_MODES,
+        help="existing (default): a dead primary's page files are removed and pages made "
+        "afresh; always (or no value): page files are also unlinked right after mapping, "
+        "so none is left behind (secondaries cannot attach)",
     )
     p.add_argument(
         "--single-file-segments",
@@ -152,11 +164,34 @@ def _apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser
             setattr(args, attr, value)
 
 
+def _check_combinations(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse the option combinations DPDK's EAL refuses (eal_check_common_options):
+    a usage error, exit 2, before anything is touched."""
+    if args.memory_mb is not None and args.socket_mem is not None:
+        parser.error(
+            "-m and --socket-mem cannot be used together: give the total with -m, "
+            "or MB per socket with --socket-mem"
+        )
+    if args.no_huge and args.socket_mem is not None:
+        parser.error(
+            "--socket-mem cannot be used with --no-huge (there are no NUMA hugepages "
+            "to spread): use -m"
+        )
+    if args.no_huge and args.huge_unlink == "always":
+        parser.error("--huge-unlink cannot be used with --no-huge (there are no hugepage files)")
+    if args.socket_mem is not None and len(args.socket_mem) > _ext.MAX_HEAPS:
+        parser.error(
+            f"--socket-mem has {len(args.socket_mem)} values, but memd serves at most "
+            f"{_ext.MAX_HEAPS} NUMA sockets: give one value per socket"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     _apply_config_file(args, parser)
+    _check_combinations(args, parser)
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
@@ -170,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         file_prefix=args.file_prefix,
         runtime_dir=args.runtime_dir,
         huge_dir=args.huge_dir,
-        memory_mb=args.memory_mb,
+        memory_mb=args.memory_mb or 0,
         socket_mem=args.socket_mem,
         no_huge=args.no_huge,
         legacy_mem=args.legacy_mem,

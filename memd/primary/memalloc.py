@@ -136,7 +136,7 @@ class MemallocMixin(PrimaryState):
         flags = (
             (_ext.CFG_F_NO_HUGE if opts.no_huge else 0)
             | (_ext.CFG_F_LEGACY if opts.legacy_mem else 0)
-            | (_ext.CFG_F_HUGE_UNLINK if opts.huge_unlink else 0)
+            | (_ext.CFG_F_HUGE_UNLINK if opts.huge_unlink == "always" else 0)
             | (_ext.CFG_F_SINGLE_FILE if opts.single_file_segments else 0)
         )
         start = proc_start_time(os.getpid()) or 0
@@ -266,7 +266,7 @@ class MemallocMixin(PrimaryState):
                 _ext.msl_set_page(
                     self.window, msl.index, slot, self._page_iova(addr), msl.socket_id, flags
                 )
-                if self.options.huge_unlink:
+                if self.options.huge_unlink == "always":
                     self.pages.remove(msl, slot)
         except (OSError, MemoryError) as e:
             for slot in done:
@@ -371,7 +371,7 @@ class MemallocMixin(PrimaryState):
                 _ext.msl_set_page(
                     self.window, target.index, slot, iova, target.socket_id, _ext.SEG_F_PREALLOC
                 )
-                if opts.huge_unlink:
+                if opts.huge_unlink == "always":
                     self.pages.remove(target, slot)
                 prev[target.index] = phys[i]
                 slot_by_list[target.index] = slot + 1

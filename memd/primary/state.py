@@ -17,6 +17,10 @@ from memd.shm.memory import Memory
 
 MiB = 1 << 20
 
+# --huge-unlink values, DPDK's: existing (default) removes a dead primary's page files
+# and makes pages afresh; always also unlinks each file right after mapping it.
+HUGE_UNLINK_MODES = ("existing", "always")
+
 
 class InitError(MemdError, RuntimeError):
     """The primary cannot start; the message says how to fix it (exit code 1)."""
@@ -37,7 +41,7 @@ class Options:
     socket_mem: list[int] | None = None  # --socket-mem: MB per socket
     no_huge: bool = False
     legacy_mem: bool = False
-    huge_unlink: bool = False
+    huge_unlink: str = "existing"  # --huge-unlink: one of HUGE_UNLINK_MODES
     single_file_segments: bool = False
     base_virtaddr: int = 0
     group: str | None = None

@@ -139,10 +139,13 @@ class HeapMixin(_ext.HeapBase):
         what = "zmalloc" if zero else "malloc"
         return self.heap_alloc(size, align, zero=zero, socket_id=socket_id, what=what)
 
-    def _heap_free_py(self, blk: Block) -> None:
-        """free: give ``blk`` back.  Raises MemdValueError for a block that is already
-        free or not from this memory, CorruptionError when its trailer cookie is
-        smashed (the block then stays allocated)."""
+    def _heap_free_py(self, blk: Block | None) -> None:
+        """free: give ``blk`` back; ``None`` does nothing (rte_free(NULL)).  Raises
+        MemdValueError for a block that is already free or not from this memory,
+        CorruptionError when its trailer cookie is smashed (the block then stays
+        allocated)."""
+        if blk is None:
+            return
         try:
             n = _heap_free_block(self.window, blk)
         except ValueError as e:
@@ -162,12 +165,23 @@ class HeapMixin(_ext.HeapBase):
             raise MemdMemoryError(f"calloc: {num} x {size} bytes can never fit in a heap")
         return self.heap_alloc(total, align, zero=True, socket_id=socket_id, what="calloc")
 
-    def realloc(self, blk: Block, size: int, align: int = 0) -> Block:
-        """Resize ``blk`` to ``size`` bytes, keeping min(old, new) bytes of its data.
-        In place when it can (shrinking, or growing into free space above it), else
-        moved within its heap, else moved to another heap (growing one if needed).
-        Returns the new Block; ``blk`` is then dead (its buffer refuses new views).
-        Bytes past the old size are not zeroed.  On failure ``blk`` is unchanged."""
+    def realloc(
+        self, blk: Block | None, size: int, align: int = 0, socket_id: int = SOCKET_ID_ANY
+    ) -> Block:
+        """Resize ``blk`` to ``size`` bytes, keeping min(old, new) bytes of its data
+        (rte_realloc_socket).  ``blk`` None is :meth:`malloc` (``size``, ``align``,
+        ``socket_id``), as rte_realloc(NULL, ...).  In place when it can (shrinking,
+        or growing into free space above it), else moved within its heap, else moved
+        to another heap (growing one if needed; ``socket_id`` only picks the heap of
+        a new block).  Returns the new Block; ``blk`` is then dead (its buffer
+        refuses new views).  Bytes past the old size are not zeroed.  On failure
+        ``blk`` is unchanged.  Raises MemdValueError for a size <= 0, a bad
+        alignment, or ``blk`` not a live Block of this memory; MemdMemoryError when
+        no heap has or can get the room."""
+        if blk is None:
+            return self.heap_alloc(size, align, socket_id=socket_id, what="realloc")
+        if not isinstance(blk, Block):
+            raise MemdValueError(f"realloc: expected a Block or None, got {type(blk).__name__}")
         try:
             new = _heap_realloc_block(self.window, blk, size, align)
         except ValueError as e:  # dead block, another window
@@ -187,7 +201,11 @@ class HeapMixin(_ext.HeapBase):
 
     def validate(self, blk: Block) -> None:
         """Check ``blk``'s cookies: raises CorruptionError if one is smashed (the
-        trailer by an overflow past its end, the header by an underflow)."""
+        trailer by an overflow past its end, the header by an underflow), as
+        rte_malloc_validate.  Raises MemdValueError when ``blk`` is not a Block or
+        was freed."""
+        if not isinstance(blk, Block):
+            raise MemdValueError(f"validate: expected a Block, got {type(blk).__name__}")
         if blk.freed:
             raise MemdValueError(f"validate: {blk!r} was freed")
         try:
