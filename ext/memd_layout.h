@@ -28,21 +28,23 @@
 #include <stdint.h>
 
 #define MEMD_CONFIG_MAGIC 0x31474643444d454dULL /* "MEMDCFG1", little endian */
-/* 2: robust ring sides, mempool owner tags; 3: heap undo journals, element owner tags */
-#define MEMD_LAYOUT_VERSION 3u
+/* 2: robust ring sides, mempool owner tags; 3: heap undo journals, element owner tags;
+ * 4: DPDK fidelity (an object directory entry per memzone, ...) */
+#define MEMD_LAYOUT_VERSION 4u
 
 #define MEMD_CACHE_LINE         64u
 #define MEMD_NAMESIZE           32u  /* names are at most 31 bytes + NUL */
 #define MEMD_SOCKET_ID_ANY      (-1) /* DPDK's SOCKET_ID_ANY: any heap, local first */
 #define MEMD_MAX_MEMSEG_LISTS   8u   /* socket x page size combinations */
 #define MEMD_MAX_PAGES_PER_LIST 8192u
-#define MEMD_MAX_HEAPS          8u    /* one per NUMA socket */
-#define MEMD_MAX_PROCS          128u  /* slot 0 is the primary */
-#define MEMD_MAX_OBJECTS        1024u /* named rings and mempools */
+#define MEMD_MAX_HEAPS          8u   /* one per NUMA socket */
+#define MEMD_MAX_PROCS          128u /* slot 0 is the primary */
 #define MEMD_MAX_MEMZONES       2560u
-#define MEMD_PATH_SIZE          192u
-#define MEMD_CONFIG_SIZE        (2u * 1024u * 1024u) /* file size; the struct fits inside */
-#define MEMD_BAD_IOVA           UINT64_MAX
+/* named rings and mempools: DPDK bounds them by its memzone table only */
+#define MEMD_MAX_OBJECTS MEMD_MAX_MEMZONES
+#define MEMD_PATH_SIZE   192u
+#define MEMD_CONFIG_SIZE (2u * 1024u * 1024u) /* file size; the struct fits inside */
+#define MEMD_BAD_IOVA    UINT64_MAX
 
 /* --- config header -------------------------------------------------------- */
 
@@ -324,10 +326,10 @@ struct memd_config {
     struct memd_heap heaps[MEMD_MAX_HEAPS];              /*    4096 */
     struct memd_process procs[MEMD_MAX_PROCS];           /*    8192 */
     struct memd_object objects[MEMD_MAX_OBJECTS];        /*   16384 */
-    struct memd_memzone memzones[MEMD_MAX_MEMZONES];     /*   81920 */
-    struct memd_memseg_list msls[MEMD_MAX_MEMSEG_LISTS]; /* 327680 */
-    struct memd_heap_journal heap_journals[MEMD_MAX_HEAPS]; /* 1386496: one per heap */
-}; /* 1419264 */
+    struct memd_memzone memzones[MEMD_MAX_MEMZONES];     /*  180224 */
+    struct memd_memseg_list msls[MEMD_MAX_MEMSEG_LISTS]; /*  425984 */
+    struct memd_heap_journal heap_journals[MEMD_MAX_HEAPS]; /* 1484800: one per heap */
+}; /* 1517568 */
 
 /* --- rings (DPDK: rte_ring; code in ext/ring.c) ---------------------------- */
 
@@ -538,10 +540,10 @@ MEMD_CHECK(struct memd_config, proc_lock, 320);
 MEMD_CHECK(struct memd_config, heaps, 4096);
 MEMD_CHECK(struct memd_config, procs, 8192);
 MEMD_CHECK(struct memd_config, objects, 16384);
-MEMD_CHECK(struct memd_config, memzones, 81920);
-MEMD_CHECK(struct memd_config, msls, 327680);
-MEMD_CHECK(struct memd_config, heap_journals, 1386496);
-MEMD_CHECK_SIZE(struct memd_config, 1419264);
+MEMD_CHECK(struct memd_config, memzones, 180224);
+MEMD_CHECK(struct memd_config, msls, 425984);
+MEMD_CHECK(struct memd_config, heap_journals, 1484800);
+MEMD_CHECK_SIZE(struct memd_config, 1517568);
 _Static_assert(sizeof(struct memd_config) <= MEMD_CONFIG_SIZE, "config outgrew its file");
 MEMD_CHECK(struct memd_ring_headtail, tail, 4);
 MEMD_CHECK(struct memd_ring_headtail, single, 8);

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from memd import _ext
 from memd.testing import Daemon, result, run_secondary
 
 
@@ -67,6 +68,36 @@ def test_names_are_unique_and_freed(daemon: Daemon) -> None:
             mem.mempool_lookup("p1")
         assert mem.rings() == [] and mem.mempools() == []
         assert [z.name for z in mem.memzones()] == []
+
+
+def test_every_memzone_can_back_a_named_object(daemon: Daemon) -> None:
+    """DPDK bounds rings and pools by its memzone table only: the object directory
+    has an entry per memzone, so more than the old 1024 rings fit, and the limit
+    met is the memzone table's."""
+    assert _ext.MAX_OBJECTS == _ext.MAX_MEMZONES
+    n = 1100
+    res = result(
+        run_secondary(
+            daemon,
+            f"""
+        for i in range({n}):
+            mem.ring_create(f"r{{i}}", 16)
+        mem.mempool_create("pool", 8, 64)
+        r = mem.ring_lookup("r{n - 1}")
+        r.enqueue(7)
+        out([len(mem.rings()), len(mem.mempools()), len(mem.memzones()), r.dequeue()])
+        for x in mem.rings():
+            mem.ring_free(x)
+        mem.mempool_free(mem.mempool_lookup("pool"))
+        from memd import _ext
+        _ext.heap_check(mem.window, 0)
+    """,
+            timeout=120,
+        )
+    )
+    assert res == [n, 1, n + 1, 7]
+    with daemon.attach() as mem:
+        assert mem.rings() == [] and mem.memzones() == []
 
 
 def test_blocking_dequeue_wakes_on_enqueue_from_another_process(daemon: Daemon) -> None:
