@@ -173,7 +173,7 @@ int memd_msl_clear_page(char *base, uint32_t idx, uint32_t slot)
 static const struct memd_memseg_list *msl_of(const char *base, uint64_t off, uint32_t *slot)
 {
     const struct memd_config *c = (const struct memd_config *)base;
-    for (uint32_t i = 0; i < c->hdr.n_memseg_lists; i++) {
+    for (uint32_t i = 0; i < c->hdr.n_memseg_lists && i < MEMD_MAX_MEMSEG_LISTS; i++) {
         const struct memd_memseg_list *l = &c->msls[i];
         if (l->page_size && off >= l->base_offset &&
             off < l->base_offset + (uint64_t)l->capacity * l->page_size) {
@@ -218,6 +218,66 @@ int memd_iova_contig(const char *base, uint64_t off, uint64_t len)
     return 1;
 }
 
+int memd_iova_aligned(const char *base, uint64_t off, uint64_t align)
+{
+    const struct memd_config *c = (const struct memd_config *)base;
+    if (c->hdr.iova_mode != MEMD_IOVA_PA)
+        return 1; /* VA mode: the primary's window is MEMD_MAX_ALIGN-aligned */
+    uint64_t iova = memd_iova_of(base, off);
+    return iova != MEMD_BAD_IOVA && (iova & (align - 1)) == 0;
+}
+
+uint64_t memd_iova_contig_len(const char *base, uint64_t off, uint64_t len)
+{
+    const struct memd_config *c = (const struct memd_config *)base;
+    if (c->hdr.iova_mode == MEMD_IOVA_VA || len == 0)
+        return len;
+    uint32_t slot;
+    const struct memd_memseg_list *l = msl_of(base, off, &slot);
+    if (l == NULL || !slot_used(l, slot) || l->segs[slot].iova == MEMD_BAD_IOVA)
+        return 0;
+    uint64_t got = l->page_size - (off - l->base_offset) % l->page_size;
+    for (uint32_t s = slot; got < len && s + 1 < l->capacity; s++) {
+        if (!slot_used(l, s + 1) || l->segs[s + 1].iova != l->segs[s].iova + l->page_size)
+            break;
+        got += l->page_size;
+    }
+    return got < len ? got : len;
+}
+
+int memd_pages_fit(const char *base, uint64_t off, uint64_t len, uint64_t page_mask)
+{
+    uint32_t slot, last_slot;
+    const struct memd_memseg_list *l = msl_of(base, off, &slot);
+    if (l == NULL || msl_of(base, off + len - 1, &last_slot) != l)
+        return 0;
+    return (page_mask >> __builtin_ctzll(l->page_size)) & 1;
+}
+
+uint64_t memd_list_end(const char *base, uint64_t off)
+{
+    uint32_t slot;
+    const struct memd_memseg_list *l = msl_of(base, off, &slot);
+    return l ? l->base_offset + (uint64_t)l->capacity * l->page_size : 0;
+}
+
+uint64_t memd_memzone_page_mask(uint32_t flags)
+{
+    static const struct {
+        uint32_t flag;
+        unsigned shift;
+    } sizes[] = {
+        {MEMD_MEMZONE_F_256KB, 18}, {MEMD_MEMZONE_F_2MB, 21},   {MEMD_MEMZONE_F_16MB, 24},
+        {MEMD_MEMZONE_F_256MB, 28}, {MEMD_MEMZONE_F_512MB, 29}, {MEMD_MEMZONE_F_1GB, 30},
+        {MEMD_MEMZONE_F_4GB, 32},   {MEMD_MEMZONE_F_16GB, 34},
+    };
+    uint64_t mask = 0;
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++)
+        if (flags & sizes[i].flag)
+            mask |= 1ull << sizes[i].shift;
+    return mask;
+}
+
 /* --- memzones ------------------------------------------------------------- */
 
 static int lock_config(struct memd_config *c)
@@ -236,11 +296,15 @@ static int find_zone(struct memd_config *c, const char *name)
 }
 
 int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t heap_idx,
-                         uint32_t flags, uint64_t align, uint64_t bound, int32_t pid)
+                         uint32_t flags, int any_page_size, uint64_t align, uint64_t bound,
+                         int32_t pid)
 {
     struct memd_config *c = memd_cfg(base);
-    if (name[0] == '\0' || strlen(name) >= MEMD_NAMESIZE || heap_idx >= MEMD_MAX_HEAPS)
+    if (name[0] == '\0' || strlen(name) >= MEMD_NAMESIZE || heap_idx >= MEMD_MAX_HEAPS ||
+        (flags & ~MEMD_MEMZONE_F_ALL))
         return -EINVAL;
+    uint64_t page_mask = any_page_size ? 0 : memd_memzone_page_mask(flags);
+    int contig = (flags & MEMD_MEMZONE_F_IOVA_CONTIG) != 0;
     int rc = lock_config(c);
     if (rc < 0)
         return rc;
@@ -257,10 +321,21 @@ int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t he
     if (id < 0)
         goto out;
     uint64_t off;
-    /* A zero-length request is served as 1 byte so the zone has an address. */
-    rc =
-        memd_heap_alloc_flags(base, &c->heaps[heap_idx], len ? len : 1, align, bound,
-                              (flags & MEMD_MEMZONE_F_IOVA_CONTIG) != 0, MEMD_ELEM_F_MEMZONE, &off);
+    struct memd_heap *h = &c->heaps[heap_idx];
+    rc = memd_heap_lock_done(base, h, memd_heap_lock(h));
+    if (rc < 0) {
+        id = rc;
+        goto out;
+    }
+    /* len 0 (DPDK): with a bound, a zone of the bound's size; else the biggest
+     * block the heap can give now, whose size becomes the zone's length. */
+    if (len == 0 && bound)
+        len = bound;
+    rc = len == 0 ? memd_heap_biggest_nolock(base, h, align, contig, page_mask, &len) : 0;
+    if (rc == 0)
+        rc = memd_heap_alloc_flags_nolock(base, h, len, align, bound, contig, page_mask,
+                                          MEMD_ELEM_F_MEMZONE, &off);
+    memd_heap_unlock(h);
     if (rc < 0) {
         id = rc;
         goto out;

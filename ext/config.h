@@ -51,9 +51,18 @@ uint64_t memd_iova_of(const char *base, uint64_t off);
 /* 1 if [off, off+len) has contiguous iova (always in VA mode), else 0. */
 int memd_iova_contig(const char *base, uint64_t off, uint64_t len);
 
-/* Memzones (take config_lock; the heap takes its own lock after it). */
+/* Bit k set for each page size 2^k a memzone's MEMD_MEMZONE_F_<size> flags ask for
+ * (0: none asked, any size will do). */
+uint64_t memd_memzone_page_mask(uint32_t flags);
+
+/* Memzones (take config_lock; the heap takes its own lock after it).  reserve:
+ * len 0 is DPDK's "as big as possible" (the bound's size with a bound, else the
+ * largest block the heap has now); the page-size flags restrict the pages used
+ * unless any_page_size.  Fails with -EINVAL (name, heap, unknown flag), -EEXIST,
+ * -ENOSPC (table full), -ENOMEM (no room: grow the heap and retry). */
 int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t heap_idx,
-                         uint32_t flags, uint64_t align, uint64_t bound, int32_t pid);
+                         uint32_t flags, int any_page_size, uint64_t align, uint64_t bound,
+                         int32_t pid);
 int memd_memzone_lookup(char *base, const char *name);
 int memd_memzone_free(char *base, uint32_t id);
 

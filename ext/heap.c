@@ -22,8 +22,12 @@
 #include "heap_journal.h"
 #include "lock.h"
 
-#define MAX_REQUEST   (1ull << 56) /* no window is this big: such a request is ENOMEM */
-#define BEST_FIT_SCAN 16           /* candidates looked at in the request's own class */
+#define MAX_REQUEST (1ull << 56) /* no window is this big: such a request is ENOMEM */
+/* Alignments up to this hold for the IOVA wherever the address holds them (no
+ * page is smaller); candidates for larger ones are checked, this many at most. */
+#define MEMD_IOVA_ALIGN_FREE (2ull << 20)
+#define IOVA_ALIGN_TRIES     64
+#define BEST_FIT_SCAN        16 /* candidates looked at in the request's own class */
 
 /* --- element headers -------------------------------------------------------------- */
 
@@ -189,16 +193,18 @@ static uint64_t make_free(char *base, struct memd_heap *h, uint64_t off, uint64_
 
 /* --- allocation ------------------------------------------------------------- */
 
-/* Can free element f hold the request?  Sets *data to the data offset. */
+/* Can free element f hold the request?  Sets *data to the data offset.  page_mask
+ * (0 = any): bit k set accepts memory on pages of 2^k bytes (memzone page-size flags). */
 static int can_hold(char *base, uint64_t foff, const struct memd_heap_elem *f, uint64_t size,
-                    uint64_t align, uint64_t bound, int contig, uint64_t *data)
+                    uint64_t align, uint64_t bound, int contig, uint64_t page_mask, uint64_t *data)
 {
     uint64_t lo = foff, hi = foff + f->size;
     uint64_t d = round_up(lo + HDR, align);
     uint64_t body = round_up(size, 8) + TRL;
     /* Each step moves d up; a gap fix makes the gap >= align + 64 for good and a
-     * bound fix lands where the block fits its bound, so 5 steps always do. */
-    for (int step = 0; step < 8; step++) {
+     * bound fix lands where the block fits its bound, so 5 steps always do (a
+     * page-size fix moves to the next memseg list, of which there are few). */
+    for (int step = 0; step < 8 + 2 * (int)MEMD_MAX_MEMSEG_LISTS + IOVA_ALIGN_TRIES; step++) {
         if (d > hi || hi - d < body)
             return 0;
         uint64_t gap = d - HDR - lo;
@@ -208,6 +214,19 @@ static int can_hold(char *base, uint64_t foff, const struct memd_heap_elem *f, u
         }
         if (bound && ((d ^ (d + size - 1)) & ~(bound - 1))) {
             d = round_up((d | (bound - 1)) + 1, align);
+            continue;
+        }
+        if (page_mask && !memd_pages_fit(base, d, size, page_mask)) {
+            uint64_t next = memd_list_end(base, d); /* try the next list */
+            if (next <= d)
+                return 0;
+            d = round_up(next + HDR, align);
+            continue;
+        }
+        /* Past the page size (PA mode) the IOVA is aligned only where the page's
+         * physical address is: try the next aligned positions. */
+        if (align > MEMD_IOVA_ALIGN_FREE && !memd_iova_aligned(base, d, align)) {
+            d += align;
             continue;
         }
         /* TODO: on a non-contiguous candidate, try later positions (next page). */
@@ -220,7 +239,8 @@ static int can_hold(char *base, uint64_t foff, const struct memd_heap_elem *f, u
 }
 
 static int find_suitable(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
-                         uint64_t bound, int contig, uint64_t *eoff, uint64_t *data)
+                         uint64_t bound, int contig, uint64_t page_mask, uint64_t *eoff,
+                         uint64_t *data)
 {
     uint64_t need = elem_need(size);
     unsigned c = size_class(need);
@@ -235,7 +255,7 @@ static int find_suitable(char *base, struct memd_heap *h, uint64_t size, uint64_
         }
         struct memd_heap_elem *f = EL(base, o);
         if (f->size >= need && f->size < best_size &&
-            can_hold(base, o, f, size, align, bound, contig, &d)) {
+            can_hold(base, o, f, size, align, bound, contig, page_mask, &d)) {
             best = o;
             best_d = d;
             best_size = f->size;
@@ -248,7 +268,7 @@ static int find_suitable(char *base, struct memd_heap *h, uint64_t size, uint64_
     /* First fit in the bigger classes: for a plain request, any element does. */
     for (uint32_t mask = h->list_mask & ~((2u << c) - 1); mask; mask &= mask - 1)
         for (uint64_t o = h->free_head[__builtin_ctz(mask)]; o; o = EL(base, o)->u.free.next)
-            if (can_hold(base, o, EL(base, o), size, align, bound, contig, &d)) {
+            if (can_hold(base, o, EL(base, o), size, align, bound, contig, page_mask, &d)) {
                 *eoff = o;
                 *data = d;
                 return 1;
@@ -257,7 +277,7 @@ static int find_suitable(char *base, struct memd_heap *h, uint64_t size, uint64_
     for (uint64_t o = resume; o; o = EL(base, o)->u.free.next) {
         struct memd_heap_elem *f = EL(base, o);
         if (f->size >= need && f->size < best_size &&
-            can_hold(base, o, f, size, align, bound, contig, &d)) {
+            can_hold(base, o, f, size, align, bound, contig, page_mask, &d)) {
             best = o;
             best_d = d;
             best_size = f->size;
@@ -342,7 +362,9 @@ static int check_request(uint64_t size, uint64_t *align, uint64_t *bound)
     if (size == 0 || (*align & (*align - 1)) || (*bound & (*bound - 1)) ||
         (*bound && *bound < size))
         return -EINVAL;
-    if (size > MAX_REQUEST || *align > MAX_REQUEST)
+    if (*align > MEMD_MAX_ALIGN)
+        return -EINVAL;
+    if (size > MAX_REQUEST)
         return -ENOMEM;
     if (*align < MEMD_HEAP_DEFAULT_ALIGN)
         *align = MEMD_HEAP_DEFAULT_ALIGN;
@@ -352,13 +374,13 @@ static int check_request(uint64_t size, uint64_t *align, uint64_t *bound)
 }
 
 static int alloc_op(char *base, struct memd_heap *h, uint64_t size, uint64_t align, uint64_t bound,
-                    int contig, int zero, uint16_t flags, uint64_t *out)
+                    int contig, uint64_t page_mask, int zero, uint16_t flags, uint64_t *out)
 {
     uint64_t foff, d;
     int rc = check_request(size, &align, &bound);
     if (rc < 0)
         return rc;
-    if (!find_suitable(base, h, size, align, bound, contig, &foff, &d))
+    if (!find_suitable(base, h, size, align, bound, contig, page_mask, &foff, &d))
         return -ENOMEM;
     jbegin(base, h);
     carve(base, h, foff, d, size, zero, flags);
@@ -369,19 +391,74 @@ static int alloc_op(char *base, struct memd_heap *h, uint64_t size, uint64_t ali
 int memd_heap_alloc_nolock(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
                            uint64_t bound, int contig, int zero, uint64_t *out)
 {
-    int rc = alloc_op(base, h, size, align, bound, contig, zero, 0, out);
+    int rc = alloc_op(base, h, size, align, bound, contig, 0, zero, 0, out);
     jcommit(base, h);
     return rc;
 }
 
 int memd_heap_alloc_flags_nolock(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
-                                 uint64_t bound, int contig, uint16_t flags, uint64_t *out)
+                                 uint64_t bound, int contig, uint64_t page_mask, uint16_t flags,
+                                 uint64_t *out)
 {
     if (flags & ~MEMD_ELEM_F_ALL)
         return -EINVAL;
-    int rc = alloc_op(base, h, size, align, bound, contig, 0, flags, out);
+    int rc = alloc_op(base, h, size, align, bound, contig, page_mask, 0, flags, out);
     jcommit(base, h);
     return rc;
+}
+
+/* Largest data size a block aligned to align (and on pages of page_mask, and
+ * iova-contiguous if contig) could have in free element f. */
+static uint64_t usable_in(char *base, uint64_t foff, const struct memd_heap_elem *f, uint64_t align,
+                          int contig, uint64_t page_mask)
+{
+    uint64_t lo = foff, hi = foff + f->size, best = 0;
+    /* Candidate runs: the whole element, or (page mask, contig) each piece of it
+     * that one memseg list and one iova-contiguous run of pages hold. */
+    for (uint64_t start = lo; start < hi;) {
+        uint64_t end = hi;
+        uint64_t lend = memd_list_end(base, start);
+        if (page_mask || contig) {
+            if (lend > start && lend < end)
+                end = lend;
+            if (page_mask && !memd_pages_fit(base, start, 1, page_mask)) {
+                start = end;
+                continue;
+            }
+            if (contig)
+                end = start + memd_iova_contig_len(base, start, end - start);
+        }
+        uint64_t d = round_up(start + HDR, align);
+        if (d - HDR - lo != 0 && d - HDR - lo < MIN_ELEM)
+            d = round_up(lo + MIN_ELEM + HDR, align);
+        if (d < end && end - d > TRL) {
+            uint64_t n = (end - d - TRL) & ~(uint64_t)7;
+            if (n > best)
+                best = n;
+        }
+        if (!(page_mask || contig) || end <= start)
+            break;
+        start = end;
+    }
+    return best;
+}
+
+int memd_heap_biggest_nolock(char *base, struct memd_heap *h, uint64_t align, int contig,
+                             uint64_t page_mask, uint64_t *size)
+{
+    if (align & (align - 1) || align > MAX_REQUEST)
+        return -EINVAL;
+    if (align < MEMD_HEAP_DEFAULT_ALIGN)
+        align = MEMD_HEAP_DEFAULT_ALIGN;
+    uint64_t best = 0;
+    for (uint32_t mask = h->list_mask; mask; mask &= mask - 1)
+        for (uint64_t o = h->free_head[__builtin_ctz(mask)]; o; o = EL(base, o)->u.free.next) {
+            uint64_t n = usable_in(base, o, EL(base, o), align, contig, page_mask);
+            if (n > best)
+                best = n;
+        }
+    *size = best > MAX_REQUEST ? MAX_REQUEST : best;
+    return best ? 0 : -ENOMEM;
 }
 
 /* --- looking blocks up -------------------------------------------------------- */
@@ -532,7 +609,7 @@ static int realloc_op(char *base, struct memd_heap *h, uint64_t off, uint64_t si
 move:;
     uint64_t foff, nd, old = b->u.busy.data_size, n = old < size ? old : size;
     uint16_t flags = b->flags;
-    if (!find_suitable(base, h, size, align, 0, 0, &foff, &nd))
+    if (!find_suitable(base, h, size, align, 0, 0, 0, &foff, &nd))
         return -ENOMEM;
     /* The copy writes bytes of foff that its dirty hull may call clean, and undoing
      * the carve would not clear them: widen the hull first, as an operation of its
@@ -820,12 +897,13 @@ static int lock_heap(char *base, struct memd_heap *h)
 }
 
 int memd_heap_alloc_flags(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
-                          uint64_t bound, int contig, uint16_t flags, uint64_t *out)
+                          uint64_t bound, int contig, uint64_t page_mask, uint16_t flags,
+                          uint64_t *out)
 {
     int rc = lock_heap(base, h);
     if (rc < 0)
         return rc;
-    rc = memd_heap_alloc_flags_nolock(base, h, size, align, bound, contig, flags, out);
+    rc = memd_heap_alloc_flags_nolock(base, h, size, align, bound, contig, page_mask, flags, out);
     memd_heap_unlock(h);
     return rc;
 }

@@ -42,6 +42,14 @@ struct memd_heap_stats {
 
 /* Is the iova range of [off, off+len) contiguous?  From the memsegs (config.c). */
 extern int memd_iova_contig(const char *base, uint64_t off, uint64_t len);
+/* 1 if off's iova is a multiple of align (always in VA mode; config.c). */
+extern int memd_iova_aligned(const char *base, uint64_t off, uint64_t align);
+/* Bytes from off on (at most len) whose iova is contiguous (config.c). */
+extern uint64_t memd_iova_contig_len(const char *base, uint64_t off, uint64_t len);
+/* 1 if [off, off+len) lies in one memseg list whose page size page_mask accepts. */
+extern int memd_pages_fit(const char *base, uint64_t off, uint64_t len, uint64_t page_mask);
+/* The window offset where the memseg list holding off ends (0 if none does). */
+extern uint64_t memd_list_end(const char *base, uint64_t off);
 
 /* Empty heap for socket_id (primary at init), with an empty journal.  Fails iff
  * the lock cannot init. */
@@ -83,9 +91,18 @@ int memd_heap_alloc_nolock(char *base, struct memd_heap *h, uint64_t size, uint6
  * MEMD_ELEM_F_MEMZONE), no zeroing.  Fails as memd_heap_alloc_nolock, and -EINVAL for an
  * unknown flag. */
 int memd_heap_alloc_flags(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
-                          uint64_t bound, int contig, uint16_t flags, uint64_t *out);
+                          uint64_t bound, int contig, uint64_t page_mask, uint16_t flags,
+                          uint64_t *out);
 int memd_heap_alloc_flags_nolock(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
-                                 uint64_t bound, int contig, uint16_t flags, uint64_t *out);
+                                 uint64_t bound, int contig, uint64_t page_mask, uint16_t flags,
+                                 uint64_t *out);
+
+/* (caller locks) The largest data size one allocation with align (0 = 64) could
+ * get now, without growth: on pages of page_mask (0 = any; bit k = pages of 2^k
+ * bytes) and iova-contiguous if contig (DPDK's malloc_heap_alloc_biggest).  Fails
+ * iff -EINVAL (align) or -ENOMEM (no free element). */
+int memd_heap_biggest_nolock(char *base, struct memd_heap *h, uint64_t align, int contig,
+                             uint64_t page_mask, uint64_t *size);
 
 /* (locks) Free the block whose data starts at off.  Returns the size of the
  * free element the block ended up in after joining its free neighbours (callers

@@ -44,7 +44,11 @@
 #define MEMD_MAX_OBJECTS MEMD_MAX_MEMZONES
 #define MEMD_PATH_SIZE   192u
 #define MEMD_CONFIG_SIZE (2u * 1024u * 1024u) /* file size; the struct fits inside */
-#define MEMD_BAD_IOVA    UINT64_MAX
+/* The largest alignment a request may ask for (DPDK's usual largest page size): every
+ * process places its window at a multiple of it, so an offset aligned to it gives
+ * an address aligned to it in every process. */
+#define MEMD_MAX_ALIGN (1ull << 30)
+#define MEMD_BAD_IOVA  UINT64_MAX
 
 /* --- config header -------------------------------------------------------- */
 
@@ -314,7 +318,24 @@ struct memd_memzone {
     uint64_t reserved1;       /* 88 */
 }; /* 96 */
 
-#define MEMD_MEMZONE_F_IOVA_CONTIG 0x100000u /* DPDK RTE_MEMZONE_IOVA_CONTIG */
+/* memzone flags: DPDK's RTE_MEMZONE_* values.  Page-size flags (any of them) ask
+ * for memory on pages of one of those sizes; SIZE_HINT_ONLY lets any size do when
+ * none of them can be had. */
+#define MEMD_MEMZONE_F_2MB            0x00000001u
+#define MEMD_MEMZONE_F_1GB            0x00000002u
+#define MEMD_MEMZONE_F_SIZE_HINT_ONLY 0x00000004u
+#define MEMD_MEMZONE_F_16MB           0x00000100u
+#define MEMD_MEMZONE_F_16GB           0x00000200u
+#define MEMD_MEMZONE_F_256KB          0x00010000u
+#define MEMD_MEMZONE_F_256MB          0x00020000u
+#define MEMD_MEMZONE_F_512MB          0x00040000u
+#define MEMD_MEMZONE_F_4GB            0x00080000u
+#define MEMD_MEMZONE_F_IOVA_CONTIG    0x00100000u
+#define MEMD_MEMZONE_F_PAGE_SIZES                                                          \
+    (MEMD_MEMZONE_F_2MB | MEMD_MEMZONE_F_1GB | MEMD_MEMZONE_F_16MB | MEMD_MEMZONE_F_16GB | \
+     MEMD_MEMZONE_F_256KB | MEMD_MEMZONE_F_256MB | MEMD_MEMZONE_F_512MB | MEMD_MEMZONE_F_4GB)
+#define MEMD_MEMZONE_F_ALL \
+    (MEMD_MEMZONE_F_PAGE_SIZES | MEMD_MEMZONE_F_SIZE_HINT_ONLY | MEMD_MEMZONE_F_IOVA_CONTIG)
 
 /* --- the config ----------------------------------------------------------- */
 

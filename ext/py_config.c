@@ -196,14 +196,33 @@ static PyObject *py_memzone_reserve(PyObject *Py_UNUSED(m), PyObject *args)
     const char *name;
     unsigned long long len, align, bound;
     unsigned int heap_idx, flags;
-    int pid, rc;
-    if (!PyArg_ParseTuple(args, "O&sKIIKKi", memd_window_base, &base, &name, &len, &heap_idx,
-                          &flags, &align, &bound, &pid))
+    int any_page_size, pid, rc;
+    if (!PyArg_ParseTuple(args, "O&sKIIpKKi", memd_window_base, &base, &name, &len, &heap_idx,
+                          &flags, &any_page_size, &align, &bound, &pid))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-        rc = memd_memzone_reserve(base, name, len, heap_idx, flags, align, bound, pid);
+        rc = memd_memzone_reserve(base, name, len, heap_idx, flags, any_page_size, align, bound,
+                                  pid);
     Py_END_ALLOW_THREADS
     return check_rc(rc, "memzone_reserve");
+}
+
+/* memzone_page_sizes(flags) -> the page sizes (bytes, ascending) the flags ask for. */
+static PyObject *py_memzone_page_sizes(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    unsigned long flags = PyLong_AsUnsignedLong(arg);
+    if (flags == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    uint64_t mask = memd_memzone_page_mask((uint32_t)flags);
+    PyObject *out = PyList_New(0);
+    for (unsigned k = 0; out && k < 64; k++)
+        if ((mask >> k) & 1) {
+            PyObject *v = PyLong_FromUnsignedLongLong(1ull << k);
+            if (v == NULL || PyList_Append(out, v) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(v);
+        }
+    return out;
 }
 
 static PyObject *py_memzone_lookup(PyObject *Py_UNUSED(m), PyObject *args)
@@ -407,7 +426,9 @@ static PyMethodDef config_functions[] = {
     {"iova_of", py_iova_of, METH_VARARGS, "iova_of(win, offset) -> int | None"},
     {"iova_contig", py_iova_contig, METH_VARARGS, "iova_contig(win, offset, length) -> bool"},
     {"memzone_reserve", py_memzone_reserve, METH_VARARGS,
-     "memzone_reserve(win, name, len, heap, flags, align, bound, pid) -> id"},
+     "memzone_reserve(win, name, len, heap, flags, any_page_size, align, bound, pid) -> id"},
+    {"memzone_page_sizes", py_memzone_page_sizes, METH_O,
+     "memzone_page_sizes(flags) -> [bytes]: the page sizes the flags ask for"},
     {"memzone_lookup", py_memzone_lookup, METH_VARARGS, "memzone_lookup(win, name) -> id"},
     {"memzone_free", py_memzone_free, METH_VARARGS, "memzone_free(win, id) -> heap index"},
     {"memzone", py_memzone, METH_VARARGS, "memzone(win, id) -> tuple | None"},
@@ -496,6 +517,18 @@ static const struct memd_const config_constants[] = {
     MEMD_CONST("OBJ_RING", MEMD_OBJ_RING),
     MEMD_CONST("OBJ_MEMPOOL", MEMD_OBJ_MEMPOOL),
     MEMD_CONST("MEMZONE_F_IOVA_CONTIG", MEMD_MEMZONE_F_IOVA_CONTIG),
+    MEMD_CONST("MAX_ALIGN", MEMD_MAX_ALIGN),
+    MEMD_CONST("MEMZONE_F_2MB", MEMD_MEMZONE_F_2MB),
+    MEMD_CONST("MEMZONE_F_1GB", MEMD_MEMZONE_F_1GB),
+    MEMD_CONST("MEMZONE_F_16MB", MEMD_MEMZONE_F_16MB),
+    MEMD_CONST("MEMZONE_F_16GB", MEMD_MEMZONE_F_16GB),
+    MEMD_CONST("MEMZONE_F_256KB", MEMD_MEMZONE_F_256KB),
+    MEMD_CONST("MEMZONE_F_256MB", MEMD_MEMZONE_F_256MB),
+    MEMD_CONST("MEMZONE_F_512MB", MEMD_MEMZONE_F_512MB),
+    MEMD_CONST("MEMZONE_F_4GB", MEMD_MEMZONE_F_4GB),
+    MEMD_CONST("MEMZONE_F_SIZE_HINT_ONLY", MEMD_MEMZONE_F_SIZE_HINT_ONLY),
+    MEMD_CONST("MEMZONE_F_PAGE_SIZES", MEMD_MEMZONE_F_PAGE_SIZES),
+    MEMD_CONST("MEMZONE_F_ALL", MEMD_MEMZONE_F_ALL),
     {NULL},
 };
 

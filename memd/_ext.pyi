@@ -44,6 +44,18 @@ MEMPOOL_F_NO_SPREAD: int
 MEMPOOL_F_SC_GET: int
 MEMPOOL_F_SP_PUT: int
 MEMZONE_F_IOVA_CONTIG: int
+MAX_ALIGN: int
+MEMZONE_F_2MB: int
+MEMZONE_F_1GB: int
+MEMZONE_F_16MB: int
+MEMZONE_F_16GB: int
+MEMZONE_F_256KB: int
+MEMZONE_F_256MB: int
+MEMZONE_F_512MB: int
+MEMZONE_F_4GB: int
+MEMZONE_F_SIZE_HINT_ONLY: int
+MEMZONE_F_PAGE_SIZES: int
+MEMZONE_F_ALL: int
 NAMESIZE: int
 OBJ_MEMPOOL: int
 OBJ_RING: int
@@ -297,11 +309,13 @@ def memzone_reserve(
     len: int,
     heap: int,
     flags: int,
+    any_page_size: bool,
     align: int,
     bound: int,
     pid: int,
     /,
 ) -> int: ...
+def memzone_page_sizes(flags: int, /) -> list[int]: ...
 def memzone_lookup(win: Window, name: str, /) -> int: ...
 def memzone_free(win: Window, id: int, /) -> int: ...
 

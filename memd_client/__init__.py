@@ -20,12 +20,37 @@ from memd.errors import (
     VersionMismatch,
 )
 from memd.shm.config import SOCKET_ID_ANY
-from memd.shm.memory import MEMZONE_IOVA_CONTIG, Memzone
+from memd.shm.memory import (
+    MEM_EVENT_ALLOC,
+    MEM_EVENT_FREE,
+    MEMZONE_1GB,
+    MEMZONE_2MB,
+    MEMZONE_4GB,
+    MEMZONE_16GB,
+    MEMZONE_16MB,
+    MEMZONE_256KB,
+    MEMZONE_256MB,
+    MEMZONE_512MB,
+    MEMZONE_IOVA_CONTIG,
+    MEMZONE_SIZE_HINT_ONLY,
+    Memzone,
+)
 from memd.shm.ring import RING_F_EXACT_SZ, RING_F_SC_DEQ, RING_F_SP_ENQ
 from memd_client.secondary import Secondary, attach
 
 __all__ = [
+    "MEMZONE_1GB",
+    "MEMZONE_2MB",
+    "MEMZONE_4GB",
+    "MEMZONE_16GB",
+    "MEMZONE_16MB",
+    "MEMZONE_256KB",
+    "MEMZONE_256MB",
+    "MEMZONE_512MB",
     "MEMZONE_IOVA_CONTIG",
+    "MEMZONE_SIZE_HINT_ONLY",
+    "MEM_EVENT_ALLOC",
+    "MEM_EVENT_FREE",
     "RING_F_EXACT_SZ",
     "RING_F_SC_DEQ",
     "RING_F_SP_ENQ",

@@ -14,7 +14,14 @@ import pytest
 
 import memd_client as mc
 from memd import _ext
-from memd.testing import Daemon, pages_held, result, run_memd, run_secondary
+from memd.testing import (
+    Daemon,
+    pages_held,
+    remove_leftover_pages,
+    result,
+    run_memd,
+    run_secondary,
+)
 
 
 def _page_files(d: Daemon) -> list[str]:
@@ -288,3 +295,36 @@ out({"msg": msg, "parent": mem.malloc(64 << 20).size})
     )
     assert "forked" in res["msg"] and "attach" in res["msg"], res
     assert res["parent"] >= 64 << 20  # the parent's attachment is unharmed
+
+
+def test_huge_unlink_never_keeps_and_reuses_page_files(tmp_path, mode) -> None:
+    """DPDK's --huge-unlink=never: page files outlive the primary and the next run
+    maps the same files (old data and all); zmalloc still returns zeros."""
+    first = Daemon(tmp_path, mode, "-m", "4", "--huge-unlink=never")
+    try:
+        first.start()
+        # beyond -m 4: growth pages too; freed, they are released but their files stay
+        run_secondary(first, "b = mem.malloc(6 << 20); b.buf[:] = b'\\xab' * b.size; mem.free(b)")
+        assert first.stop() == 0
+        kept = {f: os.stat(f).st_ino for f in _page_files(first)}
+        assert len(kept) >= 4  # 2 prealloc + the grown ones, 2 MB each
+
+        second = Daemon(tmp_path, mode, "-m", "4", "--huge-unlink=never", prefix=first.prefix)
+        second.start()
+        code = """
+        from memd import _ext
+        z = mem.zmalloc(6 << 20)
+        out([bytes(z.buf) == bytes(z.size), z.size])  # reused pages count as dirty
+        mem.free(z)
+        _ext.heap_check(mem.window, 0)
+        """
+        assert result(run_secondary(second, code)) == [True, 6 << 20]
+        now = {f: os.stat(f).st_ino for f in _page_files(second)}
+        assert set(kept) <= set(now) and all(now[f] == ino for f, ino in kept.items())
+        assert second.stop() == 0
+    finally:
+        for d in (first, locals().get("second")):
+            if d is not None and d.proc is not None and d.proc.poll() is None:
+                d.stop()
+        remove_leftover_pages(first.prefix)
+    assert _page_files(first) == []

@@ -644,7 +644,7 @@ def test_memzone_blocks_are_never_freed_by_owner():
     locked_add(w, CONFIG, 4 * MiB)
 
     def child() -> None:
-        _ext.memzone_reserve(w, "z1", 5000, 0, 0, 64, 0, os.getpid())
+        _ext.memzone_reserve(w, "z1", 5000, 0, 0, False, 64, 0, os.getpid())
         _ext.heap_alloc(w, 0, 100)
 
     assert run_child(child, 0) == 0

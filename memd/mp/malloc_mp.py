@@ -22,6 +22,7 @@ import errno
 import logging
 import math
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from memd import _ext
@@ -30,7 +31,7 @@ from memd.hw import hugepage_info
 from memd.mp.channel import Peer, Server, param, reply
 from memd.shm.config import MemsegList, memseg_lists, process_alive
 from memd.shm.heap import NEVER_RELEASE, space_needed
-from memd.shm.memory import Memory
+from memd.shm.memory import MEM_EVENT_ALLOC, MEM_EVENT_FREE, Memory
 
 log = logging.getLogger("memd")
 secondary_log = logging.getLogger("memd_client")
@@ -52,7 +53,15 @@ class SecondaryGrowth(Memory):
 
         def _request(self, msg: dict[str, Any]) -> dict[str, Any]: ...
 
-    def _expand_heap(self, heap: int, size: int, align: int, bound: int, contig: bool) -> None:
+    def _expand_heap(
+        self,
+        heap: int,
+        size: int,
+        align: int,
+        bound: int,
+        contig: bool,
+        page_sizes: Sequence[int] = (),
+    ) -> None:
         ans = self._request(
             {
                 "type": "alloc",
@@ -61,6 +70,7 @@ class SecondaryGrowth(Memory):
                 "align": align,
                 "bound": bound,
                 "contig": contig,
+                "page_sizes": list(page_sizes),
             }
         )
         if ans["status"]:
@@ -99,7 +109,15 @@ class PrimaryGrowth(Memory):
         def _page_iova(self, addr: int) -> int: ...
         def _mapped_bytes(self) -> int: ...
 
-    def _expand_heap(self, heap: int, size: int, align: int, bound: int, contig: bool) -> None:
+    def _expand_heap(
+        self,
+        heap: int,
+        size: int,
+        align: int,
+        bound: int,
+        contig: bool,
+        page_sizes: Sequence[int] = (),
+    ) -> None:
         """Map enough new pages for `size` into `heap`, tell every secondary to map
         them, and only then let anyone allocate from them (the heap lock is held
         throughout).  Raises MemoryError when no pages can be had."""
@@ -108,9 +126,12 @@ class PrimaryGrowth(Memory):
                 "memd runs with --legacy-mem: all memory was mapped at "
                 "start; restart it with a larger -m"
             )
-        lists = self._lists_of(heap)
+        lists = [m for m in self._lists_of(heap) if not page_sizes or m.page_size in page_sizes]
         if not lists:
-            raise MemdMemoryError(f"socket {heap} has no memory lists")
+            sizes = ", ".join(hugepage_info.kb(p) for p in page_sizes)
+            raise MemdMemoryError(
+                f"socket {heap} has no memory lists" + (f" of {sizes} pages" if sizes else "")
+            )
         need = space_needed(size, align, bound)
         errors = []
         with self._expand_lock:
@@ -146,7 +167,12 @@ class PrimaryGrowth(Memory):
                             "heap expansion rolled back: secondary "
                             + ", ".join(f"pid {p.pid} ({why})" for p, why in failures)
                         )
-                    _ext.heap_add_memory(self.window, heap, offset, n * msl.page_size)
+                    with self._map_lock:
+                        self._mem_event(MEM_EVENT_ALLOC, offset, n * msl.page_size)
+                    # a reused page file (--huge-unlink=never) holds old data
+                    _ext.heap_add_memory(
+                        self.window, heap, offset, n * msl.page_size, self.pages.reuse
+                    )
                     log.debug("heap %d grew by %d x %d bytes", heap, n, msl.page_size)
                     return
                 finally:
@@ -194,6 +220,8 @@ class PrimaryGrowth(Memory):
                             _ext.heap_add_memory(self.window, heap, start, n * msl.page_size, True)
                             self._sync_secondaries()
                             break
+                        with self._map_lock:
+                            self._mem_event(MEM_EVENT_FREE, start, n * msl.page_size)
                         for slot in range(first, first + n):
                             self._unmap_slot(msl, slot)
                             self.pages.remove(msl, slot)
@@ -237,8 +265,9 @@ class PrimaryGrowth(Memory):
         return self.server.sync_all({"type": "sync", "generation": gen})
 
     def _on_alloc(self, identity: bytes, msg: dict[str, Any]) -> dict[str, Any]:
-        """alloc {heap, size, align, bound, contig} -> {}: grow `heap` so that a
-        block of `size` fits; every secondary has mapped the pages when this answers."""
+        """alloc {heap, size, align, bound, contig, page_sizes} -> {}: grow `heap` so
+        that a block of `size` fits (on pages of one of `page_sizes`, bytes, if not
+        empty); every secondary has mapped the pages when this answers."""
         assert self.server is not None
         if self.server.peer_of(identity) is None:
             return reply(msg["id"], errno.EPERM, "register first")
@@ -255,9 +284,16 @@ class PrimaryGrowth(Memory):
                 f"'bound' = {bound} is not 0 or a power of two >= 'size' {size}",
             )
         contig = bool(msg.get("contig", False))
+        page_sizes = msg.get("page_sizes", [])
+        if (
+            not isinstance(page_sizes, list)
+            or len(page_sizes) > 64
+            or not all(type(p) is int and 0 < p <= 2**40 and p & (p - 1) == 0 for p in page_sizes)
+        ):
+            return reply(msg["id"], errno.EINVAL, "'page_sizes' is not a list of page sizes")
         if heap not in self.heap_ids():
             return reply(msg["id"], errno.EINVAL, f"no heap {heap}")
-        self._expand_heap(heap, size, align, bound, contig)
+        self._expand_heap(heap, size, align, bound, contig, page_sizes)
         return reply(msg["id"])
 
     def _on_shrink(self, identity: bytes, msg: dict[str, Any]) -> dict[str, Any]:

@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=HUGE_UNLINK_MODES,
         help="existing (default): a dead primary's page files are removed and pages made "
         "afresh; always (or no value): page files are also unlinked right after mapping, "
-        "so none is left behind (secondaries cannot attach)",
+        "so none is left behind (secondaries cannot attach); never: page files are kept "
+        "(also at exit, still holding their hugepages) and reused by the next run, old "
+        "data included (zmalloc clears it)",
     )
     p.add_argument(
         "--single-file-segments",

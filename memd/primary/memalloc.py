@@ -113,13 +113,22 @@ class MemallocMixin(PrimaryState):
     def _init_memory(self, plans: list[_ListPlan]) -> None:
         opts = self.options
 
-        window_align = max(p.page_size for p in plans)
+        # Every process places the window at a multiple of MAX_ALIGN (address space
+        # only), so an offset aligned to up to that is an aligned address everywhere.
+        largest_page = max(p.page_size for p in plans)
+        window_align = max(largest_page, _ext.MAX_ALIGN)
         cursor = _ext.CONFIG_SIZE
         for p in plans:
             cursor = _round_up(cursor, p.page_size)
             p.base_offset = cursor
             cursor += p.capacity * p.page_size
-        window_size = _round_up(cursor, window_align)
+        window_size = _round_up(cursor, largest_page)
+        if opts.base_virtaddr % window_align:
+            raise InitError(
+                f"--base-virtaddr {opts.base_virtaddr:#x} is not a multiple of "
+                f"{window_align >> 20} MiB: memd aligns the window to that so that "
+                "alignments up to it hold in every process"
+            )
         try:
             self.window = _ext.Window(window_size, window_align, opts.base_virtaddr)
         except OSError as e:
@@ -193,7 +202,9 @@ class MemallocMixin(PrimaryState):
                         d,
                         ", ".join(map(str, holders(fd))) or "another process",
                     )
-            own = remove_own_stale(d, self.prefix, take_over=opts.take_over)
+            own = remove_own_stale(
+                d, self.prefix, take_over=opts.take_over, keep_pages=self.pages.reuse
+            )
             if own.foreign:
                 path, uid = own.foreign[0]
                 raise InitError(
@@ -311,7 +322,7 @@ class MemallocMixin(PrimaryState):
     def _add_to_heap(self, heap: int, offset: int, length: int) -> None:
         _ext.heap_lock(self.window, heap)
         try:
-            _ext.heap_add_memory(self.window, heap, offset, length)
+            _ext.heap_add_memory(self.window, heap, offset, length, self.pages.reuse)
         finally:
             _ext.heap_unlock(self.window, heap)
 

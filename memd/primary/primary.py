@@ -84,6 +84,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         page_sizes = {p.dir or SHM_DIR: p.page_size for p in plans}
         for i, p in enumerate(plans):
             self.pages.set_dir(i, p.dir or SHM_DIR)
+        self.pages.reuse = self.options.huge_unlink == "never"
         dir_locks: list[int] = []
         try:
             self._claim_page_dirs(page_sizes, dir_locks)

@@ -18,8 +18,9 @@ from memd.shm.memory import Memory
 MiB = 1 << 20
 
 # --huge-unlink values, DPDK's: existing (default) removes a dead primary's page files
-# and makes pages afresh; always also unlinks each file right after mapping it.
-HUGE_UNLINK_MODES = ("existing", "always")
+# and makes pages afresh; always also unlinks each file right after mapping it; never
+# keeps page files past their pages and the primary, and reuses them (not cleared).
+HUGE_UNLINK_MODES = ("existing", "always", "never")
 
 
 class InitError(MemdError, RuntimeError):

@@ -16,9 +16,10 @@ complete, daemon-free example):
     heap indices to try; ``SOCKET_ID_ANY`` (-1) means the local socket's first.
     The result is cached per ``socket_id`` (-1..7); call
     :meth:`HeapMixin._heap_reset` when it changes.
-``_expand_heap(heap_idx, size, align, bound, contig) -> None``
+``_expand_heap(heap_idx, size, align, bound, contig, page_sizes=()) -> None``
     map more memory into that heap so that the request fits (see
-    :func:`space_needed`); raise ``MemoryError`` when it cannot.
+    :func:`space_needed`), on pages of one of ``page_sizes`` (bytes; empty: any);
+    raise ``MemoryError`` when it cannot.
 ``_release_pages(heap_idx) -> int | None``
     called after a free left a free element of at least the heap's release
     threshold (initially ``_page_size(heap_idx)``); may give whole free pages back
@@ -35,6 +36,7 @@ complete, daemon-free example):
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from memd import _ext
@@ -89,6 +91,11 @@ def _arg_error(exc: Exception, what: str, size: int, align: int, bound: int) -> 
         return MemdValueError(f"{what}: size must be > 0, got {size}")
     if align < 0 or (align and not _is_pow2(align)):
         return MemdValueError(f"{what}: align must be 0 (64) or a power of two, got {align}")
+    if align > _ext.MAX_ALIGN:
+        return MemdValueError(
+            f"{what}: align {align} is larger than {_ext.MAX_ALIGN >> 30} GiB, the largest "
+            "alignment memd can give an address in every process and its IOVA"
+        )
     if bound < 0 or (bound and not _is_pow2(bound)):
         return MemdValueError(f"{what}: bound must be 0 (none) or a power of two, got {bound}")
     if bound and bound < size:
@@ -119,7 +126,13 @@ class HeapMixin(_ext.HeapBase):
         def _heap_order(self, socket_id: int) -> list[int]: ...
 
         def _expand_heap(
-            self, heap_idx: int, size: int, align: int, bound: int, contig: bool
+            self,
+            heap_idx: int,
+            size: int,
+            align: int,
+            bound: int,
+            contig: bool,
+            page_sizes: Sequence[int] = (),
         ) -> None: ...
 
         def _release_pages(self, heap_idx: int) -> int | None: ...
@@ -371,7 +384,13 @@ class HeapMixin(_ext.HeapBase):
             f"{what}({size} bytes, align {align}, bound {bound}, contig {contig}): "
             f"heaps {list(order)} are full and could not grow{why}. Free blocks you no longer "
             "need, reserve more hugepages (memctl hugepages), or raise -m / --socket-mem"
+            + self._align_note(order[0], align)
         )
+
+    def _align_note(self, heap_idx: int, align: int) -> str:
+        """Why a request aligned past the page size may fail although memory is
+        free (the Memory class knows the IOVA mode; here there is none)."""
+        return ""
 
     def _heap_maybe_release(self, idx: int, free_size: int) -> int:
         """A free left a free element of free_size bytes: offer the heap's pages
@@ -453,7 +472,15 @@ class AnonymousMemory(HeapMixin):
             raise MemdValueError(f"no socket {socket_id}")
         return [socket_id]
 
-    def _expand_heap(self, heap_idx: int, size: int, align: int, bound: int, contig: bool) -> None:
+    def _expand_heap(
+        self,
+        heap_idx: int,
+        size: int,
+        align: int,
+        bound: int,
+        contig: bool,
+        page_sizes: Sequence[int] = (),
+    ) -> None:
         pages = -(-space_needed(size, align, bound) // self.page_size_)
         mapped = self.mapped[heap_idx]
         run = 0

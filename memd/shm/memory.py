@@ -6,8 +6,10 @@ pages itself; a secondary asks the primary) and in who owns the files."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 from memd import _ext
 from memd.errors import (
     MemdError,
+    MemdExistsError,
     MemdKeyError,
     MemdMemoryError,
     MemdValueError,
@@ -28,12 +31,62 @@ from memd.shm.mempool import Mempool, MempoolMixin
 from memd.shm.pages import PageStore
 from memd.shm.ring import Ring, RingMixin
 
-# DPDK memzone flags memd accepts (rte_memzone.h values)
-MEMZONE_2MB = 0x00000002
-MEMZONE_1GB = 0x00000004
-MEMZONE_SIZE_HINT_ONLY = 0x00000004 << 1
-MEMZONE_IOVA_CONTIG = _ext.MEMZONE_F_IOVA_CONTIG
-_MEMZONE_FLAGS = MEMZONE_2MB | MEMZONE_1GB | MEMZONE_SIZE_HINT_ONLY | MEMZONE_IOVA_CONTIG
+# DPDK's memzone flags (rte_memzone.h names and values).  A page-size flag (any of
+# them ORed) asks for memory on pages of one of those sizes and fails without such
+# pages, unless MEMZONE_SIZE_HINT_ONLY lets any size do.
+MEMZONE_2MB: int = _ext.MEMZONE_F_2MB
+MEMZONE_1GB: int = _ext.MEMZONE_F_1GB
+MEMZONE_16MB: int = _ext.MEMZONE_F_16MB
+MEMZONE_16GB: int = _ext.MEMZONE_F_16GB
+MEMZONE_256KB: int = _ext.MEMZONE_F_256KB
+MEMZONE_256MB: int = _ext.MEMZONE_F_256MB
+MEMZONE_512MB: int = _ext.MEMZONE_F_512MB
+MEMZONE_4GB: int = _ext.MEMZONE_F_4GB
+MEMZONE_SIZE_HINT_ONLY: int = _ext.MEMZONE_F_SIZE_HINT_ONLY
+MEMZONE_IOVA_CONTIG: int = _ext.MEMZONE_F_IOVA_CONTIG
+MEMZONE_FLAGS = (
+    "MEMZONE_2MB",
+    "MEMZONE_1GB",
+    "MEMZONE_16MB",
+    "MEMZONE_16GB",
+    "MEMZONE_256KB",
+    "MEMZONE_256MB",
+    "MEMZONE_512MB",
+    "MEMZONE_4GB",
+    "MEMZONE_SIZE_HINT_ONLY",
+    "MEMZONE_IOVA_CONTIG",
+)
+
+
+MAX_ALIGN: int = _ext.MAX_ALIGN  # the largest alignment any request may ask for
+
+
+# rte_mem_event values: what a memory event callback is told
+MEM_EVENT_ALLOC = 0
+MEM_EVENT_FREE = 1
+
+log = logging.getLogger("memd")
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """Sorted slots as (first, count) runs of consecutive slots."""
+    out: list[tuple[int, int]] = []
+    for slot in slots:
+        if out and out[-1][0] + out[-1][1] == slot:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((slot, 1))
+    return out
+
+
+def _size_text(page_size: int) -> str:
+    return (
+        f"{page_size >> 30} GB"
+        if page_size >= 1 << 30
+        else f"{page_size >> 20} MB"
+        if page_size >= 1 << 20
+        else f"{page_size >> 10} kB"
+    )
 
 
 def _is_pow2(x: int) -> bool:
@@ -87,11 +140,66 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         self._lists: list[MemsegList] = []
         self._synced_generation = -1  # header.mem_generation at the last sync_pages
         self._heap_id_cache: list[int] | None = None
+        self._mem_event_callbacks: dict[str, Callable[[int, int, int], object]] = {}
+
+    # --- memory events (DPDK rte_mem_event_callback_*) -------------------------
+
+    def mem_event_callback_register(
+        self, name: str, callback: Callable[[int, int, int], object]
+    ) -> None:
+        """Call ``callback(event, offset, length)`` whenever pages are added to or
+        removed from the shared memory (rte_mem_event_callback_register): ``event``
+        is MEM_EVENT_ALLOC after ``[offset, offset + length)`` (window offsets,
+        bytes) was mapped in this process, MEM_EVENT_FREE before it is unmapped, so
+        a process can register memory with a device (RDMA, CUDA host registration)
+        and unregister it in time.  Every process that registers a callback gets
+        the events of every growth and release, whoever caused them.
+
+        The callback runs in the thread that maps or unmaps (this process's sync
+        thread, or the one whose allocation grew the heap), with this memory's map
+        lock held: like DPDK's, it must not allocate or free memd memory.  An
+        exception it raises is logged and does not stop the change.  Raises
+        MemdValueError for a bad name or a callback that is not callable, and
+        MemdExistsError when ``name`` is registered already.
+        """
+        check_name(name, "callback name")
+        if not callable(callback):
+            raise MemdValueError(f"callback must be callable, got {type(callback).__name__}")
+        with self._map_lock:
+            if name in self._mem_event_callbacks:
+                raise MemdExistsError(f"a memory event callback named {name!r} is registered")
+            self._mem_event_callbacks[name] = callback
+
+    def mem_event_callback_unregister(self, name: str) -> None:
+        """Stop calling the callback registered as ``name``
+        (rte_mem_event_callback_unregister).  Raises MemdKeyError if none is."""
+        with self._map_lock:
+            if self._mem_event_callbacks.pop(name, None) is None:
+                raise MemdKeyError(f"no memory event callback named {name!r}")
+
+    def _mem_event(self, event: int, offset: int, length: int) -> None:
+        """Tell the registered callbacks (call with _map_lock held)."""
+        for name, callback in list(self._mem_event_callbacks.items()):
+            try:
+                callback(event, offset, length)
+            except Exception:
+                log.exception("memory event callback %r failed", name)
 
     # --- pages ---------------------------------------------------------------
 
     def _header(self) -> Header:
         return header(self.window)
+
+    def _align_note(self, heap_idx: int, align: int) -> str:
+        if align <= self._page_size(heap_idx) or self._header().iova_mode != _ext.IOVA_PA:
+            return ""
+        return (
+            f". An alignment of {align} bytes, past the page size, must also hold for the "
+            "IOVA, which here is the physical address: only a page that starts at such a "
+            "physical address can hold the block, and none could be found; ask for a "
+            "smaller alignment, or run memd where IOVA is the virtual address (--no-huge "
+            "or without root)"
+        )
 
     def _map_slot(
         self, msl: MemsegList, slot: int, fd: int | None = None, populate: bool = False
@@ -126,16 +234,27 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             for msl in self._lists:
                 want = set(msl.used_slots())
                 have = self._mapped.setdefault(msl.index, set())
+                gone = sorted(have - want)
+                for first, n in _runs(gone):  # told before they go (DPDK's order)
+                    self._mem_event(
+                        MEM_EVENT_FREE, msl.base_offset + first * msl.page_size, n * msl.page_size
+                    )
+                for slot in gone:
+                    self._unmap_slot(msl, slot)
+                    unmapped += 1
+                added = []
                 for slot in sorted(want - have):
                     try:
                         self._map_slot(msl, slot)
                     except FileNotFoundError:  # released since we read the list
                         vanished = True
                         continue
+                    added.append(slot)
                     mapped += 1
-                for slot in sorted(have - want):
-                    self._unmap_slot(msl, slot)
-                    unmapped += 1
+                for first, n in _runs(added):
+                    self._mem_event(
+                        MEM_EVENT_ALLOC, msl.base_offset + first * msl.page_size, n * msl.page_size
+                    )
             # the generation was read before the walk: no change is lost; after a
             # page vanished under us, the next sync looks again
             self._synced_generation = -1 if vanished else generation
@@ -322,44 +441,94 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         align: int = 64,
         bound: int = 0,
     ) -> Memzone:
-        """Reserve `length` bytes named `name`, aligned to `align` (a power of two;
-        smaller than 64 is rounded up to 64, as DPDK does) and not crossing a
-        multiple of `bound` (0, or a power of two >= length)."""
+        """Reserve ``length`` bytes named ``name`` (rte_memzone_reserve_bounded).
+
+        ``align``: a power of two (smaller than 64 is rounded up to 64, as DPDK
+        does).  ``bound``: 0, or a power of two >= length the zone never crosses.
+        ``length`` 0 asks for as much as possible, as in DPDK: the bound's size
+        with a bound, else the biggest block the heaps have now (no growth); the
+        zone's length is then that block's usable size.  ``flags``: MEMZONE_*
+        (a page-size flag restricts the pages used, MEMZONE_SIZE_HINT_ONLY lets
+        any size do when none of them can be had, MEMZONE_IOVA_CONTIG asks for
+        contiguous IOVA).  The memzone's ``length`` is the requested one (DPDK
+        rounds it up to 64); the space reserved is rounded.
+
+        Raises MemdValueError for a bad name, length, align, bound or flag,
+        MemdExistsError if the name is taken, MemdMemoryError when no memory (of
+        the page size asked for) can be had or the memzone table is full.
+        """
         check_name(name)
-        if not isinstance(length, int) or length <= 0:
-            raise MemdValueError(f"memzone length must be a positive int, not {length!r}")
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise MemdValueError(f"memzone length must be an int >= 0, not {length!r}")
         if not isinstance(align, int) or not (align == 0 or _is_pow2(align)):
             raise MemdValueError(f"align must be a power of two, not {align!r}")
+        if align > MAX_ALIGN:
+            raise MemdValueError(
+                f"align {align} is larger than {MAX_ALIGN >> 30} GiB, the largest page size "
+                "memd aligns to"
+            )
         if not isinstance(bound, int) or bound < 0 or (bound and not _is_pow2(bound)):
             raise MemdValueError(f"bound must be 0 or a power of two, not {bound!r}")
         if bound and bound < length:
             raise MemdValueError(f"bound {bound} is smaller than length {length}")
-        if not isinstance(flags, int) or flags & ~_MEMZONE_FLAGS:
-            raise MemdValueError(f"unknown memzone flags {flags!r}")
+        if not isinstance(flags, int) or flags & ~_ext.MEMZONE_F_ALL:
+            raise MemdValueError(
+                f"unknown memzone flags {flags!r}: use mc.MEMZONE_* ({', '.join(MEMZONE_FLAGS)})"
+            )
         align = max(align, 64)
         if bound and align > bound:
             raise MemdValueError(f"align {align} is larger than bound {bound}")
         contig = bool(flags & MEMZONE_IOVA_CONTIG)
+        sizes = _ext.memzone_page_sizes(flags)
+        # Page sizes asked for first; with SIZE_HINT_ONLY, then any size.
+        passes = [False, True] if sizes and flags & MEMZONE_SIZE_HINT_ONLY else [not sizes]
+        grow_size = length or bound
         last_error: MemdError | None = None
-        for heap in self._heap_order(socket_id):
-            for attempt in range(3):
-                try:
-                    zid = _ext.memzone_reserve(
-                        self.window, name, length, heap, flags, align, bound, os.getpid()
+        for any_size in passes:
+            for heap in self._heap_order(socket_id):
+                if not any_size and not any(
+                    m.page_size in sizes for m in memseg_lists(self.window) if m.socket_id == heap
+                ):
+                    last_error = MemdMemoryError(
+                        f"memzone_reserve({name!r}): socket {heap} has no "
+                        f"{' or '.join(_size_text(p) for p in sizes)} pages; reserve some, "
+                        "or add MEMZONE_SIZE_HINT_ONLY to take any page size"
                     )
-                    self.sync_pages()
-                    return self._zone(zid)
-                except OSError as e:
-                    if e.errno != errno.ENOMEM:
-                        raise translate(e, f"memzone_reserve({name!r})") from e
-                    last_error = translate(e, f"memzone_reserve({name!r}, {length})")
-                    if attempt == 2:
-                        break
+                    continue
+                for attempt in range(3):
                     try:
-                        self._expand_heap(heap, length, align, bound, contig)
-                    except MemoryError as me:
-                        last_error = me if isinstance(me, MemdError) else MemdMemoryError(str(me))
-                        break
+                        zid = _ext.memzone_reserve(
+                            self.window,
+                            name,
+                            length,
+                            heap,
+                            flags,
+                            any_size,
+                            align,
+                            bound,
+                            os.getpid(),
+                        )
+                        self.sync_pages()
+                        return self._zone(zid)
+                    except OSError as e:
+                        if e.errno != errno.ENOMEM:
+                            raise translate(e, f"memzone_reserve({name!r})") from e
+                        last_error = translate(e, f"memzone_reserve({name!r}, {length})")
+                        if attempt == 2 or not grow_size:  # length 0: what there is now
+                            break
+                        try:
+                            self._expand_heap(
+                                heap, grow_size, align, bound, contig, () if any_size else sizes
+                            )
+                        except MemoryError as me:
+                            last_error = (
+                                me if isinstance(me, MemdError) else MemdMemoryError(str(me))
+                            )
+                            break
+        if isinstance(last_error, MemdMemoryError) and align > 64:
+            note = self._align_note(self._heap_order(socket_id)[0], align)
+            if note:
+                last_error = MemdMemoryError(f"{last_error}{note}")
         raise last_error or MemdMemoryError(f"memzone_reserve({name!r}): no memory")
 
     def _zone(self, zid: int) -> Memzone:
@@ -381,7 +550,10 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
     def memzone_free(self, mz: Memzone) -> None:
         """Free memzone `mz` (DPDK `rte_memzone_free`).  Raises MemdKeyError if it is
         no longer reserved (freed already, perhaps by another process), and
-        MemdValueError if a listed ring or mempool lives in it (free that instead)."""
+        MemdValueError if a listed ring or mempool lives in it (free that instead), or
+        if ``mz`` is not a Memzone (DPDK's rte_memzone_free(NULL) is -EINVAL)."""
+        if not isinstance(mz, Memzone):
+            raise MemdValueError(f"memzone_free: expected a Memzone, got {type(mz).__name__}")
         t = _ext.memzone(self.window, mz.id)
         if t is None or t[1] != mz.name or t[2] != mz.offset:
             raise MemdKeyError(f"memzone {mz.name!r} is not reserved (already freed?)")
@@ -431,7 +603,15 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
 
     # --- heap growth hooks (subclasses) ----------------------------------------
 
-    def _expand_heap(self, heap: int, size: int, align: int, bound: int, contig: bool) -> None:
+    def _expand_heap(
+        self,
+        heap: int,
+        size: int,
+        align: int,
+        bound: int,
+        contig: bool,
+        page_sizes: Sequence[int] = (),
+    ) -> None:
         raise NotImplementedError
 
     def _release_pages(self, heap: int) -> int | None:

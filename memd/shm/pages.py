@@ -64,6 +64,9 @@ class PageStore:
         self.owner = os.geteuid() if owner is None else owner
         self.dirs: dict[int, str] = {}
         self._devs: dict[int, int] = {}
+        # --huge-unlink=never: page files outlive their pages and the primary, and a
+        # new page reuses the file a previous run left (its old data included)
+        self.reuse = False
 
     def set_dir(self, index: int, directory: str) -> None:
         """Page files of memseg list `index` live in `directory` (SHM_DIR for shm)."""
@@ -86,9 +89,24 @@ class PageStore:
 
     def create(self, msl: MemsegList, slot: int) -> int:
         """Create the page's file (exclusively, never through a symlink) sized to
-        one page, locked shared; returns an fd."""
-        fd = create_file(self.path(msl, slot), self.mode, self.gid, size=msl.page_size)
-        fcntl.flock(fd, fcntl.LOCK_SH)  # a new file: nobody else can hold it yet
+        one page, locked shared; returns an fd.  With ``reuse``, a file a previous
+        run left there is taken instead, if it is this uid's, one page long, and
+        nobody maps it (raises OSError EBUSY if somebody does)."""
+        path = self.path(msl, slot)
+        try:
+            fd = create_file(path, self.mode, self.gid, size=msl.page_size)
+        except FileExistsError:
+            if not self.reuse:
+                raise
+            fd = open_checked(
+                path, self.owner, size=msl.page_size, dev=self._devs[msl.index], what="page file"
+            )
+            if not try_lock(fd, exclusive=True):
+                os.close(fd)
+                raise OSError(
+                    errno.EBUSY, f"{path} is still mapped by another process", path
+                ) from None
+        fcntl.flock(fd, fcntl.LOCK_SH)  # ours alone until now: nobody else holds it
         return fd
 
     def open(self, msl: MemsegList, slot: int) -> int:
@@ -105,6 +123,9 @@ class PageStore:
         return fd
 
     def remove(self, msl: MemsegList, slot: int) -> None:
+        """Unlink the page's file (kept with ``reuse``: the next run takes it)."""
+        if self.reuse:
+            return
         with contextlib.suppress(FileNotFoundError, KeyError):
             os.unlink(self.path(msl, slot))
 
@@ -212,10 +233,16 @@ def _memd_files(directory: str) -> dict[str, dict[str, list[str]]]:
 
 
 def _remove_if_unheld(
-    path: str, report: CleanReport, prefix: str, owner: int, force: bool = False
+    path: str,
+    report: CleanReport,
+    prefix: str,
+    owner: int,
+    force: bool = False,
+    keep: bool = False,
 ) -> bool:
     """Unlink `path` if it is `owner`'s and nobody holds a lock on it (or, with
-    `force`, if it is held: its holders keep their mappings).  True if removed."""
+    `force`, if it is held: its holders keep their mappings).  True if removed.
+    `keep`: only judge it (foreign, held), remove nothing that nobody holds."""
     try:
         fd = os.open(path, os.O_RDONLY | NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -236,6 +263,8 @@ def _remove_if_unheld(
             if not force:
                 report.held.append((path, who))
                 return False
+        elif keep:
+            return False
         try:
             if os.stat(path).st_ino != st.st_ino:
                 return False  # replaced since we opened it: not the file we judged
@@ -251,13 +280,25 @@ def _remove_if_unheld(
         os.close(fd)
 
 
-def remove_own_stale(directory: str, prefix: str, *, take_over: bool) -> CleanReport:
+def remove_own_stale(
+    directory: str, prefix: str, *, take_over: bool, keep_pages: bool = False
+) -> CleanReport:
     """With this prefix's lock held: remove its page files that nobody holds.  Files
     a live process still maps (a dead primary's secondaries) are left and reported,
-    or with `take_over` unlinked under them (they keep their mappings)."""
+    or with `take_over` unlinked under them (they keep their mappings).
+    `keep_pages` (--huge-unlink=never): page files nobody holds stay, for reuse."""
     report = CleanReport()
     kinds = _memd_files(directory).get(prefix, {})
-    for name in kinds.get("page", []) + kinds.get("temp", []):
+    for name in kinds.get("page", []):
+        _remove_if_unheld(
+            os.path.join(directory, name),
+            report,
+            prefix,
+            os.geteuid(),
+            force=take_over,
+            keep=keep_pages,
+        )
+    for name in kinds.get("temp", []):
         _remove_if_unheld(
             os.path.join(directory, name), report, prefix, os.geteuid(), force=take_over
         )
