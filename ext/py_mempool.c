@@ -83,8 +83,8 @@ static PyObject *raise_pool(MemdMempool *self, char *base, int rc, const char *w
         break;
     default:
         PyErr_Format(memd_error("CorruptionError", PyExc_ValueError),
-                     "mempool %R: %s found the pool corrupted (a cookie or the free ring); "
-                     "run audit() for details",
+                     "mempool %R: %s found the pool corrupted (a cookie, a cache's length or the "
+                     "free ring); run audit() for details",
                      name, what);
     }
     Py_DECREF(name);

@@ -12,9 +12,22 @@ and travel through rings::
     pool.put(o)
 
 Each process gets and puts through its own cache first (DPDK's per-lcore cache,
-indexed by the process slot); the cache is refilled from the ring when empty and
-flushed to it past ``1.5 * cache_size``.  Objects sitting in *another* process's
-cache count as available but cannot be taken by this one.
+indexed by the process slot), exactly as DPDK 22.11's ``rte_mempool_do_generic_get``
+and ``_put`` do:
+
+- ``get_bulk(n)`` with ``n <= cache_count()`` serves from the cache's top.  Otherwise
+  the cache gives all it has and the ring the rest: one all-or-nothing ring
+  dequeue of ``cache_size + rest`` leaves exactly ``cache_size`` cached (only when
+  the rest is at most ``MEMPOOL_CACHE_MAX_SIZE``); if the ring holds fewer, the
+  ring gives just the rest; if not even that, nothing is taken (PoolEmpty, the
+  ring and the cache as they were).  So a get never takes more from the ring than
+  ``n + cache_size``.
+- ``put_bulk(objs)`` of more than ``flushthresh`` (``cache_size * 3 // 2``) objects
+  goes straight to the ring; otherwise, if the cache would pass flushthresh, the
+  whole cache goes to the ring first; then the objects are cached.
+
+Objects sitting in *another* process's cache count as available
+(:meth:`Mempool.avail_count`) but cannot be taken by this one.
 
 Each object's header records the pid of the process that last got it (its *owner
 tag*).  When a process dies, ``pool.held_by(pid)`` says how many objects it had
