@@ -1,12 +1,13 @@
 """Mempools: exhaustion, all-or-nothing bulk, caches and counts (DPDK 22.11's get
 and put, predicted exactly), obj_init, handles across processes through a ring,
-audit, leaks.  Mostly anonymous windows; the last section uses real daemons and
-secondaries in both modes.  No timing."""
+audit, leaks, object IOVAs and iteration.  Mostly anonymous windows; the last
+sections use real daemons and secondaries in both modes.  No timing."""
 
 from __future__ import annotations
 
 import array
 import contextlib
+import itertools
 import json
 import os
 import select
@@ -24,12 +25,15 @@ from support.fake_memory import FakeMemory
 from support.forking import fork_run, wait_child
 
 from memd import _ext
-from memd.errors import CorruptionError, MemdError, PoolEmpty
+from memd.errors import CorruptionError, MemdError, MemdValueError, PoolEmpty
+from memd.hw import pagemap
+from memd.shm.config import header
 from memd.shm.mempool import (
     MEMPOOL_CACHE_MAX_SIZE,
     MEMPOOL_F_SC_GET,
     MEMPOOL_F_SP_PUT,
     Mempool,
+    MempoolMemChunk,
     MempoolObject,
     mempool_memsize,
 )
@@ -359,6 +363,7 @@ class PoolModel(RuleBasedStateMachine):
         assert [q.cache_count() for q in self.pools[:2]] == self.cache[:2]
         assert p.avail_count() == self.n - len(self.held)
         assert p.in_use_count() == len(self.held)
+        assert p.full() == (not self.held) and p.empty() == (len(self.held) == self.n)
         stats = p.audit()
         assert stats["in_use"] == len(self.held)
         assert stats["in_ring"] + stats["in_caches"] == self.n - len(self.held)
@@ -737,6 +742,77 @@ def test_put_bulk_longer_than_the_pool_names_the_duplicate(window: _ext.Window) 
     p.audit()
 
 
+# --- object IOVAs and iteration (anonymous windows) ---------------------------------------
+
+
+def test_obj_iter_full_empty_and_no_iova_outside_memseg_lists(window: _ext.Window) -> None:
+    p = Mempool.create(window, BASE, 20, 40, cache_size=4)
+    assert p.full() and not p.empty()
+    objs = list(p.obj_iter())
+    assert [o.index for o in objs] == list(range(20))
+    assert objs == [p.obj_at(i) for i in range(20)]
+    assert p.full()  # iterating takes nothing
+    held = p.get_bulk(20)
+    assert p.empty() and not p.full()
+    assert list(p.obj_iter()) == objs  # in use or not: every object
+    p.put(held.pop())
+    assert not p.empty() and not p.full()
+    p.put_bulk(held)
+    assert p.full()
+    # an anonymous window has no memseg lists: no IOVA, one chunk
+    assert {o.iova for o in objs} == {_ext.BAD_IOVA}
+    stride = p.obj_stride
+    first = objs[0].handle - offsets()["memd_mempool_objhdr"]
+    assert list(p.mem_iter()) == [MempoolMemChunk(first, 20 * stride, _ext.BAD_IOVA)]
+    assert first + 20 * stride == p.offset + p.memsize
+
+
+def test_mem_iter_splits_where_the_iova_does_not_follow_on() -> None:
+    """IOVA-as-PA with made-up page addresses: pages 0-1 follow on from A, 2-3 from
+    B, 4-5 have no IOVA, 6 on from C.  Each chunk is one IOVA-contiguous run."""
+    page, pages = 16 << 10, 64
+    size = BASE + pages * page
+    w = _ext.Window.anonymous(size)
+    _ext.config_format(w, "mpiova", 0, _ext.IOVA_PA, size, 2 << 20, os.getpid(), 0)
+    _ext.msl_init(w, 0, BASE, page, 0, pages, "")
+    a, b, c = 0x1_0000_0000, 0x7_0000_0000, 0x3_0000_0000
+    for k in range(pages):
+        if k in (4, 5):
+            continue  # no page there: no IOVA
+        iova = a + k * page if k < 2 else b + (k - 2) * page if k < 4 else c + (k - 6) * page
+        _ext.msl_set_page(w, 0, k, iova, 0, 0)
+    p = Mempool.create(w, BASE, 500, 64)
+    end = p.offset + p.memsize
+    start = end - 500 * p.obj_stride
+    assert (start - BASE) // page == 0 and (end - BASE) // page == 6  # the premises
+    pg = [BASE + k * page for k in range(7)]
+    assert list(p.mem_iter()) == [
+        MempoolMemChunk(start, pg[2] - start, a + start - BASE),
+        MempoolMemChunk(pg[2], 2 * page, b),
+        MempoolMemChunk(pg[4], 2 * page, _ext.BAD_IOVA),
+        MempoolMemChunk(pg[6], end - pg[6], c),
+    ]
+    for o in p.obj_iter():
+        k = (o.handle - BASE) // page
+        want = (
+            a + o.handle - BASE
+            if k < 2
+            else b + o.handle - pg[2]
+            if k < 4
+            else _ext.BAD_IOVA
+            if k < 6
+            else c + o.handle - pg[6]
+        )
+        assert o.iova == want, o.index
+    w.close()
+    with pytest.raises(MemdValueError):
+        list(p.mem_iter())
+    with pytest.raises(MemdValueError):
+        list(p.obj_iter())
+    with pytest.raises(MemdValueError):
+        p.full()
+
+
 # --- DPDK 22.11 caches between real processes ----------------------------------------------
 
 PEER = """
@@ -758,6 +834,10 @@ for line in sys.stdin:
             del held[len(held) - k:]
         elif cmd == "flush":
             r = mp.flush_cache()
+        elif cmd == "iova":
+            r = [[o.index, o.iova] for o in mp.obj_iter()][::k]
+        elif cmd == "chunks":
+            r = [list(c) for c in mp.mem_iter()]
     except PoolEmpty:
         r = "PoolEmpty"
     out({"r": r, "cache": mp.cache_count(), "held": len(held)})
@@ -833,10 +913,10 @@ def test_two_processes_share_a_pool_as_dpdk_22_11(daemon: Daemon) -> None:
         assert (ring.count, mp.cache_count(peer.slot)) == (30, 0)
         mine += mp.get_bulk(30)  # so they are still there for everyone
         assert (ring.count, mp.cache_count()) == (0, 0)
-        assert mp.avail_count() == 0
+        assert mp.empty() and not mp.full()
         # a failed get leaves a cache it could partly use as it was
         assert peer("put", 10) == {"r": "ok", "cache": 10, "held": 30}
-        assert mp.avail_count() == 10
+        assert not mp.empty() and mp.avail_count() == 10
         assert peer("get", 20) == {"r": "PoolEmpty", "cache": 10, "held": 30}
         with pytest.raises(PoolEmpty):
             mp.get()  # the 10 are the peer's
@@ -851,7 +931,7 @@ def test_two_processes_share_a_pool_as_dpdk_22_11(daemon: Daemon) -> None:
         assert peer("put", 40) == {"r": "ok", "cache": 40, "held": 0}
         mp.put_bulk(mine[49:])  # 39 more: 24 + 39 > 48
         assert (ring.count, mp.cache_count(), mp.cache_count(peer.slot)) == (49, 39, 40)
-        assert mp.avail_count() == 128  # objects in caches count, as in DPDK
+        assert mp.full()  # objects in caches count, as in DPDK
         # a miss: the cache gives its 40, the ring 9 and a refill of 32
         assert peer("get", 49) == {"r": "ok", "cache": 32, "held": 49}
         assert ring.count == 49 - 9 - 32
@@ -861,3 +941,45 @@ def test_two_processes_share_a_pool_as_dpdk_22_11(daemon: Daemon) -> None:
         assert (ring.count, mp.cache_count(peer.slot)) == (57 + 32, 0)
         assert mp.flush_cache() == 39
         assert mp.audit() == {"free": 128, "in_use": 0, "in_ring": 128, "in_caches": 0}
+
+
+def test_object_iova_and_iteration_in_a_daemon(daemon: Daemon) -> None:
+    with daemon.attach() as mem:
+        mp = mem.mempool_create("iov", 300, 1000, cache_size=16)
+        objs = list(mp.obj_iter())
+        assert [o.index for o in objs] == list(range(300))
+        chunks = list(mp.mem_iter())
+        assert chunks[0].offset == objs[0].handle - offsets()["memd_mempool_objhdr"]
+        assert chunks[-1].offset + chunks[-1].length == mp.offset + mp.memsize
+        assert sum(c.length for c in chunks) == 300 * mp.obj_stride
+        for x, y in itertools.pairwise(chunks):
+            assert x.offset + x.length == y.offset  # in order, no gaps
+            assert x.iova == _ext.BAD_IOVA or y.iova != x.iova + x.length  # a real split
+        mz = mem.memzone_lookup("MP_iov")
+        assert mz.offset <= chunks[0].offset and mp.offset + mp.memsize <= mz.offset + mz.length
+        for o in objs:
+            (c,) = [c for c in chunks if c.offset <= o.handle < c.offset + c.length]
+            assert c.iova != _ext.BAD_IOVA
+            assert o.iova == c.iova + (o.handle - c.offset)
+        hdr = header(mem.window)
+        if hdr.iova_mode == _ext.IOVA_VA:
+            assert len(chunks) == 1
+            assert [o.iova for o in objs] == [hdr.primary_base + o.handle for o in objs]
+        else:  # the kernel's own word on each object's physical address
+            addrs = [mem.window.address + o.handle for o in objs]
+            assert pagemap.virt_to_phys_many(addrs) == [o.iova for o in objs]
+        # another process sees the same IOVAs and chunks, and full() counts its cache
+        peer = Peer(daemon, "iov")
+        assert peer("iova", 7)["r"] == [[o.index, o.iova] for o in objs][::7]
+        assert peer("chunks")["r"] == [list(c) for c in chunks]
+        assert mp.full()
+        assert peer("get", 1)["cache"] == 16
+        assert not mp.full() and mp.avail_count() == 299
+        assert peer("put", 1)["cache"] == 17
+        assert mp.full() and Ring(mem.window, mp.ring_offset).count == 300 - 17
+        peer.finish()  # detach gives its cache back
+        assert mp.cache_count(peer.slot) == 0 and mp.full()
+        held = mp.get_bulk(300)  # no refill possible: all 300 from the ring
+        assert mp.empty() and mp.cache_count() == 0
+        mp.put_bulk(held)
+        assert mp.full()
