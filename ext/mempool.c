@@ -61,7 +61,8 @@ int memd_mempool_geometry(uint32_t n, uint32_t elt_size, uint32_t cache_size, ui
     g->flushthresh = flushthresh;
     if (cache_size) {
         g->caches_offset = off;
-        /* 2 * cache_size: a refill may briefly hold cache_size + n <= 2 * size */
+        /* 2 * cache_size: a refill of cache_size + n lands here when n <= size
+         * (a bigger one goes through the stack); a put leaves <= 1.5 * size */
         g->cache_stride = round_up(sizeof(struct memd_mempool_cache) +
                                        2u * (uint64_t)cache_size * sizeof(uint64_t),
                                    MEMD_CACHE_LINE);
@@ -194,50 +195,67 @@ static int mark_busy(char *base, uint64_t pool, const uint64_t *handles, unsigne
     return rc;
 }
 
+/* A cache miss (DPDK 22.11 rte_mempool_do_generic_get past its first loop):
+ * the cache gives all len it has, then one all-or-nothing ring dequeue of
+ * cache_size + the rest refills the cache to cache_size and serves the rest;
+ * if the ring has fewer, the rest alone comes from the ring, all or nothing;
+ * if not even that, nothing is taken.  handles[] is written only on success
+ * (DPDK writes it either way).  The refill lands on the stack first: the
+ * cache's old entries must survive a failed get.  The cache's len is stored
+ * only once the outcome is known: a process killed in between leaves objects
+ * in no ring or cache (memd_mempool_recover finds them), never in two places.
+ * Out of line: the stack buffer stays off the hit path. */
+static __attribute__((noinline)) int get_miss(char *base, uint64_t pool, struct memd_mempool *mp,
+                                              struct memd_mempool_cache *c, uint32_t len,
+                                              uint64_t *handles, unsigned n)
+{
+    struct memd_ring *r = ring_of(base, pool, mp);
+    const uint32_t size = mp->cache_size;
+    const unsigned rest = n - len;
+    uint64_t refill[2 * MEMD_MEMPOOL_CACHE_MAX_SIZE];
+    /* As DPDK: a rest bigger than the largest cache is not worth a refill. */
+    const unsigned req = rest <= MEMD_MEMPOOL_CACHE_MAX_SIZE ? size + rest : 0;
+    const int refilled =
+        req && memd_ring_dequeue_bulk(r, memd_ring_geom_of(r), refill, req, NULL, NULL) == req;
+    if (refilled) {
+        for (unsigned i = 0; i < rest; i++)
+            handles[len + i] = refill[req - 1 - i];
+    } else if (memd_ring_dequeue_bulk(r, memd_ring_geom_of(r), handles + len, rest, NULL, NULL) !=
+               rest) {
+        return -ENOBUFS; /* nothing taken: the ring and the cache as they were */
+    }
+    for (unsigned i = 0; i < len; i++)
+        handles[i] = c->objs[len - 1 - i];
+    if (refilled)
+        memcpy(c->objs, refill, size * sizeof(uint64_t));
+    atomic_store_explicit(&c->len, refilled ? size : 0, memory_order_relaxed);
+    c->gets += n;
+    return mark_busy(base, pool, handles, n);
+}
+
 int memd_mempool_get_bulk(char *base, uint64_t pool, uint32_t slot, uint64_t *handles, unsigned n)
 {
     struct memd_mempool *mp = pool_at(base, pool);
-    struct memd_ring *r = ring_of(base, pool, mp);
     struct memd_mempool_cache *c = cache_of(base, pool, mp, slot);
     if (unlikely(n == 0))
         return 0;
-    /* relaxed: only this process writes its cache's len (see the header). */
-    uint32_t len = c ? atomic_load_explicit(&c->len, memory_order_relaxed) : 0;
-
-    if (likely(n <= len)) {
-        /* The hot objects are on top of the stack: hand those out. */
-        for (unsigned i = 0; i < n; i++)
-            handles[i] = c->objs[len - 1 - i];
-        atomic_store_explicit(&c->len, len - n, memory_order_relaxed);
-        c->gets += n;
-        return mark_busy(base, pool, handles, n);
-    }
-    if (c != NULL && n <= mp->cache_size) {
-        /* Refill so that cache_size objects stay cached after serving n. */
-        unsigned want = mp->cache_size + n - len;
-        len += memd_ring_dequeue_burst(r, memd_ring_geom_of(r), &c->objs[len], want, NULL, NULL);
-        if (len < n) {
-            /* Not enough anywhere we may look; the refill stays cached. */
-            atomic_store_explicit(&c->len, len, memory_order_relaxed);
+    if (c == NULL) {
+        struct memd_ring *r = ring_of(base, pool, mp);
+        if (memd_ring_dequeue_bulk(r, memd_ring_geom_of(r), handles, n, NULL, NULL) != n)
             return -ENOBUFS;
-        }
-        for (unsigned i = 0; i < n; i++)
-            handles[i] = c->objs[len - 1 - i];
-        atomic_store_explicit(&c->len, len - n, memory_order_relaxed);
-        c->gets += n;
         return mark_busy(base, pool, handles, n);
     }
-    /* A request larger than the cache (or no cache): the ring gives the part
-     * the cache cannot, all or nothing; then the cache gives all it has. */
-    unsigned rest = n - len;
-    if (memd_ring_dequeue_bulk(r, memd_ring_geom_of(r), handles, rest, NULL, NULL) != rest)
-        return -ENOBUFS;
-    for (unsigned i = 0; i < len; i++)
-        handles[rest + i] = c->objs[len - 1 - i];
-    if (c != NULL) {
-        atomic_store_explicit(&c->len, 0, memory_order_relaxed);
-        c->gets += len;
-    }
+    /* relaxed: only this process writes its cache's len (see the header). */
+    uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
+    if (unlikely(len > 2u * mp->cache_size))
+        return -EFAULT; /* a smashed len would index past the cache */
+    if (unlikely(n > len))
+        return get_miss(base, pool, mp, c, len, handles, n);
+    /* The hot objects are on top of the stack: hand those out. */
+    for (unsigned i = 0; i < n; i++)
+        handles[i] = c->objs[len - 1 - i];
+    atomic_store_explicit(&c->len, len - n, memory_order_relaxed);
+    c->gets += n;
     return mark_busy(base, pool, handles, n);
 }
 
@@ -255,6 +273,10 @@ int memd_mempool_put_bulk(char *base, uint64_t pool, uint32_t slot, const uint64
     struct memd_mempool *mp = pool_at(base, pool);
     struct memd_ring *r = ring_of(base, pool, mp);
     struct memd_mempool_cache *c = cache_of(base, pool, mp, slot);
+    /* relaxed: only this process writes its cache's len (see the header). */
+    uint32_t len = c ? atomic_load_explicit(&c->len, memory_order_relaxed) : 0;
+    if (unlikely(len > 2u * mp->cache_size))
+        return -EFAULT; /* a smashed len would index past the cache */
 
     /* Validate and mark free in one pass; a duplicate in this call then shows
      * up as already FREE.  On any failure undo the marks made so far. */
@@ -272,15 +294,19 @@ int memd_mempool_put_bulk(char *base, uint64_t pool, uint32_t slot, const uint64
         h->cookie = MEMD_MEMPOOL_HDR_COOKIE_FREE;
     }
 
-    if (c == NULL || n > mp->flushthresh) {
+    /* DPDK 22.11 rte_mempool_do_generic_put: more than the flush threshold goes
+     * straight to the ring; else if the cache would pass the threshold, the
+     * whole cache goes to the ring first; then the n objects are cached.  The
+     * threshold is computed, not read: the cache has room for 2 * cache_size. */
+    const uint32_t flushthresh = mp->cache_size * 3 / 2;
+    if (c == NULL || n > flushthresh) {
         if (memd_ring_enqueue_bulk(r, memd_ring_geom_of(r), handles, n, NULL, NULL) != n) {
             unmark(base, handles, n);
             return -EFAULT; /* more objects than the pool has: corrupted */
         }
         return 0;
     }
-    uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
-    if (len + n > mp->flushthresh) {
+    if (len + n > flushthresh) {
         /* Past the threshold: the whole cache goes back to the ring.  Empty it
          * first: a process killed in between leaves objects in no ring or cache
          * (memd_mempool_recover finds them), never in both (handed out twice). */

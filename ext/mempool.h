@@ -8,7 +8,8 @@
  * by *handles*, the window offsets of their data, which every process
  * understands and which travel through rings.  A process gets and puts through
  * its own cache (cache index = its process slot) first: a LIFO stack refilled
- * from the ring when empty and flushed back to the ring past flushthresh.
+ * from the ring on a miss and flushed back to the ring past flushthresh, as DPDK
+ * 22.11's rte_mempool_do_generic_get/put do (see memd_mempool_get_bulk/put_bulk).
  *
  * `base` is this process's window address; the pool never stores it.  Slot
  * MEMD_MEMPOOL_NO_CACHE bypasses the caches.  No locks: the ring is lock-free
@@ -51,15 +52,26 @@ int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n, u
 int memd_mempool_check(const char *base, uint64_t pool, uint64_t avail);
 
 /* Take n objects, all or nothing, through cache `slot`; their handles go to
- * handles[0..n).  Fails iff -ENOBUFS (fewer than n free in this slot's cache
- * and the ring; nothing taken) or -EFAULT (a free object's cookie is wrong:
- * corruption). */
+ * handles[0..n).  DPDK 22.11 rte_mempool_do_generic_get: if the cache holds n,
+ * they come from its top; else the cache gives all it has (len) and the ring the
+ * rest, n - len: if the rest is at most MEMD_MEMPOOL_CACHE_MAX_SIZE, one ring
+ * dequeue of cache_size + rest refills the cache to exactly cache_size as well;
+ * if the ring has fewer than that, or the rest is bigger, the ring gives just
+ * the rest.  No cache (slot MEMD_MEMPOOL_NO_CACHE, cache_size 0): n from the
+ * ring.  Every ring dequeue is all or nothing.  Fails iff -ENOBUFS (fewer than
+ * n free in this slot's cache and the ring; nothing taken, the cache as it was)
+ * or -EFAULT (a free object's cookie is wrong, or the cache's length is out of
+ * range: corruption). */
 int memd_mempool_get_bulk(char *base, uint64_t pool, uint32_t slot, uint64_t *handles, unsigned n);
 
-/* Give n objects back through cache `slot`, all or nothing.  Fails iff
- * -EINVAL (a handle that is not an object of this pool), -EALREADY (an object
- * already free: a double put, also within this call), or -EFAULT (a cookie is
- * smashed, or the ring overflowed: corruption).  On failure nothing changed. */
+/* Give n objects back through cache `slot`, all or nothing.  DPDK 22.11
+ * rte_mempool_do_generic_put: n > flushthresh (cache_size * 3 / 2) go straight
+ * to the ring; else if len + n > flushthresh, the whole cache goes to the ring
+ * first; then the n are cached (the last one on top).  Fails iff -EINVAL (a
+ * handle that is not an object of this pool), -EALREADY (an object already
+ * free: a double put, also within this call), or -EFAULT (a cookie is smashed,
+ * the cache's length is out of range, or the ring overflowed: corruption).  On
+ * failure nothing changed. */
 int memd_mempool_put_bulk(char *base, uint64_t pool, uint32_t slot, const uint64_t *handles,
                           unsigned n);
 

@@ -9,6 +9,7 @@
  * CorruptionError themselves (imported on first use) instead of returning an
  * errno for Python to translate: a Python wrapper would double their cost.
  */
+#include "config.h"
 #include "memd_py.h"
 #include "mempool.h"
 #include "py_ring.h"
@@ -83,8 +84,8 @@ static PyObject *raise_pool(MemdMempool *self, char *base, int rc, const char *w
         break;
     default:
         PyErr_Format(memd_error("CorruptionError", PyExc_ValueError),
-                     "mempool %R: %s found the pool corrupted (a cookie or the free ring); "
-                     "run audit() for details",
+                     "mempool %R: %s found the pool corrupted (a cookie, a cache's length or the "
+                     "free ring); run audit() for details",
                      name, what);
     }
     Py_DECREF(name);
@@ -144,6 +145,15 @@ static PyObject *mpobj_get_pool(PyObject *o, void *Py_UNUSED(c))
     return p;
 }
 
+/* DPDK rte_mempool_virt2iova: computed from the memseg tables when asked (a
+ * page's IOVA is fixed while it is mapped), so the object header needs no copy. */
+static PyObject *mpobj_get_iova(PyObject *o, void *Py_UNUSED(c))
+{
+    MemdMpObj *obj = (MemdMpObj *)o;
+    char *base = pool_base(obj->pool);
+    return base ? PyLong_FromUnsignedLongLong(memd_iova_of(base, obj->handle)) : NULL;
+}
+
 static PyObject *mpobj_get_buf(PyObject *o, void *Py_UNUSED(c))
 {
     return PyMemoryView_FromObject(o);
@@ -187,6 +197,10 @@ static PyGetSetDef mpobj_getset[] = {
     {"index", mpobj_get_index, NULL, "0..n-1, as given to obj_init", NULL},
     {"pool", mpobj_get_pool, NULL, "the Mempool it belongs to", NULL},
     {"buf", mpobj_get_buf, NULL, "writable zero-copy memoryview of the object's data", NULL},
+    {"iova", mpobj_get_iova, NULL,
+     "IO address of the object's data (DPDK rte_mempool_virt2iova); BAD_IOVA if the memory "
+     "has none (not in a memseg list, or its page's IOVA is unknown). ValueError after detach.",
+     NULL},
     {"size", mpobj_get_size, NULL, "bytes of data (the pool's elt_size)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

@@ -1,11 +1,18 @@
-"""Mempools: exhaustion, all-or-nothing bulk, caches and counts, obj_init, handles
-across processes through a ring, audit, leaks.  Anonymous windows; no timing."""
+"""Mempools: exhaustion, all-or-nothing bulk, caches and counts (DPDK 22.11's get
+and put, predicted exactly), obj_init, handles across processes through a ring,
+audit, leaks, object IOVAs and iteration.  Mostly anonymous windows; the last
+sections use real daemons and secondaries in both modes.  No timing."""
 
 from __future__ import annotations
 
 import array
 import contextlib
+import itertools
+import json
 import os
+import select
+import subprocess
+import sys
 import time
 import tracemalloc
 
@@ -18,15 +25,20 @@ from support.fake_memory import FakeMemory
 from support.forking import fork_run, wait_child
 
 from memd import _ext
-from memd.errors import CorruptionError, MemdError, PoolEmpty
+from memd.errors import CorruptionError, MemdError, MemdValueError, PoolEmpty
+from memd.hw import pagemap
+from memd.shm.config import header
 from memd.shm.mempool import (
+    MEMPOOL_CACHE_MAX_SIZE,
     MEMPOOL_F_SC_GET,
     MEMPOOL_F_SP_PUT,
     Mempool,
+    MempoolMemChunk,
     MempoolObject,
     mempool_memsize,
 )
 from memd.shm.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
+from memd.testing import SECONDARY_PRELUDE, Daemon
 from tests.support.layout import offsets
 
 BASE = _ext.CONFIG_SIZE
@@ -189,9 +201,9 @@ def test_cache_counts_and_lifo(window: _ext.Window) -> None:
     p.put(o)
     assert p.get() == o  # LIFO: the hot object comes back first
     p.put(o)
-    objs = p.get_bulk(13)  # more than the cache holds: it empties the cache
-    assert p.cache_count() == 0
-    p.put_bulk(objs[:12])  # up to flushthresh: all cached
+    objs = p.get_bulk(13)  # a miss: the cache gives its 9, a refill of 8 + 4 keeps 8
+    assert p.cache_count() == cs
+    p.put_bulk(objs[:12])  # 8 + 12 > flushthresh: the 8 go to the ring, the 12 are cached
     assert p.cache_count() == 12
     p.put(objs[12])  # past flushthresh: the cache goes to the ring first
     assert p.cache_count() == 1
@@ -207,38 +219,71 @@ def test_other_slots_cache_is_not_ours(window: _ext.Window) -> None:
     n = 12
     p0 = Mempool.create(window, BASE, n, 16, cache_size=8)
     p1 = Mempool(window, BASE, 1)  # as another process would use it
+    ring = Ring(window, p0.ring_offset)
     x = p0.get()  # slot 0 pulls 9 from the ring: 8 stay in its cache
-    assert (p0.cache_count(), p1.cache_count(), p0.cache_count(1)) == (8, 0, 0)
+    assert (p0.cache_count(), p1.cache_count(), p0.cache_count(1), ring.count) == (8, 0, 0, 3)
     assert p1.avail_count() == n - 1  # counted ...
     with pytest.raises(PoolEmpty):
         p1.get_bulk(4)  # ... but only slot 0 may take them
+    assert (ring.count, p1.cache_count()) == (3, 0)  # the failed get moved nothing
     assert _ext.mempool_flush_cache(window, BASE, 0) == 8  # what detach does
-    assert len(p1.get_bulk(4)) == 4  # refills slot 1 with everything the ring had
-    assert (p1.cache_count(), p0.avail_count()) == (7, 7)
-    p0.put(x)
+    # the ring has 11: too few for a refill (8 + 4), so it gives just the 4
+    assert len(p1.get_bulk(4)) == 4
+    assert (p1.cache_count(), ring.count, p0.avail_count()) == (0, 7, 7)
+    p0.put(x)  # into slot 0's cache
     nc = Mempool(window, BASE, -1)  # no cache at all
     assert nc.slot == -1 and nc.flush_cache() == 0
     with pytest.raises(PoolEmpty):
-        nc.get()
-    assert _ext.mempool_flush_cache(window, BASE, 1) == 7
+        nc.get_bulk(8)  # only the ring's 7
     assert len(nc.get_bulk(7)) == 7
+    assert _ext.mempool_flush_cache(window, BASE, 0) == 1
+    assert nc.get() == x
 
 
-def test_big_bulk_bypasses_cache(window: _ext.Window) -> None:
-    p = Mempool.create(window, BASE, 100, 8, cache_size=4)
-    objs = p.get_bulk(50)  # larger than the cache: straight from the ring
-    assert p.cache_count() == 0
+def test_big_bulk_refills_and_puts_past_flushthresh_go_to_the_ring(window: _ext.Window) -> None:
+    p = Mempool.create(window, BASE, 1200, 8, cache_size=4)
+    ring = Ring(window, p.ring_offset)
+    objs = p.get_bulk(50)  # DPDK 22.11: a miss refills even for a request over cache_size
+    assert (p.cache_count(), ring.count) == (4, 1200 - 54)
     p.put_bulk(objs)  # larger than flushthresh: straight to the ring
-    assert p.cache_count() == 0
-    assert p.audit()["in_ring"] == 100
+    assert (p.cache_count(), ring.count) == (4, 1200 - 4)
+    assert p.flush_cache() == 4
+    big = p.get_bulk(600)  # a rest over MEMPOOL_CACHE_MAX_SIZE: no refill
+    assert (p.cache_count(), ring.count) == (0, 600)
+    p.put_bulk(big)
+    assert p.audit()["in_ring"] == 1200
 
 
 # --- a model: two process slots, every outcome predicted ------------------------------
 
 
+def dpdk_get(size: int, cache: int, ring: int, n: int) -> tuple[int, int] | None:
+    """DPDK 22.11 rte_mempool_do_generic_get on counts: (cache, ring) after a get
+    of n, or None if it fails (and takes nothing).  size 0: no cache."""
+    if size == 0:
+        return (0, ring - n) if n <= ring else None
+    if n <= cache:
+        return cache - n, ring
+    rest = n - cache
+    if rest <= MEMPOOL_CACHE_MAX_SIZE and size + rest <= ring:
+        return size, ring - size - rest  # the refill
+    return (0, ring - rest) if rest <= ring else None
+
+
+def dpdk_put(size: int, cache: int, ring: int, n: int) -> tuple[int, int]:
+    """DPDK 22.11 rte_mempool_do_generic_put on counts: (cache, ring) after."""
+    flushthresh = size * 3 // 2
+    if size == 0 or n > flushthresh:
+        return cache, ring + n
+    if cache + n > flushthresh:
+        return n, ring + cache
+    return cache + n, ring
+
+
 class PoolModel(RuleBasedStateMachine):
-    """Two slots share a pool; predict each get's success from the ring and the
-    slot's own cache, and check counts and audit() after every step."""
+    """Two slots and a cacheless user share a pool; predict every get's outcome
+    and the ring's and each cache's count after every step, as DPDK 22.11's
+    rte_mempool_do_generic_get/put would leave them; audit() after every step."""
 
     window = _ext.Window.anonymous(8 << 20)
 
@@ -247,39 +292,41 @@ class PoolModel(RuleBasedStateMachine):
         self.pools: list[Mempool] = []
         self.held: list[int] = []  # handles handed out, any slot
         self.n = 0
+        self.cache = [0, 0, 0]  # predicted cache counts (slot 2 has none)
+        self.ring = 0  # predicted free ring count
 
     @initialize(n=st.integers(1, 60), cache=st.integers(0, 16), data=st.data())
     def create(self, n: int, cache: int, data: st.DataObject) -> None:
         cache = min(cache, n * 2 // 3)
         self.n = n
+        self.ring = n
         p0 = Mempool.create(self.window, BASE, n, 24, cache_size=cache)
         self.pools = [p0, Mempool(self.window, BASE, 1), Mempool(self.window, BASE, -1)]
         self.free_ring = Ring(self.window, p0.ring_offset)
 
-    def reachable(self, slot: int) -> int:
-        return (
-            self.free_ring.count + self.pools[slot].cache_count()
-            if slot < 2
-            else self.free_ring.count
-        )
+    def size(self, slot: int) -> int:
+        return self.pools[0].cache_size if slot < 2 else 0
 
     @rule(slot=st.integers(0, 2), k=st.integers(0, 20), into=st.booleans())
     def get_bulk(self, slot: int, k: int, into: bool) -> None:
         p = self.pools[slot]
-        ok = k <= self.reachable(slot)
+        after = dpdk_get(self.size(slot), self.cache[slot], self.ring, k) if k else None
         avail = p.avail_count()
+        buf = np.zeros(k, dtype=np.uint64)
         try:
             if into:
-                buf = np.zeros(k, dtype=np.uint64)
                 assert p.get_bulk_into(buf) == k
                 got = buf.tolist()
             else:
                 got = [o.handle for o in p.get_bulk(k)]
         except PoolEmpty:
-            assert not ok
-            assert p.avail_count() == avail  # nothing taken
+            assert k and after is None
+            assert p.avail_count() == avail  # nothing taken ...
+            assert not buf.any()  # ... nor written
             return
-        assert ok
+        if k:
+            assert after is not None
+            self.cache[slot], self.ring = after
         assert len(set(got)) == k and not set(got) & set(self.held)
         self.held += got
 
@@ -297,23 +344,26 @@ class PoolModel(RuleBasedStateMachine):
             self.pools[slot].put(handles[0])
         else:
             self.pools[slot].put_bulk(np.array(handles, dtype=np.uint64))
+        self.cache[slot], self.ring = dpdk_put(self.size(slot), self.cache[slot], self.ring, k)
         for h in handles:
             self.held.remove(h)
 
     @rule(slot=st.integers(0, 1))
     def flush(self, slot: int) -> None:
-        cached = self.pools[slot].cache_count()
-        assert self.pools[slot].flush_cache() == cached
+        assert self.pools[slot].flush_cache() == self.cache[slot]
+        self.ring += self.cache[slot]
+        self.cache[slot] = 0
 
     @invariant()
     def counts(self) -> None:
         if not self.pools:
             return
         p = self.pools[0]
+        assert self.free_ring.count == self.ring
+        assert [q.cache_count() for q in self.pools[:2]] == self.cache[:2]
         assert p.avail_count() == self.n - len(self.held)
         assert p.in_use_count() == len(self.held)
-        for q in self.pools[:2]:
-            assert q.cache_count() <= max(q.flushthresh, q.cache_size)
+        assert p.full() == (not self.held) and p.empty() == (len(self.held) == self.n)
         stats = p.audit()
         assert stats["in_use"] == len(self.held)
         assert stats["in_ring"] + stats["in_caches"] == self.n - len(self.held)
@@ -456,7 +506,7 @@ def test_reclaim_a_dead_processes_objects(window: _ext.Window, reap_first: bool)
         q = Mempool(window, BASE, 1)
         got = [q.get(), *q.get_bulk(10)]
         q.put_bulk(got[:4])  # into its cache
-        # and exits holding 7 objects, with 4 in its cache
+        # and exits holding 7 objects, with 12 in its cache (8 from the refills + 4)
 
     pid = fork_run(child)
     if reap_first:
@@ -468,7 +518,7 @@ def test_reclaim_a_dead_processes_objects(window: _ext.Window, reap_first: bool)
                 f.seek(0)
     assert p.held_by(pid) == 7
     assert p.in_use_count() == 3 + 7  # (its cache counts as available)
-    assert _ext.mempool_flush_cache(window, BASE, 1) == 4  # what the primary does
+    assert _ext.mempool_flush_cache(window, BASE, 1) == 12  # what the primary does
     assert p.reclaim_held_by(pid) == 7
     assert p.held_by(pid) == 0
     assert p.reclaim_held_by(pid) == 0
@@ -564,6 +614,32 @@ def test_audit_detects_bad_headers_and_free_list(window: _ext.Window) -> None:
     free_ring.dequeue_burst(100)
     with pytest.raises(CorruptionError, match="missing"):
         p.audit()  # FREE objects no longer anywhere
+
+
+def test_a_smashed_cache_length_is_refused_and_changes_nothing(window: _ext.Window) -> None:
+    """The cache's length is shared memory: one that would index past the cache
+    (2 * cache_size entries) is corruption, for get and put alike."""
+    p = Mempool.create(window, BASE, 64, 16, cache_size=8)
+    held = p.get_bulk(3)
+    assert p.cache_count() == 8
+    off = offsets()["memd_mempool.caches_offset"]
+    caches = int.from_bytes(window.view(BASE + off, 8), "little")
+    length = window.view(BASE + caches, 4)  # slot 0's len
+    ring = Ring(window, p.ring_offset)
+    before = ring.count
+    for bad in (17, 1 << 31):
+        length[:] = bad.to_bytes(4, "little")
+        for call in (p.get, lambda: p.get_bulk(2), lambda: p.get_bulk(40)):
+            with pytest.raises(CorruptionError, match="a cache's length"):
+                call()
+        with pytest.raises(CorruptionError):
+            p.put(held[0])
+        with pytest.raises(CorruptionError):
+            p.put_bulk(held)
+        assert ring.count == before and p.held_by(os.getpid()) == 3
+    length[:] = (8).to_bytes(4, "little")
+    p.put_bulk(held)
+    assert p.audit()["free"] == 64
 
 
 def test_recover_returns_objects_a_killed_process_was_moving(window: _ext.Window) -> None:
@@ -664,3 +740,246 @@ def test_put_bulk_longer_than_the_pool_names_the_duplicate(window: _ext.Window) 
     assert p.in_use_count() == 3
     p.put_bulk(objs)
     p.audit()
+
+
+# --- object IOVAs and iteration (anonymous windows) ---------------------------------------
+
+
+def test_obj_iter_full_empty_and_no_iova_outside_memseg_lists(window: _ext.Window) -> None:
+    p = Mempool.create(window, BASE, 20, 40, cache_size=4)
+    assert p.full() and not p.empty()
+    objs = list(p.obj_iter())
+    assert [o.index for o in objs] == list(range(20))
+    assert objs == [p.obj_at(i) for i in range(20)]
+    assert p.full()  # iterating takes nothing
+    held = p.get_bulk(20)
+    assert p.empty() and not p.full()
+    assert list(p.obj_iter()) == objs  # in use or not: every object
+    p.put(held.pop())
+    assert not p.empty() and not p.full()
+    p.put_bulk(held)
+    assert p.full()
+    # an anonymous window has no memseg lists: no IOVA, one chunk
+    assert {o.iova for o in objs} == {_ext.BAD_IOVA}
+    stride = p.obj_stride
+    first = objs[0].handle - offsets()["memd_mempool_objhdr"]
+    assert list(p.mem_iter()) == [MempoolMemChunk(first, 20 * stride, _ext.BAD_IOVA)]
+    assert first + 20 * stride == p.offset + p.memsize
+
+
+def test_mem_iter_splits_where_the_iova_does_not_follow_on() -> None:
+    """IOVA-as-PA with made-up page addresses: pages 0-1 follow on from A, 2-3 from
+    B, 4-5 have no IOVA, 6 on from C.  Each chunk is one IOVA-contiguous run."""
+    page, pages = 16 << 10, 64
+    size = BASE + pages * page
+    w = _ext.Window.anonymous(size)
+    _ext.config_format(w, "mpiova", 0, _ext.IOVA_PA, size, 2 << 20, os.getpid(), 0)
+    _ext.msl_init(w, 0, BASE, page, 0, pages, "")
+    a, b, c = 0x1_0000_0000, 0x7_0000_0000, 0x3_0000_0000
+    for k in range(pages):
+        if k in (4, 5):
+            continue  # no page there: no IOVA
+        iova = a + k * page if k < 2 else b + (k - 2) * page if k < 4 else c + (k - 6) * page
+        _ext.msl_set_page(w, 0, k, iova, 0, 0)
+    p = Mempool.create(w, BASE, 500, 64)
+    end = p.offset + p.memsize
+    start = end - 500 * p.obj_stride
+    assert (start - BASE) // page == 0 and (end - BASE) // page == 6  # the premises
+    pg = [BASE + k * page for k in range(7)]
+    assert list(p.mem_iter()) == [
+        MempoolMemChunk(start, pg[2] - start, a + start - BASE),
+        MempoolMemChunk(pg[2], 2 * page, b),
+        MempoolMemChunk(pg[4], 2 * page, _ext.BAD_IOVA),
+        MempoolMemChunk(pg[6], end - pg[6], c),
+    ]
+    for o in p.obj_iter():
+        k = (o.handle - BASE) // page
+        want = (
+            a + o.handle - BASE
+            if k < 2
+            else b + o.handle - pg[2]
+            if k < 4
+            else _ext.BAD_IOVA
+            if k < 6
+            else c + o.handle - pg[6]
+        )
+        assert o.iova == want, o.index
+    w.close()
+    with pytest.raises(MemdValueError):
+        list(p.mem_iter())
+    with pytest.raises(MemdValueError):
+        list(p.obj_iter())
+    with pytest.raises(MemdValueError):
+        p.full()
+
+
+# --- DPDK 22.11 caches between real processes ----------------------------------------------
+
+PEER = """
+from memd.errors import PoolEmpty
+mp = mem.mempool_lookup(POOL)
+held = []
+out({"slot": mp.slot})
+for line in sys.stdin:
+    cmd, k = line.split()
+    k = int(k)
+    if cmd == "quit":
+        break
+    r = "ok"
+    try:
+        if cmd == "get":
+            held += mp.get_bulk(k)
+        elif cmd == "put":
+            mp.put_bulk(held[len(held) - k:])
+            del held[len(held) - k:]
+        elif cmd == "flush":
+            r = mp.flush_cache()
+        elif cmd == "iova":
+            r = [[o.index, o.iova] for o in mp.obj_iter()][::k]
+        elif cmd == "chunks":
+            r = [list(c) for c in mp.mem_iter()]
+    except PoolEmpty:
+        r = "PoolEmpty"
+    out({"r": r, "cache": mp.cache_count(), "held": len(held)})
+mp.put_bulk(held)
+mem.detach()
+"""
+
+
+class Peer:
+    """A real secondary process that gets and puts on pool `name` on command,
+    answering each with its cache count and how many objects it holds."""
+
+    def __init__(self, daemon: Daemon, name: str) -> None:
+        self.daemon = daemon
+        source = SECONDARY_PRELUDE.replace("PREFIX", repr(daemon.prefix)).replace(
+            "RUNDIR", repr(str(daemon.runtime_dir))
+        ) + PEER.replace("POOL", repr(name))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", source],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.slot = self._answer()["slot"]
+
+    def _answer(self, timeout: float = 30.0) -> dict:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line.startswith("RESULT "):
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=10)
+            raise AssertionError(f"peer: {line!r}\n{err}\ndaemon log:\n{self.daemon.log_text()}")
+        return json.loads(line[7:])
+
+    def __call__(self, cmd: str, k: int = 0) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{cmd} {k}\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def finish(self) -> None:
+        _, err = self.proc.communicate("quit 0\n", timeout=30)
+        assert self.proc.returncode == 0, err
+
+
+def test_two_processes_share_a_pool_as_dpdk_22_11(daemon: Daemon) -> None:
+    """The starvation seen before: one process's get_bulk(40) moved all 88 free
+    objects of the ring into its cache, and a failed get_bulk(40) still moved the
+    ring's 30; others then got PoolEmpty with objects free.  DPDK 22.11 takes at
+    most n + cache_size, and a failed get takes nothing."""
+    with daemon.attach() as mem:
+        mp = mem.mempool_create("fid", 128, 64, cache_size=32)
+        ring = Ring(mem.window, mp.ring_offset)
+        mine = mp.get_bulk(40)  # a miss: 40 handed out + a refill of 32
+        assert (ring.count, mp.cache_count()) == (128 - 40 - 32, 32)
+        assert mp.flush_cache() == 32
+        assert ring.count == 88
+        peer = Peer(daemon, "fid")
+        assert peer.slot != mp.slot
+        assert peer("get", 40) == {"r": "ok", "cache": 32, "held": 40}
+        assert (ring.count, mp.cache_count(peer.slot)) == (88 - 40 - 32, 32)
+        assert mp.avail_count() == 16 + 32
+        # the ring (16) cannot refill my cache (32 + 10): it gives just the 10
+        mine += mp.get_bulk(10)
+        assert (ring.count, mp.cache_count()) == (6, 0)
+        assert peer("flush")["r"] == 32
+        mine += mp.get_bulk(8)  # 38 in the ring: no refill (40) either
+        assert (ring.count, mp.cache_count(), mp.cache_count(peer.slot)) == (30, 0, 0)
+        # a get the ring cannot serve takes nothing: not into the peer's cache either
+        assert peer("get", 40) == {"r": "PoolEmpty", "cache": 0, "held": 40}
+        assert (ring.count, mp.cache_count(peer.slot)) == (30, 0)
+        mine += mp.get_bulk(30)  # so they are still there for everyone
+        assert (ring.count, mp.cache_count()) == (0, 0)
+        assert mp.empty() and not mp.full()
+        # a failed get leaves a cache it could partly use as it was
+        assert peer("put", 10) == {"r": "ok", "cache": 10, "held": 30}
+        assert not mp.empty() and mp.avail_count() == 10
+        assert peer("get", 20) == {"r": "PoolEmpty", "cache": 10, "held": 30}
+        with pytest.raises(PoolEmpty):
+            mp.get()  # the 10 are the peer's
+        assert peer("get", 10) == {"r": "ok", "cache": 0, "held": 40}  # a hit
+        assert mp.in_use_count() == 128
+        # puts: past flushthresh (48) the cache goes to the ring first
+        assert mp.flushthresh == 48
+        mp.put_bulk(mine[:25])
+        assert (ring.count, mp.cache_count()) == (0, 25)
+        mp.put_bulk(mine[25:49])  # 25 + 24 > 48
+        assert (ring.count, mp.cache_count()) == (25, 24)
+        assert peer("put", 40) == {"r": "ok", "cache": 40, "held": 0}
+        mp.put_bulk(mine[49:])  # 39 more: 24 + 39 > 48
+        assert (ring.count, mp.cache_count(), mp.cache_count(peer.slot)) == (49, 39, 40)
+        assert mp.full()  # objects in caches count, as in DPDK
+        # a miss: the cache gives its 40, the ring 9 and a refill of 32
+        assert peer("get", 49) == {"r": "ok", "cache": 32, "held": 49}
+        assert ring.count == 49 - 9 - 32
+        assert peer("put", 49) == {"r": "ok", "cache": 32, "held": 0}  # n > 48: the ring
+        assert (ring.count, mp.cache_count()) == (8 + 49, 39)
+        peer.finish()  # detach gives its cache back
+        assert (ring.count, mp.cache_count(peer.slot)) == (57 + 32, 0)
+        assert mp.flush_cache() == 39
+        assert mp.audit() == {"free": 128, "in_use": 0, "in_ring": 128, "in_caches": 0}
+
+
+def test_object_iova_and_iteration_in_a_daemon(daemon: Daemon) -> None:
+    with daemon.attach() as mem:
+        mp = mem.mempool_create("iov", 300, 1000, cache_size=16)
+        objs = list(mp.obj_iter())
+        assert [o.index for o in objs] == list(range(300))
+        chunks = list(mp.mem_iter())
+        assert chunks[0].offset == objs[0].handle - offsets()["memd_mempool_objhdr"]
+        assert chunks[-1].offset + chunks[-1].length == mp.offset + mp.memsize
+        assert sum(c.length for c in chunks) == 300 * mp.obj_stride
+        for x, y in itertools.pairwise(chunks):
+            assert x.offset + x.length == y.offset  # in order, no gaps
+            assert x.iova == _ext.BAD_IOVA or y.iova != x.iova + x.length  # a real split
+        mz = mem.memzone_lookup("MP_iov")
+        assert mz.offset <= chunks[0].offset and mp.offset + mp.memsize <= mz.offset + mz.length
+        for o in objs:
+            (c,) = [c for c in chunks if c.offset <= o.handle < c.offset + c.length]
+            assert c.iova != _ext.BAD_IOVA
+            assert o.iova == c.iova + (o.handle - c.offset)
+        hdr = header(mem.window)
+        if hdr.iova_mode == _ext.IOVA_VA:
+            assert len(chunks) == 1
+            assert [o.iova for o in objs] == [hdr.primary_base + o.handle for o in objs]
+        else:  # the kernel's own word on each object's physical address
+            addrs = [mem.window.address + o.handle for o in objs]
+            assert pagemap.virt_to_phys_many(addrs) == [o.iova for o in objs]
+        # another process sees the same IOVAs and chunks, and full() counts its cache
+        peer = Peer(daemon, "iov")
+        assert peer("iova", 7)["r"] == [[o.index, o.iova] for o in objs][::7]
+        assert peer("chunks")["r"] == [list(c) for c in chunks]
+        assert mp.full()
+        assert peer("get", 1)["cache"] == 16
+        assert not mp.full() and mp.avail_count() == 299
+        assert peer("put", 1)["cache"] == 17
+        assert mp.full() and Ring(mem.window, mp.ring_offset).count == 300 - 17
+        peer.finish()  # detach gives its cache back
+        assert mp.cache_count(peer.slot) == 0 and mp.full()
+        held = mp.get_bulk(300)  # no refill possible: all 300 from the ring
+        assert mp.empty() and mp.cache_count() == 0
+        mp.put_bulk(held)
+        assert mp.full()

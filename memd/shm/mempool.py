@@ -12,9 +12,22 @@ and travel through rings::
     pool.put(o)
 
 Each process gets and puts through its own cache first (DPDK's per-lcore cache,
-indexed by the process slot); the cache is refilled from the ring when empty and
-flushed to it past ``1.5 * cache_size``.  Objects sitting in *another* process's
-cache count as available but cannot be taken by this one.
+indexed by the process slot), exactly as DPDK 22.11's ``rte_mempool_do_generic_get``
+and ``_put`` do:
+
+- ``get_bulk(n)`` with ``n <= cache_count()`` serves from the cache's top.  Otherwise
+  the cache gives all it has and the ring the rest: one all-or-nothing ring
+  dequeue of ``cache_size + rest`` leaves exactly ``cache_size`` cached (only when
+  the rest is at most ``MEMPOOL_CACHE_MAX_SIZE``); if the ring holds fewer, the
+  ring gives just the rest; if not even that, nothing is taken (PoolEmpty, the
+  ring and the cache as they were).  So a get never takes more from the ring than
+  ``n + cache_size``.
+- ``put_bulk(objs)`` of more than ``flushthresh`` (``cache_size * 3 // 2``) objects
+  goes straight to the ring; otherwise, if the cache would pass flushthresh, the
+  whole cache goes to the ring first; then the objects are cached.
+
+Objects sitting in *another* process's cache count as available
+(:meth:`Mempool.avail_count`, :meth:`Mempool.full`) but cannot be taken by this one.
 
 Each object's header records the pid of the process that last got it (its *owner
 tag*).  When a process dies, ``pool.held_by(pid)`` says how many objects it had
@@ -26,13 +39,13 @@ it would hand it out twice).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from memd import _ext
 from memd.errors import MemdValueError
 from memd.shm import objects
-from memd.shm.config import SOCKET_ID_ANY
+from memd.shm.config import SOCKET_ID_ANY, memseg_lists
 
 MEMPOOL_F_NO_SPREAD: int = _ext.MEMPOOL_F_NO_SPREAD  # accepted, no effect
 MEMPOOL_F_NO_CACHE_ALIGN: int = _ext.MEMPOOL_F_NO_CACHE_ALIGN  # accepted, no effect
@@ -49,7 +62,18 @@ ObjInit = Callable[["Mempool", "MempoolObject", int], object]
 
 MempoolObject = _ext.MempoolObject
 """An object of a pool: ``.handle``, ``.index``, ``.buf`` (memoryview), ``.pool``,
-``.size``; it is itself a writable buffer (``memoryview(o)``, ``numpy.frombuffer(o)``)."""
+``.size``, ``.iova`` (DPDK ``rte_mempool_virt2iova``: the IO address of its data,
+``_ext.BAD_IOVA`` when the memory has none); it is itself a writable buffer
+(``memoryview(o)``, ``numpy.frombuffer(o)``)."""
+
+
+class MempoolMemChunk(NamedTuple):
+    """One chunk of a pool's object memory (DPDK ``struct rte_mempool_memhdr``)."""
+
+    offset: int  # window offset of the chunk's first byte
+    length: int  # bytes
+    iova: int  # IO address of the first byte, the chunk IOVA-contiguous; or _ext.BAD_IOVA
+
 
 __all__ = [
     "MEMPOOL_F_NO_CACHE_ALIGN",
@@ -58,6 +82,7 @@ __all__ = [
     "MEMPOOL_F_SC_GET",
     "MEMPOOL_F_SP_PUT",
     "Mempool",
+    "MempoolMemChunk",
     "MempoolMixin",
     "MempoolObject",
     "mempool_memsize",
@@ -82,7 +107,8 @@ class Mempool(_ext.Mempool):
     ``get_bulk(n)``, ``get_bulk_into(uint64_buffer)``, ``put_bulk(objs)`` (objects,
     handles or a uint64 buffer), ``obj(handle)``, ``obj_at(index)``,
     ``avail_count()``, ``in_use_count()``, ``cache_count(slot=own)``,
-    ``flush_cache()``, ``audit()``; in Python :meth:`held_by` and
+    ``flush_cache()``, ``audit()``; in Python :meth:`full`, :meth:`empty`,
+    :meth:`obj_iter`, :meth:`mem_iter`, :meth:`held_by` and
     :meth:`reclaim_held_by` (a dead process's objects); properties ``name``,
     ``size``, ``elt_size``,
     ``cache_size``, ``flushthresh``, ``private_data_size``, ``private_data``,
@@ -133,6 +159,68 @@ class Mempool(_ext.Mempool):
         """Number of objects, as mempool_create(name, n, ...) names it (DPDK: size)."""
         return self.size
 
+    def full(self) -> bool:
+        """True if every object is available (DPDK ``rte_mempool_full``:
+        ``avail_count() == size``, objects in any process's cache included).
+        A snapshot while others get and put.  MemdValueError after detach."""
+        return self.avail_count() == self.size
+
+    def empty(self) -> bool:
+        """True if no object is available (DPDK ``rte_mempool_empty``:
+        ``avail_count() == 0``; objects in another process's cache count as
+        available, though only that process can take them).  A snapshot while
+        others get and put.  MemdValueError after detach."""
+        return self.avail_count() == 0
+
+    def obj_iter(self) -> Iterator[MempoolObject]:
+        """Every object of the pool, free or in use, in index order 0..n-1 (DPDK
+        ``rte_mempool_obj_iter``, whose callback gets ``(obj, obj_idx)``: here
+        ``obj.index``).  The objects are handles as :meth:`obj_at` makes them:
+        taking one does not get it from the pool, and writing to an object
+        another process holds is the caller's business.  MemdValueError after
+        detach."""
+        for i in range(self.size):
+            yield self.obj_at(i)
+
+    def mem_iter(self) -> Iterator[MempoolMemChunk]:
+        """The memory the objects live in, as :class:`MempoolMemChunk`
+        ``(offset, length, iova)`` (DPDK ``rte_mempool_mem_iter``).
+
+        The chunks cover the objects' memory (each object's header, data and
+        trailer: ``size * obj_stride`` bytes, the pool's last part) in order,
+        each one as long as its IOVA is contiguous: a pool is one chunk unless
+        it spans pages whose IO addresses do not follow on (IOVA-as-PA), or
+        whose IOVA is unknown (a chunk with ``iova == _ext.BAD_IOVA``).  Unlike
+        DPDK, objects are laid out regardless of page boundaries: an object may
+        straddle two chunks.  MemdValueError after detach."""
+        win = self.window
+        length = self.size * self.obj_stride
+        start = self.offset + self.memsize - length  # the objects are the pool's tail
+        end = start + length
+        first_iova = _iova_of(win, start)
+        if _ext.iova_contig(win, start, length):  # always so in IOVA-as-VA mode
+            yield MempoolMemChunk(start, length, first_iova)
+            return
+        lists = [(m.base_offset, m.page_size, m.capacity) for m in memseg_lists(win)]
+        chunk, chunk_iova, off = start, first_iova, start
+        while True:
+            page = next(
+                ((b, ps) for b, ps, cap in lists if b <= off < b + cap * ps and ps > 0), None
+            )
+            if page is None:
+                break  # not in a memseg list: no page to split at
+            base, page_size = page
+            off = base + ((off - base) // page_size + 1) * page_size  # the next page
+            if off >= end:
+                break
+            iova = _iova_of(win, off)
+            bad = _ext.BAD_IOVA
+            follows = iova == bad if chunk_iova == bad else iova == chunk_iova + (off - chunk)
+            if not follows:
+                yield MempoolMemChunk(chunk, off - chunk, chunk_iova)
+                chunk, chunk_iova = off, iova
+        yield MempoolMemChunk(chunk, end - chunk, chunk_iova)
+
     def held_by(self, pid: int) -> int:
         """Objects process `pid` got from the pool and has not put back.
 
@@ -179,6 +267,11 @@ class Mempool(_ext.Mempool):
             "avail_count": avail,
             "in_use_count": self.size - avail,
         }
+
+
+def _iova_of(win: _ext.Window, offset: int) -> int:
+    iova = _ext.iova_of(win, offset)
+    return _ext.BAD_IOVA if iova is None else iova
 
 
 def _check_name(name: str) -> None:
