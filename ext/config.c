@@ -18,6 +18,12 @@ static void copy_name(char *dst, const char *src, size_t size)
     strncpy(dst, src, size - 1);
 }
 
+/* A list's capacity, clamped to its arrays: shared memory is anyone's to write. */
+static inline uint32_t list_capacity(const struct memd_memseg_list *l)
+{
+    return l->capacity < MEMD_MAX_PAGES_PER_LIST ? l->capacity : MEMD_MAX_PAGES_PER_LIST;
+}
+
 int memd_config_format(char *base, const char *prefix, uint32_t flags, uint32_t iova_mode,
                        uint64_t window_size, uint64_t window_align, int32_t pid,
                        uint64_t start_time)
@@ -114,9 +120,9 @@ int64_t memd_msl_find_free(char *base, uint32_t idx, uint32_t n, uint32_t from)
     if (l == NULL || n == 0)
         return -EINVAL;
     uint32_t run = 0;
-    for (uint32_t s = from; s < l->capacity; s++) {
+    for (uint32_t s = from; s < list_capacity(l); s++) {
         /* skip whole used words quickly */
-        if (s % 64 == 0 && l->used_bitmap[s / 64] == UINT64_MAX && s + 64 <= l->capacity) {
+        if (s % 64 == 0 && l->used_bitmap[s / 64] == UINT64_MAX && s + 64 <= list_capacity(l)) {
             run = 0;
             s += 63;
             continue;
@@ -141,7 +147,7 @@ int memd_msl_set_page(char *base, uint32_t idx, uint32_t slot, uint64_t iova, in
 {
     struct memd_config *c = memd_cfg(base);
     struct memd_memseg_list *l = msl_at(base, idx);
-    if (l == NULL || slot >= l->capacity)
+    if (l == NULL || slot >= list_capacity(l))
         return -EINVAL;
     if (slot_used(l, slot))
         return -EBUSY;
@@ -158,7 +164,7 @@ int memd_msl_clear_page(char *base, uint32_t idx, uint32_t slot)
 {
     struct memd_config *c = memd_cfg(base);
     struct memd_memseg_list *l = msl_at(base, idx);
-    if (l == NULL || slot >= l->capacity)
+    if (l == NULL || slot >= list_capacity(l))
         return -EINVAL;
     if (!slot_used(l, slot))
         return -ENOENT;
@@ -175,8 +181,8 @@ static const struct memd_memseg_list *msl_of(const char *base, uint64_t off, uin
     const struct memd_config *c = (const struct memd_config *)base;
     for (uint32_t i = 0; i < c->hdr.n_memseg_lists && i < MEMD_MAX_MEMSEG_LISTS; i++) {
         const struct memd_memseg_list *l = &c->msls[i];
-        if (l->page_size && off >= l->base_offset &&
-            off < l->base_offset + (uint64_t)l->capacity * l->page_size) {
+        uint64_t cap = list_capacity(l);
+        if (l->page_size && off >= l->base_offset && off < l->base_offset + cap * l->page_size) {
             *slot = (uint32_t)((off - l->base_offset) / l->page_size);
             return l;
         }
@@ -207,7 +213,7 @@ int memd_iova_contig(const char *base, uint64_t off, uint64_t len)
     if (l == NULL)
         return 0;
     uint64_t last = (off - l->base_offset + len - 1) / l->page_size;
-    if (last >= l->capacity)
+    if (last >= list_capacity(l))
         return 0;
     for (uint64_t s = slot; s < last; s++) {
         if (!slot_used(l, (uint32_t)s) || !slot_used(l, (uint32_t)s + 1) ||
@@ -237,7 +243,7 @@ uint64_t memd_iova_contig_len(const char *base, uint64_t off, uint64_t len)
     if (l == NULL || !slot_used(l, slot) || l->segs[slot].iova == MEMD_BAD_IOVA)
         return 0;
     uint64_t got = l->page_size - (off - l->base_offset) % l->page_size;
-    for (uint32_t s = slot; got < len && s + 1 < l->capacity; s++) {
+    for (uint32_t s = slot; got < len && s + 1 < list_capacity(l); s++) {
         if (!slot_used(l, s + 1) || l->segs[s + 1].iova != l->segs[s].iova + l->page_size)
             break;
         got += l->page_size;
@@ -258,7 +264,7 @@ uint64_t memd_list_end(const char *base, uint64_t off)
 {
     uint32_t slot;
     const struct memd_memseg_list *l = msl_of(base, off, &slot);
-    return l ? l->base_offset + (uint64_t)l->capacity * l->page_size : 0;
+    return l ? l->base_offset + (uint64_t)list_capacity(l) * l->page_size : 0;
 }
 
 uint64_t memd_memzone_page_mask(uint32_t flags)
