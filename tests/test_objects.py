@@ -62,6 +62,9 @@ def test_names_are_unique_and_freed(daemon: Daemon) -> None:
             mem.mempool_create("p2", 64, 64, cache_size=513)
         mem.ring_free(r)
         mem.mempool_free(mp)
+        mem.mempool_free(None)  # rte_mempool_free(NULL) does nothing
+        with pytest.raises(ValueError, match="expected a Mempool"):
+            mem.mempool_free("p1")  # type: ignore[arg-type]
         with pytest.raises(KeyError):
             mem.ring_lookup("r1")
         with pytest.raises(KeyError):

@@ -337,11 +337,18 @@ class MempoolMixin:
             "mempool_lookup",
         )
 
-    def mempool_free(self, pool: Mempool) -> None:
-        """Remove the pool from the directory and free its memzone.
+    def mempool_free(self, pool: Mempool | None) -> None:
+        """Remove the pool from the directory and free its memzone
+        (rte_mempool_free; ``None`` does nothing, as there).
 
         Every process must have stopped using it; objects still held are lost.
+        Raises MemdValueError if ``pool`` is not a Mempool, MemdKeyError if it is
+        no longer listed.
         """
+        if pool is None:
+            return
+        if not isinstance(pool, Mempool):
+            raise MemdValueError(f"mempool_free: expected a Mempool, got {type(pool).__name__}")
         objects.remove(
             self, pool.name, MEMD_OBJ_MEMPOOL, MEMPOOL_MZ_PREFIX, pool.offset, "mempool_free"
         )
