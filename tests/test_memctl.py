@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import pytest
 from support.fake_admin import FakeMem
 
+import memd
 from memd.admin.api import AdminAPI
 from memd.admin.telemetry import TelemetryServer
 from memd.cli import memctl
@@ -376,7 +377,8 @@ def test_memctl_against_the_daemon(
         assert holder.stdout is not None and holder.stdout.readline() == "ATTACHED\n"
         code, out, _ = run(capsys, rundir, "status", prefix=d.prefix)
         assert code == 0, out
-        assert re.search(rf"^daemon\s+memd \S+, pid {d.pid}$", out, re.M)
+        version = re.escape(memd.__version__)
+        assert re.search(rf"^daemon\s+memd {version}, pid {d.pid}$", out, re.M)
         assert re.search(r"^processes\s+2 \(1 primary, 1 secondary\)$", out, re.M)
         code, out, _ = run(capsys, rundir, "--json", "processes", prefix=d.prefix)
         procs = json.loads(out)

@@ -128,6 +128,69 @@ def _pyproject() -> dict[str, Any]:
         return tomllib.load(f)["project"]
 
 
+def test_one_version_everywhere() -> None:
+    """The version is written once (pyproject.toml); the packages, both commands and
+    the admin socket's greeting all say it."""
+    import memd
+    import memd_client
+    from memd.admin import api
+    from memd.testing import run_memctl, run_memd
+
+    version = _pyproject()["version"]
+    assert memd.__version__ == memd_client.__version__ == version
+    assert f"memd {version}" == api.VERSION
+    proc = run_memd("--version")
+    assert (proc.returncode, proc.stdout) == (0, f"memd {version}\n"), proc.stderr
+    proc = run_memctl("--version")
+    assert (proc.returncode, proc.stdout) == (0, f"memctl (memd) {version}\n"), proc.stderr
+
+
+def test_version_of_an_installed_memd_comes_from_its_metadata(tmp_path: Path) -> None:
+    """Installed (no pyproject.toml beside the package, or another project's), the
+    version is the package metadata's; without either, 0+unknown."""
+    import importlib.metadata
+
+    from memd import _version
+
+    (tmp_path / "memd").mkdir()
+    try:
+        installed = importlib.metadata.version("memd")
+    except importlib.metadata.PackageNotFoundError:
+        installed = _version.UNKNOWN
+    assert _version.find_version(tmp_path / "memd") == installed
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "other"\nversion = "9.9"\n')
+    assert _version.find_version(tmp_path / "memd") == installed
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "memd"\nversion = "7.1.2"\n')
+    assert _version.find_version(tmp_path / "memd") == "7.1.2"
+
+
+def test_memd_client_exports_every_exception() -> None:
+    """Every public exception of memd.errors (and UnsafePath, which attach raises) is
+    importable from memd_client and named in its __all__; memd exports them too."""
+    import inspect
+
+    import memd
+    import memd_client
+    from memd import errors
+
+    public = {
+        name
+        for name, obj in vars(errors).items()
+        if inspect.isclass(obj)
+        and issubclass(obj, BaseException)
+        and obj.__module__ == errors.__name__
+        and not name.startswith("_")
+    }
+    assert {"MemdExistsError", "MemdKeyError", "MemdMemoryError", "MemdValueError"} <= public
+    for name in public:
+        assert getattr(memd_client, name) is getattr(errors, name), name
+        assert getattr(memd, name) is getattr(errors, name), name
+    assert public | {"UnsafePath"} <= set(memd_client.__all__)
+    assert public <= set(memd.__all__)
+    assert issubclass(memd_client.UnsafePath, memd_client.PermissionDenied)
+    assert all(hasattr(memd_client, n) for n in memd_client.__all__)
+
+
 def test_license_is_the_one_pyproject_names() -> None:
     text = (ROOT / "LICENSE").read_text()
     assert _pyproject()["license"] == {"text": "BSD-3-Clause"}

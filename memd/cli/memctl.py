@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from memd._version import __version__
 from memd.admin.telemetry import TelemetryClient
 from memd.errors import MemdError
 from memd.paths import DEFAULT_PREFIX, telemetry_path
@@ -558,6 +559,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="memctl", description="Inspect a running memd through its admin socket."
     )
+    p.add_argument("--version", action="version", version=f"memctl (memd) {__version__}")
     p.add_argument(
         "--file-prefix", default=None, help=f"memd instance to talk to (default {DEFAULT_PREFIX!r})"
     )

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+from memd._version import __version__
 from memd.errors import MemdError
 from memd.paths import DEFAULT_PREFIX
 from memd.primary import notify
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="memd primary: hugepage memory for Python processes "
         "(options follow DPDK's EAL)",
     )
+    p.add_argument("--version", action="version", version=f"memd {__version__}")
     p.add_argument("--file-prefix", default=DEFAULT_PREFIX, help="instance name (default rte)")
     p.add_argument(
         "--runtime-dir",
