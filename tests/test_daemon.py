@@ -278,3 +278,43 @@ out({"msg": msg, "parent": mem.malloc(64 << 20).size})
     )
     assert "forked" in res["msg"] and "attach" in res["msg"], res
     assert res["parent"] >= 64 << 20  # the parent's attachment is unharmed
+
+
+@pytest.mark.parametrize(
+    "toml, words",
+    [
+        ('m = "64"', 'm = "64" (a string): expected an integer >= 0 (MB)'),
+        ('no-huge = "yes"', 'no-huge = "yes" (a string): expected true or false'),
+        ("socket-mem = [8, true]", "socket-mem = [8, true] (an array): expected an array of"),
+        ("max-mem = -1", "max-mem = -1 (an integer): expected an integer >= 0 (MB)"),
+        ("sync-timeout = false", "sync-timeout = false (a boolean): expected a number"),
+        ('log-level = "loud"', "log-level = \"loud\" (a string): expected one of 'debug',"),
+        ("file-prefix = 7", "file-prefix = 7 (an integer): expected a string"),
+        ("frobnicate = 1", "unknown option 'frobnicate'"),
+        ("m = 1979-05-27", 'm = "1979-05-27" (a date or time): expected an integer'),
+    ],
+)
+def test_config_file_values_of_the_wrong_type_are_bad_usage(
+    tmp_path, toml: str, words: str
+) -> None:
+    """A --config value of the wrong TOML type is exit 2 naming the file, the key and
+    the type expected (a string for -m used to end in a TypeError traceback)."""
+    conf = tmp_path / "memd.toml"
+    conf.write_text(toml + "\n")
+    proc = run_memd("--runtime-dir", str(tmp_path), "--config", str(conf), timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--config {conf}: {words}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_file_of_the_right_types_starts_memd(daemon_factory, tmp_path) -> None:
+    """Every key spelled as its long option (m for -m, max-mem for --max-mem) with
+    its TOML type is taken; the command line wins over the file."""
+    conf = tmp_path / "memd.toml"
+    conf.write_text('m = 4\nmax-mem = 16\nsync-timeout = 3\nlog-level = "debug"\n')
+    d = daemon_factory("--config", str(conf), "-m", "6")
+    with d.attach() as mem:
+        assert mem.info()["mapped_bytes"] == 6 << 20  # -m 6 beat m = 4
+        with pytest.raises(mc.MemdMemoryError):
+            mem.malloc(32 << 20)  # max-mem = 16 is the cap
+    assert d.stop() == 0
