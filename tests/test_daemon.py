@@ -318,3 +318,88 @@ def test_config_file_of_the_right_types_starts_memd(daemon_factory, tmp_path) ->
         with pytest.raises(mc.MemdMemoryError):
             mem.malloc(32 << 20)  # max-mem = 16 is the cap
     assert d.stop() == 0
+
+
+def _log_lines(text: str, pid: int) -> list[str]:
+    return [line for line in text.splitlines() if f"pid {pid} " in line]
+
+
+def _wait_for(what, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while not (found := what()):
+        assert time.monotonic() < deadline, "not seen in time"
+        time.sleep(0.05)
+    return found
+
+
+def test_a_clean_secondary_exit_is_logged_as_detached_not_died(daemon: Daemon) -> None:
+    """A secondary that exits without detach() detaches at exit (atexit), so the
+    primary logs it as detached; a SIGKILLed one is still logged as died."""
+    script = (
+        "import os, memd_client as mc\n"
+        f"mem = mc.attach({daemon.prefix!r}, runtime_dir={str(daemon.runtime_dir)!r})\n"
+        "mz = mem.memzone_reserve(f'kept{os.getpid()}', 4096)\n"  # a live view: exit must not mind
+        "print('READY', flush=True)\n"
+        "input()\n"
+    )
+    clean = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert clean.stdout is not None and clean.stdout.readline() == "READY\n"
+    assert clean.communicate("\n", timeout=30)[0] == "" and clean.returncode == 0
+    lines = _wait_for(lambda: _log_lines(daemon.log_text(), clean.pid)[1:])
+    assert "detached" in lines[-1] and not any("died" in line for line in lines), lines
+
+    killed = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert killed.stdout is not None and killed.stdout.readline() == "READY\n"
+    killed.kill()
+    killed.wait(30)
+    lines = _wait_for(lambda: _log_lines(daemon.log_text(), killed.pid)[1:])
+    assert "died" in lines[-1] and not any("detached" in line for line in lines), lines
+    assert daemon.proc.poll() is None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_a_secondary_tells_a_stopped_primary_from_a_dead_one(daemon_factory, sig) -> None:
+    """The primary marks the config SHUTDOWN before a clean exit: a secondary then
+    logs (and raises) that it was stopped; a killed primary died."""
+    d = daemon_factory("-m", "4")
+    script = f"""
+import logging, sys, time
+import memd_client as mc
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="LOG %(message)s")
+mem = mc.attach({d.prefix!r}, runtime_dir={str(d.runtime_dir)!r})
+print("READY", flush=True)
+deadline = time.monotonic() + 20
+while mem.primary_alive() and time.monotonic() < deadline:
+    time.sleep(0.02)
+deadline = time.monotonic() + 10
+while mem._channel._thread.is_alive() and time.monotonic() < deadline:
+    time.sleep(0.02)   # the sync thread logs what became of the primary, then ends
+try:
+    mem.malloc(64 << 20)  # beyond -m 4: needs the primary
+except mc.PrimaryNotRunning as e:
+    print("RAISED", e, flush=True)
+mem.detach()
+"""
+    sec = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert sec.stdout is not None and sec.stdout.readline() == "READY\n"
+    assert d.stop(sig) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    out, err = sec.communicate(timeout=60)
+    assert sec.returncode == 0, err
+    logged = [line for line in err.splitlines() if line.startswith("LOG the memd primary")]
+    if sig == signal.SIGTERM:
+        assert any("was stopped (clean shutdown)" in line for line in logged), err
+        assert not any("died" in line for line in logged), err
+        assert "RAISED the memd primary" in out and "was stopped" in out, out
+    else:
+        assert any("died" in line for line in logged), err
+        assert not any("stopped" in line for line in logged), err
+        assert "RAISED the memd primary" in out and "has died" in out, out
