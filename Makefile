@@ -1,5 +1,6 @@
 # memd: `make run` starts the daemon, `make test` runs the suite. Both set
-# themselves up on a fresh machine (a .venv with the project and its test deps).
+# themselves up on a fresh machine: a .venv with the project (all `make run` installs),
+# plus the test extras for test and lint, and the bench extras for bench.
 
 PYTHON ?= python3
 VENV := .venv
@@ -7,17 +8,32 @@ PY := $(VENV)/bin/python
 EXT_SOURCES := $(wildcard ext/*.c ext/*.h)
 PREFIX ?= rte
 MEM_MB ?= 64
+ARGS ?=
 
 .PHONY: run test test-quick lint bench venv ext asan clean
 
+# What the daemon needs, nothing more (pyzmq, msgpack).
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e .
 	touch $@
 
-# The test build (setup.py always compiles afresh: pip install -e builds the same .so
-# without the hooks).
+# The extras, each with its own stamp: pytest, hypothesis and the linters; the peers
+# the benchmarks compare with.
+# pip install -e compiles the extension in place without the test hooks: each install
+# drops the test build's stamp, and targets list their installs before `ext`.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f memd/.ext-built
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
+	rm -f memd/.ext-built
+	touch $@
+
+# The test build (setup.py always compiles afresh).
 memd/.ext-built: $(VENV)/.installed $(EXT_SOURCES)
 	MEMD_TEST_HOOKS=1 $(PY) setup.py -q build_ext --inplace
 	touch $@
@@ -25,34 +41,40 @@ memd/.ext-built: $(VENV)/.installed $(EXT_SOURCES)
 venv: $(VENV)/.installed
 ext: memd/.ext-built
 
-# Hugepages when we can get them (root: reserve + mount), else --no-huge.
+# Hugepages when we can get them (root: reserve + mount), else --no-huge.  ARGS go to
+# memd: make run ARGS="--runtime-dir /x --huge-dir /y".
 run: ext
 	@if $(PY) -m memd.hugepages_admin --setup --pages 256; then \
-		echo "memd: hugepages ready"; exec $(VENV)/bin/memd --file-prefix $(PREFIX) -m $(MEM_MB); \
+		echo "memd: hugepages ready"; \
+		exec $(VENV)/bin/memd --file-prefix $(PREFIX) -m $(MEM_MB) $(ARGS); \
 	else \
 		echo "memd: no hugepages here, running --no-huge"; \
-		exec $(VENV)/bin/memd --file-prefix $(PREFIX) -m $(MEM_MB) --no-huge; \
+		exec $(VENV)/bin/memd --file-prefix $(PREFIX) -m $(MEM_MB) --no-huge $(ARGS); \
 	fi
 
-test: ext
+test: $(VENV)/.installed-test ext
 	$(PY) -m pytest -q tests
 
 # everything but the minute-long fuzz runs (CI runs them all, through `make test`)
-test-quick: ext
+test-quick: $(VENV)/.installed-test ext
 	$(PY) -m pytest -q -m "not slow" tests
 
-lint: venv
+lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check memd memd_client tests bench setup.py
 	$(VENV)/bin/ruff format --check memd memd_client tests bench setup.py
 	$(VENV)/bin/mypy
 	$(VENV)/bin/clang-format --dry-run --Werror ext/*.c ext/*.h
 
-bench: ext
+bench: $(VENV)/.installed-bench ext
 	$(PY) bench/init_bench.py
 
-# AddressSanitizer build of the extension (run tests with LD_PRELOAD=$(shell gcc -print-file-name=libasan.so))
+# AddressSanitizer build of the extension, in place (run tests with
+# LD_PRELOAD=$(shell gcc -print-file-name=libasan.so)).  Its objects go to their own
+# dir, and the test build's stamp goes, so the next `make ext` (test, run) rebuilds
+# without ASan; a wheel never ships it (setup.py always compiles afresh).
 asan: venv
-	MEMD_TEST_HOOKS=1 MEMD_ASAN=1 $(PY) setup.py -q build_ext --inplace
+	rm -f memd/.ext-built
+	MEMD_TEST_HOOKS=1 MEMD_ASAN=1 $(PY) setup.py -q build_ext --inplace -t build/asan
 
 clean:
 	rm -rf build memd/_ext*.so memd/.ext-built *.egg-info

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from memd._version import __version__ as __version__
 from memd.errors import (
     CorruptionError,
     HugepageConfigError,
+    HugepageReserveError,
+    MalformedFileError,
     MemdError,
     MemdExistsError,
     MemdKeyError,
@@ -28,7 +31,9 @@ if TYPE_CHECKING:
 __all__ = [
     "CorruptionError",
     "HugepageConfigError",
+    "HugepageReserveError",
     "InitError",
+    "MalformedFileError",
     "MemdError",
     "MemdExistsError",
     "MemdKeyError",

@@ -6,19 +6,29 @@
 
 Everything the primary and other secondaries created is visible zero-copy;
 offsets found in rings, blocks and memzones are valid here through `mem.view`.
+Every exception memd raises is importable from here (all derive from MemdError).
 """
 
 from __future__ import annotations
 
+from memd._version import __version__ as __version__
 from memd.errors import (
     CorruptionError,
+    HugepageConfigError,
+    HugepageReserveError,
+    MalformedFileError,
     MemdError,
+    MemdExistsError,
+    MemdKeyError,
+    MemdMemoryError,
+    MemdValueError,
     PermissionDenied,
     PoolEmpty,
     PrimaryNotRunning,
     ProtocolError,
     VersionMismatch,
 )
+from memd.files import UnsafePath
 from memd.shm.config import SOCKET_ID_ANY
 from memd.shm.memory import (
     MEM_EVENT_ALLOC,
@@ -56,13 +66,21 @@ __all__ = [
     "RING_F_SP_ENQ",
     "SOCKET_ID_ANY",
     "CorruptionError",
+    "HugepageConfigError",
+    "HugepageReserveError",
+    "MalformedFileError",
     "MemdError",
+    "MemdExistsError",
+    "MemdKeyError",
+    "MemdMemoryError",
+    "MemdValueError",
     "Memzone",
     "PermissionDenied",
     "PoolEmpty",
     "PrimaryNotRunning",
     "ProtocolError",
     "Secondary",
+    "UnsafePath",
     "VersionMismatch",
     "attach",
 ]

@@ -3,6 +3,7 @@ register with the primary, keep mappings in step, ask the primary for memory."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -12,6 +13,7 @@ import os
 import stat
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,18 @@ log = logging.getLogger("memd_client")
 # immediate re-attach could wait for registration until it timed out.
 _attach_numbers = itertools.count(1)
 
+# Attachments still open when the interpreter exits are detached then: the primary
+# logs a clean exit as a detach, and keeps "died" (and its reclaim) for real deaths.
+_open: weakref.WeakSet[Secondary] = weakref.WeakSet()
+
+
+@atexit.register
+def _detach_at_exit() -> None:
+    for sec in list(_open):
+        if sec._pid == os.getpid():  # a forked child's copy is its parent's to detach
+            with contextlib.suppress(Exception):
+                sec.detach()
+
 
 class Secondary(SecondaryGrowth):
     """Attached process. Use `attach()`; `detach()` (or `with`) when done."""
@@ -57,6 +71,7 @@ class Secondary(SecondaryGrowth):
         self.daemon_uid = -1  # the owner of the config: every file we open must be its
         self._channel: Channel | None = None
         self._attach(timeout)
+        _open.add(self)
 
     # --- attach ------------------------------------------------------------------
 
@@ -83,6 +98,7 @@ class Secondary(SecondaryGrowth):
                 timeout=max(timeout, 5.0),
             )
             self._channel.alive_check = self.primary_alive
+            self._channel.stopped_check = self.primary_stopped
             self._channel.watch_fd = self._primary_fd
             ans = self._channel.register(
                 {
@@ -276,10 +292,19 @@ class Secondary(SecondaryGrowth):
         pid, start = self._primary
         return self._locked_by_primary(self._cfg_fd) and process_alive(pid, start)
 
+    def primary_stopped(self) -> bool:
+        """The primary shut down cleanly (or is shutting down): it marks the config
+        SHUTDOWN before it tells anyone, so a primary gone without it died."""
+        try:
+            return header(self.window).state == _ext.STATE_SHUTDOWN
+        except Exception:  # detached: nothing to read
+            return False
+
     def _check_alive(self) -> None:
         if not self.primary_alive():
+            how = "was stopped" if self.primary_stopped() else "has died"
             raise PrimaryNotRunning(
-                f"the memd primary (pid {self._primary[0]}) has died; detach and attach "
+                f"the memd primary (pid {self._primary[0]}) {how}; detach and attach "
                 "again once it is restarted"
             )
 
@@ -322,6 +347,7 @@ class Secondary(SecondaryGrowth):
         unmapped memory."""
         if self._channel is None:
             return
+        _open.discard(self)
         with contextlib.suppress(Exception):
             if self.proc_slot > 0:
                 self.flush_mempool_caches(self.proc_slot)  # cached objects go back
@@ -371,5 +397,6 @@ def attach(
 ) -> Secondary:
     """Attach to the primary of `prefix`, waiting up to `timeout` seconds for a
     starting one to become ready.  Raises PrimaryNotRunning, VersionMismatch or
-    PermissionDenied."""
+    PermissionDenied.  An attachment still open when the interpreter exits is
+    detached then (atexit), so the primary logs a detach, not a death."""
     return Secondary(prefix, resolve_runtime_dir(runtime_dir), timeout)

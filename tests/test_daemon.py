@@ -328,3 +328,128 @@ def test_huge_unlink_never_keeps_and_reuses_page_files(tmp_path, mode) -> None:
                 d.stop()
         remove_leftover_pages(first.prefix)
     assert _page_files(first) == []
+
+
+@pytest.mark.parametrize(
+    "toml, words",
+    [
+        ('m = "64"', 'm = "64" (a string): expected an integer >= 0 (MB)'),
+        ('no-huge = "yes"', 'no-huge = "yes" (a string): expected true or false'),
+        ("socket-mem = [8, true]", "socket-mem = [8, true] (an array): expected an array of"),
+        ("max-mem = -1", "max-mem = -1 (an integer): expected an integer >= 0 (MB)"),
+        ("sync-timeout = false", "sync-timeout = false (a boolean): expected a number"),
+        ('log-level = "loud"', "log-level = \"loud\" (a string): expected one of 'debug',"),
+        ("file-prefix = 7", "file-prefix = 7 (an integer): expected a string"),
+        ("frobnicate = 1", "unknown option 'frobnicate'"),
+        ("m = 1979-05-27", 'm = "1979-05-27" (a date or time): expected an integer'),
+    ],
+)
+def test_config_file_values_of_the_wrong_type_are_bad_usage(
+    tmp_path, toml: str, words: str
+) -> None:
+    """A --config value of the wrong TOML type is exit 2 naming the file, the key and
+    the type expected (a string for -m used to end in a TypeError traceback)."""
+    conf = tmp_path / "memd.toml"
+    conf.write_text(toml + "\n")
+    proc = run_memd("--runtime-dir", str(tmp_path), "--config", str(conf), timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--config {conf}: {words}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_file_of_the_right_types_starts_memd(daemon_factory, tmp_path) -> None:
+    """Every key spelled as its long option (m for -m, max-mem for --max-mem) with
+    its TOML type is taken; the command line wins over the file."""
+    conf = tmp_path / "memd.toml"
+    conf.write_text('m = 4\nmax-mem = 16\nsync-timeout = 3\nlog-level = "debug"\n')
+    d = daemon_factory("--config", str(conf), "-m", "6")
+    with d.attach() as mem:
+        assert mem.info()["mapped_bytes"] == 6 << 20  # -m 6 beat m = 4
+        with pytest.raises(mc.MemdMemoryError):
+            mem.malloc(32 << 20)  # max-mem = 16 is the cap
+    assert d.stop() == 0
+
+
+def _log_lines(text: str, pid: int) -> list[str]:
+    return [line for line in text.splitlines() if f"pid {pid} " in line]
+
+
+def _wait_for(what, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while not (found := what()):
+        assert time.monotonic() < deadline, "not seen in time"
+        time.sleep(0.05)
+    return found
+
+
+def test_a_clean_secondary_exit_is_logged_as_detached_not_died(daemon: Daemon) -> None:
+    """A secondary that exits without detach() detaches at exit (atexit), so the
+    primary logs it as detached; a SIGKILLed one is still logged as died."""
+    script = (
+        "import os, memd_client as mc\n"
+        f"mem = mc.attach({daemon.prefix!r}, runtime_dir={str(daemon.runtime_dir)!r})\n"
+        "mz = mem.memzone_reserve(f'kept{os.getpid()}', 4096)\n"  # a live view: exit must not mind
+        "print('READY', flush=True)\n"
+        "input()\n"
+    )
+    clean = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert clean.stdout is not None and clean.stdout.readline() == "READY\n"
+    assert clean.communicate("\n", timeout=30)[0] == "" and clean.returncode == 0
+    lines = _wait_for(lambda: _log_lines(daemon.log_text(), clean.pid)[1:])
+    assert "detached" in lines[-1] and not any("died" in line for line in lines), lines
+
+    killed = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert killed.stdout is not None and killed.stdout.readline() == "READY\n"
+    killed.kill()
+    killed.wait(30)
+    lines = _wait_for(lambda: _log_lines(daemon.log_text(), killed.pid)[1:])
+    assert "died" in lines[-1] and not any("detached" in line for line in lines), lines
+    assert daemon.proc.poll() is None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_a_secondary_tells_a_stopped_primary_from_a_dead_one(daemon_factory, sig) -> None:
+    """The primary marks the config SHUTDOWN before a clean exit: a secondary then
+    logs (and raises) that it was stopped; a killed primary died."""
+    d = daemon_factory("-m", "4")
+    script = f"""
+import logging, sys, time
+import memd_client as mc
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="LOG %(message)s")
+mem = mc.attach({d.prefix!r}, runtime_dir={str(d.runtime_dir)!r})
+print("READY", flush=True)
+deadline = time.monotonic() + 20
+while mem.primary_alive() and time.monotonic() < deadline:
+    time.sleep(0.02)
+deadline = time.monotonic() + 10
+while mem._channel._thread.is_alive() and time.monotonic() < deadline:
+    time.sleep(0.02)   # the sync thread logs what became of the primary, then ends
+try:
+    mem.malloc(64 << 20)  # beyond -m 4: needs the primary
+except mc.PrimaryNotRunning as e:
+    print("RAISED", e, flush=True)
+mem.detach()
+"""
+    sec = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert sec.stdout is not None and sec.stdout.readline() == "READY\n"
+    assert d.stop(sig) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    out, err = sec.communicate(timeout=60)
+    assert sec.returncode == 0, err
+    logged = [line for line in err.splitlines() if line.startswith("LOG the memd primary")]
+    if sig == signal.SIGTERM:
+        assert any("was stopped (clean shutdown)" in line for line in logged), err
+        assert not any("died" in line for line in logged), err
+        assert "RAISED the memd primary" in out and "was stopped" in out, out
+    else:
+        assert any("died" in line for line in logged), err
+        assert not any("stopped" in line for line in logged), err
+        assert "RAISED the memd primary" in out and "has died" in out, out

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import pytest
 from support.fake_admin import FakeMem
 
+import memd
 from memd.admin.api import AdminAPI
 from memd.admin.telemetry import TelemetryServer
 from memd.cli import memctl
@@ -213,9 +214,23 @@ def test_no_daemon_is_one_line_and_exit_1(
     rundir: str, command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, err = run(capsys, rundir, command, prefix="absent")
-    assert code == 1 and out == ""
+    assert code == 1 and out == ("" if command != "metrics" else memctl.format_down())
     assert len(err.splitlines()) == 1
     assert err.startswith("memctl: no memd admin socket at ") and "absent" in err
+
+
+def test_metrics_without_a_daemon_says_it_is_down(rundir: str) -> None:
+    """A textfile collector must report memd down, not keep its last figures: with no
+    daemon, `memctl metrics` prints memd_up 0 (with its HELP and TYPE lines, as when
+    it is up) and still exits 1."""
+    proc = _memctl("--runtime-dir", rundir, "--file-prefix", "absent", "metrics")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stdout.splitlines() == [
+        "# HELP memd_up 1 if memd answered on its admin socket",
+        "# TYPE memd_up gauge",
+        "memd_up 0",
+    ]
+    assert len(proc.stderr.splitlines()) == 1 and "absent" in proc.stderr
 
 
 def test_no_daemon_as_a_real_process(rundir: str) -> None:
@@ -376,7 +391,8 @@ def test_memctl_against_the_daemon(
         assert holder.stdout is not None and holder.stdout.readline() == "ATTACHED\n"
         code, out, _ = run(capsys, rundir, "status", prefix=d.prefix)
         assert code == 0, out
-        assert re.search(rf"^daemon\s+memd \S+, pid {d.pid}$", out, re.M)
+        version = re.escape(memd.__version__)
+        assert re.search(rf"^daemon\s+memd {version}, pid {d.pid}$", out, re.M)
         assert re.search(r"^processes\s+2 \(1 primary, 1 secondary\)$", out, re.M)
         code, out, _ = run(capsys, rundir, "--json", "processes", prefix=d.prefix)
         procs = json.loads(out)
@@ -402,3 +418,5 @@ def test_memctl_against_the_daemon(
         d.stop()
     code, _, err = run(capsys, rundir, "status", prefix=d.prefix)
     assert code == 1 and len(err.splitlines()) == 1  # gone: one clear line
+    code, out, _ = run(capsys, rundir, "metrics", prefix=d.prefix)
+    assert code == 1 and out.splitlines()[-1] == "memd_up 0"  # and a scrape says so

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any, Protocol
 
+from memd._version import __version__
 from memd.errors import MemdError, ProtocolError
 from memd.shm.config import SOCKET_ID_ANY
 from memd.shm.mempool import MEMPOOL_MZ_PREFIX
@@ -52,12 +53,7 @@ MAX_OUTPUT_LEN = 16 * 1024  # DPDK: the largest reply packet
 CMD_RE = re.compile(r"/[A-Za-z0-9_/]{0,54}")
 
 
-try:  # the package version for /info; a source tree without metadata still works
-    from importlib.metadata import version as _pkg_version
-
-    VERSION = f"memd {_pkg_version('memd')}"
-except Exception:  # any metadata failure just means "unknown"
-    VERSION = "memd 0.1.0"
+VERSION = f"memd {__version__}"  # for /info and the greeting
 
 
 class UnknownCommand(ProtocolError):

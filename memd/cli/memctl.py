@@ -5,7 +5,7 @@ everything it shows comes from the same commands ``dpdk-telemetry.py`` can send.
 Human tables by default, ``--json`` for scripts, ``metrics`` for Prometheus.
 
 Exit codes: 0 success, 1 failure (no daemon, permission denied, bad reply: one line
-on stderr, never a traceback), 2 bad usage.
+on stderr, never a traceback; ``metrics`` also prints ``memd_up 0``), 2 bad usage.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from memd._version import __version__
 from memd.admin.telemetry import TelemetryClient
 from memd.errors import MemdError
 from memd.paths import DEFAULT_PREFIX, telemetry_path
 from memd.paths import runtime_dir as _default_runtime_dir
 from memd.shm.pages import clean_all
 
-__all__ = ["collect", "format_metrics", "main", "render"]
+__all__ = ["collect", "format_down", "format_metrics", "main", "render"]
 
 PAGE_LIMIT = 10_000  # at most this many round trips when paging a long list
 
@@ -393,12 +394,23 @@ def _escape(s: str) -> str:
     return s.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+UP_HELP = "1 if memd answered on its admin socket"
+
+
+def format_down() -> str:
+    """What `memctl metrics` prints when no daemon answers: memd_up 0, so that a
+    textfile collector reports the daemon down instead of keeping its last figures."""
+    m = _Metrics()
+    m.add("up", UP_HELP, 0)
+    return m.text()
+
+
 def format_metrics(data: dict[str, Any]) -> str:
     """Prometheus text format (version 0.0.4) of the figures memctl shows."""
     m = _Metrics()
     status = data["status"]
     info, st, g = status["info"], status["stats"], status["greeting"]
-    m.add("up", "1 if memd answered on its admin socket", 1)
+    m.add("up", UP_HELP, 1)
     m.add(
         "info",
         "memd's configuration as labels",
@@ -558,6 +570,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="memctl", description="Inspect a running memd through its admin socket."
     )
+    p.add_argument("--version", action="version", version=f"memctl (memd) {__version__}")
     p.add_argument(
         "--file-prefix", default=None, help=f"memd instance to talk to (default {DEFAULT_PREFIX!r})"
     )
@@ -653,12 +666,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except MemdError as exc:
-        print(f"memctl: {exc}", file=sys.stderr)
-    except (OSError, ValueError) as exc:
+    except (MemdError, OSError, ValueError) as exc:
         print(f"memctl: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
+    if args.command == "metrics":  # still exit 1, but a scrape must see the daemon down
+        sys.stdout.write(format_down())
     return 1
 
 

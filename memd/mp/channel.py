@@ -363,6 +363,7 @@ class Channel:
         self._thread: threading.Thread | None = None
         self._sync_sock: zmq.Socket | None = None
         self.alive_check: Callable[[], bool] = lambda: True
+        self.stopped_check: Callable[[], bool] = lambda: False  # gone cleanly, not died
         self.watch_fd = -1  # the primary's pidfd: polled with the sockets, so a wait
         #                     ends the moment the primary dies
 
@@ -406,8 +407,9 @@ class Channel:
                     return ans
                 continue  # a late reply to an earlier, timed-out request
             if not self.alive_check():
+                how = "was stopped" if self.stopped_check() else "died"
                 raise PrimaryNotRunning(
-                    "the primary died while serving this request; restart memd and attach again"
+                    f"the primary {how} while serving this request; restart memd and attach again"
                 )
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"no reply to {msg['type']!r} from the primary in {timeout:g} s")
@@ -431,7 +433,15 @@ class Channel:
             try:
                 events = dict(poller.poll(100))
                 if self.watch_fd in events:
-                    log.warning("the memd primary died; calls that need it raise PrimaryNotRunning")
+                    if self.stopped_check():
+                        log.info(
+                            "the memd primary was stopped (clean shutdown); calls that need "
+                            "it raise PrimaryNotRunning"
+                        )
+                    else:
+                        log.warning(
+                            "the memd primary died; calls that need it raise PrimaryNotRunning"
+                        )
                     return
                 if not events.get(sock):
                     continue

@@ -88,7 +88,7 @@ class SecondaryGrowth(Memory):
             self.sync_pages()
             self._heap_cache_clear()  # pages came or went: reset release thresholds
         elif msg["type"] == "shutdown":
-            secondary_log.warning("the memd primary is shutting down")
+            secondary_log.info("the memd primary is shutting down")
 
 
 class PrimaryGrowth(Memory):

@@ -7,14 +7,17 @@ Exit codes: 0 clean shutdown, 1 init failure (the message says how to fix it),
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from memd import _ext
+from memd._version import __version__
 from memd.errors import MemdError
 from memd.paths import DEFAULT_PREFIX
 from memd.primary import notify
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="memd primary: hugepage memory for Python processes "
         "(options follow DPDK's EAL)",
     )
+    p.add_argument("--version", action="version", version=f"memd {__version__}")
     p.add_argument("--file-prefix", default=DEFAULT_PREFIX, help="instance name (default rte)")
     p.add_argument(
         "--runtime-dir",
@@ -142,8 +146,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _toml_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each kind of option takes in a --config file, by its parser's `type`: TOML
+# values are typed, so a string where a number belongs is refused, not converted.
+_CONFIG_TYPES: dict[Any, tuple[str, Callable[[Any], bool]]] = {
+    None: ("a string", lambda v: isinstance(v, str)),
+    _non_negative: ("an integer >= 0 (MB)", lambda v: _toml_int(v) and v >= 0),
+    _mb_list: (
+        "an array of integers >= 0 (MB per socket)",
+        lambda v: isinstance(v, list) and all(_toml_int(x) and x >= 0 for x in v),
+    ),
+    _address: ("an integer (an address, e.g. 0x100000000)", lambda v: _toml_int(v) and v >= 0),
+    float: ("a number (seconds)", lambda v: _toml_int(v) or isinstance(v, float)),
+}
+
+
+def _config_value(action: argparse.Action, value: object) -> object:
+    """`value` from the config file for `action`'s option, checked as the command
+    line checks it; raises ValueError naming the type expected."""
+    if isinstance(action, argparse._StoreTrueAction):  # a flag
+        expected, ok = "true or false", isinstance(value, bool)
+    else:
+        expected, check = _CONFIG_TYPES[action.type]
+        ok = check(value)
+        if ok and action.choices is not None and value not in action.choices:
+            expected, ok = f"one of {', '.join(map(repr, action.choices))}", False
+    if not ok:
+        raise ValueError(f"expected {expected}")
+    return float(value) if action.type is float else value  # type: ignore[arg-type]
+
+
+def _toml_kind(value: object) -> str:
+    kinds: tuple[tuple[type, str], ...] = (
+        (bool, "a boolean"),  # before int: a bool is an int
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "a table"),
+    )
+    return next((name for kind, name in kinds if isinstance(value, kind)), "a date or time")
+
+
 def _apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Fill options not given on the command line from a TOML file."""
+    """Fill options not given on the command line from a TOML file.  A bad file,
+    an unknown key or a value of the wrong type is bad usage (exit 2), named."""
     if not args.config:
         return
     if sys.version_info < (3, 11):
@@ -156,14 +206,23 @@ def _apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser
     except (OSError, tomllib.TOMLDecodeError) as e:
         parser.error(f"--config {args.config}: {e}")
     defaults = vars(parser.parse_args([]))
-    for key, value in data.items():
-        attr = key.replace("-", "_")
-        if attr == "m":
-            attr = "memory_mb"
-        if attr not in defaults or attr == "config":
+    # keys are the long options without dashes (max-mem, and m for -m), or their dest
+    actions: dict[str, argparse.Action] = {}
+    for a in parser._actions:
+        if a.dest in defaults and a.dest != "config":
+            for name in [a.dest, *a.option_strings]:
+                actions[name.lstrip("-").replace("_", "-")] = a
+    for key, raw in data.items():
+        action = actions.get(key.replace("_", "-"))
+        if action is None:
             parser.error(f"--config {args.config}: unknown option {key!r}")
-        if getattr(args, attr) == defaults[attr]:
-            setattr(args, attr, value)
+        try:
+            value = _config_value(action, raw)
+        except ValueError as e:
+            shown = json.dumps(raw, default=str)  # TOML's spelling: "64", true
+            parser.error(f"--config {args.config}: {key} = {shown} ({_toml_kind(raw)}): {e}")
+        if getattr(args, action.dest) == defaults[action.dest]:
+            setattr(args, action.dest, value)
 
 
 def _check_combinations(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
