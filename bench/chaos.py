@@ -119,6 +119,7 @@ if kind == "dequeue":
         print("RESULT " + json.dumps(["PrimaryNotRunning", time.monotonic()]), flush=True)
 else:
     print("ready", flush=True)
+    sys.stdin.readline()  # go: the primary is stopped now, so the growth waits for it
     try:
         mem.malloc(64 << 20)  # more than the heap has: the primary must grow it
         print("RESULT " + json.dumps(["returned", 0.0]), flush=True)
@@ -147,7 +148,11 @@ def _spawn(daemon: Daemon, body: str, **fmt: Any) -> subprocess.Popen[str]:
         + (body.format(**fmt) if fmt else body)
     )
     return subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -340,15 +345,10 @@ class Chaos:
 
     def kill_primary(self) -> dict[str, float | str]:
         """SIGKILL the primary under a secondary blocked in dequeue(timeout=None) and
-        one blocked in heap expansion (a SIGSTOPped third secondary keeps the
-        primary waiting in its sync, so the expansion cannot finish)."""
+        one blocked in heap expansion (the primary is SIGSTOPped first, so the
+        expansion cannot finish)."""
         d = self.daemon
-        stopped = _spawn(d, "print('ready', flush=True)\ntime.sleep(3600)\n")
-        assert stopped.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
-        stopped.send_signal(signal.SIGSTOP)
         blocked = {}
-        # one after the other: once the expansion waits on the stopped secondary,
-        # the primary answers nobody (a registration included) until it dies
         for kind in ("dequeue", "expansion"):
             blocked[kind] = p = _spawn(d, PRIMARY_KILL, kind=kind)
             if p.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
@@ -357,8 +357,11 @@ class Chaos:
                     f"a blocked secondary did not start: {p.communicate()[1]}\n"
                     f"daemon log:\n{d.log_text()[-3000:]}"
                 )
-        time.sleep(0.3)  # let both block: the dequeue sleeps, the alloc waits for the primary
         self.mem.detach()
+        d.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        blocked["expansion"].stdin.write("go\n")  # type: ignore[union-attr]
+        blocked["expansion"].stdin.flush()  # type: ignore[union-attr]
+        time.sleep(0.3)  # let both block: the dequeue sleeps, the alloc waits for the primary
         t_kill = time.monotonic()
         d.kill()
         out: dict[str, float | str] = {}
@@ -370,8 +373,6 @@ class Chaos:
                 continue
             what, when = json.loads(line[7:])
             out[kind] = (when - t_kill) * 1000 if what == "PrimaryNotRunning" else what
-        stopped.send_signal(signal.SIGKILL)
-        stopped.wait()
         return out
 
 

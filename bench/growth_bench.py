@@ -14,7 +14,8 @@ not that many free hugepages).  Medians in ms; ``fail`` counts MemoryErrors.
 
 ``--save`` writes the figures as JSON; ``--baseline`` prints each figure's ratio
 to a saved run (bench/growth_baseline.json holds the per-page design's figures,
-measured before the one-file-per-list layout).
+measured before the one-file-per-list layout, on the 2-core development machine
+while other test suites ran).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,12 +143,12 @@ def main() -> None:
     modes = ["nohuge", "huge"] if args.mode == "both" else [args.mode]
     figures: dict[str, dict[str, object]] = {}
 
-    def show(key: str, res: dict[str, object] | None, field: str) -> None:
+    def show(key: str, res: dict[str, object] | None, field: str, n: int = 0) -> None:
         figures[key] = res or {}
         value = None if res is None else res.get(field)
         old = base.get(key, {}).get(field)
         ratio = f"{value / old:6.2f}x" if value and old else "      "
-        extra = f"fail {res['fail']}/{args.n}" if res and res.get("fail") else ""
+        extra = f"fail {res['fail']}/{n or args.n}" if res and res.get("fail") else ""
         shown = "skipped" if res is None else ("-" if value is None else f"{value:9.3f}")
         was = f"(was {old:.3f})" if old else ""
         print(f"  {key:38s} {field:11s} {shown:>9s} ms {ratio} {was} {extra}", flush=True)
@@ -162,7 +162,7 @@ def main() -> None:
         for kind in ("stopped", "gil"):
             n = min(args.n, 5)
             res = growth_row(mode, 1, kind, n)
-            show(f"{mode} grow, 1 {kind} other", res, "grow_ms")
+            show(f"{mode} grow, 1 {kind} other", res, "grow_ms", n)
         for mb in map(int, args.attach.split(",")):
             show(f"{mode} attach, {mb} MiB in use", attach_row(mode, mb, 5), "attach_ms")
     if args.save:

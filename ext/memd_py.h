@@ -20,6 +20,7 @@ typedef struct {
     uint64_t size; /* bytes reserved */
     int anonymous; /* Window.anonymous(): private test memory, fully mapped */
     int watch_fd;  /* Window.watch(): a pidfd of the primary (caller-owned), or -1 */
+    int uffd;      /* Window.guard(): userfaultfd turning faults on holes into SIGBUS, or -1 */
 } MemdWindow;
 
 extern PyTypeObject MemdWindow_Type;

@@ -15,7 +15,11 @@
 #include <limits.h>
 #include <poll.h>
 #include <string.h>
+#include <linux/falloc.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 /* The one way the extension raises memd's own exceptions: the class of that name
@@ -292,6 +296,7 @@ static PyObject *window_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     w->base = w->mapping = base;
     w->size = size;
     w->watch_fd = -1;
+    w->uffd = -1;
     return (PyObject *)w;
 }
 
@@ -300,6 +305,8 @@ static void window_dealloc(PyObject *self)
     MemdWindow *w = (MemdWindow *)self;
     if (w->mapping)
         munmap(w->mapping, w->size);
+    if (w->uffd >= 0)
+        close(w->uffd);
     Py_TYPE(self)->tp_free(self);
 }
 
@@ -324,17 +331,20 @@ static PyObject *window_anonymous(PyObject *cls, PyObject *arg)
 
 static PyObject *window_map_fd(PyObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"offset", "length", "fd", "file_offset", "populate", "readonly", NULL};
+    static char *kwlist[] = {"offset",   "length",    "fd", "file_offset",
+                             "populate", "readonly", "noreserve", NULL};
     unsigned long long off, len, foff = 0;
-    int fd, populate = 0, readonly = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKi|Kpp", kwlist, &off, &len, &fd, &foff,
-                                     &populate, &readonly))
+    int fd, populate = 0, readonly = 0, noreserve = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKi|Kppp", kwlist, &off, &len, &fd, &foff,
+                                     &populate, &readonly, &noreserve))
         return NULL;
     char *base = memd_base_of(self);
     if (base == NULL || memd_check_range(self, off, len) < 0)
         return NULL;
     int prot = PROT_READ | (readonly ? 0 : PROT_WRITE);
-    int flags = MAP_SHARED | MAP_FIXED | (populate ? MAP_POPULATE : 0);
+    /* noreserve: a whole memseg list's file, mostly holes; mapping it takes no pages */
+    int flags = MAP_SHARED | MAP_FIXED | (populate ? MAP_POPULATE : 0) |
+                (noreserve ? MAP_NORESERVE : 0);
     void *p;
     Py_BEGIN_ALLOW_THREADS
         p = mmap(base + off, len, prot, flags, fd, (off_t)foff);
@@ -356,6 +366,50 @@ static PyObject *window_unmap(PyObject *self, PyObject *args)
     if (mmap(base + off, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
              -1, 0) == MAP_FAILED)
         return memd_raise_errno(-errno, "mmap (unmapping part of the window)");
+    Py_RETURN_NONE;
+}
+
+/* A userfaultfd that answers every fault on a hole of a registered range with
+ * SIGBUS (UFFD_FEATURE_SIGBUS): nothing reads it, it only has to stay open.  Tries
+ * kernel faults too; without privilege (vm.unprivileged_userfaultfd = 0) user-mode
+ * faults only.  Returns the fd, or -errno. */
+static int guard_fd(void)
+{
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0 && errno == EPERM)
+        fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+    if (fd < 0)
+        return -errno;
+    struct uffdio_api api = {.api = UFFD_API, .features = UFFD_FEATURE_SIGBUS};
+    if (ioctl(fd, UFFDIO_API, &api) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+static PyObject *window_guard(PyObject *self, PyObject *args)
+{
+    unsigned long long off, len;
+    if (!PyArg_ParseTuple(args, "KK", &off, &len))
+        return NULL;
+    MemdWindow *w = (MemdWindow *)self;
+    char *base = memd_base_of(self);
+    if (base == NULL || memd_check_range(self, off, len) < 0)
+        return NULL;
+    if (w->uffd < 0) {
+        int fd = guard_fd();
+        if (fd < 0)
+            return memd_raise_errno(fd, "userfaultfd (guarding unused pages)");
+        w->uffd = fd;
+    }
+    struct uffdio_register reg = {
+        .range = {.start = (uintptr_t)(base + off), .len = len},
+        .mode = UFFDIO_REGISTER_MODE_MISSING,
+    };
+    if (ioctl(w->uffd, UFFDIO_REGISTER, &reg) < 0)
+        return memd_raise_errno(-errno, "userfaultfd register (guarding unused pages)");
     Py_RETURN_NONE;
 }
 
@@ -437,8 +491,12 @@ static PyMethodDef window_methods[] = {
     {"anonymous", window_anonymous, METH_O | METH_CLASS,
      "anonymous(size) -> Window fully backed by shared anonymous memory (tests)."},
     {"map_fd", (PyCFunction)(void (*)(void))window_map_fd, METH_VARARGS | METH_KEYWORDS,
-     "map_fd(offset, length, fd, file_offset=0, populate=False, readonly=False) -> address"},
+     "map_fd(offset, length, fd, file_offset=0, populate=False, readonly=False, "
+     "noreserve=False) -> address"},
     {"unmap", window_unmap, METH_VARARGS, "unmap(offset, length): back to reserved PROT_NONE."},
+    {"guard", window_guard, METH_VARARGS,
+     "guard(offset, length): a fault on a hole of this mapped file range raises SIGBUS "
+     "instead of allocating a page (userfaultfd; OSError if the kernel refuses)."},
     {"view", window_view, METH_VARARGS, "view(offset, length) -> writable memoryview."},
     {"touch", window_touch, METH_VARARGS, "touch(offset, length, step): fault pages in."},
     {"watch", window_watch, METH_O,
@@ -469,6 +527,22 @@ PyTypeObject MemdWindow_Type = {
 
 /* --- module --------------------------------------------------------------- */
 
+static PyObject *py_fallocate(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "offset", "length", "punch", NULL};
+    int fd, punch = 0, rc;
+    unsigned long long off, len;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKK|p", kwlist, &fd, &off, &len, &punch))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+        rc = fallocate(fd, punch ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : 0, (off_t)off,
+                       (off_t)len);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_process_alive(PyObject *Py_UNUSED(m), PyObject *args)
 {
     long pid;
@@ -495,6 +569,10 @@ static PyObject *py_proc_start_time(PyObject *Py_UNUSED(m), PyObject *arg)
 }
 
 static PyMethodDef module_functions[] = {
+    {"fallocate", (PyCFunction)(void (*)(void))py_fallocate, METH_VARARGS | METH_KEYWORDS,
+     "fallocate(fd, offset, length, punch=False): allocate the file's pages in that range "
+     "(OSError ENOSPC when there are none), or with punch free them (a hole; the size "
+     "stays)."},
     {"process_alive", py_process_alive, METH_VARARGS,
      "process_alive(pid, start_time=0) -> bool: pid is a live process (not a zombie) "
      "that started at start_time (/proc/<pid>/stat field 22; 0: any)."},

@@ -246,22 +246,33 @@ def hugepages_free() -> int:
     return read_meminfo().get("HugePages_Free", 0)
 
 
+def file_pages(path: str) -> int:
+    """Pages a page file holds: a memseg list's file has pages only in its used
+    slots, holes elsewhere.  Counted in 2 MB (--no-huge's page) or the hugetlbfs
+    page size (its st_blksize)."""
+    st = os.stat(path)
+    page = st.st_blksize if st.st_blksize >= 2 << 20 else 2 << 20
+    return -(-st.st_blocks * 512 // page)
+
+
 def pages_held(prefix: str) -> int:
-    """Page files of `prefix` that still hold memory: those that exist, and those
-    some process still maps (a removed file's pages stay allocated while mapped).
-    0 once every page went back.  Unlike HugePages_Free, no other memd on the host
-    changes it."""
+    """Pages that `prefix`'s page files still hold: in the files that exist, and one
+    at least for each removed file some process still maps (its pages stay
+    allocated while mapped).  0 once every page went back.  Unlike
+    HugePages_Free, no other memd on the host changes it."""
     stem = paths.page_file_name(prefix, 0).removesuffix("0")
-    held = set()
+    held: dict[str, int] = {}
     for d in [paths.SHM_DIR] + [m.mount_point for m in hugetlbfs_mounts()]:
-        held.update(glob.glob(os.path.join(d, glob.escape(stem) + "*")))
+        for path in glob.glob(os.path.join(d, glob.escape(stem) + "*")):
+            with contextlib.suppress(OSError):
+                held[path] = file_pages(path)
     for maps in glob.glob("/proc/[0-9]*/maps"):
         with contextlib.suppress(OSError), open(maps, encoding="utf-8", errors="replace") as f:
             for line in f:
-                path = line.rstrip("\n").split(maxsplit=5)[5:]
-                if path and os.path.basename(path[0]).startswith(stem):
-                    held.add(path[0].removesuffix(" (deleted)"))
-    return len(held)
+                mapped = line.rstrip("\n").split(maxsplit=5)[5:]
+                if mapped and os.path.basename(mapped[0]).startswith(stem):
+                    held.setdefault(mapped[0].removesuffix(" (deleted)"), 1)
+    return sum(held.values())
 
 
 def remove_leftover_pages(prefix: str) -> None:

@@ -124,6 +124,8 @@ class Secondary(SecondaryGrowth):
         self.proc_slot = int(ans["slot"])
         try:
             self._set_page_dirs(ans.get("page_dirs"))
+            if self._header().flags & _ext.CFG_F_SINGLE_FILE:
+                self._map_lists(create=False)  # every page there is, or will be
         except BaseException:
             self.detach()
             raise
@@ -374,6 +376,11 @@ class Secondary(SecondaryGrowth):
             return
         with self._map_lock:
             for msl in self._lists:
+                if self.single_file:  # the whole list's file
+                    with contextlib.suppress(OSError):
+                        window.unmap(msl.base_offset, msl.capacity * msl.page_size)
+                    self._mapped.pop(msl.index, None)
+                    continue
                 for slot in sorted(self._mapped.get(msl.index, set())):
                     with contextlib.suppress(OSError):
                         self._unmap_slot(msl, slot)

@@ -28,7 +28,7 @@ from conftest import hugepages_unavailable
 from memd._ext import HEAP_ELEM_HEADER_SIZE, HEAP_ELEM_TRAILER_SIZE
 from memd.errors import MemdMemoryError
 from memd.shm.heap import space_needed
-from memd.testing import Daemon, result, run_secondary
+from memd.testing import Daemon, file_pages, result, run_secondary
 
 MiB = 1 << 20
 PAGES = 8  # the cap, in 2 MB pages
@@ -47,8 +47,10 @@ def state(mem: Any, files: str, mount: str | None) -> dict[str, Any]:
     import glob
     import os
 
+    from memd.testing import file_pages
+
     return {
-        "files": len(glob.glob(files)),
+        "pages": sum(file_pages(f) for f in glob.glob(files)),  # pages the files hold
         "free_pages": os.statvfs(mount).f_bfree if mount else None,
         "memsegs": mem.memsegs(),
         "mapped": mem.info()["mapped_bytes"],
@@ -145,7 +147,7 @@ out({{"n": len(blocks), "type": type(error).__name__, "msg": str(error),
     # at least one block per page, at most what 16 MB can hold
     assert PAGES <= res["n"] <= PAGES * 2 * MiB // space_needed(3 << 19), res
     assert res["full"]["mapped"] == PAGES * 2 * MiB
-    assert res["full"]["files"] == PAGES and res["full"]["free_pages"] in (0, None)
+    assert res["full"]["pages"] == PAGES and res["full"]["free_pages"] in (0, None)
     assert res["freed"] == res["start"], "freeing every block gives every page back"
     with capped.daemon.attach() as mem:  # still serving; the other process's blocks stay
         assert state(mem, capped.files, capped.mount)["mapped"] == PAGES * 2 * MiB
@@ -157,7 +159,7 @@ def test_expansion_larger_than_what_remains_changes_nothing(capped: Capped) -> N
         pre = mem.malloc(fills(1))  # the preallocated page: from now on each growth
         four = mem.malloc(fills(4))  # is exactly its block; 3 pages remain under the cap
         before = state(mem, capped.files, capped.mount)
-        assert before["files"] == 5 and before["heap"]["heap_freesz_bytes"] == 0
+        assert before["pages"] == 5 and before["heap"]["heap_freesz_bytes"] == 0
         if capped.mount:
             assert before["free_pages"] == 3
         # 4 more pages do not fit: the primary maps 3, fails on the 4th, rolls back
@@ -193,7 +195,7 @@ out({{"errors": errors, "unchanged": unchanged, "full": full,
         )
         assert len(res["errors"]) == 2 and all(capped.hint in e for e in res["errors"]), res
         assert res["unchanged"] and res["after"], res
-        assert res["full"]["files"] == PAGES and res["full"]["mapped"] == PAGES * 2 * MiB
+        assert res["full"]["pages"] == PAGES and res["full"]["mapped"] == PAGES * 2 * MiB
         if capped.mount:
             assert res["full"]["free_pages"] == 0
         assert state(mem, capped.files, capped.mount) == before
@@ -202,7 +204,7 @@ out({{"errors": errors, "unchanged": unchanged, "full": full,
         mem.free(pre)
         assert state(mem, capped.files, capped.mount) == base
         big = mem.malloc(fills(7))  # ... and 7 are made for a block that never fit
-        assert state(mem, capped.files, capped.mount)["files"] == PAGES
+        assert state(mem, capped.files, capped.mount)["pages"] == PAGES
         mem.free(big)
         assert state(mem, capped.files, capped.mount) == base
 
@@ -220,7 +222,8 @@ def test_no_page_left_fails_at_start_with_the_cause(hugetlbfs_16m: str, tmp_path
         assert proc.returncode == 1, proc.stderr
         assert "size= limit" in proc.stderr and hugetlbfs_16m in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
-        assert len(glob.glob(f"{hugetlbfs_16m}/{full.prefix}map_*")) == PAGES
+        held = glob.glob(f"{hugetlbfs_16m}/{full.prefix}map_*")
+        assert sum(file_pages(f) for f in held) == PAGES
         with full.attach() as mem:
             assert mem.info()["mapped_bytes"] == PAGES * 2 * MiB
     finally:

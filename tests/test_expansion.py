@@ -20,7 +20,7 @@ import zmq
 
 from memd.mp.channel import PROTOCOL_VERSION
 from memd.paths import mp_endpoint
-from memd.testing import Daemon, pages_held, result, run_secondary
+from memd.testing import Daemon, pages_held, result, run_secondary, start_secondary
 
 
 def _attached_waiter(d: Daemon) -> subprocess.Popen[str]:
@@ -113,64 +113,44 @@ def test_four_secondaries_expand_concurrently_and_get_disjoint_memory(daemon: Da
         assert p.returncode == 0
 
 
-def test_unresponsive_secondary_makes_primary_roll_back(daemon_factory) -> None:
-    d = daemon_factory("-m", "4", "--sync-timeout", "0.5")
-    victim = _attached_waiter(d)
-    os.kill(victim.pid, signal.SIGSTOP)  # alive but cannot answer sync
+@pytest.mark.parametrize("victim", ["stopped", "gil"])
+def test_stopped_or_gil_bound_secondaries_delay_nobody(daemon_factory, victim: str) -> None:
+    """Growth and release wait for no other secondary: one stopped with SIGSTOP, or
+    one inside a long C call that holds its GIL, used to make everybody's growth
+    fail ("rolled back") after --sync-timeout."""
+    d = daemon_factory("-m", "4", "--sync-timeout", "60")  # a wait would show as a hang
+    hog = (
+        "import threading\n"
+        "threading.Thread(target=lambda: [sum(range(10**9)) for _ in iter(int, 1)],"
+        " daemon=True).start()\n"
+    )
+    code = """
+    from memd import _ext
+    got = []
+    for i in range(3):
+        b = mem.malloc(20 << 20)   # beyond -m 4: the primary adds pages
+        b.buf[-1] = 0x5A
+        got.append([b.offset, b.size])
+        if i < 2:
+            mem.free(b)            # and takes them back
+    _ext.heap_check(mem.window, 0)
+    out(got)
+    """
+    watcher = start_secondary(d, hog if victim == "gil" else "")
+    if victim == "stopped":
+        os.kill(watcher.pid, signal.SIGSTOP)
     try:
-        res = result(
-            run_secondary(
-                d,
-                """
-            total = mem.heap_stats(0)["heap_totalsz_bytes"]
-            try:
-                mem.malloc(20 << 20)
-                out(["no error"])
-            except MemoryError as e:
-                out([str(e), total, mem.heap_stats(0)["heap_totalsz_bytes"],
-                     len(mem.memsegs())])
-        """,
-            )
-        )
-        assert "rolled back" in res[0] and str(victim.pid) in res[0], res
-        assert res[1] == res[2], "heap grew although the expansion was rolled back"
-        assert res[3] == 2  # only the 4 MB preallocated pages remain mapped
+        proc = run_secondary(d, code, timeout=50)
+        got = result(proc)
     finally:
-        victim.kill()
-        victim.wait()
-    # the dead secondary is pruned and expansion works again
-    res = result(run_secondary(d, "b = mem.malloc(20 << 20); out(b.size)"))
-    assert res >= 20 << 20
+        os.kill(watcher.pid, signal.SIGCONT)
+        watcher.kill()
+        watcher.wait()
+    assert proc.returncode == 0 and len(got) == 3
+    off, size = got[-1]
+    with d.attach() as mem:
+        assert mem.view(off + size - 1, 1)[0] == 0x5A
     assert d.proc.poll() is None
-
-
-def test_long_rollback_reason_reaches_the_requester(daemon_factory) -> None:
-    """Eight unresponsive secondaries make a reason of ~300 bytes: the requester
-    decoded replies with the primary's 256-byte limit for requests and got
-    ProtocolError ('not a msgpack message') instead of the MemoryError."""
-    d = daemon_factory("-m", "4", "--sync-timeout", "0.3")
-    victims = [_attached_waiter(d) for _ in range(8)]
-    for v in victims:
-        os.kill(v.pid, signal.SIGSTOP)
-    try:
-        res = result(
-            run_secondary(
-                d,
-                """
-            try:
-                mem.malloc(20 << 20)
-                out(["no error"])
-            except Exception as e:
-                out([type(e).__name__, str(e)])
-        """,
-            )
-        )
-    finally:
-        for v in victims:
-            v.kill()
-            v.wait()
-    assert res[0] == "MemdMemoryError" and "rolled back" in res[1], res
-    assert all(str(v.pid) in res[1] for v in victims), res
 
 
 def test_exhaustion_raises_memoryerror_and_daemon_keeps_serving(daemon_factory) -> None:
@@ -199,16 +179,15 @@ def test_exhaustion_raises_memoryerror_and_daemon_keeps_serving(daemon_factory) 
 
 def test_freeing_a_large_block_gives_pages_back(daemon_factory, mode: str) -> None:
     d = daemon_factory("-m", "4")
-    pattern = f"/dev/{'shm' if mode == 'nohuge' else 'hugepages'}/{d.prefix}map_*"
     res = result(
         run_secondary(
             d,
             f"""
-        import glob
+        from memd.testing import pages_held
         blk = mem.malloc(40 << 20)
-        grown = len(glob.glob({pattern!r}))
+        grown = pages_held({d.prefix!r})
         mem.free(blk)
-        out([grown, len(glob.glob({pattern!r})), len(mem.memsegs())])
+        out([grown, pages_held({d.prefix!r}), len(mem.memsegs())])
     """,
         )
     )

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import msgpack
@@ -113,6 +113,7 @@ class Peer:
         self.start_time = start_time
         self.pidfd = pidfd  # readable once the process exits (-1: none)
         self.recent_ids: deque[int] = deque(maxlen=256)
+        self.mem_events = False  # has memory event callbacks: memory changes wait for it
 
     def owns(self, identity: bytes) -> bool:
         """Its sync socket (b'sync-<x>') or its request socket (b'req-<x>')."""
@@ -289,15 +290,28 @@ class Server:
             return self.peers.get(b"sync-" + identity[4:])
         return self.peers.get(identity)
 
-    def sync_all(self, msg: dict[str, Any], timeout: float | None = None) -> list[tuple[Peer, str]]:
-        """Send `msg` to every peer and wait for each reply (up to the timeout).
-        Returns the peers that failed, with the reason; requests arriving meanwhile
-        are queued for poll_once."""
+    def notify_all(self, msg: dict[str, Any], but: Sequence[Peer] = ()) -> None:
+        """Send `msg` as a notice (not answered, nobody waited for) to every peer
+        but those in `but`."""
+        with self.lock:
+            for peer in list(self.peers.values()):
+                if peer not in but and peer not in self._dead:
+                    self.send(peer.identity, {**msg, "id": 0, "notice": True})
+
+    def sync_all(
+        self,
+        msg: dict[str, Any],
+        timeout: float | None = None,
+        peers: Sequence[Peer] | None = None,
+    ) -> list[tuple[Peer, str]]:
+        """Send `msg` to every peer (or those in `peers`) and wait for each reply
+        (up to the timeout).  Returns the peers that failed, with the reason;
+        requests arriving meanwhile are queued for poll_once."""
         timeout = self.sync_timeout if timeout is None else timeout
         failures: list[tuple[Peer, str]] = []
         with self.lock:
             waiting: dict[bytes, tuple[Peer, int]] = {}
-            for peer in list(self.peers.values()):
+            for peer in list(self.peers.values()) if peers is None else peers:
                 if peer in self._dead:
                     continue  # died: poll_once reclaims it
                 sid = next(self._ids)
@@ -454,6 +468,12 @@ class Channel:
                 log.warning("bad message from the primary: %s", e)
                 continue
             if msg["type"] == "reply":
+                continue
+            if msg.get("notice"):  # nobody waits for an answer
+                try:
+                    self.on_sync(msg)
+                except Exception:
+                    log.exception("handling the primary's %s notice failed", msg["type"])
                 continue
             try:
                 self.on_sync(msg)

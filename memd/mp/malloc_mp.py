@@ -5,14 +5,19 @@
 2. In a secondary (`SecondaryGrowth`) that sends `alloc {heap, size, align, bound}`
    to the primary and waits for the answer.  In the primary the same call runs in
    process, and `alloc` requests land in `PrimaryGrowth._on_alloc`.
-3. The primary (`PrimaryGrowth._expand_heap`) creates and maps the pages
-   (`memd.primary.memalloc`), records them in the memseg list, tells every secondary
-   to map them (a `sync` broadcast, answered by `SecondaryGrowth._on_sync`) and only
-   then adds them to the heap, all under the heap lock.  A secondary that cannot map
-   them rolls the growth back.
-4. The secondary maps what the memseg lists say (`Memory.sync_pages`) and retries.
-5. Whole free pages go back the same way (`_release_pages`, `shrink` requests),
-   unless they were preallocated (-m, --socket-mem, --legacy-mem).
+3. The primary (`PrimaryGrowth._expand_heap`) allocates pages in the memseg
+   list's file (`fallocate`, `memd.primary.memalloc`), records them in the list and
+   adds them to the heap, under the heap lock.  Every process maps each list's file
+   whole at attach, so every process sees the new pages at once: nobody has to map
+   anything, and nobody is waited for.  The other secondaries get a `sync` notice
+   (no answer), for their memory event callbacks; only secondaries that registered
+   such callbacks are waited for, a bounded time, so that their ALLOC callbacks run
+   before anyone can allocate from the pages, as in DPDK.
+4. The secondary retries its allocation.
+5. Whole free pages go back the other way (`_release_pages`, `shrink` requests):
+   out of the heap, marked unused, callbacks' FREE while the pages still exist,
+   then punched out of the file, unless preallocated (-m, --socket-mem,
+   --legacy-mem, which never grows).
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from memd import _ext
-from memd.errors import MemdMemoryError, PrimaryNotRunning
+from memd.errors import MemdError, MemdMemoryError, PrimaryNotRunning
 from memd.hw import hugepage_info
-from memd.mp.channel import Peer, Server, param, reply
-from memd.shm.config import MemsegList, memseg_lists, process_alive
+from memd.mp.channel import Server, param, reply
+from memd.shm.config import MemsegList, process_alive
 from memd.shm.heap import NEVER_RELEASE, space_needed
 from memd.shm.memory import MEM_EVENT_ALLOC, MEM_EVENT_FREE, Memory
 
@@ -82,6 +87,11 @@ class SecondaryGrowth(Memory):
             self._request({"type": "shrink", "heap": heap})
         return None
 
+    def _mem_events_wanted(self, on: bool) -> None:
+        ans = self._request({"type": "mem_events", "on": on})
+        if ans["status"]:
+            raise MemdError(f"primary: {ans['reason']}")
+
     def _on_sync(self, msg: dict[str, Any]) -> None:
         """Background thread: the primary changed the memory map."""
         if msg["type"] == "sync":
@@ -106,6 +116,7 @@ class PrimaryGrowth(Memory):
         def _lists_of(self, socket_id: int) -> list[MemsegList]: ...
         def _map_new_pages(self, msl: MemsegList, n: int, prealloc: bool) -> int: ...
         def _drop_page(self, msl: MemsegList, slot: int) -> None: ...
+        def _free_in_list(self, msl: MemsegList, first: int, n: int) -> None: ...
         def _page_iova(self, addr: int) -> int: ...
         def _mapped_bytes(self) -> int: ...
 
@@ -158,15 +169,7 @@ class PrimaryGrowth(Memory):
                         errors.append(str(e))
                         continue
                     offset = msl.base_offset + first * msl.page_size
-                    failures = self._sync_secondaries()
-                    if failures:
-                        for slot in range(first, first + n):
-                            self._drop_page(msl, slot)
-                        self._sync_secondaries()  # rollback: they unmap what they mapped
-                        raise MemdMemoryError(
-                            "heap expansion rolled back: secondary "
-                            + ", ".join(f"pid {p.pid} ({why})" for p, why in failures)
-                        )
+                    self._tell_secondaries()
                     with self._map_lock:
                         self._mem_event(MEM_EVENT_ALLOC, offset, n * msl.page_size)
                     # a reused page file (--huge-unlink=never) holds old data
@@ -206,26 +209,11 @@ class PrimaryGrowth(Memory):
                         for slot in range(first, first + n):
                             with contextlib.suppress(OSError):
                                 _ext.msl_clear_page(self.window, msl.index, slot)
-                        failures = self._sync_secondaries()
-                        if failures:  # someone could not unmap: keep the pages
-                            for slot in range(first, first + n):
-                                _ext.msl_set_page(
-                                    self.window,
-                                    msl.index,
-                                    slot,
-                                    self._page_iova(self.window.address + start),
-                                    msl.socket_id,
-                                    0,
-                                )
-                            _ext.heap_add_memory(self.window, heap, start, n * msl.page_size, True)
-                            self._sync_secondaries()
-                            break
+                        # callbacks hear FREE while the pages still exist
                         with self._map_lock:
                             self._mem_event(MEM_EVENT_FREE, start, n * msl.page_size)
-                        for slot in range(first, first + n):
-                            self._unmap_slot(msl, slot)
-                            self.pages.remove(msl, slot)
-                        self._lists = memseg_lists(self.window)
+                        self._tell_secondaries()
+                        self._free_in_list(msl, first, n)
                 finally:
                     _ext.heap_unlock(self.window, heap)
         return None
@@ -252,17 +240,43 @@ class PrimaryGrowth(Memory):
                 start = None
         return best
 
-    def _sync_secondaries(self) -> list[tuple[Peer, str]]:
-        """Every live secondary maps what the memseg lists say.  Called under a heap
-        lock: a dead secondary is only set aside here, and reclaimed (which takes
-        heap locks) by the next poll, never inside this lock."""
+    def _tell_secondaries(self) -> None:
+        """The memory map changed: a `sync` notice to every secondary (nobody is
+        waited for), except those with memory event callbacks, which are waited for
+        (up to --sync-timeout) so that their callbacks run before anybody uses the
+        pages (ALLOC) or the pages go (FREE).  A late one is logged and goes on.
+        Called under a heap lock: dead secondaries are only set aside here, and
+        reclaimed (which takes heap locks) by the next poll."""
         if self.server is None:
-            return []
+            return
+        waited = []
         for peer in list(self.server.peers.values()):
             if not process_alive(peer.pid, peer.start_time):
                 self.server.set_aside(peer)
+            elif peer.mem_events:
+                waited.append(peer)
         gen = self._header().mem_generation
-        return self.server.sync_all({"type": "sync", "generation": gen})
+        self.server.notify_all({"type": "sync", "generation": gen}, but=waited)
+        if waited:
+            for peer, why in self.server.sync_all(
+                {"type": "sync", "generation": gen}, peers=waited
+            ):
+                log.warning(
+                    "secondary pid %d did not run its memory event callbacks in time (%s); "
+                    "the memory map changed without it",
+                    peer.pid,
+                    why,
+                )
+
+    def _on_mem_events(self, identity: bytes, msg: dict[str, Any]) -> dict[str, Any]:
+        """mem_events {on} -> {}: the secondary has memory event callbacks (on) or
+        no longer (off): memory map changes then wait for its `sync` answers."""
+        assert self.server is not None
+        peer = self.server.peer_of(identity)
+        if peer is None:
+            return reply(msg["id"], errno.EPERM, "register first")
+        peer.mem_events = param(msg, "on", bool)
+        return reply(msg["id"])
 
     def _on_alloc(self, identity: bytes, msg: dict[str, Any]) -> dict[str, Any]:
         """alloc {heap, size, align, bound, contig, page_sizes} -> {}: grow `heap` so

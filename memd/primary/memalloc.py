@@ -146,7 +146,9 @@ class MemallocMixin(PrimaryState):
             (_ext.CFG_F_NO_HUGE if opts.no_huge else 0)
             | (_ext.CFG_F_LEGACY if opts.legacy_mem else 0)
             | (_ext.CFG_F_HUGE_UNLINK if opts.huge_unlink == "always" else 0)
-            | (_ext.CFG_F_SINGLE_FILE if opts.single_file_segments else 0)
+            # dynamic memory: one file per memseg list (DPDK's --single-file-segments);
+            # legacy memory keeps a file per page, placed by physical address
+            | (0 if opts.legacy_mem else _ext.CFG_F_SINGLE_FILE)
         )
         start = proc_start_time(os.getpid()) or 0
         _ext.config_format(
@@ -168,6 +170,10 @@ class MemallocMixin(PrimaryState):
         if opts.legacy_mem:
             self._init_legacy()
         else:
+            self._list_fds = self._map_lists(create=True)
+            if opts.huge_unlink == "always":
+                for msl in self._lists:
+                    self.pages.remove_list(msl)
             self._prealloc()
 
     def _claim_page_dirs(self, page_sizes: dict[str, int], dir_locks: list[int]) -> None:
@@ -260,6 +266,9 @@ class MemallocMixin(PrimaryState):
         first = _ext.msl_find_free(self.window, msl.index, n) if n <= msl.capacity else -1
         if first < 0:
             raise MemdMemoryError(f"no room for {n} more pages in memseg list {msl.index}")
+        if self.single_file:
+            self._allocate_in_list(msl, first, n, prealloc)
+            return first
         done: list[int] = []
         try:
             for slot in range(first, first + n):
@@ -289,6 +298,44 @@ class MemallocMixin(PrimaryState):
         self._lists = memseg_lists(self.window)
         return first
 
+    def _allocate_in_list(self, msl: MemsegList, first: int, n: int, prealloc: bool) -> None:
+        """Single-file lists: give slots [first, first+n) pages in the list's file
+        (every process sees them through its mapping of the file) and mark them
+        used.  All or nothing."""
+        fd = self._list_fds[msl.index]
+        ps = msl.page_size
+        try:
+            _ext.fallocate(fd, first * ps, n * ps)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                _ext.fallocate(fd, first * ps, n * ps, punch=True)
+            size = hugepage_info.kb(ps)
+            why = no_pages_reason(self.pages.dirs[msl.index], ps, n, e)
+            raise MemdMemoryError(f"cannot map {n} pages of {size}: {why}") from e
+        flags = _ext.SEG_F_PREALLOC if prealloc else 0
+        for slot in range(first, first + n):
+            offset = msl.base_offset + slot * ps
+            iova = _ext.BAD_IOVA
+            if self.iova_mode == _ext.IOVA_PA:
+                self.window.touch(offset, ps, ps)  # into our page table, for pagemap
+                iova = self._page_iova(self.window.address + offset)
+            _ext.msl_set_page(self.window, msl.index, slot, iova, msl.socket_id, flags)
+            self._mapped.setdefault(msl.index, set()).add(slot)
+        self._lists = memseg_lists(self.window)
+
+    def _free_in_list(self, msl: MemsegList, first: int, n: int) -> None:
+        """Single-file lists: give the pages of slots [first, first+n) back (punch
+        them out of the file; every mapping loses them) and mark them unused.
+        With --huge-unlink=never the pages stay in the file for the next run."""
+        for slot in range(first, first + n):
+            with contextlib.suppress(OSError):
+                _ext.msl_clear_page(self.window, msl.index, slot)
+            self._mapped.get(msl.index, set()).discard(slot)
+        if not self.pages.reuse:
+            ps = msl.page_size
+            _ext.fallocate(self._list_fds[msl.index], first * ps, n * ps, punch=True)
+        self._lists = memseg_lists(self.window)
+
     def sync_pages(self) -> tuple[int, int]:
         """The primary maps and unmaps every page itself, so its mappings are
         always current: only refresh the cached lists when the map changed."""
@@ -299,6 +346,9 @@ class MemallocMixin(PrimaryState):
         return 0, 0
 
     def _drop_page(self, msl: MemsegList, slot: int) -> None:
+        if self.single_file:
+            self._free_in_list(msl, slot, 1)
+            return
         if slot in self._mapped.get(msl.index, set()):
             self._unmap_slot(msl, slot)
         with contextlib.suppress(OSError):

@@ -52,6 +52,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         self._closed = False
         self._cfg_fd = -1
         self._prefix_locks = {}
+        self._list_fds: dict[int, int] = {}  # memseg list -> its file (single-file lists)
         self.server = None
         self._gid = self._group_id(opts.group)
         self._mode = 0o660 if self._gid is not None else 0o600
@@ -100,6 +101,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
             "unregister": self._on_unregister,
             "alloc": self._on_alloc,
             "shrink": self._on_shrink,
+            "mem_events": self._on_mem_events,
             "ping": self._on_ping,
         }
 
@@ -174,7 +176,16 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
             self.server.close()
             self.server = None
         window = getattr(self, "window", None)
-        if window is not None:
+        if window is not None and self.single_file:
+            for msl in self._lists:
+                # unlinked, the pages go with the last mapping (secondaries still
+                # attached keep theirs until they detach)
+                fd = self._list_fds.pop(msl.index, None)
+                if remove_files:
+                    self.pages.remove_list(msl)
+                if fd is not None:
+                    os.close(fd)
+        elif window is not None:
             for msl in self._lists:
                 for slot in sorted(self._mapped.get(msl.index, set())):
                     with contextlib.suppress(OSError):
@@ -193,7 +204,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
                     made.rmdir()
         for page_dir, fd in self._prefix_locks.items():
             if remove_files:
-                unlock_prefix(page_dir, self.prefix, fd)
+                unlock_prefix(page_dir, self.prefix, fd, keep=self.pages.reuse)
             else:
                 os.close(fd)
         self._prefix_locks = {}

@@ -66,5 +66,6 @@ class PrimaryState(Memory):
     _mode: int
     _dir_mode: int
     _prefix_locks: dict[str, int]  # page directory -> its prefix lock fd
+    _list_fds: dict[int, int]  # memseg list -> its file (single-file lists)
     _expand_lock: threading.RLock
     reclaims: deque[dict[str, Any]]  # dead secondaries, newest last

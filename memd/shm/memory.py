@@ -141,6 +141,9 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         self._synced_generation = -1  # header.mem_generation at the last sync_pages
         self._heap_id_cache: list[int] | None = None
         self._mem_event_callbacks: dict[str, Callable[[int, int, int], object]] = {}
+        # dynamic layout: one file per memseg list, mapped whole (see _map_lists)
+        self.single_file = False
+        self.guarded = False  # holes fault with SIGBUS (userfaultfd), not allocate
 
     # --- memory events (DPDK rte_mem_event_callback_*) -------------------------
 
@@ -169,6 +172,8 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             if name in self._mem_event_callbacks:
                 raise MemdExistsError(f"a memory event callback named {name!r} is registered")
             self._mem_event_callbacks[name] = callback
+            if len(self._mem_event_callbacks) == 1:
+                self._mem_events_wanted(True)
 
     def mem_event_callback_unregister(self, name: str) -> None:
         """Stop calling the callback registered as ``name``
@@ -176,6 +181,12 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         with self._map_lock:
             if self._mem_event_callbacks.pop(name, None) is None:
                 raise MemdKeyError(f"no memory event callback named {name!r}")
+            if not self._mem_event_callbacks:
+                self._mem_events_wanted(False)
+
+    def _mem_events_wanted(self, on: bool) -> None:
+        """This process has memory event callbacks now (on), or none any more: a
+        secondary tells the primary, which then waits for it on every change."""
 
     def _mem_event(self, event: int, offset: int, length: int) -> None:
         """Tell the registered callbacks (call with _map_lock held)."""
@@ -221,6 +232,61 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         self.window.unmap(msl.base_offset + slot * msl.page_size, msl.page_size)
         self._mapped.get(msl.index, set()).discard(slot)
 
+    def _map_lists(self, create: bool) -> dict[int, int]:
+        """Map each memseg list's file whole, MAP_NORESERVE, at the list's offset:
+        pages then come and go inside the files (fallocate, punched holes), seen by
+        every process through the same mappings, with nothing to map or sync.  A
+        hole faults with SIGBUS rather than allocating a page behind the primary's
+        back (userfaultfd, where the kernel allows it).  `create`: the primary
+        makes the files; returns their fds (a secondary's are closed: the mapping
+        keeps the file and its lock)."""
+        fds: dict[int, int] = {}
+        try:
+            for msl in memseg_lists(self.window):
+                if not 0 < msl.capacity <= _ext.MAX_PAGES_PER_LIST:
+                    raise MemdError(f"memseg list {msl.index} has a bad capacity {msl.capacity}")
+                fd = self.pages.create_list(msl) if create else self.pages.open_list(msl)
+                fds[msl.index] = fd
+                length = msl.capacity * msl.page_size
+                self.window.map_fd(msl.base_offset, length, fd, noreserve=True)
+                try:
+                    self.window.guard(msl.base_offset, length)
+                    self.guarded = True
+                except OSError as e:
+                    log.warning(
+                        "unused pages of memseg list %d are not guarded (%s): a stray access "
+                        "there would allocate a page instead of failing with SIGBUS",
+                        msl.index,
+                        e.strerror,
+                    )
+                self._mapped[msl.index] = set(msl.used_slots())
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        if not create:
+            for fd in fds.values():
+                os.close(fd)
+            fds = {}
+        self.single_file = True
+        self._lists = memseg_lists(self.window)
+        self._synced_generation = _ext.mem_generation(self.window)
+        return fds
+
+    def _sync_list_events(self) -> None:
+        """Single-file lists: nothing to map; tell the callbacks which pages came
+        and went since the last look."""
+        for msl in self._lists:
+            want = set(msl.used_slots())
+            have = self._mapped.setdefault(msl.index, set())
+            for kind, slots in ((MEM_EVENT_FREE, have - want), (MEM_EVENT_ALLOC, want - have)):
+                for first, n in _runs(sorted(slots)):
+                    self._mem_event(
+                        kind, msl.base_offset + first * msl.page_size, n * msl.page_size
+                    )
+            have.clear()
+            have.update(want)
+
     def sync_pages(self) -> tuple[int, int]:
         """Make this process's mappings match the memseg lists: map pages that
         appeared, unmap pages that went.  Returns (mapped, unmapped)."""
@@ -230,6 +296,10 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             if generation == self._synced_generation:
                 return 0, 0  # nothing was mapped or unmapped since the last sync
             self._lists = memseg_lists(self.window)
+            if self.single_file:
+                self._sync_list_events()
+                self._synced_generation = generation
+                return 0, 0
             vanished = False
             for msl in self._lists:
                 want = set(msl.used_slots())

@@ -122,6 +122,69 @@ class PageStore:
             raise OSError(errno.EAGAIN, f"{path} is locked by a cleaner; try again", path)
         return fd
 
+    # --- one file per memseg list (the dynamic layout) ---------------------------
+    # A list's file is as long as the list (capacity x page size) and holds each
+    # page at its slot's offset; only allocated slots have pages, the rest are holes.
+
+    def list_path(self, msl: MemsegList) -> str:
+        return self.path_of(msl, msl.index)
+
+    def path_of(self, msl: MemsegList, number: int) -> str:
+        try:
+            directory = self.dirs[msl.index]
+        except KeyError:
+            raise MemdError(
+                f"memseg list {msl.index} has no page directory here; detach and attach again"
+            ) from None
+        return os.path.join(directory, page_file_name(self.prefix, number))
+
+    def create_list(self, msl: MemsegList) -> int:
+        """Create the list's file (exclusively, never through a symlink), sized to the
+        list and holding no page yet, locked shared; returns an fd.  With ``reuse``,
+        a file of that size a previous run left is taken (raises OSError EBUSY if a
+        process still maps it)."""
+        path = self.list_path(msl)
+        size = msl.capacity * msl.page_size
+        try:
+            fd = create_file(path, self.mode, self.gid, size=size)
+        except FileExistsError:
+            if not self.reuse:
+                raise
+            fd = open_checked(
+                path, self.owner, size=size, dev=self._devs[msl.index], what="page file"
+            )
+            if not try_lock(fd, exclusive=True):
+                os.close(fd)
+                raise OSError(
+                    errno.EBUSY, f"{path} is still mapped by another process", path
+                ) from None
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+
+    def open_list(self, msl: MemsegList) -> int:
+        """Open the list's file to map it, locked shared: a regular file of the
+        daemon's uid, as long as the list, on the list's filesystem.  Raises
+        UnsafePath (a PermissionError) or OSError otherwise."""
+        path = self.list_path(msl)
+        fd = open_checked(
+            path,
+            self.owner,
+            size=msl.capacity * msl.page_size,
+            dev=self._devs[msl.index],
+            what="page file",
+        )
+        if not try_lock(fd, exclusive=False, timeout=HOLDER_WAIT):
+            os.close(fd)
+            raise OSError(errno.EAGAIN, f"{path} is locked by a cleaner; try again", path)
+        return fd
+
+    def remove_list(self, msl: MemsegList) -> None:
+        """Unlink the list's file (kept with ``reuse``)."""
+        if self.reuse:
+            return
+        with contextlib.suppress(FileNotFoundError, KeyError):
+            os.unlink(self.list_path(msl))
+
     def remove(self, msl: MemsegList, slot: int) -> None:
         """Unlink the page's file (kept with ``reuse``: the next run takes it)."""
         if self.reuse:
@@ -161,11 +224,24 @@ def lock_prefix(directory: str, prefix: str, mode: int, gid: int | None) -> int:
     raise PrefixInUse(f"{path} keeps changing; is another memd starting with this prefix?")
 
 
-def unlock_prefix(directory: str, prefix: str, fd: int) -> None:
+KEEP_MARK = b"keep\n"  # in a prefix lock: its page files are kept for reuse
+
+
+def unlock_prefix(directory: str, prefix: str, fd: int, keep: bool = False) -> None:
     """Close the prefix lock, removing it (still held) unless page files of the
     prefix that are ours are left: it marks them as memd's for a later clean.
-    Somebody else's file of that name (a squat) does not keep it."""
+    Somebody else's file of that name (a squat) does not keep it.  `keep`
+    (--huge-unlink=never): the lock says so (KEEP_MARK), and cleaners of dead
+    prefixes leave the files for the prefix's next run."""
     path = os.path.join(directory, prefix_lock_name(prefix))
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            wfd = os.open(path, os.O_WRONLY | os.O_TRUNC | NOFOLLOW | os.O_NONBLOCK)
+            try:
+                if os.fstat(wfd).st_ino == os.fstat(fd).st_ino and keep:
+                    os.write(wfd, KEEP_MARK)
+            finally:
+                os.close(wfd)
     kinds = _memd_files(directory).get(prefix, {})
     ours = os.fstat(fd).st_uid
 
@@ -324,6 +400,9 @@ def clean_stale(directory: str, skip: str | None = None) -> CleanReport:
             lock_st = os.fstat(lock_fd)
             if not stat.S_ISREG(lock_st.st_mode) or not try_lock(lock_fd, exclusive=True):
                 continue  # a live primary's
+            if os.pread(lock_fd, len(KEEP_MARK), 0) == KEEP_MARK:
+                report.skipped.append((lock_path, "kept for reuse (--huge-unlink=never)"))
+                continue
             # anyone may create a lock file in /dev/shm: it vouches only for its
             # owner's files, which that owner could remove anyway
             left = [
