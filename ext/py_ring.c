@@ -225,7 +225,7 @@ static inline struct memd_ring *ring_ptr(MemdRing *self)
 
 static inline struct memd_ring_geom geom(const MemdRing *self)
 {
-    return (struct memd_ring_geom){self->size, self->capacity, self->esize};
+    return (struct memd_ring_geom){self->size, self->capacity};
 }
 
 /* One try of op.  A side lock that another live process keeps (stopped in a
@@ -235,15 +235,27 @@ static inline unsigned do_op(MemdRing *self, struct memd_ring *r, enum ring_op o
                              unsigned n, int *busy)
 {
     *busy = 0;
-    switch (op) {
+    if (unlikely(self->esize != MEMD_RING_ESIZE_U64)) {
+        switch (op) {
+        case OP_ENQ_BULK:
+            return memd_ring_enqueue_bulk_elem(r, geom(self), self->esize, v, n, NULL, busy);
+        case OP_ENQ_BURST:
+            return memd_ring_enqueue_burst_elem(r, geom(self), self->esize, v, n, NULL, busy);
+        case OP_DEQ_BULK:
+            return memd_ring_dequeue_bulk_elem(r, geom(self), self->esize, v, n, NULL, busy);
+        default:
+            return memd_ring_dequeue_burst_elem(r, geom(self), self->esize, v, n, NULL, busy);
+        }
+    }
+    switch (op) { /* the uint64 ring: six arguments, all in registers */
     case OP_ENQ_BULK:
-        return memd_ring_enqueue_bulk_elem(r, geom(self), v, n, NULL, busy);
+        return memd_ring_enqueue_bulk(r, geom(self), v, n, NULL, busy);
     case OP_ENQ_BURST:
-        return memd_ring_enqueue_burst_elem(r, geom(self), v, n, NULL, busy);
+        return memd_ring_enqueue_burst(r, geom(self), v, n, NULL, busy);
     case OP_DEQ_BULK:
-        return memd_ring_dequeue_bulk_elem(r, geom(self), v, n, NULL, busy);
+        return memd_ring_dequeue_bulk(r, geom(self), v, n, NULL, busy);
     default:
-        return memd_ring_dequeue_burst_elem(r, geom(self), v, n, NULL, busy);
+        return memd_ring_dequeue_burst(r, geom(self), v, n, NULL, busy);
     }
 }
 
@@ -255,21 +267,18 @@ static uint64_t now_ns(void)
 }
 
 /*
- * Run op; if it moved nothing and timeout_ns > 0, sleep on the other side's
- * futex and retry until it moves something or the time is up.  Returns the
- * count moved (0 on timeout), or -1 with an exception set (a signal handler
- * raised, the window was closed meanwhile, or the process the window watches,
- * the primary, has exited: PrimaryNotRunning).
+ * run_op's wait, after a first try moved nothing (busy: a side lock stayed held)
+ * and timeout_ns > 0: sleep on the other side's futex (or the lock's) and retry
+ * until op moves something or the time is up.  Returns the count moved (0 on
+ * timeout), or -1 with an exception set (a signal handler raised, the window was
+ * closed meanwhile, or the process the window watches, the primary, has exited:
+ * PrimaryNotRunning).
  */
-static Py_ssize_t run_op(MemdRing *self, enum ring_op op, void *v, unsigned n, uint64_t timeout_ns)
+static __attribute__((noinline)) Py_ssize_t run_op_wait(MemdRing *self, struct memd_ring *r,
+                                                        enum ring_op op, void *v, unsigned n,
+                                                        uint64_t timeout_ns, int busy)
 {
-    struct memd_ring *r = ring_ptr(self);
-    if (r == NULL)
-        return -1;
-    int busy;
-    unsigned got = do_op(self, r, op, v, n, &busy);
-    if (likely(got != 0 || timeout_ns == 0 || n == 0))
-        return got;
+    unsigned got;
     uint64_t start = now_ns();
     uint64_t deadline = timeout_ns == UINT64_MAX ? UINT64_MAX : start + timeout_ns;
     int enq = op == OP_ENQ_BULK || op == OP_ENQ_BURST;
@@ -329,6 +338,23 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, void *v, unsigned n, u
         if ((got = do_op(self, r, op, v, n, &busy)) != 0)
             return got;
     }
+}
+
+/* Run op; if it moved nothing and timeout_ns > 0, wait (run_op_wait).  The first
+ * try is inline, where op is a constant (do_op's switch folds away); the waiting
+ * is out of line.  Returns the count moved, or -1 with an exception set. */
+static inline __attribute__((always_inline)) Py_ssize_t run_op(MemdRing *self, enum ring_op op,
+                                                               void *v, unsigned n,
+                                                               uint64_t timeout_ns)
+{
+    struct memd_ring *r = ring_ptr(self);
+    if (r == NULL)
+        return -1;
+    int busy;
+    unsigned got = do_op(self, r, op, v, n, &busy);
+    if (likely(got != 0 || timeout_ns == 0 || n == 0))
+        return got;
+    return run_op_wait(self, r, op, v, n, timeout_ns, busy);
 }
 
 /*

@@ -559,8 +559,7 @@ dequeue_crashy(struct memd_ring *r, struct memd_ring_geom g, size_t esize, void 
     return do_dequeue(r, g, esize, v, n, behaviour, available, busy, 1);
 }
 
-/* The uint64 calls: esize is the constant 8 (g.esize is 8 too: the caller's
- * check), so their copies stay single moves. */
+/* The uint64 calls: esize is the constant 8, so their copies stay single moves. */
 unsigned memd_ring_enqueue_bulk(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v,
                                 unsigned n, unsigned *free_space, int *busy)
 {
@@ -593,45 +592,37 @@ unsigned memd_ring_dequeue_burst(struct memd_ring *r, struct memd_ring_geom g, u
     return do_dequeue(r, g, sizeof(uint64_t), v, n, BURST, available, busy, 0);
 }
 
-/* Records of any esize: the 8-byte ring keeps its constant-size copy. */
-unsigned memd_ring_enqueue_bulk_elem(struct memd_ring *r, struct memd_ring_geom g, const void *v,
-                                     unsigned n, unsigned *free_space, int *busy)
+/* Records of any esize. */
+unsigned memd_ring_enqueue_bulk_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                     const void *v, unsigned n, unsigned *free_space, int *busy)
 {
     if (unlikely(crash_after >= 0))
-        return enqueue_crashy(r, g, g.esize, v, n, BULK, free_space, busy);
-    if (likely(g.esize == sizeof(uint64_t)))
-        return do_enqueue(r, g, sizeof(uint64_t), v, n, BULK, free_space, busy, 0);
-    return do_enqueue(r, g, g.esize, v, n, BULK, free_space, busy, 0);
+        return enqueue_crashy(r, g, esize, v, n, BULK, free_space, busy);
+    return do_enqueue(r, g, esize, v, n, BULK, free_space, busy, 0);
 }
 
-unsigned memd_ring_enqueue_burst_elem(struct memd_ring *r, struct memd_ring_geom g, const void *v,
-                                      unsigned n, unsigned *free_space, int *busy)
+unsigned memd_ring_enqueue_burst_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                      const void *v, unsigned n, unsigned *free_space, int *busy)
 {
     if (unlikely(crash_after >= 0))
-        return enqueue_crashy(r, g, g.esize, v, n, BURST, free_space, busy);
-    if (likely(g.esize == sizeof(uint64_t)))
-        return do_enqueue(r, g, sizeof(uint64_t), v, n, BURST, free_space, busy, 0);
-    return do_enqueue(r, g, g.esize, v, n, BURST, free_space, busy, 0);
+        return enqueue_crashy(r, g, esize, v, n, BURST, free_space, busy);
+    return do_enqueue(r, g, esize, v, n, BURST, free_space, busy, 0);
 }
 
-unsigned memd_ring_dequeue_bulk_elem(struct memd_ring *r, struct memd_ring_geom g, void *v,
-                                     unsigned n, unsigned *available, int *busy)
+unsigned memd_ring_dequeue_bulk_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                     void *v, unsigned n, unsigned *available, int *busy)
 {
     if (unlikely(crash_after >= 0))
-        return dequeue_crashy(r, g, g.esize, v, n, BULK, available, busy);
-    if (likely(g.esize == sizeof(uint64_t)))
-        return do_dequeue(r, g, sizeof(uint64_t), v, n, BULK, available, busy, 0);
-    return do_dequeue(r, g, g.esize, v, n, BULK, available, busy, 0);
+        return dequeue_crashy(r, g, esize, v, n, BULK, available, busy);
+    return do_dequeue(r, g, esize, v, n, BULK, available, busy, 0);
 }
 
-unsigned memd_ring_dequeue_burst_elem(struct memd_ring *r, struct memd_ring_geom g, void *v,
-                                      unsigned n, unsigned *available, int *busy)
+unsigned memd_ring_dequeue_burst_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                      void *v, unsigned n, unsigned *available, int *busy)
 {
     if (unlikely(crash_after >= 0))
-        return dequeue_crashy(r, g, g.esize, v, n, BURST, available, busy);
-    if (likely(g.esize == sizeof(uint64_t)))
-        return do_dequeue(r, g, sizeof(uint64_t), v, n, BURST, available, busy, 0);
-    return do_dequeue(r, g, g.esize, v, n, BURST, available, busy, 0);
+        return dequeue_crashy(r, g, esize, v, n, BURST, available, busy);
+    return do_dequeue(r, g, esize, v, n, BURST, available, busy, 0);
 }
 
 unsigned memd_ring_count(const struct memd_ring *r, struct memd_ring_geom g)

@@ -57,22 +57,23 @@ int memd_ring_init(struct memd_ring *r, const char *name, uint32_t count, uint32
  * -EINVAL if its magic or geometry (esize included) is wrong. */
 int memd_ring_check(const struct memd_ring *r, uint64_t avail);
 
-/* A ring's size, capacity and entry size as its user validated them
- * (memd_ring_check) and keeps in its own memory.  Operations index and bound with
- * these, never with the shared copy, which any attached process can overwrite:
- * damaged counters then move wrong entries, inside this ring's slots, and nothing
- * outside it. */
+/* A ring's size and capacity as its user validated them (memd_ring_check) and keeps
+ * in its own memory (with the esize, for the *_elem calls).  Operations index and
+ * bound with these, never with the shared copy, which any attached process can
+ * overwrite: damaged counters then move wrong entries, inside this ring's slots,
+ * and nothing outside it.  Eight bytes: the uint64 calls keep all their arguments
+ * in registers. */
 struct memd_ring_geom {
-    uint32_t size, capacity, esize;
+    uint32_t size, capacity;
 };
 
 /* The geometry in r's header, for a ring just checked with memd_ring_check. */
 static inline struct memd_ring_geom memd_ring_geom_of(const struct memd_ring *r)
 {
-    return (struct memd_ring_geom){r->size, r->capacity, r->esize};
+    return (struct memd_ring_geom){r->size, r->capacity};
 }
 
-/* Rings of uint64 entries (g.esize must be 8: the caller checked it).
+/* Rings of uint64 entries (esize 8: the caller checked it).
  * Enqueue n entries from v: all or none (bulk) or as many as fit (burst).
  * Returns the number enqueued; *free_space (if not NULL) gets the room left.
  * busy NULL: a side lock held by another process is waited for (sleeping); else
@@ -90,17 +91,17 @@ unsigned memd_ring_dequeue_bulk(struct memd_ring *r, struct memd_ring_geom g, ui
 unsigned memd_ring_dequeue_burst(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
                                  unsigned n, unsigned *available, int *busy);
 
-/* Rings of any esize (DPDK: rte_ring_*_elem): as above, with n records of
- * g.esize bytes each at v (n * g.esize bytes).  An 8-byte ring takes the uint64
- * calls' copy. */
-unsigned memd_ring_enqueue_bulk_elem(struct memd_ring *r, struct memd_ring_geom g, const void *v,
-                                     unsigned n, unsigned *free_space, int *busy);
-unsigned memd_ring_enqueue_burst_elem(struct memd_ring *r, struct memd_ring_geom g, const void *v,
-                                      unsigned n, unsigned *free_space, int *busy);
-unsigned memd_ring_dequeue_bulk_elem(struct memd_ring *r, struct memd_ring_geom g, void *v,
-                                     unsigned n, unsigned *available, int *busy);
-unsigned memd_ring_dequeue_burst_elem(struct memd_ring *r, struct memd_ring_geom g, void *v,
-                                      unsigned n, unsigned *available, int *busy);
+/* Rings of any esize (DPDK: rte_ring_*_elem): as above, with n records of esize
+ * bytes each at v (n * esize bytes); esize is the one the caller validated with the
+ * geometry. */
+unsigned memd_ring_enqueue_bulk_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                     const void *v, unsigned n, unsigned *free_space, int *busy);
+unsigned memd_ring_enqueue_burst_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                      const void *v, unsigned n, unsigned *free_space, int *busy);
+unsigned memd_ring_dequeue_bulk_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                     void *v, unsigned n, unsigned *available, int *busy);
+unsigned memd_ring_dequeue_burst_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                      void *v, unsigned n, unsigned *available, int *busy);
 
 /* Entries in the ring now (a snapshot while others run), at most g.capacity. */
 unsigned memd_ring_count(const struct memd_ring *r, struct memd_ring_geom g);
