@@ -18,6 +18,7 @@ buffer holding whole records back to back (a NumPy structured array whose
 ``dequeue_bulk_into``/``dequeue_burst_into`` fill a writable buffer of whole
 records (a structured array's memory) with no copy but the ring's own.  For
 8-byte records as raw bytes, view them as ``uint64`` (``arr.view(np.uint64)``).
+
 Every enqueue/dequeue call takes ``timeout``: 0 (the default) does not wait, a
 number of seconds waits up to that long, ``None`` waits until it can.  A waiting
 call sleeps on a futex in the ring with the GIL released (a program may opt in to
