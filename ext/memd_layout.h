@@ -29,7 +29,8 @@
 
 #define MEMD_CONFIG_MAGIC 0x31474643444d454dULL /* "MEMDCFG1", little endian */
 /* 2: robust ring sides, mempool owner tags; 3: heap undo journals, element owner tags;
- * 4: DPDK fidelity (an object directory entry per memzone, ...) */
+ * 4: DPDK fidelity (an object directory entry per memzone, rings of esize-byte
+ *    records, memzone flags as DPDK's) */
 #define MEMD_LAYOUT_VERSION 4u
 
 #define MEMD_CACHE_LINE         64u
@@ -356,11 +357,12 @@ struct memd_config {
 
 /*
  * A ring lives at some window offset (inside a memzone "RG_<name>"): this header,
- * then `size` 8-byte slots.  Head and tail counters are 32-bit and run freely,
- * wrapping modulo 2^32; slot = counter & mask.  Producers own `prod`, consumers
- * own `cons`, each on its own cache line with an empty line between them, so the
- * two sides never write to a line the other side writes.  The wait lines are
- * written only when somebody goes to sleep.
+ * then `size` slots of `esize` bytes each (DPDK: rte_ring_create_elem; esize is a
+ * multiple of 4; 8 is the ring of unsigned 64-bit entries, the default).  Head and
+ * tail counters are 32-bit and run freely, wrapping modulo 2^32; slot = counter &
+ * mask.  Producers own `prod`, consumers own `cons`, each on its own cache line with
+ * an empty line between them, so the two sides never write to a line the other side
+ * writes.  The wait lines are written only when somebody goes to sleep.
  *
  * Crash safety: every operation starts from its side's *tail*, the last counter
  * handed to the other side, never from head.  A multi-producer (-consumer) side
@@ -370,12 +372,13 @@ struct memd_config {
  * unpublished entries are simply overwritten, a consumer's unreleased entries stay
  * in the ring and are delivered again.
  */
-#define MEMD_RING_MAGIC      0x32474e49524d454dULL /* "MEMRING2", little endian (2: locks) */
+#define MEMD_RING_MAGIC      0x33474e49524d454dULL /* "MEMRING3", little endian (3: esize) */
 #define MEMD_RING_F_SP_ENQ   0x1u                  /* one producer at a time: no lock on prod */
 #define MEMD_RING_F_SC_DEQ   0x2u                  /* one consumer at a time: no lock on cons */
 #define MEMD_RING_F_EXACT_SZ 0x4u /* capacity = count exactly (slots: next 2^k > count) */
 #define MEMD_RING_F_ALL      (MEMD_RING_F_SP_ENQ | MEMD_RING_F_SC_DEQ | MEMD_RING_F_EXACT_SZ)
-#define MEMD_RING_SZ_MAX     0x80000000u /* slots; counters are 32-bit */
+#define MEMD_RING_SZ_MASK    0x7fffffffu /* DPDK RTE_RING_SZ_MASK: slots <= this, so <= 2^30 */
+#define MEMD_RING_ESIZE_U64  8u          /* esize of the default ring: uint64 entries */
 
 /* A side's lock word: 0 = free, else the owner's pid in the low 32 bits and the
  * low 32 bits of its start time (field 22 of /proc/<pid>/stat, clock ticks; 0 if
@@ -417,7 +420,8 @@ struct memd_ring {
     uint32_t mask;                   /*  48: size - 1 */
     uint32_t capacity;               /*  52: usable slots: size - 1, or count if EXACT_SZ */
     uint64_t memsize;                /*  56: bytes from the header to the last slot's end */
-    uint8_t pad0[64];                /*  64: keeps prod off the config line's neighbour */
+    uint32_t esize;                  /*  64: bytes per slot, a multiple of 4 */
+    uint8_t pad0[60];                /*  68: keeps prod off the config line's neighbour */
     struct memd_ring_headtail prod;  /* 128 */
     uint8_t pad1[64];                /* 192 */
     struct memd_ring_headtail cons;  /* 256 */
@@ -425,8 +429,8 @@ struct memd_ring {
     struct memd_ring_wait not_empty; /* 384: consumers sleep here for entries */
     struct memd_ring_wait not_full;  /* 416: producers sleep here for room */
     uint8_t pad3[64];                /* 448 */
-    uint64_t slots[];                /* 512: `size` entries */
-}; /* 512 + 8 * size */
+    uint64_t slots[];                /* 512: `size` entries of esize bytes (8-byte aligned) */
+}; /* 512 + esize * size */
 
 /* --- mempools (DPDK: rte_mempool; code in ext/mempool.c) ------------------ */
 
@@ -583,6 +587,7 @@ MEMD_CHECK(struct memd_ring, name, 8);
 MEMD_CHECK(struct memd_ring, flags, 40);
 MEMD_CHECK(struct memd_ring, capacity, 52);
 MEMD_CHECK(struct memd_ring, memsize, 56);
+MEMD_CHECK(struct memd_ring, esize, 64);
 MEMD_CHECK(struct memd_ring, prod, 128);
 MEMD_CHECK(struct memd_ring, cons, 256);
 MEMD_CHECK(struct memd_ring, not_empty, 384);

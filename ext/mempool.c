@@ -53,7 +53,7 @@ int memd_mempool_geometry(uint32_t n, uint32_t elt_size, uint32_t cache_size, ui
     uint32_t flushthresh = cache_size * 3 / 2;
     if (flushthresh > n)
         return -EINVAL;
-    int64_t ring_size = memd_ring_memsize(n, MEMD_RING_F_EXACT_SZ);
+    int64_t ring_size = memd_ring_memsize(n, MEMD_RING_ESIZE_U64, MEMD_RING_F_EXACT_SZ);
     if (ring_size < 0)
         return -EINVAL;
     uint64_t off = sizeof(struct memd_mempool);
@@ -115,7 +115,7 @@ int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n, u
     if (flags & MEMD_MEMPOOL_F_SC_GET)
         ring_flags |= MEMD_RING_F_SC_DEQ;
     struct memd_ring *r = ring_of(base, pool, mp);
-    rc = memd_ring_init(r, name, n, ring_flags);
+    rc = memd_ring_init(r, name, n, MEMD_RING_ESIZE_U64, ring_flags);
     if (rc < 0)
         return rc;
 
@@ -153,8 +153,11 @@ int memd_mempool_check(const char *base, uint64_t pool, uint64_t avail)
         g.trailer_offset != mp->trailer_offset || g.memsize != mp->memsize ||
         g.flushthresh != mp->flushthresh || mp->memsize > avail)
         return -EINVAL;
-    return memd_ring_check((const struct memd_ring *)(base + pool + mp->ring_offset),
-                           mp->memsize - mp->ring_offset);
+    const struct memd_ring *r = (const struct memd_ring *)(base + pool + mp->ring_offset);
+    /* The free ring carries handles: uint64 entries, whatever its header says. */
+    if (memd_ring_check(r, mp->memsize - mp->ring_offset) < 0 || r->esize != MEMD_RING_ESIZE_U64)
+        return -EINVAL;
+    return 0;
 }
 
 /* --- handles -------------------------------------------------------------- */
@@ -497,7 +500,8 @@ static int audit_walk(char *base, uint64_t pool, struct memd_mempool_audit *a, u
     }
 
     struct memd_ring *r = ring_of(base, pool, mp);
-    if (memd_ring_check(r, mp->memsize - mp->ring_offset) < 0 || r->capacity != mp->n)
+    if (memd_ring_check(r, mp->memsize - mp->ring_offset) < 0 || r->capacity != mp->n ||
+        r->esize != MEMD_RING_ESIZE_U64)
         return fault(a, MEMD_MP_BAD_RING, -1);
     /* acquire: as memd_ring_count; quiescent, so head == tail on each side. */
     uint32_t cons = atomic_load_explicit(&r->cons.tail, memory_order_acquire);

@@ -331,7 +331,7 @@ static PyObject *window_anonymous(PyObject *cls, PyObject *arg)
 
 static PyObject *window_map_fd(PyObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"offset",   "length",    "fd", "file_offset",
+    static char *kwlist[] = {"offset",   "length",   "fd",        "file_offset",
                              "populate", "readonly", "noreserve", NULL};
     unsigned long long off, len, foff = 0;
     int fd, populate = 0, readonly = 0, noreserve = 0;
@@ -343,8 +343,8 @@ static PyObject *window_map_fd(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     int prot = PROT_READ | (readonly ? 0 : PROT_WRITE);
     /* noreserve: a whole memseg list's file, mostly holes; mapping it takes no pages */
-    int flags = MAP_SHARED | MAP_FIXED | (populate ? MAP_POPULATE : 0) |
-                (noreserve ? MAP_NORESERVE : 0);
+    int flags =
+        MAP_SHARED | MAP_FIXED | (populate ? MAP_POPULATE : 0) | (noreserve ? MAP_NORESERVE : 0);
     void *p;
     Py_BEGIN_ALLOW_THREADS
         p = mmap(base + off, len, prot, flags, fd, (off_t)foff);

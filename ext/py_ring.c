@@ -5,8 +5,10 @@
  * Hot paths are METH_FASTCALL and allocate nothing per entry when given a
  * buffer: values are read straight from a uint64 buffer (array('Q'), NumPy) or
  * converted from a list/tuple into a stack array; *_into() dequeues into a
- * caller's buffer.  Blocking calls release the GIL only while asleep on the
- * ring's futex and wake at least every WAIT_SLICE_NS to run signal handlers.
+ * caller's buffer.  A ring of esize-byte records (esize != 8) takes and gives
+ * bytes-likes instead of ints: its calls branch off once, after the arguments
+ * are parsed, so the uint64 ring's paths stay as they were.  Blocking calls release the GIL only
+ * while asleep on the ring's futex and wake at least every WAIT_SLICE_NS to run signal handlers.
  */
 #include "memd_py.h"
 #include "py_ring.h"
@@ -201,6 +203,7 @@ typedef struct {
     uint64_t offset;  /* window offset of the struct memd_ring */
     uint32_t capacity;
     uint32_t size;
+    uint32_t esize; /* bytes per entry; 8: uint64 entries as ints, else records as bytes */
 } MemdRing;
 
 enum ring_op {
@@ -228,11 +231,23 @@ static inline struct memd_ring_geom geom(const MemdRing *self)
 /* One try of op.  A side lock that another live process keeps (stopped in a
  * debugger, say) is not slept on here, with the GIL held: *busy says so, and
  * run_op waits for the lock its own way. */
-static inline unsigned do_op(MemdRing *self, struct memd_ring *r, enum ring_op op, uint64_t *v,
+static inline unsigned do_op(MemdRing *self, struct memd_ring *r, enum ring_op op, void *v,
                              unsigned n, int *busy)
 {
     *busy = 0;
-    switch (op) {
+    if (unlikely(self->esize != MEMD_RING_ESIZE_U64)) {
+        switch (op) {
+        case OP_ENQ_BULK:
+            return memd_ring_enqueue_bulk_elem(r, geom(self), self->esize, v, n, NULL, busy);
+        case OP_ENQ_BURST:
+            return memd_ring_enqueue_burst_elem(r, geom(self), self->esize, v, n, NULL, busy);
+        case OP_DEQ_BULK:
+            return memd_ring_dequeue_bulk_elem(r, geom(self), self->esize, v, n, NULL, busy);
+        default:
+            return memd_ring_dequeue_burst_elem(r, geom(self), self->esize, v, n, NULL, busy);
+        }
+    }
+    switch (op) { /* the uint64 ring: six arguments, all in registers */
     case OP_ENQ_BULK:
         return memd_ring_enqueue_bulk(r, geom(self), v, n, NULL, busy);
     case OP_ENQ_BURST:
@@ -252,22 +267,18 @@ static uint64_t now_ns(void)
 }
 
 /*
- * Run op; if it moved nothing and timeout_ns > 0, sleep on the other side's
- * futex and retry until it moves something or the time is up.  Returns the
- * count moved (0 on timeout), or -1 with an exception set (a signal handler
- * raised, the window was closed meanwhile, or the process the window watches,
- * the primary, has exited: PrimaryNotRunning).
+ * run_op's wait, after a first try moved nothing (busy: a side lock stayed held)
+ * and timeout_ns > 0: sleep on the other side's futex (or the lock's) and retry
+ * until op moves something or the time is up.  Returns the count moved (0 on
+ * timeout), or -1 with an exception set (a signal handler raised, the window was
+ * closed meanwhile, or the process the window watches, the primary, has exited:
+ * PrimaryNotRunning).
  */
-static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned n,
-                         uint64_t timeout_ns)
+static __attribute__((noinline)) Py_ssize_t run_op_wait(MemdRing *self, struct memd_ring *r,
+                                                        enum ring_op op, void *v, unsigned n,
+                                                        uint64_t timeout_ns, int busy)
 {
-    struct memd_ring *r = ring_ptr(self);
-    if (r == NULL)
-        return -1;
-    int busy;
-    unsigned got = do_op(self, r, op, v, n, &busy);
-    if (likely(got != 0 || timeout_ns == 0 || n == 0))
-        return got;
+    unsigned got;
     uint64_t start = now_ns();
     uint64_t deadline = timeout_ns == UINT64_MAX ? UINT64_MAX : start + timeout_ns;
     int enq = op == OP_ENQ_BULK || op == OP_ENQ_BURST;
@@ -329,6 +340,23 @@ static Py_ssize_t run_op(MemdRing *self, enum ring_op op, uint64_t *v, unsigned 
     }
 }
 
+/* Run op; if it moved nothing and timeout_ns > 0, wait (run_op_wait).  The first
+ * try is inline, where op is a constant (do_op's switch folds away); the waiting
+ * is out of line.  Returns the count moved, or -1 with an exception set. */
+static inline __attribute__((always_inline)) Py_ssize_t run_op(MemdRing *self, enum ring_op op,
+                                                               void *v, unsigned n,
+                                                               uint64_t timeout_ns)
+{
+    struct memd_ring *r = ring_ptr(self);
+    if (r == NULL)
+        return -1;
+    int busy;
+    unsigned got = do_op(self, r, op, v, n, &busy);
+    if (likely(got != 0 || timeout_ns == 0 || n == 0))
+        return got;
+    return run_op_wait(self, r, op, v, n, timeout_ns, busy);
+}
+
 /*
  * Clamp a request of n entries to what the ring can ever move: burst to the
  * capacity; bulk beyond it moves nothing (returns 0 in *n) at once, or raises
@@ -382,6 +410,7 @@ static PyObject *ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->offset = off;
     self->capacity = r->capacity;
     self->size = r->size;
+    self->esize = r->esize;
     return (PyObject *)self;
 }
 
@@ -412,6 +441,176 @@ static const char *const kw_values_timeout[] = {"values", "timeout"};
 static const char *const kw_n_timeout[] = {"n", "timeout"};
 static const char *const kw_buffer_timeout[] = {"buffer", "timeout"};
 
+/* --- rings of records (esize != 8; DPDK: rte_ring_*_elem) ------------------ */
+
+#define STACK_RECORD_BYTES 4096 /* records gathered on the stack, no malloc */
+
+static PyObject *value_error(void) { return memd_error("MemdValueError", PyExc_ValueError); }
+
+/* A C-contiguous buffer (any format: bytes, bytearray, a NumPy structured array)
+ * whose length is a whole number of records; MemdValueError if it is not. */
+static int records_buffer(MemdRing *self, PyObject *o, Py_buffer *view, int writable,
+                          const char *fn)
+{
+    if (PyObject_GetBuffer(o, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    if (view->len % self->esize) {
+        PyErr_Format(value_error(),
+                     "%s: a buffer of %zd bytes is not a whole number of %u-byte records", fn,
+                     view->len, self->esize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *record_enqueue(MemdRing *self, PyObject *value, uint64_t timeout)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(value, &view, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    Py_ssize_t got = -1;
+    if (view.len != (Py_ssize_t)self->esize)
+        PyErr_Format(value_error(), "enqueue: a record of this ring is %u bytes, got %zd",
+                     self->esize, view.len);
+    else
+        got = run_op(self, OP_ENQ_BURST, view.buf, 1, timeout);
+    PyBuffer_Release(&view);
+    return got < 0 ? NULL : PyBool_FromLong(got);
+}
+
+static PyObject *record_dequeue(MemdRing *self, uint64_t timeout)
+{
+    PyObject *b = PyBytes_FromStringAndSize(NULL, self->esize);
+    if (b == NULL)
+        return NULL;
+    Py_ssize_t got = run_op(self, OP_DEQ_BURST, PyBytes_AS_STRING(b), 1, timeout);
+    if (got <= 0) {
+        Py_DECREF(b);
+        if (got < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    return b;
+}
+
+/* Records from a sequence of bytes-likes, each exactly esize bytes, gathered
+ * into *out (stack or, if bigger, PyMem_Malloc'd: *heap).  Works on a tuple
+ * copy, so item conversions cannot change what is being read. */
+static Py_ssize_t gather_records(MemdRing *self, PyObject *o, char *stack, char **heap, char **out,
+                                 const char *fn)
+{
+    PyObject *t = PySequence_Tuple(o);
+    if (t == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "%s: values must be a buffer of %u-byte records or a sequence of "
+                         "bytes-likes of %u bytes each",
+                         fn, self->esize, self->esize);
+        }
+        return -1;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(t);
+    size_t bytes = (size_t)n * self->esize;
+    *heap = NULL;
+    *out = stack;
+    if (bytes > STACK_RECORD_BYTES) {
+        if ((*heap = PyMem_Malloc(bytes)) == NULL) {
+            Py_DECREF(t);
+            PyErr_NoMemory();
+            return -1;
+        }
+        *out = *heap;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(t, i);
+        Py_buffer view;
+        if (PyObject_GetBuffer(item, &view, PyBUF_C_CONTIGUOUS) < 0)
+            goto fail;
+        int ok = view.len == (Py_ssize_t)self->esize;
+        if (ok)
+            memcpy(*out + (size_t)i * self->esize, view.buf, self->esize);
+        else
+            PyErr_Format(value_error(), "%s: record %zd is %zd bytes; this ring's are %u", fn, i,
+                         view.len, self->esize);
+        PyBuffer_Release(&view);
+        if (!ok)
+            goto fail;
+    }
+    Py_DECREF(t);
+    return n;
+fail:
+    Py_DECREF(t);
+    PyMem_Free(*heap);
+    *heap = NULL;
+    return -1;
+}
+
+static PyObject *record_enqueue_many(MemdRing *self, PyObject *values, enum ring_op op,
+                                     uint64_t timeout, const char *fn)
+{
+    Py_ssize_t n, got = -1;
+    if (!PyList_CheckExact(values) && !PyTuple_CheckExact(values) && PyObject_CheckBuffer(values)) {
+        Py_buffer view;
+        if (records_buffer(self, values, &view, 0, fn) < 0)
+            return NULL;
+        n = view.len / self->esize;
+        if (clamp_request(self, op, &n, timeout) == 0)
+            got = run_op(self, op, view.buf, (unsigned)n, timeout);
+        PyBuffer_Release(&view);
+    } else {
+        char stack[STACK_RECORD_BYTES], *heap, *v;
+        n = gather_records(self, values, stack, &heap, &v, fn);
+        if (n < 0)
+            return NULL;
+        if (clamp_request(self, op, &n, timeout) == 0)
+            got = run_op(self, op, v, (unsigned)n, timeout);
+        PyMem_Free(heap);
+    }
+    return got < 0 ? NULL : PyLong_FromSsize_t(got);
+}
+
+static PyObject *record_dequeue_list(MemdRing *self, Py_ssize_t n, enum ring_op op,
+                                     uint64_t timeout)
+{
+    char stack[STACK_RECORD_BYTES], *v = stack;
+    size_t bytes = (size_t)n * self->esize; /* n <= capacity < 2^30: no overflow */
+    if (bytes > STACK_RECORD_BYTES && (v = PyMem_Malloc(bytes)) == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t got = run_op(self, op, v, (unsigned)n, timeout);
+    PyObject *list = NULL;
+    if (got >= 0 && (list = PyList_New(got)) != NULL) {
+        for (Py_ssize_t i = 0; i < got; i++) {
+            PyObject *x = PyBytes_FromStringAndSize(v + (size_t)i * self->esize, self->esize);
+            if (x == NULL) {
+                /* The records are gone from the ring already; nothing to undo. */
+                Py_CLEAR(list);
+                break;
+            }
+            PyList_SET_ITEM(list, i, x);
+        }
+    }
+    if (v != stack)
+        PyMem_Free(v);
+    return list;
+}
+
+static PyObject *record_dequeue_into(MemdRing *self, PyObject *buffer, enum ring_op op,
+                                     uint64_t timeout, const char *fn)
+{
+    Py_buffer view;
+    if (records_buffer(self, buffer, &view, 1, fn) < 0)
+        return NULL;
+    Py_ssize_t n = view.len / self->esize, got = -1;
+    if (clamp_request(self, op, &n, timeout) == 0)
+        got = run_op(self, op, view.buf, (unsigned)n, timeout);
+    PyBuffer_Release(&view);
+    return got < 0 ? NULL : PyLong_FromSsize_t(got);
+}
+
+/* --- the methods ------------------------------------------------------------ */
+
 static PyObject *ring_enqueue(PyObject *o, PyObject *const *args, Py_ssize_t nargs,
                               PyObject *kwnames)
 {
@@ -425,6 +624,8 @@ static PyObject *ring_enqueue(PyObject *o, PyObject *const *args, Py_ssize_t nar
             memd_parse_timeout(a[1], &timeout) < 0)
             return NULL;
     }
+    if (unlikely(self->esize != MEMD_RING_ESIZE_U64))
+        return record_enqueue(self, a[0], timeout);
     if (memd_u64_from_object(a[0], &v) < 0)
         return NULL;
     Py_ssize_t got = run_op(self, OP_ENQ_BURST, &v, 1, timeout);
@@ -444,6 +645,8 @@ static PyObject *ring_dequeue(PyObject *o, PyObject *const *args, Py_ssize_t nar
             memd_parse_timeout(a[0], &timeout) < 0)
             return NULL;
     }
+    if (unlikely(self->esize != MEMD_RING_ESIZE_U64))
+        return record_dequeue(self, timeout);
     Py_ssize_t got = run_op(self, OP_DEQ_BURST, &v, 1, timeout);
     if (got < 0)
         return NULL;
@@ -465,6 +668,8 @@ static PyObject *enqueue_many(PyObject *o, PyObject *const *args, Py_ssize_t nar
                memd_parse_timeout(a[1], &timeout) < 0) {
         return NULL;
     }
+    if (unlikely(self->esize != MEMD_RING_ESIZE_U64))
+        return record_enqueue_many(self, a[0], op, timeout, fn);
     if (memd_values_get(a[0], &vs) < 0)
         return NULL;
     Py_ssize_t n = vs.n, got = -1;
@@ -509,6 +714,8 @@ static PyObject *dequeue_list(PyObject *o, PyObject *const *args, Py_ssize_t nar
     }
     if (clamp_request(self, op, &n, timeout) < 0)
         return NULL;
+    if (unlikely(self->esize != MEMD_RING_ESIZE_U64))
+        return record_dequeue_list(self, n, op, timeout);
     if (n > STACK_VALUES) {
         v = PyMem_Malloc((size_t)n * sizeof(uint64_t));
         if (v == NULL)
@@ -557,11 +764,13 @@ static PyObject *dequeue_into(PyObject *o, PyObject *const *args, Py_ssize_t nar
                memd_parse_timeout(a[1], &timeout) < 0) {
         return NULL;
     }
+    if (unlikely(self->esize != MEMD_RING_ESIZE_U64))
+        return record_dequeue_into(self, a[0], op, timeout, fn);
     if (memd_u64_buffer(a[0], &view, 1) < 0)
         return NULL;
     Py_ssize_t n = view.len / 8, got = -1;
     if (clamp_request(self, op, &n, timeout) == 0)
-        got = run_op(self, op, (uint64_t *)view.buf, (unsigned)n, timeout);
+        got = run_op(self, op, view.buf, (unsigned)n, timeout);
     PyBuffer_Release(&view);
     if (got < 0)
         return NULL;
@@ -612,6 +821,11 @@ static PyObject *ring_get_capacity(PyObject *o, void *Py_UNUSED(c))
 static PyObject *ring_get_size(PyObject *o, void *Py_UNUSED(c))
 {
     return PyLong_FromUnsignedLong(((MemdRing *)o)->size);
+}
+
+static PyObject *ring_get_esize(PyObject *o, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLong(((MemdRing *)o)->esize);
 }
 
 static PyObject *ring_get_flags(PyObject *o, void *Py_UNUSED(c))
@@ -675,24 +889,30 @@ static PyObject *ring_get_wait_stats(PyObject *o, void *Py_UNUSED(c))
 #define FCFN(f) (PyCFunction)(void (*)(void))(f)
 
 static PyMethodDef ring_methods[] = {
+    /* Entries are ints on an 8-byte ring, bytes of esize on a ring of records. */
     {"enqueue", FCFN(ring_enqueue), FC,
-     "enqueue(value, timeout=0) -> bool: False if the ring stayed full."},
+     "enqueue(value, timeout=0) -> bool: False if the ring stayed full.  value: an int, "
+     "or a bytes-like of esize bytes on a ring of records."},
     {"dequeue", FCFN(ring_dequeue), FC,
-     "dequeue(timeout=0) -> int | None: None if the ring stayed empty."},
+     "dequeue(timeout=0) -> int | bytes | None: None if the ring stayed empty."},
     {"enqueue_bulk", FCFN(ring_enqueue_bulk), FC,
-     "enqueue_bulk(values, timeout=0) -> int: len(values) or 0 (all or nothing)."},
+     "enqueue_bulk(values, timeout=0) -> int: all entries or 0 (all or nothing).  values: "
+     "ints or a uint64 buffer; on a ring of records a buffer of whole records or a "
+     "sequence of bytes-likes of esize bytes."},
     {"enqueue_burst", FCFN(ring_enqueue_burst), FC,
      "enqueue_burst(values, timeout=0) -> int: how many fitted."},
     {"dequeue_bulk", FCFN(ring_dequeue_bulk), FC,
-     "dequeue_bulk(n, timeout=0) -> list[int]: n entries or []."},
+     "dequeue_bulk(n, timeout=0) -> list[int] | list[bytes]: n entries or []."},
     {"dequeue_burst", FCFN(ring_dequeue_burst), FC,
-     "dequeue_burst(n, timeout=0) -> list[int]: up to n entries."},
+     "dequeue_burst(n, timeout=0) -> list[int] | list[bytes]: up to n entries."},
     {"dequeue_bulk_into", FCFN(ring_dequeue_bulk_into), FC,
-     "dequeue_bulk_into(buffer, timeout=0) -> int: fills the whole uint64 buffer or "
-     "nothing; returns len(buffer) or 0."},
+     "dequeue_bulk_into(buffer, timeout=0) -> int: fills the whole buffer (uint64; any "
+     "format on a ring of records) or nothing; returns its entries or 0."},
     {"dequeue_burst_into", FCFN(ring_dequeue_burst_into), FC,
-     "dequeue_burst_into(buffer, timeout=0) -> int: fills the uint64 buffer's head with "
-     "up to len(buffer) entries and returns how many."},
+     "dequeue_burst_into(buffer, timeout=0) -> int: fills the buffer's head with up to "
+     "its length in entries and returns how many."},
+    {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
+     "Ring[int] / Ring[bytes]: what its entries are, for type checkers."},
     {"full", ring_full, METH_NOARGS, "full() -> bool"},
     {"empty", ring_empty, METH_NOARGS, "empty() -> bool"},
     {NULL, NULL, 0, NULL},
@@ -702,6 +922,7 @@ static PyGetSetDef ring_getset[] = {
     {"count", ring_get_count, NULL, "entries in the ring now", NULL},
     {"free_count", ring_get_free_count, NULL, "room for entries now", NULL},
     {"capacity", ring_get_capacity, NULL, "most entries the ring holds", NULL},
+    {"esize", ring_get_esize, NULL, "bytes per entry (8: uint64 ints; else records)", NULL},
     {"size", ring_get_size, NULL, "slots (a power of two)", NULL},
     {"flags", ring_get_flags, NULL, "RING_F_* flags it was created with", NULL},
     {"memsize", ring_get_memsize, NULL, "bytes of shared memory it uses", NULL},
@@ -728,40 +949,46 @@ static PyTypeObject MemdRing_Type = {
 
 /* --- module functions ----------------------------------------------------- */
 
-/* memd_ring_memsize for Python numbers; -1 with ValueError set on bad input. */
-static int64_t checked_memsize(unsigned long long count, unsigned int flags)
+/* memd_ring_memsize for Python numbers; -1 with MemdValueError set on bad input. */
+static int64_t checked_memsize(unsigned long long count, unsigned long long esize,
+                               unsigned int flags)
 {
-    int64_t sz = count > UINT32_MAX ? -EINVAL : memd_ring_memsize((uint32_t)count, flags);
+    int64_t sz = count > UINT32_MAX || esize > UINT32_MAX
+                     ? -EINVAL
+                     : memd_ring_memsize((uint32_t)count, (uint32_t)esize, flags);
     if (sz < 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "bad ring count %llu with flags 0x%x: count must be a power of two >= 2 "
-                     "(capacity count-1), or any count >= 1 with RING_F_EXACT_SZ (capacity "
-                     "count); at most 2**31 slots; flags only RING_F_*",
-                     count, flags);
+        PyErr_Format(value_error(),
+                     "bad ring count %llu, esize %llu, flags 0x%x: count must be a power of two "
+                     ">= 2 (capacity count-1), or any count >= 1 with RING_F_EXACT_SZ (capacity "
+                     "count); at most 2**30 slots (RING_SZ_MASK 0x%x); esize a multiple of 4 "
+                     "bytes; flags only RING_F_*",
+                     count, esize, flags, MEMD_RING_SZ_MASK);
         return -1;
     }
     return sz;
 }
 
-static PyObject *py_ring_memsize(PyObject *Py_UNUSED(m), PyObject *args)
+static PyObject *py_ring_memsize(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwds)
 {
-    unsigned long long count;
+    static char *kwlist[] = {"count", "flags", "esize", NULL};
+    unsigned long long count, esize = MEMD_RING_ESIZE_U64;
     unsigned int flags = 0;
-    if (!PyArg_ParseTuple(args, "K|I:ring_memsize", &count, &flags))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "K|IK:ring_memsize", kwlist, &count, &flags,
+                                     &esize))
         return NULL;
-    int64_t sz = checked_memsize(count, flags);
+    int64_t sz = checked_memsize(count, esize, flags);
     return sz < 0 ? NULL : PyLong_FromLongLong(sz);
 }
 
 static PyObject *py_ring_init(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"window", "offset", "count", "flags", "name", NULL};
+    static char *kwlist[] = {"window", "offset", "count", "flags", "name", "esize", NULL};
     PyObject *window;
-    unsigned long long off, count;
+    unsigned long long off, count, esize = MEMD_RING_ESIZE_U64;
     unsigned int flags = 0;
     const char *name = "";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!KK|Is:ring_init", kwlist, &MemdWindow_Type,
-                                     &window, &off, &count, &flags, &name))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!KK|IsK:ring_init", kwlist, &MemdWindow_Type,
+                                     &window, &off, &count, &flags, &name, &esize))
         return NULL;
     char *base = memd_base_of(window);
     if (base == NULL)
@@ -771,7 +998,7 @@ static PyObject *py_ring_init(PyObject *Py_UNUSED(m), PyObject *args, PyObject *
                      MEMD_NAMESIZE - 1);
         return NULL;
     }
-    int64_t sz = checked_memsize(count, flags);
+    int64_t sz = checked_memsize(count, esize, flags);
     if (sz < 0)
         return NULL;
     if (off % 64) {
@@ -780,7 +1007,8 @@ static PyObject *py_ring_init(PyObject *Py_UNUSED(m), PyObject *args, PyObject *
     }
     if (memd_check_range(window, off, (uint64_t)sz) < 0)
         return NULL;
-    int rc = memd_ring_init((struct memd_ring *)(base + off), name, (uint32_t)count, flags);
+    int rc = memd_ring_init((struct memd_ring *)(base + off), name, (uint32_t)count,
+                            (uint32_t)esize, flags);
     if (rc < 0)
         return memd_raise_errno(rc, "ring_init");
     Py_RETURN_NONE;
@@ -821,10 +1049,12 @@ static PyMethodDef ring_functions[] = {
     {"ring_wait_spin", py_ring_wait_spin, METH_VARARGS,
      "ring_wait_spin(seconds=None) -> float: how long a waiting call retries before it "
      "sleeps (default 5 µs; 0 sleeps at once); sets it if given, returns the old value."},
-    {"ring_memsize", py_ring_memsize, METH_VARARGS,
-     "ring_memsize(count, flags=0) -> bytes a ring needs (ValueError on a bad count)."},
+    {"ring_memsize", (PyCFunction)(void (*)(void))py_ring_memsize, METH_VARARGS | METH_KEYWORDS,
+     "ring_memsize(count, flags=0, esize=8) -> bytes a ring needs (MemdValueError on a bad "
+     "count or esize)."},
     {"ring_init", (PyCFunction)(void (*)(void))py_ring_init, METH_VARARGS | METH_KEYWORDS,
-     "ring_init(window, offset, count, flags=0, name='') -> None: an empty ring at offset."},
+     "ring_init(window, offset, count, flags=0, name='', esize=8) -> None: an empty ring at "
+     "offset."},
 #ifdef MEMD_TEST_HOOKS /* test builds only (setup.py) */
     {"_ring_crash_after", py_ring_crash_after, METH_O,
      "_ring_crash_after(k) -> old k (TESTS ONLY): the next ring operation in this process "
@@ -851,7 +1081,8 @@ static const struct memd_const ring_constants[] = {
     MEMD_CONST("RING_F_SP_ENQ", MEMD_RING_F_SP_ENQ),
     MEMD_CONST("RING_F_SC_DEQ", MEMD_RING_F_SC_DEQ),
     MEMD_CONST("RING_F_EXACT_SZ", MEMD_RING_F_EXACT_SZ),
-    MEMD_CONST("RING_SZ_MAX", MEMD_RING_SZ_MAX),
+    MEMD_CONST("RING_SZ_MASK", MEMD_RING_SZ_MASK),
+    MEMD_CONST("RING_ESIZE_U64", MEMD_RING_ESIZE_U64),
     {NULL},
 };
 
@@ -864,6 +1095,7 @@ static const struct memd_field ring_layout[] = {
     MEMD_FIELD(memd_ring, mask),
     MEMD_FIELD(memd_ring, capacity),
     MEMD_FIELD(memd_ring, memsize),
+    MEMD_FIELD(memd_ring, esize),
     MEMD_FIELD(memd_ring, prod),
     MEMD_FIELD(memd_ring, cons),
     MEMD_FIELD(memd_ring, not_empty),

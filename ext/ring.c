@@ -1,4 +1,5 @@
-/* ring.c - FIFO of 64-bit entries in shared memory, crash-safe (see ring.h). */
+/* ring.c - FIFO of 64-bit entries or esize-byte records in shared memory, crash-safe
+ * (see ring.h). */
 #include "ring.h"
 
 #include <errno.h>
@@ -35,20 +36,23 @@ enum {
 
 /* --- geometry ------------------------------------------------------------- */
 
-static int geometry(uint32_t count, uint32_t flags, uint32_t *size, uint32_t *capacity)
+static int geometry(uint32_t count, uint32_t esize, uint32_t flags, uint32_t *size,
+                    uint32_t *capacity)
 {
-    if ((flags & ~MEMD_RING_F_ALL) || count == 0)
+    /* DPDK (rte_ring_get_memsize_elem): esize a multiple of 4, slots a power of
+     * two <= RTE_RING_SZ_MASK (so at most 2^30). */
+    if ((flags & ~MEMD_RING_F_ALL) || count == 0 || esize == 0 || esize % 4)
         return -EINVAL;
     if (flags & MEMD_RING_F_EXACT_SZ) {
-        if (count >= MEMD_RING_SZ_MAX)
+        if (count >= MEMD_RING_SZ_MASK / 2 + 1) /* the slots would exceed 2^30 */
             return -EINVAL;
         uint32_t s = 2;
-        while (s < count + 1) /* count + 1 <= 2^31, so s stops at 2^31 at most */
+        while (s < count + 1) /* count + 1 <= 2^30, so s stops at 2^30 at most */
             s <<= 1;
         *size = s;
         *capacity = count;
     } else {
-        if (count < 2 || (count & (count - 1)) || count > MEMD_RING_SZ_MAX)
+        if (count < 2 || (count & (count - 1)) || count > MEMD_RING_SZ_MASK)
             return -EINVAL;
         *size = count;
         *capacity = count - 1;
@@ -56,19 +60,25 @@ static int geometry(uint32_t count, uint32_t flags, uint32_t *size, uint32_t *ca
     return 0;
 }
 
-int64_t memd_ring_memsize(uint32_t count, uint32_t flags)
+static uint64_t memsize_of(uint32_t size, uint32_t esize)
 {
-    uint32_t size, capacity;
-    int rc = geometry(count, flags, &size, &capacity);
-    if (rc < 0)
-        return rc;
-    return (int64_t)sizeof(struct memd_ring) + (int64_t)size * (int64_t)sizeof(uint64_t);
+    return sizeof(struct memd_ring) + (uint64_t)size * esize; /* <= 2^30 * 2^32: no overflow */
 }
 
-int memd_ring_init(struct memd_ring *r, const char *name, uint32_t count, uint32_t flags)
+int64_t memd_ring_memsize(uint32_t count, uint32_t esize, uint32_t flags)
 {
     uint32_t size, capacity;
-    int rc = geometry(count, flags, &size, &capacity);
+    int rc = geometry(count, esize, flags, &size, &capacity);
+    if (rc < 0)
+        return rc;
+    return (int64_t)memsize_of(size, esize);
+}
+
+int memd_ring_init(struct memd_ring *r, const char *name, uint32_t count, uint32_t esize,
+                   uint32_t flags)
+{
+    uint32_t size, capacity;
+    int rc = geometry(count, esize, flags, &size, &capacity);
     if (rc < 0)
         return rc;
     if (name != NULL && strnlen(name, MEMD_NAMESIZE) >= MEMD_NAMESIZE)
@@ -82,7 +92,8 @@ int memd_ring_init(struct memd_ring *r, const char *name, uint32_t count, uint32
     r->size = size;
     r->mask = size - 1;
     r->capacity = capacity;
-    r->memsize = sizeof(struct memd_ring) + (uint64_t)size * sizeof(uint64_t);
+    r->esize = esize;
+    r->memsize = memsize_of(size, esize);
     r->prod.single = (flags & MEMD_RING_F_SP_ENQ) ? 1 : 0;
     r->cons.single = (flags & MEMD_RING_F_SC_DEQ) ? 1 : 0;
     /* The slots need no clearing: a slot is read only after a producer wrote it. */
@@ -99,10 +110,10 @@ int memd_ring_check(const struct memd_ring *r, uint64_t avail)
     /* acquire: pairs with the release store of the magic in memd_ring_init. */
     if (atomic_load_explicit(&r->magic, memory_order_acquire) != MEMD_RING_MAGIC)
         return -EINVAL;
-    uint32_t size = r->size;
-    if (size < 2 || (size & (size - 1)) || size > MEMD_RING_SZ_MAX || r->mask != size - 1 ||
-        r->capacity == 0 || r->capacity >= size || (r->flags & ~MEMD_RING_F_ALL) ||
-        r->memsize != sizeof(*r) + (uint64_t)size * sizeof(uint64_t) || r->memsize > avail)
+    uint32_t size = r->size, esize = r->esize;
+    if (size < 2 || (size & (size - 1)) || size > MEMD_RING_SZ_MASK || r->mask != size - 1 ||
+        r->capacity == 0 || r->capacity >= size || (r->flags & ~MEMD_RING_F_ALL) || esize == 0 ||
+        esize % 4 || r->memsize != memsize_of(size, esize) || r->memsize > avail)
         return -EINVAL;
     return 0;
 }
@@ -349,48 +360,51 @@ static ALWAYS_INLINE void side_unlock(struct memd_ring_headtail *ht)
             crash_step(); \
     } while (0)
 
-/* Copy n entries between the caller's array and the slots from counter `from`,
- * wrapping at the end; crashy copies go one slot at a time with a step after
- * each. */
-static ALWAYS_INLINE void copy_in(struct memd_ring *r, struct memd_ring_geom g, uint32_t from,
-                                  const uint64_t *v, unsigned n, int crashy)
+/* Copy n entries of esize bytes between the caller's array and the slots from
+ * counter `from`, wrapping at the end; crashy copies go one slot at a time with a
+ * step after each.  Inlined with a constant esize (8: the uint64 ring), the
+ * memcpy calls become plain moves. */
+static ALWAYS_INLINE void copy_in(struct memd_ring *r, struct memd_ring_geom g, size_t esize,
+                                  uint32_t from, const void *v, unsigned n, int crashy)
 {
     const uint32_t size = g.size, mask = size - 1, idx = from & mask;
-    uint64_t *slots = r->slots;
+    char *slots = (char *)r->slots;
+    const char *src = v;
     if (crashy) {
         for (unsigned i = 0; i < n; i++) {
-            slots[(from + i) & mask] = v[i];
+            memcpy(slots + (size_t)((from + i) & mask) * esize, src + (size_t)i * esize, esize);
             STEP();
         }
     } else if (likely(n == 1)) {
-        slots[idx] = v[0];
+        memcpy(slots + (size_t)idx * esize, src, esize);
     } else if (likely(idx + n <= size)) {
-        memcpy(&slots[idx], v, n * sizeof(uint64_t));
+        memcpy(slots + (size_t)idx * esize, src, (size_t)n * esize);
     } else {
         uint32_t first = size - idx;
-        memcpy(&slots[idx], v, first * sizeof(uint64_t));
-        memcpy(slots, v + first, (n - first) * sizeof(uint64_t));
+        memcpy(slots + (size_t)idx * esize, src, (size_t)first * esize);
+        memcpy(slots, src + (size_t)first * esize, (size_t)(n - first) * esize);
     }
 }
 
-static ALWAYS_INLINE void copy_out(const struct memd_ring *r, struct memd_ring_geom g,
-                                   uint32_t from, uint64_t *v, unsigned n, int crashy)
+static ALWAYS_INLINE void copy_out(const struct memd_ring *r, struct memd_ring_geom g, size_t esize,
+                                   uint32_t from, void *v, unsigned n, int crashy)
 {
     const uint32_t size = g.size, mask = size - 1, idx = from & mask;
-    const uint64_t *slots = r->slots;
+    const char *slots = (const char *)r->slots;
+    char *dst = v;
     if (crashy) {
         for (unsigned i = 0; i < n; i++) {
-            v[i] = slots[(from + i) & mask];
+            memcpy(dst + (size_t)i * esize, slots + (size_t)((from + i) & mask) * esize, esize);
             STEP();
         }
     } else if (likely(n == 1)) {
-        v[0] = slots[idx];
+        memcpy(dst, slots + (size_t)idx * esize, esize);
     } else if (likely(idx + n <= size)) {
-        memcpy(v, &slots[idx], n * sizeof(uint64_t));
+        memcpy(dst, slots + (size_t)idx * esize, (size_t)n * esize);
     } else {
         uint32_t first = size - idx;
-        memcpy(v, &slots[idx], first * sizeof(uint64_t));
-        memcpy(v + first, slots, (n - first) * sizeof(uint64_t));
+        memcpy(dst, slots + (size_t)idx * esize, (size_t)first * esize);
+        memcpy(dst + (size_t)first * esize, slots, (size_t)(n - first) * esize);
     }
 }
 
@@ -401,8 +415,8 @@ static ALWAYS_INLINE void copy_out(const struct memd_ring *r, struct memd_ring_g
  *   slots; release-store the tail; unlock; one seq_cst fence; wake sleepers.
  * Nothing reads head, so whatever a dead operation left there is harmless.
  */
-static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, struct memd_ring_geom g,
-                                         const uint64_t *v, unsigned want, int behaviour,
+static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, struct memd_ring_geom g, size_t esize,
+                                         const void *v, unsigned want, int behaviour,
                                          unsigned *free_space, int *busy, int crashy)
 {
     const uint32_t capacity = g.capacity;
@@ -448,7 +462,7 @@ static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, struct memd_ring_g
     /* relaxed: diagnostics only (head != tail: an operation runs or died). */
     atomic_store_explicit(&r->prod.head, start + n, memory_order_relaxed);
     STEP(); /* claimed (lock held) */
-    copy_in(r, g, start, v, n, crashy);
+    copy_in(r, g, esize, start, v, n, crashy);
     STEP(); /* filled, not yet published */
     /* release: pairs with the acquire load of prod.tail in do_dequeue; the slots
      * we filled are visible to any consumer that sees the new tail. */
@@ -469,8 +483,8 @@ static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, struct memd_ring_g
     return n;
 }
 
-static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
-                                         unsigned want, int behaviour, unsigned *available,
+static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, struct memd_ring_geom g, size_t esize,
+                                         void *v, unsigned want, int behaviour, unsigned *available,
                                          int *busy, int crashy)
 {
     const uint32_t single = r->cons.single;
@@ -511,7 +525,7 @@ static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, struct memd_ring_g
     /* relaxed: diagnostics only. */
     atomic_store_explicit(&r->cons.head, start + n, memory_order_relaxed);
     STEP(); /* claimed (lock held) */
-    copy_out(r, g, start, v, n, crashy);
+    copy_out(r, g, esize, start, v, n, crashy);
     STEP(); /* read, not yet released: a death here leaves them in the ring */
     /* release: pairs with the acquire load of cons.tail in do_enqueue; our reads
      * of the slots are done before any producer may overwrite them. */
@@ -532,50 +546,83 @@ static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, struct memd_ring_g
 }
 
 static __attribute__((noinline, cold)) unsigned
-enqueue_crashy(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v, unsigned n,
-               int behaviour, unsigned *free_space, int *busy)
+enqueue_crashy(struct memd_ring *r, struct memd_ring_geom g, size_t esize, const void *v,
+               unsigned n, int behaviour, unsigned *free_space, int *busy)
 {
-    return do_enqueue(r, g, v, n, behaviour, free_space, busy, 1);
+    return do_enqueue(r, g, esize, v, n, behaviour, free_space, busy, 1);
 }
 
-static __attribute__((noinline, cold)) unsigned dequeue_crashy(struct memd_ring *r,
-                                                               struct memd_ring_geom g, uint64_t *v,
-                                                               unsigned n, int behaviour,
-                                                               unsigned *available, int *busy)
+static __attribute__((noinline, cold)) unsigned
+dequeue_crashy(struct memd_ring *r, struct memd_ring_geom g, size_t esize, void *v, unsigned n,
+               int behaviour, unsigned *available, int *busy)
 {
-    return do_dequeue(r, g, v, n, behaviour, available, busy, 1);
+    return do_dequeue(r, g, esize, v, n, behaviour, available, busy, 1);
 }
 
+/* The uint64 calls: esize is the constant 8, so their copies stay single moves. */
 unsigned memd_ring_enqueue_bulk(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v,
                                 unsigned n, unsigned *free_space, int *busy)
 {
     if (unlikely(crash_after >= 0))
-        return enqueue_crashy(r, g, v, n, BULK, free_space, busy);
-    return do_enqueue(r, g, v, n, BULK, free_space, busy, 0);
+        return enqueue_crashy(r, g, sizeof(uint64_t), v, n, BULK, free_space, busy);
+    return do_enqueue(r, g, sizeof(uint64_t), v, n, BULK, free_space, busy, 0);
 }
 
 unsigned memd_ring_enqueue_burst(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v,
                                  unsigned n, unsigned *free_space, int *busy)
 {
     if (unlikely(crash_after >= 0))
-        return enqueue_crashy(r, g, v, n, BURST, free_space, busy);
-    return do_enqueue(r, g, v, n, BURST, free_space, busy, 0);
+        return enqueue_crashy(r, g, sizeof(uint64_t), v, n, BURST, free_space, busy);
+    return do_enqueue(r, g, sizeof(uint64_t), v, n, BURST, free_space, busy, 0);
 }
 
 unsigned memd_ring_dequeue_bulk(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
                                 unsigned n, unsigned *available, int *busy)
 {
     if (unlikely(crash_after >= 0))
-        return dequeue_crashy(r, g, v, n, BULK, available, busy);
-    return do_dequeue(r, g, v, n, BULK, available, busy, 0);
+        return dequeue_crashy(r, g, sizeof(uint64_t), v, n, BULK, available, busy);
+    return do_dequeue(r, g, sizeof(uint64_t), v, n, BULK, available, busy, 0);
 }
 
 unsigned memd_ring_dequeue_burst(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
                                  unsigned n, unsigned *available, int *busy)
 {
     if (unlikely(crash_after >= 0))
-        return dequeue_crashy(r, g, v, n, BURST, available, busy);
-    return do_dequeue(r, g, v, n, BURST, available, busy, 0);
+        return dequeue_crashy(r, g, sizeof(uint64_t), v, n, BURST, available, busy);
+    return do_dequeue(r, g, sizeof(uint64_t), v, n, BURST, available, busy, 0);
+}
+
+/* Records of any esize. */
+unsigned memd_ring_enqueue_bulk_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                     const void *v, unsigned n, unsigned *free_space, int *busy)
+{
+    if (unlikely(crash_after >= 0))
+        return enqueue_crashy(r, g, esize, v, n, BULK, free_space, busy);
+    return do_enqueue(r, g, esize, v, n, BULK, free_space, busy, 0);
+}
+
+unsigned memd_ring_enqueue_burst_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                      const void *v, unsigned n, unsigned *free_space, int *busy)
+{
+    if (unlikely(crash_after >= 0))
+        return enqueue_crashy(r, g, esize, v, n, BURST, free_space, busy);
+    return do_enqueue(r, g, esize, v, n, BURST, free_space, busy, 0);
+}
+
+unsigned memd_ring_dequeue_bulk_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                     void *v, unsigned n, unsigned *available, int *busy)
+{
+    if (unlikely(crash_after >= 0))
+        return dequeue_crashy(r, g, esize, v, n, BULK, available, busy);
+    return do_dequeue(r, g, esize, v, n, BULK, available, busy, 0);
+}
+
+unsigned memd_ring_dequeue_burst_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                      void *v, unsigned n, unsigned *available, int *busy)
+{
+    if (unlikely(crash_after >= 0))
+        return dequeue_crashy(r, g, esize, v, n, BURST, available, busy);
+    return do_dequeue(r, g, esize, v, n, BURST, available, busy, 0);
 }
 
 unsigned memd_ring_count(const struct memd_ring *r, struct memd_ring_geom g)

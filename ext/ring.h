@@ -1,6 +1,7 @@
 /*
- * ring.h - a fixed-size lock-free FIFO of 64-bit entries in shared memory
- * (DPDK: rte_ring).  The layout, struct memd_ring, is in memd_layout.h.
+ * ring.h - a fixed-size lock-free FIFO of 64-bit entries, or of esize-byte
+ * records, in shared memory (DPDK: rte_ring, rte_ring_elem).  The layout, struct
+ * memd_ring, is in memd_layout.h.
  *
  * A ring has `size` slots (a power of two) and holds at most `capacity` entries:
  * size - 1, or exactly the count asked for with MEMD_RING_F_EXACT_SZ.  Each side
@@ -40,24 +41,28 @@
 
 #include "memd_layout.h"
 
-/* Bytes needed for a ring of `count` entries with `flags`.  Fails iff -EINVAL:
- * count is 0, or not a power of two >= 2 without EXACT_SZ, or too large, or an
- * unknown flag is set. */
-int64_t memd_ring_memsize(uint32_t count, uint32_t flags);
+/* Bytes needed for a ring of `count` entries of `esize` bytes with `flags`
+ * (DPDK: rte_ring_get_memsize_elem).  Fails iff -EINVAL: count is 0, or not a
+ * power of two >= 2 without EXACT_SZ, or needs more than MEMD_RING_SZ_MASK slots;
+ * esize is 0 or not a multiple of 4; an unknown flag is set. */
+int64_t memd_ring_memsize(uint32_t count, uint32_t esize, uint32_t flags);
 
-/* Initialise an empty ring at r (memd_ring_memsize(count, flags) bytes), then
- * publish it by storing its magic last.  name may be NULL.  Fails iff -EINVAL
- * (as memd_ring_memsize, or a name of MEMD_NAMESIZE bytes or more). */
-int memd_ring_init(struct memd_ring *r, const char *name, uint32_t count, uint32_t flags);
+/* Initialise an empty ring at r (memd_ring_memsize(count, esize, flags) bytes),
+ * then publish it by storing its magic last.  name may be NULL.  Fails iff
+ * -EINVAL (as memd_ring_memsize, or a name of MEMD_NAMESIZE bytes or more). */
+int memd_ring_init(struct memd_ring *r, const char *name, uint32_t count, uint32_t esize,
+                   uint32_t flags);
 
 /* 0 if r looks like an initialised ring whose slots end within `avail` bytes;
- * -EINVAL if its magic or geometry is wrong. */
+ * -EINVAL if its magic or geometry (esize included) is wrong. */
 int memd_ring_check(const struct memd_ring *r, uint64_t avail);
 
 /* A ring's size and capacity as its user validated them (memd_ring_check) and keeps
- * in its own memory.  Operations index and bound with these, never with the shared
- * copy, which any attached process can overwrite: damaged counters then move wrong
- * entries, inside this ring's slots, and nothing outside it. */
+ * in its own memory (with the esize, for the *_elem calls).  Operations index and
+ * bound with these, never with the shared copy, which any attached process can
+ * overwrite: damaged counters then move wrong entries, inside this ring's slots,
+ * and nothing outside it.  Eight bytes: the uint64 calls keep all their arguments
+ * in registers. */
 struct memd_ring_geom {
     uint32_t size, capacity;
 };
@@ -68,7 +73,8 @@ static inline struct memd_ring_geom memd_ring_geom_of(const struct memd_ring *r)
     return (struct memd_ring_geom){r->size, r->capacity};
 }
 
-/* Enqueue n entries from v: all or none (bulk) or as many as fit (burst).
+/* Rings of uint64 entries (esize 8: the caller checked it).
+ * Enqueue n entries from v: all or none (bulk) or as many as fit (burst).
  * Returns the number enqueued; *free_space (if not NULL) gets the room left.
  * busy NULL: a side lock held by another process is waited for (sleeping); else
  * 0 is returned with *busy = 1 when a live owner keeps it past a short spin, so
@@ -84,6 +90,18 @@ unsigned memd_ring_dequeue_bulk(struct memd_ring *r, struct memd_ring_geom g, ui
                                 unsigned n, unsigned *available, int *busy);
 unsigned memd_ring_dequeue_burst(struct memd_ring *r, struct memd_ring_geom g, uint64_t *v,
                                  unsigned n, unsigned *available, int *busy);
+
+/* Rings of any esize (DPDK: rte_ring_*_elem): as above, with n records of esize
+ * bytes each at v (n * esize bytes); esize is the one the caller validated with the
+ * geometry. */
+unsigned memd_ring_enqueue_bulk_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                     const void *v, unsigned n, unsigned *free_space, int *busy);
+unsigned memd_ring_enqueue_burst_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                      const void *v, unsigned n, unsigned *free_space, int *busy);
+unsigned memd_ring_dequeue_bulk_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                     void *v, unsigned n, unsigned *available, int *busy);
+unsigned memd_ring_dequeue_burst_elem(struct memd_ring *r, struct memd_ring_geom g, uint32_t esize,
+                                      void *v, unsigned n, unsigned *available, int *busy);
 
 /* Entries in the ring now (a snapshot while others run), at most g.capacity. */
 unsigned memd_ring_count(const struct memd_ring *r, struct memd_ring_geom g);

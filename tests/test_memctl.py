@@ -78,9 +78,9 @@ def test_human_output_content(
     assert "16 MiB total" in out and "5 MiB free" in out
     _, out, _ = run(capsys, rundir, "rings")
     head, rx, tx = out.splitlines()
-    assert head.split()[:4] == ["Name", "Capacity", "Used", "Free"]
-    assert rx.split()[:6] == ["rx", "1023", "10", "1013", "1024", "MP"]
-    assert tx.split()[5:7] == ["SP", "SC"]
+    assert head.split()[:6] == ["Name", "Capacity", "Used", "Free", "Size", "Esize"]
+    assert rx.split()[:7] == ["rx", "1023", "10", "1013", "1024", "8", "MP"]
+    assert tx.split()[5:8] == ["24", "SP", "SC"]  # a ring of 24-byte records
     _, out, _ = run(capsys, rundir, "memzones")
     assert len(out.splitlines()) == 4 and "zone_2" in out and "3 MiB" in out
     _, out, _ = run(capsys, rundir, "mempools")

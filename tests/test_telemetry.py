@@ -181,6 +181,7 @@ def test_ring_and_mempool_shapes(server: TelemetryServer) -> None:
     s, _ = connect(server.path)
     with s:
         ring = json.loads(ask(s, b"/ring/info,rx"))["/ring/info"]
+        records = json.loads(ask(s, b"/ring/info,tx"))["/ring/info"]
         pool = json.loads(ask(s, b"/mempool/info,mbuf_pool"))["/mempool/info"]
         zone = json.loads(ask(s, b"/eal/memzone_info,1"))["/eal/memzone_info"]
     assert list(ring)[:9] == [
@@ -196,6 +197,8 @@ def test_ring_and_mempool_shapes(server: TelemetryServer) -> None:
     ]
     assert ring["mask"] == "0x3ff" and ring["capacity"] == 1023 and ring["used_count"] == 10
     assert (ring["producer_type"], ring["consumer_type"]) == ("MP", "MC")
+    assert list(ring)[-2:] == ["free_count", "esize"]  # memd's, after DPDK's keys
+    assert ring["esize"] == 8 and records["esize"] == 24
     assert list(pool)[:12] == [
         "name",
         "pool_id",

@@ -125,7 +125,7 @@ def _plain(value: Any) -> Any:
 class AdminSource(Protocol):
     """What the admin commands read: `memd.Primary` is one (and the
     tests' stand-in).  Rings, mempools and memzones are read by attribute: a
-    ring's ``name``, ``flags``, ``size``, ``capacity``, ``count``,
+    ring's ``name``, ``flags``, ``size``, ``capacity``, ``esize``, ``count``,
     ``free_count``; a mempool's ``name``, ``flags``, ``n``, ``cache_size``,
     ``elt_size``, ``private_data_size``, ``avail_count()``, ``in_use_count()``;
     a memzone's ``id``, ``name``, ``offset``, ``length``, ``iova``,
@@ -396,7 +396,8 @@ class AdminAPI:
         ``producer_type`` ("SP"/"MP"), ``consumer_type`` ("SC"/"MC"), ``size``,
         ``mask`` (hex string), ``capacity``, ``used_count``, and, when the ring
         knows its memzone, ``mz_name``, ``mz_len``, ``mz_hugepage_sz``,
-        ``mz_socket_id``, ``mz_flags`` (hex string); then memd's ``free_count``.
+        ``mz_socket_id``, ``mz_flags`` (hex string); then memd's ``free_count`` and
+        ``esize`` (bytes per entry: 8 for a ring of uint64 entries, else records).
         As DPDK: ``{}`` for an unknown name, null for a missing or too long one.
         """
         name = _name_param(params, limit=32)
@@ -430,6 +431,7 @@ class AdminAPI:
                 }
             )
         d["free_count"] = int(r.free_count)
+        d["esize"] = int(r.esize)
         return d
 
     # -- memd's own ---------------------------------------------------------------------

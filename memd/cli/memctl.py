@@ -251,7 +251,7 @@ def _render_mempools(pools: list[dict[str, Any]]) -> str:
 
 def _render_rings(rings: list[dict[str, Any]]) -> str:
     return table(
-        ("Name", "Capacity", "Used", "Free", "Size", "Prod", "Cons", "Socket", "Flags"),
+        ("Name", "Capacity", "Used", "Free", "Size", "Esize", "Prod", "Cons", "Socket", "Flags"),
         [
             (
                 r["name"],
@@ -259,6 +259,7 @@ def _render_rings(rings: list[dict[str, Any]]) -> str:
                 r["used_count"],
                 r.get("free_count"),
                 r["size"],
+                r.get("esize"),
                 r["producer_type"],
                 r["consumer_type"],
                 r["socket"],

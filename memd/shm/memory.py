@@ -388,6 +388,14 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             )
         return [socket_id]
 
+    def _largest_block(self, socket_id: int) -> int:
+        """Most bytes one heap block for `socket_id` can ever span, however the heap
+        grows: a block lies within one memseg list (MemdValueError for a socket
+        without memory)."""
+        heaps = self._heap_order(socket_id)
+        lists = self._lists or memseg_lists(self.window)
+        return max((m.capacity * m.page_size for m in lists if m.socket_id in heaps), default=0)
+
     def info(self) -> dict[str, Any]:
         h = self._header()
         lists = memseg_lists(self.window)
@@ -645,7 +653,7 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
 
     # --- rings and mempools ----------------------------------------------------
 
-    def rings(self) -> list[Ring]:
+    def rings(self) -> list[Ring[Any]]:
         """Every named ring, in directory order."""
         return [
             Ring(self.window, off)

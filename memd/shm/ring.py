@@ -1,10 +1,24 @@
-"""Rings: fixed-size lock-free FIFOs of unsigned 64-bit entries in shared memory.
+"""Rings: fixed-size lock-free FIFOs of unsigned 64-bit entries, or of fixed-size
+records, in shared memory.
 
-DPDK's ``rte_ring``.  The C type :class:`memd._ext.Ring` does the work; this module
-adds construction, names and the :class:`RingMixin` that ``Memory`` inherits.
+DPDK's ``rte_ring`` (and ``rte_ring_create_elem``).  The C type
+:class:`memd._ext.Ring` does the work; this module adds construction, names and the
+:class:`RingMixin` that ``Memory`` inherits.
 
-Entries are integers in ``0 .. 2**64-1``: usually handles (window offsets of
-mempool objects or heap blocks), which mean the same thing in every process.
+A ring's entries are ``esize`` bytes each (a multiple of 4, fixed at creation).
+The default, ``esize=8``, is the ring of integers in ``0 .. 2**64-1``
+(``Ring[int]``): usually handles (window offsets of mempool objects or heap
+blocks), which mean the same thing in every process.  Any other ``esize`` makes a
+ring of records (``Ring[bytes]``): each entry is ``esize`` bytes copied in and out,
+given as a bytes-like (``bytes``, ``bytearray``, ``memoryview``, one element of a
+NumPy structured array) and returned as ``bytes``.  Its bulk and burst calls take a
+buffer holding whole records back to back (a NumPy structured array whose
+``itemsize`` is ``esize``: read in place, no copy) or a sequence of bytes-likes;
+``dequeue_bulk``/``dequeue_burst`` return a list of ``bytes``, and
+``dequeue_bulk_into``/``dequeue_burst_into`` fill a writable buffer of whole
+records (a structured array's memory) with no copy but the ring's own.  For
+8-byte records as raw bytes, view them as ``uint64`` (``arr.view(np.uint64)``).
+
 Every enqueue/dequeue call takes ``timeout``: 0 (the default) does not wait, a
 number of seconds waits up to that long, ``None`` waits until it can.  A waiting
 call sleeps on a futex in the ring with the GIL released (a program may opt in to
@@ -26,16 +40,19 @@ raises :class:`memd.errors.PrimaryNotRunning` within 100 ms of the primary's dea
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from memd import _ext
 from memd.errors import MemdValueError
 from memd.shm import objects
 from memd.shm.config import SOCKET_ID_ANY
+from memd.shm.heap import space_needed
 
 RING_F_SP_ENQ: int = _ext.RING_F_SP_ENQ  # default enqueue is single-producer
 RING_F_SC_DEQ: int = _ext.RING_F_SC_DEQ  # default dequeue is single-consumer
 RING_F_EXACT_SZ: int = _ext.RING_F_EXACT_SZ  # capacity is exactly `count`
+RING_SZ_MASK: int = _ext.RING_SZ_MASK  # DPDK RTE_RING_SZ_MASK: at most 2**30 slots
+RING_ESIZE_U64: int = _ext.RING_ESIZE_U64  # the default esize: entries are ints
 MEMD_OBJ_RING: int = _ext.OBJ_RING  # enum memd_object_type
 RING_MZ_PREFIX = "RG_"  # memzone holding ring <name> is "RG_<name>", as in DPDK
 RING_NAMESIZE = _ext.NAMESIZE - 1 - len(RING_MZ_PREFIX)  # the memzone name fits
@@ -44,11 +61,14 @@ RING_NAMESIZE = _ext.NAMESIZE - 1 - len(RING_MZ_PREFIX)  # the memzone name fits
 Buffer = Any
 #: what enqueue_bulk/enqueue_burst take: ints, or a uint64 buffer
 Values = Sequence[int] | Buffer
+#: what a ring's entries are: int (esize 8) or bytes (records)
+E = TypeVar("E", int, bytes)
 
 __all__ = [
     "RING_F_EXACT_SZ",
     "RING_F_SC_DEQ",
     "RING_F_SP_ENQ",
+    "RING_SZ_MASK",
     "Ring",
     "RingMixin",
     "ring_memsize",
@@ -56,9 +76,14 @@ __all__ = [
 ]
 
 
-def ring_memsize(count: int, flags: int = 0) -> int:
-    """Bytes of shared memory a ring of `count` entries needs (ValueError if bad)."""
-    return _ext.ring_memsize(count, flags)
+def ring_memsize(count: int, flags: int = 0, esize: int = RING_ESIZE_U64) -> int:
+    """Bytes of shared memory a ring of `count` entries of `esize` bytes needs (DPDK
+    ``rte_ring_get_memsize_elem``): the 512-byte header plus ``esize`` bytes per slot.
+
+    Raises MemdValueError for a bad count (see :meth:`Ring.create`; more than
+    ``RING_SZ_MASK`` slots), an `esize` that is 0 or not a multiple of 4, or
+    unknown flags."""
+    return _ext.ring_memsize(count, flags, esize)
 
 
 def set_wait_spin(seconds: float) -> float:
@@ -67,14 +92,17 @@ def set_wait_spin(seconds: float) -> float:
     return _ext.ring_wait_spin(seconds)
 
 
-class Ring(_ext.Ring):
+class Ring(_ext.Ring[E]):
     """A ring in a shared window, addressed by its window offset.
 
     ``Ring(window, offset)`` attaches to a ring that :meth:`create` (or
     ``_ext.ring_init``) initialised there; any process that maps the window can.
+    Its ``esize`` is read from the ring (checked: a multiple of 4, the slots within
+    the memory it claims) and kept.
 
-    Methods (all in C, METH_FASTCALL; ``values`` is a list/tuple/sequence of ints
-    or a buffer of uint64 such as ``array('Q')`` or a NumPy ``uint64`` array):
+    Methods of an 8-byte ring, ``Ring[int]`` (all in C, METH_FASTCALL; ``values``
+    is a list/tuple/sequence of ints or a buffer of uint64 such as ``array('Q')``
+    or a NumPy ``uint64`` array):
 
     - ``enqueue(value, timeout=0) -> bool``; ``dequeue(timeout=0) -> int | None``
     - ``enqueue_bulk(values, timeout=0) -> int``: ``len(values)`` or 0
@@ -88,6 +116,23 @@ class Ring(_ext.Ring):
       ``wait_stats`` (futex sleeps/wakes, ``*_recoveries``: locks taken over from a
       dead process, ``*_lock_sleeps``, ``*_lock_owner``: pid holding a side's lock)
 
+    A ring of records, ``Ring[bytes]`` (any other ``esize``), has the same methods
+    with ``bytes`` entries:
+
+    - ``enqueue(record, timeout=0) -> bool``: a bytes-like of exactly ``esize``
+      bytes (MemdValueError otherwise); ``dequeue(timeout=0) -> bytes | None``
+    - ``enqueue_bulk(values, timeout=0)`` / ``enqueue_burst``: ``values`` is a
+      C-contiguous buffer of any format holding whole records back to back (its
+      length a multiple of ``esize``, else MemdValueError; a NumPy structured array
+      with ``itemsize == esize`` is read in place), or a sequence of bytes-likes of
+      ``esize`` bytes each (MemdValueError naming the first that is not; TypeError
+      for anything else); returns how many records went in
+    - ``dequeue_bulk(n, timeout=0) -> list[bytes]`` / ``dequeue_burst``
+    - ``dequeue_bulk_into(buffer, timeout=0) -> int`` / ``dequeue_burst_into``: a
+      writable C-contiguous buffer of any format whose length is a multiple of
+      ``esize`` (MemdValueError otherwise); fills its head with records, returns
+      how many
+
     A bulk larger than the capacity never fits: it returns 0 / ``[]`` at once,
     or raises ValueError if asked to wait.  A burst waits for at least one entry
     (or one free slot).
@@ -99,20 +144,32 @@ class Ring(_ext.Ring):
 
     @classmethod
     def create(
-        cls, window: _ext.Window, offset: int, count: int, flags: int = 0, name: str = ""
-    ) -> Ring:
-        """Initialise an empty ring at `offset` (64-byte aligned) and attach to it.
+        cls,
+        window: _ext.Window,
+        offset: int,
+        count: int,
+        flags: int = 0,
+        name: str = "",
+        esize: int = RING_ESIZE_U64,
+    ) -> Ring[Any]:
+        """Initialise an empty ring at `offset` (64-byte aligned) and attach to it
+        (DPDK ``rte_ring_init``; with `esize`, the ring ``rte_ring_create_elem``
+        makes).
 
         `count` is a power of two (capacity ``count - 1``) or, with
-        ``RING_F_EXACT_SZ``, any count >= 1 (capacity ``count``).
+        ``RING_F_EXACT_SZ``, any count >= 1 (capacity ``count``); the slots (a power
+        of two) are at most ``RING_SZ_MASK`` (2**30).  `esize`: bytes per entry, a
+        multiple of 4; 8 (the default) holds ints, anything else records.  Raises
+        MemdValueError for a bad count, esize or flags; ValueError for a long name,
+        a misaligned offset or memory outside the window.
         """
-        _ext.ring_init(window, offset, count, flags, name)
+        _ext.ring_init(window, offset, count, flags, name, esize)
         return cls(window, offset)
 
     def __repr__(self) -> str:
         return (
             f"<Ring {self.name!r} offset={self.offset:#x} count={self.count}"
-            f"/{self.capacity} flags={self.flags:#x}>"
+            f"/{self.capacity} esize={self.esize} flags={self.flags:#x}>"
         )
 
     def __len__(self) -> int:
@@ -125,6 +182,7 @@ class Ring(_ext.Ring):
             "offset": self.offset,
             "size": self.size,
             "capacity": self.capacity,
+            "esize": self.esize,
             "count": self.count,
             "free_count": self.free_count,
             "flags": self.flags,
@@ -149,16 +207,43 @@ class RingMixin:
         window: _ext.Window
         proc_slot: int
 
-    def ring_create(
-        self, name: str, count: int, socket_id: int = SOCKET_ID_ANY, flags: int = 0
-    ) -> Ring:
-        """Create ring `name` of `count` entries (see :meth:`Ring.create`).
+        def _largest_block(self, socket_id: int) -> int: ...
 
-        Raises FileExistsError (MemdExistsError) if the name is taken, ValueError
-        for a bad count/flags/name, MemoryError when no memory is left.
+    @overload
+    def ring_create(
+        self,
+        name: str,
+        count: int,
+        socket_id: int = ...,
+        flags: int = ...,
+        esize: Literal[8] = ...,
+    ) -> Ring[int]: ...
+    @overload
+    def ring_create(
+        self, name: str, count: int, socket_id: int = ..., flags: int = ..., *, esize: int
+    ) -> Ring[Any]: ...
+    def ring_create(
+        self,
+        name: str,
+        count: int,
+        socket_id: int = SOCKET_ID_ANY,
+        flags: int = 0,
+        esize: int = RING_ESIZE_U64,
+    ) -> Ring[Any]:
+        """Create ring `name` of `count` entries of `esize` bytes (DPDK
+        ``rte_ring_create`` / ``rte_ring_create_elem``; see :meth:`Ring.create`).
+        ``esize=8`` (the default) is a ring of ints; another multiple of 4, a ring
+        of records (bytes).
+
+        Raises FileExistsError (MemdExistsError) if the name is taken;
+        MemdValueError for a bad count/esize/flags/name/socket_id, and, at once,
+        before any memory is asked for, for a ring larger than a heap here can
+        ever hold (a block lies within one memseg list); MemoryError when no
+        memory is left.
         """
         _check_name(name)
-        size = ring_memsize(count, flags)
+        size = ring_memsize(count, flags, esize)
+        self._check_fits(name, count, esize, size, socket_id)
         return objects.create(
             self,
             name,
@@ -166,17 +251,30 @@ class RingMixin:
             RING_MZ_PREFIX,
             size,
             socket_id,
-            lambda off: Ring.create(self.window, off, count, flags, name),
+            lambda off: Ring.create(self.window, off, count, flags, name, esize),
             "ring_create",
         )
 
-    def ring_lookup(self, name: str) -> Ring:
-        """The ring called `name`; KeyError (MemdKeyError) if there is none."""
+    def _check_fits(self, name: str, count: int, esize: int, size: int, socket_id: int) -> None:
+        """MemdValueError unless a block of `size` bytes fits one memseg list of a
+        heap `socket_id` may use: growth can never make room for more."""
+        largest = self._largest_block(socket_id)
+        if space_needed(size, 64) > largest:
+            raise MemdValueError(
+                f"ring_create({name!r}): {count} entries of {esize} bytes need {size} bytes, "
+                f"more than a heap here can ever hold in one block ({largest} bytes: one "
+                "memseg list); make the ring smaller"
+            )
+
+    def ring_lookup(self, name: str) -> Ring[Any]:
+        """The ring called `name`, with the esize it was created with; KeyError
+        (MemdKeyError) if there is none; CorruptionError if its header claims memory
+        past its memzone."""
         return objects.open_listed(
             self.window, name, MEMD_OBJ_RING, lambda off: Ring(self.window, off), "ring_lookup"
         )
 
-    def ring_free(self, ring: Ring) -> None:
+    def ring_free(self, ring: Ring[Any]) -> None:
         """Remove the ring from the directory and free its memzone.
 
         Processes still holding the Ring object must not use it afterwards.

@@ -27,6 +27,7 @@ class FakeRing:
     size: int = 1024
     count: int = 0
     flags: int = 0
+    esize: int = 8
 
     @property
     def capacity(self) -> int:
@@ -104,7 +105,7 @@ class FakeMem:
         ]
         m.ring_list = [
             FakeRing("rx", size=1024, count=10, flags=0),
-            FakeRing("tx", size=512, count=0, flags=3),
+            FakeRing("tx", size=512, count=0, flags=3, esize=24),
         ]
         m.pool_list = [FakePool("mbuf_pool", used=100)]
         m.procs = [

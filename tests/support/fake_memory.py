@@ -44,6 +44,9 @@ class FakeMemory(RingMixin, MempoolMixin):
         monkeypatch.setattr(_ext, "object_remove", self._object_remove, raising=False)
         monkeypatch.setattr(_ext, "memzone", self._memzone, raising=False)
 
+    def _largest_block(self, socket_id: int) -> int:
+        return self.window.size - (2 << 20)
+
     # memzones
     def memzone_reserve(
         self,
