@@ -18,6 +18,7 @@ import msgpack
 import pytest
 import zmq
 
+from memd import _ext
 from memd.mp.channel import PROTOCOL_VERSION
 from memd.paths import mp_endpoint
 from memd.testing import Daemon, pages_held, result, run_secondary, start_secondary
@@ -329,3 +330,35 @@ def test_register_must_come_from_the_named_pid(daemon: Daemon) -> None:
     ans = msgpack.unpackb(s.recv())
     s.close()
     assert ans["status"] != 0 and "sent by pid" in ans["reason"]
+
+
+def test_a_stray_access_to_an_unused_page_faults_and_allocates_nothing(daemon: Daemon) -> None:
+    """Each memseg list is mapped whole, holes included: touching a hole must not
+    make the kernel allocate a page behind the primary's back.  The process that
+    does it gets SIGBUS (userfaultfd); mem.view() refuses the range."""
+    held = pages_held(daemon.prefix)
+    code = """
+    import ctypes
+    from memd.shm.config import memseg_lists
+    from memd.errors import MemdValueError
+    assert mem.guarded and mem.single_file
+    msl = memseg_lists(mem.window)[0]
+    slot = msl.capacity - 1
+    assert slot not in msl.used_slots()
+    off = msl.base_offset + slot * msl.page_size
+    try:
+        mem.view(off, 16)
+        raise AssertionError("a view of a hole")
+    except MemdValueError:
+        pass
+    print("touching", flush=True)
+    ctypes.c_char.from_address(mem.window.address + off).value = b"x"
+    print("NOT REACHED", flush=True)
+    """
+    proc = run_secondary(daemon, code, check=False)
+    assert proc.returncode == -signal.SIGBUS, (proc.returncode, proc.stdout, proc.stderr)
+    assert "touching" in proc.stdout and "NOT REACHED" not in proc.stdout
+    assert pages_held(daemon.prefix) == held  # no page was allocated for it
+    with daemon.attach() as mem:
+        _ext.heap_check(mem.window, 0)
+    assert daemon.proc.poll() is None

@@ -290,14 +290,6 @@ class Server:
             return self.peers.get(b"sync-" + identity[4:])
         return self.peers.get(identity)
 
-    def notify_all(self, msg: dict[str, Any], but: Sequence[Peer] = ()) -> None:
-        """Send `msg` as a notice (not answered, nobody waited for) to every peer
-        but those in `but`."""
-        with self.lock:
-            for peer in list(self.peers.values()):
-                if peer not in but and peer not in self._dead:
-                    self.send(peer.identity, {**msg, "id": 0, "notice": True})
-
     def sync_all(
         self,
         msg: dict[str, Any],
@@ -468,12 +460,6 @@ class Channel:
                 log.warning("bad message from the primary: %s", e)
                 continue
             if msg["type"] == "reply":
-                continue
-            if msg.get("notice"):  # nobody waits for an answer
-                try:
-                    self.on_sync(msg)
-                except Exception:
-                    log.exception("handling the primary's %s notice failed", msg["type"])
                 continue
             try:
                 self.on_sync(msg)

@@ -9,10 +9,10 @@
    list's file (`fallocate`, `memd.primary.memalloc`), records them in the list and
    adds them to the heap, under the heap lock.  Every process maps each list's file
    whole at attach, so every process sees the new pages at once: nobody has to map
-   anything, and nobody is waited for.  The other secondaries get a `sync` notice
-   (no answer), for their memory event callbacks; only secondaries that registered
-   such callbacks are waited for, a bounded time, so that their ALLOC callbacks run
-   before anyone can allocate from the pages, as in DPDK.
+   anything, and nobody is told or waited for, except secondaries that registered
+   memory event callbacks: they get a `sync` and are waited for, a bounded time, so
+   that their ALLOC callbacks run before anyone can allocate from the pages, as in
+   DPDK.
 4. The secondary retries its allocation.
 5. Whole free pages go back the other way (`_release_pages`, `shrink` requests):
    out of the heap, marked unused, callbacks' FREE while the pages still exist,
@@ -241,12 +241,13 @@ class PrimaryGrowth(Memory):
         return best
 
     def _tell_secondaries(self) -> None:
-        """The memory map changed: a `sync` notice to every secondary (nobody is
-        waited for), except those with memory event callbacks, which are waited for
-        (up to --sync-timeout) so that their callbacks run before anybody uses the
-        pages (ALLOC) or the pages go (FREE).  A late one is logged and goes on.
-        Called under a heap lock: dead secondaries are only set aside here, and
-        reclaimed (which takes heap locks) by the next poll."""
+        """The memory map changed.  Secondaries see it through their mappings and
+        the memseg lists, so nobody is told, except those with memory event
+        callbacks: they get a `sync` and are waited for (up to --sync-timeout), so
+        that their callbacks run before anybody uses the pages (ALLOC) or the pages
+        go (FREE).  A late one is logged and goes on.  Called under a heap lock:
+        dead secondaries are only set aside here, and reclaimed (which takes heap
+        locks) by the next poll."""
         if self.server is None:
             return
         waited = []
@@ -256,7 +257,6 @@ class PrimaryGrowth(Memory):
             elif peer.mem_events:
                 waited.append(peer)
         gen = self._header().mem_generation
-        self.server.notify_all({"type": "sync", "generation": gen}, but=waited)
         if waited:
             for peer, why in self.server.sync_all(
                 {"type": "sync", "generation": gen}, peers=waited

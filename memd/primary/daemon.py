@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sync-timeout",
         type=float,
         default=2.0,
-        help="seconds to wait for each secondary during a sync",
+        help="seconds a memory change waits for each secondary with memory event "
+        "callbacks (no other secondary is waited for)",
     )
     p.add_argument(
         "--log-level",
