@@ -325,7 +325,13 @@ class HeapMixin(_ext.HeapBase):
         socket_id: int = SOCKET_ID_ANY,
         what: str = "heap_alloc",
     ) -> Block:
-        """The general allocation (memzones need bound and contig)."""
+        """The general allocation behind malloc, zmalloc, calloc and memzones
+        (rte_malloc_socket with DPDK's bounded, contiguous variants): ``size`` bytes
+        aligned to ``align`` (0 = 64, else a power of two), never crossing a
+        multiple of ``bound`` (0 = none, else a power of two >= size), contiguous in
+        IOVA if ``contig``, zeroed if ``zero``, from ``socket_id``'s heap.  ``what``
+        names the call in error messages.  Raises MemdValueError for bad arguments,
+        MemdMemoryError when no heap has or can get the room."""
         order = self._heap_order_of(socket_id)
         try:
             blk = _heap_malloc(self.window, order, size, align, bound, contig, zero, self)
