@@ -1,7 +1,7 @@
 """Malloc heaps for ``Memory``: DPDK's ``rte_malloc`` family on memd's shared heaps.
 
 :class:`HeapMixin` adds ``malloc``/``zmalloc``/``calloc``/``realloc``/``free``/
-``validate``/``heap_stats`` (README "Rings, mempools, heaps"), plus ``heap_owners``/
+``validate``/``heap_stats`` (docs/concepts.md, "Heaps"), plus ``heap_owners``/
 ``free_owned_by`` (blocks by owning process), to the primary's and the
 secondaries' ``Memory`` class.  The heaps themselves are C (``ext/heap.c``): this
 layer picks heaps, asks for more memory when they are full, gives pages back after
