@@ -62,6 +62,34 @@ def test_every_python_block_is_under_test() -> None:
         assert not python_blocks(page), f"{page} has ```python blocks no test runs"
 
 
+def test_docs_build_fails_on_a_missing_docstring(tmp_path: Path) -> None:
+    """The docs extension (docs/_ext/memd_docs.py) turns an undocumented public name
+    into a warning, which `make docs` (-W) makes an error."""
+    pytest.importorskip("sphinx", reason="the docs extra (make docs) installs Sphinx")
+    src = tmp_path / "src"
+    src.mkdir()
+    (tmp_path / "fake_mod.py").write_text(
+        '"""A module."""\n\ndef documented():\n    """Yes."""\n\ndef undocumented():\n    pass\n'
+    )
+    (src / "conf.py").write_text(
+        f"import sys\nsys.path[:0] = [{str(tmp_path)!r}, {str(DOCS / '_ext')!r}]\n"
+        "extensions = ['sphinx.ext.autodoc', 'memd_docs']\n"
+        "autodoc_default_options = {'members': True, 'undoc-members': True}\n"
+    )
+    (src / "index.rst").write_text("Fake\n====\n\n.. automodule:: fake_mod\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-q", "-E", "-W", "-b", "html", src, tmp_path / "out"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode != 0
+    assert "fake_mod.undocumented has no docstring" in proc.stderr, proc.stderr
+    assert "fake_mod.documented has no" not in proc.stderr
+
+
 def _objects(d: Daemon) -> dict[str, int]:
     """How many memzones, rings and mempools the daemon has (to see leftovers)."""
     code = (

@@ -57,6 +57,22 @@ def public_names() -> list[str]:
 
 
 _stash: dict[str, list[str]] = {}
+_warned: set[str] = set()  # said once, by whichever check saw it first
+
+# The heap's C fast paths fall back to Python methods whose docstrings hold the
+# behaviour and every error (memd.shm.heap.HeapMixin): the reference shows them there.
+FALLBACK_DOCS = {"malloc": "_heap_alloc_py", "zmalloc": "_heap_alloc_py", "free": "_heap_free_py"}
+
+
+def _fallback_docs(
+    app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]
+) -> None:
+    owner, _, member = name.rpartition(".")
+    if what != "method" or member not in FALLBACK_DOCS:
+        return
+    fallback = getattr(_object(owner), FALLBACK_DOCS[member], None)
+    if fallback is not None and fallback.__doc__:
+        lines += ["", *inspect.cleandoc(fallback.__doc__).splitlines()]
 
 
 def _keep_attribute_text(
@@ -79,6 +95,7 @@ def _no_docstring(
     app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]
 ) -> None:
     if not any(line.strip() for line in lines):
+        _warned.add(name)
         log.warning("%s %s has no docstring", what, name, type="memd_docs")
 
 
@@ -90,6 +107,8 @@ def _empty_description(app: Sphinx, domain: str, objtype: str, content: Any) -> 
     sig = content.parent[0] if len(content.parent) else None
     ids = sig.get("ids") if sig is not None else None
     name = ids[0] if ids else content.parent.astext().split("\n", 1)[0]
+    if name in _warned:
+        return
     log.warning("%s %s has no docstring", objtype, name, type="memd_docs", location=content)
 
 
@@ -123,6 +142,7 @@ def _check_coverage(app: Sphinx, env: Any) -> None:
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
+    app.connect("autodoc-process-docstring", _fallback_docs, priority=300)
     app.connect("autodoc-process-docstring", _keep_attribute_text, priority=400)
     app.connect("autodoc-process-docstring", _restore_attribute_text, priority=600)
     app.connect("autodoc-process-docstring", _no_docstring, priority=700)

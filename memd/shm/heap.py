@@ -144,11 +144,15 @@ class HeapMixin(_ext.HeapBase):
     # --- API (malloc, zmalloc and free: C fast paths over these) -------------------
 
     def _heap_alloc_py(self, size: int, align: int, socket_id: int, zero: bool) -> Block:
-        """malloc/zmalloc: a block of ``size`` bytes whose data is aligned to ``align``
-        (0 = 64, else a power of two), from ``socket_id``'s heap (``SOCKET_ID_ANY``:
-        local first), zeroed if ``zero`` (only where it may be dirty, so fresh memory
-        costs nothing).  Raises MemdValueError for bad arguments, MemdMemoryError
-        when no heap has or can get the room."""
+        """malloc/zmalloc (rte_malloc_socket/rte_zmalloc_socket): a block of ``size``
+        bytes (> 0) whose data is aligned to ``align`` bytes (0 = 64, else a power of
+        two), from ``socket_id``'s heap (``SOCKET_ID_ANY``: local first), zeroed if
+        ``zero`` (only where it may be dirty, so fresh memory costs nothing).  A full
+        heap grows through the primary.  Returns a Block: ``buf`` (a memoryview of
+        ``size`` bytes), ``offset`` (its window offset, valid in every process),
+        ``iova``.  Raises MemdValueError for bad arguments, MemdMemoryError when no
+        heap has or can get the room, PrimaryNotRunning when growth needs a primary
+        that is gone."""
         what = "zmalloc" if zero else "malloc"
         return self.heap_alloc(size, align, zero=zero, socket_id=socket_id, what=what)
 
