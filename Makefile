@@ -1,6 +1,7 @@
-# memd: `make run` starts the daemon, `make test` runs the suite. Both set
-# themselves up on a fresh machine: a .venv with the project (all `make run` installs),
-# plus the test extras for test and lint, and the bench extras for bench.
+# memd: `make run` starts the daemon, `make test` runs the suite, `make docs` builds the
+# documentation. All set themselves up on a fresh machine: a .venv with the project (all
+# `make run` installs), plus the test extras for test and lint, the bench extras for
+# bench and the docs extras for docs.
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +11,7 @@ PREFIX ?= rte
 MEM_MB ?= 64
 ARGS ?=
 
-.PHONY: run test test-quick lint bench venv ext asan clean
+.PHONY: run test test-quick lint bench docs venv ext asan clean
 
 # What the daemon needs, nothing more (pyzmq, msgpack).
 $(VENV)/.installed: pyproject.toml setup.py
@@ -30,6 +31,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 $(VENV)/.installed-bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'
+	rm -f memd/.ext-built
+	touch $@
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[docs]'
 	rm -f memd/.ext-built
 	touch $@
 
@@ -60,13 +66,18 @@ test-quick: $(VENV)/.installed-test ext
 	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check memd memd_client tests bench setup.py
-	$(VENV)/bin/ruff format --check memd memd_client tests bench setup.py
+	$(VENV)/bin/ruff check memd memd_client tests bench docs setup.py
+	$(VENV)/bin/ruff format --check memd memd_client tests bench docs setup.py
 	$(VENV)/bin/mypy
 	$(VENV)/bin/clang-format --dry-run --Werror ext/*.c ext/*.h
 
 bench: $(VENV)/.installed-bench ext
 	$(PY) bench/init_bench.py
+
+# HTML in docs/_build/html. -W -n: a warning (a broken reference, a public name without
+# a docstring: docs/_ext/memd_docs.py) fails the build, as in CI.
+docs: $(VENV)/.installed-docs ext
+	$(VENV)/bin/sphinx-build -q -E -W -n --keep-going -b html docs docs/_build/html
 
 # AddressSanitizer build of the extension, in place (run tests with
 # LD_PRELOAD=$(shell gcc -print-file-name=libasan.so)).  Its objects go to their own
@@ -77,4 +88,4 @@ asan: venv
 	MEMD_TEST_HOOKS=1 MEMD_ASAN=1 $(PY) setup.py -q build_ext --inplace -t build/asan
 
 clean:
-	rm -rf build memd/_ext*.so memd/.ext-built *.egg-info
+	rm -rf build memd/_ext*.so memd/.ext-built *.egg-info docs/_build

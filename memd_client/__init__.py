@@ -1,4 +1,4 @@
-"""memd_client: attach a secondary process to a running memd primary.
+"""memd_client: attach a secondary process to a running memd primary::
 
     import memd_client as mc
     with mc.attach(prefix="rte") as mem:
@@ -6,7 +6,8 @@
 
 Everything the primary and other secondaries created is visible zero-copy;
 offsets found in rings, blocks and memzones are valid here through `mem.view`.
-Every exception memd raises is importable from here (all derive from MemdError).
+Every exception memd raises is importable from here (all derive from MemdError),
+and so is every class of object the calls hand out (for type hints and isinstance).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from memd.errors import (
 )
 from memd.files import UnsafePath
 from memd.shm.config import SOCKET_ID_ANY
+from memd.shm.heap import Block
 from memd.shm.memory import (
     MEM_EVENT_ALLOC,
     MEM_EVENT_FREE,
@@ -45,7 +47,8 @@ from memd.shm.memory import (
     MEMZONE_SIZE_HINT_ONLY,
     Memzone,
 )
-from memd.shm.ring import RING_F_EXACT_SZ, RING_F_SC_DEQ, RING_F_SP_ENQ
+from memd.shm.mempool import Mempool, MempoolObject
+from memd.shm.ring import RING_F_EXACT_SZ, RING_F_SC_DEQ, RING_F_SP_ENQ, Ring
 from memd_client.secondary import Secondary, attach
 
 __all__ = [
@@ -65,6 +68,7 @@ __all__ = [
     "RING_F_SC_DEQ",
     "RING_F_SP_ENQ",
     "SOCKET_ID_ANY",
+    "Block",
     "CorruptionError",
     "HugepageConfigError",
     "HugepageReserveError",
@@ -74,11 +78,14 @@ __all__ = [
     "MemdKeyError",
     "MemdMemoryError",
     "MemdValueError",
+    "Mempool",
+    "MempoolObject",
     "Memzone",
     "PermissionDenied",
     "PoolEmpty",
     "PrimaryNotRunning",
     "ProtocolError",
+    "Ring",
     "Secondary",
     "UnsafePath",
     "VersionMismatch",

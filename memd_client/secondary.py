@@ -60,7 +60,16 @@ def _detach_at_exit() -> None:
 
 
 class Secondary(SecondaryGrowth):
-    """Attached process. Use `attach()`; `detach()` (or `with`) when done."""
+    """A process attached to a memd primary: made by :func:`attach`; call
+    :meth:`detach` (or leave a ``with`` block) when done.
+
+    Everything the primary and other secondaries created is visible here without
+    copies; offsets found in rings, blocks and memzones are valid here through
+    :meth:`view`.  The heaps (``malloc`` ...), memzones, rings and mempools below
+    are shared by every process of the instance.  An attachment may be used from
+    several threads of this process; a process forked after attaching must attach
+    on its own (its calls that need the primary raise MemdError).
+    """
 
     def __init__(self, prefix: str, rundir: Path, timeout: float) -> None:
         super().__init__(prefix, rundir)
@@ -287,6 +296,9 @@ class Secondary(SecondaryGrowth):
         return False
 
     def primary_alive(self) -> bool:
+        """Whether the primary this process attached to still runs (False after
+        :meth:`detach`).  Calls that need the primary raise PrimaryNotRunning once it
+        is gone; this asks without raising."""
         if self._cfg_fd < 0:
             return False
         if self._primary_fd >= 0:
@@ -402,8 +414,32 @@ def attach(
     runtime_dir: str | os.PathLike[str] | None = None,
     timeout: float = 5.0,
 ) -> Secondary:
-    """Attach to the primary of `prefix`, waiting up to `timeout` seconds for a
-    starting one to become ready.  Raises PrimaryNotRunning, VersionMismatch or
-    PermissionDenied.  An attachment still open when the interpreter exits is
-    detached then (atexit), so the primary logs a detach, not a death."""
+    """Attach this process to the memd primary of ``prefix`` as a DPDK secondary
+    (``rte_eal_init`` with ``--proc-type=secondary``).
+
+    Args:
+        prefix: the instance's ``--file-prefix`` (default ``"rte"``).
+        runtime_dir: the daemon's ``--runtime-dir``; None picks the daemon's own
+            default (``$RUNTIME_DIRECTORY``, ``/var/run`` as root, else
+            ``$XDG_RUNTIME_DIR``, else ``/tmp``; in a directory others can write,
+            its ``memd-<uid>`` subdirectory).
+        timeout: seconds to wait for a primary that is starting to become ready.
+
+    Returns:
+        Secondary: the attachment; use it as a context manager, or call
+        :meth:`Secondary.detach` when done.  An attachment still open when the
+        interpreter exits is detached then (atexit), so the primary logs a detach,
+        not a death.  A process forked after attaching must attach on its own.
+
+    Raises:
+        PrimaryNotRunning: no ready primary within ``timeout`` (the message says
+            why: no config, a dead primary's stale config, shutting down), or it did
+            not answer registration.
+        VersionMismatch: the primary runs another memd version (layout or protocol).
+        PermissionDenied: the config or sockets belong to a user or group this
+            process is not (run as the daemon's user or a member of its ``--group``).
+        UnsafePath: the runtime dir or a socket could have been made by someone else.
+        MemdError: the primary runs with ``--huge-unlink`` (its page files are gone),
+            or its process table is full.
+    """
     return Secondary(prefix, resolve_runtime_dir(runtime_dir), timeout)

@@ -281,8 +281,35 @@ def test_make_run_installs_only_the_daemon_and_passes_args(tmp_path: Path) -> No
     assert all(
         line.rstrip("; \\").endswith("--runtime-dir /x --huge-dir /y") for line in memd_lines
     )
-    for goal, extra in (("test", "test"), ("lint", "test"), ("bench", "bench")):
+    for goal, extra in (("test", "test"), ("lint", "test"), ("bench", "bench"), ("docs", "docs")):
         assert f"-e '.[{extra}]'" in recipe(goal), goal
+    # the docs extra reinstalls the extension without test hooks: the stamp goes, and
+    # the docs are built from a fresh test build, warnings as errors
+    docs = recipe("docs")
+    assert "rm -f memd/.ext-built" in docs
+    assert docs.index("-e '.[docs]'") < docs.index("build_ext --inplace") < docs.index("-W")
     readme = (ROOT / "README.md").read_text()
     first = readme.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
     assert [line.split("#")[0].strip() for line in first] == ["make run", "make test"]
+
+
+def test_nothing_refers_outside_the_repository() -> None:
+    """A clone is self-contained: no file points at a sibling `shared` folder (the API
+    reference is docs/, built by `make docs`)."""
+    outside = ("../" + "shared", "shared/" + "API", "/work/" + "shared")
+    files = subprocess.run(
+        ["git", "-C", ROOT, "ls-files", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert files
+    hits = []
+    for name in files:
+        path = ROOT / name
+        if not path.is_file():
+            continue
+        text = path.read_bytes().decode("utf-8", "replace")
+        hits += [f"{name}: {ref}" for ref in outside if ref in text]
+    assert not hits, hits

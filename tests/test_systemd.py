@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,92 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "memd.service" not in proc.stderr, proc.stderr  # no warnings about our unit
+
+
+# -- the deployment recipe (docs/installation.md) --------------------------------------------
+
+RECIPE_PAGE = ROOT / "docs" / "installation.md"
+VENV = "/opt/memd"  # where the recipe puts memd, and what the unit runs
+# Recipe steps that change the running system, not files: the test cannot do them
+# under a temporary root (apt-get's packages are there in CI, .ci/run installs them).
+SYSTEM_STEPS = ("apt-get ", "systemctl ", "memctl ")
+
+
+def _recipe() -> list[str]:
+    """The Debian 12 recipe's commands, as written in the docs."""
+    text = RECIPE_PAGE.read_text()
+    block = text.split("```sh\n# Debian 12, as root", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines()[1:] if line.strip()]
+
+
+def test_recipe_and_unit_agree() -> None:
+    """The unit runs what the recipe installs, from a path ProtectHome leaves visible."""
+    recipe = _recipe()
+    assert f"python3 -m venv {VENV}" in recipe
+    assert f"{VENV}/bin/pip install ." in recipe
+    assert "install -D -m 0644 systemd/memd.service /etc/systemd/system/memd.service" in recipe
+    assert "install -D -m 0644 systemd/memd.env /etc/default/memd" in recipe
+    s = _unit_settings()
+    assert s["ExecStart"][0].split()[0] == f"{VENV}/bin/memd"
+    assert s["ProtectHome"] == ["yes"]
+    hidden = ("/home", "/root", "/run/user")  # what ProtectHome=yes hides
+    assert not VENV.startswith(hidden)
+
+
+def test_deployment_recipe_verifies(tmp_path: Path) -> None:
+    """Run the recipe's file steps as written, under a temporary root (a real venv, a
+    real `pip install .` of this checkout), then `systemd-analyze verify` the unit it
+    installed, with only its paths moved under that root."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    root = tmp_path / "root"
+    (root / "usr/local/bin").mkdir(parents=True)
+
+    def rooted(text: str) -> str:
+        for path in (VENV, "/etc/", "/usr/local/bin"):
+            text = text.replace(path, f"{root}{path}")
+        return text
+
+    ran = []
+    for line in _recipe():
+        if line.startswith("#") or line.startswith(SYSTEM_STEPS):
+            continue
+        # python3 is the interpreter running the tests (the recipe's is Debian's)
+        cmd = rooted(line).replace("python3 -m venv", f"{shlex.quote(sys.executable)} -m venv")
+        proc = subprocess.run(
+            ["bash", "-euc", cmd],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert proc.returncode == 0, f"{line}: {proc.stdout}{proc.stderr}"
+        ran.append(line)
+    assert len(ran) == 5, ran  # venv, pip, links, unit, env file
+
+    memd = root / VENV.lstrip("/") / "bin" / "memd"
+    for tool in (memd, root / "usr/local/bin/memctl"):
+        out = subprocess.run(
+            [tool, "--version"], capture_output=True, text=True, timeout=60, check=True
+        )
+        assert re.search(r"\d+\.\d+", out.stdout), out.stdout
+    installed = root / "etc/systemd/system/memd.service"
+    assert installed.read_text() == UNIT.read_text()
+    assert (root / "etc/default/memd").read_text() == ENV_FILE.read_text()
+    unit = tmp_path / "memd.service"
+    unit.write_text(rooted(installed.read_text()))
+    proc = subprocess.run(
+        [analyze, "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "memd.service" not in proc.stderr, proc.stderr
 
 
 def test_unit_settings() -> None:

@@ -1,4 +1,4 @@
-"""`memd`: run the primary in the foreground (README "The daemon").
+"""`memd`: run the primary in the foreground (docs/daemon.md).
 
 Exit codes: 0 clean shutdown, 1 init failure (the message says how to fix it),
 2 bad usage.  SIGTERM/SIGINT: clean shutdown.  SIGHUP: log a state summary.

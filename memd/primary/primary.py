@@ -156,6 +156,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
                 on_tick()
 
     def params(self) -> list[str]:
+        """The command line the primary was started with (telemetry ``/eal/params``)."""
         return list(self.options.argv)
 
     def close(self) -> None:

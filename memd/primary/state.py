@@ -33,23 +33,41 @@ class AlreadyRunning(InitError):
 
 @dataclass
 class Options:
-    """The primary's settings; the daemon fills them from its command line."""
+    """The primary's settings (DPDK's EAL memory options): ``memd``'s command line
+    and ``--config`` file fill them; ``Primary(Options(...))`` embeds a primary.
+    Sizes here are MB (2**20 bytes), as on the command line."""
 
+    #: ``--file-prefix``: the instance's name
     file_prefix: str = DEFAULT_PREFIX
+    #: ``--runtime-dir``: where the config and sockets go (None: the default)
     runtime_dir: str | None = None
+    #: ``--huge-dir``: the hugetlbfs mount to use (None: one of the default page size)
     huge_dir: str | None = None
-    memory_mb: int = 0  # -m: preallocated, never given back
-    socket_mem: list[int] | None = None  # --socket-mem: MB per socket
+    #: ``-m``: MB preallocated at start, never given back (0: grow on demand)
+    memory_mb: int = 0
+    #: ``--socket-mem``: MB preallocated per NUMA socket, or None
+    socket_mem: list[int] | None = None
+    #: ``--no-huge``: POSIX shared memory (``/dev/shm``) instead of hugepages
     no_huge: bool = False
+    #: ``--legacy-mem``: map all memory at start, sorted by physical address
     legacy_mem: bool = False
-    huge_unlink: str = "existing"  # --huge-unlink: one of HUGE_UNLINK_MODES
+    #: ``--huge-unlink``: one of ``HUGE_UNLINK_MODES`` (existing, always, never)
+    huge_unlink: str = "existing"
+    #: ``--single-file-segments``: accepted for DPDK compatibility
     single_file_segments: bool = False
+    #: ``--base-virtaddr``: where to reserve the window (0: anywhere; a multiple of 1 GiB)
     base_virtaddr: int = 0
+    #: ``--group``: a group (name or gid) whose members may attach, or None
     group: str | None = None
+    #: ``--sync-timeout``: seconds a heap growth waits for every secondary to map
     sync_timeout: float = 2.0
-    max_mem_mb: int = 0  # --max-mem: cap on mapped memory (0 = none)
-    take_over: bool = False  # start although a dead primary's secondaries run
-    reclaim_heap: bool = False  # free a dead secondary's heap blocks
+    #: ``--max-mem``: cap in MB on the memory heaps may grow to (0 = none)
+    max_mem_mb: int = 0
+    #: ``--take-over``: start although a dead primary's secondaries still run
+    take_over: bool = False
+    #: ``--reclaim-heap``: free the heap blocks of a secondary that dies
+    reclaim_heap: bool = False
+    #: the command line, as telemetry ``/eal/params`` shows it
     argv: list[str] = field(default_factory=list)
 
 

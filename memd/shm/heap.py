@@ -1,7 +1,7 @@
 """Malloc heaps for ``Memory``: DPDK's ``rte_malloc`` family on memd's shared heaps.
 
 :class:`HeapMixin` adds ``malloc``/``zmalloc``/``calloc``/``realloc``/``free``/
-``validate``/``heap_stats`` (README "Rings, mempools, heaps"), plus ``heap_owners``/
+``validate``/``heap_stats`` (docs/concepts.md, "Heaps"), plus ``heap_owners``/
 ``free_owned_by`` (blocks by owning process), to the primary's and the
 secondaries' ``Memory`` class.  The heaps themselves are C (``ext/heap.c``): this
 layer picks heaps, asks for more memory when they are full, gives pages back after
@@ -144,11 +144,15 @@ class HeapMixin(_ext.HeapBase):
     # --- API (malloc, zmalloc and free: C fast paths over these) -------------------
 
     def _heap_alloc_py(self, size: int, align: int, socket_id: int, zero: bool) -> Block:
-        """malloc/zmalloc: a block of ``size`` bytes whose data is aligned to ``align``
-        (0 = 64, else a power of two), from ``socket_id``'s heap (``SOCKET_ID_ANY``:
-        local first), zeroed if ``zero`` (only where it may be dirty, so fresh memory
-        costs nothing).  Raises MemdValueError for bad arguments, MemdMemoryError
-        when no heap has or can get the room."""
+        """malloc/zmalloc (rte_malloc_socket/rte_zmalloc_socket): a block of ``size``
+        bytes (> 0) whose data is aligned to ``align`` bytes (0 = 64, else a power of
+        two), from ``socket_id``'s heap (``SOCKET_ID_ANY``: local first), zeroed if
+        ``zero`` (only where it may be dirty, so fresh memory costs nothing).  A full
+        heap grows through the primary.  Returns a Block: ``buf`` (a memoryview of
+        ``size`` bytes), ``offset`` (its window offset, valid in every process),
+        ``iova``.  Raises MemdValueError for bad arguments, MemdMemoryError when no
+        heap has or can get the room, PrimaryNotRunning when growth needs a primary
+        that is gone."""
         what = "zmalloc" if zero else "malloc"
         return self.heap_alloc(size, align, zero=zero, socket_id=socket_id, what=what)
 
@@ -325,7 +329,13 @@ class HeapMixin(_ext.HeapBase):
         socket_id: int = SOCKET_ID_ANY,
         what: str = "heap_alloc",
     ) -> Block:
-        """The general allocation (memzones need bound and contig)."""
+        """The general allocation behind malloc, zmalloc, calloc and memzones
+        (rte_malloc_socket with DPDK's bounded, contiguous variants): ``size`` bytes
+        aligned to ``align`` (0 = 64, else a power of two), never crossing a
+        multiple of ``bound`` (0 = none, else a power of two >= size), contiguous in
+        IOVA if ``contig``, zeroed if ``zero``, from ``socket_id``'s heap.  ``what``
+        names the call in error messages.  Raises MemdValueError for bad arguments,
+        MemdMemoryError when no heap has or can get the room."""
         order = self._heap_order_of(socket_id)
         try:
             blk = _heap_malloc(self.window, order, size, align, bound, contig, zero, self)

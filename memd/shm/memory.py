@@ -105,21 +105,35 @@ def check_name(name: object, what: str = "name") -> str:
 
 @dataclass
 class Memzone:
-    """A named reservation (DPDK rte_memzone). `buf` is a zero-copy memoryview."""
+    """A named reservation of shared memory (DPDK ``struct rte_memzone``), as
+    ``memzone_reserve``, ``memzone_lookup`` and ``memzones`` return it: a snapshot
+    of the zone's descriptor, plus ``buf`` to reach its bytes.  Two processes looking
+    up the same name get equal Memzones with the same ``offset``."""
 
+    #: index in the memzone table (DPDK's memzone id, as in ``/eal/memzone_info,<id>``)
     id: int
+    #: the name it was reserved under (at most 63 bytes)
     name: str
+    #: window offset of its first byte: ``mem.view(mz.offset, mz.length)`` in any process
     offset: int
+    #: IO address of its first byte (physical in IOVA-as-PA mode, else the virtual one)
     iova: int
+    #: bytes, as requested (the space reserved is rounded up to 64)
     length: int
+    #: bytes per page of the memory it lies in (4096 with ``--no-huge``)
     page_size: int
+    #: NUMA socket of its heap
     socket_id: int
+    #: the ``MEMZONE_*`` flags it was reserved with
     flags: int
+    #: pid of the process that reserved it (memzones outlive it)
     owner_pid: int
     _mem: Memory = field(repr=False, compare=False)
 
     @property
     def buf(self) -> memoryview:
+        """A writable zero-copy memoryview of the zone's ``length`` bytes.  Raises
+        MemdValueError after the attachment it came from was detached."""
         return self._mem.window.view(self.offset, self.length)
 
 
@@ -129,6 +143,8 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
 
     is_primary = False
     window: _ext.Window
+    #: this process's row in the shared process table (0 is the primary's): the
+    #: mempool cache it uses and the slot ``memctl processes`` shows
     proc_slot: int
 
     def __init__(self, prefix: str, rundir: Path) -> None:
@@ -397,6 +413,19 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         return max((m.capacity * m.page_size for m in lists if m.socket_id in heaps), default=0)
 
     def info(self) -> dict[str, Any]:
+        """What this memd instance is and how this process sees it (the data behind
+        ``memctl status``)::
+
+            {"prefix": str, "primary_pid": int,
+             "page_sizes": [bytes, ...], "sockets": [socket id, ...],
+             "iova_mode": "PA" | "VA", "no_huge": bool, "legacy_mem": bool,
+             "runtime_dir": str, "config_path": str, "huge_dirs": [str, ...],
+             "window_size": bytes, "mapped_bytes": bytes, "layout_version": int,
+             "proc_slot": int}
+
+        ``mapped_bytes`` is the memory all heaps have now, ``window_size`` the address
+        space each process reserves for them, ``proc_slot`` this process's row in the
+        process table (0 is the primary's).  Raises MemdValueError after detach."""
         h = self._header()
         lists = memseg_lists(self.window)
         return {
@@ -616,6 +645,9 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         return Memzone(*t, _mem=self)
 
     def memzone_lookup(self, name: str) -> Memzone:
+        """The memzone reserved as ``name`` by any process (rte_memzone_lookup).
+        Raises MemdKeyError if there is none, MemdValueError for a name that is not a
+        non-empty str of at most 63 bytes."""
         check_name(name)
         try:
             zid = _ext.memzone_lookup(self.window, name)
@@ -649,6 +681,8 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         self._heap_maybe_release(heap, mz.length)
 
     def memzones(self) -> list[Memzone]:
+        """Every reserved memzone, in table order (rte_memzone_walk), those that back
+        rings (``RG_<name>``) and mempools (``MP_<name>``) included."""
         return [Memzone(*t, _mem=self) for t in _ext.memzones(self.window)]
 
     # --- rings and mempools ----------------------------------------------------

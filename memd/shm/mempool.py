@@ -116,6 +116,17 @@ class Mempool(_ext.Mempool):
     ``window``.  Bulk gets are all or nothing (:class:`memd.errors.PoolEmpty`);
     a put of a foreign or already free object raises ValueError and changes
     nothing; :meth:`audit` raises :class:`memd.errors.CorruptionError`.
+
+    Objects are fixed-size (``elt_size`` bytes) and named by their **handle**, the
+    window offset of their data: an int that means the same object in every process
+    (put it in a ring; ``pool.obj(handle)`` turns it back into an object).
+
+    Raises:
+        PoolEmpty: ``get`` with no free object, a bulk get with fewer than ``n``.
+        ValueError: ``put`` of an object or handle that is not this pool's, or is
+            already free; ``obj(handle)`` of a handle that is no object of it.
+        MemdValueError: the attachment the pool came from was detached.
+        CorruptionError: ``audit`` found the pool's bookkeeping smashed.
     """
 
     __slots__ = ()

@@ -136,6 +136,21 @@ class Ring(_ext.Ring[E]):
     A bulk larger than the capacity never fits: it returns 0 / ``[]`` at once,
     or raises ValueError if asked to wait.  A burst waits for at least one entry
     (or one free slot).
+
+    ``timeout`` is in seconds: 0 (the default) never waits, a positive number waits
+    up to that long, None waits until the call can complete.  A call that could not
+    complete in time returns False / None / 0 / ``[]``; it never raises for that.
+
+    Raises:
+        ValueError: a negative timeout; a bulk larger than the capacity with a
+            timeout; ``n < 0``.
+        OverflowError: an entry outside ``0 .. 2**64-1``.
+        TypeError: an entry that is not an integer, or a buffer whose items are not
+            unsigned 64-bit.
+        MemdValueError: the attachment the ring came from was detached.
+        PrimaryNotRunning: while waiting, the primary died (within 100 ms).
+        KeyboardInterrupt: (or any exception a signal handler raises) while waiting:
+            the ring is unchanged.
     """
 
     __slots__ = ()
