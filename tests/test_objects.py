@@ -63,6 +63,9 @@ def test_names_are_unique_and_freed(daemon: Daemon) -> None:
         mem.ring_free(r)
         mem.mempool_free(mp)
         mem.mempool_free(None)  # rte_mempool_free(NULL) does nothing
+        mem.ring_free(None)  # rte_ring_free(NULL) too
+        with pytest.raises(ValueError, match="expected a Ring"):
+            mem.ring_free("r1")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="expected a Mempool"):
             mem.mempool_free("p1")  # type: ignore[arg-type]
         with pytest.raises(KeyError):

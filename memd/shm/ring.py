@@ -289,9 +289,16 @@ class RingMixin:
             self.window, name, MEMD_OBJ_RING, lambda off: Ring(self.window, off), "ring_lookup"
         )
 
-    def ring_free(self, ring: Ring[Any]) -> None:
-        """Remove the ring from the directory and free its memzone.
+    def ring_free(self, ring: Ring[Any] | None) -> None:
+        """Remove the ring from the directory and free its memzone (rte_ring_free;
+        ``None`` does nothing, as there).
 
         Processes still holding the Ring object must not use it afterwards.
+        Raises MemdValueError if ``ring`` is not a Ring, MemdKeyError if it is no
+        longer listed.
         """
+        if ring is None:
+            return
+        if not isinstance(ring, Ring):
+            raise MemdValueError(f"ring_free: expected a Ring, got {type(ring).__name__}")
         objects.remove(self, ring.name, MEMD_OBJ_RING, RING_MZ_PREFIX, ring.offset, "ring_free")
