@@ -260,6 +260,13 @@ int memd_pages_fit(const char *base, uint64_t off, uint64_t len, uint64_t page_m
     return (page_mask >> __builtin_ctzll(l->page_size)) & 1;
 }
 
+uint64_t memd_page_size_at(const char *base, uint64_t off)
+{
+    uint32_t slot;
+    const struct memd_memseg_list *l = msl_of(base, off, &slot);
+    return l ? l->page_size : 0;
+}
+
 uint64_t memd_list_end(const char *base, uint64_t off)
 {
     uint32_t slot;

@@ -27,6 +27,7 @@
  * page is smaller); candidates for larger ones are checked, this many at most. */
 #define MEMD_IOVA_ALIGN_FREE (2ull << 20)
 #define IOVA_ALIGN_TRIES     64
+#define CONTIG_TRIES         (int)MEMD_MAX_PAGES_PER_LIST /* a page at a time, one list */
 #define BEST_FIT_SCAN        16 /* candidates looked at in the request's own class */
 
 /* --- element headers -------------------------------------------------------------- */
@@ -204,7 +205,8 @@ static int can_hold(char *base, uint64_t foff, const struct memd_heap_elem *f, u
     /* Each step moves d up; a gap fix makes the gap >= align + 64 for good and a
      * bound fix lands where the block fits its bound, so 5 steps always do (a
      * page-size fix moves to the next memseg list, of which there are few). */
-    for (int step = 0; step < 8 + 2 * (int)MEMD_MAX_MEMSEG_LISTS + IOVA_ALIGN_TRIES; step++) {
+    for (int step = 0; step < 8 + 2 * (int)MEMD_MAX_MEMSEG_LISTS + IOVA_ALIGN_TRIES + CONTIG_TRIES;
+         step++) {
         if (d > hi || hi - d < body)
             return 0;
         uint64_t gap = d - HDR - lo;
@@ -229,9 +231,14 @@ static int can_hold(char *base, uint64_t foff, const struct memd_heap_elem *f, u
             d += align;
             continue;
         }
-        /* TODO: on a non-contiguous candidate, try later positions (next page). */
-        if (contig && !memd_iova_contig(base, d, size))
-            return 0;
+        /* Not contiguous from here: a contiguous run may start at a later page. */
+        if (contig && !memd_iova_contig(base, d, size)) {
+            uint64_t pg = memd_page_size_at(base, d);
+            if (pg == 0)
+                return 0;
+            d = round_up((d / pg + 1) * pg, align);
+            continue;
+        }
         *data = d;
         return 1;
     }

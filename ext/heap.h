@@ -48,6 +48,8 @@ extern int memd_iova_aligned(const char *base, uint64_t off, uint64_t align);
 extern uint64_t memd_iova_contig_len(const char *base, uint64_t off, uint64_t len);
 /* 1 if [off, off+len) lies in one memseg list whose page size page_mask accepts. */
 extern int memd_pages_fit(const char *base, uint64_t off, uint64_t len, uint64_t page_mask);
+/* The page size of the memseg list holding off (0 if none does). */
+extern uint64_t memd_page_size_at(const char *base, uint64_t off);
 /* The window offset where the memseg list holding off ends (0 if none does). */
 extern uint64_t memd_list_end(const char *base, uint64_t off);
 

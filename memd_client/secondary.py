@@ -314,6 +314,9 @@ class Secondary(SecondaryGrowth):
         except Exception:  # detached: nothing to read
             return False
 
+    def _check_primary(self) -> None:
+        self._check_alive()
+
     def _check_alive(self) -> None:
         if not self.primary_alive():
             how = "was stopped" if self.primary_stopped() else "has died"

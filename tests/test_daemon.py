@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -17,11 +18,13 @@ from memd import _ext
 from memd.testing import (
     Daemon,
     file_pages,
+    finish_secondary,
     pages_held,
     remove_leftover_pages,
     result,
     run_memd,
     run_secondary,
+    start_secondary,
 )
 
 
@@ -232,6 +235,10 @@ def test_permission_denied_for_other_user(daemon: Daemon) -> None:
         (["--no-huge", "--huge-unlink"], 2, "--huge-unlink cannot be used with --no-huge"),
         (["--socket-mem", "1,1,1,1,1,1,1,1,1"], 2, "has 9 values"),
         (["--huge-unlink=sometimes"], 2, "invalid choice"),
+        (["--sync-timeout", "nan"], 2, "finite number"),
+        (["--sync-timeout", "inf"], 2, "finite number"),
+        (["--sync-timeout", "-1"], 2, "finite number"),
+        (["--socket-mem", "0,0,0,0,0,0,0,4"], 2, "asks for memory on socket 7"),
     ],
 )
 def test_bad_usage_and_init_failures(tmp_path, args: list[str], code: int, words: str) -> None:
@@ -339,11 +346,13 @@ def test_huge_unlink_never_keeps_and_reuses_page_files(tmp_path, mode) -> None:
         ('no-huge = "yes"', 'no-huge = "yes" (a string): expected true or false'),
         ("socket-mem = [8, true]", "socket-mem = [8, true] (an array): expected an array of"),
         ("max-mem = -1", "max-mem = -1 (an integer): expected an integer >= 0 (MB)"),
-        ("sync-timeout = false", "sync-timeout = false (a boolean): expected a number"),
+        ("sync-timeout = false", "sync-timeout = false (a boolean): expected a finite number"),
         ('log-level = "loud"', "log-level = \"loud\" (a string): expected one of 'debug',"),
         ("file-prefix = 7", "file-prefix = 7 (an integer): expected a string"),
         ("frobnicate = 1", "unknown option 'frobnicate'"),
         ("m = 1979-05-27", 'm = "1979-05-27" (a date or time): expected an integer'),
+        ("sync-timeout = nan", "sync-timeout = NaN (a float): expected a finite number"),
+        ("sync-timeout = inf", "sync-timeout = Infinity (a float): expected a finite number"),
     ],
 )
 def test_config_file_values_of_the_wrong_type_are_bad_usage(
@@ -357,6 +366,14 @@ def test_config_file_values_of_the_wrong_type_are_bad_usage(
     assert proc.returncode == 2, proc.stderr
     assert f"--config {conf}: {words}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_config_file_that_is_not_utf8_is_bad_usage(tmp_path) -> None:
+    conf = tmp_path / "memd.toml"
+    conf.write_bytes(b"\xff\xfe x = 1\n")
+    proc = run_memd("--runtime-dir", str(tmp_path), "--config", str(conf), timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--config {conf}:" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_config_file_of_the_right_types_starts_memd(daemon_factory, tmp_path) -> None:
@@ -455,3 +472,39 @@ mem.detach()
         assert any("died" in line for line in logged), err
         assert not any("stopped" in line for line in logged), err
         assert "RAISED the memd primary" in out and "has died" in out, out
+
+
+def test_a_stopped_primarys_secondary_makes_no_new_objects(daemon_factory) -> None:
+    """After a clean stop (and a new primary of the prefix), an old secondary still
+    maps the old memory; creating or looking up named objects there would make
+    them where no new process will ever see them: PrimaryNotRunning instead."""
+    d = daemon_factory("-m", "4")
+    old = start_secondary(
+        d,
+        """
+        mem.ring_create("before", 64)
+        # then:
+        got = []
+        for call in (lambda: mem.memzone_reserve("after", 4096),
+                     lambda: mem.memzone_lookup("before"),
+                     lambda: mem.ring_create("after", 64),
+                     lambda: mem.ring_lookup("before"),
+                     lambda: mem.mempool_create("after", 8, 64),
+                     lambda: mem.mempool_lookup("before")):
+            try:
+                call()
+                got.append("ok")
+            except mc.PrimaryNotRunning:
+                got.append("PrimaryNotRunning")
+            except Exception as e:
+                got.append(type(e).__name__)
+        out(got)
+        """,
+    )
+    assert d.stop() == 0
+    new = daemon_factory("-m", "4", prefix=d.prefix, runtime_dir=d.runtime_dir)
+    out = finish_secondary(old)
+    got = json.loads(next(li[7:] for li in out.splitlines() if li.startswith("RESULT ")))
+    assert got == ["PrimaryNotRunning"] * 6, got
+    with new.attach() as mem:
+        assert mem.memzones() == []

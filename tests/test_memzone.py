@@ -82,6 +82,9 @@ def test_bad_requests_raise_and_daemon_keeps_serving(daemon: Daemon) -> None:
             mem.memzone_reserve("nosock", 100, socket_id=7)
         with pytest.raises(MemoryError):
             mem.memzone_reserve("huge", 1 << 45)  # 32 TiB
+        for wraps in (2**64, 2**64 + 100, 2**65 + 4096):  # not taken modulo 2**64
+            with pytest.raises(MemoryError, match="can never fit"):
+                mem.memzone_reserve("wraps", wraps)
         with pytest.raises(KeyError):
             mem.memzone_lookup("absent")
         mz = mem.memzone_lookup("taken")
@@ -234,3 +237,27 @@ def test_alignment_past_the_page_size_holds_in_every_process(daemon: Daemon) -> 
             mem.malloc(100, align=2 << 30)
         with pytest.raises(MemdValueError, match="larger than 1 GiB"):
             mem.memzone_reserve("toobig", 100, align=2 << 30)
+
+
+def test_contiguous_zones_start_where_a_contiguous_run_does(daemon: Daemon) -> None:
+    """MEMZONE_IOVA_CONTIG looks past a free element's first position for a run of
+    physically contiguous pages (DPDK's malloc_elem_find_max_iova_contig): with
+    IOVA = PA it used to fail for 2 MB and more whenever the first page of the free
+    memory did not start such a run."""
+    with daemon.attach() as mem:
+        va = mem.info()["iova_mode"] == "VA"
+        segs = sorted((s["offset"], s["iova"]) for s in mem.memsegs())
+        run = best = 1
+        for (o1, i1), (o2, i2) in itertools.pairwise(segs):
+            ok = not va and o2 == o1 + (2 << 20) and i2 == i1 + (2 << 20)
+            run = run + 1 if ok else 1
+            best = max(best, run)
+        if va or best >= 2:
+            z = mem.memzone_reserve("contig", 2 << 20, flags=mc.MEMZONE_IOVA_CONTIG)
+            assert _ext.iova_contig(mem.window, z.offset, z.length)
+            mem.memzone_free(z)
+        zero = mem.memzone_reserve("biggest", 0, flags=mc.MEMZONE_IOVA_CONTIG)
+        assert _ext.iova_contig(mem.window, zero.offset, zero.length)
+        if not va:  # the biggest contiguous block spans the longest run, less its header
+            assert zero.length > (best - 1) * (2 << 20)
+        _ext.heap_check(mem.window, 0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import signal
 import sys
 import threading
@@ -53,6 +55,16 @@ def _non_negative(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a number of MB, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
     return value
 
 
@@ -104,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--single-file-segments",
         action="store_true",
-        help="accepted for DPDK compatibility; memd keeps one file per page",
+        help="accepted for DPDK compatibility: dynamic memory always has one file per "
+        "memseg list (--legacy-mem one per page)",
     )
     p.add_argument(
         "--base-virtaddr", type=_address, default=0, help="map the shared window at this address"
@@ -132,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="group allowed to attach (files and sockets 0660)")
     p.add_argument(
         "--sync-timeout",
-        type=float,
+        type=_seconds,
         default=2.0,
         help="seconds a memory change waits for each secondary with memory event "
         "callbacks (no other secondary is waited for)",
@@ -161,7 +174,10 @@ _CONFIG_TYPES: dict[Any, tuple[str, Callable[[Any], bool]]] = {
         lambda v: isinstance(v, list) and all(_toml_int(x) and x >= 0 for x in v),
     ),
     _address: ("an integer (an address, e.g. 0x100000000)", lambda v: _toml_int(v) and v >= 0),
-    float: ("a number (seconds)", lambda v: _toml_int(v) or isinstance(v, float)),
+    _seconds: (
+        "a finite number >= 0 (seconds)",
+        lambda v: (_toml_int(v) or isinstance(v, float)) and math.isfinite(v) and v >= 0,
+    ),
 }
 
 
@@ -177,7 +193,7 @@ def _config_value(action: argparse.Action, value: object) -> object:
             expected, ok = f"one of {', '.join(map(repr, action.choices))}", False
     if not ok:
         raise ValueError(f"expected {expected}")
-    return float(value) if action.type is float else value  # type: ignore[arg-type]
+    return float(value) if action.type is _seconds else value  # type: ignore[arg-type]
 
 
 def _toml_kind(value: object) -> str:
@@ -204,7 +220,7 @@ def _apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser
     try:
         with open(args.config, "rb") as f:
             data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         parser.error(f"--config {args.config}: {e}")
     defaults = vars(parser.parse_args([]))
     # keys are the long options without dashes (max-mem, and m for -m), or their dest
@@ -224,6 +240,16 @@ def _apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser
             parser.error(f"--config {args.config}: {key} = {shown} ({_toml_kind(raw)}): {e}")
         if getattr(args, action.dest) == defaults[action.dest]:
             setattr(args, action.dest, value)
+
+
+def _numa_nodes() -> set[int]:
+    """The machine's NUMA node ids (node 0 alone where /sys says nothing)."""
+    try:
+        names = os.listdir("/sys/devices/system/node")
+    except OSError:
+        return {0}
+    nodes = {int(n[4:]) for n in names if n.startswith("node") and n[4:].isdigit()}
+    return nodes or {0}
 
 
 def _check_combinations(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -246,6 +272,14 @@ def _check_combinations(args: argparse.Namespace, parser: argparse.ArgumentParse
             f"--socket-mem has {len(args.socket_mem)} values, but memd serves at most "
             f"{_ext.MAX_HEAPS} NUMA sockets: give one value per socket"
         )
+    if args.socket_mem is not None:
+        nodes = _numa_nodes()
+        extra = [i for i, mb in enumerate(args.socket_mem) if mb and i not in nodes]
+        if extra:
+            parser.error(
+                f"--socket-mem asks for memory on socket {extra[0]}, but this machine has "
+                f"NUMA nodes {sorted(nodes)}: give one value per node (0 for none)"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

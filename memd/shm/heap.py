@@ -36,6 +36,7 @@ complete, daemon-free example):
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 Block = _ext.Block
+log = logging.getLogger("memd")
 
 _U64_MAX = 2**64 - 1
 NEVER_RELEASE = _U64_MAX  # _release_pages' answer when nothing can ever be given back
@@ -369,9 +371,11 @@ class HeapMixin(_ext.HeapBase):
         what: str,
         retry: bool = False,
     ) -> Block:
-        """No heap had room: grow them in order, retrying after each growth."""
+        """No heap had room: grow them in order, retrying after each growth.  On
+        failure, pages grown for it go back (as DPDK rolls a failed growth back)."""
         window = self.window
         why = ""
+        grown: list[int] = []
         for idx in order:
             if retry:  # another process may have freed meanwhile
                 blk = _heap_malloc(window, order, size, align, bound, contig, zero, self)
@@ -387,15 +391,26 @@ class HeapMixin(_ext.HeapBase):
                     why = f" ({e})"
                     break
                 self._heap_cache_clear(idx)
+                grown.append(idx)
                 blk = _heap_malloc(window, (idx,), size, align, bound, contig, zero, self)
                 if blk is not None:
                     return blk
+        self._give_back(grown)
         raise MemdMemoryError(
             f"{what}({size} bytes, align {align}, bound {bound}, contig {contig}): "
             f"heaps {list(order)} are full and could not grow{why}. Free blocks you no longer "
             "need, reserve more hugepages (memctl hugepages), or raise -m / --socket-mem"
             + self._align_note(order[0], align)
         )
+
+    def _give_back(self, heaps: list[int]) -> None:
+        """Offer the whole free pages of `heaps` back (after a failed request grew
+        them); best effort."""
+        for idx in dict.fromkeys(heaps):
+            try:
+                self._release_pages(idx)
+            except Exception as e:  # the request's own error is the one to raise
+                log.debug("giving pages of heap %d back failed: %s", idx, e)
 
     def _align_note(self, heap_idx: int, align: int) -> str:
         """Why a request aligned past the page size may fail although memory is

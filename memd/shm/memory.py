@@ -200,6 +200,10 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             if not self._mem_event_callbacks:
                 self._mem_events_wanted(False)
 
+    def _check_primary(self) -> None:
+        """Raise PrimaryNotRunning if this memory's primary is gone (a secondary:
+        named objects made or looked up then would belong to a dead instance)."""
+
     def _mem_events_wanted(self, on: bool) -> None:
         """This process has memory event callbacks now (on), or none any more: a
         secondary tells the primary, which then waits for it on every change."""
@@ -565,8 +569,11 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         the page size asked for) can be had or the memzone table is full.
         """
         check_name(name)
+        self._check_primary()
         if isinstance(length, bool) or not isinstance(length, int) or length < 0:
             raise MemdValueError(f"memzone length must be an int >= 0, not {length!r}")
+        if length >= 1 << 63:
+            raise MemdMemoryError(f"memzone_reserve({name!r}): {length} bytes can never fit")
         if not isinstance(align, int) or not (align == 0 or _is_pow2(align)):
             raise MemdValueError(f"align must be a power of two, not {align!r}")
         if align > MAX_ALIGN:
@@ -576,6 +583,7 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             )
         if not isinstance(bound, int) or bound < 0 or (bound and not _is_pow2(bound)):
             raise MemdValueError(f"bound must be 0 or a power of two, not {bound!r}")
+        bound = 0 if bound >= 1 << 63 else bound  # no window spans such a boundary
         if bound and bound < length:
             raise MemdValueError(f"bound {bound} is smaller than length {length}")
         if not isinstance(flags, int) or flags & ~_ext.MEMZONE_F_ALL:
@@ -590,6 +598,7 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         # Page sizes asked for first; with SIZE_HINT_ONLY, then any size.
         passes = [False, True] if sizes and flags & MEMZONE_SIZE_HINT_ONLY else [not sizes]
         grow_size = length or bound
+        grown: list[int] = []
         last_error: MemdError | None = None
         for any_size in passes:
             for heap in self._heap_order(socket_id):
@@ -627,11 +636,13 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
                             self._expand_heap(
                                 heap, grow_size, align, bound, contig, () if any_size else sizes
                             )
+                            grown.append(heap)
                         except MemoryError as me:
                             last_error = (
                                 me if isinstance(me, MemdError) else MemdMemoryError(str(me))
                             )
                             break
+        self._give_back(grown)
         if isinstance(last_error, MemdMemoryError) and align > 64:
             note = self._align_note(self._heap_order(socket_id)[0], align)
             if note:
@@ -649,6 +660,7 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         Raises MemdKeyError if there is none, MemdValueError for a name that is not a
         non-empty str of at most 63 bytes."""
         check_name(name)
+        self._check_primary()
         try:
             zid = _ext.memzone_lookup(self.window, name)
         except OSError as e:

@@ -298,6 +298,8 @@ class MempoolMixin:
         window: _ext.Window
         proc_slot: int
 
+        def _check_primary(self) -> None: ...
+
     def mempool_create(
         self,
         name: str,
@@ -340,6 +342,7 @@ class MempoolMixin:
 
     def mempool_lookup(self, name: str) -> Mempool:
         """The pool called `name`, used through this process's cache; KeyError if none."""
+        self._check_primary()
         return objects.open_listed(
             self.window,
             name,

@@ -102,6 +102,7 @@ def create(
 ) -> T:
     """Reserve memzone `<mz_prefix><name>`, build the object at its offset, then list
     it.  A taken name raises MemdExistsError; on any failure the memzone is freed."""
+    mem._check_primary()
     try:
         find(mem.window, name, kind, what)
     except MemdKeyError:

@@ -222,6 +222,8 @@ class RingMixin:
         window: _ext.Window
         proc_slot: int
 
+        def _check_primary(self) -> None: ...
+
         def _largest_block(self, socket_id: int) -> int: ...
 
     @overload
@@ -285,6 +287,7 @@ class RingMixin:
         """The ring called `name`, with the esize it was created with; KeyError
         (MemdKeyError) if there is none; CorruptionError if its header claims memory
         past its memzone."""
+        self._check_primary()
         return objects.open_listed(
             self.window, name, MEMD_OBJ_RING, lambda off: Ring(self.window, off), "ring_lookup"
         )
