@@ -315,7 +315,8 @@ class Secondary(SecondaryGrowth):
             return False
 
     def _check_primary(self) -> None:
-        self._check_alive()
+        if self._cfg_fd >= 0:  # detached: the call itself says so
+            self._check_alive()
 
     def _check_alive(self) -> None:
         if not self.primary_alive():

@@ -47,6 +47,9 @@ class FakeMemory(RingMixin, MempoolMixin):
     def _largest_block(self, socket_id: int) -> int:
         return self.window.size - (2 << 20)
 
+    def _check_primary(self) -> None:
+        """A fake has no primary to lose."""
+
     # memzones
     def memzone_reserve(
         self,
