@@ -19,6 +19,7 @@
 #include <structmember.h>
 
 #include "heap.h"
+#include "proc.h"
 #include "lock.h"
 
 /* --- arguments and locking ------------------------------------------------------ */
@@ -1080,6 +1081,10 @@ static const struct memd_const heap_constants[] = {
 
 int memd_py_init_heap(PyObject *m)
 {
+    if (memd_fault_init() < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     return memd_add_type(m, &MemdBlock_Type) < 0 || memd_add_type(m, &MemdHeapBase_Type) < 0 ||
                    memd_add_constants(m, heap_constants) < 0 ||
                    memd_add_functions(m, heap_functions) < 0

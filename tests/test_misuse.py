@@ -519,11 +519,6 @@ mem.window.view(procs + lay["memd_process"], 127 * lay["memd_process"])[:] = os.
 """,
 }
 
-# A process whose malloc follows a damaged free-list link into a hole still dies
-# (the allocator's hot path trusts the links it walks; still open in the issue notes).
-# The daemon, which checks a heap before it changes it, must not.
-CLIENT_MAY_DIE = {"every free-list head into a hole, then release"}
-
 DAMAGE_PRELUDE = """
 import struct
 from memd import _ext
@@ -566,16 +561,8 @@ def test_the_daemon_survives_damage_on_every_path(daemon_factory, case: str) -> 
     assert line.strip() == "DAMAGED", (line, damager.stderr.read() if damager.stderr else "")
     damager.kill()
     damager.wait(timeout=30)
-    trigger = "mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)\n" + TRIGGER
-    if case in CLIENT_MAY_DIE:
-        subprocess.run(
-            [sys.executable, "-c", ATTACH + trigger, daemon.prefix, str(daemon.runtime_dir)],
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-    else:
-        _run(daemon, trigger)
+    # the client's own malloc follows the damaged links too: an error, never a signal
+    _run(daemon, "mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)\n" + TRIGGER)
     base = ("--file-prefix", daemon.prefix, "--runtime-dir", str(daemon.runtime_dir))
     for command in ("processes", "mempools", "heaps", "memzones", "status"):
         run_memctl(*base, command, timeout=60)  # an error reply is fine
@@ -680,3 +667,115 @@ def test_put_bulk_after_an_items_index_detached_is_refused(daemon_factory) -> No
     with daemon.attach() as mem:
         audit = mem.mempool_lookup("detaching").audit()
         assert audit["in_use"] == 2 and audit["in_caches"] == 0, audit
+
+
+POOL_USER = """
+from memd.errors import CorruptionError, MemdError
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+pool = mem.mempool_create("victim", 256, 64, cache_size=16)
+held = [pool.get() for _ in range(8)]
+print("READY", pool.offset, mem.proc_slot, flush=True)
+sys.stdin.readline()  # another process damages the pool's header meanwhile
+errors = 0
+for _ in range(200):
+    for call in (pool.get, lambda: pool.put(held.pop()) if held else None,
+                 lambda: pool.get_bulk(32), lambda: pool.put_bulk(pool.get_bulk(40)),
+                 pool.avail_count, pool.flush_cache):
+        try:
+            got = call()
+            if hasattr(got, "handle"):
+                held.append(got)
+        except (CorruptionError, MemdError, LookupError, ValueError):
+            errors += 1
+print("OK", errors, flush=True)
+"""
+
+POOL_DAMAGE = """
+import struct
+from memd import _ext
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+lay = {k: v[0] if isinstance(v, tuple) else v for k, v in _ext.LAYOUT.items()}
+pool, slot = int(sys.argv[3]), int(sys.argv[4])
+
+def get(field):
+    return struct.unpack("=Q", mem.window.view(pool + lay["memd_mempool." + field], 8))[0]
+
+def put(at, value, fmt):
+    mem.window.view(at, struct.calcsize(fmt))[:] = struct.pack(fmt, value)
+
+ring, cache = get("ring_offset"), get("caches_offset") + slot * get("cache_stride")
+put(pool + cache, 0x7FFFFFF0, "=I")  # the user's cache length
+for field, value in (("size", 1 << 31), ("mask", (1 << 31) - 1), ("capacity", (1 << 31) - 1)):
+    put(pool + ring + lay["memd_ring." + field], value, "=I")
+for field in ("ring_offset", "caches_offset", "cache_stride", "objs_offset", "obj_stride",
+              "trailer_offset", "memsize"):
+    put(pool + lay["memd_mempool." + field], 1 << 40, "=Q")
+for field in ("n", "cache_size", "flushthresh"):
+    put(pool + lay["memd_mempool." + field], 0x7FFFFFFF, "=I")
+print("DAMAGED", flush=True)
+"""
+
+
+def test_a_damaged_mempool_header_breaks_the_pool_not_the_process(daemon_factory) -> None:
+    """Another process rewrites a pool's geometry (n, cache size, ring, cache and
+    object offsets and strides), its free ring's size, mask and capacity, and the
+    user's cache length: the user's gets and puts raise (or keep working inside
+    the pool), never a signal."""
+    daemon = daemon_factory("-m", "4")
+    user = _start(daemon, POOL_USER)
+    try:
+        assert user.stdout is not None
+        ready = user.stdout.readline().split()
+        assert ready and ready[0] == "READY", user.stderr.read() if user.stderr else ""
+        damage = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                ATTACH + POOL_DAMAGE,
+                daemon.prefix,
+                str(daemon.runtime_dir),
+                *ready[1:3],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert damage.returncode == 0 and "DAMAGED" in damage.stdout, damage.stderr
+        out, err = user.communicate("go\n", timeout=120)
+    finally:
+        if user.poll() is None:
+            user.kill()
+    assert user.returncode == 0, (user.returncode, err)
+    assert out.split()[0] == "OK" and int(out.split()[1]) > 0, out
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+HEAD_INTO_HOLE = """
+import struct
+from memd import _ext
+from memd.errors import CorruptionError
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+lay = {k: v[0] if isinstance(v, tuple) else v for k, v in _ext.LAYOUT.items()}
+msl = mem._lists[0]
+hole = msl.base_offset + (msl.capacity - 1) * msl.page_size  # never mapped
+heap0 = lay["memd_config.heaps"]
+keep = mem.malloc(64)
+for c in range(_ext.HEAP_NUM_FREELISTS):
+    mem.window.view(heap0 + lay["memd_heap.free_head"] + 8 * c, 8)[:] = struct.pack("=Q", hole)
+other = mc.attach(prefix, runtime_dir=rundir, timeout=20)  # as another process would
+expect_raise({"malloc": lambda: other.malloc(64), "again": lambda: other.malloc(64)},
+             CorruptionError, "")
+print("OK")
+"""
+
+
+def test_a_malloc_that_follows_a_free_list_into_a_hole_raises(daemon_factory) -> None:
+    """Every free-list head points into an unmapped hole: malloc raises
+    CorruptionError (the heap is marked broken), it does not die on SIGSEGV."""
+    daemon = daemon_factory("-m", "2")
+    assert _run(daemon, HEAD_INTO_HOLE).stdout.strip() == "OK"
+    base = ("--file-prefix", daemon.prefix, "--runtime-dir", str(daemon.runtime_dir))
+    heaps = run_memctl(*base, "heaps", timeout=60)
+    assert "corrupt" in heaps.stdout + heaps.stderr, heaps
+    assert daemon.proc is not None and daemon.proc.poll() is None
