@@ -62,6 +62,8 @@ static struct memd_heap *heap_of(PyObject *win, PyObject *idxo, char **base)
 static uint64_t lock_wait_limit_ns = UINT64_MAX;
 #define LOCK_WAIT_SLICE_NS 100000000ull /* how often a waiter looks for signals */
 
+uint64_t memd_py_lock_wait_limit(void) { return lock_wait_limit_ns; }
+
 /* Take heap h's lock: 0, 1 (recovered from a dead owner), or -errno: -ETIMEDOUT
  * past the wait limit, -EINTR with the signal handler's exception set. */
 static int py_lock(char *base, struct memd_heap *h)

@@ -779,3 +779,75 @@ def test_a_malloc_that_follows_a_free_list_into_a_hole_raises(daemon_factory) ->
     heaps = run_memctl(*base, "heaps", timeout=60)
     assert "corrupt" in heaps.stdout + heaps.stderr, heaps
     assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+CONFIG_WAITS = """
+import signal, threading
+from memd import _ext
+from memd.errors import MemdError
+holder = int(sys.argv[3])
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+ring = mem.ring_lookup("kept")  # made before heap 0's lock was taken
+zone = mem.memzone_lookup("kept_zone")
+_ext.heap_lock_wait(3.0)  # (a program waits 30 s at most)
+waiter = threading.Thread(target=lambda: expect_raise(
+    {"reserve in a thread": lambda: mem.memzone_reserve("t", 64)}, MemdError, "busy"))
+waiter.start()  # waits for heap 0 (with the config lock, slice by slice)
+for _ in range(20):  # lookups never wait behind it
+    assert mem.memzone_lookup("kept_zone").offset == zone.offset
+    assert mem.ring_lookup("kept").offset == ring.offset
+signal.signal(signal.SIGALRM, signal.default_int_handler)
+signal.setitimer(signal.ITIMER_REAL, 0.3)
+try:
+    mem.memzone_reserve("interrupted", 64)
+except KeyboardInterrupt:
+    pass
+else:
+    raise AssertionError("memzone_reserve got a heap lock a stopped process holds")
+_ext.heap_lock_wait(0.5)
+expect_raise({
+    "memzone_reserve": lambda: mem.memzone_reserve("z", 64),
+    "memzone_free": lambda: mem.memzone_free(zone),
+    "ring_create": lambda: mem.ring_create("r2", 64),
+    "ring_free": lambda: mem.ring_free(ring),
+    "mempool_create": lambda: mem.mempool_create("p2", 64, 64),
+}, MemdError, f"heap 0's lock is busy: held by pid {holder}")
+waiter.join(60)
+assert not waiter.is_alive()
+print("OK")
+"""
+
+
+def test_structure_changes_behind_a_stopped_heap_lock_holder_are_bounded(daemon_factory) -> None:
+    """A process stopped holding heap 0's lock: memzone and ring/pool creation and
+    freeing wait without the GIL, let Ctrl-C through and give up with MemdError
+    naming the lock and its holder; lookups do not wait at all."""
+    daemon = daemon_factory("-m", "2")
+    with daemon.attach() as mem:
+        mem.ring_create("kept", 64)
+        mem.memzone_reserve("kept_zone", 64)
+    holder = _start(daemon, HOLD_HEAP_LOCK)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "HOLDING"
+        os.kill(holder.pid, signal.SIGSTOP)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                ATTACH + CONFIG_WAITS,
+                daemon.prefix,
+                str(daemon.runtime_dir),
+                str(holder.pid),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.communicate("go\n", timeout=30)
+    assert holder.returncode == 0
+    with daemon.attach() as mem:  # nothing was half done
+        assert {z.name for z in mem.memzones()} >= {"kept_zone", "RG_kept"}
