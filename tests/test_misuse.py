@@ -851,3 +851,82 @@ def test_structure_changes_behind_a_stopped_heap_lock_holder_are_bounded(daemon_
     assert holder.returncode == 0
     with daemon.attach() as mem:  # nothing was half done
         assert {z.name for z in mem.memzones()} >= {"kept_zone", "RG_kept"}
+
+
+FORKED = """
+import multiprocessing as mp
+from memd.errors import MemdValueError
+
+def child_work(kind):
+    if kind == "fork":  # the parent's attachment came along: every use raises
+        expect_raise(INHERITED, MemdValueError, "attach() again in the child")
+        mem.detach()  # returns at once, tells the primary nothing
+    own = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+    p = own.mempool_lookup("forked_pool")
+    got = p.get_bulk(8)
+    b = own.malloc(8 << 20)  # a growth round trip on the child's own sockets
+    own.free(b)
+    p.put_bulk(got)
+    own.ring_lookup("forked_ring").enqueue(os.getpid())
+    own.detach()
+    return kind
+
+if __name__ == "__main__":  # (spawn and forkserver workers import this file)
+    mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+    ring = mem.ring_create("forked_ring", 64)
+    pool = mem.mempool_create("forked_pool", 64, 64, cache_size=8)
+    blk = mem.malloc(256)
+    obj = pool.get()
+    INHERITED = {
+        "malloc": lambda: mem.malloc(64),
+        "grow": lambda: mem.malloc(8 << 20),
+        "free": lambda: mem.free(blk),
+        "ring_lookup": lambda: mem.ring_lookup("forked_ring"),
+        "ring.enqueue": lambda: ring.enqueue(1),
+        "pool.get": lambda: pool.get(),
+        "pool.put": lambda: pool.put(obj),
+        "memzone_reserve": lambda: mem.memzone_reserve("child_zone", 64),
+    }
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child_work("fork")
+        except BaseException:
+            import traceback; traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, status
+    for method in ("fork", "forkserver", "spawn"):
+        # one worker at a time: a growth while another process is attaching can be
+        # rolled back ("no page directory here"), a page-mapping race of its own
+        with mp.get_context(method).Pool(1) as workers:
+            assert workers.map(child_work, [method] * 2, chunksize=1) == [method] * 2, method
+    # the parent's own attachment is untouched by its children
+    mem.free(mem.malloc(64))
+    pool.put(obj)
+    assert ring.count == 7, ring.count
+    audit = pool.audit()
+    assert audit["in_use"] == 0 and audit["free"] == 64, audit
+    mem.detach()
+    print("OK")
+"""
+
+
+def test_a_forked_child_must_attach_again(daemon_factory, tmp_path) -> None:
+    """os.fork and multiprocessing's fork, forkserver and spawn: an attachment
+    inherited through fork raises MemdValueError("attach() again in the child")
+    on any use (nothing of the parent's slot, caches or sockets is shared); a child
+    that attaches on its own works; the parent is untouched."""
+    daemon = daemon_factory("-m", "2")
+    script = tmp_path / "forked.py"  # spawn and forkserver import the main module
+    script.write_text(ATTACH + FORKED)
+    proc = subprocess.run(
+        [sys.executable, str(script), daemon.prefix, str(daemon.runtime_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr
+    assert daemon.proc is not None and daemon.proc.poll() is None
