@@ -383,6 +383,7 @@ int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t he
     z->socket_id = (int32_t)heap_idx;
     z->flags = flags;
     z->owner_pid = pid;
+    z->generation = z->generation + 1 ? z->generation + 1 : 1;
     copy_name(z->name, name, sizeof(z->name)); /* last: the slot is live from here */
 out:
     memd_lock_release(&c->config_lock);
@@ -391,7 +392,8 @@ out:
 
 int memd_memzone_lookup(char *base, const char *name) { return find_zone(memd_cfg(base), name); }
 
-int memd_memzone_free(char *base, uint32_t id, uint64_t wait_ns, const struct memd_lock **busy)
+int memd_memzone_free(char *base, uint32_t id, uint32_t generation, uint64_t wait_ns,
+                      const struct memd_lock **busy)
 {
     struct memd_config *c = memd_cfg(base);
     if (id >= MEMD_MAX_MEMZONES)
@@ -402,8 +404,8 @@ int memd_memzone_free(char *base, uint32_t id, uint64_t wait_ns, const struct me
     struct memd_memzone *z = &c->memzones[id];
     /* heap index == socket id (one heap per NUMA socket) */
     uint32_t heap_idx = (uint32_t)z->socket_id;
-    if (z->name[0] == '\0') {
-        rc = -ENOENT;
+    if (z->name[0] == '\0' || (generation && z->generation != generation)) {
+        rc = -ENOENT; /* freed, perhaps reserved again since: not the caller's zone */
     } else if (heap_idx >= MEMD_MAX_HEAPS) {
         rc = -EINVAL;
     } else if ((rc = lock_heap_under_config(base, c, &c->heaps[heap_idx], wait_ns, busy)) ==
@@ -416,7 +418,9 @@ int memd_memzone_free(char *base, uint32_t id, uint64_t wait_ns, const struct me
         int64_t freed = memd_heap_free_nolock(base, &c->heaps[heap_idx], elem);
         memd_heap_unlock(&c->heaps[heap_idx]);
         rc = freed < 0 ? (int)freed : (int)heap_idx;
+        uint32_t gen = z->generation;
         memset(z, 0, sizeof(*z));
+        z->generation = gen; /* the next reserve of this slot bumps it */
     }
     memd_lock_release(&c->config_lock);
     return rc;

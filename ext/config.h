@@ -72,7 +72,10 @@ int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t he
  * claimed and cleared first when it is freed), so a lookup never waits behind a
  * reserve that waits for a heap. */
 int memd_memzone_lookup(char *base, const char *name);
-int memd_memzone_free(char *base, uint32_t id, uint64_t wait_ns, const struct memd_lock **busy);
+/* free: -ENOENT also when generation (0: any) is not the zone's: the zone the
+ * caller meant was freed and its slot reserved again. */
+int memd_memzone_free(char *base, uint32_t id, uint32_t generation, uint64_t wait_ns,
+                      const struct memd_lock **busy);
 
 /* Processes (take proc_lock).  register returns the slot. */
 int memd_proc_register(char *base, int32_t pid, uint64_t start_time, uint32_t state,

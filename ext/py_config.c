@@ -297,22 +297,22 @@ static PyObject *py_memzone_lookup(PyObject *Py_UNUSED(m), PyObject *args)
 static PyObject *py_memzone_free(PyObject *Py_UNUSED(m), PyObject *args)
 {
     char *base;
-    unsigned int id;
+    unsigned int id, generation = 0;
     int rc;
-    if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &id))
+    if (!PyArg_ParseTuple(args, "O&I|I", memd_window_base, &base, &id, &generation))
         return NULL;
-    BOUNDED(rc, base, "memzone_free", memd_memzone_free(base, id, slice_, &busy_));
+    BOUNDED(rc, base, "memzone_free", memd_memzone_free(base, id, generation, slice_, &busy_));
     return check_rc(rc, "memzone_free");
 }
 
 /* memzone(win, id) -> None if free, else (id, name, offset, iova, length, page_size,
- *                     socket_id, flags, owner_pid) */
+ *                     socket_id, flags, owner_pid, generation) */
 static PyObject *zone_tuple(uint32_t id, const struct memd_memzone *z)
 {
-    return Py_BuildValue("(INKKKKiIi)", id, memd_text(z->name, sizeof(z->name)),
+    return Py_BuildValue("(INKKKKiIiI)", id, memd_text(z->name, sizeof(z->name)),
                          (unsigned long long)z->offset, (unsigned long long)z->iova,
                          (unsigned long long)z->length, (unsigned long long)z->page_size,
-                         z->socket_id, z->flags, z->owner_pid);
+                         z->socket_id, z->flags, z->owner_pid, z->generation);
 }
 
 static PyObject *py_memzone(PyObject *Py_UNUSED(m), PyObject *args)

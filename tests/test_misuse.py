@@ -930,3 +930,39 @@ def test_a_forked_child_must_attach_again(daemon_factory, tmp_path) -> None:
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr
     assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+STALE_ZONE = """
+from memd.errors import MemdKeyError
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+stale = mem.memzone_lookup("reused")  # made by the test, freed and made again below
+print("LOOKED", flush=True)
+sys.stdin.readline()
+new = mem.memzone_lookup("reused")
+assert (new.id, new.offset) == (stale.id, stale.offset), "the test wants a reused slot"
+expect_raise({"memzone_free": lambda: mem.memzone_free(stale), "buf": lambda: stale.buf},
+             MemdKeyError, "reused")
+assert bytes(new.buf[:4]) == b"new!"
+print("OK")
+"""
+
+
+def test_a_stale_memzone_handle_cannot_touch_the_zone_that_reused_its_slot(daemon_factory) -> None:
+    """A Memzone kept past its memzone_free (here by another process) raises
+    MemdKeyError from memzone_free and .buf, although the next zone took its
+    name, id and offset: the new zone stays reserved and intact."""
+    daemon = daemon_factory("-m", "2")
+    holder = _start(daemon, STALE_ZONE)
+    try:
+        with daemon.attach() as mem:
+            mem.memzone_reserve("reused", 4096)
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "LOOKED"
+            mem.memzone_free(mem.memzone_lookup("reused"))
+            mem.memzone_reserve("reused", 4096).buf[:4] = b"new!"
+            out, err = holder.communicate("go\n", timeout=60)
+            assert holder.returncode == 0 and out.split()[-1] == "OK", err
+            assert bytes(mem.memzone_lookup("reused").buf[:4]) == b"new!"
+    finally:
+        if holder.poll() is None:
+            holder.kill()

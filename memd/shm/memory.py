@@ -116,10 +116,18 @@ class Memzone:
     socket_id: int
     flags: int
     owner_pid: int
+    #: the slot's reserve count when this handle was made: a handle kept past a
+    #: memzone_free (whose name, id and offset the next zone may reuse) differs
+    generation: int
     _mem: Memory = field(repr=False, compare=False)
 
     @property
     def buf(self) -> memoryview:
+        """The zone's bytes.  Raises MemdKeyError once the zone was freed (even if
+        a new zone took its name, id and offset since)."""
+        t = _ext.memzone(self._mem.window, self.id)
+        if t is None or t[9] != self.generation:
+            raise MemdKeyError(f"memzone {self.name!r} was freed")
         return self._mem.window.view(self.offset, self.length)
 
 
@@ -555,7 +563,7 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         if not isinstance(mz, Memzone):
             raise MemdValueError(f"memzone_free: expected a Memzone, got {type(mz).__name__}")
         t = _ext.memzone(self.window, mz.id)
-        if t is None or t[1] != mz.name or t[2] != mz.offset:
+        if t is None or t[1] != mz.name or t[2] != mz.offset or t[9] != mz.generation:
             raise MemdKeyError(f"memzone {mz.name!r} is not reserved (already freed?)")
         held = objects.held_in(self.window, mz.id)
         if held is not None:
@@ -565,8 +573,12 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
                 "which frees its memzone too"
             )
         try:
-            heap = _ext.memzone_free(self.window, mz.id)
+            heap = _ext.memzone_free(self.window, mz.id, mz.generation)
         except OSError as e:
+            if e.errno == errno.ENOENT:  # freed meanwhile (and reserved again?)
+                raise MemdKeyError(
+                    f"memzone {mz.name!r} is not reserved (already freed?)"
+                ) from None
             raise translate(e, f"memzone_free({mz.name!r})") from e
         self._heap_maybe_release(heap, mz.length)
 
