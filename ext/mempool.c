@@ -392,6 +392,31 @@ uint64_t memd_mempool_held_by(char *base, const struct memd_mempool_geometry *g,
     return count;
 }
 
+int64_t memd_mempool_holders(char *base, const struct memd_mempool_geometry *g, int32_t *pids,
+                             uint64_t *counts, uint32_t cap)
+{
+    uint32_t k = 0, last = 0;
+    for (uint32_t i = 0; i < g->n; i++) {
+        const struct memd_mempool_objhdr *h = objhdr_at(base, g, i);
+        if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_BUSY)
+            continue;
+        int32_t pid = h->owner_pid;
+        /* runs of one getter are the common case: try the last one first */
+        uint32_t j = last < k && pids[last] == pid ? last : 0;
+        while (j < k && pids[j] != pid)
+            j++;
+        if (j == k) {
+            if (k == cap)
+                return -ENOSPC;
+            pids[k] = pid;
+            counts[k++] = 0;
+        }
+        counts[j]++;
+        last = j;
+    }
+    return k;
+}
+
 int memd_mempool_busy_at(char *base, const struct memd_mempool_geometry *g, uint32_t i,
                          uint64_t *handle, int32_t *pid)
 {

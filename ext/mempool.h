@@ -104,6 +104,13 @@ uint64_t memd_mempool_held_by(char *base, const struct memd_mempool_geometry *g,
 int memd_mempool_busy_at(char *base, const struct memd_mempool_geometry *g, uint32_t i,
                          uint64_t *handle, int32_t *pid);
 
+/* Count the objects handed out by getter pid: pids[0..k) and counts[0..k), k
+ * returned (distinct pids, in no order), for a table of cap entries; -ENOSPC if
+ * more than cap distinct pids hold objects (call again with a bigger table).  One
+ * walk over the object headers, nothing allocated per object. */
+int64_t memd_mempool_holders(char *base, const struct memd_mempool_geometry *g, int32_t *pids,
+                             uint64_t *counts, uint32_t cap);
+
 /* Put every object memd_mempool_held_by counts back into the free ring, for a
  * program that knows process pid is dead and shared none of the objects it got
  * (one still in use elsewhere would be handed out twice).  Returns how many went
