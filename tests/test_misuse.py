@@ -1020,3 +1020,106 @@ def test_listing_processes_with_many_objects_in_use_stays_small(daemon_factory) 
         if holder.poll() is None:
             holder.kill()
     assert holder.returncode == 0
+
+
+RACE_PUT = """
+import array
+from memd.errors import MemdError
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+me, rounds, bulk = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "bulk"
+pool = mem.mempool_lookup("raced")
+n = pool.size
+w = mem.memzone_lookup("race_sync").buf.cast("Q")
+PUB, GO, READY, DONE, HANDLES = 0, 1, 2, 5, 8  # w[READY + me], w[DONE + me]: rounds reached
+
+def wait(cond, limit=60.0):
+    import time
+    end = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > end:  # another racer died: do not spin for ever
+            print("STUCK", me, r, flush=True)
+            os._exit(3)
+
+won = 0
+for r in range(1, rounds + 1):
+    if me == 0:  # the getter takes every object, its handles into the shared slots
+        pool.get_bulk_into(w[HANDLES:HANDLES + n])
+        w[PUB] = r
+    wait(lambda: w[PUB] == r)
+    handles = list(w[HANDLES:HANDLES + n])
+    if me == 2:
+        handles.reverse()  # it meets the others head on: same object, same moment
+    packed = array.array("Q", handles)
+    w[READY + me] = r
+    if me == 0:
+        wait(lambda: w[READY + 1] == r and w[READY + 2] == r)
+        w[GO] = r
+    wait(lambda: w[GO] == r)
+    if bulk:  # one C loop each, all at once
+        try:
+            pool.put_bulk(packed)
+            won += n
+        except (ValueError, MemdError):
+            pass
+    else:
+        for h in handles:
+            try:
+                pool.put(h)
+                won += 1
+            except (ValueError, MemdError):
+                pass
+    w[DONE + me] = r
+    if me == 0:
+        wait(lambda: w[DONE + 1] == r and w[DONE + 2] == r)
+        pool.audit()  # quiescent: raises CorruptionError on a duplicate
+        for h, _pid in pool.busy():  # a bulk that lost a race keeps its objects
+            pool.put(h)
+        assert pool.audit()["free"] == n
+print("WON", won, flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["put", "put_bulk"])
+def test_two_processes_putting_one_object_at_once_put_it_once(daemon_factory, how) -> None:
+    """Three processes put the same objects at the same moment, round after round
+    (the getter and two others): each object goes back exactly once, never twice
+    into the free ring (audit() after every round)."""
+    rounds = int(os.environ.get("MEMD_RACE_ROUNDS", "400"))
+    daemon = daemon_factory("-m", "4")
+    n = 256
+    with daemon.attach() as mem:
+        mem.mempool_create("raced", n, 64)
+        mem.memzone_reserve("race_sync", 8 * (8 + n))
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    ATTACH + RACE_PUT,
+                    daemon.prefix,
+                    str(daemon.runtime_dir),
+                    str(me),
+                    str(rounds),
+                    "bulk" if how == "put_bulk" else "single",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for me in range(3)
+        ]
+        outs = []
+        try:
+            for p in procs:
+                out, err = p.communicate(timeout=600)
+                assert p.returncode == 0, (out, err)
+                outs.append(int(out.split()[1]))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if how == "put":  # every object exactly once per round
+            assert sum(outs) == n * rounds, outs
+        audit = mem.mempool_lookup("raced").audit()
+        assert audit["free"] == n, audit
