@@ -293,11 +293,35 @@ uint64_t memd_memzone_page_mask(uint32_t flags)
 
 /* --- memzones ------------------------------------------------------------- */
 
-static int lock_config(struct memd_config *c)
+static int lock_config(struct memd_config *c, uint64_t wait_ns, const struct memd_lock **busy)
 {
-    int rc = memd_lock_acquire(&c->config_lock);
+    int rc = memd_lock_timed(&c->config_lock, wait_ns);
+    if (rc == -ETIMEDOUT && busy)
+        *busy = &c->config_lock;
     return rc < 0 ? rc : 0; /* a dead owner's table is still consistent: each slot
                                is claimed by writing its name last */
+}
+
+/* Heap h's lock, for a caller holding config_lock: 0 (taken), or -errno with the
+ * heap lock not held.  Never waits with config_lock held (lookups and other heaps'
+ * zones would wait behind a stopped holder of this heap): when it is busy, it
+ * releases config_lock, waits up to wait_ns for the heap lock alone, and says
+ * -EAGAIN (free now: call again) or -ETIMEDOUT (*busy set), config_lock no longer
+ * held then. */
+static int lock_heap_under_config(char *base, struct memd_config *c, struct memd_heap *h,
+                                  uint64_t wait_ns, const struct memd_lock **busy)
+{
+    int rc = memd_lock_try(&h->lock);
+    if (rc == -EBUSY) {
+        memd_lock_release(&c->config_lock);
+        rc = memd_lock_timed(&h->lock, wait_ns);
+        if (rc == -ETIMEDOUT && busy)
+            *busy = &h->lock;
+        if (rc >= 0 && memd_heap_lock_done(base, h, rc) == 0)
+            memd_heap_unlock(h); /* (a dead owner's operation was rolled back) */
+        return rc == -ETIMEDOUT ? -ETIMEDOUT : -EAGAIN;
+    }
+    return memd_heap_lock_done(base, h, rc);
 }
 
 static int find_zone(struct memd_config *c, const char *name)
@@ -310,7 +334,7 @@ static int find_zone(struct memd_config *c, const char *name)
 
 int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t heap_idx,
                          uint32_t flags, int any_page_size, uint64_t align, uint64_t bound,
-                         int32_t pid)
+                         int32_t pid, uint64_t wait_ns, const struct memd_lock **busy)
 {
     struct memd_config *c = memd_cfg(base);
     if (name[0] == '\0' || strlen(name) >= MEMD_NAMESIZE || heap_idx >= MEMD_MAX_HEAPS ||
@@ -318,7 +342,7 @@ int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t he
         return -EINVAL;
     uint64_t page_mask = any_page_size ? 0 : memd_memzone_page_mask(flags);
     int contig = (flags & MEMD_MEMZONE_F_IOVA_CONTIG) != 0;
-    int rc = lock_config(c);
+    int rc = lock_config(c, wait_ns, busy);
     if (rc < 0)
         return rc;
     int id = -ENOSPC;
@@ -335,7 +359,9 @@ int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t he
         goto out;
     uint64_t off;
     struct memd_heap *h = &c->heaps[heap_idx];
-    rc = memd_heap_lock_done(base, h, memd_heap_lock(h));
+    rc = lock_heap_under_config(base, c, h, wait_ns, busy);
+    if (rc == -EAGAIN || rc == -ETIMEDOUT)
+        return rc; /* config_lock released */
     if (rc < 0) {
         id = rc;
         goto out;
@@ -364,43 +390,44 @@ int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t he
     z->socket_id = (int32_t)heap_idx;
     z->flags = flags;
     z->owner_pid = pid;
+    z->generation = z->generation + 1 ? z->generation + 1 : 1;
     copy_name(z->name, name, sizeof(z->name)); /* last: the slot is live from here */
 out:
     memd_lock_release(&c->config_lock);
     return id;
 }
 
-int memd_memzone_lookup(char *base, const char *name)
-{
-    struct memd_config *c = memd_cfg(base);
-    int rc = lock_config(c);
-    if (rc < 0)
-        return rc;
-    rc = find_zone(c, name);
-    memd_lock_release(&c->config_lock);
-    return rc;
-}
+int memd_memzone_lookup(char *base, const char *name) { return find_zone(memd_cfg(base), name); }
 
-int memd_memzone_free(char *base, uint32_t id)
+int memd_memzone_free(char *base, uint32_t id, uint32_t generation, uint64_t wait_ns,
+                      const struct memd_lock **busy)
 {
     struct memd_config *c = memd_cfg(base);
     if (id >= MEMD_MAX_MEMZONES)
         return -EINVAL;
-    int rc = lock_config(c);
+    int rc = lock_config(c, wait_ns, busy);
     if (rc < 0)
         return rc;
     struct memd_memzone *z = &c->memzones[id];
-    if (z->name[0] == '\0') {
-        rc = -ENOENT;
-    } else {
-        /* heap index == socket id (one heap per NUMA socket) */
-        uint32_t heap_idx = (uint32_t)z->socket_id;
+    /* heap index == socket id (one heap per NUMA socket) */
+    uint32_t heap_idx = (uint32_t)z->socket_id;
+    if (z->name[0] == '\0' || (generation && z->generation != generation)) {
+        rc = -ENOENT; /* freed, perhaps reserved again since: not the caller's zone */
+    } else if (heap_idx >= MEMD_MAX_HEAPS) {
+        rc = -EINVAL;
+    } else if ((rc = lock_heap_under_config(base, c, &c->heaps[heap_idx], wait_ns, busy)) ==
+                   -EAGAIN ||
+               rc == -ETIMEDOUT) {
+        return rc; /* config_lock released */
+    } else if (rc == 0) {
         uint64_t elem = z->elem_offset;
         z->name[0] = '\0';
-        int64_t freed =
-            heap_idx >= MEMD_MAX_HEAPS ? -EINVAL : memd_heap_free(base, &c->heaps[heap_idx], elem);
+        int64_t freed = memd_heap_free_nolock(base, &c->heaps[heap_idx], elem);
+        memd_heap_unlock(&c->heaps[heap_idx]);
         rc = freed < 0 ? (int)freed : (int)heap_idx;
+        uint32_t gen = z->generation;
         memset(z, 0, sizeof(*z));
+        z->generation = gen; /* the next reserve of this slot bumps it */
     }
     memd_lock_release(&c->config_lock);
     return rc;
@@ -468,12 +495,12 @@ static int find_object(struct memd_config *c, const char *name, uint32_t type)
 }
 
 int memd_object_add(char *base, const char *name, uint32_t type, uint32_t memzone_id,
-                    uint64_t offset, int32_t pid)
+                    uint64_t offset, int32_t pid, uint64_t wait_ns, const struct memd_lock **busy)
 {
     struct memd_config *c = memd_cfg(base);
     if (name[0] == '\0' || strlen(name) >= MEMD_NAMESIZE || type == MEMD_OBJ_FREE)
         return -EINVAL;
-    int rc = lock_config(c);
+    int rc = lock_config(c, wait_ns, busy);
     if (rc < 0)
         return rc;
     int idx = find_object(c, name, type) >= 0 ? -EEXIST : -ENOSPC;
@@ -494,21 +521,15 @@ int memd_object_add(char *base, const char *name, uint32_t type, uint32_t memzon
 
 int memd_object_lookup(char *base, const char *name, uint32_t type)
 {
-    struct memd_config *c = memd_cfg(base);
-    int rc = lock_config(c);
-    if (rc < 0)
-        return rc;
-    rc = find_object(c, name, type);
-    memd_lock_release(&c->config_lock);
-    return rc;
+    return find_object(memd_cfg(base), name, type);
 }
 
-int memd_object_remove(char *base, uint32_t idx)
+int memd_object_remove(char *base, uint32_t idx, uint64_t wait_ns, const struct memd_lock **busy)
 {
     struct memd_config *c = memd_cfg(base);
     if (idx >= MEMD_MAX_OBJECTS)
         return -EINVAL;
-    int rc = lock_config(c);
+    int rc = lock_config(c, wait_ns, busy);
     if (rc < 0)
         return rc;
     rc = c->objects[idx].type == MEMD_OBJ_FREE ? -ENOENT : 0;

@@ -55,26 +55,37 @@ int memd_iova_contig(const char *base, uint64_t off, uint64_t len);
  * (0: none asked, any size will do). */
 uint64_t memd_memzone_page_mask(uint32_t flags);
 
-/* Memzones (take config_lock; the heap takes its own lock after it).  reserve:
- * len 0 is DPDK's "as big as possible" (the bound's size with a bound, else the
- * largest block the heap has now); the page-size flags restrict the pages used
- * unless any_page_size.  Fails with -EINVAL (name, heap, unknown flag), -EEXIST,
- * -ENOSPC (table full), -ENOMEM (no room: grow the heap and retry). */
+/* Lock waits: the calls below that take config_lock or a heap lock wait for each
+ * at most wait_ns.  -ETIMEDOUT: nothing was changed, *busy (if not NULL) is the
+ * lock a live process holds; the caller (Python, without the GIL) looks for
+ * signals and calls again, so that a stopped holder stalls nobody for good. */
+
+/* Memzones (take config_lock; then the zone's heap lock).  reserve: len 0 is
+ * DPDK's "as big as possible" (the bound's size with a bound, else the largest
+ * block the heap has now); the page-size flags restrict the pages used unless
+ * any_page_size.  Fails with -EINVAL (name, heap, unknown flag), -EEXIST,
+ * -ENOSPC (table full), -ENOMEM (no room: grow the heap and retry), -ETIMEDOUT. */
 int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t heap_idx,
                          uint32_t flags, int any_page_size, uint64_t align, uint64_t bound,
-                         int32_t pid);
+                         int32_t pid, uint64_t wait_ns, const struct memd_lock **busy);
+/* No lock: a snapshot of the table (a slot's name is written last when it is
+ * claimed and cleared first when it is freed), so a lookup never waits behind a
+ * reserve that waits for a heap. */
 int memd_memzone_lookup(char *base, const char *name);
-int memd_memzone_free(char *base, uint32_t id);
+/* free: -ENOENT also when generation (0: any) is not the zone's: the zone the
+ * caller meant was freed and its slot reserved again. */
+int memd_memzone_free(char *base, uint32_t id, uint32_t generation, uint64_t wait_ns,
+                      const struct memd_lock **busy);
 
 /* Processes (take proc_lock).  register returns the slot. */
 int memd_proc_register(char *base, int32_t pid, uint64_t start_time, uint32_t state,
                        const char *comm, int want_slot);
 int memd_proc_unregister(char *base, uint32_t slot, int32_t pid);
 
-/* Named objects (take config_lock). */
+/* Named objects (add and remove take config_lock; lookup is a snapshot, no lock). */
 int memd_object_add(char *base, const char *name, uint32_t type, uint32_t memzone_id,
-                    uint64_t offset, int32_t pid);
+                    uint64_t offset, int32_t pid, uint64_t wait_ns, const struct memd_lock **busy);
 int memd_object_lookup(char *base, const char *name, uint32_t type);
-int memd_object_remove(char *base, uint32_t idx);
+int memd_object_remove(char *base, uint32_t idx, uint64_t wait_ns, const struct memd_lock **busy);
 
 #endif

@@ -245,6 +245,17 @@ static int can_hold(char *base, uint64_t foff, const struct memd_heap_elem *f, u
     return 0;
 }
 
+/* Is o, a link just read from a free list, a free element?  A damaged link that
+ * points into mapped memory is refused here (a hole faults, see memd_fault_env):
+ * one compare on the line the walk loads anyway. */
+static inline int free_link_ok(char *base, const struct memd_heap *h, uint64_t o)
+{
+    return !(o % GRAIN) && o >= MEMD_CONFIG_SIZE && o <= h->last_elem &&
+           EL(base, o)->cookie == head_cookie(o) && EL(base, o)->state == MEMD_ELEM_FREE;
+}
+
+/* 1 (found: *eoff, *data), 0 (nothing fits) or -EFAULT (a damaged free list: a
+ * link to no free element, or more elements than the heap has free: a cycle). */
 static int find_suitable(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
                          uint64_t bound, int contig, uint64_t page_mask, uint64_t *eoff,
                          uint64_t *data)
@@ -252,6 +263,7 @@ static int find_suitable(char *base, struct memd_heap *h, uint64_t size, uint64_
     uint64_t need = elem_need(size);
     unsigned c = size_class(need);
     uint64_t best = 0, best_d = 0, best_size = UINT64_MAX, resume = 0, d;
+    uint64_t left = h->free_count; /* steps: every element is on one list */
     int scanned = 0;
 
     /* Best fit among the first candidates of the request's own class. */
@@ -260,6 +272,8 @@ static int find_suitable(char *base, struct memd_heap *h, uint64_t size, uint64_
             resume = o;
             break;
         }
+        if (__builtin_expect(!free_link_ok(base, h, o) || left-- == 0, 0))
+            return -EFAULT;
         struct memd_heap_elem *f = EL(base, o);
         if (f->size >= need && f->size < best_size &&
             can_hold(base, o, f, size, align, bound, contig, page_mask, &d)) {
@@ -273,15 +287,21 @@ static int find_suitable(char *base, struct memd_heap *h, uint64_t size, uint64_
     if (best)
         goto found;
     /* First fit in the bigger classes: for a plain request, any element does. */
+    uint64_t left_big = left;
     for (uint32_t mask = h->list_mask & ~((2u << c) - 1); mask; mask &= mask - 1)
-        for (uint64_t o = h->free_head[__builtin_ctz(mask)]; o; o = EL(base, o)->u.free.next)
+        for (uint64_t o = h->free_head[__builtin_ctz(mask)]; o; o = EL(base, o)->u.free.next) {
+            if (__builtin_expect(!free_link_ok(base, h, o) || left_big-- == 0, 0))
+                return -EFAULT;
             if (can_hold(base, o, EL(base, o), size, align, bound, contig, page_mask, &d)) {
                 *eoff = o;
                 *data = d;
                 return 1;
             }
+        }
     /* The rest of the own class, before giving up. */
     for (uint64_t o = resume; o; o = EL(base, o)->u.free.next) {
+        if (__builtin_expect(!free_link_ok(base, h, o) || left-- == 0, 0))
+            return -EFAULT;
         struct memd_heap_elem *f = EL(base, o);
         if (f->size >= need && f->size < best_size &&
             can_hold(base, o, f, size, align, bound, contig, page_mask, &d)) {
@@ -380,6 +400,40 @@ static int check_request(uint64_t size, uint64_t *align, uint64_t *bound)
     return 0;
 }
 
+/* --- surviving a fault ---------------------------------------------------------- */
+
+/* An operation faulted on a link into a hole (see memd_fault_env): undo what it
+ * changed (every journaled word was read before it was logged, so the undo touches
+ * mapped memory only; guarded anyway) and mark the heap broken. */
+static __attribute__((noinline, cold)) int heap_fault(char *base, struct memd_heap *h)
+{
+    sigjmp_buf env;
+    if (sigsetjmp(env, 0) == 0) {
+        memd_fault_env = &env;
+        memd_heap_journal_undo(base, h);
+    }
+    memd_fault_env = NULL;
+    h->broken = 1;
+    return -EFAULT;
+}
+
+/* Run `call` (an expression of type `type`) under a fault guard: a SIGSEGV or
+ * SIGBUS inside it returns -EFAULT from the enclosing function, heap broken.
+ * sigsetjmp(env, 0) saves no signal mask: no system call on the hot path. */
+#define GUARDED(type, call)                            \
+    do {                                               \
+        sigjmp_buf env_;                               \
+        sigjmp_buf *const saved_ = memd_fault_env;     \
+        if (__builtin_expect(sigsetjmp(env_, 0), 0)) { \
+            memd_fault_env = saved_;                   \
+            return (type)heap_fault(base, h);          \
+        }                                              \
+        memd_fault_env = &env_;                        \
+        type r_ = (call);                              \
+        memd_fault_env = saved_;                       \
+        return r_;                                     \
+    } while (0)
+
 static int alloc_op(char *base, struct memd_heap *h, uint64_t size, uint64_t align, uint64_t bound,
                     int contig, uint64_t page_mask, int zero, uint16_t flags, uint64_t *out)
 {
@@ -387,15 +441,16 @@ static int alloc_op(char *base, struct memd_heap *h, uint64_t size, uint64_t ali
     int rc = check_request(size, &align, &bound);
     if (rc < 0)
         return rc;
-    if (!find_suitable(base, h, size, align, bound, contig, page_mask, &foff, &d))
-        return -ENOMEM;
+    rc = find_suitable(base, h, size, align, bound, contig, page_mask, &foff, &d);
+    if (rc <= 0)
+        return rc == 0 ? -ENOMEM : (h->broken = 1, -EFAULT);
     jbegin(base, h);
     carve(base, h, foff, d, size, zero, flags);
     *out = d;
     return 0;
 }
 
-int memd_heap_alloc_nolock(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
+static int alloc_unguarded(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
                            uint64_t bound, int contig, int zero, uint64_t *out)
 {
     int rc = alloc_op(base, h, size, align, bound, contig, 0, zero, 0, out);
@@ -403,7 +458,13 @@ int memd_heap_alloc_nolock(char *base, struct memd_heap *h, uint64_t size, uint6
     return rc;
 }
 
-int memd_heap_alloc_flags_nolock(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
+int memd_heap_alloc_nolock(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
+                           uint64_t bound, int contig, int zero, uint64_t *out)
+{
+    GUARDED(int, alloc_unguarded(base, h, size, align, bound, contig, zero, out));
+}
+
+static int alloc_flags_unguarded(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
                                  uint64_t bound, int contig, uint64_t page_mask, uint16_t flags,
                                  uint64_t *out)
 {
@@ -412,6 +473,13 @@ int memd_heap_alloc_flags_nolock(char *base, struct memd_heap *h, uint64_t size,
     int rc = alloc_op(base, h, size, align, bound, contig, page_mask, 0, flags, out);
     jcommit(base, h);
     return rc;
+}
+
+int memd_heap_alloc_flags_nolock(char *base, struct memd_heap *h, uint64_t size, uint64_t align,
+                                 uint64_t bound, int contig, uint64_t page_mask, uint16_t flags,
+                                 uint64_t *out)
+{
+    GUARDED(int, alloc_flags_unguarded(base, h, size, align, bound, contig, page_mask, flags, out));
 }
 
 /* Largest data size a block aligned to align (and on pages of page_mask, and
@@ -450,22 +518,32 @@ static uint64_t usable_in(char *base, uint64_t foff, const struct memd_heap_elem
     return best;
 }
 
-int memd_heap_biggest_nolock(char *base, struct memd_heap *h, uint64_t align, int contig,
+static int biggest_unguarded(char *base, struct memd_heap *h, uint64_t align, int contig,
                              uint64_t page_mask, uint64_t *size)
 {
     if (align & (align - 1) || align > MAX_REQUEST)
         return -EINVAL;
     if (align < MEMD_HEAP_DEFAULT_ALIGN)
         align = MEMD_HEAP_DEFAULT_ALIGN;
-    uint64_t best = 0;
+    uint64_t best = 0, left = h->free_count;
     for (uint32_t mask = h->list_mask; mask; mask &= mask - 1)
         for (uint64_t o = h->free_head[__builtin_ctz(mask)]; o; o = EL(base, o)->u.free.next) {
+            if (!free_link_ok(base, h, o) || left-- == 0) {
+                h->broken = 1;
+                return -EFAULT;
+            }
             uint64_t n = usable_in(base, o, EL(base, o), align, contig, page_mask);
             if (n > best)
                 best = n;
         }
     *size = best > MAX_REQUEST ? MAX_REQUEST : best;
     return best ? 0 : -ENOMEM;
+}
+
+int memd_heap_biggest_nolock(char *base, struct memd_heap *h, uint64_t align, int contig,
+                             uint64_t page_mask, uint64_t *size)
+{
+    GUARDED(int, biggest_unguarded(base, h, align, contig, page_mask, size));
 }
 
 /* --- looking blocks up -------------------------------------------------------- */
@@ -516,7 +594,7 @@ static uint64_t free_elem(char *base, struct memd_heap *h, uint64_t boff)
                      0);
 }
 
-int64_t memd_heap_free_nolock(char *base, struct memd_heap *h, uint64_t off)
+static int64_t free_unguarded(char *base, struct memd_heap *h, uint64_t off)
 {
     struct memd_heap_elem *b;
     int rc = lookup_busy(base, h, off, &b);
@@ -528,17 +606,32 @@ int64_t memd_heap_free_nolock(char *base, struct memd_heap *h, uint64_t off)
     return (int64_t)EL(base, fo)->size;
 }
 
-int64_t memd_heap_block_size_nolock(char *base, struct memd_heap *h, uint64_t off)
+int64_t memd_heap_free_nolock(char *base, struct memd_heap *h, uint64_t off)
+{
+    GUARDED(int64_t, free_unguarded(base, h, off));
+}
+
+static int64_t block_size_unguarded(char *base, struct memd_heap *h, uint64_t off)
 {
     struct memd_heap_elem *b;
     int rc = lookup_busy(base, h, off, &b);
     return rc < 0 ? rc : (int64_t)b->u.busy.data_size;
 }
 
-int memd_heap_validate_nolock(char *base, struct memd_heap *h, uint64_t off)
+int64_t memd_heap_block_size_nolock(char *base, struct memd_heap *h, uint64_t off)
+{
+    GUARDED(int64_t, block_size_unguarded(base, h, off));
+}
+
+static int validate_unguarded(char *base, struct memd_heap *h, uint64_t off)
 {
     struct memd_heap_elem *b;
     return lookup_busy(base, h, off, &b);
+}
+
+int memd_heap_validate_nolock(char *base, struct memd_heap *h, uint64_t off)
+{
+    GUARDED(int, validate_unguarded(base, h, off));
 }
 
 /* --- realloc ------------------------------------------------------------------ */
@@ -616,8 +709,9 @@ static int realloc_op(char *base, struct memd_heap *h, uint64_t off, uint64_t si
 move:;
     uint64_t foff, nd, old = b->u.busy.data_size, n = old < size ? old : size;
     uint16_t flags = b->flags;
-    if (!find_suitable(base, h, size, align, 0, 0, 0, &foff, &nd))
-        return -ENOMEM;
+    int found = find_suitable(base, h, size, align, 0, 0, 0, &foff, &nd);
+    if (found <= 0)
+        return found == 0 ? -ENOMEM : (h->broken = 1, -EFAULT);
     /* The copy writes bytes of foff that its dirty hull may call clean, and undoing
      * the carve would not clear them: widen the hull first, as an operation of its
      * own that an undo keeps (a wider hull only costs zmalloc some zeroing). */
@@ -635,12 +729,18 @@ move:;
     return 0;
 }
 
-int memd_heap_realloc_nolock(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
+static int realloc_unguarded(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
                              uint64_t align, uint64_t *out)
 {
     int rc = realloc_op(base, h, off, size, align, out);
     jcommit(base, h);
     return rc;
+}
+
+int memd_heap_realloc_nolock(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
+                             uint64_t align, uint64_t *out)
+{
+    GUARDED(int, realloc_unguarded(base, h, off, size, align, out));
 }
 
 /* --- memory coming and going ---------------------------------------------------- */

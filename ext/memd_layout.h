@@ -30,7 +30,7 @@
 #define MEMD_CONFIG_MAGIC 0x31474643444d454dULL /* "MEMDCFG1", little endian */
 /* 2: robust ring sides, mempool owner tags; 3: heap undo journals, element owner tags;
  * 4: DPDK fidelity (an object directory entry per memzone, rings of esize-byte
- *    records, memzone flags as DPDK's) */
+ *    records, memzone flags as DPDK's), memzone generations */
 #define MEMD_LAYOUT_VERSION 4u
 
 #define MEMD_CACHE_LINE         64u
@@ -315,7 +315,9 @@ struct memd_memzone {
     uint32_t flags;           /* 68: MEMD_MEMZONE_F_* as given at reserve */
     uint64_t elem_offset;     /* 72: heap block to free with the zone */
     int32_t owner_pid;        /* 80 */
-    uint32_t reserved0;       /* 84 */
+    uint32_t generation;      /* 84: bumped (never to 0) each time the slot is reserved,
+                                     kept across a free: a handle from before a free
+                                     (same name, id and offset) has an older one */
     uint64_t reserved1;       /* 88 */
 }; /* 96 */
 
@@ -559,6 +561,7 @@ MEMD_CHECK(struct memd_object, offset, 40);
 MEMD_CHECK_SIZE(struct memd_object, 64);
 MEMD_CHECK(struct memd_memzone, offset, 32);
 MEMD_CHECK(struct memd_memzone, elem_offset, 72);
+MEMD_CHECK(struct memd_memzone, generation, 84);
 MEMD_CHECK_SIZE(struct memd_memzone, 96);
 MEMD_CHECK(struct memd_config, config_lock, 256);
 MEMD_CHECK(struct memd_config, proc_lock, 320);

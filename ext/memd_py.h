@@ -73,6 +73,9 @@ static inline PyObject *memd_text(const char *s, size_t max)
 /* Raise OSError(-neg_errno, "<strerror> (from <where>)"); returns NULL. */
 PyObject *memd_raise_errno(int neg_errno, const char *where);
 
+/* How long a heap lock is waited for (heap_lock_wait; UINT64_MAX: no limit). */
+uint64_t memd_py_lock_wait_limit(void);
+
 /* Zero-copy writable memoryview of [off, off+len) that keeps the window alive. */
 PyObject *memd_view(PyObject *window, uint64_t off, uint64_t len);
 

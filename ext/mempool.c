@@ -23,23 +23,26 @@ static inline struct memd_mempool *pool_at(const char *base, uint64_t pool)
     return (struct memd_mempool *)(uintptr_t)(base + pool);
 }
 
-static inline struct memd_ring *ring_of(char *base, uint64_t pool, const struct memd_mempool *mp)
+/* Everything below indexes with the geometry the caller validated (g), never
+ * with the shared header (see struct memd_mempool_geometry). */
+static inline struct memd_ring *ring_of(const char *base, const struct memd_mempool_geometry *g)
 {
-    return (struct memd_ring *)(base + pool + mp->ring_offset);
+    return (struct memd_ring *)(uintptr_t)(base + g->pool + g->ring_offset);
 }
 
-static inline struct memd_mempool_cache *cache_of(const char *base, uint64_t pool,
-                                                  const struct memd_mempool *mp, uint32_t slot)
+static inline struct memd_mempool_cache *
+cache_of(const char *base, const struct memd_mempool_geometry *g, uint32_t slot)
 {
-    if (mp->cache_size == 0 || slot >= MEMD_MAX_PROCS)
+    if (g->cache_size == 0 || slot >= MEMD_MAX_PROCS)
         return NULL;
-    return (struct memd_mempool_cache *)(uintptr_t)(base + pool + mp->caches_offset +
-                                                    (uint64_t)slot * mp->cache_stride);
+    return (struct memd_mempool_cache *)(uintptr_t)(base + g->pool + g->caches_offset +
+                                                    (uint64_t)slot * g->cache_stride);
 }
 
-static inline uint64_t *trailer_of(char *base, const struct memd_mempool *mp, uint64_t handle)
+static inline uint64_t *trailer_of(char *base, const struct memd_mempool_geometry *g,
+                                   uint64_t handle)
 {
-    return (uint64_t *)(base + handle + mp->trailer_offset);
+    return (uint64_t *)(base + handle + g->trailer_offset);
 }
 
 /* --- geometry and init ---------------------------------------------------- */
@@ -59,6 +62,8 @@ int memd_mempool_geometry(uint32_t n, uint32_t elt_size, uint32_t cache_size, ui
     uint64_t off = sizeof(struct memd_mempool);
     memset(g, 0, sizeof(*g));
     g->flushthresh = flushthresh;
+    g->n = n;
+    g->cache_size = cache_size;
     if (cache_size) {
         g->caches_offset = off;
         /* 2 * cache_size: a refill of cache_size + n lands here when n <= size
@@ -88,6 +93,7 @@ int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n, u
         return rc;
     if (pool % MEMD_CACHE_LINE || (name && strnlen(name, MEMD_NAMESIZE) >= MEMD_NAMESIZE))
         return -EINVAL;
+    g.pool = pool;
     struct memd_mempool *mp = pool_at(base, pool);
     /* relaxed: nobody may use the pool until the magic is stored below. */
     atomic_store_explicit(&mp->magic, 0, memory_order_relaxed);
@@ -114,10 +120,11 @@ int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n, u
         ring_flags |= MEMD_RING_F_SP_ENQ;
     if (flags & MEMD_MEMPOOL_F_SC_GET)
         ring_flags |= MEMD_RING_F_SC_DEQ;
-    struct memd_ring *r = ring_of(base, pool, mp);
+    struct memd_ring *r = ring_of(base, &g);
     rc = memd_ring_init(r, name, n, MEMD_RING_ESIZE_U64, ring_flags);
     if (rc < 0)
         return rc;
+    g.ring = memd_ring_geom_of(r);
 
     uint64_t handle = pool + g.objs_offset + OBJHDR_SIZE;
     for (uint32_t i = 0; i < n; i++, handle += g.obj_stride) {
@@ -126,8 +133,8 @@ int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n, u
         h->pool_offset = pool;
         h->cookie = MEMD_MEMPOOL_HDR_COOKIE_FREE;
         h->index = i;
-        *trailer_of(base, mp, handle) = MEMD_MEMPOOL_TRAILER_COOKIE;
-        if (memd_ring_enqueue_bulk(r, memd_ring_geom_of(r), &handle, 1, NULL, NULL) != 1)
+        *trailer_of(base, &g, handle) = MEMD_MEMPOOL_TRAILER_COOKIE;
+        if (memd_ring_enqueue_bulk(r, g.ring, &handle, 1, NULL, NULL) != 1)
             return -EFAULT; /* cannot happen: the ring holds exactly n */
     }
     /* release: pairs with the acquire load in memd_mempool_check; whoever sees
@@ -155,23 +162,48 @@ int memd_mempool_check(const char *base, uint64_t pool, uint64_t avail)
         return -EINVAL;
     const struct memd_ring *r = (const struct memd_ring *)(base + pool + mp->ring_offset);
     /* The free ring carries handles: uint64 entries, whatever its header says. */
-    if (memd_ring_check(r, mp->memsize - mp->ring_offset) < 0 || r->esize != MEMD_RING_ESIZE_U64)
+    if (memd_ring_check(r, mp->memsize - mp->ring_offset) < 0 || r->capacity != mp->n ||
+        r->esize != MEMD_RING_ESIZE_U64)
+        return -EINVAL;
+    return 0;
+}
+
+int memd_mempool_load(const char *base, uint64_t pool, uint64_t avail,
+                      struct memd_mempool_geometry *g)
+{
+    if (memd_mempool_check(base, pool, avail) < 0)
+        return -EINVAL;
+    const struct memd_mempool *mp = pool_at(base, pool);
+    /* computed again from the inputs just checked, and the ring checked again at the
+     * computed place: a rewrite of the header meanwhile cannot slip in a geometry
+     * that was not checked */
+    if (memd_mempool_geometry(mp->n, mp->elt_size, mp->cache_size, mp->private_data_size, mp->flags,
+                              g) < 0 ||
+        g->memsize > avail)
+        return -EINVAL;
+    const struct memd_ring *r = (const struct memd_ring *)(base + pool + g->ring_offset);
+    g->pool = pool;
+    g->ring = memd_ring_geom_of(r);
+    if (memd_ring_check(r, g->objs_offset - g->ring_offset) < 0 || g->ring.capacity != g->n ||
+        r->esize != MEMD_RING_ESIZE_U64 || g->ring.size <= g->n ||
+        (g->ring.size & (g->ring.size - 1)) ||
+        sizeof(struct memd_ring) + 8ull * g->ring.size > g->objs_offset - g->ring_offset)
         return -EINVAL;
     return 0;
 }
 
 /* --- handles -------------------------------------------------------------- */
 
-struct memd_mempool_objhdr *memd_mempool_objhdr_of(char *base, uint64_t pool, uint64_t handle)
+struct memd_mempool_objhdr *
+memd_mempool_objhdr_of(char *base, const struct memd_mempool_geometry *g, uint64_t handle)
 {
-    const struct memd_mempool *mp = pool_at(base, pool);
-    uint64_t first = pool + mp->objs_offset + OBJHDR_SIZE;
+    const uint64_t pool = g->pool;
+    uint64_t first = pool + g->objs_offset + OBJHDR_SIZE;
     uint64_t rel = handle - first; /* wraps to huge if handle < first */
-    if (unlikely(handle < first || rel >= (uint64_t)mp->n * mp->obj_stride ||
-                 rel % MEMD_CACHE_LINE))
+    if (unlikely(handle < first || rel >= (uint64_t)g->n * g->obj_stride || rel % MEMD_CACHE_LINE))
         return NULL;
     struct memd_mempool_objhdr *h = (struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
-    if (unlikely(h->pool_offset != pool || (uint64_t)h->index * mp->obj_stride != rel))
+    if (unlikely(h->pool_offset != pool || (uint64_t)h->index * g->obj_stride != rel))
         return NULL;
     return h;
 }
@@ -182,12 +214,13 @@ struct memd_mempool_objhdr *memd_mempool_objhdr_of(char *base, uint64_t pool, ui
  * this process (the owner tag shares the cookie's cache line: no extra miss).
  * Each must be a FREE object of the pool; if not, the pool is corrupted:
  * -EFAULT (the entry is dropped, and audit() says what is wrong). */
-static int mark_busy(char *base, uint64_t pool, const uint64_t *handles, unsigned n)
+static int mark_busy(char *base, const struct memd_mempool_geometry *g, const uint64_t *handles,
+                     unsigned n)
 {
     int rc = 0;
     const int32_t pid = (int32_t)memd_self_pid();
     for (unsigned i = 0; i < n; i++) {
-        struct memd_mempool_objhdr *h = memd_mempool_objhdr_of(base, pool, handles[i]);
+        struct memd_mempool_objhdr *h = memd_mempool_objhdr_of(base, g, handles[i]);
         if (unlikely(h == NULL || h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE)) {
             rc = -EFAULT;
             continue;
@@ -208,23 +241,21 @@ static int mark_busy(char *base, uint64_t pool, const uint64_t *handles, unsigne
  * only once the outcome is known: a process killed in between leaves objects
  * in no ring or cache (memd_mempool_recover finds them), never in two places.
  * Out of line: the stack buffer stays off the hit path. */
-static __attribute__((noinline)) int get_miss(char *base, uint64_t pool, struct memd_mempool *mp,
+static __attribute__((noinline)) int get_miss(char *base, const struct memd_mempool_geometry *g,
                                               struct memd_mempool_cache *c, uint32_t len,
                                               uint64_t *handles, unsigned n)
 {
-    struct memd_ring *r = ring_of(base, pool, mp);
-    const uint32_t size = mp->cache_size;
+    struct memd_ring *r = ring_of(base, g);
+    const uint32_t size = g->cache_size;
     const unsigned rest = n - len;
     uint64_t refill[2 * MEMD_MEMPOOL_CACHE_MAX_SIZE];
     /* As DPDK: a rest bigger than the largest cache is not worth a refill. */
     const unsigned req = rest <= MEMD_MEMPOOL_CACHE_MAX_SIZE ? size + rest : 0;
-    const int refilled =
-        req && memd_ring_dequeue_bulk(r, memd_ring_geom_of(r), refill, req, NULL, NULL) == req;
+    const int refilled = req && memd_ring_dequeue_bulk(r, g->ring, refill, req, NULL, NULL) == req;
     if (refilled) {
         for (unsigned i = 0; i < rest; i++)
             handles[len + i] = refill[req - 1 - i];
-    } else if (memd_ring_dequeue_bulk(r, memd_ring_geom_of(r), handles + len, rest, NULL, NULL) !=
-               rest) {
+    } else if (memd_ring_dequeue_bulk(r, g->ring, handles + len, rest, NULL, NULL) != rest) {
         return -ENOBUFS; /* nothing taken: the ring and the cache as they were */
     }
     for (unsigned i = 0; i < len; i++)
@@ -233,77 +264,197 @@ static __attribute__((noinline)) int get_miss(char *base, uint64_t pool, struct 
         memcpy(c->objs, refill, size * sizeof(uint64_t));
     atomic_store_explicit(&c->len, refilled ? size : 0, memory_order_relaxed);
     c->gets += n;
-    return mark_busy(base, pool, handles, n);
+    return mark_busy(base, g, handles, n);
 }
 
-int memd_mempool_get_bulk(char *base, uint64_t pool, uint32_t slot, uint64_t *handles, unsigned n)
+int memd_mempool_get_bulk(char *base, const struct memd_mempool_geometry *g, uint32_t slot,
+                          uint64_t *handles, unsigned n)
 {
-    struct memd_mempool *mp = pool_at(base, pool);
-    struct memd_mempool_cache *c = cache_of(base, pool, mp, slot);
+    struct memd_mempool_cache *c = cache_of(base, g, slot);
     if (unlikely(n == 0))
         return 0;
     if (c == NULL) {
-        struct memd_ring *r = ring_of(base, pool, mp);
-        if (memd_ring_dequeue_bulk(r, memd_ring_geom_of(r), handles, n, NULL, NULL) != n)
+        struct memd_ring *r = ring_of(base, g);
+        if (memd_ring_dequeue_bulk(r, g->ring, handles, n, NULL, NULL) != n)
             return -ENOBUFS;
-        return mark_busy(base, pool, handles, n);
+        return mark_busy(base, g, handles, n);
     }
     /* relaxed: only this process writes its cache's len (see the header). */
     uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
-    if (unlikely(len > 2u * mp->cache_size))
+    if (unlikely(len > 2u * g->cache_size))
         return -EFAULT; /* a smashed len would index past the cache */
     if (unlikely(n > len))
-        return get_miss(base, pool, mp, c, len, handles, n);
+        return get_miss(base, g, c, len, handles, n);
     /* The hot objects are on top of the stack: hand those out. */
     for (unsigned i = 0; i < n; i++)
         handles[i] = c->objs[len - 1 - i];
     atomic_store_explicit(&c->len, len - n, memory_order_relaxed);
     c->gets += n;
-    return mark_busy(base, pool, handles, n);
+    return mark_busy(base, g, handles, n);
 }
 
-/* Put back the BUSY marks of handles[0..k) after a failed put. */
+/* Put back the BUSY marks of handles[0..k) after a failed put: the caller keeps
+ * them, so they are tagged as its own. */
 static void unmark(char *base, const uint64_t *handles, unsigned k)
 {
-    for (unsigned i = 0; i < k; i++)
-        ((struct memd_mempool_objhdr *)(base + handles[i] - OBJHDR_SIZE))->cookie =
-            MEMD_MEMPOOL_HDR_COOKIE_BUSY;
+    const int32_t self = (int32_t)memd_self_pid();
+    for (unsigned i = 0; i < k; i++) {
+        struct memd_mempool_objhdr *h =
+            (struct memd_mempool_objhdr *)(base + handles[i] - OBJHDR_SIZE);
+        __atomic_store_n(&h->owner_pid, self, __ATOMIC_RELAXED);
+        __atomic_store_n(&h->cookie, MEMD_MEMPOOL_HDR_COOKIE_BUSY, __ATOMIC_RELAXED);
+    }
 }
 
-int memd_mempool_put_bulk(char *base, uint64_t pool, uint32_t slot, const uint64_t *handles,
-                          unsigned n)
+/*
+ * Two processes putting one object at once (a double put) must not both pass:
+ * the object would go into the free ring twice.  A locked instruction per object
+ * costs a bulk put of 32 a quarter of its time, so the common case, the getter
+ * putting its own object (owner tag == its pid), marks it FREE with a plain store
+ * and checks once per call, after one fence, that the tag still names it.  Any
+ * other putter first claims the tag with a CAS (-> CLAIMING(its pid)), then looks
+ * at the cookie, and settles the tag at once: WON(its pid) if it saw BUSY (and
+ * marked it FREE), else the old tag back (it failed: a double put).  By the
+ * fences, either the getter's check sees the claim, or the claimer sees the
+ * getter's FREE: the getter waits for the claim to settle (nanoseconds; a claimer
+ * that died or stays stopped counts as lost) and wins iff the tag is its own
+ * again.  Two claimers: one CAS fails.  Threads of one process hold the GIL.
+ */
+#define CLAIMING(pid) (-(int32_t)(pid))
+#define WON(pid)      (-(int32_t)((uint32_t)(pid) | 0x40000000u)) /* pids < 2^30 */
+#define IS_WON(tag)   ((tag) < 0 && ((uint32_t)-(tag) & 0x40000000u))
+
+/* A full barrier; on x86 a locked add to the stack is cheaper than mfence and
+ * orders plain stores before later loads just the same. */
+static inline void full_fence(void)
 {
-    struct memd_mempool *mp = pool_at(base, pool);
-    struct memd_ring *r = ring_of(base, pool, mp);
-    struct memd_mempool_cache *c = cache_of(base, pool, mp, slot);
+#if defined(__x86_64__)
+    __asm__ __volatile__("lock; addl $0, -8(%%rsp)" ::: "memory", "cc");
+#else
+    atomic_thread_fence(memory_order_seq_cst);
+#endif
+}
+
+/* Put an object this process did not get (see above): 0, or -EALREADY / -EFAULT
+ * with the object as it was. */
+static __attribute__((noinline)) int claim_foreign(struct memd_mempool_objhdr *h, uint64_t ck,
+                                                   int32_t self)
+{
+    if (ck != MEMD_MEMPOOL_HDR_COOKIE_BUSY)
+        return ck == MEMD_MEMPOOL_HDR_COOKIE_FREE ? -EALREADY : -EFAULT;
+    int32_t o = __atomic_load_n(&h->owner_pid, __ATOMIC_RELAXED);
+    /* WON: another put has just marked it FREE (its stores come in that order);
+     * a negative tag without WON is a claim: only a live claimer's blocks us */
+    if (IS_WON(o) || (o < 0 && memd_process_alive((pid_t)-o, 0, 0)))
+        return -EALREADY; /* another process is putting it right now */
+    if (!__atomic_compare_exchange_n(&h->owner_pid, &o, CLAIMING(self), 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_RELAXED))
+        return -EALREADY;
+    ck = __atomic_load_n(&h->cookie, __ATOMIC_RELAXED);
+    if (ck != MEMD_MEMPOOL_HDR_COOKIE_BUSY) {
+        __atomic_store_n(&h->owner_pid, o, __ATOMIC_RELAXED); /* settled: not ours */
+        return ck == MEMD_MEMPOOL_HDR_COOKIE_FREE ? -EALREADY : -EFAULT;
+    }
+    __atomic_store_n(&h->cookie, MEMD_MEMPOOL_HDR_COOKIE_FREE, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->owner_pid, WON(self), __ATOMIC_RELAXED); /* settled: ours */
+    return 0;
+}
+
+/* After the fence: is object h, marked FREE by our plain store, still ours?
+ * Waits for a claim in progress to settle. */
+static __attribute__((noinline)) int own_mark_lost(struct memd_mempool_objhdr *h, int32_t self,
+                                                   int32_t o)
+{
+    for (unsigned spins = 0; o < 0 && !IS_WON(o); spins++) {
+        if (spins % 4096 == 4095 && !memd_process_alive((pid_t)-o, 0, 0))
+            break;
+        if (spins > (1u << 24))
+            break; /* a stopped claimer: give up (a double put either way) */
+        memd_cpu_relax();
+        o = __atomic_load_n(&h->owner_pid, __ATOMIC_RELAXED);
+    }
+    if (o == self || o == WON(self))
+        return 0;
+    /* Lost.  A getter holding it again means our FREE store came late (we were
+     * preempted before it): put its BUSY back. */
+    uint64_t want = MEMD_MEMPOOL_HDR_COOKIE_FREE;
+    if (o > 0)
+        __atomic_compare_exchange_n(&h->cookie, &want, MEMD_MEMPOOL_HDR_COOKIE_BUSY, 0,
+                                    __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    return 1;
+}
+
+/* A put that failed gives back its marks on handles[0..k) except `skip` (all or
+ * nothing), but not on one another putter took meanwhile (our plain FREE store
+ * can be overtaken by a claimer that saw BUSY). */
+static __attribute__((noinline)) void give_back(char *base, const uint64_t *handles, unsigned k,
+                                                unsigned skip, int32_t self)
+{
+    full_fence(); /* as in put_bulk: a claimer's CAS is seen, or it saw our FREE */
+    for (unsigned j = 0; j < k; j++) {
+        struct memd_mempool_objhdr *x =
+            (struct memd_mempool_objhdr *)(base + handles[j] - OBJHDR_SIZE);
+        int32_t t = __atomic_load_n(&x->owner_pid, __ATOMIC_RELAXED);
+        if (j != skip && (t == self || t == WON(self) || !own_mark_lost(x, self, t)))
+            unmark(base, &handles[j], 1);
+    }
+}
+
+int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uint32_t slot,
+                          const uint64_t *handles, unsigned n)
+{
+    struct memd_ring *r = ring_of(base, g);
+    struct memd_mempool_cache *c = cache_of(base, g, slot);
     /* relaxed: only this process writes its cache's len (see the header). */
     uint32_t len = c ? atomic_load_explicit(&c->len, memory_order_relaxed) : 0;
-    if (unlikely(len > 2u * mp->cache_size))
+    if (unlikely(len > 2u * g->cache_size))
         return -EFAULT; /* a smashed len would index past the cache */
 
     /* Validate and mark free in one pass; a duplicate in this call then shows
      * up as already FREE.  On any failure undo the marks made so far. */
+    const int32_t self = (int32_t)memd_self_pid();
+    unsigned own = 0; /* marked by the plain store: checked after the fence */
     for (unsigned i = 0; i < n; i++) {
-        struct memd_mempool_objhdr *h = memd_mempool_objhdr_of(base, pool, handles[i]);
-        int rc = 0;
-        if (unlikely(h == NULL))
-            rc = -EINVAL;
-        else if (unlikely(h->cookie != MEMD_MEMPOOL_HDR_COOKIE_BUSY))
-            rc = h->cookie == MEMD_MEMPOOL_HDR_COOKIE_FREE ? -EALREADY : -EFAULT;
+        struct memd_mempool_objhdr *h = memd_mempool_objhdr_of(base, g, handles[i]);
+        if (unlikely(h == NULL)) {
+            give_back(base, handles, i, UINT32_MAX, self);
+            return -EINVAL;
+        }
+        uint64_t ck = __atomic_load_n(&h->cookie, __ATOMIC_RELAXED);
+        if (likely(ck == MEMD_MEMPOOL_HDR_COOKIE_BUSY &&
+                   __atomic_load_n(&h->owner_pid, __ATOMIC_RELAXED) == self)) {
+            __atomic_store_n(&h->cookie, MEMD_MEMPOOL_HDR_COOKIE_FREE, __ATOMIC_RELAXED);
+            own++;
+            continue;
+        }
+        int rc = claim_foreign(h, ck, self);
         if (unlikely(rc < 0)) {
-            unmark(base, handles, i);
+            give_back(base, handles, i, UINT32_MAX, self);
             return rc;
         }
-        h->cookie = MEMD_MEMPOOL_HDR_COOKIE_FREE;
+    }
+    if (own) {
+        /* our FREE stores before the tag loads below, against a claimer's CAS
+         * before its cookie load (store buffering: one of us sees the other) */
+        full_fence();
+        for (unsigned i = 0; i < n; i++) {
+            struct memd_mempool_objhdr *h =
+                (struct memd_mempool_objhdr *)(base + handles[i] - OBJHDR_SIZE);
+            int32_t o = __atomic_load_n(&h->owner_pid, __ATOMIC_RELAXED);
+            if (likely(o == self || o == WON(self)) || !own_mark_lost(h, self, o))
+                continue;
+            give_back(base, handles, n, i, self); /* another putter has it */
+            return -EALREADY;
+        }
     }
 
     /* DPDK 22.11 rte_mempool_do_generic_put: more than the flush threshold goes
      * straight to the ring; else if the cache would pass the threshold, the
      * whole cache goes to the ring first; then the n objects are cached.  The
      * threshold is computed, not read: the cache has room for 2 * cache_size. */
-    const uint32_t flushthresh = mp->cache_size * 3 / 2;
+    const uint32_t flushthresh = g->flushthresh;
     if (c == NULL || n > flushthresh) {
-        if (memd_ring_enqueue_bulk(r, memd_ring_geom_of(r), handles, n, NULL, NULL) != n) {
+        if (memd_ring_enqueue_bulk(r, g->ring, handles, n, NULL, NULL) != n) {
             unmark(base, handles, n);
             return -EFAULT; /* more objects than the pool has: corrupted */
         }
@@ -314,7 +465,7 @@ int memd_mempool_put_bulk(char *base, uint64_t pool, uint32_t slot, const uint64
          * first: a process killed in between leaves objects in no ring or cache
          * (memd_mempool_recover finds them), never in both (handed out twice). */
         atomic_store_explicit(&c->len, 0, memory_order_relaxed);
-        if (memd_ring_enqueue_bulk(r, memd_ring_geom_of(r), c->objs, len, NULL, NULL) != len) {
+        if (memd_ring_enqueue_bulk(r, g->ring, c->objs, len, NULL, NULL) != len) {
             atomic_store_explicit(&c->len, len, memory_order_relaxed);
             unmark(base, handles, n);
             return -EFAULT;
@@ -328,20 +479,18 @@ int memd_mempool_put_bulk(char *base, uint64_t pool, uint32_t slot, const uint64
     return 0;
 }
 
-int memd_mempool_flush_cache(char *base, uint64_t pool, uint32_t slot)
+int memd_mempool_flush_cache(char *base, const struct memd_mempool_geometry *g, uint32_t slot)
 {
-    struct memd_mempool *mp = pool_at(base, pool);
     if (slot >= MEMD_MAX_PROCS)
         return -EINVAL;
-    struct memd_mempool_cache *c = cache_of(base, pool, mp, slot);
+    struct memd_mempool_cache *c = cache_of(base, g, slot);
     if (c == NULL)
         return 0;
     uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
-    if (len > 2u * mp->cache_size)
+    if (len > 2u * g->cache_size)
         return -EFAULT;
     atomic_store_explicit(&c->len, 0, memory_order_relaxed); /* first: see put_bulk */
-    if (memd_ring_enqueue_bulk(ring_of(base, pool, mp), memd_ring_geom_of(ring_of(base, pool, mp)),
-                               c->objs, len, NULL, NULL) != len) {
+    if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, c->objs, len, NULL, NULL) != len) {
         atomic_store_explicit(&c->len, len, memory_order_relaxed);
         return -EFAULT;
     }
@@ -350,30 +499,54 @@ int memd_mempool_flush_cache(char *base, uint64_t pool, uint32_t slot)
 
 /* --- owner tags ------------------------------------------------------------ */
 
-static inline struct memd_mempool_objhdr *objhdr_at(char *base, uint64_t pool,
-                                                    const struct memd_mempool *mp, uint32_t i)
+static inline struct memd_mempool_objhdr *
+objhdr_at(char *base, const struct memd_mempool_geometry *g, uint32_t i)
 {
-    return (struct memd_mempool_objhdr *)(base + pool + mp->objs_offset +
-                                          (uint64_t)i * mp->obj_stride);
+    return (struct memd_mempool_objhdr *)(base + g->pool + g->objs_offset +
+                                          (uint64_t)i * g->obj_stride);
 }
 
-uint64_t memd_mempool_held_by(char *base, uint64_t pool, int32_t pid)
+uint64_t memd_mempool_held_by(char *base, const struct memd_mempool_geometry *g, int32_t pid)
 {
-    const struct memd_mempool *mp = pool_at(base, pool);
     uint64_t count = 0;
-    for (uint32_t i = 0; i < mp->n; i++) {
-        const struct memd_mempool_objhdr *h = objhdr_at(base, pool, mp, i);
+    for (uint32_t i = 0; i < g->n; i++) {
+        const struct memd_mempool_objhdr *h = objhdr_at(base, g, i);
         count += h->cookie == MEMD_MEMPOOL_HDR_COOKIE_BUSY && h->owner_pid == pid;
     }
     return count;
 }
 
-int memd_mempool_busy_at(char *base, uint64_t pool, uint32_t i, uint64_t *handle, int32_t *pid)
+int64_t memd_mempool_holders(char *base, const struct memd_mempool_geometry *g, int32_t *pids,
+                             uint64_t *counts, uint32_t cap)
 {
-    const struct memd_mempool *mp = pool_at(base, pool);
-    if (i >= mp->n)
+    uint32_t k = 0, last = 0;
+    for (uint32_t i = 0; i < g->n; i++) {
+        const struct memd_mempool_objhdr *h = objhdr_at(base, g, i);
+        if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_BUSY)
+            continue;
+        int32_t pid = h->owner_pid;
+        /* runs of one getter are the common case: try the last one first */
+        uint32_t j = last < k && pids[last] == pid ? last : 0;
+        while (j < k && pids[j] != pid)
+            j++;
+        if (j == k) {
+            if (k == cap)
+                return -ENOSPC;
+            pids[k] = pid;
+            counts[k++] = 0;
+        }
+        counts[j]++;
+        last = j;
+    }
+    return k;
+}
+
+int memd_mempool_busy_at(char *base, const struct memd_mempool_geometry *g, uint32_t i,
+                         uint64_t *handle, int32_t *pid)
+{
+    if (i >= g->n)
         return -EINVAL;
-    const struct memd_mempool_objhdr *h = objhdr_at(base, pool, mp, i);
+    const struct memd_mempool_objhdr *h = objhdr_at(base, g, i);
     *handle = (uint64_t)((const char *)(h + 1) - base);
     *pid = h->owner_pid;
     return h->cookie == MEMD_MEMPOOL_HDR_COOKIE_BUSY;
@@ -383,16 +556,17 @@ int memd_mempool_busy_at(char *base, uint64_t pool, uint32_t i, uint64_t *handle
  * them was put meanwhile by someone else: the caller was wrong that the dead
  * process's objects are not shared), put them one by one and count those that
  * went back.  -EFAULT if the ring overflows (corruption). */
-static int64_t put_back(char *base, uint64_t pool, const uint64_t *handles, unsigned k)
+static int64_t put_back(char *base, const struct memd_mempool_geometry *g, const uint64_t *handles,
+                        unsigned k)
 {
-    int rc = memd_mempool_put_bulk(base, pool, MEMD_MEMPOOL_NO_CACHE, handles, k);
+    int rc = memd_mempool_put_bulk(base, g, MEMD_MEMPOOL_NO_CACHE, handles, k);
     if (rc == 0)
         return k;
     if (rc == -EFAULT)
         return rc;
     int64_t done = 0;
     for (unsigned i = 0; i < k; i++) {
-        rc = memd_mempool_put_bulk(base, pool, MEMD_MEMPOOL_NO_CACHE, &handles[i], 1);
+        rc = memd_mempool_put_bulk(base, g, MEMD_MEMPOOL_NO_CACHE, &handles[i], 1);
         if (rc == -EFAULT)
             return rc;
         done += rc == 0;
@@ -400,9 +574,8 @@ static int64_t put_back(char *base, uint64_t pool, const uint64_t *handles, unsi
     return done;
 }
 
-int64_t memd_mempool_reclaim_held_by(char *base, uint64_t pool, int32_t pid)
+int64_t memd_mempool_reclaim_held_by(char *base, const struct memd_mempool_geometry *g, int32_t pid)
 {
-    const struct memd_mempool *mp = pool_at(base, pool);
     if (pid <= 0)
         return -EINVAL;
     /* Never take objects from under a live process (a zombie is dead). */
@@ -411,13 +584,13 @@ int64_t memd_mempool_reclaim_held_by(char *base, uint64_t pool, int32_t pid)
     uint64_t batch[64];
     unsigned k = 0;
     int64_t total = 0;
-    for (uint32_t i = 0; i < mp->n; i++) {
-        struct memd_mempool_objhdr *h = objhdr_at(base, pool, mp, i);
+    for (uint32_t i = 0; i < g->n; i++) {
+        struct memd_mempool_objhdr *h = objhdr_at(base, g, i);
         if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_BUSY || h->owner_pid != pid)
             continue;
         batch[k++] = (uint64_t)((char *)(h + 1) - base);
         if (k == sizeof(batch) / sizeof(batch[0])) {
-            int64_t rc = put_back(base, pool, batch, k);
+            int64_t rc = put_back(base, g, batch, k);
             if (rc < 0)
                 return rc;
             total += rc;
@@ -425,7 +598,7 @@ int64_t memd_mempool_reclaim_held_by(char *base, uint64_t pool, int32_t pid)
         }
     }
     if (k) {
-        int64_t rc = put_back(base, pool, batch, k);
+        int64_t rc = put_back(base, g, batch, k);
         if (rc < 0)
             return rc;
         total += rc;
@@ -433,25 +606,24 @@ int64_t memd_mempool_reclaim_held_by(char *base, uint64_t pool, int32_t pid)
     return total;
 }
 
-uint32_t memd_mempool_cache_count(const char *base, uint64_t pool, uint32_t slot)
+uint32_t memd_mempool_cache_count(const char *base, const struct memd_mempool_geometry *g,
+                                  uint32_t slot)
 {
-    const struct memd_mempool *mp = pool_at(base, pool);
-    struct memd_mempool_cache *c = cache_of(base, pool, mp, slot);
+    struct memd_mempool_cache *c = cache_of(base, g, slot);
     /* relaxed: a count, not a hand-over of objects. */
     return c ? atomic_load_explicit(&c->len, memory_order_relaxed) : 0;
 }
 
-uint64_t memd_mempool_avail_count(const char *base, uint64_t pool)
+uint64_t memd_mempool_avail_count(const char *base, const struct memd_mempool_geometry *g)
 {
-    const struct memd_mempool *mp = pool_at(base, pool);
-    const struct memd_ring *r = (const struct memd_ring *)(base + pool + mp->ring_offset);
-    uint64_t count = memd_ring_count(r, memd_ring_geom_of(r));
-    if (mp->cache_size) {
+    uint64_t count = memd_ring_count(ring_of(base, g), g->ring);
+    if (g->cache_size) {
         for (uint32_t s = 0; s < MEMD_MAX_PROCS; s++)
-            count += memd_mempool_cache_count(base, pool, s);
+            count += memd_mempool_cache_count(base, g, s);
     }
-    /* Objects moving between a cache and the ring may be counted twice. */
-    return count > mp->n ? mp->n : count;
+    /* Objects moving between a cache and the ring may be counted twice (and a
+     * smashed len, many times). */
+    return count > g->n ? g->n : count;
 }
 
 /* --- audit ---------------------------------------------------------------- */
@@ -464,10 +636,10 @@ static int fault(struct memd_mempool_audit *a, uint32_t what, int64_t where)
 }
 
 /* Account for one handle found in the ring (slot -1) or a cache. */
-static int audit_entry(char *base, uint64_t pool, uint64_t handle, uint8_t *seen,
-                       struct memd_mempool_audit *a, int64_t slot)
+static int audit_entry(char *base, const struct memd_mempool_geometry *g, uint64_t handle,
+                       uint8_t *seen, struct memd_mempool_audit *a, int64_t slot)
 {
-    struct memd_mempool_objhdr *h = memd_mempool_objhdr_of(base, pool, handle);
+    struct memd_mempool_objhdr *h = memd_mempool_objhdr_of(base, g, handle);
     if (h == NULL)
         return fault(a, MEMD_MP_BAD_ENTRY, slot);
     if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE)
@@ -481,11 +653,12 @@ static int audit_entry(char *base, uint64_t pool, uint64_t handle, uint8_t *seen
     return 0;
 }
 
-static int audit_walk(char *base, uint64_t pool, struct memd_mempool_audit *a, uint8_t *seen)
+static int audit_walk(char *base, const struct memd_mempool_geometry *g,
+                      struct memd_mempool_audit *a, uint8_t *seen)
 {
-    struct memd_mempool *mp = pool_at(base, pool);
-    uint64_t handle = pool + mp->objs_offset + OBJHDR_SIZE;
-    for (uint32_t i = 0; i < mp->n; i++, handle += mp->obj_stride) {
+    const uint64_t pool = g->pool;
+    uint64_t handle = pool + g->objs_offset + OBJHDR_SIZE;
+    for (uint32_t i = 0; i < g->n; i++, handle += g->obj_stride) {
         struct memd_mempool_objhdr *h = (struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
         if (h->pool_offset != pool || h->index != i)
             return fault(a, MEMD_MP_BAD_OBJ_HEADER, i);
@@ -495,33 +668,33 @@ static int audit_walk(char *base, uint64_t pool, struct memd_mempool_audit *a, u
             a->busy_objs++;
         else
             return fault(a, MEMD_MP_BAD_OBJ_COOKIE, i);
-        if (*trailer_of(base, mp, handle) != MEMD_MEMPOOL_TRAILER_COOKIE)
+        if (*trailer_of(base, g, handle) != MEMD_MEMPOOL_TRAILER_COOKIE)
             return fault(a, MEMD_MP_BAD_TRAILER, i);
     }
 
-    struct memd_ring *r = ring_of(base, pool, mp);
-    if (memd_ring_check(r, mp->memsize - mp->ring_offset) < 0 || r->capacity != mp->n ||
-        r->esize != MEMD_RING_ESIZE_U64)
+    struct memd_ring *r = ring_of(base, g);
+    if (memd_ring_check(r, g->memsize - g->ring_offset) < 0 || r->size != g->ring.size ||
+        r->capacity != g->n || r->esize != MEMD_RING_ESIZE_U64)
         return fault(a, MEMD_MP_BAD_RING, -1);
     /* acquire: as memd_ring_count; quiescent, so head == tail on each side. */
     uint32_t cons = atomic_load_explicit(&r->cons.tail, memory_order_acquire);
     uint32_t prod = atomic_load_explicit(&r->prod.tail, memory_order_acquire);
-    if (prod - cons > r->capacity)
+    if (prod - cons > g->ring.capacity)
         return fault(a, MEMD_MP_BAD_RING, -1);
     for (uint32_t k = cons; k != prod; k++) {
         a->in_ring++;
-        if (audit_entry(base, pool, r->slots[k & r->mask], seen, a, -1) < 0)
+        if (audit_entry(base, g, r->slots[k & (g->ring.size - 1)], seen, a, -1) < 0)
             return -EFAULT;
     }
 
-    for (uint32_t s = 0; mp->cache_size && s < MEMD_MAX_PROCS; s++) {
-        struct memd_mempool_cache *c = cache_of(base, pool, mp, s);
+    for (uint32_t s = 0; g->cache_size && s < MEMD_MAX_PROCS; s++) {
+        struct memd_mempool_cache *c = cache_of(base, g, s);
         uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
-        if (len > 2u * mp->cache_size)
+        if (len > 2u * g->cache_size)
             return fault(a, MEMD_MP_BAD_CACHE, s);
         for (uint32_t k = 0; k < len; k++) {
             a->in_caches++;
-            if (audit_entry(base, pool, c->objs[k], seen, a, s) < 0)
+            if (audit_entry(base, g, c->objs[k], seen, a, s) < 0)
                 return -EFAULT;
         }
     }
@@ -534,24 +707,22 @@ int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audi
 {
     memset(a, 0, sizeof(*a));
     a->where = -1;
-    if (memd_mempool_check(base, pool, UINT64_MAX) < 0)
+    struct memd_mempool_geometry gg, *g = &gg;
+    if (memd_mempool_load(base, pool, UINT64_MAX, g) < 0)
         return fault(a, MEMD_MP_BAD_POOL_HEADER, -1);
-    struct memd_mempool *mp = pool_at(base, pool);
-    uint8_t *seen = calloc((mp->n + 7u) / 8u, 1);
+    uint8_t *seen = calloc((g->n + 7u) / 8u, 1);
     if (seen == NULL)
         return -ENOMEM;
-    int64_t done = audit_walk(base, pool, a, seen);
+    int64_t done = audit_walk(base, g, a, seen);
     if (done == -EFAULT && a->fault == MEMD_MP_LOST) {
         done = 0; /* free objects in no ring or cache: a process died moving them */
-        uint64_t handle = pool + mp->objs_offset + OBJHDR_SIZE;
-        for (uint32_t i = 0; i < mp->n; i++, handle += mp->obj_stride) {
+        uint64_t handle = pool + g->objs_offset + OBJHDR_SIZE;
+        for (uint32_t i = 0; i < g->n; i++, handle += g->obj_stride) {
             const struct memd_mempool_objhdr *h =
                 (const struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
             if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE || (seen[i / 8] & (1u << (i % 8))))
                 continue;
-            if (memd_ring_enqueue_bulk(ring_of(base, pool, mp),
-                                       memd_ring_geom_of(ring_of(base, pool, mp)), &handle, 1, NULL,
-                                       NULL) != 1) {
+            if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, &handle, 1, NULL, NULL) != 1) {
                 done = fault(a, MEMD_MP_BAD_RING, i);
                 break;
             }
@@ -566,12 +737,13 @@ int memd_mempool_audit(char *base, uint64_t pool, struct memd_mempool_audit *a)
 {
     memset(a, 0, sizeof(*a));
     a->where = -1;
-    if (memd_mempool_check(base, pool, UINT64_MAX) < 0)
+    struct memd_mempool_geometry g;
+    if (memd_mempool_load(base, pool, UINT64_MAX, &g) < 0)
         return fault(a, MEMD_MP_BAD_POOL_HEADER, -1);
-    uint8_t *seen = calloc((pool_at(base, pool)->n + 7u) / 8u, 1);
+    uint8_t *seen = calloc((g.n + 7u) / 8u, 1);
     if (seen == NULL)
         return -ENOMEM;
-    int rc = audit_walk(base, pool, a, seen);
+    int rc = audit_walk(base, &g, a, seen);
     free(seen);
     return rc;
 }

@@ -24,14 +24,22 @@
 #include <stdint.h>
 
 #include "memd_layout.h"
+#include "ring.h"
 
 #define MEMD_MEMPOOL_NO_CACHE UINT32_MAX /* a slot value: use the ring only */
 
-/* Where each part of a pool goes; all offsets relative to the pool header. */
+/* Where each part of a pool goes; all offsets relative to the pool header.  A
+ * pool's user keeps the geometry it validated (memd_mempool_load) in its own memory
+ * and gets, puts and counts with it, never with the shared header, which any
+ * attached process can overwrite: a damaged header then breaks that pool (an
+ * error), and nothing outside its memory is touched. */
 struct memd_mempool_geometry {
     uint64_t caches_offset, cache_stride, private_offset, ring_offset;
     uint64_t objs_offset, obj_stride, trailer_offset, memsize;
     uint32_t flushthresh;
+    uint32_t n, cache_size;     /* as asked */
+    uint64_t pool;              /* window offset of the header (memd_mempool_load only) */
+    struct memd_ring_geom ring; /* the free ring's (memd_mempool_load only) */
 };
 
 /* Compute the geometry.  Fails iff -EINVAL: n is 0 or >= 2^31, elt_size >= 2^31,
@@ -51,6 +59,11 @@ int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n, u
  * -EINVAL otherwise. */
 int memd_mempool_check(const char *base, uint64_t pool, uint64_t avail);
 
+/* memd_mempool_check, then the pool's geometry (with its free ring's) into *g, for
+ * every later call on the pool.  0 or -EINVAL. */
+int memd_mempool_load(const char *base, uint64_t pool, uint64_t avail,
+                      struct memd_mempool_geometry *g);
+
 /* Take n objects, all or nothing, through cache `slot`; their handles go to
  * handles[0..n).  DPDK 22.11 rte_mempool_do_generic_get: if the cache holds n,
  * they come from its top; else the cache gives all it has (len) and the ring the
@@ -62,7 +75,8 @@ int memd_mempool_check(const char *base, uint64_t pool, uint64_t avail);
  * n free in this slot's cache and the ring; nothing taken, the cache as it was)
  * or -EFAULT (a free object's cookie is wrong, or the cache's length is out of
  * range: corruption). */
-int memd_mempool_get_bulk(char *base, uint64_t pool, uint32_t slot, uint64_t *handles, unsigned n);
+int memd_mempool_get_bulk(char *base, const struct memd_mempool_geometry *g, uint32_t slot,
+                          uint64_t *handles, unsigned n);
 
 /* Give n objects back through cache `slot`, all or nothing.  DPDK 22.11
  * rte_mempool_do_generic_put: n > flushthresh (cache_size * 3 / 2) go straight
@@ -72,39 +86,50 @@ int memd_mempool_get_bulk(char *base, uint64_t pool, uint32_t slot, uint64_t *ha
  * free: a double put, also within this call), or -EFAULT (a cookie is smashed,
  * the cache's length is out of range, or the ring overflowed: corruption).  On
  * failure nothing changed. */
-int memd_mempool_put_bulk(char *base, uint64_t pool, uint32_t slot, const uint64_t *handles,
-                          unsigned n);
+int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uint32_t slot,
+                          const uint64_t *handles, unsigned n);
 
 /* Move every handle in cache `slot` to the ring (a detaching process, or the
  * primary reclaiming a dead process's slot).  Returns how many moved, or
  * -EINVAL (bad slot), -EFAULT (ring overflow: corruption). */
-int memd_mempool_flush_cache(char *base, uint64_t pool, uint32_t slot);
+int memd_mempool_flush_cache(char *base, const struct memd_mempool_geometry *g, uint32_t slot);
 
 /* Objects marked BUSY whose owner tag is pid: taken from the pool (get) by that
  * process and not put back yet, wherever they went since.  A walk over all n
  * object headers; a snapshot while others run. */
-uint64_t memd_mempool_held_by(char *base, uint64_t pool, int32_t pid);
+uint64_t memd_mempool_held_by(char *base, const struct memd_mempool_geometry *g, int32_t pid);
 
 /* Object i (0..n-1): its handle and its getter's pid; 1 if handed out, 0 if
  * free, -EINVAL if i >= n. */
-int memd_mempool_busy_at(char *base, uint64_t pool, uint32_t i, uint64_t *handle, int32_t *pid);
+int memd_mempool_busy_at(char *base, const struct memd_mempool_geometry *g, uint32_t i,
+                         uint64_t *handle, int32_t *pid);
+
+/* Count the objects handed out by getter pid: pids[0..k) and counts[0..k), k
+ * returned (distinct pids, in no order), for a table of cap entries; -ENOSPC if
+ * more than cap distinct pids hold objects (call again with a bigger table).  One
+ * walk over the object headers, nothing allocated per object. */
+int64_t memd_mempool_holders(char *base, const struct memd_mempool_geometry *g, int32_t *pids,
+                             uint64_t *counts, uint32_t cap);
 
 /* Put every object memd_mempool_held_by counts back into the free ring, for a
  * program that knows process pid is dead and shared none of the objects it got
  * (one still in use elsewhere would be handed out twice).  Returns how many went
  * back, or -EINVAL (pid <= 0), -EBUSY (pid is a live process: refused), -EFAULT
  * (the ring overflowed: corruption). */
-int64_t memd_mempool_reclaim_held_by(char *base, uint64_t pool, int32_t pid);
+int64_t memd_mempool_reclaim_held_by(char *base, const struct memd_mempool_geometry *g,
+                                     int32_t pid);
 
 /* Free objects: the ring plus every cache (a snapshot while others run). */
-uint64_t memd_mempool_avail_count(const char *base, uint64_t pool);
+uint64_t memd_mempool_avail_count(const char *base, const struct memd_mempool_geometry *g);
 
 /* Handles in cache `slot` now. */
-uint32_t memd_mempool_cache_count(const char *base, uint64_t pool, uint32_t slot);
+uint32_t memd_mempool_cache_count(const char *base, const struct memd_mempool_geometry *g,
+                                  uint32_t slot);
 
 /* The header of the object whose data is at `handle`, or NULL if handle is not
  * an object of this pool. */
-struct memd_mempool_objhdr *memd_mempool_objhdr_of(char *base, uint64_t pool, uint64_t handle);
+struct memd_mempool_objhdr *
+memd_mempool_objhdr_of(char *base, const struct memd_mempool_geometry *g, uint64_t handle);
 
 /* What memd_mempool_audit found wrong first. */
 enum memd_mempool_fault {

@@ -148,8 +148,9 @@ int memd_add_layout(PyObject *m, const struct memd_field *table)
 PyObject *memd_raise_closed(PyObject *fallback)
 {
     PyErr_SetString(memd_error("MemdValueError", fallback),
-                    "memd: this object belongs to an attachment that was detached (or a "
-                    "closed window); attach() again and look it up anew");
+                    "memd: this object belongs to an attachment that was detached, or "
+                    "inherited through fork() (attach() again in the child), or a closed "
+                    "window; attach() again and look it up anew");
     return NULL;
 }
 

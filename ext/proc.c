@@ -83,3 +83,44 @@ int memd_readable(const char *addr, uint64_t len, uint64_t unit)
     }
     return 1;
 }
+
+/* --- surviving a fault in shared memory ------------------------------------------ */
+
+__thread sigjmp_buf *memd_fault_env __attribute__((tls_model("initial-exec")));
+
+static struct sigaction old_segv, old_bus;
+
+static void on_fault(int sig, siginfo_t *si, void *uc)
+{
+    sigjmp_buf *env = memd_fault_env;
+    if (env != NULL) {
+        memd_fault_env = NULL;
+        siglongjmp(*env, sig);
+    }
+    /* Not ours: hand it to whoever had it.  A default action comes back as the
+     * faulting instruction runs again with it restored. */
+    struct sigaction *old = sig == SIGSEGV ? &old_segv : &old_bus;
+    if (old->sa_flags & SA_SIGINFO) {
+        old->sa_sigaction(sig, si, uc);
+    } else if (old->sa_handler == SIG_DFL || old->sa_handler == SIG_IGN) {
+        sigaction(sig, old, NULL);
+    } else {
+        old->sa_handler(sig);
+    }
+}
+
+int memd_fault_init(void)
+{
+    static int done;
+    if (done)
+        return 0;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSEGV, &sa, &old_segv) < 0 || sigaction(SIGBUS, &sa, &old_bus) < 0)
+        return -errno;
+    done = 1;
+    return 0;
+}

@@ -27,4 +27,20 @@ int memd_process_alive(pid_t pid, uint64_t start, uint64_t start_mask);
  * reports a hole as EFAULT; 1 where the call is not allowed (seccomp). */
 int memd_readable(const char *addr, uint64_t len, uint64_t unit);
 
+/* --- surviving a fault in shared memory ------------------------------------------ */
+
+/* A process that follows a link another process damaged may load from a hole in
+ * the window (SIGSEGV) or past a page file's end (SIGBUS).  An operation that
+ * must survive that runs under a guard: memd_fault_env points at its sigjmp_buf
+ * (taken with sigsetjmp(env, 0): no system call), and the handler jumps back
+ * there instead of killing the process.  Outside a guard the signal goes to the
+ * handler that was there before (the default: the process dies as it would have).
+ * Thread-local: another thread's fault is never taken for ours. */
+#include <setjmp.h>
+extern __thread sigjmp_buf *memd_fault_env __attribute__((tls_model("initial-exec")));
+
+/* Install the SIGSEGV/SIGBUS handler (once; SA_NODEFER, so a jump out of it leaves
+ * the signal mask as it was).  0 or -errno. */
+int memd_fault_init(void);
+
 #endif /* MEMD_PROC_H */

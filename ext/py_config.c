@@ -5,6 +5,8 @@
 #include "memd_py.h"
 
 #include <errno.h>
+#include <stdio.h>
+#include <time.h>
 #include <string.h>
 
 #include "config.h"
@@ -188,6 +190,63 @@ static PyObject *py_iova_contig(PyObject *Py_UNUSED(m), PyObject *args)
     return PyBool_FromLong(memd_iova_contig(base, off, len));
 }
 
+/* --- bounded lock waits --- */
+
+#define CONFIG_WAIT_SLICE_NS 100000000ull   /* how often a waiter looks for signals */
+#define CONFIG_WAIT_MAX_NS   30000000000ull /* a structure change waits no longer */
+
+/* Run `call` (an expression using `slice_` and `busy_`, giving an int) without the
+ * GIL, again and again in slices while it says -ETIMEDOUT: signals are looked for
+ * between slices (Ctrl-C ends the wait), and past the wait limit (heap_lock_wait's,
+ * at most CONFIG_WAIT_MAX_NS) MemdError names the busy lock and its holder. */
+#define BOUNDED(rc, base, what, call)                                    \
+    do {                                                                 \
+        uint64_t limit_ = memd_py_lock_wait_limit(), start_ = now_ns();  \
+        if (limit_ > CONFIG_WAIT_MAX_NS)                                 \
+            limit_ = CONFIG_WAIT_MAX_NS;                                 \
+        for (;;) {                                                       \
+            const struct memd_lock *busy_ = NULL;                        \
+            uint64_t waited_ = now_ns() - start_;                        \
+            uint64_t slice_ = waited_ < limit_ ? limit_ - waited_ : 0;   \
+            if (slice_ > CONFIG_WAIT_SLICE_NS)                           \
+                slice_ = CONFIG_WAIT_SLICE_NS;                           \
+            Py_BEGIN_ALLOW_THREADS                                       \
+                rc = (call);                                             \
+            Py_END_ALLOW_THREADS                                         \
+            if (rc != -ETIMEDOUT && rc != -EAGAIN)                       \
+                break;                                                   \
+            if (PyErr_CheckSignals() < 0)                                \
+                return NULL;                                             \
+            if (rc == -ETIMEDOUT && now_ns() - start_ >= limit_)         \
+                return raise_busy(base, busy_, what, now_ns() - start_); \
+        }                                                                \
+    } while (0)
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* MemdError: `what` gave up waiting for lock l. */
+static PyObject *raise_busy(char *base, const struct memd_lock *l, const char *what,
+                            uint64_t waited_ns)
+{
+    const struct memd_config *c = CFG(base);
+    char name[48] = "a lock";
+    if (l == &c->config_lock)
+        snprintf(name, sizeof(name), "the config lock");
+    else if (l >= &c->heaps[0].lock && l <= &c->heaps[MEMD_MAX_HEAPS - 1].lock)
+        snprintf(
+            name, sizeof(name), "heap %d's lock",
+            (int)((size_t)((const char *)l - (const char *)c->heaps) / sizeof(struct memd_heap)));
+    PyErr_Format(memd_error("MemdError", PyExc_RuntimeError),
+                 "%s: %s is busy: held by pid %d for over %d ms (stopped in a debugger?)", what,
+                 name, l ? (int)l->owner_pid : 0, (int)(waited_ns / 1000000));
+    return NULL;
+}
+
 /* --- memzones --- */
 
 static PyObject *py_memzone_reserve(PyObject *Py_UNUSED(m), PyObject *args)
@@ -200,10 +259,9 @@ static PyObject *py_memzone_reserve(PyObject *Py_UNUSED(m), PyObject *args)
     if (!PyArg_ParseTuple(args, "O&sKIIpKKi", memd_window_base, &base, &name, &len, &heap_idx,
                           &flags, &any_page_size, &align, &bound, &pid))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-        rc = memd_memzone_reserve(base, name, len, heap_idx, flags, any_page_size, align, bound,
-                                  pid);
-    Py_END_ALLOW_THREADS
+    BOUNDED(rc, base, "memzone_reserve",
+            memd_memzone_reserve(base, name, len, heap_idx, flags, any_page_size, align, bound, pid,
+                                 slice_, &busy_));
     return check_rc(rc, "memzone_reserve");
 }
 
@@ -232,33 +290,29 @@ static PyObject *py_memzone_lookup(PyObject *Py_UNUSED(m), PyObject *args)
     int rc;
     if (!PyArg_ParseTuple(args, "O&s", memd_window_base, &base, &name))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-        rc = memd_memzone_lookup(base, name);
-    Py_END_ALLOW_THREADS
+    rc = memd_memzone_lookup(base, name); /* no lock: never waits */
     return check_rc(rc, "memzone_lookup");
 }
 
 static PyObject *py_memzone_free(PyObject *Py_UNUSED(m), PyObject *args)
 {
     char *base;
-    unsigned int id;
+    unsigned int id, generation = 0;
     int rc;
-    if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &id))
+    if (!PyArg_ParseTuple(args, "O&I|I", memd_window_base, &base, &id, &generation))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-        rc = memd_memzone_free(base, id);
-    Py_END_ALLOW_THREADS
+    BOUNDED(rc, base, "memzone_free", memd_memzone_free(base, id, generation, slice_, &busy_));
     return check_rc(rc, "memzone_free");
 }
 
 /* memzone(win, id) -> None if free, else (id, name, offset, iova, length, page_size,
- *                     socket_id, flags, owner_pid) */
+ *                     socket_id, flags, owner_pid, generation) */
 static PyObject *zone_tuple(uint32_t id, const struct memd_memzone *z)
 {
-    return Py_BuildValue("(INKKKKiIi)", id, memd_text(z->name, sizeof(z->name)),
+    return Py_BuildValue("(INKKKKiIiI)", id, memd_text(z->name, sizeof(z->name)),
                          (unsigned long long)z->offset, (unsigned long long)z->iova,
                          (unsigned long long)z->length, (unsigned long long)z->page_size,
-                         z->socket_id, z->flags, z->owner_pid);
+                         z->socket_id, z->flags, z->owner_pid, z->generation);
 }
 
 static PyObject *py_memzone(PyObject *Py_UNUSED(m), PyObject *args)
@@ -359,7 +413,10 @@ static PyObject *py_object_add(PyObject *Py_UNUSED(m), PyObject *args)
     int pid;
     if (!PyArg_ParseTuple(args, "O&sIIKi", memd_window_base, &base, &name, &type, &mz, &off, &pid))
         return NULL;
-    return check_rc(memd_object_add(base, name, type, mz, off, pid), "object_add");
+    int rc;
+    BOUNDED(rc, base, "object_add",
+            memd_object_add(base, name, type, mz, off, pid, slice_, &busy_));
+    return check_rc(rc, "object_add");
 }
 
 static PyObject *py_object_lookup(PyObject *Py_UNUSED(m), PyObject *args)
@@ -382,7 +439,9 @@ static PyObject *py_object_remove(PyObject *Py_UNUSED(m), PyObject *args)
     unsigned int idx;
     if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &idx))
         return NULL;
-    return check_rc(memd_object_remove(base, idx), "object_remove");
+    int rc;
+    BOUNDED(rc, base, "object_remove", memd_object_remove(base, idx, slice_, &busy_));
+    return check_rc(rc, "object_remove");
 }
 
 /* objects(win) -> list of (idx, name, type, offset, memzone_id, creator_pid) */

@@ -19,6 +19,7 @@
 #include <structmember.h>
 
 #include "heap.h"
+#include "proc.h"
 #include "lock.h"
 
 /* --- arguments and locking ------------------------------------------------------ */
@@ -60,6 +61,8 @@ static struct memd_heap *heap_of(PyObject *win, PyObject *idxo, char **base)
  * stopped holder must not stall.  Waits sleep with the GIL released. */
 static uint64_t lock_wait_limit_ns = UINT64_MAX;
 #define LOCK_WAIT_SLICE_NS 100000000ull /* how often a waiter looks for signals */
+
+uint64_t memd_py_lock_wait_limit(void) { return lock_wait_limit_ns; }
 
 /* Take heap h's lock: 0, 1 (recovered from a dead owner), or -errno: -ETIMEDOUT
  * past the wait limit, -EINTR with the signal handler's exception set. */
@@ -1080,6 +1083,10 @@ static const struct memd_const heap_constants[] = {
 
 int memd_py_init_heap(PyObject *m)
 {
+    if (memd_fault_init() < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     return memd_add_type(m, &MemdBlock_Type) < 0 || memd_add_type(m, &MemdHeapBase_Type) < 0 ||
                    memd_add_constants(m, heap_constants) < 0 ||
                    memd_add_functions(m, heap_functions) < 0

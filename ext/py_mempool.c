@@ -29,8 +29,12 @@ typedef struct {
     uint32_t slot;    /* this process's cache, or MEMD_MEMPOOL_NO_CACHE */
     uint32_t n;
     uint32_t elt_size;
+    uint32_t private_size;
     uint64_t first_handle;
     uint64_t obj_stride;
+    /* as validated when this object was made: every call indexes with it, never
+     * with the shared header (see struct memd_mempool_geometry) */
+    struct memd_mempool_geometry g;
 } MemdMempool;
 
 typedef struct {
@@ -72,8 +76,8 @@ static PyObject *raise_pool(MemdMempool *self, char *base, int rc, const char *w
                      "mempool %R: %s of %u object(s) failed: not enough free objects in this "
                      "process's cache and the ring (%llu free in all, of %u); put some back "
                      "or create a larger pool",
-                     name, what, n,
-                     (unsigned long long)memd_mempool_avail_count(base, self->offset), self->n);
+                     name, what, n, (unsigned long long)memd_mempool_avail_count(base, &self->g),
+                     self->n);
         break;
     case -EINVAL:
         PyErr_Format(PyExc_ValueError, "mempool %R: %s: not an object of this pool", name, what);
@@ -253,7 +257,8 @@ static PyObject *mempool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                      MEMD_MAX_PROCS - 1);
         return NULL;
     }
-    if (memd_mempool_check(base, off, ((MemdWindow *)window)->size - off) < 0) {
+    struct memd_mempool_geometry g;
+    if (memd_mempool_load(base, off, ((MemdWindow *)window)->size - off, &g) < 0) {
         PyErr_Format(PyExc_ValueError, "no initialised mempool at window offset %llu", off);
         return NULL;
     }
@@ -265,14 +270,22 @@ static PyObject *mempool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->window = window;
     self->offset = off;
     self->slot = slot < 0 ? MEMD_MEMPOOL_NO_CACHE : (uint32_t)slot;
-    self->n = mp->n;
+    self->g = g;
+    self->n = g.n;
     self->elt_size = mp->elt_size;
-    self->first_handle = off + mp->objs_offset + sizeof(struct memd_mempool_objhdr);
-    self->obj_stride = mp->obj_stride;
-    if (mp->cache_size && slot >= 0) {
+    self->private_size = mp->private_data_size;
+    if (g.private_offset + self->private_size > g.ring_offset ||
+        self->elt_size > g.trailer_offset) { /* rewritten since the check */
+        Py_DECREF(self);
+        PyErr_Format(PyExc_ValueError, "no initialised mempool at window offset %llu", off);
+        return NULL;
+    }
+    self->first_handle = off + g.objs_offset + sizeof(struct memd_mempool_objhdr);
+    self->obj_stride = g.obj_stride;
+    if (g.cache_size && slot >= 0) {
         struct memd_mempool_cache *c =
-            (struct memd_mempool_cache *)(base + off + mp->caches_offset +
-                                          (uint64_t)slot * mp->cache_stride);
+            (struct memd_mempool_cache *)(base + off + g.caches_offset +
+                                          (uint64_t)slot * g.cache_stride);
         c->owner_pid = getpid();
     }
     return (PyObject *)self;
@@ -305,7 +318,7 @@ static PyObject *mp_get(PyObject *o, PyObject *Py_UNUSED(a))
     uint64_t h;
     if (base == NULL)
         return NULL;
-    int rc = memd_mempool_get_bulk(base, self->offset, self->slot, &h, 1);
+    int rc = memd_mempool_get_bulk(base, &self->g, self->slot, &h, 1);
     if (unlikely(rc < 0))
         return raise_pool(self, base, rc, "get", 1);
     return new_obj(self, h);
@@ -318,7 +331,7 @@ static PyObject *mp_get_handle(PyObject *o, PyObject *Py_UNUSED(a))
     uint64_t h;
     if (base == NULL)
         return NULL;
-    int rc = memd_mempool_get_bulk(base, self->offset, self->slot, &h, 1);
+    int rc = memd_mempool_get_bulk(base, &self->g, self->slot, &h, 1);
     if (unlikely(rc < 0))
         return raise_pool(self, base, rc, "get_handle", 1);
     return PyLong_FromUnsignedLongLong(h);
@@ -345,7 +358,7 @@ static PyObject *mp_put(PyObject *o, PyObject *x)
     uint64_t h;
     if (base == NULL || handle_of(x, &h) < 0)
         return NULL;
-    int rc = memd_mempool_put_bulk(base, self->offset, self->slot, &h, 1);
+    int rc = memd_mempool_put_bulk(base, &self->g, self->slot, &h, 1);
     if (unlikely(rc < 0))
         return raise_pool(self, base, rc, "put", 1);
     Py_RETURN_NONE;
@@ -378,7 +391,7 @@ static PyObject *mp_get_bulk(PyObject *o, PyObject *arg)
     if (n > STACK_HANDLES && (h = PyMem_Malloc((size_t)n * sizeof(uint64_t))) == NULL)
         return PyErr_NoMemory();
     PyObject *list = NULL;
-    int rc = memd_mempool_get_bulk(base, self->offset, self->slot, h, (unsigned)n);
+    int rc = memd_mempool_get_bulk(base, &self->g, self->slot, h, (unsigned)n);
     if (rc < 0) {
         raise_pool(self, base, rc, "get_bulk", (unsigned)n);
     } else if ((list = PyList_New(n)) != NULL) {
@@ -387,13 +400,13 @@ static PyObject *mp_get_bulk(PyObject *o, PyObject *arg)
             if (x == NULL) {
                 /* Give back the objects no Python object names yet. */
                 Py_CLEAR(list);
-                memd_mempool_put_bulk(base, self->offset, self->slot, h + i, (unsigned)(n - i));
+                memd_mempool_put_bulk(base, &self->g, self->slot, h + i, (unsigned)(n - i));
                 break;
             }
             PyList_SET_ITEM(list, i, x);
         }
     } else {
-        memd_mempool_put_bulk(base, self->offset, self->slot, h, (unsigned)n);
+        memd_mempool_put_bulk(base, &self->g, self->slot, h, (unsigned)n);
     }
     if (h != stack)
         PyMem_Free(h);
@@ -410,7 +423,7 @@ static PyObject *mp_get_bulk_into(PyObject *o, PyObject *arg)
     Py_ssize_t n = view.len / 8;
     int rc = n > (Py_ssize_t)self->n
                  ? -ENOBUFS
-                 : memd_mempool_get_bulk(base, self->offset, self->slot, view.buf, (unsigned)n);
+                 : memd_mempool_get_bulk(base, &self->g, self->slot, view.buf, (unsigned)n);
     PyBuffer_Release(&view);
     if (rc < 0)
         return raise_pool(self, base, rc, "get_bulk_into",
@@ -435,7 +448,7 @@ static PyObject *mp_put_bulk(PyObject *o, PyObject *arg)
          * check below names which (it stops at the first bad one). */
         rc = n > (Py_ssize_t)UINT32_MAX
                  ? -EINVAL
-                 : memd_mempool_put_bulk(base, self->offset, self->slot, view.buf, (unsigned)n);
+                 : memd_mempool_put_bulk(base, &self->g, self->slot, view.buf, (unsigned)n);
         PyBuffer_Release(&view);
     } else {
         PyObject *seq = PySequence_Fast(arg, "put_bulk() takes a sequence of MempoolObjects "
@@ -473,7 +486,7 @@ static PyObject *mp_put_bulk(PyObject *o, PyObject *arg)
         if (rc == 0 && pool_base(self) == NULL)
             rc = 1;
         if (rc == 0)
-            rc = memd_mempool_put_bulk(base, self->offset, self->slot, h, (unsigned)n);
+            rc = memd_mempool_put_bulk(base, &self->g, self->slot, h, (unsigned)n);
         if (h != stack)
             PyMem_Free(h);
         Py_DECREF(seq);
@@ -492,7 +505,7 @@ static PyObject *mp_obj(PyObject *o, PyObject *arg)
     uint64_t h;
     if (base == NULL || memd_u64_from_object(arg, &h) < 0)
         return NULL;
-    if (memd_mempool_objhdr_of(base, self->offset, h) == NULL)
+    if (memd_mempool_objhdr_of(base, &self->g, h) == NULL)
         return raise_pool(self, base, -EINVAL, "obj(handle)", 0);
     return new_obj(self, h);
 }
@@ -514,16 +527,15 @@ static PyObject *mp_avail_count(PyObject *o, PyObject *Py_UNUSED(a))
 {
     MemdMempool *self = (MemdMempool *)o;
     char *base = pool_base(self);
-    return base ? PyLong_FromUnsignedLongLong(memd_mempool_avail_count(base, self->offset)) : NULL;
+    return base ? PyLong_FromUnsignedLongLong(memd_mempool_avail_count(base, &self->g)) : NULL;
 }
 
 static PyObject *mp_in_use_count(PyObject *o, PyObject *Py_UNUSED(a))
 {
     MemdMempool *self = (MemdMempool *)o;
     char *base = pool_base(self);
-    return base
-               ? PyLong_FromUnsignedLongLong(self->n - memd_mempool_avail_count(base, self->offset))
-               : NULL;
+    return base ? PyLong_FromUnsignedLongLong(self->n - memd_mempool_avail_count(base, &self->g))
+                : NULL;
 }
 
 static PyObject *mp_cache_count(PyObject *o, PyObject *const *args, Py_ssize_t nargs)
@@ -547,7 +559,7 @@ static PyObject *mp_cache_count(PyObject *o, PyObject *const *args, Py_ssize_t n
         }
         slot = (uint32_t)s;
     }
-    return PyLong_FromUnsignedLong(memd_mempool_cache_count(base, self->offset, slot));
+    return PyLong_FromUnsignedLong(memd_mempool_cache_count(base, &self->g, slot));
 }
 
 static PyObject *mp_flush_cache(PyObject *o, PyObject *Py_UNUSED(a))
@@ -558,7 +570,7 @@ static PyObject *mp_flush_cache(PyObject *o, PyObject *Py_UNUSED(a))
         return NULL;
     if (self->slot == MEMD_MEMPOOL_NO_CACHE)
         return PyLong_FromLong(0);
-    int rc = memd_mempool_flush_cache(base, self->offset, self->slot);
+    int rc = memd_mempool_flush_cache(base, &self->g, self->slot);
     if (rc < 0)
         return raise_pool(self, base, rc, "flush_cache", 0);
     return PyLong_FromLong(rc);
@@ -643,15 +655,15 @@ static PyObject *mp_recover(PyObject *o, PyObject *Py_UNUSED(a))
         (void)mp;                                                       \
         return PyLong_FromUnsignedLongLong((unsigned long long)(expr)); \
     }
-MP_FIELD_GETTER(size, mp->n)
-MP_FIELD_GETTER(elt_size, mp->elt_size)
-MP_FIELD_GETTER(cache_size, mp->cache_size)
-MP_FIELD_GETTER(flushthresh, mp->flushthresh)
-MP_FIELD_GETTER(private_data_size, mp->private_data_size)
+MP_FIELD_GETTER(size, self->g.n)
+MP_FIELD_GETTER(elt_size, self->elt_size)
+MP_FIELD_GETTER(cache_size, self->g.cache_size)
+MP_FIELD_GETTER(flushthresh, self->g.flushthresh)
+MP_FIELD_GETTER(private_data_size, self->private_size)
 MP_FIELD_GETTER(flags, mp->flags)
-MP_FIELD_GETTER(memsize, mp->memsize)
-MP_FIELD_GETTER(obj_stride, mp->obj_stride)
-MP_FIELD_GETTER(ring_offset, self->offset + mp->ring_offset)
+MP_FIELD_GETTER(memsize, self->g.memsize)
+MP_FIELD_GETTER(obj_stride, self->g.obj_stride)
+MP_FIELD_GETTER(ring_offset, self->offset + self->g.ring_offset)
 MP_FIELD_GETTER(offset, self->offset)
 
 static PyObject *mp_get_slot(PyObject *o, void *Py_UNUSED(c))
@@ -681,7 +693,8 @@ static PyObject *mp_get_private_data(PyObject *o, void *Py_UNUSED(c))
     if (base == NULL)
         return NULL;
     struct memd_mempool *mp = pool_hdr(self, base);
-    return memd_view(self->window, self->offset + mp->private_offset, mp->private_data_size);
+    (void)mp;
+    return memd_view(self->window, self->offset + self->g.private_offset, self->private_size);
 }
 
 static PyMethodDef mempool_methods[] = {
@@ -820,13 +833,14 @@ static PyObject *py_mempool_init(PyObject *Py_UNUSED(m), PyObject *args, PyObjec
 }
 
 /* The pool at (window, off) for a module function, or NULL with an error set. */
-static char *checked_pool(PyObject *window, unsigned long long off, const char *fn)
+static char *checked_pool(PyObject *window, unsigned long long off, const char *fn,
+                          struct memd_mempool_geometry *g)
 {
     char *base = memd_base_of(window);
     if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0 ||
         pool_mapped(window, base, off) < 0)
         return NULL;
-    if (memd_mempool_check(base, off, ((MemdWindow *)window)->size - off) < 0) {
+    if (memd_mempool_load(base, off, ((MemdWindow *)window)->size - off, g) < 0) {
         PyErr_Format(PyExc_ValueError, "%s: no initialised mempool at window offset %llu", fn, off);
         return NULL;
     }
@@ -840,10 +854,11 @@ static PyObject *py_mempool_flush_cache(PyObject *Py_UNUSED(m), PyObject *args)
     unsigned int slot;
     if (!PyArg_ParseTuple(args, "O!KI:mempool_flush_cache", &MemdWindow_Type, &window, &off, &slot))
         return NULL;
-    char *base = checked_pool(window, off, "mempool_flush_cache");
+    struct memd_mempool_geometry g;
+    char *base = checked_pool(window, off, "mempool_flush_cache", &g);
     if (base == NULL)
         return NULL;
-    int rc = memd_mempool_flush_cache(base, off, slot);
+    int rc = memd_mempool_flush_cache(base, &g, slot);
     if (rc < 0)
         return memd_raise_errno(rc, "mempool_flush_cache");
     return PyLong_FromLong(rc);
@@ -865,12 +880,13 @@ static PyObject *py_mempool_held_by(PyObject *Py_UNUSED(m), PyObject *args)
     long pid;
     if (!PyArg_ParseTuple(args, "O!Kl:mempool_held_by", &MemdWindow_Type, &window, &off, &pid))
         return NULL;
-    char *base = checked_pool(window, off, "mempool_held_by");
+    struct memd_mempool_geometry g;
+    char *base = checked_pool(window, off, "mempool_held_by", &g);
     if (base == NULL || checked_pid(pid, "mempool_held_by") < 0)
         return NULL;
     uint64_t n;
     Py_BEGIN_ALLOW_THREADS /* walks every object header */
-        n = memd_mempool_held_by(base, off, (int32_t)pid);
+        n = memd_mempool_held_by(base, &g, (int32_t)pid);
     Py_END_ALLOW_THREADS
     return PyLong_FromUnsignedLongLong(n);
 }
@@ -883,7 +899,8 @@ static PyObject *py_mempool_busy(PyObject *Py_UNUSED(m), PyObject *args)
     unsigned long long off;
     if (!PyArg_ParseTuple(args, "O!K:mempool_busy", &MemdWindow_Type, &window, &off))
         return NULL;
-    char *base = checked_pool(window, off, "mempool_busy");
+    struct memd_mempool_geometry g;
+    char *base = checked_pool(window, off, "mempool_busy", &g);
     if (base == NULL)
         return NULL;
     PyObject *out = PyList_New(0);
@@ -892,7 +909,7 @@ static PyObject *py_mempool_busy(PyObject *Py_UNUSED(m), PyObject *args)
     uint64_t handle;
     int32_t pid;
     int rc;
-    for (uint32_t i = 0; (rc = memd_mempool_busy_at(base, off, i, &handle, &pid)) >= 0; i++) {
+    for (uint32_t i = 0; (rc = memd_mempool_busy_at(base, &g, i, &handle, &pid)) >= 0; i++) {
         if (rc != 1)
             continue;
         PyObject *t = Py_BuildValue("(Ki)", (unsigned long long)handle, (int)pid);
@@ -906,6 +923,51 @@ static PyObject *py_mempool_busy(PyObject *Py_UNUSED(m), PyObject *args)
     return out;
 }
 
+/* mempool_holders(window, off) -> {getter pid: objects handed out}: counted in C
+ * without the GIL, so that a pool of millions of objects in use costs one walk
+ * and a small dict, not a list of millions of tuples. */
+static PyObject *py_mempool_holders(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *window;
+    unsigned long long off;
+    if (!PyArg_ParseTuple(args, "O!K:mempool_holders", &MemdWindow_Type, &window, &off))
+        return NULL;
+    struct memd_mempool_geometry g;
+    char *base = checked_pool(window, off, "mempool_holders", &g);
+    if (base == NULL)
+        return NULL;
+    for (uint32_t cap = 64;; cap *= 4) {
+        int32_t *pids = PyMem_Malloc(cap * sizeof(int32_t));
+        uint64_t *counts = PyMem_Malloc(cap * sizeof(uint64_t));
+        if (pids == NULL || counts == NULL) {
+            PyMem_Free(pids);
+            PyMem_Free(counts);
+            return PyErr_NoMemory();
+        }
+        int64_t k;
+        Py_BEGIN_ALLOW_THREADS /* walks every object header */
+            k = memd_mempool_holders(base, &g, pids, counts, cap);
+        Py_END_ALLOW_THREADS
+        PyObject *out = NULL;
+        if (k >= 0 && (out = PyDict_New()) != NULL) {
+            for (int64_t i = 0; i < k; i++) {
+                PyObject *key = PyLong_FromLong(pids[i]);
+                PyObject *val = PyLong_FromUnsignedLongLong(counts[i]);
+                if (key == NULL || val == NULL || PyDict_SetItem(out, key, val) < 0)
+                    Py_CLEAR(out);
+                Py_XDECREF(key);
+                Py_XDECREF(val);
+                if (out == NULL)
+                    break;
+            }
+        }
+        PyMem_Free(pids);
+        PyMem_Free(counts);
+        if (k >= 0 || cap > g.n)
+            return out;
+    }
+}
+
 static PyObject *py_mempool_reclaim_held_by(PyObject *Py_UNUSED(m), PyObject *args)
 {
     PyObject *window;
@@ -914,10 +976,11 @@ static PyObject *py_mempool_reclaim_held_by(PyObject *Py_UNUSED(m), PyObject *ar
     if (!PyArg_ParseTuple(args, "O!Kl:mempool_reclaim_held_by", &MemdWindow_Type, &window, &off,
                           &pid))
         return NULL;
-    char *base = checked_pool(window, off, "mempool_reclaim_held_by");
+    struct memd_mempool_geometry g;
+    char *base = checked_pool(window, off, "mempool_reclaim_held_by", &g);
     if (base == NULL || checked_pid(pid, "mempool_reclaim_held_by") < 0)
         return NULL;
-    int64_t n = memd_mempool_reclaim_held_by(base, off, (int32_t)pid);
+    int64_t n = memd_mempool_reclaim_held_by(base, &g, (int32_t)pid);
     if (n == -EBUSY) {
         PyErr_Format(PyExc_ValueError,
                      "mempool_reclaim_held_by: process %ld is alive; only a dead process's "
@@ -937,6 +1000,8 @@ static PyObject *py_mempool_reclaim_held_by(PyObject *Py_UNUSED(m), PyObject *ar
 static PyMethodDef mempool_functions[] = {
     {"mempool_busy", py_mempool_busy, METH_VARARGS,
      "mempool_busy(window, pool_offset) -> [(handle, getter pid)] of the objects handed out"},
+    {"mempool_holders", py_mempool_holders, METH_VARARGS,
+     "mempool_holders(window, pool_offset) -> {getter pid: objects handed out}"},
     {"mempool_held_by", py_mempool_held_by, METH_VARARGS,
      "mempool_held_by(window, pool_offset, pid) -> int: objects process pid got and has "
      "not put back (BUSY with its owner tag)."},
@@ -970,10 +1035,16 @@ static const struct memd_field mempool_layout[] = {
     MEMD_FIELD(memd_mempool, magic),
     MEMD_FIELD(memd_mempool, name),
     MEMD_FIELD(memd_mempool, n),
+    MEMD_FIELD(memd_mempool, cache_size),
+    MEMD_FIELD(memd_mempool, flushthresh),
     MEMD_FIELD(memd_mempool, caches_offset),
+    MEMD_FIELD(memd_mempool, cache_stride),
     MEMD_FIELD(memd_mempool, ring_offset),
     MEMD_FIELD(memd_mempool, objs_offset),
+    MEMD_FIELD(memd_mempool, obj_stride),
+    MEMD_FIELD(memd_mempool, trailer_offset),
     MEMD_FIELD(memd_mempool, memsize),
+    MEMD_FIELD(memd_mempool_cache, len),
     MEMD_SIZEOF(memd_mempool_cache),
     MEMD_FLEX(memd_mempool_cache, objs),
     MEMD_SIZEOF(memd_mempool_objhdr),

@@ -59,6 +59,23 @@ def _detach_at_exit() -> None:
                 sec.detach()
 
 
+# A forked child's copy of the ZeroMQ sockets is its parent's: closing it in the
+# child is not safe, so it is kept here, never closed and never used.
+_forked_channels: list[object] = []
+
+
+def _forget_in_child() -> None:
+    """After fork: every attachment inherited from the parent is unusable here (its
+    process slot, mempool caches and sockets are the parent's); each call through
+    it raises MemdValueError telling the child to attach() again."""
+    for sec in list(_open):
+        sec._forget_forked()
+    _open.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class Secondary(SecondaryGrowth):
     """A process attached to a memd primary: made by :func:`attach`; call
     :meth:`detach` (or leave a ``with`` block) when done.
@@ -357,6 +374,20 @@ class Secondary(SecondaryGrowth):
                 self.window.watch(-1)
             os.close(self._primary_fd)
             self._primary_fd = -1
+
+    def _forget_forked(self) -> None:
+        """In a forked child: let go of the parent's attachment without telling
+        the primary anything (the parent is still attached) and close the window,
+        so that nothing of the parent's state (slot, caches, sockets) is used."""
+        if self._channel is not None:
+            _forked_channels.append(self._channel)
+            self._channel = None
+        for fd in (self._cfg_fd, self._primary_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._cfg_fd = self._primary_fd = -1
+        self.window.close()
 
     def detach(self) -> None:
         """Unregister and stop the sync thread.  Every later call through this

@@ -301,7 +301,7 @@ out({"msg": msg, "parent": mem.malloc(64 << 20).size})
             timeout=60,
         )
     )
-    assert "forked" in res["msg"] and "attach" in res["msg"], res
+    assert "fork()" in res["msg"] and "attach" in res["msg"], res
     assert res["parent"] >= 64 << 20  # the parent's attachment is unharmed
 
 

@@ -112,7 +112,7 @@ class Memzone:
 
     #: index in the memzone table (DPDK's memzone id, as in ``/eal/memzone_info,<id>``)
     id: int
-    #: the name it was reserved under (at most 63 bytes)
+    #: the name it was reserved under (at most 31 bytes)
     name: str
     #: window offset of its first byte: ``mem.view(mz.offset, mz.length)`` in any process
     offset: int
@@ -120,7 +120,7 @@ class Memzone:
     iova: int
     #: bytes, as requested (the space reserved is rounded up to 64)
     length: int
-    #: bytes per page of the memory it lies in (4096 with ``--no-huge``)
+    #: bytes per page of the memory it lies in (2 MiB chunks with ``--no-huge``)
     page_size: int
     #: NUMA socket of its heap
     socket_id: int
@@ -128,12 +128,19 @@ class Memzone:
     flags: int
     #: pid of the process that reserved it (memzones outlive it)
     owner_pid: int
+    #: the slot's reserve count when this handle was made: a handle kept past a
+    #: memzone_free (whose name, id and offset the next zone may reuse) differs
+    generation: int
     _mem: Memory = field(repr=False, compare=False)
 
     @property
     def buf(self) -> memoryview:
         """A writable zero-copy memoryview of the zone's ``length`` bytes.  Raises
-        MemdValueError after the attachment it came from was detached."""
+        MemdKeyError once the zone was freed (even if a new zone took its name, id
+        and offset since), MemdValueError after the attachment was detached."""
+        t = _ext.memzone(self._mem.window, self.id)
+        if t is None or t[9] != self.generation:
+            raise MemdKeyError(f"memzone {self.name!r} was freed")
         return self._mem.window.view(self.offset, self.length)
 
 
@@ -677,7 +684,7 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         if not isinstance(mz, Memzone):
             raise MemdValueError(f"memzone_free: expected a Memzone, got {type(mz).__name__}")
         t = _ext.memzone(self.window, mz.id)
-        if t is None or t[1] != mz.name or t[2] != mz.offset:
+        if t is None or t[1] != mz.name or t[2] != mz.offset or t[9] != mz.generation:
             raise MemdKeyError(f"memzone {mz.name!r} is not reserved (already freed?)")
         held = objects.held_in(self.window, mz.id)
         if held is not None:
@@ -687,8 +694,12 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
                 "which frees its memzone too"
             )
         try:
-            heap = _ext.memzone_free(self.window, mz.id)
+            heap = _ext.memzone_free(self.window, mz.id, mz.generation)
         except OSError as e:
+            if e.errno == errno.ENOENT:  # freed meanwhile (and reserved again?)
+                raise MemdKeyError(
+                    f"memzone {mz.name!r} is not reserved (already freed?)"
+                ) from None
             raise translate(e, f"memzone_free({mz.name!r})") from e
         self._heap_maybe_release(heap, mz.length)
 
