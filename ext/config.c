@@ -357,6 +357,7 @@ int memd_memzone_reserve(char *base, const char *name, uint64_t len, uint32_t he
     z->socket_id = (int32_t)heap_idx;
     z->flags = flags;
     z->owner_pid = pid;
+    z->serial = ++c->hdr.memzone_serial;
     copy_name(z->name, name, sizeof(z->name)); /* last: the slot is live from here */
 out:
     memd_lock_release(&c->config_lock);

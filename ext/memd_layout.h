@@ -86,7 +86,8 @@ struct memd_config_header {
     uint64_t primary_base;       /*  72: the primary's window address (VA-mode iova) */
     uint32_t n_sockets;          /*  80 */
     uint32_t reserved0;          /*  84 */
-    uint64_t reserved1[2];       /*  88 */
+    uint64_t memzone_serial;     /*  88: last serial given to a memzone (config lock) */
+    uint64_t reserved1;          /*  96 */
     char prefix[64];             /* 104: --file-prefix */
     uint8_t reserved2[88];       /* 168 */
 }; /* 256 */
@@ -316,7 +317,8 @@ struct memd_memzone {
     uint64_t elem_offset;     /* 72: heap block to free with the zone */
     int32_t owner_pid;        /* 80 */
     uint32_t reserved0;       /* 84 */
-    uint64_t reserved1;       /* 88 */
+    uint64_t serial;          /* 88: unique to this reservation in the instance's life, so
+                                     a reference to a freed and re-made zone is told apart */
 }; /* 96 */
 
 /* memzone flags: DPDK's RTE_MEMZONE_* values.  Page-size flags (any of them) ask
@@ -509,6 +511,7 @@ MEMD_CHECK(struct memd_config_header, magic, 0);
 MEMD_CHECK(struct memd_config_header, state, 12);
 MEMD_CHECK(struct memd_config_header, primary_start_time, 24);
 MEMD_CHECK(struct memd_config_header, mem_generation, 64);
+MEMD_CHECK(struct memd_config_header, memzone_serial, 88);
 MEMD_CHECK(struct memd_config_header, prefix, 104);
 MEMD_CHECK_SIZE(struct memd_config_header, 256);
 MEMD_CHECK(struct memd_lock, owner_pid, 56);
@@ -559,6 +562,7 @@ MEMD_CHECK(struct memd_object, offset, 40);
 MEMD_CHECK_SIZE(struct memd_object, 64);
 MEMD_CHECK(struct memd_memzone, offset, 32);
 MEMD_CHECK(struct memd_memzone, elem_offset, 72);
+MEMD_CHECK(struct memd_memzone, serial, 88);
 MEMD_CHECK_SIZE(struct memd_memzone, 96);
 MEMD_CHECK(struct memd_config, config_lock, 256);
 MEMD_CHECK(struct memd_config, proc_lock, 320);

@@ -12,7 +12,6 @@ from typing import Any
 TEST_HOOKS = (
     "heap_realloc",
     "heap_block_size",
-    "heap_block",
     "_heap_crash_after",
     "_ring_crash_after",
 )
