@@ -25,7 +25,9 @@ call sleeps on a futex in the ring with the GIL released (a program may opt in t
 a few microseconds of retrying first, about what a sleep and a wake cost: see
 :func:`set_wait_spin`),
 waking at least every 100 ms so that Ctrl-C still works.  The other side makes
-the wake-up system call only when somebody sleeps.
+the wake-up system call only when somebody sleeps and its move leaves at least
+what a sleeper can use (a bulk of n waits for n: smaller moves do not wake it).
+The ``*_async`` twins wait the same way from asyncio (:mod:`memd.shm.aio`).
 
 Crash safety: a multi-producer (-consumer) side is serialised by a small lock that
 names its owner process; a process that waits behind an owner that was killed takes
@@ -132,6 +134,12 @@ class Ring(_ext.Ring[E]):
       writable C-contiguous buffer of any format whose length is a multiple of
       ``esize`` (MemdValueError otherwise); fills its head with records, returns
       how many
+
+    Each of these enqueue/dequeue calls has an awaitable twin for asyncio,
+    ``await ring.dequeue_async(timeout=None)``, ``enqueue_async(value)``,
+    ``enqueue_bulk_async`` ... ``dequeue_burst_into_async`` (below): it waits
+    without blocking the event loop and without a thread per waiter, and a
+    cancelled one has moved nothing.  Their ``timeout`` defaults to None.
 
     A bulk larger than the capacity never fits: it returns 0 / ``[]`` at once,
     or raises ValueError if asked to wait.  A burst waits for at least one entry
