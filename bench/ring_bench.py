@@ -12,6 +12,8 @@ One producer process and one consumer process (forked; nothing pinned), for
   side (memd ``await dequeue_async()`` against asyncio + multiprocessing.Queue
   awaited through one executor thread);
 - blocking throughput idle and with a third process spinning on one core;
+- pickling: a MempoolObject or Ring reference through pickle and a
+  multiprocessing.Queue round trip, against an int handle and 1 KiB of bytes;
 - in-process cost per call: ring enqueue+dequeue, mempool get+put, bulk-32.
 
 memd's 1 KiB messages are mempool objects: the producer takes an object, writes
@@ -921,6 +923,79 @@ def busy_core_table(repeat: int, quick: bool) -> dict[str, Any]:
     }
 
 
+def echo_queue(prefix: str, rundir: str, inbox: Any, outbox: Any, n: int) -> None:
+    """The pickle table's pong side (a spawned process): whatever arrives goes back.
+    A memd reference arriving here attaches this process on first use."""
+    for _ in range(n):
+        outbox.put(inbox.get())
+
+
+def pickle_table(repeat: int, quick: bool) -> dict[str, Any]:
+    """memd objects through pickle and multiprocessing.Queue, against what a program
+    sends without memd (the bytes, or a bare int handle).  Needs a primary: starts a
+    --no-huge memd of its own."""
+    import pickle
+    import tempfile
+    from pathlib import Path
+
+    from memd.testing import Daemon
+
+    n = 500 if quick else 2000
+    rows: dict[str, tuple[float | None, float | None]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon = Daemon(Path(tmp), "nohuge", "-m", "16").start()
+        try:
+            with daemon.attach() as mem:
+                pool = mem.mempool_create("bench-pickle", 64, 1024)
+                ring = mem.ring_create("bench-pickle", 64)
+                obj = pool.get()
+                obj.buf[:] = PAYLOAD_1K
+                items = {
+                    "MempoolObject (1 KiB), a reference": obj,
+                    "Ring, a reference": ring,
+                    "int handle + pool.obj() (by hand)": obj.handle,
+                    "1 KiB bytes, copied": PAYLOAD_1K,
+                }
+                ctx = multiprocessing.get_context("spawn")
+                for name, item in items.items():
+                    by_hand = isinstance(item, int)
+                    stmt = (
+                        "pool.obj(pickle.loads(pickle.dumps(item)))"
+                        if by_hand
+                        else "pickle.loads(pickle.dumps(item))"
+                    )
+                    env = {"pickle": pickle, "item": item, "pool": pool}
+                    local = per_call(stmt, env, 2000, repeat) * 1e6
+                    inbox, outbox = ctx.Queue(), ctx.Queue()
+                    args = (daemon.prefix, str(daemon.runtime_dir), inbox, outbox, n + 1)
+                    proc = ctx.Process(target=echo_queue, args=args)
+                    proc.start()
+                    inbox.put(item)
+                    outbox.get(timeout=60)  # the first one attaches the echo process
+                    lat = []
+                    for _ in range(n):
+                        t0 = time.perf_counter_ns()
+                        inbox.put(item)
+                        back = outbox.get(timeout=60)
+                        if by_hand:
+                            back = pool.obj(back)
+                        lat.append(time.perf_counter_ns() - t0)
+                    proc.join(60)
+                    rows[name] = (local, statistics.median(lat[n // 10 :]) / 1000)
+                    print(f"  {name:<38} {fmt_us(local)} {fmt_us(rows[name][1])}", flush=True)
+                pool.put(obj)
+        finally:
+            daemon.stop()
+    print()
+    print("Pickling: memd objects as references, median µs")
+    hdr = f"{'what':<38} | {'dumps+loads':>11} | {'mp.Queue round trip':>19}"
+    print(hdr)
+    print("-" * len(hdr))
+    for name, (local, rtt) in rows.items():
+        print(f"{name:<38} | {fmt_us(local):>11} | {fmt_us(rtt):>19}")
+    return {name: rtt for name, (_, rtt) in rows.items()}
+
+
 def per_call(stmt: str, env: dict[str, Any], number: int, repeat: int) -> float:
     """Median seconds per execution of stmt."""
     return statistics.median(
@@ -1146,7 +1221,7 @@ def main() -> int:
     )
     ap.add_argument(
         "--only",
-        choices=["throughput", "busy", "rtt", "inproc"],
+        choices=["throughput", "busy", "rtt", "inproc", "pickle"],
         action="append",
         help="run only these parts (repeatable)",
     )
@@ -1155,7 +1230,7 @@ def main() -> int:
     global TARGET_SECONDS
     if args.quick:
         TARGET_SECONDS = 0.1
-    parts = args.only or ["throughput", "busy", "rtt", "inproc"]
+    parts = args.only or ["throughput", "busy", "rtt", "inproc", "pickle"]
     t0 = time.monotonic()
     print(
         f"memd ring bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
@@ -1166,6 +1241,8 @@ def main() -> int:
     bz = busy_core_table(repeat, args.quick) if "busy" in parts else {}
     rtt = rtt_table(repeat, args.quick) if "rtt" in parts else {}
     ip = inproc_table(repeat, args.quick) if "inproc" in parts else {}
+    if "pickle" in parts:
+        pickle_table(repeat, args.quick)
     if ip:
         dpdk_table(ip, tp, args.dpdk_mempool)
     targets(tp, bz, rtt, ip)

@@ -17,20 +17,22 @@ Registered with :mod:`copyreg` when :mod:`memd.shm.memory` is imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memd import _ext
-from memd.errors import MemdValueError, StaleReference
+from memd.errors import CorruptionError, MemdValueError, StaleReference
 from memd.shm.config import header
+from memd.shm.mempool import Mempool
+from memd.shm.ring import Ring
 
 if TYPE_CHECKING:
     from memd.shm.memory import Memory, Memzone
-    from memd.shm.mempool import Mempool
-    from memd.shm.ring import Ring
 
 __all__ = ["register"]
 
@@ -81,41 +83,58 @@ def _serial(win: _ext.Window, zone_id: int) -> int:
 def _live(mem: Memory) -> bool:
     if getattr(mem, "_pid", os.getpid()) != os.getpid():
         return False  # an attachment inherited through fork belongs to the parent
-    try:
-        header(mem.window)
-    except (ValueError, OSError):  # detached or closed
-        return False
-    return True
+    return not mem.window.closed  # detached
+
+
+def _instance(mem: Memory) -> Instance:
+    """`mem`'s instance (constant for its life: kept on it after the first call)."""
+    inst: Instance | None = mem.__dict__.get("_ref_instance")
+    if inst is None:
+        h = header(mem.window)  # raises MemdValueError after detach
+        inst = (mem.prefix, str(mem.rundir), (h.primary_pid, h.primary_start_time))
+        mem.__dict__["_ref_instance"] = inst
+    return inst
 
 
 def _owner(win: _ext.Window, what: str) -> tuple[Memory, Instance]:
     """The Memory whose window `win` is, and its instance, for pickling."""
+    if win.closed:
+        raise MemdValueError(f"cannot pickle this {what}: its attachment was detached")
     for mem in list(_memories):
         if mem.window is win:
-            h = header(win)  # raises MemdValueError after detach
-            return mem, (mem.prefix, str(mem.rundir), (h.primary_pid, h.primary_start_time))
+            return mem, _instance(mem)
     raise TypeError(
         f"cannot pickle this {what}: it does not come from a memd attachment "
         "(memd_client.attach) or a memd.Primary"
     )
 
 
+# (prefix, runtime dir) -> this process's Memory for it, as last found
+_found: dict[tuple[str, str], Memory] = {}
+
+
 def _memory(inst: Instance) -> Memory:
     """This process's Memory for `inst`, attaching on first use."""
     prefix, rundir, ident = inst
-    path = Path(rundir)
-    with _auto_lock:
-        mem = next(
-            (m for m in list(_memories) if m.prefix == prefix and m.rundir == path and _live(m)),
-            None,
-        )
-        if mem is None:
-            import memd_client  # a reference may reach a process that never attached
+    mem = _found.get((prefix, rundir))
+    if mem is None or not _live(mem):
+        path = Path(rundir)
+        with _auto_lock:
+            mem = next(
+                (
+                    m
+                    for m in list(_memories)
+                    if m.prefix == prefix and m.rundir == path and _live(m)
+                ),
+                None,
+            )
+            if mem is None:
+                import memd_client  # a reference may reach a process that never attached
 
-            mem = memd_client.attach(prefix, path)
-            _auto[(prefix, path)] = mem
-    h = header(mem.window)
-    if (h.primary_pid, h.primary_start_time) != tuple(ident):
+                mem = memd_client.attach(prefix, path)
+                _auto[(prefix, path)] = mem
+            _found[(prefix, rundir)] = mem
+    if _instance(mem)[2] != tuple(ident):
         raise StaleReference(
             f"the memd instance {prefix!r} in {rundir} was restarted since this reference "
             "was pickled: its objects are gone"
@@ -141,26 +160,61 @@ def _memzone(inst: Instance, zone_id: int, name: str, offset: int, serial: int) 
 
 
 # --- rings and mempools -----------------------------------------------------------------
+#
+# A listed ring or pool lives in its own memzone ("RG_"/"MP_" + name), freed with it:
+# while that memzone's serial is unchanged, the object is the one referred to.  So a
+# reference carries the zone's id and serial, and checking it is one read, no lock.
 
-
-def _listed(mem: Memory, name: str, kind: int, offset: int) -> int | None:
-    """Serial of the memzone holding listed object `name` if it is the one at `offset`."""
-    try:
-        _idx, listed, zone_id = _ext.object_lookup(mem.window, name, kind)
-    except OSError:
-        return None
-    return _serial(mem.window, zone_id) if listed == offset else None
+# (id(window), offset) -> (name, zone id, serial) that pickling looked up: reused while
+# the name and the zone's serial still match (then it is that object, whichever window)
+_listing: dict[tuple[int, int], tuple[str, int, int]] = {}
 
 
 def _reduce_listed(obj: Ring[Any] | _ext.Mempool, kind: int, what: str) -> tuple[Any, ...]:
     mem, inst = _owner(obj.window, what)
-    serial = _listed(mem, obj.name, kind, obj.offset) if obj.name else None
-    if serial is None:
-        raise TypeError(
-            f"cannot pickle {what} {obj.name!r}: only a {what.lower()} listed by name "
-            f"({what.lower()}_create) pickles, and this one is not (freed, or made at an offset)"
+    name = obj.name
+    seen = _listing.get((id(obj.window), obj.offset))
+    if seen is not None and seen[0] == name and _serial(obj.window, seen[1]) == seen[2]:
+        _name, zone_id, serial = seen
+    else:
+        listed = -1
+        with contextlib.suppress(OSError):
+            if name:
+                _idx, listed, zone_id = _ext.object_lookup(mem.window, name, kind)
+        if listed != obj.offset:
+            raise TypeError(
+                f"cannot pickle {what} {obj.name!r}: only a {what.lower()} listed by name "
+                f"({what.lower()}_create) pickles, and this one is not (freed, or made at an "
+                "offset)"
+            )
+        serial = _serial(mem.window, zone_id)
+        _listing[(id(obj.window), obj.offset)] = (name, zone_id, serial)
+    return inst, name, obj.offset, zone_id, serial
+
+
+def _rebuild(
+    inst: Instance,
+    name: str,
+    offset: int,
+    zone_id: int,
+    serial: int,
+    what: str,
+    build: Callable[[Memory, int], Any],
+) -> Any:
+    """The object at `offset` of this process's attachment, if its memzone is still
+    the reservation the reference names; bounded by that zone, as open_listed does."""
+    mem = _memory(inst)
+    win = mem.window
+    if _serial(win, zone_id) != serial:
+        raise StaleReference(f"{what} {name!r} was freed since this reference was pickled")
+    zone = _ext.memzone(win, zone_id)
+    obj = build(mem, offset)
+    if zone is None or not zone[2] <= offset <= offset + obj.memsize <= zone[2] + zone[4]:
+        raise CorruptionError(
+            f"{what} {name!r}: its header claims {obj.memsize} bytes, past the memzone it "
+            "lives in (damaged shared memory); free it and create it again"
         )
-    return inst, obj.name, obj.offset, serial
+    return obj
 
 
 def reduce_ring(ring: Ring[Any]) -> tuple[Any, tuple[Any, ...]]:
@@ -168,11 +222,8 @@ def reduce_ring(ring: Ring[Any]) -> tuple[Any, tuple[Any, ...]]:
     return _ring, _reduce_listed(ring, _ext.OBJ_RING, "Ring")
 
 
-def _ring(inst: Instance, name: str, offset: int, serial: int) -> Ring[Any]:
-    mem = _memory(inst)
-    if _listed(mem, name, _ext.OBJ_RING, offset) != serial:
-        raise StaleReference(f"ring {name!r} was freed since this reference was pickled")
-    return mem.ring_lookup(name)
+def _ring(inst: Instance, name: str, offset: int, zone_id: int, serial: int) -> Ring[Any]:
+    return _rebuild(inst, name, offset, zone_id, serial, "ring", lambda m, off: Ring(m.window, off))
 
 
 def reduce_mempool(pool: Mempool) -> tuple[Any, tuple[Any, ...]]:
@@ -180,11 +231,16 @@ def reduce_mempool(pool: Mempool) -> tuple[Any, tuple[Any, ...]]:
     return _mempool, _reduce_listed(pool, _ext.OBJ_MEMPOOL, "Mempool")
 
 
-def _mempool(inst: Instance, name: str, offset: int, serial: int) -> Mempool:
-    mem = _memory(inst)
-    if _listed(mem, name, _ext.OBJ_MEMPOOL, offset) != serial:
-        raise StaleReference(f"mempool {name!r} was freed since this reference was pickled")
-    return mem.mempool_lookup(name)
+def _mempool(inst: Instance, name: str, offset: int, zone_id: int, serial: int) -> Mempool:
+    return _rebuild(
+        inst,
+        name,
+        offset,
+        zone_id,
+        serial,
+        "mempool",
+        lambda m, off: Mempool(m.window, off, m.proc_slot),
+    )
 
 
 # --- blocks and pool objects ----------------------------------------------------------------
