@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,6 +30,7 @@ from memd import _ext
 
 __all__ = ["wait_for_op"]
 
+log = logging.getLogger("memd")
 T = TypeVar("T")
 SLICE = 0.1  # seconds: a wait re-checks at least this often
 
@@ -68,11 +71,16 @@ class _Waiter:
             with self._lock:
                 items = list(self._waits.items())
             # With nothing to watch, sleep on the kick alone (no CPU while idle).
-            moved = _ext.ring_wait_many(
-                [(ring, enq, seq) for _, (ring, enq, seq, _) in items],
-                kick,
-                SLICE if items else 3600.0,
-            )
+            try:
+                moved = _ext.ring_wait_many(
+                    [(ring, enq, seq) for _, (ring, enq, seq, _) in items],
+                    kick,
+                    SLICE if items else 3600.0,
+                )
+            except Exception:  # never dies: the waits' own 100 ms checks go on meanwhile
+                log.exception("memd asyncio waiter")
+                time.sleep(SLICE)
+                continue
             for i in moved:
                 token, (_ring, _enq, _seq, fut) = items[i]
                 with self._lock:
