@@ -40,7 +40,8 @@ $(VENV)/.installed-docs: $(VENV)/.installed
 	touch $@
 
 # The test build (setup.py always compiles afresh).
-memd/.ext-built: $(VENV)/.installed $(EXT_SOURCES)
+# memd/_ext.pyi: setup.py makes the C callables' text signatures from the stub
+memd/.ext-built: $(VENV)/.installed $(EXT_SOURCES) memd/_ext.pyi
 	MEMD_TEST_HOOKS=1 $(PY) setup.py -q build_ext --inplace
 	touch $@
 

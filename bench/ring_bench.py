@@ -8,7 +8,12 @@ One producer process and one consumer process (forked; nothing pinned), for
   uint64 buffer, multiprocessing.Queue, multiprocessing.Pipe, faster-fifo
   (single and put_many/get_many of 32), pyzmq PUSH/PULL over ipc://, posix_ipc
   MessageQueue;
-- ping-pong round trip (µs), busy-polling and blocking;
+- ping-pong round trip (µs), busy-polling and blocking, and with an asyncio ping
+  side (memd ``await dequeue_async()`` against asyncio + multiprocessing.Queue
+  awaited through one executor thread);
+- blocking throughput idle and with a third process spinning on one core;
+- pickling: a MempoolObject or Ring reference through pickle and a
+  multiprocessing.Queue round trip, against an int handle and 1 KiB of bytes;
 - in-process cost per call: ring enqueue+dequeue, mempool get+put, bulk-32.
 
 memd's 1 KiB messages are mempool objects: the producer takes an object, writes
@@ -27,7 +32,9 @@ project's targets as met or missed.  Default run: about 1-2 minutes.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import multiprocessing
 import os
@@ -73,6 +80,8 @@ BULK = 32
 CHILD_LIMIT = 120.0  # seconds before a stuck peer is killed and reported
 TARGET_SECONDS = 0.4  # each throughput run aims at about this long
 SPIN = "memd ring, 5 us spin (opt-in)"
+AIO = "memd ring, asyncio dequeue_async"
+AIO_MPQ = "mp.Queue, asyncio executor"
 
 MP = multiprocessing.get_context("fork")
 T = TypeVar("T")
@@ -315,8 +324,9 @@ def memd_throughput(world: MemdWorld, n: int, size: int, bulk: bool) -> float:
     return n / (res[b"e"] - res[b"s"])
 
 
-def memd_rtt(world: MemdWorld, n: int, size: int, busy: bool) -> float:
-    """Median round trip in µs; the ping side is this process."""
+def memd_rtt(world: MemdWorld, n: int, size: int, busy: bool, aio: bool = False) -> float:
+    """Median round trip in µs; the ping side is this process (with `aio`, a
+    coroutine awaiting ``dequeue_async``; the pong side blocks as usual)."""
     world.reset()
     ab, ba = world.ab, world.ba
 
@@ -362,8 +372,22 @@ def memd_rtt(world: MemdWorld, n: int, size: int, busy: bool) -> float:
                 buf[0]
             lat.append(ns() - t0)
 
+    async def ping_async() -> None:
+        deq_async = ba.dequeue_async
+        for i in range(n):
+            t0 = ns()
+            if size > 8:
+                buf[:] = PAYLOAD_1K
+                enq(handle)
+            else:
+                enq(i)
+            await deq_async()
+            if size > 8:
+                buf[0]
+            lat.append(ns() - t0)
+
     try:
-        run_with([pong], ping)
+        run_with([pong], (lambda: asyncio.run(ping_async())) if aio else ping)
     finally:
         pool.put(obj)
         pool.flush_cache()
@@ -636,6 +660,46 @@ def peer_rtt(cls: type[Peer], n: int, size: int, busy: bool) -> float:
     return statistics.median(lat[n // 10 :]) / 1000
 
 
+def peer_rtt_async(cls: type[Peer], n: int, size: int) -> float:
+    """peer_rtt's blocking case with an asyncio ping side: it awaits the reply in one
+    executor thread (run_in_executor), as asyncio code waits on such a transport."""
+    ab, ba = cls(size, "ab"), cls(size, "ba")
+    payload = PAYLOAD_8 if size == 8 else PAYLOAD_1K
+
+    def pong() -> None:
+        ab.open("rx")
+        ba.open("tx")
+        recv, send = ab.recv, ba.send
+        for _ in range(n):
+            send(recv())
+        ba.close("tx")
+        ab.close("rx")
+
+    lat: list[int] = []
+
+    async def ping() -> None:
+        ab.open("tx")
+        ba.open("rx")
+        send, recv = ab.send, ba.recv
+        loop = asyncio.get_running_loop()
+        ns = time.perf_counter_ns
+        with concurrent.futures.ThreadPoolExecutor(1) as waiter:
+            for _ in range(n):
+                t0 = ns()
+                send(payload)
+                await loop.run_in_executor(waiter, recv)
+                lat.append(ns() - t0)
+        ab.close("tx")
+        ba.close("rx")
+
+    try:
+        run_with([pong], lambda: asyncio.run(ping()))
+    finally:
+        ab.destroy()
+        ba.destroy()
+    return statistics.median(lat[n // 10 :]) / 1000
+
+
 # --- measuring -------------------------------------------------------------------------
 
 
@@ -757,6 +821,17 @@ def rtt_table(repeat: int, quick: bool) -> dict[str, Any]:
                 measure(
                     cls.name, lambda c=cls, s=size, b=busy: peer_rtt(c, n_peer, s, b), (size, busy)
                 )
+            if not busy:
+                measure(
+                    AIO,
+                    lambda s=size: memd_rtt(world, n_memd // 2, s, False, aio=True),
+                    (size, busy),
+                )
+                measure(
+                    AIO_MPQ,
+                    lambda s=size: peer_rtt_async(MPQueue, n_peer, s),
+                    (size, busy),
+                )
     print()
     print(f"Ping-pong round trip, median µs (median of {repeat} runs); ratio = this / memd")
     print(
@@ -765,7 +840,7 @@ def rtt_table(repeat: int, quick: bool) -> dict[str, Any]:
     )
     keys = [(8, True), (8, False), (1024, True), (1024, False)]
     labels = ["8 B busy", "8 B block", "1 KiB busy", "1 KiB block"]
-    hdr = f"{'transport':<26} | " + " | ".join(f"{lab:>17}" for lab in labels)
+    hdr = f"{'transport':<32} | " + " | ".join(f"{lab:>17}" for lab in labels)
     print(hdr)
     print("-" * len(hdr))
     for name, by_key in rows.items():
@@ -773,12 +848,152 @@ def rtt_table(repeat: int, quick: bool) -> dict[str, Any]:
             f"{fmt_us(by_key.get(k)):>9} {fmt_ratio(by_key.get(k), rows['memd ring'][k]):>7}"
             for k in keys
         ]
-        print(f"{name:<26} | " + " | ".join(cells))
+        print(f"{name:<32} | " + " | ".join(cells))
     return {
+        "aio8": rows[AIO][(8, False)],
+        "aio_mpq8": rows[AIO_MPQ][(8, False)],
         "busy8": rows["memd ring"][(8, True)],
         "block8": rows["memd ring"][(8, False)],
         "spin8": rows[SPIN][(8, False)],
     }
+
+
+@contextlib.contextmanager
+def spinner(cpu: int | None) -> Iterator[None]:
+    """A third process spinning on `cpu` (None: none) while the block runs: a busy
+    host, where a sleeping side competes with it for the core."""
+    if cpu is None:
+        yield
+        return
+
+    def spin() -> None:
+        os.sched_setaffinity(0, {cpu})
+        while True:
+            pass
+
+    pid = fork(spin)
+    try:
+        time.sleep(0.05)  # let it settle on its core
+        yield
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def busy_core_table(repeat: int, quick: bool) -> dict[str, Any]:
+    """Blocking throughput (8 B, timeout=None as users write it) idle and with a third
+    process spinning on one of the cores."""
+    world = MemdWorld()
+    cpus = sorted(os.sched_getaffinity(0))
+    rows: dict[str, dict[bool, float | None]] = {}
+    for name, bulk in (("memd ring, single-item calls", False), (f"memd ring, bulk-{BULK}", True)):
+        for busy in (False, True):
+            try:
+                with spinner(cpus[0] if busy else None):
+                    rate = calibrated(
+                        lambda n, b=bulk: memd_throughput(world, n, 8, b),
+                        64_000 if bulk else 20_000,
+                        max(repeat, 5),
+                    )
+            except RuntimeError as e:
+                print(f"  {name}: failed: {e}", file=sys.stderr)
+                rate = None
+            rows.setdefault(name, {})[busy] = rate
+            how = "a core busy" if busy else "idle"
+            print(f"  {name:<38} {how:<12} {fmt_rate(rate)}", flush=True)
+    print()
+    print(
+        f"Blocking throughput, 8 B, idle and with a third process spinning on CPU {cpus[0]} "
+        f"(median of {max(repeat, 5)}); slowdown = idle / busy"
+    )
+    hdr = f"{'transport':<38} | {'idle':>10} | {'core busy':>10} | {'slowdown':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for name, by in rows.items():
+        print(
+            f"{name:<38} | {fmt_rate(by[False]):>10} | {fmt_rate(by[True]):>10} | "
+            f"{fmt_ratio(by[False], by[True]):>8}"
+        )
+    single, bulk_name = list(rows)
+    return {
+        "single_idle": rows[single][False],
+        "single_busy": rows[single][True],
+        "bulk_idle": rows[bulk_name][False],
+        "bulk_busy": rows[bulk_name][True],
+    }
+
+
+def echo_queue(prefix: str, rundir: str, inbox: Any, outbox: Any, n: int) -> None:
+    """The pickle table's pong side (a spawned process): whatever arrives goes back.
+    A memd reference arriving here attaches this process on first use."""
+    for _ in range(n):
+        outbox.put(inbox.get())
+
+
+def pickle_table(repeat: int, quick: bool) -> dict[str, Any]:
+    """memd objects through pickle and multiprocessing.Queue, against what a program
+    sends without memd (the bytes, or a bare int handle).  Needs a primary: starts a
+    --no-huge memd of its own."""
+    import pickle
+    import tempfile
+    from pathlib import Path
+
+    from memd.testing import Daemon
+
+    n = 500 if quick else 2000
+    rows: dict[str, tuple[float | None, float | None]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon = Daemon(Path(tmp), "nohuge", "-m", "16").start()
+        try:
+            with daemon.attach() as mem:
+                pool = mem.mempool_create("bench-pickle", 64, 1024)
+                ring = mem.ring_create("bench-pickle", 64)
+                obj = pool.get()
+                obj.buf[:] = PAYLOAD_1K
+                items = {
+                    "MempoolObject (1 KiB), a reference": obj,
+                    "Ring, a reference": ring,
+                    "int handle + pool.obj() (by hand)": obj.handle,
+                    "1 KiB bytes, copied": PAYLOAD_1K,
+                }
+                ctx = multiprocessing.get_context("spawn")
+                for name, item in items.items():
+                    by_hand = isinstance(item, int)
+                    stmt = (
+                        "pool.obj(pickle.loads(pickle.dumps(item)))"
+                        if by_hand
+                        else "pickle.loads(pickle.dumps(item))"
+                    )
+                    env = {"pickle": pickle, "item": item, "pool": pool}
+                    local = per_call(stmt, env, 2000, repeat) * 1e6
+                    inbox, outbox = ctx.Queue(), ctx.Queue()
+                    args = (daemon.prefix, str(daemon.runtime_dir), inbox, outbox, n + 1)
+                    proc = ctx.Process(target=echo_queue, args=args)
+                    proc.start()
+                    inbox.put(item)
+                    outbox.get(timeout=60)  # the first one attaches the echo process
+                    lat = []
+                    for _ in range(n):
+                        t0 = time.perf_counter_ns()
+                        inbox.put(item)
+                        back = outbox.get(timeout=60)
+                        if by_hand:
+                            back = pool.obj(back)
+                        lat.append(time.perf_counter_ns() - t0)
+                    proc.join(60)
+                    rows[name] = (local, statistics.median(lat[n // 10 :]) / 1000)
+                    print(f"  {name:<38} {fmt_us(local)} {fmt_us(rows[name][1])}", flush=True)
+                pool.put(obj)
+        finally:
+            daemon.stop()
+    print()
+    print("Pickling: memd objects as references, median µs")
+    hdr = f"{'what':<38} | {'dumps+loads':>11} | {'mp.Queue round trip':>19}"
+    print(hdr)
+    print("-" * len(hdr))
+    for name, (local, rtt) in rows.items():
+        print(f"{name:<38} | {fmt_us(local):>11} | {fmt_us(rtt):>19}")
+    return {name: rtt for name, (_, rtt) in rows.items()}
 
 
 def per_call(stmt: str, env: dict[str, Any], number: int, repeat: int) -> float:
@@ -932,7 +1147,9 @@ def dpdk_table(ip: dict[str, Any], tp: dict[str, Any], mempool: bool) -> None:
             )
 
 
-def targets(tp: dict[str, Any], rtt: dict[str, Any], ip: dict[str, Any]) -> None:
+def targets(
+    tp: dict[str, Any], bz: dict[str, Any], rtt: dict[str, Any], ip: dict[str, Any]
+) -> None:
     def line(what: str, value: float | None, goal: str, ok: bool | None) -> None:
         mark = "-" if ok is None else ("met" if ok else "MISSED")
         shown = "-" if value is None else value
@@ -944,6 +1161,15 @@ def targets(tp: dict[str, Any], rtt: dict[str, Any], ip: dict[str, Any]) -> None
         s, b = tp["single8"], tp["bulk8"]
         line("cross-process single-item, msgs/s", fmt_rate(s), ">= 5 M/s", s and s >= 5e6)
         line(f"cross-process bulk-{BULK}, msgs/s", fmt_rate(b), ">= 30 M/s", b and b >= 30e6)
+    if bz:
+        for what, idle, busy in (
+            ("single-item", bz["single_idle"], bz["single_busy"]),
+            (f"bulk-{BULK}", bz["bulk_idle"], bz["bulk_busy"]),
+        ):
+            ok = None if not idle or not busy else idle / busy <= 1.5
+            line(
+                f"blocking {what} with a core busy, slowdown", fmt_ratio(idle, busy), "<= 1.5x", ok
+            )
     if rtt:
         line(
             "busy-poll round trip",
@@ -956,6 +1182,14 @@ def targets(tp: dict[str, Any], rtt: dict[str, Any], ip: dict[str, Any]) -> None
             fmt_us(rtt["block8"]),
             "<= 20 µs",
             rtt["block8"] is not None and rtt["block8"] <= 20,
+        )
+        line(
+            "asyncio round trip (dequeue_async)",
+            fmt_us(rtt["aio8"]),
+            "< mp.Queue",
+            None
+            if rtt["aio8"] is None or rtt["aio_mpq8"] is None
+            else rtt["aio8"] < rtt["aio_mpq8"],
         )
         line(
             "blocking round trip (opt-in 5 µs spin)",
@@ -987,7 +1221,7 @@ def main() -> int:
     )
     ap.add_argument(
         "--only",
-        choices=["throughput", "rtt", "inproc"],
+        choices=["throughput", "busy", "rtt", "inproc", "pickle"],
         action="append",
         help="run only these parts (repeatable)",
     )
@@ -996,7 +1230,7 @@ def main() -> int:
     global TARGET_SECONDS
     if args.quick:
         TARGET_SECONDS = 0.1
-    parts = args.only or ["throughput", "rtt", "inproc"]
+    parts = args.only or ["throughput", "busy", "rtt", "inproc", "pickle"]
     t0 = time.monotonic()
     print(
         f"memd ring bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
@@ -1004,11 +1238,14 @@ def main() -> int:
         flush=True,
     )
     tp = throughput_table(repeat, args.quick) if "throughput" in parts else {}
+    bz = busy_core_table(repeat, args.quick) if "busy" in parts else {}
     rtt = rtt_table(repeat, args.quick) if "rtt" in parts else {}
     ip = inproc_table(repeat, args.quick) if "inproc" in parts else {}
+    if "pickle" in parts:
+        pickle_table(repeat, args.quick)
     if ip:
         dpdk_table(ip, tp, args.dpdk_mempool)
-    targets(tp, rtt, ip)
+    targets(tp, bz, rtt, ip)
     print(f"\n({time.monotonic() - t0:.0f} s)")
     return 0
 

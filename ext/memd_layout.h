@@ -395,7 +395,9 @@ struct memd_ring_wait {       /* a futex that waiters sleep on until somebody mo
     _Atomic uint64_t wakes;   /* 16: FUTEX_WAKE calls made for this side (stats) */
     _Atomic uint32_t armed;   /* 24: 1 = a waiter wants a wake; the waker clears it, so
                                      one wake serves everyone asleep at that moment */
-    uint32_t reserved;        /* 28 */
+    _Atomic uint32_t want;    /* 28: the fewest entries (free slots) an armed waiter of
+                                     not_empty (not_full) can use: a move that leaves fewer
+                                     wakes nobody; a wake resets it to UINT32_MAX */
 }; /* 32 */
 
 struct memd_ring_headtail {          /* one side of a ring: the producers' or the consumers' */
@@ -595,6 +597,7 @@ MEMD_CHECK(struct memd_ring, prod, 128);
 MEMD_CHECK(struct memd_ring, cons, 256);
 MEMD_CHECK(struct memd_ring, not_empty, 384);
 MEMD_CHECK(struct memd_ring, not_full, 416);
+MEMD_CHECK(struct memd_ring_wait, want, 28);
 MEMD_CHECK(struct memd_ring, slots, 512);
 MEMD_CHECK_SIZE(struct memd_ring, 512);
 _Static_assert(sizeof(_Atomic uint32_t) == 4 && sizeof(_Atomic uint64_t) == 8,

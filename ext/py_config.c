@@ -516,6 +516,7 @@ static const struct memd_field config_layout[] = {
     MEMD_FIELD(memd_config, objects),
     MEMD_FIELD(memd_object, offset),
     MEMD_FIELD(memd_config, memzones),
+    MEMD_FIELD(memd_memzone, generation),
     MEMD_FIELD(memd_config, msls),
     MEMD_FIELD(memd_heap, lock),
     MEMD_FIELD(memd_lock, recoveries),

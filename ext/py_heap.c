@@ -796,9 +796,8 @@ static PyObject *py_heap_validate(PyObject *m, PyObject *args, PyObject *kw)
     Py_RETURN_NONE;
 }
 
-#ifdef MEMD_TEST_HOOKS
 /* heap_block(win, idx, off, owner=None) -> Block for the busy block at off (e.g.
- * a memzone's).  Fails iff as heap_block_size. */
+ * a memzone's, or an unpickled Block's).  Fails iff as heap_block_size. */
 static PyObject *py_heap_block(PyObject *m, PyObject *args, PyObject *kw)
 {
     (void)m;
@@ -815,7 +814,6 @@ static PyObject *py_heap_block(PyObject *m, PyObject *args, PyObject *kw)
         return memd_raise_errno((int)r, "heap_block");
     return block_new(win, owner, base, off, (uint64_t)r, (int)PyLong_AsLong(idxo));
 }
-#endif
 
 /* heap_stats(win, idx) -> (total, free, alloc, greatest_free, free_count,
  * alloc_count).  Fails iff OSError EFAULT (heap broken). */
@@ -1058,10 +1056,10 @@ static PyMethodDef heap_functions[] = {
        "heap_free_owned(win, idx, pid) -> (blocks, bytes) freed (not memzones)"),
     KW("heap_journal", py_heap_journal,
        "heap_journal(win, idx) -> (count, overflow, rollbacks, undone)"),
+    KW("heap_block", py_heap_block, "heap_block(win, idx, off, owner=None) -> Block"),
 #ifdef MEMD_TEST_HOOKS /* test builds only (setup.py): offset-level calls, crash points */
     KW("heap_realloc", py_heap_realloc, "heap_realloc(win, idx, off, size, align=0) -> offset"),
     KW("heap_block_size", py_heap_block_size, "heap_block_size(win, idx, off) -> size"),
-    KW("heap_block", py_heap_block, "heap_block(win, idx, off, owner=None) -> Block"),
     {"_heap_crash_after", py_heap_crash_after, METH_O,
      "_heap_crash_after(k): tests only: _exit(77) at the k-th heap crash point; 0 = off"},
 #endif

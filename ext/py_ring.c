@@ -16,8 +16,16 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <linux/futex.h>
+#include <stdatomic.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
+
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449 /* the same number on every architecture */
+#endif
 
 #define likely(x)   __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
@@ -299,7 +307,9 @@ static __attribute__((noinline)) Py_ssize_t run_op_wait(MemdRing *self, struct m
         struct memd_ring_headtail *side = enq ? &r->prod : &r->cons;
         struct memd_ring_wait *w = busy ? &side->lock_wait : enq ? &r->not_full : &r->not_empty;
         int was_busy = busy;
-        uint32_t seq = memd_ring_wait_prepare(w);
+        /* a bulk can use only n (entries or slots), a burst any */
+        uint32_t want = busy ? 0 : (op == OP_ENQ_BULK || op == OP_DEQ_BULK) ? n : 1;
+        uint32_t seq = memd_ring_wait_prepare(w, want);
         got = do_op(self, r, op, v, n, &busy); /* the retry that closes the lost-wakeup window */
         if (got != 0) {
             memd_ring_wait_done(w);
@@ -789,6 +799,47 @@ static PyObject *ring_dequeue_burst_into(PyObject *o, PyObject *const *args, Py_
     return dequeue_into(o, args, nargs, kwnames, OP_DEQ_BURST, "dequeue_burst_into");
 }
 
+/* --- asyncio (memd.shm.aio): a coroutine announces itself with _wait_prepare, retries,
+ * and awaits a future that the process's one waiter thread (ring_wait_many, all
+ * waits at once) resolves when the futex moves; then _wait_done and retries.  The
+ * coroutine's thread does every ring operation, so cancelling it loses nothing. */
+
+static struct memd_ring_wait *async_wait_of(struct memd_ring *r, int enq)
+{
+    return enq ? &r->not_full : &r->not_empty;
+}
+
+/* _wait_prepare(enq, want) -> seq.  Raises PrimaryNotRunning if the watched
+ * primary died, ValueError if the window was closed. */
+static PyObject *ring_wait_prepare(PyObject *o, PyObject *args)
+{
+    MemdRing *self = (MemdRing *)o;
+    int enq;
+    unsigned int want;
+    if (!PyArg_ParseTuple(args, "pI:_wait_prepare", &enq, &want))
+        return NULL;
+    struct memd_ring *r = ring_ptr(self);
+    if (r == NULL || memd_window_check_watch(self->window) < 0)
+        return NULL;
+    if (want > self->capacity)
+        want = self->capacity;
+    return PyLong_FromUnsignedLong(memd_ring_wait_prepare(async_wait_of(r, enq), want ? want : 1));
+}
+
+/* _wait_done(enq): withdraw what _wait_prepare announced (nothing once the window
+ * is closed: its memory is gone from this process). */
+static PyObject *ring_wait_done(PyObject *o, PyObject *arg)
+{
+    MemdRing *self = (MemdRing *)o;
+    int enq = PyObject_IsTrue(arg);
+    if (enq < 0)
+        return NULL;
+    char *base = ((MemdWindow *)self->window)->base;
+    if (base != NULL)
+        memd_ring_wait_done(async_wait_of((struct memd_ring *)(base + self->offset), enq));
+    Py_RETURN_NONE;
+}
+
 static PyObject *ring_full(PyObject *o, PyObject *Py_UNUSED(a))
 {
     struct memd_ring *r = ring_ptr((MemdRing *)o);
@@ -913,6 +964,10 @@ static PyMethodDef ring_methods[] = {
      "its length in entries and returns how many."},
     {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
      "Ring[int] / Ring[bytes]: what its entries are, for type checkers."},
+    {"_wait_prepare", ring_wait_prepare, METH_VARARGS,
+     "_wait_prepare(enq, want) -> int: announce an asyncio waiter for room (enq) or "
+     "entries, wanting `want` of them; returns the futex value to wait on"},
+    {"_wait_done", ring_wait_done, METH_O, "_wait_done(enq): withdraw the announced waiter"},
     {"full", ring_full, METH_NOARGS, "full() -> bool"},
     {"empty", ring_empty, METH_NOARGS, "empty() -> bool"},
     {NULL, NULL, 0, NULL},
@@ -1045,7 +1100,116 @@ static PyObject *py_ring_crash_after(PyObject *Py_UNUSED(m), PyObject *arg)
 }
 #endif
 
+/* The asyncio waiter thread's own futex: bumped when a wait is added. */
+static _Atomic uint32_t aio_kick;
+
+static PyObject *py_ring_wait_kick(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    atomic_fetch_add_explicit(&aio_kick, 1, memory_order_release);
+    syscall(SYS_futex, (void *)&aio_kick, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_ring_wait_kick_seq(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    return PyLong_FromUnsignedLong(atomic_load_explicit(&aio_kick, memory_order_acquire));
+}
+
+#define AIO_MAX_WAITS 127 /* FUTEX_WAITV_MAX (128) less the kick futex */
+
+/* ring_wait_many(waits, kick_seq, timeout) -> [index]: sleep (without the GIL) until
+ * one of the waits [(ring, enq, seq)] or the kick futex moves from the value given,
+ * or timeout seconds pass; returns the indices of the waits whose futex moved (or
+ * whose window was closed).  Past AIO_MAX_WAITS waits, or without futex_waitv
+ * (Linux < 5.16), it polls every millisecond. */
+static PyObject *py_ring_wait_many(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *waits;
+    unsigned int kick;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "O!Id:ring_wait_many", &PyList_Type, &waits, &kick, &timeout))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(waits);
+    struct futex_waitv wv[AIO_MAX_WAITS + 1];
+    memset(wv, 0, sizeof(wv));
+    wv[0].val = kick;
+    wv[0].uaddr = (uintptr_t)&aio_kick;
+    wv[0].flags = FUTEX_32 | FUTEX_PRIVATE_FLAG;
+    unsigned k = 1, ready = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(waits, i);
+        PyObject *ring;
+        int enq;
+        unsigned int seq;
+        if (!PyArg_ParseTuple(item, "O!pI:ring_wait_many", &MemdRing_Type, &ring, &enq, &seq))
+            return NULL;
+        char *base = ((MemdWindow *)((MemdRing *)ring)->window)->base;
+        if (base == NULL) {
+            ready = 1;
+            continue;
+        }
+        struct memd_ring_wait *w =
+            async_wait_of((struct memd_ring *)(base + ((MemdRing *)ring)->offset), enq);
+        if (atomic_load_explicit(&w->seq, memory_order_acquire) != seq)
+            ready = 1;
+        else if (k <= AIO_MAX_WAITS) {
+            /* no FUTEX_PRIVATE_FLAG: the wakers are other processes */
+            wv[k].val = seq;
+            wv[k].uaddr = (uintptr_t)&w->seq;
+            wv[k].flags = FUTEX_32;
+            k++;
+        }
+    }
+    if (!ready) {
+        uint64_t ns = timeout <= 0     ? 0
+                      : timeout >= 1e6 ? 1000000000000000ull
+                                       : (uint64_t)(timeout * 1e9);
+        if ((Py_ssize_t)k - 1 < n && ns > 1000000)
+            ns = 1000000; /* more waits than one call takes: poll the rest */
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_sec +=
+            (time_t)(ns / 1000000000u) + (ts.tv_nsec + (long)(ns % 1000000000u)) / 1000000000L;
+        ts.tv_nsec = (ts.tv_nsec + (long)(ns % 1000000000u)) % 1000000000L;
+        long rc;
+        Py_BEGIN_ALLOW_THREADS
+            rc = syscall(SYS_futex_waitv, wv, k, 0, &ts, CLOCK_MONOTONIC);
+            if (rc < 0 && errno == ENOSYS) {
+                struct timespec ms = {0, 1000000};
+                nanosleep(&ms, NULL);
+            }
+        Py_END_ALLOW_THREADS
+    }
+    PyObject *out = PyList_New(0);
+    for (Py_ssize_t i = 0; out != NULL && i < PyList_GET_SIZE(waits); i++) {
+        PyObject *item = PyList_GET_ITEM(waits, i);
+        MemdRing *ring = (MemdRing *)PyTuple_GET_ITEM(item, 0);
+        int enq = PyObject_IsTrue(PyTuple_GET_ITEM(item, 1));
+        unsigned long seq = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(item, 2));
+        char *base = ((MemdWindow *)ring->window)->base;
+        int moved =
+            base == NULL || atomic_load_explicit(
+                                &async_wait_of((struct memd_ring *)(base + ring->offset), enq)->seq,
+                                memory_order_acquire) != (uint32_t)seq;
+        if (moved) {
+            PyObject *idx = PyLong_FromSsize_t(i);
+            if (idx == NULL || PyList_Append(out, idx) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(idx);
+        }
+    }
+    return out;
+}
+
 static PyMethodDef ring_functions[] = {
+    {"ring_wait_many", py_ring_wait_many, METH_VARARGS,
+     "ring_wait_many(waits, kick_seq, timeout) -> list[int]: asyncio's waiter thread: sleep "
+     "until one of [(ring, enq, seq)] or the kick futex moves, or timeout seconds; the "
+     "indices of the waits that moved"},
+    {"ring_wait_kick", py_ring_wait_kick, METH_NOARGS,
+     "ring_wait_kick(): wake the waiter thread (a wait was added)"},
+    {"ring_wait_kick_seq", py_ring_wait_kick_seq, METH_NOARGS,
+     "ring_wait_kick_seq() -> int: the kick futex's value, read before ring_wait_many"},
     {"ring_wait_spin", py_ring_wait_spin, METH_VARARGS,
      "ring_wait_spin(seconds=None) -> float: how long a waiting call retries before it "
      "sleeps (default 5 µs; 0 sleeps at once); sets it if given, returns the old value."},

@@ -96,6 +96,7 @@ int memd_ring_init(struct memd_ring *r, const char *name, uint32_t count, uint32
     r->memsize = memsize_of(size, esize);
     r->prod.single = (flags & MEMD_RING_F_SP_ENQ) ? 1 : 0;
     r->cons.single = (flags & MEMD_RING_F_SC_DEQ) ? 1 : 0;
+    r->not_empty.want = r->not_full.want = UINT32_MAX; /* nobody waits yet */
     /* The slots need no clearing: a slot is read only after a producer wrote it. */
     /* release: pairs with the acquire load in memd_ring_check; whoever sees the
      * magic sees every field above. */
@@ -139,6 +140,9 @@ static __attribute__((noinline)) void wake_slow(struct memd_ring_wait *w)
      * this wake. */
     if (atomic_exchange_explicit(&w->armed, 0, memory_order_acq_rel) == 0)
         return;
+    /* Everyone asleep wakes and announces what it wants anew.  relaxed: ordered
+     * before the bump below, after which a waiter reads seq before its want. */
+    atomic_store_explicit(&w->want, UINT32_MAX, memory_order_relaxed);
     /* release: a waiter that sees the new seq (futex compare) sees our tail. */
     atomic_fetch_add_explicit(&w->seq, 1, memory_order_release);
     atomic_fetch_add_explicit(&w->wakes, 1, memory_order_relaxed); /* stats only */
@@ -156,12 +160,31 @@ static ALWAYS_INLINE void wake_if_waiting(struct memd_ring_wait *w)
     wake_slow(w);
 }
 
-uint32_t memd_ring_wait_prepare(struct memd_ring_wait *w)
+/* Wake w's sleepers if it has any and `avail` (entries or free slots now, at
+ * least: a stale read of the other side's tail only overstates it) is at least
+ * what one of them wants: a bulk waiter is not woken for every smaller move.
+ * Fenced as wake_if_waiting; the want a waiter stored before its fence is seen
+ * here whenever its count is. */
+static ALWAYS_INLINE void wake_if_enough(struct memd_ring_wait *w, uint32_t avail)
+{
+    if (likely(atomic_load_explicit(&w->waiters, memory_order_relaxed) == 0))
+        return;
+    if (avail < atomic_load_explicit(&w->want, memory_order_relaxed))
+        return;
+    wake_slow(w);
+}
+
+uint32_t memd_ring_wait_prepare(struct memd_ring_wait *w, uint32_t want)
 {
     /* acquire: pairs with the release bump in wake_slow (read seq first, then
      * announce: a wake after our announcement changes what we read here). */
     uint32_t seq = atomic_load_explicit(&w->seq, memory_order_acquire);
-    /* relaxed: ordered before the retry by the fence below. */
+    /* relaxed: ordered before the retry by the fence below.  The smallest want
+     * of all waiters stands, so none is skipped. */
+    uint32_t cur = atomic_load_explicit(&w->want, memory_order_relaxed);
+    while (want < cur && !atomic_compare_exchange_weak_explicit(
+                             &w->want, &cur, want, memory_order_relaxed, memory_order_relaxed))
+        ;
     atomic_fetch_add_explicit(&w->waiters, 1, memory_order_relaxed);
     /* release: pairs with the exchange in wake_slow (see there). */
     atomic_store_explicit(&w->armed, 1, memory_order_release);
@@ -323,7 +346,7 @@ static __attribute__((noinline)) int lock_slow(struct memd_ring_headtail *ht, ui
         }
         if (!may_sleep)
             return -EBUSY;
-        uint32_t seq = memd_ring_wait_prepare(&ht->lock_wait);
+        uint32_t seq = memd_ring_wait_prepare(&ht->lock_wait, 0);
         /* relaxed: ordered after our waiter count by the fence in prepare; pairs
          * with side_unlock's store and the fence after it (wake_if_waiting). */
         if (atomic_load_explicit(&ht->lock, memory_order_relaxed) == cur)
@@ -473,7 +496,10 @@ static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, struct memd_ring_g
     /* seq_cst fence: orders the tail store (and the unlock) before the waiter
      * counts read below; pairs with the fence in memd_ring_wait_prepare. */
     atomic_thread_fence(memory_order_seq_cst);
-    wake_if_waiting(&r->not_empty);
+    if (unlikely(atomic_load_explicit(&r->not_empty.waiters, memory_order_relaxed) != 0))
+        /* relaxed: a stale cons.tail overstates the entries: at worst a wake too many */
+        wake_if_enough(&r->not_empty,
+                       start + n - atomic_load_explicit(&r->cons.tail, memory_order_relaxed));
     if (!single)
         wake_if_waiting(&r->prod.lock_wait);
     if (crashy)
@@ -535,7 +561,11 @@ static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, struct memd_ring_g
         side_unlock(&r->cons);
     /* seq_cst fence: as in do_enqueue. */
     atomic_thread_fence(memory_order_seq_cst);
-    wake_if_waiting(&r->not_full);
+    if (unlikely(atomic_load_explicit(&r->not_full.waiters, memory_order_relaxed) != 0))
+        /* relaxed: a stale prod.tail overstates the room: at worst a wake too many */
+        wake_if_enough(
+            &r->not_full,
+            g.capacity - (atomic_load_explicit(&r->prod.tail, memory_order_relaxed) - (start + n)));
     if (!single)
         wake_if_waiting(&r->cons.lock_wait);
     if (crashy)

@@ -122,10 +122,12 @@ static inline void memd_cpu_relax(void)
 #endif
 }
 
-/* Announce a waiter on w and return the futex value to sleep on.  The caller
- * must retry its operation after this (that retry closes the lost-wakeup
- * window) and call memd_ring_wait_done exactly once afterwards. */
-uint32_t memd_ring_wait_prepare(struct memd_ring_wait *w);
+/* Announce a waiter on w and return the futex value to sleep on.  `want`: the
+ * fewest entries (not_empty) or free slots (not_full) the waiter can use, so
+ * that smaller moves do not wake it (1 for a burst, n for a bulk; 0 on a lock
+ * wait).  The caller must retry its operation after this (that retry closes
+ * the lost-wakeup window) and call memd_ring_wait_done exactly once afterwards. */
+uint32_t memd_ring_wait_prepare(struct memd_ring_wait *w, uint32_t want);
 
 /* Sleep until w is woken or timeout_ns passes (UINT64_MAX: no limit).
  * Returns 0 when woken or the value already moved on, -ETIMEDOUT, -EINTR. */

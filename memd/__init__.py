@@ -22,6 +22,7 @@ from memd.errors import (
     PoolEmpty,
     PrimaryNotRunning,
     ProtocolError,
+    StaleReference,
     VersionMismatch,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "Primary",
     "PrimaryNotRunning",
     "ProtocolError",
+    "StaleReference",
     "VersionMismatch",
 ]
 

@@ -48,6 +48,12 @@ class MemdKeyError(MemdError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class StaleReference(MemdKeyError):
+    """A pickled reference names an object that is gone: freed (and perhaps made
+    again under the same name or at the same offset), or its memd instance was
+    restarted."""
+
+
 class MemdExistsError(MemdError, FileExistsError):
     """The name is already taken."""
 

@@ -27,6 +27,7 @@ from memd.errors import (
     PoolEmpty,
     PrimaryNotRunning,
     ProtocolError,
+    StaleReference,
     VersionMismatch,
 )
 from memd.files import UnsafePath
@@ -87,6 +88,7 @@ __all__ = [
     "ProtocolError",
     "Ring",
     "Secondary",
+    "StaleReference",
     "UnsafePath",
     "VersionMismatch",
     "attach",

@@ -12,7 +12,6 @@ from typing import Any
 TEST_HOOKS = (
     "heap_realloc",
     "heap_block_size",
-    "heap_block",
     "_heap_crash_after",
     "_ring_crash_after",
 )
@@ -41,6 +40,53 @@ def test_a_secondary_never_imports_the_daemon() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_every_extension_callable_has_the_stubs_signature() -> None:
+    """inspect.signature works on every C function and method (setup.py puts the
+    stub's text signature in each docstring), with the stub's parameter names."""
+    import ast
+    import inspect
+
+    from memd import _ext
+
+    tree = ast.parse((Path(_ext.__file__).parent / "_ext.pyi").read_text())
+    stub: dict[str, list[str]] = {}
+
+    def names(fn: ast.FunctionDef, method: bool) -> list[str]:
+        a = fn.args
+        params = [p.arg for p in [*a.posonlyargs, *a.args]][1 if method else 0 :]
+        return params + [p.arg for p in a.kwonlyargs]
+
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            stub.setdefault(node.name, names(node, False))
+        elif isinstance(node, ast.ClassDef):
+            for fn in node.body:
+                if isinstance(fn, ast.FunctionDef) and not fn.name.startswith("__"):
+                    stub.setdefault(f"{node.name}.{fn.name}", names(fn, True))
+    checked = 0
+    for name in dir(_ext):
+        obj = getattr(_ext, name)
+        if name.startswith("__") or name in TEST_HOOKS:
+            continue
+        members = [(name, obj)] if not isinstance(obj, type) else []
+        if isinstance(obj, type):
+            members = [
+                (f"{name}.{m}", getattr(obj, m))
+                for m in vars(obj)
+                if not m.startswith("__") and callable(getattr(obj, m))
+            ]
+        for key, fn in members:
+            if not callable(fn) or isinstance(fn, type):
+                continue
+            bound = getattr(fn, "__self__", None) is not None  # a classmethod
+            params = list(inspect.signature(fn).parameters)
+            if not bound and "." in key:
+                params = params[1:]  # self
+            assert params == stub[key], key
+            checked += 1
+    assert checked > 90
 
 
 def test_the_extension_stub_names_exactly_what_the_extension_has() -> None:

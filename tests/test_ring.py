@@ -549,6 +549,60 @@ def test_blocking_enqueue_woken_by_other_process(window: _ext.Window) -> None:
     assert r.dequeue_burst(10) == [3, 4, 5]
 
 
+def test_a_bulk_waiter_is_not_woken_by_smaller_moves(window: _ext.Window) -> None:
+    """Batch-aware waking: a consumer asleep in dequeue_bulk(8) is woken once, by the
+    enqueue that makes 8 entries, not by each of the seven before it; a producer
+    asleep in enqueue_bulk(4) likewise by the dequeue that frees 4 slots."""
+    r = Ring.create(window, BASE, 16, RING_F_SP_ENQ | RING_F_SC_DEQ)
+    res = np.frombuffer(window.view(BASE + (4 << 20), 8), dtype=np.uint64)
+    res[:] = 0
+
+    def consume() -> None:
+        res[0] = sum(r.dequeue_bulk(8, timeout=60))
+
+    pid = fork_run(consume)
+    wait_for(lambda: r.wait_stats["consumers_waiting"] == 1)  # it is asleep
+    for v in range(1, 8):
+        assert r.enqueue(v)
+        time.sleep(0.005)  # a woken consumer would re-arm before the next one
+    assert r.wait_stats["consumer_wakes"] == 0
+    assert r.enqueue(8)
+    assert wait_child(pid) == 0
+    assert res[0] == sum(range(1, 9))
+    assert r.wait_stats["consumer_wakes"] == 1
+
+    assert r.enqueue_bulk(list(range(15))) == 15  # full: capacity 15
+
+    def produce() -> None:
+        assert r.enqueue_bulk([1, 2, 3, 4], timeout=60) == 4
+
+    pid = fork_run(produce)
+    wait_for(lambda: r.wait_stats["producers_waiting"] == 1)
+    for _ in range(3):
+        assert r.dequeue() is not None
+        time.sleep(0.005)
+    assert r.wait_stats["producer_wakes"] == 0
+    assert r.dequeue() is not None
+    assert wait_child(pid) == 0
+    assert r.count == 15
+    assert r.wait_stats["producer_wakes"] == 1
+
+
+def test_a_burst_waiter_is_woken_by_one_entry(window: _ext.Window) -> None:
+    r = Ring.create(window, BASE, 16, RING_F_SP_ENQ | RING_F_SC_DEQ)
+    res = np.frombuffer(window.view(BASE + (4 << 20), 8), dtype=np.uint64)
+    res[:] = 0
+
+    def consume() -> None:
+        res[0] = len(r.dequeue_burst(8, timeout=60))
+
+    pid = fork_run(consume)
+    wait_for(lambda: r.wait_stats["consumers_waiting"] == 1)
+    assert r.enqueue(5)
+    assert wait_child(pid) == 0
+    assert res[0] == 1
+
+
 def test_blocking_releases_the_gil(window: _ext.Window) -> None:
     r = Ring.create(window, BASE, 8)
     got: list[int | None] = []

@@ -5,6 +5,7 @@ pages itself; a secondary asks the primary) and in who owns the files."""
 
 from __future__ import annotations
 
+import copyreg
 import errno
 import logging
 import os
@@ -24,7 +25,7 @@ from memd.errors import (
     translate,
 )
 from memd.paths import SHM_DIR, config_path
-from memd.shm import objects
+from memd.shm import objects, refs
 from memd.shm.config import SOCKET_ID_ANY, Header, MemsegList, header, memseg_lists, processes
 from memd.shm.heap import HeapMixin
 from memd.shm.mempool import Mempool, MempoolMixin
@@ -157,6 +158,7 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
     def __init__(self, prefix: str, rundir: Path) -> None:
         self.prefix = prefix
         self.rundir = rundir
+        refs.register(self)  # owns the references pickled from its objects
         self.pages = PageStore(prefix)
         self._mapped: dict[int, set[int]] = {}  # list index -> slots mapped here
         self._map_lock = threading.RLock()
@@ -751,3 +753,11 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
 
     def _release_pages(self, heap: int) -> int | None:
         raise NotImplementedError
+
+
+# Pickled, memd's objects are references to shared memory (memd.shm.refs).
+copyreg.pickle(Memzone, refs.reduce_memzone)
+copyreg.pickle(Ring, refs.reduce_ring)
+copyreg.pickle(Mempool, refs.reduce_mempool)
+copyreg.pickle(_ext.Block, refs.reduce_block)
+copyreg.pickle(_ext.MempoolObject, refs.reduce_mempool_object)

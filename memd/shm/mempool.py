@@ -43,8 +43,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from memd import _ext
-from memd.errors import MemdValueError
-from memd.shm import objects
+from memd.errors import MemdValueError, PoolEmpty
+from memd.shm import aio, objects
 from memd.shm.config import SOCKET_ID_ANY, memseg_lists
 
 MEMPOOL_F_NO_SPREAD: int = _ext.MEMPOOL_F_NO_SPREAD  # accepted, no effect
@@ -182,6 +182,34 @@ class Mempool(_ext.Mempool):
         available, though only that process can take them).  A snapshot while
         others get and put.  MemdValueError after detach."""
         return self.avail_count() == 0
+
+    async def get_async(self, timeout: float | None = None) -> MempoolObject:
+        """``await pool.get_async()``: :meth:`get` that waits for a free object without
+        blocking the event loop (DPDK ``rte_mempool_get``).  Waits on the pool's ring
+        of free objects, woken when another process (or thread) puts one back to it;
+        one waiter thread per process serves every wait.  `timeout`: seconds, None
+        (the default) waits until an object is free.  An object put into this
+        process's own cache is seen at the next 100 ms check, one put to the ring at
+        once; objects in other processes' caches cannot be taken.  Cancelling the
+        awaiting task takes nothing.
+
+        Raises:
+            PoolEmpty: no object became free within `timeout`.
+            MemdValueError: the attachment was detached.
+            PrimaryNotRunning: the primary died while it waited.
+        """
+        free = _ext.Ring(self.window, self.ring_offset)  # its ring of free objects
+
+        def attempt() -> MempoolObject | None:
+            try:
+                return self.get()
+            except PoolEmpty:
+                return None
+
+        obj = await aio.wait_for_op(free, attempt, lambda o: o is not None, False, 1, timeout)
+        if obj is None:
+            raise PoolEmpty(f"mempool {self.name!r}: no free object within {timeout} s")
+        return obj
 
     def obj_iter(self) -> Iterator[MempoolObject]:
         """Every object of the pool, free or in use, in index order 0..n-1 (DPDK

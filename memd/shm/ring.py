@@ -25,7 +25,9 @@ call sleeps on a futex in the ring with the GIL released (a program may opt in t
 a few microseconds of retrying first, about what a sleep and a wake cost: see
 :func:`set_wait_spin`),
 waking at least every 100 ms so that Ctrl-C still works.  The other side makes
-the wake-up system call only when somebody sleeps.
+the wake-up system call only when somebody sleeps and its move leaves at least
+what a sleeper can use (a bulk of n waits for n: smaller moves do not wake it).
+The ``*_async`` twins wait the same way from asyncio (:mod:`memd.shm.aio`).
 
 Crash safety: a multi-producer (-consumer) side is serialised by a small lock that
 names its owner process; a process that waits behind an owner that was killed takes
@@ -44,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from memd import _ext
 from memd.errors import MemdValueError
-from memd.shm import objects
+from memd.shm import aio, objects
 from memd.shm.config import SOCKET_ID_ANY
 from memd.shm.heap import space_needed
 
@@ -133,6 +135,12 @@ class Ring(_ext.Ring[E]):
       ``esize`` (MemdValueError otherwise); fills its head with records, returns
       how many
 
+    Each of these enqueue/dequeue calls has an awaitable twin for asyncio,
+    ``await ring.dequeue_async(timeout=None)``, ``enqueue_async(value)``,
+    ``enqueue_bulk_async`` ... ``dequeue_burst_into_async`` (below): it waits
+    without blocking the event loop and without a thread per waiter, and a
+    cancelled one has moved nothing.  Their ``timeout`` defaults to None.
+
     A bulk larger than the capacity never fits: it returns 0 / ``[]`` at once,
     or raises ValueError if asked to wait.  A burst waits for at least one entry
     (or one free slot).
@@ -180,6 +188,88 @@ class Ring(_ext.Ring[E]):
         """
         _ext.ring_init(window, offset, count, flags, name, esize)
         return cls(window, offset)
+
+    # --- asyncio: the same calls, awaited (memd.shm.aio: no thread per waiter) -------
+
+    def _count_of(self, values: Any) -> int:
+        """Entries in `values` (ints, records, or a buffer of them)."""
+        if self.esize == RING_ESIZE_U64 or isinstance(values, list | tuple):
+            return len(values)
+        return memoryview(values).nbytes // self.esize
+
+    def _bulk_want(self, n: int, timeout: float | None) -> int:
+        if n > self.capacity and timeout != 0:
+            raise ValueError(
+                f"a bulk of {n} entries can never fit a ring of capacity {self.capacity}"
+            )
+        return max(n, 1)
+
+    async def enqueue_async(self, value: Any, timeout: float | None = None) -> bool:
+        """``await ring.enqueue_async(value)``: :meth:`enqueue` that waits for room
+        without blocking the event loop (DPDK ``rte_ring_enqueue``).  `timeout`: seconds,
+        None (the default) waits until there is room.  Returns False if the ring stayed
+        full.  No thread waits per call: one waiter thread per process watches every
+        wait.  Cancelling the awaiting task leaves the ring unchanged.  Raises as
+        :meth:`enqueue`; PrimaryNotRunning if the primary dies while it waits."""
+        return await aio.wait_for_op(self, lambda: self.enqueue(value), bool, True, 1, timeout)
+
+    async def dequeue_async(self, timeout: float | None = None) -> E | None:
+        """``await ring.dequeue_async()``: :meth:`dequeue` that waits for an entry
+        without blocking the event loop (DPDK ``rte_ring_dequeue``).  `timeout`:
+        seconds, None (the default) waits until an entry comes.  Returns the entry
+        (int, or bytes on a ring of records), None if the ring stayed empty.
+        Cancelling the awaiting task dequeues nothing: no entry is lost.  Raises as
+        :meth:`dequeue`; PrimaryNotRunning if the primary dies while it waits."""
+        return await aio.wait_for_op(self, self.dequeue, lambda v: v is not None, False, 1, timeout)
+
+    async def enqueue_bulk_async(self, values: Any, timeout: float | None = None) -> int:
+        """:meth:`enqueue_bulk`, awaited: waits (and is woken) only until there is room
+        for all of `values`; returns ``len(values)``, or 0 if that did not happen in
+        `timeout` seconds.  ValueError for a bulk larger than the capacity (unless
+        ``timeout=0``).  Cancelling enqueues nothing."""
+        want = self._bulk_want(self._count_of(values), timeout)
+        return await aio.wait_for_op(
+            self, lambda: self.enqueue_bulk(values), bool, True, want, timeout
+        )
+
+    async def enqueue_burst_async(self, values: Any, timeout: float | None = None) -> int:
+        """:meth:`enqueue_burst`, awaited: waits until at least one entry fits, then
+        enqueues as many as fit; returns how many (0 on timeout)."""
+        return await aio.wait_for_op(
+            self, lambda: self.enqueue_burst(values), bool, True, 1, timeout
+        )
+
+    async def dequeue_bulk_async(self, n: int, timeout: float | None = None) -> list[E]:
+        """:meth:`dequeue_bulk`, awaited: waits (and is woken) only until `n` entries
+        are there; returns them, or ``[]`` on timeout.  ValueError for ``n`` larger
+        than the capacity (unless ``timeout=0``) or negative.  Cancelling dequeues
+        nothing."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        want = self._bulk_want(n, timeout)
+        return await aio.wait_for_op(self, lambda: self.dequeue_bulk(n), bool, False, want, timeout)
+
+    async def dequeue_burst_async(self, n: int, timeout: float | None = None) -> list[E]:
+        """:meth:`dequeue_burst`, awaited: waits until at least one entry is there;
+        returns up to `n` entries, ``[]`` on timeout."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        return await aio.wait_for_op(self, lambda: self.dequeue_burst(n), bool, False, 1, timeout)
+
+    async def dequeue_bulk_into_async(self, buffer: Any, timeout: float | None = None) -> int:
+        """:meth:`dequeue_bulk_into`, awaited: fills the whole buffer once that many
+        entries are there; returns the count, 0 on timeout."""
+        want = self._bulk_want(self._count_of(buffer), timeout)
+        return await aio.wait_for_op(
+            self, lambda: self.dequeue_bulk_into(buffer), bool, False, want, timeout
+        )
+
+    async def dequeue_burst_into_async(self, buffer: Any, timeout: float | None = None) -> int:
+        """:meth:`dequeue_burst_into`, awaited: waits for at least one entry; returns
+        how many it wrote to the buffer's head, 0 on timeout."""
+        return await aio.wait_for_op(
+            self, lambda: self.dequeue_burst_into(buffer), bool, False, 1, timeout
+        )
 
     def __repr__(self) -> str:
         return (

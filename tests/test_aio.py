@@ -1,0 +1,190 @@
+"""asyncio: awaited ring and mempool calls against real secondaries in other
+processes; timeouts; cancellation loses nothing; one waiter thread per process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from memd.errors import PoolEmpty
+from memd.testing import finish_secondary, start_secondary
+
+
+def waiter_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "memd-aio-waiter")
+
+
+def test_asyncio_consumer_of_a_producer_secondary(daemon) -> None:
+    n = 300
+    with daemon.attach() as mem:
+        rings = [mem.ring_create(f"aio{i}", 64) for i in range(3)]
+        producer = start_secondary(
+            daemon,
+            f"""
+            import time
+            rings = [mem.ring_lookup(f"aio{{i}}") for i in range(3)]
+            # then:
+            for v in range(1, {n} + 1):
+                for r in rings:
+                    assert r.enqueue(v, timeout=30)
+                if v % 50 == 0:
+                    time.sleep(0.02)  # the consumers catch up and sleep
+            """,
+        )
+
+        async def consume(ring) -> list[int]:
+            return [await ring.dequeue_async(timeout=30) for _ in range(n)]
+
+        async def main() -> list[list[int]]:
+            tasks = [asyncio.create_task(consume(r)) for r in rings]
+            await asyncio.sleep(0.05)
+            assert all(r.wait_stats["consumers_waiting"] == 1 for r in rings)  # all asleep
+            assert waiter_threads() == 1  # three waits, one thread
+            await asyncio.get_running_loop().run_in_executor(None, finish_secondary, producer)
+            return await asyncio.gather(*tasks)
+
+        for got in asyncio.run(main()):
+            assert got == list(range(1, n + 1))
+        assert all(r.wait_stats["consumers_waiting"] == 0 for r in rings)
+
+
+def test_bulk_and_burst_forms(daemon) -> None:
+    with daemon.attach() as mem:
+        ring = mem.ring_create("aiob", 16)  # capacity 15
+        other = start_secondary(
+            daemon,
+            """
+            ring = mem.ring_lookup("aiob")
+            # then:
+            assert ring.enqueue_bulk(list(range(10)), timeout=30) == 10
+            assert sorted(ring.dequeue_bulk(12, timeout=30)) == list(range(100, 112))
+            """,
+        )
+
+        async def main() -> None:
+            t = asyncio.create_task(ring.dequeue_bulk_async(10, timeout=30))
+            await asyncio.sleep(0.05)
+            await asyncio.get_running_loop().run_in_executor(None, other.stdin.write, "go\n")
+            await asyncio.get_running_loop().run_in_executor(None, other.stdin.flush)
+            assert await t == list(range(10))
+            assert await ring.enqueue_bulk_async(list(range(100, 108))) == 8
+            buf = np.arange(108, 112, dtype=np.uint64)
+            assert await ring.enqueue_burst_async(buf) == 4
+            # the other side takes all 12 at once; now fill it and wait for room
+            await asyncio.get_running_loop().run_in_executor(None, finish_secondary, other)
+            assert ring.empty()
+            assert await ring.enqueue_bulk_async(list(range(15))) == 15
+            out = np.zeros(4, dtype=np.uint64)
+            assert await ring.dequeue_burst_into_async(out) == 4
+            assert out.tolist() == [0, 1, 2, 3]
+            assert await ring.dequeue_bulk_into_async(out) == 4
+            assert await ring.dequeue_burst_async(100) == list(range(8, 15))
+
+        asyncio.run(main())
+
+
+def test_timeouts(daemon) -> None:
+    with daemon.attach() as mem:
+        ring = mem.ring_create("aiot", 4)  # capacity 3
+        pool = mem.mempool_create("aiotp", 1, 64)
+
+        async def main() -> None:
+            assert await ring.dequeue_async(timeout=0.2) is None  # more than a slice
+            assert await ring.dequeue_bulk_async(2, timeout=0.05) == []
+            assert await ring.dequeue_async(timeout=0) is None
+            assert await ring.enqueue_bulk_async([1, 2, 3]) == 3
+            assert await ring.enqueue_async(4, timeout=0.05) is False
+            assert await ring.enqueue_burst_async([4], timeout=0.05) == 0
+            with pytest.raises(ValueError, match="never fit"):
+                await ring.enqueue_bulk_async([1, 2, 3, 4])
+            with pytest.raises(ValueError, match="timeout"):
+                await ring.dequeue_async(timeout=-1)
+            assert await ring.enqueue_bulk_async([1, 2, 3, 4], timeout=0) == 0
+            obj = await pool.get_async(timeout=0)
+            with pytest.raises(PoolEmpty):
+                await pool.get_async(timeout=0.05)
+            pool.put(obj)
+
+        asyncio.run(main())
+        assert ring.wait_stats["consumers_waiting"] == ring.wait_stats["producers_waiting"] == 0
+
+
+def test_cancellation_loses_nothing(daemon) -> None:
+    """A producer secondary enqueues 1..n without pause while the consumer cancels
+    awaited dequeues at random moments: every entry arrives once, in order."""
+    n = 2000
+    with daemon.attach() as mem:
+        ring = mem.ring_create("aioc", 8)
+        producer = start_secondary(
+            daemon,
+            f"""
+            ring = mem.ring_lookup("aioc")
+            # then:
+            import time
+            for v in range(1, {n} + 1):
+                assert ring.enqueue(v, timeout=30)
+                if v % 20 == 0:
+                    time.sleep(0.001)  # the ring runs empty: awaits really wait
+            """,
+        )
+
+        async def main() -> list[int]:
+            # waits that are surely asleep, cancelled: nothing moves
+            sleepers = [asyncio.create_task(ring.dequeue_async()) for _ in range(5)]
+            await asyncio.sleep(0.05)
+            assert not any(t.done() for t in sleepers)
+            for t in sleepers:
+                t.cancel()
+            await asyncio.gather(*sleepers, return_exceptions=True)
+            assert all(t.cancelled() for t in sleepers)
+            assert ring.wait_stats["consumers_waiting"] == 0
+            loop = asyncio.get_running_loop()
+            done = loop.run_in_executor(None, finish_secondary, producer)
+            got: list[int] = []
+            cancelled = 0
+            rng = np.random.default_rng(1)
+            while len(got) < n:
+                t = asyncio.create_task(ring.dequeue_async(timeout=30))
+                await asyncio.sleep(float(rng.choice([0, 0, 1e-5, 1e-4])))
+                if t.cancel():
+                    with pytest.raises(asyncio.CancelledError):
+                        await t
+                    cancelled += 1
+                    continue
+                v = await t
+                got.append(v)
+            await done
+            assert cancelled > 0
+            return got
+
+        assert asyncio.run(main()) == list(range(1, n + 1))
+        assert ring.empty()
+        assert ring.wait_stats["consumers_waiting"] == 0
+
+
+def test_get_async_woken_by_a_put_in_another_process(daemon) -> None:
+    with daemon.attach() as mem:
+        pool = mem.mempool_create("aiop", 1, 64)  # no cache: a put goes to the ring
+        obj = pool.get()
+        putter = start_secondary(
+            daemon,
+            f"""
+            pool = mem.mempool_lookup("aiop")
+            # then:
+            pool.put({obj.handle})
+            """,
+        )
+
+        async def main() -> int:
+            t = asyncio.create_task(pool.get_async(timeout=30))
+            await asyncio.sleep(0.05)
+            assert not t.done()
+            await asyncio.get_running_loop().run_in_executor(None, finish_secondary, putter)
+            got = await t
+            return got.handle
+
+        assert asyncio.run(main()) == obj.handle
+        assert pool.in_use_count() == 1

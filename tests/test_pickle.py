@@ -1,0 +1,172 @@
+"""Pickling: memd's objects travel as references through pickle, multiprocessing
+pools (spawn, forkserver, fork) and concurrent.futures, and unpickle into the
+receiving process's own attachment; a reference to a freed object raises."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import pickle
+from typing import Any
+
+import pytest
+
+import memd_client as mc
+from memd.errors import MemdError, MemdValueError, StaleReference
+from memd.shm import refs
+
+
+def _memd_attachments(prefix: str) -> int:
+    """Live Memory objects of this process for `prefix`."""
+    return sum(1 for m in list(refs._memories) if m.prefix == prefix and refs._live(m))
+
+
+def use_refs(ring: mc.Ring[int], pool: mc.Mempool, mz: mc.Memzone, blk: Any, obj: Any) -> dict:
+    """Worker: use every reference it received, in a process of its own."""
+    data = bytes(blk.buf[:5])
+    mz.buf[:4] = b"seen"
+    obj.buf[:3] = b"obj"
+    assert ring.enqueue(obj.handle)
+    return {
+        "pid": os.getpid(),
+        "block": data,
+        "pool_name": pool.name,
+        "attachments": _memd_attachments(mz._mem.prefix),
+        "same_memory": mz._mem is blk.owner,
+    }
+
+
+def _objects(mem: mc.Secondary, tag: str) -> tuple[Any, ...]:
+    ring = mem.ring_create(f"r{tag}", 16)
+    pool = mem.mempool_create(f"p{tag}", 8, 64)
+    mz = mem.memzone_reserve(f"z{tag}", 4096)
+    blk = mem.malloc(64)
+    blk.buf[:5] = b"hello"
+    obj = pool.get()
+    return ring, pool, mz, blk, obj
+
+
+def _check(mem: mc.Secondary, objs: tuple[Any, ...], res: dict) -> None:
+    ring, pool, mz, _blk, obj = objs
+    assert res["pid"] != os.getpid()
+    assert res["block"] == b"hello"
+    assert res["pool_name"] == pool.name
+    assert res["attachments"] == 1  # one attachment per instance, however many references
+    assert res["same_memory"]
+    assert bytes(mz.buf[:4]) == b"seen"
+    assert bytes(obj.buf[:3]) == b"obj"
+    assert ring.dequeue() == obj.handle
+
+
+def test_round_trip_in_process(daemon) -> None:
+    with daemon.attach() as mem:
+        ring, pool, mz, blk, obj = _objects(mem, "a")
+        ring2, pool2, mz2, blk2, obj2 = pickle.loads(pickle.dumps((ring, pool, mz, blk, obj)))
+        assert (ring2.offset, ring2.name, ring2.window) == (ring.offset, ring.name, mem.window)
+        assert (pool2.offset, pool2.slot) == (pool.offset, mem.proc_slot)
+        assert mz2 == mz
+        assert (blk2.offset, blk2.size, bytes(blk2.buf[:5])) == (blk.offset, 64, b"hello")
+        assert obj2 == obj and obj2.pool.offset == pool.offset
+        assert _memd_attachments(daemon.prefix) == 1
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_process_pool_executor(daemon, method: str) -> None:
+    ctx = multiprocessing.get_context(method)
+    with daemon.attach() as mem:
+        objs = _objects(mem, method[:2])
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+            res = ex.submit(use_refs, *objs).result(timeout=60)
+            _check(mem, objs, res)
+            # the worker keeps its attachment: a second call attaches no more
+            res = ex.submit(use_refs, *objs).result(timeout=60)
+            assert res["attachments"] == 1
+            objs[0].dequeue()
+
+
+def test_fork_pool_created_before_attach(daemon) -> None:
+    """A fork worker made before the parent attached attaches on its own when the
+    first reference reaches it (a child that inherits an attachment must not use it)."""
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as workers, daemon.attach() as mem:
+        objs = _objects(mem, "fk")
+        res = workers.apply_async(use_refs, objs).get(timeout=60)
+        _check(mem, objs, res)
+
+
+def send_back(queue: Any, item: Any) -> None:
+    queue.put(item)
+
+
+def test_through_a_multiprocessing_queue(daemon) -> None:
+    """A child that never imported memd_client gets a reference and sends it back."""
+    ctx = multiprocessing.get_context("spawn")
+    with daemon.attach() as mem:
+        ring = mem.ring_create("rq", 16)
+        q = ctx.Queue()
+        p = ctx.Process(target=send_back, args=(q, ring))
+        p.start()
+        back = q.get(timeout=60)
+        p.join(timeout=60)
+        assert p.exitcode == 0
+        assert back.offset == ring.offset and back.window is mem.window
+
+
+def test_stale_references_raise(daemon) -> None:
+    with daemon.attach() as mem:
+        ring = mem.ring_create("rs", 16)
+        pickled = pickle.dumps(ring)
+        mem.ring_free(ring)
+        with pytest.raises(StaleReference, match="freed"):
+            pickle.loads(pickled)
+        mem.ring_create("rs", 16)  # same name, likely the same offset: another ring
+        with pytest.raises(StaleReference):
+            pickle.loads(pickled)
+
+        pool = mem.mempool_create("ps", 4, 64)
+        obj = pool.get()
+        pickled_pool, pickled_obj = pickle.dumps(pool), pickle.dumps(obj)
+        pool.put(obj)
+        with pytest.raises(StaleReference, match="put back"):
+            pickle.loads(pickled_obj)
+        mem.mempool_free(pool)
+        mem.mempool_create("ps", 4, 64)
+        with pytest.raises(StaleReference):
+            pickle.loads(pickled_pool)
+
+        mz = mem.memzone_reserve("zs", 4096)
+        pickled = pickle.dumps(mz)
+        mem.memzone_free(mz)
+        mem.memzone_reserve("zs", 4096)
+        with pytest.raises(StaleReference):
+            pickle.loads(pickled)
+
+        blk = mem.malloc(100)
+        pickled = pickle.dumps(blk)
+        mem.free(blk)
+        with pytest.raises(StaleReference):
+            pickle.loads(pickled)
+        with pytest.raises(MemdValueError, match="freed"):
+            pickle.dumps(blk)
+        assert issubclass(StaleReference, MemdError) and issubclass(StaleReference, KeyError)
+
+
+def test_restarted_instance_is_stale(daemon_factory) -> None:
+    d = daemon_factory("-m", "8")
+    with d.attach() as mem:
+        pickled = pickle.dumps(mem.ring_create("rr", 16))
+    d.stop()
+    d.start()
+    with d.attach() as mem:
+        mem.ring_create("rr", 16)
+        with pytest.raises(StaleReference, match="restarted"):
+            pickle.loads(pickled)
+
+
+def test_unlisted_ring_does_not_pickle(daemon) -> None:
+    with daemon.attach() as mem:
+        mz = mem.memzone_reserve("zu", 4096)
+        ring = mc.Ring.create(mem.window, mz.offset, 16)
+        with pytest.raises(TypeError, match="listed by name"):
+            pickle.dumps(ring)
