@@ -17,6 +17,7 @@ Registered with :mod:`copyreg` when :mod:`memd.shm.memory` is imported.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import threading
@@ -111,8 +112,16 @@ def _owner(win: _ext.Window, what: str) -> tuple[Memory, Instance]:
     )
 
 
-# (prefix, runtime dir) -> this process's Memory for it, as last found
-_found: dict[tuple[str, str], Memory] = {}
+# (prefix, runtime dir) -> this process's Memory for it, as last found (weakly: the
+# user's attachments live as long as the user keeps them)
+_found: weakref.WeakValueDictionary[tuple[str, str], Memory] = weakref.WeakValueDictionary()
+
+
+@atexit.register
+def _drop_auto() -> None:
+    # After memd_client's own atexit detached them (atexit runs last-registered first),
+    # while the modules their __del__ needs are still there.
+    _auto.clear()
 
 
 def _memory(inst: Instance) -> Memory:
