@@ -131,6 +131,7 @@ class Secondary(SecondaryGrowth):
                 raise MemdError(f"memd refused to attach: {ans['reason']}")
             raise PrimaryNotRunning(f"the primary refused to register us: {ans['reason']}")
         self.proc_slot = int(ans["slot"])
+        self.window.pin_as(self.proc_slot)  # views pin their pages in our row
         try:
             self._set_page_dirs(ans.get("page_dirs"))
             if self._header().flags & _ext.CFG_F_SINGLE_FILE:
@@ -362,6 +363,9 @@ class Secondary(SecondaryGrowth):
         if self._channel is None:
             return
         _open.discard(self)
+        # Views made from here on pin nothing, and the row (the primary keeps what
+        # it pins while this process lives) is no longer ours to write.
+        self.window.pin_as(-1)
         with contextlib.suppress(Exception):
             if self.proc_slot > 0:
                 self.flush_mempool_caches(self.proc_slot)  # cached objects go back

@@ -61,6 +61,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         self.pages.gid = self._gid
         self._expand_lock = threading.RLock()
         self.reclaims = deque(maxlen=64)
+        self.detached_pins = {}
         try:
             self._init()
         except BaseException:
@@ -108,6 +109,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
     def _start_server(self) -> None:
         start = proc_start_time(os.getpid()) or 0
         _ext.proc_register(self.window, os.getpid(), start, _ext.PROC_PRIMARY, comm(), 0)
+        self.window.pin_as(0)  # our own views pin pages too
         sockdir = socket_dir(self.prefix, self.rundir)
         # group members may enter and connect, never create: the socket is ours alone
         ensure_dir(sockdir.parent, 0o711 if self._gid is not None else 0o700, shared=True)

@@ -87,3 +87,6 @@ class PrimaryState(Memory):
     _list_fds: dict[int, int]  # memseg list -> its file (single-file lists)
     _expand_lock: threading.RLock
     reclaims: deque[dict[str, Any]]  # dead secondaries, newest last
+    # pins of secondaries that detached with views still alive: (pid, start time)
+    # -> window offset ranges; kept until the process exits
+    detached_pins: dict[tuple[int, int], list[tuple[int, int]]]

@@ -1,0 +1,258 @@
+"""Views keep their pages (ext/pins.c, "view pins" in ext/memd_layout.h): a page
+under a live view (`.buf`, `mem.view()`, a NumPy array over one) of any process
+is not given back, so a view kept past a `free` never faults and no page exists
+that the primary does not account for; a dead process's pins go with its slot."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from memd import _ext
+from memd.testing import Daemon, pages_held
+
+MiB = 1 << 20
+
+# A secondary that runs the Python statements it is sent, one JSON string a line,
+# and answers each with a JSON line: ["ok", value of `res`] or ["err", repr].
+DRIVER = """
+import json, sys, traceback
+import memd_client as mc
+mem = mc.attach(sys.argv[1], runtime_dir=sys.argv[2], timeout=10)
+ns = {"mem": mem, "mc": mc}
+print(json.dumps(["ok", None]), flush=True)
+for line in sys.stdin:
+    ns["res"] = None
+    try:
+        exec(json.loads(line), ns)
+        ans = ["ok", ns["res"]]
+    except BaseException as e:
+        ans = ["err", repr(e) + traceback.format_exc()]
+    print(json.dumps(ans), flush=True)
+"""
+
+
+class Driven:
+    """A secondary we tell what to do, step by step."""
+
+    def __init__(self, d: Daemon) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", DRIVER, d.prefix, str(d.runtime_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.daemon = d
+        assert self._answer() is None
+
+    def _answer(self) -> Any:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            _, err = self.proc.communicate(timeout=10)
+            raise AssertionError(f"secondary died ({self.proc.returncode}):\n{err}")
+        kind, value = json.loads(line)
+        assert kind == "ok", f"{value}\ndaemon log:\n{self.daemon.log_text()}"
+        return value
+
+    def __call__(self, code: str) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(code) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def finish(self) -> None:
+        self("mem.detach()")
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=30) == 0
+
+
+def used_slots(d: Daemon) -> int:
+    with d.attach() as mem:
+        return len(mem.memsegs())
+
+
+def accounted(d: Daemon) -> tuple[int, int]:
+    """(pages the instance's files hold, slots marked used): the first may never
+    exceed the second (no page the primary does not know of)."""
+    return pages_held(d.prefix), used_slots(d)
+
+
+def under_view_used(d: Daemon, off: int, size: int) -> bool:
+    """Every page under [off, +size) is in use (holds a page the primary counts)."""
+    with d.attach() as mem:
+        pages = [(m["offset"], m["offset"] + m["length"]) for m in mem.memsegs()]
+    covered = sum(
+        min(hi, off + size) - max(lo, off) for lo, hi in pages if lo < off + size and off < hi
+    )
+    return covered == size
+
+
+def wait_for(cond: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+PATTERN = "bytes(range(256)) * 4"
+
+
+def test_a_view_kept_past_free_keeps_its_pages_in_the_freeing_process(
+    daemon_factory,
+) -> None:
+    d = daemon_factory("-m", "4")
+    a = Driven(d)
+    try:
+        off, size = a(
+            "import numpy as np\n"
+            "blk = mem.malloc(40 << 20)\n"
+            f"blk.buf[:1024] = {PATTERN}\n"
+            f"blk.buf[-1024:] = {PATTERN}\n"
+            "v = blk.buf\n"
+            "arr = np.frombuffer(mem.view(blk.offset, blk.size), dtype=np.uint8)\n"
+            "res = [blk.offset, blk.size]"
+        )
+        a("mem.free(blk)\nmem._release_pages(blk.heap)")
+        held, used = accounted(d)
+        assert held <= used and under_view_used(d, off, size), (held, used)
+        # neither view faults: the pages are there, with what was written
+        assert a(f"res = bytes(v[-1024:]) == {PATTERN} and bytes(arr[:1024]) == {PATTERN}")
+        a("v.release()\nmem._release_pages(0)")
+        held, used = accounted(d)
+        assert held <= used and under_view_used(d, off, size), (held, used)  # arr pins them
+        assert a(f"res = bytes(arr[-1024:]) == {PATTERN}")
+        a("del arr\nimport gc; gc.collect()\nmem._release_pages(0)")
+        held, used = accounted(d)
+        assert held == used == 2, (held, used)  # only -m 4's preallocated pages stay
+        a("from memd import _ext\n_ext.heap_check(mem.window, 0)")
+    finally:
+        a.finish()
+    assert d.proc.poll() is None
+
+
+def test_a_view_in_another_process_keeps_the_pages_a_free_elsewhere_would_release(
+    daemon_factory,
+) -> None:
+    d = daemon_factory("-m", "4")
+    a, b = Driven(d), Driven(d)
+    try:
+        off, size = a(
+            f"blk = mem.malloc(40 << 20)\nblk.buf[-1024:] = {PATTERN}\nres = [blk.offset, blk.size]"
+        )
+        b(f"v = mem.view({off}, {size})")
+        assert b("from memd import _ext\nres = _ext.pin_ranges(mem.window, mem.proc_slot)")
+        a("mem.free(blk)\nmem._release_pages(blk.heap)")
+        held, used = accounted(d)
+        assert held <= used and under_view_used(d, off, size), (held, used)
+        assert b(f"res = bytes(v[-1024:]) == {PATTERN}")  # no fault, the data is there
+        b("v[:4] = b'abcd'\nres = None")  # writable too: still accounted for
+        assert pages_held(d.prefix) <= used_slots(d)
+        b("v.release()")
+        a("mem._release_pages(0)")
+        held, used = accounted(d)
+        assert held == used == 2, (held, used)
+    finally:
+        a.finish()
+        b.finish()
+
+
+def test_a_dead_processs_pins_are_dropped_and_its_pages_released(daemon_factory) -> None:
+    d = daemon_factory("-m", "4")
+    a, b = Driven(d), Driven(d)
+    try:
+        off, size = a("blk = mem.malloc(40 << 20)\nres = [blk.offset, blk.size]")
+        b(f"v = mem.view({off}, {size})")
+        a("mem.free(blk)\nmem._release_pages(blk.heap)")
+        assert under_view_used(d, off, size)
+        b.proc.send_signal(signal.SIGKILL)
+        assert b.proc.wait(timeout=10) == -signal.SIGKILL
+        # reclaim drops its pins and gives the pages back, nobody else asking
+        assert wait_for(lambda: accounted(d) == (2, 2)), accounted(d)
+        with d.attach() as mem:
+            assert _ext.pin_ranges(mem.window) == [] or all(
+                hi <= _ext.CONFIG_SIZE for _, hi in _ext.pin_ranges(mem.window)
+            )
+    finally:
+        a.finish()
+    assert d.proc.poll() is None
+
+
+def test_pins_count_views_and_overflow_pins_everything(daemon_factory) -> None:
+    """Views of one range share an entry; past the row's entries, a view pins
+    every page (conservative) until it goes; a view of a page given back is
+    refused with BufferError instead of faulting later."""
+    d = daemon_factory("-m", "4")
+    a = Driven(d)
+    try:
+        res = a(
+            "from memd import _ext\n"
+            "slot = mem.proc_slot\n"
+            "blk = mem.malloc(8 << 20)\n"
+            "vs = [blk.buf for _ in range(5)]\n"
+            "one = _ext.pin_ranges(mem.window, slot)\n"
+            "del vs\n"
+            "res = [one, _ext.pin_ranges(mem.window, slot)]"
+        )
+        assert len(res[0]) == 1 and res[1] == [], res
+        n = _ext.PINS_PER_PROC + 3
+        res = a(
+            f"blks = [mem.malloc(3 << 20) for _ in range({n})]\n"
+            "vs = [b.buf for b in blks]\n"
+            "full = _ext.pin_ranges(mem.window, slot)\n"
+            "del vs\n"
+            "res = [full, _ext.pin_ranges(mem.window, slot)]\n"
+            "for b in blks: mem.free(b)"
+        )
+        assert [0, mem_size := res[0][0][1]] in res[0] and mem_size > 0, res[0][:2]
+        assert res[1] == [], res[1]
+        # a Block object whose memory was freed and given back by another process
+        off = a("blk2 = mem.malloc(40 << 20)\nres = blk2.offset + (20 << 20)")
+        b = Driven(d)
+        try:
+            a("mem.free(blk2)\nmem._release_pages(0)")
+            assert not under_view_used(d, off, 4096)
+            # the raw window view (no Python-side check) refuses it too: the page
+            # is not readable (a hole), or, if it were, its exporter sees it unused
+            res = b(
+                "from memd.errors import MemdValueError\n"
+                f"try:\n    mem.window.view({off}, 4096)\n    res = 'made'\n"
+                "except (BufferError, MemdValueError) as e:\n    res = str(e)"
+            )
+            assert "no longer in use" in res or "not mapped" in res, res
+        finally:
+            b.finish()
+    finally:
+        a.finish()
+
+
+def test_a_view_kept_past_detach_keeps_its_pages_while_its_process_lives(
+    daemon_factory,
+) -> None:
+    d = daemon_factory("-m", "4")
+    a, b = Driven(d), Driven(d)
+    try:
+        off, size = a(
+            f"blk = mem.malloc(40 << 20)\nblk.buf[-1024:] = {PATTERN}\nres = [blk.offset, blk.size]"
+        )
+        b(f"v = mem.view({off}, {size})\nmem.detach()")
+        a("mem.free(blk)\nmem._release_pages(blk.heap)")
+        held, used = accounted(d)
+        assert held <= used and under_view_used(d, off, size), (held, used)
+        assert b(f"res = bytes(v[-1024:]) == {PATTERN}")  # no fault after detach either
+        assert b.proc.stdin is not None
+        b.proc.stdin.close()
+        assert b.proc.wait(timeout=30) == 0
+        a("mem._release_pages(0)")
+        held, used = accounted(d)
+        assert held == used == 2, (held, used)
+    finally:
+        a.finish()
