@@ -65,10 +65,11 @@ enum memd_iova_mode {
 };
 
 /* header.flags: how the primary was started */
-#define MEMD_CFG_F_NO_HUGE     0x1u /* pages are POSIX shm objects, not hugetlbfs */
-#define MEMD_CFG_F_LEGACY      0x2u /* all pages mapped at init, sorted by iova */
-#define MEMD_CFG_F_HUGE_UNLINK 0x4u /* page files unlinked right after mapping */
-#define MEMD_CFG_F_SINGLE_FILE 0x8u /* one file per memseg list */
+#define MEMD_CFG_F_NO_HUGE     0x1u  /* pages are POSIX shm objects, not hugetlbfs */
+#define MEMD_CFG_F_LEGACY      0x2u  /* all pages mapped at init, sorted by iova */
+#define MEMD_CFG_F_HUGE_UNLINK 0x4u  /* page files unlinked right after mapping */
+#define MEMD_CFG_F_SINGLE_FILE 0x8u  /* one file per memseg list */
+#define MEMD_CFG_F_IN_MEMORY   0x10u /* list files are memfds: no name, handed over */
 
 struct memd_config_header {
     uint64_t magic;              /*   0: MEMD_CONFIG_MAGIC, stored last (release) */

@@ -5,72 +5,14 @@ that the primary does not account for; a dead process's pins go with its slot.""
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import time
 from typing import Any
 
 from memd import _ext
-from memd.testing import Daemon, pages_held
+from memd.testing import Daemon, DrivenSecondary, pages_held
 
 MiB = 1 << 20
-
-# A secondary that runs the Python statements it is sent, one JSON string a line,
-# and answers each with a JSON line: ["ok", value of `res`] or ["err", repr].
-DRIVER = """
-import json, sys, traceback
-import memd_client as mc
-mem = mc.attach(sys.argv[1], runtime_dir=sys.argv[2], timeout=10)
-ns = {"mem": mem, "mc": mc}
-print(json.dumps(["ok", None]), flush=True)
-for line in sys.stdin:
-    ns["res"] = None
-    try:
-        exec(json.loads(line), ns)
-        ans = ["ok", ns["res"]]
-    except BaseException as e:
-        ans = ["err", repr(e) + traceback.format_exc()]
-    print(json.dumps(ans), flush=True)
-"""
-
-
-class Driven:
-    """A secondary we tell what to do, step by step."""
-
-    def __init__(self, d: Daemon) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", DRIVER, d.prefix, str(d.runtime_dir)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.daemon = d
-        assert self._answer() is None
-
-    def _answer(self) -> Any:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            _, err = self.proc.communicate(timeout=10)
-            raise AssertionError(f"secondary died ({self.proc.returncode}):\n{err}")
-        kind, value = json.loads(line)
-        assert kind == "ok", f"{value}\ndaemon log:\n{self.daemon.log_text()}"
-        return value
-
-    def __call__(self, code: str) -> Any:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(code) + "\n")
-        self.proc.stdin.flush()
-        return self._answer()
-
-    def finish(self) -> None:
-        self("mem.detach()")
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        assert self.proc.wait(timeout=30) == 0
 
 
 def used_slots(d: Daemon) -> int:
@@ -110,7 +52,7 @@ def test_a_view_kept_past_free_keeps_its_pages_in_the_freeing_process(
     daemon_factory,
 ) -> None:
     d = daemon_factory("-m", "4")
-    a = Driven(d)
+    a = DrivenSecondary(d)
     try:
         off, size = a(
             "import numpy as np\n"
@@ -143,7 +85,7 @@ def test_a_view_in_another_process_keeps_the_pages_a_free_elsewhere_would_releas
     daemon_factory,
 ) -> None:
     d = daemon_factory("-m", "4")
-    a, b = Driven(d), Driven(d)
+    a, b = DrivenSecondary(d), DrivenSecondary(d)
     try:
         off, size = a(
             f"blk = mem.malloc(40 << 20)\nblk.buf[-1024:] = {PATTERN}\nres = [blk.offset, blk.size]"
@@ -167,7 +109,7 @@ def test_a_view_in_another_process_keeps_the_pages_a_free_elsewhere_would_releas
 
 def test_a_dead_processs_pins_are_dropped_and_its_pages_released(daemon_factory) -> None:
     d = daemon_factory("-m", "4")
-    a, b = Driven(d), Driven(d)
+    a, b = DrivenSecondary(d), DrivenSecondary(d)
     try:
         off, size = a("blk = mem.malloc(40 << 20)\nres = [blk.offset, blk.size]")
         b(f"v = mem.view({off}, {size})")
@@ -191,7 +133,7 @@ def test_pins_count_views_and_overflow_pins_everything(daemon_factory) -> None:
     every page (conservative) until it goes; a view of a page given back is
     refused with BufferError instead of faulting later."""
     d = daemon_factory("-m", "4")
-    a = Driven(d)
+    a = DrivenSecondary(d)
     try:
         res = a(
             "from memd import _ext\n"
@@ -216,7 +158,7 @@ def test_pins_count_views_and_overflow_pins_everything(daemon_factory) -> None:
         assert res[1] == [], res[1]
         # a Block object whose memory was freed and given back by another process
         off = a("blk2 = mem.malloc(40 << 20)\nres = blk2.offset + (20 << 20)")
-        b = Driven(d)
+        b = DrivenSecondary(d)
         try:
             a("mem.free(blk2)\nmem._release_pages(0)")
             assert not under_view_used(d, off, 4096)
@@ -238,7 +180,7 @@ def test_a_view_kept_past_detach_keeps_its_pages_while_its_process_lives(
     daemon_factory,
 ) -> None:
     d = daemon_factory("-m", "4")
-    a, b = Driven(d), Driven(d)
+    a, b = DrivenSecondary(d), DrivenSecondary(d)
     try:
         off, size = a(
             f"blk = mem.malloc(40 << 20)\nblk.buf[-1024:] = {PATTERN}\nres = [blk.offset, blk.size]"
