@@ -15,6 +15,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <string.h>
 #include <linux/falloc.h>
 #include <linux/userfaultfd.h>
@@ -195,11 +196,18 @@ int memd_check_mapped(PyObject *window, uint64_t off, uint64_t len)
 #define PIN_TAG_BITS 8
 _Static_assert(MEMD_PINS_PER_PROC + 2 < (1u << PIN_TAG_BITS), "a pin tag fits its bits");
 
+/* Set in a forked child: the rows belong to the parent, which writes them alone.
+ * The child pins nothing, and the views it inherited unpin nothing (the parent's
+ * copies of them still live); a child must attach on its own. */
+static volatile int forked_child;
+
+static void on_fork_child(void) { forked_child = 1; }
+
 int memd_view_pin(PyObject *window, uint64_t off, uint64_t len, Py_buffer *view)
 {
     MemdWindow *w = (MemdWindow *)window;
     view->internal = NULL;
-    if (w->pin_slot < 0 || w->base == NULL)
+    if (w->pin_slot < 0 || w->base == NULL || forked_child)
         return 0; /* not registered (tests' windows, a detached process): nothing to pin */
     int tag;
     if (memd_pin_add(w->base, (uint32_t)w->pin_slot, off, len, &tag) < 0) {
@@ -219,7 +227,7 @@ void memd_view_unpin(PyObject *window, Py_buffer *view)
     MemdWindow *w = (MemdWindow *)window;
     uintptr_t t = (uintptr_t)view->internal;
     view->internal = NULL;
-    if (t == 0 || w->pin_slot < 0 || w->mapping == NULL ||
+    if (t == 0 || w->pin_slot < 0 || w->mapping == NULL || forked_child ||
         (t >> PIN_TAG_BITS) != ((uintptr_t)w->pin_epoch & (UINTPTR_MAX >> PIN_TAG_BITS)))
         return;
     /* the mapping, not base: a view may outlive close() (base NULL) */
@@ -737,6 +745,8 @@ PyMODINIT_FUNC PyInit__ext(void)
 {
     if (PyType_Ready(&MemdSpan_Type) < 0) /* internal: not in the module */
         return NULL;
+    if (pthread_atfork(NULL, NULL, on_fork_child) != 0)
+        return PyErr_NoMemory();
     PyObject *m = PyModule_Create(&memd_module);
     if (m == NULL)
         return NULL;

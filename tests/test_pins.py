@@ -198,3 +198,29 @@ def test_a_view_kept_past_detach_keeps_its_pages_while_its_process_lives(
         assert held == used == 2, (held, used)
     finally:
         a.finish()
+
+
+def test_a_forked_child_leaves_its_parents_pins_alone(daemon_factory) -> None:
+    """The rows are the parent's: a child's views pin nothing, and the views it
+    inherited, released in the child, do not unpin the parent's."""
+    d = daemon_factory("-m", "4")
+    a = DrivenSecondary(d)
+    try:
+        before, after, child_rc = a(
+            "import os\n"
+            "from memd import _ext\n"
+            "blk = mem.malloc(8 << 20)\n"
+            "v = blk.buf\n"
+            "before = _ext.pin_ranges(mem.window, mem.proc_slot)\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    w = blk.buf\n"
+            "    w.release()\n"
+            "    v.release()\n"
+            "    os._exit(0)\n"
+            "_, status = os.waitpid(pid, 0)\n"
+            "res = [before, _ext.pin_ranges(mem.window, mem.proc_slot), status]"
+        )
+        assert before and after == before and child_rc == 0, (before, after, child_rc)
+    finally:
+        a.finish()
