@@ -127,7 +127,10 @@ struct memd_memseg_list {
     uint32_t n_used;          /*  24 */
     uint32_t flags;           /*  28 */
     uint64_t version;         /*  32: bumped on every map/unmap in this list */
-    uint8_t reserved[24];     /*  40 */
+    uint32_t releasing_first; /*  40: slots [first, first + n) are being given back: */
+    uint32_t releasing_n;     /*  44: unused already, but not punched yet (memory event
+                                      callbacks view them): views may still pin them */
+    uint8_t reserved[16];     /*  48 */
     char dir[MEMD_PATH_SIZE]; /* 64: hugetlbfs directory ("" for --no-huge: shm) */
     uint64_t used_bitmap[MEMD_MAX_PAGES_PER_LIST / 64]; /* 256: bit = slot in use */
     struct memd_memseg segs[MEMD_MAX_PAGES_PER_LIST];   /* 1280 */
@@ -559,6 +562,7 @@ MEMD_CHECK_SIZE(struct memd_lock, 64);
 _Static_assert(sizeof(pthread_mutex_t) <= 56, "pthread_mutex_t does not fit memd_lock");
 MEMD_CHECK_SIZE(struct memd_memseg, 16);
 MEMD_CHECK(struct memd_memseg_list, version, 32);
+MEMD_CHECK(struct memd_memseg_list, releasing_first, 40);
 MEMD_CHECK(struct memd_memseg_list, dir, 64);
 MEMD_CHECK(struct memd_memseg_list, used_bitmap, 256);
 MEMD_CHECK(struct memd_memseg_list, segs, 1280);

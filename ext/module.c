@@ -698,7 +698,27 @@ static PyObject *py_pin_ranges(PyObject *Py_UNUSED(m), PyObject *args)
     return out;
 }
 
+static PyObject *py_msl_releasing(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *win;
+    unsigned int idx, first, n;
+    if (!PyArg_ParseTuple(args, "OIII:msl_releasing", &win, &idx, &first, &n))
+        return NULL;
+    char *base = memd_base_of(win);
+    if (base == NULL)
+        return NULL;
+    if (((MemdWindow *)win)->size < MEMD_CONFIG_SIZE ||
+        memd_msl_releasing(base, idx, first, n) < 0) {
+        PyErr_SetString(PyExc_ValueError, "msl_releasing(win, idx, first, n): a list index");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_functions[] = {
+    {"msl_releasing", py_msl_releasing, METH_VARARGS,
+     "msl_releasing(win, idx, first, n): slots [first, first + n) of list idx are being "
+     "given back (views may pin them until n = 0 is set, before the last pin check)."},
     {"pin_ranges", py_pin_ranges, METH_VARARGS,
      "pin_ranges(win, slot=-1) -> [(lo, hi), ...]: window offset ranges that views of "
      "process slot `slot` (every slot: -1) pin; a row that pins everything gives "

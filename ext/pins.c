@@ -12,9 +12,10 @@
 
 #define U32(p) ((_Atomic uint32_t *)(p))
 
-/* 1 iff every page of [off, off+len) inside a memseg list is in use (the used
- * bit is read after the caller's fence; pages outside the lists are memd's
- * config or nothing, never given back). */
+/* 1 iff every page of [off, off+len) inside a memseg list is in use, or on its
+ * way out but not yet punched (releasing: memory event callbacks hear FREE then
+ * and may view the pages); read after the caller's fence.  Pages outside the
+ * lists are memd's config or nothing, never given back. */
 static int range_in_use(const char *base, uint64_t off, uint64_t len)
 {
     const struct memd_config *c = (const struct memd_config *)base;
@@ -28,9 +29,11 @@ static int range_in_use(const char *base, uint64_t off, uint64_t len)
         if (end <= lo || off >= hi)
             continue;
         uint64_t s0 = (off > lo ? off - lo : 0) / ps, s1 = ((end < hi ? end : hi) - 1 - lo) / ps;
+        uint64_t rel_n = __atomic_load_n(&l->releasing_n, __ATOMIC_RELAXED);
+        uint64_t rel_first = __atomic_load_n(&l->releasing_first, __ATOMIC_RELAXED);
         for (uint64_t s = s0; s <= s1; s++) {
             uint64_t w = __atomic_load_n(&l->used_bitmap[s / 64], __ATOMIC_RELAXED);
-            if (!((w >> (s % 64)) & 1u))
+            if (!((w >> (s % 64)) & 1u) && !(s >= rel_first && s - rel_first < rel_n))
                 return 0;
         }
     }
@@ -103,6 +106,24 @@ void memd_pin_drop(char *base, uint32_t slot, int tag)
     uint32_t v = atomic_load_explicit(cnt, memory_order_relaxed);
     if (v > 0) /* 0: the row was cleared under us (the slot was freed) */
         atomic_store_explicit(cnt, v - 1, memory_order_release);
+}
+
+int memd_msl_releasing(char *base, uint32_t idx, uint32_t first, uint32_t n)
+{
+    struct memd_config *c = memd_cfg(base);
+    if (idx >= MEMD_MAX_MEMSEG_LISTS)
+        return -EINVAL;
+    struct memd_memseg_list *l = &c->msls[idx];
+    if (n == 0) {
+        /* Dekker: the marker goes before the primary reads the pins */
+        __atomic_store_n(&l->releasing_n, 0, __ATOMIC_SEQ_CST);
+        atomic_thread_fence(memory_order_seq_cst);
+        return 0;
+    }
+    __atomic_store_n(&l->releasing_n, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&l->releasing_first, first, __ATOMIC_RELAXED);
+    __atomic_store_n(&l->releasing_n, n, __ATOMIC_RELEASE);
+    return 0;
 }
 
 int memd_pins_read(const char *base, uint32_t slot, uint64_t (*out)[2])

@@ -21,6 +21,12 @@ int memd_pin_add(char *base, uint32_t slot, uint64_t off, uint64_t len, int *tag
 /* Undo one memd_pin_add of row `slot`. */
 void memd_pin_drop(char *base, uint32_t slot, int tag);
 
+/* The primary marks slots [first, first + n) of list idx as being given back
+ * (before it clears their used bits: views may still pin them while memory event
+ * callbacks run), and n = 0 before its last look at the pins (then a view of an
+ * unused slot is refused).  Fails iff -EINVAL (idx). */
+int memd_msl_releasing(char *base, uint32_t idx, uint32_t first, uint32_t n);
+
 /* Row `slot`'s pinned ranges as window offsets [lo, hi) into out (at most
  * MEMD_PINS_PER_PROC); returns how many, or -EAGAIN when the row pins every page
  * (overflowed, or its owner is stopped in the middle of a write). */

@@ -224,3 +224,32 @@ def test_a_forked_child_leaves_its_parents_pins_alone(daemon_factory) -> None:
         assert before and after == before and child_rc == 0, (before, after, child_rc)
     finally:
         a.finish()
+
+
+def test_a_view_a_free_callback_keeps_keeps_the_pages(daemon_factory) -> None:
+    """Memory event callbacks hear FREE while the pages still exist and may view
+    them; a view they keep keeps the pages (the release puts them back)."""
+    d = daemon_factory("-m", "4")
+    watcher, grower = DrivenSecondary(d), DrivenSecondary(d)
+    try:
+        watcher(
+            "kept = []\n"
+            "def on_event(event, offset, length):\n"
+            "    if event == mc.MEM_EVENT_FREE:\n"
+            "        kept.append((offset, mem.view(offset, length)))\n"
+            "mem.mem_event_callback_register('keep', on_event)"
+        )
+        grower("blk = mem.malloc(40 << 20)\nmem.free(blk)\nmem._release_pages(blk.heap)")
+        kept = watcher("res = [[o, len(v)] for o, v in kept]")
+        assert kept, "no FREE event"
+        for off, size in kept:
+            assert under_view_used(d, off, size), (off, size)
+        held, used = accounted(d)
+        assert held <= used, (held, used)
+        assert watcher("res = all(bytes(v[-1:]) is not None for _, v in kept)")  # no fault
+        watcher("kept.clear()\nmem.mem_event_callback_unregister('keep')")
+        grower("mem._release_pages(0)")
+        assert accounted(d) == (2, 2)
+    finally:
+        watcher.finish()
+        grower.finish()

@@ -217,22 +217,31 @@ class PrimaryGrowth(Memory):
                         start = msl.base_offset + first * msl.page_size
                         _ext.heap_remove_memory(self.window, heap, start, n * msl.page_size)
                         iovas = {s: i for s, i, _, _ in _ext.segs(self.window, msl.index)}
-                        for slot in range(first, first + n):
-                            with contextlib.suppress(OSError):
-                                _ext.msl_clear_page(self.window, msl.index, slot)
+                        # views may still pin them while FREE callbacks run
+                        _ext.msl_releasing(self.window, msl.index, first, n)
+                        try:
+                            for slot in range(first, first + n):
+                                with contextlib.suppress(OSError):
+                                    _ext.msl_clear_page(self.window, msl.index, slot)
+                            # callbacks hear FREE while the pages still exist
+                            with self._map_lock:
+                                self._mem_event(MEM_EVENT_FREE, start, n * msl.page_size)
+                            self._tell_secondaries()
+                        finally:
+                            _ext.msl_releasing(self.window, msl.index, 0, 0)
                         if _overlaps(self._pins(), start, n * msl.page_size):
-                            # a view was made meanwhile (it saw the page in use):
-                            # the pages stay, for a later release
+                            # a view still holds them (made by a callback, or made
+                            # meanwhile and it saw them releasing): keep them, for
+                            # a later release
                             for slot in range(first, first + n):
                                 _ext.msl_set_page(
                                     self.window, msl.index, slot, iovas[slot], msl.socket_id, 0
                                 )
                             _ext.heap_add_memory(self.window, heap, start, n * msl.page_size, True)
+                            with self._map_lock:  # they heard FREE: now they are back
+                                self._mem_event(MEM_EVENT_ALLOC, start, n * msl.page_size)
+                            self._tell_secondaries()
                             break
-                        # callbacks hear FREE while the pages still exist
-                        with self._map_lock:
-                            self._mem_event(MEM_EVENT_FREE, start, n * msl.page_size)
-                        self._tell_secondaries()
                         self._free_in_list(msl, first, n)
                 finally:
                     _ext.heap_unlock(self.window, heap)
