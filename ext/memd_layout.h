@@ -306,10 +306,11 @@ struct memd_process {
  * with its slot when reclaim frees it.
  *
  * Order against release (a Dekker pair): an exporter writes its entry, fences,
- * then checks the pages' used bits (refusing the view if one is clear); the
- * primary clears the used bits, fences, then reads the rows (putting the pages
- * back if one pins them).  So either the exporter sees the page go or the
- * primary sees the pin.
+ * then checks the pages' used bits and the list's releasing range (refusing the
+ * view if a page is neither); the primary clears the used bits inside a releasing
+ * range (memory event callbacks hear FREE and may view them), clears the range,
+ * fences, then reads the rows (putting the pages back if one pins them).  So
+ * either the exporter sees the page go or the primary sees the pin.
  */
 #define MEMD_PIN_UNIT       (2u * 1024u * 1024u) /* the smallest page size memd uses */
 #define MEMD_PINS_PER_PROC  60u
