@@ -1,7 +1,7 @@
 """Chaos: SIGKILL secondaries at random moments inside tight heap, ring and mempool
 loops while another secondary keeps working, and prove nothing wedges or leaks.
 
-    python bench/chaos.py [--rounds 50] [--no-huge] [--seed 1]
+    python bench/chaos.py [--rounds 50] [--no-huge] [--in-memory] [--seed 1]
 
 Each round starts a *victim* secondary that loops on one kind of work (heap
 malloc/free, MP/MC ring dequeue/enqueue, mempool get/put piped through the ring,
@@ -440,18 +440,21 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--no-huge", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--in-memory", action="store_true", help="run memd with --in-memory")
     ap.add_argument("--json", action="store_true", help="print the raw numbers too")
     args = ap.parse_args()
     mode = "nohuge" if args.no_huge else "huge"
     tmp = Path(tempfile.mkdtemp(prefix="memd-chaos-"))
-    daemon = Daemon(tmp, mode, "-m", "16", "--sync-timeout", "60").start()
+    extra = ["--in-memory"] if args.in_memory else []
+    daemon = Daemon(tmp, mode, "-m", "16", "--sync-timeout", "60", *extra).start()
     try:
         st = run(daemon, args.rounds, args.seed)
     finally:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop()
         remove_leftover_pages(daemon.prefix)
-    print(table(st, "--no-huge" if args.no_huge else "hugepages"))
+    what = "--no-huge" if args.no_huge else "hugepages"
+    print(table(st, what + (" --in-memory" if args.in_memory else "")))
     if args.json:
         print(json.dumps({k: v for k, v in st.items() if k != "reclaim_ms"}, indent=1))
     if not ok(st):

@@ -458,6 +458,7 @@ int memd_proc_register(char *base, int32_t pid, uint64_t start_time, uint32_t st
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         memset(p, 0, sizeof(*p));
+        memset(&c->pins[slot], 0, sizeof(c->pins[slot])); /* a previous holder's pins */
         p->state = state;
         p->start_time = start_time;
         p->attach_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
@@ -477,8 +478,10 @@ int memd_proc_unregister(char *base, uint32_t slot, int32_t pid)
     if (rc < 0)
         return rc;
     rc = c->procs[slot].pid == pid && pid != 0 ? 0 : -ENOENT;
-    if (rc == 0)
+    if (rc == 0) {
         memset(&c->procs[slot], 0, sizeof(c->procs[slot]));
+        memset(&c->pins[slot], 0, sizeof(c->pins[slot])); /* its views pin nothing now */
+    }
     memd_lock_release(&c->proc_lock);
     return rc;
 }

@@ -30,7 +30,7 @@
 #define MEMD_CONFIG_MAGIC 0x31474643444d454dULL /* "MEMDCFG1", little endian */
 /* 2: robust ring sides, mempool owner tags; 3: heap undo journals, element owner tags;
  * 4: DPDK fidelity (an object directory entry per memzone, rings of esize-byte
- *    records, memzone flags as DPDK's), memzone generations */
+ *    records, memzone flags as DPDK's), memzone generations, view pins */
 #define MEMD_LAYOUT_VERSION 4u
 
 #define MEMD_CACHE_LINE         64u
@@ -65,10 +65,11 @@ enum memd_iova_mode {
 };
 
 /* header.flags: how the primary was started */
-#define MEMD_CFG_F_NO_HUGE     0x1u /* pages are POSIX shm objects, not hugetlbfs */
-#define MEMD_CFG_F_LEGACY      0x2u /* all pages mapped at init, sorted by iova */
-#define MEMD_CFG_F_HUGE_UNLINK 0x4u /* page files unlinked right after mapping */
-#define MEMD_CFG_F_SINGLE_FILE 0x8u /* one file per memseg list */
+#define MEMD_CFG_F_NO_HUGE     0x1u  /* pages are POSIX shm objects, not hugetlbfs */
+#define MEMD_CFG_F_LEGACY      0x2u  /* all pages mapped at init, sorted by iova */
+#define MEMD_CFG_F_HUGE_UNLINK 0x4u  /* page files unlinked right after mapping */
+#define MEMD_CFG_F_SINGLE_FILE 0x8u  /* one file per memseg list */
+#define MEMD_CFG_F_IN_MEMORY   0x10u /* list files are memfds: no name, handed over */
 
 struct memd_config_header {
     uint64_t magic;              /*   0: MEMD_CONFIG_MAGIC, stored last (release) */
@@ -126,7 +127,10 @@ struct memd_memseg_list {
     uint32_t n_used;          /*  24 */
     uint32_t flags;           /*  28 */
     uint64_t version;         /*  32: bumped on every map/unmap in this list */
-    uint8_t reserved[24];     /*  40 */
+    uint32_t releasing_first; /*  40: slots [first, first + n) are being given back: */
+    uint32_t releasing_n;     /*  44: unused already, but not punched yet (memory event
+                                      callbacks view them): views may still pin them */
+    uint8_t reserved[16];     /*  48 */
     char dir[MEMD_PATH_SIZE]; /* 64: hugetlbfs directory ("" for --no-huge: shm) */
     uint64_t used_bitmap[MEMD_MAX_PAGES_PER_LIST / 64]; /* 256: bit = slot in use */
     struct memd_memseg segs[MEMD_MAX_PAGES_PER_LIST];   /* 1280 */
@@ -285,6 +289,48 @@ struct memd_process {
     char comm[32];           /* 32: process name, for memctl */
 }; /* 64 */
 
+/* --- view pins ------------------------------------------------------------ */
+
+/*
+ * A page that a view (memoryview, Py_buffer) exported by some process covers is
+ * *pinned*: the primary gives it back to the system only once no row pins it
+ * (a pinned free page stays in its heap until a later release).  Each process
+ * slot has one row, written by its owner alone (under its GIL: bf_getbuffer and
+ * bf_releasebuffer, ext/module.c), read by the primary when it releases pages.
+ * An entry is a range of MEMD_PIN_UNIT units of window offsets (a view rounded
+ * out) with the number of live views on exactly that range; count 0 = free entry.
+ * Writes are bracketed by `seq` (odd while writing: a seqlock), so the reader
+ * never acts on a torn entry.  Views that find no free entry are counted in
+ * `overflow`: while it is non-zero the row pins every page (conservative).
+ * proc_register and proc_unregister clear the row, so a dead process's pins go
+ * with its slot when reclaim frees it.
+ *
+ * Order against release (a Dekker pair): an exporter writes its entry, fences,
+ * then checks the pages' used bits and the list's releasing range (refusing the
+ * view if a page is neither); the primary clears the used bits inside a releasing
+ * range (memory event callbacks hear FREE and may view them), clears the range,
+ * fences, then reads the rows (putting the pages back if one pins them).  So
+ * either the exporter sees the page go or the primary sees the pin.
+ */
+#define MEMD_PIN_UNIT       (2u * 1024u * 1024u) /* the smallest page size memd uses */
+#define MEMD_PINS_PER_PROC  60u
+#define MEMD_PIN_SEQ_STABLE 1000u /* reader retries before it takes a row as "pins all" */
+
+struct memd_pin {
+    uint32_t first;         /*  0: first unit (window offset / MEMD_PIN_UNIT) */
+    uint32_t n;             /*  4: units */
+    _Atomic uint32_t count; /*  8: live views of this range; 0 = free entry */
+    uint32_t reserved;      /* 12 */
+}; /* 16 */
+
+struct memd_proc_pins {
+    _Atomic uint64_t seq;                  /*  0: odd while the owner writes the row */
+    _Atomic uint32_t overflow;             /*  8: views not in an entry: pins every page */
+    uint32_t n_hint;                       /* 12: entries at or past it are free */
+    uint64_t reserved[6];                  /* 16 */
+    struct memd_pin e[MEMD_PINS_PER_PROC]; /* 64 */
+}; /* 1024 */
+
 /* --- named objects (rings, mempools) -------------------------------------- */
 
 enum memd_object_type {
@@ -353,7 +399,8 @@ struct memd_config {
     struct memd_memzone memzones[MEMD_MAX_MEMZONES];     /*  180224 */
     struct memd_memseg_list msls[MEMD_MAX_MEMSEG_LISTS]; /*  425984 */
     struct memd_heap_journal heap_journals[MEMD_MAX_HEAPS]; /* 1484800: one per heap */
-}; /* 1517568 */
+    struct memd_proc_pins pins[MEMD_MAX_PROCS];             /* 1517568: one per process slot */
+}; /* 1648640 */
 
 /* --- rings (DPDK: rte_ring; code in ext/ring.c) ---------------------------- */
 
@@ -520,6 +567,7 @@ MEMD_CHECK_SIZE(struct memd_lock, 64);
 _Static_assert(sizeof(pthread_mutex_t) <= 56, "pthread_mutex_t does not fit memd_lock");
 MEMD_CHECK_SIZE(struct memd_memseg, 16);
 MEMD_CHECK(struct memd_memseg_list, version, 32);
+MEMD_CHECK(struct memd_memseg_list, releasing_first, 40);
 MEMD_CHECK(struct memd_memseg_list, dir, 64);
 MEMD_CHECK(struct memd_memseg_list, used_bitmap, 256);
 MEMD_CHECK(struct memd_memseg_list, segs, 1280);
@@ -573,7 +621,13 @@ MEMD_CHECK(struct memd_config, objects, 16384);
 MEMD_CHECK(struct memd_config, memzones, 180224);
 MEMD_CHECK(struct memd_config, msls, 425984);
 MEMD_CHECK(struct memd_config, heap_journals, 1484800);
-MEMD_CHECK_SIZE(struct memd_config, 1517568);
+MEMD_CHECK(struct memd_config, pins, 1517568);
+MEMD_CHECK_SIZE(struct memd_config, 1648640);
+MEMD_CHECK(struct memd_pin, count, 8);
+MEMD_CHECK_SIZE(struct memd_pin, 16);
+MEMD_CHECK(struct memd_proc_pins, overflow, 8);
+MEMD_CHECK(struct memd_proc_pins, e, 64);
+MEMD_CHECK_SIZE(struct memd_proc_pins, 1024);
 _Static_assert(sizeof(struct memd_config) <= MEMD_CONFIG_SIZE, "config outgrew its file");
 MEMD_CHECK(struct memd_ring_headtail, tail, 4);
 MEMD_CHECK(struct memd_ring_headtail, single, 8);

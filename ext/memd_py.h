@@ -15,12 +15,14 @@
 
 typedef struct {
     PyObject_HEAD
-    char *base;    /* window address in this process; NULL once closed */
-    char *mapping; /* the reservation: unmapped when the Window is freed */
-    uint64_t size; /* bytes reserved */
-    int anonymous; /* Window.anonymous(): private test memory, fully mapped */
-    int watch_fd;  /* Window.watch(): a pidfd of the primary (caller-owned), or -1 */
-    int uffd;      /* Window.guard(): userfaultfd turning faults on holes into SIGBUS, or -1 */
+    char *base;         /* window address in this process; NULL once closed */
+    char *mapping;      /* the reservation: unmapped when the Window is freed */
+    uint64_t size;      /* bytes reserved */
+    int anonymous;      /* Window.anonymous(): private test memory, fully mapped */
+    int watch_fd;       /* Window.watch(): a pidfd of the primary (caller-owned), or -1 */
+    int uffd;           /* Window.guard(): userfaultfd turning faults on holes into SIGBUS, or -1 */
+    int pin_slot;       /* Window.pin_as(): the process-table row our views pin pages in, or -1 */
+    unsigned pin_epoch; /* bumped by pin_as: a tag from an earlier slot unpins nothing */
 } MemdWindow;
 
 extern PyTypeObject MemdWindow_Type;
@@ -76,7 +78,16 @@ PyObject *memd_raise_errno(int neg_errno, const char *where);
 /* How long a heap lock is waited for (heap_lock_wait; UINT64_MAX: no limit). */
 uint64_t memd_py_lock_wait_limit(void);
 
-/* Zero-copy writable memoryview of [off, off+len) that keeps the window alive. */
+/* bf_getbuffer / bf_releasebuffer halves for every exporter of window memory:
+ * pin the pages under [off, off+len) in this process's row (Window.pin_as) and
+ * keep the tag in view->internal; 0, or -1 with BufferError set when a page of
+ * the range is no longer in use (given back: the view would fault).  unpin is
+ * a no-op for a view made before pin_as changed (detach). */
+int memd_view_pin(PyObject *window, uint64_t off, uint64_t len, Py_buffer *view);
+void memd_view_unpin(PyObject *window, Py_buffer *view);
+
+/* Zero-copy writable memoryview of [off, off+len) that keeps the window alive
+ * and pins its pages while it lives. */
 PyObject *memd_view(PyObject *window, uint64_t off, uint64_t len);
 
 /* Each binding file adds its functions and constants to the module. */

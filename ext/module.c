@@ -8,12 +8,14 @@
  * only when the last view is gone: a stale view never points at unmapped memory.
  */
 #include "memd_py.h"
+#include "pins.h"
 #include "proc.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <string.h>
 #include <linux/falloc.h>
 #include <linux/userfaultfd.h>
@@ -222,6 +224,51 @@ int memd_check_mapped(PyObject *window, uint64_t off, uint64_t len)
     return -1;
 }
 
+/* --- pins: views keep their pages (memd_layout.h, "view pins") ----------- */
+
+/* view->internal holds (epoch << 8 | (tag + 2)): never NULL once pinned, and a
+ * tag of another epoch (before a pin_as) is ignored. */
+#define PIN_TAG_BITS 8
+_Static_assert(MEMD_PINS_PER_PROC + 2 < (1u << PIN_TAG_BITS), "a pin tag fits its bits");
+
+/* Set in a forked child: the rows belong to the parent, which writes them alone.
+ * The child pins nothing, and the views it inherited unpin nothing (the parent's
+ * copies of them still live); a child must attach on its own. */
+static volatile int forked_child;
+
+static void on_fork_child(void) { forked_child = 1; }
+
+int memd_view_pin(PyObject *window, uint64_t off, uint64_t len, Py_buffer *view)
+{
+    MemdWindow *w = (MemdWindow *)window;
+    view->internal = NULL;
+    if (w->pin_slot < 0 || w->base == NULL || forked_child)
+        return 0; /* not registered (tests' windows, a detached process): nothing to pin */
+    int tag;
+    if (memd_pin_add(w->base, (uint32_t)w->pin_slot, off, len, &tag) < 0) {
+        PyErr_Format(PyExc_BufferError,
+                     "window range [%llu, +%llu) lies on a page that is no longer in use: "
+                     "its memory was freed and given back",
+                     (unsigned long long)off, (unsigned long long)len);
+        return -1;
+    }
+    view->internal =
+        (void *)(((uintptr_t)w->pin_epoch << PIN_TAG_BITS) | (uintptr_t)(unsigned)(tag + 2));
+    return 0;
+}
+
+void memd_view_unpin(PyObject *window, Py_buffer *view)
+{
+    MemdWindow *w = (MemdWindow *)window;
+    uintptr_t t = (uintptr_t)view->internal;
+    view->internal = NULL;
+    if (t == 0 || w->pin_slot < 0 || w->mapping == NULL || forked_child ||
+        (t >> PIN_TAG_BITS) != ((uintptr_t)w->pin_epoch & (UINTPTR_MAX >> PIN_TAG_BITS)))
+        return;
+    /* the mapping, not base: a view may outlive close() (base NULL) */
+    memd_pin_drop(w->mapping, (uint32_t)w->pin_slot, (int)(t & ((1u << PIN_TAG_BITS) - 1)) - 2);
+}
+
 /* --- Span: a buffer exporter over part of a Window ------------------------ */
 
 typedef struct {
@@ -229,12 +276,29 @@ typedef struct {
     PyObject *window; /* strong ref: keeps the mapping alive */
     char *addr;
     Py_ssize_t len;
+    uint64_t off;
 } MemdSpan;
 
 static int span_getbuffer(PyObject *self, Py_buffer *view, int flags)
 {
     MemdSpan *s = (MemdSpan *)self;
-    return PyBuffer_FillInfo(view, self, s->addr, s->len, 0, flags);
+    if (memd_view_pin(s->window, s->off, (uint64_t)s->len, view) < 0) {
+        view->obj = NULL;
+        return -1;
+    }
+    void *tag = view->internal;
+    if (PyBuffer_FillInfo(view, self, s->addr, s->len, 0, flags) < 0) {
+        view->internal = tag;
+        memd_view_unpin(s->window, view);
+        return -1;
+    }
+    view->internal = tag;
+    return 0;
+}
+
+static void span_releasebuffer(PyObject *self, Py_buffer *view)
+{
+    memd_view_unpin(((MemdSpan *)self)->window, view);
 }
 
 static void span_dealloc(PyObject *self)
@@ -244,7 +308,7 @@ static void span_dealloc(PyObject *self)
     Py_TYPE(self)->tp_free(self);
 }
 
-static PyBufferProcs span_as_buffer = {span_getbuffer, NULL};
+static PyBufferProcs span_as_buffer = {span_getbuffer, span_releasebuffer};
 
 static PyTypeObject MemdSpan_Type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memd._ext.Span",
@@ -268,6 +332,7 @@ PyObject *memd_view(PyObject *window, uint64_t off, uint64_t len)
     s->window = window;
     s->addr = base + off;
     s->len = (Py_ssize_t)len;
+    s->off = off;
     PyObject *mv = PyMemoryView_FromObject((PyObject *)s);
     Py_DECREF(s);
     return mv;
@@ -332,6 +397,7 @@ static PyObject *window_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     w->size = size;
     w->watch_fd = -1;
     w->uffd = -1;
+    w->pin_slot = -1;
     return (PyObject *)w;
 }
 
@@ -511,7 +577,30 @@ static PyObject *window_get_size(PyObject *self, void *Py_UNUSED(c))
 static PyObject *window_close(PyObject *self, PyObject *Py_UNUSED(a))
 {
     ((MemdWindow *)self)->base = NULL;
+    ((MemdWindow *)self)->pin_slot = -1; /* our row may go to the next process */
+    ((MemdWindow *)self)->pin_epoch++;
     Py_RETURN_NONE;
+}
+
+static PyObject *window_pin_as(PyObject *self, PyObject *arg)
+{
+    long slot = PyLong_AsLong(arg);
+    if (slot == -1 && PyErr_Occurred())
+        return NULL;
+    MemdWindow *w = (MemdWindow *)self;
+    if (slot < -1 || slot >= (long)MEMD_MAX_PROCS || w->size < MEMD_CONFIG_SIZE) {
+        PyErr_Format(PyExc_ValueError, "pin_as(slot): a process slot in 0..%u, or -1",
+                     MEMD_MAX_PROCS - 1);
+        return NULL;
+    }
+    w->pin_slot = (int)slot;
+    w->pin_epoch++; /* views made before unpin nothing in the new row */
+    Py_RETURN_NONE;
+}
+
+static PyObject *window_get_pin_slot(PyObject *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromLong(((MemdWindow *)self)->pin_slot);
 }
 
 static PyObject *window_get_closed(PyObject *self, void *Py_UNUSED(c))
@@ -532,7 +621,11 @@ static PyMethodDef window_methods[] = {
     {"guard", window_guard, METH_VARARGS,
      "guard(offset, length): a fault on a hole of this mapped file range raises SIGBUS "
      "instead of allocating a page (userfaultfd; OSError if the kernel refuses)."},
-    {"view", window_view, METH_VARARGS, "view(offset, length) -> writable memoryview."},
+    {"view", window_view, METH_VARARGS,
+     "view(offset, length) -> writable memoryview (pins its pages while it lives)."},
+    {"pin_as", window_pin_as, METH_O,
+     "pin_as(slot): views exported from now on pin their pages in process slot `slot`'s "
+     "row (-1: pin nothing); views made before unpin nothing."},
     {"touch", window_touch, METH_VARARGS, "touch(offset, length, step): fault pages in."},
     {"watch", window_watch, METH_O,
      "watch(fd) -> None: watch a pidfd of the primary (the caller owns and closes it; -1 "
@@ -546,6 +639,7 @@ static PyGetSetDef window_getset[] = {
     {"size", window_get_size, NULL, "bytes reserved", NULL},
     {"watch_fd", window_get_watch_fd, NULL, "the watched pidfd (Window.watch), or -1", NULL},
     {"closed", window_get_closed, NULL, "True once close() was called", NULL},
+    {"pin_slot", window_get_pin_slot, NULL, "the row views pin pages in (pin_as), or -1", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -603,7 +697,67 @@ static PyObject *py_proc_start_time(PyObject *Py_UNUSED(m), PyObject *arg)
     return PyLong_FromUnsignedLongLong(start);
 }
 
+static PyObject *py_pin_ranges(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *win;
+    int one = -1;
+    if (!PyArg_ParseTuple(args, "O|i:pin_ranges", &win, &one))
+        return NULL;
+    char *base = memd_base_of(win);
+    if (base == NULL)
+        return NULL;
+    if (((MemdWindow *)win)->size < MEMD_CONFIG_SIZE || one < -1 || one >= (int)MEMD_MAX_PROCS) {
+        PyErr_SetString(PyExc_ValueError, "pin_ranges(win, slot=-1): a config window, a slot");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    uint64_t r[MEMD_PINS_PER_PROC][2];
+    for (int slot = one < 0 ? 0 : one;
+         out != NULL && slot < (one < 0 ? (int)MEMD_MAX_PROCS : one + 1); slot++) {
+        int n = memd_pins_read(base, (uint32_t)slot, r);
+        if (n == -EAGAIN) { /* overflowed or mid-write: it pins everything */
+            n = 1;
+            r[0][0] = 0;
+            r[0][1] = ((MemdWindow *)win)->size;
+        }
+        for (int i = 0; i < n; i++) {
+            PyObject *t =
+                Py_BuildValue("(KK)", (unsigned long long)r[i][0], (unsigned long long)r[i][1]);
+            if (t == NULL || PyList_Append(out, t) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(t);
+            if (out == NULL)
+                break;
+        }
+    }
+    return out;
+}
+
+static PyObject *py_msl_releasing(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *win;
+    unsigned int idx, first, n;
+    if (!PyArg_ParseTuple(args, "OIII:msl_releasing", &win, &idx, &first, &n))
+        return NULL;
+    char *base = memd_base_of(win);
+    if (base == NULL)
+        return NULL;
+    if (((MemdWindow *)win)->size < MEMD_CONFIG_SIZE ||
+        memd_msl_releasing(base, idx, first, n) < 0) {
+        PyErr_SetString(PyExc_ValueError, "msl_releasing(win, idx, first, n): a list index");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_functions[] = {
+    {"msl_releasing", py_msl_releasing, METH_VARARGS,
+     "msl_releasing(win, idx, first, n): slots [first, first + n) of list idx are being "
+     "given back (views may pin them until n = 0 is set, before the last pin check)."},
+    {"pin_ranges", py_pin_ranges, METH_VARARGS,
+     "pin_ranges(win, slot=-1) -> [(lo, hi), ...]: window offset ranges that views of "
+     "process slot `slot` (every slot: -1) pin; a row that pins everything gives "
+     "(0, window size).  Pages in them must not be given back."},
     {"fallocate", (PyCFunction)(void (*)(void))py_fallocate, METH_VARARGS | METH_KEYWORDS,
      "fallocate(fd, offset, length, punch=False): allocate the file's pages in that range "
      "(OSError ENOSPC when there are none), or with punch free them (a hole; the size "
@@ -615,6 +769,23 @@ static PyMethodDef module_functions[] = {
      "proc_start_time(pid) -> int | None: the start time of live process pid, in clock "
      "ticks since boot; None if it is gone or a zombie."},
     {NULL, NULL, 0, NULL},
+};
+
+static const struct memd_const pin_consts[] = {
+    MEMD_CONST("PINS_PER_PROC", MEMD_PINS_PER_PROC),
+    MEMD_CONST("PIN_UNIT", MEMD_PIN_UNIT),
+    {NULL, 0, 0},
+};
+
+static const struct memd_field pin_layout[] = {
+    MEMD_FIELD(memd_config, pins),
+    MEMD_FIELD(memd_proc_pins, seq),
+    MEMD_FIELD(memd_proc_pins, overflow),
+    MEMD_FIELD(memd_proc_pins, e),
+    MEMD_FIELD(memd_pin, count),
+    MEMD_SIZEOF(memd_proc_pins),
+    MEMD_SIZEOF(memd_pin),
+    {NULL, 0, 0, 0},
 };
 
 static struct PyModuleDef memd_module = {
@@ -629,12 +800,15 @@ PyMODINIT_FUNC PyInit__ext(void)
 {
     if (PyType_Ready(&MemdSpan_Type) < 0) /* internal: not in the module */
         return NULL;
+    if (pthread_atfork(NULL, NULL, on_fork_child) != 0)
+        return PyErr_NoMemory();
     PyObject *m = PyModule_Create(&memd_module);
     if (m == NULL)
         return NULL;
     if (memd_add_type(m, &MemdWindow_Type) < 0 || memd_add_functions(m, module_functions) < 0 ||
         memd_py_init_config(m) < 0 || memd_py_init_heap(m) < 0 || memd_py_init_ring(m) < 0 ||
-        memd_py_init_mempool(m) < 0) {
+        memd_py_init_mempool(m) < 0 || memd_add_constants(m, pin_consts) < 0 ||
+        memd_add_layout(m, pin_layout) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -157,10 +157,27 @@ static int block_getbuffer(PyObject *self, Py_buffer *view, int flags)
         view->obj = NULL;
         return -1;
     }
-    return PyBuffer_FillInfo(view, self, b->addr, (Py_ssize_t)b->size, 0, flags);
+    /* the view pins its pages: they outlive a free while it lives */
+    if (memd_view_pin(b->window, b->offset, b->size, view) < 0) {
+        view->obj = NULL;
+        return -1;
+    }
+    void *tag = view->internal;
+    if (PyBuffer_FillInfo(view, self, b->addr, (Py_ssize_t)b->size, 0, flags) < 0) {
+        view->internal = tag;
+        memd_view_unpin(b->window, view);
+        return -1;
+    }
+    view->internal = tag;
+    return 0;
 }
 
-static PyBufferProcs block_as_buffer = {block_getbuffer, NULL};
+static void block_releasebuffer(PyObject *self, Py_buffer *view)
+{
+    memd_view_unpin(((MemdBlock *)self)->window, view);
+}
+
+static PyBufferProcs block_as_buffer = {block_getbuffer, block_releasebuffer};
 
 static PyObject *block_get_buf(PyObject *self, void *Py_UNUSED(c))
 {

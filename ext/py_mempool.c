@@ -124,11 +124,28 @@ static int mpobj_getbuffer(PyObject *o, Py_buffer *view, int flags)
         view->obj = NULL;
         return -1;
     }
-    return PyBuffer_FillInfo(view, o, base + obj->handle, (Py_ssize_t)obj->pool->elt_size, 0,
-                             flags);
+    /* the view pins its page: it outlives the pool's free while it lives */
+    if (memd_view_pin(obj->pool->window, obj->handle, obj->pool->elt_size, view) < 0) {
+        view->obj = NULL;
+        return -1;
+    }
+    void *tag = view->internal;
+    if (PyBuffer_FillInfo(view, o, base + obj->handle, (Py_ssize_t)obj->pool->elt_size, 0, flags) <
+        0) {
+        view->internal = tag;
+        memd_view_unpin(obj->pool->window, view);
+        return -1;
+    }
+    view->internal = tag;
+    return 0;
 }
 
-static PyBufferProcs mpobj_as_buffer = {mpobj_getbuffer, NULL};
+static void mpobj_releasebuffer(PyObject *o, Py_buffer *view)
+{
+    memd_view_unpin(((MemdMpObj *)o)->pool->window, view);
+}
+
+static PyBufferProcs mpobj_as_buffer = {mpobj_getbuffer, mpobj_releasebuffer};
 
 static PyObject *mpobj_get_handle(PyObject *o, void *Py_UNUSED(c))
 {

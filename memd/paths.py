@@ -60,6 +60,12 @@ def mp_socket_path(prefix: str, rundir: Path) -> Path:
     return socket_dir(prefix, rundir) / "mp_socket"
 
 
+def fd_socket_path(prefix: str, rundir: Path) -> Path:
+    """The primary's Unix socket that hands list files over (SCM_RIGHTS), in
+    socket_dir (memd/mp/fd_pass.py)."""
+    return socket_dir(prefix, rundir) / "fd_socket"
+
+
 def mp_endpoint(prefix: str, rundir: Path) -> str:
     """The primary's ZeroMQ ROUTER endpoint."""
     return f"ipc://{mp_socket_path(prefix, rundir)}"

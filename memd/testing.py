@@ -145,6 +145,64 @@ def out(obj):
 """
 
 
+# A secondary that runs the Python statements it is sent, one JSON string a line,
+# and answers each with a JSON line: ["ok", value of `res`] or ["err", repr].
+_DRIVER = """
+import json, sys, traceback
+import memd_client as mc
+mem = mc.attach(sys.argv[1], runtime_dir=sys.argv[2], timeout=10)
+ns = {"mem": mem, "mc": mc}
+print(json.dumps(["ok", None]), flush=True)
+for line in sys.stdin:
+    ns["res"] = None
+    try:
+        exec(json.loads(line), ns)
+        ans = ["ok", ns["res"]]
+    except BaseException as e:
+        ans = ["err", repr(e) + traceback.format_exc()]
+    print(json.dumps(ans), flush=True)
+"""
+
+
+class DrivenSecondary:
+    """A secondary a test tells what to do, step by step: each call runs Python
+    statements in it (`mem` is its attachment) and returns the value they left in
+    `res` (JSON); an exception there fails the test with its traceback."""
+
+    def __init__(self, d: Daemon) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _DRIVER, d.prefix, str(d.runtime_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.daemon = d
+        assert self._answer() is None
+
+    def _answer(self) -> Any:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            _, err = self.proc.communicate(timeout=10)
+            raise AssertionError(f"secondary died ({self.proc.returncode}):\n{err}")
+        kind, value = json.loads(line)
+        assert kind == "ok", f"{value}\ndaemon log:\n{self.daemon.log_text()}"
+        return value
+
+    def __call__(self, code: str) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(code) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def finish(self) -> None:
+        self("mem.detach()")
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=30) == 0
+
+
 def run_secondary(
     daemon: Daemon, code: str, timeout: float = 60.0, check: bool = True, user: str | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -34,8 +34,9 @@ from memd.files import (
 )
 from memd.hw.hugepage_info import hugetlbfs_mounts
 from memd.mp.channel import PROTOCOL_VERSION, Channel
+from memd.mp.fd_pass import receive_list_fds
 from memd.mp.malloc_mp import SecondaryGrowth
-from memd.paths import DEFAULT_PREFIX, SHM_DIR, config_path, mp_endpoint
+from memd.paths import DEFAULT_PREFIX, SHM_DIR, config_path, fd_socket_path, mp_endpoint
 from memd.paths import runtime_dir as resolve_runtime_dir
 from memd.shm.config import comm, exited, header, proc_start_time, process_alive, watch_process
 
@@ -148,10 +149,20 @@ class Secondary(SecondaryGrowth):
                 raise MemdError(f"memd refused to attach: {ans['reason']}")
             raise PrimaryNotRunning(f"the primary refused to register us: {ans['reason']}")
         self.proc_slot = int(ans["slot"])
+        self.window.pin_as(self.proc_slot)  # views pin their pages in our row
         try:
             self._set_page_dirs(ans.get("page_dirs"))
-            if self._header().flags & _ext.CFG_F_SINGLE_FILE:
-                self._map_lists(create=False)  # every page there is, or will be
+            flags = self._header().flags
+            if flags & _ext.CFG_F_SINGLE_FILE:
+                handed = None
+                if flags & (_ext.CFG_F_HUGE_UNLINK | _ext.CFG_F_IN_MEMORY):
+                    # the files have no name: the primary hands them over
+                    handed = receive_list_fds(
+                        fd_socket_path(self.prefix, self.rundir),
+                        self._primary[0],
+                        self.daemon_uid,
+                    )
+                self._map_lists(create=False, handed=handed)  # every page there is, or will be
         except BaseException:
             self.detach()
             raise
@@ -227,11 +238,11 @@ class Secondary(SecondaryGrowth):
                 return f"its primary (pid {h.primary_pid}) is dead (stale config)"
             if h.state != _ext.STATE_READY:
                 return "the primary is shutting down"
-            if h.flags & _ext.CFG_F_HUGE_UNLINK:
+            if h.flags & _ext.CFG_F_HUGE_UNLINK and not h.flags & _ext.CFG_F_SINGLE_FILE:
                 raise MemdError(
-                    f"the primary (pid {h.primary_pid}) runs with --huge-unlink, so its page "
-                    "files are gone and no secondary can map them; restart it without "
-                    "--huge-unlink to attach"
+                    f"the primary (pid {h.primary_pid}) runs with --huge-unlink and "
+                    "--legacy-mem, so its page files are gone and no secondary can map "
+                    "them; restart it without one of them to attach"
                 )
             # Watch the primary through a pidfd (watch_process checks its start
             # time after opening it, so a reused pid cannot fool us).
@@ -397,6 +408,9 @@ class Secondary(SecondaryGrowth):
         if self._channel is None:
             return
         _open.discard(self)
+        # Views made from here on pin nothing, and the row (the primary keeps what
+        # it pins while this process lives) is no longer ours to write.
+        self.window.pin_as(-1)
         with contextlib.suppress(Exception):
             if self.proc_slot > 0:
                 self.flush_mempool_caches(self.proc_slot)  # cached objects go back

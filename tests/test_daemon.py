@@ -265,12 +265,27 @@ def test_processes_table_tracks_secondaries(daemon: Daemon) -> None:
 
 
 @pytest.mark.parametrize("spelling", ["--huge-unlink", "--huge-unlink=always"])
-def test_huge_unlink_refuses_secondaries_clearly(tmp_path, require_hugepages, spelling) -> None:
+def test_huge_unlink_hands_the_files_to_secondaries(tmp_path, require_hugepages, spelling) -> None:
     # hugepages only: with --no-huge it is a usage error (test_bad_usage_and_init_failures)
     d = Daemon(tmp_path, "huge", "-m", "4", spelling).start()
     try:
-        assert _page_files(d) == []  # unlinked right after mapping
-        with pytest.raises(mc.MemdError, match="--huge-unlink"):
+        assert _page_files(d) == []  # unlinked right after creation
+        with d.attach(timeout=5) as mem:  # the fds came over the fd socket
+            blk = mem.malloc(8 << 20)
+            blk.buf[-2:] = b"ok"
+            assert bytes(mem.view(blk.offset + blk.size - 2, 2)) == b"ok"
+            mem.free(blk)
+        assert _page_files(d) == []
+    finally:
+        assert d.stop() == 0
+
+
+def test_huge_unlink_with_legacy_mem_refuses_secondaries_clearly(
+    tmp_path, require_hugepages
+) -> None:
+    d = Daemon(tmp_path, "huge", "-m", "4", "--legacy-mem", "--huge-unlink=always").start()
+    try:
+        with pytest.raises(mc.MemdError, match="--huge-unlink and --legacy-mem"):
             d.attach(timeout=1)
     finally:
         assert d.stop() == 0

@@ -153,7 +153,8 @@ def test_layout():
     assert _ext.LAYOUT["memd_heap_journal"] == 4096
     off, size = _ext.LAYOUT["memd_config.heap_journals"]
     assert size == 4096 * _ext.MAX_HEAPS
-    assert off + size == _ext.LAYOUT["memd_config"] <= CONFIG
+    pins_off, pins_size = _ext.LAYOUT["memd_config.pins"]  # the view pins follow them
+    assert off + size == pins_off and pins_off + pins_size == _ext.LAYOUT["memd_config"] <= CONFIG
     assert _ext.LAYOUT["memd_heap_elem.u.busy.owner_pid"] == (40, 4)
     assert _ext.LAYOUT["memd_heap_elem.flags"] == (6, 2)
     assert _ext.LAYOUT["memd_heap_journal.count"] == (0, 4)

@@ -17,7 +17,11 @@
 5. Whole free pages go back the other way (`_release_pages`, `shrink` requests):
    out of the heap, marked unused, callbacks' FREE while the pages still exist,
    then punched out of the file, unless preallocated (-m, --socket-mem,
-   --legacy-mem, which never grows).
+   --legacy-mem, which never grows) or pinned: a view some process holds (a
+   `.buf`, `mem.view()`, a NumPy array over one) pins the pages under it
+   (`ext/pins.c`), which then stay in the heap as free memory until a release
+   after the last such view is gone (or its process died: reclaim clears its
+   pins, and releases).
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ class GrowthOptions(Protocol):
 
     legacy_mem: bool
     max_mem_mb: int
+
+
+def _overlaps(ranges: Sequence[tuple[int, int]], off: int, length: int) -> bool:
+    """[off, +length) meets one of `ranges` ([lo, hi) window offsets)."""
+    return any(lo < off + length and off < hi for lo, hi in ranges)
 
 
 class SecondaryGrowth(Memory):
@@ -112,6 +121,7 @@ class PrimaryGrowth(Memory):
 
         server: Server | None
         _expand_lock: threading.RLock
+        detached_pins: dict[tuple[int, int], list[tuple[int, int]]]
 
         def _lists_of(self, socket_id: int) -> list[MemsegList]: ...
         def _map_new_pages(self, msl: MemsegList, n: int, prealloc: bool) -> int: ...
@@ -200,26 +210,59 @@ class PrimaryGrowth(Memory):
                             )
                         except OSError:
                             break
-                        run = self._releasable_run(msl, off, length)
+                        run = self._releasable_run(msl, off, length, self._pins())
                         if run is None:
                             break
                         first, n = run
                         start = msl.base_offset + first * msl.page_size
                         _ext.heap_remove_memory(self.window, heap, start, n * msl.page_size)
-                        for slot in range(first, first + n):
-                            with contextlib.suppress(OSError):
-                                _ext.msl_clear_page(self.window, msl.index, slot)
-                        # callbacks hear FREE while the pages still exist
-                        with self._map_lock:
-                            self._mem_event(MEM_EVENT_FREE, start, n * msl.page_size)
-                        self._tell_secondaries()
+                        iovas = {s: i for s, i, _, _ in _ext.segs(self.window, msl.index)}
+                        # views may still pin them while FREE callbacks run
+                        _ext.msl_releasing(self.window, msl.index, first, n)
+                        try:
+                            for slot in range(first, first + n):
+                                with contextlib.suppress(OSError):
+                                    _ext.msl_clear_page(self.window, msl.index, slot)
+                            # callbacks hear FREE while the pages still exist
+                            with self._map_lock:
+                                self._mem_event(MEM_EVENT_FREE, start, n * msl.page_size)
+                            self._tell_secondaries()
+                        finally:
+                            _ext.msl_releasing(self.window, msl.index, 0, 0)
+                        if _overlaps(self._pins(), start, n * msl.page_size):
+                            # a view still holds them (made by a callback, or made
+                            # meanwhile and it saw them releasing): keep them, for
+                            # a later release
+                            for slot in range(first, first + n):
+                                _ext.msl_set_page(
+                                    self.window, msl.index, slot, iovas[slot], msl.socket_id, 0
+                                )
+                            _ext.heap_add_memory(self.window, heap, start, n * msl.page_size, True)
+                            with self._map_lock:  # they heard FREE: now they are back
+                                self._mem_event(MEM_EVENT_ALLOC, start, n * msl.page_size)
+                            self._tell_secondaries()
+                            break
                         self._free_in_list(msl, first, n)
                 finally:
                     _ext.heap_unlock(self.window, heap)
         return None
 
-    def _releasable_run(self, msl: MemsegList, off: int, length: int) -> tuple[int, int] | None:
-        """The longest run of non-preallocated pages of `msl` inside [off, +length)."""
+    def _pins(self) -> list[tuple[int, int]]:
+        """Window offset ranges that views pin: every process slot's row, and
+        those of detached secondaries that still live.  Read after the used bits
+        were cleared, it also sees a view made meanwhile (ext/pins.c)."""
+        for key in [k for k in self.detached_pins if not process_alive(*k)]:
+            del self.detached_pins[key]
+        pins = _ext.pin_ranges(self.window)
+        for ranges in self.detached_pins.values():
+            pins.extend(ranges)
+        return pins
+
+    def _releasable_run(
+        self, msl: MemsegList, off: int, length: int, pins: Sequence[tuple[int, int]] = ()
+    ) -> tuple[int, int] | None:
+        """The longest run of non-preallocated pages of `msl` inside [off, +length)
+        that no view `pins` (window offset ranges)."""
         lo, hi = msl.base_offset, msl.base_offset + msl.capacity * msl.page_size
         if not (lo <= off < hi):
             return None
@@ -229,7 +272,12 @@ class PrimaryGrowth(Memory):
         best: tuple[int, int] | None = None
         start = None
         for s in [*range(first, first + count), None]:
-            ok = s is not None and s in segs and not segs[s] & _ext.SEG_F_PREALLOC
+            ok = (
+                s is not None
+                and s in segs
+                and not segs[s] & _ext.SEG_F_PREALLOC
+                and not _overlaps(pins, lo + s * msl.page_size, msl.page_size)
+            )
             if ok and start is None:
                 start = s
             elif not ok and start is not None:

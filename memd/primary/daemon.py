@@ -109,9 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=HUGE_UNLINK_MODES,
         help="existing (default): a dead primary's page files are removed and pages made "
         "afresh; always (or no value): page files are also unlinked right after mapping, "
-        "so none is left behind (secondaries cannot attach); never: page files are kept "
+        "so none is left behind (secondaries get them over the fd socket); never: page "
+        "files are kept "
         "(also at exit, still holding their hugepages) and reused by the next run, old "
         "data included (zmalloc clears it)",
+    )
+    p.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="no page files at all: memory lists are memfds (hugetlb ones, or plain with "
+        "--no-huge) that secondaries get over the fd socket, so no crash can leave "
+        "page files behind",
     )
     p.add_argument(
         "--single-file-segments",
@@ -267,6 +275,11 @@ def _check_combinations(args: argparse.Namespace, parser: argparse.ArgumentParse
         )
     if args.no_huge and args.huge_unlink == "always":
         parser.error("--huge-unlink cannot be used with --no-huge (there are no hugepage files)")
+    if args.in_memory and (args.legacy_mem or args.huge_unlink == "never"):
+        parser.error(
+            "--in-memory cannot be used with --legacy-mem or --huge-unlink=never "
+            "(they need page files)"
+        )
     if args.socket_mem is not None and len(args.socket_mem) > _ext.MAX_HEAPS:
         parser.error(
             f"--socket-mem has {len(args.socket_mem)} values, but memd serves at most "
@@ -306,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         no_huge=args.no_huge,
         legacy_mem=args.legacy_mem,
         huge_unlink=args.huge_unlink,
+        in_memory=args.in_memory,
         single_file_segments=args.single_file_segments,
         base_virtaddr=args.base_virtaddr,
         group=args.group,

@@ -102,6 +102,10 @@ class HandlersMixin(ReclaimMixin):
         if peer is None:
             return reply(msg["id"], errno.ENOENT, "not registered")
         self.server.remove_peer(peer)
+        # Views it still holds keep their pages while it lives (its slot goes now)
+        pins = _ext.pin_ranges(self.window, peer.slot)
+        if pins:
+            self.detached_pins[(peer.pid, peer.start_time)] = pins
         with contextlib.suppress(OSError):
             _ext.proc_unregister(self.window, peer.slot, peer.pid)
         log.info("secondary pid %d detached from slot %d", peer.pid, peer.slot)

@@ -146,6 +146,7 @@ class MemallocMixin(PrimaryState):
             (_ext.CFG_F_NO_HUGE if opts.no_huge else 0)
             | (_ext.CFG_F_LEGACY if opts.legacy_mem else 0)
             | (_ext.CFG_F_HUGE_UNLINK if opts.huge_unlink == "always" else 0)
+            | (_ext.CFG_F_IN_MEMORY if opts.in_memory else 0)
             # dynamic memory: one file per memseg list (DPDK's --single-file-segments);
             # legacy memory keeps a file per page, placed by physical address
             | (0 if opts.legacy_mem else _ext.CFG_F_SINGLE_FILE)

@@ -17,10 +17,12 @@ from memd.files import ensure_dir
 from memd.hw import hugepage_info
 from memd.mp.access import AccessPolicy, resolve_group
 from memd.mp.channel import Server
+from memd.mp.fd_pass import FdServer
 from memd.mp.malloc_mp import PrimaryGrowth
 from memd.paths import (
     SHM_DIR,
     config_path,
+    fd_socket_path,
     mp_endpoint,
     mp_socket_path,
     runtime_dir,
@@ -54,6 +56,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         self._prefix_locks = {}
         self._list_fds: dict[int, int] = {}  # memseg list -> its file (single-file lists)
         self.server = None
+        self.fd_server: FdServer | None = None
         self._gid = self._group_id(opts.group)
         self._mode = 0o660 if self._gid is not None else 0o600
         self._dir_mode = 0o750 if self._gid is not None else 0o700
@@ -61,6 +64,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         self.pages.gid = self._gid
         self._expand_lock = threading.RLock()
         self.reclaims = deque(maxlen=64)
+        self.detached_pins = {}
         try:
             self._init()
         except BaseException:
@@ -86,6 +90,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         for i, p in enumerate(plans):
             self.pages.set_dir(i, p.dir or SHM_DIR)
         self.pages.reuse = self.options.huge_unlink == "never"
+        self.pages.in_memory = self.options.in_memory
         dir_locks: list[int] = []
         try:
             self._claim_page_dirs(page_sizes, dir_locks)
@@ -108,6 +113,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
     def _start_server(self) -> None:
         start = proc_start_time(os.getpid()) or 0
         _ext.proc_register(self.window, os.getpid(), start, _ext.PROC_PRIMARY, comm(), 0)
+        self.window.pin_as(0)  # our own views pin pages too
         sockdir = socket_dir(self.prefix, self.rundir)
         # group members may enter and connect, never create: the socket is ours alone
         ensure_dir(sockdir.parent, 0o711 if self._gid is not None else 0o700, shared=True)
@@ -123,9 +129,20 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
             AccessPolicy(gid=self._gid),
         )
         self.server.on_death = self._reclaim
-        if self._gid is not None:
-            os.chown(mp_socket_path(self.prefix, self.rundir), -1, self._gid)
-        os.chmod(mp_socket_path(self.prefix, self.rundir), self._mode)
+        sockets = [mp_socket_path(self.prefix, self.rundir)]
+        if self.single_file and (self.options.in_memory or self.options.huge_unlink == "always"):
+            # the list files have no name: registered secondaries get their fds
+            self.fd_server = FdServer(
+                fd_socket_path(self.prefix, self.rundir),
+                lambda: dict(self._list_fds),
+                self._is_peer,
+                AccessPolicy(gid=self._gid),
+            )
+            sockets.append(self.fd_server.path)
+        for path in sockets:
+            if self._gid is not None:
+                os.chown(path, -1, self._gid)
+            os.chmod(path, self._mode)
         _ext.config_publish(self.window)  # magic last: secondaries may attach now
         log.info(
             "ready: prefix %s, %d memseg lists, %s MiB mapped, iova %s",
@@ -134,6 +151,16 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
             self.info()["mapped_bytes"] >> 20,
             "PA" if self.iova_mode == _ext.IOVA_PA else "VA",
         )
+
+    def _is_peer(self, pid: int) -> bool:
+        """pid registered as a secondary (called from the fd server's thread)."""
+        for _ in range(3):
+            try:
+                server = self.server
+                return server is not None and any(p.pid == pid for p in list(server.peers.values()))
+            except RuntimeError:  # the dict changed under us: look again
+                continue
+        return False
 
     # --- running -------------------------------------------------------------------
 
@@ -173,6 +200,9 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
 
     def _teardown(self, remove_files: bool) -> None:
         self._closed = True
+        if self.fd_server is not None:
+            self.fd_server.close()
+            self.fd_server = None
         if self.server is not None:
             self.server.close()
             self.server = None

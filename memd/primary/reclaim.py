@@ -72,8 +72,12 @@ class ReclaimMixin(PrimaryState):
             record.update(self._held_by(peer.pid))
         except Exception:
             log.exception("counting what pid %d still held failed", peer.pid)
+        pinned = bool(_ext.pin_ranges(self.window, peer.slot))
         with contextlib.suppress(OSError):
-            _ext.proc_unregister(self.window, peer.slot, peer.pid)
+            _ext.proc_unregister(self.window, peer.slot, peer.pid)  # drops its pins
+        record["pins_dropped"] = pinned
+        if pinned:
+            self._release_unpinned()
         self.reclaims.append(record)
         log.warning(
             "secondary pid %d (slot %d) died; reclaimed: %s",
@@ -81,6 +85,19 @@ class ReclaimMixin(PrimaryState):
             peer.slot,
             {k: v for k, v in record.items() if k not in ("pid", "slot", "time")},
         )
+
+    def _release_unpinned(self) -> None:
+        """Give back the free pages a dead process's views kept (its pins are
+        gone), waiting briefly for each heap lock as the rest of reclaim does."""
+        bound = _ext.heap_lock_wait(RECLAIM_LOCK_WAIT)
+        try:
+            for heap in self.heap_ids():
+                try:
+                    self._release_pages(heap)
+                except (MemdError, OSError) as e:
+                    log.warning("releasing heap %d's unpinned pages failed: %s", heap, e)
+        finally:
+            _ext.heap_lock_wait(bound)
 
     def _held_by(self, pid: int) -> dict[str, Any]:
         """What a dead process still holds: objects out of mempools it took, heap

@@ -53,6 +53,8 @@ class Options:
     legacy_mem: bool = False
     #: ``--huge-unlink``: one of ``HUGE_UNLINK_MODES`` (existing, always, never)
     huge_unlink: str = "existing"
+    #: ``--in-memory``: list files are memfds (no files at all; secondaries get fds)
+    in_memory: bool = False
     #: ``--single-file-segments``: accepted for DPDK compatibility
     single_file_segments: bool = False
     #: ``--base-virtaddr``: where to reserve the window (0: anywhere; a multiple of 1 GiB)
@@ -87,3 +89,6 @@ class PrimaryState(Memory):
     _list_fds: dict[int, int]  # memseg list -> its file (single-file lists)
     _expand_lock: threading.RLock
     reclaims: deque[dict[str, Any]]  # dead secondaries, newest last
+    # pins of secondaries that detached with views still alive: (pid, start time)
+    # -> window offset ranges; kept until the process exits
+    detached_pins: dict[tuple[int, int], list[tuple[int, int]]]

@@ -29,7 +29,7 @@ from memd.shm import objects, refs
 from memd.shm.config import SOCKET_ID_ANY, Header, MemsegList, header, memseg_lists, processes
 from memd.shm.heap import HeapMixin
 from memd.shm.mempool import Mempool, MempoolMixin
-from memd.shm.pages import PageStore
+from memd.shm.pages import PageStore, check_list_fd
 from memd.shm.ring import Ring, RingMixin
 
 # DPDK's memzone flags (rte_memzone.h names and values).  A page-size flag (any of
@@ -261,22 +261,33 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         self.window.unmap(msl.base_offset + slot * msl.page_size, msl.page_size)
         self._mapped.get(msl.index, set()).discard(slot)
 
-    def _map_lists(self, create: bool) -> dict[int, int]:
+    def _map_lists(self, create: bool, handed: dict[int, int] | None = None) -> dict[int, int]:
         """Map each memseg list's file whole, MAP_NORESERVE, at the list's offset:
         pages then come and go inside the files (fallocate, punched holes), seen by
         every process through the same mappings, with nothing to map or sync.  A
         hole faults with SIGBUS rather than allocating a page behind the primary's
         back (userfaultfd, where the kernel allows it).  `create`: the primary
         makes the files; returns their fds (a secondary's are closed: the mapping
-        keeps the file and its lock)."""
+        keeps the file and its lock).  `handed`: the fds the primary passed over
+        the fd socket (unlinked files, memfds), index -> fd, checked here and
+        closed (all of them, whatever happens)."""
         fds: dict[int, int] = {}
         try:
             for msl in memseg_lists(self.window):
                 if not 0 < msl.capacity <= _ext.MAX_PAGES_PER_LIST:
                     raise MemdError(f"memseg list {msl.index} has a bad capacity {msl.capacity}")
-                fd = self.pages.create_list(msl) if create else self.pages.open_list(msl)
-                fds[msl.index] = fd
                 length = msl.capacity * msl.page_size
+                if handed is not None:
+                    fd = handed.pop(msl.index, -1)
+                    if fd < 0:
+                        raise MemdError(f"the primary handed over no file for list {msl.index}")
+                    fds[msl.index] = fd
+                    huge = self.pages.dirs.get(msl.index) != SHM_DIR
+                    check_list_fd(fd, self.pages.owner, length, msl.page_size, huge)
+                elif create:
+                    fd = fds[msl.index] = self.pages.create_list(msl)
+                else:
+                    fd = fds[msl.index] = self.pages.open_list(msl)
                 self.window.map_fd(msl.base_offset, length, fd, noreserve=True)
                 try:
                     self.window.guard(msl.base_offset, length)
@@ -293,6 +304,9 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             for fd in fds.values():
                 os.close(fd)
             raise
+        finally:
+            for fd in (handed or {}).values():  # handed over but not ours to map
+                os.close(fd)
         if not create:
             for fd in fds.values():
                 os.close(fd)

@@ -67,6 +67,8 @@ class PageStore:
         # --huge-unlink=never: page files outlive their pages and the primary, and a
         # new page reuses the file a previous run left (its old data included)
         self.reuse = False
+        # --in-memory: list files are memfds (no name, nothing left by a crash)
+        self.in_memory = False
 
     def set_dir(self, index: int, directory: str) -> None:
         """Page files of memseg list `index` live in `directory` (SHM_DIR for shm)."""
@@ -143,8 +145,10 @@ class PageStore:
         list and holding no page yet, locked shared; returns an fd.  With ``reuse``,
         a file of that size a previous run left is taken (raises OSError EBUSY if a
         process still maps it)."""
-        path = self.list_path(msl)
         size = msl.capacity * msl.page_size
+        if self.in_memory:
+            return self._create_memfd(msl, size)
+        path = self.list_path(msl)
         try:
             fd = create_file(path, self.mode, self.gid, size=size)
         except FileExistsError:
@@ -159,6 +163,26 @@ class PageStore:
                     errno.EBUSY, f"{path} is still mapped by another process", path
                 ) from None
         fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+
+    def _create_memfd(self, msl: MemsegList, size: int) -> int:
+        """--in-memory (DPDK's name): the list's file is a memfd, hugetlb-backed with
+        pages of the list's size unless the list is shm (--no-huge).  It has no
+        name, so no crash can leave it behind; secondaries get it over the fd
+        socket (memd/mp/fd_pass.py)."""
+        flags = os.MFD_CLOEXEC
+        if self.dirs.get(msl.index) != SHM_DIR:
+            shift = msl.page_size.bit_length() - 1
+            flags |= os.MFD_HUGETLB | (shift << os.MFD_HUGE_SHIFT)
+        fd = os.memfd_create(f"{self.prefix}map_{msl.index}", flags)
+        try:
+            os.ftruncate(fd, size)
+            if self.gid is not None:
+                os.fchown(fd, -1, self.gid)
+            os.fchmod(fd, self.mode)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def open_list(self, msl: MemsegList) -> int:
@@ -179,8 +203,8 @@ class PageStore:
         return fd
 
     def remove_list(self, msl: MemsegList) -> None:
-        """Unlink the list's file (kept with ``reuse``)."""
-        if self.reuse:
+        """Unlink the list's file (kept with ``reuse``; a memfd has none)."""
+        if self.reuse or self.in_memory:
             return
         with contextlib.suppress(FileNotFoundError, KeyError):
             os.unlink(self.list_path(msl))
@@ -503,6 +527,7 @@ __all__ = [
     "PageStore",
     "PrefixInUse",
     "UnsafePath",
+    "check_list_fd",
     "clean_all",
     "clean_stale",
     "lock_prefix",
@@ -511,3 +536,21 @@ __all__ = [
     "remove_own_stale",
     "unlock_prefix",
 ]
+
+
+def check_list_fd(fd: int, owner: int, size: int, page_size: int, huge: bool) -> None:
+    """A handed-over list file must be a regular file (hugetlbfs, tmpfs or a memfd)
+    of the daemon's uid, as long as the list, with hugepages of the list's page
+    size when `huge`.  Raises UnsafePath otherwise."""
+    st = os.fstat(fd)
+    why = None
+    if not stat.S_ISREG(st.st_mode):
+        why = "is not a regular file"
+    elif st.st_uid != owner:
+        why = f"belongs to uid {st.st_uid}, not the daemon's {owner}"
+    elif st.st_size != size:
+        why = f"is {st.st_size} bytes, not the list's {size}"
+    elif huge and st.st_blksize != page_size:
+        why = f"has {st.st_blksize}-byte pages, not {page_size}"
+    if why:
+        raise UnsafePath(f"a page file the primary handed over {why}: not mapping it")

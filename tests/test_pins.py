@@ -1,0 +1,259 @@
+"""Views keep their pages (ext/pins.c, "view pins" in ext/memd_layout.h): a page
+under a live view (`.buf`, `mem.view()`, a NumPy array over one) of any process
+is not given back, so a view kept past a `free` never faults and no page exists
+that the primary does not account for; a dead process's pins go with its slot."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+from memd import _ext
+from memd.testing import Daemon, DrivenSecondary, pages_held
+
+MiB = 1 << 20
+
+
+def used_slots(d: Daemon) -> int:
+    with d.attach() as mem:
+        return len(mem.memsegs())
+
+
+def accounted(d: Daemon) -> tuple[int, int]:
+    """(pages the instance's files hold, slots marked used): the first may never
+    exceed the second (no page the primary does not know of)."""
+    return pages_held(d.prefix), used_slots(d)
+
+
+def under_view_used(d: Daemon, off: int, size: int) -> bool:
+    """Every page under [off, +size) is in use (holds a page the primary counts)."""
+    with d.attach() as mem:
+        pages = [(m["offset"], m["offset"] + m["length"]) for m in mem.memsegs()]
+    covered = sum(
+        min(hi, off + size) - max(lo, off) for lo, hi in pages if lo < off + size and off < hi
+    )
+    return covered == size
+
+
+def wait_for(cond: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+PATTERN = "bytes(range(256)) * 4"
+
+
+def test_a_view_kept_past_free_keeps_its_pages_in_the_freeing_process(
+    daemon_factory,
+) -> None:
+    d = daemon_factory("-m", "4")
+    a = DrivenSecondary(d)
+    try:
+        off, size = a(
+            "import numpy as np\n"
+            "blk = mem.malloc(40 << 20)\n"
+            f"blk.buf[:1024] = {PATTERN}\n"
+            f"blk.buf[-1024:] = {PATTERN}\n"
+            "v = blk.buf\n"
+            "arr = np.frombuffer(mem.view(blk.offset, blk.size), dtype=np.uint8)\n"
+            "res = [blk.offset, blk.size]"
+        )
+        a("mem.free(blk)\nmem._release_pages(blk.heap)")
+        held, used = accounted(d)
+        assert held <= used and under_view_used(d, off, size), (held, used)
+        # neither view faults: the pages are there, with what was written
+        assert a(f"res = bytes(v[-1024:]) == {PATTERN} and bytes(arr[:1024]) == {PATTERN}")
+        a("v.release()\nmem._release_pages(0)")
+        held, used = accounted(d)
+        assert held <= used and under_view_used(d, off, size), (held, used)  # arr pins them
+        assert a(f"res = bytes(arr[-1024:]) == {PATTERN}")
+        a("del arr\nimport gc; gc.collect()\nmem._release_pages(0)")
+        held, used = accounted(d)
+        assert held == used == 2, (held, used)  # only -m 4's preallocated pages stay
+        a("from memd import _ext\n_ext.heap_check(mem.window, 0)")
+    finally:
+        a.finish()
+    assert d.proc.poll() is None
+
+
+def test_a_view_in_another_process_keeps_the_pages_a_free_elsewhere_would_release(
+    daemon_factory,
+) -> None:
+    d = daemon_factory("-m", "4")
+    a, b = DrivenSecondary(d), DrivenSecondary(d)
+    try:
+        off, size = a(
+            f"blk = mem.malloc(40 << 20)\nblk.buf[-1024:] = {PATTERN}\nres = [blk.offset, blk.size]"
+        )
+        b(f"v = mem.view({off}, {size})")
+        assert b("from memd import _ext\nres = _ext.pin_ranges(mem.window, mem.proc_slot)")
+        a("mem.free(blk)\nmem._release_pages(blk.heap)")
+        held, used = accounted(d)
+        assert held <= used and under_view_used(d, off, size), (held, used)
+        assert b(f"res = bytes(v[-1024:]) == {PATTERN}")  # no fault, the data is there
+        b("v[:4] = b'abcd'\nres = None")  # writable too: still accounted for
+        assert pages_held(d.prefix) <= used_slots(d)
+        b("v.release()")
+        a("mem._release_pages(0)")
+        held, used = accounted(d)
+        assert held == used == 2, (held, used)
+    finally:
+        a.finish()
+        b.finish()
+
+
+def test_a_dead_processs_pins_are_dropped_and_its_pages_released(daemon_factory) -> None:
+    d = daemon_factory("-m", "4")
+    a, b = DrivenSecondary(d), DrivenSecondary(d)
+    try:
+        off, size = a("blk = mem.malloc(40 << 20)\nres = [blk.offset, blk.size]")
+        b(f"v = mem.view({off}, {size})")
+        a("mem.free(blk)\nmem._release_pages(blk.heap)")
+        assert under_view_used(d, off, size)
+        b.proc.send_signal(signal.SIGKILL)
+        assert b.proc.wait(timeout=10) == -signal.SIGKILL
+        # reclaim drops its pins and gives the pages back, nobody else asking
+        assert wait_for(lambda: accounted(d) == (2, 2)), accounted(d)
+        with d.attach() as mem:
+            assert _ext.pin_ranges(mem.window) == [] or all(
+                hi <= _ext.CONFIG_SIZE for _, hi in _ext.pin_ranges(mem.window)
+            )
+    finally:
+        a.finish()
+    assert d.proc.poll() is None
+
+
+def test_pins_count_views_and_overflow_pins_everything(daemon_factory) -> None:
+    """Views of one range share an entry; past the row's entries, a view pins
+    every page (conservative) until it goes; a view of a page given back is
+    refused with BufferError instead of faulting later."""
+    d = daemon_factory("-m", "4")
+    a = DrivenSecondary(d)
+    try:
+        res = a(
+            "from memd import _ext\n"
+            "slot = mem.proc_slot\n"
+            "blk = mem.malloc(8 << 20)\n"
+            "vs = [blk.buf for _ in range(5)]\n"
+            "one = _ext.pin_ranges(mem.window, slot)\n"
+            "del vs\n"
+            "res = [one, _ext.pin_ranges(mem.window, slot)]"
+        )
+        assert len(res[0]) == 1 and res[1] == [], res
+        n = _ext.PINS_PER_PROC + 3
+        res = a(
+            f"blks = [mem.malloc(3 << 20) for _ in range({n})]\n"
+            "vs = [b.buf for b in blks]\n"
+            "full = _ext.pin_ranges(mem.window, slot)\n"
+            "del vs\n"
+            "res = [full, _ext.pin_ranges(mem.window, slot)]\n"
+            "for b in blks: mem.free(b)"
+        )
+        assert [0, mem_size := res[0][0][1]] in res[0] and mem_size > 0, res[0][:2]
+        assert res[1] == [], res[1]
+        # a Block object whose memory was freed and given back by another process
+        off = a("blk2 = mem.malloc(40 << 20)\nres = blk2.offset + (20 << 20)")
+        b = DrivenSecondary(d)
+        try:
+            a("mem.free(blk2)\nmem._release_pages(0)")
+            assert not under_view_used(d, off, 4096)
+            # the raw window view (no Python-side check) refuses it too: the page
+            # is not readable (a hole), or, if it were, its exporter sees it unused
+            res = b(
+                "from memd.errors import MemdValueError\n"
+                f"try:\n    mem.window.view({off}, 4096)\n    res = 'made'\n"
+                "except (BufferError, MemdValueError) as e:\n    res = str(e)"
+            )
+            assert "no longer in use" in res or "not mapped" in res, res
+        finally:
+            b.finish()
+    finally:
+        a.finish()
+
+
+def test_a_view_kept_past_detach_keeps_its_pages_while_its_process_lives(
+    daemon_factory,
+) -> None:
+    d = daemon_factory("-m", "4")
+    a, b = DrivenSecondary(d), DrivenSecondary(d)
+    try:
+        off, size = a(
+            f"blk = mem.malloc(40 << 20)\nblk.buf[-1024:] = {PATTERN}\nres = [blk.offset, blk.size]"
+        )
+        b(f"v = mem.view({off}, {size})\nmem.detach()")
+        a("mem.free(blk)\nmem._release_pages(blk.heap)")
+        held, used = accounted(d)
+        assert held <= used and under_view_used(d, off, size), (held, used)
+        assert b(f"res = bytes(v[-1024:]) == {PATTERN}")  # no fault after detach either
+        assert b.proc.stdin is not None
+        b.proc.stdin.close()
+        assert b.proc.wait(timeout=30) == 0
+        a("mem._release_pages(0)")
+        held, used = accounted(d)
+        assert held == used == 2, (held, used)
+    finally:
+        a.finish()
+
+
+def test_a_forked_child_leaves_its_parents_pins_alone(daemon_factory) -> None:
+    """The rows are the parent's: a child cannot make views through the inherited
+    attachment (it is dead there), and the views it inherited, released in the
+    child, do not unpin the parent's."""
+    d = daemon_factory("-m", "4")
+    a = DrivenSecondary(d)
+    try:
+        before, after, child_rc = a(
+            "import os\n"
+            "from memd import _ext\n"
+            "blk = mem.malloc(8 << 20)\n"
+            "v = blk.buf\n"
+            "before = _ext.pin_ranges(mem.window, mem.proc_slot)\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    code = 1\n"
+            "    try:\n"
+            "        blk.buf\n"  # the child's copy of the attachment is dead
+            "    except Exception as e:\n"
+            "        code = 0 if 'fork()' in str(e) else 2\n"
+            "    v.release()\n"
+            "    os._exit(code)\n"
+            "_, status = os.waitpid(pid, 0)\n"
+            "res = [before, _ext.pin_ranges(mem.window, mem.proc_slot), status]"
+        )
+        assert before and after == before and child_rc == 0, (before, after, child_rc)
+    finally:
+        a.finish()
+
+
+def test_a_view_a_free_callback_keeps_keeps_the_pages(daemon_factory) -> None:
+    """Memory event callbacks hear FREE while the pages still exist and may view
+    them; a view they keep keeps the pages (the release puts them back)."""
+    d = daemon_factory("-m", "4")
+    watcher, grower = DrivenSecondary(d), DrivenSecondary(d)
+    try:
+        watcher(
+            "kept = []\n"
+            "def on_event(event, offset, length):\n"
+            "    if event == mc.MEM_EVENT_FREE:\n"
+            "        kept.append((offset, mem.view(offset, length)))\n"
+            "mem.mem_event_callback_register('keep', on_event)"
+        )
+        grower("blk = mem.malloc(40 << 20)\nmem.free(blk)\nmem._release_pages(blk.heap)")
+        kept = watcher("res = [[o, len(v)] for o, v in kept]")
+        assert kept, "no FREE event"
+        for off, size in kept:
+            assert under_view_used(d, off, size), (off, size)
+        held, used = accounted(d)
+        assert held <= used, (held, used)
+        assert watcher("res = all(bytes(v[-1:]) is not None for _, v in kept)")  # no fault
+        watcher("kept.clear()\nmem.mem_event_callback_unregister('keep')")
+        grower("mem._release_pages(0)")
+        assert accounted(d) == (2, 2)
+    finally:
+        watcher.finish()
+        grower.finish()
