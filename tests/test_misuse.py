@@ -1079,6 +1079,7 @@ print("WON", won, flush=True)
 """
 
 
+@pytest.mark.slow  # rounds of three processes spinning on 2 CPUs: about a minute
 @pytest.mark.parametrize("how", ["put", "put_bulk"])
 def test_two_processes_putting_one_object_at_once_put_it_once(daemon_factory, how) -> None:
     """Three processes put the same objects at the same moment, round after round
