@@ -188,3 +188,22 @@ def test_get_async_woken_by_a_put_in_another_process(daemon) -> None:
 
         assert asyncio.run(main()) == obj.handle
         assert pool.in_use_count() == 1
+
+
+def test_empty_bulk_and_burst_return_at_once(daemon) -> None:
+    """Nothing asked for is done at once, as the blocking forms are (they used to
+    wait forever for a result that is never truthy)."""
+    with daemon.attach() as mem:
+        ring = mem.ring_create("empty_asks", 64)
+        ring.enqueue(1)
+
+        async def main() -> list[object]:
+            return [
+                await asyncio.wait_for(ring.dequeue_burst_async(0), 5),
+                await asyncio.wait_for(ring.dequeue_bulk_async(0), 5),
+                await asyncio.wait_for(ring.enqueue_bulk_async([]), 5),
+                await asyncio.wait_for(ring.enqueue_burst_async([]), 5),
+            ]
+
+        assert asyncio.run(main()) == [[], [], 0, 0]
+        assert ring.count == 1  # nothing moved

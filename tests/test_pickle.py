@@ -15,6 +15,7 @@ import pytest
 import memd_client as mc
 from memd.errors import MemdError, MemdValueError, StaleReference
 from memd.shm import refs
+from memd.testing import start_secondary
 
 
 def _memd_attachments(prefix: str) -> int:
@@ -170,3 +171,32 @@ def test_unlisted_ring_does_not_pickle(daemon) -> None:
         ring = mc.Ring.create(mem.window, mz.offset, 16)
         with pytest.raises(TypeError, match="listed by name"):
             pickle.dumps(ring)
+
+
+def test_a_worker_attached_before_a_restart_takes_new_references(daemon_factory) -> None:
+    """A process that attached on first use, then saw its daemon restart, drops that
+    attachment and attaches anew for a reference made after the restart (it used to
+    compare it with the dead instance and raise StaleReference, breaking the pool)."""
+    d = daemon_factory("-m", "8")
+    worker = start_secondary(
+        d,
+        """
+        import pickle
+        from memd.shm import refs
+        # then:
+        ring = pickle.loads(bytes.fromhex(sys.stdin.readline().strip()))
+        ring.enqueue(42)
+        out("ok")
+        """,
+    )
+    try:
+        d.stop()
+        d.start()
+        with d.attach() as mem:
+            ring = mem.ring_create("after", 16)
+            out_text, err = worker.communicate("go\n" + pickle.dumps(ring).hex() + "\n", 60)
+            assert worker.returncode == 0 and 'RESULT "ok"' in out_text, err
+            assert ring.dequeue() == 42
+    finally:
+        if worker.poll() is None:
+            worker.kill()

@@ -116,7 +116,7 @@ async def wait_for_op(
     if timeout is not None and not timeout >= 0:  # also NaN
         raise ValueError("timeout must be >= 0 seconds, or None to wait forever")
     result = attempt()
-    if ok(result) or timeout == 0:
+    if ok(result) or timeout == 0 or want <= 0:  # nothing asked for: done at once
         return result
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout

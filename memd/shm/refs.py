@@ -86,7 +86,10 @@ def _generation(win: _ext.Window, zone_id: int) -> int:
 def _live(mem: Memory) -> bool:
     if getattr(mem, "_pid", os.getpid()) != os.getpid():
         return False  # an attachment inherited through fork belongs to the parent
-    return not mem.window.closed  # detached
+    if mem.window.closed:  # detached
+        return False
+    alive = getattr(mem, "primary_alive", None)  # a restarted instance needs a new one
+    return alive is None or bool(alive())
 
 
 def _instance(mem: Memory) -> Instance:

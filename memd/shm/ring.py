@@ -202,7 +202,7 @@ class Ring(_ext.Ring[E]):
             raise ValueError(
                 f"a bulk of {n} entries can never fit a ring of capacity {self.capacity}"
             )
-        return max(n, 1)
+        return n  # 0: nothing asked for, done at once
 
     async def enqueue_async(self, value: Any, timeout: float | None = None) -> bool:
         """``await ring.enqueue_async(value)``: :meth:`enqueue` that waits for room
@@ -235,8 +235,9 @@ class Ring(_ext.Ring[E]):
     async def enqueue_burst_async(self, values: Any, timeout: float | None = None) -> int:
         """:meth:`enqueue_burst`, awaited: waits until at least one entry fits, then
         enqueues as many as fit; returns how many (0 on timeout)."""
+        want = min(1, self._count_of(values))  # nothing to enqueue: done at once
         return await aio.wait_for_op(
-            self, lambda: self.enqueue_burst(values), bool, True, 1, timeout
+            self, lambda: self.enqueue_burst(values), bool, True, want, timeout
         )
 
     async def dequeue_bulk_async(self, n: int, timeout: float | None = None) -> list[E]:
@@ -254,7 +255,9 @@ class Ring(_ext.Ring[E]):
         returns up to `n` entries, ``[]`` on timeout."""
         if n < 0:
             raise ValueError("n must be >= 0")
-        return await aio.wait_for_op(self, lambda: self.dequeue_burst(n), bool, False, 1, timeout)
+        return await aio.wait_for_op(
+            self, lambda: self.dequeue_burst(n), bool, False, min(1, n), timeout
+        )
 
     async def dequeue_bulk_into_async(self, buffer: Any, timeout: float | None = None) -> int:
         """:meth:`dequeue_bulk_into`, awaited: fills the whole buffer once that many
@@ -267,8 +270,9 @@ class Ring(_ext.Ring[E]):
     async def dequeue_burst_into_async(self, buffer: Any, timeout: float | None = None) -> int:
         """:meth:`dequeue_burst_into`, awaited: waits for at least one entry; returns
         how many it wrote to the buffer's head, 0 on timeout."""
+        want = min(1, self._count_of(buffer))
         return await aio.wait_for_op(
-            self, lambda: self.dequeue_burst_into(buffer), bool, False, 1, timeout
+            self, lambda: self.dequeue_burst_into(buffer), bool, False, want, timeout
         )
 
     def __repr__(self) -> str:
