@@ -185,8 +185,8 @@ PyObject *memd_raise_closed(PyObject *fallback)
 {
     PyErr_SetString(memd_error("MemdValueError", fallback),
                     "memd: this object belongs to an attachment that was detached, or "
-                    "inherited through fork() (attach() again in the child), or a closed "
-                    "window; attach() again and look it up anew");
+                    "that this process inherited when it was forked (attach() again in "
+                    "the child), or a closed window; attach() again and look it up anew");
     return NULL;
 }
 

@@ -316,7 +316,7 @@ out({"msg": msg, "parent": mem.malloc(64 << 20).size})
             timeout=60,
         )
     )
-    assert "fork()" in res["msg"] and "attach" in res["msg"], res
+    assert "forked" in res["msg"] and "attach" in res["msg"], res
     assert res["parent"] >= 64 << 20  # the parent's attachment is unharmed
 
 

@@ -219,7 +219,7 @@ def test_a_forked_child_leaves_its_parents_pins_alone(daemon_factory) -> None:
             "    try:\n"
             "        blk.buf\n"  # the child's copy of the attachment is dead
             "    except Exception as e:\n"
-            "        code = 0 if 'fork()' in str(e) else 2\n"
+            "        code = 0 if 'forked' in str(e) else 2\n"
             "    v.release()\n"
             "    os._exit(code)\n"
             "_, status = os.waitpid(pid, 0)\n"
