@@ -35,11 +35,8 @@ def _modes(mode: str) -> list[str]:
     return ["--in-memory"] + (["--huge-unlink=always"] if mode == "huge" else [])
 
 
-@pytest.fixture(params=["--in-memory", "--huge-unlink=always"])
-def nameless(request: pytest.FixtureRequest, mode: str) -> str:
-    if request.param not in _modes(mode):
-        pytest.skip(f"{request.param} is refused with --no-huge")
-    return str(request.param)
+# the valid pairs (--huge-unlink=always with --no-huge is a usage error)
+NAMELESS = [(mode, option) for mode in ("nohuge", "huge") for option in _modes(mode)]
 
 
 def stem(prefix: str) -> str:
@@ -71,6 +68,7 @@ def used_slots(d: Daemon) -> int:
         return len(mem.memsegs())
 
 
+@pytest.mark.parametrize("mode, nameless", NAMELESS, indirect=["mode"])
 def test_secondaries_attach_grow_release_and_die(daemon_factory, nameless: str) -> None:
     d = daemon_factory("-m", "4", nameless)
     assert page_files(d.prefix) == []  # nothing has a name
