@@ -490,15 +490,21 @@ static int guard_fd(void)
     return fd;
 }
 
-static PyObject *window_guard(PyObject *self, PyObject *args)
+static PyObject *window_guard(PyObject *self, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"offset", "length", "fresh", NULL};
     unsigned long long off, len;
-    if (!PyArg_ParseTuple(args, "KK", &off, &len))
+    int fresh = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KK|p", kwlist, &off, &len, &fresh))
         return NULL;
     MemdWindow *w = (MemdWindow *)self;
     char *base = memd_base_of(self);
     if (base == NULL || memd_check_range(self, off, len) < 0)
         return NULL;
+    if (fresh && w->uffd >= 0) { /* a forked child: the fd is the parent's context */
+        close(w->uffd);
+        w->uffd = -1;
+    }
     if (w->uffd < 0) {
         int fd = guard_fd();
         if (fd < 0)
@@ -618,9 +624,11 @@ static PyMethodDef window_methods[] = {
      "map_fd(offset, length, fd, file_offset=0, populate=False, readonly=False, "
      "noreserve=False) -> address"},
     {"unmap", window_unmap, METH_VARARGS, "unmap(offset, length): back to reserved PROT_NONE."},
-    {"guard", window_guard, METH_VARARGS,
-     "guard(offset, length): a fault on a hole of this mapped file range raises SIGBUS "
-     "instead of allocating a page (userfaultfd; OSError if the kernel refuses)."},
+    {"guard", (PyCFunction)(void (*)(void))window_guard, METH_VARARGS | METH_KEYWORDS,
+     "guard(offset, length, fresh=False): a fault on a hole of this mapped file range "
+     "raises SIGBUS instead of allocating a page (userfaultfd; OSError if the kernel "
+     "refuses).  fresh: a new userfaultfd (in a forked child, whose mappings lost the "
+     "parent's registration)."},
     {"view", window_view, METH_VARARGS,
      "view(offset, length) -> writable memoryview (pins its pages while it lives)."},
     {"pin_as", window_pin_as, METH_O,

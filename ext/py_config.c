@@ -107,10 +107,12 @@ static PyObject *py_msl(PyObject *Py_UNUSED(m), PyObject *args)
     if (idx >= MEMD_MAX_MEMSEG_LISTS)
         return memd_raise_errno(-EINVAL, "msl");
     const struct memd_memseg_list *l = &CFG(base)->msls[idx];
+    /* anyone may write the list: never read past its bitmap */
+    uint32_t cap = l->capacity < MEMD_MAX_PAGES_PER_LIST ? l->capacity : MEMD_MAX_PAGES_PER_LIST;
     return Py_BuildValue("(KKiIIKNy#)", (unsigned long long)l->base_offset,
-                         (unsigned long long)l->page_size, l->socket_id, l->capacity, l->n_used,
+                         (unsigned long long)l->page_size, l->socket_id, cap, l->n_used,
                          (unsigned long long)l->version, memd_text(l->dir, sizeof(l->dir)),
-                         (const char *)l->used_bitmap, (Py_ssize_t)((l->capacity + 63) / 64 * 8));
+                         (const char *)l->used_bitmap, (Py_ssize_t)((cap + 63) / 64 * 8));
 }
 
 /* segs(win, idx) -> list of (slot, iova, socket_id, flags) for used slots */
@@ -124,7 +126,8 @@ static PyObject *py_segs(PyObject *Py_UNUSED(m), PyObject *args)
         return memd_raise_errno(-EINVAL, "segs");
     const struct memd_memseg_list *l = &CFG(base)->msls[idx];
     PyObject *out = PyList_New(0);
-    for (uint32_t s = 0; out && s < l->capacity; s++) {
+    uint32_t cap = l->capacity < MEMD_MAX_PAGES_PER_LIST ? l->capacity : MEMD_MAX_PAGES_PER_LIST;
+    for (uint32_t s = 0; out && s < cap; s++) {
         if (!(l->segs[s].flags & MEMD_SEG_F_USED))
             continue;
         PyObject *t = Py_BuildValue("(IKiI)", s, (unsigned long long)l->segs[s].iova,
@@ -517,6 +520,7 @@ static const struct memd_field config_layout[] = {
     MEMD_FIELD(memd_object, offset),
     MEMD_FIELD(memd_config, memzones),
     MEMD_FIELD(memd_memzone, generation),
+    MEMD_FIELD(memd_memseg_list, capacity),
     MEMD_FIELD(memd_config, msls),
     MEMD_FIELD(memd_heap, lock),
     MEMD_FIELD(memd_lock, recoveries),

@@ -398,6 +398,16 @@ class Secondary(SecondaryGrowth):
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._cfg_fd = self._primary_fd = -1
+        # the child's mappings lost the parent's userfaultfd registration: guard the
+        # holes again, so an inherited view of a page given back faults, never allocates
+        if self.single_file and not self.window.closed:
+            fresh = True
+            for msl in self._lists:
+                try:
+                    self.window.guard(msl.base_offset, msl.capacity * msl.page_size, fresh)
+                    fresh = False
+                except OSError:
+                    break
         self.window.close()
 
     def detach(self) -> None:

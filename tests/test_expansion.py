@@ -362,3 +362,51 @@ def test_a_stray_access_to_an_unused_page_faults_and_allocates_nothing(daemon: D
     with daemon.attach() as mem:
         _ext.heap_check(mem.window, 0)
     assert daemon.proc.poll() is None
+
+
+def test_a_forked_child_is_guarded_too(daemon: Daemon) -> None:
+    """A child's mappings do not inherit the parent's userfaultfd registration: the
+    fork handler guards them again, so a stray write in the child faults instead of
+    allocating a page nobody accounts for."""
+    held = pages_held(daemon.prefix)
+    code = """
+    import ctypes
+    from memd.shm.config import memseg_lists
+    msl = memseg_lists(mem.window)[0]
+    off = msl.base_offset + (msl.capacity - 1) * msl.page_size
+    address = mem.window.address + off
+    pid = os.fork()
+    if pid == 0:
+        ctypes.c_char.from_address(address).value = b"x"
+        os._exit(0)  # not reached
+    _, status = os.waitpid(pid, 0)
+    out([os.WIFSIGNALED(status) and os.WTERMSIG(status)])
+    """
+    (sig,) = result(run_secondary(daemon, code))
+    assert sig == signal.SIGBUS
+    assert pages_held(daemon.prefix) == held
+
+
+def test_the_config_is_not_a_view_and_a_damaged_capacity_kills_nobody(daemon: Daemon) -> None:
+    """mem.view() hands out pages in use, never memd's own state; and a list capacity
+    another process rewrote (through the raw window) is clamped, not followed."""
+    code = """
+    import struct
+    from memd import _ext
+    from memd.errors import MemdValueError
+    try:
+        mem.view(0, 16)
+        out("a view of the config")
+    except MemdValueError:
+        pass
+    off, size = _ext.LAYOUT["memd_memseg_list.capacity"]
+    base = _ext.LAYOUT["memd_config.msls"][0]
+    mem.window.view(base + off, size)[:] = struct.pack("I", 0xFFFFFFFF)
+    b = mem.malloc(12 << 20)   # growth, then a release that walks the list
+    mem.free(b)
+    out("done")
+    """
+    assert result(run_secondary(daemon, code)) == "done"
+    assert daemon.proc.poll() is None  # the primary survived the release
+    with daemon.attach() as mem:
+        assert mem.heap_stats()["heap_totalsz_bytes"] > 0

@@ -374,9 +374,9 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         return mapped, unmapped
 
     def _is_mapped(self, offset: int, length: int) -> bool:
+        """[offset, +length) lies in pages in use (never the config: memd's own
+        state, which no offset a user is handed points into)."""
         end = offset + max(length, 1)
-        if offset < _ext.CONFIG_SIZE and end <= _ext.CONFIG_SIZE:
-            return True
         for msl in self._lists or memseg_lists(self.window):
             lo = msl.base_offset
             hi = lo + msl.capacity * msl.page_size
