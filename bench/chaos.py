@@ -199,7 +199,7 @@ def heap_lock_recoveries(mem: Any) -> int:
     total = 0
     for idx in mem.heap_ids():
         at = heaps_off + idx * _ext.LAYOUT["memd_heap"] + lock_off + rec_off
-        total += int.from_bytes(mem.view(at, rec_size), "little")
+        total += int.from_bytes(mem.window.view(at, rec_size), "little")
     return total
 
 
