@@ -139,9 +139,11 @@ class PrimaryGrowth(Memory):
         contig: bool,
         page_sizes: Sequence[int] = (),
     ) -> None:
-        """Map enough new pages for `size` into `heap`, tell every secondary to map
-        them, and only then let anyone allocate from them (the heap lock is held
-        throughout).  Raises MemoryError when no pages can be had."""
+        """Allocate enough new pages for `size` in one of `heap`'s memseg list files
+        (of one of `page_sizes`, if given), run the memory event callbacks (waiting
+        only for secondaries that registered some), then add the pages to the heap;
+        the heap lock is held throughout.  Raises MemoryError when no pages can be
+        had."""
         if self.options.legacy_mem:
             raise MemdMemoryError(
                 "memd runs with --legacy-mem: all memory was mapped at "
