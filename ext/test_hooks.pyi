@@ -1,0 +1,13 @@
+"""Signatures of memd._ext's test-build-only calls (MEMD_TEST_HOOKS, `make ext`).
+
+setup.py reads this beside memd/_ext.pyi to give these calls their text signatures
+(inspect.signature); it lives outside the package, so a wheel's stub never names
+calls a wheel does not have.  Same conventions as memd/_ext.pyi.
+"""
+
+from memd._ext import Window
+
+def heap_realloc(win: Window, idx: int, off: int, size: int, align: int = 0) -> int: ...
+def heap_block_size(win: Window, idx: int, off: int) -> int: ...
+def _heap_crash_after(k: int, /) -> None: ...
+def _ring_crash_after(k: int, /) -> int: ...
