@@ -56,8 +56,9 @@ int memd_check_range(PyObject *window, uint64_t off, uint64_t len);
 int memd_check_mapped(PyObject *window, uint64_t off, uint64_t len);
 
 /* 0 if the window watches no process (Window.watch) or it still runs; if it
- * has exited, raise the class registered as "primary_not_running" (else
- * ConnectionError) and return -1.  One poll() system call when watching:
+ * has exited, raise memd.errors.PrimaryNotRunning (else ConnectionError), saying
+ * "was stopped" if the config it mapped says SHUTDOWN (a clean stop), else "died",
+ * and return -1.  One poll() system call when watching:
  * for wait loops, before each sleep. */
 int memd_window_check_watch(PyObject *window);
 

@@ -48,7 +48,8 @@ PyObject *memd_error(const char *name, PyObject *fallback)
 
 int memd_window_check_watch(PyObject *window)
 {
-    int fd = ((MemdWindow *)window)->watch_fd;
+    MemdWindow *w = (MemdWindow *)window;
+    int fd = w->watch_fd;
     if (fd < 0)
         return 0;
     /* A pidfd polls readable once its process has exited.  POLLNVAL (the
@@ -56,11 +57,17 @@ int memd_window_check_watch(PyObject *window)
     struct pollfd p = {.fd = fd, .events = POLLIN, .revents = 0};
     if (poll(&p, 1, 0) <= 0 || !(p.revents & (POLLIN | POLLHUP)))
         return 0;
-    PyErr_SetString(memd_error("PrimaryNotRunning", PyExc_ConnectionError),
-                    "the memd primary died while this call was waiting: shared memory is no "
-                    "longer served. Restart memd (e.g. systemctl restart memd), then attach "
-                    "again (memd_client.attach()); do not use rings, pools or blocks of the "
-                    "old attachment");
+    /* A clean stop marks the config (at window offset 0 wherever a primary is
+     * watched) SHUTDOWN before the primary exits: one that exits without it died. */
+    const struct memd_config_header *hdr = (const struct memd_config_header *)w->base;
+    int stopped =
+        hdr != NULL && __atomic_load_n(&hdr->state, __ATOMIC_ACQUIRE) == MEMD_STATE_SHUTDOWN;
+    PyErr_Format(memd_error("PrimaryNotRunning", PyExc_ConnectionError),
+                 "the memd primary %s while this call was waiting: shared memory is no "
+                 "longer served. Restart memd (e.g. systemctl restart memd), then attach "
+                 "again (memd_client.attach()); do not use rings, pools or blocks of the "
+                 "old attachment",
+                 stopped ? "was stopped (clean shutdown)" : "died");
     return -1;
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import json
 import os
@@ -137,14 +138,23 @@ def test_restart_after_old_secondaries_detach(daemon_factory) -> None:
         assert mem2.info()["primary_pid"] == new.pid
 
 
-def test_kill9_primary_fails_a_blocked_ring_wait(daemon_factory) -> None:
-    """A secondary blocked in a ring call (timeout=None) gets PrimaryNotRunning
-    when the primary dies: attach() made its window watch the primary's pidfd."""
+@pytest.mark.parametrize("form", ["blocking", "asyncio"])
+@pytest.mark.parametrize(
+    ("sig", "said"),
+    [(signal.SIGTERM, "was stopped (clean shutdown)"), (signal.SIGKILL, "died")],
+    ids=["stopped", "killed"],
+)
+def test_a_primary_gone_fails_a_blocked_ring_wait(daemon_factory, sig, said, form) -> None:
+    """A secondary blocked in a ring call (timeout=None, or its asyncio twin) gets
+    PrimaryNotRunning when the primary goes: attach() made its window watch the
+    primary's pidfd.  The message tells a clean stop (the config says SHUTDOWN)
+    from a death."""
     d = daemon_factory("-m", "8")
     with d.attach() as mem:
         assert mem.window.watch_fd >= 0
         r = mem.ring_create("blocked", 64)
-        killer = threading.Timer(0.2, d.kill)
+        rcs: list[int] = []
+        stopper = threading.Timer(0.2, lambda: rcs.append(d.stop(sig)))
         done = threading.Event()
 
         def unblock() -> None:  # a broken watch fails the test instead of hanging it
@@ -152,13 +162,20 @@ def test_kill9_primary_fails_a_blocked_ring_wait(daemon_factory) -> None:
                 r.enqueue(1)
 
         threading.Thread(target=unblock, daemon=True).start()
-        killer.start()
+        stopper.start()
         try:
-            with pytest.raises(mc.PrimaryNotRunning):
-                r.dequeue(timeout=None)
+            with pytest.raises(mc.PrimaryNotRunning) as raised:
+                if form == "blocking":
+                    r.dequeue(timeout=None)
+                else:
+                    asyncio.run(r.dequeue_async(timeout=None))
         finally:
             done.set()
-            killer.join()
+            stopper.join()
+        assert rcs == [0 if sig == signal.SIGTERM else -signal.SIGKILL]
+        assert f"the memd primary {said} while this call was waiting" in str(raised.value)
+        other = "died" if sig == signal.SIGTERM else "stopped"
+        assert other not in str(raised.value)
     assert mem.window.watch_fd == -1  # detach stopped watching and closed the pidfd
 
 

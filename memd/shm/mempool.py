@@ -196,7 +196,8 @@ class Mempool(_ext.Mempool):
         Raises:
             PoolEmpty: no object became free within `timeout`.
             MemdValueError: the attachment was detached.
-            PrimaryNotRunning: the primary died while it waited.
+            PrimaryNotRunning: the primary stopped or died while it waited (the
+                message says which).
         """
         free = _ext.Ring(self.window, self.ring_offset)  # its ring of free objects
 

@@ -156,7 +156,8 @@ class Ring(_ext.Ring[E]):
         TypeError: an entry that is not an integer, or a buffer whose items are not
             unsigned 64-bit.
         MemdValueError: the attachment the ring came from was detached.
-        PrimaryNotRunning: while waiting, the primary died (within 100 ms).
+        PrimaryNotRunning: while waiting, the primary stopped or died (within 100 ms;
+            the message says which).
         KeyboardInterrupt: (or any exception a signal handler raises) while waiting:
             the ring is unchanged.
     """
