@@ -53,10 +53,16 @@ int memd_parse_timeout(PyObject *o, uint64_t *ns)
         return 0;
     }
     double d = PyFloat_AsDouble(o);
-    if (d == -1.0 && PyErr_Occurred())
+    if (d == -1.0 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            return -1; /* e.g. an OverflowError of a huge int */
+        PyErr_Format(PyExc_TypeError, "timeout must be a number of seconds or None, not %.100s",
+                     Py_TYPE(o)->tp_name);
         return -1;
+    }
     if (!(d >= 0.0)) { /* also NaN */
-        PyErr_SetString(PyExc_ValueError, "timeout must be >= 0 seconds, or None to wait forever");
+        PyErr_Format(memd_error("MemdValueError", PyExc_ValueError),
+                     "timeout must be >= 0 seconds, or None to wait forever (got %R)", o);
         return -1;
     }
     if (d >= 1e9) { /* ~31 years: forever */
@@ -1201,7 +1207,24 @@ static PyObject *py_ring_wait_many(PyObject *Py_UNUSED(m), PyObject *args)
     return out;
 }
 
+/* check_timeout(timeout) -> float | None: a ring call's timeout as the blocking
+ * calls take it (None: forever), raising what they raise; the asyncio twins check
+ * theirs with it, so both forms refuse a bad timeout alike. */
+static PyObject *py_check_timeout(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    uint64_t ns;
+    if (memd_parse_timeout(arg, &ns) < 0)
+        return NULL;
+    if (ns == UINT64_MAX)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble(PyFloat_AsDouble(arg)); /* a number: checked above */
+}
+
 static PyMethodDef ring_functions[] = {
+    {"check_timeout", py_check_timeout, METH_O,
+     "check_timeout(timeout) -> float | None: the timeout in seconds (None: no limit) as "
+     "every ring call takes it; TypeError for a non-number, MemdValueError for one < 0 or "
+     "NaN."},
     {"ring_wait_many", py_ring_wait_many, METH_VARARGS,
      "ring_wait_many(waits, kick_seq, timeout) -> list[int]: asyncio's waiter thread: sleep "
      "until one of [(ring, enq, seq)] or the kick futex moves, or timeout seconds; the "

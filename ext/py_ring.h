@@ -32,7 +32,8 @@ int memd_u64_from_object(PyObject *o, uint64_t *out);
 int memd_u64_buffer(PyObject *o, Py_buffer *view, int writable);
 
 /* timeout argument: absent -> 0 (don't wait), None -> UINT64_MAX (forever),
- * seconds (>= 0) -> nanoseconds.  ValueError if negative. */
+ * seconds (>= 0) -> nanoseconds.  TypeError for a non-number, MemdValueError if
+ * negative or NaN. */
 int memd_parse_timeout(PyObject *o, uint64_t *ns);
 
 /* The memd._ext.Ring type; the ring a Ring object points at (NULL + error if

@@ -207,3 +207,46 @@ def test_empty_bulk_and_burst_return_at_once(daemon) -> None:
 
         assert asyncio.run(main()) == [[], [], 0, 0]
         assert ring.count == 1  # nothing moved
+
+
+@pytest.mark.parametrize("esize", [8, 16], ids=["ints", "records"])
+def test_a_bad_timeout_raises_alike_in_every_form(daemon, esize: int) -> None:
+    """Every enqueue/dequeue call and its *_async twin refuse a bad timeout with the
+    same exception and message (TypeError for a non-number, MemdValueError for a
+    negative or NaN one), before anything moves; so does Mempool.get_async."""
+    from memd.errors import MemdValueError
+
+    with daemon.attach() as mem:
+        ring = mem.ring_create(f"aiot{esize}", 16, esize=esize)
+        pool = mem.mempool_create(f"aiotp{esize}", 4, 64)
+        one = 7 if esize == 8 else bytes(range(16))
+        out = np.zeros(2, dtype=np.uint64) if esize == 8 else bytearray(32)
+        assert ring.enqueue_bulk([one, one])
+        calls = {
+            "enqueue": (ring.enqueue, (one,)),
+            "dequeue": (ring.dequeue, ()),
+            "enqueue_bulk": (ring.enqueue_bulk, ([one],)),
+            "enqueue_burst": (ring.enqueue_burst, ([one],)),
+            "dequeue_bulk": (ring.dequeue_bulk, (1,)),
+            "dequeue_burst": (ring.dequeue_burst, (1,)),
+            "dequeue_bulk_into": (ring.dequeue_bulk_into, (out,)),
+            "dequeue_burst_into": (ring.dequeue_burst_into, (out,)),
+        }
+        for bad, cls in [("1", TypeError), (-1, MemdValueError), (float("nan"), MemdValueError)]:
+            for name, (call, args) in calls.items():
+                with pytest.raises(cls) as blocking:
+                    call(*args, timeout=bad)
+                twin = getattr(ring, f"{name}_async")
+                with pytest.raises(cls) as awaited:
+                    asyncio.run(twin(*args, timeout=bad))
+                assert type(awaited.value) is type(blocking.value), (name, bad)
+                assert str(awaited.value) == str(blocking.value), (name, bad)
+                assert "timeout must be" in str(blocking.value), (name, bad)
+            with pytest.raises(cls) as got:
+                asyncio.run(pool.get_async(timeout=bad))
+            assert str(got.value) == str(blocking.value)
+        assert ring.count == 2  # nothing moved
+        assert pool.avail_count() == 4
+        assert ring.dequeue_bulk(2) == [one, one]
+        mem.ring_free(ring)
+        mem.mempool_free(pool)

@@ -112,9 +112,9 @@ async def wait_for_op(
     """Run ``attempt()`` (a non-blocking ring call) until ``ok(result)``, waiting for
     room (`enq`) or entries on `ring` between tries, at most `timeout` seconds (None:
     no limit; 0: one try).  `want`: the fewest entries (slots) the call can use.
-    Returns the last result: not ok when the time ran out."""
-    if timeout is not None and not timeout >= 0:  # also NaN
-        raise ValueError("timeout must be >= 0 seconds, or None to wait forever")
+    Returns the last result: not ok when the time ran out.  A bad `timeout` raises
+    what the blocking calls raise (TypeError, MemdValueError), before anything moves."""
+    timeout = _ext.check_timeout(timeout)
     result = attempt()
     if ok(result) or timeout == 0 or want <= 0:  # nothing asked for: done at once
         return result

@@ -150,12 +150,13 @@ class Ring(_ext.Ring[E]):
     complete in time returns False / None / 0 / ``[]``; it never raises for that.
 
     Raises:
-        ValueError: a negative timeout; a bulk larger than the capacity with a
-            timeout; ``n < 0``.
+        ValueError: a bulk larger than the capacity with a timeout; ``n < 0``.
         OverflowError: an entry outside ``0 .. 2**64-1``.
         TypeError: an entry that is not an integer, or a buffer whose items are not
-            unsigned 64-bit.
-        MemdValueError: the attachment the ring came from was detached.
+            unsigned 64-bit; a timeout that is not a number or None.
+        MemdValueError: a negative (or NaN) timeout; the attachment the ring came
+            from was detached.  The ``*_async`` twins check ``timeout`` first, and
+            raise the same for it, before anything moves.
         PrimaryNotRunning: while waiting, the primary stopped or died (within 100 ms;
             the message says which).
         KeyboardInterrupt: (or any exception a signal handler raises) while waiting:
@@ -228,6 +229,7 @@ class Ring(_ext.Ring[E]):
         for all of `values`; returns ``len(values)``, or 0 if that did not happen in
         `timeout` seconds.  ValueError for a bulk larger than the capacity (unless
         ``timeout=0``).  Cancelling enqueues nothing."""
+        timeout = _ext.check_timeout(timeout)  # first, as the blocking call does
         want = self._bulk_want(self._count_of(values), timeout)
         return await aio.wait_for_op(
             self, lambda: self.enqueue_bulk(values), bool, True, want, timeout
@@ -246,6 +248,7 @@ class Ring(_ext.Ring[E]):
         are there; returns them, or ``[]`` on timeout.  ValueError for ``n`` larger
         than the capacity (unless ``timeout=0``) or negative.  Cancelling dequeues
         nothing."""
+        timeout = _ext.check_timeout(timeout)
         if n < 0:
             raise ValueError("n must be >= 0")
         want = self._bulk_want(n, timeout)
@@ -254,6 +257,7 @@ class Ring(_ext.Ring[E]):
     async def dequeue_burst_async(self, n: int, timeout: float | None = None) -> list[E]:
         """:meth:`dequeue_burst`, awaited: waits until at least one entry is there;
         returns up to `n` entries, ``[]`` on timeout."""
+        timeout = _ext.check_timeout(timeout)
         if n < 0:
             raise ValueError("n must be >= 0")
         return await aio.wait_for_op(
@@ -263,6 +267,7 @@ class Ring(_ext.Ring[E]):
     async def dequeue_bulk_into_async(self, buffer: Any, timeout: float | None = None) -> int:
         """:meth:`dequeue_bulk_into`, awaited: fills the whole buffer once that many
         entries are there; returns the count, 0 on timeout."""
+        timeout = _ext.check_timeout(timeout)
         want = self._bulk_want(self._count_of(buffer), timeout)
         return await aio.wait_for_op(
             self, lambda: self.dequeue_bulk_into(buffer), bool, False, want, timeout
