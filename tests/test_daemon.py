@@ -374,7 +374,21 @@ def test_huge_unlink_never_keeps_and_reuses_page_files(tmp_path, mode) -> None:
 @pytest.mark.parametrize(
     "toml, words",
     [
-        ('m = "64"', 'm = "64" (a string): expected an integer >= 0 (MB)'),
+        ('m = "64"', 'm = "64" (a string): expected an integer 0 to 32768 (MB'),
+        # ints that pass the type check but are out of range: exit 2 too, not 1 at start
+        (f"m = {10**23}", f"m = {10**23} (an integer): expected an integer 0 to 32768 (MB"),
+        (
+            f"socket-mem = [8, {10**23}]",
+            f"socket-mem = [8, {10**23}] (an array): expected an array of integers 0 to 32768",
+        ),
+        (
+            f"base-virtaddr = {1 << 64}",
+            f"base-virtaddr = {1 << 64} (an integer): expected an integer 0 to 0xffffffffffffffff",
+        ),
+        (
+            f"sync-timeout = {10**400}",
+            f"sync-timeout = {10**400} (an integer): expected a finite number >= 0 (seconds)",
+        ),
         ('no-huge = "yes"', 'no-huge = "yes" (a string): expected true or false'),
         ("socket-mem = [8, true]", "socket-mem = [8, true] (an array): expected an array of"),
         ("max-mem = -1", "max-mem = -1 (an integer): expected an integer >= 0 (MB)"),
@@ -397,6 +411,24 @@ def test_config_file_values_of_the_wrong_type_are_bad_usage(
     proc = run_memd("--runtime-dir", str(tmp_path), "--config", str(conf), timeout=30)
     assert proc.returncode == 2, proc.stderr
     assert f"--config {conf}: {words}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["-m", str(10**23)], "argument -m: must be 0 to 32768 MB"),
+        (["--socket-mem", f"8,{10**23}"], "argument --socket-mem: each size must be 0 to 32768 MB"),
+        (["--base-virtaddr", hex(1 << 64)], "argument --base-virtaddr: must be 0 to 0xffff"),
+        (["--no-huge", "-m", "16385"], "-m (m in a --config file) 16385 with --no-huge: must be"),
+    ],
+)
+def test_integer_options_out_of_range_are_bad_usage(tmp_path, args: list[str], words: str) -> None:
+    """An integer no instance can start with is exit 2 naming the option and its range
+    (-m 10**23 used to fail at start, exit 1; a --base-virtaddr past 64 bits wrapped)."""
+    proc = run_memd("--runtime-dir", str(tmp_path), *args, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert words in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -23,9 +23,33 @@ from memd._version import __version__
 from memd.errors import MemdError
 from memd.paths import DEFAULT_PREFIX
 from memd.primary import notify
+from memd.primary.memalloc import MAX_LIST_BYTES, NO_HUGE_PAGE_SIZE, list_capacity
 from memd.primary.state import HUGE_UNLINK_MODES
 
 log = logging.getLogger("memd")
+
+# -m and each --socket-mem value are preallocated in one memseg list of their socket:
+# more than the largest list (of 1 GiB pages) can never start, so it is bad usage.
+MAX_PREALLOC_MB = MAX_LIST_BYTES >> 20
+# with --no-huge, the one list of 2 MiB chunks holds less
+NO_HUGE_MAX_MB = list_capacity(NO_HUGE_PAGE_SIZE) * NO_HUGE_PAGE_SIZE >> 20
+MAX_ADDRESS = (1 << 64) - 1  # --base-virtaddr: C takes 64 bits (more used to wrap to 0)
+
+
+def _prealloc_ok(mb: int) -> bool:
+    return 0 <= mb <= MAX_PREALLOC_MB
+
+
+def _prealloc_mb(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MB, got {text!r}") from None
+    if not _prealloc_ok(value):
+        raise argparse.ArgumentTypeError(
+            f"must be 0 to {MAX_PREALLOC_MB} MB (the most one memseg list holds), got {value}"
+        )
+    return value
 
 
 def _mb_list(text: str) -> list[int]:
@@ -33,8 +57,10 @@ def _mb_list(text: str) -> list[int]:
         values = [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected MB[,MB...], got {text!r}") from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError("sizes must be >= 0")
+    if not all(_prealloc_ok(v) for v in values):
+        raise argparse.ArgumentTypeError(
+            f"each size must be 0 to {MAX_PREALLOC_MB} MB (the most one memseg list holds)"
+        )
     return values
 
 
@@ -45,6 +71,8 @@ def _address(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"expected an address like 0x100000000, got {text!r}"
         ) from None
+    if not 0 <= value <= MAX_ADDRESS:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_ADDRESS:#x}, got {text!r}")
     return value
 
 
@@ -85,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-m",
         dest="memory_mb",
-        type=_non_negative,
+        type=_prealloc_mb,
         default=None,
         help="MB to preallocate at start (kept for life; not with --socket-mem)",
     )
@@ -172,20 +200,34 @@ def _toml_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _finite_seconds(v: object) -> bool:
+    if not (_toml_int(v) or isinstance(v, float)):
+        return False
+    try:
+        return math.isfinite(v) and v >= 0  # type: ignore[arg-type, operator]
+    except OverflowError:  # an int beyond any float
+        return False
+
+
 # What each kind of option takes in a --config file, by its parser's `type`: TOML
 # values are typed, so a string where a number belongs is refused, not converted.
+# Ranges are the command line's: an int that is too large is refused here, not at start.
 _CONFIG_TYPES: dict[Any, tuple[str, Callable[[Any], bool]]] = {
     None: ("a string", lambda v: isinstance(v, str)),
     _non_negative: ("an integer >= 0 (MB)", lambda v: _toml_int(v) and v >= 0),
+    _prealloc_mb: (
+        f"an integer 0 to {MAX_PREALLOC_MB} (MB; the most one memseg list holds)",
+        lambda v: _toml_int(v) and _prealloc_ok(v),
+    ),
     _mb_list: (
-        "an array of integers >= 0 (MB per socket)",
-        lambda v: isinstance(v, list) and all(_toml_int(x) and x >= 0 for x in v),
+        f"an array of integers 0 to {MAX_PREALLOC_MB} (MB per socket)",
+        lambda v: isinstance(v, list) and all(_toml_int(x) and _prealloc_ok(x) for x in v),
     ),
-    _address: ("an integer (an address, e.g. 0x100000000)", lambda v: _toml_int(v) and v >= 0),
-    _seconds: (
-        "a finite number >= 0 (seconds)",
-        lambda v: (_toml_int(v) or isinstance(v, float)) and math.isfinite(v) and v >= 0,
+    _address: (
+        f"an integer 0 to {MAX_ADDRESS:#x} (an address, e.g. 0x100000000)",
+        lambda v: _toml_int(v) and 0 <= v <= MAX_ADDRESS,
     ),
+    _seconds: ("a finite number >= 0 (seconds)", _finite_seconds),
 }
 
 
@@ -279,6 +321,11 @@ def _check_combinations(args: argparse.Namespace, parser: argparse.ArgumentParse
         parser.error(
             "--in-memory cannot be used with --legacy-mem or --huge-unlink=never "
             "(they need page files)"
+        )
+    if args.no_huge and (args.memory_mb or 0) > NO_HUGE_MAX_MB:
+        parser.error(
+            f"-m (m in a --config file) {args.memory_mb} with --no-huge: must be 0 to "
+            f"{NO_HUGE_MAX_MB} MB (the most its one memseg list of 2 MiB chunks holds)"
         )
     if args.socket_mem is not None and len(args.socket_mem) > _ext.MAX_HEAPS:
         parser.error(

@@ -53,6 +53,12 @@ class _ListPlan:
     base_offset: int = 0
 
 
+def list_capacity(page_size: int) -> int:
+    """Pages a memseg list of `page_size` pages holds (DPDK: RTE_MAX_MEMSEG_PER_LIST,
+    and at most RTE_MAX_MEM_MB_PER_LIST of memory)."""
+    return max(1, min(_ext.MAX_PAGES_PER_LIST, MAX_LIST_BYTES // page_size))
+
+
 def _round_up(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
@@ -69,8 +75,7 @@ def plan_lists(opts: Options, info: hugepage_info.HugepageInfo | None) -> list[_
     None with --no-huge): one per page size and NUMA node, or one shm list.  Raises
     InitError or HugepageConfigError when the machine cannot give what they ask."""
     if opts.no_huge or info is None:
-        cap = min(_ext.MAX_PAGES_PER_LIST, MAX_LIST_BYTES // NO_HUGE_PAGE_SIZE)
-        return [_ListPlan(NO_HUGE_PAGE_SIZE, 0, cap, "")]
+        return [_ListPlan(NO_HUGE_PAGE_SIZE, 0, list_capacity(NO_HUGE_PAGE_SIZE), "")]
     if opts.huge_dir:
         dirs = [hugepage_info.resolve_huge_dir(opts.huge_dir, info=info)]
     else:
@@ -99,9 +104,8 @@ def plan_lists(opts: Options, info: hugepage_info.HugepageInfo | None) -> list[_
             )
     plans = []
     for hd in sorted(dirs, key=lambda d: d.page_size):
-        cap = max(1, min(_ext.MAX_PAGES_PER_LIST, MAX_LIST_BYTES // hd.page_size))
         for node in info.nodes:
-            plans.append(_ListPlan(hd.page_size, node, cap, hd.path))
+            plans.append(_ListPlan(hd.page_size, node, list_capacity(hd.page_size), hd.path))
     if len(plans) > _ext.MAX_MEMSEG_LISTS:
         plans = plans[: _ext.MAX_MEMSEG_LISTS]
     return plans
