@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 DEFAULT_PREFIX = "rte"
+# root's default, and what the system service passes (systemd/memd.service), as DPDK
+SYSTEM_RUNTIME_DIR = Path("/var/run")
 
 
 def base_runtime_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -18,7 +20,7 @@ def base_runtime_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
         # systemd may pass several colon-separated directories; the first is ours
         return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
     if os.geteuid() == 0:
-        return Path("/var/run")
+        return SYSTEM_RUNTIME_DIR
     return Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
 
 
@@ -43,6 +45,34 @@ def runtime_dir(explicit: str | os.PathLike[str] | None = None, uid: int | None 
         if (base / f"memd-{u}").is_dir():
             return base / f"memd-{u}"
     return base / f"memd-{uids[0]}"
+
+
+def find_runtime_dir(prefix: str, explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The runtime dir a client (attach, memctl) looks for instance `prefix` in:
+    `runtime_dir(explicit)`; but a user other than root, given no dir (neither
+    `explicit` nor $RUNTIME_DIRECTORY), whose own default has no such instance while
+    the system service's runtime dir has (a `--group` member on a host running the
+    unit), gets that one: any memd there is root's, as only root can write it."""
+    own = runtime_dir(explicit)
+    if explicit or os.environ.get("RUNTIME_DIRECTORY") or os.geteuid() == 0:
+        return own
+    if not _has_instance(prefix, own):
+        system = runtime_dir(SYSTEM_RUNTIME_DIR)
+        if _has_instance(prefix, system):
+            return system
+    return own
+
+
+def _has_instance(prefix: str, rundir: Path) -> bool:
+    """Whether `rundir` holds instance `prefix`'s config or admin socket directory
+    (seen even by users who may not open them: they then learn why, naming it)."""
+    try:
+        return (
+            config_path(prefix, rundir).exists()
+            or Path(telemetry_path(prefix, rundir)).parent.is_dir()
+        )
+    except OSError:
+        return False
 
 
 def config_path(prefix: str, rundir: Path) -> Path:

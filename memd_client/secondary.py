@@ -36,8 +36,14 @@ from memd.hw.hugepage_info import hugetlbfs_mounts
 from memd.mp.channel import PROTOCOL_VERSION, Channel
 from memd.mp.fd_pass import receive_list_fds
 from memd.mp.malloc_mp import SecondaryGrowth
-from memd.paths import DEFAULT_PREFIX, SHM_DIR, config_path, fd_socket_path, mp_endpoint
-from memd.paths import runtime_dir as resolve_runtime_dir
+from memd.paths import (
+    DEFAULT_PREFIX,
+    SHM_DIR,
+    config_path,
+    fd_socket_path,
+    find_runtime_dir,
+    mp_endpoint,
+)
 from memd.shm.config import comm, exited, header, proc_start_time, process_alive, watch_process
 
 log = logging.getLogger("memd_client")
@@ -481,7 +487,9 @@ def attach(
         runtime_dir: the daemon's ``--runtime-dir``; None picks the daemon's own
             default (``$RUNTIME_DIRECTORY``, ``/var/run`` as root, else
             ``$XDG_RUNTIME_DIR``, else ``/tmp``; in a directory others can write,
-            its ``memd-<uid>`` subdirectory).
+            its ``memd-<uid>`` subdirectory); a user other than root whose default
+            has no instance ``prefix`` while ``/var/run`` (the system service's)
+            has, gets that one.
         timeout: seconds to wait for a primary that is starting to become ready.
 
     Returns:
@@ -501,4 +509,4 @@ def attach(
         MemdError: the primary runs with ``--huge-unlink`` (its page files are gone),
             or its process table is full.
     """
-    return Secondary(prefix, resolve_runtime_dir(runtime_dir), timeout)
+    return Secondary(prefix, find_runtime_dir(prefix, runtime_dir), timeout)

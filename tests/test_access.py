@@ -695,3 +695,93 @@ def test_a_squatted_page_name_refuses_the_start_naming_its_owner(rundir: Path) -
         assert not Path(f"/dev/shm/{prefix}.memd-lock").exists()
     finally:
         squat.unlink(missing_ok=True)
+
+
+# --- the system service's instance, found by users other than root ---------------------
+
+SYSTEM_SCENARIO = """
+import json, os, pathlib, subprocess, sys, tempfile
+# A private mount namespace with a fresh /run: the daemon runs where the system
+# service's does (--runtime-dir /var/run), and the host's /run is never touched.
+subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "memd-test-run", "/run"], check=True)
+from memd.testing import Daemon, remove_leftover_pages
+tmp, group = sys.argv[1], sys.argv[2]
+as_member, as_outsider = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+d = Daemon(pathlib.Path(tmp), "nohuge", "-m", "2", "--group", group,
+           runtime_dir=pathlib.Path("/var/run"))
+env = {k: v for k, v in os.environ.items() if k not in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR")}
+res = {}
+def run(who, *args):
+    p = subprocess.run([*who, sys.executable, *args], env=env, capture_output=True,
+                       text=True, timeout=60, check=False)
+    return {"rc": p.returncode, "out": p.stdout, "err": p.stderr}
+d.start()
+try:
+    res["prefix"] = d.prefix
+    # no --runtime-dir, no RUNTIME_DIRECTORY: memctl and attach find /var/run's instance
+    res["member_memctl"] = run(as_member, "-m", "memd.cli.memctl", "--file-prefix", d.prefix,
+                               "--json", "status")
+    res["member_attach"] = run(as_member, "-c", (
+        "import memd_client as mc, sys\\n"
+        "with mc.attach(sys.argv[1], timeout=10) as mem:\\n"
+        "    r = mem.ring_create('sys_ring', 64)\\n"
+        "    print('RING', r.enqueue(5) and r.dequeue() == 5, mem.rundir)\\n"
+        "    mem.ring_free(r)\\n"), d.prefix)
+    res["outsider_memctl"] = run(as_outsider, "-m", "memd.cli.memctl", "--file-prefix",
+                                 d.prefix, "status")
+    res["other_prefix"] = run(as_member, "-m", "memd.cli.memctl", "--file-prefix",
+                              d.prefix + "-none", "status")
+    res["rc"] = d.stop()
+finally:
+    if d.proc is not None and d.proc.poll() is None:
+        d.stop()
+    remove_leftover_pages(d.prefix)
+print("SCENARIO " + json.dumps(res), flush=True)
+"""
+
+
+def test_a_group_member_finds_the_system_instance_without_options(tmp_path: Path) -> None:
+    """On a host running the system service (--runtime-dir /var/run), a --group
+    member that is not root runs `memctl status` and `attach(prefix)` with no
+    runtime dir: its own default ($XDG_RUNTIME_DIR, /tmp) has no such instance,
+    /var/run has.  An outsider is refused naming the /var/run path; a prefix found
+    nowhere is still looked for in the user's own default."""
+    member = as_nobody([], GROUP)
+    outsider = as_nobody([], None)
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            sys.executable,
+            "-c",
+            SYSTEM_SCENARIO,
+            str(tmp_path),
+            str(GROUP),
+            json.dumps(member),
+            json.dumps(outsider),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=ENV,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = [x for x in proc.stdout.splitlines() if x.startswith("SCENARIO ")]
+    res = json.loads(line[0].removeprefix("SCENARIO "))
+    status = res["member_memctl"]
+    assert status["rc"] == 0, status
+    shown = json.loads(status["out"])
+    assert shown["info"]["prefix"] == res["prefix"], status
+    assert shown["socket"] == f"/var/run/dpdk/{res['prefix']}/dpdk_telemetry.v2", status
+    attached = res["member_attach"]
+    assert attached["rc"] == 0, attached
+    assert attached["out"].split() == ["RING", "True", "/var/run"], attached
+    refused = res["outsider_memctl"]
+    assert refused["rc"] == 1 and "Traceback" not in refused["err"], refused
+    assert f"/var/run/dpdk/{res['prefix']}" in refused["err"], refused
+    nowhere = res["other_prefix"]
+    assert nowhere["rc"] == 1 and "/var/run" not in nowhere["err"], nowhere
+    assert res["rc"] == 0, res

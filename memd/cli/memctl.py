@@ -21,8 +21,7 @@ from typing import Any
 from memd._version import __version__
 from memd.admin.telemetry import TelemetryClient
 from memd.errors import MemdError
-from memd.paths import DEFAULT_PREFIX, telemetry_path
-from memd.paths import runtime_dir as _default_runtime_dir
+from memd.paths import DEFAULT_PREFIX, find_runtime_dir, telemetry_path
 from memd.shm.pages import clean_all
 
 __all__ = ["collect", "format_down", "format_metrics", "main", "render"]
@@ -579,7 +578,8 @@ def _parser() -> argparse.ArgumentParser:
         "--runtime-dir",
         default=None,
         help="memd's runtime directory (default: $RUNTIME_DIRECTORY, /var/run "
-        "as root, else $XDG_RUNTIME_DIR or /tmp)",
+        "as root, else $XDG_RUNTIME_DIR or /tmp, or /var/run when the instance is "
+        "there and not in those)",
     )
     p.add_argument(
         "-i",
@@ -648,7 +648,7 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         return _hugepages(args)
     prefix = args.file_prefix or DEFAULT_PREFIX
-    path = telemetry_path(prefix, _default_runtime_dir(args.runtime_dir), args.instance)
+    path = telemetry_path(prefix, find_runtime_dir(prefix, args.runtime_dir), args.instance)
     with TelemetryClient(path) as client:
         if args.command == "telemetry":
             reply = client.raw(args.cmd)
