@@ -4,11 +4,15 @@ daemon, and ends in a clean exit, never a signal or a hang."""
 
 from __future__ import annotations
 
+import collections
+import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -202,6 +206,100 @@ def test_silent_admin_connections_do_not_lock_memctl_out(daemon_factory) -> None
         time.sleep(0.5)
     for s in silent:
         s.close()
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+DPDK_TELEMETRY = "/usr/bin/dpdk-telemetry.py"
+
+
+def test_polling_admin_clients_do_not_lock_memctl_out(daemon_factory) -> None:
+    """Every admin place held by a client that asks something every half second (so
+    none is ever silent): memctl and DPDK's dpdk-telemetry.py are answered at their
+    first try, each taking the place of the client idle longest, which sees a clean
+    close (end-of-file, or EPIPE on its next send; never a reset, never a request
+    swallowed) and comes back two seconds later, as a monitoring agent would."""
+    daemon = daemon_factory("-m", "2")
+    path = telemetry_path(daemon.prefix, str(daemon.runtime_dir))
+    stop = threading.Event()
+    lock = threading.Lock()
+    seen: collections.Counter[str] = collections.Counter()
+    connected = [False] * MAX_CLIENTS
+    errors: list[str] = []
+
+    def note(what: str) -> None:
+        with lock:
+            seen[what] += 1
+
+    def poller(i: int) -> None:
+        s: socket.socket | None = None
+        while not stop.is_set():
+            try:
+                if s is None:
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    s.settimeout(30)
+                    s.connect(path)
+                    assert b"version" in s.recv(1024)
+                    connected[i] = True
+                if select.select([s], [], [], 0.5)[0]:  # nothing asked: only a close
+                    assert s.recv(65536) == b"", "an unasked packet"
+                    note("eof")
+                else:
+                    s.send(b"/eal/heap_list")
+                    reply = s.recv(65536)
+                    if reply:
+                        assert json.loads(reply) == {"/eal/heap_list": [0]}, reply
+                        note("answered")
+                        continue
+                    note("lost")  # sent, then end-of-file: a request swallowed
+            except BrokenPipeError:
+                note("epipe")  # closed before this send: refused, not swallowed
+            except Exception as e:  # a reset, a timeout, a bad reply: the test fails
+                errors.append(f"poller {i}: {e!r}")
+            connected[i] = False
+            if s is not None:
+                s.close()
+                s = None
+            stop.wait(2.0)
+
+    threads = [threading.Thread(target=poller, args=(i,), daemon=True) for i in range(MAX_CLIENTS)]
+    for t in threads:
+        t.start()
+
+    def table_full() -> None:
+        deadline = time.monotonic() + 60  # a bound, not a timing claim
+        while not all(connected):
+            assert time.monotonic() < deadline and not errors, (connected, errors)
+            time.sleep(0.05)
+
+    args = ("--file-prefix", daemon.prefix, "--runtime-dir", str(daemon.runtime_dir))
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(daemon.runtime_dir)}
+    try:
+        for _ in range(3):
+            table_full()
+            proc = run_memctl(*args, "--json", "status")  # once: no retry
+            assert proc.returncode == 0, proc.stderr
+            assert json.loads(proc.stdout)["info"]["primary_pid"] == daemon.pid
+            if os.path.exists(DPDK_TELEMETRY):
+                table_full()
+                dpdk = subprocess.run(
+                    [sys.executable, DPDK_TELEMETRY, "-f", daemon.prefix],
+                    input="/eal/heap_list\n",
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    timeout=60,
+                    check=False,
+                )
+                assert dpdk.returncode == 0, dpdk.stderr
+                assert dpdk.stdout.strip().splitlines()[-1] == '{"/eal/heap_list": [0]}'
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+    assert seen["lost"] == 0, seen
+    assert seen["eof"] + seen["epipe"] >= 3, seen  # a poller gave way to each newcomer
+    assert seen["answered"] > MAX_CLIENTS, seen
     assert daemon.proc is not None and daemon.proc.poll() is None
 
 

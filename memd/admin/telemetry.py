@@ -20,10 +20,14 @@ Protocol (DPDK lib/telemetry/telemetry.c, followed byte for byte):
 
 memd's additions, all invisible to a well-behaved DPDK client: the peer's uid/gid is
 checked with ``SO_PEERCRED`` (:mod:`memd.mp.access`) and a refused peer gets one packet
-``{"error":"..."}`` instead of the greeting, then the socket is closed; so does a
-client beyond ``max_clients`` (DPDK closes without a word). A client idle for
-``idle_timeout`` seconds (one that never sends a request: 5 s), or one that stops
-reading its replies, is disconnected.
+``{"error":"..."}`` instead of the greeting, then the socket is closed. When all
+``max_clients`` places are taken (DPDK closes a newcomer without a word), the client
+idle longest gives its place: a newcomer (``memctl``) always gets in, however busy the
+others keep it.  The client dropped is never one with a request waiting: it gets no
+more requests in (a send fails with EPIPE), those already sent are answered, then
+it reads end-of-file, a clean close.  A client idle for ``idle_timeout`` seconds (one
+that never sends a request: 5 s), or one that stops reading its replies, is
+disconnected.
 
 The server is one thread with one selector: a slow, silent or garbage-sending client
 costs a file descriptor and never blocks the others or the daemon's ZeroMQ loop.
@@ -36,6 +40,7 @@ import errno
 import json
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
@@ -61,9 +66,8 @@ log = logging.getLogger("memd.admin.telemetry")
 MAX_REQUEST = 1023  # DPDK reads into a 1024-byte buffer, keeping one byte for the NUL
 MAX_GREETING = 1024
 MAX_CLIENTS = 10  # DPDK's MAX_CONNECTIONS
-# A client that sends nothing for this long gives its place to a newcomer when all are
-# taken, and one that never sent a request at all is dropped: silent connections
-# cannot lock memctl out.
+# A client that never sent a request is dropped after this long: silent connections
+# hold no place for long (and a newcomer takes the place of the client idle longest).
 SILENT_TIMEOUT = 5.0
 MAX_INSTANCES = 64  # how many ":N" sockets to try before giving up
 
@@ -350,20 +354,36 @@ class TelemetryServer:
                 self._drop(sel, fd)
 
     def _make_room(self, sel: selectors.BaseSelector) -> bool:
-        """All places are taken: the client silent longest gives its place, if it
-        has been silent for SILENT_TIMEOUT.  True if there is room now."""
+        """All places are taken: the client idle longest gives its place, one with
+        no request waiting if there is any (polling clients must not lock memctl
+        out).  True if there is room now (False only with ``max_clients`` 0)."""
         if len(self._clients) < self.max_clients:
             return True
-        fd, c = min(self._clients.items(), key=lambda item: item[1].last)
-        if c.last > time.monotonic() - SILENT_TIMEOUT:
+        if not self._clients:
             return False
+        socks = [c.sock for c in self._clients.values()]
+        waiting = {s.fileno() for s in select.select(socks, [], [], 0)[0]}
+        fd, c = min(self._clients.items(), key=lambda item: (item[0] in waiting, item[1].last))
         log.info(
-            "admin socket: dropping pid %d, silent for %.0f s, for a new client",
+            "admin socket: closing pid %d, idle for %.1f s, to make room for a new client",
             c.cred.pid,
             time.monotonic() - c.last,
         )
-        self._drop(sel, fd)
+        self._evict(sel, fd)
         return True
+
+    def _evict(self, sel: selectors.BaseSelector, fd: int) -> None:
+        """Close client `fd` cleanly: no request is lost, it reads end-of-file.
+        SHUT_RD first makes its later sends fail (EPIPE) instead of vanishing; the
+        requests it sent before are answered; closing with none unread is no reset."""
+        c = self._clients[fd]
+        with contextlib.suppress(OSError):
+            c.sock.shutdown(socket.SHUT_RD)
+        for _ in range(64):  # what it queued before: bounded by its socket buffer
+            if fd not in self._clients or not select.select([c.sock], [], [], 0)[0]:
+                break
+            self._serve(sel, fd)
+        self._drop(sel, fd)
 
     def _accept(self, sel: selectors.BaseSelector) -> None:
         assert self._listener is not None
@@ -383,7 +403,7 @@ class TelemetryServer:
             return
         reason = self.policy.refusal(cred)
         if reason is None and not self._make_room(sel):
-            reason = f"too many admin clients (limit {self.max_clients}); try again later"
+            reason = "the admin socket takes no clients (max_clients 0)"
         if reason is not None:
             self.counters["refused"] += 1
             log.warning("admin socket: refused pid %d uid %d: %s", cred.pid, cred.uid, reason)
