@@ -10,7 +10,7 @@ One producer process and one consumer process (forked; nothing pinned), for
   MessageQueue;
 - ping-pong round trip (µs), busy-polling and blocking, and with an asyncio ping
   side (memd ``await dequeue_async()`` against asyncio + multiprocessing.Queue
-  awaited through one executor thread);
+  awaited through one executor thread), and with asyncio on both sides;
 - blocking throughput idle and with a third process spinning on one core;
 - pickling: a MempoolObject or Ring reference through pickle and a
   multiprocessing.Queue round trip, against an int handle and 1 KiB of bytes;
@@ -81,6 +81,7 @@ CHILD_LIMIT = 120.0  # seconds before a stuck peer is killed and reported
 TARGET_SECONDS = 0.4  # each throughput run aims at about this long
 SPIN = "memd ring, 5 us spin (opt-in)"
 AIO = "memd ring, asyncio dequeue_async"
+AIO_BOTH = "memd ring, asyncio on both sides"
 AIO_MPQ = "mp.Queue, asyncio executor"
 
 MP = multiprocessing.get_context("fork")
@@ -324,9 +325,12 @@ def memd_throughput(world: MemdWorld, n: int, size: int, bulk: bool) -> float:
     return n / (res[b"e"] - res[b"s"])
 
 
-def memd_rtt(world: MemdWorld, n: int, size: int, busy: bool, aio: bool = False) -> float:
+def memd_rtt(
+    world: MemdWorld, n: int, size: int, busy: bool, aio: bool = False, aio_pong: bool = False
+) -> float:
     """Median round trip in µs; the ping side is this process (with `aio`, a
-    coroutine awaiting ``dequeue_async``; the pong side blocks as usual)."""
+    coroutine awaiting ``dequeue_async``; the pong side blocks as usual, or with
+    `aio_pong` is a coroutine too: asyncio on both sides)."""
     world.reset()
     ab, ba = world.ab, world.ba
 
@@ -335,6 +339,20 @@ def memd_rtt(world: MemdWorld, n: int, size: int, busy: bool, aio: bool = False)
         pool = world.pool(2)
         views = world.views(pool) if size > 8 else {}
         payload = PAYLOAD_1K
+        if aio_pong:
+
+            async def pong_async() -> None:
+                deq_async = ab.dequeue_async
+                for _ in range(n):
+                    v = await deq_async()
+                    if size > 8:
+                        buf = views[v]
+                        buf[0]
+                        buf[:] = payload
+                    enq(v)
+
+            asyncio.run(pong_async())
+            return
         for _ in range(n):
             if busy:
                 while (v := deq()) is None:
@@ -828,6 +846,11 @@ def rtt_table(repeat: int, quick: bool) -> dict[str, Any]:
                     (size, busy),
                 )
                 measure(
+                    AIO_BOTH,
+                    lambda s=size: memd_rtt(world, n_memd // 2, s, False, aio=True, aio_pong=True),
+                    (size, busy),
+                )
+                measure(
                     AIO_MPQ,
                     lambda s=size: peer_rtt_async(MPQueue, n_peer, s),
                     (size, busy),
@@ -851,6 +874,7 @@ def rtt_table(repeat: int, quick: bool) -> dict[str, Any]:
         print(f"{name:<32} | " + " | ".join(cells))
     return {
         "aio8": rows[AIO][(8, False)],
+        "aio_both8": rows[AIO_BOTH][(8, False)],
         "aio_mpq8": rows[AIO_MPQ][(8, False)],
         "busy8": rows["memd ring"][(8, True)],
         "block8": rows["memd ring"][(8, False)],
@@ -1190,6 +1214,14 @@ def targets(
             None
             if rtt["aio8"] is None or rtt["aio_mpq8"] is None
             else rtt["aio8"] < rtt["aio_mpq8"],
+        )
+        line(
+            "asyncio on both sides round trip",
+            fmt_us(rtt["aio_both8"]),
+            "< mp.Queue asyncio",
+            None
+            if rtt["aio_both8"] is None or rtt["aio_mpq8"] is None
+            else rtt["aio_both8"] < rtt["aio_mpq8"],
         )
         line(
             "blocking round trip (opt-in 5 µs spin)",

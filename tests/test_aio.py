@@ -250,3 +250,63 @@ def test_a_bad_timeout_raises_alike_in_every_form(daemon, esize: int) -> None:
         assert ring.dequeue_bulk(2) == [one, one]
         mem.ring_free(ring)
         mem.mempool_free(pool)
+
+
+def test_asyncio_on_both_sides_ping_pong(daemon) -> None:
+    """A ping-pong with asyncio in both processes: every value comes back once, in
+    order.  The waits first sleep on the futex in the loop's own thread (the loop
+    has nothing else to run): consumer_sleeps counts them."""
+    n = 500
+    with daemon.attach() as mem:
+        ab, ba = mem.ring_create("aioab", 64), mem.ring_create("aioba", 64)
+        pong = start_secondary(
+            daemon,
+            f"""
+            import asyncio
+            ab, ba = mem.ring_lookup("aioab"), mem.ring_lookup("aioba")
+            # then:
+            async def pong() -> None:
+                for _ in range({n}):
+                    v = await ab.dequeue_async(timeout=30)
+                    assert v is not None
+                    assert await ba.enqueue_async(v + 1, timeout=30)
+            asyncio.run(pong())
+            """,
+        )
+
+        async def ping() -> list[int]:
+            loop = asyncio.get_running_loop()
+            done = loop.run_in_executor(None, finish_secondary, pong)
+            got = []
+            for i in range(n):
+                assert await ab.enqueue_async(i, timeout=30)
+                got.append(await ba.dequeue_async(timeout=30))
+            await done
+            return got
+
+        assert asyncio.run(ping()) == [i + 1 for i in range(n)]
+        assert ba.wait_stats["consumer_sleeps"] > 0  # direct waits, in this process
+        assert ab.empty() and ba.empty()
+
+
+def test_a_direct_wait_never_holds_back_a_ready_task(daemon, monkeypatch) -> None:
+    """The direct wait blocks the loop, so it is skipped while another task is ready
+    to run: here the task that will enqueue (with a 5 s direct wait, that task could
+    not run and the entry would come only after it)."""
+    from memd.shm import aio
+
+    monkeypatch.setattr(aio, "DIRECT_WAIT", 5.0)
+    with daemon.attach() as mem:
+        ring = mem.ring_create("aiord", 8)
+
+        async def producer() -> None:
+            assert ring.enqueue(7)
+
+        async def main() -> int | None:
+            waiting = asyncio.create_task(ring.dequeue_async(timeout=30))
+            ready = asyncio.create_task(producer())  # ready while `waiting` starts
+            await ready
+            return await asyncio.wait_for(waiting, 60)
+
+        assert asyncio.run(main()) == 7
+        assert ring.wait_stats["consumer_sleeps"] == 0  # no direct wait: handed over

@@ -213,7 +213,15 @@ class Ring(_ext.Ring[E]):
         full.  No thread waits per call: one waiter thread per process watches every
         wait.  Cancelling the awaiting task leaves the ring unchanged.  Raises as
         :meth:`enqueue`; PrimaryNotRunning if the primary dies while it waits."""
-        return await aio.wait_for_op(self, lambda: self.enqueue(value), bool, True, 1, timeout)
+        return await aio.wait_for_op(
+            self,
+            lambda: self.enqueue(value),
+            bool,
+            True,
+            1,
+            timeout,
+            lambda t: self.enqueue(value, timeout=t),
+        )
 
     async def dequeue_async(self, timeout: float | None = None) -> E | None:
         """``await ring.dequeue_async()``: :meth:`dequeue` that waits for an entry
@@ -222,7 +230,15 @@ class Ring(_ext.Ring[E]):
         (int, or bytes on a ring of records), None if the ring stayed empty.
         Cancelling the awaiting task dequeues nothing: no entry is lost.  Raises as
         :meth:`dequeue`; PrimaryNotRunning if the primary dies while it waits."""
-        return await aio.wait_for_op(self, self.dequeue, lambda v: v is not None, False, 1, timeout)
+        return await aio.wait_for_op(
+            self,
+            self.dequeue,
+            lambda v: v is not None,
+            False,
+            1,
+            timeout,
+            lambda t: self.dequeue(timeout=t),
+        )
 
     async def enqueue_bulk_async(self, values: Any, timeout: float | None = None) -> int:
         """:meth:`enqueue_bulk`, awaited: waits (and is woken) only until there is room
@@ -232,7 +248,13 @@ class Ring(_ext.Ring[E]):
         timeout = _ext.check_timeout(timeout)  # first, as the blocking call does
         want = self._bulk_want(self._count_of(values), timeout)
         return await aio.wait_for_op(
-            self, lambda: self.enqueue_bulk(values), bool, True, want, timeout
+            self,
+            lambda: self.enqueue_bulk(values),
+            bool,
+            True,
+            want,
+            timeout,
+            lambda t: self.enqueue_bulk(values, timeout=t),
         )
 
     async def enqueue_burst_async(self, values: Any, timeout: float | None = None) -> int:
@@ -240,7 +262,13 @@ class Ring(_ext.Ring[E]):
         enqueues as many as fit; returns how many (0 on timeout)."""
         want = min(1, self._count_of(values))  # nothing to enqueue: done at once
         return await aio.wait_for_op(
-            self, lambda: self.enqueue_burst(values), bool, True, want, timeout
+            self,
+            lambda: self.enqueue_burst(values),
+            bool,
+            True,
+            want,
+            timeout,
+            lambda t: self.enqueue_burst(values, timeout=t),
         )
 
     async def dequeue_bulk_async(self, n: int, timeout: float | None = None) -> list[E]:
@@ -252,7 +280,15 @@ class Ring(_ext.Ring[E]):
         if n < 0:
             raise ValueError("n must be >= 0")
         want = self._bulk_want(n, timeout)
-        return await aio.wait_for_op(self, lambda: self.dequeue_bulk(n), bool, False, want, timeout)
+        return await aio.wait_for_op(
+            self,
+            lambda: self.dequeue_bulk(n),
+            bool,
+            False,
+            want,
+            timeout,
+            lambda t: self.dequeue_bulk(n, timeout=t),
+        )
 
     async def dequeue_burst_async(self, n: int, timeout: float | None = None) -> list[E]:
         """:meth:`dequeue_burst`, awaited: waits until at least one entry is there;
@@ -261,7 +297,13 @@ class Ring(_ext.Ring[E]):
         if n < 0:
             raise ValueError("n must be >= 0")
         return await aio.wait_for_op(
-            self, lambda: self.dequeue_burst(n), bool, False, min(1, n), timeout
+            self,
+            lambda: self.dequeue_burst(n),
+            bool,
+            False,
+            min(1, n),
+            timeout,
+            lambda t: self.dequeue_burst(n, timeout=t),
         )
 
     async def dequeue_bulk_into_async(self, buffer: Any, timeout: float | None = None) -> int:
@@ -270,7 +312,13 @@ class Ring(_ext.Ring[E]):
         timeout = _ext.check_timeout(timeout)
         want = self._bulk_want(self._count_of(buffer), timeout)
         return await aio.wait_for_op(
-            self, lambda: self.dequeue_bulk_into(buffer), bool, False, want, timeout
+            self,
+            lambda: self.dequeue_bulk_into(buffer),
+            bool,
+            False,
+            want,
+            timeout,
+            lambda t: self.dequeue_bulk_into(buffer, timeout=t),
         )
 
     async def dequeue_burst_into_async(self, buffer: Any, timeout: float | None = None) -> int:
@@ -278,7 +326,13 @@ class Ring(_ext.Ring[E]):
         how many it wrote to the buffer's head, 0 on timeout."""
         want = min(1, self._count_of(buffer))
         return await aio.wait_for_op(
-            self, lambda: self.dequeue_burst_into(buffer), bool, False, want, timeout
+            self,
+            lambda: self.dequeue_burst_into(buffer),
+            bool,
+            False,
+            want,
+            timeout,
+            lambda t: self.dequeue_burst_into(buffer, timeout=t),
         )
 
     def __repr__(self) -> str:
