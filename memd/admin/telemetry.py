@@ -361,8 +361,7 @@ class TelemetryServer:
             return True
         if not self._clients:
             return False
-        socks = [c.sock for c in self._clients.values()]
-        waiting = {s.fileno() for s in select.select(socks, [], [], 0)[0]}
+        waiting = {fd for fd in self._clients if _readable(fd)}
         fd, c = min(self._clients.items(), key=lambda item: (item[0] in waiting, item[1].last))
         log.info(
             "admin socket: closing pid %d, idle for %.1f s, to make room for a new client",
@@ -380,7 +379,7 @@ class TelemetryServer:
         with contextlib.suppress(OSError):
             c.sock.shutdown(socket.SHUT_RD)
         for _ in range(64):  # what it queued before: bounded by its socket buffer
-            if fd not in self._clients or not select.select([c.sock], [], [], 0)[0]:
+            if fd not in self._clients or not _readable(fd):
                 break
             self._serve(sel, fd)
         self._drop(sel, fd)
@@ -476,6 +475,13 @@ class TelemetryServer:
                 self.counters["errors"] += 1
                 log.exception("admin command %s failed", cmd)
         return encode_reply(cmd, value, self.max_output_len)
+
+
+def _readable(fd: int) -> bool:
+    """A packet (or end-of-file) waits on `fd` (poll: any fd number, unlike select)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
 
 
 def _is_live(path: str) -> bool:
