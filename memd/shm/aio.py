@@ -3,9 +3,9 @@
 A coroutine that must wait first sleeps on the ring's futex in its own thread for
 at most ``DIRECT_WAIT`` (50 µs), the event loop blocked, when the loop has nothing
 else ready: a peer that answers by then wakes it directly, as it wakes a blocking
-call (a ping-pong with asyncio on both sides then costs what a blocking one does,
-not the three thread hand-offs below, about 100 µs a round trip on a 2-core host).
-Then it announces itself on the ring's futex (the same
+call, instead of through the three thread hand-offs below (asyncio on both sides of
+a ping-pong: 27.5 µs a round trip on the 2-core test VM, from about 100 µs;
+docs/performance.md).  Then it announces itself on the ring's futex (the same
 ``not_empty``/``not_full`` futex and batch-aware ``want`` the blocking calls use,
 so the other side wakes it exactly as it wakes a blocked call), retries once, and
 awaits a future.  One daemon thread per process sleeps in ``futex_waitv`` on every
