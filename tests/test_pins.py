@@ -257,3 +257,23 @@ def test_a_view_a_free_callback_keeps_keeps_the_pages(daemon_factory) -> None:
     finally:
         watcher.finish()
         grower.finish()
+
+
+def test_pages_a_view_kept_go_soon_after_the_view_without_another_free(daemon_factory) -> None:
+    """A release that found free pages pinned is retried by the primary once the
+    pins change: dropping the last view is enough, nobody has to free again."""
+    d = daemon_factory("-m", "4")
+    a, b = DrivenSecondary(d), DrivenSecondary(d)
+    try:
+        off, size = a("blk = mem.malloc(40 << 20)\nres = [blk.offset, blk.size]")
+        b(f"v = mem.view({off}, {size})")
+        a("mem.free(blk)")  # the free asks for a release itself: the view keeps them
+        held, used = accounted(d)
+        assert held <= used and under_view_used(d, off, size), (held, used)
+        b("v.release()")
+        assert wait_for(lambda: accounted(d) == (2, 2)), accounted(d)
+    finally:
+        a.finish()
+        b.finish()
+    assert d.proc.poll() is None
+

@@ -19,9 +19,10 @@
    then punched out of the file, unless preallocated (-m, --socket-mem,
    --legacy-mem, which never grows) or pinned: a view some process holds (a
    `.buf`, `mem.view()`, a NumPy array over one) pins the pages under it
-   (`ext/pins.c`), which then stay in the heap as free memory until a release
-   after the last such view is gone (or its process died: reclaim clears its
-   pins, and releases).
+   (`ext/pins.c`), which then stay in the heap as free memory; the primary's
+   serving loop releases again once the pins changed (`retry_deferred_release`:
+   the last such view went, or its process died), nobody else having to free
+   anything.
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ class PrimaryGrowth(Memory):
         server: Server | None
         _expand_lock: threading.RLock
         detached_pins: dict[tuple[int, int], list[tuple[int, int]]]
+        # heap -> the pins a release found keeping free pages (retried when they change)
+        release_deferred: dict[int, list[tuple[int, int]]]
 
         def _lists_of(self, socket_id: int) -> list[MemsegList]: ...
         def _map_new_pages(self, msl: MemsegList, n: int, prealloc: bool) -> int: ...
@@ -202,6 +205,7 @@ class PrimaryGrowth(Memory):
         if self.options.legacy_mem:
             return NEVER_RELEASE  # legacy memory is all preallocated
         with self._expand_lock:
+            self.release_deferred.pop(heap, None)
             for msl in self._lists_of(heap):
                 _ext.heap_lock(self.window, heap)
                 try:
@@ -212,8 +216,13 @@ class PrimaryGrowth(Memory):
                             )
                         except OSError:
                             break
-                        run = self._releasable_run(msl, off, length, self._pins())
+                        pins = self._pins()
+                        run = self._releasable_run(msl, off, length, pins)
                         if run is None:
+                            if self._releasable_run(msl, off, length) is not None:
+                                # views keep free pages: the serving loop retries
+                                # when the pins change (the last view goes)
+                                self.release_deferred[heap] = pins
                             break
                         first, n = run
                         start = msl.base_offset + first * msl.page_size
@@ -243,11 +252,31 @@ class PrimaryGrowth(Memory):
                             with self._map_lock:  # they heard FREE: now they are back
                                 self._mem_event(MEM_EVENT_ALLOC, start, n * msl.page_size)
                             self._tell_secondaries()
+                            self.release_deferred[heap] = self._pins()
                             break
                         self._free_in_list(msl, first, n)
                 finally:
                     _ext.heap_unlock(self.window, heap)
         return None
+
+    def retry_deferred_release(self) -> int:
+        """Serving loop: release again the heaps whose free pages views kept, once
+        the pins changed (a view went, or its process died).  Cheap while nothing
+        changed (one read of the pin rows).  Returns how many heaps it tried."""
+        if not self.release_deferred:
+            return 0
+        pins = self._pins()
+        tried = 0
+        for heap, seen in list(self.release_deferred.items()):
+            if pins == seen:
+                continue
+            tried += 1
+            try:
+                self._release_pages(heap)
+            except MemdError as e:  # a heap lock held too long, a broken heap
+                log.debug("deferred release of heap %d: %s", heap, e)
+                self.release_deferred.setdefault(heap, seen)  # again next time
+        return tried
 
     def _pins(self) -> list[tuple[int, int]]:
         """Window offset ranges that views pin: every process slot's row, and

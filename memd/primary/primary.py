@@ -65,6 +65,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         self._expand_lock = threading.RLock()
         self.reclaims = deque(maxlen=64)
         self.detached_pins = {}
+        self.release_deferred = {}
         try:
             self._init()
         except BaseException:
@@ -172,13 +173,16 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
 
     def serve(self, stop: threading.Event, tick: float = 0.2, on_tick: Any = None) -> None:
         """Serve until `stop` is set; `on_tick()` runs between polls."""
-        last_prune = time.monotonic()
+        last_prune = last_retry = time.monotonic()
         while not stop.is_set():
             self.poll(tick)
             now = time.monotonic()
             if now - last_prune >= 1.0:
                 self.prune_dead()
                 last_prune = now
+            if now - last_retry >= tick:  # pages views kept go soon after the views
+                self.retry_deferred_release()
+                last_retry = now
             if on_tick is not None:
                 on_tick()
 

@@ -92,3 +92,5 @@ class PrimaryState(Memory):
     # pins of secondaries that detached with views still alive: (pid, start time)
     # -> window offset ranges; kept until the process exits
     detached_pins: dict[tuple[int, int], list[tuple[int, int]]]
+    # heap -> the pins a release found keeping free pages; retried when they change
+    release_deferred: dict[int, list[tuple[int, int]]]
