@@ -18,11 +18,11 @@
    out of the heap, marked unused, callbacks' FREE while the pages still exist,
    then punched out of the file, unless preallocated (-m, --socket-mem,
    --legacy-mem, which never grows) or pinned: a view some process holds (a
-   `.buf`, `mem.view()`, a NumPy array over one) pins the pages under it
-   (`ext/pins.c`), which then stay in the heap as free memory; the primary's
-   serving loop releases again once the pins changed (`retry_deferred_release`:
-   the last such view went, or its process died), nobody else having to free
-   anything.
+   `.buf`, `mem.view()`, a NumPy array over one, or one a forked child
+   inherited) pins the pages under it (`ext/pins.c`), which then stay in the
+   heap as free memory; the primary's serving loop releases again once the pins
+   changed (`retry_deferred_release`: the last such view went, or its process
+   died), nobody else having to free anything.
 """
 
 from __future__ import annotations
@@ -261,8 +261,9 @@ class PrimaryGrowth(Memory):
 
     def retry_deferred_release(self) -> int:
         """Serving loop: release again the heaps whose free pages views kept, once
-        the pins changed (a view went, or its process died).  Cheap while nothing
-        changed (one read of the pin rows).  Returns how many heaps it tried."""
+        the pins changed (a view went, its process or a forked child that
+        inherited it died).  Cheap while nothing changed (one read of the pin
+        rows).  Returns how many heaps it tried."""
         if not self.release_deferred:
             return 0
         pins = self._pins()
@@ -278,12 +279,20 @@ class PrimaryGrowth(Memory):
                 self.release_deferred.setdefault(heap, seen)  # again next time
         return tried
 
+    def _reap_fork_pins(self) -> None:
+        """Free the fork rows (a forked child's inherited views) of dead owners."""
+        for row, pid, start, owner in _ext.pin_fork_rows(self.window):
+            if not process_alive(pid, start):
+                _ext.pin_fork_reap(self.window, row, owner)
+
     def _pins(self) -> list[tuple[int, int]]:
-        """Window offset ranges that views pin: every process slot's row, and
-        those of detached secondaries that still live.  Read after the used bits
-        were cleared, it also sees a view made meanwhile (ext/pins.c)."""
+        """Window offset ranges that views pin: every process slot's row, every
+        live forked child's, and those of detached secondaries that still live.
+        Read after the used bits were cleared, it also sees a view made
+        meanwhile (ext/pins.c)."""
         for key in [k for k in self.detached_pins if not process_alive(*k)]:
             del self.detached_pins[key]
+        self._reap_fork_pins()
         pins = _ext.pin_ranges(self.window)
         for ranges in self.detached_pins.values():
             pins.extend(ranges)

@@ -179,6 +179,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
             now = time.monotonic()
             if now - last_prune >= 1.0:
                 self.prune_dead()
+                self._reap_fork_pins()  # rows of dead forked children go back to the pool
                 last_prune = now
             if now - last_retry >= tick:  # pages views kept go soon after the views
                 self.retry_deferred_release()
