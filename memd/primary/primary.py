@@ -119,10 +119,14 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         # group members may enter and connect, never create: the socket is ours alone
         ensure_dir(sockdir.parent, 0o711 if self._gid is not None else 0o700, shared=True)
         ensure_dir(sockdir, self._dir_mode, self._gid)
-        with contextlib.suppress(FileNotFoundError):
-            mp_socket_path(
-                self.prefix, self.rundir
-            ).unlink()  # a dead primary's: we hold the config lock
+        # a dead primary's sockets (we hold the config lock): its fd_socket too, which
+        # a primary without nameless files would otherwise leave behind at its stop
+        for stale in (
+            mp_socket_path(self.prefix, self.rundir),
+            fd_socket_path(self.prefix, self.rundir),
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         self.server = Server(
             mp_endpoint(self.prefix, self.rundir),
             self._handlers(),
