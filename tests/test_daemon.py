@@ -523,3 +523,12 @@ def test_a_stopped_primarys_secondary_makes_no_new_objects(daemon_factory) -> No
     assert got == ["PrimaryNotRunning"] * 6, got
     with new.attach() as mem:
         assert mem.memzones() == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGBUS, signal.SIGSEGV, signal.SIGABRT])
+def test_a_primary_killed_by_a_fatal_signal_logs_where(daemon: Daemon, sig: int) -> None:
+    """faulthandler is on before memd._ext installs its fault guard, so a fault
+    outside the guard reaches it: the log says which signal and where."""
+    assert daemon.stop(sig) == -sig
+    log = daemon.log_text()
+    assert "Fatal Python error" in log and "most recent call first" in log, log[-2000:]
