@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -532,3 +533,15 @@ def test_a_primary_killed_by_a_fatal_signal_logs_where(daemon: Daemon, sig: int)
     assert daemon.stop(sig) == -sig
     log = daemon.log_text()
     assert "Fatal Python error" in log and "most recent call first" in log, log[-2000:]
+
+
+def test_removed_stale_files_are_logged_with_what_they_held(daemon_factory) -> None:
+    """A memseg list's file is as long as the list (GiBs) but holds only its used
+    pages: the next primary reports those, not the file's apparent size."""
+    old = daemon_factory("-m", "8")
+    run_secondary(old, "mem.memzone_reserve('grow', 40 << 20)\n")
+    old.kill()
+    new = daemon_factory("-m", "8", prefix=old.prefix, runtime_dir=old.runtime_dir)
+    found = re.search(r"removed (\d+) page files \((\d+) MiB\) of a dead primary", new.log_text())
+    assert found is not None, new.log_text()
+    assert 48 <= int(found.group(2)) <= 64, found.group(0)

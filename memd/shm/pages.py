@@ -289,7 +289,7 @@ def unlock_prefix(directory: str, prefix: str, fd: int, keep: bool = False) -> N
 class CleanReport:
     """What a scan for stale page files did."""
 
-    removed: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes)
+    removed: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes it held)
     held: list[tuple[str, list[Holder]]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
     foreign: list[tuple[str, int]] = field(default_factory=list)  # (path, owner uid)
@@ -374,7 +374,8 @@ def _remove_if_unheld(
         except OSError as e:
             report.skipped.append((path, f"cannot remove: {e.strerror}"))
             return False
-        report.removed.append((path, st.st_size))
+        # what it held (a memseg list's file is mostly holes), not its apparent size
+        report.removed.append((path, st.st_blocks * 512))
         return True
     finally:
         os.close(fd)
