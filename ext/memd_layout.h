@@ -301,8 +301,9 @@ struct memd_process {
  * An entry is a range of MEMD_PIN_UNIT units of window offsets (a view rounded
  * out) with the number of live views on exactly that range; count 0 = free entry.
  * Writes are bracketed by `seq` (odd while writing: a seqlock), so the reader
- * never acts on a torn entry.  Views that find no free entry are counted in
- * `overflow`: while it is non-zero the row pins every page (conservative).
+ * never acts on a torn entry; a row the primary finds odd at two looks a second
+ * apart (its writer stopped mid-write, or not memd) it reads as it stands.  Views that find no free
+ * entry are counted in `overflow`: while it is non-zero the row pins every page (conservative).
  * proc_register and proc_unregister clear the row, so a dead process's pins go
  * with its slot when reclaim frees it.
  *

@@ -794,10 +794,28 @@ static PyObject *py_proc_start_time(PyObject *Py_UNUSED(m), PyObject *arg)
 
 static PyObject *py_pin_ranges(PyObject *Py_UNUSED(m), PyObject *args)
 {
-    PyObject *win;
+    PyObject *win, *stuck_rows = NULL;
     int one = -1;
-    if (!PyArg_ParseTuple(args, "O|i:pin_ranges", &win, &one))
+    if (!PyArg_ParseTuple(args, "O|iO:pin_ranges", &win, &one, &stuck_rows))
         return NULL;
+    unsigned char stuck[MEMD_PIN_ROWS] = {0};
+    if (stuck_rows != NULL && stuck_rows != Py_None) {
+        PyObject *seq = PySequence_Fast(stuck_rows, "pin_ranges: stuck is a sequence of rows");
+        if (seq == NULL)
+            return NULL;
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+            long row = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+            if (row < 0 || row >= (long)MEMD_PIN_ROWS) {
+                Py_DECREF(seq);
+                if (!PyErr_Occurred())
+                    PyErr_Format(PyExc_ValueError, "pin_ranges: stuck row %ld is not a pin row",
+                                 row);
+                return NULL;
+            }
+            stuck[row] = 1;
+        }
+        Py_DECREF(seq);
+    }
     char *base = memd_base_of(win);
     if (base == NULL)
         return NULL;
@@ -809,7 +827,7 @@ static PyObject *py_pin_ranges(PyObject *Py_UNUSED(m), PyObject *args)
     uint64_t r[MEMD_PINS_PER_PROC][2];
     for (int slot = one < 0 ? 0 : one;
          out != NULL && slot < (one < 0 ? (int)MEMD_PIN_ROWS : one + 1); slot++) {
-        int n = memd_pins_read(base, (uint32_t)slot, r);
+        int n = memd_pins_read(base, (uint32_t)slot, r, stuck[slot]);
         if (n == -EAGAIN) { /* overflowed or mid-write: it pins everything */
             n = 1;
             r[0][0] = 0;
@@ -843,6 +861,27 @@ static PyObject *py_msl_releasing(PyObject *Py_UNUSED(m), PyObject *args)
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *py_pin_rows_odd(PyObject *Py_UNUSED(m), PyObject *win)
+{
+    char *base = memd_base_of(win);
+    if (base == NULL)
+        return NULL;
+    if (((MemdWindow *)win)->size < MEMD_CONFIG_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "pin_rows_odd(win): a config window");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    for (uint32_t row = 0; out != NULL && row < MEMD_PIN_ROWS; row++) {
+        if (!memd_pins_odd(base, row))
+            continue;
+        PyObject *v = PyLong_FromUnsignedLong(row);
+        if (v == NULL || PyList_Append(out, v) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(v);
+    }
+    return out;
 }
 
 static PyObject *py_pin_fork_rows(PyObject *Py_UNUSED(m), PyObject *win)
@@ -905,9 +944,13 @@ static PyMethodDef module_functions[] = {
      "msl_releasing(win, idx, first, n): slots [first, first + n) of list idx are being "
      "given back (views may pin them until n = 0 is set, before the last pin check)."},
     {"pin_ranges", py_pin_ranges, METH_VARARGS,
-     "pin_ranges(win, slot=-1) -> [(lo, hi), ...]: window offset ranges that views of "
-     "process slot `slot` (every slot: -1) pin; a row that pins everything gives "
-     "(0, window size).  Pages in them must not be given back."},
+     "pin_ranges(win, row=-1, stuck=()) -> [(lo, hi), ...]: window offset ranges that "
+     "views of pin row `row` (a process slot or a fork row; every row: -1) pin; a row "
+     "that pins everything (overflowed, or mid-write) gives (0, window size), except "
+     "that rows in `stuck` (found mid-write long before) are read as they are.  Pages "
+     "in them must not be given back."},
+    {"pin_rows_odd", py_pin_rows_odd, METH_O,
+     "pin_rows_odd(win) -> [row, ...]: pin rows whose seqlock is odd now (mid-write)."},
     {"fallocate", (PyCFunction)(void (*)(void))py_fallocate, METH_VARARGS | METH_KEYWORDS,
      "fallocate(fd, offset, length, punch=False): allocate the file's pages in that range "
      "(OSError ENOSPC when there are none), or with punch free them (a hole; the size "

@@ -126,7 +126,33 @@ int memd_msl_releasing(char *base, uint32_t idx, uint32_t first, uint32_t n)
     return 0;
 }
 
-int memd_pins_read(const char *base, uint32_t slot, uint64_t (*out)[2])
+/* The row's entries as they are, without the seqlock (a torn entry reads as
+ * either its old or its new range: both are pins the reader may honour). */
+static int pins_read_raw(struct memd_proc_pins *r, uint64_t (*out)[2])
+{
+    int n = 0;
+    for (uint32_t i = 0; i < MEMD_PINS_PER_PROC; i++) {
+        if (atomic_load_explicit(&r->e[i].count, memory_order_relaxed) == 0)
+            continue;
+        uint64_t first = __atomic_load_n(&r->e[i].first, __ATOMIC_RELAXED);
+        uint64_t units = __atomic_load_n(&r->e[i].n, __ATOMIC_RELAXED);
+        out[n][0] = first * MEMD_PIN_UNIT;
+        out[n][1] = (first + units) * MEMD_PIN_UNIT;
+        n++;
+    }
+    return atomic_load_explicit(&r->overflow, memory_order_relaxed) ? -EAGAIN : n;
+}
+
+int memd_pins_odd(const char *base, uint32_t slot)
+{
+    if (slot >= MEMD_PIN_ROWS)
+        return 0;
+    struct memd_proc_pins *r =
+        (struct memd_proc_pins *)&((const struct memd_config *)base)->pins[slot];
+    return (int)(atomic_load_explicit(&r->seq, memory_order_acquire) & 1u);
+}
+
+int memd_pins_read(const char *base, uint32_t slot, uint64_t (*out)[2], int stuck)
 {
     const struct memd_config *c = (const struct memd_config *)base;
     if (slot >= MEMD_PIN_ROWS)
@@ -152,7 +178,7 @@ int memd_pins_read(const char *base, uint32_t slot, uint64_t (*out)[2])
         if (atomic_load_explicit(&r->seq, memory_order_relaxed) == s1)
             return ov ? -EAGAIN : n;
     }
-    return -EAGAIN;
+    return stuck ? pins_read_raw(r, out) : -EAGAIN;
 }
 
 /* --- fork rows ------------------------------------------------------------- */

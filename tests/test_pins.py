@@ -361,3 +361,28 @@ def test_a_parent_without_views_claims_no_fork_row(daemon_factory) -> None:
         assert res == [0, []], res
     finally:
         a.finish()
+
+
+def test_a_row_left_mid_write_pins_everything_only_for_a_while(daemon_factory) -> None:
+    """A pin row whose seqlock stays odd (a writer stopped mid-write, or a process
+    writing shared memory it should not) would keep every free page forever; at
+    two looks a second apart it is logged and read as it stands."""
+    d = daemon_factory("-m", "4")
+    a, b = DrivenSecondary(d), DrivenSecondary(d)
+    try:
+        b(
+            "from memd import _ext\n"
+            "at = _ext.LAYOUT['memd_config.pins'][0] + mem.proc_slot * "
+            "_ext.LAYOUT['memd_proc_pins'] + _ext.LAYOUT['memd_proc_pins.seq'][0]\n"
+            "raw = mem.window.view(at, 8)\n"
+            "seq = int.from_bytes(raw, 'little')\n"
+            "raw[:] = (seq | 1).to_bytes(8, 'little')"
+        )
+        a("blk = mem.malloc(40 << 20)\nmem.free(blk)")
+        assert wait_for(lambda: accounted(d) == (2, 2)), accounted(d)
+        assert "mid-write" in d.log_text()
+        b("raw[:] = ((seq | 1) + 1).to_bytes(8, 'little')\ndel raw")
+    finally:
+        a.finish()
+        b.finish()
+    assert d.proc.poll() is None

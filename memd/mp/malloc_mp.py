@@ -32,6 +32,7 @@ import errno
 import logging
 import math
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,6 +48,8 @@ log = logging.getLogger("memd")
 secondary_log = logging.getLogger("memd_client")
 
 MiB = 1 << 20
+# a pin row mid-write at two looks this far apart (seconds) is read as it stands
+STUCK_PIN_ROW = 1.0
 
 
 class GrowthOptions(Protocol):
@@ -125,6 +128,8 @@ class PrimaryGrowth(Memory):
         detached_pins: dict[tuple[int, int], list[tuple[int, int]]]
         # heap -> the pins a release found keeping free pages (retried when they change)
         release_deferred: dict[int, list[tuple[int, int]]]
+        pin_rows_odd_since: dict[int, float]  # pin row -> when first seen mid-write
+        pin_rows_logged: set[int]  # stuck rows already logged
 
         def _lists_of(self, socket_id: int) -> list[MemsegList]: ...
         def _map_new_pages(self, msl: MemsegList, n: int, prealloc: bool) -> int: ...
@@ -279,6 +284,36 @@ class PrimaryGrowth(Memory):
                 self.release_deferred.setdefault(heap, seen)  # again next time
         return tried
 
+    def _stuck_pin_rows(self) -> list[int]:
+        """Pin rows found mid-write (odd seqlock) at two looks STUCK_PIN_ROW s apart
+        or more.  A writer holds a row odd for nanoseconds, under its GIL; one odd
+        that long is stopped mid-write (SIGSTOP, a debugger) or is not memd's
+        writing (any attached process can write every shared byte).  Such a row
+        would pin every page until its slot is registered again; it is read as it
+        stands instead (ext/pins.h: safe for a stopped writer), and logged once.
+        A row that overflowed still pins every page: that is its owner's to undo."""
+        now = time.monotonic()
+        odd = set(_ext.pin_rows_odd(self.window))
+        seen = self.pin_rows_odd_since
+        for row in [r for r in seen if r not in odd]:
+            del seen[row]
+        stuck = []
+        for row in sorted(odd):
+            since = seen.setdefault(row, now)
+            if now - since >= STUCK_PIN_ROW:
+                stuck.append(row)
+                if row not in self.pin_rows_logged:
+                    self.pin_rows_logged.add(row)
+                    log.warning(
+                        "pin row %d (%s) has been mid-write for %.0f s: its writer is "
+                        "stopped, or not memd; reading it as it stands",
+                        row,
+                        f"process slot {row}" if row < _ext.MAX_PROCS else "a forked child",
+                        now - since,
+                    )
+        self.pin_rows_logged &= odd
+        return stuck
+
     def _reap_fork_pins(self) -> None:
         """Free the fork rows (a forked child's inherited views) of dead owners."""
         for row, pid, start, owner in _ext.pin_fork_rows(self.window):
@@ -293,7 +328,7 @@ class PrimaryGrowth(Memory):
         for key in [k for k in self.detached_pins if not process_alive(*k)]:
             del self.detached_pins[key]
         self._reap_fork_pins()
-        pins = _ext.pin_ranges(self.window)
+        pins = _ext.pin_ranges(self.window, -1, self._stuck_pin_rows())
         for ranges in self.detached_pins.values():
             pins.extend(ranges)
         return pins

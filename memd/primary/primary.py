@@ -66,6 +66,8 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         self.reclaims = deque(maxlen=64)
         self.detached_pins = {}
         self.release_deferred = {}
+        self.pin_rows_odd_since = {}
+        self.pin_rows_logged = set()
         try:
             self._init()
         except BaseException:
