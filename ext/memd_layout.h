@@ -295,7 +295,8 @@ struct memd_process {
 /*
  * A page that a view (memoryview, Py_buffer) exported by some process covers is
  * *pinned*: the primary gives it back to the system only once no row pins it
- * (a pinned free page stays in its heap until a later release).  Each process
+ * (a pinned free page stays in its heap until the primary, seeing the pins
+ * change, releases again).  Each process
  * slot has one row, written by its owner alone (under its GIL: bf_getbuffer and
  * bf_releasebuffer, ext/module.c), read by the primary when it releases pages.
  * An entry is a range of MEMD_PIN_UNIT units of window offsets (a view rounded
