@@ -30,8 +30,9 @@
 #define MEMD_CONFIG_MAGIC 0x31474643444d454dULL /* "MEMDCFG1", little endian */
 /* 2: robust ring sides, mempool owner tags; 3: heap undo journals, element owner tags;
  * 4: DPDK fidelity (an object directory entry per memzone, rings of esize-byte
- *    records, memzone flags as DPDK's), memzone generations, view pins */
-#define MEMD_LAYOUT_VERSION 4u
+ *    records, memzone flags as DPDK's), memzone generations, view pins;
+ * 5: fork pin rows (a forked child's inherited views keep their pages) */
+#define MEMD_LAYOUT_VERSION 5u
 
 #define MEMD_CACHE_LINE         64u
 #define MEMD_NAMESIZE           32u  /* names are at most 31 bytes + NUL */
@@ -294,16 +295,27 @@ struct memd_process {
 /*
  * A page that a view (memoryview, Py_buffer) exported by some process covers is
  * *pinned*: the primary gives it back to the system only once no row pins it
- * (a pinned free page stays in its heap until a later release).  Each process
+ * (a pinned free page stays in its heap until the primary, seeing the pins
+ * change, releases again).  Each process
  * slot has one row, written by its owner alone (under its GIL: bf_getbuffer and
  * bf_releasebuffer, ext/module.c), read by the primary when it releases pages.
  * An entry is a range of MEMD_PIN_UNIT units of window offsets (a view rounded
  * out) with the number of live views on exactly that range; count 0 = free entry.
  * Writes are bracketed by `seq` (odd while writing: a seqlock), so the reader
- * never acts on a torn entry.  Views that find no free entry are counted in
- * `overflow`: while it is non-zero the row pins every page (conservative).
+ * never acts on a torn entry; a row the primary finds odd at two looks a second
+ * apart (its writer stopped mid-write, or not memd) it reads as it stands.  Views that find no free
+ * entry are counted in `overflow`: while it is non-zero the row pins every page (conservative).
  * proc_register and proc_unregister clear the row, so a dead process's pins go
  * with its slot when reclaim frees it.
+ *
+ * Fork rows (pins[MEMD_MAX_PROCS...]): a forked child's attachment is dead, but
+ * the views it inherited still reach the pages.  Before os.fork, a process whose
+ * row pins something claims a free fork row (CAS `owner` 0 -> its own word) and
+ * copies its row into it, entry for entry; the child, in its atfork handler,
+ * takes the row over (CAS parent's word -> its own) and from then on its inherited
+ * views unpin there (the same entry indexes).  The primary frees a fork row whose
+ * owner is dead (CAS owner -> MEMD_PIN_OWNER_REAPING, clear, owner = 0).  A fork
+ * that failed leaves its row to the parent until the parent exits.
  *
  * Order against release (a Dekker pair): an exporter writes its entry, fences,
  * then checks the pages' used bits and the list's releasing range (refusing the
@@ -315,6 +327,13 @@ struct memd_process {
 #define MEMD_PIN_UNIT       (2u * 1024u * 1024u) /* the smallest page size memd uses */
 #define MEMD_PINS_PER_PROC  60u
 #define MEMD_PIN_SEQ_STABLE 1000u /* reader retries before it takes a row as "pins all" */
+#define MEMD_FORK_PIN_ROWS  64u   /* rows for forked children, after the slots' rows */
+#define MEMD_PIN_ROWS       (MEMD_MAX_PROCS + MEMD_FORK_PIN_ROWS)
+/* a fork row's owner word: pid (< 2^22, the kernel's PID_MAX_LIMIT) and start time */
+#define MEMD_PIN_OWNER_PID_BITS 22u
+#define MEMD_PIN_OWNER(pid, start) \
+    ((uint64_t)(uint32_t)(pid) | ((uint64_t)(start) << MEMD_PIN_OWNER_PID_BITS))
+#define MEMD_PIN_OWNER_REAPING UINT64_MAX /* the primary is clearing the row */
 
 struct memd_pin {
     uint32_t first;         /*  0: first unit (window offset / MEMD_PIN_UNIT) */
@@ -327,7 +346,8 @@ struct memd_proc_pins {
     _Atomic uint64_t seq;                  /*  0: odd while the owner writes the row */
     _Atomic uint32_t overflow;             /*  8: views not in an entry: pins every page */
     uint32_t n_hint;                       /* 12: entries at or past it are free */
-    uint64_t reserved[6];                  /* 16 */
+    _Atomic uint64_t owner;                /* 16: fork rows: MEMD_PIN_OWNER(); 0 = free */
+    uint64_t reserved[5];                  /* 24 */
     struct memd_pin e[MEMD_PINS_PER_PROC]; /* 64 */
 }; /* 1024 */
 
@@ -399,8 +419,8 @@ struct memd_config {
     struct memd_memzone memzones[MEMD_MAX_MEMZONES];     /*  180224 */
     struct memd_memseg_list msls[MEMD_MAX_MEMSEG_LISTS]; /*  425984 */
     struct memd_heap_journal heap_journals[MEMD_MAX_HEAPS]; /* 1484800: one per heap */
-    struct memd_proc_pins pins[MEMD_MAX_PROCS];             /* 1517568: one per process slot */
-}; /* 1648640 */
+    struct memd_proc_pins pins[MEMD_PIN_ROWS]; /* 1517568: one per process slot, then fork rows */
+}; /* 1714176 */
 
 /* --- rings (DPDK: rte_ring; code in ext/ring.c) ---------------------------- */
 
@@ -622,10 +642,11 @@ MEMD_CHECK(struct memd_config, memzones, 180224);
 MEMD_CHECK(struct memd_config, msls, 425984);
 MEMD_CHECK(struct memd_config, heap_journals, 1484800);
 MEMD_CHECK(struct memd_config, pins, 1517568);
-MEMD_CHECK_SIZE(struct memd_config, 1648640);
+MEMD_CHECK_SIZE(struct memd_config, 1714176);
 MEMD_CHECK(struct memd_pin, count, 8);
 MEMD_CHECK_SIZE(struct memd_pin, 16);
 MEMD_CHECK(struct memd_proc_pins, overflow, 8);
+MEMD_CHECK(struct memd_proc_pins, owner, 16);
 MEMD_CHECK(struct memd_proc_pins, e, 64);
 MEMD_CHECK_SIZE(struct memd_proc_pins, 1024);
 _Static_assert(sizeof(struct memd_config) <= MEMD_CONFIG_SIZE, "config outgrew its file");

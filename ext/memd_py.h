@@ -23,6 +23,10 @@ typedef struct {
     int uffd;           /* Window.guard(): userfaultfd turning faults on holes into SIGBUS, or -1 */
     int pin_slot;       /* Window.pin_as(): the process-table row our views pin pages in, or -1 */
     unsigned pin_epoch; /* bumped by pin_as: a tag from an earlier slot unpins nothing */
+    int fork_row;       /* between os.fork's prepare and its end: the fork row claimed, or -1 */
+    int fork_adopted;   /* a forked child's window: pin_slot is its fork row, kept by close() */
+    uint64_t fork_from; /* the owner word fork_row was claimed for (the parent's) */
+    void *reg_prev, *reg_next; /* every live Window (the fork handlers walk them) */
 } MemdWindow;
 
 extern PyTypeObject MemdWindow_Type;

@@ -238,18 +238,98 @@ int memd_check_mapped(PyObject *window, uint64_t off, uint64_t len)
 #define PIN_TAG_BITS 8
 _Static_assert(MEMD_PINS_PER_PROC + 2 < (1u << PIN_TAG_BITS), "a pin tag fits its bits");
 
-/* Set in a forked child: the rows belong to the parent, which writes them alone.
- * The child pins nothing, and the views it inherited unpin nothing (the parent's
- * copies of them still live); a child must attach on its own. */
-static volatile int forked_child;
+/* Every live Window, for the fork handlers (changed under the GIL). */
+static MemdWindow *windows;
 
-static void on_fork_child(void) { forked_child = 1; }
+static void window_link(MemdWindow *w)
+{
+    w->reg_prev = NULL;
+    w->reg_next = windows;
+    if (windows)
+        windows->reg_prev = w;
+    windows = w;
+}
+
+static void window_unlink(MemdWindow *w)
+{
+    if (w->reg_prev)
+        ((MemdWindow *)w->reg_prev)->reg_next = w->reg_next;
+    else if (windows == w)
+        windows = w->reg_next;
+    if (w->reg_next)
+        ((MemdWindow *)w->reg_next)->reg_prev = w->reg_prev;
+    w->reg_prev = w->reg_next = NULL;
+}
+
+/* This process's fork-row owner word, or 0 if /proc cannot tell its start time. */
+static uint64_t self_owner(void)
+{
+    char state;
+    long threads;
+    uint64_t start;
+    pid_t pid = getpid();
+    if (memd_proc_stat(pid, &state, &threads, &start) < 0 ||
+        (uint64_t)pid >> MEMD_PIN_OWNER_PID_BITS || start >> (64 - MEMD_PIN_OWNER_PID_BITS))
+        return 0;
+    return MEMD_PIN_OWNER(pid, start);
+}
+
+/* os.fork's `before` hook (the GIL is held: no view comes or goes until the fork):
+ * each window whose row pins something copies it into a fork row for the child
+ * (memd_layout.h, "view pins"). */
+static PyObject *py_fork_prepare(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    uint64_t me = 0;
+    for (MemdWindow *w = windows; w != NULL; w = w->reg_next) {
+        w->fork_row = -1;
+        if (w->pin_slot < 0 || w->mapping == NULL || w->anonymous || w->size < MEMD_CONFIG_SIZE)
+            continue;
+        if (me == 0 && (me = self_owner()) == 0)
+            break;
+        int row = memd_pin_fork_claim(w->mapping, (uint32_t)w->pin_slot, me);
+        if (row >= 0) {
+            w->fork_row = row;
+            w->fork_from = me;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* os.fork's `after_in_parent` hook: the rows claimed are the child's to take over
+ * (or, if the fork failed, stay ours until we exit). */
+static PyObject *py_fork_parent(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    for (MemdWindow *w = windows; w != NULL; w = w->reg_next)
+        w->fork_row = -1;
+    Py_RETURN_NONE;
+}
+
+/* pthread_atfork child handler (before any Python code runs in the child): the
+ * process rows are the parent's, which writes them alone; a window whose row was
+ * copied for us takes the copy over, and its inherited views unpin there; the
+ * others pin and unpin nothing (a child must attach on its own). */
+static void on_fork_child(void)
+{
+    uint64_t me = 0;
+    for (MemdWindow *w = windows; w != NULL; w = w->reg_next) {
+        int row = w->fork_row;
+        w->fork_row = -1;
+        w->fork_adopted = 0;
+        if (row >= 0 && (me != 0 || (me = self_owner()) != 0) &&
+            memd_pin_fork_adopt(w->mapping, (uint32_t)row, w->fork_from, me) == 0) {
+            w->pin_slot = row;
+            w->fork_adopted = 1;
+        } else {
+            w->pin_slot = -1;
+        }
+    }
+}
 
 int memd_view_pin(PyObject *window, uint64_t off, uint64_t len, Py_buffer *view)
 {
     MemdWindow *w = (MemdWindow *)window;
     view->internal = NULL;
-    if (w->pin_slot < 0 || w->base == NULL || forked_child)
+    if (w->pin_slot < 0 || w->base == NULL)
         return 0; /* not registered (tests' windows, a detached process): nothing to pin */
     int tag;
     if (memd_pin_add(w->base, (uint32_t)w->pin_slot, off, len, &tag) < 0) {
@@ -269,7 +349,7 @@ void memd_view_unpin(PyObject *window, Py_buffer *view)
     MemdWindow *w = (MemdWindow *)window;
     uintptr_t t = (uintptr_t)view->internal;
     view->internal = NULL;
-    if (t == 0 || w->pin_slot < 0 || w->mapping == NULL || forked_child ||
+    if (t == 0 || w->pin_slot < 0 || w->mapping == NULL ||
         (t >> PIN_TAG_BITS) != ((uintptr_t)w->pin_epoch & (UINTPTR_MAX >> PIN_TAG_BITS)))
         return;
     /* the mapping, not base: a view may outlive close() (base NULL) */
@@ -405,12 +485,15 @@ static PyObject *window_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     w->watch_fd = -1;
     w->uffd = -1;
     w->pin_slot = -1;
+    w->fork_row = -1;
+    window_link(w);
     return (PyObject *)w;
 }
 
 static void window_dealloc(PyObject *self)
 {
     MemdWindow *w = (MemdWindow *)self;
+    window_unlink(w);
     if (w->mapping)
         munmap(w->mapping, w->size);
     if (w->uffd >= 0)
@@ -589,9 +672,12 @@ static PyObject *window_get_size(PyObject *self, void *Py_UNUSED(c))
  * is still held never points at unmapped memory. */
 static PyObject *window_close(PyObject *self, PyObject *Py_UNUSED(a))
 {
-    ((MemdWindow *)self)->base = NULL;
-    ((MemdWindow *)self)->pin_slot = -1; /* our row may go to the next process */
-    ((MemdWindow *)self)->pin_epoch++;
+    MemdWindow *w = (MemdWindow *)self;
+    w->base = NULL;
+    if (!w->fork_adopted) { /* our row may go to the next process; a fork row is ours */
+        w->pin_slot = -1;
+        w->pin_epoch++;
+    }
     Py_RETURN_NONE;
 }
 
@@ -607,6 +693,7 @@ static PyObject *window_pin_as(PyObject *self, PyObject *arg)
         return NULL;
     }
     w->pin_slot = (int)slot;
+    w->fork_adopted = 0;
     w->pin_epoch++; /* views made before unpin nothing in the new row */
     Py_RETURN_NONE;
 }
@@ -714,22 +801,40 @@ static PyObject *py_proc_start_time(PyObject *Py_UNUSED(m), PyObject *arg)
 
 static PyObject *py_pin_ranges(PyObject *Py_UNUSED(m), PyObject *args)
 {
-    PyObject *win;
+    PyObject *win, *stuck_rows = NULL;
     int one = -1;
-    if (!PyArg_ParseTuple(args, "O|i:pin_ranges", &win, &one))
+    if (!PyArg_ParseTuple(args, "O|iO:pin_ranges", &win, &one, &stuck_rows))
         return NULL;
+    unsigned char stuck[MEMD_PIN_ROWS] = {0};
+    if (stuck_rows != NULL && stuck_rows != Py_None) {
+        PyObject *seq = PySequence_Fast(stuck_rows, "pin_ranges: stuck is a sequence of rows");
+        if (seq == NULL)
+            return NULL;
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+            long row = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+            if (row < 0 || row >= (long)MEMD_PIN_ROWS) {
+                Py_DECREF(seq);
+                if (!PyErr_Occurred())
+                    PyErr_Format(PyExc_ValueError, "pin_ranges: stuck row %ld is not a pin row",
+                                 row);
+                return NULL;
+            }
+            stuck[row] = 1;
+        }
+        Py_DECREF(seq);
+    }
     char *base = memd_base_of(win);
     if (base == NULL)
         return NULL;
-    if (((MemdWindow *)win)->size < MEMD_CONFIG_SIZE || one < -1 || one >= (int)MEMD_MAX_PROCS) {
-        PyErr_SetString(PyExc_ValueError, "pin_ranges(win, slot=-1): a config window, a slot");
+    if (((MemdWindow *)win)->size < MEMD_CONFIG_SIZE || one < -1 || one >= (int)MEMD_PIN_ROWS) {
+        PyErr_SetString(PyExc_ValueError, "pin_ranges(win, row=-1): a config window, a pin row");
         return NULL;
     }
     PyObject *out = PyList_New(0);
     uint64_t r[MEMD_PINS_PER_PROC][2];
     for (int slot = one < 0 ? 0 : one;
-         out != NULL && slot < (one < 0 ? (int)MEMD_MAX_PROCS : one + 1); slot++) {
-        int n = memd_pins_read(base, (uint32_t)slot, r);
+         out != NULL && slot < (one < 0 ? (int)MEMD_PIN_ROWS : one + 1); slot++) {
+        int n = memd_pins_read(base, (uint32_t)slot, r, stuck[slot]);
         if (n == -EAGAIN) { /* overflowed or mid-write: it pins everything */
             n = 1;
             r[0][0] = 0;
@@ -765,14 +870,94 @@ static PyObject *py_msl_releasing(PyObject *Py_UNUSED(m), PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_pin_rows_odd(PyObject *Py_UNUSED(m), PyObject *win)
+{
+    char *base = memd_base_of(win);
+    if (base == NULL)
+        return NULL;
+    if (((MemdWindow *)win)->size < MEMD_CONFIG_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "pin_rows_odd(win): a config window");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    for (uint32_t row = 0; out != NULL && row < MEMD_PIN_ROWS; row++) {
+        if (!memd_pins_odd(base, row))
+            continue;
+        PyObject *v = PyLong_FromUnsignedLong(row);
+        if (v == NULL || PyList_Append(out, v) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(v);
+    }
+    return out;
+}
+
+static PyObject *py_pin_fork_rows(PyObject *Py_UNUSED(m), PyObject *win)
+{
+    char *base = memd_base_of(win);
+    if (base == NULL)
+        return NULL;
+    if (((MemdWindow *)win)->size < MEMD_CONFIG_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "pin_fork_rows(win): a config window");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    for (uint32_t row = MEMD_MAX_PROCS; out != NULL && row < MEMD_PIN_ROWS; row++) {
+        uint64_t o = memd_pin_fork_owner(base, row);
+        if (o == 0 || o == MEMD_PIN_OWNER_REAPING)
+            continue;
+        PyObject *t = Py_BuildValue(
+            "(IkKK)", row, (unsigned long)(o & ((1u << MEMD_PIN_OWNER_PID_BITS) - 1)),
+            (unsigned long long)(o >> MEMD_PIN_OWNER_PID_BITS), (unsigned long long)o);
+        if (t == NULL || PyList_Append(out, t) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(t);
+    }
+    return out;
+}
+
+static PyObject *py_pin_fork_reap(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *win;
+    unsigned int row;
+    unsigned long long owner;
+    if (!PyArg_ParseTuple(args, "OIK:pin_fork_reap", &win, &row, &owner))
+        return NULL;
+    char *base = memd_base_of(win);
+    if (base == NULL)
+        return NULL;
+    int rc = ((MemdWindow *)win)->size < MEMD_CONFIG_SIZE ? -EINVAL
+                                                          : memd_pin_fork_reap(base, row, owner);
+    if (rc == -EINVAL) {
+        PyErr_SetString(PyExc_ValueError,
+                        "pin_fork_reap(win, row, owner): a config window, a fork row, its owner");
+        return NULL;
+    }
+    return PyBool_FromLong(rc == 0);
+}
+
 static PyMethodDef module_functions[] = {
+    {"fork_prepare", py_fork_prepare, METH_NOARGS,
+     "fork_prepare(): os.fork's before hook (registered at import): each window whose "
+     "process row pins pages copies it into a fork row for the child."},
+    {"fork_parent", py_fork_parent, METH_NOARGS,
+     "fork_parent(): os.fork's after_in_parent hook (registered at import)."},
+    {"pin_fork_rows", py_pin_fork_rows, METH_O,
+     "pin_fork_rows(win) -> [(row, pid, start_time, owner), ...]: the fork rows in use "
+     "(a forked child's inherited views; or its parent's, until the child takes it)."},
+    {"pin_fork_reap", py_pin_fork_reap, METH_VARARGS,
+     "pin_fork_reap(win, row, owner) -> bool: free fork row `row` if `owner` (its owner "
+     "word, from pin_fork_rows) still holds it; call only once that owner is dead."},
     {"msl_releasing", py_msl_releasing, METH_VARARGS,
      "msl_releasing(win, idx, first, n): slots [first, first + n) of list idx are being "
      "given back (views may pin them until n = 0 is set, before the last pin check)."},
     {"pin_ranges", py_pin_ranges, METH_VARARGS,
-     "pin_ranges(win, slot=-1) -> [(lo, hi), ...]: window offset ranges that views of "
-     "process slot `slot` (every slot: -1) pin; a row that pins everything gives "
-     "(0, window size).  Pages in them must not be given back."},
+     "pin_ranges(win, row=-1, stuck=()) -> [(lo, hi), ...]: window offset ranges that "
+     "views of pin row `row` (a process slot or a fork row; every row: -1) pin; a row "
+     "that pins everything (overflowed, or mid-write) gives (0, window size), except "
+     "that rows in `stuck` (found mid-write long before) are read as they are.  Pages "
+     "in them must not be given back."},
+    {"pin_rows_odd", py_pin_rows_odd, METH_O,
+     "pin_rows_odd(win) -> [row, ...]: pin rows whose seqlock is odd now (mid-write)."},
     {"fallocate", (PyCFunction)(void (*)(void))py_fallocate, METH_VARARGS | METH_KEYWORDS,
      "fallocate(fd, offset, length, punch=False): allocate the file's pages in that range "
      "(OSError ENOSPC when there are none), or with punch free them (a hole; the size "
@@ -789,6 +974,8 @@ static PyMethodDef module_functions[] = {
 static const struct memd_const pin_consts[] = {
     MEMD_CONST("PINS_PER_PROC", MEMD_PINS_PER_PROC),
     MEMD_CONST("PIN_UNIT", MEMD_PIN_UNIT),
+    MEMD_CONST("PIN_ROWS", MEMD_PIN_ROWS),
+    MEMD_CONST("FORK_PIN_ROWS", MEMD_FORK_PIN_ROWS),
     {NULL, 0, 0},
 };
 
@@ -796,12 +983,36 @@ static const struct memd_field pin_layout[] = {
     MEMD_FIELD(memd_config, pins),
     MEMD_FIELD(memd_proc_pins, seq),
     MEMD_FIELD(memd_proc_pins, overflow),
+    MEMD_FIELD(memd_proc_pins, owner),
     MEMD_FIELD(memd_proc_pins, e),
     MEMD_FIELD(memd_pin, count),
     MEMD_SIZEOF(memd_proc_pins),
     MEMD_SIZEOF(memd_pin),
     {NULL, 0, 0, 0},
 };
+
+/* os.register_at_fork(before=fork_prepare, after_in_parent=fork_parent): Python's
+ * hooks run with the GIL held, so the rows copied are exactly the views at fork. */
+static int register_fork_hooks(PyObject *m)
+{
+    PyObject *os = PyImport_ImportModule("os");
+    PyObject *reg = os ? PyObject_GetAttrString(os, "register_at_fork") : NULL;
+    PyObject *before = PyObject_GetAttrString(m, "fork_prepare");
+    PyObject *after = PyObject_GetAttrString(m, "fork_parent");
+    PyObject *kw = before && after
+                       ? Py_BuildValue("{sOsO}", "before", before, "after_in_parent", after)
+                       : NULL;
+    PyObject *empty = PyTuple_New(0);
+    PyObject *r = reg && kw && empty ? PyObject_Call(reg, empty, kw) : NULL;
+    Py_XDECREF(r);
+    Py_XDECREF(empty);
+    Py_XDECREF(kw);
+    Py_XDECREF(after);
+    Py_XDECREF(before);
+    Py_XDECREF(reg);
+    Py_XDECREF(os);
+    return r == NULL ? -1 : 0;
+}
 
 static struct PyModuleDef memd_module = {
     PyModuleDef_HEAD_INIT,
@@ -823,7 +1034,7 @@ PyMODINIT_FUNC PyInit__ext(void)
     if (memd_add_type(m, &MemdWindow_Type) < 0 || memd_add_functions(m, module_functions) < 0 ||
         memd_py_init_config(m) < 0 || memd_py_init_heap(m) < 0 || memd_py_init_ring(m) < 0 ||
         memd_py_init_mempool(m) < 0 || memd_add_constants(m, pin_consts) < 0 ||
-        memd_add_layout(m, pin_layout) < 0) {
+        memd_add_layout(m, pin_layout) < 0 || register_fork_hooks(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -43,7 +43,7 @@ static int range_in_use(const char *base, uint64_t off, uint64_t len)
 int memd_pin_add(char *base, uint32_t slot, uint64_t off, uint64_t len, int *tag)
 {
     struct memd_config *c = memd_cfg(base);
-    if (slot >= MEMD_MAX_PROCS)
+    if (slot >= MEMD_PIN_ROWS)
         return -EINVAL;
     uint64_t end = off + (len ? len : 1);
     if (end <= MEMD_CONFIG_SIZE) {
@@ -99,7 +99,7 @@ int memd_pin_add(char *base, uint32_t slot, uint64_t off, uint64_t len, int *tag
 
 void memd_pin_drop(char *base, uint32_t slot, int tag)
 {
-    if (slot >= MEMD_MAX_PROCS || tag == MEMD_PIN_NONE || tag < 0 || tag > (int)MEMD_PINS_PER_PROC)
+    if (slot >= MEMD_PIN_ROWS || tag == MEMD_PIN_NONE || tag < 0 || tag > (int)MEMD_PINS_PER_PROC)
         return;
     struct memd_proc_pins *r = &memd_cfg(base)->pins[slot];
     _Atomic uint32_t *cnt = tag == MEMD_PIN_OVERFLOW ? &r->overflow : &r->e[tag].count;
@@ -126,10 +126,36 @@ int memd_msl_releasing(char *base, uint32_t idx, uint32_t first, uint32_t n)
     return 0;
 }
 
-int memd_pins_read(const char *base, uint32_t slot, uint64_t (*out)[2])
+/* The row's entries as they are, without the seqlock (a torn entry reads as
+ * either its old or its new range: both are pins the reader may honour). */
+static int pins_read_raw(struct memd_proc_pins *r, uint64_t (*out)[2])
+{
+    int n = 0;
+    for (uint32_t i = 0; i < MEMD_PINS_PER_PROC; i++) {
+        if (atomic_load_explicit(&r->e[i].count, memory_order_relaxed) == 0)
+            continue;
+        uint64_t first = __atomic_load_n(&r->e[i].first, __ATOMIC_RELAXED);
+        uint64_t units = __atomic_load_n(&r->e[i].n, __ATOMIC_RELAXED);
+        out[n][0] = first * MEMD_PIN_UNIT;
+        out[n][1] = (first + units) * MEMD_PIN_UNIT;
+        n++;
+    }
+    return atomic_load_explicit(&r->overflow, memory_order_relaxed) ? -EAGAIN : n;
+}
+
+int memd_pins_odd(const char *base, uint32_t slot)
+{
+    if (slot >= MEMD_PIN_ROWS)
+        return 0;
+    struct memd_proc_pins *r =
+        (struct memd_proc_pins *)&((const struct memd_config *)base)->pins[slot];
+    return (int)(atomic_load_explicit(&r->seq, memory_order_acquire) & 1u);
+}
+
+int memd_pins_read(const char *base, uint32_t slot, uint64_t (*out)[2], int stuck)
 {
     const struct memd_config *c = (const struct memd_config *)base;
-    if (slot >= MEMD_MAX_PROCS)
+    if (slot >= MEMD_PIN_ROWS)
         return -EINVAL;
     struct memd_proc_pins *r = (struct memd_proc_pins *)&c->pins[slot];
     atomic_thread_fence(memory_order_seq_cst); /* Dekker: used bits cleared before */
@@ -152,5 +178,79 @@ int memd_pins_read(const char *base, uint32_t slot, uint64_t (*out)[2])
         if (atomic_load_explicit(&r->seq, memory_order_relaxed) == s1)
             return ov ? -EAGAIN : n;
     }
-    return -EAGAIN;
+    return stuck ? pins_read_raw(r, out) : -EAGAIN;
+}
+
+/* --- fork rows ------------------------------------------------------------- */
+
+int memd_pin_fork_claim(char *base, uint32_t src, uint64_t owner)
+{
+    struct memd_config *c = memd_cfg(base);
+    if (src >= MEMD_PIN_ROWS || owner == 0 || owner == MEMD_PIN_OWNER_REAPING)
+        return -EINVAL;
+    struct memd_proc_pins *s = &c->pins[src]; /* ours: nobody else writes it */
+    uint32_t nh = s->n_hint < MEMD_PINS_PER_PROC ? s->n_hint : MEMD_PINS_PER_PROC;
+    int any = atomic_load_explicit(&s->overflow, memory_order_relaxed) != 0;
+    for (uint32_t i = 0; i < nh && !any; i++)
+        any = atomic_load_explicit(&s->e[i].count, memory_order_relaxed) != 0;
+    if (!any)
+        return -ENOENT;
+    for (uint32_t row = MEMD_MAX_PROCS; row < MEMD_PIN_ROWS; row++) {
+        struct memd_proc_pins *d = &c->pins[row];
+        uint64_t expect = 0;
+        if (!atomic_compare_exchange_strong(&d->owner, &expect, owner))
+            continue;
+        uint64_t q = atomic_load_explicit(&d->seq, memory_order_relaxed);
+        atomic_store_explicit(&d->seq, (q | 1u) + 2u, memory_order_relaxed); /* odd */
+        atomic_thread_fence(memory_order_release);
+        for (uint32_t i = 0; i < MEMD_PINS_PER_PROC; i++) {
+            uint32_t cnt = i < nh ? atomic_load_explicit(&s->e[i].count, memory_order_relaxed) : 0;
+            __atomic_store_n(&d->e[i].first, s->e[i].first, __ATOMIC_RELAXED);
+            __atomic_store_n(&d->e[i].n, s->e[i].n, __ATOMIC_RELAXED);
+            atomic_store_explicit(&d->e[i].count, cnt, memory_order_relaxed);
+        }
+        atomic_store_explicit(&d->overflow,
+                              atomic_load_explicit(&s->overflow, memory_order_relaxed),
+                              memory_order_relaxed);
+        d->n_hint = nh;
+        atomic_fetch_add_explicit(&d->seq, 1, memory_order_seq_cst); /* even */
+        return (int)row;
+    }
+    return -ENOSPC;
+}
+
+int memd_pin_fork_adopt(char *base, uint32_t row, uint64_t from, uint64_t to)
+{
+    if (row < MEMD_MAX_PROCS || row >= MEMD_PIN_ROWS || from == 0 || to == 0)
+        return -EINVAL;
+    return atomic_compare_exchange_strong(&memd_cfg(base)->pins[row].owner, &from, to) ? 0 : -ESRCH;
+}
+
+uint64_t memd_pin_fork_owner(const char *base, uint32_t row)
+{
+    if (row < MEMD_MAX_PROCS || row >= MEMD_PIN_ROWS)
+        return 0;
+    struct memd_proc_pins *r =
+        (struct memd_proc_pins *)&((const struct memd_config *)base)->pins[row];
+    return atomic_load_explicit(&r->owner, memory_order_acquire);
+}
+
+int memd_pin_fork_reap(char *base, uint32_t row, uint64_t owner)
+{
+    if (row < MEMD_MAX_PROCS || row >= MEMD_PIN_ROWS || owner == 0 ||
+        owner == MEMD_PIN_OWNER_REAPING)
+        return -EINVAL;
+    struct memd_proc_pins *r = &memd_cfg(base)->pins[row];
+    if (!atomic_compare_exchange_strong(&r->owner, &owner, MEMD_PIN_OWNER_REAPING))
+        return -EBUSY; /* taken over, or reaped, meanwhile */
+    uint64_t q = atomic_load_explicit(&r->seq, memory_order_relaxed);
+    atomic_store_explicit(&r->seq, (q | 1u) + 2u, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    for (uint32_t i = 0; i < MEMD_PINS_PER_PROC; i++)
+        atomic_store_explicit(&r->e[i].count, 0, memory_order_relaxed);
+    atomic_store_explicit(&r->overflow, 0, memory_order_relaxed);
+    r->n_hint = 0;
+    atomic_fetch_add_explicit(&r->seq, 1, memory_order_seq_cst);
+    atomic_store_explicit(&r->owner, 0, memory_order_release); /* free for the next fork */
+    return 0;
 }

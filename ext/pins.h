@@ -29,7 +29,31 @@ int memd_msl_releasing(char *base, uint32_t idx, uint32_t first, uint32_t n);
 
 /* Row `slot`'s pinned ranges as window offsets [lo, hi) into out (at most
  * MEMD_PINS_PER_PROC); returns how many, or -EAGAIN when the row pins every page
- * (overflowed, or its owner is stopped in the middle of a write). */
-int memd_pins_read(const char *base, uint32_t slot, uint64_t (*out)[2]);
+ * (overflowed, or its owner is in the middle of a write).  `stuck`: the reader
+ * found the row mid-write before, long ago (its writer is stopped, or it is not
+ * memd's writing): a row that stays mid-write is read as it is.  That is safe
+ * for a writer stopped mid-pin: it checks the pages after its write (the Dekker
+ * pair) and refuses the view of a page given back meanwhile. */
+int memd_pins_read(const char *base, uint32_t slot, uint64_t (*out)[2], int stuck);
+
+/* 1 iff row `slot`'s seqlock is odd now (its owner is writing it). */
+int memd_pins_odd(const char *base, uint32_t slot);
+
+/* Fork rows (memd_layout.h, "view pins").  Before a fork, the owner of row `src`
+ * (a process slot's or a fork row) copies it into a free fork row claimed for
+ * `owner` (MEMD_PIN_OWNER of itself); returns the row, -ENOENT when `src` pins
+ * nothing (nothing to claim), -ENOSPC when no fork row is free. */
+int memd_pin_fork_claim(char *base, uint32_t src, uint64_t owner);
+
+/* The child takes row `row` over: CAS owner `from` (the parent's) -> `to` (its
+ * own).  0, or -ESRCH if the row is not the parent's any more (reaped). */
+int memd_pin_fork_adopt(char *base, uint32_t row, uint64_t from, uint64_t to);
+
+/* Fork row `row`'s owner word (0: free, MEMD_PIN_OWNER_REAPING); 0 for other rows. */
+uint64_t memd_pin_fork_owner(const char *base, uint32_t row);
+
+/* The primary frees fork row `row` of a dead `owner` (its pins drop).  0, -EBUSY
+ * if the owner word changed meanwhile (nothing done), -EINVAL. */
+int memd_pin_fork_reap(char *base, uint32_t row, uint64_t owner);
 
 #endif

@@ -6,6 +6,7 @@ import asyncio
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -572,3 +573,24 @@ def test_a_stopped_primarys_secondary_makes_no_new_objects(daemon_factory) -> No
     assert got == ["PrimaryNotRunning"] * 6, got
     with new.attach() as mem:
         assert mem.memzones() == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGBUS, signal.SIGSEGV, signal.SIGABRT])
+def test_a_primary_killed_by_a_fatal_signal_logs_where(daemon: Daemon, sig: int) -> None:
+    """faulthandler is on before memd._ext installs its fault guard, so a fault
+    outside the guard reaches it: the log says which signal and where."""
+    assert daemon.stop(sig) == -sig
+    log = daemon.log_text()
+    assert "Fatal Python error" in log and "most recent call first" in log, log[-2000:]
+
+
+def test_removed_stale_files_are_logged_with_what_they_held(daemon_factory) -> None:
+    """A memseg list's file is as long as the list (GiBs) but holds only its used
+    pages: the next primary reports those, not the file's apparent size."""
+    old = daemon_factory("-m", "8")
+    run_secondary(old, "mem.memzone_reserve('grow', 40 << 20)\n")
+    old.kill()
+    new = daemon_factory("-m", "8", prefix=old.prefix, runtime_dir=old.runtime_dir)
+    found = re.search(r"removed (\d+) page files \((\d+) MiB\) of a dead primary", new.log_text())
+    assert found is not None, new.log_text()
+    assert 48 <= int(found.group(2)) <= 64, found.group(0)

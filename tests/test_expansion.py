@@ -410,3 +410,35 @@ def test_the_config_is_not_a_view_and_a_damaged_capacity_kills_nobody(daemon: Da
     assert daemon.proc.poll() is None  # the primary survived the release
     with daemon.attach() as mem:
         assert mem.heap_stats()["heap_totalsz_bytes"] > 0
+
+
+def _wakeups(pid: int) -> int:
+    """Voluntary context switches of every thread of `pid` so far."""
+    total = 0
+    for status in glob.glob(f"/proc/{pid}/task/*/status"):
+        with open(status) as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def test_an_idle_secondary_never_wakes_up(daemon: Daemon) -> None:
+    """Its sync thread sleeps in one poll on the sync socket and the primary's
+    pidfd with no timeout (64 idle secondaries waking every 100 ms slowed growth
+    for everyone); detach wakes it and it ends."""
+    p = _attached_waiter(daemon)
+    try:
+        time.sleep(0.5)  # let attach's own work settle
+        before = _wakeups(p.pid)
+        time.sleep(2.0)
+        woke = _wakeups(p.pid) - before
+        assert woke <= 4, f"an idle secondary woke {woke} times in 2 s"
+        assert p.stdin is not None
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.wait(timeout=30) == 0  # the exit detaches: the sync thread ended
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -147,3 +147,21 @@ def test_a_handed_over_file_is_checked() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_restart_without_nameless_files_removes_the_dead_primarys_fd_socket(
+    daemon_factory,
+) -> None:
+    """kill -9 of a primary with --in-memory leaves its fd_socket; the next primary
+    of the prefix (with named files: no fd_socket of its own) removes it, so its
+    clean stop leaves nothing."""
+    d = daemon_factory("-m", "4", "--in-memory")
+    sock = paths.fd_socket_path(d.prefix, d.runtime_dir)
+    assert sock.exists()
+    d.proc.send_signal(signal.SIGKILL)
+    assert d.proc.wait(timeout=10) == -signal.SIGKILL
+    assert sock.exists()  # a crash leaves it
+    d2 = daemon_factory("-m", "4", prefix=d.prefix, runtime_dir=d.runtime_dir)
+    assert not sock.exists()
+    assert d2.stop() == 0
+    assert not (d.runtime_dir / "memd" / d.prefix).exists()  # nothing left

@@ -86,3 +86,43 @@ def test_a_memzone_asking_for_1gb_pages_gets_one_next_to_2mb_ones(
     assert res["sizes"] == [2 << 20, 1 << 30], res
     assert res["giga"] == 1 << 30 and res["small"] == 2 << 20 and res["data"] == "ok", res
     assert res["segs"] == [2 << 20, 1 << 30] and res["rc"] == 0, res
+
+
+PROBE = """
+import mmap, os, subprocess, tempfile
+from memd.shm.pages import probe_dir
+mnt = tempfile.mkdtemp(prefix="memd-1g-")
+subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=1G", "none", mnt], check=True)
+try:
+    free = probe_dir(mnt, 1 << 30)
+    # take the one free page: the probe must say none can be had
+    fd = os.open(mnt, os.O_TMPFILE | os.O_RDWR, 0o600)
+    os.ftruncate(fd, 1 << 30)
+    mm = mmap.mmap(fd, 1 << 30, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    taken = probe_dir(mnt, 1 << 30)
+    mm.close()
+    os.close(fd)
+    print("PROBE", repr(free), "|", taken, flush=True)
+finally:
+    subprocess.run(["umount", mnt], check=False)
+    os.rmdir(mnt)
+"""
+
+
+def test_the_probe_of_a_1gb_directory_reserves_and_refuses_without_faulting(
+    one_gigapage,
+) -> None:
+    """probe_dir only reserves a 1 GiB page (zeroing one made start take seconds):
+    a free page passes, none free is refused with the reason."""
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", sys.executable, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("PROBE "))
+    free, taken = line.removeprefix("PROBE ").split(" | ")
+    assert free == "None", line
+    assert taken != "None" and "1048576kB" in taken, line

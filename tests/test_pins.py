@@ -9,6 +9,8 @@ import signal
 import time
 from typing import Any
 
+import pytest
+
 from memd import _ext
 from memd.testing import Daemon, DrivenSecondary, pages_held
 
@@ -257,3 +259,130 @@ def test_a_view_a_free_callback_keeps_keeps_the_pages(daemon_factory) -> None:
     finally:
         watcher.finish()
         grower.finish()
+
+
+def test_pages_a_view_kept_go_soon_after_the_view_without_another_free(daemon_factory) -> None:
+    """A release that found free pages pinned is retried by the primary once the
+    pins change: dropping the last view is enough, nobody has to free again."""
+    d = daemon_factory("-m", "4")
+    a, b = DrivenSecondary(d), DrivenSecondary(d)
+    try:
+        off, size = a("blk = mem.malloc(40 << 20)\nres = [blk.offset, blk.size]")
+        b(f"v = mem.view({off}, {size})")
+        a("mem.free(blk)")  # the free asks for a release itself: the view keeps them
+        held, used = accounted(d)
+        assert held <= used and under_view_used(d, off, size), (held, used)
+        b("v.release()")
+        assert wait_for(lambda: accounted(d) == (2, 2)), accounted(d)
+    finally:
+        a.finish()
+        b.finish()
+    assert d.proc.poll() is None
+
+
+FORK_CHILD = f"""
+def child_body(v, go_fd):
+    os.read(go_fd, 1)  # the parent freed, dropped its views and released meanwhile
+    if bytes(v[-1024:]) != {PATTERN}:
+        return 2
+    v[:4] = b'abcd'  # writable too: the page is still there
+    return 0 if bytes(v[:4]) == b'abcd' else 3
+"""
+
+
+@pytest.mark.parametrize("how", ["os.fork", "multiprocessing"])
+def test_a_forked_childs_inherited_view_keeps_its_pages_while_the_child_lives(
+    daemon_factory, how: str
+) -> None:
+    """The child's attachment is dead, but the views it inherited keep their pages
+    (a fork row, ext/pins.c) after the parent freed the block, dropped its own
+    views and the pages were released; they go once the child exits."""
+    d = daemon_factory("-m", "4")
+    a = DrivenSecondary(d)
+    try:
+        setup = (
+            "import os, multiprocessing\n"
+            "from memd import _ext\n" + FORK_CHILD + "blk = mem.malloc(40 << 20)\n"
+            f"blk.buf[-1024:] = {PATTERN}\n"
+            "v = blk.buf\n"
+            "go_r, go_w = os.pipe()\n"
+        )
+        if how == "os.fork":
+            setup += (
+                "pid = os.fork()\n"
+                "if pid == 0:\n"
+                "    code = 9\n"
+                "    try:\n"
+                "        code = child_body(v, go_r)\n"
+                "    finally:\n"
+                "        os._exit(code)\n"
+                "def child_exit():\n"
+                "    _, status = os.waitpid(pid, 0)\n"
+                "    return os.waitstatus_to_exitcode(status)\n"
+            )
+        else:
+            setup += (
+                "def target(v, go_r):\n"
+                "    os._exit(child_body(v, go_r))\n"
+                "p = multiprocessing.get_context('fork').Process(target=target, args=(v, go_r))\n"
+                "p.start()\n"
+                "def child_exit():\n"
+                "    p.join(60)\n"
+                "    return p.exitcode\n"
+            )
+        off, size = a(setup + "res = [blk.offset, blk.size]")
+        rows = a("res = [r[0] for r in _ext.pin_fork_rows(mem.window)]")
+        assert len(rows) == 1 and rows[0] >= _ext.PIN_ROWS - _ext.FORK_PIN_ROWS, rows
+        a("mem.free(blk)\ndel v\nimport gc; gc.collect()\nmem._release_pages(0)")
+        assert a("res = _ext.pin_ranges(mem.window, mem.proc_slot)") == []  # parent: none
+        held, used = accounted(d)
+        assert held <= used and under_view_used(d, off, size), (held, used)
+        assert a("os.write(go_w, b'x')\nres = child_exit()") == 0
+        # the primary frees the dead child's row and gives the pages back unasked
+        assert wait_for(lambda: accounted(d) == (2, 2)), accounted(d)
+        assert a("res = _ext.pin_fork_rows(mem.window)") == []
+    finally:
+        a.finish()
+    assert d.proc.poll() is None
+
+
+def test_a_parent_without_views_claims_no_fork_row(daemon_factory) -> None:
+    d = daemon_factory()
+    a = DrivenSecondary(d)
+    try:
+        res = a(
+            "import os\nfrom memd import _ext\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    os._exit(0 if mem.window.pin_slot == -1 else 1)\n"
+            "_, st = os.waitpid(pid, 0)\n"
+            "res = [os.waitstatus_to_exitcode(st), _ext.pin_fork_rows(mem.window)]"
+        )
+        assert res == [0, []], res
+    finally:
+        a.finish()
+
+
+def test_a_row_left_mid_write_pins_everything_only_for_a_while(daemon_factory) -> None:
+    """A pin row whose seqlock stays odd (a writer stopped mid-write, or a process
+    writing shared memory it should not) would keep every free page forever; at
+    two looks a second apart it is logged and read as it stands."""
+    d = daemon_factory("-m", "4")
+    a, b = DrivenSecondary(d), DrivenSecondary(d)
+    try:
+        b(
+            "from memd import _ext\n"
+            "at = _ext.LAYOUT['memd_config.pins'][0] + mem.proc_slot * "
+            "_ext.LAYOUT['memd_proc_pins'] + _ext.LAYOUT['memd_proc_pins.seq'][0]\n"
+            "raw = mem.window.view(at, 8)\n"
+            "seq = int.from_bytes(raw, 'little')\n"
+            "raw[:] = (seq | 1).to_bytes(8, 'little')"
+        )
+        a("blk = mem.malloc(40 << 20)\nmem.free(blk)")
+        assert wait_for(lambda: accounted(d) == (2, 2)), accounted(d)
+        assert "mid-write" in d.log_text()
+        b("raw[:] = ((seq | 1) + 1).to_bytes(8, 'little')\ndel raw")
+    finally:
+        a.finish()
+        b.finish()
+    assert d.proc.poll() is None

@@ -18,10 +18,11 @@
    out of the heap, marked unused, callbacks' FREE while the pages still exist,
    then punched out of the file, unless preallocated (-m, --socket-mem,
    --legacy-mem, which never grows) or pinned: a view some process holds (a
-   `.buf`, `mem.view()`, a NumPy array over one) pins the pages under it
-   (`ext/pins.c`), which then stay in the heap as free memory until a release
-   after the last such view is gone (or its process died: reclaim clears its
-   pins, and releases).
+   `.buf`, `mem.view()`, a NumPy array over one, or one a forked child
+   inherited) pins the pages under it (`ext/pins.c`), which then stay in the
+   heap as free memory; the primary's serving loop releases again once the pins
+   changed (`retry_deferred_release`: the last such view went, or its process
+   died), nobody else having to free anything.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import errno
 import logging
 import math
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -46,6 +48,8 @@ log = logging.getLogger("memd")
 secondary_log = logging.getLogger("memd_client")
 
 MiB = 1 << 20
+# a pin row mid-write at two looks this far apart (seconds) is read as it stands
+STUCK_PIN_ROW = 1.0
 
 
 class GrowthOptions(Protocol):
@@ -122,6 +126,10 @@ class PrimaryGrowth(Memory):
         server: Server | None
         _expand_lock: threading.RLock
         detached_pins: dict[tuple[int, int], list[tuple[int, int]]]
+        # heap -> the pins a release found keeping free pages (retried when they change)
+        release_deferred: dict[int, list[tuple[int, int]]]
+        pin_rows_odd_since: dict[int, float]  # pin row -> when first seen mid-write
+        pin_rows_logged: set[int]  # stuck rows already logged
 
         def _lists_of(self, socket_id: int) -> list[MemsegList]: ...
         def _map_new_pages(self, msl: MemsegList, n: int, prealloc: bool) -> int: ...
@@ -202,6 +210,7 @@ class PrimaryGrowth(Memory):
         if self.options.legacy_mem:
             return NEVER_RELEASE  # legacy memory is all preallocated
         with self._expand_lock:
+            self.release_deferred.pop(heap, None)
             for msl in self._lists_of(heap):
                 _ext.heap_lock(self.window, heap)
                 try:
@@ -212,8 +221,13 @@ class PrimaryGrowth(Memory):
                             )
                         except OSError:
                             break
-                        run = self._releasable_run(msl, off, length, self._pins())
+                        pins = self._pins()
+                        run = self._releasable_run(msl, off, length, pins)
                         if run is None:
+                            if self._releasable_run(msl, off, length) is not None:
+                                # views keep free pages: the serving loop retries
+                                # when the pins change (the last view goes)
+                                self.release_deferred[heap] = pins
                             break
                         first, n = run
                         start = msl.base_offset + first * msl.page_size
@@ -243,19 +257,78 @@ class PrimaryGrowth(Memory):
                             with self._map_lock:  # they heard FREE: now they are back
                                 self._mem_event(MEM_EVENT_ALLOC, start, n * msl.page_size)
                             self._tell_secondaries()
+                            self.release_deferred[heap] = self._pins()
                             break
                         self._free_in_list(msl, first, n)
                 finally:
                     _ext.heap_unlock(self.window, heap)
         return None
 
+    def retry_deferred_release(self) -> int:
+        """Serving loop: release again the heaps whose free pages views kept, once
+        the pins changed (a view went, its process or a forked child that
+        inherited it died).  Cheap while nothing changed (one read of the pin
+        rows).  Returns how many heaps it tried."""
+        if not self.release_deferred:
+            return 0
+        pins = self._pins()
+        tried = 0
+        for heap, seen in list(self.release_deferred.items()):
+            if pins == seen:
+                continue
+            tried += 1
+            try:
+                self._release_pages(heap)
+            except MemdError as e:  # a heap lock held too long, a broken heap
+                log.debug("deferred release of heap %d: %s", heap, e)
+                self.release_deferred.setdefault(heap, seen)  # again next time
+        return tried
+
+    def _stuck_pin_rows(self) -> list[int]:
+        """Pin rows found mid-write (odd seqlock) at two looks STUCK_PIN_ROW s apart
+        or more.  A writer holds a row odd for nanoseconds, under its GIL; one odd
+        that long is stopped mid-write (SIGSTOP, a debugger) or is not memd's
+        writing (any attached process can write every shared byte).  Such a row
+        would pin every page until its slot is registered again; it is read as it
+        stands instead (ext/pins.h: safe for a stopped writer), and logged once.
+        A row that overflowed still pins every page: that is its owner's to undo."""
+        now = time.monotonic()
+        odd = set(_ext.pin_rows_odd(self.window))
+        seen = self.pin_rows_odd_since
+        for row in [r for r in seen if r not in odd]:
+            del seen[row]
+        stuck = []
+        for row in sorted(odd):
+            since = seen.setdefault(row, now)
+            if now - since >= STUCK_PIN_ROW:
+                stuck.append(row)
+                if row not in self.pin_rows_logged:
+                    self.pin_rows_logged.add(row)
+                    log.warning(
+                        "pin row %d (%s) has been mid-write for %.0f s: its writer is "
+                        "stopped, or not memd; reading it as it stands",
+                        row,
+                        f"process slot {row}" if row < _ext.MAX_PROCS else "a forked child",
+                        now - since,
+                    )
+        self.pin_rows_logged &= odd
+        return stuck
+
+    def _reap_fork_pins(self) -> None:
+        """Free the fork rows (a forked child's inherited views) of dead owners."""
+        for row, pid, start, owner in _ext.pin_fork_rows(self.window):
+            if not process_alive(pid, start):
+                _ext.pin_fork_reap(self.window, row, owner)
+
     def _pins(self) -> list[tuple[int, int]]:
-        """Window offset ranges that views pin: every process slot's row, and
-        those of detached secondaries that still live.  Read after the used bits
-        were cleared, it also sees a view made meanwhile (ext/pins.c)."""
+        """Window offset ranges that views pin: every process slot's row, every
+        live forked child's, and those of detached secondaries that still live.
+        Read after the used bits were cleared, it also sees a view made
+        meanwhile (ext/pins.c)."""
         for key in [k for k in self.detached_pins if not process_alive(*k)]:
             del self.detached_pins[key]
-        pins = _ext.pin_ranges(self.window)
+        self._reap_fork_pins()
+        pins = _ext.pin_ranges(self.window, -1, self._stuck_pin_rows())
         for ranges in self.detached_pins.values():
             pins.extend(ranges)
         return pins
@@ -302,9 +375,13 @@ class PrimaryGrowth(Memory):
             return
         waited = []
         for peer in list(self.server.peers.values()):
+            # only those we wait for: a /proc look per idle secondary cost growth
+            # ~10 us each (64 of them: 2x); their pidfds report deaths anyway
+            if not peer.mem_events:
+                continue
             if not process_alive(peer.pid, peer.start_time):
                 self.server.set_aside(peer)
-            elif peer.mem_events:
+            else:
                 waited.append(peer)
         gen = self._header().mem_generation
         if waited:

@@ -65,6 +65,9 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         self._expand_lock = threading.RLock()
         self.reclaims = deque(maxlen=64)
         self.detached_pins = {}
+        self.release_deferred = {}
+        self.pin_rows_odd_since = {}
+        self.pin_rows_logged = set()
         try:
             self._init()
         except BaseException:
@@ -118,10 +121,14 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         # group members may enter and connect, never create: the socket is ours alone
         ensure_dir(sockdir.parent, 0o711 if self._gid is not None else 0o700, shared=True)
         ensure_dir(sockdir, self._dir_mode, self._gid)
-        with contextlib.suppress(FileNotFoundError):
-            mp_socket_path(
-                self.prefix, self.rundir
-            ).unlink()  # a dead primary's: we hold the config lock
+        # a dead primary's sockets (we hold the config lock): its fd_socket too, which
+        # a primary without nameless files would otherwise leave behind at its stop
+        for stale in (
+            mp_socket_path(self.prefix, self.rundir),
+            fd_socket_path(self.prefix, self.rundir),
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         self.server = Server(
             mp_endpoint(self.prefix, self.rundir),
             self._handlers(),
@@ -172,13 +179,17 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
 
     def serve(self, stop: threading.Event, tick: float = 0.2, on_tick: Any = None) -> None:
         """Serve until `stop` is set; `on_tick()` runs between polls."""
-        last_prune = time.monotonic()
+        last_prune = last_retry = time.monotonic()
         while not stop.is_set():
             self.poll(tick)
             now = time.monotonic()
             if now - last_prune >= 1.0:
                 self.prune_dead()
+                self._reap_fork_pins()  # rows of dead forked children go back to the pool
                 last_prune = now
+            if now - last_retry >= tick:  # pages views kept go soon after the views
+                self.retry_deferred_release()
+                last_retry = now
             if on_tick is not None:
                 on_tick()
 

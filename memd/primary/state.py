@@ -92,3 +92,7 @@ class PrimaryState(Memory):
     # pins of secondaries that detached with views still alive: (pid, start time)
     # -> window offset ranges; kept until the process exits
     detached_pins: dict[tuple[int, int], list[tuple[int, int]]]
+    # heap -> the pins a release found keeping free pages; retried when they change
+    release_deferred: dict[int, list[tuple[int, int]]]
+    pin_rows_odd_since: dict[int, float]  # pin row -> when first seen mid-write
+    pin_rows_logged: set[int]  # stuck pin rows already logged

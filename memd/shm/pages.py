@@ -289,7 +289,7 @@ def unlock_prefix(directory: str, prefix: str, fd: int, keep: bool = False) -> N
 class CleanReport:
     """What a scan for stale page files did."""
 
-    removed: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes)
+    removed: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes it held)
     held: list[tuple[str, list[Holder]]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
     foreign: list[tuple[str, int]] = field(default_factory=list)  # (path, owner uid)
@@ -374,7 +374,8 @@ def _remove_if_unheld(
         except OSError as e:
             report.skipped.append((path, f"cannot remove: {e.strerror}"))
             return False
-        report.removed.append((path, st.st_size))
+        # what it held (a memseg list's file is mostly holes), not its apparent size
+        report.removed.append((path, st.st_blocks * 512))
         return True
     finally:
         os.close(fd)
@@ -501,9 +502,17 @@ def no_pages_reason(directory: str, page_size: int, wanted: int, error: OSError)
     )
 
 
+# Pages larger than this are probed by reservation only: faulting one in zeroes it
+# (a 1 GiB page took the primary's start 6-12 s on a busy host).
+PROBE_POPULATE_MAX = 2 << 20
+
+
 def probe_dir(directory: str, page_size: int) -> str | None:
     """Create, size and map one page in `directory`, then give it back.  None if
-    that works, else why not (`no_pages_reason`)."""
+    that works, else why not (`no_pages_reason`).  A page of at most
+    PROBE_POPULATE_MAX is faulted in (MAP_POPULATE); a larger one is only
+    reserved: hugetlbfs reserves a shared mapping's pages at mmap, refusing it
+    (ENOMEM) when the pool has none, without zeroing a page."""
     try:
         fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     except OSError as e:
@@ -512,7 +521,9 @@ def probe_dir(directory: str, page_size: int) -> str | None:
         return no_pages_reason(directory, page_size, 1, e)
     try:
         os.ftruncate(fd, page_size)
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        flags = mmap.MAP_SHARED
+        if page_size <= PROBE_POPULATE_MAX:
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
         mm = mmap.mmap(fd, page_size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         mm.close()
         return None
