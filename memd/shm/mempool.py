@@ -126,6 +126,10 @@ class Mempool(_ext.Mempool):
         ValueError: ``put`` of an object or handle that is not this pool's, or is
             already free; ``obj(handle)`` of a handle that is no object of it.
         MemdValueError: the attachment the pool came from was detached.
+        StaleHandle: any call but the local properties (``size``, ``offset``, ...)
+            after the pool was freed, by this process or another (also through its
+            MempoolObjects: ``buf``, ``iova``, the buffer protocol); nothing is
+            touched.  Look the pool up again.
         CorruptionError: ``audit`` found the pool's bookkeeping smashed.
     """
 
@@ -199,9 +203,11 @@ class Mempool(_ext.Mempool):
 
         Raises:
             PoolEmpty: no object became free within `timeout`.
+            StaleHandle: the pool was freed (by any process).
             MemdValueError: the attachment was detached.
             PrimaryNotRunning: the primary died while it waited.
         """
+        self._check_live()  # StaleHandle, not "no ring" from the freed pool's ring
         free = _ext.Ring(self.window, self.ring_offset)  # its ring of free objects
 
         def attempt() -> MempoolObject | None:

@@ -156,6 +156,10 @@ class Ring(_ext.Ring[E]):
         TypeError: an entry that is not an integer, or a buffer whose items are not
             unsigned 64-bit.
         MemdValueError: the attachment the ring came from was detached.
+        StaleHandle: the ring was freed, by this process or another (even if a ring
+            was made again under its name, at its offset): every call but the local
+            properties (``capacity``, ``size``, ``esize``, ``offset``) raises it and
+            touches nothing; a waiting call raises it at once.  Look it up again.
         PrimaryNotRunning: while waiting, the primary died (within 100 ms).
         KeyboardInterrupt: (or any exception a signal handler raises) while waiting:
             the ring is unchanged.
