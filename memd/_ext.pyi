@@ -69,6 +69,7 @@ RING_F_SC_DEQ: int
 RING_F_SP_ENQ: int
 RING_SZ_MASK: int
 RING_ESIZE_U64: int
+TAG_FREED: int  # what ring_free/mempool_free leave in every copy of an identity tag
 SEG_F_PREALLOC: int
 SEG_F_USED: int
 SOCKET_ID_ANY: int
