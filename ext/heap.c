@@ -76,14 +76,70 @@ static inline void put_header(char *base, struct memd_heap *h, uint64_t off, int
     st64(e + 56, w7);
 }
 
+/* --- damage found on the way ---------------------------------------------------- */
+
+/*
+ * A client's heap operation follows neighbour and free-list links that a scribble
+ * past a block can damage.  A link into a hole faults (the operation's guard,
+ * GUARDED); one into mapped memory would let the operation write where it must
+ * not.  So before an operation writes through a link, it checks the header there:
+ * its cookie and that it links back, and the size of a neighbour it joins
+ * (EXPECT, jrelink).  All of that is on lines the operation touches anyway.  A mismatch leaves
+ * through the operation's guard as a fault does: what it changed is undone and the heap is marked
+ * broken
+ * (-EFAULT, CorruptionError).  Outside a guard (the daemon's changes, which check
+ * the whole heap first, memd_heap_check) nothing is undone here.
+ */
+static __attribute__((noinline, cold, noreturn)) void heap_damaged(void)
+{
+    siglongjmp(*memd_fault_env, 1);
+}
+
+/* noreturn, and only under a guard: the compiler keeps what it loaded before a
+ * check in registers after it (a call that may return would force reloads) */
+#define EXPECT(cond)                                                \
+    do {                                                            \
+        if (__builtin_expect(!(cond), 0) && memd_fault_env != NULL) \
+            heap_damaged();                                         \
+    } while (0)
+
+/* Does o hold an element header, by its cookie?  With the link back that each
+ * caller checks too, a stray link (or a header smashed by user bytes) is told
+ * apart; a link out of the window faults (the guard).  No bounds: read-only. */
+static inline int elem_ok(char *base, uint64_t o) { return EL(base, o)->cookie == head_cookie(o); }
+
+/* The element above (below) element `at` in address order is sound and names
+ * `at` as its prev (next); none: `at` is the heap's last (first). */
+static inline int next_ok(char *base, const struct memd_heap *h, uint64_t at, uint64_t next)
+{
+    return next ? next > at && elem_ok(base, next) && EL(base, next)->prev == at
+                : h->last_elem == at;
+}
+
+static inline int prev_ok(char *base, const struct memd_heap *h, uint64_t at, uint64_t prev)
+{
+    return prev ? prev < at && elem_ok(base, prev) && EL(base, prev)->next == at
+                : h->first_elem == at;
+}
+
+/* jset of a link that must hold `expect` now (a list neighbour's link back): the
+ * check rides on the load jset makes anyway. */
+static inline void jrelink(char *base, struct memd_heap *h, uint64_t *p, uint64_t v,
+                           uint64_t expect)
+{
+    EXPECT(*p == expect);
+    jset(base, h, p, v);
+}
+
 /* --- lists ------------------------------------------------------------------ */
 
 static void fl_remove(char *base, struct memd_heap *h, uint64_t off)
 {
     struct memd_heap_elem *e = EL(base, off);
     uint64_t p = e->u.free.prev, n = e->u.free.next;
+    /* its list neighbours link back to it (else a stray link: damage) */
     if (p) {
-        jset(base, h, &EL(base, p)->u.free.next, n);
+        jrelink(base, h, &EL(base, p)->u.free.next, n, off);
     } else {
         unsigned c = size_class(e->size);
         jset(base, h, &h->free_head[c], n);
@@ -91,7 +147,7 @@ static void fl_remove(char *base, struct memd_heap *h, uint64_t off)
             h->list_mask &= ~(1u << c); /* counters line: saved by jbegin */
     }
     if (n)
-        jset(base, h, &EL(base, n)->u.free.prev, p);
+        jrelink(base, h, &EL(base, n)->u.free.prev, p, off);
 }
 
 #define MF_NO_PREV 0x1u /* prev is the caller's (a busy block it links itself) */
@@ -119,6 +175,10 @@ static uint64_t make_free(char *base, struct memd_heap *h, uint64_t off, uint64_
     if (!(mf & MF_NO_NEXT) && next && off + size == next &&
         EL(base, next)->state == MEMD_ELEM_FREE) {
         struct memd_heap_elem *n = EL(base, next);
+        /* joined: its size, and the element above it, whose prev link we rewrite */
+        EXPECT(n->size >= MIN_ELEM && n->size % GRAIN == 0 &&
+               (n->next ? n->next >= next + n->size : n->size <= UINT64_MAX - next) &&
+               next_ok(base, h, next, n->next));
         jn = next;
         dcount--;
         hull_add(&dlo, &dhi, next, next + HDR);
@@ -129,6 +189,8 @@ static uint64_t make_free(char *base, struct memd_heap *h, uint64_t off, uint64_
     if (!(mf & MF_NO_PREV) && prev && prev + EL(base, prev)->size == off &&
         EL(base, prev)->state == MEMD_ELEM_FREE) {
         struct memd_heap_elem *p = EL(base, prev);
+        /* joined: the element below it, whose next link we rewrite */
+        EXPECT(prev_ok(base, h, prev, p->prev));
         jp = prev;
         dcount--;
         if (kind == HDR_BUSY) {
@@ -168,12 +230,13 @@ static uint64_t make_free(char *base, struct memd_heap *h, uint64_t off, uint64_
     put_header(base, h, off, fresh, head_word(off, MEMD_ELEM_FREE, heap_index(base, h), 0), prev,
                next, size, fprev, fnext, dlo, dhi);
     if (keep != off) {
+        /* between fprev and fnext, which link to keep (or fnext heads the list) */
         if (fprev)
-            jset(base, h, &EL(base, fprev)->u.free.next, off);
+            jrelink(base, h, &EL(base, fprev)->u.free.next, off, keep);
         else
             jset(base, h, &h->free_head[c], off);
         if (fnext)
-            jset(base, h, &EL(base, fnext)->u.free.prev, off);
+            jrelink(base, h, &EL(base, fnext)->u.free.prev, off, keep);
         h->list_mask |= 1u << c;
     }
     if (!(mf & MF_NO_PREV)) {
@@ -331,6 +394,10 @@ static void carve(char *base, struct memd_heap *h, uint64_t foff, uint64_t d, ui
     if (hi - end < MIN_ELEM)
         end = hi; /* too small to stand alone: slack in the block */
     int gap = boff > foff, tail = end < hi;
+    /* the neighbours whose links we rewrite: the one above always, the one below
+     * when a gap is split off */
+    EXPECT(hi <= (next ? next : UINT64_MAX) && next_ok(base, h, foff, next));
+    EXPECT(!gap || prev_ok(base, h, foff, prev));
 
     uint64_t w0 = head_word(boff, MEMD_ELEM_BUSY, heap_index(base, h), flags);
     uint64_t w5 = owner_word(memd_self_pid());
@@ -588,6 +655,10 @@ static uint64_t free_elem(char *base, struct memd_heap *h, uint64_t boff)
 {
     struct memd_heap_elem *b = EL(base, boff);
     uint64_t size = b->size;
+    /* both neighbours are sound and link back: a scribble past the block below
+     * (or this one) into a header is caught before free() joins or relinks */
+    EXPECT((!b->next || b->next >= boff + size) && next_ok(base, h, boff, b->next));
+    EXPECT(prev_ok(base, h, boff, b->prev));
     h->alloc_count--;
     h->alloc_size -= size;
     return make_free(base, h, boff, size, b->prev, b->next, boff + HDR, boff + size, HDR_BUSY, 0, 0,
@@ -659,6 +730,8 @@ static void grow_into_next(char *base, struct memd_heap *h, uint64_t boff, uint6
     struct memd_heap_elem *n = EL(base, noff);
     uint64_t dlo = n->u.free.dirty_lo, dhi = n->u.free.dirty_hi;
     uint64_t end = noff + n->size, nnext = n->next, t = boff + need;
+    EXPECT(elem_ok(base, noff) && n->prev == boff && next_ok(base, h, noff, nnext) &&
+           (!nnext || nnext >= end));
     if (end - t >= MIN_ELEM) {
         /* t >= noff + 64 (need > b->size): the tail's header is in n's free data;
          * the tail may take n's list slot */

@@ -31,7 +31,8 @@
 /* 2: robust ring sides, mempool owner tags; 3: heap undo journals, element owner tags;
  * 4: DPDK fidelity (an object directory entry per memzone, rings of esize-byte
  *    records, memzone flags as DPDK's), memzone generations, view pins;
- * 5: fork pin rows (a forked child's inherited views keep their pages) */
+ * 5: fork pin rows (a forked child's inherited views keep their pages), identity
+ *    tags in rings and mempools (a freed one's handles raise) */
 #define MEMD_LAYOUT_VERSION 5u
 
 #define MEMD_CACHE_LINE         64u
@@ -441,6 +442,18 @@ struct memd_config {
  * unpublished entries are simply overwritten, a consumer's unreleased entries stay
  * in the ring and are delivered again.
  */
+/*
+ * Identity tags: ring_init and mempool_init give every ring and pool a random
+ * non-zero 64-bit tag; freeing one (ring_free, mempool_free) overwrites every copy
+ * with MEMD_TAG_FREED before its memory goes back to the heap.  A handle (Ring,
+ * Mempool) keeps the tag it validated and compares it on every call, in a cache
+ * line that call touches anyway: a handle kept past a free (here or in another
+ * process), even past a re-create at the same offset, raises instead of moving
+ * entries in memory that is no longer its ring's.  A handle pins its memory's
+ * pages (view pins), so the compare never reads a page that was given back.
+ */
+#define MEMD_TAG_FREED 0ull
+
 #define MEMD_RING_MAGIC      0x33474e49524d454dULL /* "MEMRING3", little endian (3: esize) */
 #define MEMD_RING_F_SP_ENQ   0x1u                  /* one producer at a time: no lock on prod */
 #define MEMD_RING_F_SC_DEQ   0x2u                  /* one consumer at a time: no lock on cons */
@@ -478,29 +491,32 @@ struct memd_ring_headtail {          /* one side of a ring: the producers' or th
                                             (producer) or empty (consumer) */
     _Atomic uint64_t lock;           /* 16: multi mode: 0 = free, else the owner (see
                                             MEMD_RING_LOCK_PID / _START) */
-    _Atomic uint32_t recoveries;     /* 24: locks taken over from a dead owner */
-    uint32_t reserved;               /* 28 */
+    _Atomic uint64_t tag;            /* 24: the ring's identity tag (the same on both sides,
+                                            so each side checks the line it writes anyway);
+                                            MEMD_TAG_FREED once the ring is freed */
     struct memd_ring_wait lock_wait; /* 32: processes waiting for `lock` sleep here */
 }; /* 64 */
 
 struct memd_ring {
-    _Atomic uint64_t magic;          /*   0: MEMD_RING_MAGIC, stored last (release) */
-    char name[MEMD_NAMESIZE];        /*   8 */
-    uint32_t flags;                  /*  40: MEMD_RING_F_* as created */
-    uint32_t size;                   /*  44: slots, a power of two */
-    uint32_t mask;                   /*  48: size - 1 */
-    uint32_t capacity;               /*  52: usable slots: size - 1, or count if EXACT_SZ */
-    uint64_t memsize;                /*  56: bytes from the header to the last slot's end */
-    uint32_t esize;                  /*  64: bytes per slot, a multiple of 4 */
-    uint8_t pad0[60];                /*  68: keeps prod off the config line's neighbour */
-    struct memd_ring_headtail prod;  /* 128 */
-    uint8_t pad1[64];                /* 192 */
-    struct memd_ring_headtail cons;  /* 256 */
-    uint8_t pad2[64];                /* 320 */
-    struct memd_ring_wait not_empty; /* 384: consumers sleep here for entries */
-    struct memd_ring_wait not_full;  /* 416: producers sleep here for room */
-    uint8_t pad3[64];                /* 448 */
-    uint64_t slots[];                /* 512: `size` entries of esize bytes (8-byte aligned) */
+    _Atomic uint64_t magic;           /*   0: MEMD_RING_MAGIC, stored last (release) */
+    char name[MEMD_NAMESIZE];         /*   8 */
+    uint32_t flags;                   /*  40: MEMD_RING_F_* as created */
+    uint32_t size;                    /*  44: slots, a power of two */
+    uint32_t mask;                    /*  48: size - 1 */
+    uint32_t capacity;                /*  52: usable slots: size - 1, or count if EXACT_SZ */
+    uint64_t memsize;                 /*  56: bytes from the header to the last slot's end */
+    uint32_t esize;                   /*  64: bytes per slot, a multiple of 4 */
+    _Atomic uint32_t prod_recoveries; /*  68: producer locks taken over from a dead owner */
+    _Atomic uint32_t cons_recoveries; /*  72: consumer locks taken over from a dead owner */
+    uint8_t pad0[52];                 /*  76: keeps prod off the config line's neighbour */
+    struct memd_ring_headtail prod;   /* 128 */
+    uint8_t pad1[64];                 /* 192 */
+    struct memd_ring_headtail cons;   /* 256 */
+    uint8_t pad2[64];                 /* 320 */
+    struct memd_ring_wait not_empty;  /* 384: consumers sleep here for entries */
+    struct memd_ring_wait not_full;   /* 416: producers sleep here for room */
+    uint8_t pad3[64];                 /* 448 */
+    uint64_t slots[];                 /* 512: `size` entries of esize bytes (8-byte aligned) */
 }; /* 512 + esize * size */
 
 /* --- mempools (DPDK: rte_mempool; code in ext/mempool.c) ------------------ */
@@ -549,7 +565,9 @@ struct memd_mempool {
     uint64_t obj_stride;        /* 104: bytes per object (header + data + trailer) */
     uint64_t trailer_offset;    /* 112: from an object's data to its trailer cookie */
     uint64_t memsize;           /* 120: bytes of the whole block */
-    uint64_t reserved[16];      /* 128 */
+    _Atomic uint64_t tag;       /* 128: identity tag (see "identity tags"), also in every
+                                        cache and both sides of the free ring */
+    uint64_t reserved[15];      /* 136 */
 }; /* 256 */
 
 struct memd_mempool_cache { /* one per process slot */
@@ -557,7 +575,9 @@ struct memd_mempool_cache { /* one per process slot */
     int32_t owner_pid;      /*  4: last process that used it (diagnostics) */
     uint64_t gets;          /*  8: objects served from this cache (stats) */
     uint64_t puts;          /* 16: objects put into this cache (stats) */
-    uint64_t reserved[5];   /* 24 */
+    _Atomic uint64_t tag;   /* 24: the pool's identity tag: checked on the line get/put
+                                   touch anyway */
+    uint64_t reserved[4];   /* 32 */
     uint64_t objs[];        /* 64: 2 * cache_size handles (room for a refill) */
 }; /* 64 + 16 * cache_size, rounded up to 64 */
 
@@ -654,7 +674,7 @@ MEMD_CHECK(struct memd_ring_headtail, tail, 4);
 MEMD_CHECK(struct memd_ring_headtail, single, 8);
 MEMD_CHECK(struct memd_ring_headtail, other_tail, 12);
 MEMD_CHECK(struct memd_ring_headtail, lock, 16);
-MEMD_CHECK(struct memd_ring_headtail, recoveries, 24);
+MEMD_CHECK(struct memd_ring_headtail, tag, 24);
 MEMD_CHECK(struct memd_ring_headtail, lock_wait, 32);
 _Static_assert(sizeof(_Atomic uint64_t) == 8 && _Alignof(_Atomic uint64_t) == 8,
                "the ring lock word must be a naturally aligned 8-byte atomic");
@@ -668,6 +688,8 @@ MEMD_CHECK(struct memd_ring, flags, 40);
 MEMD_CHECK(struct memd_ring, capacity, 52);
 MEMD_CHECK(struct memd_ring, memsize, 56);
 MEMD_CHECK(struct memd_ring, esize, 64);
+MEMD_CHECK(struct memd_ring, prod_recoveries, 68);
+MEMD_CHECK(struct memd_ring, cons_recoveries, 72);
 MEMD_CHECK(struct memd_ring, prod, 128);
 MEMD_CHECK(struct memd_ring, cons, 256);
 MEMD_CHECK(struct memd_ring, not_empty, 384);
@@ -683,8 +705,10 @@ MEMD_CHECK(struct memd_mempool, caches_offset, 64);
 MEMD_CHECK(struct memd_mempool, ring_offset, 88);
 MEMD_CHECK(struct memd_mempool, objs_offset, 96);
 MEMD_CHECK(struct memd_mempool, memsize, 120);
+MEMD_CHECK(struct memd_mempool, tag, 128);
 MEMD_CHECK_SIZE(struct memd_mempool, 256);
 MEMD_CHECK(struct memd_mempool_cache, gets, 8);
+MEMD_CHECK(struct memd_mempool_cache, tag, 24);
 MEMD_CHECK(struct memd_mempool_cache, objs, 64);
 MEMD_CHECK_SIZE(struct memd_mempool_cache, 64);
 MEMD_CHECK(struct memd_mempool_objhdr, cookie, 8);

@@ -94,6 +94,7 @@ int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n, u
     if (pool % MEMD_CACHE_LINE || (name && strnlen(name, MEMD_NAMESIZE) >= MEMD_NAMESIZE))
         return -EINVAL;
     g.pool = pool;
+    g.tag = memd_new_tag();
     struct memd_mempool *mp = pool_at(base, pool);
     /* relaxed: nobody may use the pool until the magic is stored below. */
     atomic_store_explicit(&mp->magic, 0, memory_order_relaxed);
@@ -114,6 +115,9 @@ int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n, u
     mp->obj_stride = g.obj_stride;
     mp->trailer_offset = g.trailer_offset;
     mp->memsize = g.memsize;
+    atomic_store_explicit(&mp->tag, g.tag, memory_order_relaxed);
+    for (uint32_t i = 0; g.cache_size && i < MEMD_MAX_PROCS; i++)
+        atomic_store_explicit(&cache_of(base, &g, i)->tag, g.tag, memory_order_relaxed);
 
     uint32_t ring_flags = MEMD_RING_F_EXACT_SZ;
     if (flags & MEMD_MEMPOOL_F_SP_PUT)
@@ -121,7 +125,7 @@ int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n, u
     if (flags & MEMD_MEMPOOL_F_SC_GET)
         ring_flags |= MEMD_RING_F_SC_DEQ;
     struct memd_ring *r = ring_of(base, &g);
-    rc = memd_ring_init(r, name, n, MEMD_RING_ESIZE_U64, ring_flags);
+    rc = memd_ring_init(r, name, n, MEMD_RING_ESIZE_U64, ring_flags, g.tag);
     if (rc < 0)
         return rc;
     g.ring = memd_ring_geom_of(r);
@@ -162,8 +166,10 @@ int memd_mempool_check(const char *base, uint64_t pool, uint64_t avail)
         return -EINVAL;
     const struct memd_ring *r = (const struct memd_ring *)(base + pool + mp->ring_offset);
     /* The free ring carries handles: uint64 entries, whatever its header says. */
+    uint64_t tag = atomic_load_explicit(&mp->tag, memory_order_relaxed);
     if (memd_ring_check(r, mp->memsize - mp->ring_offset) < 0 || r->capacity != mp->n ||
-        r->esize != MEMD_RING_ESIZE_U64)
+        r->esize != MEMD_RING_ESIZE_U64 || tag == MEMD_TAG_FREED ||
+        atomic_load_explicit(&r->prod.tag, memory_order_relaxed) != tag)
         return -EINVAL;
     return 0;
 }
@@ -184,12 +190,36 @@ int memd_mempool_load(const char *base, uint64_t pool, uint64_t avail,
     const struct memd_ring *r = (const struct memd_ring *)(base + pool + g->ring_offset);
     g->pool = pool;
     g->ring = memd_ring_geom_of(r);
+    g->tag = atomic_load_explicit(&mp->tag, memory_order_relaxed);
     if (memd_ring_check(r, g->objs_offset - g->ring_offset) < 0 || g->ring.capacity != g->n ||
         r->esize != MEMD_RING_ESIZE_U64 || g->ring.size <= g->n ||
         (g->ring.size & (g->ring.size - 1)) ||
-        sizeof(struct memd_ring) + 8ull * g->ring.size > g->objs_offset - g->ring_offset)
+        sizeof(struct memd_ring) + 8ull * g->ring.size > g->objs_offset - g->ring_offset ||
+        g->tag == MEMD_TAG_FREED ||
+        atomic_load_explicit(&r->prod.tag, memory_order_relaxed) != g->tag)
         return -EINVAL;
     return 0;
+}
+
+int memd_mempool_live(const char *base, const struct memd_mempool_geometry *g)
+{
+    return atomic_load_explicit(&pool_at(base, g->pool)->tag, memory_order_relaxed) == g->tag;
+}
+
+void memd_mempool_poison(char *base, uint64_t pool, uint64_t avail)
+{
+    struct memd_mempool *mp = pool_at(base, pool);
+    struct memd_mempool_geometry g;
+    /* every copy of the tag this pool's geometry places; a damaged header (no
+     * geometry) at least loses its magic and header tag: nobody can load it again */
+    if (memd_mempool_load(base, pool, avail, &g) == 0) {
+        for (uint32_t i = 0; g.cache_size && i < MEMD_MAX_PROCS; i++)
+            atomic_store_explicit(&cache_of(base, &g, i)->tag, MEMD_TAG_FREED,
+                                  memory_order_relaxed);
+        memd_ring_poison(ring_of(base, &g));
+    }
+    atomic_store_explicit(&mp->magic, 0, memory_order_relaxed);
+    atomic_store_explicit(&mp->tag, MEMD_TAG_FREED, memory_order_seq_cst);
 }
 
 /* --- handles -------------------------------------------------------------- */
@@ -271,14 +301,21 @@ int memd_mempool_get_bulk(char *base, const struct memd_mempool_geometry *g, uin
                           uint64_t *handles, unsigned n)
 {
     struct memd_mempool_cache *c = cache_of(base, g, slot);
-    if (unlikely(n == 0))
-        return 0;
     if (c == NULL) {
         struct memd_ring *r = ring_of(base, g);
+        if (unlikely(!memd_ring_tag_ok(&r->cons, g->tag)))
+            return -ESTALE;
+        if (unlikely(n == 0))
+            return 0;
         if (memd_ring_dequeue_bulk(r, g->ring, handles, n, NULL, NULL) != n)
             return -ENOBUFS;
         return mark_busy(base, g, handles, n);
     }
+    /* the tag shares the line of len: no extra miss */
+    if (unlikely(atomic_load_explicit(&c->tag, memory_order_relaxed) != g->tag))
+        return -ESTALE;
+    if (unlikely(n == 0))
+        return 0;
     /* relaxed: only this process writes its cache's len (see the header). */
     uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
     if (unlikely(len > 2u * g->cache_size))
@@ -405,6 +442,10 @@ int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uin
 {
     struct memd_ring *r = ring_of(base, g);
     struct memd_mempool_cache *c = cache_of(base, g, slot);
+    /* before any write: a freed pool's memory may be somebody else's now */
+    if (unlikely((c ? atomic_load_explicit(&c->tag, memory_order_relaxed)
+                    : atomic_load_explicit(&r->prod.tag, memory_order_relaxed)) != g->tag))
+        return -ESTALE;
     /* relaxed: only this process writes its cache's len (see the header). */
     uint32_t len = c ? atomic_load_explicit(&c->len, memory_order_relaxed) : 0;
     if (unlikely(len > 2u * g->cache_size))
@@ -486,6 +527,8 @@ int memd_mempool_flush_cache(char *base, const struct memd_mempool_geometry *g, 
     struct memd_mempool_cache *c = cache_of(base, g, slot);
     if (c == NULL)
         return 0;
+    if (atomic_load_explicit(&c->tag, memory_order_relaxed) != g->tag)
+        return -ESTALE;
     uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
     if (len > 2u * g->cache_size)
         return -EFAULT;

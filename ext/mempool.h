@@ -40,6 +40,7 @@ struct memd_mempool_geometry {
     uint32_t n, cache_size;     /* as asked */
     uint64_t pool;              /* window offset of the header (memd_mempool_load only) */
     struct memd_ring_geom ring; /* the free ring's (memd_mempool_load only) */
+    uint64_t tag;               /* the pool's identity tag (init, memd_mempool_load) */
 };
 
 /* Compute the geometry.  Fails iff -EINVAL: n is 0 or >= 2^31, elt_size >= 2^31,
@@ -59,10 +60,20 @@ int memd_mempool_init(char *base, uint64_t pool, const char *name, uint32_t n, u
  * -EINVAL otherwise. */
 int memd_mempool_check(const char *base, uint64_t pool, uint64_t avail);
 
-/* memd_mempool_check, then the pool's geometry (with its free ring's) into *g, for
- * every later call on the pool.  0 or -EINVAL. */
+/* memd_mempool_check, then the pool's geometry (with its free ring's and its
+ * identity tag) into *g, for every later call on the pool.  0 or -EINVAL (a freed
+ * pool too). */
 int memd_mempool_load(const char *base, uint64_t pool, uint64_t avail,
                       struct memd_mempool_geometry *g);
+
+/* 1 if the pool g was loaded from still carries g's tag in its header (it was not
+ * freed since); 0 if not. */
+int memd_mempool_live(const char *base, const struct memd_mempool_geometry *g);
+
+/* The pool at `pool` is being freed: overwrite every copy of its identity tag
+ * (header, caches, free ring) and its magic, so that every handle to it fails
+ * with -ESTALE and nobody can load it again. */
+void memd_mempool_poison(char *base, uint64_t pool, uint64_t avail);
 
 /* Take n objects, all or nothing, through cache `slot`; their handles go to
  * handles[0..n).  DPDK 22.11 rte_mempool_do_generic_get: if the cache holds n,
@@ -71,7 +82,8 @@ int memd_mempool_load(const char *base, uint64_t pool, uint64_t avail,
  * dequeue of cache_size + rest refills the cache to exactly cache_size as well;
  * if the ring has fewer than that, or the rest is bigger, the ring gives just
  * the rest.  No cache (slot MEMD_MEMPOOL_NO_CACHE, cache_size 0): n from the
- * ring.  Every ring dequeue is all or nothing.  Fails iff -ENOBUFS (fewer than
+ * ring.  Every ring dequeue is all or nothing.  Fails iff -ESTALE (the pool was
+ * freed since g was loaded: nothing touched), -ENOBUFS (fewer than
  * n free in this slot's cache and the ring; nothing taken, the cache as it was)
  * or -EFAULT (a free object's cookie is wrong, or the cache's length is out of
  * range: corruption). */
@@ -81,7 +93,8 @@ int memd_mempool_get_bulk(char *base, const struct memd_mempool_geometry *g, uin
 /* Give n objects back through cache `slot`, all or nothing.  DPDK 22.11
  * rte_mempool_do_generic_put: n > flushthresh (cache_size * 3 / 2) go straight
  * to the ring; else if len + n > flushthresh, the whole cache goes to the ring
- * first; then the n are cached (the last one on top).  Fails iff -EINVAL (a
+ * first; then the n are cached (the last one on top).  Fails iff -ESTALE (the
+ * pool was freed since g was loaded: nothing touched), -EINVAL (a
  * handle that is not an object of this pool), -EALREADY (an object already
  * free: a double put, also within this call), or -EFAULT (a cookie is smashed,
  * the cache's length is out of range, or the ring overflowed: corruption).  On
@@ -91,7 +104,8 @@ int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uin
 
 /* Move every handle in cache `slot` to the ring (a detaching process, or the
  * primary reclaiming a dead process's slot).  Returns how many moved, or
- * -EINVAL (bad slot), -EFAULT (ring overflow: corruption). */
+ * -EINVAL (bad slot), -ESTALE (the pool was freed), -EFAULT (ring overflow:
+ * corruption). */
 int memd_mempool_flush_cache(char *base, const struct memd_mempool_geometry *g, uint32_t slot);
 
 /* Objects marked BUSY whose owner tag is pid: taken from the pool (get) by that

@@ -33,8 +33,11 @@ typedef struct {
     uint64_t first_handle;
     uint64_t obj_stride;
     /* as validated when this object was made: every call indexes with it, never
-     * with the shared header (see struct memd_mempool_geometry) */
+     * with the shared header (see struct memd_mempool_geometry); g.tag is the
+     * identity tag a freed pool no longer carries */
     struct memd_mempool_geometry g;
+    void *pin;                /* the pin keeping the pool's pages (memd_view_pin's tag) */
+    char name[MEMD_NAMESIZE]; /* as validated: for the error about a freed pool */
 } MemdMempool;
 
 typedef struct {
@@ -59,6 +62,27 @@ static inline struct memd_mempool *pool_hdr(MemdMempool *self, char *base)
     return (struct memd_mempool *)(base + self->offset);
 }
 
+/* StaleHandle: the pool was freed (here or in another process) since this handle
+ * was made.  Returns NULL. */
+static __attribute__((noinline, cold)) void *raise_stale(MemdMempool *self)
+{
+    PyErr_Format(memd_error("StaleHandle", PyExc_KeyError),
+                 "the mempool '%s' was freed (by this or another process); look it up again "
+                 "(mempool_lookup) if it was made anew",
+                 self->name);
+    return NULL;
+}
+
+/* pool_base, for a pool that must not have been freed: every call but get/put
+ * (which check the tag in their cache's line, in C). */
+static inline char *pool_live(MemdMempool *self)
+{
+    char *base = pool_base(self);
+    if (base != NULL && unlikely(!memd_mempool_live(base, &self->g)))
+        return raise_stale(self);
+    return base;
+}
+
 static PyObject *pool_name(MemdMempool *self, char *base)
 {
     const char *name = pool_hdr(self, base)->name;
@@ -67,6 +91,8 @@ static PyObject *pool_name(MemdMempool *self, char *base)
 
 static PyObject *raise_pool(MemdMempool *self, char *base, int rc, const char *what, unsigned n)
 {
+    if (rc == -ESTALE)
+        return raise_stale(self);
     PyObject *name = pool_name(self, base);
     if (name == NULL)
         return NULL;
@@ -124,6 +150,11 @@ static int mpobj_getbuffer(PyObject *o, Py_buffer *view, int flags)
         view->obj = NULL;
         return -1;
     }
+    if (unlikely(!memd_mempool_live(base, &obj->pool->g))) {
+        raise_stale(obj->pool);
+        view->obj = NULL;
+        return -1;
+    }
     /* the view pins its page: it outlives the pool's free while it lives */
     if (memd_view_pin(obj->pool->window, obj->handle, obj->pool->elt_size, view) < 0) {
         view->obj = NULL;
@@ -171,7 +202,7 @@ static PyObject *mpobj_get_pool(PyObject *o, void *Py_UNUSED(c))
 static PyObject *mpobj_get_iova(PyObject *o, void *Py_UNUSED(c))
 {
     MemdMpObj *obj = (MemdMpObj *)o;
-    char *base = pool_base(obj->pool);
+    char *base = pool_live(obj->pool);
     return base ? PyLong_FromUnsignedLongLong(memd_iova_of(base, obj->handle)) : NULL;
 }
 
@@ -266,26 +297,41 @@ static PyObject *mempool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                                      &off, &slot))
         return NULL;
     char *base = memd_base_of(window);
-    if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0 ||
-        pool_mapped(window, base, off) < 0)
-        return NULL;
     if (slot < -1 || slot >= (int)MEMD_MAX_PROCS) {
         PyErr_Format(PyExc_ValueError, "slot must be a process slot 0..%u, or -1 for no cache",
                      MEMD_MAX_PROCS - 1);
         return NULL;
     }
+    /* The header's pages stay while we read it, the whole pool's while the handle
+     * lives: a stale handle then finds its tag overwritten, never a hole. */
+    Py_buffer head_pin, pin;
+    if (base == NULL || memd_check_range(window, off, sizeof(struct memd_mempool)) < 0 ||
+        memd_check_mapped(window, off, sizeof(struct memd_mempool)) < 0 ||
+        memd_view_pin(window, off, sizeof(struct memd_mempool), &head_pin) < 0)
+        return NULL;
     struct memd_mempool_geometry g;
-    if (memd_mempool_load(base, off, ((MemdWindow *)window)->size - off, &g) < 0) {
+    int bad = pool_mapped(window, base, off) < 0;
+    if (!bad && memd_mempool_load(base, off, ((MemdWindow *)window)->size - off, &g) < 0) {
         PyErr_Format(PyExc_ValueError, "no initialised mempool at window offset %llu", off);
+        bad = 1;
+    }
+    if (bad || memd_view_pin(window, off, g.memsize, &pin) < 0) {
+        memd_view_unpin(window, &head_pin);
         return NULL;
     }
+    memd_view_unpin(window, &head_pin);
     struct memd_mempool *mp = (struct memd_mempool *)(base + off);
     MemdMempool *self = (MemdMempool *)type->tp_alloc(type, 0);
-    if (self == NULL)
+    if (self == NULL) {
+        memd_view_unpin(window, &pin);
         return NULL;
+    }
     Py_INCREF(window);
     self->window = window;
     self->offset = off;
+    self->pin = pin.internal;
+    memcpy(self->name, mp->name, MEMD_NAMESIZE);
+    self->name[MEMD_NAMESIZE - 1] = '\0';
     self->slot = slot < 0 ? MEMD_MEMPOOL_NO_CACHE : (uint32_t)slot;
     self->g = g;
     self->n = g.n;
@@ -308,9 +354,19 @@ static PyObject *mempool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
+static void mempool_unpin(MemdMempool *self)
+{
+    if (self->pin != NULL && self->window != NULL) {
+        Py_buffer pin = {.internal = self->pin};
+        memd_view_unpin(self->window, &pin);
+    }
+    self->pin = NULL;
+}
+
 static void mempool_dealloc(PyObject *o)
 {
     PyObject_GC_UnTrack(o);
+    mempool_unpin((MemdMempool *)o);
     Py_CLEAR(((MemdMempool *)o)->window);
     Py_TYPE(o)->tp_free(o);
 }
@@ -324,6 +380,7 @@ static int mempool_traverse(PyObject *o, visitproc visit, void *arg)
 
 static int mempool_clear(PyObject *o)
 {
+    mempool_unpin((MemdMempool *)o);
     Py_CLEAR(((MemdMempool *)o)->window);
     return 0;
 }
@@ -433,7 +490,7 @@ static PyObject *mp_get_bulk(PyObject *o, PyObject *arg)
 static PyObject *mp_get_bulk_into(PyObject *o, PyObject *arg)
 {
     MemdMempool *self = (MemdMempool *)o;
-    char *base = pool_base(self);
+    char *base = pool_live(self);
     Py_buffer view;
     if (base == NULL || memd_u64_buffer(arg, &view, 1) < 0)
         return NULL;
@@ -518,7 +575,7 @@ static PyObject *mp_put_bulk(PyObject *o, PyObject *arg)
 static PyObject *mp_obj(PyObject *o, PyObject *arg)
 {
     MemdMempool *self = (MemdMempool *)o;
-    char *base = pool_base(self);
+    char *base = pool_live(self);
     uint64_t h;
     if (base == NULL || memd_u64_from_object(arg, &h) < 0)
         return NULL;
@@ -530,6 +587,8 @@ static PyObject *mp_obj(PyObject *o, PyObject *arg)
 static PyObject *mp_obj_at(PyObject *o, PyObject *arg)
 {
     MemdMempool *self = (MemdMempool *)o;
+    if (pool_live(self) == NULL)
+        return NULL;
     Py_ssize_t i = PyLong_AsSsize_t(arg);
     if (i == -1 && PyErr_Occurred())
         return NULL;
@@ -543,14 +602,14 @@ static PyObject *mp_obj_at(PyObject *o, PyObject *arg)
 static PyObject *mp_avail_count(PyObject *o, PyObject *Py_UNUSED(a))
 {
     MemdMempool *self = (MemdMempool *)o;
-    char *base = pool_base(self);
+    char *base = pool_live(self);
     return base ? PyLong_FromUnsignedLongLong(memd_mempool_avail_count(base, &self->g)) : NULL;
 }
 
 static PyObject *mp_in_use_count(PyObject *o, PyObject *Py_UNUSED(a))
 {
     MemdMempool *self = (MemdMempool *)o;
-    char *base = pool_base(self);
+    char *base = pool_live(self);
     return base ? PyLong_FromUnsignedLongLong(self->n - memd_mempool_avail_count(base, &self->g))
                 : NULL;
 }
@@ -558,7 +617,7 @@ static PyObject *mp_in_use_count(PyObject *o, PyObject *Py_UNUSED(a))
 static PyObject *mp_cache_count(PyObject *o, PyObject *const *args, Py_ssize_t nargs)
 {
     MemdMempool *self = (MemdMempool *)o;
-    char *base = pool_base(self);
+    char *base = pool_live(self);
     if (base == NULL)
         return NULL;
     uint32_t slot = self->slot;
@@ -582,7 +641,7 @@ static PyObject *mp_cache_count(PyObject *o, PyObject *const *args, Py_ssize_t n
 static PyObject *mp_flush_cache(PyObject *o, PyObject *Py_UNUSED(a))
 {
     MemdMempool *self = (MemdMempool *)o;
-    char *base = pool_base(self);
+    char *base = pool_live(self);
     if (base == NULL)
         return NULL;
     if (self->slot == MEMD_MEMPOOL_NO_CACHE)
@@ -631,7 +690,7 @@ static PyObject *raise_audit_fault(MemdMempool *self, char *base,
 static PyObject *mp_audit(PyObject *o, PyObject *Py_UNUSED(a))
 {
     MemdMempool *self = (MemdMempool *)o;
-    char *base = pool_base(self);
+    char *base = pool_live(self);
     if (base == NULL)
         return NULL;
     struct memd_mempool_audit a;
@@ -648,7 +707,7 @@ static PyObject *mp_audit(PyObject *o, PyObject *Py_UNUSED(a))
 static PyObject *mp_recover(PyObject *o, PyObject *Py_UNUSED(a))
 {
     MemdMempool *self = (MemdMempool *)o;
-    char *base = pool_base(self);
+    char *base = pool_live(self);
     if (base == NULL)
         return NULL;
     struct memd_mempool_audit a;
@@ -677,11 +736,17 @@ MP_FIELD_GETTER(elt_size, self->elt_size)
 MP_FIELD_GETTER(cache_size, self->g.cache_size)
 MP_FIELD_GETTER(flushthresh, self->g.flushthresh)
 MP_FIELD_GETTER(private_data_size, self->private_size)
-MP_FIELD_GETTER(flags, mp->flags)
 MP_FIELD_GETTER(memsize, self->g.memsize)
 MP_FIELD_GETTER(obj_stride, self->g.obj_stride)
 MP_FIELD_GETTER(ring_offset, self->offset + self->g.ring_offset)
 MP_FIELD_GETTER(offset, self->offset)
+
+static PyObject *mp_get_flags(PyObject *o, void *Py_UNUSED(c))
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_live(self); /* the only field read from the shared header */
+    return base ? PyLong_FromUnsignedLong(pool_hdr(self, base)->flags) : NULL;
+}
 
 static PyObject *mp_get_slot(PyObject *o, void *Py_UNUSED(c))
 {
@@ -692,7 +757,7 @@ static PyObject *mp_get_slot(PyObject *o, void *Py_UNUSED(c))
 static PyObject *mp_get_name(PyObject *o, void *Py_UNUSED(c))
 {
     MemdMempool *self = (MemdMempool *)o;
-    char *base = pool_base(self);
+    char *base = pool_live(self);
     return base ? pool_name(self, base) : NULL;
 }
 
@@ -706,7 +771,7 @@ static PyObject *mp_get_window(PyObject *o, void *Py_UNUSED(c))
 static PyObject *mp_get_private_data(PyObject *o, void *Py_UNUSED(c))
 {
     MemdMempool *self = (MemdMempool *)o;
-    char *base = pool_base(self);
+    char *base = pool_live(self);
     if (base == NULL)
         return NULL;
     struct memd_mempool *mp = pool_hdr(self, base);
@@ -714,7 +779,30 @@ static PyObject *mp_get_private_data(PyObject *o, void *Py_UNUSED(c))
     return memd_view(self->window, self->offset + self->g.private_offset, self->private_size);
 }
 
+/* _check_live(): None, or StaleHandle if the pool was freed. */
+static PyObject *mp_check_live(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    return pool_live((MemdMempool *)o) ? Py_NewRef(Py_None) : NULL;
+}
+
+/* _poison(): mempool_free's last step before the memory goes: every handle to this
+ * pool and its objects, in every process, raises StaleHandle from now on. */
+static PyObject *mp_poison(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    MemdMempool *self = (MemdMempool *)o;
+    char *base = pool_live(self);
+    if (base == NULL)
+        return NULL;
+    memd_mempool_poison(base, self->offset, ((MemdWindow *)self->window)->size - self->offset);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef mempool_methods[] = {
+    {"_check_live", mp_check_live, METH_NOARGS,
+     "_check_live() -> None: StaleHandle if the pool was freed since this handle was made"},
+    {"_poison", mp_poison, METH_NOARGS,
+     "_poison() -> None (mempool_free's step): every handle to this pool raises StaleHandle "
+     "from now on; StaleHandle if it was freed already"},
     {"get", mp_get, METH_NOARGS, "get() -> MempoolObject; raises PoolEmpty."},
     {"get_handle", mp_get_handle, METH_NOARGS,
      "get_handle() -> int: an object's handle without a Python object; raises PoolEmpty."},
@@ -1062,7 +1150,9 @@ static const struct memd_field mempool_layout[] = {
     MEMD_FIELD(memd_mempool, obj_stride),
     MEMD_FIELD(memd_mempool, trailer_offset),
     MEMD_FIELD(memd_mempool, memsize),
+    MEMD_FIELD(memd_mempool, tag),
     MEMD_FIELD(memd_mempool_cache, len),
+    MEMD_FIELD(memd_mempool_cache, tag),
     MEMD_SIZEOF(memd_mempool_cache),
     MEMD_FLEX(memd_mempool_cache, objs),
     MEMD_SIZEOF(memd_mempool_objhdr),

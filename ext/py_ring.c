@@ -218,6 +218,9 @@ typedef struct {
     uint32_t capacity;
     uint32_t size;
     uint32_t esize; /* bytes per entry; 8: uint64 entries as ints, else records as bytes */
+    uint64_t tag;   /* the identity tag validated when made: a freed ring's no longer matches */
+    void *pin;      /* the pin keeping the ring's pages (memd_view_pin's tag), or NULL */
+    char name[MEMD_NAMESIZE]; /* as validated: for the error about a freed ring */
 } MemdRing;
 
 enum ring_op {
@@ -235,6 +238,27 @@ static inline struct memd_ring *ring_ptr(MemdRing *self)
         return NULL;
     }
     return (struct memd_ring *)(base + self->offset);
+}
+
+/* StaleHandle: the ring was freed (here or in another process) since this
+ * handle was made.  Returns NULL. */
+static __attribute__((noinline, cold)) void *raise_stale(MemdRing *self)
+{
+    PyErr_Format(memd_error("StaleHandle", PyExc_KeyError),
+                 "the ring '%s' was freed (by this or another process); look it up again "
+                 "(ring_lookup) if it was made anew",
+                 self->name);
+    return NULL;
+}
+
+/* ring_ptr, for a ring that must not have been freed: every call but the hot
+ * ones (which check their own side's tag in run_op). */
+static inline struct memd_ring *ring_live(MemdRing *self)
+{
+    struct memd_ring *r = ring_ptr(self);
+    if (r != NULL && unlikely(!memd_ring_tag_ok(&r->prod, self->tag)))
+        return raise_stale(self);
+    return r;
 }
 
 static inline struct memd_ring_geom geom(const MemdRing *self)
@@ -349,6 +373,10 @@ static __attribute__((noinline)) Py_ssize_t run_op_wait(MemdRing *self, struct m
             return -1;
         if ((r = ring_ptr(self)) == NULL)
             return -1;
+        if (unlikely(!memd_ring_tag_ok(enq ? &r->prod : &r->cons, self->tag))) {
+            raise_stale(self); /* freed while we slept */
+            return -1;
+        }
         /* Retry before announcing ourselves again: usually the wake means we
          * can go on, and an armed futex would cost the other side a syscall. */
         if ((got = do_op(self, r, op, v, n, &busy)) != 0)
@@ -366,6 +394,12 @@ static inline __attribute__((always_inline)) Py_ssize_t run_op(MemdRing *self, e
     struct memd_ring *r = ring_ptr(self);
     if (r == NULL)
         return -1;
+    /* one load from the side's line, which the operation writes anyway */
+    int enq = op == OP_ENQ_BULK || op == OP_ENQ_BURST;
+    if (unlikely(!memd_ring_tag_ok(enq ? &r->prod : &r->cons, self->tag))) {
+        raise_stale(self);
+        return -1;
+    }
     int busy;
     unsigned got = do_op(self, r, op, v, n, &busy);
     if (likely(got != 0 || timeout_ns == 0 || n == 0))
@@ -412,28 +446,61 @@ static PyObject *ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     struct memd_ring *r = (struct memd_ring *)(base + off);
+    /* The header's pages stay while we read it, the whole ring's while the
+     * handle lives: a stale handle then finds its tag overwritten, never a hole. */
+    Py_buffer head_pin, pin;
+    if (memd_view_pin(window, off, sizeof(struct memd_ring), &head_pin) < 0)
+        return NULL;
     if (memd_ring_check(r, ((MemdWindow *)window)->size - off) < 0) {
+        memd_view_unpin(window, &head_pin);
         PyErr_Format(PyExc_ValueError, "no initialised ring at window offset %llu", off);
         return NULL;
     }
-    if (memd_check_mapped(window, off, r->memsize) < 0)
+    /* copies of what was checked: the header may be rewritten meanwhile */
+    uint32_t capacity = r->capacity, size = r->size, esize = r->esize;
+    uint64_t memsize = sizeof(struct memd_ring) + (uint64_t)size * esize;
+    uint64_t tag = atomic_load_explicit(&r->prod.tag, memory_order_relaxed);
+    int bad = capacity == 0 || capacity >= size || memsize > ((MemdWindow *)window)->size - off;
+    if (bad)
+        PyErr_Format(PyExc_ValueError, "no initialised ring at window offset %llu", off);
+    if (bad || memd_check_mapped(window, off, memsize) < 0 ||
+        memd_view_pin(window, off, memsize, &pin) < 0) {
+        memd_view_unpin(window, &head_pin);
         return NULL;
+    }
+    memd_view_unpin(window, &head_pin);
     MemdRing *self = (MemdRing *)type->tp_alloc(type, 0);
-    if (self == NULL)
+    if (self == NULL) {
+        memd_view_unpin(window, &pin);
         return NULL;
+    }
     Py_INCREF(window);
     self->window = window;
     self->offset = off;
-    self->capacity = r->capacity;
-    self->size = r->size;
-    self->esize = r->esize;
+    self->capacity = capacity;
+    self->size = size;
+    self->esize = esize;
+    self->tag = tag;
+    self->pin = pin.internal;
+    memcpy(self->name, r->name, MEMD_NAMESIZE);
+    self->name[MEMD_NAMESIZE - 1] = '\0';
     return (PyObject *)self;
+}
+
+static void ring_unpin(MemdRing *self)
+{
+    if (self->pin != NULL && self->window != NULL) {
+        Py_buffer pin = {.internal = self->pin};
+        memd_view_unpin(self->window, &pin);
+    }
+    self->pin = NULL;
 }
 
 static void ring_dealloc(PyObject *o)
 {
     MemdRing *self = (MemdRing *)o;
     PyObject_GC_UnTrack(o);
+    ring_unpin(self);
     Py_CLEAR(self->window);
     Py_TYPE(o)->tp_free(o);
 }
@@ -447,6 +514,7 @@ static int ring_traverse(PyObject *o, visitproc visit, void *arg)
 
 static int ring_clear(PyObject *o)
 {
+    ring_unpin((MemdRing *)o);
     Py_CLEAR(((MemdRing *)o)->window);
     return 0;
 }
@@ -824,7 +892,7 @@ static PyObject *ring_wait_prepare(PyObject *o, PyObject *args)
     unsigned int want;
     if (!PyArg_ParseTuple(args, "pI:_wait_prepare", &enq, &want))
         return NULL;
-    struct memd_ring *r = ring_ptr(self);
+    struct memd_ring *r = ring_live(self);
     if (r == NULL || memd_window_check_watch(self->window) < 0)
         return NULL;
     if (want > self->capacity)
@@ -846,27 +914,44 @@ static PyObject *ring_wait_done(PyObject *o, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* _check_live(): None, or StaleHandle if the ring was freed. */
+static PyObject *ring_check_live(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    return ring_live((MemdRing *)o) ? Py_NewRef(Py_None) : NULL;
+}
+
+/* _poison(): ring_free's last step before the memory goes: every handle to this
+ * ring, in every process, raises StaleHandle from now on (this one too). */
+static PyObject *ring_poison(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    struct memd_ring *r = ring_live((MemdRing *)o);
+    if (r == NULL)
+        return NULL;
+    memd_ring_poison(r);
+    Py_RETURN_NONE;
+}
+
 static PyObject *ring_full(PyObject *o, PyObject *Py_UNUSED(a))
 {
-    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    struct memd_ring *r = ring_live((MemdRing *)o);
     return r ? PyBool_FromLong(memd_ring_free_count(r, geom((MemdRing *)o)) == 0) : NULL;
 }
 
 static PyObject *ring_empty(PyObject *o, PyObject *Py_UNUSED(a))
 {
-    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    struct memd_ring *r = ring_live((MemdRing *)o);
     return r ? PyBool_FromLong(memd_ring_count(r, geom((MemdRing *)o)) == 0) : NULL;
 }
 
 static PyObject *ring_get_count(PyObject *o, void *Py_UNUSED(c))
 {
-    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    struct memd_ring *r = ring_live((MemdRing *)o);
     return r ? PyLong_FromUnsignedLong(memd_ring_count(r, geom((MemdRing *)o))) : NULL;
 }
 
 static PyObject *ring_get_free_count(PyObject *o, void *Py_UNUSED(c))
 {
-    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    struct memd_ring *r = ring_live((MemdRing *)o);
     return r ? PyLong_FromUnsignedLong(memd_ring_free_count(r, geom((MemdRing *)o))) : NULL;
 }
 
@@ -887,19 +972,19 @@ static PyObject *ring_get_esize(PyObject *o, void *Py_UNUSED(c))
 
 static PyObject *ring_get_flags(PyObject *o, void *Py_UNUSED(c))
 {
-    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    struct memd_ring *r = ring_live((MemdRing *)o);
     return r ? PyLong_FromUnsignedLong(r->flags) : NULL;
 }
 
 static PyObject *ring_get_memsize(PyObject *o, void *Py_UNUSED(c))
 {
-    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    struct memd_ring *r = ring_live((MemdRing *)o);
     return r ? PyLong_FromUnsignedLongLong(r->memsize) : NULL;
 }
 
 static PyObject *ring_get_name(PyObject *o, void *Py_UNUSED(c))
 {
-    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    struct memd_ring *r = ring_live((MemdRing *)o);
     return r ? PyUnicode_FromStringAndSize(r->name, (Py_ssize_t)strnlen(r->name, MEMD_NAMESIZE))
              : NULL;
 }
@@ -918,7 +1003,7 @@ static PyObject *ring_get_window(PyObject *o, void *Py_UNUSED(c))
 
 static PyObject *ring_get_wait_stats(PyObject *o, void *Py_UNUSED(c))
 {
-    struct memd_ring *r = ring_ptr((MemdRing *)o);
+    struct memd_ring *r = ring_live((MemdRing *)o);
     if (r == NULL)
         return NULL;
     /* relaxed everywhere: statistics, each field read once. */
@@ -931,8 +1016,8 @@ static PyObject *ring_get_wait_stats(PyObject *o, void *Py_UNUSED(c))
                          (unsigned)LD(r->not_empty.waiters), "producers_waiting",
                          (unsigned)LD(r->not_full.waiters),
                          /* locks taken over from a dead producer / consumer */
-                         "producer_recoveries", (unsigned)LD(r->prod.recoveries),
-                         "consumer_recoveries", (unsigned)LD(r->cons.recoveries),
+                         "producer_recoveries", (unsigned)LD(r->prod_recoveries),
+                         "consumer_recoveries", (unsigned)LD(r->cons_recoveries),
                          /* times somebody slept waiting for a side's lock */
                          "producer_lock_sleeps", (unsigned long long)LD(r->prod.lock_wait.sleeps),
                          "consumer_lock_sleeps", (unsigned long long)LD(r->cons.lock_wait.sleeps),
@@ -974,6 +1059,11 @@ static PyMethodDef ring_methods[] = {
      "_wait_prepare(enq, want) -> int: announce an asyncio waiter for room (enq) or "
      "entries, wanting `want` of them; returns the futex value to wait on"},
     {"_wait_done", ring_wait_done, METH_O, "_wait_done(enq): withdraw the announced waiter"},
+    {"_check_live", ring_check_live, METH_NOARGS,
+     "_check_live() -> None: StaleHandle if the ring was freed since this handle was made"},
+    {"_poison", ring_poison, METH_NOARGS,
+     "_poison() -> None (ring_free's step): every handle to this ring raises StaleHandle "
+     "from now on; StaleHandle if it was freed already"},
     {"full", ring_full, METH_NOARGS, "full() -> bool"},
     {"empty", ring_empty, METH_NOARGS, "empty() -> bool"},
     {NULL, NULL, 0, NULL},
@@ -1069,7 +1159,7 @@ static PyObject *py_ring_init(PyObject *Py_UNUSED(m), PyObject *args, PyObject *
     if (memd_check_range(window, off, (uint64_t)sz) < 0)
         return NULL;
     int rc = memd_ring_init((struct memd_ring *)(base + off), name, (uint32_t)count,
-                            (uint32_t)esize, flags);
+                            (uint32_t)esize, flags, MEMD_TAG_FREED);
     if (rc < 0)
         return memd_raise_errno(rc, "ring_init");
     Py_RETURN_NONE;
@@ -1154,10 +1244,11 @@ static PyObject *py_ring_wait_many(PyObject *Py_UNUSED(m), PyObject *args)
             ready = 1;
             continue;
         }
-        struct memd_ring_wait *w =
-            async_wait_of((struct memd_ring *)(base + ((MemdRing *)ring)->offset), enq);
-        if (atomic_load_explicit(&w->seq, memory_order_acquire) != seq)
-            ready = 1;
+        struct memd_ring *r = (struct memd_ring *)(base + ((MemdRing *)ring)->offset);
+        struct memd_ring_wait *w = async_wait_of(r, enq);
+        if (atomic_load_explicit(&w->seq, memory_order_acquire) != seq ||
+            !memd_ring_tag_ok(&r->prod, ((MemdRing *)ring)->tag))
+            ready = 1; /* a freed ring: its coroutine retries and raises */
         else if (k <= AIO_MAX_WAITS) {
             /* no FUTEX_PRIVATE_FLAG: the wakers are other processes */
             wv[k].val = seq;
@@ -1193,10 +1284,10 @@ static PyObject *py_ring_wait_many(PyObject *Py_UNUSED(m), PyObject *args)
         int enq = PyObject_IsTrue(PyTuple_GET_ITEM(item, 1));
         unsigned long seq = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(item, 2));
         char *base = ((MemdWindow *)ring->window)->base;
-        int moved =
-            base == NULL || atomic_load_explicit(
-                                &async_wait_of((struct memd_ring *)(base + ring->offset), enq)->seq,
-                                memory_order_acquire) != (uint32_t)seq;
+        struct memd_ring *r = base ? (struct memd_ring *)(base + ring->offset) : NULL;
+        int moved = r == NULL || !memd_ring_tag_ok(&r->prod, ring->tag) ||
+                    atomic_load_explicit(&async_wait_of(r, enq)->seq, memory_order_acquire) !=
+                        (uint32_t)seq;
         if (moved) {
             PyObject *idx = PyLong_FromSsize_t(i);
             if (idx == NULL || PyList_Append(out, idx) < 0)
@@ -1260,7 +1351,7 @@ PyObject *memd_ring_ptr_of(PyObject *ring, struct memd_ring **out)
         PyErr_SetString(PyExc_TypeError, "expected a memd ring");
         return NULL;
     }
-    *out = ring_ptr((MemdRing *)ring);
+    *out = ring_live((MemdRing *)ring);
     return *out ? ring : NULL;
 }
 
@@ -1270,6 +1361,7 @@ static const struct memd_const ring_constants[] = {
     MEMD_CONST("RING_F_EXACT_SZ", MEMD_RING_F_EXACT_SZ),
     MEMD_CONST("RING_SZ_MASK", MEMD_RING_SZ_MASK),
     MEMD_CONST("RING_ESIZE_U64", MEMD_RING_ESIZE_U64),
+    MEMD_CONST("TAG_FREED", MEMD_TAG_FREED),
     {NULL},
 };
 
@@ -1292,7 +1384,9 @@ static const struct memd_field ring_layout[] = {
     MEMD_FIELD(memd_ring_headtail, tail),
     MEMD_FIELD(memd_ring_headtail, other_tail),
     MEMD_FIELD(memd_ring_headtail, lock),
-    MEMD_FIELD(memd_ring_headtail, recoveries),
+    MEMD_FIELD(memd_ring_headtail, tag),
+    MEMD_FIELD(memd_ring, prod_recoveries),
+    MEMD_FIELD(memd_ring, cons_recoveries),
     MEMD_FIELD(memd_ring_headtail, lock_wait),
     {NULL},
 };

@@ -37,7 +37,7 @@ int memd_u64_buffer(PyObject *o, Py_buffer *view, int writable);
 int memd_parse_timeout(PyObject *o, uint64_t *ns);
 
 /* The memd._ext.Ring type; the ring a Ring object points at (NULL + error if
- * it is not a Ring or its window is closed). */
+ * it is not a Ring, its window is closed, or the ring was freed: StaleHandle). */
 PyTypeObject *memd_ring_type(void);
 PyObject *memd_ring_ptr_of(PyObject *ring, struct memd_ring **out);
 

@@ -9,6 +9,7 @@
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -74,8 +75,25 @@ int64_t memd_ring_memsize(uint32_t count, uint32_t esize, uint32_t flags)
     return (int64_t)memsize_of(size, esize);
 }
 
+uint64_t memd_new_tag(void)
+{
+    uint64_t t = MEMD_TAG_FREED;
+    while (t == MEMD_TAG_FREED) {
+        if (getrandom(&t, sizeof(t), 0) != (ssize_t)sizeof(t)) {
+            /* no entropy call (seccomp?): time, pid and a counter still differ per ring */
+            static _Atomic uint64_t n;
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            t = ((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec) ^
+                ((uint64_t)getpid() << 40) ^
+                (atomic_fetch_add_explicit(&n, 1, memory_order_relaxed) * 0x9e3779b97f4a7c15ull);
+        }
+    }
+    return t;
+}
+
 int memd_ring_init(struct memd_ring *r, const char *name, uint32_t count, uint32_t esize,
-                   uint32_t flags)
+                   uint32_t flags, uint64_t tag)
 {
     uint32_t size, capacity;
     int rc = geometry(count, esize, flags, &size, &capacity);
@@ -97,6 +115,10 @@ int memd_ring_init(struct memd_ring *r, const char *name, uint32_t count, uint32
     r->prod.single = (flags & MEMD_RING_F_SP_ENQ) ? 1 : 0;
     r->cons.single = (flags & MEMD_RING_F_SC_DEQ) ? 1 : 0;
     r->not_empty.want = r->not_full.want = UINT32_MAX; /* nobody waits yet */
+    if (tag == MEMD_TAG_FREED)
+        tag = memd_new_tag();
+    atomic_store_explicit(&r->prod.tag, tag, memory_order_relaxed);
+    atomic_store_explicit(&r->cons.tag, tag, memory_order_relaxed);
     /* The slots need no clearing: a slot is read only after a producer wrote it. */
     /* release: pairs with the acquire load in memd_ring_check; whoever sees the
      * magic sees every field above. */
@@ -116,7 +138,25 @@ int memd_ring_check(const struct memd_ring *r, uint64_t avail)
         r->capacity == 0 || r->capacity >= size || (r->flags & ~MEMD_RING_F_ALL) || esize == 0 ||
         esize % 4 || r->memsize != memsize_of(size, esize) || r->memsize > avail)
         return -EINVAL;
+    uint64_t tag = atomic_load_explicit(&r->prod.tag, memory_order_relaxed);
+    if (tag == MEMD_TAG_FREED || atomic_load_explicit(&r->cons.tag, memory_order_relaxed) != tag)
+        return -EINVAL;
     return 0;
+}
+
+static void wake_all(struct memd_ring_wait *w);
+
+void memd_ring_poison(struct memd_ring *r)
+{
+    atomic_store_explicit(&r->magic, 0, memory_order_relaxed);
+    atomic_store_explicit(&r->prod.tag, MEMD_TAG_FREED, memory_order_relaxed);
+    atomic_store_explicit(&r->cons.tag, MEMD_TAG_FREED, memory_order_relaxed);
+    /* sleepers see the tag at once, not at their next 100 ms check */
+    atomic_thread_fence(memory_order_seq_cst);
+    wake_all(&r->not_empty);
+    wake_all(&r->not_full);
+    wake_all(&r->prod.lock_wait);
+    wake_all(&r->cons.lock_wait);
 }
 
 /* --- waking and sleeping --------------------------------------------------- */
@@ -172,6 +212,13 @@ static ALWAYS_INLINE void wake_if_enough(struct memd_ring_wait *w, uint32_t avai
     if (avail < atomic_load_explicit(&w->want, memory_order_relaxed))
         return;
     wake_slow(w);
+}
+
+static void wake_all(struct memd_ring_wait *w)
+{
+    atomic_store_explicit(&w->want, UINT32_MAX, memory_order_relaxed);
+    atomic_fetch_add_explicit(&w->seq, 1, memory_order_release);
+    futex(&w->seq, FUTEX_WAKE, INT_MAX, NULL);
 }
 
 uint32_t memd_ring_wait_prepare(struct memd_ring_wait *w, uint32_t want)
@@ -293,8 +340,8 @@ static uint64_t mono_ns(void)
  * may_sleep 0 it returns -EBUSY instead of sleeping once the spins and yields are
  * spent and the owner still lives: the caller sleeps (without the GIL, say) and
  * retries. */
-static __attribute__((noinline)) int lock_slow(struct memd_ring_headtail *ht, uint64_t me,
-                                               int may_sleep)
+static __attribute__((noinline)) int
+lock_slow(struct memd_ring_headtail *ht, _Atomic uint32_t *recoveries, uint64_t me, int may_sleep)
 {
     unsigned spins = 0;
     uint64_t seen = 0, since = 0; /* the owner word we wait behind, and since when */
@@ -338,7 +385,7 @@ static __attribute__((noinline)) int lock_slow(struct memd_ring_headtail *ht, ui
                  * before kill() or /proc could tell us so. */
                 if (atomic_compare_exchange_strong_explicit(
                         &ht->lock, &expect, me, memory_order_acquire, memory_order_relaxed)) {
-                    atomic_fetch_add_explicit(&ht->recoveries, 1, memory_order_relaxed);
+                    atomic_fetch_add_explicit(recoveries, 1, memory_order_relaxed);
                     return 0;
                 }
                 continue;
@@ -355,7 +402,8 @@ static __attribute__((noinline)) int lock_slow(struct memd_ring_headtail *ht, ui
     }
 }
 
-static ALWAYS_INLINE int side_lock(struct memd_ring_headtail *ht, int may_sleep)
+static ALWAYS_INLINE int side_lock(struct memd_ring_headtail *ht, _Atomic uint32_t *recoveries,
+                                   int may_sleep)
 {
     uint64_t me = owner_word();
     uint64_t expect = 0;
@@ -363,7 +411,7 @@ static ALWAYS_INLINE int side_lock(struct memd_ring_headtail *ht, int may_sleep)
     if (likely(atomic_compare_exchange_weak_explicit(&ht->lock, &expect, me, memory_order_acquire,
                                                      memory_order_relaxed)))
         return 0;
-    return lock_slow(ht, me, may_sleep);
+    return lock_slow(ht, recoveries, me, may_sleep);
 }
 
 /* Release a side's lock; the caller then issues a seq_cst fence and calls
@@ -447,7 +495,7 @@ static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, struct memd_ring_g
     uint32_t start, free_entries;
     unsigned n;
 
-    if (!single && unlikely(side_lock(&r->prod, busy == NULL) < 0)) {
+    if (!single && unlikely(side_lock(&r->prod, &r->prod_recoveries, busy == NULL) < 0)) {
         *busy = 1; /* the lock stays held by a live owner: the caller waits */
         return 0;
     }
@@ -517,7 +565,7 @@ static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, struct memd_ring_g
     uint32_t start, entries;
     unsigned n;
 
-    if (!single && unlikely(side_lock(&r->cons, busy == NULL) < 0)) {
+    if (!single && unlikely(side_lock(&r->cons, &r->cons_recoveries, busy == NULL) < 0)) {
         *busy = 1;
         return 0;
     }

@@ -48,14 +48,29 @@
 int64_t memd_ring_memsize(uint32_t count, uint32_t esize, uint32_t flags);
 
 /* Initialise an empty ring at r (memd_ring_memsize(count, esize, flags) bytes),
- * then publish it by storing its magic last.  name may be NULL.  Fails iff
- * -EINVAL (as memd_ring_memsize, or a name of MEMD_NAMESIZE bytes or more). */
+ * then publish it by storing its magic last.  name may be NULL; tag is its
+ * identity tag (MEMD_TAG_FREED: a new one, memd_new_tag).  Fails iff -EINVAL (as
+ * memd_ring_memsize, or a name of MEMD_NAMESIZE bytes or more). */
 int memd_ring_init(struct memd_ring *r, const char *name, uint32_t count, uint32_t esize,
-                   uint32_t flags);
+                   uint32_t flags, uint64_t tag);
+
+/* A new identity tag ("identity tags" in memd_layout.h): random, never MEMD_TAG_FREED. */
+uint64_t memd_new_tag(void);
 
 /* 0 if r looks like an initialised ring whose slots end within `avail` bytes;
- * -EINVAL if its magic or geometry (esize included) is wrong. */
+ * -EINVAL if its magic, geometry (esize included) or tags are wrong (a freed ring). */
 int memd_ring_check(const struct memd_ring *r, uint64_t avail);
+
+/* The ring is being freed: clear its magic and tags, so that every handle to it
+ * raises from now on, and wake whoever sleeps on it to notice. */
+void memd_ring_poison(struct memd_ring *r);
+
+/* 1 if the side ht (r->prod for enqueues, r->cons for dequeues) still carries the
+ * tag a handle validated: one load from the line the operation writes anyway. */
+static inline int memd_ring_tag_ok(const struct memd_ring_headtail *ht, uint64_t tag)
+{
+    return __builtin_expect(atomic_load_explicit(&ht->tag, memory_order_relaxed) == tag, 1) != 0;
+}
 
 /* A ring's size and capacity as its user validated them (memd_ring_check) and keeps
  * in its own memory (with the esize, for the *_elem calls).  Operations index and

@@ -22,6 +22,7 @@ from memd.errors import (
     PoolEmpty,
     PrimaryNotRunning,
     ProtocolError,
+    StaleHandle,
     StaleReference,
     VersionMismatch,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "Primary",
     "PrimaryNotRunning",
     "ProtocolError",
+    "StaleHandle",
     "StaleReference",
     "VersionMismatch",
 ]

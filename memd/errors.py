@@ -48,7 +48,14 @@ class MemdKeyError(MemdError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class StaleReference(MemdKeyError):
+class StaleHandle(MemdKeyError, ReferenceError):
+    """A Ring, Mempool or MempoolObject used after its ring or pool was freed, by
+    this process or another (and perhaps made again under the same name, at the
+    same offset): nothing was touched.  Look the object up again.  A KeyError, as
+    for any name that is no longer there."""
+
+
+class StaleReference(StaleHandle):
     """A pickled reference names an object that is gone: freed (and perhaps made
     again under the same name or at the same offset), or its memd instance was
     restarted."""

@@ -27,6 +27,7 @@ from memd.errors import (
     PoolEmpty,
     PrimaryNotRunning,
     ProtocolError,
+    StaleHandle,
     StaleReference,
     VersionMismatch,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "ProtocolError",
     "Ring",
     "Secondary",
+    "StaleHandle",
     "StaleReference",
     "UnsafePath",
     "VersionMismatch",

@@ -442,3 +442,61 @@ def test_an_idle_secondary_never_wakes_up(daemon: Daemon) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+GROW_ZONE = """
+import sys, memd_client as mc
+mem = mc.attach(sys.argv[1], runtime_dir=sys.argv[2], timeout=20)
+mz = mem.memzone_reserve("grown", 24 << 20)  # past -m 4: the heap grows; the zone stays
+mz.buf[-4:] = b"grow"  # on a page the growth added
+print(mz.offset + mz.length - 4)
+mem.detach()
+"""
+
+RACING_ATTACH = """
+import subprocess, sys
+import memd_client as mc
+import memd.shm.memory as memory
+prefix, rundir, grow = sys.argv[1], sys.argv[2], sys.argv[3]
+real_lists, real_map = memory.memseg_lists, memory.Memory._map_lists
+grown = []
+
+def racing_lists(win):
+    lists = real_lists(win)
+    if not grown:  # another process grows the heap right after we read the lists
+        out = subprocess.run([sys.executable, "-c", grow, prefix, rundir], capture_output=True,
+                             text=True, check=True, timeout=60).stdout
+        grown.append(int(out))
+    return lists
+
+def map_lists(self, *args, **kw):
+    memory.memseg_lists = racing_lists
+    try:
+        return real_map(self, *args, **kw)
+    finally:
+        memory.memseg_lists = real_lists
+
+memory.Memory._map_lists = map_lists
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+memory.Memory._map_lists = real_map
+print(bytes(mem.view(grown[0], 4)).decode())
+mem.memzone_free(mem.memzone_lookup("grown"))
+mem.detach()
+"""
+
+
+def test_pages_that_come_during_an_attach_are_seen_after_it(daemon_factory) -> None:
+    """A growth between an attaching secondary's reading of the memseg lists and the
+    end of its attach: its views of the new pages work (it once recorded the newer
+    map generation with the older pages, and refused them as not mapped)."""
+    d = daemon_factory("-m", "4")
+    proc = subprocess.run(
+        [sys.executable, "-c", RACING_ATTACH, d.prefix, str(d.runtime_dir), GROW_ZONE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{proc.stderr}\n{d.log_text()}"
+    assert proc.stdout.strip() == "grow"
+    assert d.proc.poll() is None

@@ -389,6 +389,48 @@ sys.stdin.readline()
 """
 
 
+OVERRUN = """
+from memd import _ext
+from memd.errors import CorruptionError
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+HDR = _ext.HEAP_ELEM_HEADER_SIZE
+nxt = _ext.LAYOUT["memd_heap_elem.next"][0]
+a = mem.malloc(1000)
+b = mem.malloc(1000)
+above = int.from_bytes(mem.window.view(a.offset - HDR + nxt, 8), "little")
+assert above == b.offset - HDR > a.offset + a.size, (above, a, b)  # b's header follows a
+word = bytearray(mem.window.view(above, 8))
+if DAMAGE == "free-state":
+    word[4] = _ext.HEAP_ELEM_FREE  # cookie intact: b, busy, looks free, to be joined
+else:
+    word[:] = bytes(range(0xA0, 0xA8))  # user bytes over its cookie
+mem.window.view(above, 8)[:] = bytes(word)  # 8 bytes past a, into b's header
+expect_raise({"free": lambda: mem.free(a)}, CorruptionError, "corrupt")
+expect_raise({"malloc": lambda: mem.malloc(64)}, CorruptionError, "corrupt")  # broken
+mem.detach()
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("damage", ["free-state", "garbage"])
+def test_an_overrun_into_the_next_header_is_caught_by_free(daemon_factory, damage: str) -> None:
+    """An 8-byte write past a block into the next element's header: free() of the
+    block checks the neighbours it would join or relink (cookie, state, back link,
+    the free lists it would write) and raises CorruptionError, the heap marked
+    broken, instead of joining a busy block into free memory; the process exits 0
+    and the daemon serves on."""
+    daemon = daemon_factory("-m", "4")
+    assert _run(daemon, f"DAMAGE = {damage!r}\n" + OVERRUN).stdout.strip().endswith("OK")
+    assert daemon.proc.poll() is None
+    assert (
+        run_memctl(
+            "--file-prefix", daemon.prefix, "--runtime-dir", str(daemon.runtime_dir), "status"
+        ).returncode
+        == 0
+    )
+    assert daemon.proc.poll() is None
+
+
 def test_the_daemon_survives_damaged_shared_structures(daemon_factory) -> None:
     """A secondary scribbles over a pool header and a heap link, then dies: the
     daemon's reclaim and its admin queries meet the damage and go on serving."""

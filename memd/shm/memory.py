@@ -272,6 +272,9 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         the fd socket (unlinked files, memfds), index -> fd, checked here and
         closed (all of them, whatever happens)."""
         fds: dict[int, int] = {}
+        # read before the lists: pages that come meanwhile are then not taken as seen
+        # (their generation is newer), and the next sync_pages looks again
+        generation = _ext.mem_generation(self.window)
         try:
             for msl in memseg_lists(self.window):
                 if not 0 < msl.capacity <= _ext.MAX_PAGES_PER_LIST:
@@ -313,7 +316,7 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             fds = {}
         self.single_file = True
         self._lists = memseg_lists(self.window)
-        self._synced_generation = _ext.mem_generation(self.window)
+        self._synced_generation = generation
         return fds
 
     def _sync_list_events(self) -> None:

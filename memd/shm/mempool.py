@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from memd import _ext
-from memd.errors import MemdValueError, PoolEmpty
+from memd.errors import MemdValueError, PoolEmpty, StaleHandle
 from memd.shm import aio, objects
 from memd.shm.config import SOCKET_ID_ANY, memseg_lists
 
@@ -126,6 +126,10 @@ class Mempool(_ext.Mempool):
         ValueError: ``put`` of an object or handle that is not this pool's, or is
             already free; ``obj(handle)`` of a handle that is no object of it.
         MemdValueError: the attachment the pool came from was detached.
+        StaleHandle: any call but the local properties (``size``, ``offset``, ...)
+            after the pool was freed, by this process or another (also through its
+            MempoolObjects: ``buf``, ``iova``, the buffer protocol); nothing is
+            touched.  Look the pool up again.
         CorruptionError: ``audit`` found the pool's bookkeeping smashed.
     """
 
@@ -157,8 +161,12 @@ class Mempool(_ext.Mempool):
         return pool
 
     def __repr__(self) -> str:
+        try:
+            name = self.name
+        except StaleHandle:
+            name = "(freed)"
         return (
-            f"<Mempool {self.name!r} offset={self.offset:#x} n={self.size} "
+            f"<Mempool {name!r} offset={self.offset:#x} n={self.size} "
             f"elt_size={self.elt_size} cache_size={self.cache_size} slot={self.slot}>"
         )
 
@@ -195,10 +203,12 @@ class Mempool(_ext.Mempool):
 
         Raises:
             PoolEmpty: no object became free within `timeout`.
+            StaleHandle: the pool was freed (by any process).
             MemdValueError: the attachment was detached.
             PrimaryNotRunning: the primary stopped or died while it waited (the
                 message says which).
         """
+        self._check_live()  # StaleHandle, not "no ring" from the freed pool's ring
         free = _ext.Ring(self.window, self.ring_offset)  # its ring of free objects
 
         def attempt() -> MempoolObject | None:
@@ -267,15 +277,18 @@ class Mempool(_ext.Mempool):
         The owner tag is set on get and not moved when an object travels to
         another process: it names the getter, not the current holder.  Walks
         every object header (O(n)); a snapshot while others get and put."""
+        self._check_live()
         return _ext.mempool_held_by(self.window, self.offset, pid)
 
     def busy(self) -> list[tuple[int, int]]:
         """(handle, getter pid) of every object handed out and not put back: a
         snapshot (O(n)) while others get and put."""
+        self._check_live()
         return _ext.mempool_busy(self.window, self.offset)
 
     def holders(self) -> dict[int, int]:
         """Getter pid -> objects it got and nobody put back (see :meth:`held_by`)."""
+        self._check_live()
         return _ext.mempool_holders(self.window, self.offset)  # counted in C: no list
 
     def reclaim_held_by(self, pid: int) -> int:
@@ -287,6 +300,7 @@ class Mempool(_ext.Mempool):
         uses would be handed out twice.  Raises ValueError if `pid` is alive (a
         zombie counts as dead), CorruptionError if the pool is corrupted.  The
         objects go straight to the free ring, not to this process's cache."""
+        self._check_live()
         return _ext.mempool_reclaim_held_by(self.window, self.offset, pid)
 
     def info(self) -> dict[str, Any]:
@@ -381,14 +395,23 @@ class MempoolMixin:
         """Remove the pool from the directory and free its memzone
         (rte_mempool_free; ``None`` does nothing, as there).
 
-        Every process must have stopped using it; objects still held are lost.
-        Raises MemdValueError if ``pool`` is not a Mempool, MemdKeyError if it is
-        no longer listed.
+        Objects still held are lost.  Every Mempool and MempoolObject of it, in
+        this process or another, raises :class:`~memd.errors.StaleHandle` from then
+        on (even after a pool is made again under the name, at the same offset):
+        look it up again.  Raises MemdValueError if ``pool`` is not a Mempool,
+        StaleHandle if it was freed already, MemdKeyError if it is no longer listed.
         """
         if pool is None:
             return
         if not isinstance(pool, Mempool):
             raise MemdValueError(f"mempool_free: expected a Mempool, got {type(pool).__name__}")
+        pool._check_live()  # a stale handle must not free the pool made after it
         objects.remove(
-            self, pool.name, MEMD_OBJ_MEMPOOL, MEMPOOL_MZ_PREFIX, pool.offset, "mempool_free"
+            self,
+            pool.name,
+            MEMD_OBJ_MEMPOOL,
+            MEMPOOL_MZ_PREFIX,
+            pool.offset,
+            pool._poison,
+            "mempool_free",
         )

@@ -125,10 +125,22 @@ def create(
     return obj
 
 
-def remove(mem: Any, name: str, kind: int, mz_prefix: str, offset: int, what: str) -> None:
-    """Unlist object `name` (which must be the one at `offset`) and free its memzone."""
+def remove(
+    mem: Any,
+    name: str,
+    kind: int,
+    mz_prefix: str,
+    offset: int,
+    poison: Callable[[], None],
+    what: str,
+) -> None:
+    """Unlist object `name` (which must be the one at `offset`), `poison` it (every
+    handle to it, in every process, raises StaleHandle from then on) and free its
+    memzone."""
     idx, listed = find(mem.window, name, kind, what)
     if listed != offset:
         raise MemdValueError(f"{what}({name!r}): this {KIND_NAMES[kind]} is not the one registered")
+    zone = mem.memzone_lookup(mz_prefix + name)
     _ext.object_remove(mem.window, idx)
-    mem.memzone_free(mem.memzone_lookup(mz_prefix + name))
+    poison()  # before the memory goes back to the heap, where anything may reuse it
+    mem.memzone_free(zone)

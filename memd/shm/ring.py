@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from memd import _ext
-from memd.errors import MemdValueError
+from memd.errors import MemdValueError, StaleHandle
 from memd.shm import aio, objects
 from memd.shm.config import SOCKET_ID_ANY
 from memd.shm.heap import space_needed
@@ -157,6 +157,10 @@ class Ring(_ext.Ring[E]):
         MemdValueError: a negative (or NaN) timeout; the attachment the ring came
             from was detached.  The ``*_async`` twins check ``timeout`` first, and
             raise the same for it, before anything moves.
+        StaleHandle: the ring was freed, by this process or another (even if a ring
+            was made again under its name, at its offset): every call but the local
+            properties (``capacity``, ``size``, ``esize``, ``offset``) raises it and
+            touches nothing; a waiting call raises it at once.  Look it up again.
         PrimaryNotRunning: while waiting, the primary stopped or died (within 100 ms;
             the message says which).
         KeyboardInterrupt: (or any exception a signal handler raises) while waiting:
@@ -336,10 +340,13 @@ class Ring(_ext.Ring[E]):
         )
 
     def __repr__(self) -> str:
-        return (
-            f"<Ring {self.name!r} offset={self.offset:#x} count={self.count}"
-            f"/{self.capacity} esize={self.esize} flags={self.flags:#x}>"
-        )
+        try:
+            return (
+                f"<Ring {self.name!r} offset={self.offset:#x} count={self.count}"
+                f"/{self.capacity} esize={self.esize} flags={self.flags:#x}>"
+            )
+        except StaleHandle:
+            return f"<Ring (freed) offset={self.offset:#x}>"
 
     def __len__(self) -> int:
         return self.count
@@ -450,12 +457,17 @@ class RingMixin:
         """Remove the ring from the directory and free its memzone (rte_ring_free;
         ``None`` does nothing, as there).
 
-        Processes still holding the Ring object must not use it afterwards.
-        Raises MemdValueError if ``ring`` is not a Ring, MemdKeyError if it is no
-        longer listed.
+        Every Ring object of it, in this process or another, raises
+        :class:`~memd.errors.StaleHandle` from then on (even after a ring is made
+        again under the name, at the same offset): look it up again.  Raises
+        MemdValueError if ``ring`` is not a Ring, StaleHandle if it was freed
+        already, MemdKeyError if it is no longer listed.
         """
         if ring is None:
             return
         if not isinstance(ring, Ring):
             raise MemdValueError(f"ring_free: expected a Ring, got {type(ring).__name__}")
-        objects.remove(self, ring.name, MEMD_OBJ_RING, RING_MZ_PREFIX, ring.offset, "ring_free")
+        ring._check_live()  # a stale handle must not free the ring made after it
+        objects.remove(
+            self, ring.name, MEMD_OBJ_RING, RING_MZ_PREFIX, ring.offset, ring._poison, "ring_free"
+        )
