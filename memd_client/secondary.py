@@ -66,6 +66,21 @@ def _detach_at_exit() -> None:
                 sec.detach()
 
 
+_exit_hooked_pid = 0
+
+
+def _detach_at_multiprocessing_exit() -> None:
+    """A multiprocessing child ends in os._exit, which skips atexit: its own exit
+    hook (util.Finalize, run by every start method's bootstrap) detaches too, so
+    the primary sees a clean exit, not a death (nor reclaims what it handed on)."""
+    global _exit_hooked_pid
+    mp_util = sys.modules.get("multiprocessing.util")  # a child has it; else atexit does
+    if mp_util is None or _exit_hooked_pid == os.getpid():
+        return
+    _exit_hooked_pid = os.getpid()
+    mp_util.Finalize(None, _detach_at_exit, exitpriority=0)
+
+
 # A forked child's copy of the ZeroMQ sockets is its parent's: closing it in the
 # child is not safe, so it is kept here, never closed and never used.
 _forked_channels: list[object] = []
@@ -105,6 +120,7 @@ class Secondary(SecondaryGrowth):
         self._channel: Channel | None = None
         self._attach(timeout)
         _open.add(self)
+        _detach_at_multiprocessing_exit()
 
     # --- attach ------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import pickle
+import time
 from typing import Any
 
 import pytest
@@ -200,3 +201,26 @@ def test_a_worker_attached_before_a_restart_takes_new_references(daemon_factory)
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+def attach_and_return(prefix: str, runtime_dir: str) -> None:
+    """Worker: attach, take a block, and end as multiprocessing children end (os._exit)."""
+    mem = mc.attach(prefix, runtime_dir=runtime_dir, timeout=20)
+    mem.malloc(64).buf[:2] = b"ok"
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_a_multiprocessing_child_that_returns_detaches(daemon, method: str) -> None:
+    """multiprocessing ends its children with os._exit, past atexit: the child's
+    attachment still detaches at its exit, so the primary logs a detach, not a
+    death (and --reclaim-heap would not take what the child handed on)."""
+    ctx = multiprocessing.get_context(method)
+    p = ctx.Process(target=attach_and_return, args=(daemon.prefix, str(daemon.runtime_dir)))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    deadline = time.monotonic() + 10
+    while f"secondary pid {p.pid} detached" not in daemon.log_text():
+        assert time.monotonic() < deadline, daemon.log_text()
+        time.sleep(0.05)
+    assert f"secondary pid {p.pid} (slot" not in daemon.log_text()  # "... died; reclaimed"
