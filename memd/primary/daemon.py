@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reclaim-heap",
         action="store_true",
-        help="free the heap blocks of a secondary that dies (only if no other "
-        "process uses its blocks)",
+        help="free the heap blocks of a secondary that dies, whoever else still "
+        "uses them: only for applications whose processes never hand blocks on",
     )
     p.add_argument("--config", help="TOML file with the same options (command line wins)")
     p.add_argument("--group", help="group allowed to attach (files and sockets 0660)")
