@@ -56,10 +56,11 @@ static struct memd_heap *heap_of(PyObject *win, PyObject *idxo, char **base)
 
 /* Take h's lock: 0, 1 (taken from a dead owner; the heap checked fine), or -errno
  * with the lock not held.  Releases the GIL only while blocking. */
-/* How long a heap lock is waited for: forever in a program (but a wait lets
- * signals through: Ctrl-C works), a bound in the daemon (heap_lock_wait), which a
- * stopped holder must not stall.  Waits sleep with the GIL released. */
-static uint64_t lock_wait_limit_ns = UINT64_MAX;
+/* How long a heap lock is waited for: 30 s in a program (a wait lets signals
+ * through: Ctrl-C works; past the bound the call fails "busy" rather than hang
+ * behind a stopped holder), less in the daemon (heap_lock_wait), which a stopped
+ * holder must not stall.  Waits sleep with the GIL released. */
+static uint64_t lock_wait_limit_ns = 30000000000ull;
 #define LOCK_WAIT_SLICE_NS 100000000ull /* how often a waiter looks for signals */
 
 uint64_t memd_py_lock_wait_limit(void) { return lock_wait_limit_ns; }

@@ -506,7 +506,18 @@ mem.detach()
 """
 
 WAIT_FOR_HEAP = """
+from memd import _ext
+from memd.errors import MemdError
 mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+assert _ext.heap_lock_wait() == 30.0  # a program's heap calls wait 30 s at most
+_ext.heap_lock_wait(0.5)
+try:
+    mem.malloc(64)
+except MemdError as e:
+    assert "busy" in str(e), e
+else:
+    raise AssertionError("malloc got a heap lock a stopped process holds")
+_ext.heap_lock_wait(30.0)
 print("WAITING", flush=True)
 try:
     mem.malloc(64)
@@ -517,7 +528,7 @@ except KeyboardInterrupt:
 
 def test_a_stopped_lock_holder_stalls_nobody_for_good(daemon_factory) -> None:
     """A secondary stopped while it holds heap 0's lock: another's malloc waits
-    but Ctrl-C still ends it, and the daemon answers admin queries (a busy error
+    (boundedly: past the bound it fails "busy") but Ctrl-C still ends it, and the daemon answers admin queries (a busy error
     for what needs that heap) and keeps serving."""
     daemon = daemon_factory("-m", "2")
     holder = _start(daemon, HOLD_HEAP_LOCK)
