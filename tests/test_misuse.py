@@ -528,8 +528,9 @@ except KeyboardInterrupt:
 
 def test_a_stopped_lock_holder_stalls_nobody_for_good(daemon_factory) -> None:
     """A secondary stopped while it holds heap 0's lock: another's malloc waits
-    (boundedly: past the bound it fails "busy") but Ctrl-C still ends it, and the daemon answers admin queries (a busy error
-    for what needs that heap) and keeps serving."""
+    (boundedly: past the bound it fails "busy") but Ctrl-C still ends it, and the
+    daemon answers admin queries (a busy error for what needs that heap) and keeps
+    serving."""
     daemon = daemon_factory("-m", "2")
     holder = _start(daemon, HOLD_HEAP_LOCK)
     waiter = None
