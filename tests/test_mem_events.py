@@ -5,6 +5,8 @@ ALLOC after the pages are mapped and FREE before they go."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -84,3 +86,44 @@ def test_registration_errors(daemon: Daemon) -> None:
         with pytest.raises(MemdKeyError):
             mem.mem_event_callback_unregister("a")
         assert (mc.MEM_EVENT_ALLOC, mc.MEM_EVENT_FREE) == (0, 1)  # rte_mem_event's values
+
+
+GROW_AND_RELEASE = """
+for _ in range(ROUNDS):
+    b = mem.malloc(24 << 20)  # beyond -m 8: growth, then release at the free
+    b.buf[-1] = 1
+    mem.free(b)
+"""
+
+LATE = "did not run its memory event callbacks in time"
+
+
+def test_a_stopped_listener_delays_one_change_only(daemon_factory) -> None:
+    """A secondary with callbacks that is stopped delays the first change (up to
+    --sync-timeout) and no later one: it is told, not waited for, until it answers
+    again; resumed, it hears what it missed and is waited for again."""
+    daemon = daemon_factory("-m", "8", "--sync-timeout", "1")
+    listener = start_secondary(
+        daemon,
+        """
+        events = []
+        mem.mem_event_callback_register("watch", lambda e, o, n: events.append(e))
+        # then:
+        out(sorted(set(events)))
+        """,
+    )
+    try:
+        os.kill(listener.pid, signal.SIGSTOP)
+        run_secondary(daemon, GROW_AND_RELEASE.replace("ROUNDS", "3"), timeout=120)
+        assert daemon.log_text().count(LATE) == 1, daemon.log_text()  # not one per change
+        os.kill(listener.pid, signal.SIGCONT)
+        run_secondary(daemon, GROW_AND_RELEASE.replace("ROUNDS", "1"), timeout=120)
+        out = finish_secondary(listener)
+    finally:
+        if listener.poll() is None:
+            os.kill(listener.pid, signal.SIGCONT)
+            listener.kill()
+            listener.wait()
+    assert json.loads(out.split("RESULT ", 1)[1]) == [mc.MEM_EVENT_ALLOC, mc.MEM_EVENT_FREE]
+    assert daemon.log_text().count(LATE) == 1  # answered again: waited for, in time
+    assert daemon.proc.poll() is None

@@ -114,6 +114,9 @@ class Peer:
         self.pidfd = pidfd  # readable once the process exits (-1: none)
         self.recent_ids: deque[int] = deque(maxlen=256)
         self.mem_events = False  # has memory event callbacks: memory changes wait for it
+        # missed a sync (stopped, busy): later ones are sent but not waited for,
+        # until it answers one, so it delays at most one change
+        self.late = False
 
     def owns(self, identity: bytes) -> bool:
         """Its sync socket (b'sync-<x>') or its request socket (b'req-<x>')."""
@@ -256,6 +259,11 @@ class Server:
             msg = decode(data)
         except ProtocolError as e:
             self.send(identity, reply(0, errno.EPROTO, str(e)))
+            return
+        if msg["type"] == "reply":  # a sync answered after its wait ended: caught up
+            late = self.peer_of(identity)
+            if late is not None:
+                late.late = False
             return
         handler = self.handlers.get(msg["type"])
         if handler is None:

@@ -374,6 +374,7 @@ class PrimaryGrowth(Memory):
         if self.server is None:
             return
         waited = []
+        gen = self._header().mem_generation
         for peer in list(self.server.peers.values()):
             # only those we wait for: a /proc look per idle secondary cost growth
             # ~10 us each (64 of them: 2x); their pidfds report deaths anyway
@@ -381,16 +382,19 @@ class PrimaryGrowth(Memory):
                 continue
             if not process_alive(peer.pid, peer.start_time):
                 self.server.set_aside(peer)
+            elif peer.late:  # told, not waited for: a stopped one delays one change only
+                self.server.send(peer.identity, {"type": "sync", "generation": gen, "id": 0})
             else:
                 waited.append(peer)
-        gen = self._header().mem_generation
         if waited:
             for peer, why in self.server.sync_all(
                 {"type": "sync", "generation": gen}, peers=waited
             ):
+                peer.late = True
                 log.warning(
                     "secondary pid %d did not run its memory event callbacks in time (%s); "
-                    "the memory map changed without it",
+                    "the memory map changed without it, and later changes will not wait for "
+                    "it until it answers",
                     peer.pid,
                     why,
                 )
