@@ -274,12 +274,32 @@ static uint64_t self_owner(void)
     return MEMD_PIN_OWNER(pid, start);
 }
 
+/* Free the fork rows whose owners are dead (the primary does it every second; a
+ * fork that finds the table full does not wait for that). */
+static void reap_dead_fork_rows(char *base)
+{
+    for (uint32_t row = MEMD_MAX_PROCS; row < MEMD_PIN_ROWS; row++) {
+        uint64_t o = memd_pin_fork_owner(base, row);
+        if (o == 0 || o == MEMD_PIN_OWNER_REAPING)
+            continue;
+        pid_t pid = (pid_t)(o & ((1u << MEMD_PIN_OWNER_PID_BITS) - 1));
+        if (!memd_process_alive(pid, o >> MEMD_PIN_OWNER_PID_BITS,
+                                UINT64_MAX >> MEMD_PIN_OWNER_PID_BITS))
+            memd_pin_fork_reap(base, row, o);
+    }
+}
+
+/* Set by the last fork_prepare when a window's pins found no free fork row: the
+ * child's inherited views of that window are not pinned (it says so). */
+static int fork_rows_missed;
+
 /* os.fork's `before` hook (the GIL is held: no view comes or goes until the fork):
  * each window whose row pins something copies it into a fork row for the child
  * (memd_layout.h, "view pins"). */
 static PyObject *py_fork_prepare(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
 {
     uint64_t me = 0;
+    fork_rows_missed = 0;
     for (MemdWindow *w = windows; w != NULL; w = w->reg_next) {
         w->fork_row = -1;
         if (w->pin_slot < 0 || w->mapping == NULL || w->anonymous || w->size < MEMD_CONFIG_SIZE)
@@ -287,12 +307,25 @@ static PyObject *py_fork_prepare(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
         if (me == 0 && (me = self_owner()) == 0)
             break;
         int row = memd_pin_fork_claim(w->mapping, (uint32_t)w->pin_slot, me);
+        if (row == -ENOSPC) {
+            reap_dead_fork_rows(w->mapping);
+            row = memd_pin_fork_claim(w->mapping, (uint32_t)w->pin_slot, me);
+        }
         if (row >= 0) {
             w->fork_row = row;
             w->fork_from = me;
+        } else if (row == -ENOSPC) {
+            fork_rows_missed = 1;
         }
     }
     Py_RETURN_NONE;
+}
+
+/* fork_pins_missed() -> bool: in a forked child, whether some inherited views are
+ * not pinned here (every fork row of the instance was taken at the fork). */
+static PyObject *py_fork_pins_missed(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    return PyBool_FromLong(fork_rows_missed);
 }
 
 /* os.fork's `after_in_parent` hook: the rows claimed are the child's to take over
@@ -939,6 +972,9 @@ static PyMethodDef module_functions[] = {
     {"fork_prepare", py_fork_prepare, METH_NOARGS,
      "fork_prepare(): os.fork's before hook (registered at import): each window whose "
      "process row pins pages copies it into a fork row for the child."},
+    {"fork_pins_missed", py_fork_pins_missed, METH_NOARGS,
+     "fork_pins_missed() -> bool: in a forked child, whether views it inherited are not "
+     "pinned here (every fork row of the instance was taken when it was forked)."},
     {"fork_parent", py_fork_parent, METH_NOARGS,
      "fork_parent(): os.fork's after_in_parent hook (registered at import)."},
     {"pin_fork_rows", py_pin_fork_rows, METH_O,

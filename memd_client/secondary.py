@@ -93,6 +93,12 @@ def _forget_in_child() -> None:
     for sec in list(_open):
         sec._forget_forked()
     _open.clear()
+    if _ext.fork_pins_missed():
+        log.warning(
+            "every fork pin row of the memd instance was taken when this process was "
+            "forked: views inherited from the parent are not pinned here, and fault "
+            "(SIGBUS) if the parent frees their memory; attach() here and view anew"
+        )
 
 
 os.register_at_fork(after_in_child=_forget_in_child)

@@ -386,3 +386,61 @@ def test_a_row_left_mid_write_pins_everything_only_for_a_while(daemon_factory) -
         a.finish()
         b.finish()
     assert d.proc.poll() is None
+
+
+FORK_AND_ASK = """
+import logging, os
+from memd import _ext
+
+class Kept(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+kept = Kept()
+logging.getLogger("memd_client").addHandler(kept)
+blk2 = mem.malloc(4096)
+v2 = blk2.buf
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    said = any("fork pin row" in m for m in kept.messages)
+    os.write(w, b"1" if _ext.fork_pins_missed() and said else b"0")
+    os._exit(0)
+os.waitpid(pid, 0)
+res = os.read(r, 1).decode()
+logging.getLogger("memd_client").removeHandler(kept)
+del v2
+mem.free(blk2)
+"""
+
+
+def test_a_fork_that_finds_every_fork_row_taken_says_so(daemon_factory) -> None:
+    """The fork rows are the instance's: when another process's children hold
+    them all, a forked child's inherited views are not pinned and it logs a
+    warning saying so; the rows of children that died are taken back at the next
+    fork, not a second later."""
+    d = daemon_factory("-m", "4")
+    hog, a = DrivenSecondary(d), DrivenSecondary(d)
+    try:
+        taken = hog(
+            "import os\nfrom memd import _ext\nblk = mem.malloc(4096)\nv = blk.buf\nkids = []\n"
+            "for _ in range(_ext.FORK_PIN_ROWS):\n"
+            "    r, w = os.pipe()\n"
+            "    pid = os.fork()\n"
+            "    if pid == 0:\n"
+            "        os.read(r, 1)\n"
+            "        os._exit(0)\n"
+            "    kids.append((pid, w))\n"
+            "res = len(_ext.pin_fork_rows(mem.window))"
+        )
+        assert taken == _ext.FORK_PIN_ROWS
+        assert a(FORK_AND_ASK) == "1"
+        hog("for pid, w in kids:\n    os.write(w, b'x')\n    os.waitpid(pid, 0)\n")
+        assert a(FORK_AND_ASK) == "0"
+    finally:
+        hog.finish()
+        a.finish()
+    assert d.proc.poll() is None
