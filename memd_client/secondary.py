@@ -277,7 +277,15 @@ class Secondary(SecondaryGrowth):
             pidfd = watch_process(h.primary_pid, h.primary_start_time)
             if pidfd is None:
                 return f"its primary (pid {h.primary_pid}) is dead (stale config)"
-            self.window = _ext.Window(h.window_size, h.window_align)
+            try:
+                self.window = _ext.Window(h.window_size, h.window_align)
+            except OSError as e:
+                raise MemdMemoryError(
+                    f"attach: cannot reserve the instance's {h.window_size >> 20} MiB of "
+                    f"address space ({e.strerror}): raise this process's address-space "
+                    "limit (ulimit -v), or drop mlockall(MCL_FUTURE) (it needs "
+                    "CAP_IPC_LOCK and would lock the whole window)"
+                ) from e
             self.window.map_fd(0, _ext.CONFIG_SIZE, fd)
             self._cfg_fd, fd = fd, -1
             self.daemon_uid = st.st_uid

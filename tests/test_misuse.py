@@ -1276,3 +1276,22 @@ def test_two_processes_putting_one_object_at_once_put_it_once(daemon_factory, ho
             assert sum(outs) == n * rounds, outs
         audit = mem.mempool_lookup("raced").audit()
         assert audit["free"] == n, audit
+
+
+def test_an_address_space_too_small_for_the_window_is_a_clear_error(daemon: Daemon) -> None:
+    """attach() in a process whose address space cannot hold the instance's window
+    (ulimit -v; mlockall(MCL_FUTURE) without CAP_IPC_LOCK fails the same mmap) is
+    a MemdMemoryError that says what to change, not a raw OSError."""
+    _run(
+        daemon,
+        """
+import resource
+from memd.errors import MemdMemoryError
+with open("/proc/self/statm") as f:
+    size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+resource.setrlimit(resource.RLIMIT_AS, (size + (512 << 20), resource.RLIM_INFINITY))
+expect_raise({"attach": lambda: mc.attach(prefix, runtime_dir=rundir, timeout=5)},
+             MemdMemoryError, "ulimit -v")
+""",
+    )
+    assert daemon.proc is not None and daemon.proc.poll() is None
