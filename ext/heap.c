@@ -43,8 +43,21 @@ static inline uint64_t head_word(uint64_t off, uint8_t state, uint8_t heap, uint
            (uint64_t)flags << 48;
 }
 
-/* Word 5 of a busy header: owner_pid, reserved0 = 0. */
-static inline uint64_t owner_word(int32_t pid) { return (uint64_t)(uint32_t)pid; }
+/* Word 5 of a busy header: owner_pid, serial. */
+static inline uint64_t owner_word(int32_t pid, uint32_t serial)
+{
+    return (uint64_t)(uint32_t)pid | (uint64_t)serial << 32;
+}
+
+/* The heap's next allocation serial (never 0).  Between jbegin() and jcommit():
+ * alloc_serial is on the counters line jbegin saved. */
+static inline uint32_t next_serial(struct memd_heap *h)
+{
+    uint32_t s = h->alloc_serial + 1;
+    s += s == 0;
+    h->alloc_serial = s;
+    return s;
+}
 
 enum hdr_kind {
     HDR_LIVE,  /* a header (or a busy block's data) is there: save its 64 bytes */
@@ -400,7 +413,7 @@ static void carve(char *base, struct memd_heap *h, uint64_t foff, uint64_t d, ui
     EXPECT(!gap || prev_ok(base, h, foff, prev));
 
     uint64_t w0 = head_word(boff, MEMD_ELEM_BUSY, heap_index(base, h), flags);
-    uint64_t w5 = owner_word(memd_self_pid());
+    uint64_t w5 = owner_word(memd_self_pid(), next_serial(h));
 #define PUT_BLOCK_HEADER(fresh)                                                                  \
     put_header(base, h, boff, fresh, w0, gap ? foff : prev, tail ? end : next, end - boff, size, \
                w5, 0, 0)
@@ -631,22 +644,52 @@ static int busy_ok(char *base, struct memd_heap *h, uint64_t boff)
     return 0;
 }
 
-/* The busy element whose data is at off, or -EINVAL / -EFAULT. */
-static int lookup_busy(char *base, struct memd_heap *h, uint64_t off, struct memd_heap_elem **out)
+/* Is boff an element of h's list?  A walk: only for a header without its cookie,
+ * to tell a live block's smashed header (listed) from a freed one's (joined into
+ * a neighbour: not listed).  Follows links only to headers with their cookie. */
+static __attribute__((noinline, cold)) int elem_listed(char *base, struct memd_heap *h,
+                                                       uint64_t boff)
 {
+    uint64_t o = h->first_elem;
+    while (o && o < boff && elem_ok(base, o)) {
+        uint64_t n = EL(base, o)->next;
+        if (n <= o)
+            return 0;
+        o = n;
+    }
+    return o == boff;
+}
+
+/* The busy element whose data is at off, or -EINVAL / -EFAULT.  serial != 0: it
+ * must also carry that serial (a Block's), else -ESTALE, as for a block that is
+ * no longer busy: the caller's block was freed. */
+static int lookup_busy_serial(char *base, struct memd_heap *h, uint64_t off, uint32_t serial,
+                              struct memd_heap_elem **out)
+{
+    int stale = serial ? -ESTALE : -EINVAL;
     if (off % GRAIN || off < HDR || h->first_elem == 0)
-        return -EINVAL;
+        return stale;
     uint64_t boff = off - HDR;
     if (boff < h->first_elem || boff > h->last_elem)
-        return -EINVAL;
+        return stale;
     int rc = busy_ok(base, h, boff);
+    if (rc == -EINVAL && serial && !elem_ok(base, boff) && elem_listed(base, h, boff))
+        return -EINVAL; /* a live block's smashed header, not a freed block */
     if (rc < 0)
-        return rc;
+        return rc == -EINVAL ? stale : rc;
     struct memd_heap_elem *b = EL(base, boff);
+    if (serial && b->u.busy.serial != serial)
+        return -ESTALE;
     if (*trailer_at(base, off, b->u.busy.data_size) != trailer_cookie(off))
         return -EFAULT;
     *out = b;
     return 0;
+}
+
+static inline int lookup_busy(char *base, struct memd_heap *h, uint64_t off,
+                              struct memd_heap_elem **out)
+{
+    return lookup_busy_serial(base, h, off, 0, out);
 }
 
 /* Free the busy element at boff (checked by the caller); returns the free element
@@ -665,10 +708,10 @@ static uint64_t free_elem(char *base, struct memd_heap *h, uint64_t boff)
                      0);
 }
 
-static int64_t free_unguarded(char *base, struct memd_heap *h, uint64_t off)
+static int64_t free_unguarded(char *base, struct memd_heap *h, uint64_t off, uint32_t serial)
 {
     struct memd_heap_elem *b;
-    int rc = lookup_busy(base, h, off, &b);
+    int rc = lookup_busy_serial(base, h, off, serial, &b);
     if (rc < 0)
         return rc;
     jbegin(base, h);
@@ -679,7 +722,12 @@ static int64_t free_unguarded(char *base, struct memd_heap *h, uint64_t off)
 
 int64_t memd_heap_free_nolock(char *base, struct memd_heap *h, uint64_t off)
 {
-    GUARDED(int64_t, free_unguarded(base, h, off));
+    GUARDED(int64_t, free_unguarded(base, h, off, 0));
+}
+
+int64_t memd_heap_free_serial_nolock(char *base, struct memd_heap *h, uint64_t off, uint32_t serial)
+{
+    GUARDED(int64_t, free_unguarded(base, h, off, serial));
 }
 
 static int64_t block_size_unguarded(char *base, struct memd_heap *h, uint64_t off)
@@ -694,15 +742,20 @@ int64_t memd_heap_block_size_nolock(char *base, struct memd_heap *h, uint64_t of
     GUARDED(int64_t, block_size_unguarded(base, h, off));
 }
 
-static int validate_unguarded(char *base, struct memd_heap *h, uint64_t off)
+static int validate_unguarded(char *base, struct memd_heap *h, uint64_t off, uint32_t serial)
 {
     struct memd_heap_elem *b;
-    return lookup_busy(base, h, off, &b);
+    return lookup_busy_serial(base, h, off, serial, &b);
 }
 
 int memd_heap_validate_nolock(char *base, struct memd_heap *h, uint64_t off)
 {
-    GUARDED(int, validate_unguarded(base, h, off));
+    GUARDED(int, validate_unguarded(base, h, off, 0));
+}
+
+int memd_heap_validate_serial_nolock(char *base, struct memd_heap *h, uint64_t off, uint32_t serial)
+{
+    GUARDED(int, validate_unguarded(base, h, off, serial));
 }
 
 /* --- realloc ------------------------------------------------------------------ */
@@ -753,12 +806,12 @@ static void grow_into_next(char *base, struct memd_heap *h, uint64_t boff, uint6
     jset(base, h, n, 0); /* its header is data now */
 }
 
-static int realloc_op(char *base, struct memd_heap *h, uint64_t off, uint64_t size, uint64_t align,
-                      uint64_t *out)
+static int realloc_op(char *base, struct memd_heap *h, uint64_t off, uint32_t serial, uint64_t size,
+                      uint64_t align, uint64_t *out)
 {
     struct memd_heap_elem *b;
     uint64_t bound = 0;
-    int rc = lookup_busy(base, h, off, &b);
+    int rc = lookup_busy_serial(base, h, off, serial, &b);
     if (rc < 0 || (rc = check_request(size, &align, &bound)) < 0)
         return rc;
     uint64_t boff = off - HDR, need = elem_need(size);
@@ -774,7 +827,7 @@ static int realloc_op(char *base, struct memd_heap *h, uint64_t off, uint64_t si
             goto move;
         }
         jset(base, h, &b->u.busy.data_size, size);
-        jset(base, h, &b->u.busy.owner_pid, owner_word(memd_self_pid()));
+        jset(base, h, &b->u.busy.owner_pid, owner_word(memd_self_pid(), next_serial(h)));
         jset(base, h, trailer_at(base, off, size), trailer_cookie(off));
         *out = off;
         return 0;
@@ -802,10 +855,10 @@ move:;
     return 0;
 }
 
-static int realloc_unguarded(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
-                             uint64_t align, uint64_t *out)
+static int realloc_unguarded(char *base, struct memd_heap *h, uint64_t off, uint32_t serial,
+                             uint64_t size, uint64_t align, uint64_t *out)
 {
-    int rc = realloc_op(base, h, off, size, align, out);
+    int rc = realloc_op(base, h, off, serial, size, align, out);
     jcommit(base, h);
     return rc;
 }
@@ -813,7 +866,13 @@ static int realloc_unguarded(char *base, struct memd_heap *h, uint64_t off, uint
 int memd_heap_realloc_nolock(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
                              uint64_t align, uint64_t *out)
 {
-    GUARDED(int, realloc_unguarded(base, h, off, size, align, out));
+    GUARDED(int, realloc_unguarded(base, h, off, 0, size, align, out));
+}
+
+int memd_heap_realloc_serial_nolock(char *base, struct memd_heap *h, uint64_t off, uint32_t serial,
+                                    uint64_t size, uint64_t align, uint64_t *out)
+{
+    GUARDED(int, realloc_unguarded(base, h, off, serial, size, align, out));
 }
 
 /* --- memory coming and going ---------------------------------------------------- */

@@ -113,6 +113,20 @@ int memd_heap_biggest_nolock(char *base, struct memd_heap *h, uint64_t align, in
  * offset) or -EFAULT (its trailer cookie is smashed; the block stays busy). */
 int64_t memd_heap_free(char *base, struct memd_heap *h, uint64_t off);
 int64_t memd_heap_free_nolock(char *base, struct memd_heap *h, uint64_t off);
+/* As memd_heap_free_nolock for the block of a handle that was made with serial
+ * (the block's memd_heap_elem.u.busy.serial then): fails with -ESTALE, changing
+ * nothing, if the block at off is no longer busy or carries another serial (it
+ * was freed, perhaps allocated again), and with -EINVAL only for a listed
+ * element whose header cookie is smashed. */
+int64_t memd_heap_free_serial_nolock(char *base, struct memd_heap *h, uint64_t off,
+                                     uint32_t serial);
+
+/* The serial of the busy block whose data is at off (checked by the caller):
+ * read it under the lock that made or checked the block. */
+static inline uint32_t memd_heap_block_serial(const char *base, uint64_t off)
+{
+    return ((const struct memd_heap_elem *)(base + off - MEMD_ELEM_HEADER_SIZE))->u.busy.serial;
+}
 
 /* (caller locks) Resize the block at off to size bytes with its data aligned to align
  * (0 = 64); *out is its new data offset.  Shrinks in place (the tail becomes
@@ -123,6 +137,10 @@ int64_t memd_heap_free_nolock(char *base, struct memd_heap *h, uint64_t off);
  * this heap; the block is unchanged: allocate elsewhere, copy and free). */
 int memd_heap_realloc_nolock(char *base, struct memd_heap *h, uint64_t off, uint64_t size,
                              uint64_t align, uint64_t *out);
+/* As memd_heap_realloc_nolock, with the -ESTALE of memd_heap_free_serial_nolock.
+ * The resized block gets a new serial (memd_heap_block_serial(base, *out)). */
+int memd_heap_realloc_serial_nolock(char *base, struct memd_heap *h, uint64_t off, uint32_t serial,
+                                    uint64_t size, uint64_t align, uint64_t *out);
 
 /* (caller locks) Data size of the busy block at off, or -EINVAL. */
 int64_t memd_heap_block_size_nolock(char *base, struct memd_heap *h, uint64_t off);
@@ -131,6 +149,9 @@ int64_t memd_heap_block_size_nolock(char *base, struct memd_heap *h, uint64_t of
  * smashed, -EINVAL if off is not a busy block (which includes a smashed header
  * cookie: the header is what says "block"). */
 int memd_heap_validate_nolock(char *base, struct memd_heap *h, uint64_t off);
+/* As memd_heap_validate_nolock, with the -ESTALE of memd_heap_free_serial_nolock. */
+int memd_heap_validate_serial_nolock(char *base, struct memd_heap *h, uint64_t off,
+                                     uint32_t serial);
 
 /* (caller locks) Stats as rte_malloc_get_socket_stats().  O(length of the top
  * free list). */

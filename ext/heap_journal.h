@@ -21,8 +21,8 @@
  * locker sees.  The count store is also a release store (free on x86).
  *
  * Each operation starts with jbegin(), which saves the counters line, so the
- * counters (total_size, alloc_count, free_count, alloc_size, list_mask) are then
- * written with plain stores.
+ * counters (total_size, alloc_count, free_count, alloc_size, list_mask,
+ * alloc_serial) are then written with plain stores.
  */
 #define BARRIER()    __atomic_signal_fence(__ATOMIC_SEQ_CST)
 #define J_SAVE_SLOTS 5u /* a SAVE64 entry and its 64 bytes */

@@ -32,7 +32,9 @@
  * 4: DPDK fidelity (an object directory entry per memzone, rings of esize-byte
  *    records, memzone flags as DPDK's), memzone generations, view pins;
  * 5: fork pin rows (a forked child's inherited views keep their pages), identity
- *    tags in rings and mempools (a freed one's handles raise) */
+ *    tags in rings and mempools (a freed one's handles raise), heap allocation
+ *    serials (memd_heap.alloc_serial, a busy header's serial: a freed block's
+ *    handles raise) */
 #define MEMD_LAYOUT_VERSION 5u
 
 #define MEMD_CACHE_LINE         64u
@@ -156,7 +158,9 @@ struct memd_heap {
     uint32_t broken;                             /* 244: 1 once a recovery found the heap corrupt:
                                                   *      every call then fails with -EFAULT */
     uint32_t list_mask;                          /* 248: bit c set iff free_head[c] != 0 */
-    uint32_t reserved1;                          /* 252 */
+    uint32_t alloc_serial;                       /* 252: bumped (never to 0, wrapping) by every
+                                                  *      allocation and realloc; the block's
+                                                  *      header keeps the value it got */
     uint64_t reserved[32];                       /* 256 */
 }; /* 512 */
 
@@ -189,6 +193,13 @@ struct memd_heap {
  * last resized it), so a dead process's blocks can be found and freed
  * (memd_heap_free_owned); blocks backing memzones carry MEMD_ELEM_F_MEMZONE and
  * are left to the memzone table.
+ *
+ * Serials: each allocation and realloc takes the next memd_heap.alloc_serial
+ * (never 0) and stores it beside owner_pid (one 8-byte word).  A Block keeps the
+ * serial it was made with and compares it before it touches the block, so a copy
+ * of a Block (unpickled, in any process) kept past a free raises instead of
+ * reaching the next block at that offset.  32 bits: a copy kept across exactly
+ * 2^32 - 1 allocations of one heap landing at its offset is not told apart.
  */
 #define MEMD_ELEM_HEADER_SIZE    64u
 #define MEMD_ELEM_TRAILER_SIZE   8u
@@ -223,7 +234,9 @@ struct memd_heap_elem {
         struct {
             uint64_t data_size;   /* 32: bytes asked for (the trailer follows them) */
             int32_t owner_pid;    /* 40: process that allocated (or last resized) it */
-            uint32_t reserved0;   /* 44: 0 */
+            uint32_t serial;      /* 44: the heap's alloc_serial of that allocation
+                                   *     (or resize): tells it from a later block at
+                                   *     the same offset */
             uint64_t reserved[2]; /* 48: 0 */
         } busy;
     } u;
@@ -617,11 +630,12 @@ MEMD_CHECK(struct memd_heap, total_size, 208);
 MEMD_CHECK(struct memd_heap, socket_id, 240);
 MEMD_CHECK(struct memd_heap, broken, 244);
 MEMD_CHECK(struct memd_heap, list_mask, 248);
+MEMD_CHECK(struct memd_heap, alloc_serial, 252);
 _Static_assert(MEMD_HEAP_NUM_FREELISTS <= 32, "memd_heap.list_mask is 32 bits");
 _Static_assert(offsetof(struct memd_heap, total_size) >= MEMD_HEAP_COUNTERS_LINE &&
-                   offsetof(struct memd_heap, list_mask) < MEMD_HEAP_COUNTERS_LINE + 64 &&
+                   offsetof(struct memd_heap, alloc_serial) < MEMD_HEAP_COUNTERS_LINE + 64 &&
                    MEMD_HEAP_COUNTERS_LINE % 64 == 0,
-               "the heap's counters and list_mask share one 64-byte line");
+               "the heap's counters, list_mask and alloc_serial share one 64-byte line");
 MEMD_CHECK_SIZE(struct memd_heap, 512);
 MEMD_CHECK(struct memd_heap_elem, state, 4);
 MEMD_CHECK(struct memd_heap_elem, heap, 5);
@@ -635,7 +649,7 @@ MEMD_CHECK(struct memd_heap_elem, u.free.dirty_hi, 56);
 MEMD_CHECK(struct memd_heap_elem, flags, 6);
 MEMD_CHECK(struct memd_heap_elem, u.busy.data_size, 32);
 MEMD_CHECK(struct memd_heap_elem, u.busy.owner_pid, 40);
-MEMD_CHECK(struct memd_heap_elem, u.busy.reserved0, 44);
+MEMD_CHECK(struct memd_heap_elem, u.busy.serial, 44);
 MEMD_CHECK(struct memd_heap_elem, u.busy.reserved, 48);
 MEMD_CHECK_SIZE(struct memd_heap_elem, MEMD_ELEM_HEADER_SIZE);
 _Static_assert(MEMD_MAX_HEAPS <= 256, "memd_heap_elem.heap is one byte");

@@ -96,14 +96,16 @@ typedef struct {
     char *addr;
     unsigned long long offset;
     unsigned long long size;
-    int heap;
-    char freed; /* freed or resized through the bindings: no new buffers */
+    uint32_t serial; /* the block's serial when this handle was made (its header's) */
+    uint16_t heap;   /* < MEMD_MAX_HEAPS; 16 bits keep the object at 64 bytes */
+    char freed;      /* freed or resized through the bindings: no new buffers */
 } MemdBlock;
+_Static_assert(MEMD_MAX_HEAPS <= UINT16_MAX, "MemdBlock.heap is 16 bits");
 
 static PyTypeObject MemdBlock_Type;
 
 static PyObject *block_new(PyObject *win, PyObject *owner, char *base, uint64_t off, uint64_t size,
-                           int heap)
+                           int heap, uint32_t serial)
 {
     MemdBlock *b = PyObject_GC_New(MemdBlock, &MemdBlock_Type);
     if (b == NULL)
@@ -115,7 +117,8 @@ static PyObject *block_new(PyObject *win, PyObject *owner, char *base, uint64_t 
     b->addr = base + off;
     b->offset = off;
     b->size = size;
-    b->heap = heap;
+    b->heap = (uint16_t)heap;
+    b->serial = serial;
     b->freed = 0;
     PyObject_GC_Track(b);
     return (PyObject *)b;
@@ -145,6 +148,39 @@ static void block_dealloc(PyObject *self)
     PyObject_GC_Del(self);
 }
 
+/* StaleHandle: b's block was freed, by another handle (a copy, an unpickled one,
+ * in this process or another) or with its owner.  Returns NULL. */
+static __attribute__((noinline, cold)) void *raise_stale_at(uint64_t off)
+{
+    char hex[24]; /* PyErr_Format has no %#llx */
+    snprintf(hex, sizeof(hex), "%#llx", (unsigned long long)off);
+    PyErr_Format(memd_error("StaleHandle", PyExc_KeyError),
+                 "the block at offset %s was freed (by this or another process, through "
+                 "another handle to it) or resized since this Block was made; nothing was "
+                 "touched: use the Block that malloc or realloc returned",
+                 hex);
+    return NULL;
+}
+
+static inline void *raise_stale_block(const MemdBlock *b) { return raise_stale_at(b->offset); }
+
+/* Is b's block still the one b was made for: a busy header with b's serial?
+ * Read without the heap lock (a check, as a ring's tag: a free racing with it
+ * is the user's race); the header's page must be mapped (pinned by the caller,
+ * or in a window without pins). */
+static inline int block_current(const MemdBlock *b)
+{
+    const struct memd_heap_elem *e =
+        (const struct memd_heap_elem *)(b->addr - MEMD_ELEM_HEADER_SIZE);
+    uint64_t hoff = b->offset - MEMD_ELEM_HEADER_SIZE;
+    uint64_t w0 = __atomic_load_n((const uint64_t *)e, __ATOMIC_RELAXED);
+    uint64_t w5 = __atomic_load_n((const uint64_t *)&e->u.busy.owner_pid, __ATOMIC_RELAXED);
+    /* cookie and state: the low 5 bytes of word 0 */
+    uint64_t busy = (uint64_t)MEMD_ELEM_BUSY << 32;
+    uint64_t want = (uint64_t)(MEMD_ELEM_COOKIE ^ (uint32_t)(hoff >> 6)) | busy;
+    return (w0 & 0xffffffffffull) == want && (uint32_t)(w5 >> 32) == b->serial;
+}
+
 static int block_getbuffer(PyObject *self, Py_buffer *view, int flags)
 {
     MemdBlock *b = (MemdBlock *)self;
@@ -158,12 +194,20 @@ static int block_getbuffer(PyObject *self, Py_buffer *view, int flags)
         view->obj = NULL;
         return -1;
     }
-    /* the view pins its pages: they outlive a free while it lives */
-    if (memd_view_pin(b->window, b->offset, b->size, view) < 0) {
+    /* the view pins its pages (and its header's, read next): they outlive a free
+     * while it lives */
+    if (memd_view_pin(b->window, b->offset - MEMD_ELEM_HEADER_SIZE, b->size + MEMD_ELEM_HEADER_SIZE,
+                      view) < 0) {
         view->obj = NULL;
         return -1;
     }
     void *tag = view->internal;
+    if (__builtin_expect(!block_current(b), 0)) {
+        memd_view_unpin(b->window, view);
+        raise_stale_block(b);
+        view->obj = NULL;
+        return -1;
+    }
     if (PyBuffer_FillInfo(view, self, b->addr, (Py_ssize_t)b->size, 0, flags) < 0) {
         view->internal = tag;
         memd_view_unpin(b->window, view);
@@ -205,8 +249,9 @@ static PyObject *block_get_owner_pid(PyObject *self, void *Py_UNUSED(c))
     const struct memd_heap_elem *e =
         (const struct memd_heap_elem *)(b->addr - MEMD_ELEM_HEADER_SIZE);
     uint64_t hoff = b->offset - MEMD_ELEM_HEADER_SIZE;
-    if (e->cookie != (MEMD_ELEM_COOKIE ^ (uint32_t)(hoff >> 6)) || e->state != MEMD_ELEM_BUSY)
-        Py_RETURN_NONE; /* freed by someone else (e.g. free_owned_by) */
+    if (e->cookie != (MEMD_ELEM_COOKIE ^ (uint32_t)(hoff >> 6)) || e->state != MEMD_ELEM_BUSY ||
+        e->u.busy.serial != b->serial)
+        Py_RETURN_NONE; /* freed by someone else (e.g. free_owned_by), perhaps allocated anew */
     return PyLong_FromLong(__atomic_load_n(&e->u.busy.owner_pid, __ATOMIC_RELAXED));
 }
 
@@ -227,7 +272,10 @@ static PyMemberDef block_members[] = {
     {"offset", T_ULONGLONG, offsetof(MemdBlock, offset), READONLY,
      "window offset of the data (any process can view it there)"},
     {"size", T_ULONGLONG, offsetof(MemdBlock, size), READONLY, "bytes asked for"},
-    {"heap", T_INT, offsetof(MemdBlock, heap), READONLY, "index of the owning heap"},
+    {"heap", T_USHORT, offsetof(MemdBlock, heap), READONLY, "index of the owning heap"},
+    {"serial", T_UINT, offsetof(MemdBlock, serial), READONLY,
+     "the heap's allocation serial the block got (its header's; a later block at the same "
+     "offset has another)"},
     {"freed", T_BOOL, offsetof(MemdBlock, freed), READONLY,
      "True once freed or resized through this object"},
     {"window", T_OBJECT, offsetof(MemdBlock, window), READONLY, "the Window"},
@@ -253,7 +301,17 @@ static PyTypeObject MemdBlock_Type = {
     .tp_as_sequence = &block_as_sequence,
     .tp_as_buffer = &block_as_buffer,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "A heap block: its data exported through the buffer protocol.",
+    .tp_doc = "A heap block (rte_malloc's pointer): its data exported through the buffer "
+              "protocol (``buf``: a writable memoryview of ``size`` bytes at window offset "
+              "``offset``).  It records the block's allocation ``serial`` when it is made "
+              "(malloc, zmalloc, calloc, realloc, heap_alloc, unpickling) and compares it "
+              "wherever it touches the block: a buffer export (``buf``, ``memoryview(blk)``) "
+              "raises StaleHandle, touching nothing, once the block was freed or resized "
+              "through another handle (a copy, an unpickled one, in any process), even if a "
+              "later block took its offset, and so do free, realloc and validate through it. "
+              "The handle that freed or resized it raises BufferError on export and "
+              "MemdValueError on free (it knows).  A view taken before the free is not "
+              "revoked.",
     .tp_traverse = block_traverse,
     .tp_clear = block_clear,
     .tp_members = block_members,
@@ -335,10 +393,11 @@ static PyObject *malloc_in(PyObject *win, PyObject *order, uint64_t size, uint64
         if (rc < 0)
             return memd_raise_errno(rc, "heap_malloc");
         rc = memd_heap_alloc_nolock(base, h, size, align, bound, contig, zero, &off);
+        uint32_t serial = rc == 0 ? memd_heap_block_serial(base, off) : 0;
         memd_heap_unlock(h);
         if (rc == 0)
             return block_new(win, owner, base, off, size,
-                             (int)(h - ((struct memd_config *)base)->heaps));
+                             (int)(h - ((struct memd_config *)base)->heaps), serial);
         if (rc != -ENOMEM)
             return memd_raise_errno(rc, "heap_malloc");
     }
@@ -393,11 +452,19 @@ static int64_t free_block(char *base, MemdBlock *b)
     int rc = py_lock(base, h);
     if (rc < 0)
         return rc;
-    int64_t r = memd_heap_free_nolock(base, h, b->offset);
+    int64_t r = memd_heap_free_serial_nolock(base, h, b->offset, b->serial);
     memd_heap_unlock(h);
     if (r >= 0)
         b->freed = 1;
     return r;
+}
+
+/* memd_raise_errno, but -ESTALE (b's block was freed) is StaleHandle. */
+static PyObject *raise_block_errno(const MemdBlock *b, int neg_errno, const char *where)
+{
+    if (neg_errno == -ESTALE && !PyErr_Occurred())
+        return raise_stale_block(b);
+    return memd_raise_errno(neg_errno, where);
 }
 
 /* heap_free_block(win, blk) -> size of the free element it ended up in; marks blk
@@ -416,7 +483,7 @@ static PyObject *py_heap_free_block(PyObject *m, PyObject *const *args, Py_ssize
         return NULL;
     int64_t r = free_block(base, b);
     if (r < 0)
-        return memd_raise_errno((int)r, "heap_free_block");
+        return raise_block_errno(b, (int)r, "heap_free_block");
     return PyLong_FromLongLong(r);
 }
 
@@ -441,14 +508,15 @@ static PyObject *py_heap_realloc_block(PyObject *m, PyObject *const *args, Py_ss
     int rc = py_lock(base, h);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_realloc_block");
-    rc = memd_heap_realloc_nolock(base, h, b->offset, size, align, &off);
+    rc = memd_heap_realloc_serial_nolock(base, h, b->offset, b->serial, size, align, &off);
+    uint32_t serial = rc == 0 ? memd_heap_block_serial(base, off) : 0;
     memd_heap_unlock(h);
     if (rc == -ENOMEM)
         Py_RETURN_NONE;
     if (rc < 0)
-        return memd_raise_errno(rc, "heap_realloc_block");
+        return raise_block_errno(b, rc, "heap_realloc_block");
     b->freed = 1;
-    return block_new(args[0], b->owner ? b->owner : Py_None, base, off, size, b->heap);
+    return block_new(args[0], b->owner ? b->owner : Py_None, base, off, size, b->heap, serial);
 }
 
 /* --- HeapBase: the C fast paths of memd.shm.heap.HeapMixin -------------------------------
@@ -796,19 +864,24 @@ static PyObject *py_heap_block_size(PyObject *m, PyObject *args, PyObject *kw)
 }
 #endif
 
-/* heap_validate(win, idx, off) -> None.  Fails iff OSError EFAULT (trailer
- * smashed) or EINVAL (not a busy block, header cookie included). */
+/* heap_validate(win, idx, off, serial=0) -> None.  Fails iff OSError EFAULT
+ * (trailer smashed) or EINVAL (not a busy block, header cookie included); with a
+ * serial (a Block's), StaleHandle when the block is no longer busy or carries
+ * another serial (EINVAL then only for a listed element's smashed header). */
 static PyObject *py_heap_validate(PyObject *m, PyObject *args, PyObject *kw)
 {
     (void)m;
-    static char *kwlist[] = {"win", "idx", "off", NULL};
+    static char *kwlist[] = {"win", "idx", "off", "serial", NULL};
     unsigned long long off;
-    HEAP_ARGS("K", &off);
+    unsigned int serial = 0;
+    HEAP_ARGS("K|I", &off, &serial);
     int rc = py_lock(base, h);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_validate");
-    rc = memd_heap_validate_nolock(base, h, off);
+    rc = memd_heap_validate_serial_nolock(base, h, off, serial);
     memd_heap_unlock(h);
+    if (rc == -ESTALE)
+        return raise_stale_at(off);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_validate");
     Py_RETURN_NONE;
@@ -827,10 +900,11 @@ static PyObject *py_heap_block(PyObject *m, PyObject *args, PyObject *kw)
     if (rc < 0)
         return memd_raise_errno(rc, "heap_block");
     int64_t r = memd_heap_block_size_nolock(base, h, off);
+    uint32_t serial = r >= 0 ? memd_heap_block_serial(base, off) : 0;
     memd_heap_unlock(h);
     if (r < 0)
         return memd_raise_errno((int)r, "heap_block");
-    return block_new(win, owner, base, off, (uint64_t)r, (int)PyLong_AsLong(idxo));
+    return block_new(win, owner, base, off, (uint64_t)r, (int)PyLong_AsLong(idxo), serial);
 }
 
 /* heap_stats(win, idx) -> (total, free, alloc, greatest_free, free_count,
@@ -1058,7 +1132,7 @@ static PyMethodDef heap_functions[] = {
     KW("heap_unlock", py_heap_unlock, "heap_unlock(win, idx)"),
     KW("heap_add_memory", py_heap_add_memory,
        "heap_add_memory(win, idx, off, len, dirty=False)  (hold heap_lock)"),
-    KW("heap_validate", py_heap_validate, "heap_validate(win, idx, off)"),
+    KW("heap_validate", py_heap_validate, "heap_validate(win, idx, off, serial=0)"),
     KW("heap_stats", py_heap_stats,
        "heap_stats(win, idx) -> (total, free, alloc, greatest_free, free_count, alloc_count)"),
     KW("heap_check", py_heap_check, "heap_check(win, idx, locked=False)"),

@@ -51,8 +51,10 @@ class MemdKeyError(MemdError, KeyError):
 class StaleHandle(MemdKeyError, ReferenceError):
     """A Ring, Mempool or MempoolObject used after its ring or pool was freed, by
     this process or another (and perhaps made again under the same name, at the
-    same offset): nothing was touched.  Look the object up again.  A KeyError, as
-    for any name that is no longer there."""
+    same offset), or a Block used after its block was freed or resized through
+    another handle (perhaps allocated again at the same offset): nothing was
+    touched.  Look the object up again.  A KeyError, as for any name that is no
+    longer there."""
 
 
 class StaleReference(StaleHandle):

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from memd import _ext
-from memd.errors import CorruptionError, MemdMemoryError, MemdValueError
+from memd.errors import CorruptionError, MemdMemoryError, MemdValueError, StaleHandle
 from memd.shm.heap import AnonymousMemory, HeapMixin, space_needed
 from tests.support.layout import offsets
 
@@ -35,6 +35,8 @@ MIN_ELEM = _ext.HEAP_ELEM_MIN_SIZE
 FREE, BUSY = _ext.HEAP_ELEM_FREE, _ext.HEAP_ELEM_BUSY
 HEAP0 = offsets()["memd_config.heaps"]  # struct memd_heap of heap 0
 ALLOC_COUNT = offsets()["memd_heap.alloc_count"]
+ALLOC_SERIAL = offsets()["memd_heap.alloc_serial"]
+ELEM_SERIAL = offsets()["memd_heap_elem.u.busy.serial"]
 
 
 def new_heap(size: int = 8 * MiB, add: int | None = None) -> _ext.Window:
@@ -75,6 +77,9 @@ def test_layout_constants():
     assert HEAP0 == 4096
     assert _ext.HEAP_NUM_FREELISTS == 16
     assert _ext.MAX_HEAPS == 8
+    # in the counters line (journaled with it) / beside owner_pid (one word)
+    assert _ext.LAYOUT["memd_heap.alloc_serial"] == (252, 4)
+    assert _ext.LAYOUT["memd_heap_elem.u.busy.serial"] == (44, 4)
 
 
 # --- basics and exact limits ---------------------------------------------------------
@@ -922,5 +927,84 @@ def test_none_block_edges_follow_dpdk():
     assert m.heap_stats() == before
     m.free(b)
     m.free(aligned)
+    assert m.heap_stats()["alloc_count"] == 0
+    _ext.heap_check(m.window, 0)
+
+
+# --- allocation serials ------------------------------------------------------------------
+
+
+def _u32(w: _ext.Window, off: int) -> int:
+    return int.from_bytes(w.view(off, 4), "little")
+
+
+def test_every_allocation_and_realloc_takes_the_next_serial():
+    w = new_heap(MiB)
+    start = _u32(w, HEAP0 + ALLOC_SERIAL)
+    a = _ext.heap_alloc(w, 0, 1000)
+    assert _u32(w, HEAP0 + ALLOC_SERIAL) == start + 1
+    assert _u32(w, a - HDR + ELEM_SERIAL) == start + 1
+    b = _ext.heap_alloc(w, 0, 64)
+    assert _u32(w, b - HDR + ELEM_SERIAL) == start + 2
+    assert _ext.heap_realloc(w, 0, a, 500) == a  # in place: a new serial all the same
+    assert _u32(w, a - HDR + ELEM_SERIAL) == start + 3
+    a2 = _ext.heap_realloc(w, 0, a, 5000)  # boxed in by b: moves
+    assert a2 != a and _u32(w, a2 - HDR + ELEM_SERIAL) == start + 4
+    _ext.heap_free(w, 0, b)  # a free takes none
+    assert _u32(w, HEAP0 + ALLOC_SERIAL) == start + 4
+    _ext.heap_free(w, 0, a2)
+    _ext.heap_check(w, 0)
+
+
+def test_serials_skip_zero_when_they_wrap():
+    w = new_heap(MiB)
+    w.view(HEAP0 + ALLOC_SERIAL, 4)[:] = (2**32 - 1).to_bytes(4, "little")
+    a = _ext.heap_alloc(w, 0, 64)
+    assert _u32(w, a - HDR + ELEM_SERIAL) == 1 == _u32(w, HEAP0 + ALLOC_SERIAL)
+    _ext.heap_free(w, 0, a)
+
+
+def test_a_stale_block_handle_raises_and_touches_nothing():
+    """A second handle to a block (as unpickling makes) raises StaleHandle once the
+    block was freed through the first, even after a malloc took the same offset;
+    the freeing handle keeps its MemdValueError; a live block's smashed header is
+    still CorruptionError."""
+    m = AnonymousMemory(heap_size=4 * MiB, prealloc=4 * MiB, release=False)
+    blk = m.malloc(64)
+    copy = _ext.heap_block(m.window, blk.heap, blk.offset, owner=m)
+    assert copy.serial == blk.serial != 0
+    m.free(blk)
+    new = m.malloc(64)
+    assert new.offset == blk.offset and new.serial != blk.serial
+    new.buf[:3] = b"new"
+    before = m.heap_stats()
+    for use in (
+        lambda: copy.buf,
+        lambda: memoryview(copy),
+        lambda: m.free(copy),
+        lambda: m.realloc(copy, 1000),
+        lambda: m.validate(copy),
+    ):
+        with pytest.raises(StaleHandle, match=f"the block at offset {blk.offset:#x} was freed"):
+            use()
+    assert bytes(new.buf[:3]) == b"new" and m.heap_stats() == before
+    assert copy.owner_pid is None
+    with pytest.raises(MemdValueError, match="already freed"):
+        m.free(blk)
+    # a realloc through one handle, even in place, leaves the other stale
+    other = _ext.heap_block(m.window, new.heap, new.offset, owner=m)
+    smaller = m.realloc(new, 32)
+    assert smaller.offset == new.offset and smaller.serial != other.serial
+    with pytest.raises(StaleHandle):
+        other.buf  # noqa: B018
+    assert bytes(smaller.buf[:3]) == b"new"
+    # a handle to a block freed and joined into its free neighbour (header gone)
+    lone = m.malloc(64)
+    stale = _ext.heap_block(m.window, lone.heap, lone.offset, owner=m)
+    m.free(smaller)
+    m.free(lone)
+    for use in (lambda: stale.buf, lambda: m.free(stale), lambda: m.validate(stale)):
+        with pytest.raises(StaleHandle):
+            use()
     assert m.heap_stats()["alloc_count"] == 0
     _ext.heap_check(m.window, 0)

@@ -156,6 +156,9 @@ def test_layout():
     pins_off, pins_size = _ext.LAYOUT["memd_config.pins"]  # the view pins follow them
     assert off + size == pins_off and pins_off + pins_size == _ext.LAYOUT["memd_config"] <= CONFIG
     assert _ext.LAYOUT["memd_heap_elem.u.busy.owner_pid"] == (40, 4)
+    assert _ext.LAYOUT["memd_heap_elem.u.busy.serial"] == (44, 4)  # the same word
+    # in the counters line jbegin saves (snapshot() covers it)
+    assert 192 <= _ext.LAYOUT["memd_heap.alloc_serial"][0] < 256
     assert _ext.LAYOUT["memd_heap_elem.flags"] == (6, 2)
     assert _ext.LAYOUT["memd_heap_journal.count"] == (0, 4)
     assert _ext.LAYOUT["memd_heap_journal.overflow"] == (4, 4)
@@ -191,6 +194,24 @@ def test_malloc_with_tail_split():
     n = sweep(w, lambda: _ext.heap_alloc(w, 0, 5000))
     assert n >= 10
     assert _ext.heap_stats(w, 0)[5] == 4
+    still_works(w)
+
+
+def test_the_allocation_serial_rolls_back_with_its_operation():
+    """alloc_serial is heap state: a crashed malloc or in-place realloc leaves it as
+    before (sweep's snapshot holds it), a finished one has bumped it."""
+    serial = _ext.LAYOUT["memd_heap.alloc_serial"][0]
+    w = new_heap()
+
+    def now() -> int:
+        return int.from_bytes(w.view(HEAP0 + serial, 4), "little")
+
+    a = _ext.heap_alloc(w, 0, 1000)
+    before = now()
+    sweep(w, lambda: _ext.heap_realloc(w, 0, a, 2000))  # grows in place
+    assert now() == before + 1
+    sweep(w, lambda: _ext.heap_alloc(w, 0, 64))
+    assert now() == before + 2
     still_works(w)
 
 

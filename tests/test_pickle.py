@@ -5,6 +5,7 @@ receiving process's own attachment; a reference to a freed object raises."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import multiprocessing
 import os
 import pickle
@@ -14,9 +15,9 @@ from typing import Any
 import pytest
 
 import memd_client as mc
-from memd.errors import MemdError, MemdValueError, StaleReference
+from memd.errors import MemdError, MemdValueError, StaleHandle, StaleReference
 from memd.shm import refs
-from memd.testing import start_secondary
+from memd.testing import finish_secondary, start_secondary
 
 
 def _memd_attachments(prefix: str) -> int:
@@ -224,3 +225,117 @@ def test_a_multiprocessing_child_that_returns_detaches(daemon, method: str) -> N
         assert time.monotonic() < deadline, daemon.log_text()
         time.sleep(0.05)
     assert f"secondary pid {p.pid} (slot" not in daemon.log_text()  # "... died; reclaimed"
+
+
+# --- heap blocks carry their allocation serial ------------------------------------------
+
+
+def _result_line(out: str) -> Any:
+    """The value a start_secondary() child printed with out()."""
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise AssertionError(f"no RESULT line in:\n{out}")
+
+
+def test_a_copy_of_a_freed_block_raises_and_touches_nothing(daemon) -> None:
+    """A second Block for the same block (here pickle.loads(pickle.dumps(blk)) in the
+    same process) keeps the serial of the allocation: after the block is freed and
+    allocated again at the same offset, every use of the copy raises StaleHandle and
+    the new block keeps its bytes."""
+    with daemon.attach() as mem:
+        blk = mem.malloc(64)
+        copy = pickle.loads(pickle.dumps(blk))
+        assert (copy.offset, copy.serial) == (blk.offset, blk.serial)
+        copy.buf[:3] = b"cpy"  # while the block lives, the copy is the block
+        assert bytes(blk.buf[:3]) == b"cpy"
+        mem.free(blk)
+        with pytest.raises(StaleHandle, match="was freed"):
+            copy.buf  # noqa: B018 (the export is what raises)
+        new = mem.malloc(64)
+        assert new.offset == blk.offset and new.serial != blk.serial
+        new.buf[:3] = b"new"
+        before = mem.heap_stats()
+        for use in (
+            lambda: copy.buf.__setitem__(slice(0, 3), b"BAD"),
+            lambda: memoryview(copy),
+            lambda: mem.free(copy),
+            lambda: mem.realloc(copy, 128),
+            lambda: mem.validate(copy),
+        ):
+            with pytest.raises(StaleHandle, match=f"offset {blk.offset:#x} was freed"):
+                use()
+        assert bytes(new.buf[:3]) == b"new"
+        assert mem.heap_stats() == before
+        assert copy.owner_pid is None and not copy.freed
+        with pytest.raises(MemdValueError, match="freed"):
+            pickle.dumps(copy)
+        with pytest.raises(MemdValueError, match="already freed"):
+            mem.free(blk)  # the freeing Block itself: as before, it knows
+        mem.validate(new)
+        mem.free(new)
+
+
+def test_a_childs_copy_raises_after_the_parent_frees_and_allocates_again(daemon) -> None:
+    """A child unpickles a Block, the parent frees it and mallocs again at the same
+    offset: the child's copy raises StaleHandle instead of writing into the parent's
+    new block.  A live block pickled the same way still works in the child."""
+    with daemon.attach() as mem:
+        blk = mem.malloc(64)
+        live = mem.malloc(64)
+        refs_hex = pickle.dumps((blk, live)).hex()
+        child = start_secondary(
+            daemon,
+            """
+            import pickle
+            from memd.errors import StaleHandle
+            old, live = pickle.loads(bytes.fromhex(REFS))
+            old.buf[:3] = b"kid"
+            # then:
+            live.buf[:4] = b"live"
+            try:
+                old.buf[:3] = b"BAD"
+            except StaleHandle as e:
+                out(["stale", str(e)])
+            else:
+                out(["wrote", None])
+            """.replace("REFS", repr(refs_hex)),
+        )
+        try:
+            assert bytes(blk.buf[:3]) == b"kid"  # the child's copy was the block
+            offset = blk.offset
+            mem.free(blk)
+            new = mem.malloc(64)
+            assert new.offset == offset
+            new.buf[:3] = b"new"
+            out = finish_secondary(child, timeout=60)  # asserts exit status 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
+        kind, msg = _result_line(out)
+        assert kind == "stale", out
+        assert f"offset {offset:#x} was freed" in msg
+        assert bytes(new.buf[:3]) == b"new"
+        assert bytes(live.buf[:4]) == b"live"
+        mem.free(new)
+        mem.free(live)
+
+
+def test_a_reference_to_a_block_freed_and_allocated_again_the_same_way_is_stale(
+    daemon,
+) -> None:
+    """Same offset, same size, same allocating process: only the serial tells the
+    new block from the one the reference was made for."""
+    with daemon.attach() as mem:
+        blk = mem.malloc(100)
+        pickled = pickle.dumps(blk)
+        mem.free(blk)
+        new = mem.malloc(100)
+        assert (new.offset, new.size, new.owner_pid) == (blk.offset, 100, os.getpid())
+        with pytest.raises(StaleReference, match=f"offset {blk.offset:#x} was freed"):
+            pickle.loads(pickled)
+        again = pickle.loads(pickle.dumps(new))  # a reference to the new one works
+        again.buf[:2] = b"ok"
+        assert bytes(new.buf[:2]) == b"ok"
+        mem.free(new)

@@ -152,17 +152,20 @@ class HeapMixin(_ext.HeapBase):
         ``zero`` (only where it may be dirty, so fresh memory costs nothing).  A full
         heap grows through the primary.  Returns a Block: ``buf`` (a memoryview of
         ``size`` bytes), ``offset`` (its window offset, valid in every process),
-        ``iova``.  Raises MemdValueError for bad arguments, MemdMemoryError when no
-        heap has or can get the room, PrimaryNotRunning when growth needs a primary
-        that is gone."""
+        ``iova``, ``serial`` (the heap's allocation serial it got: a copy of the Block
+        raises StaleHandle once the block is freed through another).  Raises
+        MemdValueError for bad arguments, MemdMemoryError when no heap has or can get
+        the room, PrimaryNotRunning when growth needs a primary that is gone."""
         what = "zmalloc" if zero else "malloc"
         return self.heap_alloc(size, align, zero=zero, socket_id=socket_id, what=what)
 
     def _heap_free_py(self, blk: Block | None) -> None:
         """free: give ``blk`` back; ``None`` does nothing (rte_free(NULL)).  Raises
-        MemdValueError for a block that is already free or not from this memory,
-        CorruptionError when its trailer cookie is smashed (the block then stays
-        allocated)."""
+        MemdValueError for a Block that was freed through itself or is not from this
+        memory, StaleHandle (changing nothing) when the block was freed or resized
+        through another handle (a copy, an unpickled one, in any process) since
+        ``blk`` was made, CorruptionError when its trailer cookie is smashed (the
+        block then stays allocated)."""
         if blk is None:
             return
         try:
@@ -193,10 +196,13 @@ class HeapMixin(_ext.HeapBase):
         or growing into free space above it), else moved within its heap, else moved
         to another heap (growing one if needed; ``socket_id`` only picks the heap of
         a new block).  Returns the new Block; ``blk`` is then dead (its buffer
-        refuses new views).  Bytes past the old size are not zeroed.  On failure
-        ``blk`` is unchanged.  Raises MemdValueError for a size <= 0, a bad
-        alignment, or ``blk`` not a live Block of this memory; MemdMemoryError when
-        no heap has or can get the room."""
+        refuses new views, and every other handle to it raises StaleHandle: the
+        block gets a new serial even in place).  Bytes past the old size are not
+        zeroed.  On failure ``blk`` is unchanged.  Raises MemdValueError for a size
+        <= 0, a bad alignment, or ``blk`` freed through itself or not of this memory;
+        StaleHandle (changing nothing) when the block was freed or resized through
+        another handle since ``blk`` was made; MemdMemoryError when no heap has or
+        can get the room."""
         if blk is None:
             return self.heap_alloc(size, align, socket_id=socket_id, what="realloc")
         if not isinstance(blk, Block):
@@ -222,13 +228,14 @@ class HeapMixin(_ext.HeapBase):
         """Check ``blk``'s cookies: raises CorruptionError if one is smashed (the
         trailer by an overflow past its end, the header by an underflow), as
         rte_malloc_validate.  Raises MemdValueError when ``blk`` is not a Block or
-        was freed."""
+        was freed through itself, StaleHandle when the block was freed or resized
+        through another handle since ``blk`` was made."""
         if not isinstance(blk, Block):
             raise MemdValueError(f"validate: expected a Block, got {type(blk).__name__}")
         if blk.freed:
             raise MemdValueError(f"validate: {blk!r} was freed")
         try:
-            _ext.heap_validate(self.window, blk.heap, blk.offset)
+            _ext.heap_validate(self.window, blk.heap, blk.offset, blk.serial)
         except OSError as e:
             what = (
                 "its trailer cookie is smashed: something wrote past its end"

@@ -5,12 +5,13 @@ A pickled ``Memzone``, ``Ring``, ``Mempool``, ``Block`` or ``MempoolObject`` hol
 bytes of shared memory: only which instance (prefix, runtime dir, and the primary's
 pid and start time), which object (a memzone's id and name, a ring's or pool's
 name, a block's heap and offset, an object's handle) and what tells this object from
-one made later in its place (the generation of the memzone it lives in; a block's size
-and owner; an object's getter).  Unpickling yields the object of the receiving
-process's attachment to that instance -- attaching on first use if the process has
-none (``memd_client.attach(prefix, runtime_dir)``, one attachment per instance per
-process, detached at exit) -- and raises :class:`memd.errors.StaleReference` if the
-object is gone (freed, re-created, or the instance restarted).
+one made later in its place (the generation of the memzone it lives in; a block's
+allocation serial, size and owner; an object's getter).  Unpickling yields the
+object of the receiving process's attachment to that instance -- attaching on
+first use if the process has none (``memd_client.attach(prefix, runtime_dir)``, one
+attachment per instance per process, detached at exit) -- and raises
+:class:`memd.errors.StaleReference` if the object is gone (freed, re-created, or the
+instance restarted).
 
 Registered with :mod:`copyreg` when :mod:`memd.shm.memory` is imported.
 """
@@ -264,21 +265,24 @@ def _mempool(inst: Instance, name: str, offset: int, zone_id: int, generation: i
 
 
 def reduce_block(blk: _ext.Block) -> tuple[Any, tuple[Any, ...]]:
-    """copyreg reducer for Block: the block's heap, offset, size and allocating pid."""
+    """copyreg reducer for Block: the block's heap, offset, size, allocating pid and
+    serial (the heap's allocation serial it got: a later block there has another)."""
     _mem, inst = _owner(blk.window, "Block")
-    owner = blk.owner_pid
+    owner = blk.owner_pid  # None once freed, also through another handle
     if blk.freed or owner is None:
         raise MemdValueError(f"cannot pickle {blk!r}: it was freed")
-    return _block, (inst, blk.heap, blk.offset, blk.size, owner)
+    return _block, (inst, blk.heap, blk.offset, blk.size, owner, blk.serial)
 
 
-def _block(inst: Instance, heap: int, offset: int, size: int, owner: int) -> _ext.Block:
+def _block(
+    inst: Instance, heap: int, offset: int, size: int, owner: int, serial: int
+) -> _ext.Block:
     mem = _memory(inst)
     try:
         blk = _ext.heap_block(mem.window, heap, offset, owner=mem)
     except OSError:
         blk = None
-    if blk is None or blk.size != size or blk.owner_pid != owner:
+    if blk is None or blk.serial != serial or blk.size != size or blk.owner_pid != owner:
         raise StaleReference(
             f"the block at offset {offset:#x} was freed since this reference was pickled"
         )
