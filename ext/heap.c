@@ -497,21 +497,30 @@ static __attribute__((noinline, cold)) int heap_fault(char *base, struct memd_he
     return -EFAULT;
 }
 
+/* Non-zero while an operation reads the block it was handed, before it changes
+ * anything: a fault then returns this (the block is not there), heap intact.
+ * volatile: the fault is a jump the compiler does not see, so its stores must
+ * not move across the reads they guard. */
+static __thread volatile int target_fault_rc __attribute__((tls_model("initial-exec")));
+
 /* Run `call` (an expression of type `type`) under a fault guard: a SIGSEGV or
- * SIGBUS inside it returns -EFAULT from the enclosing function, heap broken.
+ * SIGBUS inside it returns -EFAULT from the enclosing function, heap broken (or
+ * target_fault_rc, heap intact, for a fault on the block handed in).
  * sigsetjmp(env, 0) saves no signal mask: no system call on the hot path. */
-#define GUARDED(type, call)                            \
-    do {                                               \
-        sigjmp_buf env_;                               \
-        sigjmp_buf *const saved_ = memd_fault_env;     \
-        if (__builtin_expect(sigsetjmp(env_, 0), 0)) { \
-            memd_fault_env = saved_;                   \
-            return (type)heap_fault(base, h);          \
-        }                                              \
-        memd_fault_env = &env_;                        \
-        type r_ = (call);                              \
-        memd_fault_env = saved_;                       \
-        return r_;                                     \
+#define GUARDED(type, call)                                         \
+    do {                                                            \
+        sigjmp_buf env_;                                            \
+        sigjmp_buf *const saved_ = memd_fault_env;                  \
+        if (__builtin_expect(sigsetjmp(env_, 0), 0)) {              \
+            int target_ = target_fault_rc;                          \
+            target_fault_rc = 0;                                    \
+            memd_fault_env = saved_;                                \
+            return (type)(target_ ? target_ : heap_fault(base, h)); \
+        }                                                           \
+        memd_fault_env = &env_;                                     \
+        type r_ = (call);                                           \
+        memd_fault_env = saved_;                                    \
+        return r_;                                                  \
     } while (0)
 
 static int alloc_op(char *base, struct memd_heap *h, uint64_t size, uint64_t align, uint64_t bound,
@@ -672,15 +681,23 @@ static int lookup_busy_serial(char *base, struct memd_heap *h, uint64_t off, uin
     uint64_t boff = off - HDR;
     if (boff < h->first_elem || boff > h->last_elem)
         return stale;
+    /* Reading the block itself may fault where its pages were given back (a stale
+     * handle's block, freed): that says "not a block", not "heap broken". */
+    target_fault_rc = stale;
     int rc = busy_ok(base, h, boff);
-    if (rc == -EINVAL && serial && !elem_ok(base, boff) && elem_listed(base, h, boff))
+    int smashed = rc == -EINVAL && serial && !elem_ok(base, boff);
+    target_fault_rc = 0;
+    if (smashed && elem_listed(base, h, boff))
         return -EINVAL; /* a live block's smashed header, not a freed block */
     if (rc < 0)
         return rc == -EINVAL ? stale : rc;
     struct memd_heap_elem *b = EL(base, boff);
     if (serial && b->u.busy.serial != serial)
         return -ESTALE;
-    if (*trailer_at(base, off, b->u.busy.data_size) != trailer_cookie(off))
+    target_fault_rc = stale;
+    int trailer_ok = *trailer_at(base, off, b->u.busy.data_size) == trailer_cookie(off);
+    target_fault_rc = 0;
+    if (!trailer_ok)
         return -EFAULT;
     *out = b;
     return 0;

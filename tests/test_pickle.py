@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import memd_client as mc
+from memd import _ext
 from memd.errors import MemdError, MemdValueError, StaleHandle, StaleReference
 from memd.shm import refs
 from memd.testing import finish_secondary, start_secondary
@@ -339,3 +340,38 @@ def test_a_reference_to_a_block_freed_and_allocated_again_the_same_way_is_stale(
         again.buf[:2] = b"ok"
         assert bytes(new.buf[:2]) == b"ok"
         mem.free(new)
+
+
+def test_a_copy_of_a_block_whose_pages_went_back_raises_and_breaks_nothing(daemon_factory) -> None:
+    """The block of a stale copy may sit on pages given back since (a hole): using
+    the copy reads its header there, which faults; that says "not a block here"
+    (StaleHandle), and the heap is not marked broken for everyone."""
+    d = daemon_factory("-m", "4")
+    with d.attach() as mem:
+        a = mem.malloc(40 << 20)  # x's header is on a's last page
+        x = mem.malloc(40 << 20)
+        y = mem.malloc(40 << 20)  # after x: x's pages are in the middle of the heap
+        copy = pickle.loads(pickle.dumps(x))
+        offset = x.offset
+        mem.free(a)
+        mem.free(x)  # a's and x's whole pages go back, x's header page too
+        deadline = time.monotonic() + 10
+        while True:  # its pages go back (the header page included)
+            try:
+                mem.view(offset - 64, 64)
+            except MemdValueError:
+                break
+            assert time.monotonic() < deadline, "x's pages were not given back"
+            time.sleep(0.05)
+        for use in (
+            lambda: mem.free(copy),
+            lambda: mem.realloc(copy, 128),
+            lambda: mem.validate(copy),
+        ):
+            with pytest.raises(StaleHandle):
+                use()
+        mem.free(mem.malloc(64))  # the heap serves on
+        for h in mem.heap_ids():
+            _ext.heap_check(mem.window, h)  # raises if the heap is broken
+        mem.free(y)
+    assert d.proc.poll() is None
