@@ -528,16 +528,31 @@ static PyObject *py_heap_realloc_block(PyObject *m, PyObject *const *args, Py_ss
  * redo the call and raise memd's exceptions.  Caches: the heap order per
  * socket_id (-1..MAX_HEAPS-1) from self._heap_order_of(), and per heap the free
  * element size from which a free calls self._heap_maybe_release() (which returns
- * the next threshold).  _heap_cache_clear() forgets them.
+ * the next threshold).  _heap_cache_clear() forgets them.  A threshold holds only
+ * while the memory map stays as it was (mem_generation): pages kept back (pinned,
+ * preallocated) raise it, and once pages came or went (a deferred release, a
+ * growth, by any process) the next free asks again, so it comes back down.
  */
 
 #define ORDER_SLOTS (1 + MEMD_MAX_HEAPS) /* socket_id -1 .. MEMD_MAX_HEAPS - 1 */
 
+/* header.mem_generation, inline and relaxed: the free path only compares it with
+ * what it saw when it set a threshold, and a late look merely asks one free later. */
+static inline uint64_t map_generation(const char *base)
+{
+    return atomic_load_explicit(
+        (_Atomic uint64_t *)&((const struct memd_config *)base)->hdr.mem_generation,
+        memory_order_relaxed);
+}
+
 typedef struct {
     PyObject_HEAD
-    PyObject *window;                    /* the Window (attribute "window") */
-    PyObject *orders[ORDER_SLOTS];       /* tuples of heap indices, or NULL */
-    uint64_t release_at[MEMD_MAX_HEAPS]; /* 0 = ask _heap_maybe_release */
+    PyObject *window;              /* the Window (attribute "window") */
+    PyObject *orders[ORDER_SLOTS]; /* tuples of heap indices, or NULL */
+    struct {
+        uint64_t at;  /* free element size that asks _heap_maybe_release; 0: ask */
+        uint64_t gen; /* mem_generation when `at` was set */
+    } release[MEMD_MAX_HEAPS];
 } MemdHeapBase;
 
 static PyObject *hb_alloc(MemdHeapBase *self, PyObject *const *args, Py_ssize_t nargs,
@@ -619,7 +634,10 @@ static PyObject *hb_free(PyObject *op, PyObject *const *args, Py_ssize_t nargs, 
     int64_t r = free_block(base, b);
     if (r < 0)
         goto slow;
-    if ((uint64_t)r >= self->release_at[b->heap]) {
+    if ((uint64_t)r >= self->release[b->heap].at ||
+        map_generation(base) != self->release[b->heap].gen) {
+        /* read before the call: a change while it runs is seen by the next free */
+        uint64_t gen = map_generation(base);
         PyObject *t = PyObject_CallMethod(op, "_heap_maybe_release", "iL", b->heap, (long long)r);
         if (t == NULL)
             return NULL;
@@ -627,7 +645,8 @@ static PyObject *hb_free(PyObject *op, PyObject *const *args, Py_ssize_t nargs, 
         Py_DECREF(t);
         if (at == (uint64_t)-1 && PyErr_Occurred())
             return NULL;
-        self->release_at[b->heap] = at;
+        self->release[b->heap].at = at;
+        self->release[b->heap].gen = gen;
     }
     Py_RETURN_NONE;
 slow:
@@ -650,12 +669,12 @@ static PyObject *hb_cache_clear(PyObject *op, PyObject *args)
         if (i == -1 && PyErr_Occurred())
             return NULL;
         if (i >= 0 && i < (long)MEMD_MAX_HEAPS)
-            self->release_at[i] = 0;
+            self->release[i].at = 0;
         Py_RETURN_NONE;
     }
     for (int i = 0; i < (int)ORDER_SLOTS; i++)
         Py_CLEAR(self->orders[i]);
-    memset(self->release_at, 0, sizeof(self->release_at));
+    memset(self->release, 0, sizeof(self->release));
     Py_RETURN_NONE;
 }
 

@@ -348,8 +348,9 @@ def test_huge_unlink_never_keeps_and_reuses_page_files(tmp_path, mode) -> None:
         run_secondary(first, "b = mem.malloc(6 << 20); b.buf[:] = b'\\xab' * b.size; mem.free(b)")
         assert first.stop() == 0
         kept = {f: os.stat(f).st_ino for f in _page_files(first)}
-        # the list's file, still holding its pages: 2 preallocated + the grown ones
-        assert sum(file_pages(f) for f in kept) >= 4
+        # the list's file, holding the pages in use at the stop: the 2 preallocated
+        # (the grown ones were released; the stop punched them out)
+        assert kept and sum(file_pages(f) for f in kept) == 2
 
         second = Daemon(tmp_path, mode, "-m", "4", "--huge-unlink=never", prefix=first.prefix)
         second.start()
@@ -366,6 +367,40 @@ def test_huge_unlink_never_keeps_and_reuses_page_files(tmp_path, mode) -> None:
         assert second.stop() == 0
     finally:
         for d in (first, locals().get("second")):
+            if d is not None and d.proc is not None and d.proc.poll() is None:
+                d.stop()
+        remove_leftover_pages(first.prefix)
+    assert _page_files(first) == []
+
+
+def test_huge_unlink_never_next_primary_repairs_what_a_killed_one_grew(tmp_path, mode) -> None:
+    """--huge-unlink=never keeps the list file across primaries: a primary killed
+    (-9) while 40 MiB was grown for a secondary leaves those pages in it; the
+    next primary punches out every slot it does not mark used (the file then
+    holds exactly the used slots' pages), and its clean stop keeps just those."""
+    args = ("-m", "4", "--huge-unlink=never")
+    first = Daemon(tmp_path, mode, *args)
+    second = None
+    try:
+        first.start()
+        holder = start_secondary(first, "b = mem.malloc(40 << 20)\nb.buf[-1] = 1")
+        assert sum(file_pages(f) for f in _page_files(first)) >= 22
+        first.kill()
+        holder.kill()
+        assert holder.wait(timeout=10) == -signal.SIGKILL
+        assert sum(file_pages(f) for f in _page_files(first)) >= 22  # the crash left them
+
+        second = Daemon(tmp_path, mode, *args, prefix=first.prefix).start()
+        with second.attach() as mem:
+            used = len(mem.memsegs())
+        assert used == 2  # -m 4: the preallocated pages
+        assert sum(file_pages(f) for f in _page_files(second)) == used
+        assert pages_held(second.prefix) == used
+        assert "a previous run left" in second.log_text()
+        assert second.stop() == 0
+        assert _page_files(second) and pages_held(second.prefix) == 2  # kept, in use
+    finally:
+        for d in (first, second):
             if d is not None and d.proc is not None and d.proc.poll() is None:
                 d.stop()
         remove_leftover_pages(first.prefix)

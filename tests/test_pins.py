@@ -280,6 +280,46 @@ def test_pages_a_view_kept_go_soon_after_the_view_without_another_free(daemon_fa
     assert d.proc.poll() is None
 
 
+def test_pages_go_back_on_free_after_a_release_an_overflowed_row_held_back(
+    daemon_factory,
+) -> None:
+    """A free whose release an overflowed pin row held back raises the freeing
+    process's release threshold (so that it does not ask on every free); once
+    pages came or went it comes back down: a later free of a block nobody views
+    gives its pages back as it would have without the overflow (it used to keep
+    them until the heap's free memory doubled)."""
+    d = daemon_factory("-m", "4")
+    a, hog = DrivenSecondary(d), DrivenSecondary(d)
+    try:
+        off = a("hb = mem.malloc(24 << 20)\nres = hb.offset")
+        # distinct (first page, page count) ranges of 11 pages: 66 > PINS_PER_PROC
+        unit = 2 * MiB
+        n = 11
+        assert n * (n + 1) // 2 > _ext.PINS_PER_PROC
+        res = hog(
+            f"vs = [mem.view({off} + i * {unit}, k * {unit} + 1)\n"
+            f"      for i in range({n}) for k in range({n} - i)]\n"
+            "from memd import _ext\n"
+            "res = _ext.pin_ranges(mem.window, mem.proc_slot)"
+        )
+        assert [0, res[0][1]] in res and res[0][1] > 0, res[:2]  # every page pinned
+        big = a("big = mem.malloc(40 << 20)\nres = [big.offset, big.size]")
+        a("mem.free(big)")  # its release is held back: the threshold goes up
+        assert under_view_used(d, *big), accounted(d)
+        hog("del vs\nimport gc; gc.collect()")
+        # the primary retries once the pins change: big's pages go, hb's stay
+        assert wait_for(lambda: not under_view_used(d, *big)), accounted(d)
+        held, used = accounted(d)
+        assert held == used and under_view_used(d, off, 24 * MiB), (held, used)
+        a("mem.free(hb)")  # nobody views hb now: its pages go back, as always
+        assert wait_for(lambda: accounted(d) == (2, 2), timeout=10), accounted(d)
+        a("from memd import _ext\n_ext.heap_check(mem.window, 0)")
+    finally:
+        a.finish()
+        hog.finish()
+    assert d.proc.poll() is None
+
+
 FORK_CHILD = f"""
 def child_body(v, go_fd):
     os.read(go_fd, 1)  # the parent freed, dropped its views and released meanwhile

@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         "afresh; always (or no value): page files are also unlinked right after mapping, "
         "so none is left behind (secondaries get them over the fd socket); never: page "
         "files are kept "
-        "(also at exit, still holding their hugepages) and reused by the next run, old "
-        "data included (zmalloc clears it)",
+        "(also at exit, holding the hugepages in use then) and reused by the next run, old "
+        "data included (zmalloc clears it); it punches out the slots it does not use",
     )
     p.add_argument(
         "--in-memory",

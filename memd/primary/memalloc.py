@@ -180,6 +180,13 @@ class MemallocMixin(PrimaryState):
                 for msl in self._lists:
                     self.pages.remove_list(msl)
             self._prealloc()
+            if self.pages.reuse:
+                # a kept file may hold pages a previous run left in slots this
+                # run does not use (released, or grown when it was killed)
+                try:
+                    self._punch_unused("a previous run left")
+                except OSError as e:
+                    raise InitError(f"cannot give back the unused pages of a kept file: {e}") from e
 
     def _claim_page_dirs(self, page_sizes: dict[str, int], dir_locks: list[int]) -> None:
         """Make each page directory ours to use: take the prefix lock (refused if a
@@ -340,6 +347,40 @@ class MemallocMixin(PrimaryState):
             ps = msl.page_size
             _ext.fallocate(self._list_fds[msl.index], first * ps, n * ps, punch=True)
         self._lists = memseg_lists(self.window)
+
+    def _punch_unused(self, what: str) -> None:
+        """--huge-unlink=never: punch every slot the memseg lists do not mark used
+        out of the kept list files, so that they hold only the pages in use (the
+        used ones keep their data, for the next run).  Called once the
+        preallocated pages are in (at start) and at a clean stop; pages released
+        while memd runs stay in the file until then.  Raises OSError (naming the
+        file) when a file refuses the punch."""
+        for msl in self._lists:
+            fd = self._list_fds.get(msl.index)
+            if fd is None:
+                continue
+            used = {slot for slot, *_ in _ext.segs(self.window, msl.index)}
+            ps = msl.page_size
+            before = os.fstat(fd).st_blocks * 512
+            slot = 0
+            while slot < msl.capacity:
+                end = slot
+                while end < msl.capacity and end not in used:
+                    end += 1
+                if end > slot:
+                    try:
+                        _ext.fallocate(fd, slot * ps, (end - slot) * ps, punch=True)
+                    except OSError as e:
+                        raise OSError(e.errno, e.strerror, self.pages.list_path(msl)) from e
+                slot = end + 1
+            freed = before - os.fstat(fd).st_blocks * 512
+            if freed > 0:
+                log.info(
+                    "gave back %d MiB %s in unused slots of %s",
+                    freed >> 20,
+                    what,
+                    self.pages.list_path(msl),
+                )
 
     def sync_pages(self) -> tuple[int, int]:
         """The primary maps and unmaps every page itself, so its mappings are

@@ -219,6 +219,12 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
             self.server = None
         window = getattr(self, "window", None)
         if window is not None and self.single_file:
+            if remove_files and self.pages.reuse:
+                # --huge-unlink=never keeps the files: with only the pages in use
+                try:
+                    self._punch_unused("released while memd ran")
+                except OSError as e:
+                    log.warning("cannot give back the unused pages of a kept file: %s", e)
             for msl in self._lists:
                 # unlinked, the pages go with the last mapping (secondaries still
                 # attached keep theirs until they detach)

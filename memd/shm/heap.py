@@ -29,7 +29,10 @@ complete, daemon-free example):
     nothing back, the threshold doubles past the free element's size.  The
     threshold goes back to the page size when this process expands the heap, on
     ``_heap_cache_clear(heap_idx)`` (call it when pages are added by someone else)
-    or :meth:`HeapMixin._heap_reset`.
+    or :meth:`HeapMixin._heap_reset`, and is asked for again by the first free
+    after pages came or went anywhere (``mem_generation`` moved: pinned pages a
+    deferred release gave back, a growth), so pages once held back do not keep
+    later frees from releasing.
 ``_iova(offset) -> int`` and ``_page_size(heap_idx) -> int``.
 """
 
