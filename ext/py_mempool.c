@@ -86,7 +86,7 @@ static inline char *pool_live(MemdMempool *self)
 static PyObject *pool_name(MemdMempool *self, char *base)
 {
     const char *name = pool_hdr(self, base)->name;
-    return PyUnicode_FromStringAndSize(name, (Py_ssize_t)strnlen(name, MEMD_NAMESIZE));
+    return memd_text(name, MEMD_NAMESIZE); /* damaged bytes show, never raise */
 }
 
 static PyObject *raise_pool(MemdMempool *self, char *base, int rc, const char *what, unsigned n)

@@ -985,8 +985,7 @@ static PyObject *ring_get_memsize(PyObject *o, void *Py_UNUSED(c))
 static PyObject *ring_get_name(PyObject *o, void *Py_UNUSED(c))
 {
     struct memd_ring *r = ring_live((MemdRing *)o);
-    return r ? PyUnicode_FromStringAndSize(r->name, (Py_ssize_t)strnlen(r->name, MEMD_NAMESIZE))
-             : NULL;
+    return r ? memd_text(r->name, MEMD_NAMESIZE) : NULL; /* damaged bytes show, never raise */
 }
 
 static PyObject *ring_get_offset(PyObject *o, void *Py_UNUSED(c))

@@ -199,8 +199,8 @@ def _reduce_listed(obj: Ring[Any] | _ext.Mempool, kind: int, what: str) -> tuple
         if listed != obj.offset:
             raise TypeError(
                 f"cannot pickle {what} {obj.name!r}: only a {what.lower()} listed by name "
-                f"({what.lower()}_create) pickles, and this one is not (freed, or made at an "
-                "offset)"
+                f"({what.lower()}_create) pickles, and this one is not (freed, made at an "
+                "offset, or the name in its header was overwritten)"
             )
         generation = _generation(mem.window, zone_id)
         _listing[(id(obj.window), obj.offset)] = (name, zone_id, generation)
