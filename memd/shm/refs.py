@@ -97,7 +97,9 @@ def _instance(mem: Memory) -> Instance:
     inst: Instance | None = mem.__dict__.get("_ref_instance")
     if inst is None:
         h = header(mem.window)  # raises MemdValueError after detach
-        inst = (mem.prefix, str(mem.rundir), (h.primary_pid, h.primary_start_time))
+        # resolved: a reference works from another cwd, and names one dir one way
+        rundir = os.path.realpath(mem.rundir)
+        inst = (mem.prefix, rundir, (h.primary_pid, h.primary_start_time))
         mem.__dict__["_ref_instance"] = inst
     return inst
 
@@ -132,13 +134,13 @@ def _memory(inst: Instance) -> Memory:
     prefix, rundir, ident = inst
     mem = _found.get((prefix, rundir))
     if mem is None or not _live(mem):
-        path = Path(rundir)
+        path = Path(os.path.realpath(rundir))  # /var/run/x and /run/x are one instance
         with _auto_lock:
             mem = next(
                 (
                     m
                     for m in list(_memories)
-                    if m.prefix == prefix and m.rundir == path and _live(m)
+                    if m.prefix == prefix and Path(os.path.realpath(m.rundir)) == path and _live(m)
                 ),
                 None,
             )
