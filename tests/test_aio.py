@@ -345,3 +345,32 @@ def test_a_thousand_coroutines_on_one_ring_sleep_without_polling(daemon) -> None
         assert cpu < 0.3, f"{n} idle waiters on one ring used {cpu:.2f} s of CPU in 2 s"
         assert sorted(v for v in got if v is not None) == list(range(n))
         mem.ring_free(ring)
+
+
+def test_bad_arguments_raise_as_the_synchronous_call(daemon) -> None:
+    """Every awaited bulk/burst form checks its arguments as its synchronous twin,
+    in the same order (a buffer's format before its size), and moves nothing."""
+    with daemon.attach() as mem:
+        ring = mem.ring_create("aiobad", 16)  # capacity 15
+        recs = mem.ring_create("aiobadr", 16, esize=16)
+        cases = [
+            (ring, "enqueue_bulk", bytes(256)),  # wrong format and too many
+            (ring, "dequeue_bulk_into", bytearray(256)),
+            (ring, "enqueue_burst", bytes(256)),
+            (ring, "dequeue_burst_into", bytearray(256)),
+            (ring, "dequeue_bulk", -1),
+            (ring, "dequeue_burst", -1),
+            (ring, "dequeue_bulk", "x"),
+            (ring, "enqueue_bulk", list(range(20))),  # right format, too many
+            (ring, "dequeue_bulk", 20),
+            (recs, "enqueue_bulk", 5),
+            (recs, "dequeue_bulk_into", 5),
+            (recs, "enqueue_bulk", bytes(24)),
+        ]
+        for r, name, arg in cases:
+            with pytest.raises(Exception) as sync:
+                getattr(r, name)(arg, timeout=1)
+            with pytest.raises(type(sync.value)) as awaited:
+                asyncio.run(getattr(r, name + "_async")(arg, timeout=1))
+            assert str(awaited.value) == str(sync.value), (name, arg)
+        assert ring.count == recs.count == 0
