@@ -94,6 +94,31 @@ def test_every_extension_callable_has_the_stubs_signature() -> None:
     assert checked >= set(TEST_HOOKS)  # a test build: the hooks have theirs too
 
 
+def test_stubgen_reads_every_extension_docstring(tmp_path: Path) -> None:
+    """mypy's stubgen takes "name(args) -> type: text" and a property's "type: text"
+    from docstrings: every one of the extension's must parse, or stubgen aborts."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("mypy.stubgen") is None:
+        pytest.skip("mypy's stubgen is not installed")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from mypy.stubgen import main; main(sys.argv[1:])",  # mypyc: no -m
+            *("-m", "memd._ext", "-o", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "class Ring" in (tmp_path / "memd" / "_ext.pyi").read_text()
+
+
 def test_the_extension_stub_names_exactly_what_the_extension_has() -> None:
     """memd/_ext.pyi is the one written signature of each C call: it must name every
     public function, class and constant of memd._ext, and nothing else."""
