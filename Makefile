@@ -70,6 +70,8 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check memd memd_client tests bench docs setup.py
 	$(VENV)/bin/ruff format --check memd memd_client tests bench docs setup.py
 	$(VENV)/bin/mypy
+	# what a user's `mypy --strict` sees of the client and everything it imports
+	$(VENV)/bin/mypy --strict -p memd_client
 	$(VENV)/bin/clang-format --dry-run --Werror ext/*.c ext/*.h
 
 bench: $(VENV)/.installed-bench ext

@@ -24,7 +24,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from memd import _ext
 from memd.errors import CorruptionError, MemdValueError, StaleReference
@@ -63,6 +63,16 @@ _MZ_GENERATION = _offset("memd_memzone.generation")
 _OBJHDR = _sizeof("memd_mempool_objhdr")
 _OBJ_COOKIE = _offset("memd_mempool_objhdr.cookie")
 _OBJ_OWNER = _offset("memd_mempool_objhdr.owner_pid")
+
+
+class _Laid(Protocol):
+    """An object laid out in a memzone (a ring, a mempool)."""
+
+    @property
+    def memsize(self) -> int: ...
+
+
+T = TypeVar("T", bound=_Laid)
 
 #: (prefix, runtime dir, (primary pid, primary start time))
 Instance = tuple[str, str, tuple[int, int]]
@@ -216,8 +226,8 @@ def _rebuild(
     zone_id: int,
     generation: int,
     what: str,
-    build: Callable[[Memory, int], Any],
-) -> Any:
+    build: Callable[[Memory, int], T],
+) -> T:
     """The object at `offset` of this process's attachment, if its memzone is still
     the reservation the reference names; bounded by that zone, as open_listed does."""
     mem = _memory(inst)

@@ -65,6 +65,7 @@ Buffer = Any
 Values = Sequence[int] | Buffer
 #: what a ring's entries are: int (esize 8) or bytes (records)
 E = TypeVar("E", int, bytes)
+R = TypeVar("R")  # what an awaited bulk or burst call returns
 
 __all__ = [
     "RING_F_EXACT_SZ",
@@ -212,13 +213,13 @@ class Ring(_ext.Ring[E]):
 
     async def _many_async(
         self,
-        attempt: Callable[[], Any],
-        blocking: Callable[[float], Any],
+        attempt: Callable[[], R],
+        blocking: Callable[[float], R],
         enq: bool,
         count: Callable[[], int],
         timeout: float | None,
         bulk: bool,
-    ) -> Any:
+    ) -> R:
         """The bulk and burst forms, awaited: one try first, so bad arguments raise
         exactly what the synchronous call raises (a buffer's format before its size),
         then wait for all `count()` entries (`bulk`) or at least one."""
