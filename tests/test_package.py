@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -364,6 +365,16 @@ def test_make_run_installs_only_the_daemon_and_passes_args(tmp_path: Path) -> No
     docs = recipe("docs")
     assert "rm -f memd/.ext-built" in docs
     assert docs.index("-e '.[docs]'") < docs.index("build_ext --inplace") < docs.index("-W")
+    # setup.py build_ext runs in the venv: it gets the build requires (3.12 has no
+    # setuptools of its own), as pyproject names them
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        with open(ROOT / "pyproject.toml", "rb") as f:
+            requires = tomllib.load(f)["build-system"]["requires"]
+        pip = next(line for line in run.splitlines() if "install -q --upgrade pip" in line)
+        assert shlex.split(pip.split("--upgrade pip", 1)[1]) == requires
+        assert run.index("--upgrade pip") < run.index("install -q -e .")
     readme = (ROOT / "README.md").read_text()
     first = readme.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
     assert [line.split("#")[0].strip() for line in first] == ["make run", "make test"]
