@@ -13,10 +13,15 @@ ARGS ?=
 
 .PHONY: run test test-quick lint bench docs venv ext asan clean
 
+# pyproject's build-system requires, quoted for the shell: `setup.py build_ext` (ext)
+# runs in the venv, and Python 3.12's venvs have no setuptools.  (Python 3.10 has no
+# tomllib; its venvs come with setuptools.)
+BUILD_REQUIRES := $(shell $(PYTHON) -c "import shlex, tomllib; print(*map(shlex.quote, tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']))" 2>/dev/null)
+
 # What the daemon needs, nothing more (pyzmq, msgpack).
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip $(BUILD_REQUIRES)
 	$(PY) -m pip install -q -e .
 	touch $@
 
@@ -70,6 +75,8 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check memd memd_client tests bench docs setup.py
 	$(VENV)/bin/ruff format --check memd memd_client tests bench docs setup.py
 	$(VENV)/bin/mypy
+	# what a user's `mypy --strict` sees of the client and everything it imports
+	$(VENV)/bin/mypy --strict -p memd_client
 	$(VENV)/bin/clang-format --dry-run --Werror ext/*.c ext/*.h
 
 bench: $(VENV)/.installed-bench ext

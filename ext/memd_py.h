@@ -71,10 +71,11 @@ int memd_window_check_watch(PyObject *window);
 PyObject *memd_error(const char *name, PyObject *fallback);
 
 /* A C string of at most `max` bytes from shared memory as str: bytes that are not
- * UTF-8 (any process can write them) become U+FFFD instead of an error. */
+ * UTF-8 (any process can write them) show as \xNN escapes instead of raising
+ * UnicodeDecodeError; distinct damaged names stay distinct and can be asked for. */
 static inline PyObject *memd_text(const char *s, size_t max)
 {
-    return PyUnicode_DecodeUTF8(s, (Py_ssize_t)strnlen(s, max), "replace");
+    return PyUnicode_DecodeUTF8(s, (Py_ssize_t)strnlen(s, max), "backslashreplace");
 }
 
 /* Raise OSError(-neg_errno, "<strerror> (from <where>)"); returns NULL. */

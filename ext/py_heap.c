@@ -285,7 +285,8 @@ static PyMemberDef block_members[] = {
 
 static PyGetSetDef block_getset[] = {
     {"buf", block_get_buf, NULL, "writable memoryview over the data, zero-copy", NULL},
-    {"iova", block_get_iova, NULL, "IO address of the data: owner._iova(offset)", NULL},
+    {"iova", block_get_iova, NULL,
+     "the IO address of the data, as the owner's _iova gives it for the offset", NULL},
     {"owner_pid", block_get_owner_pid, NULL,
      "pid of the process that allocated (or last resized) the block, from its header; "
      "None once it is freed",

@@ -86,7 +86,7 @@ static inline char *pool_live(MemdMempool *self)
 static PyObject *pool_name(MemdMempool *self, char *base)
 {
     const char *name = pool_hdr(self, base)->name;
-    return PyUnicode_FromStringAndSize(name, (Py_ssize_t)strnlen(name, MEMD_NAMESIZE));
+    return memd_text(name, MEMD_NAMESIZE); /* damaged bytes show, never raise */
 }
 
 static PyObject *raise_pool(MemdMempool *self, char *base, int rc, const char *what, unsigned n)
@@ -822,7 +822,8 @@ static PyMethodDef mempool_methods[] = {
      "avail_count() -> free objects: the ring and every process's cache."},
     {"in_use_count", mp_in_use_count, METH_NOARGS, "in_use_count() -> n - avail_count()."},
     {"cache_count", (PyCFunction)(void (*)(void))mp_cache_count, METH_FASTCALL,
-     "cache_count(slot=this process's) -> handles in that cache."},
+     "cache_count(slot=...) -> int: how many handles process slot `slot`'s cache holds "
+     "(default: this process's)."},
     {"flush_cache", mp_flush_cache, METH_NOARGS,
      "flush_cache() -> int: move this process's cached objects to the ring."},
     {"recover", mp_recover, METH_NOARGS,
@@ -1115,7 +1116,8 @@ static PyMethodDef mempool_functions[] = {
      "(pid must be dead; ValueError if it is alive)."},
     {"mempool_memsize", (PyCFunction)(void (*)(void))py_mempool_memsize,
      METH_VARARGS | METH_KEYWORDS,
-     "mempool_memsize(n, elt_size, cache_size=0, private_data_size=0, flags=0) -> bytes."},
+     "mempool_memsize(n, elt_size, cache_size=0, private_data_size=0, flags=0) -> int: the "
+     "bytes such a pool needs."},
     {"mempool_init", (PyCFunction)(void (*)(void))py_mempool_init, METH_VARARGS | METH_KEYWORDS,
      "mempool_init(window, offset, n, elt_size, cache_size=0, private_data_size=0, flags=0, "
      "name='') -> None: a pool with every object free (obj_init is the caller's)."},

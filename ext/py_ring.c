@@ -985,8 +985,7 @@ static PyObject *ring_get_memsize(PyObject *o, void *Py_UNUSED(c))
 static PyObject *ring_get_name(PyObject *o, void *Py_UNUSED(c))
 {
     struct memd_ring *r = ring_live((MemdRing *)o);
-    return r ? PyUnicode_FromStringAndSize(r->name, (Py_ssize_t)strnlen(r->name, MEMD_NAMESIZE))
-             : NULL;
+    return r ? memd_text(r->name, MEMD_NAMESIZE) : NULL; /* damaged bytes show, never raise */
 }
 
 static PyObject *ring_get_offset(PyObject *o, void *Py_UNUSED(c))
@@ -1216,8 +1215,9 @@ static PyObject *py_ring_wait_kick_seq(PyObject *Py_UNUSED(m), PyObject *Py_UNUS
 /* ring_wait_many(waits, kick_seq, timeout) -> [index]: sleep (without the GIL) until
  * one of the waits [(ring, enq, seq)] or the kick futex moves from the value given,
  * or timeout seconds pass; returns the indices of the waits whose futex moved (or
- * whose window was closed).  Past AIO_MAX_WAITS waits, or without futex_waitv
- * (Linux < 5.16), it polls every millisecond. */
+ * whose window was closed).  Waits on the same futex and value share one entry;
+ * past AIO_MAX_WAITS distinct ones, or without futex_waitv (Linux < 5.16), it
+ * polls every millisecond. */
 static PyObject *py_ring_wait_many(PyObject *Py_UNUSED(m), PyObject *args)
 {
     PyObject *waits;
@@ -1231,7 +1231,7 @@ static PyObject *py_ring_wait_many(PyObject *Py_UNUSED(m), PyObject *args)
     wv[0].val = kick;
     wv[0].uaddr = (uintptr_t)&aio_kick;
     wv[0].flags = FUTEX_32 | FUTEX_PRIVATE_FLAG;
-    unsigned k = 1, ready = 0;
+    unsigned k = 1, ready = 0, unwatched = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GET_ITEM(waits, i);
         PyObject *ring;
@@ -1249,7 +1249,18 @@ static PyObject *py_ring_wait_many(PyObject *Py_UNUSED(m), PyObject *args)
         if (atomic_load_explicit(&w->seq, memory_order_acquire) != seq ||
             !memd_ring_tag_ok(&r->prod, ((MemdRing *)ring)->tag))
             ready = 1; /* a freed ring: its coroutine retries and raises */
-        else if (k <= AIO_MAX_WAITS) {
+        else {
+            /* Waits on one futex with one expected value share an entry: a pool of
+             * coroutines consuming one ring takes one slot, however many they are. */
+            unsigned j = 1;
+            while (j < k && (wv[j].uaddr != (uintptr_t)&w->seq || wv[j].val != seq))
+                j++;
+            if (j < k)
+                continue;
+            if (k > AIO_MAX_WAITS) {
+                unwatched = 1;
+                continue;
+            }
             /* no FUTEX_PRIVATE_FLAG: the wakers are other processes */
             wv[k].val = seq;
             wv[k].uaddr = (uintptr_t)&w->seq;
@@ -1261,8 +1272,8 @@ static PyObject *py_ring_wait_many(PyObject *Py_UNUSED(m), PyObject *args)
         uint64_t ns = timeout <= 0     ? 0
                       : timeout >= 1e6 ? 1000000000000000ull
                                        : (uint64_t)(timeout * 1e9);
-        if ((Py_ssize_t)k - 1 < n && ns > 1000000)
-            ns = 1000000; /* more waits than one call takes: poll the rest */
+        if (unwatched && ns > 1000000)
+            ns = 1000000; /* more distinct futexes than one call takes: poll the rest */
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
         ts.tv_sec +=

@@ -117,7 +117,11 @@ class Secondary(SecondaryGrowth):
     """
 
     def __init__(self, prefix: str, rundir: Path, timeout: float) -> None:
-        super().__init__(prefix, rundir)
+        # The dir as given is checked as given (a symlink in it must be trusted); the
+        # attachment keeps it resolved, so a reference it pickles works from any cwd and
+        # one instance reached through /var/run and /run is one attachment.
+        self._given_rundir = rundir
+        super().__init__(prefix, Path(os.path.realpath(rundir)))
         self.proc_slot = -1
         self._pid = os.getpid()  # who attached: a forked child must attach anew
         self._cfg_fd = -1
@@ -198,34 +202,39 @@ class Secondary(SecondaryGrowth):
 
     def _check_rundir(self) -> None:
         """Only a runtime dir that no one but its owner can write is trusted: in any
-        other, anyone could have put a config or socket of their own."""
+        other, anyone could have put a config or socket of their own.  Both the dir
+        as given and as resolved must pass."""
+        for rundir in dict.fromkeys((self._given_rundir, self.rundir)):
+            self._check_one_rundir(rundir)
+
+    def _check_one_rundir(self, rundir: Path) -> None:
         try:
             # the path up to it is root's or ours; the dir itself may be the daemon's
-            check_trusted_path(self.rundir, {0, os.geteuid()}, any_owner_last=True)
-            st = os.stat(self.rundir)
+            check_trusted_path(rundir, {0, os.geteuid()}, any_owner_last=True)
+            st = os.stat(rundir)
         except FileNotFoundError:
             return  # no primary yet: _try_open says so
         except PermissionError:
             raise PermissionDenied(
-                f"cannot reach {self.rundir}: permission denied; run as the daemon's user "
+                f"cannot reach {rundir}: permission denied; run as the daemon's user "
                 "or as a member of its --group"
             ) from None
-        private = self.rundir.name.removeprefix("memd-")
+        private = rundir.name.removeprefix("memd-")
         if (
-            self.rundir.name.startswith("memd-")
+            rundir.name.startswith("memd-")
             and private.isdigit()
-            and is_shared_writable(os.stat(self.rundir.parent))
+            and is_shared_writable(os.stat(rundir.parent))
         ):
-            lst = os.lstat(self.rundir)
+            lst = os.lstat(rundir)
             if not stat.S_ISDIR(lst.st_mode) or lst.st_uid != int(private):
                 raise UnsafePath(
-                    f"{self.rundir} belongs to {describe_owner(lst.st_uid)}, not to uid "
+                    f"{rundir} belongs to {describe_owner(lst.st_uid)}, not to uid "
                     f"{private} whose private runtime dir it should be: someone else made it; "
                     "remove it and restart memd"
                 )
         if is_shared_writable(st):
             raise UnsafePath(
-                f"{self.rundir} can be written by other users, so memd files there cannot "
+                f"{rundir} can be written by other users, so memd files there cannot "
                 f"be trusted; attach with the runtime dir the daemon uses (in such a "
                 f"directory memd keeps its files in memd-<uid> inside it)"
             )
@@ -519,7 +528,9 @@ def attach(
             ``$XDG_RUNTIME_DIR``, else ``/tmp``; in a directory others can write,
             its ``memd-<uid>`` subdirectory); a user other than root whose default
             has no instance ``prefix`` while ``/var/run`` (the system service's)
-            has, gets that one.
+            has, gets that one.  A relative or symlinked dir is checked as given and
+            kept resolved (``os.path.realpath``, ``Secondary.rundir``): pickled
+            references name the real dir, whatever a receiver's cwd.
         timeout: seconds to wait for a primary that is starting to become ready.
 
     Returns:

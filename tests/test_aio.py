@@ -4,6 +4,7 @@ processes; timeouts; cancellation loses nothing; one waiter thread per process."
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import numpy as np
@@ -310,3 +311,66 @@ def test_a_direct_wait_never_holds_back_a_ready_task(daemon, monkeypatch) -> Non
 
         assert asyncio.run(main()) == 7
         assert ring.wait_stats["consumer_sleeps"] == 0  # no direct wait: handed over
+
+
+def test_a_thousand_coroutines_on_one_ring_sleep_without_polling(daemon) -> None:
+    """Waits on one futex share one futex_waitv entry: past 127 waiters on one ring
+    the waiter thread still sleeps (it used to poll every millisecond, a quarter of
+    a core), and every waiter still gets its entry."""
+    n = 1000
+    with daemon.attach() as mem:
+        ring = mem.ring_create("aio_pool", 2048)
+        producer = start_secondary(
+            daemon,
+            f"""
+            ring = mem.ring_lookup("aio_pool")
+            # then:
+            for v in range({n}):
+                assert ring.enqueue(v, timeout=30)
+            """,
+        )
+
+        async def main() -> tuple[float, list[int | None]]:
+            tasks = [asyncio.create_task(ring.dequeue_async(timeout=60)) for _ in range(n)]
+            await asyncio.sleep(0.3)  # all asleep
+            assert ring.wait_stats["consumers_waiting"] == n
+            before = os.times()
+            await asyncio.sleep(2)
+            after = os.times()
+            cpu = after.user + after.system - before.user - before.system
+            await asyncio.get_running_loop().run_in_executor(None, finish_secondary, producer)
+            return cpu, await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+        cpu, got = asyncio.run(main())
+        assert cpu < 0.3, f"{n} idle waiters on one ring used {cpu:.2f} s of CPU in 2 s"
+        assert sorted(v for v in got if v is not None) == list(range(n))
+        mem.ring_free(ring)
+
+
+def test_bad_arguments_raise_as_the_synchronous_call(daemon) -> None:
+    """Every awaited bulk/burst form checks its arguments as its synchronous twin,
+    in the same order (a buffer's format before its size), and moves nothing."""
+    with daemon.attach() as mem:
+        ring = mem.ring_create("aiobad", 16)  # capacity 15
+        recs = mem.ring_create("aiobadr", 16, esize=16)
+        cases = [
+            (ring, "enqueue_bulk", bytes(256)),  # wrong format and too many
+            (ring, "dequeue_bulk_into", bytearray(256)),
+            (ring, "enqueue_burst", bytes(256)),
+            (ring, "dequeue_burst_into", bytearray(256)),
+            (ring, "dequeue_bulk", -1),
+            (ring, "dequeue_burst", -1),
+            (ring, "dequeue_bulk", "x"),
+            (ring, "enqueue_bulk", list(range(20))),  # right format, too many
+            (ring, "dequeue_bulk", 20),
+            (recs, "enqueue_bulk", 5),
+            (recs, "dequeue_bulk_into", 5),
+            (recs, "enqueue_bulk", bytes(24)),
+        ]
+        for r, name, arg in cases:
+            with pytest.raises(Exception) as sync:
+                getattr(r, name)(arg, timeout=1)
+            with pytest.raises(type(sync.value)) as awaited:
+                asyncio.run(getattr(r, name + "_async")(arg, timeout=1))
+            assert str(awaited.value) == str(sync.value), (name, arg)
+        assert ring.count == recs.count == 0

@@ -257,6 +257,7 @@ def test_permission_denied_for_other_user(daemon: Daemon) -> None:
         (["--sync-timeout", "inf"], 2, "finite number"),
         (["--sync-timeout", "-1"], 2, "finite number"),
         (["--socket-mem", "0,0,0,0,0,0,0,4"], 2, "asks for memory on socket 7"),
+        (["--group", "nosuchgroup-memd"], 2, "--group: no such group 'nosuchgroup-memd'"),
     ],
 )
 def test_bad_usage_and_init_failures(tmp_path, args: list[str], code: int, words: str) -> None:
@@ -264,6 +265,7 @@ def test_bad_usage_and_init_failures(tmp_path, args: list[str], code: int, words
     assert proc.returncode == code, proc.stderr
     assert words in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("create it") <= 1  # one piece of advice, said once
 
 
 def test_sighup_logs_state(daemon: Daemon) -> None:

@@ -1295,3 +1295,46 @@ expect_raise({"attach": lambda: mc.attach(prefix, runtime_dir=rundir, timeout=5)
 """,
     )
     assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_a_damaged_name_in_shared_memory_shows_and_raises_nothing(daemon) -> None:
+    """Any attached process can write a ring's or pool's header: a name that is not
+    UTF-8 reads with its bad bytes escaped (no UnicodeDecodeError from lookup, repr,
+    pickle, the listings), and memctl still lists it."""
+    import pickle
+
+    with daemon.attach() as mem:
+        ring = mem.ring_create("dmgring", 16)
+        pool = mem.mempool_create("dmgpool", 16, 64)
+        zones = [mem.memzone_lookup(RING_MZ_PREFIX + "dmgring")]
+        zones.append(mem.memzone_lookup(MEMPOOL_MZ_PREFIX + "dmgpool"))
+        saved = []
+        for mz, name in zip(zones, (b"dmgring", b"dmgpool"), strict=True):
+            at = bytes(mz.buf[:64]).index(name + b"\0")
+            saved.append((mz, at, bytes(mz.buf[at : at + 2])))
+            mz.buf[at : at + 2] = b"\xff\xfe"  # not UTF-8
+        try:
+            assert ring.name == "\\xff\\xfegring"
+            assert mem.ring_lookup("dmgring").name == ring.name  # found by the listing's name
+            assert repr(ring.name) in repr(ring)
+            assert pool.name == "\\xff\\xfegpool"
+            assert repr(pool.name) in repr(pool)
+            with pytest.raises(TypeError, match="name in its header was overwritten"):
+                pickle.dumps(ring)  # it is not the ring listed as "dmgring" any more
+            assert "\\xff\\xfegring" in [r.name for r in mem.rings()]
+            assert "\\xff\\xfegpool" in [p.name for p in mem.mempools()]
+            for what in ("rings", "mempools"):
+                ctl = run_memctl(
+                    "--runtime-dir", str(daemon.runtime_dir), "--file-prefix", daemon.prefix,
+                    "--json", what,
+                )  # fmt: skip
+                assert ctl.returncode == 0, ctl.stderr
+                assert [row["name"] for row in json.loads(ctl.stdout)] == [
+                    "\\xff\\xfeg" + what[:-1].replace("mempool", "pool")
+                ]
+        finally:
+            for mz, at, old in saved:
+                mz.buf[at : at + 2] = old
+        assert ring.name == "dmgring"
+        mem.ring_free(ring)
+        mem.mempool_free(pool)

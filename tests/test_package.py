@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,31 @@ def test_every_extension_callable_has_the_stubs_signature() -> None:
             checked.add(key)
     assert len(checked) > 90
     assert checked >= set(TEST_HOOKS)  # a test build: the hooks have theirs too
+
+
+def test_stubgen_reads_every_extension_docstring(tmp_path: Path) -> None:
+    """mypy's stubgen takes "name(args) -> type: text" and a property's "type: text"
+    from docstrings: every one of the extension's must parse, or stubgen aborts."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("mypy.stubgen") is None:
+        pytest.skip("mypy's stubgen is not installed")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from mypy.stubgen import main; main(sys.argv[1:])",  # mypyc: no -m
+            *("-m", "memd._ext", "-o", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "class Ring" in (tmp_path / "memd" / "_ext.pyi").read_text()
 
 
 def test_the_extension_stub_names_exactly_what_the_extension_has() -> None:
@@ -339,6 +365,16 @@ def test_make_run_installs_only_the_daemon_and_passes_args(tmp_path: Path) -> No
     docs = recipe("docs")
     assert "rm -f memd/.ext-built" in docs
     assert docs.index("-e '.[docs]'") < docs.index("build_ext --inplace") < docs.index("-W")
+    # setup.py build_ext runs in the venv: it gets the build requires (3.12 has no
+    # setuptools of its own), as pyproject names them
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        with open(ROOT / "pyproject.toml", "rb") as f:
+            requires = tomllib.load(f)["build-system"]["requires"]
+        pip = next(line for line in run.splitlines() if "install -q --upgrade pip" in line)
+        assert shlex.split(pip.split("--upgrade pip", 1)[1]) == requires
+        assert run.index("--upgrade pip") < run.index("install -q -e .")
     readme = (ROOT / "README.md").read_text()
     first = readme.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
     assert [line.split("#")[0].strip() for line in first] == ["make run", "make test"]

@@ -9,6 +9,8 @@ import json
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -375,3 +377,52 @@ def test_a_copy_of_a_block_whose_pages_went_back_raises_and_breaks_nothing(daemo
             _ext.heap_check(mem.window, h)  # raises if the heap is broken
         mem.free(y)
     assert d.proc.poll() is None
+
+
+def test_a_relative_runtime_dir_pickles_as_an_absolute_one(daemon, monkeypatch) -> None:
+    """attach(runtime_dir="run") from the dir's parent: a reference it pickles
+    unpickles in a child whose cwd is elsewhere."""
+    monkeypatch.chdir(daemon.runtime_dir.parent)
+    with mc.attach(daemon.prefix, runtime_dir=daemon.runtime_dir.name) as mem:
+        assert mem.rundir == daemon.runtime_dir.resolve()
+        ring = mem.ring_create("relring", 16)
+        assert ring.enqueue(3)
+        code = (
+            "import pickle, sys; r = pickle.loads(sys.stdin.buffer.read()); "
+            "print('RESULT', r.dequeue())"
+        )
+        child = subprocess.run(
+            [sys.executable, "-c", code],
+            input=pickle.dumps(ring),
+            cwd="/",
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert child.returncode == 0, child.stderr.decode()
+        assert b"RESULT 3" in child.stdout
+        mem.ring_free(ring)
+
+
+def test_one_instance_through_a_symlink_is_one_attachment(daemon, tmp_path) -> None:
+    """A reference pickled by a process attached through a symlinked runtime dir
+    unpickles into this process's attachment through the real dir, not a second one."""
+    link = tmp_path / "runlink"
+    link.symlink_to(daemon.runtime_dir)
+    with mc.attach(daemon.prefix, runtime_dir=daemon.runtime_dir) as mem:
+        ring = mem.ring_create("linkring", 16)
+        with mc.attach(daemon.prefix, runtime_dir=link) as through_link:
+            assert through_link.rundir == mem.rundir == daemon.runtime_dir.resolve()
+        code = (
+            "import pickle, sys, memd_client as mc; "
+            f"m = mc.attach({daemon.prefix!r}, runtime_dir={str(link)!r}); "
+            f"sys.stdout.write(pickle.dumps(m.ring_lookup('linkring')).hex()); m.detach()"
+        )
+        child = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert child.returncode == 0, child.stderr
+        got = pickle.loads(bytes.fromhex(child.stdout.strip()))
+        assert got.window is mem.window
+        assert _memd_attachments(daemon.prefix) == 1
+        mem.ring_free(ring)

@@ -72,7 +72,7 @@ def proc_path(*parts: str) -> str:
     return os.path.join(roots()[1], *parts)
 
 
-class _RootsRestorer(contextlib.AbstractContextManager):
+class _RootsRestorer(contextlib.AbstractContextManager[None]):
     def __init__(self, old: tuple[str, str]) -> None:
         self._old = old
 

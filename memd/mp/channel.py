@@ -45,7 +45,8 @@ _UNPACK_LIMITS = {
 
 
 def encode(msg: dict[str, Any]) -> bytes:
-    return msgpack.packb(msg, use_bin_type=True)
+    out: bytes = msgpack.packb(msg, use_bin_type=True)  # typed Any by msgpack
+    return out
 
 
 def decode(data: bytes, max_str_len: int = _UNPACK_LIMITS["max_str_len"]) -> dict[str, Any]:
@@ -375,7 +376,7 @@ class Channel:
         self.req = self._socket(b"req-" + name.encode())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._sync_sock: zmq.Socket | None = None
+        self._sync_sock: zmq.Socket[bytes] | None = None
         self.alive_check: Callable[[], bool] = lambda: True
         self.stopped_check: Callable[[], bool] = lambda: False  # gone cleanly, not died
         self.watch_fd = -1  # the primary's pidfd: polled with the sockets, so a wait
@@ -385,7 +386,7 @@ class Channel:
         # slowed everyone's growth)
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
-    def _socket(self, identity: bytes) -> zmq.Socket:
+    def _socket(self, identity: bytes) -> zmq.Socket[bytes]:
         s = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.IDENTITY, identity)
         s.setsockopt(zmq.LINGER, 0)
@@ -409,7 +410,7 @@ class Channel:
         self._thread.start()
         return ans
 
-    def _call(self, sock: zmq.Socket, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    def _call(self, sock: zmq.Socket[bytes], msg: dict[str, Any], timeout: float) -> dict[str, Any]:
         mid = next(self._ids)
         sock.send(encode({**msg, "id": mid}))
         deadline = time.monotonic() + timeout
@@ -432,7 +433,7 @@ class Channel:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"no reply to {msg['type']!r} from the primary in {timeout:g} s")
 
-    def _poller(self, sock: zmq.Socket) -> zmq.Poller:
+    def _poller(self, sock: zmq.Socket[bytes]) -> zmq.Poller:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         if self.watch_fd >= 0:

@@ -332,6 +332,13 @@ def _check_combinations(args: argparse.Namespace, parser: argparse.ArgumentParse
             f"--socket-mem has {len(args.socket_mem)} values, but memd serves at most "
             f"{_ext.MAX_HEAPS} NUMA sockets: give one value per socket"
         )
+    if args.group:
+        from memd.mp.access import resolve_group
+
+        try:
+            resolve_group(args.group)
+        except ValueError as e:  # says which group and what to do
+            parser.error(f"--group: {e}")
     if args.socket_mem is not None:
         nodes = _numa_nodes()
         extra = [i for i, mb in enumerate(args.socket_mem) if mb and i not in nodes]

@@ -81,7 +81,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         try:
             return resolve_group(group)
         except ValueError as e:
-            raise InitError(f"--group {group}: {e}; create it or drop --group") from None
+            raise InitError(f"--group: {e}") from None  # e says what to do
 
     def _init(self) -> None:
         _ext.heap_lock_wait(HEAP_LOCK_WAIT)

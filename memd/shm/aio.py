@@ -13,6 +13,12 @@ announced futex at once (``_ext.ring_wait_many``) and resolves the futures whose
 futex moved, through each future's event loop.  The coroutine then retries its
 operation on its own thread.
 
+Waits on the same futex with the same expected value share one ``futex_waitv``
+entry, so any number of coroutines awaiting up to 127 distinct ring sides sleep
+without polling.  Past 127 distinct ones in one process (``FUTEX_WAITV_MAX`` less
+the kick futex), or on a kernel without ``futex_waitv`` (< 5.16), the thread polls
+every millisecond: about a quarter of a core with 1000 idle rings awaited.
+
 Every ring operation runs in the coroutine, never in the waiter thread: a
 cancelled (or timed out) wait has moved nothing, so cancellation leaves the ring
 unchanged.  Waits are sliced (100 ms, as the blocking calls): each slice re-checks

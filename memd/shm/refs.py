@@ -25,7 +25,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from memd import _ext
 from memd.errors import CorruptionError, MemdValueError, StaleReference
@@ -65,6 +65,16 @@ _OBJHDR = _sizeof("memd_mempool_objhdr")
 _OBJ_COOKIE = _offset("memd_mempool_objhdr.cookie")
 _OBJ_OWNER = _offset("memd_mempool_objhdr.owner_pid")
 
+
+class _Laid(Protocol):
+    """An object laid out in a memzone (a ring, a mempool)."""
+
+    @property
+    def memsize(self) -> int: ...
+
+
+T = TypeVar("T", bound=_Laid)
+
 #: (prefix, runtime dir, (primary pid, primary start time))
 Instance = tuple[str, str, tuple[int, int]]
 
@@ -98,7 +108,9 @@ def _instance(mem: Memory) -> Instance:
     inst: Instance | None = mem.__dict__.get("_ref_instance")
     if inst is None:
         h = header(mem.window)  # raises MemdValueError after detach
-        inst = (mem.prefix, str(mem.rundir), (h.primary_pid, h.primary_start_time))
+        # resolved: a reference works from another cwd, and names one dir one way
+        rundir = os.path.realpath(mem.rundir)
+        inst = (mem.prefix, rundir, (h.primary_pid, h.primary_start_time))
         mem.__dict__["_ref_instance"] = inst
     return inst
 
@@ -133,13 +145,13 @@ def _memory(inst: Instance) -> Memory:
     prefix, rundir, ident = inst
     mem = _found.get((prefix, rundir))
     if mem is None or not _live(mem):
-        path = Path(rundir)
+        path = Path(os.path.realpath(rundir))  # /var/run/x and /run/x are one instance
         with _auto_lock:
             mem = next(
                 (
                     m
                     for m in list(_memories)
-                    if m.prefix == prefix and m.rundir == path and _live(m)
+                    if m.prefix == prefix and Path(os.path.realpath(m.rundir)) == path and _live(m)
                 ),
                 None,
             )
@@ -200,8 +212,8 @@ def _reduce_listed(obj: Ring[Any] | _ext.Mempool, kind: int, what: str) -> tuple
         if listed != obj.offset:
             raise TypeError(
                 f"cannot pickle {what} {obj.name!r}: only a {what.lower()} listed by name "
-                f"({what.lower()}_create) pickles, and this one is not (freed, or made at an "
-                "offset)"
+                f"({what.lower()}_create) pickles, and this one is not (freed, made at an "
+                "offset, or the name in its header was overwritten)"
             )
         generation = _generation(mem.window, zone_id)
         _listing[(id(obj.window), obj.offset)] = (name, zone_id, generation)
@@ -215,8 +227,8 @@ def _rebuild(
     zone_id: int,
     generation: int,
     what: str,
-    build: Callable[[Memory, int], Any],
-) -> Any:
+    build: Callable[[Memory, int], T],
+) -> T:
     """The object at `offset` of this process's attachment, if its memzone is still
     the reservation the reference names; bounded by that zone, as open_listed does."""
     mem = _memory(inst)

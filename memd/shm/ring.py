@@ -41,7 +41,7 @@ raises :class:`memd.errors.PrimaryNotRunning` within 100 ms of the primary's dea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from memd import _ext
@@ -65,6 +65,7 @@ Buffer = Any
 Values = Sequence[int] | Buffer
 #: what a ring's entries are: int (esize 8) or bytes (records)
 E = TypeVar("E", int, bytes)
+R = TypeVar("R")  # what an awaited bulk or burst call returns
 
 __all__ = [
     "RING_F_EXACT_SZ",
@@ -90,7 +91,14 @@ def ring_memsize(count: int, flags: int = 0, esize: int = RING_ESIZE_U64) -> int
 
 def set_wait_spin(seconds: float) -> float:
     """How long a waiting call retries before it sleeps, for this process (and
-    children forked later); 0 sleeps at once.  Returns the previous value."""
+    children forked later); 0 (the default) sleeps at once.  Returns the previous
+    value.
+
+    A spin pays only when the peer runs on another CPU meanwhile (both sides
+    pinned to their own cores, as DPDK's lcores are): 0.7 µs a blocking round trip
+    with ``set_wait_spin(5e-6)`` against 43 µs without, on the 2-core test VM.
+    Unpinned, Linux tends to wake the peer on the waiter's own CPU, where the spin
+    only delays it: 15 µs against 3.3 µs without (docs/performance.md)."""
     return _ext.ring_wait_spin(seconds)
 
 
@@ -210,6 +218,26 @@ class Ring(_ext.Ring[E]):
             )
         return n  # 0: nothing asked for, done at once
 
+    async def _many_async(
+        self,
+        attempt: Callable[[], R],
+        blocking: Callable[[float], R],
+        enq: bool,
+        count: Callable[[], int],
+        timeout: float | None,
+        bulk: bool,
+    ) -> R:
+        """The bulk and burst forms, awaited: one try first, so bad arguments raise
+        exactly what the synchronous call raises (a buffer's format before its size),
+        then wait for all `count()` entries (`bulk`) or at least one."""
+        timeout = _ext.check_timeout(timeout)  # first, as the blocking call does
+        result = attempt()
+        if result or timeout == 0:
+            return result
+        n = count()
+        want = self._bulk_want(n, timeout) if bulk else min(1, n)
+        return await aio.wait_for_op(self, attempt, bool, enq, want, timeout, blocking)
+
     async def enqueue_async(self, value: Any, timeout: float | None = None) -> bool:
         """``await ring.enqueue_async(value)``: :meth:`enqueue` that waits for room
         without blocking the event loop (DPDK ``rte_ring_enqueue``).  `timeout`: seconds,
@@ -249,30 +277,25 @@ class Ring(_ext.Ring[E]):
         for all of `values`; returns ``len(values)``, or 0 if that did not happen in
         `timeout` seconds.  ValueError for a bulk larger than the capacity (unless
         ``timeout=0``).  Cancelling enqueues nothing."""
-        timeout = _ext.check_timeout(timeout)  # first, as the blocking call does
-        want = self._bulk_want(self._count_of(values), timeout)
-        return await aio.wait_for_op(
-            self,
+        return await self._many_async(
             lambda: self.enqueue_bulk(values),
-            bool,
-            True,
-            want,
-            timeout,
             lambda t: self.enqueue_bulk(values, timeout=t),
+            True,
+            lambda: self._count_of(values),
+            timeout,
+            bulk=True,
         )
 
     async def enqueue_burst_async(self, values: Any, timeout: float | None = None) -> int:
         """:meth:`enqueue_burst`, awaited: waits until at least one entry fits, then
         enqueues as many as fit; returns how many (0 on timeout)."""
-        want = min(1, self._count_of(values))  # nothing to enqueue: done at once
-        return await aio.wait_for_op(
-            self,
+        return await self._many_async(
             lambda: self.enqueue_burst(values),
-            bool,
-            True,
-            want,
-            timeout,
             lambda t: self.enqueue_burst(values, timeout=t),
+            True,
+            lambda: self._count_of(values),
+            timeout,
+            bulk=False,
         )
 
     async def dequeue_bulk_async(self, n: int, timeout: float | None = None) -> list[E]:
@@ -280,63 +303,49 @@ class Ring(_ext.Ring[E]):
         are there; returns them, or ``[]`` on timeout.  ValueError for ``n`` larger
         than the capacity (unless ``timeout=0``) or negative.  Cancelling dequeues
         nothing."""
-        timeout = _ext.check_timeout(timeout)
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        want = self._bulk_want(n, timeout)
-        return await aio.wait_for_op(
-            self,
+        return await self._many_async(
             lambda: self.dequeue_bulk(n),
-            bool,
-            False,
-            want,
-            timeout,
             lambda t: self.dequeue_bulk(n, timeout=t),
+            False,
+            lambda: n,
+            timeout,
+            bulk=True,
         )
 
     async def dequeue_burst_async(self, n: int, timeout: float | None = None) -> list[E]:
         """:meth:`dequeue_burst`, awaited: waits until at least one entry is there;
         returns up to `n` entries, ``[]`` on timeout."""
-        timeout = _ext.check_timeout(timeout)
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        return await aio.wait_for_op(
-            self,
+        return await self._many_async(
             lambda: self.dequeue_burst(n),
-            bool,
-            False,
-            min(1, n),
-            timeout,
             lambda t: self.dequeue_burst(n, timeout=t),
+            False,
+            lambda: n,
+            timeout,
+            bulk=False,
         )
 
     async def dequeue_bulk_into_async(self, buffer: Any, timeout: float | None = None) -> int:
         """:meth:`dequeue_bulk_into`, awaited: fills the whole buffer once that many
         entries are there; returns the count, 0 on timeout."""
-        timeout = _ext.check_timeout(timeout)
-        want = self._bulk_want(self._count_of(buffer), timeout)
-        return await aio.wait_for_op(
-            self,
+        return await self._many_async(
             lambda: self.dequeue_bulk_into(buffer),
-            bool,
-            False,
-            want,
-            timeout,
             lambda t: self.dequeue_bulk_into(buffer, timeout=t),
+            False,
+            lambda: self._count_of(buffer),
+            timeout,
+            bulk=True,
         )
 
     async def dequeue_burst_into_async(self, buffer: Any, timeout: float | None = None) -> int:
         """:meth:`dequeue_burst_into`, awaited: waits for at least one entry; returns
         how many it wrote to the buffer's head, 0 on timeout."""
-        want = min(1, self._count_of(buffer))
-        return await aio.wait_for_op(
-            self,
+        return await self._many_async(
             lambda: self.dequeue_burst_into(buffer),
-            bool,
-            False,
-            want,
-            timeout,
             lambda t: self.dequeue_burst_into(buffer, timeout=t),
+            False,
+            lambda: self._count_of(buffer),
+            timeout,
+            bulk=False,
         )
 
     def __repr__(self) -> str:
