@@ -106,11 +106,12 @@ static PyObject *raise_pool(MemdMempool *self, char *base, int rc, const char *w
                      self->n);
         break;
     case -EINVAL:
-        PyErr_Format(PyExc_ValueError, "mempool %R: %s: not an object of this pool", name, what);
+        PyErr_Format(memd_error("MemdValueError", PyExc_ValueError),
+                     "mempool %R: %s: not an object of this pool", name, what);
         break;
     case -EALREADY:
-        PyErr_Format(PyExc_ValueError, "mempool %R: %s: object already free (a double put)", name,
-                     what);
+        PyErr_Format(memd_error("MemdValueError", PyExc_ValueError),
+                     "mempool %R: %s: object already free (a double put)", name, what);
         break;
     default:
         PyErr_Format(memd_error("CorruptionError", PyExc_ValueError),

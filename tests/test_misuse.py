@@ -163,6 +163,38 @@ def test_a_list_changed_by_an_items_index_is_read_as_it_was() -> None:
     assert proc.stdout.strip() == "OK"
 
 
+EMPTIED_TO_A_STRANGER = """
+from memd import _ext
+from memd.errors import MemdValueError
+from memd.shm.mempool import Mempool
+
+window = _ext.Window.anonymous(16 << 20)
+pool = Mempool.create(window, _ext.CONFIG_SIZE, 64, 64, name="p")
+objs = [pool.get() for _ in range(3)]
+
+class Emptier:
+    def __index__(self):
+        items.clear()
+        return 0  # no object's handle
+
+items = [Emptier(), *objs]
+try:
+    pool.put_bulk(items)
+except MemdValueError as e:
+    assert "not an object of this pool" in str(e), e
+else:
+    raise AssertionError("put_bulk took a stranger")
+assert pool.audit()["in_use"] == 3, pool.audit()
+print("OK")
+"""
+
+
+def test_a_put_bulk_item_that_is_no_object_is_a_memd_value_error() -> None:
+    """An item's __index__ empties the list and gives a handle of no object:
+    put_bulk raises MemdValueError (not a plain ValueError) and puts nothing."""
+    assert _run_alone(EMPTIED_TO_A_STRANGER).stdout.strip() == "OK"
+
+
 def test_the_memzone_of_a_ring_or_pool_cannot_be_freed_under_it(daemon_factory) -> None:
     """memzone_free() of the zone behind a ring or mempool is refused: freeing it
     would hand the ring's memory to the next malloc while the ring is in use."""
