@@ -31,7 +31,7 @@ from contextlib import nullcontext
 from typing import Any, Protocol
 
 from memd._version import __version__
-from memd.errors import MemdError, ProtocolError
+from memd.errors import CorruptionError, MemdError, ProtocolError
 from memd.shm.config import SOCKET_ID_ANY
 from memd.shm.mempool import MEMPOOL_MZ_PREFIX
 from memd.shm.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, RING_MZ_PREFIX
@@ -260,14 +260,25 @@ class AdminAPI:
 
         Reply (DPDK's keys and order): ``Heap_id``, ``Name`` (``socket_<id>``),
         ``Heap_size``, ``Free_size``, ``Alloc_size``, ``Greatest_free_size``,
-        ``Alloc_count``, ``Free_count``. Null for an id without a heap.
+        ``Alloc_count``, ``Free_count``. A heap that cannot be read now is only
+        ``{"Heap_id", "Name", "corrupt": bool, "unavailable": reason}`` (corrupt: a
+        damaged link was found, the heap is marked broken; else busy behind a stopped
+        process). Null for an id without a heap.
         """
         heap_id = _int_param(params, "heap id")
         if heap_id not in {int(h) for h in self._list("heap_ids")}:
             raise BadParams(f"no heap {heap_id}")
         if not hasattr(self.mem, "heap_stats"):
             raise BadParams("this memd has no heap statistics")
-        s = self.mem.heap_stats(heap_id)
+        try:
+            s = self.mem.heap_stats(heap_id)
+        except MemdError as e:
+            return {
+                "Heap_id": heap_id,
+                "Name": f"socket_{heap_id}",
+                "corrupt": isinstance(e, CorruptionError),
+                "unavailable": str(e),
+            }
         return {
             "Heap_id": heap_id,
             "Name": f"socket_{heap_id}",

@@ -202,6 +202,13 @@ def _render_heaps(heaps: list[dict[str, Any]]) -> str:
             (
                 h["Heap_id"],
                 h["Name"],
+                "corrupt" if h.get("corrupt") else "unavailable",
+                *(["-"] * 5),
+            )
+            if "unavailable" in h
+            else (
+                h["Heap_id"],
+                h["Name"],
                 human_size(h["Heap_size"]),
                 human_size(h["Free_size"]),
                 human_size(h["Alloc_size"]),
@@ -291,32 +298,40 @@ def _render_processes(procs: list[dict[str, Any]]) -> str:
             return "-"
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
-    return table(
-        (
-            "Slot",
-            "PID",
-            "Role",
-            "Command",
-            "Attached",
-            "Blocks",
-            "Heap bytes",
-            "Memzones",
-            "Objects",
-        ),
-        [
+    # a heap that could not be walked: the counts above leave it out
+    missing: dict[str, str] = next(
+        (p["heaps_unavailable"] for p in procs if p.get("heaps_unavailable")), {}
+    )
+    notes = "".join(f"\nheap {h} not counted: {why}" for h, why in missing.items())
+    return (
+        table(
             (
-                p.get("slot", "-") if p.get("slot") is not None else "-",
-                p.get("pid"),
-                p.get("role"),
-                p.get("comm") or "-",
-                when(p.get("attach_time")),
-                p.get("heap_blocks", "-"),
-                human_size(p.get("heap_bytes")),
-                p.get("memzones", "-"),
-                p.get("mempool_objects", "-"),
-            )
-            for p in procs
-        ],
+                "Slot",
+                "PID",
+                "Role",
+                "Command",
+                "Attached",
+                "Blocks",
+                "Heap bytes",
+                "Memzones",
+                "Objects",
+            ),
+            [
+                (
+                    p.get("slot", "-") if p.get("slot") is not None else "-",
+                    p.get("pid"),
+                    p.get("role"),
+                    p.get("comm") or "-",
+                    when(p.get("attach_time")),
+                    p.get("heap_blocks", "-"),
+                    human_size(p.get("heap_bytes")),
+                    p.get("memzones", "-"),
+                    p.get("mempool_objects", "-"),
+                )
+                for p in procs
+            ],
+        )
+        + notes
     )
 
 
@@ -442,6 +457,9 @@ def format_metrics(data: dict[str, Any]) -> str:
     m.add("primary_pid", "process id of the primary", info.get("primary_pid", g.get("pid")))
     for h in data["heaps"]:
         lab = {"heap": h["Heap_id"], "name": h["Name"]}
+        m.add("heap_corrupt", "1 if the heap was found damaged", int(bool(h.get("corrupt"))), lab)
+        if "unavailable" in h:  # corrupt, or busy behind a stopped process
+            continue
         m.add("heap_size_bytes", "heap size", h["Heap_size"], lab)
         m.add("heap_free_bytes", "free bytes in the heap", h["Free_size"], lab)
         m.add("heap_allocated_bytes", "allocated bytes in the heap", h["Alloc_size"], lab)

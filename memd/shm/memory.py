@@ -519,7 +519,9 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         holds (heap blocks, memzones, mempool objects in hand), plus a row with
         role "exited" for every process that is gone but still owns malloc'd heap
         blocks or mempool objects (free them with free_owned_by /
-        Mempool.reclaim_held_by).
+        Mempool.reclaim_held_by).  A heap that cannot be walked (corrupt, busy) is
+        left out of the heap counts and named in each row's ``heaps_unavailable``
+        (``{heap index: reason}``).
         `usage` walks every heap and pool: meant for admin tools, not loops."""
         out: list[dict[str, Any]] = [
             {
@@ -534,7 +536,8 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         ]
         if not usage:
             return out
-        owners = self.heap_owners()
+        unavailable: dict[int, str] = {}
+        owners = self.heap_owners(unavailable)  # a corrupt heap hides no process
         held: dict[int, int] = {}
         for pool in self.mempools():
             for pid, n in pool.holders().items():
@@ -565,6 +568,8 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
                 memzones=zones.get(p["pid"], 0),
                 mempool_objects=held.get(p["pid"], 0),
             )
+            if unavailable:  # its heap counts leave these heaps out
+                p["heaps_unavailable"] = {str(h): why for h, why in unavailable.items()}
         return out
 
     # --- memzones (DPDK rte_memzone_*) ---------------------------------------
