@@ -106,11 +106,12 @@ static PyObject *raise_pool(MemdMempool *self, char *base, int rc, const char *w
                      self->n);
         break;
     case -EINVAL:
-        PyErr_Format(PyExc_ValueError, "mempool %R: %s: not an object of this pool", name, what);
+        PyErr_Format(memd_error("MemdValueError", PyExc_ValueError),
+                     "mempool %R: %s: not an object of this pool", name, what);
         break;
     case -EALREADY:
-        PyErr_Format(PyExc_ValueError, "mempool %R: %s: object already free (a double put)", name,
-                     what);
+        PyErr_Format(memd_error("MemdValueError", PyExc_ValueError),
+                     "mempool %R: %s: object already free (a double put)", name, what);
         break;
     default:
         PyErr_Format(memd_error("CorruptionError", PyExc_ValueError),
@@ -970,6 +971,30 @@ static PyObject *py_mempool_flush_cache(PyObject *Py_UNUSED(m), PyObject *args)
     return PyLong_FromLong(rc);
 }
 
+/* object_poison(): a damaged ring or pool (no handle can be made to it) is about to be
+ * freed through its memzone: overwrite every tag copy its header still places, within
+ * [off, off + len) only, so that handles other processes kept raise StaleHandle. */
+static PyObject *py_object_poison(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *window;
+    unsigned int kind;
+    unsigned long long off, len;
+    if (!PyArg_ParseTuple(args, "O!IKK:object_poison", &MemdWindow_Type, &window, &kind, &off,
+                          &len))
+        return NULL;
+    char *base = memd_base_of(window);
+    if (base == NULL || memd_check_range(window, off, len) < 0 ||
+        memd_check_mapped(window, off, len) < 0)
+        return NULL;
+    if (off % MEMD_CACHE_LINE)
+        return memd_raise_errno(-EINVAL, "object_poison");
+    if (kind == MEMD_OBJ_RING && len >= sizeof(struct memd_ring))
+        memd_ring_poison((struct memd_ring *)(base + off));
+    else if (kind == MEMD_OBJ_MEMPOOL && len >= sizeof(struct memd_mempool))
+        memd_mempool_poison(base, off, len);
+    Py_RETURN_NONE;
+}
+
 static int checked_pid(long pid, const char *fn)
 {
     if (pid <= 0 || pid > INT32_MAX) {
@@ -1124,6 +1149,9 @@ static PyMethodDef mempool_functions[] = {
     {"mempool_flush_cache", py_mempool_flush_cache, METH_VARARGS,
      "mempool_flush_cache(window, pool_offset, slot) -> int: move a process slot's cached "
      "objects back to the ring (detach, or reclaiming a dead process's slot)."},
+    {"object_poison", py_object_poison, METH_VARARGS,
+     "object_poison(window, kind, offset, length): overwrite the identity tags of the "
+     "(damaged) ring or pool at offset, within length bytes (freeing it by its memzone)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -172,3 +172,84 @@ def test_a_release_that_meets_a_dead_secondary_does_not_deadlock(tmp_path, mode)
         remove_leftover_pages(prefix)
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr}"
     assert proc.stdout.startswith("released "), proc.stdout
+
+
+# A secondary SIGKILLed at one point of creating or freeing a ring or pool, under a
+# name of its own: `{name}` is unique per case.  It first makes a complete ring and a
+# plain memzone, which must outlive it.
+DIE_MIDWAY = """
+import os, signal, sys
+import memd_client as mc
+from memd import _ext
+mem = mc.attach(sys.argv[1], runtime_dir=sys.argv[2], timeout=10)
+mem.ring_create("{name}_kept", 16)
+mem.memzone_reserve("{name}_zone", 4096)
+
+def die(*args, **kw):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def after(fn):
+    def call(*args, **kw):
+        fn(*args, **kw)
+        die()
+    return call
+
+{code}
+"""
+
+HALF_MADE_CASES = {
+    # ring_create, its memzone reserved, its header not yet made (no magic)
+    "ring_create before ring_init": ("RG_", "_ext.ring_init = die\nmem.ring_create(name, 16)"),
+    # ring_create, the ring made but not yet listed
+    "ring_create before listing": ("RG_", "_ext.object_add = die\nmem.ring_create(name, 16)"),
+    # mempool_create, inside obj_init (test_misuse's case 18)
+    "mempool_create in obj_init": (
+        "MP_",
+        "mem.mempool_create(name, 64, 64, obj_init=lambda p, o, i: i == 3 and die())",
+    ),
+    # ring_free, unlisted but not yet poisoned
+    "ring_free after unlisting": (
+        "RG_",
+        "r = mem.ring_create(name, 16)\n_ext.object_remove = after(_ext.object_remove)\n"
+        "mem.ring_free(r)",
+    ),
+    # mempool_free, poisoned, its memzone not yet freed
+    "mempool_free before memzone_free": (
+        "MP_",
+        "p = mem.mempool_create(name, 8, 64)\n_ext.memzone_free = die\nmem.mempool_free(p)",
+    ),
+}
+
+
+def test_what_a_dead_creator_left_half_made_is_freed_and_named(daemon_factory) -> None:
+    """The primary's reclaim of a secondary killed inside ring_create / mempool_create /
+    ring_free / mempool_free frees the RG_/MP_ memzone it left (nobody could look the
+    object up to free it) and names it in /memd/reclaims; what the secondary made
+    whole (a listed ring, a plain memzone) stays."""
+    daemon = daemon_factory("-m", "8")
+    with daemon.attach() as mem:
+        for i, (case, (prefix, code)) in enumerate(HALF_MADE_CASES.items()):
+            name = f"half{i}x{next(_numbers)}"
+            script = DIE_MIDWAY.format(name=name, code=f"name = {name!r}\n{code}")
+            proc = subprocess.run(
+                [sys.executable, "-c", script, daemon.prefix, str(daemon.runtime_dir)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert proc.returncode == -signal.SIGKILL, f"{case}: {proc.returncode}\n{proc.stderr}"
+            pid = mem.memzone_lookup(f"{name}_zone").owner_pid
+
+            def mine(pid: int = pid) -> list[dict]:
+                return [r for r in _query(daemon, "/memd/reclaims") if r["pid"] == pid]
+
+            _wait_for(lambda: bool(mine()), f"{case}: no reclaim", daemon)
+            (record,) = mine()
+            assert record["half_made_freed"] == [prefix + name], (case, record)
+            assert not [z for z in mem.memzones() if z.name == prefix + name], case
+            assert f"freed memzone {prefix + name!r}" in daemon.log_text(), case
+            # what it made whole outlives it
+            assert mem.ring_lookup(f"{name}_kept").capacity == 15, case
+            assert mem.memzone_lookup(f"{name}_zone").length == 4096, case
+    assert daemon.proc is not None and daemon.proc.poll() is None

@@ -31,7 +31,7 @@ from contextlib import nullcontext
 from typing import Any, Protocol
 
 from memd._version import __version__
-from memd.errors import MemdError, ProtocolError
+from memd.errors import CorruptionError, MemdError, ProtocolError
 from memd.shm.config import SOCKET_ID_ANY
 from memd.shm.mempool import MEMPOOL_MZ_PREFIX
 from memd.shm.ring import RING_F_SC_DEQ, RING_F_SP_ENQ, RING_MZ_PREFIX
@@ -128,6 +128,7 @@ class AdminSource(Protocol):
     ring's ``name``, ``flags``, ``size``, ``capacity``, ``esize``, ``count``,
     ``free_count``; a mempool's ``name``, ``flags``, ``n``, ``cache_size``,
     ``elt_size``, ``private_data_size``, ``avail_count()``, ``in_use_count()``;
+    a damaged ring or mempool has only ``name``, ``memzone`` and ``corrupt`` (True);
     a memzone's ``id``, ``name``, ``offset``, ``length``, ``iova``,
     ``page_size``, ``socket_id``, ``flags``."""
 
@@ -138,8 +139,8 @@ class AdminSource(Protocol):
     def memzones(self) -> Sequence[Any]: ...
     def memsegs(self) -> list[dict[str, Any]]: ...
     def processes(self, usage: bool = False) -> list[dict[str, Any]]: ...
-    def rings(self) -> Sequence[Any]: ...
-    def mempools(self) -> Sequence[Any]: ...
+    def ring_listing(self) -> Sequence[Any]: ...  # rings, a damaged one with corrupt=True
+    def mempool_listing(self) -> Sequence[Any]: ...  # the same for mempools
     @property
     def reclaims(self) -> Sequence[dict[str, Any]]: ...  # dead secondaries, oldest first
 
@@ -259,14 +260,25 @@ class AdminAPI:
 
         Reply (DPDK's keys and order): ``Heap_id``, ``Name`` (``socket_<id>``),
         ``Heap_size``, ``Free_size``, ``Alloc_size``, ``Greatest_free_size``,
-        ``Alloc_count``, ``Free_count``. Null for an id without a heap.
+        ``Alloc_count``, ``Free_count``. A heap that cannot be read now is only
+        ``{"Heap_id", "Name", "corrupt": bool, "unavailable": reason}`` (corrupt: a
+        damaged link was found, the heap is marked broken; else busy behind a stopped
+        process). Null for an id without a heap.
         """
         heap_id = _int_param(params, "heap id")
         if heap_id not in {int(h) for h in self._list("heap_ids")}:
             raise BadParams(f"no heap {heap_id}")
         if not hasattr(self.mem, "heap_stats"):
             raise BadParams("this memd has no heap statistics")
-        s = self.mem.heap_stats(heap_id)
+        try:
+            s = self.mem.heap_stats(heap_id)
+        except MemdError as e:
+            return {
+                "Heap_id": heap_id,
+                "Name": f"socket_{heap_id}",
+                "corrupt": isinstance(e, CorruptionError),
+                "unavailable": str(e),
+            }
         return {
             "Heap_id": heap_id,
             "Name": f"socket_{heap_id}",
@@ -328,7 +340,7 @@ class AdminAPI:
 
         Reply: an array of mempool names.
         """
-        return [mp.name for mp in self._list("mempools")]
+        return [mp.name for mp in self._list("mempool_listing")]
 
     @command("/mempool/info")
     def mempool_info(self, params: str | None) -> dict[str, Any]:
@@ -339,12 +351,16 @@ class AdminAPI:
         ``trailer_size``, ``private_data_size``, ``ops_index``, ``populated_size``,
         and, when the pool knows its memzone, ``mz_name``, ``mz_len``,
         ``mz_hugepage_sz``, ``mz_socket_id``, ``mz_flags``; then memd's
-        ``avail_count`` and ``in_use_count``. As DPDK: ``{}`` for an unknown name,
+        ``avail_count`` and ``in_use_count``. A damaged pool (its header does not
+        validate) is only ``{"name", "pool_id", "mz_name", "corrupt": true}``: free it
+        with memzone_free of its ``mz_name``. As DPDK: ``{}`` for an unknown name,
         null for a missing one.
         """
         name = _name_param(params)
-        for pool_id, mp in enumerate(self._list("mempools")):
+        for pool_id, mp in enumerate(self._list("mempool_listing")):
             if mp.name == name:
+                if _corrupt(mp):
+                    return {"name": mp.name, "pool_id": pool_id, **_corrupt_dict(mp)}
                 return self._mempool_dict(pool_id, mp)
         return {}
 
@@ -386,7 +402,7 @@ class AdminAPI:
 
         Reply: an array of ring names.
         """
-        return [r.name for r in self._list("rings")]
+        return [r.name for r in self._list("ring_listing")]
 
     @command("/ring/info")
     def ring_info(self, params: str | None) -> dict[str, Any]:
@@ -398,11 +414,15 @@ class AdminAPI:
         knows its memzone, ``mz_name``, ``mz_len``, ``mz_hugepage_sz``,
         ``mz_socket_id``, ``mz_flags`` (hex string); then memd's ``free_count`` and
         ``esize`` (bytes per entry: 8 for a ring of uint64 entries, else records).
+        A damaged ring (its header does not validate) is only ``{"name", "mz_name",
+        "corrupt": true}``: free it with memzone_free of its ``mz_name``.
         As DPDK: ``{}`` for an unknown name, null for a missing or too long one.
         """
         name = _name_param(params, limit=32)
-        for r in self._list("rings"):
+        for r in self._list("ring_listing"):
             if r.name == name:
+                if _corrupt(r):
+                    return {"name": r.name, **_corrupt_dict(r)}
                 return self._ring_dict(r)
         return {}
 
@@ -478,8 +498,12 @@ class AdminAPI:
 
         Reply: an array (oldest first, the last 64) of ``{pid, slot, time,
         cached_objects_returned, mempool_objects_in_hand: {pool: n},
-        heap_blocks, heap_bytes, heap_freed}``: objects in hand and heap blocks are
-        what the process still held when it died (freed only under --reclaim-heap).
+        heap_blocks, heap_bytes, heap_freed, pins_dropped, half_made_freed}``:
+        objects in hand and heap blocks are what the process still held when it
+        died (freed only under --reclaim-heap); ``half_made_freed`` names the ring
+        and pool memzones (``RG_<name>``, ``MP_<name>``) it left half made or half
+        freed (it died inside ring_create, mempool_create, ring_free or
+        mempool_free), which the reclaim freed.
         """
         return list(self.mem.reclaims)
 
@@ -490,7 +514,9 @@ class AdminAPI:
         Reply: ``heaps``, ``heap_totalsz_bytes``, ``heap_freesz_bytes``,
         ``heap_allocsz_bytes``, ``heap_alloc_count``, ``memsegs``,
         ``memseg_bytes``, ``memzones``, ``memzone_bytes``, ``rings``, ``mempools``,
-        ``processes``, ``secondaries``; then ``admin_*`` counters of the socket.
+        ``processes``, ``secondaries``; ``rings_corrupt`` and ``mempools_corrupt``
+        (names of damaged ones, counted in ``rings``/``mempools``) when there are
+        any; then ``admin_*`` counters of the socket.
         A heap that cannot be read now (busy behind a stopped process, or
         corrupt) is left out of the sums and named in ``heaps_unavailable``
         (``{heap id: reason}``).
@@ -521,16 +547,31 @@ class AdminAPI:
                 "memseg_bytes": sum(int(s["length"]) for s in segs),
                 "memzones": len(zones),
                 "memzone_bytes": sum(int(z.length) for z in zones),
-                "rings": len(self._list("rings")),
-                "mempools": len(self._list("mempools")),
-                "processes": len(procs),
-                "secondaries": sum(1 for p in procs if p.get("role") == "secondary"),
             }
         )
+        corrupt = {}
+        for what in ("rings", "mempools"):
+            objs = self._list(what[:-1] + "_listing")
+            d[what] = len(objs)
+            bad = [o.name for o in objs if _corrupt(o)]
+            if bad:
+                corrupt[f"{what}_corrupt"] = bad
+        d["processes"] = len(procs)
+        d["secondaries"] = sum(1 for p in procs if p.get("role") == "secondary")
+        d.update(corrupt)
         for prefix, source in self.stats_sources.items():
             for key, value in source().items():
                 d[f"{prefix}_{key}"] = value
         return d
+
+
+def _corrupt(obj: Any) -> bool:
+    """Whether a listed ring or pool is a damaged one (memd.shm.objects.Damaged)."""
+    return getattr(obj, "corrupt", False) is True
+
+
+def _corrupt_dict(obj: Any) -> dict[str, Any]:
+    return {"mz_name": obj.memzone, "corrupt": True}
 
 
 def reference() -> str:

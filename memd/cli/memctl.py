@@ -162,12 +162,18 @@ def _render_status(d: dict[str, Any]) -> str:
         ),
         ("memsegs", f"{st.get('memsegs', 0)} ({human_size(st.get('memseg_bytes', 0))})"),
         ("memzones", f"{st.get('memzones', 0)} ({human_size(st.get('memzone_bytes', 0))})"),
-        ("rings", str(st.get("rings", 0))),
-        ("mempools", str(st.get("mempools", 0))),
+        ("rings", _count_corrupt(st, "rings")),
+        ("mempools", _count_corrupt(st, "mempools")),
         ("processes", f"{procs} ({procs - sec} primary, {sec} secondary)"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _count_corrupt(st: dict[str, Any], what: str) -> str:
+    bad = st.get(f"{what}_corrupt") or []
+    n = str(st.get(what, 0))
+    return f"{n} (corrupt: {', '.join(map(str, bad))})" if bad else n
 
 
 def _render_memsegs(segs: list[dict[str, Any]]) -> str:
@@ -194,6 +200,13 @@ def _render_heaps(heaps: list[dict[str, Any]]) -> str:
         ("Heap", "Name", "Size", "Free", "Allocated", "Greatest free", "Allocs", "Free elems"),
         [
             (
+                h["Heap_id"],
+                h["Name"],
+                "corrupt" if h.get("corrupt") else "unavailable",
+                *(["-"] * 5),
+            )
+            if "unavailable" in h
+            else (
                 h["Heap_id"],
                 h["Name"],
                 human_size(h["Heap_size"]),
@@ -228,11 +241,19 @@ def _render_memzones(zones: list[dict[str, Any]]) -> str:
     )
 
 
+def _corrupt_row(d: dict[str, Any], width: int) -> tuple[Any, ...]:
+    """A damaged ring's or pool's row: its name, then "corrupt" (nothing else of it
+    can be trusted)."""
+    return (d["name"], "corrupt", *(["-"] * (width - 2)))
+
+
 def _render_mempools(pools: list[dict[str, Any]]) -> str:
     return table(
         ("Name", "Size", "Elt size", "Cache", "Avail", "In use", "Private", "Socket", "Flags"),
         [
-            (
+            _corrupt_row(p, 9)
+            if p.get("corrupt")
+            else (
                 p["name"],
                 p["size"],
                 human_size(p["elt_size"]),
@@ -252,7 +273,9 @@ def _render_rings(rings: list[dict[str, Any]]) -> str:
     return table(
         ("Name", "Capacity", "Used", "Free", "Size", "Esize", "Prod", "Cons", "Socket", "Flags"),
         [
-            (
+            _corrupt_row(r, 10)
+            if r.get("corrupt")
+            else (
                 r["name"],
                 r["capacity"],
                 r["used_count"],
@@ -275,32 +298,40 @@ def _render_processes(procs: list[dict[str, Any]]) -> str:
             return "-"
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
-    return table(
-        (
-            "Slot",
-            "PID",
-            "Role",
-            "Command",
-            "Attached",
-            "Blocks",
-            "Heap bytes",
-            "Memzones",
-            "Objects",
-        ),
-        [
+    # a heap that could not be walked: the counts above leave it out
+    missing: dict[str, str] = next(
+        (p["heaps_unavailable"] for p in procs if p.get("heaps_unavailable")), {}
+    )
+    notes = "".join(f"\nheap {h} not counted: {why}" for h, why in missing.items())
+    return (
+        table(
             (
-                p.get("slot", "-") if p.get("slot") is not None else "-",
-                p.get("pid"),
-                p.get("role"),
-                p.get("comm") or "-",
-                when(p.get("attach_time")),
-                p.get("heap_blocks", "-"),
-                human_size(p.get("heap_bytes")),
-                p.get("memzones", "-"),
-                p.get("mempool_objects", "-"),
-            )
-            for p in procs
-        ],
+                "Slot",
+                "PID",
+                "Role",
+                "Command",
+                "Attached",
+                "Blocks",
+                "Heap bytes",
+                "Memzones",
+                "Objects",
+            ),
+            [
+                (
+                    p.get("slot", "-") if p.get("slot") is not None else "-",
+                    p.get("pid"),
+                    p.get("role"),
+                    p.get("comm") or "-",
+                    when(p.get("attach_time")),
+                    p.get("heap_blocks", "-"),
+                    human_size(p.get("heap_bytes")),
+                    p.get("memzones", "-"),
+                    p.get("mempool_objects", "-"),
+                )
+                for p in procs
+            ],
+        )
+        + notes
     )
 
 
@@ -426,6 +457,9 @@ def format_metrics(data: dict[str, Any]) -> str:
     m.add("primary_pid", "process id of the primary", info.get("primary_pid", g.get("pid")))
     for h in data["heaps"]:
         lab = {"heap": h["Heap_id"], "name": h["Name"]}
+        m.add("heap_corrupt", "1 if the heap was found damaged", int(bool(h.get("corrupt"))), lab)
+        if "unavailable" in h:  # corrupt, or busy behind a stopped process
+            continue
         m.add("heap_size_bytes", "heap size", h["Heap_size"], lab)
         m.add("heap_free_bytes", "free bytes in the heap", h["Free_size"], lab)
         m.add("heap_allocated_bytes", "allocated bytes in the heap", h["Alloc_size"], lab)
@@ -453,12 +487,18 @@ def format_metrics(data: dict[str, Any]) -> str:
     m.add("rings", "rings", len(data["rings"]))
     for r in data["rings"]:
         lab = {"ring": r["name"]}
+        m.add("ring_corrupt", "1 if the ring is damaged", int(bool(r.get("corrupt"))), lab)
+        if r.get("corrupt"):
+            continue
         m.add("ring_capacity", "usable entries of a ring", r["capacity"], lab)
         m.add("ring_used", "entries in a ring", r["used_count"], lab)
         m.add("ring_free", "free entries of a ring", r.get("free_count"), lab)
     m.add("mempools", "mempools", len(data["mempools"]))
     for p in data["mempools"]:
         lab = {"mempool": p["name"]}
+        m.add("mempool_corrupt", "1 if the mempool is damaged", int(bool(p.get("corrupt"))), lab)
+        if p.get("corrupt"):
+            continue
         m.add("mempool_size", "objects in a mempool", p["size"], lab)
         m.add("mempool_available", "free objects of a mempool", p.get("avail_count"), lab)
         m.add("mempool_in_use", "objects in use", p.get("in_use_count"), lab)

@@ -13,6 +13,8 @@ from memd.errors import MemdError
 from memd.mp.channel import Peer
 from memd.primary.state import PrimaryState
 from memd.shm.config import process_alive, processes
+from memd.shm.mempool import MEMPOOL_MZ_PREFIX
+from memd.shm.ring import RING_MZ_PREFIX
 
 log = logging.getLogger("memd")
 
@@ -72,6 +74,10 @@ class ReclaimMixin(PrimaryState):
             record.update(self._held_by(peer.pid))
         except Exception:
             log.exception("counting what pid %d still held failed", peer.pid)
+        try:
+            record["half_made_freed"] = self._free_half_made_by(peer.pid)
+        except Exception:
+            log.exception("freeing what pid %d left half made failed", peer.pid)
         pinned = bool(_ext.pin_ranges(self.window, peer.slot))
         with contextlib.suppress(OSError):
             _ext.proc_unregister(self.window, peer.slot, peer.pid)  # drops its pins
@@ -85,6 +91,40 @@ class ReclaimMixin(PrimaryState):
             peer.slot,
             {k: v for k, v in record.items() if k not in ("pid", "slot", "time")},
         )
+
+    def _free_half_made_by(self, pid: int) -> list[str]:
+        """Free the ring and pool memzones (``RG_<name>``, ``MP_<name>``) that dead
+        `pid` reserved but that back no listed object: it died inside ring_create or
+        mempool_create (before the object was listed: half made) or inside ring_free
+        or mempool_free (after it was unlisted: half freed).  Nobody can look such an
+        object up, so nobody else would ever free it.  Each is poisoned first (a handle
+        kept to a half-freed one raises StaleHandle) and named in the log.  Returns
+        their memzone names."""
+        if process_alive(pid, 0):  # a reused pid: the zones may be a live creator's
+            return []
+        kinds = {RING_MZ_PREFIX: _ext.OBJ_RING, MEMPOOL_MZ_PREFIX: _ext.OBJ_MEMPOOL}
+        listed = {mz_id for _i, _n, _k, _o, mz_id, _p in _ext.objects(self.window)}
+        freed: list[str] = []
+        for zone in self.memzones():
+            kind = next((k for p, k in kinds.items() if zone.name.startswith(p)), None)
+            if kind is None or zone.owner_pid != pid or zone.id in listed:
+                continue
+            now = _ext.memzone(self.window, zone.id)
+            if now is None or now[9] != zone.generation:  # freed (and re-made) meanwhile
+                continue
+            try:
+                _ext.object_poison(self.window, kind, zone.offset, zone.length)
+                self.memzone_free(zone)
+            except (MemdError, OSError) as e:  # freed meanwhile (re-created?), say
+                log.warning(
+                    "memzone %r, left half made by pid %d, not freed: %s", zone.name, pid, e
+                )
+                continue
+            log.warning(
+                "freed memzone %r: pid %d died creating or freeing the object in it", zone.name, pid
+            )
+            freed.append(zone.name)
+        return freed
 
     def _release_unpinned(self) -> None:
         """Give back the free pages a dead process's views kept (its pins are

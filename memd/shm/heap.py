@@ -279,18 +279,25 @@ class HeapMixin(_ext.HeapBase):
 
     # --- owners ------------------------------------------------------------------------
 
-    def heap_owners(self) -> dict[int, dict[str, int]]:
+    def heap_owners(self, unavailable: dict[int, str] | None = None) -> dict[int, dict[str, int]]:
         """Busy blocks by the process that allocated them, summed over this memory's
         heaps: ``{pid: {"blocks": n, "bytes": b, "memzones": z}}``.  ``bytes`` counts
         whole elements (headers included, as ``heap_allocsz_bytes``, so the values
         add up to it); ``blocks`` and ``bytes`` include the ``memzones`` blocks that
-        back memzones (those are freed with their zone, never by owner)."""
+        back memzones (those are freed with their zone, never by owner).  A heap that
+        cannot be walked (corrupt: CorruptionError; busy) raises, or, if
+        `unavailable` is a dict, is left out and recorded there as
+        ``{heap index: reason}``."""
         out: dict[int, dict[str, int]] = {}
         for idx in self._heap_order_of(SOCKET_ID_ANY):
             try:
                 rows = _ext.heap_owners(self.window, idx)
             except OSError as e:
-                raise translate(e, f"heap_owners(heap {idx})") from e
+                err = translate(e, f"heap_owners(heap {idx})")
+                if unavailable is None:
+                    raise err from e
+                unavailable[idx] = str(err)
+                continue
             for pid, blocks, nbytes, zones in rows:
                 d = out.setdefault(pid, {"blocks": 0, "bytes": 0, "memzones": 0})
                 d["blocks"] += blocks

@@ -28,9 +28,9 @@ from memd.paths import SHM_DIR, config_path
 from memd.shm import objects, refs
 from memd.shm.config import SOCKET_ID_ANY, Header, MemsegList, header, memseg_lists, processes
 from memd.shm.heap import HeapMixin
-from memd.shm.mempool import Mempool, MempoolMixin
+from memd.shm.mempool import MEMPOOL_MZ_PREFIX, Mempool, MempoolMixin
 from memd.shm.pages import PageStore, check_list_fd
-from memd.shm.ring import Ring, RingMixin
+from memd.shm.ring import RING_MZ_PREFIX, Ring, RingMixin
 
 # DPDK's memzone flags (rte_memzone.h names and values).  A page-size flag (any of
 # them ORed) asks for memory on pages of one of those sizes and fails without such
@@ -519,7 +519,9 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         holds (heap blocks, memzones, mempool objects in hand), plus a row with
         role "exited" for every process that is gone but still owns malloc'd heap
         blocks or mempool objects (free them with free_owned_by /
-        Mempool.reclaim_held_by).
+        Mempool.reclaim_held_by).  A heap that cannot be walked (corrupt, busy) is
+        left out of the heap counts and named in each row's ``heaps_unavailable``
+        (``{heap index: reason}``).
         `usage` walks every heap and pool: meant for admin tools, not loops."""
         out: list[dict[str, Any]] = [
             {
@@ -534,7 +536,8 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         ]
         if not usage:
             return out
-        owners = self.heap_owners()
+        unavailable: dict[int, str] = {}
+        owners = self.heap_owners(unavailable)  # a corrupt heap hides no process
         held: dict[int, int] = {}
         for pool in self.mempools():
             for pid, n in pool.holders().items():
@@ -565,6 +568,8 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
                 memzones=zones.get(p["pid"], 0),
                 mempool_objects=held.get(p["pid"], 0),
             )
+            if unavailable:  # its heap counts leave these heaps out
+                p["heaps_unavailable"] = {str(h): why for h, why in unavailable.items()}
         return out
 
     # --- memzones (DPDK rte_memzone_*) ---------------------------------------
@@ -698,8 +703,11 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
     def memzone_free(self, mz: Memzone) -> None:
         """Free memzone `mz` (DPDK `rte_memzone_free`).  Raises MemdKeyError if it is
         no longer reserved (freed already, perhaps by another process), and
-        MemdValueError if a listed ring or mempool lives in it (free that instead), or
-        if ``mz`` is not a Memzone (DPDK's rte_memzone_free(NULL) is -EINVAL)."""
+        MemdValueError if a valid listed ring or mempool lives in it (free that
+        instead), or if ``mz`` is not a Memzone (DPDK's rte_memzone_free(NULL) is
+        -EINVAL).  A damaged ring or mempool (one that no longer validates, listed
+        with "corrupt": true) has no handle to free it with: freeing its memzone
+        unlists it and frees it."""
         if not isinstance(mz, Memzone):
             raise MemdValueError(f"memzone_free: expected a Memzone, got {type(mz).__name__}")
         t = _ext.memzone(self.window, mz.id)
@@ -707,11 +715,22 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             raise MemdKeyError(f"memzone {mz.name!r} is not reserved (already freed?)")
         held = objects.held_in(self.window, mz.id)
         if held is not None:
-            name, kind = held
-            raise MemdValueError(
-                f"memzone {mz.name!r} holds {kind} {name!r}: free it with {kind}_free(), "
-                "which frees its memzone too"
-            )
+            idx, name, kind, offset = held
+            if self._object_valid(kind, name, offset, mz.id):
+                raise MemdValueError(
+                    f"memzone {mz.name!r} holds {kind} {name!r}: free it with {kind}_free(), "
+                    "which frees its memzone too (or, if it is damaged, with memzone_free(), "
+                    "which this refuses while it validates)"
+                )
+            log.warning("memzone_free(%r): freeing damaged %s %r", mz.name, kind, name)
+            try:
+                _ext.object_remove(self.window, idx)
+                kind_id = _ext.OBJ_RING if kind == "ring" else _ext.OBJ_MEMPOOL
+                # handles other processes kept must not write into memory reused next
+                if mz.offset <= offset < mz.offset + mz.length:
+                    _ext.object_poison(self.window, kind_id, offset, mz.offset + mz.length - offset)
+            except OSError as e:
+                raise translate(e, f"memzone_free({mz.name!r})") from e
         try:
             heap = _ext.memzone_free(self.window, mz.id, mz.generation)
         except OSError as e:
@@ -722,6 +741,17 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
             raise translate(e, f"memzone_free({mz.name!r})") from e
         self._heap_maybe_release(heap, mz.length)
 
+    def _object_valid(self, kind: str, name: str, offset: int, mz_id: int) -> bool:
+        """Whether listed ring or pool `name` validates (then its own free frees it)."""
+        build: Callable[[int], Any]
+        if kind == "ring":
+            build, prefix = (lambda off: Ring(self.window, off)), RING_MZ_PREFIX
+        else:
+            slot = max(self.proc_slot, 0)
+            build, prefix = (lambda off: Mempool(self.window, off, slot)), MEMPOOL_MZ_PREFIX
+        got = objects.validate(self.window, name, offset, mz_id, build, prefix)
+        return not isinstance(got, str)
+
     def memzones(self) -> list[Memzone]:
         """Every reserved memzone, in table order (rte_memzone_walk), those that back
         rings (``RG_<name>``) and mempools (``MP_<name>``) included."""
@@ -729,30 +759,47 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
 
     # --- rings and mempools ----------------------------------------------------
 
+    def ring_listing(self) -> list[Ring[Any] | objects.Damaged]:
+        """Every named ring, in directory order, each checked on its own: a damaged
+        one (its header does not validate) is an `objects.Damaged`, named by its
+        memzone ``RG_<name>``, so that one ring's damage hides no other."""
+        return objects.listing(
+            self.window, _ext.OBJ_RING, lambda off: Ring(self.window, off), RING_MZ_PREFIX
+        )
+
+    def mempool_listing(self) -> list[Mempool | objects.Damaged]:
+        """Every named mempool (used through this process's cache slot), in
+        directory order; a damaged one is an `objects.Damaged` named by its memzone
+        ``MP_<name>``."""
+        slot = max(self.proc_slot, 0)
+        return objects.listing(
+            self.window,
+            _ext.OBJ_MEMPOOL,
+            lambda off: Mempool(self.window, off, slot),
+            MEMPOOL_MZ_PREFIX,
+        )
+
     def rings(self) -> list[Ring[Any]]:
-        """Every named ring, in directory order."""
-        return [
-            Ring(self.window, off)
-            for _, _, kind, off, _, _ in _ext.objects(self.window)
-            if kind == _ext.OBJ_RING
-        ]
+        """Every named ring that validates, in directory order (damaged ones are
+        left out and logged: `ring_listing` names them)."""
+        return [r for r in self.ring_listing() if isinstance(r, Ring)]
 
     def mempools(self) -> list[Mempool]:
-        """Every named mempool, used through this process's cache slot."""
-        return [
-            Mempool(self.window, off, max(self.proc_slot, 0))
-            for _, _, kind, off, _, _ in _ext.objects(self.window)
-            if kind == _ext.OBJ_MEMPOOL
-        ]
+        """Every named mempool that validates, used through this process's cache
+        slot (damaged ones are left out and logged: `mempool_listing` names them)."""
+        return [p for p in self.mempool_listing() if isinstance(p, Mempool)]
 
     def flush_mempool_caches(self, slot: int) -> int:
         """Put every object cached in process slot `slot` back into its pool's
         ring (on detach, or when the primary reclaims a dead process's slot).
-        Returns how many objects went back."""
+        Returns how many objects went back; a damaged pool is skipped (logged)."""
         moved = 0
-        for _, _, kind, off, _, _ in _ext.objects(self.window):
+        for _, name, kind, off, _, _ in _ext.objects(self.window):
             if kind == _ext.OBJ_MEMPOOL:
-                moved += _ext.mempool_flush_cache(self.window, off, slot) or 0
+                try:
+                    moved += _ext.mempool_flush_cache(self.window, off, slot) or 0
+                except (ValueError, OSError) as e:
+                    log.warning("mempool %r: cache of slot %d not flushed: %s", name, slot, e)
         return moved
 
     # --- heap growth hooks (subclasses) ----------------------------------------

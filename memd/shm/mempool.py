@@ -381,7 +381,11 @@ class MempoolMixin:
         )
 
     def mempool_lookup(self, name: str) -> Mempool:
-        """The pool called `name`, used through this process's cache; KeyError if none."""
+        """The pool called `name`, used through this process's cache
+        (rte_mempool_lookup); KeyError (MemdKeyError) if there is none;
+        CorruptionError, naming it, if it is damaged (its header does not validate,
+        claims memory past its memzone or another pool's name): free its memzone
+        ``MP_<name>`` with memzone_free() and create it again."""
         self._check_primary()
         return objects.open_listed(
             self.window,
@@ -389,6 +393,7 @@ class MempoolMixin:
             MEMD_OBJ_MEMPOOL,
             lambda off: Mempool(self.window, off, self.proc_slot),
             "mempool_lookup",
+            MEMPOOL_MZ_PREFIX,
         )
 
     def mempool_free(self, pool: Mempool | None) -> None:

@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from memd import _ext
@@ -43,28 +44,105 @@ class _Sized(Protocol):
 S = TypeVar("S", bound=_Sized)
 
 
-def open_listed(
-    window: _ext.Window, name: str, kind: int, build: Callable[[int], S], what: str
-) -> S:
-    """Open listed object `name` with `build(offset)`, bounded by the memzone it lives
-    in: any process can rewrite its header to claim more memory (consistently), and
-    this process must not then write past its zone.  CorruptionError if it does."""
-    _idx, offset, mz_id = _lookup(window, name, kind, what)
-    obj = build(offset)
+@dataclass(frozen=True)
+class Damaged:
+    """A listed ring or mempool whose header no longer validates (damaged shared
+    memory).  Only what the daemon can trust is kept: the name its memzone
+    (``RG_<name>`` / ``MP_<name>``) gives, its kind ("ring" or "mempool"), the
+    memzone and the offset; ``reason`` says what failed.  Free it with
+    ``memzone_free(mem.memzone_lookup(memzone))``."""
+
+    name: str
+    kind: str
+    offset: int
+    memzone: str
+    reason: str
+    corrupt: bool = True
+
+
+def _zone_name(window: _ext.Window, mz_id: int) -> str | None:
     zone = _ext.memzone(window, mz_id)
-    if zone is None or not zone[2] <= offset <= offset + obj.memsize <= zone[2] + zone[4]:
-        raise CorruptionError(
-            f"{what}({name!r}): its header claims {obj.memsize} bytes, past the memzone it "
-            "lives in (damaged shared memory); free it and create it again"
-        )
+    return None if zone is None else str(zone[1])
+
+
+def validate(
+    window: _ext.Window,
+    name: str,
+    offset: int,
+    mz_id: int,
+    build: Callable[[int], S],
+    prefix: str,
+) -> S | str:
+    """The object listed as `name` at `offset` in memzone `mz_id`, or why it is not
+    a valid one.  Any process can rewrite its header: consistently to claim more
+    memory (this process must not then write past its zone), or with another
+    object's header (then it claims another name)."""
+    zone = _ext.memzone(window, mz_id)
+    if zone is None or zone[1] != prefix + name:
+        return f"its memzone {prefix + name!r} is gone or renamed"
+    try:
+        obj = build(offset)
+    except (ValueError, OSError) as e:
+        return f"its header does not validate ({e})"
+    if not zone[2] <= offset <= offset + obj.memsize <= zone[2] + zone[4]:
+        return f"its header claims {obj.memsize} bytes, past the memzone it lives in"
+    header_name = getattr(obj, "name", name)
+    if header_name != name:
+        return f"its header names {header_name!r}"
     return obj
 
 
-def held_in(window: _ext.Window, memzone_id: int) -> tuple[str, str] | None:
-    """(name, kind) of the listed object that lives in memzone `memzone_id`, if any."""
-    for _idx, name, kind, _offset, mz_id, _pid in _ext.objects(window):
+def _damage_error(what: str, name: str, reason: str, zone: str) -> CorruptionError:
+    return CorruptionError(
+        f"{what}({name!r}): damaged shared memory: {reason}; free it with "
+        f"memzone_free(memzone_lookup({zone!r})) and create it again"
+    )
+
+
+def open_listed(
+    window: _ext.Window,
+    name: str,
+    kind: int,
+    build: Callable[[int], S],
+    what: str,
+    prefix: str,
+) -> S:
+    """Open listed object `name` with `build(offset)`, bounded by the memzone
+    `<prefix><name>` it lives in.  CorruptionError, naming it, if it does not
+    validate."""
+    _idx, offset, mz_id = _lookup(window, name, kind, what)
+    got = validate(window, name, offset, mz_id, build, prefix)
+    if isinstance(got, str):
+        raise _damage_error(what, name, got, prefix + name)
+    return got
+
+
+def listing(
+    window: _ext.Window, kind: int, build: Callable[[int], S], prefix: str
+) -> list[S | Damaged]:
+    """Every listed object of `kind`, in directory order, each validated on its own:
+    a damaged one is a `Damaged` (named by its memzone), the rest as they are."""
+    out: list[S | Damaged] = []
+    for _idx, dir_name, k, offset, mz_id, _pid in _ext.objects(window):
+        if k != kind:
+            continue
+        got = validate(window, dir_name, offset, mz_id, build, prefix)
+        if not isinstance(got, str):
+            out.append(got)
+            continue
+        zone = _zone_name(window, mz_id)
+        name = zone[len(prefix) :] if zone is not None and zone.startswith(prefix) else dir_name
+        log.warning("%s %r is damaged: %s", KIND_NAMES[kind], name, got)
+        out.append(Damaged(name, KIND_NAMES[kind], offset, zone or prefix + name, got))
+    return out
+
+
+def held_in(window: _ext.Window, memzone_id: int) -> tuple[int, str, str, int] | None:
+    """(directory index, name, kind, offset) of the listed object that lives in
+    memzone `memzone_id`, if any."""
+    for idx, name, kind, offset, mz_id, _pid in _ext.objects(window):
         if mz_id == memzone_id:
-            return name, KIND_NAMES.get(kind, "object")
+            return idx, name, KIND_NAMES.get(kind, "object"), offset
     return None
 
 

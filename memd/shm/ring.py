@@ -454,12 +454,19 @@ class RingMixin:
             )
 
     def ring_lookup(self, name: str) -> Ring[Any]:
-        """The ring called `name`, with the esize it was created with; KeyError
-        (MemdKeyError) if there is none; CorruptionError if its header claims memory
-        past its memzone."""
+        """The ring called `name`, with the esize it was created with
+        (rte_ring_lookup); KeyError (MemdKeyError) if there is none; CorruptionError,
+        naming it, if it is damaged (its header does not validate, claims memory past
+        its memzone or another ring's name): free its memzone ``RG_<name>`` with
+        memzone_free() and create it again."""
         self._check_primary()
         return objects.open_listed(
-            self.window, name, MEMD_OBJ_RING, lambda off: Ring(self.window, off), "ring_lookup"
+            self.window,
+            name,
+            MEMD_OBJ_RING,
+            lambda off: Ring(self.window, off),
+            "ring_lookup",
+            RING_MZ_PREFIX,
         )
 
     def ring_free(self, ring: Ring[Any] | None) -> None:

@@ -163,5 +163,11 @@ class FakeMem:
     def mempools(self) -> list[FakePool]:
         return list(self.pool_list)
 
+    def ring_listing(self) -> list[FakeRing]:
+        return self.rings()
+
+    def mempool_listing(self) -> list[FakePool]:
+        return self.mempools()
+
     def params(self) -> list[str]:
         return ["memd", "--no-huge", "--file-prefix", self.prefix, "-m", "64"]
