@@ -261,10 +261,8 @@ class Server:
         except ProtocolError as e:
             self.send(identity, reply(0, errno.EPROTO, str(e)))
             return
-        if msg["type"] == "reply":  # a sync answered after its wait ended: caught up
-            late = self.peer_of(identity)
-            if late is not None:
-                late.late = False
+        if msg["type"] == "reply" and identity in self.peers:  # a late sync answer
+            self.peers[identity].late = False  # caught up: waited for again
             return
         handler = self.handlers.get(msg["type"])
         if handler is None:
