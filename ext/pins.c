@@ -126,9 +126,9 @@ int memd_msl_releasing(char *base, uint32_t idx, uint32_t first, uint32_t n)
     return 0;
 }
 
-/* The row's entries as they are, without the seqlock (a torn entry reads as
- * either its old or its new range: both are pins the reader may honour). */
-static int pins_read_raw(struct memd_proc_pins *r, uint64_t (*out)[2])
+/* The row's pinned entries as window ranges into out; returns how many.  The
+ * caller decides whether they are a consistent snapshot (the seqlock). */
+static int pins_copy(struct memd_proc_pins *r, uint64_t (*out)[2])
 {
     int n = 0;
     for (uint32_t i = 0; i < MEMD_PINS_PER_PROC; i++) {
@@ -140,6 +140,14 @@ static int pins_read_raw(struct memd_proc_pins *r, uint64_t (*out)[2])
         out[n][1] = (first + units) * MEMD_PIN_UNIT;
         n++;
     }
+    return n;
+}
+
+/* The row's entries as they are, without the seqlock (a torn entry reads as
+ * either its old or its new range: both are pins the reader may honour). */
+static int pins_read_raw(struct memd_proc_pins *r, uint64_t (*out)[2])
+{
+    int n = pins_copy(r, out);
     return atomic_load_explicit(&r->overflow, memory_order_relaxed) ? -EAGAIN : n;
 }
 
@@ -163,17 +171,8 @@ int memd_pins_read(const char *base, uint32_t slot, uint64_t (*out)[2], int stuc
         uint64_t s1 = atomic_load_explicit(&r->seq, memory_order_acquire);
         if (s1 & 1u)
             continue;
-        int n = 0;
         uint32_t ov = atomic_load_explicit(&r->overflow, memory_order_relaxed);
-        for (uint32_t i = 0; i < MEMD_PINS_PER_PROC; i++) {
-            if (atomic_load_explicit(&r->e[i].count, memory_order_relaxed) == 0)
-                continue;
-            uint64_t first = __atomic_load_n(&r->e[i].first, __ATOMIC_RELAXED);
-            uint64_t units = __atomic_load_n(&r->e[i].n, __ATOMIC_RELAXED);
-            out[n][0] = first * MEMD_PIN_UNIT;
-            out[n][1] = (first + units) * MEMD_PIN_UNIT;
-            n++;
-        }
+        int n = pins_copy(r, out);
         atomic_thread_fence(memory_order_acquire);
         if (atomic_load_explicit(&r->seq, memory_order_relaxed) == s1)
             return ov ? -EAGAIN : n;
