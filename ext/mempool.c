@@ -224,8 +224,10 @@ void memd_mempool_poison(char *base, uint64_t pool, uint64_t avail)
 
 /* --- handles -------------------------------------------------------------- */
 
-struct memd_mempool_objhdr *
-memd_mempool_objhdr_of(char *base, const struct memd_mempool_geometry *g, uint64_t handle)
+/* Inline in the get/put loops: a call per object costs a bulk put of 32 a
+ * tenth of its time. */
+static inline __attribute__((always_inline)) struct memd_mempool_objhdr *
+objhdr_checked(char *base, const struct memd_mempool_geometry *g, uint64_t handle)
 {
     const uint64_t pool = g->pool;
     uint64_t first = pool + g->objs_offset + OBJHDR_SIZE;
@@ -236,6 +238,12 @@ memd_mempool_objhdr_of(char *base, const struct memd_mempool_geometry *g, uint64
     if (unlikely(h->pool_offset != pool || (uint64_t)h->index * g->obj_stride != rel))
         return NULL;
     return h;
+}
+
+struct memd_mempool_objhdr *
+memd_mempool_objhdr_of(char *base, const struct memd_mempool_geometry *g, uint64_t handle)
+{
+    return objhdr_checked(base, g, handle);
 }
 
 /* --- get / put ------------------------------------------------------------ */
@@ -250,7 +258,7 @@ static int mark_busy(char *base, const struct memd_mempool_geometry *g, const ui
     int rc = 0;
     const int32_t pid = (int32_t)memd_self_pid();
     for (unsigned i = 0; i < n; i++) {
-        struct memd_mempool_objhdr *h = memd_mempool_objhdr_of(base, g, handles[i]);
+        struct memd_mempool_objhdr *h = objhdr_checked(base, g, handles[i]);
         if (unlikely(h == NULL || h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE)) {
             rc = -EFAULT;
             continue;
@@ -456,7 +464,7 @@ int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uin
     const int32_t self = (int32_t)memd_self_pid();
     unsigned own = 0; /* marked by the plain store: checked after the fence */
     for (unsigned i = 0; i < n; i++) {
-        struct memd_mempool_objhdr *h = memd_mempool_objhdr_of(base, g, handles[i]);
+        struct memd_mempool_objhdr *h = objhdr_checked(base, g, handles[i]);
         if (unlikely(h == NULL)) {
             give_back(base, handles, i, UINT32_MAX, self);
             return -EINVAL;
