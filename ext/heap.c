@@ -97,15 +97,15 @@ static inline void put_header(char *base, struct memd_heap *h, uint64_t off, int
  * GUARDED); one into mapped memory would let the operation write where it must
  * not.  So before an operation writes through a link, it checks the header there:
  * its cookie and that it links back, and the size of a neighbour it joins
- * (EXPECT, jrelink).  All of that is on lines the operation touches anyway.  A mismatch leaves
- * through the operation's guard as a fault does: what it changed is undone and the heap is marked
- * broken
- * (-EFAULT, CorruptionError).  Outside a guard (the daemon's changes, which check
- * the whole heap first, memd_heap_check) nothing is undone here.
+ * (EXPECT, jrelink).  All of that is on lines the operation touches anyway.
+ * A mismatch leaves through the operation's guard as a fault does: what it
+ * changed is undone and the heap is marked broken (-EFAULT, CorruptionError).
+ * Outside a guard (the daemon's changes, which check the whole heap first,
+ * memd_heap_check) nothing is undone here.
  */
 static __attribute__((noinline, cold, noreturn)) void heap_damaged(void)
 {
-    siglongjmp(*memd_fault_env, 1);
+    __builtin_longjmp(*memd_fault_env, 1);
 }
 
 /* noreturn, and only under a guard: the compiler keeps what it loaded before a
@@ -487,8 +487,8 @@ static int check_request(uint64_t size, uint64_t *align, uint64_t *bound)
  * mapped memory only; guarded anyway) and mark the heap broken. */
 static __attribute__((noinline, cold)) int heap_fault(char *base, struct memd_heap *h)
 {
-    sigjmp_buf env;
-    if (sigsetjmp(env, 0) == 0) {
+    memd_jmp_buf env;
+    if (__builtin_setjmp(env) == 0) {
         memd_fault_env = &env;
         memd_heap_journal_undo(base, h);
     }
@@ -506,12 +506,13 @@ static __thread volatile int target_fault_rc __attribute__((tls_model("initial-e
 /* Run `call` (an expression of type `type`) under a fault guard: a SIGSEGV or
  * SIGBUS inside it returns -EFAULT from the enclosing function, heap broken (or
  * target_fault_rc, heap intact, for a fault on the block handed in).
- * sigsetjmp(env, 0) saves no signal mask: no system call on the hot path. */
+ * __builtin_setjmp saves three words (sigsetjmp saves eight and calls into libc:
+ * a guard was half the cost the checks add to malloc+free). */
 #define GUARDED(type, call)                                         \
     do {                                                            \
-        sigjmp_buf env_;                                            \
-        sigjmp_buf *const saved_ = memd_fault_env;                  \
-        if (__builtin_expect(sigsetjmp(env_, 0), 0)) {              \
+        memd_jmp_buf env_;                                          \
+        memd_jmp_buf *const saved_ = memd_fault_env;                \
+        if (__builtin_expect(__builtin_setjmp(env_), 0)) {          \
             int target_ = target_fault_rc;                          \
             target_fault_rc = 0;                                    \
             memd_fault_env = saved_;                                \

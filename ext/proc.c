@@ -86,16 +86,16 @@ int memd_readable(const char *addr, uint64_t len, uint64_t unit)
 
 /* --- surviving a fault in shared memory ------------------------------------------ */
 
-__thread sigjmp_buf *memd_fault_env __attribute__((tls_model("initial-exec")));
+__thread memd_jmp_buf *memd_fault_env __attribute__((tls_model("initial-exec")));
 
 static struct sigaction old_segv, old_bus;
 
 static void on_fault(int sig, siginfo_t *si, void *uc)
 {
-    sigjmp_buf *env = memd_fault_env;
+    memd_jmp_buf *env = memd_fault_env;
     if (env != NULL) {
         memd_fault_env = NULL;
-        siglongjmp(*env, sig);
+        __builtin_longjmp(*env, 1);
     }
     /* Not ours: hand it to whoever had it.  A default action comes back as the
      * faulting instruction runs again with it restored. */

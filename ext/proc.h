@@ -31,13 +31,15 @@ int memd_readable(const char *addr, uint64_t len, uint64_t unit);
 
 /* A process that follows a link another process damaged may load from a hole in
  * the window (SIGSEGV) or past a page file's end (SIGBUS).  An operation that
- * must survive that runs under a guard: memd_fault_env points at its sigjmp_buf
- * (taken with sigsetjmp(env, 0): no system call), and the handler jumps back
- * there instead of killing the process.  Outside a guard the signal goes to the
+ * must survive that runs under a guard: memd_fault_env points at its jump buffer
+ * (taken with __builtin_setjmp: frame, stack pointer and resume address, no
+ * signal mask, no call; with -fcf-protection GCC saves and unwinds the shadow
+ * stack too), and the handler jumps back there (__builtin_longjmp) instead of
+ * killing the process.  Outside a guard the signal goes to the
  * handler that was there before (the default: the process dies as it would have).
  * Thread-local: another thread's fault is never taken for ours. */
-#include <setjmp.h>
-extern __thread sigjmp_buf *memd_fault_env __attribute__((tls_model("initial-exec")));
+typedef void *memd_jmp_buf[5]; /* GCC's __builtin_setjmp buffer */
+extern __thread memd_jmp_buf *memd_fault_env __attribute__((tls_model("initial-exec")));
 
 /* Install the SIGSEGV/SIGBUS handler (once; SA_NODEFER, so a jump out of it leaves
  * the signal mask as it was).  0 or -errno. */
