@@ -640,13 +640,19 @@ int memd_heap_biggest_nolock(char *base, struct memd_heap *h, uint64_t align, in
 
 /* Is the element at boff a sound busy element of h (trailer not looked at)?
  * 0, -EINVAL (not a busy element of h) or -EFAULT (its header makes no sense). */
-static int busy_ok(char *base, struct memd_heap *h, uint64_t boff)
+/* The end of h's last element: the bound busy_ok checks a size against. */
+static inline uint64_t heap_top(char *base, const struct memd_heap *h)
+{
+    return h->last_elem + EL(base, h->last_elem)->size;
+}
+
+/* Reads the header at boff only (and nothing else: see lookup_busy_serial). */
+static int busy_ok(char *base, struct memd_heap *h, uint64_t boff, uint64_t top)
 {
     struct memd_heap_elem *b = EL(base, boff);
     if (b->cookie != head_cookie(boff) || b->state != MEMD_ELEM_BUSY ||
         b->heap != heap_index(base, h))
         return -EINVAL;
-    uint64_t top = h->last_elem + EL(base, h->last_elem)->size;
     if (b->size < MIN_ELEM || b->size % GRAIN || b->size > top - boff || b->u.busy.data_size == 0 ||
         b->u.busy.data_size > b->size - HDR - TRL ||
         round_up(b->u.busy.data_size, 8) + TRL > b->size - HDR)
@@ -682,10 +688,12 @@ static int lookup_busy_serial(char *base, struct memd_heap *h, uint64_t off, uin
     uint64_t boff = off - HDR;
     if (boff < h->first_elem || boff > h->last_elem)
         return stale;
+    /* heap state, read first: a fault there is a broken heap, not a stale handle */
+    const uint64_t top = heap_top(base, h);
     /* Reading the block itself may fault where its pages were given back (a stale
      * handle's block, freed): that says "not a block", not "heap broken". */
     target_fault_rc = stale;
-    int rc = busy_ok(base, h, boff);
+    int rc = busy_ok(base, h, boff, top);
     int smashed = rc == -EINVAL && serial && !elem_ok(base, boff);
     target_fault_rc = 0;
     if (smashed && elem_listed(base, h, boff))
@@ -1053,7 +1061,7 @@ int memd_heap_free_owned_nolock(char *base, struct memd_heap *h, int32_t pid, ui
         }
         struct memd_heap_elem *e = EL(base, o);
         if (e->state == MEMD_ELEM_BUSY && !(e->flags & MEMD_ELEM_F_MEMZONE) &&
-            e->u.busy.owner_pid == pid && busy_ok(base, h, o) == 0) {
+            e->u.busy.owner_pid == pid && busy_ok(base, h, o, heap_top(base, h)) == 0) {
             /* the owner is gone: a smashed trailer is its own business */
             nb++;
             nbytes += e->size;

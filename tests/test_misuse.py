@@ -40,10 +40,13 @@ def expect_raise(calls, exc, words):
 """
 
 
-def _run(daemon: Daemon, code: str, exit_status: int = 0) -> subprocess.CompletedProcess[str]:
+def _run(
+    daemon: Daemon, code: str, exit_status: int = 0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `code` in a new process (ATTACH first), expecting `exit_status`."""
     proc = subprocess.run(
         [sys.executable, "-c", ATTACH + code, daemon.prefix, str(daemon.runtime_dir)],
+        env=None if env is None else {**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=120,
@@ -460,6 +463,51 @@ def test_an_overrun_into_the_next_header_is_caught_by_free(daemon_factory, damag
         ).returncode
         == 0
     )
+    assert daemon.proc.poll() is None
+
+
+HEAP_STATE_IN_A_HOLE = """
+import faulthandler, struct, threading
+from memd import _ext
+from memd.errors import CorruptionError, StaleHandle
+assert faulthandler.is_enabled() == FAULTHANDLER
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+blk = mem.malloc(4096)
+msl = mem._lists[0]
+hole = msl.base_offset + (msl.capacity - 1) * msl.page_size  # never mapped here
+last = _ext.LAYOUT["memd_config.heaps"][0] + _ext.LAYOUT["memd_heap.last_elem"][0]
+mem.window.view(last, 8)[:] = struct.pack("=Q", hole)
+caught = []
+def free():
+    try:
+        mem.free(blk)
+    except StaleHandle as e:  # the block is sound: only the heap's state is damaged
+        caught.append(("StaleHandle", str(e)))
+    except CorruptionError as e:
+        caught.append(("CorruptionError", str(e)))
+t = threading.Thread(target=free)  # a guard is per thread
+t.start()
+t.join(60)
+assert [c[0] for c in caught] == ["CorruptionError"], caught
+expect_raise({"malloc": lambda: mem.malloc(64)}, CorruptionError, "corrupt")  # broken
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("faulthandler", [False, True])
+def test_a_fault_on_heap_state_is_corruption_not_a_stale_block(daemon_factory, faulthandler):
+    """The heap's last element moved into a hole: free() of a sound block faults on
+    the heap's state while it checks the block.  That is the heap's damage
+    (CorruptionError, heap broken for everyone), not "this block was freed"
+    (StaleHandle), which only a fault on the block itself means.  The fault is
+    caught in a thread of its own, and with faulthandler enabled at start-up
+    (PYTHONFAULTHANDLER, as -X faulthandler) nothing is dumped: the process exits
+    0 and prints no fatal error."""
+    daemon = daemon_factory("-m", "4")
+    env = {"PYTHONFAULTHANDLER": "1"} if faulthandler else None
+    proc = _run(daemon, f"FAULTHANDLER = {faulthandler}\n" + HEAP_STATE_IN_A_HOLE, env=env)
+    assert proc.stdout.strip().endswith("OK"), proc.stdout
+    assert "Fatal Python error" not in proc.stderr, proc.stderr
     assert daemon.proc.poll() is None
 
 
