@@ -771,7 +771,18 @@ int64_t memd_heap_block_size_nolock(char *base, struct memd_heap *h, uint64_t of
 static int validate_unguarded(char *base, struct memd_heap *h, uint64_t off, uint32_t serial)
 {
     struct memd_heap_elem *b;
-    return lookup_busy_serial(base, h, off, serial, &b);
+    int rc = lookup_busy_serial(base, h, off, serial, &b);
+    if (rc < 0)
+        return rc;
+    /* the links free() would relink, checked as free() checks them: a scribble
+     * before the block's start (past the end of the one below) shows here first.
+     * Read-only: a link into a hole faults to the same answer, heap untouched. */
+    uint64_t boff = off - HDR;
+    target_fault_rc = -EBADMSG;
+    int links_ok = (!b->next || b->next >= boff + b->size) && next_ok(base, h, boff, b->next) &&
+                   prev_ok(base, h, boff, b->prev);
+    target_fault_rc = 0;
+    return links_ok ? 0 : -EBADMSG;
 }
 
 int memd_heap_validate_nolock(char *base, struct memd_heap *h, uint64_t off)

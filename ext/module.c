@@ -210,7 +210,7 @@ int memd_check_range(PyObject *window, uint64_t off, uint64_t len)
 {
     MemdWindow *w = (MemdWindow *)window;
     if (off > w->size || len > w->size - off) {
-        PyErr_Format(PyExc_ValueError,
+        PyErr_Format(memd_error("MemdValueError", PyExc_ValueError),
                      "range [%llu, +%llu) is outside the shared window of %llu bytes",
                      (unsigned long long)off, (unsigned long long)len, (unsigned long long)w->size);
         return -1;

@@ -92,21 +92,29 @@ static struct sigaction old_segv, old_bus;
 
 static void on_fault(int sig, siginfo_t *si, void *uc)
 {
+    /* si_code <= 0: sent by kill, tkill or sigqueue, not raised by an access: never
+     * a fault in shared memory, whatever this thread is doing */
+    const int sent = si->si_code <= 0;
     memd_jmp_buf *env = memd_fault_env;
-    if (env != NULL) {
+    if (env != NULL && !sent) {
         memd_fault_env = NULL;
         __builtin_longjmp(*env, 1);
     }
-    /* Not ours: hand it to whoever had it.  A default action comes back as the
-     * faulting instruction runs again with it restored. */
+    /* Not ours: hand it to whoever had it. */
     struct sigaction *old = sig == SIGSEGV ? &old_segv : &old_bus;
     if (old->sa_flags & SA_SIGINFO) {
         old->sa_sigaction(sig, si, uc);
-    } else if (old->sa_handler == SIG_DFL || old->sa_handler == SIG_IGN) {
-        sigaction(sig, old, NULL);
-    } else {
+    } else if (old->sa_handler != SIG_DFL && old->sa_handler != SIG_IGN) {
         old->sa_handler(sig);
-    }
+    } else if (!sent) {
+        /* a fault: the access runs again with the old action in place (a fault
+         * cannot be ignored: the kernel then kills) */
+        sigaction(sig, old, NULL);
+    } else if (old->sa_handler == SIG_DFL) {
+        /* sent, default action: die of it now (SA_NODEFER: not blocked here) */
+        sigaction(sig, old, NULL);
+        raise(sig);
+    } /* sent and ignored: nothing, and the guard stays */
 }
 
 int memd_fault_init(void)

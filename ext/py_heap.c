@@ -185,7 +185,8 @@ static int block_getbuffer(PyObject *self, Py_buffer *view, int flags)
 {
     MemdBlock *b = (MemdBlock *)self;
     if (b->freed) {
-        PyErr_SetString(PyExc_BufferError, "the block was freed (or resized: use the new one)");
+        PyErr_SetString(memd_error("StaleHandle", PyExc_KeyError),
+                        "this Block was freed (or resized: use the Block realloc returned)");
         view->obj = NULL;
         return -1;
     }
@@ -310,7 +311,7 @@ static PyTypeObject MemdBlock_Type = {
               "raises StaleHandle, touching nothing, once the block was freed or resized "
               "through another handle (a copy, an unpickled one, in any process), even if a "
               "later block took its offset, and so do free, realloc and validate through it. "
-              "The handle that freed or resized it raises BufferError on export and "
+              "The handle that freed or resized it raises StaleHandle on export too, and "
               "MemdValueError on free (it knows).  A view taken before the free is not "
               "revoked.",
     .tp_traverse = block_traverse,
@@ -885,7 +886,8 @@ static PyObject *py_heap_block_size(PyObject *m, PyObject *args, PyObject *kw)
 #endif
 
 /* heap_validate(win, idx, off, serial=0) -> None.  Fails iff OSError EFAULT
- * (trailer smashed) or EINVAL (not a busy block, header cookie included); with a
+ * (trailer smashed), EBADMSG (its links to its neighbours are damaged) or EINVAL
+ * (not a busy block, header cookie included); with a
  * serial (a Block's), StaleHandle when the block is no longer busy or carries
  * another serial (EINVAL then only for a listed element's smashed header). */
 static PyObject *py_heap_validate(PyObject *m, PyObject *args, PyObject *kw)

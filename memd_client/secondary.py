@@ -468,7 +468,9 @@ class Secondary(SecondaryGrowth):
         self.window.pin_as(-1)
         with contextlib.suppress(Exception):
             if self.proc_slot > 0:
-                self.flush_mempool_caches(self.proc_slot)  # cached objects go back
+                # cached objects go back; a pool another process damaged is
+                # reported by memctl, not by every process's detach
+                self.flush_mempool_caches(self.proc_slot, damaged_level=logging.INFO)
         with contextlib.suppress(Exception):
             if self.primary_alive():
                 self._channel.request({"type": "unregister"}, timeout=1.0)

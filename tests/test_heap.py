@@ -698,7 +698,7 @@ def test_mixin_basics():
     m.validate(b)
     m.free(b)
     assert b.freed
-    with pytest.raises(BufferError):
+    with pytest.raises(StaleHandle):  # a MemdError, as every stale handle's
         memoryview(b)
     with pytest.raises(MemdValueError):
         m.free(b)

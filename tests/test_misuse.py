@@ -22,7 +22,7 @@ from memd.errors import CorruptionError, MemdKeyError, MemdValueError
 from memd.paths import telemetry_path
 from memd.shm.mempool import MEMPOOL_MZ_PREFIX
 from memd.shm.ring import RING_MZ_PREFIX
-from memd.testing import Daemon, run_memctl
+from memd.testing import Daemon, run_memctl, run_secondary, start_secondary
 
 ATTACH = """
 import os, sys
@@ -1428,3 +1428,75 @@ def test_a_damaged_name_in_shared_memory_shows_and_raises_nothing(daemon) -> Non
         assert ring.name == "dmgring"
         mem.ring_free(ring)
         mem.mempool_free(pool)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGBUS], ids=["SIGSEGV", "SIGBUS"])
+def test_a_sent_segv_or_bus_is_not_a_fault_in_shared_memory(daemon_factory, sig) -> None:
+    """`kill -SEGV` (or -BUS) of a secondary looping malloc/free is a signal, not a
+    fault the heap guard recovers from: the process dies of it, in or out of a heap
+    operation (it was lost outside one, and marked heap 0 broken for every process
+    inside one).  The dead process's half-done operation is rolled back by the next
+    locker, so the heap stays sound: another process allocates and the check passes."""
+    daemon = daemon_factory("-m", "8")
+    for _ in range(6):
+        victim = start_secondary(daemon, "# then:\nwhile True:\n    mem.free(mem.malloc(64))\n")
+        assert victim.stdin is not None
+        victim.stdin.write("go\n")
+        victim.stdin.flush()
+        time.sleep(0.2)  # well inside the loop: most of its time is in heap calls
+        victim.send_signal(sig)
+        try:
+            rc = victim.wait(timeout=30)
+        finally:
+            victim.kill()
+            victim.communicate(timeout=30)
+        assert rc == -sig, (rc, daemon.log_text())
+    out = run_secondary(
+        daemon,
+        """
+        from memd import _ext
+        mem.free(mem.malloc(64))
+        _ext.heap_check(mem.window, 0)
+        print("SOUND")
+        """,
+    ).stdout
+    assert "SOUND" in out
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+SCRIBBLED_LINK = """
+from memd import _ext
+from memd.errors import CorruptionError
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+HDR = _ext.HEAP_ELEM_HEADER_SIZE
+nxt = _ext.LAYOUT["memd_heap_elem.next"][0]
+a = mem.malloc(1000)
+b = mem.malloc(1000)
+link = mem.window.view(a.offset - HDR + nxt, 8)
+good = bytes(link)
+msl = mem._lists[0]
+bad = {
+    "hole": msl.base_offset + (msl.capacity - 1) * msl.page_size,  # never mapped here
+    "stray": b.offset + 64,  # mapped, inside b's data: no header there
+}[WHERE]
+link[:] = bad.to_bytes(8, "little")  # an 8-byte underflow into a's header
+expect_raise({"validate": lambda: mem.validate(a)}, CorruptionError, "links")
+link[:] = good  # validate wrote nothing and broke nothing: with the link back, all is well
+mem.validate(a)
+mem.free(a)
+mem.free(b)
+mem.detach()
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("where", ["hole", "stray"])
+def test_validate_finds_a_scribbled_link_to_a_neighbour(daemon_factory, where: str) -> None:
+    """An 8-byte underflow into a block's header rewrites its link to the next
+    element (into a hole, or into another block's data): validate() raises
+    CorruptionError naming the links, as free() would find, but reads only: the
+    heap is not marked broken, and with the link written back the block validates
+    and frees."""
+    daemon = daemon_factory("-m", "4")
+    assert _run(daemon, f"WHERE = {where!r}\n" + SCRIBBLED_LINK).stdout.strip().endswith("OK")
+    assert daemon.proc is not None and daemon.proc.poll() is None

@@ -228,9 +228,11 @@ class HeapMixin(_ext.HeapBase):
         return new
 
     def validate(self, blk: Block) -> None:
-        """Check ``blk``'s cookies: raises CorruptionError if one is smashed (the
-        trailer by an overflow past its end, the header by an underflow), as
-        rte_malloc_validate.  Raises MemdValueError when ``blk`` is not a Block or
+        """Check ``blk``'s cookies, as rte_malloc_validate, and its header's links to
+        its neighbours: raises CorruptionError if one is smashed (the trailer by an
+        overflow past its end, the header by an underflow; a damaged link to a
+        neighbour is the heap's damage: the next free or malloc through it marks the
+        heap broken).  Raises MemdValueError when ``blk`` is not a Block or
         was freed through itself, StaleHandle when the block was freed or resized
         through another handle since ``blk`` was made."""
         if not isinstance(blk, Block):
@@ -240,11 +242,11 @@ class HeapMixin(_ext.HeapBase):
         try:
             _ext.heap_validate(self.window, blk.heap, blk.offset, blk.serial)
         except OSError as e:
-            what = (
-                "its trailer cookie is smashed: something wrote past its end"
-                if e.errno == errno.EFAULT
-                else "its header is smashed: something wrote before its start"
-            )
+            what = {
+                errno.EFAULT: "its trailer cookie is smashed: something wrote past its end",
+                errno.EBADMSG: "its header's links to its neighbours are smashed: something "
+                "wrote before its start (past the end of the block below it)",
+            }.get(e.errno or 0, "its header is smashed: something wrote before its start")
             raise CorruptionError(f"validate({blk!r}): {what}") from e
 
     def heap_stats(self, socket_id: int = SOCKET_ID_ANY) -> dict[str, int]:

@@ -789,17 +789,26 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
         slot (damaged ones are left out and logged: `mempool_listing` names them)."""
         return [p for p in self.mempool_listing() if isinstance(p, Mempool)]
 
-    def flush_mempool_caches(self, slot: int) -> int:
+    def flush_mempool_caches(self, slot: int, damaged_level: int = logging.WARNING) -> int:
         """Put every object cached in process slot `slot` back into its pool's
         ring (on detach, or when the primary reclaims a dead process's slot).
-        Returns how many objects went back; a damaged pool is skipped (logged)."""
+        Returns how many objects went back.  Damaged pools are skipped and named
+        in one log line at `damaged_level` (memctl lists them as corrupt)."""
         moved = 0
+        skipped = []
         for _, name, kind, off, _, _ in _ext.objects(self.window):
             if kind == _ext.OBJ_MEMPOOL:
                 try:
                     moved += _ext.mempool_flush_cache(self.window, off, slot) or 0
                 except (ValueError, OSError) as e:
-                    log.warning("mempool %r: cache of slot %d not flushed: %s", name, slot, e)
+                    skipped.append(f"{name!r} ({e})")
+        if skipped:
+            log.log(
+                damaged_level,
+                "cache of slot %d not flushed in damaged mempools: %s",
+                slot,
+                ", ".join(skipped),
+            )
         return moved
 
     # --- heap growth hooks (subclasses) ----------------------------------------
