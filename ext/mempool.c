@@ -289,12 +289,15 @@ static __attribute__((noinline)) int get_miss(char *base, const struct memd_memp
     uint64_t refill[2 * MEMD_MEMPOOL_CACHE_MAX_SIZE];
     /* As DPDK: a rest bigger than the largest cache is not worth a refill. */
     const unsigned req = rest <= MEMD_MEMPOOL_CACHE_MAX_SIZE ? size + rest : 0;
-    const int refilled = req && memd_ring_dequeue_bulk(r, g->ring, refill, req, NULL, NULL) == req;
+    int busy = 0;
+    const int refilled = req && memd_ring_dequeue_bulk(r, g->ring, refill, req, NULL, &busy) == req;
     if (refilled) {
         for (unsigned i = 0; i < rest; i++)
             handles[len + i] = refill[req - 1 - i];
-    } else if (memd_ring_dequeue_bulk(r, g->ring, handles + len, rest, NULL, NULL) != rest) {
-        return -ENOBUFS; /* nothing taken: the ring and the cache as they were */
+    } else if (busy ||
+               memd_ring_dequeue_bulk(r, g->ring, handles + len, rest, NULL, &busy) != rest) {
+        /* nothing taken: the ring and the cache as they were */
+        return busy ? -EBUSY : -ENOBUFS;
     }
     for (unsigned i = 0; i < len; i++)
         handles[i] = c->objs[len - 1 - i];
@@ -315,8 +318,9 @@ int memd_mempool_get_bulk(char *base, const struct memd_mempool_geometry *g, uin
             return -ESTALE;
         if (unlikely(n == 0))
             return 0;
-        if (memd_ring_dequeue_bulk(r, g->ring, handles, n, NULL, NULL) != n)
-            return -ENOBUFS;
+        int busy = 0;
+        if (memd_ring_dequeue_bulk(r, g->ring, handles, n, NULL, &busy) != n)
+            return busy ? -EBUSY : -ENOBUFS;
         return mark_busy(base, g, handles, n);
     }
     /* the tag shares the line of len: no extra miss */
@@ -502,10 +506,14 @@ int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uin
      * whole cache goes to the ring first; then the n objects are cached.  The
      * threshold is computed, not read: the cache has room for 2 * cache_size. */
     const uint32_t flushthresh = g->flushthresh;
+    int busy = 0;
     if (c == NULL || n > flushthresh) {
-        if (memd_ring_enqueue_bulk(r, g->ring, handles, n, NULL, NULL) != n) {
+        if (unlikely(n == 0))
+            return 0; /* nothing to move: no lock to wait for */
+        if (memd_ring_enqueue_bulk(r, g->ring, handles, n, NULL, &busy) != n) {
             unmark(base, handles, n);
-            return -EFAULT; /* more objects than the pool has: corrupted */
+            /* else more objects than the pool has: corrupted */
+            return busy ? -EBUSY : -EFAULT;
         }
         return 0;
     }
@@ -514,10 +522,10 @@ int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uin
          * first: a process killed in between leaves objects in no ring or cache
          * (memd_mempool_recover finds them), never in both (handed out twice). */
         atomic_store_explicit(&c->len, 0, memory_order_relaxed);
-        if (memd_ring_enqueue_bulk(r, g->ring, c->objs, len, NULL, NULL) != len) {
+        if (memd_ring_enqueue_bulk(r, g->ring, c->objs, len, NULL, &busy) != len) {
             atomic_store_explicit(&c->len, len, memory_order_relaxed);
             unmark(base, handles, n);
-            return -EFAULT;
+            return busy ? -EBUSY : -EFAULT;
         }
         len = 0;
     }
@@ -540,10 +548,13 @@ int memd_mempool_flush_cache(char *base, const struct memd_mempool_geometry *g, 
     uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
     if (len > 2u * g->cache_size)
         return -EFAULT;
+    if (len == 0)
+        return 0; /* no lock to take: a stopped holder must not delay an empty flush */
     atomic_store_explicit(&c->len, 0, memory_order_relaxed); /* first: see put_bulk */
-    if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, c->objs, len, NULL, NULL) != len) {
+    int busy = 0;
+    if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, c->objs, len, NULL, &busy) != len) {
         atomic_store_explicit(&c->len, len, memory_order_relaxed);
-        return -EFAULT;
+        return busy ? -EBUSY : -EFAULT;
     }
     return (int)len;
 }
@@ -606,9 +617,10 @@ int memd_mempool_busy_at(char *base, const struct memd_mempool_geometry *g, uint
 /* Put back handles[0..k) straight to the ring; if the batch is refused (one of
  * them was put meanwhile by someone else: the caller was wrong that the dead
  * process's objects are not shared), put them one by one and count those that
- * went back.  -EFAULT if the ring overflows (corruption). */
+ * went back.  -EFAULT if the ring overflows (corruption).  A busy ring stops it
+ * early (*busy = 1): those not counted are still held. */
 static int64_t put_back(char *base, const struct memd_mempool_geometry *g, const uint64_t *handles,
-                        unsigned k)
+                        unsigned k, int *busy)
 {
     int rc = memd_mempool_put_bulk(base, g, MEMD_MEMPOOL_NO_CACHE, handles, k);
     if (rc == 0)
@@ -616,17 +628,21 @@ static int64_t put_back(char *base, const struct memd_mempool_geometry *g, const
     if (rc == -EFAULT)
         return rc;
     int64_t done = 0;
-    for (unsigned i = 0; i < k; i++) {
+    for (unsigned i = 0; i < k && rc != -EBUSY; i++) {
         rc = memd_mempool_put_bulk(base, g, MEMD_MEMPOOL_NO_CACHE, &handles[i], 1);
         if (rc == -EFAULT)
             return rc;
         done += rc == 0;
     }
+    if (rc == -EBUSY)
+        *busy = 1;
     return done;
 }
 
-int64_t memd_mempool_reclaim_held_by(char *base, const struct memd_mempool_geometry *g, int32_t pid)
+int64_t memd_mempool_reclaim_held_by(char *base, const struct memd_mempool_geometry *g, int32_t pid,
+                                     int *busy)
 {
+    *busy = 0;
     if (pid <= 0)
         return -EINVAL;
     /* Never take objects from under a live process (a zombie is dead). */
@@ -641,15 +657,17 @@ int64_t memd_mempool_reclaim_held_by(char *base, const struct memd_mempool_geome
             continue;
         batch[k++] = (uint64_t)((char *)(h + 1) - base);
         if (k == sizeof(batch) / sizeof(batch[0])) {
-            int64_t rc = put_back(base, g, batch, k);
+            int64_t rc = put_back(base, g, batch, k, busy);
             if (rc < 0)
                 return rc;
             total += rc;
             k = 0;
+            if (*busy)
+                return total;
         }
     }
     if (k) {
-        int64_t rc = put_back(base, g, batch, k);
+        int64_t rc = put_back(base, g, batch, k, busy);
         if (rc < 0)
             return rc;
         total += rc;
@@ -754,8 +772,9 @@ static int audit_walk(char *base, const struct memd_mempool_geometry *g,
     return 0;
 }
 
-int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audit *a)
+int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audit *a, int *busy)
 {
+    *busy = 0;
     memset(a, 0, sizeof(*a));
     a->where = -1;
     struct memd_mempool_geometry gg, *g = &gg;
@@ -773,9 +792,10 @@ int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audi
                 (const struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
             if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE || (seen[i / 8] & (1u << (i % 8))))
                 continue;
-            if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, &handle, 1, NULL, NULL) != 1) {
-                done = fault(a, MEMD_MP_BAD_RING, i);
-                break;
+            if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, &handle, 1, NULL, busy) != 1) {
+                if (!*busy)
+                    done = fault(a, MEMD_MP_BAD_RING, i);
+                break; /* busy: the rest on the next call */
             }
             done++;
         }
@@ -797,4 +817,11 @@ int memd_mempool_audit(char *base, uint64_t pool, struct memd_mempool_audit *a)
     int rc = audit_walk(base, &g, a, seen);
     free(seen);
     return rc;
+}
+
+uint64_t memd_mempool_ring_owner(const char *base, const struct memd_mempool_geometry *g, int enq)
+{
+    const struct memd_ring *r = ring_of(base, g);
+    /* relaxed: a name for an error message */
+    return atomic_load_explicit(enq ? &r->prod.lock : &r->cons.lock, memory_order_relaxed);
 }

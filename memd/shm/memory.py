@@ -792,13 +792,15 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
     def flush_mempool_caches(self, slot: int) -> int:
         """Put every object cached in process slot `slot` back into its pool's
         ring (on detach, or when the primary reclaims a dead process's slot).
-        Returns how many objects went back; a damaged pool is skipped (logged)."""
+        Returns how many objects went back; a damaged pool, or one whose free ring
+        stays locked by a stopped process past the lock wait limit, is skipped
+        (logged: its cache keeps the objects, for the slot's next owner)."""
         moved = 0
         for _, name, kind, off, _, _ in _ext.objects(self.window):
             if kind == _ext.OBJ_MEMPOOL:
                 try:
                     moved += _ext.mempool_flush_cache(self.window, off, slot) or 0
-                except (ValueError, OSError) as e:
+                except (MemdError, ValueError, OSError) as e:
                     log.warning("mempool %r: cache of slot %d not flushed: %s", name, slot, e)
         return moved
 
