@@ -3,8 +3,10 @@
 #include "proc.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "lock.h"
 #include "ring.h"
@@ -409,29 +411,72 @@ static __attribute__((noinline)) int claim_foreign(struct memd_mempool_objhdr *h
     return 0;
 }
 
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* How long a put waits for another putter's claim on the same object (a double
+ * put) to settle before it gives up: a claim settles in nanoseconds unless its
+ * process is stopped or preempted, and giving up is safe (see own_mark_lost). */
+#define CLAIM_WAIT_NS 10000000ull /* 10 ms */
+
 /* After the fence: is object h, marked FREE by our plain store, still ours?
- * Waits for a claim in progress to settle. */
+ * Waits (bounded) for a claim in progress to settle. */
 static __attribute__((noinline)) int own_mark_lost(struct memd_mempool_objhdr *h, int32_t self,
                                                    int32_t o)
 {
+    uint64_t start = 0;
     for (unsigned spins = 0; o < 0 && !IS_WON(o); spins++) {
-        if (spins % 4096 == 4095 && !memd_process_alive((pid_t)-o, 0, 0))
-            break;
-        if (spins > (1u << 24))
-            break; /* a stopped claimer: give up (a double put either way) */
+        if (spins % 256 == 255) {
+            if (!memd_process_alive((pid_t)-o, 0, 0)) {
+                /* The claimer died mid-claim: it never settles the tag, and it put
+                 * nothing in the ring (it would have settled first), so our FREE
+                 * stands.  One CAS: another putter may be taking it over too. */
+                if (__atomic_compare_exchange_n(&h->owner_pid, &o, self, 0, __ATOMIC_SEQ_CST,
+                                                __ATOMIC_RELAXED))
+                    return 0;
+                continue;
+            }
+            uint64_t now = mono_ns();
+            if (start == 0)
+                start = now;
+            else if (now - start >= CLAIM_WAIT_NS)
+                break;     /* a stopped (or long preempted) claimer: give up */
+            sched_yield(); /* on a busy 2-core host it may be waiting for our CPU */
+        }
         memd_cpu_relax();
         o = __atomic_load_n(&h->owner_pid, __ATOMIC_RELAXED);
     }
     if (o == self || o == WON(self))
         return 0;
-    /* Lost.  A getter holding it again means our FREE store came late (we were
-     * preempted before it): put its BUSY back. */
+    /* Lost.  Unless another putter won it (its FREE is the one that counts), put
+     * our BUSY back: a getter holding it again means our FREE store came late (we
+     * were preempted before it); a claimer we gave up on sees BUSY when it runs
+     * again and wins, or it had seen our FREE already and settles the tag back
+     * to us, failing: we keep the object.  Left FREE, it would be in no ring and
+     * no cache, lost. */
     uint64_t want = MEMD_MEMPOOL_HDR_COOKIE_FREE;
-    if (o > 0)
+    if (!IS_WON(o))
         __atomic_compare_exchange_n(&h->cookie, &want, MEMD_MEMPOOL_HDR_COOKIE_BUSY, 0,
-                                    __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+                                    __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
     return 1;
 }
+
+#ifdef MEMD_TEST_HOOKS
+int memd_mempool_settle_own(char *base, const struct memd_mempool_geometry *g, uint64_t handle)
+{
+    struct memd_mempool_objhdr *h = objhdr_checked(base, g, handle);
+    if (h == NULL)
+        return -EINVAL;
+    const int32_t self = (int32_t)memd_self_pid();
+    full_fence();
+    int32_t o = __atomic_load_n(&h->owner_pid, __ATOMIC_RELAXED);
+    return o == self || o == WON(self) ? 0 : own_mark_lost(h, self, o);
+}
+#endif
 
 /* A put that failed gives back its marks on handles[0..k) except `skip` (all or
  * nothing), but not on one another putter took meanwhile (our plain FREE store

@@ -199,4 +199,12 @@ uint64_t memd_mempool_ring_owner(const char *base, const struct memd_mempool_geo
  * with *a saying what, or -ENOMEM (no memory for the check's bitmap). */
 int memd_mempool_audit(char *base, uint64_t pool, struct memd_mempool_audit *a);
 
+#ifdef MEMD_TEST_HOOKS
+/* What a put that marked the object at `handle` FREE (its plain store) does when
+ * its check after the fence finds the owner tag as it now is (tests write a claim
+ * of a stopped or dead process there): 0 if the object stays ours to put, 1 if
+ * the put lost it (the cookie then says who holds it), -EINVAL for no object. */
+int memd_mempool_settle_own(char *base, const struct memd_mempool_geometry *g, uint64_t handle);
+#endif
+
 #endif /* MEMD_MEMPOOL_H */

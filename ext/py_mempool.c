@@ -1277,6 +1277,23 @@ static PyObject *py_mempool_reclaim_held_by(PyObject *Py_UNUSED(m), PyObject *ar
     return PyLong_FromLongLong(n);
 }
 
+#ifdef MEMD_TEST_HOOKS
+static PyObject *py_mempool_settle_own(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *window;
+    unsigned long long off, handle;
+    if (!PyArg_ParseTuple(args, "O!KK:_mempool_settle_own", &MemdWindow_Type, &window, &off,
+                          &handle))
+        return NULL;
+    struct memd_mempool_geometry g;
+    char *base = checked_pool(window, off, "_mempool_settle_own", &g);
+    if (base == NULL)
+        return NULL;
+    int rc = memd_mempool_settle_own(base, &g, handle);
+    return rc < 0 ? memd_raise_errno(rc, "_mempool_settle_own") : PyLong_FromLong(rc);
+}
+#endif
+
 static PyMethodDef mempool_functions[] = {
     {"mempool_busy", py_mempool_busy, METH_VARARGS,
      "mempool_busy(window, pool_offset) -> [(handle, getter pid)] of the objects handed out"},
@@ -1285,6 +1302,12 @@ static PyMethodDef mempool_functions[] = {
     {"mempool_held_by", py_mempool_held_by, METH_VARARGS,
      "mempool_held_by(window, pool_offset, pid) -> int: objects process pid got and has "
      "not put back (BUSY with its owner tag)."},
+#ifdef MEMD_TEST_HOOKS /* test builds only (setup.py) */
+    {"_mempool_settle_own", py_mempool_settle_own, METH_VARARGS,
+     "_mempool_settle_own(window, pool_offset, handle) -> 0 or 1 (TESTS ONLY): what a put "
+     "that marked the object FREE does when its check finds the owner tag as it is now: 0 "
+     "(still ours to put) or 1 (lost; the cookie then says who holds it)."},
+#endif
     {"mempool_reclaim_held_by", py_mempool_reclaim_held_by, METH_VARARGS,
      "mempool_reclaim_held_by(window, pool_offset, pid) -> int: put those objects back "
      "(pid must be dead; ValueError if it is alive)."},

@@ -24,7 +24,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from memd import _ext
 from memd.testing import Daemon, result, run_secondary, start_secondary
+from tests.support.layout import offsets
+
+HDR = offsets()["memd_mempool_objhdr"]
+COOKIE = offsets()["memd_mempool_objhdr.cookie"]
+OWNER = offsets()["memd_mempool_objhdr.owner_pid"]
 
 
 def wait_stopped(proc: subprocess.Popen[str], timeout: float = 20.0) -> None:
@@ -284,6 +290,53 @@ def test_the_daemon_does_not_stall_on_a_dead_process_cache(daemon_factory, stopp
     a = pool.audit()
     assert (a["free"], a["in_use"]) == (64, 0), a
     assert a["in_caches"] >= 12, a  # the dead slot's cache, kept for its next owner
+    mem.detach()
+
+
+def test_a_put_that_gives_up_on_a_stopped_claimer_keeps_its_object(daemon_factory) -> None:
+    """Two processes put one object at once (a double put): the getter's check
+    finds the other's claim on the owner tag.  If that claimer stays stopped, the
+    getter gives up (bounded) and marks the object BUSY again: the claimer, when
+    it goes on, sees BUSY and wins, or (having seen FREE) fails; never is the
+    object left FREE in no ring (lost).  A claimer that died never settles: the
+    getter's put stands."""
+    d = daemon_factory("-m", "8")
+    mem = d.attach()
+    pool = mem.mempool_create("p", 8, 32)
+    x, y = pool.get(), pool.get()
+
+    def hdr(obj, field: int) -> memoryview:
+        return mem.view(obj.handle - HDR + field, 8 if field == COOKIE else 4)
+
+    busy = bytes(hdr(x, COOKIE))
+    free = bytes(hdr(pool.obj_at(7), COOKIE))  # still in the ring
+    assert busy != free
+
+    def mid_put(obj, claimer: int) -> None:
+        """As a put that stored FREE and then found `claimer`'s claim (CLAIMING is
+        the negated pid) on the owner tag."""
+        hdr(obj, COOKIE)[:] = free
+        hdr(obj, OWNER)[:] = (-claimer).to_bytes(4, "little", signed=True)
+
+    claimer = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(claimer.pid, signal.SIGSTOP)
+        mid_put(x, claimer.pid)
+        assert _ext._mempool_settle_own(mem.window, pool.offset, x.handle) == 1  # gave up
+        assert bytes(hdr(x, COOKIE)) == busy  # held again, not FREE in no ring
+    finally:
+        claimer.kill()
+        claimer.wait()
+    # the claimer died before it looked: x is the getter's to put again
+    pool.put(x)
+    # a claimer already dead when the getter checks: the getter's put stands
+    mid_put(y, claimer.pid)
+    assert _ext._mempool_settle_own(mem.window, pool.offset, y.handle) == 0
+    assert int.from_bytes(hdr(y, OWNER), "little", signed=True) == os.getpid()
+    hdr(y, COOKIE)[:] = busy  # (the hook stops short of the ring: as before the put)
+    pool.put(y)
+    a = pool.audit()
+    assert (a["free"], a["in_use"]) == (8, 0), a
     mem.detach()
 
 

@@ -16,6 +16,7 @@ TEST_HOOKS = (
     "_heap_crash_after",
     "_ring_crash_after",
     "_ring_stop_after",
+    "_mempool_settle_own",
 )
 
 
