@@ -3,8 +3,10 @@
 #include "proc.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "lock.h"
 #include "ring.h"
@@ -289,12 +291,15 @@ static __attribute__((noinline)) int get_miss(char *base, const struct memd_memp
     uint64_t refill[2 * MEMD_MEMPOOL_CACHE_MAX_SIZE];
     /* As DPDK: a rest bigger than the largest cache is not worth a refill. */
     const unsigned req = rest <= MEMD_MEMPOOL_CACHE_MAX_SIZE ? size + rest : 0;
-    const int refilled = req && memd_ring_dequeue_bulk(r, g->ring, refill, req, NULL, NULL) == req;
+    int busy = 0;
+    const int refilled = req && memd_ring_dequeue_bulk(r, g->ring, refill, req, NULL, &busy) == req;
     if (refilled) {
         for (unsigned i = 0; i < rest; i++)
             handles[len + i] = refill[req - 1 - i];
-    } else if (memd_ring_dequeue_bulk(r, g->ring, handles + len, rest, NULL, NULL) != rest) {
-        return -ENOBUFS; /* nothing taken: the ring and the cache as they were */
+    } else if (busy ||
+               memd_ring_dequeue_bulk(r, g->ring, handles + len, rest, NULL, &busy) != rest) {
+        /* nothing taken: the ring and the cache as they were */
+        return busy ? -EBUSY : -ENOBUFS;
     }
     for (unsigned i = 0; i < len; i++)
         handles[i] = c->objs[len - 1 - i];
@@ -315,8 +320,9 @@ int memd_mempool_get_bulk(char *base, const struct memd_mempool_geometry *g, uin
             return -ESTALE;
         if (unlikely(n == 0))
             return 0;
-        if (memd_ring_dequeue_bulk(r, g->ring, handles, n, NULL, NULL) != n)
-            return -ENOBUFS;
+        int busy = 0;
+        if (memd_ring_dequeue_bulk(r, g->ring, handles, n, NULL, &busy) != n)
+            return busy ? -EBUSY : -ENOBUFS;
         return mark_busy(base, g, handles, n);
     }
     /* the tag shares the line of len: no extra miss */
@@ -405,29 +411,72 @@ static __attribute__((noinline)) int claim_foreign(struct memd_mempool_objhdr *h
     return 0;
 }
 
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* How long a put waits for another putter's claim on the same object (a double
+ * put) to settle before it gives up: a claim settles in nanoseconds unless its
+ * process is stopped or preempted, and giving up is safe (see own_mark_lost). */
+#define CLAIM_WAIT_NS 10000000ull /* 10 ms */
+
 /* After the fence: is object h, marked FREE by our plain store, still ours?
- * Waits for a claim in progress to settle. */
+ * Waits (bounded) for a claim in progress to settle. */
 static __attribute__((noinline)) int own_mark_lost(struct memd_mempool_objhdr *h, int32_t self,
                                                    int32_t o)
 {
+    uint64_t start = 0;
     for (unsigned spins = 0; o < 0 && !IS_WON(o); spins++) {
-        if (spins % 4096 == 4095 && !memd_process_alive((pid_t)-o, 0, 0))
-            break;
-        if (spins > (1u << 24))
-            break; /* a stopped claimer: give up (a double put either way) */
+        if (spins % 256 == 255) {
+            if (!memd_process_alive((pid_t)-o, 0, 0)) {
+                /* The claimer died mid-claim: it never settles the tag, and it put
+                 * nothing in the ring (it would have settled first), so our FREE
+                 * stands.  One CAS: another putter may be taking it over too. */
+                if (__atomic_compare_exchange_n(&h->owner_pid, &o, self, 0, __ATOMIC_SEQ_CST,
+                                                __ATOMIC_RELAXED))
+                    return 0;
+                continue;
+            }
+            uint64_t now = mono_ns();
+            if (start == 0)
+                start = now;
+            else if (now - start >= CLAIM_WAIT_NS)
+                break;     /* a stopped (or long preempted) claimer: give up */
+            sched_yield(); /* on a busy 2-core host it may be waiting for our CPU */
+        }
         memd_cpu_relax();
         o = __atomic_load_n(&h->owner_pid, __ATOMIC_RELAXED);
     }
     if (o == self || o == WON(self))
         return 0;
-    /* Lost.  A getter holding it again means our FREE store came late (we were
-     * preempted before it): put its BUSY back. */
+    /* Lost.  Unless another putter won it (its FREE is the one that counts), put
+     * our BUSY back: a getter holding it again means our FREE store came late (we
+     * were preempted before it); a claimer we gave up on sees BUSY when it runs
+     * again and wins, or it had seen our FREE already and settles the tag back
+     * to us, failing: we keep the object.  Left FREE, it would be in no ring and
+     * no cache, lost. */
     uint64_t want = MEMD_MEMPOOL_HDR_COOKIE_FREE;
-    if (o > 0)
+    if (!IS_WON(o))
         __atomic_compare_exchange_n(&h->cookie, &want, MEMD_MEMPOOL_HDR_COOKIE_BUSY, 0,
-                                    __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+                                    __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
     return 1;
 }
+
+#ifdef MEMD_TEST_HOOKS
+int memd_mempool_settle_own(char *base, const struct memd_mempool_geometry *g, uint64_t handle)
+{
+    struct memd_mempool_objhdr *h = objhdr_checked(base, g, handle);
+    if (h == NULL)
+        return -EINVAL;
+    const int32_t self = (int32_t)memd_self_pid();
+    full_fence();
+    int32_t o = __atomic_load_n(&h->owner_pid, __ATOMIC_RELAXED);
+    return o == self || o == WON(self) ? 0 : own_mark_lost(h, self, o);
+}
+#endif
 
 /* A put that failed gives back its marks on handles[0..k) except `skip` (all or
  * nothing), but not on one another putter took meanwhile (our plain FREE store
@@ -502,10 +551,14 @@ int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uin
      * whole cache goes to the ring first; then the n objects are cached.  The
      * threshold is computed, not read: the cache has room for 2 * cache_size. */
     const uint32_t flushthresh = g->flushthresh;
+    int busy = 0;
     if (c == NULL || n > flushthresh) {
-        if (memd_ring_enqueue_bulk(r, g->ring, handles, n, NULL, NULL) != n) {
+        if (unlikely(n == 0))
+            return 0; /* nothing to move: no lock to wait for */
+        if (memd_ring_enqueue_bulk(r, g->ring, handles, n, NULL, &busy) != n) {
             unmark(base, handles, n);
-            return -EFAULT; /* more objects than the pool has: corrupted */
+            /* else more objects than the pool has: corrupted */
+            return busy ? -EBUSY : -EFAULT;
         }
         return 0;
     }
@@ -514,10 +567,10 @@ int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uin
          * first: a process killed in between leaves objects in no ring or cache
          * (memd_mempool_recover finds them), never in both (handed out twice). */
         atomic_store_explicit(&c->len, 0, memory_order_relaxed);
-        if (memd_ring_enqueue_bulk(r, g->ring, c->objs, len, NULL, NULL) != len) {
+        if (memd_ring_enqueue_bulk(r, g->ring, c->objs, len, NULL, &busy) != len) {
             atomic_store_explicit(&c->len, len, memory_order_relaxed);
             unmark(base, handles, n);
-            return -EFAULT;
+            return busy ? -EBUSY : -EFAULT;
         }
         len = 0;
     }
@@ -540,10 +593,13 @@ int memd_mempool_flush_cache(char *base, const struct memd_mempool_geometry *g, 
     uint32_t len = atomic_load_explicit(&c->len, memory_order_relaxed);
     if (len > 2u * g->cache_size)
         return -EFAULT;
+    if (len == 0)
+        return 0; /* no lock to take: a stopped holder must not delay an empty flush */
     atomic_store_explicit(&c->len, 0, memory_order_relaxed); /* first: see put_bulk */
-    if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, c->objs, len, NULL, NULL) != len) {
+    int busy = 0;
+    if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, c->objs, len, NULL, &busy) != len) {
         atomic_store_explicit(&c->len, len, memory_order_relaxed);
-        return -EFAULT;
+        return busy ? -EBUSY : -EFAULT;
     }
     return (int)len;
 }
@@ -606,9 +662,10 @@ int memd_mempool_busy_at(char *base, const struct memd_mempool_geometry *g, uint
 /* Put back handles[0..k) straight to the ring; if the batch is refused (one of
  * them was put meanwhile by someone else: the caller was wrong that the dead
  * process's objects are not shared), put them one by one and count those that
- * went back.  -EFAULT if the ring overflows (corruption). */
+ * went back.  -EFAULT if the ring overflows (corruption).  A busy ring stops it
+ * early (*busy = 1): those not counted are still held. */
 static int64_t put_back(char *base, const struct memd_mempool_geometry *g, const uint64_t *handles,
-                        unsigned k)
+                        unsigned k, int *busy)
 {
     int rc = memd_mempool_put_bulk(base, g, MEMD_MEMPOOL_NO_CACHE, handles, k);
     if (rc == 0)
@@ -616,17 +673,21 @@ static int64_t put_back(char *base, const struct memd_mempool_geometry *g, const
     if (rc == -EFAULT)
         return rc;
     int64_t done = 0;
-    for (unsigned i = 0; i < k; i++) {
+    for (unsigned i = 0; i < k && rc != -EBUSY; i++) {
         rc = memd_mempool_put_bulk(base, g, MEMD_MEMPOOL_NO_CACHE, &handles[i], 1);
         if (rc == -EFAULT)
             return rc;
         done += rc == 0;
     }
+    if (rc == -EBUSY)
+        *busy = 1;
     return done;
 }
 
-int64_t memd_mempool_reclaim_held_by(char *base, const struct memd_mempool_geometry *g, int32_t pid)
+int64_t memd_mempool_reclaim_held_by(char *base, const struct memd_mempool_geometry *g, int32_t pid,
+                                     int *busy)
 {
+    *busy = 0;
     if (pid <= 0)
         return -EINVAL;
     /* Never take objects from under a live process (a zombie is dead). */
@@ -641,15 +702,17 @@ int64_t memd_mempool_reclaim_held_by(char *base, const struct memd_mempool_geome
             continue;
         batch[k++] = (uint64_t)((char *)(h + 1) - base);
         if (k == sizeof(batch) / sizeof(batch[0])) {
-            int64_t rc = put_back(base, g, batch, k);
+            int64_t rc = put_back(base, g, batch, k, busy);
             if (rc < 0)
                 return rc;
             total += rc;
             k = 0;
+            if (*busy)
+                return total;
         }
     }
     if (k) {
-        int64_t rc = put_back(base, g, batch, k);
+        int64_t rc = put_back(base, g, batch, k, busy);
         if (rc < 0)
             return rc;
         total += rc;
@@ -754,8 +817,9 @@ static int audit_walk(char *base, const struct memd_mempool_geometry *g,
     return 0;
 }
 
-int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audit *a)
+int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audit *a, int *busy)
 {
+    *busy = 0;
     memset(a, 0, sizeof(*a));
     a->where = -1;
     struct memd_mempool_geometry gg, *g = &gg;
@@ -773,9 +837,10 @@ int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audi
                 (const struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
             if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE || (seen[i / 8] & (1u << (i % 8))))
                 continue;
-            if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, &handle, 1, NULL, NULL) != 1) {
-                done = fault(a, MEMD_MP_BAD_RING, i);
-                break;
+            if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, &handle, 1, NULL, busy) != 1) {
+                if (!*busy)
+                    done = fault(a, MEMD_MP_BAD_RING, i);
+                break; /* busy: the rest on the next call */
             }
             done++;
         }
@@ -797,4 +862,11 @@ int memd_mempool_audit(char *base, uint64_t pool, struct memd_mempool_audit *a)
     int rc = audit_walk(base, &g, a, seen);
     free(seen);
     return rc;
+}
+
+uint64_t memd_mempool_ring_owner(const char *base, const struct memd_mempool_geometry *g, int enq)
+{
+    const struct memd_ring *r = ring_of(base, g);
+    /* relaxed: a name for an error message */
+    return atomic_load_explicit(enq ? &r->prod.lock : &r->cons.lock, memory_order_relaxed);
 }

@@ -12,9 +12,10 @@
  * 22.11's rte_mempool_do_generic_get/put do (see memd_mempool_get_bulk/put_bulk).
  *
  * `base` is this process's window address; the pool never stores it.  Slot
- * MEMD_MEMPOOL_NO_CACHE bypasses the caches.  No locks: the ring is lock-free
- * and a cache is only touched by its owner (memd_mempool_flush_cache of another
- * slot is for a slot whose process has gone).
+ * MEMD_MEMPOOL_NO_CACHE bypasses the caches.  A cache is only touched by its
+ * owner (memd_mempool_flush_cache of another slot is for a slot whose process has
+ * gone); the free ring's sides take its small robust locks, never waited for
+ * here (see below).
  *
  * Errors: 0 on success, -errno on failure, as each function lists.
  */
@@ -75,6 +76,13 @@ int memd_mempool_live(const char *base, const struct memd_mempool_geometry *g);
  * with -ESTALE and nobody can load it again. */
 void memd_mempool_poison(char *base, uint64_t pool, uint64_t avail);
 
+/* Every call below that moves handles through the free ring waits for its side's
+ * lock only briefly (DPDK's rte_mempool has no lock to wait for): if a live
+ * process keeps it (stopped, or preempted for long), the call fails with -EBUSY
+ * and nothing changed, and the caller waits its own way (Python: without the GIL,
+ * in slices that let signals through, bounded) and calls again.  The lock's
+ * owner word (its pid) is memd_mempool_ring_owner's. */
+
 /* Take n objects, all or nothing, through cache `slot`; their handles go to
  * handles[0..n).  DPDK 22.11 rte_mempool_do_generic_get: if the cache holds n,
  * they come from its top; else the cache gives all it has (len) and the ring the
@@ -83,7 +91,8 @@ void memd_mempool_poison(char *base, uint64_t pool, uint64_t avail);
  * if the ring has fewer than that, or the rest is bigger, the ring gives just
  * the rest.  No cache (slot MEMD_MEMPOOL_NO_CACHE, cache_size 0): n from the
  * ring.  Every ring dequeue is all or nothing.  Fails iff -ESTALE (the pool was
- * freed since g was loaded: nothing touched), -ENOBUFS (fewer than
+ * freed since g was loaded: nothing touched), -EBUSY (the free ring's consumer
+ * lock is held by a live process: nothing taken), -ENOBUFS (fewer than
  * n free in this slot's cache and the ring; nothing taken, the cache as it was)
  * or -EFAULT (a free object's cookie is wrong, or the cache's length is out of
  * range: corruption). */
@@ -94,7 +103,8 @@ int memd_mempool_get_bulk(char *base, const struct memd_mempool_geometry *g, uin
  * rte_mempool_do_generic_put: n > flushthresh (cache_size * 3 / 2) go straight
  * to the ring; else if len + n > flushthresh, the whole cache goes to the ring
  * first; then the n are cached (the last one on top).  Fails iff -ESTALE (the
- * pool was freed since g was loaded: nothing touched), -EINVAL (a
+ * pool was freed since g was loaded: nothing touched), -EBUSY (the free ring's
+ * producer lock is held by a live process), -EINVAL (a
  * handle that is not an object of this pool), -EALREADY (an object already
  * free: a double put, also within this call), or -EFAULT (a cookie is smashed,
  * the cache's length is out of range, or the ring overflowed: corruption).  On
@@ -104,7 +114,8 @@ int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uin
 
 /* Move every handle in cache `slot` to the ring (a detaching process, or the
  * primary reclaiming a dead process's slot).  Returns how many moved, or
- * -EINVAL (bad slot), -ESTALE (the pool was freed), -EFAULT (ring overflow:
+ * -EINVAL (bad slot), -ESTALE (the pool was freed), -EBUSY (the ring's producer
+ * lock is held by a live process: the cache as it was), -EFAULT (ring overflow:
  * corruption). */
 int memd_mempool_flush_cache(char *base, const struct memd_mempool_geometry *g, uint32_t slot);
 
@@ -129,9 +140,10 @@ int64_t memd_mempool_holders(char *base, const struct memd_mempool_geometry *g, 
  * program that knows process pid is dead and shared none of the objects it got
  * (one still in use elsewhere would be handed out twice).  Returns how many went
  * back, or -EINVAL (pid <= 0), -EBUSY (pid is a live process: refused), -EFAULT
- * (the ring overflowed: corruption). */
-int64_t memd_mempool_reclaim_held_by(char *base, const struct memd_mempool_geometry *g,
-                                     int32_t pid);
+ * (the ring overflowed: corruption).  *busy = 1 if it stopped early because the
+ * ring's producer lock is held by a live process: call again for the rest. */
+int64_t memd_mempool_reclaim_held_by(char *base, const struct memd_mempool_geometry *g, int32_t pid,
+                                     int *busy);
 
 /* Free objects: the ring plus every cache (a snapshot while others run). */
 uint64_t memd_mempool_avail_count(const char *base, const struct memd_mempool_geometry *g);
@@ -172,12 +184,27 @@ struct memd_mempool_audit {
 /* Put free objects that sit in no ring and no cache (a process was killed
  * between taking them out of one and putting them in the other) back into the
  * ring.  Only while nobody gets or puts, like audit.  Returns how many, or
- * -EFAULT with *a saying what else is wrong (nothing is changed then). */
-int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audit *a);
+ * -EFAULT with *a saying what else is wrong (nothing is changed then).  *busy = 1
+ * if it stopped early because the ring's producer lock is held by a live
+ * process: call again for the rest. */
+int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audit *a, int *busy);
+
+/* The owner word of the free ring's producer (enq 1) or consumer (enq 0) lock,
+ * 0 if free: its pid is MEMD_RING_LOCK_PID (for an error naming who keeps a
+ * pool busy). */
+uint64_t memd_mempool_ring_owner(const char *base, const struct memd_mempool_geometry *g, int enq);
 
 /* Check every cookie, every ring and cache entry, and that the counts agree.
  * Meant for a quiescent pool (nobody getting or putting).  Returns 0, -EFAULT
  * with *a saying what, or -ENOMEM (no memory for the check's bitmap). */
 int memd_mempool_audit(char *base, uint64_t pool, struct memd_mempool_audit *a);
+
+#ifdef MEMD_TEST_HOOKS
+/* What a put that marked the object at `handle` FREE (its plain store) does when
+ * its check after the fence finds the owner tag as it now is (tests write a claim
+ * of a stopped or dead process there): 0 if the object stays ours to put, 1 if
+ * the put lost it (the cookie then says who holds it), -EINVAL for no object. */
+int memd_mempool_settle_own(char *base, const struct memd_mempool_geometry *g, uint64_t handle);
+#endif
 
 #endif /* MEMD_MEMPOOL_H */

@@ -15,7 +15,9 @@
 #include "py_ring.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define likely(x)     __builtin_expect(!!(x), 1)
@@ -121,6 +123,105 @@ static PyObject *raise_pool(MemdMempool *self, char *base, int rc, const char *w
     }
     Py_DECREF(name);
     return NULL;
+}
+
+/* --- a busy free ring ------------------------------------------------------ */
+
+/* A get or put whose free ring's lock another live process keeps (stopped, say)
+ * fails in C with -EBUSY, having changed nothing; here it sleeps without the GIL
+ * and tries again, for at most the lock wait limit in all (heap_lock_wait: 30 s
+ * in a program, the daemon's bound in the daemon), letting signals through
+ * between slices.  An unlock wakes the sleeper; a holder that died is taken over
+ * by the next try, so slices are short. */
+#define BUSY_SLICE_NS 10000000ull /* 10 ms */
+#define RAISED        INT_MIN     /* a retry ended with an exception set */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* One wait for the free ring's producer (enq) or consumer lock of the pool g
+ * describes; *start is 0 before a call's first wait.  0: try again; -1 with an
+ * exception set: a signal handler's, or past the limit MemdError naming the pool,
+ * the lock and its holder's pid. */
+static __attribute__((noinline, cold)) int wait_busy(char *base,
+                                                     const struct memd_mempool_geometry *g, int enq,
+                                                     const char *what, uint64_t *start)
+{
+    uint64_t now = now_ns(), limit = memd_py_lock_wait_limit();
+    if (*start == 0)
+        *start = now;
+    uint64_t waited = now - *start;
+    struct memd_ring *r = (struct memd_ring *)(base + g->pool + g->ring_offset);
+    struct memd_ring_headtail *side = enq ? &r->prod : &r->cons;
+    if (waited >= limit) {
+        uint64_t owner = memd_mempool_ring_owner(base, g, enq);
+        PyObject *name = memd_text(((struct memd_mempool *)(base + g->pool))->name, MEMD_NAMESIZE);
+        if (name == NULL)
+            return -1;
+        PyErr_Format(memd_error("MemdError", PyExc_RuntimeError),
+                     "mempool %R: %s: busy: the %s lock of its free ring is held by pid %d "
+                     "(waited %llu ms; stopped in a debugger, or paused?); nothing was taken or "
+                     "put back: try again later",
+                     name, what, enq ? "producer" : "consumer", (int)MEMD_RING_LOCK_PID(owner),
+                     (unsigned long long)(waited / 1000000u));
+        Py_DECREF(name);
+        return -1;
+    }
+    uint64_t slice = limit - waited < BUSY_SLICE_NS ? limit - waited : BUSY_SLICE_NS;
+    uint32_t seq = memd_ring_wait_prepare(&side->lock_wait, 0);
+    /* after prepare's fence: an unlock from now on wakes us (or moves seq) */
+    if (memd_mempool_ring_owner(base, g, enq) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+            memd_ring_wait_sleep(&side->lock_wait, seq, slice);
+        Py_END_ALLOW_THREADS
+    }
+    memd_ring_wait_done(&side->lock_wait); /* the window stays mapped while we hold it */
+    return PyErr_CheckSignals() < 0 ? -1 : 0;
+}
+
+enum pool_op {
+    POOL_GET,
+    POOL_PUT,
+    POOL_FLUSH
+};
+
+/* op on self found the free ring busy: wait and try again until it is not.  Its
+ * result then (a count or -errno), or RAISED with an exception set (nothing taken
+ * or put back; the window may have been closed meanwhile). */
+static __attribute__((noinline, cold)) int retry_busy(MemdMempool *self, enum pool_op op,
+                                                      uint64_t *h, unsigned n, const char *what)
+{
+    uint64_t start = 0;
+    int rc = -EBUSY;
+    while (rc == -EBUSY) {
+        char *base = pool_base(self);
+        if (base == NULL || wait_busy(base, &self->g, op != POOL_GET, what, &start) < 0 ||
+            pool_base(self) == NULL)
+            return RAISED;
+        if (op == POOL_GET)
+            rc = memd_mempool_get_bulk(base, &self->g, self->slot, h, n);
+        else if (op == POOL_PUT)
+            rc = memd_mempool_put_bulk(base, &self->g, self->slot, h, n);
+        else
+            rc = memd_mempool_flush_cache(base, &self->g, self->slot);
+    }
+    return rc;
+}
+
+/* Give back objects a failed get_bulk took (an exception is set and kept). */
+static void give_back_quiet(MemdMempool *self, char *base, uint64_t *h, unsigned n)
+{
+    if (memd_mempool_put_bulk(base, &self->g, self->slot, h, n) != -EBUSY)
+        return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (retry_busy(self, POOL_PUT, h, n, "get_bulk") == RAISED)
+        PyErr_Clear(); /* a signal's or the wait's: the first error is the one to tell */
+    PyErr_Restore(type, value, tb);
 }
 
 /* --- MempoolObject -------------------------------------------------------- */
@@ -394,8 +495,12 @@ static PyObject *mp_get(PyObject *o, PyObject *Py_UNUSED(a))
     if (base == NULL)
         return NULL;
     int rc = memd_mempool_get_bulk(base, &self->g, self->slot, &h, 1);
-    if (unlikely(rc < 0))
-        return raise_pool(self, base, rc, "get", 1);
+    if (unlikely(rc < 0)) {
+        if (rc == -EBUSY && (rc = retry_busy(self, POOL_GET, &h, 1, "get")) == RAISED)
+            return NULL;
+        if (rc < 0)
+            return raise_pool(self, base, rc, "get", 1);
+    }
     return new_obj(self, h);
 }
 
@@ -407,8 +512,12 @@ static PyObject *mp_get_handle(PyObject *o, PyObject *Py_UNUSED(a))
     if (base == NULL)
         return NULL;
     int rc = memd_mempool_get_bulk(base, &self->g, self->slot, &h, 1);
-    if (unlikely(rc < 0))
-        return raise_pool(self, base, rc, "get_handle", 1);
+    if (unlikely(rc < 0)) {
+        if (rc == -EBUSY && (rc = retry_busy(self, POOL_GET, &h, 1, "get_handle")) == RAISED)
+            return NULL;
+        if (rc < 0)
+            return raise_pool(self, base, rc, "get_handle", 1);
+    }
     return PyLong_FromUnsignedLongLong(h);
 }
 
@@ -434,8 +543,12 @@ static PyObject *mp_put(PyObject *o, PyObject *x)
     if (base == NULL || handle_of(x, &h) < 0)
         return NULL;
     int rc = memd_mempool_put_bulk(base, &self->g, self->slot, &h, 1);
-    if (unlikely(rc < 0))
-        return raise_pool(self, base, rc, "put", 1);
+    if (unlikely(rc < 0)) {
+        if (rc == -EBUSY && (rc = retry_busy(self, POOL_PUT, &h, 1, "put")) == RAISED)
+            return NULL;
+        if (rc < 0)
+            return raise_pool(self, base, rc, "put", 1);
+    }
     Py_RETURN_NONE;
 }
 
@@ -467,21 +580,24 @@ static PyObject *mp_get_bulk(PyObject *o, PyObject *arg)
         return PyErr_NoMemory();
     PyObject *list = NULL;
     int rc = memd_mempool_get_bulk(base, &self->g, self->slot, h, (unsigned)n);
+    if (unlikely(rc == -EBUSY))
+        rc = retry_busy(self, POOL_GET, h, (unsigned)n, "get_bulk");
     if (rc < 0) {
-        raise_pool(self, base, rc, "get_bulk", (unsigned)n);
+        if (rc != RAISED) /* else the wait's error is set */
+            raise_pool(self, base, rc, "get_bulk", (unsigned)n);
     } else if ((list = PyList_New(n)) != NULL) {
         for (Py_ssize_t i = 0; i < n; i++) {
             PyObject *x = new_obj(self, h[i]);
             if (x == NULL) {
                 /* Give back the objects no Python object names yet. */
                 Py_CLEAR(list);
-                memd_mempool_put_bulk(base, &self->g, self->slot, h + i, (unsigned)(n - i));
+                give_back_quiet(self, base, h + i, (unsigned)(n - i));
                 break;
             }
             PyList_SET_ITEM(list, i, x);
         }
     } else {
-        memd_mempool_put_bulk(base, &self->g, self->slot, h, (unsigned)n);
+        give_back_quiet(self, base, h, (unsigned)n);
     }
     if (h != stack)
         PyMem_Free(h);
@@ -499,7 +615,11 @@ static PyObject *mp_get_bulk_into(PyObject *o, PyObject *arg)
     int rc = n > (Py_ssize_t)self->n
                  ? -ENOBUFS
                  : memd_mempool_get_bulk(base, &self->g, self->slot, view.buf, (unsigned)n);
+    if (unlikely(rc == -EBUSY))
+        rc = retry_busy(self, POOL_GET, view.buf, (unsigned)n, "get_bulk_into");
     PyBuffer_Release(&view);
+    if (rc == RAISED)
+        return NULL;
     if (rc < 0)
         return raise_pool(self, base, rc, "get_bulk_into",
                           (unsigned)(n > UINT32_MAX ? UINT32_MAX : n));
@@ -524,7 +644,11 @@ static PyObject *mp_put_bulk(PyObject *o, PyObject *arg)
         rc = n > (Py_ssize_t)UINT32_MAX
                  ? -EINVAL
                  : memd_mempool_put_bulk(base, &self->g, self->slot, view.buf, (unsigned)n);
+        if (unlikely(rc == -EBUSY))
+            rc = retry_busy(self, POOL_PUT, view.buf, (unsigned)n, "put_bulk");
         PyBuffer_Release(&view);
+        if (rc == RAISED)
+            return NULL;
     } else {
         PyObject *seq = PySequence_Fast(arg, "put_bulk() takes a sequence of MempoolObjects "
                                              "or handles, or a uint64 buffer of handles");
@@ -562,11 +686,13 @@ static PyObject *mp_put_bulk(PyObject *o, PyObject *arg)
             rc = 1;
         if (rc == 0)
             rc = memd_mempool_put_bulk(base, &self->g, self->slot, h, (unsigned)n);
+        if (unlikely(rc == -EBUSY))
+            rc = retry_busy(self, POOL_PUT, h, (unsigned)n, "put_bulk");
         if (h != stack)
             PyMem_Free(h);
         Py_DECREF(seq);
-        if (rc == 1)
-            return NULL; /* a bad item: TypeError/OverflowError set */
+        if (rc == 1 || rc == RAISED)
+            return NULL; /* a bad item: TypeError/OverflowError set; or the wait's error */
     }
     if (rc < 0)
         return raise_pool(self, base, rc, "put_bulk", (unsigned)n);
@@ -648,6 +774,8 @@ static PyObject *mp_flush_cache(PyObject *o, PyObject *Py_UNUSED(a))
     if (self->slot == MEMD_MEMPOOL_NO_CACHE)
         return PyLong_FromLong(0);
     int rc = memd_mempool_flush_cache(base, &self->g, self->slot);
+    if (rc == -EBUSY && (rc = retry_busy(self, POOL_FLUSH, NULL, 0, "flush_cache")) == RAISED)
+        return NULL;
     if (rc < 0)
         return raise_pool(self, base, rc, "flush_cache", 0);
     return PyLong_FromLong(rc);
@@ -712,7 +840,14 @@ static PyObject *mp_recover(PyObject *o, PyObject *Py_UNUSED(a))
     if (base == NULL)
         return NULL;
     struct memd_mempool_audit a;
-    int64_t n = memd_mempool_recover(base, self->offset, &a);
+    int busy;
+    int64_t n = memd_mempool_recover(base, self->offset, &a, &busy);
+    for (uint64_t start = 0; n >= 0 && busy;) { /* the rest, once the ring is free */
+        if (wait_busy(base, &self->g, 1, "recover", &start) < 0 || pool_live(self) == NULL)
+            return NULL;
+        int64_t more = memd_mempool_recover(base, self->offset, &a, &busy);
+        n = more < 0 ? more : n + more;
+    }
     if (n == -EFAULT)
         return raise_audit_fault(self, base, &a);
     if (n < 0)
@@ -966,6 +1101,12 @@ static PyObject *py_mempool_flush_cache(PyObject *Py_UNUSED(m), PyObject *args)
     if (base == NULL)
         return NULL;
     int rc = memd_mempool_flush_cache(base, &g, slot);
+    for (uint64_t start = 0; rc == -EBUSY;) {
+        if (wait_busy(base, &g, 1, "mempool_flush_cache", &start) < 0 ||
+            memd_base_of(window) == NULL)
+            return NULL;
+        rc = memd_mempool_flush_cache(base, &g, slot);
+    }
     if (rc < 0)
         return memd_raise_errno(rc, "mempool_flush_cache");
     return PyLong_FromLong(rc);
@@ -1111,7 +1252,15 @@ static PyObject *py_mempool_reclaim_held_by(PyObject *Py_UNUSED(m), PyObject *ar
     char *base = checked_pool(window, off, "mempool_reclaim_held_by", &g);
     if (base == NULL || checked_pid(pid, "mempool_reclaim_held_by") < 0)
         return NULL;
-    int64_t n = memd_mempool_reclaim_held_by(base, &g, (int32_t)pid);
+    int busy;
+    int64_t n = memd_mempool_reclaim_held_by(base, &g, (int32_t)pid, &busy);
+    for (uint64_t start = 0; n >= 0 && busy;) { /* the rest, once the ring is free */
+        if (wait_busy(base, &g, 1, "mempool_reclaim_held_by", &start) < 0 ||
+            memd_base_of(window) == NULL)
+            return NULL;
+        int64_t more = memd_mempool_reclaim_held_by(base, &g, (int32_t)pid, &busy);
+        n = more < 0 ? more : n + more;
+    }
     if (n == -EBUSY) {
         PyErr_Format(PyExc_ValueError,
                      "mempool_reclaim_held_by: process %ld is alive; only a dead process's "
@@ -1128,6 +1277,23 @@ static PyObject *py_mempool_reclaim_held_by(PyObject *Py_UNUSED(m), PyObject *ar
     return PyLong_FromLongLong(n);
 }
 
+#ifdef MEMD_TEST_HOOKS
+static PyObject *py_mempool_settle_own(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *window;
+    unsigned long long off, handle;
+    if (!PyArg_ParseTuple(args, "O!KK:_mempool_settle_own", &MemdWindow_Type, &window, &off,
+                          &handle))
+        return NULL;
+    struct memd_mempool_geometry g;
+    char *base = checked_pool(window, off, "_mempool_settle_own", &g);
+    if (base == NULL)
+        return NULL;
+    int rc = memd_mempool_settle_own(base, &g, handle);
+    return rc < 0 ? memd_raise_errno(rc, "_mempool_settle_own") : PyLong_FromLong(rc);
+}
+#endif
+
 static PyMethodDef mempool_functions[] = {
     {"mempool_busy", py_mempool_busy, METH_VARARGS,
      "mempool_busy(window, pool_offset) -> [(handle, getter pid)] of the objects handed out"},
@@ -1136,6 +1302,12 @@ static PyMethodDef mempool_functions[] = {
     {"mempool_held_by", py_mempool_held_by, METH_VARARGS,
      "mempool_held_by(window, pool_offset, pid) -> int: objects process pid got and has "
      "not put back (BUSY with its owner tag)."},
+#ifdef MEMD_TEST_HOOKS /* test builds only (setup.py) */
+    {"_mempool_settle_own", py_mempool_settle_own, METH_VARARGS,
+     "_mempool_settle_own(window, pool_offset, handle) -> 0 or 1 (TESTS ONLY): what a put "
+     "that marked the object FREE does when its check finds the owner tag as it is now: 0 "
+     "(still ours to put) or 1 (lost; the cookie then says who holds it)."},
+#endif
     {"mempool_reclaim_held_by", py_mempool_reclaim_held_by, METH_VARARGS,
      "mempool_reclaim_held_by(window, pool_offset, pid) -> int: put those objects back "
      "(pid must be dead; ValueError if it is alive)."},

@@ -1193,6 +1193,16 @@ static PyObject *py_ring_crash_after(PyObject *Py_UNUSED(m), PyObject *arg)
         k = INT_MAX;
     return PyLong_FromLong(memd_ring_crash_after(k < 0 ? -1 : (int)k));
 }
+
+static PyObject *py_ring_stop_after(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    long k = PyLong_AsLong(arg);
+    if (k == -1 && PyErr_Occurred())
+        return NULL;
+    if (k > INT_MAX)
+        k = INT_MAX;
+    return PyLong_FromLong(memd_ring_stop_after(k < 0 ? -1 : (int)k));
+}
 #endif
 
 /* The asyncio waiter thread's own futex: bumped when a wait is added. */
@@ -1350,6 +1360,9 @@ static PyMethodDef ring_functions[] = {
      "calls _exit(77) at its step point k (0: after taking the lock and claiming; then one "
      "per slot written/read; then before the tail store; then after it, before the "
      "unlock).  k < 0 disarms; an operation with fewer steps disarms it too."},
+    {"_ring_stop_after", py_ring_stop_after, METH_O,
+     "_ring_stop_after(k) -> old k (TESTS ONLY): as _ring_crash_after, but step point k "
+     "raises SIGSTOP (the process stops there, holding the side's lock) instead of exiting."},
 #endif
     {NULL, NULL, 0, NULL},
 };

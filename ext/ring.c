@@ -7,6 +7,7 @@
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
@@ -273,20 +274,33 @@ void memd_ring_wait_done(struct memd_ring_wait *w)
  * armed does an operation take the slow copy with step points.  Only test builds
  * can arm it (memd_ring_crash_after). */
 static int crash_after = -1;
+static int crash_stops; /* the step raises SIGSTOP instead (memd_ring_stop_after) */
 
 #ifdef MEMD_TEST_HOOKS
 int memd_ring_crash_after(int k)
 {
     int old = crash_after;
     crash_after = k < 0 ? -1 : k;
+    crash_stops = 0;
+    return old;
+}
+
+int memd_ring_stop_after(int k)
+{
+    int old = memd_ring_crash_after(k);
+    crash_stops = k >= 0;
     return old;
 }
 #endif
 
 static __attribute__((noinline, cold)) void crash_step(void)
 {
-    if (crash_after-- == 0)
-        _exit(77);
+    if (crash_after-- == 0) {
+        if (!crash_stops)
+            _exit(77);
+        crash_stops = 0;
+        raise(SIGSTOP); /* stopped with the lock held; SIGCONT goes on */
+    }
 }
 
 /* --- owners: who holds a side's lock, and is it still alive ---------------- */

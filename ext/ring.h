@@ -160,6 +160,10 @@ void memd_ring_wait_done(struct memd_ring_wait *w);
  * or read, before the tail store, after the tail store (before the unlock).  An
  * operation that ends before step k disarms the knob.  Returns the old value. */
 int memd_ring_crash_after(int k);
+
+/* As memd_ring_crash_after, but step point k raises SIGSTOP (the process stops
+ * there, holding what it holds, until SIGCONT) instead of exiting. */
+int memd_ring_stop_after(int k);
 #endif
 
 /* 1 if the process whose lock word is `owner` (see MEMD_RING_LOCK_PID) is gone:

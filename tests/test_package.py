@@ -15,6 +15,8 @@ TEST_HOOKS = (
     "heap_block_size",
     "_heap_crash_after",
     "_ring_crash_after",
+    "_ring_stop_after",
+    "_mempool_settle_own",
 )
 
 

@@ -66,10 +66,15 @@ class ReclaimMixin(PrimaryState):
         }
         # Each step on its own: a structure that fails (say, a heap found broken)
         # must not stop the rest, nor the daemon.
+        # A pool whose free ring a stopped process keeps locked is waited for only
+        # briefly (its cache then stays with the slot, whose next owner uses it).
+        bound = _ext.heap_lock_wait(RECLAIM_LOCK_WAIT)
         try:
             record["cached_objects_returned"] = self.flush_mempool_caches(peer.slot)
         except Exception:
             log.exception("returning pid %d's cached mempool objects failed", peer.pid)
+        finally:
+            _ext.heap_lock_wait(bound)
         try:
             record.update(self._held_by(peer.pid))
         except Exception:

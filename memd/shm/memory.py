@@ -792,16 +792,21 @@ class Memory(RingMixin, MempoolMixin, HeapMixin):
     def flush_mempool_caches(self, slot: int, damaged_level: int = logging.WARNING) -> int:
         """Put every object cached in process slot `slot` back into its pool's
         ring (on detach, or when the primary reclaims a dead process's slot).
-        Returns how many objects went back.  Damaged pools are skipped and named
-        in one log line at `damaged_level` (memctl lists them as corrupt)."""
+        Returns how many objects went back.  A pool whose free ring stays locked by
+        a stopped process past the lock wait limit is skipped with a warning (its
+        cache keeps the objects, for the slot's next owner); damaged pools are
+        skipped and named in one log line at `damaged_level` (memctl lists them as
+        corrupt)."""
         moved = 0
         skipped = []
         for _, name, kind, off, _, _ in _ext.objects(self.window):
             if kind == _ext.OBJ_MEMPOOL:
                 try:
                     moved += _ext.mempool_flush_cache(self.window, off, slot) or 0
-                except (ValueError, OSError) as e:
+                except (ValueError, OSError) as e:  # damaged (CorruptionError among them)
                     skipped.append(f"{name!r} ({e})")
+                except MemdError as e:  # busy
+                    log.warning("mempool %r: cache of slot %d not flushed: %s", name, slot, e)
         if skipped:
             log.log(
                 damaged_level,

@@ -123,6 +123,13 @@ class Mempool(_ext.Mempool):
 
     Raises:
         PoolEmpty: ``get`` with no free object, a bulk get with fewer than ``n``.
+        MemdError: "busy": a get, put, ``flush_cache`` or ``recover`` that must
+            move objects through the free ring, whose side lock another live
+            process keeps (stopped in a debugger, say; DPDK's rte_mempool has
+            no such wait), waited the lock wait limit (30 s in a program) without
+            the GIL; the message names the pool and the holder's pid.  Nothing
+            was taken or put back: try again.  The wait lets signals through
+            (Ctrl-C raises KeyboardInterrupt, also with nothing changed).
         ValueError: ``put`` of an object or handle that is not this pool's, or is
             already free; ``obj(handle)`` of a handle that is no object of it.
         MemdValueError: the attachment the pool came from was detached.
