@@ -34,8 +34,10 @@
  * 5: fork pin rows (a forked child's inherited views keep their pages), identity
  *    tags in rings and mempools (a freed one's handles raise), heap allocation
  *    serials (memd_heap.alloc_serial, a busy header's serial: a freed block's
- *    handles raise) */
-#define MEMD_LAYOUT_VERSION 5u
+ *    handles raise);
+ * 6: mempool objects in flight (pool_moving words in the slot rows, a pool's
+ *    recovering word) */
+#define MEMD_LAYOUT_VERSION 6u
 
 #define MEMD_CACHE_LINE         64u
 #define MEMD_NAMESIZE           32u  /* names are at most 31 bytes + NUL */
@@ -361,7 +363,13 @@ struct memd_proc_pins {
     _Atomic uint32_t overflow;             /*  8: views not in an entry: pins every page */
     uint32_t n_hint;                       /* 12: entries at or past it are free */
     _Atomic uint64_t owner;                /* 16: fork rows: MEMD_PIN_OWNER(); 0 = free */
-    uint64_t reserved[5];                  /* 24 */
+    _Atomic uint64_t pool_moving;          /* 24: odd while the owner moves mempool objects
+                                                  (see "objects in flight") */
+    _Atomic uint64_t pool_moving_at;       /* 32: the window offset of that mempool */
+    _Atomic uint32_t pool_barrier;         /* 40: 1 if the owner takes part in
+                                                  MEMBARRIER_CMD_GLOBAL_EXPEDITED */
+    uint32_t reserved32;                   /* 44 */
+    uint64_t reserved[2];                  /* 48 */
     struct memd_pin e[MEMD_PINS_PER_PROC]; /* 64 */
 }; /* 1024 */
 
@@ -549,6 +557,31 @@ struct memd_ring {
  * Cache i belongs to process slot i (struct memd_config.procs[i]); it is a LIFO
  * stack of handles used before the ring and flushed to it past flushthresh.
  */
+/*
+ * Objects in flight.  A get or put moves objects between the ring, a cache and
+ * the caller's hands in steps: a process killed between two steps leaves FREE
+ * objects that are in no ring and no cache, lost to everyone (DPDK loses them
+ * too).  Only a look at the pool while nobody moves its objects tells those
+ * from objects a live process is moving right now.  So every move (get, put,
+ * flush) is bracketed in the mover's slot row: pool_moving odd, and
+ * pool_moving_at the pool, for its duration (a seqlock per process).
+ * memd_mempool_recover and _audit find a quiet moment: they set the pool's
+ * `recovering` word (one at a time); a move that starts while it is set backs
+ * off (-EBUSY: its caller waits), for at most MEMD_MEMPOOL_RECOVER_HOLD_MS
+ * after it was set, so that a stopped recoverer cannot stop the pool.  Then a
+ * MEMBARRIER_CMD_GLOBAL_EXPEDITED: every registered mover's odd word is visible
+ * to the recoverer from then on, or the mover sees `recovering` (an asymmetric
+ * Dekker pair: the movers' side costs no fence).  The recoverer waits until no
+ * row is odd in this pool, walks it, and trusts the walk if the hold lasted
+ * all along (for a process that takes no barriers, or past the hold: if its
+ * word did not change meanwhile).  The primary clears a dead process's row
+ * when it frees its slot, then recovers the pool the row named.
+ */
+#define MEMD_MEMPOOL_RECOVER_HOLD_MS 20u /* a quiet look lasts about a millisecond */
+/* the recovering word: pid (< 2^22) and CLOCK_MONOTONIC milliseconds when set */
+#define MEMD_MEMPOOL_RECOVERING(pid, ms) \
+    ((uint64_t)(uint32_t)(pid) | ((uint64_t)(ms) << MEMD_PIN_OWNER_PID_BITS))
+
 #define MEMD_MEMPOOL_MAGIC            0x314c4f4f504d454dULL /* "MEMPOOL1" */
 #define MEMD_MEMPOOL_HDR_COOKIE_FREE  0x45455246444d454dULL /* "MEMDFREE": in the pool */
 #define MEMD_MEMPOOL_HDR_COOKIE_BUSY  0x59535542444d454dULL /* "MEMDBUSY": handed out */
@@ -562,25 +595,27 @@ struct memd_ring {
 #define MEMD_MEMPOOL_F_ALL            0x2fu
 
 struct memd_mempool {
-    _Atomic uint64_t magic;     /*   0: MEMD_MEMPOOL_MAGIC, stored last (release) */
-    char name[MEMD_NAMESIZE];   /*   8 */
-    uint32_t n;                 /*  40: objects */
-    uint32_t elt_size;          /*  44: bytes of data per object, as asked */
-    uint32_t cache_size;        /*  48: per-process cache target (0 = no caches) */
-    uint32_t flushthresh;       /*  52: cache_size * 3 / 2 */
-    uint32_t private_data_size; /*  56 */
-    uint32_t flags;             /*  60: MEMD_MEMPOOL_F_* */
-    uint64_t caches_offset;     /*  64: from the pool header; 0 = no caches */
-    uint64_t cache_stride;      /*  72: bytes per cache */
-    uint64_t private_offset;    /*  80: from the pool header */
-    uint64_t ring_offset;       /*  88: from the pool header */
-    uint64_t objs_offset;       /*  96: from the pool header: first objhdr */
-    uint64_t obj_stride;        /* 104: bytes per object (header + data + trailer) */
-    uint64_t trailer_offset;    /* 112: from an object's data to its trailer cookie */
-    uint64_t memsize;           /* 120: bytes of the whole block */
-    _Atomic uint64_t tag;       /* 128: identity tag (see "identity tags"), also in every
-                                        cache and both sides of the free ring */
-    uint64_t reserved[15];      /* 136 */
+    _Atomic uint64_t magic;      /*   0: MEMD_MEMPOOL_MAGIC, stored last (release) */
+    char name[MEMD_NAMESIZE];    /*   8 */
+    uint32_t n;                  /*  40: objects */
+    uint32_t elt_size;           /*  44: bytes of data per object, as asked */
+    uint32_t cache_size;         /*  48: per-process cache target (0 = no caches) */
+    uint32_t flushthresh;        /*  52: cache_size * 3 / 2 */
+    uint32_t private_data_size;  /*  56 */
+    uint32_t flags;              /*  60: MEMD_MEMPOOL_F_* */
+    uint64_t caches_offset;      /*  64: from the pool header; 0 = no caches */
+    uint64_t cache_stride;       /*  72: bytes per cache */
+    uint64_t private_offset;     /*  80: from the pool header */
+    uint64_t ring_offset;        /*  88: from the pool header */
+    uint64_t objs_offset;        /*  96: from the pool header: first objhdr */
+    uint64_t obj_stride;         /* 104: bytes per object (header + data + trailer) */
+    uint64_t trailer_offset;     /* 112: from an object's data to its trailer cookie */
+    uint64_t memsize;            /* 120: bytes of the whole block */
+    _Atomic uint64_t tag;        /* 128: identity tag (see "identity tags"), also in every
+                                         cache and both sides of the free ring */
+    _Atomic uint64_t recovering; /* 136: MEMD_MEMPOOL_RECOVERING() of a process checking
+                                         for objects in flight; 0 = none */
+    uint64_t reserved[14];       /* 144 */
 }; /* 256 */
 
 struct memd_mempool_cache { /* one per process slot */
@@ -681,6 +716,9 @@ MEMD_CHECK(struct memd_pin, count, 8);
 MEMD_CHECK_SIZE(struct memd_pin, 16);
 MEMD_CHECK(struct memd_proc_pins, overflow, 8);
 MEMD_CHECK(struct memd_proc_pins, owner, 16);
+MEMD_CHECK(struct memd_proc_pins, pool_moving, 24);
+MEMD_CHECK(struct memd_proc_pins, pool_moving_at, 32);
+MEMD_CHECK(struct memd_proc_pins, pool_barrier, 40);
 MEMD_CHECK(struct memd_proc_pins, e, 64);
 MEMD_CHECK_SIZE(struct memd_proc_pins, 1024);
 _Static_assert(sizeof(struct memd_config) <= MEMD_CONFIG_SIZE, "config outgrew its file");
@@ -720,6 +758,7 @@ MEMD_CHECK(struct memd_mempool, ring_offset, 88);
 MEMD_CHECK(struct memd_mempool, objs_offset, 96);
 MEMD_CHECK(struct memd_mempool, memsize, 120);
 MEMD_CHECK(struct memd_mempool, tag, 128);
+MEMD_CHECK(struct memd_mempool, recovering, 136);
 MEMD_CHECK_SIZE(struct memd_mempool, 256);
 MEMD_CHECK(struct memd_mempool_cache, gets, 8);
 MEMD_CHECK(struct memd_mempool_cache, tag, 24);

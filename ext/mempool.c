@@ -3,10 +3,13 @@
 #include "proc.h"
 
 #include <errno.h>
+#include <linux/membarrier.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "lock.h"
 #include "ring.h"
@@ -19,6 +22,11 @@
 #define LIMIT31      0x80000000u
 
 static inline uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) & ~(a - 1); }
+
+/* The slot row of a process in no instance's process table (a private test
+ * window, a detached one): nobody reads it, so its moves are unseen by a
+ * recover (see "objects in flight"). */
+static struct memd_proc_pins unseen_row;
 
 static inline struct memd_mempool *pool_at(const char *base, uint64_t pool)
 {
@@ -63,6 +71,7 @@ int memd_mempool_geometry(uint32_t n, uint32_t elt_size, uint32_t cache_size, ui
         return -EINVAL;
     uint64_t off = sizeof(struct memd_mempool);
     memset(g, 0, sizeof(*g));
+    g->row = &unseen_row;
     g->flushthresh = flushthresh;
     g->n = n;
     g->cache_size = cache_size;
@@ -310,8 +319,10 @@ static __attribute__((noinline)) int get_miss(char *base, const struct memd_memp
     return mark_busy(base, g, handles, n);
 }
 
-int memd_mempool_get_bulk(char *base, const struct memd_mempool_geometry *g, uint32_t slot,
-                          uint64_t *handles, unsigned n)
+static inline __attribute__((always_inline)) int get_bulk(char *base,
+                                                          const struct memd_mempool_geometry *g,
+                                                          uint32_t slot, uint64_t *handles,
+                                                          unsigned n)
 {
     struct memd_mempool_cache *c = cache_of(base, g, slot);
     if (c == NULL) {
@@ -494,8 +505,10 @@ static __attribute__((noinline)) void give_back(char *base, const uint64_t *hand
     }
 }
 
-int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uint32_t slot,
-                          const uint64_t *handles, unsigned n)
+static inline __attribute__((always_inline)) int put_bulk(char *base,
+                                                          const struct memd_mempool_geometry *g,
+                                                          uint32_t slot, const uint64_t *handles,
+                                                          unsigned n)
 {
     struct memd_ring *r = ring_of(base, g);
     struct memd_mempool_cache *c = cache_of(base, g, slot);
@@ -581,7 +594,8 @@ int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uin
     return 0;
 }
 
-int memd_mempool_flush_cache(char *base, const struct memd_mempool_geometry *g, uint32_t slot)
+static inline __attribute__((always_inline)) int
+flush_cache(char *base, const struct memd_mempool_geometry *g, uint32_t slot)
 {
     if (slot >= MEMD_MAX_PROCS)
         return -EINVAL;
@@ -602,6 +616,106 @@ int memd_mempool_flush_cache(char *base, const struct memd_mempool_geometry *g, 
         return busy ? -EBUSY : -EFAULT;
     }
     return (int)len;
+}
+
+/* --- objects in flight (memd_layout.h) -------------------------------------- */
+
+void memd_mempool_set_mover(struct memd_mempool_geometry *g, char *cfg, int slot)
+{
+    /* once per process (a forked child too): registered, a recover's barrier
+     * covers our moves, and it need not wait for all of them (quiet_walk) */
+    static pid_t registered_pid;
+    static int registered;
+    if (cfg == NULL || slot < 0 || (uint32_t)slot >= MEMD_MAX_PROCS) {
+        g->row = &unseen_row;
+        return;
+    }
+    if (registered_pid != memd_self_pid()) {
+        registered = syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0, 0) == 0;
+        registered_pid = memd_self_pid();
+    }
+    g->row = &((struct memd_config *)(uintptr_t)cfg)->pins[slot];
+    atomic_store_explicit(&g->row->pool_barrier, (uint32_t)registered, memory_order_relaxed);
+}
+
+static uint64_t mono_ms(void) { return mono_ns() / 1000000u; }
+
+/* Does a recover (its `recovering` word w) ask moves to wait?  Only for
+ * MEMD_MEMPOOL_RECOVER_HOLD_MS after it set the word, and only a live one. */
+static __attribute__((noinline, cold)) int recover_holds(uint64_t w)
+{
+    uint64_t since = w >> MEMD_PIN_OWNER_PID_BITS;
+    pid_t pid = (pid_t)(w & ((1u << MEMD_PIN_OWNER_PID_BITS) - 1));
+    return mono_ms() - since < MEMD_MEMPOOL_RECOVER_HOLD_MS && memd_process_alive(pid, 0, 0);
+}
+
+int memd_mempool_recover_holds(const char *base, const struct memd_mempool_geometry *g)
+{
+    uint64_t w = atomic_load_explicit(&pool_at(base, g->pool)->recovering, memory_order_relaxed);
+    return w != 0 && recover_holds(w);
+}
+
+/* Open a move of g's pool: our row's word odd (before any of the move's stores),
+ * then a look at the pool's recovering word.  Returns the word's value for
+ * move_end, or 0 if a recover asks us to wait (-EBUSY for the caller: nothing
+ * changed). */
+static inline __attribute__((always_inline)) uint64_t
+move_begin(const char *base, const struct memd_mempool_geometry *g)
+{
+    struct memd_proc_pins *row = g->row;
+    const uint64_t s = atomic_load_explicit(&row->pool_moving, memory_order_relaxed) | 1u;
+    atomic_store_explicit(&row->pool_moving_at, g->pool, memory_order_relaxed);
+    atomic_store_explicit(&row->pool_moving, s, memory_order_release);
+    /* odd before the move's stores: a recover that sees one of them sees odd */
+    atomic_thread_fence(memory_order_release);
+    /* and before the load below in program order (the CPU may still reorder
+     * them: a recover's membarrier makes up for that, see quiet_walk) */
+    atomic_signal_fence(memory_order_seq_cst);
+    uint64_t w = atomic_load_explicit(&pool_at(base, g->pool)->recovering, memory_order_relaxed);
+    if (unlikely(w != 0) && recover_holds(w)) {
+        atomic_store_explicit(&row->pool_moving, s + 1, memory_order_release);
+        return 0;
+    }
+    return s + 1;
+}
+
+/* Close it: even again, after the move's stores. */
+static inline __attribute__((always_inline)) void move_end(const struct memd_mempool_geometry *g,
+                                                           uint64_t even)
+{
+    atomic_store_explicit(&g->row->pool_moving, even, memory_order_release);
+}
+
+int memd_mempool_get_bulk(char *base, const struct memd_mempool_geometry *g, uint32_t slot,
+                          uint64_t *handles, unsigned n)
+{
+    const uint64_t m = move_begin(base, g);
+    if (unlikely(m == 0))
+        return -EBUSY;
+    int rc = get_bulk(base, g, slot, handles, n);
+    move_end(g, m);
+    return rc;
+}
+
+int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uint32_t slot,
+                          const uint64_t *handles, unsigned n)
+{
+    const uint64_t m = move_begin(base, g);
+    if (unlikely(m == 0))
+        return -EBUSY;
+    int rc = put_bulk(base, g, slot, handles, n);
+    move_end(g, m);
+    return rc;
+}
+
+int memd_mempool_flush_cache(char *base, const struct memd_mempool_geometry *g, uint32_t slot)
+{
+    const uint64_t m = move_begin(base, g);
+    if (unlikely(m == 0))
+        return -EBUSY;
+    int rc = flush_cache(base, g, slot);
+    move_end(g, m);
+    return rc;
 }
 
 /* --- owner tags ------------------------------------------------------------ */
@@ -817,49 +931,169 @@ static int audit_walk(char *base, const struct memd_mempool_geometry *g,
     return 0;
 }
 
-int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audit *a, int *busy)
+/* --- a quiet look at a pool while others move objects ------------------------ */
+
+/* The walk may start: no row that could be moving objects of g's pool is odd.
+ * With the barrier taken, only rows odd *in this pool* count (a registered mover
+ * that starts a move here from now on sees `recovering` and backs off); without
+ * it, or for a process that takes no barriers, any odd row. */
+static int rows_quiet(const struct memd_config *c, const struct memd_mempool_geometry *g,
+                      int barrier, uint64_t *snap, uint32_t *odd_pid)
 {
-    *busy = 0;
-    memset(a, 0, sizeof(*a));
-    a->where = -1;
-    struct memd_mempool_geometry gg, *g = &gg;
-    if (memd_mempool_load(base, pool, UINT64_MAX, g) < 0)
-        return fault(a, MEMD_MP_BAD_POOL_HEADER, -1);
-    uint8_t *seen = calloc((g->n + 7u) / 8u, 1);
-    if (seen == NULL)
-        return -ENOMEM;
-    int64_t done = audit_walk(base, g, a, seen);
-    if (done == -EFAULT && a->fault == MEMD_MP_LOST) {
-        done = 0; /* free objects in no ring or cache: a process died moving them */
-        uint64_t handle = pool + g->objs_offset + OBJHDR_SIZE;
-        for (uint32_t i = 0; i < g->n; i++, handle += g->obj_stride) {
-            const struct memd_mempool_objhdr *h =
-                (const struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
-            if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE || (seen[i / 8] & (1u << (i % 8))))
-                continue;
-            if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, &handle, 1, NULL, busy) != 1) {
-                if (!*busy)
-                    done = fault(a, MEMD_MP_BAD_RING, i);
-                break; /* busy: the rest on the next call */
-            }
-            done++;
-        }
+    for (uint32_t r = 0; r < MEMD_MAX_PROCS; r++) {
+        const struct memd_proc_pins *row = &c->pins[r];
+        if (row == g->row)
+            continue;
+        uint64_t v = atomic_load_explicit(&row->pool_moving, memory_order_acquire);
+        snap[r] = v;
+        if (!(v & 1u))
+            continue;
+        if (barrier && atomic_load_explicit(&row->pool_barrier, memory_order_relaxed) &&
+            atomic_load_explicit(&row->pool_moving_at, memory_order_relaxed) != g->pool)
+            continue;
+        *odd_pid = (uint32_t)c->procs[r].pid;
+        return 0;
     }
-    free(seen);
+    return 1;
+}
+
+/* After the walk: did a move that the barrier does not cover overlap it? */
+static int rows_moved(const struct memd_config *c, const struct memd_mempool_geometry *g,
+                      int barrier, const uint64_t *snap)
+{
+    atomic_thread_fence(memory_order_acquire); /* the walk's loads before these */
+    for (uint32_t r = 0; r < MEMD_MAX_PROCS; r++) {
+        const struct memd_proc_pins *row = &c->pins[r];
+        if (row == g->row ||
+            (barrier && atomic_load_explicit(&row->pool_barrier, memory_order_relaxed)))
+            continue;
+        if (atomic_load_explicit(&row->pool_moving, memory_order_relaxed) != snap[r])
+            return 1;
+    }
+    return 0;
+}
+
+/* audit_walk at a moment when no process moves objects of g's pool (see "objects
+ * in flight" in memd_layout.h); `cfg` is the config whose rows movers bracket
+ * their moves in (NULL: nobody else moves now, the caller promises).  Calls
+ * then(base, g, a, seen, rc) with the walk's result while still holding moves
+ * off, and returns what it returns; -EBUSY (*odd_pid: a process in the middle of
+ * a move, 0 if none) if no quiet moment came within MEMD_MEMPOOL_RECOVER_HOLD_MS,
+ * or if another live process runs this on the pool. */
+static int64_t quiet_walk(char *base, const struct memd_mempool_geometry *g, const char *cfg,
+                          struct memd_mempool_audit *a, uint8_t *seen, uint32_t *odd_pid,
+                          int64_t (*then)(char *, const struct memd_mempool_geometry *,
+                                          struct memd_mempool_audit *, const uint8_t *, int64_t))
+{
+    *odd_pid = 0;
+    if (cfg == NULL) {
+        int64_t rc = audit_walk(base, g, a, seen);
+        return then(base, g, a, seen, rc);
+    }
+    const struct memd_config *c = (const struct memd_config *)cfg;
+    struct memd_mempool *mp = pool_at(base, g->pool);
+    struct memd_proc_pins *own = g->row;
+    /* our row odd in this pool all along: a second recover waits for us */
+    const uint64_t s = atomic_load_explicit(&own->pool_moving, memory_order_relaxed) | 1u;
+    atomic_store_explicit(&own->pool_moving_at, g->pool, memory_order_relaxed);
+    atomic_store_explicit(&own->pool_moving, s, memory_order_release);
+    atomic_thread_fence(memory_order_seq_cst);
+
+    const uint64_t since = mono_ms();
+    const uint64_t mine = MEMD_MEMPOOL_RECOVERING(memd_self_pid(), since);
+    uint64_t w = atomic_load_explicit(&mp->recovering, memory_order_relaxed);
+    int64_t rc = -EBUSY;
+    if ((w != 0 && recover_holds(w)) || !atomic_compare_exchange_strong(&mp->recovering, &w, mine))
+        goto out; /* another recover's */
+    /* Every registered mover's odd word is seen from here on, and every one of its
+     * moves that starts later sees `recovering` (the heavy half of an asymmetric
+     * Dekker pair; move_begin is the light half). */
+    const int barrier = syscall(__NR_membarrier, MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0, 0) == 0;
+    uint64_t snap[MEMD_MAX_PROCS];
+    while (mono_ms() - since < MEMD_MEMPOOL_RECOVER_HOLD_MS) {
+        if (!rows_quiet(c, g, barrier, snap, odd_pid)) {
+            sched_yield();
+            continue;
+        }
+        memset(a, 0, sizeof(*a));
+        a->where = -1;
+        memset(seen, 0, (g->n + 7u) / 8u);
+        int64_t walked = audit_walk(base, g, a, seen);
+        /* the barrier holds moves off only while `recovering` holds (movers judge
+         * its age by the same clock) */
+        const int held = barrier && mono_ms() - since < MEMD_MEMPOOL_RECOVER_HOLD_MS;
+        if (rows_moved(c, g, held, snap))
+            continue;
+        *odd_pid = 0;
+        rc = then(base, g, a, seen, walked);
+        break;
+    }
+    uint64_t expect = mine;
+    atomic_compare_exchange_strong(&mp->recovering, &expect, 0);
+out:
+    atomic_store_explicit(&own->pool_moving, s + 1, memory_order_release);
+    return rc;
+}
+
+static int64_t report(char *base, const struct memd_mempool_geometry *g,
+                      struct memd_mempool_audit *a, const uint8_t *seen, int64_t rc)
+{
+    (void)base, (void)g, (void)a, (void)seen;
+    return rc;
+}
+
+/* Free objects in no ring or cache: a process died moving them.  Back to the ring. */
+static int64_t put_back_lost(char *base, const struct memd_mempool_geometry *g,
+                             struct memd_mempool_audit *a, const uint8_t *seen, int64_t rc)
+{
+    if (rc != -EFAULT || a->fault != MEMD_MP_LOST)
+        return rc;
+    int64_t done = 0;
+    uint64_t handle = g->pool + g->objs_offset + OBJHDR_SIZE;
+    for (uint32_t i = 0; i < g->n; i++, handle += g->obj_stride) {
+        const struct memd_mempool_objhdr *h =
+            (const struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
+        if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE || (seen[i / 8] & (1u << (i % 8))))
+            continue;
+        int busy = 0;
+        if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, &handle, 1, NULL, &busy) != 1)
+            return busy ? (done ? done : -EBUSY) : fault(a, MEMD_MP_BAD_RING, i);
+        done++;
+    }
     return done;
 }
 
-int memd_mempool_audit(char *base, uint64_t pool, struct memd_mempool_audit *a)
+int64_t memd_mempool_recover(char *base, const struct memd_mempool_geometry *g, const char *cfg,
+                             struct memd_mempool_audit *a, uint32_t *odd_pid)
 {
     memset(a, 0, sizeof(*a));
     a->where = -1;
+    *odd_pid = 0;
+    if (!memd_mempool_live(base, g))
+        return -ESTALE;
+    uint8_t *seen = calloc((g->n + 7u) / 8u, 1);
+    if (seen == NULL)
+        return -ENOMEM;
+    int64_t rc = quiet_walk(base, g, cfg, a, seen, odd_pid, put_back_lost);
+    free(seen);
+    return rc;
+}
+
+int memd_mempool_audit(char *base, uint64_t pool, struct memd_proc_pins *row, const char *cfg,
+                       struct memd_mempool_audit *a, uint32_t *odd_pid)
+{
+    memset(a, 0, sizeof(*a));
+    a->where = -1;
+    *odd_pid = 0;
     struct memd_mempool_geometry g;
     if (memd_mempool_load(base, pool, UINT64_MAX, &g) < 0)
         return fault(a, MEMD_MP_BAD_POOL_HEADER, -1);
+    if (row != NULL)
+        g.row = row;
     uint8_t *seen = calloc((g.n + 7u) / 8u, 1);
     if (seen == NULL)
         return -ENOMEM;
-    int rc = audit_walk(base, &g, a, seen);
+    int rc = (int)quiet_walk(base, &g, cfg, a, seen, odd_pid, report);
     free(seen);
     return rc;
 }

@@ -42,7 +42,19 @@ struct memd_mempool_geometry {
     uint64_t pool;              /* window offset of the header (memd_mempool_load only) */
     struct memd_ring_geom ring; /* the free ring's (memd_mempool_load only) */
     uint64_t tag;               /* the pool's identity tag (init, memd_mempool_load) */
+    struct memd_proc_pins *row; /* where this process brackets its moves (see "objects in
+                                   flight" in memd_layout.h): memd_mempool_set_mover */
 };
+
+/* Bracket this process's moves in g's pool in process slot `slot`'s row of the
+ * config mapped at `cfg` (its window's base); cfg NULL or no slot: in a private
+ * row nobody reads (a test window).  Every geometry starts with the private one. */
+void memd_mempool_set_mover(struct memd_mempool_geometry *g, char *cfg, int slot);
+
+/* 1 iff a live process runs memd_mempool_recover on g's pool and asked moves to
+ * wait (briefly: at most MEMD_MEMPOOL_RECOVER_HOLD_MS); get, put and flush then
+ * fail with -EBUSY having changed nothing. */
+int memd_mempool_recover_holds(const char *base, const struct memd_mempool_geometry *g);
 
 /* Compute the geometry.  Fails iff -EINVAL: n is 0 or >= 2^31, elt_size >= 2^31,
  * cache_size > MEMD_MEMPOOL_CACHE_MAX_SIZE or cache_size * 3 / 2 > n,
@@ -81,7 +93,9 @@ void memd_mempool_poison(char *base, uint64_t pool, uint64_t avail);
  * process keeps it (stopped, or preempted for long), the call fails with -EBUSY
  * and nothing changed, and the caller waits its own way (Python: without the GIL,
  * in slices that let signals through, bounded) and calls again.  The lock's
- * owner word (its pid) is memd_mempool_ring_owner's. */
+ * owner word (its pid) is memd_mempool_ring_owner's.  Get, put and flush also
+ * fail with -EBUSY, having changed nothing, while a recover holds moves off
+ * (memd_mempool_recover_holds: at most MEMD_MEMPOOL_RECOVER_HOLD_MS). */
 
 /* Take n objects, all or nothing, through cache `slot`; their handles go to
  * handles[0..n).  DPDK 22.11 rte_mempool_do_generic_get: if the cache holds n,
@@ -183,21 +197,29 @@ struct memd_mempool_audit {
 
 /* Put free objects that sit in no ring and no cache (a process was killed
  * between taking them out of one and putting them in the other) back into the
- * ring.  Only while nobody gets or puts, like audit.  Returns how many, or
- * -EFAULT with *a saying what else is wrong (nothing is changed then).  *busy = 1
- * if it stopped early because the ring's producer lock is held by a live
- * process: call again for the rest. */
-int64_t memd_mempool_recover(char *base, uint64_t pool, struct memd_mempool_audit *a, int *busy);
+ * ring.  It looks at the pool at a moment when no process moves its objects
+ * (see "objects in flight" in memd_layout.h: movers bracket their moves in the
+ * rows of the config at `cfg`; cfg NULL: the caller promises nobody moves now).
+ * Returns how many went back, -ESTALE (the pool was freed), -ENOMEM, -EBUSY (no
+ * quiet moment within MEMD_MEMPOOL_RECOVER_HOLD_MS: *odd_pid is a process
+ * stuck in the middle of a move, stopped say, or 0; or another recover runs, or
+ * the ring's producer lock is held by a live process: call again), or -EFAULT
+ * with *a saying what else is wrong (nothing changed then). */
+int64_t memd_mempool_recover(char *base, const struct memd_mempool_geometry *g, const char *cfg,
+                             struct memd_mempool_audit *a, uint32_t *odd_pid);
 
 /* The owner word of the free ring's producer (enq 1) or consumer (enq 0) lock,
  * 0 if free: its pid is MEMD_RING_LOCK_PID (for an error naming who keeps a
  * pool busy). */
 uint64_t memd_mempool_ring_owner(const char *base, const struct memd_mempool_geometry *g, int enq);
 
-/* Check every cookie, every ring and cache entry, and that the counts agree.
- * Meant for a quiescent pool (nobody getting or putting).  Returns 0, -EFAULT
- * with *a saying what, or -ENOMEM (no memory for the check's bitmap). */
-int memd_mempool_audit(char *base, uint64_t pool, struct memd_mempool_audit *a);
+/* Check every cookie, every ring and cache entry, and that the counts agree, at
+ * a quiet moment as memd_mempool_recover finds one (`row`: the caller's, as
+ * memd_mempool_set_mover gives; NULL: a private one).  Returns 0, -EFAULT with
+ * *a saying what, -EBUSY as memd_mempool_recover, or -ENOMEM (no memory for the
+ * check's bitmap). */
+int memd_mempool_audit(char *base, uint64_t pool, struct memd_proc_pins *row, const char *cfg,
+                       struct memd_mempool_audit *a, uint32_t *odd_pid);
 
 #ifdef MEMD_TEST_HOOKS
 /* What a put that marked the object at `handle` FREE (its plain store) does when

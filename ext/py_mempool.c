@@ -85,6 +85,23 @@ static inline char *pool_live(MemdMempool *self)
     return base;
 }
 
+/* The config whose rows this process brackets its moves in (see "objects in
+ * flight" in memd_layout.h): its window's, if the window is an attachment's (it
+ * has a process slot); NULL for a private test window. */
+static char *mover_cfg(PyObject *window)
+{
+    MemdWindow *w = (MemdWindow *)window;
+    return w->pin_slot >= 0 && (uint32_t)w->pin_slot < MEMD_MAX_PROCS && !w->anonymous &&
+                   w->size >= MEMD_CONFIG_SIZE
+               ? w->base
+               : NULL;
+}
+
+static void set_mover(struct memd_mempool_geometry *g, PyObject *window)
+{
+    memd_mempool_set_mover(g, mover_cfg(window), ((MemdWindow *)window)->pin_slot);
+}
+
 static PyObject *pool_name(MemdMempool *self, char *base)
 {
     const char *name = pool_hdr(self, base)->name;
@@ -170,6 +187,13 @@ static __attribute__((noinline, cold)) int wait_busy(char *base,
                      (unsigned long long)(waited / 1000000u));
         Py_DECREF(name);
         return -1;
+    }
+    if (memd_mempool_recover_holds(base, g)) { /* for milliseconds at most */
+        struct timespec nap = {0, 200000};
+        Py_BEGIN_ALLOW_THREADS
+            nanosleep(&nap, NULL);
+        Py_END_ALLOW_THREADS
+        return PyErr_CheckSignals() < 0 ? -1 : 0;
     }
     uint64_t slice = limit - waited < BUSY_SLICE_NS ? limit - waited : BUSY_SLICE_NS;
     uint32_t seq = memd_ring_wait_prepare(&side->lock_wait, 0);
@@ -436,6 +460,7 @@ static PyObject *mempool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->name[MEMD_NAMESIZE - 1] = '\0';
     self->slot = slot < 0 ? MEMD_MEMPOOL_NO_CACHE : (uint32_t)slot;
     self->g = g;
+    set_mover(&self->g, window);
     self->n = g.n;
     self->elt_size = mp->elt_size;
     self->private_size = mp->private_data_size;
@@ -816,6 +841,40 @@ static PyObject *raise_audit_fault(MemdMempool *self, char *base,
     return NULL;
 }
 
+/* audit or recover found no quiet moment (another process is in the middle of a
+ * move, or runs recover): wait a millisecond without the GIL, letting signals
+ * through.  0: try again; -1 with an exception set: a signal handler's, or past
+ * the lock wait limit a MemdError naming the pool and the process. */
+static int wait_quiet(MemdMempool *self, char *base, const char *what, uint32_t odd_pid,
+                      uint64_t *start)
+{
+    uint64_t now = now_ns();
+    if (*start == 0)
+        *start = now;
+    if (now - *start >= memd_py_lock_wait_limit()) {
+        PyObject *name = pool_name(self, base);
+        if (name == NULL)
+            return -1;
+        if (odd_pid)
+            PyErr_Format(memd_error("MemdError", PyExc_RuntimeError),
+                         "mempool %R: %s: busy: pid %u is in the middle of a get or put "
+                         "(stopped in a debugger, or paused?); try again later",
+                         name, what, odd_pid);
+        else
+            PyErr_Format(memd_error("MemdError", PyExc_RuntimeError),
+                         "mempool %R: %s: busy: objects kept moving (or another process "
+                         "runs recover or audit); try again later",
+                         name, what);
+        Py_DECREF(name);
+        return -1;
+    }
+    struct timespec nap = {0, 1000000};
+    Py_BEGIN_ALLOW_THREADS
+        nanosleep(&nap, NULL);
+    Py_END_ALLOW_THREADS
+    return PyErr_CheckSignals() < 0 || pool_live(self) == NULL ? -1 : 0;
+}
+
 static PyObject *mp_audit(PyObject *o, PyObject *Py_UNUSED(a))
 {
     MemdMempool *self = (MemdMempool *)o;
@@ -823,7 +882,13 @@ static PyObject *mp_audit(PyObject *o, PyObject *Py_UNUSED(a))
     if (base == NULL)
         return NULL;
     struct memd_mempool_audit a;
-    int rc = memd_mempool_audit(base, self->offset, &a);
+    uint32_t odd_pid;
+    int rc;
+    uint64_t start = 0;
+    while ((rc = memd_mempool_audit(base, self->offset, self->g.row, mover_cfg(self->window), &a,
+                                    &odd_pid)) == -EBUSY)
+        if (wait_quiet(self, base, "audit", odd_pid, &start) < 0)
+            return NULL;
     if (rc == -EFAULT)
         return raise_audit_fault(self, base, &a);
     if (rc < 0)
@@ -840,19 +905,27 @@ static PyObject *mp_recover(PyObject *o, PyObject *Py_UNUSED(a))
     if (base == NULL)
         return NULL;
     struct memd_mempool_audit a;
-    int busy;
-    int64_t n = memd_mempool_recover(base, self->offset, &a, &busy);
-    for (uint64_t start = 0; n >= 0 && busy;) { /* the rest, once the ring is free */
-        if (wait_busy(base, &self->g, 1, "recover", &start) < 0 || pool_live(self) == NULL)
+    uint32_t odd_pid;
+    int64_t n, total = 0;
+    uint64_t start = 0;
+    /* -EBUSY after some went back (a busy ring): the rest on the next try */
+    while ((n = memd_mempool_recover(base, &self->g, mover_cfg(self->window), &a, &odd_pid)) != 0) {
+        if (n > 0) {
+            total += n;
+            continue; /* until a quiet look finds none lost */
+        }
+        if (n != -EBUSY)
+            break;
+        if (wait_quiet(self, base, "recover", odd_pid, &start) < 0)
             return NULL;
-        int64_t more = memd_mempool_recover(base, self->offset, &a, &busy);
-        n = more < 0 ? more : n + more;
     }
     if (n == -EFAULT)
         return raise_audit_fault(self, base, &a);
+    if (n == -ESTALE)
+        return raise_stale(self);
     if (n < 0)
         return memd_raise_errno((int)n, "mempool_recover");
-    return PyLong_FromLongLong(n);
+    return PyLong_FromLongLong(total);
 }
 
 /* Getters: fields of the shared header. */
@@ -1086,6 +1159,7 @@ static char *checked_pool(PyObject *window, unsigned long long off, const char *
         PyErr_Format(PyExc_ValueError, "%s: no initialised mempool at window offset %llu", fn, off);
         return NULL;
     }
+    set_mover(g, window);
     return base;
 }
 
@@ -1110,6 +1184,28 @@ static PyObject *py_mempool_flush_cache(PyObject *Py_UNUSED(m), PyObject *args)
     if (rc < 0)
         return memd_raise_errno(rc, "mempool_flush_cache");
     return PyLong_FromLong(rc);
+}
+
+/* mempool_moving(): the mempool (window offset) whose objects process slot `slot`
+ * is in the middle of moving, or None: for the primary, about a dead process. */
+static PyObject *py_mempool_moving(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *window;
+    unsigned int slot;
+    if (!PyArg_ParseTuple(args, "O!I:mempool_moving", &MemdWindow_Type, &window, &slot))
+        return NULL;
+    char *base = memd_base_of(window);
+    if (base == NULL)
+        return NULL;
+    if (((MemdWindow *)window)->size < MEMD_CONFIG_SIZE || slot >= MEMD_MAX_PROCS) {
+        PyErr_SetString(PyExc_ValueError, "mempool_moving(win, slot): a config window and slot");
+        return NULL;
+    }
+    const struct memd_proc_pins *row = &((const struct memd_config *)base)->pins[slot];
+    if (!(atomic_load_explicit(&row->pool_moving, memory_order_acquire) & 1u))
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(
+        atomic_load_explicit(&row->pool_moving_at, memory_order_relaxed));
 }
 
 /* object_poison(): a damaged ring or pool (no handle can be made to it) is about to be
@@ -1321,6 +1417,9 @@ static PyMethodDef mempool_functions[] = {
     {"mempool_flush_cache", py_mempool_flush_cache, METH_VARARGS,
      "mempool_flush_cache(window, pool_offset, slot) -> int: move a process slot's cached "
      "objects back to the ring (detach, or reclaiming a dead process's slot)."},
+    {"mempool_moving", py_mempool_moving, METH_VARARGS,
+     "mempool_moving(window, slot) -> int | None: the window offset of the mempool whose "
+     "objects process slot `slot` is in the middle of moving (it died there?), or None."},
     {"object_poison", py_object_poison, METH_VARARGS,
      "object_poison(window, kind, offset, length): overwrite the identity tags of the "
      "(damaged) ring or pool at offset, within length bytes (freeing it by its memzone)."},

@@ -270,6 +270,18 @@ def finish_secondary(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
     return out
 
 
+def wait_stopped(proc: subprocess.Popen[str], timeout: float = 20.0) -> None:
+    """Until `proc` is in state T (stopped), at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2] == "T":
+            return
+        assert proc.poll() is None, f"exited {proc.returncode}: {proc.communicate()}"
+        time.sleep(0.01)
+    raise AssertionError(f"pid {proc.pid} did not stop in {timeout} s")
+
+
 def _run_module(
     module: str, args: tuple[str, ...], timeout: float, **kw: Any
 ) -> subprocess.CompletedProcess[str]:

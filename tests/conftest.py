@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
+from collections.abc import Iterator
 from typing import NamedTuple, NoReturn
 
 import pytest
@@ -114,3 +117,19 @@ def daemon_factory(tmp_path, mode):
 def daemon(daemon_factory):
     """One running memd with 8 MB preallocated."""
     return daemon_factory("-m", "8")
+
+
+@pytest.fixture
+def stopped() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test stops (SIGSTOP): continued (and killed, if still running)
+    at the end, so that a failing test leaves none behind."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+            try:
+                p.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()

@@ -20,45 +20,16 @@ import signal
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from memd import _ext
-from memd.testing import Daemon, result, run_secondary, start_secondary
+from memd.testing import Daemon, result, run_secondary, start_secondary, wait_stopped
 from tests.support.layout import offsets
 
 HDR = offsets()["memd_mempool_objhdr"]
 COOKIE = offsets()["memd_mempool_objhdr.cookie"]
 OWNER = offsets()["memd_mempool_objhdr.owner_pid"]
-
-
-def wait_stopped(proc: subprocess.Popen[str], timeout: float = 20.0) -> None:
-    """Until `proc` is in state T (stopped), at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stat = open(f"/proc/{proc.pid}/stat").read()  # noqa: SIM115 - one read
-        if stat[stat.rindex(")") + 2] == "T":
-            return
-        assert proc.poll() is None, f"exited {proc.returncode}: {proc.communicate()}"
-        time.sleep(0.01)
-    raise AssertionError(f"pid {proc.pid} did not stop in {timeout} s")
-
-
-@pytest.fixture
-def stopped() -> Iterator[list[subprocess.Popen[str]]]:
-    """Processes a test stops: continued (and killed, if still running) at the end,
-    so that a failing test leaves none behind."""
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGCONT)
-            try:
-                p.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.communicate()
 
 
 # The victim takes the free ring's lock on the side `op` uses and stops there.

@@ -51,7 +51,7 @@ def test_layout() -> None:
     lay = offsets()
     assert lay["memd_ring.esize"] == 64
     assert lay["memd_ring"] == HDR and lay["memd_ring.slots"] == HDR
-    assert _ext.LAYOUT_VERSION == 5
+    assert _ext.LAYOUT_VERSION == 6
     assert RING_SZ_MASK == 0x7FFFFFFF  # DPDK's RTE_RING_SZ_MASK
 
 

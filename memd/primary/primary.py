@@ -64,6 +64,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
         self.pages.gid = self._gid
         self._expand_lock = threading.RLock()
         self.reclaims = deque(maxlen=64)
+        self.recoveries_due = {}
         self.detached_pins = {}
         self.release_deferred = {}
         self.pin_rows_odd_since = {}
@@ -186,6 +187,7 @@ class Primary(HandlersMixin, MemallocMixin, ConfigMixin, PrimaryGrowth):
             if now - last_prune >= 1.0:
                 self.prune_dead()
                 self._reap_fork_pins()  # rows of dead forked children go back to the pool
+                self.retry_recoveries()
                 last_prune = now
             if now - last_retry >= tick:  # pages views kept go soon after the views
                 self.retry_deferred_release()

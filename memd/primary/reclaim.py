@@ -1,5 +1,6 @@
 """A dead secondary (DPDK has no equivalent: its secondaries' leftovers stay): drop
-its requests, return its mempool caches, free its process slot, record what it held."""
+its requests, return its mempool caches and the objects it was moving, free its
+process slot, record what it held."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from typing import Any
 
 from memd import _ext
-from memd.errors import MemdError
+from memd.errors import CorruptionError, MemdError, StaleHandle
 from memd.mp.channel import Peer
 from memd.primary.state import PrimaryState
 from memd.shm.config import process_alive, processes
@@ -84,9 +85,12 @@ class ReclaimMixin(PrimaryState):
         except Exception:
             log.exception("freeing what pid %d left half made failed", peer.pid)
         pinned = bool(_ext.pin_ranges(self.window, peer.slot))
+        moving_at = _ext.mempool_moving(self.window, peer.slot)  # died inside a get or put?
         with contextlib.suppress(OSError):
             _ext.proc_unregister(self.window, peer.slot, peer.pid)  # drops its pins
         record["pins_dropped"] = pinned
+        if moving_at is not None:  # now that its row no longer says it is moving them
+            record["moving_objects_returned"] = self._recover_moving(moving_at, peer.pid)
         if pinned:
             self._release_unpinned()
         self.reclaims.append(record)
@@ -96,6 +100,51 @@ class ReclaimMixin(PrimaryState):
             peer.slot,
             {k: v for k, v in record.items() if k not in ("pid", "slot", "time")},
         )
+
+    def _recover_moving(self, offset: int, pid: int) -> int | None:
+        """Put back into its free ring what dead `pid` was moving in the mempool at
+        window offset `offset`: it died inside a get or put, between taking objects
+        out of the ring or a cache and putting them in the other (or in its hands),
+        so they are in neither.  `Mempool.recover` finds them at a quiet moment.
+        Returns how many, or None if no quiet moment came within the reclaim's
+        brief wait (a process stopped in the middle of a move, say): then it is
+        tried again every second (`retry_recoveries`)."""
+        pool = next((p for p in self.mempools() if p.offset == offset), None)
+        if pool is None:  # freed meanwhile, or damaged (listed as such)
+            self.recoveries_due.pop(offset, None)
+            return 0
+        bound = _ext.heap_lock_wait(RECLAIM_LOCK_WAIT)
+        try:
+            n = pool.recover()
+        except (StaleHandle, CorruptionError) as e:
+            log.warning(
+                "mempool %r: objects pid %d was moving not recovered: %s", pool.name, pid, e
+            )
+            self.recoveries_due.pop(offset, None)
+            return 0
+        except MemdError as e:  # busy
+            if offset not in self.recoveries_due:
+                log.info(
+                    "mempool %r: recovering what pid %d was moving later: %s", pool.name, pid, e
+                )
+            self.recoveries_due[offset] = pid
+            return None
+        finally:
+            _ext.heap_lock_wait(bound)
+        self.recoveries_due.pop(offset, None)
+        if n:
+            log.warning(
+                "mempool %r: %d object(s) pid %d was moving when it died went back to the pool",
+                pool.name,
+                n,
+                pid,
+            )
+        return n
+
+    def retry_recoveries(self) -> None:
+        """Again, `_recover_moving` for each pool that was busy at a reclaim."""
+        for offset, pid in list(self.recoveries_due.items()):
+            self._recover_moving(offset, pid)
 
     def _free_half_made_by(self, pid: int) -> list[str]:
         """Free the ring and pool memzones (``RG_<name>``, ``MP_<name>``) that dead

@@ -89,6 +89,9 @@ class PrimaryState(Memory):
     _list_fds: dict[int, int]  # memseg list -> its file (single-file lists)
     _expand_lock: threading.RLock
     reclaims: deque[dict[str, Any]]  # dead secondaries, newest last
+    # mempool offset -> the dead pid whose objects in flight are still to recover
+    # (the pool was busy at its reclaim); retried every second
+    recoveries_due: dict[int, int]
     # pins of secondaries that detached with views still alive: (pid, start time)
     # -> window offset ranges; kept until the process exits
     detached_pins: dict[tuple[int, int], list[tuple[int, int]]]
