@@ -11,8 +11,9 @@ run and records its longest iteration (a lock held by the dead shows up there).
 After each kill the bench waits for the primary to reclaim the victim, pauses the
 survivor, and checks: every heap passes heap_check, the ring holds each token
 once, the mempool audits clean; what the victim still held (heap blocks, objects
-in hand) is reported and then reclaimed with free_owned_by / reclaim_held_by, and
-anything else missing counts as lost.  Finally the primary itself is SIGKILLed
+in hand) is reported and then reclaimed with free_owned_by / reclaim_held_by; the
+objects it was moving (in no ring and no cache) the primary puts back by itself,
+and anything else missing counts as lost.  Finally the primary itself is SIGKILLed
 under a secondary blocked in ring.dequeue(timeout=None) and one blocked in a heap
 expansion, and the time until each raises PrimaryNotRunning is printed.
 
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from memd import _ext
+from memd.admin.telemetry import TelemetryClient
+from memd.paths import telemetry_path
 from memd.testing import Daemon, remove_leftover_pages
 
 N_OBJECTS = 2048  # mempool objects
@@ -228,6 +231,7 @@ class Chaos:
             "blocks_lost": 0,
             "heap_check_failures": 0,
             "dead_hand_objects": 0,
+            "moving_objects_returned": 0,
             "max_dead_hand_objects": 0,
             "dead_blocks_freed": 0,
             "reclaim_ms": [],
@@ -307,13 +311,21 @@ class Chaos:
         in_dead_hands = [h for h, _ in self.pool.busy()]
         if in_dead_hands:
             self.pool.put_bulk(in_dead_hands)
-        try:  # and objects it was moving between the ring and its cache (FREE, nowhere)
-            moving = self.pool.recover()
+        # What it was moving between the ring, its cache and its hands (FREE, in
+        # neither) the primary put back at its reclaim: its record says how many
+        # (None: the pool was busy then, and the primary tries again every second).
+        moving = self._moving_returned(dead)
+        if moving is None:
+            _wait(lambda: self._moving_returned(dead) is not None, CHECK_TIMEOUT, "recovery")
+            moving = self._moving_returned(dead) or 0
+        try:  # anything still FREE in no ring and no cache is lost
+            missed = self.pool.recover()
         except ValueError as e:
             print(f"chaos: mempool after killing {dead}: {e}", file=sys.stderr)
-            moving = 0
-            st["objects_lost"] += 1
-        held = len(in_dead_hands) + moving
+            missed = 1
+        st["objects_lost"] += missed
+        st["moving_objects_returned"] += moving
+        held = len(in_dead_hands)
         st["dead_hand_objects"] += held
         st["max_dead_hand_objects"] = max(st["max_dead_hand_objects"], held)
         lost = self.pool.in_use_count() + dup
@@ -325,6 +337,13 @@ class Chaos:
             lost += 1
         st["objects_lost"] += max(lost, 0)
         self._refill()
+
+    def _moving_returned(self, pid: int) -> int | None:
+        """The primary's count of the objects dead `pid` was moving (its reclaim
+        record's moving_objects_returned; 0 if it was in the middle of no move)."""
+        with TelemetryClient(telemetry_path(self.daemon.prefix, str(self.daemon.runtime_dir))) as c:
+            records = [r for r in c.query("/memd/reclaims") if r["pid"] == pid]
+        return records[-1].get("moving_objects_returned", 0) if records else 0
 
     def finish(self) -> dict[str, Any]:
         self.ctl[STOP] = 1
@@ -408,6 +427,7 @@ def table(st: dict[str, Any], mode: str) -> str:
             "objects in dead hands (reported)",
             f"{st['dead_hand_objects']} (at most {st['max_dead_hand_objects']} a kill)",
         ),
+        ("objects in flight (the primary put back)", f"{st['moving_objects_returned']}"),
         ("heap blocks of the dead (freed)", f"{st['dead_blocks_freed']}"),
         ("survivor iterations / errors", f"{st['survivor_iterations']} / {st['survivor_errors']}"),
     ]

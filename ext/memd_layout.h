@@ -567,20 +567,25 @@ struct memd_ring {
  * pool_moving_at the pool, for its duration (a seqlock per process).
  * memd_mempool_recover and _audit find a quiet moment: they set the pool's
  * `recovering` word (one at a time); a move that starts while it is set backs
- * off (-EBUSY: its caller waits), for at most MEMD_MEMPOOL_RECOVER_HOLD_MS
- * after it was set, so that a stopped recoverer cannot stop the pool.  Then a
- * MEMBARRIER_CMD_GLOBAL_EXPEDITED: every registered mover's odd word is visible
- * to the recoverer from then on, or the mover sees `recovering` (an asymmetric
- * Dekker pair: the movers' side costs no fence).  The recoverer waits until no
- * row is odd in this pool, walks it, and trusts the walk if the hold lasted
- * all along (for a process that takes no barriers, or past the hold: if its
- * word did not change meanwhile).  The primary clears a dead process's row
- * when it frees its slot, then recovers the pool the row named.
+ * off (-EBUSY: its caller waits) until the time the word names, at most
+ * MEMD_MEMPOOL_RECOVER_HOLD_MS(n) after it was set, so that a stopped recoverer
+ * cannot stop the pool.  Then a MEMBARRIER_CMD_GLOBAL_EXPEDITED: every
+ * registered mover's odd word is visible to the recoverer from then on, or the
+ * mover sees `recovering` (an asymmetric Dekker pair: the movers' side costs no
+ * fence).  The recoverer waits until no row is odd in this pool (giving up
+ * after MEMD_MEMPOOL_QUIET_WAIT_MS: a mover stopped mid-move must not keep the
+ * pool held), walks it, and trusts the walk if the hold lasted all along (for a
+ * process that takes no barriers, or past the hold: if its word did not change
+ * meanwhile).  The primary clears a dead process's row when it frees its slot,
+ * then recovers the pool the row named.
  */
-#define MEMD_MEMPOOL_RECOVER_HOLD_MS 20u /* a quiet look lasts about a millisecond */
-/* the recovering word: pid (< 2^22) and CLOCK_MONOTONIC milliseconds when set */
-#define MEMD_MEMPOOL_RECOVERING(pid, ms) \
-    ((uint64_t)(uint32_t)(pid) | ((uint64_t)(ms) << MEMD_PIN_OWNER_PID_BITS))
+/* a walk takes about 10 ns an object: 20 ms, and 1 ms more per 16384 objects */
+#define MEMD_MEMPOOL_RECOVER_HOLD_MS(n) (20u + (uint32_t)(n) / 16384u)
+#define MEMD_MEMPOOL_QUIET_WAIT_MS      2u
+/* the recovering word: pid (< 2^22) and the CLOCK_MONOTONIC millisecond the hold
+ * ends */
+#define MEMD_MEMPOOL_RECOVERING(pid, until_ms) \
+    ((uint64_t)(uint32_t)(pid) | ((uint64_t)(until_ms) << MEMD_PIN_OWNER_PID_BITS))
 
 #define MEMD_MEMPOOL_MAGIC            0x314c4f4f504d454dULL /* "MEMPOOL1" */
 #define MEMD_MEMPOOL_HDR_COOKIE_FREE  0x45455246444d454dULL /* "MEMDFREE": in the pool */

@@ -640,13 +640,13 @@ void memd_mempool_set_mover(struct memd_mempool_geometry *g, char *cfg, int slot
 
 static uint64_t mono_ms(void) { return mono_ns() / 1000000u; }
 
-/* Does a recover (its `recovering` word w) ask moves to wait?  Only for
- * MEMD_MEMPOOL_RECOVER_HOLD_MS after it set the word, and only a live one. */
+/* Does a recover (its `recovering` word w) ask moves to wait?  Only until the
+ * time it names, and only a live one. */
 static __attribute__((noinline, cold)) int recover_holds(uint64_t w)
 {
-    uint64_t since = w >> MEMD_PIN_OWNER_PID_BITS;
+    uint64_t until = w >> MEMD_PIN_OWNER_PID_BITS;
     pid_t pid = (pid_t)(w & ((1u << MEMD_PIN_OWNER_PID_BITS) - 1));
-    return mono_ms() - since < MEMD_MEMPOOL_RECOVER_HOLD_MS && memd_process_alive(pid, 0, 0);
+    return mono_ms() < until && memd_process_alive(pid, 0, 0);
 }
 
 int memd_mempool_recover_holds(const char *base, const struct memd_mempool_geometry *g)
@@ -978,7 +978,7 @@ static int rows_moved(const struct memd_config *c, const struct memd_mempool_geo
  * their moves in (NULL: nobody else moves now, the caller promises).  Calls
  * then(base, g, a, seen, rc) with the walk's result while still holding moves
  * off, and returns what it returns; -EBUSY (*odd_pid: a process in the middle of
- * a move, 0 if none) if no quiet moment came within MEMD_MEMPOOL_RECOVER_HOLD_MS,
+ * a move, 0 if none) if no quiet moment came within the hold,
  * or if another live process runs this on the pool. */
 static int64_t quiet_walk(char *base, const struct memd_mempool_geometry *g, const char *cfg,
                           struct memd_mempool_audit *a, uint8_t *seen, uint32_t *odd_pid,
@@ -999,8 +999,8 @@ static int64_t quiet_walk(char *base, const struct memd_mempool_geometry *g, con
     atomic_store_explicit(&own->pool_moving, s, memory_order_release);
     atomic_thread_fence(memory_order_seq_cst);
 
-    const uint64_t since = mono_ms();
-    const uint64_t mine = MEMD_MEMPOOL_RECOVERING(memd_self_pid(), since);
+    const uint64_t until = mono_ms() + MEMD_MEMPOOL_RECOVER_HOLD_MS(g->n);
+    const uint64_t mine = MEMD_MEMPOOL_RECOVERING(memd_self_pid(), until);
     uint64_t w = atomic_load_explicit(&mp->recovering, memory_order_relaxed);
     int64_t rc = -EBUSY;
     if ((w != 0 && recover_holds(w)) || !atomic_compare_exchange_strong(&mp->recovering, &w, mine))
@@ -1010,18 +1010,25 @@ static int64_t quiet_walk(char *base, const struct memd_mempool_geometry *g, con
      * Dekker pair; move_begin is the light half). */
     const int barrier = syscall(__NR_membarrier, MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0, 0) == 0;
     uint64_t snap[MEMD_MAX_PROCS];
-    while (mono_ms() - since < MEMD_MEMPOOL_RECOVER_HOLD_MS) {
+    uint64_t odd_since = 0;
+    while (mono_ms() < until) {
         if (!rows_quiet(c, g, barrier, snap, odd_pid)) {
+            const uint64_t now = mono_ms();
+            if (odd_since == 0)
+                odd_since = now;
+            else if (now - odd_since >= MEMD_MEMPOOL_QUIET_WAIT_MS)
+                break; /* stuck mid-move (stopped?): let the pool go */
             sched_yield();
             continue;
         }
+        odd_since = 0;
         memset(a, 0, sizeof(*a));
         a->where = -1;
         memset(seen, 0, (g->n + 7u) / 8u);
         int64_t walked = audit_walk(base, g, a, seen);
         /* the barrier holds moves off only while `recovering` holds (movers judge
          * its age by the same clock) */
-        const int held = barrier && mono_ms() - since < MEMD_MEMPOOL_RECOVER_HOLD_MS;
+        const int held = barrier && mono_ms() < until;
         if (rows_moved(c, g, held, snap))
             continue;
         *odd_pid = 0;

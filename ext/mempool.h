@@ -52,7 +52,7 @@ struct memd_mempool_geometry {
 void memd_mempool_set_mover(struct memd_mempool_geometry *g, char *cfg, int slot);
 
 /* 1 iff a live process runs memd_mempool_recover on g's pool and asked moves to
- * wait (briefly: at most MEMD_MEMPOOL_RECOVER_HOLD_MS); get, put and flush then
+ * wait (briefly: at most MEMD_MEMPOOL_RECOVER_HOLD_MS(n)); get, put and flush then
  * fail with -EBUSY having changed nothing. */
 int memd_mempool_recover_holds(const char *base, const struct memd_mempool_geometry *g);
 
@@ -95,7 +95,7 @@ void memd_mempool_poison(char *base, uint64_t pool, uint64_t avail);
  * in slices that let signals through, bounded) and calls again.  The lock's
  * owner word (its pid) is memd_mempool_ring_owner's.  Get, put and flush also
  * fail with -EBUSY, having changed nothing, while a recover holds moves off
- * (memd_mempool_recover_holds: at most MEMD_MEMPOOL_RECOVER_HOLD_MS). */
+ * (memd_mempool_recover_holds: at most MEMD_MEMPOOL_RECOVER_HOLD_MS(n)). */
 
 /* Take n objects, all or nothing, through cache `slot`; their handles go to
  * handles[0..n).  DPDK 22.11 rte_mempool_do_generic_get: if the cache holds n,
@@ -201,7 +201,7 @@ struct memd_mempool_audit {
  * (see "objects in flight" in memd_layout.h: movers bracket their moves in the
  * rows of the config at `cfg`; cfg NULL: the caller promises nobody moves now).
  * Returns how many went back, -ESTALE (the pool was freed), -ENOMEM, -EBUSY (no
- * quiet moment within MEMD_MEMPOOL_RECOVER_HOLD_MS: *odd_pid is a process
+ * quiet moment within MEMD_MEMPOOL_RECOVER_HOLD_MS(n): *odd_pid is a process
  * stuck in the middle of a move, stopped say, or 0; or another recover runs, or
  * the ring's producer lock is held by a live process: call again), or -EFAULT
  * with *a saying what else is wrong (nothing changed then). */
