@@ -1462,6 +1462,7 @@ static const struct memd_field mempool_layout[] = {
     MEMD_FIELD(memd_mempool, ring_offset),
     MEMD_FIELD(memd_mempool, objs_offset),
     MEMD_FIELD(memd_mempool, obj_stride),
+    MEMD_FIELD(memd_mempool, recovering),
     MEMD_FIELD(memd_mempool, trailer_offset),
     MEMD_FIELD(memd_mempool, memsize),
     MEMD_FIELD(memd_mempool, tag),
