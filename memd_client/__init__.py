@@ -33,7 +33,7 @@ from memd.errors import (
 )
 from memd.files import UnsafePath
 from memd.shm.config import SOCKET_ID_ANY
-from memd.shm.heap import Block
+from memd.shm.heap import Block, lock_wait
 from memd.shm.memory import (
     MEM_EVENT_ALLOC,
     MEM_EVENT_FREE,
@@ -94,4 +94,5 @@ __all__ = [
     "UnsafePath",
     "VersionMismatch",
     "attach",
+    "lock_wait",
 ]

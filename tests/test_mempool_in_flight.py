@@ -193,9 +193,9 @@ def test_recover_and_audit_while_others_move_objects(daemon_factory) -> None:
 def test_recover_names_a_process_stopped_in_a_move(daemon_factory, stopped) -> None:
     """A process stopped inside a put (in the ring's enqueue) is in the middle of
     a move: recover() cannot tell its objects from lost ones, waits (bounded, the
-    lock wait limit) and raises a MemdError naming it; meanwhile other processes'
-    gets and puts through their caches go on.  Once it goes on, recover finds
-    nothing lost."""
+    limit memd_client.lock_wait sets) and raises a MemdError naming it;
+    meanwhile other processes' gets and puts through their caches go on.  Once
+    it goes on, recover finds nothing lost."""
     d = daemon_factory("-m", "8")
     mem = d.attach()
     pool = mem.mempool_create("p", 64, 32, cache_size=8)
@@ -219,10 +219,10 @@ def test_recover_names_a_process_stopped_in_a_move(daemon_factory, stopped) -> N
     r = run_secondary(
         d,
         """
-        from memd import _ext
         from memd.errors import MemdError
         p = mem.mempool_lookup("p")
-        _ext.heap_lock_wait(0.5)
+        assert mc.lock_wait(0.5) == 30.0  # the default, for a program
+        assert mc.lock_wait() == 0.5
         try:
             p.recover()
             err = ""

@@ -70,6 +70,23 @@ _heap_free_block = _ext.heap_free_block
 _heap_realloc_block = _ext.heap_realloc_block
 
 
+def lock_wait(seconds: float | None = None) -> float:
+    """How long, in seconds, a call waits for a lock in shared memory that another
+    live process holds (stopped in a debugger, say) before it raises a "busy"
+    :class:`~memd.errors.MemdError` naming the holder: a heap's lock (``malloc``,
+    ``free``, ...), a mempool's free ring (``get``, ``put``, ``recover``,
+    ``audit``), and the memzone and object tables (which wait 30 s at most
+    whatever it is).  30 s in a program by default.  Waits sleep without the GIL
+    and let signals through.  Sets the limit, process-wide, if `seconds` is given
+    (0: never wait; ``math.inf``: wait forever) and returns the previous one.
+    DPDK's locks spin without a bound; it has no counterpart.
+
+    Raises:
+        ValueError: `seconds` is negative or NaN.
+    """
+    return _ext.heap_lock_wait(seconds)
+
+
 def _round_up(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
