@@ -782,7 +782,11 @@ static int validate_unguarded(char *base, struct memd_heap *h, uint64_t off, uin
     int links_ok = (!b->next || b->next >= boff + b->size) && next_ok(base, h, boff, b->next) &&
                    prev_ok(base, h, boff, b->prev);
     target_fault_rc = 0;
-    return links_ok ? 0 : -EBADMSG;
+    if (!links_ok)
+        return -EBADMSG;
+    /* zero in every busy header (put_header): the 16 bytes just before the data,
+     * where an 8- or 16-byte underflow lands */
+    return b->u.busy.reserved[0] | b->u.busy.reserved[1] ? -EINVAL : 0;
 }
 
 int memd_heap_validate_nolock(char *base, struct memd_heap *h, uint64_t off)

@@ -146,8 +146,9 @@ int memd_heap_realloc_serial_nolock(char *base, struct memd_heap *h, uint64_t of
 int64_t memd_heap_block_size_nolock(char *base, struct memd_heap *h, uint64_t off);
 
 /* (caller locks) 0 if the block's cookies are intact, -EFAULT if its trailer is
- * smashed, -EINVAL if off is not a busy block (which includes a smashed header
- * cookie: the header is what says "block"). */
+ * smashed, -EBADMSG if its links to its neighbours are, -EINVAL if off is not a
+ * busy block (which includes a smashed header cookie: the header is what says
+ * "block") or the header's reserved words (just before the data) are not 0. */
 int memd_heap_validate_nolock(char *base, struct memd_heap *h, uint64_t off);
 /* As memd_heap_validate_nolock, with the -ESTALE of memd_heap_free_serial_nolock. */
 int memd_heap_validate_serial_nolock(char *base, struct memd_heap *h, uint64_t off,

@@ -1500,3 +1500,21 @@ def test_validate_finds_a_scribbled_link_to_a_neighbour(daemon_factory, where: s
     daemon = daemon_factory("-m", "4")
     assert _run(daemon, f"WHERE = {where!r}\n" + SCRIBBLED_LINK).stdout.strip().endswith("OK")
     assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_validate_finds_an_underflow_just_before_the_data(daemon) -> None:
+    """The 16 bytes just before a block's data are its header's reserved words,
+    always 0: an 8-byte underflow lands there and touches no link, and validate()
+    still names it (as DPDK's header cookie would); with the bytes put back, the
+    block validates and frees."""
+    mem = daemon.attach()
+    blk = mem.malloc(100)
+    before = mem.window.view(blk.offset - 8, 8)
+    before[:] = b"\xa5" * 8
+    with pytest.raises(CorruptionError, match="wrote before its start"):
+        mem.validate(blk)
+    before[:] = bytes(8)
+    before.release()
+    mem.validate(blk)
+    mem.free(blk)
+    mem.detach()
