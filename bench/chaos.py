@@ -107,6 +107,9 @@ while True:
         k = ring.dequeue_burst_into(memoryview(buf)[:4])
         if k:
             mp.put_bulk(memoryview(buf)[:k])
+        # bulk moves past the cache (refills, flushes through the ring): a kill
+        # between their steps leaves objects in flight for the primary to put back
+        mp.put_bulk(mp.get_bulk(rnd.choice((8, 40, 64))))
 """
 
 PRIMARY_KILL = """

@@ -87,6 +87,11 @@ def test_human_output_content(
     assert out.splitlines()[1].split()[:7] == ["mbuf_pool", "1023", "2", "KiB", "32", "923", "100"]
     _, out, _ = run(capsys, rundir, "processes")
     assert "worker" in out and "secondary" in out
+    _, out, _ = run(capsys, rundir, "reclaims")
+    head, first, second = out.splitlines()
+    assert "In flight returned" in head
+    assert first.split()[1:6] == ["4242", "3", "7", "13", "mbuf_pool"]
+    assert second.split()[1:5] == ["4243", "4", "0", "busy"]  # recovery retried later
 
 
 @pytest.mark.parametrize("command", COMMANDS)

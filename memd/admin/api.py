@@ -498,9 +498,13 @@ class AdminAPI:
 
         Reply: an array (oldest first, the last 64) of ``{pid, slot, time,
         cached_objects_returned, mempool_objects_in_hand: {pool: n},
-        heap_blocks, heap_bytes, heap_freed, pins_dropped, half_made_freed}``:
-        objects in hand and heap blocks are what the process still held when it
-        died (freed only under --reclaim-heap); ``half_made_freed`` names the ring
+        heap_blocks, heap_bytes, heap_freed, pins_dropped, half_made_freed,
+        moving_objects_returned}``: objects in hand and heap blocks are what the
+        process still held when it died (freed only under --reclaim-heap);
+        ``moving_objects_returned`` (present when it died inside a mempool get or
+        put) counts the objects it was moving, in no ring and no cache, that went
+        back to the pool (null: the pool was busy; retried every second);
+        ``half_made_freed`` names the ring
         and pool memzones (``RG_<name>``, ``MP_<name>``) it left half made or half
         freed (it died inside ring_create, mempool_create, ring_free or
         mempool_free), which the reclaim freed.

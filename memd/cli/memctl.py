@@ -342,6 +342,7 @@ def _render_reclaims(records: list[dict[str, Any]]) -> str:
             "PID",
             "Slot",
             "Cache returned",
+            "In flight returned",
             "Objects in hand",
             "Blocks",
             "Heap bytes",
@@ -353,6 +354,9 @@ def _render_reclaims(records: list[dict[str, Any]]) -> str:
                 r.get("pid"),
                 r.get("slot"),
                 r.get("cached_objects_returned", 0),
+                "busy"
+                if r.get("moving_objects_returned", 0) is None
+                else r.get("moving_objects_returned", 0),
                 ", ".join(f"{k} {v}" for k, v in r.get("mempool_objects_in_hand", {}).items())
                 or "0",
                 r.get("heap_blocks", 0),

@@ -126,6 +126,34 @@ class FakeMem:
                 "comm": "worker",
             },
         ]
+        m.reclaims = [
+            {
+                "pid": 4242,
+                "slot": 3,
+                "time": 0.0,
+                "cached_objects_returned": 7,
+                "mempool_objects_in_hand": {"mbuf_pool": 2},
+                "heap_blocks": 1,
+                "heap_bytes": 64,
+                "heap_freed": False,
+                "pins_dropped": False,
+                "half_made_freed": [],
+                "moving_objects_returned": 13,
+            },
+            {
+                "pid": 4243,
+                "slot": 4,
+                "time": 0.0,
+                "cached_objects_returned": 0,
+                "mempool_objects_in_hand": {},
+                "heap_blocks": 0,
+                "heap_bytes": 0,
+                "heap_freed": False,
+                "pins_dropped": False,
+                "half_made_freed": [],
+                "moving_objects_returned": None,
+            },
+        ]
         return m
 
     def info(self) -> dict[str, Any]:
