@@ -1603,6 +1603,75 @@ print("SURVIVED", flush=True)
     assert proc.returncode == -sig, (proc.returncode, proc.stderr)
 
 
+WRAPPED_NUMBERS = """
+from memd import _ext
+from memd.errors import MemdValueError
+from memd.shm.mempool import Mempool
+from memd.shm.ring import Ring
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+w = mem.window
+b = mem.malloc(64)
+b.buf[:4] = b"MEMD"
+at, page, heap = b.offset, b.offset & ~((2 << 20) - 1), b.heap
+ring = mem.ring_create("wrapring", 16)
+pool = mem.mempool_create("wrappool", 16, 64)
+obj = pool.get()
+h = obj.handle
+W = 2**64  # each number below is a valid one plus or minus 2**64: it must not wrap
+expect_raise({
+    "view offset + 2**64": lambda: w.view(W + at, 4),
+    "view offset + 2**65": lambda: w.view(2 * W + at, 4),
+    "view offset - 2**64": lambda: w.view(at - W, 4),
+    "view length + 2**64": lambda: w.view(at, W + 4),
+    "view length - 2**64": lambda: w.view(at, 4 - W),
+    "view negative": lambda: w.view(-1, 4),
+    "touch": lambda: w.touch(W + at, 4, 1),
+    "touch step": lambda: w.touch(at, 4, W + 1),
+    "unmap": lambda: w.unmap(W + page, 2 << 20),
+    "guard": lambda: w.guard(W + page, 2 << 20),
+    "map_fd": lambda: w.map_fd(W + page, 2 << 20, -1),
+    "Ring": lambda: Ring(w, W + ring.offset),
+    "Mempool": lambda: Mempool(w, W + pool.offset),
+    "heap_block": lambda: _ext.heap_block(w, heap, W + at),
+    "heap_validate": lambda: _ext.heap_validate(w, heap, W + at),
+    "heap_validate serial": lambda: _ext.heap_validate(w, heap, at, 2**32 + b.serial),
+    "iova_of": lambda: _ext.iova_of(w, W + at),
+    "ring_memsize": lambda: _ext.ring_memsize(W + 16),
+    "ring_memsize flags": lambda: _ext.ring_memsize(16, 2**32),
+    "mempool_memsize": lambda: _ext.mempool_memsize(W + 16, 64),
+    "memzone_page_sizes": lambda: _ext.memzone_page_sizes(2**32),
+}, MemdValueError, "out of range")
+expect_raise({
+    "obj handle + 2**64": lambda: pool.obj(W + h),
+    "obj handle - 2**64": lambda: pool.obj(h - W),
+    "put handle + 2**64": lambda: pool.put(W + h),
+    "put_bulk handle + 2**64": lambda: pool.put_bulk([W + h]),
+}, MemdValueError, "mempool handle")
+# nothing was touched: the block, the ring, the pool and the heap are as they were
+assert bytes(b.buf[:4]) == b"MEMD"
+mem.validate(b)
+assert pool.audit()["in_use"] == 1, pool.audit()
+ring.enqueue(7)
+assert ring.dequeue() == 7
+pool.put(obj)
+mem.free(b)
+_ext.heap_check(w, heap)
+mem.ring_free(ring)
+mem.mempool_free(pool)
+mem.detach()
+print("OK")
+"""
+
+
+def test_a_number_past_64_bits_or_negative_raises_and_touches_nothing(daemon) -> None:
+    """An offset, length, size, flag word or handle that does not fit its C type
+    (2**64 + off, negative) raises MemdValueError naming it out of range, at every
+    entry point: it is never taken modulo 2**64 (or 2**32) as the memory, object
+    or flags it would wrap to (w.view(2**64 + off, 4) was a view of off,
+    w.unmap(2**64 + page, ...) unmapped that page).  Nothing is touched."""
+    assert _run(daemon, WRAPPED_NUMBERS).stdout.strip().endswith("OK")
+
+
 SCRIBBLED_LINK = """
 from memd import _ext
 from memd.errors import CorruptionError
