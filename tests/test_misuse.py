@@ -1547,6 +1547,7 @@ def app_handler_lib(tmp_path_factory) -> str:
 def _run_app(
     daemon: Daemon, lib: str, sig: int, oneshot: int, code: str
 ) -> subprocess.CompletedProcess[str]:
+    """Run `code` after APP_HANDLER_FIRST (the handler in `lib`, then memd) attached."""
     return subprocess.run(
         [sys.executable, "-c", APP_HANDLER_FIRST.replace("ONESHOT", str(oneshot)) + code,
          daemon.prefix, str(daemon.runtime_dir), lib, str(int(sig))],
