@@ -38,6 +38,13 @@ PyObject *memd_raise_closed(PyObject *fallback);
 /* "O&" converter: a Window argument to its base address (fails if closed). */
 int memd_window_base(PyObject *obj, void *out_base);
 
+/* "O&" converters for an offset, length, size, count, index or flag word from
+ * Python, in place of "K" and "I", which wrap modulo 2**64 and 2**32 (2**64 + off
+ * would alias off): an int that fits an unsigned long long (unsigned int), else
+ * MemdValueError saying so. */
+int memd_conv_u64(PyObject *obj, void *out);
+int memd_conv_u32(PyObject *obj, void *out);
+
 /* Base address of a Window taken from a fastcall argument, or NULL with an error set. */
 static inline char *memd_base_of(PyObject *obj)
 {

@@ -206,6 +206,47 @@ int memd_window_base(PyObject *obj, void *out_base)
     return 1;
 }
 
+static int conv_unsigned(PyObject *obj, unsigned long long max, unsigned long long *v)
+{
+    if (!PyLong_Check(obj)) { /* as "K" and "I": an int (or bool), nothing else */
+        PyErr_Format(PyExc_TypeError, "an int is required, not %.200s", Py_TYPE(obj)->tp_name);
+        return 0;
+    }
+    /* not ...LongLong: that one goes through a byte array past one digit */
+    _Static_assert(sizeof(unsigned long) == sizeof(unsigned long long), "LP64");
+    *v = PyLong_AsUnsignedLong(obj);
+    if (*v == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return 0;
+        PyErr_Clear();
+    } else if (*v <= max) {
+        return 1;
+    }
+    PyErr_Format(memd_error("MemdValueError", PyExc_ValueError),
+                 "%R is out of range: an int in 0..%llu is required", obj, max);
+    return 0;
+}
+
+/* memcpy: callers pass unsigned long long or uint64_t (unsigned long) alike */
+int memd_conv_u64(PyObject *obj, void *out)
+{
+    unsigned long long v;
+    if (!conv_unsigned(obj, ULLONG_MAX, &v))
+        return 0;
+    memcpy(out, &v, sizeof(v));
+    return 1;
+}
+
+int memd_conv_u32(PyObject *obj, void *out)
+{
+    unsigned long long v;
+    if (!conv_unsigned(obj, UINT_MAX, &v))
+        return 0;
+    unsigned int u = (unsigned int)v;
+    memcpy(out, &u, sizeof(u));
+    return 1;
+}
+
 int memd_check_range(PyObject *window, uint64_t off, uint64_t len)
 {
     MemdWindow *w = (MemdWindow *)window;
@@ -482,7 +523,8 @@ static PyObject *window_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"size", "align", "address", NULL};
     unsigned long long size, align = 2u << 20, address = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "K|KK", kwlist, &size, &align, &address))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&|O&O&", kwlist, memd_conv_u64, &size,
+                                     memd_conv_u64, &align, memd_conv_u64, &address))
         return NULL;
     long pg = sysconf(_SC_PAGESIZE);
     if (size == 0 || size % (unsigned long long)pg || align < (unsigned long long)pg ||
@@ -559,8 +601,9 @@ static PyObject *window_map_fd(PyObject *self, PyObject *args, PyObject *kwds)
                              "populate", "readonly", "noreserve", NULL};
     unsigned long long off, len, foff = 0;
     int fd, populate = 0, readonly = 0, noreserve = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKi|Kppp", kwlist, &off, &len, &fd, &foff,
-                                     &populate, &readonly, &noreserve))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&O&i|O&ppp", kwlist, memd_conv_u64, &off,
+                                     memd_conv_u64, &len, &fd, memd_conv_u64, &foff, &populate,
+                                     &readonly, &noreserve))
         return NULL;
     char *base = memd_base_of(self);
     if (base == NULL || memd_check_range(self, off, len) < 0)
@@ -581,7 +624,7 @@ static PyObject *window_map_fd(PyObject *self, PyObject *args, PyObject *kwds)
 static PyObject *window_unmap(PyObject *self, PyObject *args)
 {
     unsigned long long off, len;
-    if (!PyArg_ParseTuple(args, "KK", &off, &len))
+    if (!PyArg_ParseTuple(args, "O&O&", memd_conv_u64, &off, memd_conv_u64, &len))
         return NULL;
     char *base = memd_base_of(self);
     if (base == NULL || memd_check_range(self, off, len) < 0)
@@ -618,7 +661,8 @@ static PyObject *window_guard(PyObject *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"offset", "length", "fresh", NULL};
     unsigned long long off, len;
     int fresh = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KK|p", kwlist, &off, &len, &fresh))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&O&|p", kwlist, memd_conv_u64, &off,
+                                     memd_conv_u64, &len, &fresh))
         return NULL;
     MemdWindow *w = (MemdWindow *)self;
     char *base = memd_base_of(self);
@@ -643,10 +687,15 @@ static PyObject *window_guard(PyObject *self, PyObject *args, PyObject *kwds)
     Py_RETURN_NONE;
 }
 
-static PyObject *window_view(PyObject *self, PyObject *args)
+/* fastcall: views are made often, and the converters cost more than "KK" did */
+static PyObject *window_view(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long long off, len;
-    if (!PyArg_ParseTuple(args, "KK", &off, &len))
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "view(offset, length) takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (!memd_conv_u64(args[0], &off) || !memd_conv_u64(args[1], &len))
         return NULL;
     return memd_view(self, off, len);
 }
@@ -655,7 +704,8 @@ static PyObject *window_touch(PyObject *self, PyObject *args)
 {
     /* Fault every page of the range in (read + write back the same byte). */
     unsigned long long off, len, step;
-    if (!PyArg_ParseTuple(args, "KKK", &off, &len, &step))
+    if (!PyArg_ParseTuple(args, "O&O&O&", memd_conv_u64, &off, memd_conv_u64, &len, memd_conv_u64,
+                          &step))
         return NULL;
     char *base = memd_base_of(self);
     if (base == NULL || memd_check_range(self, off, len) < 0 || step == 0 ||
@@ -756,7 +806,7 @@ static PyMethodDef window_methods[] = {
      "raises SIGBUS instead of allocating a page (userfaultfd; OSError if the kernel "
      "refuses).  fresh: a new userfaultfd (in a forked child, whose mappings lost the "
      "parent's registration)."},
-    {"view", window_view, METH_VARARGS,
+    {"view", (PyCFunction)(void (*)(void))window_view, METH_FASTCALL,
      "view(offset, length) -> writable memoryview (pins its pages while it lives)."},
     {"pin_as", window_pin_as, METH_O,
      "pin_as(slot): views exported from now on pin their pages in process slot `slot`'s "
@@ -796,7 +846,8 @@ static PyObject *py_fallocate(PyObject *Py_UNUSED(m), PyObject *args, PyObject *
     static char *kwlist[] = {"fd", "offset", "length", "punch", NULL};
     int fd, punch = 0, rc;
     unsigned long long off, len;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKK|p", kwlist, &fd, &off, &len, &punch))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO&O&|p", kwlist, &fd, memd_conv_u64, &off,
+                                     memd_conv_u64, &len, &punch))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
         rc = fallocate(fd, punch ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : 0, (off_t)off,
@@ -811,7 +862,7 @@ static PyObject *py_process_alive(PyObject *Py_UNUSED(m), PyObject *args)
 {
     long pid;
     unsigned long long start = 0;
-    if (!PyArg_ParseTuple(args, "l|K:process_alive", &pid, &start))
+    if (!PyArg_ParseTuple(args, "l|O&:process_alive", &pid, memd_conv_u64, &start))
         return NULL;
     if (pid <= 0 || pid > INT32_MAX)
         Py_RETURN_FALSE;
@@ -890,7 +941,8 @@ static PyObject *py_msl_releasing(PyObject *Py_UNUSED(m), PyObject *args)
 {
     PyObject *win;
     unsigned int idx, first, n;
-    if (!PyArg_ParseTuple(args, "OIII:msl_releasing", &win, &idx, &first, &n))
+    if (!PyArg_ParseTuple(args, "OO&O&O&:msl_releasing", &win, memd_conv_u32, &idx, memd_conv_u32,
+                          &first, memd_conv_u32, &n))
         return NULL;
     char *base = memd_base_of(win);
     if (base == NULL)
@@ -953,7 +1005,8 @@ static PyObject *py_pin_fork_reap(PyObject *Py_UNUSED(m), PyObject *args)
     PyObject *win;
     unsigned int row;
     unsigned long long owner;
-    if (!PyArg_ParseTuple(args, "OIK:pin_fork_reap", &win, &row, &owner))
+    if (!PyArg_ParseTuple(args, "OO&O&:pin_fork_reap", &win, memd_conv_u32, &row, memd_conv_u64,
+                          &owner))
         return NULL;
     char *base = memd_base_of(win);
     if (base == NULL)

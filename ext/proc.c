@@ -3,6 +3,7 @@
 #include "proc.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -90,6 +91,46 @@ __thread memd_jmp_buf *memd_fault_env __attribute__((tls_model("initial-exec")))
 
 static struct sigaction old_segv, old_bus;
 
+/* Run the action that was there before memd's as the kernel would have run it:
+ * memd's handler has SA_NODEFER and an empty mask (a longjmp out must leave the
+ * signal open), so without this a flood of sent signals nests the old handler
+ * without bound. Blocks its sa_mask and, unless SA_NODEFER, the signal; honours
+ * SA_RESETHAND (memd's handler stays, so the guard keeps working, and takes the
+ * signal as SIG_DFL from then on). Returns 1 if it ran the handler, else 0 with
+ * the disposition, SIG_DFL or SIG_IGN, in *disp (SIG_DFL is NULL: no sentinel).
+ * Async-signal-safe. */
+static int forward(int sig, siginfo_t *si, void *uc, struct sigaction *old, void (**disp)(int))
+{
+    /* sa_handler and sa_sigaction share storage: test the value, whatever the
+     * flags say (SIG_DFL with SA_SIGINFO is not a function to call) */
+    void (*h)(int) = __atomic_load_n(&old->sa_handler, __ATOMIC_ACQUIRE);
+    *disp = h;
+    if (h == SIG_DFL || h == SIG_IGN)
+        return 0;
+    /* one shot: only the thread that resets it runs it, as under the kernel's lock */
+    if (((unsigned)old->sa_flags & SA_RESETHAND) &&
+        !__atomic_compare_exchange_n(&old->sa_handler, &h, SIG_DFL, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE)) {
+        *disp = h; /* another thread took it: h is now SIG_DFL */
+        return 0;
+    }
+    sigset_t block = old->sa_mask, saved;
+    if (!(old->sa_flags & SA_NODEFER))
+        sigaddset(&block, sig);
+    pthread_sigmask(SIG_BLOCK, &block, &saved);
+    union {
+        void (*handler)(int);
+        void (*action)(int, siginfo_t *, void *);
+    } fn = {.handler = h};
+    if (old->sa_flags & SA_SIGINFO)
+        fn.action(sig, si, uc);
+    else
+        fn.handler(sig);
+    /* a signal that came meanwhile is delivered here, to a fresh frame */
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    return 1;
+}
+
 static void on_fault(int sig, siginfo_t *si, void *uc)
 {
     /* si_code <= 0: sent by kill, tkill or sigqueue, not raised by an access: never
@@ -102,15 +143,14 @@ static void on_fault(int sig, siginfo_t *si, void *uc)
     }
     /* Not ours: hand it to whoever had it. */
     struct sigaction *old = sig == SIGSEGV ? &old_segv : &old_bus;
-    if (old->sa_flags & SA_SIGINFO) {
-        old->sa_sigaction(sig, si, uc);
-    } else if (old->sa_handler != SIG_DFL && old->sa_handler != SIG_IGN) {
-        old->sa_handler(sig);
+    void (*h)(int);
+    if (forward(sig, si, uc, old, &h)) {
+        /* the old handler ran */
     } else if (!sent) {
         /* a fault: the access runs again with the old action in place (a fault
          * cannot be ignored: the kernel then kills) */
         sigaction(sig, old, NULL);
-    } else if (old->sa_handler == SIG_DFL) {
+    } else if (h == SIG_DFL) {
         /* sent, default action: die of it now (SA_NODEFER: not blocked here) */
         sigaction(sig, old, NULL);
         raise(sig);

@@ -28,8 +28,9 @@ static PyObject *py_config_format(PyObject *Py_UNUSED(m), PyObject *args)
     unsigned int flags, iova_mode;
     unsigned long long window_size, window_align, start_time;
     int pid;
-    if (!PyArg_ParseTuple(args, "O&sIIKKiK", memd_window_base, &base, &prefix, &flags, &iova_mode,
-                          &window_size, &window_align, &pid, &start_time))
+    if (!PyArg_ParseTuple(args, "O&sO&O&O&O&iO&", memd_window_base, &base, &prefix, memd_conv_u32,
+                          &flags, memd_conv_u32, &iova_mode, memd_conv_u64, &window_size,
+                          memd_conv_u64, &window_align, &pid, memd_conv_u64, &start_time))
         return NULL;
     return check_rc(memd_config_format(base, prefix, flags, iova_mode, window_size, window_align,
                                        pid, start_time),
@@ -49,7 +50,7 @@ static PyObject *py_config_set_state(PyObject *Py_UNUSED(m), PyObject *args)
 {
     char *base;
     unsigned int state;
-    if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &state))
+    if (!PyArg_ParseTuple(args, "O&O&", memd_window_base, &base, memd_conv_u32, &state))
         return NULL;
     memd_config_set_state(base, state);
     Py_RETURN_NONE;
@@ -90,8 +91,9 @@ static PyObject *py_msl_init(PyObject *Py_UNUSED(m), PyObject *args)
     unsigned long long off, page_size;
     int socket;
     const char *dir;
-    if (!PyArg_ParseTuple(args, "O&IKKiIs", memd_window_base, &base, &idx, &off, &page_size,
-                          &socket, &capacity, &dir))
+    if (!PyArg_ParseTuple(args, "O&O&O&O&iO&s", memd_window_base, &base, memd_conv_u32, &idx,
+                          memd_conv_u64, &off, memd_conv_u64, &page_size, &socket, memd_conv_u32,
+                          &capacity, &dir))
         return NULL;
     return check_rc(memd_msl_init(base, idx, off, page_size, socket, capacity, dir), "msl_init");
 }
@@ -102,7 +104,7 @@ static PyObject *py_msl(PyObject *Py_UNUSED(m), PyObject *args)
 {
     char *base;
     unsigned int idx;
-    if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &idx))
+    if (!PyArg_ParseTuple(args, "O&O&", memd_window_base, &base, memd_conv_u32, &idx))
         return NULL;
     if (idx >= MEMD_MAX_MEMSEG_LISTS)
         return memd_raise_errno(-EINVAL, "msl");
@@ -120,7 +122,7 @@ static PyObject *py_segs(PyObject *Py_UNUSED(m), PyObject *args)
 {
     char *base;
     unsigned int idx;
-    if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &idx))
+    if (!PyArg_ParseTuple(args, "O&O&", memd_window_base, &base, memd_conv_u32, &idx))
         return NULL;
     if (idx >= MEMD_MAX_MEMSEG_LISTS)
         return memd_raise_errno(-EINVAL, "segs");
@@ -146,7 +148,8 @@ static PyObject *py_msl_find_free(PyObject *Py_UNUSED(m), PyObject *args)
 {
     char *base;
     unsigned int idx, n, from = 0;
-    if (!PyArg_ParseTuple(args, "O&II|I", memd_window_base, &base, &idx, &n, &from))
+    if (!PyArg_ParseTuple(args, "O&O&O&|O&", memd_window_base, &base, memd_conv_u32, &idx,
+                          memd_conv_u32, &n, memd_conv_u32, &from))
         return NULL;
     return check_rc(memd_msl_find_free(base, idx, n, from), "msl_find_free");
 }
@@ -157,7 +160,8 @@ static PyObject *py_msl_set_page(PyObject *Py_UNUSED(m), PyObject *args)
     unsigned int idx, slot, flags;
     unsigned long long iova;
     int socket;
-    if (!PyArg_ParseTuple(args, "O&IIKiI", memd_window_base, &base, &idx, &slot, &iova, &socket,
+    if (!PyArg_ParseTuple(args, "O&O&O&O&iO&", memd_window_base, &base, memd_conv_u32, &idx,
+                          memd_conv_u32, &slot, memd_conv_u64, &iova, &socket, memd_conv_u32,
                           &flags))
         return NULL;
     return check_rc(memd_msl_set_page(base, idx, slot, iova, socket, flags), "msl_set_page");
@@ -167,7 +171,8 @@ static PyObject *py_msl_clear_page(PyObject *Py_UNUSED(m), PyObject *args)
 {
     char *base;
     unsigned int idx, slot;
-    if (!PyArg_ParseTuple(args, "O&II", memd_window_base, &base, &idx, &slot))
+    if (!PyArg_ParseTuple(args, "O&O&O&", memd_window_base, &base, memd_conv_u32, &idx,
+                          memd_conv_u32, &slot))
         return NULL;
     return check_rc(memd_msl_clear_page(base, idx, slot), "msl_clear_page");
 }
@@ -176,7 +181,7 @@ static PyObject *py_iova_of(PyObject *Py_UNUSED(m), PyObject *args)
 {
     char *base;
     unsigned long long off;
-    if (!PyArg_ParseTuple(args, "O&K", memd_window_base, &base, &off))
+    if (!PyArg_ParseTuple(args, "O&O&", memd_window_base, &base, memd_conv_u64, &off))
         return NULL;
     uint64_t iova = memd_iova_of(base, off);
     if (iova == MEMD_BAD_IOVA)
@@ -188,7 +193,8 @@ static PyObject *py_iova_contig(PyObject *Py_UNUSED(m), PyObject *args)
 {
     char *base;
     unsigned long long off, len;
-    if (!PyArg_ParseTuple(args, "O&KK", memd_window_base, &base, &off, &len))
+    if (!PyArg_ParseTuple(args, "O&O&O&", memd_window_base, &base, memd_conv_u64, &off,
+                          memd_conv_u64, &len))
         return NULL;
     return PyBool_FromLong(memd_iova_contig(base, off, len));
 }
@@ -259,8 +265,9 @@ static PyObject *py_memzone_reserve(PyObject *Py_UNUSED(m), PyObject *args)
     unsigned long long len, align, bound;
     unsigned int heap_idx, flags;
     int any_page_size, pid, rc;
-    if (!PyArg_ParseTuple(args, "O&sKIIpKKi", memd_window_base, &base, &name, &len, &heap_idx,
-                          &flags, &any_page_size, &align, &bound, &pid))
+    if (!PyArg_ParseTuple(args, "O&sO&O&O&pO&O&i", memd_window_base, &base, &name, memd_conv_u64,
+                          &len, memd_conv_u32, &heap_idx, memd_conv_u32, &flags, &any_page_size,
+                          memd_conv_u64, &align, memd_conv_u64, &bound, &pid))
         return NULL;
     BOUNDED(rc, base, "memzone_reserve",
             memd_memzone_reserve(base, name, len, heap_idx, flags, any_page_size, align, bound, pid,
@@ -271,10 +278,10 @@ static PyObject *py_memzone_reserve(PyObject *Py_UNUSED(m), PyObject *args)
 /* memzone_page_sizes(flags) -> the page sizes (bytes, ascending) the flags ask for. */
 static PyObject *py_memzone_page_sizes(PyObject *Py_UNUSED(m), PyObject *arg)
 {
-    unsigned long flags = PyLong_AsUnsignedLong(arg);
-    if (flags == (unsigned long)-1 && PyErr_Occurred())
+    unsigned int flags;
+    if (!memd_conv_u32(arg, &flags))
         return NULL;
-    uint64_t mask = memd_memzone_page_mask((uint32_t)flags);
+    uint64_t mask = memd_memzone_page_mask(flags);
     PyObject *out = PyList_New(0);
     for (unsigned k = 0; out && k < 64; k++)
         if ((mask >> k) & 1) {
@@ -302,7 +309,8 @@ static PyObject *py_memzone_free(PyObject *Py_UNUSED(m), PyObject *args)
     char *base;
     unsigned int id, generation = 0;
     int rc;
-    if (!PyArg_ParseTuple(args, "O&I|I", memd_window_base, &base, &id, &generation))
+    if (!PyArg_ParseTuple(args, "O&O&|O&", memd_window_base, &base, memd_conv_u32, &id,
+                          memd_conv_u32, &generation))
         return NULL;
     BOUNDED(rc, base, "memzone_free", memd_memzone_free(base, id, generation, slice_, &busy_));
     return check_rc(rc, "memzone_free");
@@ -322,7 +330,7 @@ static PyObject *py_memzone(PyObject *Py_UNUSED(m), PyObject *args)
 {
     char *base;
     unsigned int id;
-    if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &id))
+    if (!PyArg_ParseTuple(args, "O&O&", memd_window_base, &base, memd_conv_u32, &id))
         return NULL;
     if (id >= MEMD_MAX_MEMZONES)
         return memd_raise_errno(-EINVAL, "memzone");
@@ -363,8 +371,8 @@ static PyObject *py_proc_register(PyObject *Py_UNUSED(m), PyObject *args)
     unsigned long long start_time;
     unsigned int state;
     const char *comm;
-    if (!PyArg_ParseTuple(args, "O&iKIs|i", memd_window_base, &base, &pid, &start_time, &state,
-                          &comm, &want_slot))
+    if (!PyArg_ParseTuple(args, "O&iO&O&s|i", memd_window_base, &base, &pid, memd_conv_u64,
+                          &start_time, memd_conv_u32, &state, &comm, &want_slot))
         return NULL;
     return check_rc(memd_proc_register(base, pid, start_time, state, comm, want_slot),
                     "proc_register");
@@ -375,7 +383,7 @@ static PyObject *py_proc_unregister(PyObject *Py_UNUSED(m), PyObject *args)
     char *base;
     unsigned int slot;
     int pid;
-    if (!PyArg_ParseTuple(args, "O&Ii", memd_window_base, &base, &slot, &pid))
+    if (!PyArg_ParseTuple(args, "O&O&i", memd_window_base, &base, memd_conv_u32, &slot, &pid))
         return NULL;
     return check_rc(memd_proc_unregister(base, slot, pid), "proc_unregister");
 }
@@ -414,7 +422,8 @@ static PyObject *py_object_add(PyObject *Py_UNUSED(m), PyObject *args)
     unsigned int type, mz;
     unsigned long long off;
     int pid;
-    if (!PyArg_ParseTuple(args, "O&sIIKi", memd_window_base, &base, &name, &type, &mz, &off, &pid))
+    if (!PyArg_ParseTuple(args, "O&sO&O&O&i", memd_window_base, &base, &name, memd_conv_u32, &type,
+                          memd_conv_u32, &mz, memd_conv_u64, &off, &pid))
         return NULL;
     int rc;
     BOUNDED(rc, base, "object_add",
@@ -427,7 +436,7 @@ static PyObject *py_object_lookup(PyObject *Py_UNUSED(m), PyObject *args)
     char *base;
     const char *name;
     unsigned int type;
-    if (!PyArg_ParseTuple(args, "O&sI", memd_window_base, &base, &name, &type))
+    if (!PyArg_ParseTuple(args, "O&sO&", memd_window_base, &base, &name, memd_conv_u32, &type))
         return NULL;
     int idx = memd_object_lookup(base, name, type);
     if (idx < 0)
@@ -440,7 +449,7 @@ static PyObject *py_object_remove(PyObject *Py_UNUSED(m), PyObject *args)
 {
     char *base;
     unsigned int idx;
-    if (!PyArg_ParseTuple(args, "O&I", memd_window_base, &base, &idx))
+    if (!PyArg_ParseTuple(args, "O&O&", memd_window_base, &base, memd_conv_u32, &idx))
         return NULL;
     int rc;
     BOUNDED(rc, base, "object_remove", memd_object_remove(base, idx, slice_, &busy_));

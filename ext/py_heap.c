@@ -834,7 +834,7 @@ static PyObject *py_heap_add_memory(PyObject *m, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"win", "idx", "off", "len", "dirty", NULL};
     unsigned long long off, len;
     int dirty = 0;
-    HEAP_ARGS("KK|p", &off, &len, &dirty);
+    HEAP_ARGS("O&O&|p", memd_conv_u64, &off, memd_conv_u64, &len, &dirty);
     if (memd_check_range(win, off, len) < 0)
         return NULL;
     int rc = memd_heap_add_memory_ex(base, h, off, len, dirty);
@@ -853,7 +853,7 @@ static PyObject *py_heap_realloc(PyObject *m, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"win", "idx", "off", "size", "align", NULL};
     unsigned long long off, size, align = 0;
     uint64_t out;
-    HEAP_ARGS("KK|K", &off, &size, &align);
+    HEAP_ARGS("O&O&|O&", memd_conv_u64, &off, memd_conv_u64, &size, memd_conv_u64, &align);
     int rc = py_lock(base, h);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_realloc");
@@ -873,7 +873,7 @@ static PyObject *py_heap_block_size(PyObject *m, PyObject *args, PyObject *kw)
     (void)m;
     static char *kwlist[] = {"win", "idx", "off", NULL};
     unsigned long long off;
-    HEAP_ARGS("K", &off);
+    HEAP_ARGS("O&", memd_conv_u64, &off);
     int rc = py_lock(base, h);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_block_size");
@@ -896,7 +896,7 @@ static PyObject *py_heap_validate(PyObject *m, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"win", "idx", "off", "serial", NULL};
     unsigned long long off;
     unsigned int serial = 0;
-    HEAP_ARGS("K|I", &off, &serial);
+    HEAP_ARGS("O&|O&", memd_conv_u64, &off, memd_conv_u32, &serial);
     int rc = py_lock(base, h);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_validate");
@@ -917,7 +917,7 @@ static PyObject *py_heap_block(PyObject *m, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"win", "idx", "off", "owner", NULL};
     unsigned long long off;
     PyObject *owner = Py_None;
-    HEAP_ARGS("K|O", &off, &owner);
+    HEAP_ARGS("O&|O", memd_conv_u64, &off, &owner);
     int rc = py_lock(base, h);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_block");
@@ -983,7 +983,7 @@ static PyObject *py_heap_find_free_pages(PyObject *m, PyObject *args, PyObject *
     static char *kwlist[] = {"win", "idx", "page_size", NULL};
     unsigned long long pg;
     uint64_t off, len;
-    HEAP_ARGS("K", &pg);
+    HEAP_ARGS("O&", memd_conv_u64, &pg);
     int rc = memd_heap_find_free_pages(base, h, pg, &off, &len);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_find_free_pages");
@@ -998,7 +998,7 @@ static PyObject *py_heap_remove_memory(PyObject *m, PyObject *args, PyObject *kw
     (void)m;
     static char *kwlist[] = {"win", "idx", "off", "len", NULL};
     unsigned long long off, len;
-    HEAP_ARGS("KK", &off, &len);
+    HEAP_ARGS("O&O&", memd_conv_u64, &off, memd_conv_u64, &len);
     int rc = memd_heap_remove_memory(base, h, off, len);
     if (rc < 0)
         return memd_raise_errno(rc, "heap_remove_memory");

@@ -419,8 +419,8 @@ static PyObject *mempool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     PyObject *window;
     unsigned long long off;
     int slot = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!K|i:Mempool", kwlist, &MemdWindow_Type, &window,
-                                     &off, &slot))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O&|i:Mempool", kwlist, &MemdWindow_Type,
+                                     &window, memd_conv_u64, &off, &slot))
         return NULL;
     char *base = memd_base_of(window);
     if (slot < -1 || slot >= (int)MEMD_MAX_PROCS) {
@@ -546,6 +546,20 @@ static PyObject *mp_get_handle(PyObject *o, PyObject *Py_UNUSED(a))
     return PyLong_FromUnsignedLongLong(h);
 }
 
+/* A handle given as an int: one outside 64 bits (negative, 2**64 + h) is no
+ * object's, MemdValueError as for any other, never wrapped to some object's. */
+static inline int handle_int(PyObject *x, uint64_t *h)
+{
+    if (likely(memd_u64_from_object(x, h) == 0))
+        return 0;
+    if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        PyErr_Clear();
+        PyErr_Format(memd_error("MemdValueError", PyExc_ValueError),
+                     "%R is out of range: a mempool handle is an int in 0..%llu", x, ULLONG_MAX);
+    }
+    return -1;
+}
+
 /* The handle of a MempoolObject or an int. */
 static inline int handle_of(PyObject *x, uint64_t *h)
 {
@@ -554,7 +568,7 @@ static inline int handle_of(PyObject *x, uint64_t *h)
         return 0;
     }
     if (PyLong_Check(x) || PyIndex_Check(x))
-        return memd_u64_from_object(x, h);
+        return handle_int(x, h);
     PyErr_Format(PyExc_TypeError, "expected a MempoolObject or a handle (int), not %.100s",
                  Py_TYPE(x)->tp_name);
     return -1;
@@ -729,7 +743,7 @@ static PyObject *mp_obj(PyObject *o, PyObject *arg)
     MemdMempool *self = (MemdMempool *)o;
     char *base = pool_live(self);
     uint64_t h;
-    if (base == NULL || memd_u64_from_object(arg, &h) < 0)
+    if (base == NULL || handle_int(arg, &h) < 0)
         return NULL;
     if (memd_mempool_objhdr_of(base, &self->g, h) == NULL)
         return raise_pool(self, base, -EINVAL, "obj(handle)", 0);
@@ -1115,8 +1129,9 @@ static PyObject *py_mempool_memsize(PyObject *Py_UNUSED(m), PyObject *args, PyOb
     unsigned long long n, elt, cache = 0, priv = 0;
     unsigned int flags = 0;
     struct memd_mempool_geometry g;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KK|KKI:mempool_memsize", kwlist, &n, &elt, &cache,
-                                     &priv, &flags) ||
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&O&|O&O&O&:mempool_memsize", kwlist,
+                                     memd_conv_u64, &n, memd_conv_u64, &elt, memd_conv_u64, &cache,
+                                     memd_conv_u64, &priv, memd_conv_u32, &flags) ||
         geometry_or_raise(n, elt, cache, priv, flags, &g) < 0)
         return NULL;
     return PyLong_FromUnsignedLongLong(g.memsize);
@@ -1131,9 +1146,10 @@ static PyObject *py_mempool_init(PyObject *Py_UNUSED(m), PyObject *args, PyObjec
     unsigned int flags = 0;
     const char *name = "";
     struct memd_mempool_geometry g;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!KKK|KKIs:mempool_init", kwlist,
-                                     &MemdWindow_Type, &window, &off, &n, &elt, &cache, &priv,
-                                     &flags, &name) ||
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O&O&O&|O&O&O&s:mempool_init", kwlist,
+                                     &MemdWindow_Type, &window, memd_conv_u64, &off, memd_conv_u64,
+                                     &n, memd_conv_u64, &elt, memd_conv_u64, &cache, memd_conv_u64,
+                                     &priv, memd_conv_u32, &flags, &name) ||
         geometry_or_raise(n, elt, cache, priv, flags, &g) < 0)
         return NULL;
     char *base = memd_base_of(window);
@@ -1181,7 +1197,8 @@ static PyObject *py_mempool_flush_cache(PyObject *Py_UNUSED(m), PyObject *args)
     PyObject *window;
     unsigned long long off;
     unsigned int slot;
-    if (!PyArg_ParseTuple(args, "O!KI:mempool_flush_cache", &MemdWindow_Type, &window, &off, &slot))
+    if (!PyArg_ParseTuple(args, "O!O&O&:mempool_flush_cache", &MemdWindow_Type, &window,
+                          memd_conv_u64, &off, memd_conv_u32, &slot))
         return NULL;
     struct memd_mempool_geometry g;
     char *base = checked_pool(window, off, "mempool_flush_cache", &g);
@@ -1229,8 +1246,8 @@ static PyObject *py_object_poison(PyObject *Py_UNUSED(m), PyObject *args)
     PyObject *window;
     unsigned int kind;
     unsigned long long off, len;
-    if (!PyArg_ParseTuple(args, "O!IKK:object_poison", &MemdWindow_Type, &window, &kind, &off,
-                          &len))
+    if (!PyArg_ParseTuple(args, "O!O&O&O&:object_poison", &MemdWindow_Type, &window, memd_conv_u32,
+                          &kind, memd_conv_u64, &off, memd_conv_u64, &len))
         return NULL;
     char *base = memd_base_of(window);
     if (base == NULL || memd_check_range(window, off, len) < 0 ||
@@ -1259,7 +1276,8 @@ static PyObject *py_mempool_held_by(PyObject *Py_UNUSED(m), PyObject *args)
     PyObject *window;
     unsigned long long off;
     long pid;
-    if (!PyArg_ParseTuple(args, "O!Kl:mempool_held_by", &MemdWindow_Type, &window, &off, &pid))
+    if (!PyArg_ParseTuple(args, "O!O&l:mempool_held_by", &MemdWindow_Type, &window, memd_conv_u64,
+                          &off, &pid))
         return NULL;
     struct memd_mempool_geometry g;
     char *base = checked_pool(window, off, "mempool_held_by", &g);
@@ -1278,7 +1296,8 @@ static PyObject *py_mempool_busy(PyObject *Py_UNUSED(m), PyObject *args)
 {
     PyObject *window;
     unsigned long long off;
-    if (!PyArg_ParseTuple(args, "O!K:mempool_busy", &MemdWindow_Type, &window, &off))
+    if (!PyArg_ParseTuple(args, "O!O&:mempool_busy", &MemdWindow_Type, &window, memd_conv_u64,
+                          &off))
         return NULL;
     struct memd_mempool_geometry g;
     char *base = checked_pool(window, off, "mempool_busy", &g);
@@ -1311,7 +1330,8 @@ static PyObject *py_mempool_holders(PyObject *Py_UNUSED(m), PyObject *args)
 {
     PyObject *window;
     unsigned long long off;
-    if (!PyArg_ParseTuple(args, "O!K:mempool_holders", &MemdWindow_Type, &window, &off))
+    if (!PyArg_ParseTuple(args, "O!O&:mempool_holders", &MemdWindow_Type, &window, memd_conv_u64,
+                          &off))
         return NULL;
     struct memd_mempool_geometry g;
     char *base = checked_pool(window, off, "mempool_holders", &g);
@@ -1354,8 +1374,8 @@ static PyObject *py_mempool_reclaim_held_by(PyObject *Py_UNUSED(m), PyObject *ar
     PyObject *window;
     unsigned long long off;
     long pid;
-    if (!PyArg_ParseTuple(args, "O!Kl:mempool_reclaim_held_by", &MemdWindow_Type, &window, &off,
-                          &pid))
+    if (!PyArg_ParseTuple(args, "O!O&l:mempool_reclaim_held_by", &MemdWindow_Type, &window,
+                          memd_conv_u64, &off, &pid))
         return NULL;
     struct memd_mempool_geometry g;
     char *base = checked_pool(window, off, "mempool_reclaim_held_by", &g);
@@ -1391,8 +1411,8 @@ static PyObject *py_mempool_settle_own(PyObject *Py_UNUSED(m), PyObject *args)
 {
     PyObject *window;
     unsigned long long off, handle;
-    if (!PyArg_ParseTuple(args, "O!KK:_mempool_settle_own", &MemdWindow_Type, &window, &off,
-                          &handle))
+    if (!PyArg_ParseTuple(args, "O!O&O&:_mempool_settle_own", &MemdWindow_Type, &window,
+                          memd_conv_u64, &off, memd_conv_u64, &handle))
         return NULL;
     struct memd_mempool_geometry g;
     char *base = checked_pool(window, off, "_mempool_settle_own", &g);

@@ -434,8 +434,8 @@ static PyObject *ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"window", "offset", NULL};
     PyObject *window;
     unsigned long long off;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!K:Ring", kwlist, &MemdWindow_Type, &window,
-                                     &off))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O&:Ring", kwlist, &MemdWindow_Type, &window,
+                                     memd_conv_u64, &off))
         return NULL;
     char *base = memd_base_of(window);
     if (base == NULL || memd_check_range(window, off, sizeof(struct memd_ring)) < 0 ||
@@ -890,7 +890,7 @@ static PyObject *ring_wait_prepare(PyObject *o, PyObject *args)
     MemdRing *self = (MemdRing *)o;
     int enq;
     unsigned int want;
-    if (!PyArg_ParseTuple(args, "pI:_wait_prepare", &enq, &want))
+    if (!PyArg_ParseTuple(args, "pO&:_wait_prepare", &enq, memd_conv_u32, &want))
         return NULL;
     struct memd_ring *r = ring_live(self);
     if (r == NULL || memd_window_check_watch(self->window) < 0)
@@ -1123,8 +1123,8 @@ static PyObject *py_ring_memsize(PyObject *Py_UNUSED(m), PyObject *args, PyObjec
     static char *kwlist[] = {"count", "flags", "esize", NULL};
     unsigned long long count, esize = MEMD_RING_ESIZE_U64;
     unsigned int flags = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "K|IK:ring_memsize", kwlist, &count, &flags,
-                                     &esize))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&|O&O&:ring_memsize", kwlist, memd_conv_u64,
+                                     &count, memd_conv_u32, &flags, memd_conv_u64, &esize))
         return NULL;
     int64_t sz = checked_memsize(count, esize, flags);
     return sz < 0 ? NULL : PyLong_FromLongLong(sz);
@@ -1137,8 +1137,9 @@ static PyObject *py_ring_init(PyObject *Py_UNUSED(m), PyObject *args, PyObject *
     unsigned long long off, count, esize = MEMD_RING_ESIZE_U64;
     unsigned int flags = 0;
     const char *name = "";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!KK|IsK:ring_init", kwlist, &MemdWindow_Type,
-                                     &window, &off, &count, &flags, &name, &esize))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O&O&|O&sO&:ring_init", kwlist, &MemdWindow_Type,
+                                     &window, memd_conv_u64, &off, memd_conv_u64, &count,
+                                     memd_conv_u32, &flags, &name, memd_conv_u64, &esize))
         return NULL;
     char *base = memd_base_of(window);
     if (base == NULL)
@@ -1233,7 +1234,8 @@ static PyObject *py_ring_wait_many(PyObject *Py_UNUSED(m), PyObject *args)
     PyObject *waits;
     unsigned int kick;
     double timeout;
-    if (!PyArg_ParseTuple(args, "O!Id:ring_wait_many", &PyList_Type, &waits, &kick, &timeout))
+    if (!PyArg_ParseTuple(args, "O!O&d:ring_wait_many", &PyList_Type, &waits, memd_conv_u32, &kick,
+                          &timeout))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(waits);
     struct futex_waitv wv[AIO_MAX_WAITS + 1];
@@ -1247,7 +1249,8 @@ static PyObject *py_ring_wait_many(PyObject *Py_UNUSED(m), PyObject *args)
         PyObject *ring;
         int enq;
         unsigned int seq;
-        if (!PyArg_ParseTuple(item, "O!pI:ring_wait_many", &MemdRing_Type, &ring, &enq, &seq))
+        if (!PyArg_ParseTuple(item, "O!pO&:ring_wait_many", &MemdRing_Type, &ring, &enq,
+                              memd_conv_u32, &seq))
             return NULL;
         char *base = ((MemdWindow *)((MemdRing *)ring)->window)->base;
         if (base == NULL) {

@@ -1464,6 +1464,215 @@ def test_a_sent_segv_or_bus_is_not_a_fault_in_shared_memory(daemon_factory, sig)
     assert daemon.proc is not None and daemon.proc.poll() is None
 
 
+# An application's own SIGSEGV/SIGBUS handler, installed before memd's: it counts
+# its calls, its deepest nesting, and the calls that ran with the signal or its
+# sa_mask (SIGUSR2) open, which the kernel never allows without SA_NODEFER.
+APP_HANDLER_C = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+static int depth, max_depth_, calls_, unmasked_;
+static void h(int sig, siginfo_t *si, void *uc)
+{
+    (void)si;
+    (void)uc;
+    int d = __atomic_add_fetch(&depth, 1, __ATOMIC_SEQ_CST);
+    if (d > max_depth_)
+        max_depth_ = d;
+    __atomic_add_fetch(&calls_, 1, __ATOMIC_SEQ_CST);
+    sigset_t cur;
+    pthread_sigmask(SIG_BLOCK, NULL, &cur);
+    if (!sigismember(&cur, sig) || !sigismember(&cur, SIGUSR2))
+        __atomic_add_fetch(&unmasked_, 1, __ATOMIC_SEQ_CST);
+    struct timespec t = {0, 2000000};
+    nanosleep(&t, NULL);
+    __atomic_sub_fetch(&depth, 1, __ATOMIC_SEQ_CST);
+}
+int install(int sig, int oneshot)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = h;
+    sa.sa_flags = SA_SIGINFO | (oneshot ? SA_RESETHAND : 0);
+    sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, SIGUSR2);
+    return sigaction(sig, &sa, NULL);
+}
+int installed(int sig)
+{
+    struct sigaction sa;
+    return sigaction(sig, NULL, &sa) == 0 && sa.sa_sigaction == h;
+}
+void flood(int tid, int sig, int n, int us)
+{
+    for (int i = 0; i < n; i++) {
+        syscall(SYS_tgkill, getpid(), tid, sig);
+        usleep((useconds_t)us);
+    }
+}
+int calls(void) { return calls_; }
+int max_depth(void) { return max_depth_; }
+int unmasked(void) { return unmasked_; }
+"""
+
+APP_HANDLER_FIRST = """
+import ctypes, sys, threading
+prefix, rundir, lib, sig = sys.argv[1], sys.argv[2], ctypes.CDLL(sys.argv[3]), int(sys.argv[4])
+assert lib.install(sig, ONESHOT) == 0
+import memd_client as mc
+assert not lib.installed(sig)  # memd's handler is in front of the application's now
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+tid = threading.get_native_id()
+"""
+
+
+@pytest.fixture(scope="module")
+def app_handler_lib(tmp_path_factory) -> str:
+    """APP_HANDLER_C built into a shared library (gcc, as the extension itself)."""
+    src = tmp_path_factory.mktemp("apphandler") / "apphandler.c"
+    src.write_text(APP_HANDLER_C)
+    lib = src.with_suffix(".so")
+    cc = subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-O2", "-o", str(lib), str(src), "-pthread"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert cc.returncode == 0, cc.stderr
+    return str(lib)
+
+
+def _run_app(
+    daemon: Daemon, lib: str, sig: int, oneshot: int, code: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `code` after APP_HANDLER_FIRST (the handler in `lib`, then memd) attached."""
+    return subprocess.run(
+        [sys.executable, "-c", APP_HANDLER_FIRST.replace("ONESHOT", str(oneshot)) + code,
+         daemon.prefix, str(daemon.runtime_dir), lib, str(int(sig))],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGBUS], ids=["SIGSEGV", "SIGBUS"])
+def test_a_sent_signal_reaches_the_applications_handler_as_the_kernel_would_run_it(
+    daemon, app_handler_lib, sig
+) -> None:
+    """memd's fault handler hands a signal that is not its own to the application's
+    handler with that handler's mask and the signal blocked, as the kernel would have
+    run it: a flood of sent signals (200, 0.5 ms apart, at a thread looping
+    malloc/free, while the handler sleeps 2 ms) never nests it (it nested 200 deep,
+    and with more the process died of a stack overflow), and the process lives."""
+    proc = _run_app(
+        daemon, app_handler_lib, sig, 0,
+        """
+done = threading.Event()
+def flood():
+    lib.flood(tid, sig, 200, 500)
+    done.set()
+t = threading.Thread(target=flood)
+t.start()
+while not done.is_set():
+    mem.free(mem.malloc(64))
+t.join()
+mem.detach()
+print(lib.calls(), lib.max_depth(), lib.unmasked())
+""",
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    calls, max_depth, unmasked = map(int, proc.stdout.split())
+    assert calls >= 1
+    assert (max_depth, unmasked) == (1, 0), (calls, max_depth, unmasked)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGBUS], ids=["SIGSEGV", "SIGBUS"])
+def test_a_one_shot_application_handler_runs_once(daemon, app_handler_lib, sig) -> None:
+    """An application handler installed with SA_RESETHAND runs for the first sent
+    signal only; the second meets the default action and the process dies of it."""
+    proc = _run_app(
+        daemon, app_handler_lib, sig, 1,
+        """
+lib.flood(tid, sig, 1, 0)  # to this thread: handled before tgkill returns
+print("ONE", lib.calls(), lib.unmasked(), flush=True)
+mem.free(mem.malloc(64))
+lib.flood(tid, sig, 1, 0)
+print("SURVIVED", flush=True)
+""",
+    )  # fmt: skip
+    assert proc.stdout.split() == ["ONE", "1", "0"], (proc.stdout, proc.stderr)
+    assert proc.returncode == -sig, (proc.returncode, proc.stderr)
+
+
+WRAPPED_NUMBERS = """
+from memd import _ext
+from memd.errors import MemdValueError
+from memd.shm.mempool import Mempool
+from memd.shm.ring import Ring
+mem = mc.attach(prefix, runtime_dir=rundir, timeout=20)
+w = mem.window
+b = mem.malloc(64)
+b.buf[:4] = b"MEMD"
+at, page, heap = b.offset, b.offset & ~((2 << 20) - 1), b.heap
+ring = mem.ring_create("wrapring", 16)
+pool = mem.mempool_create("wrappool", 16, 64)
+obj = pool.get()
+h = obj.handle
+W = 2**64  # each number below is a valid one plus or minus 2**64: it must not wrap
+expect_raise({
+    "view offset + 2**64": lambda: w.view(W + at, 4),
+    "view offset + 2**65": lambda: w.view(2 * W + at, 4),
+    "view offset - 2**64": lambda: w.view(at - W, 4),
+    "view length + 2**64": lambda: w.view(at, W + 4),
+    "view length - 2**64": lambda: w.view(at, 4 - W),
+    "view negative": lambda: w.view(-1, 4),
+    "touch": lambda: w.touch(W + at, 4, 1),
+    "touch step": lambda: w.touch(at, 4, W + 1),
+    "unmap": lambda: w.unmap(W + page, 2 << 20),
+    "guard": lambda: w.guard(W + page, 2 << 20),
+    "map_fd": lambda: w.map_fd(W + page, 2 << 20, -1),
+    "Ring": lambda: Ring(w, W + ring.offset),
+    "Mempool": lambda: Mempool(w, W + pool.offset),
+    "heap_block": lambda: _ext.heap_block(w, heap, W + at),
+    "heap_validate": lambda: _ext.heap_validate(w, heap, W + at),
+    "heap_validate serial": lambda: _ext.heap_validate(w, heap, at, 2**32 + b.serial),
+    "iova_of": lambda: _ext.iova_of(w, W + at),
+    "ring_memsize": lambda: _ext.ring_memsize(W + 16),
+    "ring_memsize flags": lambda: _ext.ring_memsize(16, 2**32),
+    "mempool_memsize": lambda: _ext.mempool_memsize(W + 16, 64),
+    "memzone_page_sizes": lambda: _ext.memzone_page_sizes(2**32),
+}, MemdValueError, "out of range")
+expect_raise({
+    "obj handle + 2**64": lambda: pool.obj(W + h),
+    "obj handle - 2**64": lambda: pool.obj(h - W),
+    "put handle + 2**64": lambda: pool.put(W + h),
+    "put_bulk handle + 2**64": lambda: pool.put_bulk([W + h]),
+}, MemdValueError, "mempool handle")
+# nothing was touched: the block, the ring, the pool and the heap are as they were
+assert bytes(b.buf[:4]) == b"MEMD"
+mem.validate(b)
+assert pool.audit()["in_use"] == 1, pool.audit()
+ring.enqueue(7)
+assert ring.dequeue() == 7
+pool.put(obj)
+mem.free(b)
+_ext.heap_check(w, heap)
+mem.ring_free(ring)
+mem.mempool_free(pool)
+mem.detach()
+print("OK")
+"""
+
+
+def test_a_number_past_64_bits_or_negative_raises_and_touches_nothing(daemon) -> None:
+    """An offset, length, size, flag word or handle that does not fit its C type
+    (2**64 + off, negative) raises MemdValueError naming it out of range, at every
+    entry point: it is never taken modulo 2**64 (or 2**32) as the memory, object
+    or flags it would wrap to (w.view(2**64 + off, 4) was a view of off,
+    w.unmap(2**64 + page, ...) unmapped that page).  Nothing is touched."""
+    assert _run(daemon, WRAPPED_NUMBERS).stdout.strip().endswith("OK")
+
+
 SCRIBBLED_LINK = """
 from memd import _ext
 from memd.errors import CorruptionError
