@@ -1222,7 +1222,8 @@ static PyObject *py_mempool_moving(PyObject *Py_UNUSED(m), PyObject *args)
 {
     PyObject *window;
     unsigned int slot;
-    if (!PyArg_ParseTuple(args, "O!I:mempool_moving", &MemdWindow_Type, &window, &slot))
+    if (!PyArg_ParseTuple(args, "O!O&:mempool_moving", &MemdWindow_Type, &window, memd_conv_u32,
+                          &slot))
         return NULL;
     char *base = memd_base_of(window);
     if (base == NULL)
