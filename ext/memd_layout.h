@@ -569,19 +569,25 @@ struct memd_ring {
  * `recovering` word (one at a time); a move that starts while it is set backs
  * off (-EBUSY: its caller waits) until the time the word names, at most
  * MEMD_MEMPOOL_RECOVER_HOLD_MS(n) after it was set, so that a stopped recoverer
- * cannot stop the pool.  Then a MEMBARRIER_CMD_GLOBAL_EXPEDITED: every
- * registered mover's odd word is visible to the recoverer from then on, or the
- * mover sees `recovering` (an asymmetric Dekker pair: the movers' side costs no
- * fence).  The recoverer waits until no row is odd in this pool (giving up
- * after MEMD_MEMPOOL_QUIET_WAIT_MS: a mover stopped mid-move must not keep the
- * pool held), walks it, and trusts the walk if the hold lasted all along (for a
- * process that takes no barriers, or past the hold: if its word did not change
- * meanwhile).  The primary clears a dead process's row when it frees its slot,
- * then recovers the pool the row named.
+ * cannot stop the pool; a mover that finds a hold over (by its own clock: time
+ * namespaces differ), too far ahead or its holder dead takes the word away.
+ * Having set it, the recoverer takes a MEMBARRIER_CMD_GLOBAL_EXPEDITED: every
+ * registered mover's odd word is visible to it from then on, or the mover sees
+ * `recovering` (an asymmetric Dekker pair: the movers' side costs no fence).  The recoverer waits
+ * until no row is odd in this pool (giving up after MEMD_MEMPOOL_QUIET_WAIT_MS: a mover stopped
+ * mid-move must not keep the pool held; rows of free slots and dead processes count as quiet),
+ * walks it, and trusts the walk if its word stayed there and the hold is not over (for a process
+ * that takes no barriers, or past the hold: if its row did not change meanwhile).  What the trusted
+ * walk found lost it puts back after the hold, its own row still odd (lost objects stay lost:
+ * nobody else can reach them).  After a hold the word names a pause (no pid)
+ * MEMD_MEMPOOL_RECOVER_PAUSE times as long as the hold took, with no new hold: recovers in a loop
+ * cannot starve the movers.  The primary clears a dead process's row when it frees its slot, then
+ * recovers the pool the row named.
  */
 /* a walk takes about 10 ns an object: 20 ms, and 1 ms more per 16384 objects */
 #define MEMD_MEMPOOL_RECOVER_HOLD_MS(n) (20u + (uint32_t)(n) / 16384u)
 #define MEMD_MEMPOOL_QUIET_WAIT_MS      2u
+#define MEMD_MEMPOOL_RECOVER_PAUSE      4u /* then no hold for 4 times as long */
 /* the recovering word: pid (< 2^22) and the CLOCK_MONOTONIC millisecond the hold
  * ends */
 #define MEMD_MEMPOOL_RECOVERING(pid, until_ms) \

@@ -640,19 +640,31 @@ void memd_mempool_set_mover(struct memd_mempool_geometry *g, char *cfg, int slot
 
 static uint64_t mono_ms(void) { return mono_ns() / 1000000u; }
 
-/* Does a recover (its `recovering` word w) ask moves to wait?  Only until the
- * time it names, and only a live one. */
-static __attribute__((noinline, cold)) int recover_holds(uint64_t w)
+/* Does a recover (its `recovering` word w) ask moves of g's pool to wait?  Only a
+ * live one, until the time it names, and only if that is no further ahead than a
+ * hold can be: a scribbled word, or a recoverer whose clock runs ahead of ours
+ * (another time namespace), must not stop the pool.  A hold that is over (by our
+ * clock) is taken away, so that the recoverer cannot trust a walk we move under
+ * (quiet_walk checks its word is still there).  A word with no pid is the pause
+ * after a hold (no hold). */
+static __attribute__((noinline, cold)) int
+recover_holds(const char *base, const struct memd_mempool_geometry *g, uint64_t w)
 {
-    uint64_t until = w >> MEMD_PIN_OWNER_PID_BITS;
-    pid_t pid = (pid_t)(w & ((1u << MEMD_PIN_OWNER_PID_BITS) - 1));
-    return mono_ms() < until && memd_process_alive(pid, 0, 0);
+    const pid_t pid = (pid_t)(w & ((1u << MEMD_PIN_OWNER_PID_BITS) - 1));
+    if (pid == 0)
+        return 0;
+    const uint64_t until = w >> MEMD_PIN_OWNER_PID_BITS, now = mono_ms();
+    if (until > now && until - now <= MEMD_MEMPOOL_RECOVER_HOLD_MS(g->n) &&
+        memd_process_alive(pid, 0, 0))
+        return 1;
+    atomic_compare_exchange_strong(&pool_at(base, g->pool)->recovering, &w, 0);
+    return 0;
 }
 
 int memd_mempool_recover_holds(const char *base, const struct memd_mempool_geometry *g)
 {
     uint64_t w = atomic_load_explicit(&pool_at(base, g->pool)->recovering, memory_order_relaxed);
-    return w != 0 && recover_holds(w);
+    return w != 0 && recover_holds(base, g, w);
 }
 
 /* Open a move of g's pool: our row's word odd (before any of the move's stores),
@@ -672,7 +684,7 @@ move_begin(const char *base, const struct memd_mempool_geometry *g)
      * them: a recover's membarrier makes up for that, see quiet_walk) */
     atomic_signal_fence(memory_order_seq_cst);
     uint64_t w = atomic_load_explicit(&pool_at(base, g->pool)->recovering, memory_order_relaxed);
-    if (unlikely(w != 0) && recover_holds(w)) {
+    if (unlikely(w != 0) && recover_holds(base, g, w)) {
         atomic_store_explicit(&row->pool_moving, s + 1, memory_order_release);
         return 0;
     }
@@ -779,7 +791,7 @@ int memd_mempool_busy_at(char *base, const struct memd_mempool_geometry *g, uint
  * went back.  -EFAULT if the ring overflows (corruption).  A busy ring stops it
  * early (*busy = 1): those not counted are still held. */
 static int64_t put_back(char *base, const struct memd_mempool_geometry *g, const uint64_t *handles,
-                        unsigned k, int *busy)
+                        unsigned k, int32_t pid, int *busy)
 {
     int rc = memd_mempool_put_bulk(base, g, MEMD_MEMPOOL_NO_CACHE, handles, k);
     if (rc == 0)
@@ -793,8 +805,21 @@ static int64_t put_back(char *base, const struct memd_mempool_geometry *g, const
             return rc;
         done += rc == 0;
     }
-    if (rc == -EBUSY)
+    if (rc == -EBUSY) {
         *busy = 1;
+        /* A put that fails gives the objects it claimed back BUSY as the caller's
+         * own: tag them as the dead process's again, or the next call (which looks
+         * for its tag) would leave them to us for good. */
+        const int32_t self = (int32_t)memd_self_pid();
+        for (unsigned i = 0; i < k; i++) {
+            struct memd_mempool_objhdr *h =
+                (struct memd_mempool_objhdr *)(base + handles[i] - OBJHDR_SIZE);
+            int32_t o = self;
+            if (__atomic_load_n(&h->cookie, __ATOMIC_RELAXED) == MEMD_MEMPOOL_HDR_COOKIE_BUSY)
+                __atomic_compare_exchange_n(&h->owner_pid, &o, pid, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_RELAXED);
+        }
+    }
     return done;
 }
 
@@ -816,7 +841,7 @@ int64_t memd_mempool_reclaim_held_by(char *base, const struct memd_mempool_geome
             continue;
         batch[k++] = (uint64_t)((char *)(h + 1) - base);
         if (k == sizeof(batch) / sizeof(batch[0])) {
-            int64_t rc = put_back(base, g, batch, k, busy);
+            int64_t rc = put_back(base, g, batch, k, pid, busy);
             if (rc < 0)
                 return rc;
             total += rc;
@@ -826,7 +851,7 @@ int64_t memd_mempool_reclaim_held_by(char *base, const struct memd_mempool_geome
         }
     }
     if (k) {
-        int64_t rc = put_back(base, g, batch, k, busy);
+        int64_t rc = put_back(base, g, batch, k, pid, busy);
         if (rc < 0)
             return rc;
         total += rc;
@@ -951,7 +976,12 @@ static int rows_quiet(const struct memd_config *c, const struct memd_mempool_geo
         if (barrier && atomic_load_explicit(&row->pool_barrier, memory_order_relaxed) &&
             atomic_load_explicit(&row->pool_moving_at, memory_order_relaxed) != g->pool)
             continue;
-        *odd_pid = (uint32_t)c->procs[r].pid;
+        /* a free slot's row (scribbled) or a dead process's moves nothing: what it
+         * left in flight is what we look for */
+        const int32_t pid = c->procs[r].pid;
+        if (pid <= 0 || !memd_process_alive(pid, c->procs[r].start_time, UINT64_MAX))
+            continue;
+        *odd_pid = (uint32_t)pid;
         return 0;
     }
     return 1;
@@ -973,22 +1003,59 @@ static int rows_moved(const struct memd_config *c, const struct memd_mempool_geo
     return 0;
 }
 
+/* After a walk that found free objects in no ring or cache: turn `seen` into the
+ * set of those (bit i: object i is lost), while the walk can still be trusted. */
+static void mark_lost(char *base, const struct memd_mempool_geometry *g, uint8_t *seen)
+{
+    for (uint32_t i = 0; i < g->n; i++) {
+        const struct memd_mempool_objhdr *h = objhdr_at(base, g, i);
+        const uint8_t bit = (uint8_t)(1u << (i % 8));
+        if (h->cookie == MEMD_MEMPOOL_HDR_COOKIE_FREE && !(seen[i / 8] & bit))
+            seen[i / 8] |= bit; /* lost */
+        else
+            seen[i / 8] &= (uint8_t)~bit;
+    }
+}
+
+/* May a recover hold g's pool now?  Not while another live one holds it, nor
+ * during the pause after a hold (a pid-less word: the movers' turn), unless that
+ * pause is further ahead than a pause can be (scribbled, or another clock). */
+static int may_hold(const char *base, const struct memd_mempool_geometry *g, uint64_t w)
+{
+    if (w == 0)
+        return 1;
+    if (w & ((1u << MEMD_PIN_OWNER_PID_BITS) - 1))
+        return !recover_holds(base, g, w);
+    const uint64_t until = w >> MEMD_PIN_OWNER_PID_BITS, now = mono_ms();
+    return until <= now ||
+           until - now > MEMD_MEMPOOL_RECOVER_PAUSE * MEMD_MEMPOOL_RECOVER_HOLD_MS(g->n);
+}
+
 /* audit_walk at a moment when no process moves objects of g's pool (see "objects
  * in flight" in memd_layout.h); `cfg` is the config whose rows movers bracket
- * their moves in (NULL: nobody else moves now, the caller promises).  Calls
- * then(base, g, a, seen, rc) with the walk's result while still holding moves
- * off, and returns what it returns; -EBUSY (*odd_pid: a process in the middle of
- * a move, 0 if none) if no quiet moment came within the hold,
- * or if another live process runs this on the pool. */
+ * their moves in (NULL: nobody else moves now, the caller promises).  With
+ * `lost`, a walk that finds free objects in no ring or cache leaves them marked
+ * in `seen` (mark_lost) and *lost = 1.  Returns the walk's result; -EBUSY
+ * (*odd_pid: a live process in the middle of a move, 0 if none) if no quiet
+ * moment came within the hold, or another live process holds the pool, or the
+ * pool is in its pause after a hold.  Our row stays odd in this pool until
+ * *row_end is stored back (the caller moves the lost objects first: a second
+ * recover waits for that). */
 static int64_t quiet_walk(char *base, const struct memd_mempool_geometry *g, const char *cfg,
-                          struct memd_mempool_audit *a, uint8_t *seen, uint32_t *odd_pid,
-                          int64_t (*then)(char *, const struct memd_mempool_geometry *,
-                                          struct memd_mempool_audit *, const uint8_t *, int64_t))
+                          struct memd_mempool_audit *a, uint8_t *seen, uint32_t *odd_pid, int *lost,
+                          uint64_t *row_end)
 {
     *odd_pid = 0;
+    *row_end = 0;
+    if (lost != NULL)
+        *lost = 0;
     if (cfg == NULL) {
         int64_t rc = audit_walk(base, g, a, seen);
-        return then(base, g, a, seen, rc);
+        if (lost != NULL && rc == -EFAULT && a->fault == MEMD_MP_LOST) {
+            mark_lost(base, g, seen);
+            *lost = 1;
+        }
+        return rc;
     }
     const struct memd_config *c = (const struct memd_config *)cfg;
     struct memd_mempool *mp = pool_at(base, g->pool);
@@ -998,19 +1065,20 @@ static int64_t quiet_walk(char *base, const struct memd_mempool_geometry *g, con
     atomic_store_explicit(&own->pool_moving_at, g->pool, memory_order_relaxed);
     atomic_store_explicit(&own->pool_moving, s, memory_order_release);
     atomic_thread_fence(memory_order_seq_cst);
+    *row_end = s + 1;
 
-    const uint64_t until = mono_ms() + MEMD_MEMPOOL_RECOVER_HOLD_MS(g->n);
+    const uint64_t start = mono_ms(), until = start + MEMD_MEMPOOL_RECOVER_HOLD_MS(g->n);
     const uint64_t mine = MEMD_MEMPOOL_RECOVERING(memd_self_pid(), until);
     uint64_t w = atomic_load_explicit(&mp->recovering, memory_order_relaxed);
-    int64_t rc = -EBUSY;
-    if ((w != 0 && recover_holds(w)) || !atomic_compare_exchange_strong(&mp->recovering, &w, mine))
-        goto out; /* another recover's */
+    if (!may_hold(base, g, w) || !atomic_compare_exchange_strong(&mp->recovering, &w, mine))
+        return -EBUSY; /* another recover's, or the movers' turn */
     /* Every registered mover's odd word is seen from here on, and every one of its
      * moves that starts later sees `recovering` (the heavy half of an asymmetric
      * Dekker pair; move_begin is the light half). */
     const int barrier = syscall(__NR_membarrier, MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0, 0) == 0;
     uint64_t snap[MEMD_MAX_PROCS];
     uint64_t odd_since = 0;
+    int64_t rc = -EBUSY;
     while (mono_ms() < until) {
         if (!rows_quiet(c, g, barrier, snap, odd_pid)) {
             const uint64_t now = mono_ms();
@@ -1026,48 +1094,30 @@ static int64_t quiet_walk(char *base, const struct memd_mempool_geometry *g, con
         a->where = -1;
         memset(seen, 0, (g->n + 7u) / 8u);
         int64_t walked = audit_walk(base, g, a, seen);
-        /* the barrier holds moves off only while `recovering` holds (movers judge
-         * its age by the same clock) */
-        const int held = barrier && mono_ms() < until;
+        const int found_lost = lost != NULL && walked == -EFAULT && a->fault == MEMD_MP_LOST;
+        if (found_lost)
+            mark_lost(base, g, seen); /* before the check: what the trusted walk saw */
+        /* the barrier held moves off only if our word stayed there all along (a
+         * mover takes away a hold it finds over) and our hold is not over */
+        const int held = barrier &&
+                         atomic_load_explicit(&mp->recovering, memory_order_acquire) == mine &&
+                         mono_ms() < until;
         if (rows_moved(c, g, held, snap))
             continue;
         *odd_pid = 0;
-        rc = then(base, g, a, seen, walked);
+        if (found_lost)
+            *lost = 1;
+        rc = walked;
         break;
     }
+    /* then the movers' turn: no hold for MEMD_MEMPOOL_RECOVER_PAUSE times as long
+     * as this one took, so that recovers in a loop cannot starve them */
+    const uint64_t took = mono_ms() - start + 1;
     uint64_t expect = mine;
-    atomic_compare_exchange_strong(&mp->recovering, &expect, 0);
-out:
-    atomic_store_explicit(&own->pool_moving, s + 1, memory_order_release);
+    atomic_compare_exchange_strong(
+        &mp->recovering, &expect,
+        MEMD_MEMPOOL_RECOVERING(0, mono_ms() + MEMD_MEMPOOL_RECOVER_PAUSE * took));
     return rc;
-}
-
-static int64_t report(char *base, const struct memd_mempool_geometry *g,
-                      struct memd_mempool_audit *a, const uint8_t *seen, int64_t rc)
-{
-    (void)base, (void)g, (void)a, (void)seen;
-    return rc;
-}
-
-/* Free objects in no ring or cache: a process died moving them.  Back to the ring. */
-static int64_t put_back_lost(char *base, const struct memd_mempool_geometry *g,
-                             struct memd_mempool_audit *a, const uint8_t *seen, int64_t rc)
-{
-    if (rc != -EFAULT || a->fault != MEMD_MP_LOST)
-        return rc;
-    int64_t done = 0;
-    uint64_t handle = g->pool + g->objs_offset + OBJHDR_SIZE;
-    for (uint32_t i = 0; i < g->n; i++, handle += g->obj_stride) {
-        const struct memd_mempool_objhdr *h =
-            (const struct memd_mempool_objhdr *)(base + handle - OBJHDR_SIZE);
-        if (h->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE || (seen[i / 8] & (1u << (i % 8))))
-            continue;
-        int busy = 0;
-        if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, &handle, 1, NULL, &busy) != 1)
-            return busy ? (done ? done : -EBUSY) : fault(a, MEMD_MP_BAD_RING, i);
-        done++;
-    }
-    return done;
 }
 
 int64_t memd_mempool_recover(char *base, const struct memd_mempool_geometry *g, const char *cfg,
@@ -1081,7 +1131,31 @@ int64_t memd_mempool_recover(char *base, const struct memd_mempool_geometry *g, 
     uint8_t *seen = calloc((g->n + 7u) / 8u, 1);
     if (seen == NULL)
         return -ENOMEM;
-    int64_t rc = quiet_walk(base, g, cfg, a, seen, odd_pid, put_back_lost);
+    int lost = 0;
+    uint64_t row_end;
+    int64_t rc = quiet_walk(base, g, cfg, a, seen, odd_pid, &lost, &row_end);
+    if (lost) {
+        /* Lost: nobody else can reach them, so they stay lost while we put them
+         * back, the hold over (our row still says we move in this pool). */
+        rc = 0;
+        uint64_t handle = g->pool + g->objs_offset + OBJHDR_SIZE;
+        for (uint32_t i = 0; i < g->n; i++, handle += g->obj_stride) {
+            if (!(seen[i / 8] & (1u << (i % 8))) ||
+                objhdr_at(base, g, i)->cookie != MEMD_MEMPOOL_HDR_COOKIE_FREE)
+                continue;
+            int busy = 0;
+            if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, &handle, 1, NULL, &busy) != 1) {
+                if (!busy)
+                    rc = fault(a, MEMD_MP_BAD_RING, i);
+                else if (rc == 0)
+                    rc = -EBUSY; /* the ring's lock: the rest on the next call */
+                break;
+            }
+            rc++;
+        }
+    }
+    if (row_end)
+        atomic_store_explicit(&g->row->pool_moving, row_end, memory_order_release);
     free(seen);
     return rc;
 }
@@ -1100,7 +1174,10 @@ int memd_mempool_audit(char *base, uint64_t pool, struct memd_proc_pins *row, co
     uint8_t *seen = calloc((g.n + 7u) / 8u, 1);
     if (seen == NULL)
         return -ENOMEM;
-    int rc = (int)quiet_walk(base, &g, cfg, a, seen, odd_pid, report);
+    uint64_t row_end;
+    int rc = (int)quiet_walk(base, &g, cfg, a, seen, odd_pid, NULL, &row_end);
+    if (row_end)
+        atomic_store_explicit(&g.row->pool_moving, row_end, memory_order_release);
     free(seen);
     return rc;
 }

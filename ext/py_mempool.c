@@ -176,9 +176,22 @@ static __attribute__((noinline, cold)) int wait_busy(char *base,
     struct memd_ring_headtail *side = enq ? &r->prod : &r->cons;
     if (waited >= limit) {
         uint64_t owner = memd_mempool_ring_owner(base, g, enq);
+        uint64_t holder =
+            atomic_load_explicit(&((struct memd_mempool *)(base + g->pool))->recovering,
+                                 memory_order_relaxed) &
+            ((1u << MEMD_PIN_OWNER_PID_BITS) - 1);
         PyObject *name = memd_text(((struct memd_mempool *)(base + g->pool))->name, MEMD_NAMESIZE);
         if (name == NULL)
             return -1;
+        if (owner == 0 && holder != 0) {
+            PyErr_Format(memd_error("MemdError", PyExc_RuntimeError),
+                         "mempool %R: %s: busy: pid %d kept holding the pool's gets and puts "
+                         "off (recover or audit; waited %llu ms); nothing was taken or put back: "
+                         "try again later",
+                         name, what, (int)holder, (unsigned long long)(waited / 1000000u));
+            Py_DECREF(name);
+            return -1;
+        }
         PyErr_Format(memd_error("MemdError", PyExc_RuntimeError),
                      "mempool %R: %s: busy: the %s lock of its free ring is held by pid %d "
                      "(waited %llu ms; stopped in a debugger, or paused?); nothing was taken or "

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,14 +205,21 @@ class DrivenSecondary:
 
 
 def run_secondary(
-    daemon: Daemon, code: str, timeout: float = 60.0, check: bool = True, user: str | None = None
+    daemon: Daemon,
+    code: str,
+    timeout: float = 60.0,
+    check: bool = True,
+    user: str | None = None,
+    wrap: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run `code` in a new Python process attached to `daemon` as `mem`."""
+    """Run `code` in a new Python process attached to `daemon` as `mem`; `user`
+    runs it as another user (setpriv), `wrap` is a command it runs under (say
+    ``unshare --time ...``)."""
     prelude = SECONDARY_PRELUDE.replace("PREFIX", repr(daemon.prefix)).replace(
         "RUNDIR", repr(str(daemon.runtime_dir))
     )
     source = prelude + textwrap.dedent(code) + "\nmem.detach()\n"
-    cmd = [sys.executable, "-c", source]
+    cmd = [*wrap, sys.executable, "-c", source]
     if user:
         cmd = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)

@@ -17,8 +17,12 @@ import signal
 import subprocess
 import time
 
+import pytest
+
+import memd_client as mc
+from memd import _ext
 from memd.admin.telemetry import TelemetryClient
-from memd.errors import CorruptionError
+from memd.errors import CorruptionError, MemdError
 from memd.paths import telemetry_path
 from memd.testing import Daemon, result, run_secondary, start_secondary, wait_stopped
 
@@ -242,6 +246,132 @@ def test_recover_names_a_process_stopped_in_a_move(daemon_factory, stopped) -> N
     _, verr = victim.communicate(timeout=60)
     assert victim.returncode == 0, verr
     assert pool.recover() == 0
+    a = pool.audit()
+    assert (a["free"], a["in_use"]) == (64, 0), a
+    mem.detach()
+
+
+@pytest.mark.parametrize("offset", ["-50000", "50000"])
+def test_a_recoverer_on_another_clock_corrupts_nothing(daemon_factory, offset: str) -> None:
+    """recover() and audit() in a time namespace whose CLOCK_MONOTONIC is 50 000 s
+    behind or ahead of the movers' (containers, CRIU): a mover that finds a hold
+    over by its own clock takes it away before it moves, so the recoverer never
+    trusts a walk it moved under (before, it put objects in flight back into the
+    ring: "an object is twice in the free ring", movers failing), and a hold that
+    looks far ahead stops nobody."""
+    d = daemon_factory("-m", "16")
+    mem = d.attach()
+    pools = [
+        mem.mempool_create("cached", N_OBJECTS, 64, cache_size=16),
+        mem.mempool_create("plain", N_OBJECTS, 64),
+    ]
+    movers = [_looper(d, seed=s, rounds=40_000) for s in (21, 22)]
+    r = run_secondary(
+        d,
+        """
+        pools = [mem.mempool_lookup("cached"), mem.mempool_lookup("plain")]
+        recovered = audits = 0
+        for _ in range(300):
+            for p in pools:
+                recovered += p.recover()
+                a = p.audit()
+                assert a["free"] + a["in_use"] == 512, a
+                audits += 1
+        out([recovered, audits])
+        """,
+        timeout=120,
+        wrap=["unshare", "--time", "--fork", "--monotonic", offset],
+    )
+    assert result(r) == [0, 600]
+    for m in movers:
+        _, err = m.communicate(timeout=120)
+        assert m.returncode == 0, err
+    for pool in pools:
+        a = pool.audit()
+        assert (a["free"], a["in_use"]) == (N_OBJECTS, 0), a
+        got = pool.get_bulk(N_OBJECTS)
+        assert len({o.handle for o in got}) == N_OBJECTS
+        pool.put_bulk(got)
+    mem.detach()
+
+
+def test_scribbled_in_flight_words_stop_nothing(daemon_factory) -> None:
+    """Any attached process can write the shared words of the bracket.  A
+    `recovering` word naming a live process and a time far ahead, or all ones,
+    holds no get or put off (before: every get waited out the lock wait limit),
+    and an odd `pool_moving` row in a free slot, naming the pool, keeps no
+    audit() or recover() waiting (before: "busy" for good)."""
+    d = daemon_factory("-m", "8")
+    mem = d.attach()
+    pool = mem.mempool_create("p", 64, 32, cache_size=8)
+    mc.lock_wait(2.0)  # a regression: "busy" in 2 s, not 30
+    try:
+        word = mem.view(pool.offset + _ext.LAYOUT["memd_mempool.recovering"][0], 8)
+        assert d.proc is not None
+        for bad in (d.proc.pid | (1 << 40) << 22, (1 << 64) - 1):
+            word[:] = bad.to_bytes(8, "little")
+            pool.put(pool.get())
+            assert pool.audit()["free"] == 64 and pool.recover() == 0
+        row_size = _ext.LAYOUT["memd_proc_pins"]  # sizeof
+        free_slot = max(set(range(_ext.MAX_PROCS)) - {q["slot"] for q in mem.processes()})
+        row = _ext.LAYOUT["memd_config.pins"][0] + free_slot * row_size
+        moving = mem.window.view(row + _ext.LAYOUT["memd_proc_pins.pool_moving"][0], 8)
+        moving_at = mem.window.view(row + _ext.LAYOUT["memd_proc_pins.pool_moving_at"][0], 8)
+        moving_at[:] = pool.offset.to_bytes(8, "little")
+        moving[:] = (1).to_bytes(8, "little")
+        assert pool.audit()["free"] == 64 and pool.recover() == 0
+        moving[:] = bytes(8)
+        moving_at[:] = bytes(8)
+        for v in (word, moving, moving_at):
+            v.release()
+    finally:
+        mc.lock_wait(30.0)
+    assert d.proc.poll() is None
+    mem.detach()
+
+
+def test_reclaim_held_by_behind_a_stopped_ring_keeps_the_dead_processs_tag(
+    daemon_factory, stopped
+) -> None:
+    """reclaim_held_by(pid) whose put into the free ring finds its lock held by a
+    stopped process gives up "busy" with the dead process's objects still tagged
+    as its (before: tagged as the caller's, whom nobody asks, so lost for good);
+    once the ring is free, the next call returns every one."""
+    d = daemon_factory("-m", "8")
+    mem = d.attach()
+    pool = mem.mempool_create("p", 64, 32)  # no cache: every put goes to the ring
+    holder = start_secondary(d, "objs = mem.mempool_lookup('p').get_bulk(5)\n")
+    holder.kill()
+    holder.communicate(timeout=20)
+    _reclaimed(d, mem, holder.pid)
+    assert pool.held_by(holder.pid) == 5
+    victim = start_secondary(
+        d,
+        """
+        from memd import _ext
+        p = mem.mempool_lookup("p")
+        xs = p.get_bulk(3)
+        # then:
+        _ext._ring_stop_after(0)
+        p.put_bulk(xs)
+        """,
+    )
+    stopped.append(victim)
+    assert victim.stdin is not None
+    victim.stdin.write("go\n")
+    victim.stdin.flush()
+    wait_stopped(victim)
+    previous = mc.lock_wait(0.3)
+    try:
+        with pytest.raises(MemdError, match="busy"):
+            pool.reclaim_held_by(holder.pid)
+    finally:
+        mc.lock_wait(previous)
+    assert pool.held_by(holder.pid) == 5 and pool.held_by(os.getpid()) == 0
+    os.kill(victim.pid, signal.SIGCONT)
+    _, err = victim.communicate(timeout=60)
+    assert victim.returncode == 0, err
+    assert pool.reclaim_held_by(holder.pid) == 5
     a = pool.audit()
     assert (a["free"], a["in_use"]) == (64, 0), a
     mem.detach()
