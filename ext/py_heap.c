@@ -65,15 +65,34 @@ static uint64_t lock_wait_limit_ns = 30000000000ull;
 
 uint64_t memd_py_lock_wait_limit(void) { return lock_wait_limit_ns; }
 
+/* Set while a C fast path that waited the limit out hands the call to its Python
+ * slow path, which redoes it to raise memd's "busy" error: it must not wait again
+ * (thread-local: other threads' waits are their own). */
+static __thread int lock_wait_spent;
+
+/* Is the exception set an OSError ETIMEDOUT (memd_raise_errno's, not normalized)? */
+static int lock_timed_out(void)
+{
+    if (!PyErr_Occurred() || !PyErr_ExceptionMatches(PyExc_OSError))
+        return 0;
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    int r = v != NULL && PyObject_TypeCheck(v, (PyTypeObject *)PyExc_TimeoutError);
+    PyErr_Restore(t, v, tb);
+    return r;
+}
+
 /* Take heap h's lock: 0, 1 (recovered from a dead owner), or -errno: -ETIMEDOUT
  * past the wait limit, -EINTR with the signal handler's exception set. */
 static int py_lock(char *base, struct memd_heap *h)
 {
+    const uint64_t limit = lock_wait_spent ? 0 : lock_wait_limit_ns;
     int rc = memd_lock_try(&h->lock);
     for (uint64_t waited = 0; rc == -EBUSY || rc == -ETIMEDOUT;) {
-        if (waited >= lock_wait_limit_ns)
+        if (waited >= limit)
             return -ETIMEDOUT;
-        uint64_t slice = lock_wait_limit_ns - waited;
+        uint64_t slice = limit - waited;
         if (slice > LOCK_WAIT_SLICE_NS)
             slice = LOCK_WAIT_SLICE_NS;
         Py_BEGIN_ALLOW_THREADS
@@ -595,12 +614,15 @@ static PyObject *hb_alloc(MemdHeapBase *self, PyObject *const *args, Py_ssize_t 
 slow:
     if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception))
         return NULL; /* KeyboardInterrupt during a lock wait: not an error to redo */
-    PyErr_Clear();   /* the Python path redoes the call and raises the right error */
+    const int spent = lock_timed_out();
+    PyErr_Clear(); /* the Python path redoes the call and raises the right error */
     PyObject *zero_i = PyLong_FromLong(0), *any = PyLong_FromLong(MEMD_SOCKET_ID_ANY);
     PyObject *r = NULL;
+    lock_wait_spent = spent;
     if (zero_i && any)
         r = PyObject_CallMethod((PyObject *)self, "_heap_alloc_py", "OOOO", a[0],
                                 a[1] ? a[1] : zero_i, a[2] ? a[2] : any, zero ? Py_True : Py_False);
+    lock_wait_spent = 0;
     Py_XDECREF(zero_i);
     Py_XDECREF(any);
     return r;
@@ -623,6 +645,7 @@ static PyObject *hb_free(PyObject *op, PyObject *const *args, Py_ssize_t nargs, 
     static const char *const names[] = {"blk"};
     MemdHeapBase *self = (MemdHeapBase *)op;
     PyObject *a[1];
+    int spent = 0;
     if (memd_fast_args("free", args, nargs, kwnames, names, 1, 1, a) < 0)
         return NULL;
     if (self->window == NULL || Py_TYPE(a[0]) != &MemdBlock_Type)
@@ -634,6 +657,7 @@ static PyObject *hb_free(PyObject *op, PyObject *const *args, Py_ssize_t nargs, 
     if (b->window != self->window || b->freed || base == NULL)
         goto slow;
     int64_t r = free_block(base, b);
+    spent = r == -ETIMEDOUT;
     if (r < 0)
         goto slow;
     if ((uint64_t)r >= self->release[b->heap].at ||
@@ -655,7 +679,10 @@ slow:
     if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception))
         return NULL; /* KeyboardInterrupt during a lock wait: not an error to redo */
     PyErr_Clear();
-    return PyObject_CallMethod(op, "_heap_free_py", "O", a[0]);
+    lock_wait_spent = spent;
+    PyObject *res = PyObject_CallMethod(op, "_heap_free_py", "O", a[0]);
+    lock_wait_spent = 0;
+    return res;
 }
 
 /* _heap_cache_clear(heap=None): forget the cached orders and release thresholds

@@ -12,9 +12,11 @@ process here is real; every wait is bounded; nothing asserts on time.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -24,7 +26,14 @@ from memd import _ext
 from memd.admin.telemetry import TelemetryClient
 from memd.errors import CorruptionError, MemdError
 from memd.paths import telemetry_path
-from memd.testing import Daemon, result, run_secondary, start_secondary, wait_stopped
+from memd.testing import (
+    SECONDARY_PRELUDE,
+    Daemon,
+    result,
+    run_secondary,
+    start_secondary,
+    wait_stopped,
+)
 
 N_OBJECTS = 512
 
@@ -251,6 +260,63 @@ def test_recover_names_a_process_stopped_in_a_move(daemon_factory, stopped) -> N
     mem.detach()
 
 
+# A mover for SECONDS: gets and puts (single and bulk) through `pool` ("cached"
+# through its cache, "plain" without, "slotless": the cached pool without a cache
+# slot), stamping each object it holds with its pid and checking the stamp when it
+# puts it back (an object handed out twice shows up as a wrong stamp).
+STAMPED_MOVER = """
+import os, random, struct, time
+from memd.errors import PoolEmpty
+name, mode = NAME, MODE
+pool = mem.mempool_lookup(name)
+if mode == "slotless":
+    pool = type(pool)(pool.window, pool.offset, -1)
+rnd, stamp, zero = random.Random(os.getpid()), struct.pack("<q", os.getpid()), bytes(8)
+held, bad, ops = [], 0, 0
+def take(objs):
+    global bad
+    for o in objs:
+        bad += bytes(o.buf[:8]) != zero
+        o.buf[:8] = stamp
+def give(objs):
+    global bad
+    for o in objs:
+        bad += bytes(o.buf[:8]) != stamp
+        o.buf[:8] = zero
+end = time.monotonic() + SECONDS
+while time.monotonic() < end:
+    r = rnd.random()
+    try:
+        if r < 0.3:
+            o = pool.get(); take([o]); held.append(o)
+        elif r < 0.5:
+            objs = pool.get_bulk(rnd.randint(1, 40)); take(objs); held += objs
+        elif r < 0.75 and held:
+            o = held.pop(); give([o]); pool.put(o)
+        elif held:
+            k = rnd.randint(1, len(held)); objs = held[-k:]; give(objs); pool.put_bulk(objs)
+            del held[-k:]
+    except PoolEmpty:
+        give(held); pool.put_bulk(held); held = []
+    ops += 1
+give(held); pool.put_bulk(held)
+out([bad, ops])
+"""
+
+RECOVERER = """
+import time
+pool = mem.mempool_lookup(NAME)
+recovered = audits = 0
+end = time.monotonic() + SECONDS
+while time.monotonic() < end:
+    recovered += pool.recover()
+    a = pool.audit()
+    assert a["free"] + a["in_use"] == 3000, a
+    audits += 1
+out([recovered, audits])
+"""
+
+
 @pytest.mark.parametrize("offset", ["-50000", "50000"])
 def test_a_recoverer_on_another_clock_corrupts_nothing(daemon_factory, offset: str) -> None:
     """recover() and audit() in a time namespace whose CLOCK_MONOTONIC is 50 000 s
@@ -262,35 +328,43 @@ def test_a_recoverer_on_another_clock_corrupts_nothing(daemon_factory, offset: s
     d = daemon_factory("-m", "16")
     mem = d.attach()
     pools = [
-        mem.mempool_create("cached", N_OBJECTS, 64, cache_size=16),
-        mem.mempool_create("plain", N_OBJECTS, 64),
+        mem.mempool_create("cached", 3000, 64, cache_size=32),
+        mem.mempool_create("plain", 3000, 64),
     ]
-    movers = [_looper(d, seed=s, rounds=40_000) for s in (21, 22)]
-    r = run_secondary(
-        d,
-        """
-        pools = [mem.mempool_lookup("cached"), mem.mempool_lookup("plain")]
-        recovered = audits = 0
-        for _ in range(300):
-            for p in pools:
-                recovered += p.recover()
-                a = p.audit()
-                assert a["free"] + a["in_use"] == 512, a
-                audits += 1
-        out([recovered, audits])
-        """,
-        timeout=120,
-        wrap=["unshare", "--time", "--fork", "--monotonic", offset],
-    )
-    assert result(r) == [0, 600]
-    for m in movers:
-        _, err = m.communicate(timeout=120)
-        assert m.returncode == 0, err
+
+    def spawn(code: str, wrap: list[str], **names: object) -> subprocess.Popen[str]:
+        for k, v in names.items():
+            code = code.replace(k, repr(v))
+        prelude = SECONDARY_PRELUDE.replace("PREFIX", repr(d.prefix))
+        prelude = prelude.replace("RUNDIR", repr(str(d.runtime_dir)))
+        src = prelude + code + "\nmem.detach()\n"
+        return subprocess.Popen(
+            [*wrap, sys.executable, "-c", src], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+
+    ns = ["unshare", "--time", "--fork", "--monotonic", offset]
+    procs = [
+        spawn(STAMPED_MOVER, [], NAME="cached", MODE="cached", SECONDS=5),
+        spawn(STAMPED_MOVER, [], NAME="cached", MODE="slotless", SECONDS=5),
+        spawn(STAMPED_MOVER, [], NAME="plain", MODE="plain", SECONDS=5),
+        spawn(RECOVERER, ns, NAME="cached", SECONDS=5),
+        spawn(RECOVERER, ns, NAME="plain", SECONDS=5),
+    ]
+    outs = []
+    for p in procs:
+        o, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        outs.append(json.loads(o.split("RESULT ", 1)[1]))
+    for bad, ops in outs[:3]:
+        assert bad == 0 and ops > 0, outs
+    for recovered, audits in outs[3:]:
+        assert recovered == 0 and audits > 0, outs
     for pool in pools:
         a = pool.audit()
-        assert (a["free"], a["in_use"]) == (N_OBJECTS, 0), a
-        got = pool.get_bulk(N_OBJECTS)
-        assert len({o.handle for o in got}) == N_OBJECTS
+        assert (a["free"], a["in_use"]) == (3000, 0), a
+        got = pool.get_bulk(3000)
+        assert len({o.handle for o in got}) == 3000
         pool.put_bulk(got)
     mem.detach()
 

@@ -18,11 +18,11 @@ import time
 import pytest
 
 from memd.admin.telemetry import MAX_CLIENTS
-from memd.errors import CorruptionError, MemdKeyError, MemdValueError
+from memd.errors import CorruptionError, MemdKeyError, MemdValueError, StaleHandle
 from memd.paths import telemetry_path
 from memd.shm.mempool import MEMPOOL_MZ_PREFIX
 from memd.shm.ring import RING_MZ_PREFIX
-from memd.testing import Daemon, run_memctl, run_secondary, start_secondary
+from memd.testing import Daemon, result, run_memctl, run_secondary, start_secondary
 
 ATTACH = """
 import os, sys
@@ -1604,6 +1604,38 @@ print("SURVIVED", flush=True)
     assert proc.returncode == -sig, (proc.returncode, proc.stderr)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGBUS], ids=["SIGSEGV", "SIGBUS"])
+def test_memds_threads_leave_a_sent_signal_to_the_application(daemon, app_handler_lib, sig) -> None:
+    """A SIGSEGV/SIGBUS sent to the process while the application's thread blocks
+    it stays pending, as without memd, and runs the application's handler once it
+    unblocks; memd's own threads (the sync thread, the asyncio waiter) never take
+    it (before, the sync thread did, at once)."""
+    proc = _run_app(
+        daemon, app_handler_lib, sig, 0,
+        """
+import asyncio, os, signal, time
+ring = mem.ring_create("sigring", 16)
+async def wait_a_bit():  # starts memd's asyncio waiter thread
+    await asyncio.wait_for(ring.dequeue_async(), 0.05)
+try:
+    asyncio.run(wait_a_bit())
+except TimeoutError:
+    pass
+signal.pthread_sigmask(signal.SIG_BLOCK, [sig])
+for _ in range(5):
+    os.kill(os.getpid(), sig)  # process-directed: any thread that does not block it
+time.sleep(0.3)
+print("BLOCKED", lib.calls(), flush=True)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+print("UNBLOCKED", lib.calls(), lib.unmasked(), flush=True)
+mem.detach()
+""",
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    got = proc.stdout.split()
+    assert got == ["BLOCKED", "0", "UNBLOCKED", "1", "0"], (proc.stdout, proc.stderr)
+
+
 WRAPPED_NUMBERS = """
 from memd import _ext
 from memd.errors import MemdValueError
@@ -1726,4 +1758,36 @@ def test_validate_finds_an_underflow_just_before_the_data(daemon) -> None:
     before.release()
     mem.validate(blk)
     mem.free(blk)
+    mem.detach()
+
+
+def test_a_scribble_over_a_blocks_owner_tag_is_that_blocks_damage_only(daemon_factory) -> None:
+    """A 24-byte underrun before a block's data overwrites its owner tag, serial and
+    reserved words (its links stay intact): that block's handle no longer
+    validates or frees (StaleHandle: its serial changed), but the heap is not
+    broken (before: the next heap check marked it broken, and every process's
+    malloc, free and memzone_reserve raised CorruptionError until a restart), and
+    a free next to it completes without an exception."""
+    d = daemon_factory("-m", "8")
+    mem = d.attach()
+    a, b, c = mem.malloc(256), mem.malloc(256), mem.malloc(256)
+    under = mem.view(b.offset - 24, 24)
+    under[:] = b"\xff" * 24
+    under.release()
+    with pytest.raises((CorruptionError, StaleHandle)):
+        mem.validate(b)
+    mem.free(c)
+    mem.free(a)
+    r = run_secondary(
+        d,
+        """
+        from memd import _ext
+        x = mem.malloc(3 << 20)  # past the free space: a growth, and a heap check
+        mem.free(x)
+        mem.memzone_reserve("after", 64)
+        out([_ext.heap_check(mem.window, i) is None for i in mem.heap_ids()])
+        """,
+    )
+    assert all(result(r)), r
+    assert d.proc is not None and d.proc.poll() is None
     mem.detach()

@@ -18,6 +18,7 @@ import errno
 import itertools
 import logging
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -29,6 +30,7 @@ import zmq
 
 from memd.errors import PrimaryNotRunning, ProtocolError
 from memd.mp.access import AccessPolicy, PeerCred
+from memd.shm.config import block_fault_signals
 
 log = logging.getLogger("memd.mp.channel")
 
@@ -443,6 +445,9 @@ class Channel:
             return self._call(self.req, msg, self.timeout if timeout is None else timeout)
 
     def _serve_sync(self) -> None:
+        # sent SIGSEGV/SIGBUS are the application's (its handlers, its threads);
+        # let through only while the primary's message runs callbacks
+        app_mask = block_fault_signals()
         sock = self._sync_sock
         assert sock is not None
         poller = self._poller(sock)
@@ -475,11 +480,14 @@ class Channel:
                 continue
             if msg["type"] == "reply":
                 continue
+            quiet = signal.pthread_sigmask(signal.SIG_SETMASK, app_mask)
             try:
                 self.on_sync(msg)
                 ans = reply(msg["id"])
             except Exception as e:
                 ans = reply(msg["id"], errno.EIO, f"{type(e).__name__}: {e}")
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, quiet)
             try:
                 sock.send(encode(ans))
             except zmq.ZMQError:

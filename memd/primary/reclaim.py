@@ -113,20 +113,21 @@ class ReclaimMixin(PrimaryState):
         if pool is None:  # freed meanwhile, or damaged (listed as such)
             self.recoveries_due.pop(offset, None)
             return 0
+        try:
+            name = pool.name  # for the log lines below, which must not raise
+        except MemdError:  # freed or damaged since the listing
+            self.recoveries_due.pop(offset, None)
+            return 0
         bound = _ext.heap_lock_wait(RECLAIM_LOCK_WAIT)
         try:
             n = pool.recover()
         except (StaleHandle, CorruptionError) as e:
-            log.warning(
-                "mempool %r: objects pid %d was moving not recovered: %s", pool.name, pid, e
-            )
+            log.warning("mempool %r: objects pid %d was moving not recovered: %s", name, pid, e)
             self.recoveries_due.pop(offset, None)
             return 0
         except MemdError as e:  # busy
             if offset not in self.recoveries_due:
-                log.info(
-                    "mempool %r: recovering what pid %d was moving later: %s", pool.name, pid, e
-                )
+                log.info("mempool %r: recovering what pid %d was moving later: %s", name, pid, e)
             self.recoveries_due[offset] = pid
             return None
         finally:
@@ -135,7 +136,7 @@ class ReclaimMixin(PrimaryState):
         if n:
             log.warning(
                 "mempool %r: %d object(s) pid %d was moving when it died went back to the pool",
-                pool.name,
+                name,
                 n,
                 pid,
             )

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from memd import _ext
+from memd.shm.config import block_fault_signals
 
 __all__ = ["wait_for_op"]
 
@@ -87,6 +88,7 @@ class _Waiter:
             self._waits.pop(token, None)
 
     def _run(self) -> None:
+        block_fault_signals()  # sent SIGSEGV/SIGBUS are the application's
         while True:
             kick = _ext.ring_wait_kick_seq()  # before the snapshot: a later add kicks
             with self._lock:

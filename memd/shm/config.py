@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 from typing import NamedTuple
 
 from memd import _ext
@@ -85,6 +86,14 @@ def proc_start_time(pid: int) -> int | None:
     None if it is gone or a zombie.  A pid plus its start time names a process
     even after pid reuse."""
     return _ext.proc_start_time(pid)
+
+
+def block_fault_signals() -> set[int | signal.Signals]:
+    """Block SIGSEGV and SIGBUS in the calling thread, one of memd's own (they only
+    wait, and touch no memory that can fault): a sent one (kill, sigqueue) then
+    goes to the application's threads and handlers, as it would without memd.
+    Returns the mask before (for ``signal.pthread_sigmask(SIG_SETMASK, ...)``)."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGSEGV, signal.SIGBUS})
 
 
 def process_alive(pid: int, start_time: int = 0) -> bool:

@@ -461,12 +461,17 @@ class HeapMixin(_ext.HeapBase):
         kept are likely kept again; an expansion resets the threshold)."""
         at = self._page_size(idx)
         if free_size >= at:
-            total = _ext.heap_stats(self.window, idx)[0]
-            new_at = self._release_pages(idx)
-            if new_at is not None:
-                at = new_at
-            elif _ext.heap_stats(self.window, idx)[0] == total:
-                at = 2 * free_size
+            try:
+                total = _ext.heap_stats(self.window, idx)[0]
+                new_at = self._release_pages(idx)
+                if new_at is not None:
+                    at = new_at
+                elif _ext.heap_stats(self.window, idx)[0] == total:
+                    at = 2 * free_size
+            except (OSError, MemdError) as e:
+                # The free is done: pages not offered back (a broken heap, a busy
+                # lock) must not make it look failed.  The next free asks again.
+                log.debug("heap %d: pages not offered back after a free: %s", idx, e)
         return at
 
 
