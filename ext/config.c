@@ -527,8 +527,9 @@ int memd_object_lookup(char *base, const char *name, uint32_t type)
     return find_object(memd_cfg(base), name, type);
 }
 
-int memd_object_listed(const char *base, uint32_t type, uint64_t offset, uint32_t mz_id,
-                       uint32_t mz_gen)
+/* cold: only a failed tag compare asks (it also keeps the code after it in place) */
+__attribute__((cold)) int memd_object_listed(const char *base, uint32_t type, uint64_t offset,
+                                             uint32_t mz_id, uint32_t mz_gen)
 {
     const struct memd_config *c = (const struct memd_config *)base;
     if (mz_gen == 0 || mz_id >= MEMD_MAX_MEMZONES || type == MEMD_OBJ_FREE)
