@@ -527,6 +527,24 @@ int memd_object_lookup(char *base, const char *name, uint32_t type)
     return find_object(memd_cfg(base), name, type);
 }
 
+/* cold: only a failed tag compare asks (it also keeps the code after it in place) */
+__attribute__((cold)) int memd_object_listed(const char *base, uint32_t type, uint64_t offset,
+                                             uint32_t mz_id, uint32_t mz_gen)
+{
+    const struct memd_config *c = (const struct memd_config *)base;
+    if (mz_gen == 0 || mz_id >= MEMD_MAX_MEMZONES || type == MEMD_OBJ_FREE)
+        return 0;
+    const volatile struct memd_memzone *z = &c->memzones[mz_id];
+    if (z->name[0] == '\0' || z->generation != mz_gen)
+        return 0;
+    for (uint32_t i = 0; i < MEMD_MAX_OBJECTS; i++) {
+        const volatile struct memd_object *o = &c->objects[i];
+        if (o->type == type && o->offset == offset && o->memzone_id == mz_id)
+            return 1;
+    }
+    return 0;
+}
+
 int memd_object_remove(char *base, uint32_t idx, uint64_t wait_ns, const struct memd_lock **busy)
 {
     struct memd_config *c = memd_cfg(base);

@@ -87,5 +87,12 @@ int memd_object_add(char *base, const char *name, uint32_t type, uint32_t memzon
                     uint64_t offset, int32_t pid, uint64_t wait_ns, const struct memd_lock **busy);
 int memd_object_lookup(char *base, const char *name, uint32_t type);
 int memd_object_remove(char *base, uint32_t idx, uint64_t wait_ns, const struct memd_lock **busy);
+/* 1 if an object of `type` at `offset` is still listed in memzone mz_id, reserved
+ * with generation mz_gen (a snapshot, no lock): it was not freed since a handle
+ * bound to that zone was made (ring_free and mempool_free unlist it first, and a
+ * re-made one has a newer zone).  0 otherwise.  A cold path's question: "was it
+ * freed, or was its header overwritten?" */
+int memd_object_listed(const char *base, uint32_t type, uint64_t offset, uint32_t mz_id,
+                       uint32_t mz_gen);
 
 #endif

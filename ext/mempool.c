@@ -280,6 +280,14 @@ static int mark_busy(char *base, const struct memd_mempool_geometry *g, const ui
     return rc;
 }
 
+/* What a free-ring move that moved nothing means: -EBUSY (a live process keeps
+ * its lock), -EFAULT (its tails are damaged: the pool is corrupted), or `empty`
+ * (the ring had too few entries, or too little room). */
+static inline int ring_fail(int busy, int empty)
+{
+    return busy == MEMD_RING_BUSY ? -EBUSY : busy == MEMD_RING_DAMAGED ? -EFAULT : empty;
+}
+
 /* A cache miss (DPDK 22.11 rte_mempool_do_generic_get past its first loop):
  * the cache gives all len it has, then one all-or-nothing ring dequeue of
  * cache_size + the rest refills the cache to cache_size and serves the rest;
@@ -308,7 +316,7 @@ static __attribute__((noinline)) int get_miss(char *base, const struct memd_memp
     } else if (busy ||
                memd_ring_dequeue_bulk(r, g->ring, handles + len, rest, NULL, &busy) != rest) {
         /* nothing taken: the ring and the cache as they were */
-        return busy ? -EBUSY : -ENOBUFS;
+        return ring_fail(busy, -ENOBUFS);
     }
     for (unsigned i = 0; i < len; i++)
         handles[i] = c->objs[len - 1 - i];
@@ -333,7 +341,7 @@ static inline __attribute__((always_inline)) int get_bulk(char *base,
             return 0;
         int busy = 0;
         if (memd_ring_dequeue_bulk(r, g->ring, handles, n, NULL, &busy) != n)
-            return busy ? -EBUSY : -ENOBUFS;
+            return ring_fail(busy, -ENOBUFS);
         return mark_busy(base, g, handles, n);
     }
     /* the tag shares the line of len: no extra miss */
@@ -571,7 +579,7 @@ static inline __attribute__((always_inline)) int put_bulk(char *base,
         if (memd_ring_enqueue_bulk(r, g->ring, handles, n, NULL, &busy) != n) {
             unmark(base, handles, n);
             /* else more objects than the pool has: corrupted */
-            return busy ? -EBUSY : -EFAULT;
+            return ring_fail(busy, -EFAULT);
         }
         return 0;
     }
@@ -583,7 +591,7 @@ static inline __attribute__((always_inline)) int put_bulk(char *base,
         if (memd_ring_enqueue_bulk(r, g->ring, c->objs, len, NULL, &busy) != len) {
             atomic_store_explicit(&c->len, len, memory_order_relaxed);
             unmark(base, handles, n);
-            return busy ? -EBUSY : -EFAULT;
+            return ring_fail(busy, -EFAULT);
         }
         len = 0;
     }
@@ -613,7 +621,7 @@ flush_cache(char *base, const struct memd_mempool_geometry *g, uint32_t slot)
     int busy = 0;
     if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, c->objs, len, NULL, &busy) != len) {
         atomic_store_explicit(&c->len, len, memory_order_relaxed);
-        return busy ? -EBUSY : -EFAULT;
+        return ring_fail(busy, -EFAULT);
     }
     return (int)len;
 }
@@ -668,9 +676,12 @@ int memd_mempool_recover_holds(const char *base, const struct memd_mempool_geome
 }
 
 /* Open a move of g's pool: our row's word odd (before any of the move's stores),
- * then a look at the pool's recovering word.  Returns the word's value for
- * move_end, or 0 if a recover asks us to wait (-EBUSY for the caller: nothing
- * changed). */
+ * then a look at the pool's recovering word and its header's tag (one line).
+ * Returns the word's value for move_end (even, >= 2), or, with nothing changed,
+ * MOVE_BUSY if a recover asks us to wait (-EBUSY for the caller) or MOVE_STALE if
+ * the header no longer carries g's tag (freed or overwritten: -ESTALE). */
+#define MOVE_BUSY  0u
+#define MOVE_STALE 1u
 static inline __attribute__((always_inline)) uint64_t
 move_begin(const char *base, const struct memd_mempool_geometry *g)
 {
@@ -683,10 +694,17 @@ move_begin(const char *base, const struct memd_mempool_geometry *g)
     /* and before the load below in program order (the CPU may still reorder
      * them: a recover's membarrier makes up for that, see quiet_walk) */
     atomic_signal_fence(memory_order_seq_cst);
-    uint64_t w = atomic_load_explicit(&pool_at(base, g->pool)->recovering, memory_order_relaxed);
+    const struct memd_mempool *mp = pool_at(base, g->pool);
+    uint64_t w = atomic_load_explicit(&mp->recovering, memory_order_relaxed);
+    /* the tag shares recovering's line: a damaged header stops every get and put
+     * (its memzone may be freed, its caches' tags out of the free's reach) */
+    if (unlikely(atomic_load_explicit(&mp->tag, memory_order_relaxed) != g->tag)) {
+        atomic_store_explicit(&row->pool_moving, s + 1, memory_order_release);
+        return MOVE_STALE;
+    }
     if (unlikely(w != 0) && recover_holds(base, g, w)) {
         atomic_store_explicit(&row->pool_moving, s + 1, memory_order_release);
-        return 0;
+        return MOVE_BUSY;
     }
     return s + 1;
 }
@@ -702,8 +720,8 @@ int memd_mempool_get_bulk(char *base, const struct memd_mempool_geometry *g, uin
                           uint64_t *handles, unsigned n)
 {
     const uint64_t m = move_begin(base, g);
-    if (unlikely(m == 0))
-        return -EBUSY;
+    if (unlikely(m <= MOVE_STALE))
+        return m == MOVE_BUSY ? -EBUSY : -ESTALE;
     int rc = get_bulk(base, g, slot, handles, n);
     move_end(g, m);
     return rc;
@@ -713,8 +731,8 @@ int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uin
                           const uint64_t *handles, unsigned n)
 {
     const uint64_t m = move_begin(base, g);
-    if (unlikely(m == 0))
-        return -EBUSY;
+    if (unlikely(m <= MOVE_STALE))
+        return m == MOVE_BUSY ? -EBUSY : -ESTALE;
     int rc = put_bulk(base, g, slot, handles, n);
     move_end(g, m);
     return rc;
@@ -723,8 +741,8 @@ int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uin
 int memd_mempool_flush_cache(char *base, const struct memd_mempool_geometry *g, uint32_t slot)
 {
     const uint64_t m = move_begin(base, g);
-    if (unlikely(m == 0))
-        return -EBUSY;
+    if (unlikely(m <= MOVE_STALE))
+        return m == MOVE_BUSY ? -EBUSY : -ESTALE;
     int rc = flush_cache(base, g, slot);
     move_end(g, m);
     return rc;
@@ -1145,7 +1163,7 @@ int64_t memd_mempool_recover(char *base, const struct memd_mempool_geometry *g, 
                 continue;
             int busy = 0;
             if (memd_ring_enqueue_bulk(ring_of(base, g), g->ring, &handle, 1, NULL, &busy) != 1) {
-                if (!busy)
+                if (busy != MEMD_RING_BUSY)
                     rc = fault(a, MEMD_MP_BAD_RING, i);
                 else if (rc == 0)
                     rc = -EBUSY; /* the ring's lock: the rest on the next call */

@@ -104,33 +104,35 @@ void memd_mempool_poison(char *base, uint64_t pool, uint64_t avail);
  * dequeue of cache_size + rest refills the cache to exactly cache_size as well;
  * if the ring has fewer than that, or the rest is bigger, the ring gives just
  * the rest.  No cache (slot MEMD_MEMPOOL_NO_CACHE, cache_size 0): n from the
- * ring.  Every ring dequeue is all or nothing.  Fails iff -ESTALE (the pool was
- * freed since g was loaded: nothing touched), -EBUSY (the free ring's consumer
+ * ring.  Every ring dequeue is all or nothing.  Fails iff -ESTALE (a tag copy,
+ * the header's or the cache's or ring's, is not g's: the pool was freed since g
+ * was loaded, or that copy overwritten; nothing touched), -EBUSY (the free ring's consumer
  * lock is held by a live process: nothing taken), -ENOBUFS (fewer than
  * n free in this slot's cache and the ring; nothing taken, the cache as it was)
- * or -EFAULT (a free object's cookie is wrong, or the cache's length is out of
- * range: corruption). */
+ * or -EFAULT (a free object's cookie is wrong, the cache's length is out of
+ * range, or the ring's tails are damaged: corruption). */
 int memd_mempool_get_bulk(char *base, const struct memd_mempool_geometry *g, uint32_t slot,
                           uint64_t *handles, unsigned n);
 
 /* Give n objects back through cache `slot`, all or nothing.  DPDK 22.11
  * rte_mempool_do_generic_put: n > flushthresh (cache_size * 3 / 2) go straight
  * to the ring; else if len + n > flushthresh, the whole cache goes to the ring
- * first; then the n are cached (the last one on top).  Fails iff -ESTALE (the
- * pool was freed since g was loaded: nothing touched), -EBUSY (the free ring's
+ * first; then the n are cached (the last one on top).  Fails iff -ESTALE (as
+ * get: freed or a tag copy overwritten; nothing touched), -EBUSY (the free ring's
  * producer lock is held by a live process), -EINVAL (a
  * handle that is not an object of this pool), -EALREADY (an object already
  * free: a double put, also within this call), or -EFAULT (a cookie is smashed,
- * the cache's length is out of range, or the ring overflowed: corruption).  On
+ * the cache's length is out of range, or the ring overflowed or its tails are
+ * damaged: corruption).  On
  * failure nothing changed. */
 int memd_mempool_put_bulk(char *base, const struct memd_mempool_geometry *g, uint32_t slot,
                           const uint64_t *handles, unsigned n);
 
 /* Move every handle in cache `slot` to the ring (a detaching process, or the
  * primary reclaiming a dead process's slot).  Returns how many moved, or
- * -EINVAL (bad slot), -ESTALE (the pool was freed), -EBUSY (the ring's producer
- * lock is held by a live process: the cache as it was), -EFAULT (ring overflow:
- * corruption). */
+ * -EINVAL (bad slot), -ESTALE (the pool was freed, or a tag copy overwritten),
+ * -EBUSY (the ring's producer lock is held by a live process: the cache as it
+ * was), -EFAULT (ring overflow or damaged tails: corruption). */
 int memd_mempool_flush_cache(char *base, const struct memd_mempool_geometry *g, uint32_t slot);
 
 /* Objects marked BUSY whose owner tag is pid: taken from the pool (get) by that

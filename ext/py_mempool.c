@@ -39,6 +39,7 @@ typedef struct {
      * identity tag a freed pool no longer carries */
     struct memd_mempool_geometry g;
     void *pin;                /* the pin keeping the pool's pages (memd_view_pin's tag) */
+    uint32_t mz_id, mz_gen;   /* the memzone it was found in (_bind_zone); mz_gen 0: unknown */
     char name[MEMD_NAMESIZE]; /* as validated: for the error about a freed pool */
 } MemdMempool;
 
@@ -64,10 +65,58 @@ static inline struct memd_mempool *pool_hdr(MemdMempool *self, char *base)
     return (struct memd_mempool *)(base + self->offset);
 }
 
-/* StaleHandle: the pool was freed (here or in another process) since this handle
- * was made.  Returns NULL. */
+/* Whether a pool whose tag no longer matches was damaged rather than freed.  A
+ * handle bound to its memzone asks the directory: a free unlists it first, so
+ * still listed there means nothing freed it.  Else the copies tell: a free
+ * overwrites the header's with MEMD_TAG_FREED (every copy, if the header still
+ * loads), a pool made anew writes its own everywhere, so a copy still carrying
+ * ours beside none that says freed is damage.  The handle's pin keeps every
+ * copy's page. */
+static int pool_damaged(MemdMempool *self, const char *base)
+{
+    if (self->mz_gen != 0)
+        return memd_object_listed(base, MEMD_OBJ_MEMPOOL, self->offset, self->mz_id, self->mz_gen);
+    const struct memd_mempool_geometry *g = &self->g;
+    const struct memd_ring *r = (const struct memd_ring *)(base + g->pool + g->ring_offset);
+    uint64_t t[4] = {
+        atomic_load_explicit(&((const struct memd_mempool *)(base + g->pool))->tag,
+                             memory_order_relaxed),
+        atomic_load_explicit(&r->prod.tag, memory_order_relaxed),
+        atomic_load_explicit(&r->cons.tag, memory_order_relaxed),
+        g->tag,
+    };
+    if (g->cache_size && self->slot < MEMD_MAX_PROCS) {
+        const struct memd_mempool_cache *c =
+            (const struct memd_mempool_cache *)(base + g->pool + g->caches_offset +
+                                                (uint64_t)self->slot * g->cache_stride);
+        t[3] = atomic_load_explicit(&c->tag, memory_order_relaxed);
+    }
+    int ours = 0;
+    for (int i = 0; i < 4; i++) {
+        if (t[i] == MEMD_TAG_FREED)
+            return 0;
+        ours |= t[i] == g->tag;
+    }
+    return ours;
+}
+
+/* A tag copy did not match: StaleHandle if the pool was freed (here or in another
+ * process) since this handle was made, CorruptionError if its header (or a
+ * cache's or its ring's line) was overwritten.  Only on this failing path.
+ * Returns NULL. */
 static __attribute__((noinline, cold)) void *raise_stale(MemdMempool *self)
 {
+    char *base = pool_base(self);
+    if (base == NULL)
+        return NULL;
+    if (pool_damaged(self, base)) {
+        PyErr_Format(memd_error("CorruptionError", PyExc_ValueError),
+                     "the mempool '%s' is corrupted: its header was overwritten (damaged "
+                     "shared memory); free it with mem.memzone_free(mem.memzone_lookup('MP_%s')) "
+                     "and create it again",
+                     self->name, self->name);
+        return NULL;
+    }
     PyErr_Format(memd_error("StaleHandle", PyExc_KeyError),
                  "the mempool '%s' was freed (by this or another process); look it up again "
                  "(mempool_lookup) if it was made anew",
@@ -1027,6 +1076,26 @@ static PyObject *mp_get_private_data(PyObject *o, void *Py_UNUSED(c))
     return memd_view(self->window, self->offset + self->g.private_offset, self->private_size);
 }
 
+/* _bind_zone(mz_id, generation): the memzone this handle's pool was found in, so
+ * that a tag mismatch tells a free (unlisted) from damage (still listed). */
+static PyObject *mp_bind_zone(PyObject *o, PyObject *args)
+{
+    MemdMempool *self = (MemdMempool *)o;
+    unsigned int id, gen;
+    if (!PyArg_ParseTuple(args, "O&O&:_bind_zone", memd_conv_u32, &id, memd_conv_u32, &gen))
+        return NULL;
+    MemdWindow *w = (MemdWindow *)self->window;
+    if (id >= MEMD_MAX_MEMZONES || gen == 0) {
+        PyErr_SetString(PyExc_ValueError, "_bind_zone: not a memzone id and generation");
+        return NULL;
+    }
+    if (w->anonymous || w->size < MEMD_CONFIG_SIZE)
+        Py_RETURN_NONE; /* a private window has no directory: the tags decide */
+    self->mz_id = id;
+    self->mz_gen = gen;
+    Py_RETURN_NONE;
+}
+
 /* _check_live(): None, or StaleHandle if the pool was freed. */
 static PyObject *mp_check_live(PyObject *o, PyObject *Py_UNUSED(a))
 {
@@ -1048,6 +1117,9 @@ static PyObject *mp_poison(PyObject *o, PyObject *Py_UNUSED(a))
 static PyMethodDef mempool_methods[] = {
     {"_check_live", mp_check_live, METH_NOARGS,
      "_check_live() -> None: StaleHandle if the pool was freed since this handle was made"},
+    {"_bind_zone", mp_bind_zone, METH_VARARGS,
+     "_bind_zone(mz_id, generation) -> None: the memzone the pool was found in (a tag "
+     "mismatch while it is still listed there is damage: CorruptionError, not StaleHandle)"},
     {"_poison", mp_poison, METH_NOARGS,
      "_poison() -> None (mempool_free's step): every handle to this pool raises StaleHandle "
      "from now on; StaleHandle if it was freed already"},

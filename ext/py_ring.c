@@ -10,6 +10,7 @@
  * are parsed, so the uint64 ring's paths stay as they were.  Blocking calls release the GIL only
  * while asleep on the ring's futex and wake at least every WAIT_SLICE_NS to run signal handlers.
  */
+#include "config.h"
 #include "memd_py.h"
 #include "py_ring.h"
 #include "ring.h"
@@ -220,6 +221,7 @@ typedef struct {
     uint32_t esize; /* bytes per entry; 8: uint64 entries as ints, else records as bytes */
     uint64_t tag;   /* the identity tag validated when made: a freed ring's no longer matches */
     void *pin;      /* the pin keeping the ring's pages (memd_view_pin's tag), or NULL */
+    uint32_t mz_id, mz_gen;   /* the memzone it was found in (_bind_zone); mz_gen 0: unknown */
     char name[MEMD_NAMESIZE]; /* as validated: for the error about a freed ring */
 } MemdRing;
 
@@ -240,10 +242,48 @@ static inline struct memd_ring *ring_ptr(MemdRing *self)
     return (struct memd_ring *)(base + self->offset);
 }
 
-/* StaleHandle: the ring was freed (here or in another process) since this
- * handle was made.  Returns NULL. */
+static inline struct memd_ring_geom geom(const MemdRing *self)
+{
+    return (struct memd_ring_geom){self->size, self->capacity};
+}
+
+/* CorruptionError: the ring's header or counters were overwritten (any attached
+ * process can write them); it stays broken until its memzone is freed.  NULL. */
+static __attribute__((noinline, cold)) void *raise_damaged(MemdRing *self, const char *what)
+{
+    PyErr_Format(memd_error("CorruptionError", PyExc_ValueError),
+                 "the ring '%s' is corrupted: %s (damaged shared memory); free it with "
+                 "mem.memzone_free(mem.memzone_lookup('RG_%s')) and create it again",
+                 self->name, what, self->name);
+    return NULL;
+}
+
+/* Whether a ring whose tag no longer matches was damaged rather than freed.  A
+ * handle bound to its memzone asks the directory: a free unlists it first, so
+ * still listed there means nothing freed it.  Else the tags tell: a free
+ * overwrites both with MEMD_TAG_FREED, a ring made anew writes its own into both,
+ * so one side still carrying ours is damage. */
+static int ring_damaged(MemdRing *self, const struct memd_ring *r)
+{
+    MemdWindow *w = (MemdWindow *)self->window;
+    if (self->mz_gen != 0)
+        return w->base != NULL &&
+               memd_object_listed(w->base, MEMD_OBJ_RING, self->offset, self->mz_id, self->mz_gen);
+    uint64_t p = atomic_load_explicit(&r->prod.tag, memory_order_relaxed);
+    uint64_t c = atomic_load_explicit(&r->cons.tag, memory_order_relaxed);
+    return p != MEMD_TAG_FREED && c != MEMD_TAG_FREED && (p == self->tag || c == self->tag);
+}
+
+/* A side's tag did not match: StaleHandle if the ring was freed (here or in
+ * another process) since this handle was made, CorruptionError if its header was
+ * overwritten.  Only on this failing path.  Returns NULL. */
 static __attribute__((noinline, cold)) void *raise_stale(MemdRing *self)
 {
+    struct memd_ring *r = ring_ptr(self);
+    if (r == NULL)
+        return NULL;
+    if (ring_damaged(self, r))
+        return raise_damaged(self, "its header was overwritten");
     PyErr_Format(memd_error("StaleHandle", PyExc_KeyError),
                  "the ring '%s' was freed (by this or another process); look it up again "
                  "(ring_lookup) if it was made anew",
@@ -251,19 +291,25 @@ static __attribute__((noinline, cold)) void *raise_stale(MemdRing *self)
     return NULL;
 }
 
-/* ring_ptr, for a ring that must not have been freed: every call but the hot
- * ones (which check their own side's tag in run_op). */
+/* ring_ptr, for a ring that must not have been freed or damaged: every call but
+ * the hot ones (which check their own side's tag in run_op).  Both sides: the
+ * counts read both lines anyway. */
 static inline struct memd_ring *ring_live(MemdRing *self)
 {
     struct memd_ring *r = ring_ptr(self);
-    if (r != NULL && unlikely(!memd_ring_tag_ok(&r->prod, self->tag)))
+    if (r != NULL &&
+        unlikely(!memd_ring_tag_ok(&r->prod, self->tag) || !memd_ring_tag_ok(&r->cons, self->tag)))
         return raise_stale(self);
     return r;
 }
 
-static inline struct memd_ring_geom geom(const MemdRing *self)
+/* The entries in r now, or -1 with CorruptionError if its tails are damaged. */
+static inline int64_t ring_entries(MemdRing *self, const struct memd_ring *r)
 {
-    return (struct memd_ring_geom){self->size, self->capacity};
+    int64_t n = memd_ring_entries(r, geom(self));
+    if (unlikely(n < 0))
+        raise_damaged(self, "its head and tail counters were overwritten");
+    return n;
 }
 
 /* One try of op.  A side lock that another live process keeps (stopped in a
@@ -304,6 +350,13 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* An operation found the tails damaged and moved nothing: CorruptionError. */
+static __attribute__((noinline, cold)) Py_ssize_t damaged_op(MemdRing *self)
+{
+    raise_damaged(self, "its head and tail counters were overwritten");
+    return -1;
+}
+
 /*
  * run_op's wait, after a first try moved nothing (busy: a side lock stayed held)
  * and timeout_ns > 0: sleep on the other side's futex (or the lock's) and retry
@@ -328,6 +381,8 @@ static __attribute__((noinline)) Py_ssize_t run_op_wait(MemdRing *self, struct m
             memd_cpu_relax();
             if ((got = do_op(self, r, op, v, n, &busy)) != 0)
                 return got;
+            if (busy == MEMD_RING_DAMAGED)
+                return damaged_op(self);
             if ((i & 15) == 0 && now_ns() >= spin_end)
                 break;
         }
@@ -341,9 +396,9 @@ static __attribute__((noinline)) Py_ssize_t run_op_wait(MemdRing *self, struct m
         uint32_t want = busy ? 0 : (op == OP_ENQ_BULK || op == OP_DEQ_BULK) ? n : 1;
         uint32_t seq = memd_ring_wait_prepare(w, want);
         got = do_op(self, r, op, v, n, &busy); /* the retry that closes the lost-wakeup window */
-        if (got != 0) {
+        if (got != 0 || busy == MEMD_RING_DAMAGED) {
             memd_ring_wait_done(w);
-            return got;
+            return got != 0 ? got : damaged_op(self);
         }
         if (busy != was_busy) { /* now waiting for the other thing: wait on its futex */
             memd_ring_wait_done(w);
@@ -381,6 +436,8 @@ static __attribute__((noinline)) Py_ssize_t run_op_wait(MemdRing *self, struct m
          * can go on, and an armed futex would cost the other side a syscall. */
         if ((got = do_op(self, r, op, v, n, &busy)) != 0)
             return got;
+        if (busy == MEMD_RING_DAMAGED)
+            return damaged_op(self);
     }
 }
 
@@ -402,8 +459,12 @@ static inline __attribute__((always_inline)) Py_ssize_t run_op(MemdRing *self, e
     }
     int busy;
     unsigned got = do_op(self, r, op, v, n, &busy);
-    if (likely(got != 0 || timeout_ns == 0 || n == 0))
+    if (likely(got != 0))
         return got;
+    if (unlikely(busy == MEMD_RING_DAMAGED)) /* moved nothing: the failing path */
+        return damaged_op(self);
+    if (timeout_ns == 0 || n == 0)
+        return 0;
     return run_op_wait(self, r, op, v, n, timeout_ns, busy);
 }
 
@@ -920,6 +981,26 @@ static PyObject *ring_check_live(PyObject *o, PyObject *Py_UNUSED(a))
     return ring_live((MemdRing *)o) ? Py_NewRef(Py_None) : NULL;
 }
 
+/* _bind_zone(mz_id, generation): the memzone this handle's ring was found in, so
+ * that a tag mismatch tells a free (unlisted) from damage (still listed). */
+static PyObject *ring_bind_zone(PyObject *o, PyObject *args)
+{
+    MemdRing *self = (MemdRing *)o;
+    unsigned int id, gen;
+    if (!PyArg_ParseTuple(args, "O&O&:_bind_zone", memd_conv_u32, &id, memd_conv_u32, &gen))
+        return NULL;
+    MemdWindow *w = (MemdWindow *)self->window;
+    if (id >= MEMD_MAX_MEMZONES || gen == 0) {
+        PyErr_SetString(PyExc_ValueError, "_bind_zone: not a memzone id and generation");
+        return NULL;
+    }
+    if (w->anonymous || w->size < MEMD_CONFIG_SIZE)
+        Py_RETURN_NONE; /* a private window has no directory: the tags decide */
+    self->mz_id = id;
+    self->mz_gen = gen;
+    Py_RETURN_NONE;
+}
+
 /* _poison(): ring_free's last step before the memory goes: every handle to this
  * ring, in every process, raises StaleHandle from now on (this one too). */
 static PyObject *ring_poison(PyObject *o, PyObject *Py_UNUSED(a))
@@ -931,28 +1012,35 @@ static PyObject *ring_poison(PyObject *o, PyObject *Py_UNUSED(a))
     Py_RETURN_NONE;
 }
 
-static PyObject *ring_full(PyObject *o, PyObject *Py_UNUSED(a))
+/* The entries in the ring now, or -1 with an exception (freed, damaged). */
+static int64_t live_entries(PyObject *o)
 {
     struct memd_ring *r = ring_live((MemdRing *)o);
-    return r ? PyBool_FromLong(memd_ring_free_count(r, geom((MemdRing *)o)) == 0) : NULL;
+    return r ? ring_entries((MemdRing *)o, r) : -1;
+}
+
+static PyObject *ring_full(PyObject *o, PyObject *Py_UNUSED(a))
+{
+    int64_t n = live_entries(o);
+    return n < 0 ? NULL : PyBool_FromLong(n == ((MemdRing *)o)->capacity);
 }
 
 static PyObject *ring_empty(PyObject *o, PyObject *Py_UNUSED(a))
 {
-    struct memd_ring *r = ring_live((MemdRing *)o);
-    return r ? PyBool_FromLong(memd_ring_count(r, geom((MemdRing *)o)) == 0) : NULL;
+    int64_t n = live_entries(o);
+    return n < 0 ? NULL : PyBool_FromLong(n == 0);
 }
 
 static PyObject *ring_get_count(PyObject *o, void *Py_UNUSED(c))
 {
-    struct memd_ring *r = ring_live((MemdRing *)o);
-    return r ? PyLong_FromUnsignedLong(memd_ring_count(r, geom((MemdRing *)o))) : NULL;
+    int64_t n = live_entries(o);
+    return n < 0 ? NULL : PyLong_FromLongLong(n);
 }
 
 static PyObject *ring_get_free_count(PyObject *o, void *Py_UNUSED(c))
 {
-    struct memd_ring *r = ring_live((MemdRing *)o);
-    return r ? PyLong_FromUnsignedLong(memd_ring_free_count(r, geom((MemdRing *)o))) : NULL;
+    int64_t n = live_entries(o);
+    return n < 0 ? NULL : PyLong_FromLongLong((int64_t)((MemdRing *)o)->capacity - n);
 }
 
 static PyObject *ring_get_capacity(PyObject *o, void *Py_UNUSED(c))
@@ -1060,6 +1148,9 @@ static PyMethodDef ring_methods[] = {
     {"_wait_done", ring_wait_done, METH_O, "_wait_done(enq): withdraw the announced waiter"},
     {"_check_live", ring_check_live, METH_NOARGS,
      "_check_live() -> None: StaleHandle if the ring was freed since this handle was made"},
+    {"_bind_zone", ring_bind_zone, METH_VARARGS,
+     "_bind_zone(mz_id, generation) -> None: the memzone the ring was found in (a tag "
+     "mismatch while it is still listed there is damage: CorruptionError, not StaleHandle)"},
     {"_poison", ring_poison, METH_NOARGS,
      "_poison() -> None (ring_free's step): every handle to this ring raises StaleHandle "
      "from now on; StaleHandle if it was freed already"},

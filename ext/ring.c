@@ -142,6 +142,9 @@ int memd_ring_check(const struct memd_ring *r, uint64_t avail)
     uint64_t tag = atomic_load_explicit(&r->prod.tag, memory_order_relaxed);
     if (tag == MEMD_TAG_FREED || atomic_load_explicit(&r->cons.tag, memory_order_relaxed) != tag)
         return -EINVAL;
+    /* tails claiming more entries than the capacity: every operation would refuse */
+    if (memd_ring_entries(r, memd_ring_geom_of(r)) < 0)
+        return -EINVAL;
     return 0;
 }
 
@@ -510,7 +513,7 @@ static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, struct memd_ring_g
     unsigned n;
 
     if (!single && unlikely(side_lock(&r->prod, &r->prod_recoveries, busy == NULL) < 0)) {
-        *busy = 1; /* the lock stays held by a live owner: the caller waits */
+        *busy = MEMD_RING_BUSY; /* the lock stays held by a live owner: the caller waits */
         return 0;
     }
     /* acquire: the previous producer (lock holder, or single producer in another
@@ -528,8 +531,13 @@ static ALWAYS_INLINE unsigned do_enqueue(struct memd_ring *r, struct memd_ring_g
         r->prod.other_tail = atomic_load_explicit(&r->cons.tail, memory_order_acquire);
         free_entries = capacity + r->prod.other_tail - start;
     }
-    if (unlikely(free_entries > capacity)) /* damaged counters: stay inside the slots */
-        free_entries = capacity;
+    /* More room than the capacity: the other side's tail was past ours, which no
+     * run of operations leaves (damaged counters).  Move nothing; say so. */
+    if (unlikely(free_entries > capacity)) {
+        free_entries = 0;
+        if (busy)
+            *busy = MEMD_RING_DAMAGED;
+    }
     n = want <= free_entries ? want : (behaviour == BURST ? free_entries : 0);
     if (unlikely(n == 0)) {
         if (!single) {
@@ -580,7 +588,7 @@ static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, struct memd_ring_g
     unsigned n;
 
     if (!single && unlikely(side_lock(&r->cons, &r->cons_recoveries, busy == NULL) < 0)) {
-        *busy = 1;
+        *busy = MEMD_RING_BUSY;
         return 0;
     }
     /* acquire: as in do_enqueue, for the previous consumer's tail. */
@@ -594,8 +602,14 @@ static ALWAYS_INLINE unsigned do_dequeue(struct memd_ring *r, struct memd_ring_g
         r->cons.other_tail = atomic_load_explicit(&r->prod.tail, memory_order_acquire);
         entries = r->cons.other_tail - start;
     }
-    if (unlikely(entries > g.capacity)) /* damaged counters: stay inside the slots */
-        entries = g.capacity;
+    /* More entries than the capacity (or prod.tail behind ours): no run of
+     * operations leaves that (producers stop at our tail + capacity), so the
+     * counters were overwritten.  Hand out nothing: those slots hold no entries. */
+    if (unlikely(entries > g.capacity)) {
+        entries = 0;
+        if (busy)
+            *busy = MEMD_RING_DAMAGED;
+    }
     n = want <= entries ? want : (behaviour == BURST ? entries : 0);
     if (unlikely(n == 0)) {
         if (!single) {
@@ -727,6 +741,20 @@ unsigned memd_ring_count(const struct memd_ring *r, struct memd_ring_geom g)
     uint32_t count = prod_tail - cons_tail;
     /* Producers may have moved on between the two loads. */
     return count > g.capacity ? g.capacity : count;
+}
+
+int64_t memd_ring_entries(const struct memd_ring *r, struct memd_ring_geom g)
+{
+    uint32_t cons_tail = atomic_load_explicit(&r->cons.tail, memory_order_acquire);
+    uint32_t prod_tail = atomic_load_explicit(&r->prod.tail, memory_order_acquire);
+    uint32_t count = prod_tail - cons_tail;
+    if (likely(count <= g.capacity))
+        return count;
+    /* Producers may have moved on between the two loads, after consumers did; but
+     * while cons.tail stays put, prod.tail stays within capacity of it. */
+    if (atomic_load_explicit(&r->cons.tail, memory_order_acquire) == cons_tail)
+        return -EBADMSG;
+    return g.capacity;
 }
 
 unsigned memd_ring_free_count(const struct memd_ring *r, struct memd_ring_geom g)

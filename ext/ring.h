@@ -58,7 +58,8 @@ int memd_ring_init(struct memd_ring *r, const char *name, uint32_t count, uint32
 uint64_t memd_new_tag(void);
 
 /* 0 if r looks like an initialised ring whose slots end within `avail` bytes;
- * -EINVAL if its magic, geometry (esize included) or tags are wrong (a freed ring). */
+ * -EINVAL if its magic, geometry (esize included) or tags are wrong (a freed ring),
+ * or its tails are damaged (memd_ring_entries). */
 int memd_ring_check(const struct memd_ring *r, uint64_t avail);
 
 /* The ring is being freed: clear its magic and tags, so that every handle to it
@@ -88,12 +89,21 @@ static inline struct memd_ring_geom memd_ring_geom_of(const struct memd_ring *r)
     return (struct memd_ring_geom){r->size, r->capacity};
 }
 
+/* What a call that moved nothing leaves in *busy (when busy is not NULL): 0, the
+ * ring was full (empty); MEMD_RING_BUSY, a live owner keeps the side lock past a
+ * short spin; MEMD_RING_DAMAGED, the tails say more entries (room) than the
+ * capacity, which no run of operations leaves: another process overwrote them.
+ * Nothing was moved: a damaged ring hands out no slot nobody filled. */
+#define MEMD_RING_BUSY    1
+#define MEMD_RING_DAMAGED 2
+
 /* Rings of uint64 entries (esize 8: the caller checked it).
  * Enqueue n entries from v: all or none (bulk) or as many as fit (burst).
  * Returns the number enqueued; *free_space (if not NULL) gets the room left.
  * busy NULL: a side lock held by another process is waited for (sleeping); else
- * 0 is returned with *busy = 1 when a live owner keeps it past a short spin, so
- * that the caller can wait its own way (Python: without the GIL) and retry. */
+ * 0 is returned with *busy = MEMD_RING_BUSY when a live owner keeps it past a
+ * short spin, so that the caller can wait its own way (Python: without the GIL)
+ * and retry. */
 unsigned memd_ring_enqueue_bulk(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v,
                                 unsigned n, unsigned *free_space, int *busy);
 unsigned memd_ring_enqueue_burst(struct memd_ring *r, struct memd_ring_geom g, const uint64_t *v,
@@ -120,6 +130,9 @@ unsigned memd_ring_dequeue_burst_elem(struct memd_ring *r, struct memd_ring_geom
 
 /* Entries in the ring now (a snapshot while others run), at most g.capacity. */
 unsigned memd_ring_count(const struct memd_ring *r, struct memd_ring_geom g);
+/* As memd_ring_count, or -EBADMSG if the tails are damaged (more entries than the
+ * capacity, with the consumers' tail unchanged around the read). */
+int64_t memd_ring_entries(const struct memd_ring *r, struct memd_ring_geom g);
 /* Room for entries now: capacity - count. */
 unsigned memd_ring_free_count(const struct memd_ring *r, struct memd_ring_geom g);
 

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from memd import _ext
-from memd.errors import MemdValueError, PoolEmpty, StaleHandle
+from memd.errors import CorruptionError, MemdValueError, PoolEmpty, StaleHandle
 from memd.shm import aio, objects
 from memd.shm.config import SOCKET_ID_ANY, memseg_lists
 
@@ -185,6 +185,8 @@ class Mempool(_ext.Mempool):
             name = self.name
         except StaleHandle:
             name = "(freed)"
+        except CorruptionError:  # its header was overwritten: repr never raises
+            name = "(corrupted)"
         return (
             f"<Mempool {name!r} offset={self.offset:#x} n={self.size} "
             f"elt_size={self.elt_size} cache_size={self.cache_size} slot={self.slot}>"

@@ -17,7 +17,6 @@ from memd.shm.config import process_alive
 
 log = logging.getLogger("memd")
 
-T = TypeVar("T")
 KIND_NAMES = {_ext.OBJ_RING: "ring", _ext.OBJ_MEMPOOL: "mempool"}
 
 
@@ -39,6 +38,8 @@ def find(window: _ext.Window, name: str, kind: int, what: str) -> tuple[int, int
 class _Sized(Protocol):
     @property
     def memsize(self) -> int: ...
+
+    def _bind_zone(self, mz_id: int, generation: int) -> None: ...
 
 
 S = TypeVar("S", bound=_Sized)
@@ -89,6 +90,8 @@ def validate(
     header_name = getattr(obj, "name", name)
     if header_name != name:
         return f"its header names {header_name!r}"
+    # a tag mismatch while it is still listed in this zone is damage, not a free
+    obj._bind_zone(mz_id, zone[9])
     return obj
 
 
@@ -175,9 +178,9 @@ def create(
     mz_prefix: str,
     size: int,
     socket_id: int,
-    build: Callable[[int], T],
+    build: Callable[[int], S],
     what: str,
-) -> T:
+) -> S:
     """Reserve memzone `<mz_prefix><name>`, build the object at its offset, then list
     it.  A taken name raises MemdExistsError; on any failure the memzone is freed."""
     mem._check_primary()
@@ -194,6 +197,7 @@ def create(
     try:
         obj = build(mz.offset)
         _ext.object_add(mem.window, name, kind, mz.id, mz.offset, os.getpid())
+        obj._bind_zone(mz.id, mz.generation)  # see validate
     except OSError as e:
         mem.memzone_free(mz)
         raise translate(e, f"{what}({name!r})") from e

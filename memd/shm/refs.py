@@ -72,6 +72,8 @@ class _Laid(Protocol):
     @property
     def memsize(self) -> int: ...
 
+    def _bind_zone(self, mz_id: int, generation: int) -> None: ...
+
 
 T = TypeVar("T", bound=_Laid)
 
@@ -242,6 +244,7 @@ def _rebuild(
             f"{what} {name!r}: its header claims {obj.memsize} bytes, past the memzone it "
             "lives in (damaged shared memory); free it and create it again"
         )
+    obj._bind_zone(zone_id, generation)  # a tag mismatch while listed there is damage
     return obj
 
 

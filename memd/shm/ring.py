@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from memd import _ext
-from memd.errors import MemdValueError, StaleHandle
+from memd.errors import CorruptionError, MemdValueError, StaleHandle
 from memd.shm import aio, objects
 from memd.shm.config import SOCKET_ID_ANY
 from memd.shm.heap import space_needed
@@ -356,6 +356,8 @@ class Ring(_ext.Ring[E]):
             )
         except StaleHandle:
             return f"<Ring (freed) offset={self.offset:#x}>"
+        except CorruptionError:  # its header was overwritten: repr never raises
+            return f"<Ring (corrupted) offset={self.offset:#x}>"
 
     def __len__(self) -> int:
         return self.count

@@ -27,6 +27,7 @@ class FakeMemzone:
     length: int
     id: int
     owner_pid: int = field(default_factory=os.getpid)
+    generation: int = 1
 
 
 class FakeMemory(RingMixin, MempoolMixin):
@@ -78,11 +79,11 @@ class FakeMemory(RingMixin, MempoolMixin):
 
     def _memzone(
         self, win: _ext.Window, zid: int
-    ) -> tuple[int, str, int, int, int, int, int, int, int] | None:
+    ) -> tuple[int, str, int, int, int, int, int, int, int, int] | None:
         """_ext.memzone's tuple for one of our zones (None once freed)."""
         for z in self.zones.values():
             if z.id == zid:
-                return (z.id, z.name, z.offset, 0, z.length, 0, 0, 0, z.owner_pid)
+                return (z.id, z.name, z.offset, 0, z.length, 0, 0, 0, z.owner_pid, z.generation)
         return None
 
     def memzone_free(self, mz: FakeMemzone) -> None:
