@@ -164,9 +164,15 @@ def test_a_process_killed_between_mark_and_ring_loses_nothing(daemon_factory, st
     assert pool.held_by(victim.pid) == 0  # marked FREE: not its any more, and in no ring
     victim.kill()
     victim.communicate(timeout=20)
-    _reclaimed(d, mem, victim.pid)
-    with TelemetryClient(telemetry_path(d.prefix, str(d.runtime_dir))) as c:
-        (record,) = [r for r in c.query("/memd/reclaims") if r["pid"] == victim.pid]
+    records: list[dict[str, object]] = []
+
+    def recorded() -> bool:  # the record comes last in a reclaim, after the slot is free
+        with TelemetryClient(telemetry_path(d.prefix, str(d.runtime_dir))) as c:
+            records[:] = [r for r in c.query("/memd/reclaims") if r["pid"] == victim.pid]
+        return bool(records)
+
+    _wait(recorded, f"no reclaim record of pid {victim.pid}", d)
+    (record,) = records
     assert record["moving_objects_returned"] == 13, record
     a = pool.audit()
     assert (a["free"], a["in_use"], a["in_ring"] + a["in_caches"]) == (64, 0, 64), a
