@@ -36,7 +36,7 @@
  *    serials (memd_heap.alloc_serial, a busy header's serial: a freed block's
  *    handles raise);
  * 6: mempool objects in flight (pool_moving words in the slot rows, a pool's
- *    recovering word) */
+ *    recovering word), a fork row's parent (a per-process cap on fork rows) */
 #define MEMD_LAYOUT_VERSION 6u
 
 #define MEMD_CACHE_LINE         64u
@@ -332,6 +332,14 @@ struct memd_process {
  * views unpin there (the same entry indexes).  The primary frees a fork row whose
  * owner is dead (CAS owner -> MEMD_PIN_OWNER_REAPING, clear, owner = 0).  A fork
  * that failed leaves its row to the parent until the parent exits.
+ * The table is the instance's, so one process forking many children must not take
+ * every row: a row records its forking process (`parent`, set by the claim, kept
+ * by the child's takeover, cleared by the reap), and a claim is refused while the
+ * caller is the parent of MEMD_FORK_ROWS_PER_PROC rows in use (its children
+ * alive, or not yet reaped: the refused claim reaps dead owners and counts again).
+ * A child that forks is a parent then, with a cap of its own.  The cap is
+ * fairness, not a wall: MEMD_FORK_PIN_ROWS / MEMD_FORK_ROWS_PER_PROC forking
+ * processes together still take every row.
  *
  * Order against release (a Dekker pair): an exporter writes its entry, fences,
  * then checks the pages' used bits and the list's releasing range (refusing the
@@ -345,6 +353,9 @@ struct memd_process {
 #define MEMD_PIN_SEQ_STABLE 1000u /* reader retries before it takes a row as "pins all" */
 #define MEMD_FORK_PIN_ROWS  64u   /* rows for forked children, after the slots' rows */
 #define MEMD_PIN_ROWS       (MEMD_MAX_PROCS + MEMD_FORK_PIN_ROWS)
+/* fork rows one process may hold for its live children: 8 processes' worth of
+ * forking before the table runs out, and a fork pool of 8 workers keeps its views */
+#define MEMD_FORK_ROWS_PER_PROC 8u
 /* a fork row's owner word: pid (< 2^22, the kernel's PID_MAX_LIMIT) and start time */
 #define MEMD_PIN_OWNER_PID_BITS 22u
 #define MEMD_PIN_OWNER(pid, start) \
@@ -369,7 +380,9 @@ struct memd_proc_pins {
     _Atomic uint32_t pool_barrier;         /* 40: 1 if the owner takes part in
                                                   MEMBARRIER_CMD_GLOBAL_EXPEDITED */
     uint32_t reserved32;                   /* 44 */
-    uint64_t reserved[2];                  /* 48 */
+    _Atomic uint64_t parent;               /* 48: fork rows: the forking process's
+                                                  MEMD_PIN_OWNER(); 0 while claimed or reaped */
+    uint64_t reserved;                     /* 56 */
     struct memd_pin e[MEMD_PINS_PER_PROC]; /* 64 */
 }; /* 1024 */
 
@@ -730,6 +743,7 @@ MEMD_CHECK(struct memd_proc_pins, owner, 16);
 MEMD_CHECK(struct memd_proc_pins, pool_moving, 24);
 MEMD_CHECK(struct memd_proc_pins, pool_moving_at, 32);
 MEMD_CHECK(struct memd_proc_pins, pool_barrier, 40);
+MEMD_CHECK(struct memd_proc_pins, parent, 48);
 MEMD_CHECK(struct memd_proc_pins, e, 64);
 MEMD_CHECK_SIZE(struct memd_proc_pins, 1024);
 _Static_assert(sizeof(struct memd_config) <= MEMD_CONFIG_SIZE, "config outgrew its file");

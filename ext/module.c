@@ -330,8 +330,9 @@ static void reap_dead_fork_rows(char *base)
     }
 }
 
-/* Set by the last fork_prepare when a window's pins found no free fork row: the
- * child's inherited views of that window are not pinned (it says so). */
+/* Set by the last fork_prepare when a window's pins got no fork row: the child's
+ * inherited views of that window are not pinned (it says so).  -ENOSPC: every row
+ * of the instance was taken; -EDQUOT: this process's children hold its share. */
 static int fork_rows_missed;
 
 /* os.fork's `before` hook (the GIL is held: no view comes or goes until the fork):
@@ -348,25 +349,27 @@ static PyObject *py_fork_prepare(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
         if (me == 0 && (me = self_owner()) == 0)
             break;
         int row = memd_pin_fork_claim(w->mapping, (uint32_t)w->pin_slot, me);
-        if (row == -ENOSPC) {
+        if (row == -ENOSPC || row == -EDQUOT) { /* dead children's rows count until reaped */
             reap_dead_fork_rows(w->mapping);
             row = memd_pin_fork_claim(w->mapping, (uint32_t)w->pin_slot, me);
         }
         if (row >= 0) {
             w->fork_row = row;
             w->fork_from = me;
-        } else if (row == -ENOSPC) {
-            fork_rows_missed = 1;
+        } else if (row == -ENOSPC || (row == -EDQUOT && fork_rows_missed == 0)) {
+            fork_rows_missed = row;
         }
     }
     Py_RETURN_NONE;
 }
 
-/* fork_pins_missed() -> bool: in a forked child, whether some inherited views are
- * not pinned here (every fork row of the instance was taken at the fork). */
+/* fork_pins_missed() -> None | "full" | "cap": in a forked child, why some inherited
+ * views are not pinned here (None: they all are). */
 static PyObject *py_fork_pins_missed(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
 {
-    return PyBool_FromLong(fork_rows_missed);
+    if (fork_rows_missed == 0)
+        Py_RETURN_NONE;
+    return PyUnicode_FromString(fork_rows_missed == -ENOSPC ? "full" : "cap");
 }
 
 /* os.fork's `after_in_parent` hook: the rows claimed are the child's to take over
@@ -1026,8 +1029,10 @@ static PyMethodDef module_functions[] = {
      "fork_prepare(): os.fork's before hook (registered at import): each window whose "
      "process row pins pages copies it into a fork row for the child."},
     {"fork_pins_missed", py_fork_pins_missed, METH_NOARGS,
-     "fork_pins_missed() -> bool: in a forked child, whether views it inherited are not "
-     "pinned here (every fork row of the instance was taken when it was forked)."},
+     "fork_pins_missed() -> None | 'full' | 'cap': in a forked child, why views it "
+     "inherited are not pinned here: every fork row of the instance was taken when it "
+     "was forked ('full'), or its parent's live children held FORK_ROWS_PER_PROC of "
+     "them ('cap'); None: they all are."},
     {"fork_parent", py_fork_parent, METH_NOARGS,
      "fork_parent(): os.fork's after_in_parent hook (registered at import)."},
     {"pin_fork_rows", py_pin_fork_rows, METH_O,
@@ -1065,6 +1070,7 @@ static const struct memd_const pin_consts[] = {
     MEMD_CONST("PIN_UNIT", MEMD_PIN_UNIT),
     MEMD_CONST("PIN_ROWS", MEMD_PIN_ROWS),
     MEMD_CONST("FORK_PIN_ROWS", MEMD_FORK_PIN_ROWS),
+    MEMD_CONST("FORK_ROWS_PER_PROC", MEMD_FORK_ROWS_PER_PROC),
     {NULL, 0, 0},
 };
 
@@ -1076,6 +1082,7 @@ static const struct memd_field pin_layout[] = {
     MEMD_FIELD(memd_proc_pins, pool_moving),
     MEMD_FIELD(memd_proc_pins, pool_moving_at),
     MEMD_FIELD(memd_proc_pins, pool_barrier),
+    MEMD_FIELD(memd_proc_pins, parent),
     MEMD_FIELD(memd_proc_pins, e),
     MEMD_FIELD(memd_pin, count),
     MEMD_SIZEOF(memd_proc_pins),

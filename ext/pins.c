@@ -194,11 +194,24 @@ int memd_pin_fork_claim(char *base, uint32_t src, uint64_t owner)
         any = atomic_load_explicit(&s->e[i].count, memory_order_relaxed) != 0;
     if (!any)
         return -ENOENT;
+    /* our share of the instance's table: rows we forked for, their children alive
+     * or not yet reaped (a row being claimed or reaped has parent 0) */
+    uint32_t ours = 0;
+    for (uint32_t row = MEMD_MAX_PROCS; row < MEMD_PIN_ROWS; row++) {
+        struct memd_proc_pins *d = &c->pins[row];
+        uint64_t o = atomic_load_explicit(&d->owner, memory_order_acquire);
+        if (o != 0 && o != MEMD_PIN_OWNER_REAPING &&
+            atomic_load_explicit(&d->parent, memory_order_relaxed) == owner)
+            ours++;
+    }
+    if (ours >= MEMD_FORK_ROWS_PER_PROC)
+        return -EDQUOT;
     for (uint32_t row = MEMD_MAX_PROCS; row < MEMD_PIN_ROWS; row++) {
         struct memd_proc_pins *d = &c->pins[row];
         uint64_t expect = 0;
         if (!atomic_compare_exchange_strong(&d->owner, &expect, owner))
             continue;
+        atomic_store_explicit(&d->parent, owner, memory_order_relaxed); /* kept by the child */
         uint64_t q = atomic_load_explicit(&d->seq, memory_order_relaxed);
         atomic_store_explicit(&d->seq, (q | 1u) + 2u, memory_order_relaxed); /* odd */
         atomic_thread_fence(memory_order_release);
@@ -249,6 +262,7 @@ int memd_pin_fork_reap(char *base, uint32_t row, uint64_t owner)
         atomic_store_explicit(&r->e[i].count, 0, memory_order_relaxed);
     atomic_store_explicit(&r->overflow, 0, memory_order_relaxed);
     r->n_hint = 0;
+    atomic_store_explicit(&r->parent, 0, memory_order_relaxed); /* before the row is free */
     atomic_fetch_add_explicit(&r->seq, 1, memory_order_seq_cst);
     atomic_store_explicit(&r->owner, 0, memory_order_release); /* free for the next fork */
     return 0;

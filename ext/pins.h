@@ -41,8 +41,10 @@ int memd_pins_odd(const char *base, uint32_t slot);
 
 /* Fork rows (memd_layout.h, "view pins").  Before a fork, the owner of row `src`
  * (a process slot's or a fork row) copies it into a free fork row claimed for
- * `owner` (MEMD_PIN_OWNER of itself); returns the row, -ENOENT when `src` pins
- * nothing (nothing to claim), -ENOSPC when no fork row is free. */
+ * `owner` (MEMD_PIN_OWNER of itself), recording `owner` as the row's parent;
+ * returns the row, -ENOENT when `src` pins nothing (nothing to claim), -EDQUOT
+ * when `owner` already is the parent of MEMD_FORK_ROWS_PER_PROC rows in use,
+ * -ENOSPC when no fork row is free. */
 int memd_pin_fork_claim(char *base, uint32_t src, uint64_t owner);
 
 /* The child takes row `row` over: CAS owner `from` (the parent's) -> `to` (its

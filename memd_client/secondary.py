@@ -93,11 +93,19 @@ def _forget_in_child() -> None:
     for sec in list(_open):
         sec._forget_forked()
     _open.clear()
-    if _ext.fork_pins_missed():
+    missed = _ext.fork_pins_missed()
+    if missed is not None:
+        why = (
+            "every fork pin row of the memd instance was taken"
+            if missed == "full"
+            else f"the parent's live forked children held its {_ext.FORK_ROWS_PER_PROC} "
+            "fork pin rows (its share of the instance's)"
+        )
         log.warning(
-            "every fork pin row of the memd instance was taken when this process was "
-            "forked: views inherited from the parent are not pinned here, and fault "
-            "(SIGBUS) if the parent frees their memory; attach() here and view anew"
+            "%s when this process was forked: views inherited from the parent are not "
+            "pinned here, and fault (SIGBUS) if the parent frees their memory; attach() "
+            "here and view anew",
+            why,
         )
 
 
