@@ -68,7 +68,7 @@ uint64_t memd_py_lock_wait_limit(void) { return lock_wait_limit_ns; }
 /* Set while a C fast path that waited the limit out hands the call to its Python
  * slow path, which redoes it to raise memd's "busy" error: it must not wait again
  * (thread-local: other threads' waits are their own). */
-static __thread int lock_wait_spent;
+static __thread int lock_wait_spent __attribute__((tls_model("initial-exec")));
 
 /* Is the exception set an OSError ETIMEDOUT (memd_raise_errno's, not normalized)? */
 static int lock_timed_out(void)
@@ -87,8 +87,9 @@ static int lock_timed_out(void)
  * past the wait limit, -EINTR with the signal handler's exception set. */
 static int py_lock(char *base, struct memd_heap *h)
 {
-    const uint64_t limit = lock_wait_spent ? 0 : lock_wait_limit_ns;
     int rc = memd_lock_try(&h->lock);
+    /* read only when the lock is busy: malloc and free come through here */
+    const uint64_t limit = rc == 0 ? 0 : lock_wait_spent ? 0 : lock_wait_limit_ns;
     for (uint64_t waited = 0; rc == -EBUSY || rc == -ETIMEDOUT;) {
         if (waited >= limit)
             return -ETIMEDOUT;
