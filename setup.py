@@ -11,6 +11,10 @@ from setuptools.command.build_ext import build_ext
 extra = [
     "-std=gnu11",
     "-O2",
+    # hot loops and functions on their own cache lines: otherwise an unrelated
+    # change that moves code shifts malloc+free by 10-15 % on this kind of host
+    "-falign-functions=64",
+    "-falign-loops=32",
     "-Wall",
     "-Wextra",
     "-Wconversion",
