@@ -45,6 +45,12 @@ int memd_window_base(PyObject *obj, void *out_base);
 int memd_conv_u64(PyObject *obj, void *out);
 int memd_conv_u32(PyObject *obj, void *out);
 
+/* A handle's _bind_zone(mz_id, generation) arguments: 1 with *id and *gen to keep
+ * (the memzone its object was found in: a tag mismatch then tells a free, unlisted,
+ * from damage, still listed), 0 for a private window (no directory: the tags
+ * decide), -1 with ValueError set. */
+int memd_zone_binding(PyObject *window, PyObject *args, uint32_t *id, uint32_t *gen);
+
 /* Base address of a Window taken from a fastcall argument, or NULL with an error set. */
 static inline char *memd_base_of(PyObject *obj)
 {

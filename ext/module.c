@@ -247,6 +247,23 @@ int memd_conv_u32(PyObject *obj, void *out)
     return 1;
 }
 
+int memd_zone_binding(PyObject *window, PyObject *args, uint32_t *id, uint32_t *gen)
+{
+    unsigned int i, g;
+    if (!PyArg_ParseTuple(args, "O&O&:_bind_zone", memd_conv_u32, &i, memd_conv_u32, &g))
+        return -1;
+    MemdWindow *w = (MemdWindow *)window;
+    if (i >= MEMD_MAX_MEMZONES || g == 0) {
+        PyErr_SetString(PyExc_ValueError, "_bind_zone: not a memzone id and generation");
+        return -1;
+    }
+    if (w->anonymous || w->size < MEMD_CONFIG_SIZE)
+        return 0; /* a private window has no directory: the tags decide */
+    *id = i;
+    *gen = g;
+    return 1;
+}
+
 int memd_check_range(PyObject *window, uint64_t off, uint64_t len)
 {
     MemdWindow *w = (MemdWindow *)window;

@@ -986,18 +986,14 @@ static PyObject *ring_check_live(PyObject *o, PyObject *Py_UNUSED(a))
 static PyObject *ring_bind_zone(PyObject *o, PyObject *args)
 {
     MemdRing *self = (MemdRing *)o;
-    unsigned int id, gen;
-    if (!PyArg_ParseTuple(args, "O&O&:_bind_zone", memd_conv_u32, &id, memd_conv_u32, &gen))
+    uint32_t id, gen;
+    int rc = memd_zone_binding(self->window, args, &id, &gen);
+    if (rc < 0)
         return NULL;
-    MemdWindow *w = (MemdWindow *)self->window;
-    if (id >= MEMD_MAX_MEMZONES || gen == 0) {
-        PyErr_SetString(PyExc_ValueError, "_bind_zone: not a memzone id and generation");
-        return NULL;
+    if (rc > 0) {
+        self->mz_id = id;
+        self->mz_gen = gen;
     }
-    if (w->anonymous || w->size < MEMD_CONFIG_SIZE)
-        Py_RETURN_NONE; /* a private window has no directory: the tags decide */
-    self->mz_id = id;
-    self->mz_gen = gen;
     Py_RETURN_NONE;
 }
 
