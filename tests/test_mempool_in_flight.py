@@ -32,8 +32,8 @@ from memd.testing import (
     result,
     run_secondary,
     start_secondary,
-    wait_stopped,
 )
+from tests.support.stopping import stop_in_put
 
 N_OBJECTS = 512
 
@@ -145,22 +145,7 @@ def test_a_process_killed_between_mark_and_ring_loses_nothing(daemon_factory, st
     d = daemon_factory("-m", "8")
     mem = d.attach()
     pool = mem.mempool_create("p", 64, 32, cache_size=8)
-    victim = start_secondary(
-        d,
-        """
-        from memd import _ext
-        p = mem.mempool_lookup("p")
-        xs = p.get_bulk(13)
-        # then:
-        _ext._ring_stop_after(0)
-        p.put_bulk(xs)
-        """,
-    )
-    stopped.append(victim)
-    assert victim.stdin is not None
-    victim.stdin.write("go\n")
-    victim.stdin.flush()
-    wait_stopped(victim)
+    victim = stop_in_put(d, stopped, 13)
     assert pool.held_by(victim.pid) == 0  # marked FREE: not its any more, and in no ring
     victim.kill()
     victim.communicate(timeout=20)
@@ -218,23 +203,7 @@ def test_recover_names_a_process_stopped_in_a_move(daemon_factory, stopped) -> N
     d = daemon_factory("-m", "8")
     mem = d.attach()
     pool = mem.mempool_create("p", 64, 32, cache_size=8)
-    victim = start_secondary(
-        d,
-        """
-        from memd import _ext
-        p = mem.mempool_lookup("p")
-        xs = p.get_bulk(13)
-        # then:
-        _ext._ring_stop_after(0)
-        p.put_bulk(xs)
-        p.flush_cache()
-        """,
-    )
-    stopped.append(victim)
-    assert victim.stdin is not None
-    victim.stdin.write("go\n")
-    victim.stdin.flush()
-    wait_stopped(victim)
+    victim = stop_in_put(d, stopped, 13, flush=True)
     r = run_secondary(
         d,
         """
@@ -425,22 +394,7 @@ def test_reclaim_held_by_behind_a_stopped_ring_keeps_the_dead_processs_tag(
     holder.communicate(timeout=20)
     _reclaimed(d, mem, holder.pid)
     assert pool.held_by(holder.pid) == 5
-    victim = start_secondary(
-        d,
-        """
-        from memd import _ext
-        p = mem.mempool_lookup("p")
-        xs = p.get_bulk(3)
-        # then:
-        _ext._ring_stop_after(0)
-        p.put_bulk(xs)
-        """,
-    )
-    stopped.append(victim)
-    assert victim.stdin is not None
-    victim.stdin.write("go\n")
-    victim.stdin.flush()
-    wait_stopped(victim)
+    victim = stop_in_put(d, stopped, 3)
     previous = mc.lock_wait(0.3)
     try:
         with pytest.raises(MemdError, match="busy"):

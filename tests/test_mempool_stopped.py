@@ -26,6 +26,7 @@ import pytest
 from memd import _ext
 from memd.testing import Daemon, result, run_secondary, start_secondary, wait_stopped
 from tests.support.layout import offsets
+from tests.support.stopping import stop_in_put
 
 HDR = offsets()["memd_mempool_objhdr"]
 COOKIE = offsets()["memd_mempool_objhdr.cookie"]
@@ -149,29 +150,6 @@ def test_a_call_behind_a_stopped_lock_holder_waits_bounded(daemon_factory, stopp
     mem.detach()
 
 
-def _stop_victim(d: Daemon, stopped: list[subprocess.Popen[str]]) -> subprocess.Popen[str]:
-    """A secondary stopped inside a put_bulk to pool "p"'s free ring, holding its
-    producer lock; SIGCONT lets it finish, flush its cache and exit 0."""
-    victim = start_secondary(
-        d,
-        """
-        from memd import _ext
-        p = mem.mempool_lookup("p")
-        xs = p.get_bulk(13)
-        # then:
-        _ext._ring_stop_after(0)
-        p.put_bulk(xs)  # 13: past any flush threshold here, so to the ring
-        p.flush_cache()
-        """,
-    )
-    stopped.append(victim)
-    assert victim.stdin is not None
-    victim.stdin.write("go\n")
-    victim.stdin.flush()
-    wait_stopped(victim)
-    return victim
-
-
 def _wait_log(d: Daemon, text: str, timeout: float = 30.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -190,7 +168,7 @@ def test_a_put_killed_while_it_waits_loses_nothing(daemon_factory, stopped) -> N
     d = daemon_factory("-m", "8")
     mem = d.attach()
     pool = mem.mempool_create("p", 32, 32)
-    victim = _stop_victim(d, stopped)
+    victim = stop_in_put(d, stopped, 13, flush=True)
     probe = start_secondary(
         d,
         """
@@ -237,7 +215,7 @@ def test_the_daemon_does_not_stall_on_a_dead_process_cache(daemon_factory, stopp
         p.put_bulk(p.get_bulk(4))  # 8 + 4 in its cache
         """,
     )
-    victim = _stop_victim(d, stopped)
+    victim = stop_in_put(d, stopped, 13, flush=True)
     holder.kill()
     holder.communicate(timeout=20)
     log = _wait_log(d, f"secondary pid {holder.pid} (slot")
